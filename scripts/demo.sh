@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The main job on a local default: Valkey 9.1 with the module, a local S3 (SeaweedFS), sample flows in
+# the Argyll layout, one archive of each terminal flow, then the object and the index read back.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh >/dev/null
+source target/testbed.env
+cargo build --release --locked
+bash scripts/s3.sh start
+: "${FLOWARCHIVE_S3_KEY:=flowarchive-test-key}"
+: "${FLOWARCHIVE_S3_SECRET:=flowarchive-test-secret-9f3b}"
+port=${FLOWARCHIVE_DEMO_PORT:-16379}
+dir=target/demo
+rm -rf "$dir" && mkdir -p "$dir"
+
+python3 - "$FLOWARCHIVE_S3_KEY" "$FLOWARCHIVE_S3_SECRET" <<'PY'
+# Create the demo bucket (signed request, as SeaweedFS requires).
+import sys, boto3, botocore
+s3 = boto3.client("s3", endpoint_url="http://127.0.0.1:18333", aws_access_key_id=sys.argv[1],
+                  aws_secret_access_key=sys.argv[2], region_name="us-east-1")
+try:
+    s3.create_bucket(Bucket="flowarchive-demo")
+except botocore.exceptions.ClientError as e:
+    if e.response["Error"]["Code"] not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+        raise
+PY
+
+AWS_ACCESS_KEY_ID=$FLOWARCHIVE_S3_KEY AWS_SECRET_ACCESS_KEY=$FLOWARCHIVE_S3_SECRET \
+"$FLOWARCHIVE_VALKEY9" --port "$port" --bind 127.0.0.1 --dir "$PWD/$dir" --save "" --daemonize yes \
+  --logfile "$PWD/$dir/valkey.log" --pidfile "$PWD/$dir/valkey.pid" \
+  --loadmodule "$PWD/target/release/libflowarchive.so" \
+  endpoint http://127.0.0.1:18333 bucket flowarchive-demo path-style yes prefix demo retention 7d
+trap 'kill "$(cat "$dir/valkey.pid")" 2>/dev/null || true' EXIT
+for _ in $(seq 1 50); do python3 -c "import redis; redis.Redis(port=$port).ping()" 2>/dev/null && break; sleep 0.1; done
+
+python3 - "$port" <<'PY'
+import gzip, json, sys, time, redis, boto3, os
+r = redis.Redis(port=int(sys.argv[1]), decode_responses=True)
+now = int(time.time() * 1000)
+day = 86_400_000
+flows = [("order-1001", "completed", now - 40 * day), ("order-1002", "failed", now - 9 * day),
+         ("order-1003", "completed", now - 1 * day), ("order-1004", "active", now - 60 * day),
+         ("order-1001:ship:tok-7", "completed", now - 30 * day)]
+for fid, status, last in flows:
+    ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(last / 1000)) + "Z"
+    events = [
+        {"timestamp": ts, "sequence": 0, "type": "flow_started", "aggregate_id": ["flow", fid],
+         "data": {"flow_id": fid, "plan": {"goals": ["ship"], "required": ["order_id"], "steps": {}},
+                  "init": {"order_id": fid}, "labels": {"tenant": "acme"}}},
+        {"timestamp": ts, "type": "step_completed",
+         "data": {"flow_id": fid, "step_id": "charge", "outputs": {"receipt": "r-77"}, "duration": 281}},
+        {"timestamp": ts, "type": "flow_" + ("failed" if status == "failed" else "completed"), "data": {"flow_id": fid}},
+    ]
+    snap = {"created_at": ts, "last_updated": ts, "plan": {"goals": ["ship"]}, "labels": {"tenant": "acme"},
+            "attributes": {"receipt": {"value": "r-77", "step": "charge", "set_at": ts}}, "id": fid, "status": status}
+    p = r.pipeline()
+    p.rpush(f"argyll:flow:{fid}:events", *[json.dumps(e, separators=(",", ":")) for e in events])
+    p.set(f"argyll:flow:{fid}:snapshot:val", json.dumps(snap, separators=(",", ":")))
+    p.set(f"argyll:flow:{fid}:snapshot:seq", 2)
+    p.hset(f"argyll:flow:{fid}:idx:labels", "tenant", "acme")
+    p.hset("argyll:idx:status", f"flow:{fid}", status)
+    p.zadd(f"argyll:idx:status:{status}", {f"flow:{fid}": last})
+    p.sadd("argyll:idx:label:tenant:acme", f"flow:{fid}")
+    p.sadd("argyll:idx:label:tenant", "acme")
+    p.execute()
+print(f"wrote {len(flows)} sample flows; retention 7d")
+for fid, status, last in flows:
+    try:
+        reply = r.execute_command("FLOWARCHIVE.FLOW", fid)
+        reply = reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2]))
+        print(f"  archived {fid}: {reply}")
+    except redis.ResponseError as e:
+        print(f"  kept     {fid}: {e}")
+print("index archived:flows:", r.hgetall("archived:flows"))
+print("live flows left:", sorted(k for k in r.keys("argyll:flow:*:events")))
+s3 = boto3.client("s3", endpoint_url="http://127.0.0.1:18333", region_name="us-east-1",
+                  aws_access_key_id=os.environ.get("FLOWARCHIVE_S3_KEY", "flowarchive-test-key"),
+                  aws_secret_access_key=os.environ.get("FLOWARCHIVE_S3_SECRET", "flowarchive-test-secret-9f3b"))
+loc = r.hget("archived:flows", "order-1001")
+bucket, key = loc[len("s3://"):].split("/", 1)
+body = gzip.decompress(s3.get_object(Bucket=bucket, Key=key)["Body"].read()).decode()
+print(f"\n{loc}:")
+for line in body.splitlines():
+    print("  " + (line if len(line) < 160 else line[:157] + "..."))
+print("\n" + r.info("flowarchive").__repr__())
+PY

@@ -1,0 +1,192 @@
+//! Wall-clock helpers: unix milliseconds and the RFC 3339 timestamps the engine writes (`last_updated`).
+//! Kept dependency-free; only UTC `Z` and numeric offsets occur in FlowState.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// `30d`, `90s`, `500ms` when a unit divides the value evenly (as configs are written); otherwise the
+/// largest unit it reaches, with one decimal: `1.2d`, `5.3s`.
+pub fn human_ms(ms: i64) -> String {
+    const UNITS: [(&str, i64); 4] = [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ];
+    if let Some((unit, size)) = UNITS.iter().find(|(_, size)| ms != 0 && ms % size == 0) {
+        return format!("{}{unit}", ms / size);
+    }
+    match UNITS.iter().find(|(_, size)| ms.abs() >= *size) {
+        Some((unit, size)) => format!("{:.1}{unit}", ms as f64 / *size as f64),
+        None => format!("{ms}ms"),
+    }
+}
+
+/// Days since 1970-01-01 for a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (
+        if m <= 2 {
+            yoe + era * 400 + 1
+        } else {
+            yoe + era * 400
+        },
+        m,
+        d,
+    )
+}
+
+/// `2026-03-18T09:14:03.120Z` for unix milliseconds.
+pub fn format_rfc3339_ms(ms: i64) -> String {
+    let (days, rem) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
+    let (y, m, d) = civil_from_days(days);
+    let secs = rem / 1000;
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60,
+        rem % 1000
+    )
+}
+
+/// Parses `YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)` into unix milliseconds.
+pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    if b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let num = |from: usize, to: usize| -> Option<i64> {
+        let part = s.get(from..to)?;
+        if !part.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        part.parse().ok()
+    };
+    let (y, mo, d) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
+    let (h, mi, se) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
+        return None;
+    }
+    let mut i = 19;
+    let mut millis = 0i64;
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            if i - start < 3 {
+                millis = millis * 10 + i64::from(b[i] - b'0');
+            }
+            i += 1;
+        }
+        if i == start {
+            return None;
+        }
+        for _ in (i - start)..3 {
+            millis *= 10;
+        }
+    }
+    let offset_ms = match b.get(i)? {
+        b'Z' | b'z' if i + 1 == b.len() => 0,
+        sign @ (b'+' | b'-') if i + 6 == b.len() && b[i + 3] == b':' => {
+            let off = num(i + 1, i + 3)? * 3_600_000 + num(i + 4, i + 6)? * 60_000;
+            if *sign == b'+' {
+                off
+            } else {
+                -off
+            }
+        }
+        _ => return None,
+    };
+    let days = days_from_civil(y, mo, d);
+    Some(days * 86_400_000 + (h * 3600 + mi * 60 + se) * 1000 + millis - offset_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_engine_timestamps() {
+        assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            parse_rfc3339_ms("2026-03-18T09:14:03.120481Z"),
+            Some(1_773_825_243_120)
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2026-03-18T09:14:05.9Z"),
+            Some(1_773_825_245_900)
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2026-03-18T10:14:05+01:00"),
+            parse_rfc3339_ms("2026-03-18T09:14:05Z")
+        );
+        assert_eq!(
+            parse_rfc3339_ms("0001-01-01T00:00:00Z"),
+            Some(-62_135_596_800_000)
+        );
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        for bad in [
+            "",
+            "yesterday",
+            "2026-13-01T00:00:00Z",
+            "2026-03-18T09:14:03",
+            "2026-03-18T09:14:03.Z",
+            "2026-03-18T09:14:03Zjunk",
+            "2026-03-18T9:14:03Z",
+        ] {
+            assert_eq!(parse_rfc3339_ms(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn human_durations() {
+        assert_eq!(human_ms(30 * 86_400_000), "30d");
+        assert_eq!(human_ms(90_000), "90s");
+        assert_eq!(human_ms(1500), "1.5s");
+        assert_eq!(human_ms(500), "500ms");
+        assert_eq!(human_ms(123_456), "2.1m");
+        assert_eq!(human_ms(86_400_123), "1.0d");
+        assert_eq!(human_ms(0), "0ms");
+    }
+
+    #[test]
+    fn formats_round_trip() {
+        for ms in [0, 1_773_825_243_120, 951_782_400_000, 4_102_444_799_999] {
+            assert_eq!(parse_rfc3339_ms(&format_rfc3339_ms(ms)), Some(ms));
+        }
+        assert_eq!(
+            format_rfc3339_ms(1_773_825_243_120),
+            "2026-03-18T09:14:03.120Z"
+        );
+    }
+}

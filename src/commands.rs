@@ -1,0 +1,114 @@
+//! Command handlers: argument parsing and context checks; the work lives in capture/archive.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use redis_module::{
+    Context, ContextFlags, NextArg, RedisError, RedisResult, RedisString, RedisValue,
+    ThreadSafeContext,
+};
+
+use crate::archive::{self, map};
+use crate::capture::{self, Start};
+use crate::clock;
+use crate::configs::Settings;
+use crate::errors::{self, FlowError};
+use crate::metrics::{self, MainThreadTimer};
+use crate::server::selected_db;
+use crate::store::Store;
+
+fn err(msg: impl Into<String>) -> RedisError {
+    RedisError::String(msg.into())
+}
+
+/// Keeps a panic from crossing the FFI boundary: it becomes an error reply and a log line.
+fn guarded(name: &str, f: impl FnOnce() -> RedisResult) -> RedisResult {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        redis_module::logging::log_warning(format!("flowarchive: {name} panicked"));
+        Err(RedisError::Str(errors::PANIC))
+    })
+}
+
+fn flow_id(arg: RedisString) -> Result<String, RedisError> {
+    let id = arg.try_as_str().map_err(|_| err(errors::ID_NOT_UTF8))?;
+    if id.is_empty() {
+        return Err(err(errors::EMPTY_ID));
+    }
+    Ok(id.to_string())
+}
+
+/// FLOWARCHIVE.FLOW <flow_id> [FORCE]
+pub fn flow(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    guarded("FLOWARCHIVE.FLOW", || flow_inner(ctx, args))
+}
+
+fn flow_inner(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    if args.len() < 2 || args.len() > 3 {
+        return Err(RedisError::WrongArity);
+    }
+    let mut args = args.into_iter().skip(1);
+    let id = flow_id(args.next_arg()?)?;
+    let force = match args.next() {
+        None => false,
+        Some(a) if a.to_string_lossy().eq_ignore_ascii_case("FORCE") => true,
+        Some(_) => return Err(err("ERR syntax error: expected FORCE")),
+    };
+    let flags = ctx.get_flags();
+    if flags.intersects(ContextFlags::MULTI | ContextFlags::LUA | ContextFlags::DENY_BLOCKING) {
+        return Err(err(errors::DENY_BLOCKING));
+    }
+    if flags.contains(ContextFlags::SLAVE) {
+        return Err(err(errors::ON_REPLICA));
+    }
+    let settings = Settings::current();
+    let store = Store::new(&settings.s3).map_err(|e| err(format!("ERR {e}")))?;
+    let db = selected_db(ctx);
+    let started = {
+        let _timer = MainThreadTimer::start();
+        capture::start(ctx, db, &id, &settings, force, clock::now_ms())
+    };
+    let capture = match started {
+        Ok(Start::Capture(c)) => *c,
+        Ok(Start::AlreadyArchived(location)) => {
+            return Ok(map([
+                ("location", RedisValue::BulkString(location)),
+                ("already_archived", RedisValue::Integer(1)),
+            ]));
+        }
+        Err(e) => {
+            metrics::failed(&id, &e);
+            return Err(err(e.message(&id)));
+        }
+    };
+    let blocked = ctx.block_client();
+    let spawned = std::thread::Builder::new()
+        .name("flowarchive-flow".into())
+        .spawn(move || {
+            let tsc = ThreadSafeContext::with_blocked_client(blocked);
+            let outcome = catch_unwind(AssertUnwindSafe(|| {
+                archive::run(&tsc, capture, &settings, &store)
+            }))
+            .unwrap_or_else(|_| Err(FlowError::Internal("archive worker panicked".into())));
+            let reply = match outcome {
+                Ok(done) => Ok(done.reply()),
+                Err(e) => {
+                    metrics::failed(&id, &e);
+                    Err(err(e.message(&id)))
+                }
+            };
+            tsc.reply(reply);
+        });
+    if spawned.is_err() {
+        redis_module::logging::log_warning("flowarchive: cannot start an archive thread");
+    }
+    Ok(RedisValue::NoReply)
+}
+
+/// FLOWARCHIVE.GET (issue 3).
+pub fn get(_ctx: &Context, _args: Vec<RedisString>) -> RedisResult {
+    Err(RedisError::Str("ERR FLOWARCHIVE.GET is not available yet"))
+}
+
+/// FLOWARCHIVE.SWEEP (issue 4).
+pub fn sweep(_ctx: &Context, _args: Vec<RedisString>) -> RedisResult {
+    Err(RedisError::Str(errors::NOT_AVAILABLE_YET))
+}

@@ -1,0 +1,386 @@
+//! Module configs (`CONFIG GET/SET flowarchive.*`, also accepted as `loadmodule` arguments).
+//!
+//! Every string config is validated when set: a bad value is refused with the reason and the old value
+//! stays. `Settings::current()` snapshots them on the main thread for one archive job.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use redis_module::configuration::{
+    ConfigurationContext, ConfigurationValue, EnumConfigurationValue,
+};
+use redis_module::{RedisError, RedisString};
+
+use crate::layout::{self, Layout};
+
+/// A string config with a validator.
+pub struct Checked {
+    value: Mutex<String>,
+    check: fn(&str) -> Result<(), String>,
+}
+
+impl Checked {
+    pub const fn new(check: fn(&str) -> Result<(), String>) -> Self {
+        Checked {
+            value: Mutex::new(String::new()),
+            check,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, String> {
+        self.value.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(&self) -> String {
+        self.lock().clone()
+    }
+}
+
+impl ConfigurationValue<RedisString> for Checked {
+    fn get(&self, _ctx: &ConfigurationContext) -> RedisString {
+        RedisString::create(None, self.lock().as_str())
+    }
+
+    fn set(&self, _ctx: &ConfigurationContext, val: RedisString) -> Result<(), RedisError> {
+        let text = val
+            .try_as_str()
+            .map_err(|_| RedisError::Str("value must be UTF-8"))?;
+        let text = text.trim();
+        (self.check)(text).map_err(RedisError::String)?;
+        *self.lock() = text.to_string();
+        Ok(())
+    }
+}
+
+/// A secret: settable, never shown back (CONFIG GET answers an empty string).
+pub struct Secret(Mutex<String>);
+
+impl Secret {
+    pub fn get(&self) -> String {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl ConfigurationValue<RedisString> for Secret {
+    fn get(&self, _ctx: &ConfigurationContext) -> RedisString {
+        RedisString::create(None, "")
+    }
+
+    fn set(&self, _ctx: &ConfigurationContext, val: RedisString) -> Result<(), RedisError> {
+        let text = val
+            .try_as_str()
+            .map_err(|_| RedisError::Str("value must be UTF-8"))?;
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = text.to_string();
+        Ok(())
+    }
+}
+
+fn any(_: &str) -> Result<(), String> {
+    Ok(())
+}
+
+fn endpoint(v: &str) -> Result<(), String> {
+    if v.is_empty() {
+        return Ok(());
+    }
+    let url = url::Url::parse(v).map_err(|e| format!("endpoint is not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err("endpoint must be an http:// or https:// URL with a host".into());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("endpoint must not carry a query or fragment".into());
+    }
+    Ok(())
+}
+
+fn region(v: &str) -> Result<(), String> {
+    if v.is_empty() || !v.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-') {
+        return Err("region must be non-empty letters, digits and '-'".into());
+    }
+    Ok(())
+}
+
+fn bucket(v: &str) -> Result<(), String> {
+    let ok = v.is_empty()
+        || ((3..=63).contains(&v.len())
+            && v.bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
+            && v.as_bytes()[0].is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err("bucket must be 3-63 characters of a-z, 0-9, '-' and '.'".into())
+    }
+}
+
+fn object_prefix(v: &str) -> Result<(), String> {
+    if v.starts_with('/') || v.ends_with('/') || v.contains("//") {
+        return Err("prefix must not start or end with '/' nor contain '//'".into());
+    }
+    if v.split('/').any(|seg| seg == "." || seg == "..") {
+        return Err("prefix must not contain '.' or '..' segments".into());
+    }
+    if v.bytes().any(|c| c.is_ascii_control()) || v.len() > 512 {
+        return Err("prefix must be at most 512 printable characters".into());
+    }
+    Ok(())
+}
+
+/// How an upload is proven stored before anything is deleted (`flowarchive.verify`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VerifyMode {
+    /// A HEAD after the PUT must show the uploaded size and checksum.
+    Head = 0,
+    /// The PUT response's ETag/checksum is trusted; one request fewer.
+    PutResponse = 1,
+}
+
+impl TryFrom<i32> for VerifyMode {
+    type Error = RedisError;
+    fn try_from(v: i32) -> Result<Self, RedisError> {
+        match v {
+            0 => Ok(VerifyMode::Head),
+            1 => Ok(VerifyMode::PutResponse),
+            _ => Err(RedisError::Str("verify must be head or put-response")),
+        }
+    }
+}
+
+impl From<VerifyMode> for i32 {
+    fn from(v: VerifyMode) -> i32 {
+        v as i32
+    }
+}
+
+impl EnumConfigurationValue for VerifyMode {
+    fn get_options(&self) -> (Vec<String>, Vec<i32>) {
+        (vec!["head".into(), "put-response".into()], vec![0, 1])
+    }
+}
+
+fn statuses(v: &str) -> Result<(), String> {
+    if v.split([',', ' ']).any(|s| !s.is_empty()) {
+        Ok(())
+    } else {
+        Err("terminal-statuses needs at least one status".into())
+    }
+}
+
+/// Parses `30d`, `12h`, `15m`, `90s`, `500ms` into milliseconds.
+pub fn parse_duration_ms(v: &str) -> Result<i64, String> {
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (digits, unit) = v.split_at(split);
+    let n: i64 = digits
+        .parse()
+        .map_err(|_| format!("'{v}' is not a duration like 30d, 12h, 15m, 90s or 500ms"))?;
+    let scale = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("'{v}' needs a unit: ms, s, m, h or d")),
+    };
+    n.checked_mul(scale)
+        .filter(|ms| *ms <= 100 * 365 * 86_400_000)
+        .ok_or_else(|| format!("'{v}' is too long (at most 100 years)"))
+}
+
+fn duration(v: &str) -> Result<(), String> {
+    parse_duration_ms(v).map(|_| ())
+}
+
+fn key_prefix(v: &str) -> Result<(), String> {
+    if v.contains('$') {
+        return Err("key-prefix must not contain '$'".into());
+    }
+    Ok(())
+}
+
+macro_rules! template_check {
+    ($name:ident, [$($allowed:literal),*], [$($required:literal),*], $optional:literal) => {
+        fn $name(v: &str) -> Result<(), String> {
+            if v.is_empty() {
+                return if $optional { Ok(()) } else { Err("must not be empty".into()) };
+            }
+            layout::validate(v, &[$($allowed),*], &[$($required),*])
+        }
+    };
+}
+
+template_check!(flow_key, ["prefix", "id"], ["id"], false);
+template_check!(opt_flow_key, ["prefix", "id"], ["id"], true);
+template_check!(member, ["prefix", "id"], ["id"], false);
+template_check!(index_key, ["prefix", "id"], [], false);
+template_check!(opt_shared_key, ["prefix"], [], true);
+template_check!(status_set, ["prefix", "status"], ["status"], true);
+template_check!(
+    label_set,
+    ["prefix", "label", "value"],
+    ["label", "value"],
+    true
+);
+template_check!(label_values, ["prefix", "label"], ["label"], true);
+
+pub static ENDPOINT: Checked = Checked::new(endpoint);
+pub static REGION: Checked = Checked::new(region);
+pub static BUCKET: Checked = Checked::new(bucket);
+pub static PREFIX: Checked = Checked::new(object_prefix);
+pub static PATH_STYLE: AtomicBool = AtomicBool::new(false);
+pub static ACCESS_KEY: Checked = Checked::new(any);
+pub static SECRET_KEY: Secret = Secret(Mutex::new(String::new()));
+pub static REQUEST_TIMEOUT_MS: AtomicI64 = AtomicI64::new(30_000);
+pub static VERIFY: Mutex<VerifyMode> = Mutex::new(VerifyMode::Head);
+pub static RETENTION: Checked = Checked::new(duration);
+pub static CONCURRENCY: AtomicI64 = AtomicI64::new(4);
+pub static BATCH_SIZE: AtomicI64 = AtomicI64::new(100);
+pub static KEY_PREFIX: Checked = Checked::new(key_prefix);
+pub static INDEX_KEY: Checked = Checked::new(index_key);
+pub static EVENTS_KEY: Checked = Checked::new(flow_key);
+pub static SNAPSHOT_KEY: Checked = Checked::new(flow_key);
+pub static SEQ_KEY: Checked = Checked::new(opt_flow_key);
+pub static LABELS_KEY: Checked = Checked::new(opt_flow_key);
+pub static STATUS_KEY: Checked = Checked::new(opt_shared_key);
+pub static STATUS_SET_KEY: Checked = Checked::new(status_set);
+pub static LABEL_SET_KEY: Checked = Checked::new(label_set);
+pub static LABEL_VALUES_KEY: Checked = Checked::new(label_values);
+pub static FLOW_MEMBER: Checked = Checked::new(member);
+pub static TERMINAL_STATUSES: Checked = Checked::new(statuses);
+
+/// S3 destination and credentials of one job.
+#[derive(Clone)]
+pub struct S3Settings {
+    pub endpoint: String,
+    pub region: String,
+    pub bucket: String,
+    pub prefix: String,
+    pub path_style: bool,
+    pub access_key: String,
+    pub secret_key: String,
+    pub session_token: Option<String>,
+    pub timeout_ms: u64,
+    pub verify_with_head: bool,
+}
+
+impl S3Settings {
+    /// Configs first; when no access key is configured, the server's AWS_* environment.
+    fn current() -> Self {
+        let (access_key, secret_key, session_token) = match ACCESS_KEY.get() {
+            key if !key.is_empty() => (key, SECRET_KEY.get(), None),
+            _ => (
+                std::env::var("AWS_ACCESS_KEY_ID").unwrap_or_default(),
+                std::env::var("AWS_SECRET_ACCESS_KEY").unwrap_or_default(),
+                std::env::var("AWS_SESSION_TOKEN")
+                    .ok()
+                    .filter(|t| !t.is_empty()),
+            ),
+        };
+        S3Settings {
+            endpoint: ENDPOINT.get(),
+            region: REGION.get(),
+            bucket: BUCKET.get(),
+            prefix: PREFIX.get(),
+            path_style: PATH_STYLE.load(Ordering::Relaxed),
+            access_key,
+            secret_key,
+            session_token,
+            timeout_ms: REQUEST_TIMEOUT_MS.load(Ordering::Relaxed).max(1) as u64,
+            verify_with_head: *VERIFY.lock().unwrap_or_else(|p| p.into_inner()) == VerifyMode::Head,
+        }
+    }
+}
+
+/// Everything one archive job needs, copied so later CONFIG SETs do not affect it.
+#[derive(Clone)]
+pub struct Settings {
+    pub s3: S3Settings,
+    pub layout: Layout,
+    pub retention_ms: i64,
+}
+
+impl Settings {
+    pub fn current() -> Self {
+        let opt = |c: &Checked| Some(c.get()).filter(|v| !v.is_empty());
+        Settings {
+            s3: S3Settings::current(),
+            layout: Layout {
+                prefix: KEY_PREFIX.get(),
+                events: EVENTS_KEY.get(),
+                snapshot: SNAPSHOT_KEY.get(),
+                seq: opt(&SEQ_KEY),
+                labels: opt(&LABELS_KEY),
+                status_hash: opt(&STATUS_KEY),
+                status_set: opt(&STATUS_SET_KEY),
+                label_set: opt(&LABEL_SET_KEY),
+                label_values: opt(&LABEL_VALUES_KEY),
+                member: FLOW_MEMBER.get(),
+                index: INDEX_KEY.get(),
+                terminal: TERMINAL_STATUSES
+                    .get()
+                    .split([',', ' '])
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+            },
+            retention_ms: parse_duration_ms(&RETENTION.get()).unwrap_or(30 * 86_400_000),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("30d"), Ok(30 * 86_400_000));
+        assert_eq!(parse_duration_ms("12h"), Ok(12 * 3_600_000));
+        assert_eq!(parse_duration_ms("15m"), Ok(900_000));
+        assert_eq!(parse_duration_ms("90s"), Ok(90_000));
+        assert_eq!(parse_duration_ms("500ms"), Ok(500));
+        assert_eq!(parse_duration_ms("0s"), Ok(0));
+        for bad in [
+            "",
+            "30",
+            "d",
+            "-1d",
+            "1.5h",
+            "30 days",
+            "99999999999999999999d",
+            "40000d",
+        ] {
+            assert!(parse_duration_ms(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn validators() {
+        assert!(endpoint("").is_ok());
+        assert!(endpoint("http://127.0.0.1:8333").is_ok());
+        assert!(endpoint("https://s3.eu-west-1.amazonaws.com").is_ok());
+        assert!(endpoint("ftp://x").is_err());
+        assert!(endpoint("not a url").is_err());
+        assert!(endpoint("http://h/?x=1").is_err());
+        assert!(bucket("flows-archive.1").is_ok());
+        assert!(bucket("").is_ok());
+        assert!(bucket("Upper").is_err());
+        assert!(bucket("ab").is_err());
+        assert!(object_prefix("a/b").is_ok());
+        assert!(object_prefix("").is_ok());
+        for bad in ["/a", "a/", "a//b", "a/../b", "."] {
+            assert!(object_prefix(bad).is_err(), "{bad}");
+        }
+        assert!(flow_key("$prefix:flow:$id:events").is_ok());
+        assert!(flow_key("").is_err());
+        assert!(flow_key("$prefix:events").is_err());
+        assert!(opt_flow_key("").is_ok());
+        assert!(status_set("$prefix:idx:status:$status").is_ok());
+        assert!(status_set("$prefix:idx:status").is_err());
+        assert!(index_key("archived:{flow:$id}").is_ok());
+        assert!(index_key("archived:$status").is_err());
+        assert_eq!(VerifyMode::try_from(1).ok(), Some(VerifyMode::PutResponse));
+        assert!(VerifyMode::try_from(2).is_err());
+        assert!(statuses("completed,failed").is_ok() && statuses(" , ").is_err());
+        assert!(region("us-east-1").is_ok() && region("").is_err());
+    }
+}

@@ -1,0 +1,115 @@
+//! Every error a command answers. Texts start with `ERR`, name the flow and say why; none carries a
+//! credential or a presigned URL.
+
+use crate::clock::human_ms;
+use crate::store::StoreError;
+
+pub const NOT_AVAILABLE_YET: &str = "ERR FLOWARCHIVE.SWEEP is not available yet";
+pub const DENY_BLOCKING: &str =
+    "ERR FLOWARCHIVE.FLOW cannot run inside MULTI, a script or another blocking context";
+pub const ON_REPLICA: &str =
+    "ERR FLOWARCHIVE.FLOW writes and must run on the primary, not a replica";
+pub const EMPTY_ID: &str = "ERR flow id must not be empty";
+pub const ID_NOT_UTF8: &str = "ERR flow id must be valid UTF-8";
+pub const PANIC: &str = "ERR flowarchive internal error; nothing was deleted (see the server log)";
+
+/// How a flow id appears in messages: quoted, escaped, cut to 120 characters.
+pub fn show_id(id: &str) -> String {
+    let mut s: String = id.chars().take(120).collect();
+    if s.len() < id.len() {
+        s.push('…');
+    }
+    format!("{s:?}")
+}
+
+#[derive(Debug)]
+pub enum FlowError {
+    NotFound,
+    NotTerminal(String),
+    TooRecent {
+        idle_ms: i64,
+        retention_ms: i64,
+    },
+    WrongType {
+        key: String,
+        found: &'static str,
+        expected: &'static str,
+    },
+    Unreadable(String),
+    Conflict(String),
+    Busy,
+    Changed,
+    Upload(StoreError),
+    Internal(String),
+}
+
+impl FlowError {
+    /// The metric / log name of this failure.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FlowError::NotFound => "not_found",
+            FlowError::NotTerminal(_) => "not_terminal",
+            FlowError::TooRecent { .. } => "too_recent",
+            FlowError::WrongType { .. } => "wrong_type",
+            FlowError::Unreadable(_) => "unreadable",
+            FlowError::Conflict(_) => "conflict",
+            FlowError::Busy => "busy",
+            FlowError::Changed => "changed",
+            FlowError::Upload(e) => e.kind.name(),
+            FlowError::Internal(_) => "internal",
+        }
+    }
+
+    pub fn message(&self, id: &str) -> String {
+        let id = show_id(id);
+        match self {
+            FlowError::NotFound => format!("ERR flow {id} not found"),
+            FlowError::NotTerminal(status) => {
+                format!("ERR flow {id} is not terminal (status {status:?})")
+            }
+            FlowError::TooRecent { idle_ms, retention_ms } => format!(
+                "ERR flow {id} is not idle long enough (idle {}, retention {}); FORCE skips this check",
+                human_ms(*idle_ms),
+                human_ms(*retention_ms)
+            ),
+            FlowError::WrongType { key, found, expected } => format!(
+                "ERR flow {id}: key {key:?} holds a {found}, expected a {expected}"
+            ),
+            FlowError::Unreadable(why) => format!("ERR flow {id} cannot be read: {why}"),
+            FlowError::Conflict(location) => format!(
+                "ERR flow {id} is live but already archived at {location}; archived history is never overwritten"
+            ),
+            FlowError::Busy => format!("ERR flow {id} is already being archived"),
+            FlowError::Changed => {
+                format!("ERR flow {id} changed while it was being archived; nothing was deleted")
+            }
+            FlowError::Upload(why) => {
+                format!("ERR flow {id} was not archived, nothing was deleted: {why}")
+            }
+            FlowError::Internal(why) => format!("ERR flow {id}: {why}; nothing was deleted"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_single_line_and_bounded() {
+        let id = format!("a\r\nb{}", "x".repeat(1024));
+        let msg = FlowError::Changed.message(&id);
+        assert!(msg.starts_with("ERR flow \"a\\r\\nb"), "{msg}");
+        assert!(!msg.contains('\n') && !msg.contains('\r'));
+        assert!(msg.len() < 300);
+        let msg = FlowError::TooRecent {
+            idle_ms: 5000,
+            retention_ms: 30 * 86_400_000,
+        }
+        .message("abc");
+        assert_eq!(
+            msg,
+            "ERR flow \"abc\" is not idle long enough (idle 5s, retention 30d); FORCE skips this check"
+        );
+    }
+}

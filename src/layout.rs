@@ -1,0 +1,350 @@
+//! Where a flow lives: key-name templates for the engine's layout and the S3 object key of its archive.
+//!
+//! Templates use `$name` placeholders (`$prefix`, `$id`, `$status`, `$label`, `$value`; `$$` is a literal
+//! `$`). Braces are left alone so templates can carry cluster hash tags, e.g. `$prefix:{flow:$id}:events`.
+
+pub const VARS: &[&str] = &["prefix", "id", "status", "label", "value"];
+
+#[derive(Default)]
+pub struct Vars<'a> {
+    pub prefix: &'a str,
+    pub id: &'a str,
+    pub status: &'a str,
+    pub label: &'a str,
+    pub value: &'a str,
+}
+
+enum Piece<'t> {
+    Text(&'t str),
+    Var(&'t str),
+}
+
+fn pieces(template: &str) -> Result<Vec<Piece<'_>>, String> {
+    let mut out = Vec::new();
+    let mut rest = template;
+    while let Some(pos) = rest.find('$') {
+        if pos > 0 {
+            out.push(Piece::Text(&rest[..pos]));
+        }
+        let after = &rest[pos + 1..];
+        if let Some(stripped) = after.strip_prefix('$') {
+            out.push(Piece::Text("$"));
+            rest = stripped;
+            continue;
+        }
+        let len = after.bytes().take_while(|c| c.is_ascii_lowercase()).count();
+        let name = &after[..len];
+        if !VARS.contains(&name) {
+            return Err(format!(
+                "unknown placeholder '${name}' (known: $prefix $id $status $label $value, $$ for '$')"
+            ));
+        }
+        out.push(Piece::Var(name));
+        rest = &after[len..];
+    }
+    if !rest.is_empty() {
+        out.push(Piece::Text(rest));
+    }
+    Ok(out)
+}
+
+/// Checks a template: only `allowed` placeholders, every one of `required` present.
+pub fn validate(template: &str, allowed: &[&str], required: &[&str]) -> Result<(), String> {
+    let parts = pieces(template)?;
+    for p in &parts {
+        if let Piece::Var(name) = p {
+            if !allowed.contains(name) {
+                return Err(format!("placeholder '${name}' is not allowed here"));
+            }
+        }
+    }
+    for need in required {
+        if !parts
+            .iter()
+            .any(|p| matches!(p, Piece::Var(n) if n == need))
+        {
+            return Err(format!("must contain ${need}"));
+        }
+    }
+    Ok(())
+}
+
+/// Fills a template that `validate` accepted; an invalid one renders its text verbatim.
+pub fn render(template: &str, vars: &Vars) -> String {
+    let Ok(parts) = pieces(template) else {
+        return template.to_string();
+    };
+    let mut out = String::with_capacity(template.len() + vars.id.len());
+    for p in parts {
+        match p {
+            Piece::Text(t) => out.push_str(t),
+            Piece::Var("prefix") => out.push_str(vars.prefix),
+            Piece::Var("id") => out.push_str(vars.id),
+            Piece::Var("status") => out.push_str(vars.status),
+            Piece::Var("label") => out.push_str(vars.label),
+            Piece::Var(_) => out.push_str(vars.value),
+        }
+    }
+    out
+}
+
+/// The key names of one engine layout; optional parts are `None` when their template is empty.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub prefix: String,
+    pub events: String,
+    pub snapshot: String,
+    pub seq: Option<String>,
+    pub labels: Option<String>,
+    pub status_hash: Option<String>,
+    pub status_set: Option<String>,
+    pub label_set: Option<String>,
+    pub label_values: Option<String>,
+    pub member: String,
+    pub index: String,
+    pub terminal: Vec<String>,
+}
+
+/// The concrete key names of one flow.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FlowKeys {
+    pub events: String,
+    pub snapshot: String,
+    pub seq: Option<String>,
+    pub labels: Option<String>,
+    pub status_hash: Option<String>,
+    /// The flow's name in engine-wide indexes (`flow:<id>` by default).
+    pub member: String,
+    pub index: String,
+}
+
+impl Layout {
+    fn vars<'a>(&'a self, id: &'a str) -> Vars<'a> {
+        Vars {
+            prefix: &self.prefix,
+            id,
+            ..Vars::default()
+        }
+    }
+
+    pub fn flow_keys(&self, id: &str) -> FlowKeys {
+        let v = self.vars(id);
+        let opt = |t: &Option<String>| t.as_deref().map(|t| render(t, &v));
+        FlowKeys {
+            events: render(&self.events, &v),
+            snapshot: render(&self.snapshot, &v),
+            seq: opt(&self.seq),
+            labels: opt(&self.labels),
+            status_hash: opt(&self.status_hash),
+            member: render(&self.member, &v),
+            index: render(&self.index, &v),
+        }
+    }
+
+    pub fn status_set_key(&self, id: &str, status: &str) -> Option<String> {
+        let v = Vars {
+            status,
+            ..self.vars(id)
+        };
+        self.status_set.as_deref().map(|t| render(t, &v))
+    }
+
+    pub fn label_set_key(&self, id: &str, label: &str, value: &str) -> Option<String> {
+        let v = Vars {
+            label,
+            value,
+            ..self.vars(id)
+        };
+        self.label_set.as_deref().map(|t| render(t, &v))
+    }
+
+    pub fn label_values_key(&self, id: &str, label: &str) -> Option<String> {
+        let v = Vars {
+            label,
+            ..self.vars(id)
+        };
+        self.label_values.as_deref().map(|t| render(t, &v))
+    }
+
+    pub fn is_terminal(&self, status: &str) -> bool {
+        self.terminal.iter().any(|t| t == status)
+    }
+}
+
+/// S3 allows object keys up to 1024 bytes.
+const MAX_OBJECT_KEY: usize = 1024;
+
+/// Escapes a flow id for an object key: bytes outside `[A-Za-z0-9_-]` become `%XX` (uppercase hex of each
+/// UTF-8 byte). `/` and `.` are escaped too, so an id never forms a path segment or `..`. Reversible.
+pub fn escape_id(id: &str) -> String {
+    let mut out = String::with_capacity(id.len());
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `<prefix>/flows/<escaped id>.jsonl.gz`. An id whose escaped key would pass S3's 1024-byte limit is
+/// stored under `<prefix>/flows/_sha256/<hex of the id>.jsonl.gz`; its header still names the id.
+pub fn object_key(prefix: &str, id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let base = if prefix.is_empty() {
+        "flows/".to_string()
+    } else {
+        format!("{prefix}/flows/")
+    };
+    let key = format!("{base}{}.jsonl.gz", escape_id(id));
+    if key.len() <= MAX_OBJECT_KEY {
+        return key;
+    }
+    let digest = Sha256::digest(id.as_bytes());
+    format!("{base}_sha256/{}.jsonl.gz", hex(&digest))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The inverse of `escape_id`.
+    fn unescape_id(escaped: &str) -> Option<String> {
+        let b = escaped.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%' {
+                let hex = escaped.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            } else {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8(out).ok()
+    }
+
+    fn argyll() -> Layout {
+        Layout {
+            prefix: "argyll".into(),
+            events: "$prefix:flow:$id:events".into(),
+            snapshot: "$prefix:flow:$id:snapshot:val".into(),
+            seq: Some("$prefix:flow:$id:snapshot:seq".into()),
+            labels: Some("$prefix:flow:$id:idx:labels".into()),
+            status_hash: Some("$prefix:idx:status".into()),
+            status_set: Some("$prefix:idx:status:$status".into()),
+            label_set: Some("$prefix:idx:label:$label:$value".into()),
+            label_values: Some("$prefix:idx:label:$label".into()),
+            member: "flow:$id".into(),
+            index: "archived:flows".into(),
+            terminal: vec!["completed".into(), "failed".into()],
+        }
+    }
+
+    #[test]
+    fn renders_the_default_layout() {
+        let l = argyll();
+        let k = l.flow_keys("abc:step-1:tok");
+        assert_eq!(k.events, "argyll:flow:abc:step-1:tok:events");
+        assert_eq!(k.snapshot, "argyll:flow:abc:step-1:tok:snapshot:val");
+        assert_eq!(
+            k.seq.as_deref(),
+            Some("argyll:flow:abc:step-1:tok:snapshot:seq")
+        );
+        assert_eq!(
+            k.labels.as_deref(),
+            Some("argyll:flow:abc:step-1:tok:idx:labels")
+        );
+        assert_eq!(k.status_hash.as_deref(), Some("argyll:idx:status"));
+        assert_eq!(k.member, "flow:abc:step-1:tok");
+        assert_eq!(k.index, "archived:flows");
+        assert_eq!(
+            l.status_set_key("abc", "failed").as_deref(),
+            Some("argyll:idx:status:failed")
+        );
+        assert_eq!(
+            l.label_set_key("abc", "tenant", "acme").as_deref(),
+            Some("argyll:idx:label:tenant:acme")
+        );
+        assert_eq!(
+            l.label_values_key("abc", "tenant").as_deref(),
+            Some("argyll:idx:label:tenant")
+        );
+        assert!(l.is_terminal("failed") && !l.is_terminal("active"));
+    }
+
+    #[test]
+    fn keeps_hash_tags_and_dollars() {
+        let v = Vars {
+            prefix: "p",
+            id: "x",
+            ..Vars::default()
+        };
+        assert_eq!(render("$prefix:{flow:$id}:events", &v), "p:{flow:x}:events");
+        assert_eq!(render("a$$b:$id", &v), "a$b:x");
+    }
+
+    #[test]
+    fn validates_placeholders() {
+        assert!(validate("$prefix:flow:$id:events", &["prefix", "id"], &["id"]).is_ok());
+        assert!(validate("$prefix:flow:events", &["prefix", "id"], &["id"])
+            .unwrap_err()
+            .contains("$id"));
+        assert!(validate("$prefix:$idx", &["prefix", "id"], &[])
+            .unwrap_err()
+            .contains("unknown placeholder"));
+        assert!(validate("$status", &["prefix", "id"], &[])
+            .unwrap_err()
+            .contains("not allowed"));
+    }
+
+    #[test]
+    fn escapes_ids_reversibly() {
+        let ids = [
+            "abc",
+            "abc:step:tok",
+            "a/b/../c",
+            "..",
+            ".hidden",
+            "with space\nand newline",
+            "ünï€ode-✓",
+            "100%",
+        ];
+        for id in ids {
+            let e = escape_id(id);
+            assert!(e
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"_-%".contains(&c)));
+            assert_eq!(unescape_id(&e).as_deref(), Some(id));
+        }
+        assert_eq!(escape_id("a:b/c"), "a%3Ab%2Fc");
+        assert_eq!(escape_id(".."), "%2E%2E");
+    }
+
+    #[test]
+    fn object_keys_stay_within_s3_limits() {
+        assert_eq!(object_key("", "abc"), "flows/abc.jsonl.gz");
+        assert_eq!(
+            object_key("archive/v1", "a:b"),
+            "archive/v1/flows/a%3Ab.jsonl.gz"
+        );
+        let long = "é".repeat(512);
+        let key = object_key("p", &long);
+        assert!(
+            key.starts_with("p/flows/_sha256/") && key.len() <= 1024,
+            "{key}"
+        );
+        assert_ne!(key, object_key("p", &"é".repeat(513)));
+    }
+}

@@ -1,0 +1,136 @@
+//! flowarchive: archives terminal workflow flows from Valkey to S3-compatible storage.
+//!
+//! Data flow: capture (read keys) → encode (JSONL + gzip + sha256) → store (S3, presigned) →
+//! commit (verify unchanged, index, delete, replicate). This file only registers the module.
+
+mod archive;
+mod capture;
+mod clock;
+mod commands;
+mod commit;
+mod configs;
+mod encode;
+mod errors;
+mod layout;
+mod metrics;
+mod server;
+mod store;
+mod watch;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::os::raw::c_void;
+
+use redis_module::alloc::RedisAlloc;
+use redis_module::configuration::ConfigurationFlags;
+use redis_module::{raw, redis_module, AclCategory, Context, NotifyEvent, RedisString, Status};
+
+/// The server's allocator inside the server (so memory shows in INFO memory), the system's in unit tests.
+struct ModuleAlloc;
+
+unsafe impl GlobalAlloc for ModuleAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if (*std::ptr::addr_of!(raw::RedisModule_Alloc)).is_some() {
+            RedisAlloc.alloc(layout)
+        } else {
+            System.alloc(layout)
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if (*std::ptr::addr_of!(raw::RedisModule_Free)).is_some() {
+            RedisAlloc.dealloc(ptr, layout)
+        } else {
+            System.dealloc(ptr, layout)
+        }
+    }
+}
+
+/// Valkey 9 refuses atomic slot migration unless a module declares it handles it.
+const HANDLE_ATOMIC_SLOT_MIGRATION: i32 = 1 << 5;
+
+fn on_key_event(ctx: &Context, _event: NotifyEvent, _name: &str, key: &[u8]) {
+    watch::key_touched(server::selected_db(ctx), key);
+}
+
+#[redis_module_macros::flush_event_handler]
+fn on_flush(_ctx: &Context, _sub: redis_module::server_events::FlushSubevent) {
+    watch::everything_touched();
+}
+
+extern "C" fn on_swapdb(
+    _ctx: *mut raw::RedisModuleCtx,
+    _eid: raw::RedisModuleEvent,
+    _sub: u64,
+    _data: *mut c_void,
+) {
+    watch::everything_touched();
+}
+
+fn init(ctx: &Context, _args: &[RedisString]) -> Status {
+    // SAFETY: called once from OnLoad with the module's context.
+    unsafe {
+        if let Some(set_options) = raw::RedisModule_SetModuleOptions {
+            set_options(ctx.ctx, HANDLE_ATOMIC_SLOT_MIGRATION);
+        }
+        if let Some(subscribe) = raw::RedisModule_SubscribeToServerEvent {
+            let event = raw::RedisModuleEvent {
+                id: raw::REDISMODULE_EVENT_SWAPDB,
+                dataver: 1,
+            };
+            subscribe(ctx.ctx, event, Some(on_swapdb));
+        }
+    }
+    Status::Ok
+}
+
+redis_module! {
+    name: "flowarchive",
+    version: 1,
+    allocator: (ModuleAlloc, ModuleAlloc),
+    data_types: [],
+    acl_categories: ["flowarchive",],
+    init: init,
+    commands: [
+        ["flowarchive.flow", commands::flow, "write deny-oom deny-script", 0, 0, 0, "", "flowarchive"],
+        ["flowarchive.get", commands::get, "readonly", 0, 0, 0, "", "flowarchive"],
+        ["flowarchive.sweep", commands::sweep, "write deny-oom deny-script", 0, 0, 0, "", "flowarchive"],
+    ],
+    event_handlers: [
+        [@GENERIC @STRING @LIST @SET @HASH @ZSET @EXPIRED @EVICTED @STREAM @MODULE: on_key_event],
+    ],
+    configurations: [
+        i64: [
+            ["request-timeout-ms", &configs::REQUEST_TIMEOUT_MS, 30_000, 100, 3_600_000, ConfigurationFlags::DEFAULT, None],
+            ["concurrency", &configs::CONCURRENCY, 4, 1, 256, ConfigurationFlags::DEFAULT, None],
+            ["batch-size", &configs::BATCH_SIZE, 100, 1, 100_000, ConfigurationFlags::DEFAULT, None],
+        ],
+        string: [
+            ["endpoint", &configs::ENDPOINT, "", ConfigurationFlags::DEFAULT, None],
+            ["region", &configs::REGION, "us-east-1", ConfigurationFlags::DEFAULT, None],
+            ["bucket", &configs::BUCKET, "", ConfigurationFlags::DEFAULT, None],
+            ["prefix", &configs::PREFIX, "", ConfigurationFlags::DEFAULT, None],
+            ["access-key", &configs::ACCESS_KEY, "", ConfigurationFlags::DEFAULT, None],
+            ["secret-key", &configs::SECRET_KEY, "", ConfigurationFlags::SENSITIVE, None],
+            ["retention", &configs::RETENTION, "30d", ConfigurationFlags::DEFAULT, None],
+            ["key-prefix", &configs::KEY_PREFIX, "argyll", ConfigurationFlags::DEFAULT, None],
+            ["index-key", &configs::INDEX_KEY, "archived:flows", ConfigurationFlags::DEFAULT, None],
+            ["events-key", &configs::EVENTS_KEY, "$prefix:flow:$id:events", ConfigurationFlags::DEFAULT, None],
+            ["snapshot-key", &configs::SNAPSHOT_KEY, "$prefix:flow:$id:snapshot:val", ConfigurationFlags::DEFAULT, None],
+            ["seq-key", &configs::SEQ_KEY, "$prefix:flow:$id:snapshot:seq", ConfigurationFlags::DEFAULT, None],
+            ["labels-key", &configs::LABELS_KEY, "$prefix:flow:$id:idx:labels", ConfigurationFlags::DEFAULT, None],
+            ["status-key", &configs::STATUS_KEY, "$prefix:idx:status", ConfigurationFlags::DEFAULT, None],
+            ["status-set-key", &configs::STATUS_SET_KEY, "$prefix:idx:status:$status", ConfigurationFlags::DEFAULT, None],
+            ["label-set-key", &configs::LABEL_SET_KEY, "$prefix:idx:label:$label:$value", ConfigurationFlags::DEFAULT, None],
+            ["label-values-key", &configs::LABEL_VALUES_KEY, "$prefix:idx:label:$label", ConfigurationFlags::DEFAULT, None],
+            ["flow-member", &configs::FLOW_MEMBER, "flow:$id", ConfigurationFlags::DEFAULT, None],
+            ["terminal-statuses", &configs::TERMINAL_STATUSES, "completed,failed", ConfigurationFlags::DEFAULT, None],
+        ],
+        bool: [
+            ["path-style", &configs::PATH_STYLE, false, ConfigurationFlags::DEFAULT, None],
+        ],
+        enum: [
+            ["verify", &configs::VERIFY, configs::VerifyMode::Head, ConfigurationFlags::DEFAULT, None],
+        ],
+        module_args_as_configuration: true,
+    ]
+}

@@ -1,0 +1,127 @@
+//! Change detection for flows being archived.
+//!
+//! While a flow is between capture and commit, its own keys are registered here. Every keyspace event
+//! the server raises for one of them (a late RPUSH, SET, DEL, RENAME, expiry, eviction...) and every
+//! FLUSHDB/FLUSHALL/SWAPDB marks the archive as changed, so the commit deletes nothing. This is the
+//! fingerprint: exact, O(1) per write, and it covers captures that span several event-loop turns.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+type DbKey = (i32, Vec<u8>);
+
+#[derive(Default)]
+struct Registry {
+    keys: HashMap<DbKey, Vec<Arc<AtomicBool>>>,
+    all: Vec<Arc<AtomicBool>>,
+    flows: HashSet<(i32, String)>,
+}
+
+static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
+/// Lets the notification hook skip the lock when nothing is watched (the common case).
+static WATCHED: AtomicUsize = AtomicUsize::new(0);
+
+fn registry() -> MutexGuard<'static, Option<Registry>> {
+    REGISTRY.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A flow being archived. Dropping it ends the watch and frees the flow for another archive attempt.
+pub struct Watch {
+    db: i32,
+    id: String,
+    keys: Vec<DbKey>,
+    changed: Arc<AtomicBool>,
+}
+
+impl Watch {
+    /// Starts watching `keys` of flow `id` in `db`; `None` if that flow is already being archived.
+    /// Must be called on the main thread (or under the GIL) before the first key is read.
+    pub fn start(db: i32, id: &str, keys: &[&str]) -> Option<Watch> {
+        let mut guard = registry();
+        let reg = guard.get_or_insert_with(Registry::default);
+        if !reg.flows.insert((db, id.to_string())) {
+            return None;
+        }
+        let changed = Arc::new(AtomicBool::new(false));
+        let keys: Vec<DbKey> = keys.iter().map(|k| (db, k.as_bytes().to_vec())).collect();
+        for k in &keys {
+            reg.keys.entry(k.clone()).or_default().push(changed.clone());
+        }
+        reg.all.push(changed.clone());
+        WATCHED.fetch_add(1, Ordering::SeqCst);
+        Some(Watch {
+            db,
+            id: id.to_string(),
+            keys,
+            changed,
+        })
+    }
+
+    pub fn changed(&self) -> bool {
+        self.changed.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let mut guard = registry();
+        if let Some(reg) = guard.as_mut() {
+            for k in &self.keys {
+                if let Some(list) = reg.keys.get_mut(k) {
+                    list.retain(|f| !Arc::ptr_eq(f, &self.changed));
+                    if list.is_empty() {
+                        reg.keys.remove(k);
+                    }
+                }
+            }
+            reg.all.retain(|f| !Arc::ptr_eq(f, &self.changed));
+            reg.flows.remove(&(self.db, self.id.clone()));
+        }
+        WATCHED.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Keyspace notification hook: a write touched `key` in `db`.
+pub fn key_touched(db: i32, key: &[u8]) {
+    if WATCHED.load(Ordering::SeqCst) == 0 {
+        return;
+    }
+    if let Some(reg) = registry().as_ref() {
+        if let Some(list) = reg.keys.get(&(db, key.to_vec())) {
+            list.iter().for_each(|f| f.store(true, Ordering::SeqCst));
+        }
+    }
+}
+
+/// FLUSHDB, FLUSHALL and SWAPDB raise no per-key events: treat every watched flow as changed.
+pub fn everything_touched() {
+    if let Some(reg) = registry().as_ref() {
+        reg.all.iter().for_each(|f| f.store(true, Ordering::SeqCst));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_only_the_touched_flow() {
+        let a = Watch::start(0, "a", &["p:flow:a:events", "p:flow:a:snapshot:val"]).unwrap();
+        let b = Watch::start(0, "b", &["p:flow:b:events"]).unwrap();
+        assert!(
+            Watch::start(0, "a", &[]).is_none(),
+            "one archive per flow at a time"
+        );
+        key_touched(1, b"p:flow:a:events");
+        key_touched(0, b"p:flow:c:events");
+        assert!(!a.changed() && !b.changed());
+        key_touched(0, b"p:flow:a:snapshot:val");
+        assert!(a.changed() && !b.changed());
+        everything_touched();
+        assert!(b.changed());
+        drop(a);
+        let again = Watch::start(0, "a", &["p:flow:a:events"]).unwrap();
+        assert!(!again.changed());
+    }
+}

@@ -1,0 +1,221 @@
+//! A fault-injecting HTTP proxy in front of SeaweedFS. Every request gets its own upstream connection
+//! (and `Connection: close`), so a fault applies to exactly the requests it matches.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Fault {
+    /// Answer this status with an S3-style XML error, never reaching S3.
+    Status(u16),
+    /// Read the request, then never answer.
+    Hang,
+    /// Read the request, then close the connection without an answer.
+    Reset,
+    /// Forward after this long.
+    Delay(Duration),
+    /// Forward, then cut the response body to half.
+    Truncate,
+}
+
+#[derive(Clone, Debug)]
+pub struct Rule {
+    /// HTTP method to match, or "" for any.
+    pub method: &'static str,
+    /// Substring of the request path to match, or "" for any.
+    pub path: String,
+    pub fault: Fault,
+}
+
+struct Shared {
+    rules: Mutex<Vec<Rule>>,
+    upstream: String,
+    stop: AtomicBool,
+    requests: Mutex<Vec<String>>,
+    faulted: AtomicUsize,
+}
+
+pub struct Proxy {
+    pub port: u16,
+    shared: Arc<Shared>,
+}
+
+impl Proxy {
+    pub fn start(upstream_port: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let shared = Arc::new(Shared {
+            rules: Mutex::new(Vec::new()),
+            upstream: format!("127.0.0.1:{upstream_port}"),
+            stop: AtomicBool::new(false),
+            requests: Mutex::new(Vec::new()),
+            faulted: AtomicUsize::new(0),
+        });
+        let s = shared.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                if let Ok(conn) = conn {
+                    let s = s.clone();
+                    std::thread::spawn(move || handle(conn, &s));
+                }
+            }
+        });
+        Proxy { port, shared }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn set(&self, rules: Vec<Rule>) {
+        *self.shared.rules.lock().unwrap() = rules;
+    }
+
+    pub fn all(&self, fault: Fault) {
+        self.set(vec![Rule {
+            method: "",
+            path: String::new(),
+            fault,
+        }]);
+    }
+
+    pub fn clear(&self) {
+        self.set(Vec::new());
+    }
+
+    /// "METHOD path" of every request seen.
+    pub fn requests(&self) -> Vec<String> {
+        self.shared.requests.lock().unwrap().clone()
+    }
+
+    pub fn faulted(&self) -> usize {
+        self.shared.faulted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn read_request(conn: &mut TcpStream) -> Option<(String, String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 4096];
+    let head_end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        let n = conn.read(&mut byte).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&byte[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let len = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let n = conn.read(&mut byte).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&byte[..n]);
+    }
+    let first = head.lines().next().unwrap_or("").to_string();
+    // Force one request per upstream connection.
+    let mut rewritten: Vec<u8> = head
+        .split("\r\n")
+        .filter(|l| !l.is_empty() && !l.to_ascii_lowercase().starts_with("connection:"))
+        .flat_map(|l| format!("{l}\r\n").into_bytes())
+        .collect();
+    rewritten.extend_from_slice(b"Connection: close\r\n\r\n");
+    rewritten.extend_from_slice(&buf[head_end..]);
+    let mut parts = first.split_whitespace();
+    let method = parts.next().unwrap_or("").to_string();
+    let path = parts.next().unwrap_or("").to_string();
+    Some((method, path, rewritten))
+}
+
+/// Serves one request per client connection (the answer closes it).
+fn handle(mut conn: TcpStream, s: &Shared) {
+    let Some((method, path, request)) = read_request(&mut conn) else {
+        return;
+    };
+    s.requests.lock().unwrap().push(format!("{method} {path}"));
+    let fault = s
+        .rules
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|r| (r.method.is_empty() || r.method == method) && path.contains(&r.path))
+        .map(|r| r.fault.clone());
+    if fault.is_some() {
+        s.faulted.fetch_add(1, Ordering::SeqCst);
+    }
+    match fault {
+        Some(Fault::Status(code)) => {
+            let body = format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{}</Code><Message>injected</Message></Error>",
+                if code >= 500 { "InternalError" } else { "AccessDenied" }
+            );
+            let head = if method == "HEAD" {
+                String::new()
+            } else {
+                body
+            };
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {code} Injected\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{head}",
+                head.len()
+            );
+            return;
+        }
+        Some(Fault::Hang) => {
+            while !s.stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(50));
+                let mut probe = [0u8; 1];
+                conn.set_read_timeout(Some(Duration::from_millis(1))).ok();
+                if matches!(conn.peek(&mut probe), Ok(0)) {
+                    return;
+                }
+            }
+            return;
+        }
+        Some(Fault::Reset) => {
+            let _ = conn.shutdown(Shutdown::Both);
+            return;
+        }
+        Some(Fault::Delay(d)) => std::thread::sleep(d),
+        _ => {}
+    }
+    let Ok(mut up) = TcpStream::connect(&s.upstream) else {
+        return;
+    };
+    if up.write_all(&request).is_err() {
+        return;
+    }
+    let mut response = Vec::new();
+    let _ = up.read_to_end(&mut response);
+    if fault == Some(Fault::Truncate) {
+        if let Some(p) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+            let body_len = response.len() - (p + 4);
+            response.truncate(p + 4 + body_len / 2);
+        }
+    }
+    // Upstream closed after one answer; closing tells the client too.
+    let _ = conn.write_all(&response);
+}

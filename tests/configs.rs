@@ -1,0 +1,203 @@
+//! Module configs, loading and the compatibility subset on Valkey 8.0 and Redis 7.0.
+
+mod common;
+
+use common::*;
+
+fn config(c: &mut redis::Connection, name: &str) -> String {
+    let v: Vec<String> = cmd(c, &["CONFIG", "GET", name]).unwrap();
+    v.get(1).cloned().unwrap_or_default()
+}
+
+fn config_set(c: &mut redis::Connection, name: &str, value: &str) -> redis::RedisResult<()> {
+    cmd(c, &["CONFIG", "SET", name, value])
+}
+
+#[test]
+fn configs_validate_and_keep_the_old_value() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    assert_eq!(config(&mut c, "flowarchive.retention"), "30d");
+    assert_eq!(config(&mut c, "flowarchive.key-prefix"), "argyll");
+    assert_eq!(config(&mut c, "flowarchive.index-key"), "archived:flows");
+    assert_eq!(
+        config(&mut c, "flowarchive.events-key"),
+        "$prefix:flow:$id:events"
+    );
+    assert_eq!(config(&mut c, "flowarchive.bucket"), s3.name());
+    assert_eq!(config(&mut c, "flowarchive.verify"), "head");
+
+    let cases = [
+        ("flowarchive.retention", "30 days", "needs a unit"),
+        ("flowarchive.retention", "12", "needs a unit"),
+        ("flowarchive.endpoint", "ftp://x", "http"),
+        ("flowarchive.bucket", "Bad_Bucket", "bucket must be"),
+        ("flowarchive.prefix", "/lead", "must not start"),
+        (
+            "flowarchive.events-key",
+            "$prefix:events",
+            "must contain $id",
+        ),
+        (
+            "flowarchive.status-set-key",
+            "$prefix:$nope",
+            "unknown placeholder",
+        ),
+        ("flowarchive.concurrency", "0", ""),
+        ("flowarchive.verify", "never", ""),
+        ("flowarchive.path-style", "maybe", ""),
+    ];
+    for (name, bad, reason) in cases {
+        let before = config(&mut c, name);
+        let e = config_set(&mut c, name, bad).unwrap_err().to_string();
+        assert!(e.contains(reason), "{name}={bad}: {e}");
+        assert_eq!(config(&mut c, name), before, "{name} kept");
+    }
+    config_set(&mut c, "flowarchive.retention", "90s").unwrap();
+    assert_eq!(config(&mut c, "flowarchive.retention"), "90s");
+    config_set(&mut c, "flowarchive.verify", "put-response").unwrap();
+    assert_eq!(config(&mut c, "flowarchive.verify"), "put-response");
+    config_set(&mut c, "flowarchive.status-key", "").unwrap();
+    config_set(
+        &mut c,
+        "flowarchive.events-key",
+        "$prefix:{flow:$id}:events",
+    )
+    .unwrap();
+    assert_eq!(
+        config(&mut c, "flowarchive.events-key"),
+        "$prefix:{flow:$id}:events"
+    );
+}
+
+#[test]
+fn the_secret_is_never_shown() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    assert_eq!(config(&mut c, "flowarchive.secret-key"), "");
+    let all: Vec<String> = cmd(&mut c, &["CONFIG", "GET", "flowarchive.*"]).unwrap();
+    assert!(!all.iter().any(|v| v.contains(S3_SECRET)));
+    let info: String = cmd(&mut c, &["INFO", "everything"]).unwrap();
+    assert!(!info.contains(S3_SECRET));
+    config_set(&mut c, "flowarchive.secret-key", "another-secret-value").unwrap();
+    assert_eq!(config(&mut c, "flowarchive.secret-key"), "");
+    assert!(!srv.log().contains(S3_SECRET) && !srv.log().contains("another-secret-value"));
+}
+
+#[test]
+fn a_layout_of_another_engine_is_a_configuration_change() {
+    let s3 = S3::new_bucket();
+    let mut opts = ServerOpts::new(&s3);
+    opts.module_args.extend(
+        [
+            "key-prefix",
+            "eng",
+            "events-key",
+            "$prefix:{$id}:log",
+            "snapshot-key",
+            "$prefix:{$id}:state",
+            "seq-key",
+            "",
+            "labels-key",
+            "",
+            "status-key",
+            "",
+            "status-set-key",
+            "",
+            "label-set-key",
+            "",
+            "label-values-key",
+            "",
+            "index-key",
+            "eng:{$id}:archived",
+            "retention",
+            "1h",
+        ]
+        .map(String::from),
+    );
+    let srv = Server::start(opts);
+    let mut c = srv.conn();
+    cmd::<()>(&mut c, &["RPUSH", "eng:{j1}:log", "{\"e\":1}", "{\"e\":2}"]).unwrap();
+    cmd::<()>(
+        &mut c,
+        &[
+            "SET",
+            "eng:{j1}:state",
+            "{\"status\":\"failed\",\"last_updated\":\"2020-01-01T00:00:00Z\"}",
+        ],
+    )
+    .unwrap();
+    cmd::<()>(
+        &mut c,
+        &[
+            "SET",
+            "eng:{j2}:state",
+            "{\"status\":\"running\",\"last_updated\":\"2020-01-01T00:00:00Z\"}",
+        ],
+    )
+    .unwrap();
+    cmd::<()>(&mut c, &["RPUSH", "eng:{j2}:log", "{\"e\":1}"]).unwrap();
+    let r = archive(&mut c, "j1").unwrap();
+    let loc: String = redis::from_redis_value(&r["location"]).unwrap();
+    assert_eq!(
+        cmd::<String>(&mut c, &["HGET", "eng:{j1}:archived", "j1"]).unwrap(),
+        loc
+    );
+    assert_eq!(
+        cmd::<i64>(&mut c, &["EXISTS", "eng:{j1}:log", "eng:{j1}:state"]).unwrap(),
+        0
+    );
+    let e = archive(&mut c, "j2").unwrap_err().to_string();
+    assert!(e.contains("not terminal"), "{e}");
+}
+
+fn compat_round_trip(flavor: Flavor) {
+    let s3 = S3::new_bucket();
+    let mut opts = ServerOpts::new(&s3);
+    opts.flavor = flavor;
+    let srv = Server::start(opts);
+    let mut c = srv.conn();
+    let modules: redis::Value = cmd(&mut c, &["MODULE", "LIST"]).unwrap();
+    assert!(
+        format!("{modules:?}").contains("flowarchive"),
+        "{flavor:?}: {modules:?}"
+    );
+    assert_eq!(config(&mut c, "flowarchive.retention"), "30d");
+    assert!(config_set(&mut c, "flowarchive.retention", "soon").is_err());
+    write_flow(&mut c, &FlowSpec::done("compat"));
+    let r = archive(&mut c, "compat").unwrap();
+    let events: i64 = redis::from_redis_value(&r["events"]).unwrap();
+    assert_eq!(events, 5);
+    let lines = gunzip(&s3.get("flows/compat.jsonl.gz").unwrap());
+    assert_eq!(lines.lines().count(), 7);
+    assert_eq!(
+        cmd::<i64>(&mut c, &["EXISTS", "argyll:flow:compat:events"]).unwrap(),
+        0
+    );
+}
+
+#[test]
+fn compat_valkey_8_0() {
+    compat_round_trip(Flavor::Valkey8);
+}
+
+#[test]
+fn compat_redis_7_0() {
+    compat_round_trip(Flavor::Redis7);
+}
+
+#[test]
+fn commands_carry_the_acl_category_on_valkey() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    let cats: Vec<String> = cmd(&mut c, &["ACL", "CAT", "flowarchive"]).unwrap();
+    let mut cats: Vec<String> = cats.into_iter().map(|s| s.to_lowercase()).collect();
+    cats.sort();
+    assert_eq!(
+        cats,
+        ["flowarchive.flow", "flowarchive.get", "flowarchive.sweep"]
+    );
+}
