@@ -83,6 +83,28 @@ fn utf8(b: Vec<u8>, what: &str) -> Result<String, FlowError> {
     String::from_utf8(b).map_err(|_| FlowError::Unreadable(format!("{what} is not UTF-8")))
 }
 
+/// A live flow's stored snapshot, as stored; `None` when the flow is not live.
+pub fn read_live(ctx: &Context, keys: &FlowKeys) -> Result<Option<Vec<u8>>, FlowError> {
+    if !expect_type(ctx, &keys.snapshot, KeyType::String)? {
+        return Ok(None);
+    }
+    Ok(read_string(ctx, &keys.snapshot))
+}
+
+/// A live flow's whole event log.
+pub fn read_all_events(ctx: &Context, keys: &FlowKeys) -> Result<Vec<Vec<u8>>, FlowError> {
+    expect_type(ctx, &keys.events, KeyType::List)?;
+    let reply =
+        call(ctx, "LRANGE", &[keys.events.as_bytes(), b"0", b"-1"]).map_err(FlowError::Internal)?;
+    let CallReply::Array(items) = &reply else {
+        return Ok(Vec::new());
+    };
+    Ok(items
+        .iter()
+        .filter_map(|r| r.ok().as_ref().and_then(bytes))
+        .collect())
+}
+
 /// Checks the flow and begins its capture. `now_ms` and `force` decide the idle check.
 pub fn start(
     ctx: &Context,

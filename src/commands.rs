@@ -1,6 +1,7 @@
 //! Command handlers: argument parsing and context checks; the work lives in capture/archive.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
 
 use redis_module::{
     Context, ContextFlags, NextArg, RedisError, RedisResult, RedisString, RedisValue,
@@ -11,7 +12,8 @@ use crate::archive::{self, map};
 use crate::capture::{self, Start};
 use crate::clock;
 use crate::configs::Settings;
-use crate::errors::{self, FlowError};
+use crate::errors::{self, show_id, FlowError};
+use crate::fetch::{self, Waiter};
 use crate::metrics::{self, MainThreadTimer};
 use crate::server::selected_db;
 use crate::store::Store;
@@ -103,9 +105,59 @@ fn flow_inner(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     Ok(RedisValue::NoReply)
 }
 
-/// FLOWARCHIVE.GET (issue 3).
-pub fn get(_ctx: &Context, _args: Vec<RedisString>) -> RedisResult {
-    Err(RedisError::Str("ERR FLOWARCHIVE.GET is not available yet"))
+/// FLOWARCHIVE.GET <flow_id> [EVENTS]
+pub fn get(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    guarded("FLOWARCHIVE.GET", || get_inner(ctx, args))
+}
+
+fn get_inner(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    if args.len() < 2 || args.len() > 3 {
+        return Err(RedisError::WrongArity);
+    }
+    let mut args = args.into_iter().skip(1);
+    let id = flow_id(args.next_arg()?)?;
+    let events = match args.next() {
+        None => false,
+        Some(a) if a.to_string_lossy().eq_ignore_ascii_case("EVENTS") => true,
+        Some(_) => return Err(err("ERR syntax error: expected EVENTS")),
+    };
+    let settings = Settings::current();
+    let keys = settings.layout.flow_keys(&id);
+    let live = |e: FlowError| err(e.message(&id));
+    if let Some(snapshot) = capture::read_live(ctx, &keys).map_err(live)? {
+        metrics::GET_LIVE.fetch_add(1, Ordering::Relaxed);
+        let state = RedisValue::StringBuffer(snapshot);
+        if !events {
+            return Ok(state);
+        }
+        let log = capture::read_all_events(ctx, &keys).map_err(live)?;
+        let log = log.into_iter().map(RedisValue::StringBuffer).collect();
+        return Ok(RedisValue::Array(vec![state, RedisValue::Array(log)]));
+    }
+    let Some(location) = capture::indexed_location(ctx, &keys, &id).map_err(live)? else {
+        metrics::GET_NOT_FOUND.fetch_add(1, Ordering::Relaxed);
+        return Ok(RedisValue::Null);
+    };
+    let key = (selected_db(ctx), id, location);
+    if let Some(flow) = fetch::cached(&key) {
+        metrics::GET_CACHE_HITS.fetch_add(1, Ordering::Relaxed);
+        return Ok(fetch::reply(&flow, events));
+    }
+    if ctx
+        .get_flags()
+        .intersects(ContextFlags::MULTI | ContextFlags::LUA | ContextFlags::DENY_BLOCKING)
+    {
+        return Err(err(format!(
+            "ERR flow {} is archived and not cached; FLOWARCHIVE.GET cannot fetch it inside MULTI or a script",
+            show_id(&key.1)
+        )));
+    }
+    let waiter = Waiter {
+        client: ThreadSafeContext::with_blocked_client(ctx.block_client()),
+        events,
+    };
+    fetch::request(key, waiter, settings.s3, settings.cache_bytes);
+    Ok(RedisValue::NoReply)
 }
 
 /// FLOWARCHIVE.SWEEP (issue 4).

@@ -234,6 +234,7 @@ pub static VERIFY: Mutex<VerifyMode> = Mutex::new(VerifyMode::Head);
 pub static RETENTION: Checked = Checked::new(duration);
 pub static CONCURRENCY: AtomicI64 = AtomicI64::new(4);
 pub static BATCH_SIZE: AtomicI64 = AtomicI64::new(100);
+pub static CACHE_BYTES: AtomicI64 = AtomicI64::new(64 << 20);
 pub static KEY_PREFIX: Checked = Checked::new(key_prefix);
 pub static INDEX_KEY: Checked = Checked::new(index_key);
 pub static EVENTS_KEY: Checked = Checked::new(flow_key);
@@ -296,6 +297,8 @@ pub struct Settings {
     pub s3: S3Settings,
     pub layout: Layout,
     pub retention_ms: i64,
+    /// Byte budget of the archived-flow cache (0: off).
+    pub cache_bytes: usize,
 }
 
 impl Settings {
@@ -323,6 +326,7 @@ impl Settings {
                     .collect(),
             },
             retention_ms: parse_duration_ms(&RETENTION.get()).unwrap_or(30 * 86_400_000),
+            cache_bytes: CACHE_BYTES.load(Ordering::Relaxed).max(0) as usize,
         }
     }
 }

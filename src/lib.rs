@@ -4,13 +4,16 @@
 //! commit (verify unchanged, index, delete, replicate). This file only registers the module.
 
 mod archive;
+mod cache;
 mod capture;
 mod clock;
 mod commands;
 mod commit;
 mod configs;
+mod decode;
 mod encode;
 mod errors;
+mod fetch;
 mod layout;
 mod metrics;
 mod server;
@@ -21,7 +24,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::os::raw::c_void;
 
 use redis_module::alloc::RedisAlloc;
-use redis_module::configuration::ConfigurationFlags;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use redis_module::configuration::{ConfigurationContext, ConfigurationFlags};
 use redis_module::{raw, redis_module, AclCategory, Context, NotifyEvent, RedisString, Status};
 
 /// The server's allocator inside the server (so memory shows in INFO memory), the system's in unit tests.
@@ -66,6 +71,10 @@ extern "C" fn on_swapdb(
     watch::everything_touched();
 }
 
+fn on_cache_budget(_ctx: &ConfigurationContext, _name: &str, value: &'static AtomicI64) {
+    fetch::resize_cache(value.load(Ordering::Relaxed).max(0) as usize);
+}
+
 fn init(ctx: &Context, _args: &[RedisString]) -> Status {
     // SAFETY: called once from OnLoad with the module's context.
     unsafe {
@@ -103,6 +112,7 @@ redis_module! {
             ["request-timeout-ms", &configs::REQUEST_TIMEOUT_MS, 30_000, 100, 3_600_000, ConfigurationFlags::DEFAULT, None],
             ["concurrency", &configs::CONCURRENCY, 4, 1, 256, ConfigurationFlags::DEFAULT, None],
             ["batch-size", &configs::BATCH_SIZE, 100, 1, 100_000, ConfigurationFlags::DEFAULT, None],
+            ["cache-bytes", &configs::CACHE_BYTES, 64 << 20, 0, 1 << 40, ConfigurationFlags::MEMORY, Some(Box::new(on_cache_budget))],
         ],
         string: [
             ["endpoint", &configs::ENDPOINT, "", ConfigurationFlags::DEFAULT, None],

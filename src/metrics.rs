@@ -1,7 +1,9 @@
 //! Counters behind `INFO flowarchive`, and the per-flow log lines.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use redis_module::{InfoContext, RedisResult};
 
@@ -13,6 +15,30 @@ pub static BYTES_STORED: AtomicU64 = AtomicU64::new(0);
 pub static UPLOADS_IN_FLIGHT: AtomicU64 = AtomicU64::new(0);
 /// Longest single stretch the module held the main thread (capture chunk or commit), microseconds.
 pub static MAIN_THREAD_MAX_US: AtomicU64 = AtomicU64::new(0);
+
+pub static GET_LIVE: AtomicU64 = AtomicU64::new(0);
+pub static GET_CACHE_HITS: AtomicU64 = AtomicU64::new(0);
+pub static GET_NOT_FOUND: AtomicU64 = AtomicU64::new(0);
+static GET_FETCHES: AtomicU64 = AtomicU64::new(0);
+static GET_FETCH_US_TOTAL: AtomicU64 = AtomicU64::new(0);
+static GET_FETCH_US_MAX: AtomicU64 = AtomicU64::new(0);
+static GET_FETCH_ERRORS: Mutex<BTreeMap<&'static str, u64>> = Mutex::new(BTreeMap::new());
+
+/// One S3 fetch of FLOWARCHIVE.GET finished, in `took`, failing with `error` if any.
+pub fn fetched(took: Duration, error: Option<&'static str>) {
+    let us = took.as_micros() as u64;
+    GET_FETCHES.fetch_add(1, Ordering::Relaxed);
+    GET_FETCH_US_TOTAL.fetch_add(us, Ordering::Relaxed);
+    GET_FETCH_US_MAX.fetch_max(us, Ordering::Relaxed);
+    if let Some(kind) = error {
+        *GET_FETCH_ERRORS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(kind)
+            .or_default() += 1;
+        redis_module::logging::log_warning(format!("flowarchive: GET fetch failed [{kind}]"));
+    }
+}
 
 const FAILURE_KINDS: [&str; 15] = [
     "not_found",
@@ -32,6 +58,23 @@ const FAILURE_KINDS: [&str; 15] = [
     "internal",
 ];
 static FAILURES: [AtomicU64; 15] = [const { AtomicU64::new(0) }; 15];
+
+/// Every way an archived read can fail, listed in INFO even at zero so dashboards see them.
+const FETCH_ERROR_KINDS: [&str; 13] = [
+    "s3_config",
+    "s3_unreachable",
+    "s3_timeout",
+    "s3_rejected",
+    "s3_server_error",
+    "s3_missing",
+    "s3_truncated",
+    "checksum",
+    "corrupt",
+    "other_flow",
+    "unknown_version",
+    "bad_location",
+    "internal",
+];
 
 /// Times a stretch on the main thread; records it when dropped.
 pub struct MainThreadTimer(Instant);
@@ -86,6 +129,24 @@ pub fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
         .field("main_thread_max_us", get(&MAIN_THREAD_MAX_US))?;
     for (kind, count) in FAILURE_KINDS.iter().zip(FAILURES.iter()) {
         section = section.field(&format!("failures_{kind}"), get(count))?;
+    }
+    let (cached_flows, cached_bytes) = crate::fetch::cache_stats();
+    section = section
+        .field("get_live", get(&GET_LIVE))?
+        .field("get_not_found", get(&GET_NOT_FOUND))?
+        .field("get_cache_hits", get(&GET_CACHE_HITS))?
+        .field("get_archive_fetches", get(&GET_FETCHES))?
+        .field("get_fetch_us_total", get(&GET_FETCH_US_TOTAL))?
+        .field("get_fetch_us_max", get(&GET_FETCH_US_MAX))?
+        .field("get_cache_flows", cached_flows as i64)?
+        .field("get_cache_bytes", cached_bytes as i64)?;
+    let errors = GET_FETCH_ERRORS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    for kind in FETCH_ERROR_KINDS {
+        let n = errors.get(kind).copied().unwrap_or(0);
+        section = section.field(&format!("get_fetch_errors_{kind}"), n as i64)?;
     }
     section.build_section()?.build_info()?;
     Ok(())

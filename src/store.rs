@@ -14,6 +14,8 @@ use crate::configs::S3Settings;
 use crate::encode::Encoded;
 use crate::layout::hex;
 
+/// Largest archive object GET reads (a flow of millions of events compresses far below this).
+const MAX_OBJECT: u64 = 4 << 30;
 /// Largest S3 error body we read, to extract its `<Code>`.
 const MAX_ERROR_BODY: u64 = 64 * 1024;
 
@@ -25,6 +27,8 @@ pub enum FailureKind {
     Rejected,
     ServerError,
     Verify,
+    Missing,
+    Truncated,
 }
 
 impl FailureKind {
@@ -37,6 +41,8 @@ impl FailureKind {
             FailureKind::Rejected => "s3_rejected",
             FailureKind::ServerError => "s3_server_error",
             FailureKind::Verify => "s3_verify",
+            FailureKind::Missing => "s3_missing",
+            FailureKind::Truncated => "s3_truncated",
         }
     }
 }
@@ -68,7 +74,12 @@ pub struct Store {
 
 impl Store {
     pub fn new(s: &S3Settings) -> Result<Store, StoreError> {
-        if s.bucket.is_empty() {
+        Self::for_bucket(s, &s.bucket)
+    }
+
+    /// A store for another bucket of the same endpoint (an index entry may name an older bucket).
+    pub fn for_bucket(s: &S3Settings, bucket: &str) -> Result<Store, StoreError> {
+        if bucket.is_empty() {
             return Err(fail(
                 FailureKind::Config,
                 "flowarchive.bucket is not set".into(),
@@ -87,7 +98,7 @@ impl Store {
         } else {
             UrlStyle::VirtualHost
         };
-        let bucket = Bucket::new(endpoint, style, s.bucket.clone(), s.region.clone())
+        let bucket = Bucket::new(endpoint, style, bucket.to_string(), s.region.clone())
             .map_err(|e| fail(FailureKind::Config, format!("bad S3 bucket settings: {e}")))?;
         let credentials = match (&s.access_key, &s.session_token) {
             (key, _) if key.is_empty() => None,
@@ -171,6 +182,40 @@ impl Store {
         } else {
             check_digest("PUT", key, &response, &expected_etag, &sha_b64)
         }
+    }
+}
+
+impl Store {
+    /// Fetches an object with a presigned GET: its bytes and the hex sha256 recorded at upload, if any.
+    pub fn get(&self, key: &str) -> Result<(Vec<u8>, Option<String>), StoreError> {
+        let url = self
+            .bucket
+            .get_object(self.credentials.as_ref(), key)
+            .sign(self.expires);
+        let response = self.agent.get(url.as_str()).call().map_err(|e| match e {
+            ureq::Error::Status(404, _) => fail(
+                FailureKind::Missing,
+                format!("archived object {key} is missing (HTTP 404)"),
+            ),
+            e => request_error("GET", key, e),
+        })?;
+        let recorded = response
+            .header("x-amz-meta-flowarchive-sha256")
+            .map(|s| s.trim().to_string());
+        let mut body = Vec::new();
+        response
+            .into_reader()
+            .take(MAX_OBJECT)
+            .read_to_end(&mut body)
+            .map_err(|e| {
+                let kind = if e.kind() == std::io::ErrorKind::TimedOut {
+                    FailureKind::Timeout
+                } else {
+                    FailureKind::Truncated
+                };
+                fail(kind, format!("S3 GET {key}: body cut short ({})", e.kind()))
+            })?;
+        Ok((body, recorded))
     }
 }
 

@@ -191,6 +191,33 @@ impl S3 {
         self.agent.put(url.as_str()).send_bytes(body).unwrap();
     }
 
+    /// Uploads `body` the way flowarchive does, with its sha256 recorded in the object metadata.
+    pub fn put_as_archive(&self, key: &str, body: &[u8]) {
+        use sha2::Digest;
+        let sha: String = sha2::Sha256::digest(body)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let mut action = self.bucket.put_object(Some(&self.creds), key);
+        action
+            .headers_mut()
+            .insert("x-amz-meta-flowarchive-sha256", sha.clone());
+        let url = action.sign(Duration::from_secs(60));
+        self.agent
+            .put(url.as_str())
+            .set("x-amz-meta-flowarchive-sha256", &sha)
+            .send_bytes(body)
+            .unwrap();
+    }
+
+    pub fn delete(&self, key: &str) {
+        let url = self
+            .bucket
+            .delete_object(Some(&self.creds), key)
+            .sign(Duration::from_secs(60));
+        self.agent.delete(url.as_str()).call().unwrap();
+    }
+
     pub fn list(&self) -> Vec<String> {
         let mut action = self.bucket.list_objects_v2(Some(&self.creds));
         action.with_max_keys(1000);
@@ -529,6 +556,24 @@ pub fn archive(
         .arg(id)
         .query::<redis::Value>(c)
         .map(reply_map)
+}
+
+pub fn gzip(text: &str) -> Vec<u8> {
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(text.as_bytes()).unwrap();
+    gz.finish().unwrap()
+}
+
+/// One field of `INFO flowarchive` as a number.
+pub fn info_field(c: &mut redis::Connection, name: &str) -> i64 {
+    let info: String = cmd(c, &["INFO", "flowarchive"]).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("flowarchive_{name}:")))
+        .unwrap_or_else(|| panic!("no {name} in INFO:\n{info}"))
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 pub fn gunzip(b: &[u8]) -> String {

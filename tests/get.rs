@@ -1,0 +1,320 @@
+//! FLOWARCHIVE.GET: live reads, verified archive fallback, cache and shared fetches.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::proxy::{Fault, Proxy, Rule};
+use common::*;
+use serde_json::Value;
+
+fn get(c: &mut redis::Connection, id: &str) -> redis::RedisResult<Option<String>> {
+    redis::cmd("FLOWARCHIVE.GET").arg(id).query(c)
+}
+
+fn get_events(c: &mut redis::Connection, id: &str) -> redis::RedisResult<(String, Vec<String>)> {
+    redis::cmd("FLOWARCHIVE.GET").arg(id).arg("EVENTS").query(c)
+}
+
+fn json(s: &str) -> Value {
+    serde_json::from_str(s).unwrap()
+}
+
+/// A server behind a proxy, with flow `id` written and archived.
+fn archived_bed(id: &str, extra: &[&str]) -> (S3, Proxy, Server, String, Vec<String>) {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let mut opts = ServerOpts::new(&s3);
+    opts.module_args = s3.module_args(&proxy.endpoint());
+    opts.module_args.extend(extra.iter().map(|s| s.to_string()));
+    let srv = Server::start(opts);
+    let mut c = srv.conn();
+    write_flow(&mut c, &FlowSpec::done(id));
+    let snapshot: String =
+        cmd(&mut c, &["GET", &format!("argyll:flow:{id}:snapshot:val")]).unwrap();
+    let events: Vec<String> = cmd(
+        &mut c,
+        &["LRANGE", &format!("argyll:flow:{id}:events"), "0", "-1"],
+    )
+    .unwrap();
+    archive(&mut c, id).unwrap();
+    (s3, proxy, srv, snapshot, events)
+}
+
+#[test]
+fn live_archived_and_absent_flows() {
+    let (_s3, _proxy, srv, snapshot, events) = archived_bed("gone", &[]);
+    let mut c = srv.conn();
+    write_flow(
+        &mut c,
+        &FlowSpec {
+            status: "active",
+            ..FlowSpec::done("here")
+        },
+    );
+    let live_snapshot: String = cmd(&mut c, &["GET", "argyll:flow:here:snapshot:val"]).unwrap();
+    let live_events: Vec<String> =
+        cmd(&mut c, &["LRANGE", "argyll:flow:here:events", "0", "-1"]).unwrap();
+
+    assert_eq!(
+        get(&mut c, "here").unwrap().unwrap(),
+        live_snapshot,
+        "live: the stored bytes"
+    );
+    assert_eq!(
+        get_events(&mut c, "here").unwrap(),
+        (live_snapshot, live_events)
+    );
+
+    let archived = json(&get(&mut c, "gone").unwrap().unwrap());
+    let mut expected = json(&snapshot);
+    expected["archived"] = Value::Bool(true);
+    assert_eq!(archived, expected);
+    let (state, archived_events) = get_events(&mut c, "gone").unwrap();
+    assert_eq!(json(&state), expected);
+    assert_eq!(archived_events, events);
+
+    assert_eq!(get(&mut c, "never-was").unwrap(), None);
+    assert_eq!(info_field(&mut c, "get_live"), 2);
+    assert_eq!(info_field(&mut c, "get_not_found"), 1);
+    let e = redis::cmd("FLOWARCHIVE.GET")
+        .arg("x")
+        .arg("ALL")
+        .query::<redis::Value>(&mut c)
+        .unwrap_err();
+    assert!(e.to_string().contains("syntax error"), "{e}");
+}
+
+#[test]
+fn repeat_reads_come_from_the_cache() {
+    let (_s3, proxy, srv, _, events) = archived_bed("hot", &[]);
+    let mut c = srv.conn();
+    let first = get(&mut c, "hot").unwrap().unwrap();
+    let gets_before = proxy
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("GET"))
+        .count();
+    assert_eq!(get(&mut c, "hot").unwrap().unwrap(), first);
+    assert_eq!(get_events(&mut c, "hot").unwrap().1, events);
+    assert_eq!(info_field(&mut c, "get_archive_fetches"), 1);
+    assert_eq!(info_field(&mut c, "get_cache_hits"), 2);
+    assert_eq!(
+        proxy
+            .requests()
+            .iter()
+            .filter(|r| r.starts_with("GET"))
+            .count(),
+        gets_before,
+        "no S3 request"
+    );
+    assert_eq!(info_field(&mut c, "get_cache_flows"), 1);
+
+    // A budget smaller than one flow: still correct answers, each one fetched.
+    cmd::<()>(&mut c, &["CONFIG", "SET", "flowarchive.cache-bytes", "100"]).unwrap();
+    assert_eq!(
+        info_field(&mut c, "get_cache_flows"),
+        0,
+        "shrinking the budget evicts at once"
+    );
+    assert_eq!(get(&mut c, "hot").unwrap().unwrap(), first);
+    assert_eq!(get(&mut c, "hot").unwrap().unwrap(), first);
+    assert_eq!(info_field(&mut c, "get_archive_fetches"), 3);
+    assert_eq!(info_field(&mut c, "get_cache_flows"), 0);
+
+    // Inside MULTI a cached flow answers; an uncached one cannot block.
+    cmd::<()>(&mut c, &["CONFIG", "SET", "flowarchive.cache-bytes", "1mb"]).unwrap();
+    get(&mut c, "hot").unwrap();
+    let tx: (Option<String>,) = redis::pipe()
+        .atomic()
+        .cmd("FLOWARCHIVE.GET")
+        .arg("hot")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(tx.0.unwrap(), first);
+    cmd::<()>(&mut c, &["CONFIG", "SET", "flowarchive.cache-bytes", "0"]).unwrap();
+    cmd::<()>(&mut c, &["MULTI"]).unwrap();
+    cmd::<String>(&mut c, &["FLOWARCHIVE.GET", "hot"]).unwrap();
+    let exec = cmd::<redis::Value>(&mut c, &["EXEC"]);
+    assert!(
+        format!("{exec:?}").contains("cannot fetch it inside MULTI"),
+        "{exec:?}"
+    );
+}
+
+#[test]
+fn fifty_concurrent_reads_share_one_fetch() {
+    let (_s3, proxy, srv, snapshot, _) = archived_bed("popular", &[]);
+    proxy.set(vec![Rule {
+        method: "GET",
+        path: String::new(),
+        fault: Fault::Delay(Duration::from_millis(600)),
+    }]);
+    let before = proxy.requests().len();
+    let port = srv.port;
+    let handles: Vec<_> = (0..50)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
+                let mut c = client.get_connection().unwrap();
+                get(&mut c, "popular").unwrap().unwrap()
+            })
+        })
+        .collect();
+    let mut expected = json(&snapshot);
+    expected["archived"] = Value::Bool(true);
+    for h in handles {
+        assert_eq!(json(&h.join().unwrap()), expected);
+    }
+    let mut c = srv.conn();
+    assert_eq!(info_field(&mut c, "get_archive_fetches"), 1);
+    assert_eq!(
+        proxy.requests()[before..]
+            .iter()
+            .filter(|r| r.starts_with("GET"))
+            .count(),
+        1
+    );
+}
+
+fn assert_read_fails(c: &mut redis::Connection, id: &str, expect: &str) {
+    let e = get(c, id).unwrap_err().to_string();
+    assert!(
+        e.contains(&format!("flow \"{id}\" archived at s3://")) && e.contains(expect),
+        "{e}"
+    );
+    assert_eq!(info_field(c, "get_cache_flows"), 0, "nothing cached");
+}
+
+#[test]
+fn damaged_objects_are_clear_errors_and_never_cached() {
+    let (s3, proxy, srv, _, _) = archived_bed("victim", &[]);
+    let mut c = srv.conn();
+    write_flow(&mut c, &FlowSpec::done("other"));
+    archive(&mut c, "other").unwrap();
+    let good = s3.get("flows/victim.jsonl.gz").unwrap();
+
+    proxy.set(vec![Rule {
+        method: "GET",
+        path: String::new(),
+        fault: Fault::Truncate,
+    }]);
+    assert_read_fails(&mut c, "victim", "cut short");
+    proxy.clear();
+
+    s3.put("flows/victim.jsonl.gz", b"some other bytes");
+    assert_read_fails(&mut c, "victim", "no flowarchive checksum");
+
+    s3.put_as_archive("flows/victim.jsonl.gz", b"some other bytes");
+    assert_read_fails(&mut c, "victim", "corrupt");
+
+    let text = gunzip(&good).replacen("\"version\":1", "\"version\":7", 1);
+    s3.put_as_archive("flows/victim.jsonl.gz", &gzip(&text));
+    assert_read_fails(&mut c, "victim", "unknown format");
+
+    let text = gunzip(&good).replace("step_completed", "step_completeD");
+    s3.put_as_archive("flows/victim.jsonl.gz", &gzip(&text));
+    assert_read_fails(&mut c, "victim", "fails its checksum");
+
+    s3.delete("flows/victim.jsonl.gz");
+    assert_read_fails(&mut c, "victim", "is missing (HTTP 404)");
+
+    let other_location: String = cmd(&mut c, &["HGET", "archived:flows", "other"]).unwrap();
+    cmd::<()>(
+        &mut c,
+        &["HSET", "archived:flows", "victim", &other_location],
+    )
+    .unwrap();
+    assert_read_fails(&mut c, "victim", "belongs to another flow (\"other\")");
+
+    s3.put_as_archive("flows/victim.jsonl.gz", &good);
+    cmd::<()>(
+        &mut c,
+        &[
+            "HSET",
+            "archived:flows",
+            "victim",
+            &format!("s3://{}/flows/victim.jsonl.gz", s3.name()),
+        ],
+    )
+    .unwrap();
+    assert!(
+        get(&mut c, "victim").unwrap().is_some(),
+        "restored object reads again"
+    );
+    for kind in [
+        "s3_truncated",
+        "checksum",
+        "corrupt",
+        "unknown_version",
+        "s3_missing",
+        "other_flow",
+    ] {
+        assert!(
+            info_field(&mut c, &format!("get_fetch_errors_{kind}")) >= 1,
+            "{kind}"
+        );
+    }
+}
+
+#[test]
+fn s3_down_fails_archived_reads_fast_and_live_reads_work() {
+    let (_s3, proxy, srv, _, _) = archived_bed("cold", &["request-timeout-ms", "500"]);
+    let mut c = srv.conn();
+    write_flow(
+        &mut c,
+        &FlowSpec {
+            status: "active",
+            ..FlowSpec::done("warm")
+        },
+    );
+    proxy.all(Fault::Hang);
+    let port = srv.port;
+    let started = Instant::now();
+    let slow = std::thread::spawn(move || {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
+        let mut c = client.get_connection().unwrap();
+        get(&mut c, "cold").unwrap_err().to_string()
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        get(&mut c, "warm").unwrap().is_some(),
+        "live read while S3 hangs"
+    );
+    let e = slow.join().unwrap();
+    assert!(e.contains("timed out"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(info_field(&mut c, "get_fetch_errors_s3_timeout"), 1);
+}
+
+#[test]
+fn replicas_serve_archived_reads_in_resp2_and_resp3() {
+    let (s3, _proxy, master, snapshot, events) = archived_bed("far", &[]);
+    let replica = Server::start(ServerOpts::new(&s3));
+    let mut r = replica.conn();
+    cmd::<()>(
+        &mut r,
+        &["REPLICAOF", "127.0.0.1", &master.port.to_string()],
+    )
+    .unwrap();
+    wait_for("replica sync", Duration::from_secs(20), || {
+        cmd::<i64>(&mut r, &["HEXISTS", "archived:flows", "far"]).unwrap_or(0) == 1
+    });
+    let mut expected = json(&snapshot);
+    expected["archived"] = Value::Bool(true);
+    assert_eq!(json(&get(&mut r, "far").unwrap().unwrap()), expected);
+    let mut r3 = replica.conn_resp3();
+    let v: redis::Value = redis::cmd("FLOWARCHIVE.GET")
+        .arg("far")
+        .arg("EVENTS")
+        .query(&mut r3)
+        .unwrap();
+    let (state, evs): (String, Vec<String>) = redis::from_redis_value(&v).unwrap();
+    assert_eq!(json(&state), expected);
+    assert_eq!(evs, events);
+    let nil: redis::Value = redis::cmd("FLOWARCHIVE.GET")
+        .arg("nope")
+        .query(&mut r3)
+        .unwrap();
+    assert_eq!(nil, redis::Value::Nil);
+}
