@@ -44,6 +44,14 @@ impl Capture {
     }
 }
 
+/// What `inspect` found.
+pub enum Inspected {
+    /// Eligible now: everything but the event log is read.
+    Eligible(Box<Captured>, usize),
+    /// Not live and already in the index: its location.
+    AlreadyArchived(String),
+}
+
 pub enum Start {
     Capture(Box<Capture>),
     /// Not live and already in the index: its location.
@@ -114,13 +122,40 @@ pub fn start(
     force: bool,
     now_ms: i64,
 ) -> Result<Start, FlowError> {
+    let (flow, events_total) = match inspect(ctx, db, id, settings, force, now_ms)? {
+        Inspected::AlreadyArchived(location) => return Ok(Start::AlreadyArchived(location)),
+        Inspected::Eligible(flow, total) => (*flow, total),
+    };
+    let keys = &flow.keys;
+    let mut watched: Vec<&str> = vec![&keys.events, &keys.snapshot];
+    watched.extend(keys.seq.as_deref());
+    watched.extend(keys.labels.as_deref());
+    let watch = Watch::start(db, id, &watched).ok_or(FlowError::Busy)?;
+    let mut capture = Capture {
+        flow,
+        events_total,
+        watch,
+    };
+    read_more(ctx, &mut capture)?;
+    Ok(Start::Capture(Box::new(capture)))
+}
+
+/// Every eligibility check of `start`, reading no events and watching nothing (also DRYRUN's test).
+pub fn inspect(
+    ctx: &Context,
+    db: i32,
+    id: &str,
+    settings: &Settings,
+    force: bool,
+    now_ms: i64,
+) -> Result<Inspected, FlowError> {
     let layout = &settings.layout;
     let keys = layout.flow_keys(id);
     let has_events = expect_type(ctx, &keys.events, KeyType::List)?;
     let has_snapshot = expect_type(ctx, &keys.snapshot, KeyType::String)?;
     let indexed = indexed_location(ctx, &keys, id)?;
     match (has_events || has_snapshot, indexed) {
-        (false, Some(location)) => return Ok(Start::AlreadyArchived(location)),
+        (false, Some(location)) => return Ok(Inspected::AlreadyArchived(location)),
         (false, None) => return Err(FlowError::NotFound),
         (true, Some(location)) => return Err(FlowError::Conflict(location)),
         (true, None) => {}
@@ -239,28 +274,18 @@ pub fn start(
     let len_reply = call(ctx, "LLEN", &[keys.events.as_bytes()]).map_err(FlowError::Internal)?;
     let events_total = server::integer(&len_reply).unwrap_or(0).max(0) as usize;
 
-    let mut watched: Vec<&str> = vec![&keys.events, &keys.snapshot];
-    watched.extend(keys.seq.as_deref());
-    watched.extend(keys.labels.as_deref());
-    let watch = Watch::start(db, id, &watched).ok_or(FlowError::Busy)?;
-
-    let mut capture = Capture {
-        flow: Captured {
-            id: id.to_string(),
-            db,
-            keys,
-            events: Vec::with_capacity(events_total),
-            snapshot,
-            seq,
-            labels,
-            status,
-            status_score,
-        },
-        events_total,
-        watch,
+    let flow = Captured {
+        id: id.to_string(),
+        db,
+        keys,
+        events: Vec::with_capacity(events_total),
+        snapshot,
+        seq,
+        labels,
+        status,
+        status_score,
     };
-    read_more(ctx, &mut capture)?;
-    Ok(Start::Capture(Box::new(capture)))
+    Ok(Inspected::Eligible(Box::new(flow), events_total))
 }
 
 /// Reads the next chunk of the event log. Call under the GIL with the flow's DB selected.

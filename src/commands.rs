@@ -17,6 +17,7 @@ use crate::fetch::{self, Waiter};
 use crate::metrics::{self, MainThreadTimer};
 use crate::server::selected_db;
 use crate::store::Store;
+use crate::sweep;
 
 fn err(msg: impl Into<String>) -> RedisError {
     RedisError::String(msg.into())
@@ -160,7 +161,48 @@ fn get_inner(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     Ok(RedisValue::NoReply)
 }
 
-/// FLOWARCHIVE.SWEEP (issue 4).
-pub fn sweep(_ctx: &Context, _args: Vec<RedisString>) -> RedisResult {
-    Err(RedisError::Str(errors::NOT_AVAILABLE_YET))
+/// FLOWARCHIVE.SWEEP [LIMIT n] [DRYRUN] [ASYNC]
+pub fn sweep(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    guarded("FLOWARCHIVE.SWEEP", || sweep_inner(ctx, args))
+}
+
+fn sweep_inner(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    let mut opts = sweep::Options {
+        limit: None,
+        dry_run: false,
+    };
+    let mut asynchronous = false;
+    let mut args = args.into_iter().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.to_string_lossy().to_ascii_uppercase().as_str() {
+            "LIMIT" => {
+                let n = args
+                    .next_u64()
+                    .map_err(|_| err("ERR LIMIT needs a positive integer"))?;
+                if n == 0 {
+                    return Err(err("ERR LIMIT needs a positive integer"));
+                }
+                opts.limit = Some(n as usize);
+            }
+            "DRYRUN" => opts.dry_run = true,
+            "ASYNC" => asynchronous = true,
+            _ => return Err(err("ERR syntax error: expected LIMIT n, DRYRUN or ASYNC")),
+        }
+    }
+    let flags = ctx.get_flags();
+    if flags.intersects(ContextFlags::MULTI | ContextFlags::LUA | ContextFlags::DENY_BLOCKING) {
+        return Err(err(errors::SWEEP_DENY_BLOCKING));
+    }
+    if flags.contains(ContextFlags::SLAVE) {
+        return Err(err(errors::SWEEP_ON_REPLICA));
+    }
+    let db = selected_db(ctx);
+    if asynchronous {
+        sweep::start(db, opts, || None)?;
+        return Ok(RedisValue::SimpleStringStatic("STARTED"));
+    }
+    sweep::start(db, opts, || {
+        Some(ThreadSafeContext::with_blocked_client(ctx.block_client()))
+    })?;
+    Ok(RedisValue::NoReply)
 }

@@ -235,6 +235,8 @@ pub static RETENTION: Checked = Checked::new(duration);
 pub static CONCURRENCY: AtomicI64 = AtomicI64::new(4);
 pub static BATCH_SIZE: AtomicI64 = AtomicI64::new(100);
 pub static CACHE_BYTES: AtomicI64 = AtomicI64::new(64 << 20);
+pub static UPLOAD_BYTES_PER_SEC: AtomicI64 = AtomicI64::new(0);
+pub static SWEEP_INTERVAL: Checked = Checked::new(duration);
 pub static KEY_PREFIX: Checked = Checked::new(key_prefix);
 pub static INDEX_KEY: Checked = Checked::new(index_key);
 pub static EVENTS_KEY: Checked = Checked::new(flow_key);
@@ -261,6 +263,8 @@ pub struct S3Settings {
     pub session_token: Option<String>,
     pub timeout_ms: u64,
     pub verify_with_head: bool,
+    /// Upload rate cap shared by all uploads, bytes per second (0: unlimited).
+    pub upload_bytes_per_sec: u64,
 }
 
 impl S3Settings {
@@ -287,8 +291,14 @@ impl S3Settings {
             session_token,
             timeout_ms: REQUEST_TIMEOUT_MS.load(Ordering::Relaxed).max(1) as u64,
             verify_with_head: *VERIFY.lock().unwrap_or_else(|p| p.into_inner()) == VerifyMode::Head,
+            upload_bytes_per_sec: UPLOAD_BYTES_PER_SEC.load(Ordering::Relaxed).max(0) as u64,
         }
     }
+}
+
+/// The internal sweep timer's period in ms; 0 when off.
+pub fn sweep_interval_ms() -> i64 {
+    parse_duration_ms(&SWEEP_INTERVAL.get()).unwrap_or(0)
 }
 
 /// Everything one archive job needs, copied so later CONFIG SETs do not affect it.
@@ -299,6 +309,8 @@ pub struct Settings {
     pub retention_ms: i64,
     /// Byte budget of the archived-flow cache (0: off).
     pub cache_bytes: usize,
+    pub concurrency: usize,
+    pub batch_size: usize,
 }
 
 impl Settings {
@@ -327,6 +339,8 @@ impl Settings {
             },
             retention_ms: parse_duration_ms(&RETENTION.get()).unwrap_or(30 * 86_400_000),
             cache_bytes: CACHE_BYTES.load(Ordering::Relaxed).max(0) as usize,
+            concurrency: CONCURRENCY.load(Ordering::Relaxed).max(1) as usize,
+            batch_size: BATCH_SIZE.load(Ordering::Relaxed).max(1) as usize,
         }
     }
 }

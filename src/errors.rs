@@ -4,7 +4,11 @@
 use crate::clock::human_ms;
 use crate::store::StoreError;
 
-pub const NOT_AVAILABLE_YET: &str = "ERR FLOWARCHIVE.SWEEP is not available yet";
+pub const SWEEP_DENY_BLOCKING: &str =
+    "ERR FLOWARCHIVE.SWEEP cannot run inside MULTI, a script or another blocking context";
+pub const SWEEP_ON_REPLICA: &str =
+    "ERR FLOWARCHIVE.SWEEP writes and must run on the primary, not a replica";
+pub const SWEEP_RUNNING: &str = "ERR a sweep is already running; see INFO flowarchive";
 pub const DENY_BLOCKING: &str =
     "ERR FLOWARCHIVE.FLOW cannot run inside MULTI, a script or another blocking context";
 pub const ON_REPLICA: &str =

@@ -166,9 +166,60 @@ impl Layout {
         self.label_values.as_deref().map(|t| render(t, &v))
     }
 
+    /// The flow id a flow-member name (`flow:<id>`) stands for.
+    pub fn id_of_member(&self, member: &str) -> Option<String> {
+        invert(&self.member, &self.prefix, member)
+    }
+
+    /// The flow id of a snapshot key, and a SCAN pattern that matches every snapshot key.
+    pub fn id_of_snapshot_key(&self, key: &str) -> Option<String> {
+        invert(&self.snapshot, &self.prefix, key)
+    }
+
+    pub fn snapshot_pattern(&self) -> Option<String> {
+        let (pre, post) = split_at_id(&self.snapshot, &self.prefix)?;
+        Some(format!("{}*{}", glob_escape(&pre), glob_escape(&post)))
+    }
+
     pub fn is_terminal(&self, status: &str) -> bool {
         self.terminal.iter().any(|t| t == status)
     }
+}
+
+/// The text before and after `$id` in a rendered template (which must hold `$id` exactly once).
+fn split_at_id(template: &str, prefix: &str) -> Option<(String, String)> {
+    const MARK: &str = "\u{1}";
+    let rendered = render(
+        template,
+        &Vars {
+            prefix,
+            id: MARK,
+            ..Vars::default()
+        },
+    );
+    let mut parts = rendered.split(MARK);
+    let (pre, post) = (parts.next()?, parts.next()?);
+    parts
+        .next()
+        .is_none()
+        .then(|| (pre.to_string(), post.to_string()))
+}
+
+fn invert(template: &str, prefix: &str, rendered: &str) -> Option<String> {
+    let (pre, post) = split_at_id(template, prefix)?;
+    let id = rendered.strip_prefix(&pre)?.strip_suffix(&post)?;
+    (!id.is_empty()).then(|| id.to_string())
+}
+
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// S3 allows object keys up to 1024 bytes.
@@ -282,6 +333,37 @@ mod tests {
             Some("argyll:idx:label:tenant")
         );
         assert!(l.is_terminal("failed") && !l.is_terminal("active"));
+    }
+
+    #[test]
+    fn inverts_member_and_snapshot_templates() {
+        let mut l = argyll();
+        assert_eq!(
+            l.id_of_member("flow:abc:step:tok").as_deref(),
+            Some("abc:step:tok")
+        );
+        assert_eq!(l.id_of_member("job:abc"), None);
+        assert_eq!(l.id_of_member("flow:"), None);
+        assert_eq!(
+            l.id_of_snapshot_key("argyll:flow:a:b:snapshot:val")
+                .as_deref(),
+            Some("a:b")
+        );
+        assert_eq!(l.id_of_snapshot_key("argyll:flow:a:events"), None);
+        assert_eq!(
+            l.snapshot_pattern().as_deref(),
+            Some("argyll:flow:*:snapshot:val")
+        );
+        l.prefix = "we[ir]d*".into();
+        l.snapshot = "$prefix:{$id}:state".into();
+        assert_eq!(
+            l.snapshot_pattern().as_deref(),
+            Some("we\\[ir\\]d\\*:{*}:state")
+        );
+        assert_eq!(
+            l.id_of_snapshot_key("we[ir]d*:{j1}:state").as_deref(),
+            Some("j1")
+        );
     }
 
     #[test]

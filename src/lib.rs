@@ -18,6 +18,7 @@ mod layout;
 mod metrics;
 mod server;
 mod store;
+mod sweep;
 mod watch;
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -27,7 +28,9 @@ use redis_module::alloc::RedisAlloc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use redis_module::configuration::{ConfigurationContext, ConfigurationFlags};
-use redis_module::{raw, redis_module, AclCategory, Context, NotifyEvent, RedisString, Status};
+use redis_module::{
+    raw, redis_module, AclCategory, Context, ContextFlags, NotifyEvent, RedisString, Status,
+};
 
 /// The server's allocator inside the server (so memory shows in INFO memory), the system's in unit tests.
 struct ModuleAlloc;
@@ -55,6 +58,32 @@ const HANDLE_ATOMIC_SLOT_MIGRATION: i32 = 1 << 5;
 
 fn on_key_event(ctx: &Context, _event: NotifyEvent, _name: &str, key: &[u8]) {
     watch::key_touched(server::selected_db(ctx), key);
+}
+
+/// The optional internal sweep timer (`flowarchive.sweep-interval`), for users without cron: sweeps
+/// DB 0 on the primary once the interval has passed since the last timer sweep ended or started.
+#[redis_module_macros::cron_event_handler]
+fn on_cron(ctx: &Context, _hz: u64) {
+    static LAST_TIMER_SWEEP_MS: AtomicI64 = AtomicI64::new(0);
+    let interval = configs::sweep_interval_ms();
+    let now = clock::now_ms();
+    if interval <= 0
+        || sweep::running()
+        || now - LAST_TIMER_SWEEP_MS.load(Ordering::Relaxed) < interval
+    {
+        return;
+    }
+    if ctx.get_flags().contains(ContextFlags::SLAVE) {
+        return;
+    }
+    LAST_TIMER_SWEEP_MS.store(now, Ordering::Relaxed);
+    let opts = sweep::Options {
+        limit: None,
+        dry_run: false,
+    };
+    if let Err(e) = sweep::start(0, opts, || None) {
+        ctx.log_warning(&format!("flowarchive: timer sweep not started: {e}"));
+    }
 }
 
 #[redis_module_macros::flush_event_handler]
@@ -112,6 +141,7 @@ redis_module! {
             ["request-timeout-ms", &configs::REQUEST_TIMEOUT_MS, 30_000, 100, 3_600_000, ConfigurationFlags::DEFAULT, None],
             ["concurrency", &configs::CONCURRENCY, 4, 1, 256, ConfigurationFlags::DEFAULT, None],
             ["batch-size", &configs::BATCH_SIZE, 100, 1, 100_000, ConfigurationFlags::DEFAULT, None],
+            ["upload-bytes-per-sec", &configs::UPLOAD_BYTES_PER_SEC, 0, 0, 1 << 40, ConfigurationFlags::MEMORY, None],
             ["cache-bytes", &configs::CACHE_BYTES, 64 << 20, 0, 1 << 40, ConfigurationFlags::MEMORY, Some(Box::new(on_cache_budget))],
         ],
         string: [
@@ -133,6 +163,7 @@ redis_module! {
             ["label-set-key", &configs::LABEL_SET_KEY, "$prefix:idx:label:$label:$value", ConfigurationFlags::DEFAULT, None],
             ["label-values-key", &configs::LABEL_VALUES_KEY, "$prefix:idx:label:$label", ConfigurationFlags::DEFAULT, None],
             ["flow-member", &configs::FLOW_MEMBER, "flow:$id", ConfigurationFlags::DEFAULT, None],
+            ["sweep-interval", &configs::SWEEP_INTERVAL, "0s", ConfigurationFlags::DEFAULT, None],
             ["terminal-statuses", &configs::TERMINAL_STATUSES, "completed,failed", ConfigurationFlags::DEFAULT, None],
         ],
         bool: [

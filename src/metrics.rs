@@ -140,6 +140,38 @@ pub fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
         .field("get_fetch_us_max", get(&GET_FETCH_US_MAX))?
         .field("get_cache_flows", cached_flows as i64)?
         .field("get_cache_bytes", cached_bytes as i64)?;
+    section = section
+        .field("sweeps_run", get(&crate::sweep::SWEEPS_RUN))?
+        .field("sweep_running", crate::sweep::running() as i64)?;
+    let current = crate::sweep::CURRENT
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let last = crate::sweep::LAST
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    for (name, progress) in [("sweep_current", current), ("last_sweep", last)] {
+        let p = progress.unwrap_or_default();
+        let failed = p.failed_by_kind();
+        section = section
+            .field(&format!("{name}_candidates"), get(&p.candidates))?
+            .field(&format!("{name}_archived"), get(&p.archived))?
+            .field(&format!("{name}_skipped_changed"), get(&p.skipped_changed))?
+            .field(
+                &format!("{name}_skipped_ineligible"),
+                get(&p.skipped_ineligible),
+            )?
+            .field(
+                &format!("{name}_failed"),
+                failed.values().sum::<u64>() as i64,
+            )?
+            .field(&format!("{name}_in_flight"), get(&p.in_flight))?
+            .field(&format!("{name}_raw_bytes"), get(&p.raw_bytes))?
+            .field(&format!("{name}_stored_bytes"), get(&p.stored_bytes))?
+            .field(&format!("{name}_duration_ms"), get(&p.duration_ms))?
+            .field(&format!("{name}_dry_run"), p.dry_run as i64)?;
+    }
     let errors = GET_FETCH_ERRORS
         .lock()
         .unwrap_or_else(|p| p.into_inner())

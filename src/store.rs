@@ -4,7 +4,8 @@
 //! credential scope and signature) and never a key.
 
 use std::io::Read;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -70,6 +71,25 @@ pub struct Store {
     /// How long a presigned URL stays valid: long enough for one request with its timeout.
     expires: Duration,
     verify_with_head: bool,
+    upload_bytes_per_sec: u64,
+}
+
+/// When the shared upload link is next free, for `flowarchive.upload-bytes-per-sec`.
+static LINK_FREE_AT: Mutex<Option<Instant>> = Mutex::new(None);
+
+/// Waits until `bytes` fit under the rate cap; every upload of the server shares one budget.
+fn throttle(bytes: usize, per_sec: u64) {
+    if per_sec == 0 {
+        return;
+    }
+    let wait = {
+        let mut free_at = LINK_FREE_AT.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let start = free_at.map_or(now, |t| t.max(now));
+        *free_at = Some(start + Duration::from_secs_f64(bytes as f64 / per_sec as f64));
+        start - now
+    };
+    std::thread::sleep(wait);
 }
 
 impl Store {
@@ -120,6 +140,7 @@ impl Store {
             agent,
             expires: Duration::from_secs(60 + 2 * s.timeout_ms.div_ceil(1000)),
             verify_with_head: s.verify_with_head,
+            upload_bytes_per_sec: s.upload_bytes_per_sec,
         })
     }
 
@@ -146,6 +167,7 @@ impl Store {
         for (name, value) in signed {
             action.headers_mut().insert(name, value);
         }
+        throttle(obj.body.len(), self.upload_bytes_per_sec);
         let url = action.sign(self.expires);
         let mut request = self.agent.put(url.as_str());
         for (name, value) in signed {
@@ -314,7 +336,23 @@ mod tests {
             session_token: None,
             timeout_ms: 1000,
             verify_with_head: true,
+            upload_bytes_per_sec: 0,
         }
+    }
+
+    #[test]
+    fn throttle_spaces_uploads_by_the_rate() {
+        throttle(1, 0);
+        let start = Instant::now();
+        throttle(1000, 10_000);
+        throttle(1000, 10_000);
+        throttle(1000, 10_000);
+        // Three 100 ms slots: the third starts after two have passed.
+        assert!(
+            start.elapsed() >= Duration::from_millis(190),
+            "{:?}",
+            start.elapsed()
+        );
     }
 
     #[test]

@@ -65,7 +65,7 @@ fn happy_path_archives_exactly_one_flow() {
     let before = dump_all(&mut c);
 
     let r = archive(&mut c, "abc").unwrap();
-    let location = format!("s3://{}/flows/abc.jsonl.gz", s3.name());
+    let location = s3.location("flows/abc.jsonl.gz");
     assert_eq!(text(&r["location"]), location);
     assert_eq!(int(&r["events"]), 5);
     assert_eq!(int(&r["already_archived"]), 0);
@@ -150,10 +150,10 @@ fn happy_path_archives_exactly_one_flow() {
             ]
             .contains(&k.as_ref())
     };
-    for (k, v) in &before {
+    for (k, v) in &before.0 {
         if !touched(k) {
             assert_eq!(
-                after.get(k),
+                after.0.get(k),
                 Some(v),
                 "{} changed",
                 String::from_utf8_lossy(k)
@@ -267,10 +267,10 @@ fn assert_fails_safely(fault: Fault, timeout_ms: &str, expect: &[&str]) {
         "{msg}"
     );
     assert!(started.elapsed() < Duration::from_secs(15));
-    assert_eq!(
-        dump_all(&mut other),
-        before,
-        "{fault:?}: nothing may change"
+    assert_same(
+        &before,
+        &dump_all(&mut other),
+        &format!("{fault:?}: nothing may change"),
     );
     assert!(s3.list().is_empty() || fault == Fault::Truncate);
     assert!(!srv.log().contains(S3_SECRET));
@@ -305,7 +305,7 @@ fn s3_unreachable_deletes_nothing() {
         msg.contains("connection failed") && msg.contains("nothing was deleted"),
         "{msg}"
     );
-    assert_eq!(dump_all(&mut c), before);
+    assert_same(&before, &dump_all(&mut c), "nothing deleted");
     let info: String = cmd(&mut c, &["INFO", "flowarchive"]).unwrap();
     assert!(info.contains("failures_s3_unreachable:1"), "{info}");
 }
@@ -328,7 +328,7 @@ fn wrong_secret_gets_403_and_deletes_nothing() {
         "{msg}"
     );
     assert!(!msg.contains("not-the-secret"));
-    assert_eq!(dump_all(&mut c), before);
+    assert_same(&before, &dump_all(&mut c), "nothing deleted");
     assert!(s3.list().is_empty());
     assert!(!srv.log().contains("not-the-secret"));
 }
@@ -339,7 +339,7 @@ fn tampered_presigned_url_is_refused_by_the_test_s3() {
     let s3 = S3::new_bucket();
     let url = s3
         .bucket
-        .put_object(Some(&s3.creds), "flows/x.jsonl.gz")
+        .put_object(Some(&s3.creds), &s3.key("flows/x.jsonl.gz"))
         .sign(Duration::from_secs(60));
     assert!(
         s3.agent.put(url.as_str()).send_bytes(b"ok").is_ok(),
@@ -351,7 +351,8 @@ fn tampered_presigned_url_is_refused_by_the_test_s3() {
         other => panic!("tampered URL must get 403, got {other:?}"),
     }
     // A body that does not match its signed Content-MD5 is refused too.
-    let mut action = s3.bucket.put_object(Some(&s3.creds), "flows/z.jsonl.gz");
+    let z_key = s3.key("flows/z.jsonl.gz");
+    let mut action = s3.bucket.put_object(Some(&s3.creds), &z_key);
     action
         .headers_mut()
         .insert("content-md5", "1B2M2Y8AsgTpgAmY7PhCfg==");
@@ -576,9 +577,7 @@ fn awkward_ids_get_safe_object_keys() {
         write_flow(&mut c, &FlowSpec::done(id));
         let r = archive(&mut c, id).unwrap_or_else(|e| panic!("{id:?}: {e}"));
         let location = text(&r["location"]);
-        let key = location
-            .strip_prefix(&format!("s3://{}/", s3.name()))
-            .unwrap();
+        let key = location.strip_prefix(&s3.location("")).unwrap();
         assert!(
             key.starts_with("flows/") && key.ends_with(".jsonl.gz") && key.len() <= 1024,
             "{key}"
@@ -688,10 +687,10 @@ fn replica_and_aof_receive_the_commit_as_one_transaction() {
         || cmd::<i64>(&mut r, &["HEXISTS", "archived:flows", "rep"]).unwrap_or(0) == 1,
     );
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(
-        dump_all(&mut r),
-        dump_all(&mut m),
-        "replica ends with the master's keys"
+    assert_same(
+        &dump_all(&mut m),
+        &dump_all(&mut r),
+        "replica ends with the master's keys",
     );
 
     // The AOF holds the commit's writes inside one MULTI/EXEC.
@@ -759,7 +758,7 @@ fn a_client_in_db_3_archives_db_3_only() {
         cmd::<i64>(&mut c3, &["EXISTS", "argyll:flow:long3:events"]).unwrap(),
         0
     );
-    assert_eq!(dump_all(&mut c0), db0, "DB 0 untouched");
+    assert_same(&db0, &dump_all(&mut c0), "DB 0 untouched");
 }
 
 #[test]

@@ -234,7 +234,7 @@ fn damaged_objects_are_clear_errors_and_never_cached() {
             "HSET",
             "archived:flows",
             "victim",
-            &format!("s3://{}/flows/victim.jsonl.gz", s3.name()),
+            &s3.location("flows/victim.jsonl.gz"),
         ],
     )
     .unwrap();

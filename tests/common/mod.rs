@@ -95,25 +95,30 @@ pub fn s3_port() -> u16 {
         .unwrap_or(18333)
 }
 
+/// The shared test bucket, and this test's own object prefix inside it. (One bucket for all tests:
+/// SeaweedFS gives every bucket its own volumes and runs out of them after a few dozen.)
 pub struct S3 {
     pub bucket: Bucket,
     pub creds: Credentials,
     pub agent: ureq::Agent,
+    pub prefix: String,
 }
 
+const TEST_BUCKET: &str = "flowarchive-tests";
+static BUCKET_READY: std::sync::Once = std::sync::Once::new();
+
 impl S3 {
-    /// A fresh bucket on the shared SeaweedFS.
+    /// A fresh prefix in the shared test bucket (created on first use).
     pub fn new_bucket() -> S3 {
         assert!(
             TcpStream::connect(("127.0.0.1", s3_port())).is_ok(),
             "SeaweedFS not reachable at {}: start it with scripts/s3.sh start (scripts/test.sh does)",
             s3_endpoint()
         );
-        let name = unique("fa").to_lowercase();
         let bucket = Bucket::new(
             s3_endpoint().parse().unwrap(),
             UrlStyle::Path,
-            name,
+            TEST_BUCKET,
             "us-east-1",
         )
         .unwrap();
@@ -123,15 +128,21 @@ impl S3 {
             agent: ureq::AgentBuilder::new()
                 .timeout(Duration::from_secs(20))
                 .build(),
+            prefix: unique("t"),
         };
-        let url = s3
+        BUCKET_READY.call_once(|| s3.create_bucket());
+        s3
+    }
+
+    fn create_bucket(&self) {
+        let url = self
             .bucket
-            .create_bucket(&s3.creds)
+            .create_bucket(&self.creds)
             .sign(Duration::from_secs(60));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match s3.agent.put(url.as_str()).call() {
-                Ok(_) => break,
+            match self.agent.put(url.as_str()).call() {
+                Ok(_) | Err(ureq::Error::Status(409, _)) => return,
                 Err(e) if Instant::now() < deadline => {
                     eprintln!("create bucket: {e}; retrying");
                     std::thread::sleep(Duration::from_millis(500));
@@ -139,20 +150,31 @@ impl S3 {
                 Err(e) => panic!("cannot create bucket: {e}"),
             }
         }
-        s3
     }
 
     pub fn name(&self) -> &str {
         self.bucket.name()
     }
 
-    /// Module args that point the module at this bucket.
+    /// The object key of `rel` (e.g. `flows/abc.jsonl.gz`) under this test's prefix.
+    pub fn key(&self, rel: &str) -> String {
+        format!("{}/{rel}", self.prefix)
+    }
+
+    /// The `s3://` location the module records for `rel`.
+    pub fn location(&self, rel: &str) -> String {
+        format!("s3://{}/{}", self.name(), self.key(rel))
+    }
+
+    /// Module args that point the module at this bucket and prefix.
     pub fn module_args(&self, endpoint: &str) -> Vec<String> {
         [
             "endpoint",
             endpoint,
             "bucket",
             self.name(),
+            "prefix",
+            &self.prefix,
             "path-style",
             "yes",
             "access-key",
@@ -167,10 +189,10 @@ impl S3 {
         .collect()
     }
 
-    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+    pub fn get(&self, rel: &str) -> Option<Vec<u8>> {
         let url = self
             .bucket
-            .get_object(Some(&self.creds), key)
+            .get_object(Some(&self.creds), &self.key(rel))
             .sign(Duration::from_secs(60));
         match self.agent.get(url.as_str()).call() {
             Ok(r) => {
@@ -179,26 +201,27 @@ impl S3 {
                 Some(body)
             }
             Err(ureq::Error::Status(404, _)) => None,
-            Err(e) => panic!("GET {key}: {e}"),
+            Err(e) => panic!("GET {rel}: {e}"),
         }
     }
 
-    pub fn put(&self, key: &str, body: &[u8]) {
+    pub fn put(&self, rel: &str, body: &[u8]) {
         let url = self
             .bucket
-            .put_object(Some(&self.creds), key)
+            .put_object(Some(&self.creds), &self.key(rel))
             .sign(Duration::from_secs(60));
         self.agent.put(url.as_str()).send_bytes(body).unwrap();
     }
 
     /// Uploads `body` the way flowarchive does, with its sha256 recorded in the object metadata.
-    pub fn put_as_archive(&self, key: &str, body: &[u8]) {
+    pub fn put_as_archive(&self, rel: &str, body: &[u8]) {
         use sha2::Digest;
         let sha: String = sha2::Sha256::digest(body)
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        let mut action = self.bucket.put_object(Some(&self.creds), key);
+        let key = self.key(rel);
+        let mut action = self.bucket.put_object(Some(&self.creds), &key);
         action
             .headers_mut()
             .insert("x-amz-meta-flowarchive-sha256", sha.clone());
@@ -210,16 +233,18 @@ impl S3 {
             .unwrap();
     }
 
-    pub fn delete(&self, key: &str) {
+    pub fn delete(&self, rel: &str) {
         let url = self
             .bucket
-            .delete_object(Some(&self.creds), key)
+            .delete_object(Some(&self.creds), &self.key(rel))
             .sign(Duration::from_secs(60));
         self.agent.delete(url.as_str()).call().unwrap();
     }
 
+    /// Object keys under this test's prefix, relative to it.
     pub fn list(&self) -> Vec<String> {
         let mut action = self.bucket.list_objects_v2(Some(&self.creds));
+        action.with_prefix(format!("{}/", self.prefix));
         action.with_max_keys(1000);
         let url = action.sign(Duration::from_secs(60));
         let text = self
@@ -230,7 +255,12 @@ impl S3 {
             .into_string()
             .unwrap();
         let parsed = rusty_s3::actions::ListObjectsV2::parse_response(&text).unwrap();
-        parsed.contents.into_iter().map(|o| o.key).collect()
+        let strip = format!("{}/", self.prefix);
+        parsed
+            .contents
+            .into_iter()
+            .map(|o| o.key.trim_start_matches(&strip).to_string())
+            .collect()
     }
 }
 
@@ -242,8 +272,10 @@ pub struct Server {
     pub dir: PathBuf,
     pub flavor: Flavor,
     child: Child,
+    opts: ServerOpts,
 }
 
+#[derive(Clone)]
 pub struct ServerOpts {
     pub flavor: Flavor,
     pub module_args: Vec<String>,
@@ -265,13 +297,33 @@ impl Server {
         let port = free_port();
         let dir = root().join("target/test-servers").join(unique("srv"));
         std::fs::create_dir_all(&dir).unwrap();
+        let child = Self::spawn(&opts, port, &dir);
+        let mut server = Server {
+            port,
+            dir,
+            flavor: opts.flavor,
+            child,
+            opts,
+        };
+        server.wait_ready();
+        server
+    }
+
+    /// Kills the server (SIGKILL, no shutdown) and starts it again on the same port and directory.
+    pub fn crash_and_restart(&mut self) {
+        self.kill();
+        self.child = Self::spawn(&self.opts, self.port, &self.dir);
+        self.wait_ready();
+    }
+
+    fn spawn(opts: &ServerOpts, port: u16, dir: &Path) -> Child {
         let mut cmd = Command::new(opts.flavor.binary());
         cmd.arg("--port")
             .arg(port.to_string())
             .arg("--bind")
             .arg("127.0.0.1")
             .arg("--dir")
-            .arg(&dir)
+            .arg(dir)
             .arg("--logfile")
             .arg(dir.join("server.log"))
             .arg("--save")
@@ -288,15 +340,7 @@ impl Server {
             .env_remove("AWS_ACCESS_KEY_ID")
             .env_remove("AWS_SECRET_ACCESS_KEY")
             .env_remove("AWS_SESSION_TOKEN");
-        let child = cmd.spawn().expect("cannot start server");
-        let mut server = Server {
-            port,
-            dir,
-            flavor: opts.flavor,
-            child,
-        };
-        server.wait_ready();
-        server
+        cmd.spawn().expect("cannot start server")
     }
 
     fn wait_ready(&mut self) {
@@ -517,15 +561,82 @@ pub fn flow_keys(id: &str) -> Vec<String> {
         .collect()
 }
 
-/// Every key of the DB with its DUMP, for byte-identical comparisons.
-pub fn dump_all(c: &mut redis::Connection) -> std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
+/// Every key of the DB with its type and content in a canonical order (members of sets, hashes and
+/// sorted sets sorted), for byte-identical comparisons. DUMP would not do: a large set's DUMP changes
+/// while the server rehashes it.
+pub fn dump_all(c: &mut redis::Connection) -> Snapshot {
     let keys: Vec<Vec<u8>> = redis::cmd("KEYS").arg("*").query(c).unwrap();
-    keys.into_iter()
+    let map = keys
+        .into_iter()
         .map(|k| {
-            let d: Vec<u8> = redis::cmd("DUMP").arg(&k).query(c).unwrap();
-            (k, d)
+            let ty: String = redis::cmd("TYPE").arg(&k).query(c).unwrap();
+            let mut items: Vec<Vec<u8>> = match ty.as_str() {
+                "string" => vec![redis::cmd("GET").arg(&k).query(c).unwrap()],
+                "list" => redis::cmd("LRANGE")
+                    .arg(&k)
+                    .arg(0)
+                    .arg(-1)
+                    .query(c)
+                    .unwrap(),
+                "set" => redis::cmd("SMEMBERS").arg(&k).query(c).unwrap(),
+                "hash" => {
+                    let pairs: Vec<(Vec<u8>, Vec<u8>)> =
+                        redis::cmd("HGETALL").arg(&k).query(c).unwrap();
+                    pairs
+                        .into_iter()
+                        .map(|(f, v)| [f, b"=".to_vec(), v].concat())
+                        .collect()
+                }
+                "zset" => {
+                    let pairs: Vec<(Vec<u8>, String)> = redis::cmd("ZRANGE")
+                        .arg(&k)
+                        .arg(0)
+                        .arg(-1)
+                        .arg("WITHSCORES")
+                        .query(c)
+                        .unwrap();
+                    pairs
+                        .into_iter()
+                        .map(|(m, s)| [m, b"=".to_vec(), s.into_bytes()].concat())
+                        .collect()
+                }
+                other => panic!("unexpected type {other}"),
+            };
+            if ty != "list" {
+                items.sort();
+            }
+            (k, (ty, items))
         })
-        .collect()
+        .collect();
+    Snapshot(map)
+}
+
+#[derive(PartialEq)]
+pub struct Snapshot(pub std::collections::BTreeMap<Vec<u8>, (String, Vec<Vec<u8>>)>);
+
+impl Snapshot {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// Names only the keys that differ, so a failing comparison stays readable.
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} keys", self.0.len())
+    }
+}
+
+pub fn assert_same(before: &Snapshot, after: &Snapshot, what: &str) {
+    let differing: Vec<String> = before
+        .0
+        .keys()
+        .chain(after.0.keys())
+        .filter(|k| before.0.get(*k) != after.0.get(*k))
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .take(20)
+        .collect();
+    assert!(differing.is_empty(), "{what}: keys differ: {differing:?}");
 }
 
 /// FLOWARCHIVE.FLOW reply as a field -> value map (RESP2 flat array or RESP3 map).

@@ -1,0 +1,499 @@
+//! FLOWARCHIVE.SWEEP: finds eligible flows in bounded slices (one short GIL hold each), archives them
+//! through the same capture/encode/store/commit path as FLOWARCHIVE.FLOW with up to `concurrency` flows
+//! in flight, and answers a summary. One sweep at a time.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::sync_channel;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use redis_module::{BlockedClient, CallReply, Context, RedisError, RedisValue, ThreadSafeContext};
+use serde_json::Value;
+
+use crate::archive::{self, map};
+use crate::capture::{self, Inspected, Start};
+use crate::clock;
+use crate::configs::Settings;
+use crate::errors::FlowError;
+use crate::layout::Layout;
+use crate::metrics::{self, MainThreadTimer};
+use crate::server::{bytes, call, select_db};
+use crate::store::Store;
+
+pub struct Options {
+    pub limit: Option<usize>,
+    pub dry_run: bool,
+}
+
+/// Counters of one sweep; shared by its workers, shown in INFO while it runs and after.
+#[derive(Default)]
+pub struct Progress {
+    pub candidates: AtomicU64,
+    pub archived: AtomicU64,
+    pub skipped_changed: AtomicU64,
+    pub skipped_ineligible: AtomicU64,
+    pub raw_bytes: AtomicU64,
+    pub stored_bytes: AtomicU64,
+    pub in_flight: AtomicU64,
+    failed: Mutex<BTreeMap<&'static str, u64>>,
+    would_archive: Mutex<Vec<String>>,
+    pub dry_run: bool,
+    pub duration_ms: AtomicU64,
+}
+
+impl Progress {
+    fn count(&self, err: &FlowError) {
+        match err {
+            FlowError::Changed => self.skipped_changed.fetch_add(1, Ordering::Relaxed),
+            FlowError::NotFound
+            | FlowError::NotTerminal(_)
+            | FlowError::TooRecent { .. }
+            | FlowError::Conflict(_)
+            | FlowError::Busy => self.skipped_ineligible.fetch_add(1, Ordering::Relaxed),
+            _ => {
+                *lock(&self.failed).entry(err.kind()).or_default() += 1;
+                0
+            }
+        };
+    }
+
+    pub fn failed_total(&self) -> u64 {
+        lock(&self.failed).values().sum()
+    }
+
+    pub fn failed_by_kind(&self) -> BTreeMap<&'static str, u64> {
+        lock(&self.failed).clone()
+    }
+
+    fn summary(&self) -> RedisValue {
+        let get = |a: &AtomicU64| RedisValue::Integer(a.load(Ordering::Relaxed) as i64);
+        let failed = self.failed_by_kind();
+        let by_reason = RedisValue::OrderedMap(
+            failed
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        redis_module::redisvalue::RedisValueKey::String(k.to_string()),
+                        RedisValue::Integer(*v as i64),
+                    )
+                })
+                .collect(),
+        );
+        let flows = lock(&self.would_archive)
+            .iter()
+            .cloned()
+            .map(RedisValue::BulkString)
+            .collect();
+        map([
+            ("dry_run", RedisValue::Integer(self.dry_run as i64)),
+            ("candidates", get(&self.candidates)),
+            ("archived", get(&self.archived)),
+            ("skipped_changed", get(&self.skipped_changed)),
+            ("skipped_ineligible", get(&self.skipped_ineligible)),
+            (
+                "failed",
+                RedisValue::Integer(failed.values().sum::<u64>() as i64),
+            ),
+            ("failed_by_reason", by_reason),
+            ("raw_bytes", get(&self.raw_bytes)),
+            ("stored_bytes", get(&self.stored_bytes)),
+            ("duration_ms", get(&self.duration_ms)),
+            ("flows", RedisValue::Array(flows)),
+        ])
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+static RUNNING: AtomicBool = AtomicBool::new(false);
+pub static SWEEPS_RUN: AtomicU64 = AtomicU64::new(0);
+pub static CURRENT: Mutex<Option<Arc<Progress>>> = Mutex::new(None);
+pub static LAST: Mutex<Option<Arc<Progress>>> = Mutex::new(None);
+
+pub fn running() -> bool {
+    RUNNING.load(Ordering::SeqCst)
+}
+
+/// Where eligible flows are found.
+enum Source {
+    /// The status ZSETs, oldest first; a cursor of (score, members seen at that score).
+    StatusSets {
+        statuses: Vec<String>,
+        next: usize,
+        after: Option<(f64, HashSet<String>)>,
+    },
+    /// A SCAN over snapshot keys, for layouts without a status index.
+    Scan {
+        cursor: String,
+        done: bool,
+        seen: HashSet<String>,
+    },
+}
+
+struct Selector {
+    source: Source,
+    cutoff_ms: i64,
+}
+
+impl Selector {
+    fn new(layout: &Layout, cutoff_ms: i64) -> Self {
+        let source = if layout.status_set.is_some() {
+            Source::StatusSets {
+                statuses: layout.terminal.clone(),
+                next: 0,
+                after: None,
+            }
+        } else {
+            Source::Scan {
+                cursor: "0".into(),
+                done: false,
+                seen: HashSet::new(),
+            }
+        };
+        Selector { source, cutoff_ms }
+    }
+
+    /// Up to `batch` candidate ids; empty when the selection is exhausted.
+    fn next(
+        &mut self,
+        ctx: &Context,
+        layout: &Layout,
+        batch: usize,
+    ) -> Result<Vec<String>, String> {
+        match &mut self.source {
+            Source::StatusSets {
+                statuses,
+                next,
+                after,
+            } => loop {
+                let Some(status) = statuses.get(*next) else {
+                    return Ok(Vec::new());
+                };
+                let Some(key) = layout.status_set_key("", status) else {
+                    return Ok(Vec::new());
+                };
+                let min = after
+                    .as_ref()
+                    .map_or("-inf".to_string(), |(score, _)| score.to_string());
+                let seen = after.as_ref().map_or(0, |(_, s)| s.len());
+                let want = (batch + seen).to_string();
+                let max = self.cutoff_ms.to_string();
+                let reply = call(
+                    ctx,
+                    "ZRANGEBYSCORE",
+                    &[
+                        key.as_bytes(),
+                        min.as_bytes(),
+                        max.as_bytes(),
+                        b"WITHSCORES",
+                        b"LIMIT",
+                        b"0",
+                        want.as_bytes(),
+                    ],
+                )?;
+                let items: Vec<Vec<u8>> = match &reply {
+                    CallReply::Array(a) => a
+                        .iter()
+                        .filter_map(|r| r.ok().as_ref().and_then(bytes))
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                let page = items.len() / 2;
+                let mut ids = Vec::new();
+                for pair in items.chunks_exact(2) {
+                    let member = String::from_utf8_lossy(&pair[0]).into_owned();
+                    let score: f64 = String::from_utf8_lossy(&pair[1])
+                        .parse()
+                        .unwrap_or(f64::NAN);
+                    match after {
+                        Some((last, seen)) if *last == score => {
+                            if !seen.insert(member.clone()) {
+                                continue;
+                            }
+                        }
+                        _ => *after = Some((score, HashSet::from([member.clone()]))),
+                    }
+                    ids.extend(layout.id_of_member(&member));
+                }
+                if page < batch + seen {
+                    *next += 1;
+                    *after = None;
+                }
+                if !ids.is_empty() {
+                    return Ok(ids);
+                }
+            },
+            Source::Scan { cursor, done, seen } => loop {
+                if *done {
+                    return Ok(Vec::new());
+                }
+                let pattern = layout
+                    .snapshot_pattern()
+                    .ok_or("snapshot-key template cannot be scanned")?;
+                let count = batch.to_string();
+                let reply = call(
+                    ctx,
+                    "SCAN",
+                    &[
+                        cursor.as_bytes(),
+                        b"MATCH",
+                        pattern.as_bytes(),
+                        b"COUNT",
+                        count.as_bytes(),
+                        b"TYPE",
+                        b"string",
+                    ],
+                )?;
+                let CallReply::Array(parts) = &reply else {
+                    return Err("SCAN answered no array".into());
+                };
+                let next_cursor = parts
+                    .get(0)
+                    .and_then(|r| r.ok().as_ref().and_then(bytes))
+                    .unwrap_or_else(|| b"0".to_vec());
+                *cursor = String::from_utf8_lossy(&next_cursor).into_owned();
+                *done = cursor.as_str() == "0";
+                let keys: Vec<Vec<u8>> = match parts.get(1) {
+                    Some(Ok(CallReply::Array(a))) => a
+                        .iter()
+                        .filter_map(|r| r.ok().as_ref().and_then(bytes))
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                let mut ids = Vec::new();
+                for key in keys {
+                    let key = String::from_utf8_lossy(&key).into_owned();
+                    let Some(id) = layout.id_of_snapshot_key(&key) else {
+                        continue;
+                    };
+                    if seen.contains(&id) {
+                        continue;
+                    }
+                    let snapshot = call(ctx, "GET", &[key.as_bytes()])
+                        .ok()
+                        .and_then(|r| bytes(&r))
+                        .unwrap_or_default();
+                    let Ok(v) = serde_json::from_slice::<Value>(&snapshot) else {
+                        continue;
+                    };
+                    let terminal = v["status"].as_str().is_some_and(|s| layout.is_terminal(s));
+                    let old = v["last_updated"]
+                        .as_str()
+                        .and_then(clock::parse_rfc3339_ms)
+                        .is_some_and(|t| t <= self.cutoff_ms);
+                    if terminal && old {
+                        seen.insert(id.clone());
+                        ids.push(id);
+                    }
+                }
+                if !ids.is_empty() {
+                    return Ok(ids);
+                }
+            },
+        }
+    }
+}
+
+/// Starts a sweep of `db`. Once it is sure to start, `block` may block the calling client, which then
+/// gets the summary when the sweep ends (ASYNC and the timer block nobody).
+pub fn start(
+    db: i32,
+    opts: Options,
+    block: impl FnOnce() -> Option<ThreadSafeContext<BlockedClient>>,
+) -> Result<(), RedisError> {
+    if RUNNING.swap(true, Ordering::SeqCst) {
+        return Err(RedisError::Str(crate::errors::SWEEP_RUNNING));
+    }
+    let settings = Settings::current();
+    // Refuse a sweep that cannot upload before it selects anything.
+    if let Err(e) = Store::new(&settings.s3) {
+        RUNNING.store(false, Ordering::SeqCst);
+        return Err(RedisError::String(format!("ERR {e}")));
+    }
+    let client = block();
+    let progress = Arc::new(Progress {
+        dry_run: opts.dry_run,
+        ..Progress::default()
+    });
+    *lock(&CURRENT) = Some(progress.clone());
+    let spawned = std::thread::Builder::new().name("flowarchive-sweep".into()).spawn(move || {
+        let started = Instant::now();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(db, &opts, &settings, &progress)));
+        progress.duration_ms.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let result = match outcome {
+            Ok(Ok(())) => Ok(progress.summary()),
+            Ok(Err(e)) => Err(RedisError::String(format!("ERR sweep stopped: {e}"))),
+            Err(_) => Err(RedisError::Str("ERR sweep stopped: internal error (see the server log)")),
+        };
+        redis_module::logging::log_notice(format!(
+            "flowarchive: sweep {} in {} ms: {} candidates, {} archived, {} changed, {} ineligible, {} failed",
+            if progress.dry_run { "(dry run) done" } else { "done" },
+            progress.duration_ms.load(Ordering::Relaxed),
+            progress.candidates.load(Ordering::Relaxed),
+            progress.archived.load(Ordering::Relaxed),
+            progress.skipped_changed.load(Ordering::Relaxed),
+            progress.skipped_ineligible.load(Ordering::Relaxed),
+            progress.failed_total(),
+        ));
+        SWEEPS_RUN.fetch_add(1, Ordering::Relaxed);
+        *lock(&LAST) = Some(progress.clone());
+        *lock(&CURRENT) = None;
+        RUNNING.store(false, Ordering::SeqCst);
+        if let Some(client) = client {
+            client.reply(result);
+        }
+    });
+    if spawned.is_err() {
+        // The closure (and with it a blocked client) is gone; it was unblocked without a reply.
+        RUNNING.store(false, Ordering::SeqCst);
+        *lock(&CURRENT) = None;
+        redis_module::logging::log_warning("flowarchive: cannot start the sweep thread");
+    }
+    Ok(())
+}
+
+fn run(
+    db: i32,
+    opts: &Options,
+    settings: &Settings,
+    progress: &Arc<Progress>,
+) -> Result<(), String> {
+    let tsc = ThreadSafeContext::new();
+    let cutoff_ms = clock::now_ms() - settings.retention_ms;
+    let mut selector = Selector::new(&settings.layout, cutoff_ms);
+    let started = Arc::new(AtomicU64::new(0));
+    let limit = opts.limit.map(|l| l as u64);
+    let (tx, rx) = sync_channel::<String>(settings.concurrency * 2);
+    let rx = Arc::new(Mutex::new(rx));
+    let mut workers = Vec::new();
+    if !opts.dry_run {
+        for _ in 0..settings.concurrency {
+            let (rx, settings, progress, started) = (
+                rx.clone(),
+                settings.clone(),
+                progress.clone(),
+                started.clone(),
+            );
+            let store = Store::new(&settings.s3).map_err(|e| e.to_string())?;
+            workers.push(
+                std::thread::Builder::new()
+                    .name("flowarchive-worker".into())
+                    .spawn(move || {
+                        let tsc = ThreadSafeContext::new();
+                        loop {
+                            let next = lock(&rx).recv();
+                            let Ok(id) = next else { break };
+                            if limit.is_some_and(|l| started.load(Ordering::SeqCst) >= l) {
+                                continue;
+                            }
+                            archive_one(
+                                &tsc, db, &id, &settings, &store, &progress, &started, limit,
+                            );
+                        }
+                    })
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+    }
+    let mut seen = HashSet::new();
+    'select: loop {
+        let batch = {
+            let ctx = tsc.lock();
+            let _timer = MainThreadTimer::start();
+            select_db(&ctx, db)?;
+            selector.next(&ctx, &settings.layout, settings.batch_size)?
+        };
+        if batch.is_empty() {
+            break;
+        }
+        for id in batch {
+            if !seen.insert(id.clone()) {
+                continue;
+            }
+            if limit.is_some_and(|l| started.load(Ordering::SeqCst) >= l) {
+                break 'select;
+            }
+            progress.candidates.fetch_add(1, Ordering::Relaxed);
+            if opts.dry_run {
+                let inspected = {
+                    let ctx = tsc.lock();
+                    let _timer = MainThreadTimer::start();
+                    select_db(&ctx, db)?;
+                    capture::inspect(&ctx, db, &id, settings, false, clock::now_ms())
+                };
+                match inspected {
+                    Ok(Inspected::Eligible(..)) => {
+                        started.fetch_add(1, Ordering::SeqCst);
+                        lock(&progress.would_archive).push(id);
+                    }
+                    Ok(Inspected::AlreadyArchived(_)) => {
+                        progress.skipped_ineligible.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => progress.count(&e),
+                }
+            } else if tx.send(id).is_err() {
+                break 'select;
+            }
+        }
+    }
+    drop(tx);
+    for w in workers {
+        let _ = w.join();
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn archive_one<B: Send>(
+    tsc: &ThreadSafeContext<B>,
+    db: i32,
+    id: &str,
+    settings: &Settings,
+    store: &Store,
+    progress: &Progress,
+    started: &AtomicU64,
+    limit: Option<u64>,
+) {
+    let begun = {
+        let ctx = tsc.lock();
+        let _timer = MainThreadTimer::start();
+        match select_db(&ctx, db) {
+            Ok(()) => capture::start(&ctx, db, id, settings, false, clock::now_ms()),
+            Err(e) => Err(FlowError::Internal(e)),
+        }
+    };
+    let outcome = match begun {
+        Ok(Start::Capture(capture)) => {
+            if limit.is_some_and(|l| started.fetch_add(1, Ordering::SeqCst) >= l) {
+                return;
+            }
+            progress.in_flight.fetch_add(1, Ordering::Relaxed);
+            let r = archive::run(tsc, *capture, settings, store);
+            progress.in_flight.fetch_sub(1, Ordering::Relaxed);
+            r
+        }
+        Ok(Start::AlreadyArchived(_)) => {
+            progress.skipped_ineligible.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        Err(e) => Err(e),
+    };
+    match outcome {
+        Ok(done) => {
+            progress.archived.fetch_add(1, Ordering::Relaxed);
+            progress
+                .raw_bytes
+                .fetch_add(done.raw_bytes, Ordering::Relaxed);
+            progress
+                .stored_bytes
+                .fetch_add(done.stored_bytes, Ordering::Relaxed);
+        }
+        Err(e) => {
+            metrics::failed(id, &e);
+            progress.count(&e);
+        }
+    }
+}

@@ -1,0 +1,471 @@
+//! FLOWARCHIVE.SWEEP, its INFO fields and the cron script.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::proxy::{Fault, Proxy, Rule};
+use common::*;
+
+fn sweep(
+    c: &mut redis::Connection,
+    args: &[&str],
+) -> redis::RedisResult<HashMap<String, redis::Value>> {
+    let mut cmd = redis::cmd("FLOWARCHIVE.SWEEP");
+    for a in args {
+        cmd.arg(*a);
+    }
+    cmd.query::<redis::Value>(c).map(reply_map)
+}
+
+fn n(v: &redis::Value) -> i64 {
+    redis::from_redis_value(v).unwrap()
+}
+
+fn flows_of(v: &redis::Value) -> BTreeSet<String> {
+    redis::from_redis_value::<Vec<String>>(v)
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn indexed(c: &mut redis::Connection) -> BTreeSet<String> {
+    let ids: Vec<String> = cmd(c, &["HKEYS", "archived:flows"]).unwrap();
+    ids.into_iter().collect()
+}
+
+fn bed_with(extra: &[&str], proxy: Option<&Proxy>) -> (S3, Server) {
+    let s3 = S3::new_bucket();
+    let mut opts = ServerOpts::new(&s3);
+    if let Some(p) = proxy {
+        opts.module_args = s3.module_args(&p.endpoint());
+    }
+    opts.module_args.extend(extra.iter().map(|s| s.to_string()));
+    let srv = Server::start(opts);
+    (s3, srv)
+}
+
+#[test]
+fn a_thousand_mixed_flows_dry_run_then_sweep() {
+    let (s3, srv) = bed_with(
+        &["retention", "1h", "concurrency", "8", "batch-size", "64"],
+        None,
+    );
+    let mut c = srv.conn();
+    let recent = now_ms() - 60_000;
+    let mut expected = BTreeSet::new();
+    for i in 0..1000 {
+        let id = format!("f{i:04}");
+        let spec = match i % 4 {
+            0 => FlowSpec {
+                status: "active",
+                labels: &[("tenant", "acme")],
+                ..FlowSpec::done(&id)
+            },
+            1 => FlowSpec {
+                last_ms: recent,
+                ..FlowSpec::done(&id)
+            },
+            2 => FlowSpec {
+                labels: &[("tenant", "acme"), ("region", "eu")],
+                ..FlowSpec::done(&id)
+            },
+            _ => FlowSpec {
+                status: "failed",
+                labels: &[],
+                compact_events: true,
+                ..FlowSpec::done(&id)
+            },
+        };
+        if i % 4 >= 2 {
+            expected.insert(id.clone());
+        }
+        write_flow(&mut c, &spec);
+    }
+    cmd::<()>(&mut c, &["SET", "argyll:catalog:wf", "{}"]).unwrap();
+    cmd::<()>(&mut c, &["SET", "other:thing", "x"]).unwrap();
+    let before = dump_all(&mut c);
+
+    let dry = sweep(&mut c, &["DRYRUN"]).unwrap();
+    assert_eq!(n(&dry["dry_run"]), 1);
+    assert_eq!(flows_of(&dry["flows"]), expected);
+    assert_eq!(n(&dry["archived"]), 0);
+    assert_same(&before, &dump_all(&mut c), "DRYRUN changes nothing");
+    assert!(s3.list().is_empty());
+
+    let done = sweep(&mut c, &[]).unwrap();
+    assert_eq!(n(&done["candidates"]), 500, "{done:?}");
+    assert_eq!(n(&done["archived"]), 500, "{done:?}");
+    assert_eq!(n(&done["failed"]), 0);
+    assert!(n(&done["stored_bytes"]) > 0 && n(&done["raw_bytes"]) > n(&done["stored_bytes"]));
+    assert_eq!(indexed(&mut c), expected, "exactly the long-terminal flows");
+    assert_eq!(s3.list().len(), 500);
+
+    let after = dump_all(&mut c);
+    let shared = [
+        "argyll:idx:status",
+        "argyll:idx:status:completed",
+        "argyll:idx:status:failed",
+        "argyll:idx:label:tenant:acme",
+        "argyll:idx:label:region:eu",
+        "argyll:idx:label:region",
+        "archived:flows",
+    ];
+    for (k, v) in &before.0 {
+        let key = String::from_utf8_lossy(k).to_string();
+        let archived_key = expected
+            .iter()
+            .any(|id| key.starts_with(&format!("argyll:flow:{id}:")));
+        if archived_key {
+            assert!(!after.0.contains_key(k), "{key} should be gone");
+        } else if !shared.contains(&key.as_str()) {
+            assert_eq!(after.0.get(k), Some(v), "{key} changed");
+        }
+    }
+    let remaining: Vec<String> = cmd(&mut c, &["HKEYS", "argyll:idx:status"]).unwrap();
+    assert_eq!(remaining.len(), 500);
+    assert_eq!(
+        cmd::<i64>(&mut c, &["EXISTS", "argyll:idx:label:region:eu"]).unwrap(),
+        0
+    );
+    assert_eq!(
+        cmd::<i64>(&mut c, &["SISMEMBER", "argyll:idx:label:tenant", "acme"]).unwrap(),
+        1
+    );
+
+    assert_eq!(info_field(&mut c, "sweeps_run"), 2);
+    assert_eq!(info_field(&mut c, "last_sweep_archived"), 500);
+    assert_eq!(info_field(&mut c, "last_sweep_candidates"), 500);
+    assert_eq!(info_field(&mut c, "flows_archived"), 500);
+    assert_eq!(info_field(&mut c, "sweep_running"), 0);
+    assert!(srv.log().contains("flowarchive: sweep done"));
+
+    let again = sweep(&mut c, &[]).unwrap();
+    assert_eq!(n(&again["candidates"]), 0, "nothing left to do");
+}
+
+#[test]
+fn failing_uploads_are_counted_and_stay_live() {
+    let proxy = Proxy::start(s3_port());
+    let (_s3, srv) = bed_with(&["concurrency", "3"], Some(&proxy));
+    let mut c = srv.conn();
+    for i in 0..10 {
+        write_flow(&mut c, &FlowSpec::done(&format!("good-{i}")));
+    }
+    for i in 0..4 {
+        write_flow(&mut c, &FlowSpec::done(&format!("bad-{i}")));
+    }
+    proxy.set(vec![Rule {
+        method: "PUT",
+        path: "bad-".into(),
+        fault: Fault::Status(403),
+    }]);
+    let r = sweep(&mut c, &[]).unwrap();
+    assert_eq!(n(&r["archived"]), 10);
+    assert_eq!(n(&r["failed"]), 4);
+    let reasons = reply_map(r["failed_by_reason"].clone());
+    assert_eq!(n(&reasons["s3_rejected"]), 4);
+    for i in 0..4 {
+        assert_eq!(
+            cmd::<i64>(&mut c, &["EXISTS", &format!("argyll:flow:bad-{i}:events")]).unwrap(),
+            1
+        );
+    }
+    assert_eq!(indexed(&mut c).len(), 10);
+    assert_eq!(info_field(&mut c, "failures_s3_rejected"), 4);
+    assert_eq!(info_field(&mut c, "last_sweep_failed"), 4);
+    assert!(srv.log().contains("[s3_rejected]"), "failures are logged");
+
+    // The cron script: 1 when flows failed, 0 when all went through, 2 when the sweep cannot run.
+    let script = |port: u16| {
+        Command::new("python3")
+            .arg(root().join("scripts/flowarchive-sweep"))
+            .env("FLOWARCHIVE_PORT", port.to_string())
+            .output()
+            .unwrap()
+    };
+    let out = script(srv.port);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("candidates=4") && stdout.contains("failed[s3_rejected]=4"),
+        "{stdout}"
+    );
+    proxy.clear();
+    let out = script(srv.port);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("archived=4"));
+    let out = script(free_port());
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn events_appended_during_a_sweep_skip_those_flows() {
+    let proxy = Proxy::start(s3_port());
+    let (_s3, srv) = bed_with(&["concurrency", "4"], Some(&proxy));
+    let mut c = srv.conn();
+    let ids: Vec<String> = (0..8).map(|i| format!("busy-{i}")).collect();
+    for id in &ids {
+        write_flow(&mut c, &FlowSpec::done(id));
+    }
+    proxy.set(vec![Rule {
+        method: "PUT",
+        path: String::new(),
+        fault: Fault::Delay(Duration::from_millis(700)),
+    }]);
+    assert_eq!(
+        redis::cmd("FLOWARCHIVE.SWEEP")
+            .arg("ASYNC")
+            .query::<String>(&mut c)
+            .unwrap(),
+        "STARTED"
+    );
+    wait_for("the first uploads", Duration::from_secs(10), || {
+        proxy
+            .requests()
+            .iter()
+            .filter(|r| r.starts_with("PUT"))
+            .count()
+            >= 2
+    });
+    let in_upload: Vec<String> = proxy
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("PUT"))
+        .filter_map(|r| {
+            ids.iter()
+                .find(|id| r.contains(&format!("/{id}.jsonl.gz")))
+                .cloned()
+        })
+        .take(2)
+        .collect();
+    for id in &in_upload {
+        cmd::<()>(
+            &mut c,
+            &[
+                "RPUSH",
+                &format!("argyll:flow:{id}:events"),
+                "{\"type\":\"attribute_set\"}",
+            ],
+        )
+        .unwrap();
+    }
+    wait_for("the sweep to end", Duration::from_secs(30), || {
+        info_field(&mut c, "sweep_running") == 0
+    });
+    assert_eq!(info_field(&mut c, "last_sweep_skipped_changed"), 2);
+    assert_eq!(info_field(&mut c, "last_sweep_archived"), 6);
+    for id in &in_upload {
+        assert_eq!(
+            cmd::<i64>(&mut c, &["LLEN", &format!("argyll:flow:{id}:events")]).unwrap(),
+            6,
+            "{id} kept whole"
+        );
+        assert_eq!(
+            cmd::<i64>(&mut c, &["HEXISTS", "archived:flows", id]).unwrap(),
+            0
+        );
+    }
+}
+
+#[test]
+fn one_sweep_at_a_time_limit_and_responsiveness() {
+    let proxy = Proxy::start(s3_port());
+    let (_s3, srv) = bed_with(&["concurrency", "2"], Some(&proxy));
+    let mut c = srv.conn();
+    for i in 0..300 {
+        write_flow(&mut c, &FlowSpec::done(&format!("p{i}")));
+    }
+    write_flow(
+        &mut c,
+        &FlowSpec {
+            events: 20_000,
+            ..FlowSpec::done("huge")
+        },
+    );
+    let limited = sweep(&mut c, &["LIMIT", "5"]).unwrap();
+    assert_eq!(n(&limited["archived"]), 5);
+    assert_eq!(indexed(&mut c).len(), 5);
+
+    proxy.set(vec![Rule {
+        method: "PUT",
+        path: String::new(),
+        fault: Fault::Delay(Duration::from_millis(20)),
+    }]);
+    assert_eq!(
+        redis::cmd("FLOWARCHIVE.SWEEP")
+            .arg("ASYNC")
+            .query::<String>(&mut c)
+            .unwrap(),
+        "STARTED"
+    );
+    let e = sweep(&mut c, &[]).unwrap_err().to_string();
+    assert!(e.contains("already running"), "{e}");
+    let e = redis::cmd("FLOWARCHIVE.SWEEP")
+        .arg("ASYNC")
+        .query::<String>(&mut c)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("already running"), "{e}");
+    assert_eq!(info_field(&mut c, "sweep_running"), 1);
+    let mut pings = 0;
+    let mut slowest = Duration::ZERO;
+    while info_field(&mut c, "sweep_running") == 1 {
+        let t = Instant::now();
+        assert_eq!(cmd::<String>(&mut c, &["PING"]).unwrap(), "PONG");
+        slowest = slowest.max(t.elapsed());
+        pings += 1;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        pings > 10,
+        "the sweep ran long enough to be probed ({pings} pings)"
+    );
+    assert!(
+        slowest < Duration::from_secs(1),
+        "PING answered during the sweep (slowest {slowest:?})"
+    );
+    assert_eq!(indexed(&mut c).len(), 301);
+    assert_eq!(info_field(&mut c, "last_sweep_archived"), 296);
+
+    for bad in [&["LIMIT"][..], &["LIMIT", "0"], &["LIMIT", "x"], &["NOW"]] {
+        let e = sweep(&mut c, bad).unwrap_err().to_string();
+        assert!(e.contains("LIMIT") || e.contains("syntax"), "{bad:?}: {e}");
+    }
+}
+
+#[test]
+fn a_crash_mid_sweep_loses_nothing() {
+    let proxy = Proxy::start(s3_port());
+    let s3 = S3::new_bucket();
+    let mut opts = ServerOpts::new(&s3);
+    opts.module_args = s3.module_args(&proxy.endpoint());
+    opts.module_args
+        .extend(["concurrency".to_string(), "2".to_string()]);
+    opts.extra = ["--appendonly", "yes", "--appendfsync", "always"]
+        .map(String::from)
+        .to_vec();
+    let mut srv = Server::start(opts);
+    let mut c = srv.conn();
+    let ids: Vec<String> = (0..200).map(|i| format!("c{i:03}")).collect();
+    for id in &ids {
+        write_flow(&mut c, &FlowSpec::done(id));
+    }
+    proxy.set(vec![Rule {
+        method: "PUT",
+        path: String::new(),
+        fault: Fault::Delay(Duration::from_millis(25)),
+    }]);
+    redis::cmd("FLOWARCHIVE.SWEEP")
+        .arg("ASYNC")
+        .query::<String>(&mut c)
+        .unwrap();
+    wait_for("some flows archived", Duration::from_secs(20), || {
+        info_field(&mut c, "flows_archived") >= 20
+    });
+    srv.crash_and_restart();
+    let mut c = srv.conn();
+    let after_crash = indexed(&mut c).len();
+    assert!(
+        (20..200).contains(&after_crash),
+        "crashed mid-sweep ({after_crash} archived)"
+    );
+    proxy.clear();
+    let r = sweep(&mut c, &[]).unwrap();
+    assert_eq!(n(&r["archived"]) as usize, 200 - after_crash);
+    assert_eq!(indexed(&mut c).len(), 200);
+    for id in &ids {
+        let live: i64 = cmd(&mut c, &["EXISTS", &format!("argyll:flow:{id}:events")]).unwrap();
+        assert_eq!(live, 0, "{id}");
+        let state: Option<String> = redis::cmd("FLOWARCHIVE.GET").arg(id).query(&mut c).unwrap();
+        let state: serde_json::Value = serde_json::from_str(&state.expect("readable")).unwrap();
+        assert_eq!(state["id"], id.as_str());
+        assert_eq!(state["archived"], true);
+    }
+}
+
+#[test]
+fn layouts_without_a_status_index_are_swept_by_scan() {
+    let (_s3, srv) = bed_with(
+        &[
+            "status-key",
+            "",
+            "status-set-key",
+            "",
+            "label-set-key",
+            "",
+            "label-values-key",
+            "",
+            "retention",
+            "1d",
+            "batch-size",
+            "7",
+        ],
+        None,
+    );
+    let mut c = srv.conn();
+    for i in 0..30 {
+        let id = format!("s{i}");
+        let status = if i % 3 == 0 { "active" } else { "completed" };
+        write_flow(
+            &mut c,
+            &FlowSpec {
+                status,
+                ..FlowSpec::done(&id)
+            },
+        );
+    }
+    write_flow(
+        &mut c,
+        &FlowSpec {
+            last_ms: now_ms(),
+            ..FlowSpec::done("fresh")
+        },
+    );
+    let r = sweep(&mut c, &[]).unwrap();
+    assert_eq!(n(&r["archived"]), 20, "{r:?}");
+    assert_eq!(
+        cmd::<i64>(&mut c, &["EXISTS", "argyll:flow:fresh:events"]).unwrap(),
+        1
+    );
+    assert_eq!(
+        cmd::<i64>(&mut c, &["EXISTS", "argyll:flow:s0:events"]).unwrap(),
+        1
+    );
+}
+
+#[test]
+fn the_internal_timer_sweeps_when_enabled() {
+    let (_s3, srv) = bed_with(&[], None);
+    let mut c = srv.conn();
+    write_flow(&mut c, &FlowSpec::done("timed"));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(info_field(&mut c, "sweeps_run"), 0, "off by default");
+    cmd::<()>(
+        &mut c,
+        &["CONFIG", "SET", "flowarchive.sweep-interval", "1s"],
+    )
+    .unwrap();
+    wait_for("a timer sweep", Duration::from_secs(10), || {
+        cmd::<i64>(&mut c, &["HEXISTS", "archived:flows", "timed"]).unwrap_or(0) == 1
+    });
+    cmd::<()>(
+        &mut c,
+        &["CONFIG", "SET", "flowarchive.sweep-interval", "0s"],
+    )
+    .unwrap();
+}
