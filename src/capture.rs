@@ -36,6 +36,8 @@ pub struct Capture {
     pub flow: Captured,
     pub events_total: usize,
     pub watch: Watch,
+    /// The longest single main-thread stretch spent on this flow so far, in microseconds.
+    pub held_us: u64,
 }
 
 impl Capture {
@@ -135,6 +137,7 @@ pub fn start(
         flow,
         events_total,
         watch,
+        held_us: 0,
     };
     read_more(ctx, &mut capture)?;
     Ok(Start::Capture(Box::new(capture)))

@@ -14,7 +14,7 @@ use crate::clock;
 use crate::configs::Settings;
 use crate::errors::{self, show_id, FlowError};
 use crate::fetch::{self, Waiter};
-use crate::metrics::{self, MainThreadTimer};
+use crate::metrics;
 use crate::server::selected_db;
 use crate::store::Store;
 use crate::sweep;
@@ -65,12 +65,15 @@ fn flow_inner(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let settings = Settings::current();
     let store = Store::new(&settings.s3).map_err(|e| err(format!("ERR {e}")))?;
     let db = selected_db(ctx);
-    let started = {
-        let _timer = MainThreadTimer::start();
+    let mut held = 0;
+    let started = metrics::timed(&mut held, || {
         capture::start(ctx, db, &id, &settings, force, clock::now_ms())
-    };
+    });
     let capture = match started {
-        Ok(Start::Capture(c)) => *c,
+        Ok(Start::Capture(c)) => capture::Capture {
+            held_us: held,
+            ..*c
+        },
         Ok(Start::AlreadyArchived(location)) => {
             return Ok(map([
                 ("location", RedisValue::BulkString(location)),

@@ -76,19 +76,35 @@ const FETCH_ERROR_KINDS: [&str; 13] = [
     "internal",
 ];
 
-/// Times a stretch on the main thread; records it when dropped.
-pub struct MainThreadTimer(Instant);
+/// Runs `f` (a stretch on the main thread or under the GIL), records its length in the global maximum
+/// and raises `held` (the maximum of one flow) to it.
+pub fn timed<T>(held: &mut u64, f: impl FnOnce() -> T) -> T {
+    let start = Instant::now();
+    let out = f();
+    let us = start.elapsed().as_micros() as u64;
+    MAIN_THREAD_MAX_US.fetch_max(us, Ordering::Relaxed);
+    *held = (*held).max(us);
+    out
+}
 
-impl MainThreadTimer {
-    pub fn start() -> Self {
-        MainThreadTimer(Instant::now())
+/// Bytes the module holds for flows in flight (captured events and encoded objects).
+pub static BUFFERED_BYTES: AtomicU64 = AtomicU64::new(0);
+pub static BUFFERED_BYTES_PEAK: AtomicU64 = AtomicU64::new(0);
+
+/// Counts `bytes` as buffered until dropped.
+pub struct Buffered(u64);
+
+impl Buffered {
+    pub fn hold(bytes: u64) -> Self {
+        let now = BUFFERED_BYTES.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        BUFFERED_BYTES_PEAK.fetch_max(now, Ordering::Relaxed);
+        Buffered(bytes)
     }
 }
 
-impl Drop for MainThreadTimer {
+impl Drop for Buffered {
     fn drop(&mut self) {
-        let us = self.0.elapsed().as_micros() as u64;
-        MAIN_THREAD_MAX_US.fetch_max(us, Ordering::Relaxed);
+        BUFFERED_BYTES.fetch_sub(self.0, Ordering::Relaxed);
     }
 }
 
@@ -126,7 +142,9 @@ pub fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
         .field("bytes_raw", get(&BYTES_RAW))?
         .field("bytes_stored", get(&BYTES_STORED))?
         .field("uploads_in_flight", get(&UPLOADS_IN_FLIGHT))?
-        .field("main_thread_max_us", get(&MAIN_THREAD_MAX_US))?;
+        .field("main_thread_max_us", get(&MAIN_THREAD_MAX_US))?
+        .field("buffered_bytes", get(&BUFFERED_BYTES))?
+        .field("buffered_bytes_peak", get(&BUFFERED_BYTES_PEAK))?;
     for (kind, count) in FAILURE_KINDS.iter().zip(FAILURES.iter()) {
         section = section.field(&format!("failures_{kind}"), get(count))?;
     }
@@ -170,6 +188,10 @@ pub fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
             .field(&format!("{name}_raw_bytes"), get(&p.raw_bytes))?
             .field(&format!("{name}_stored_bytes"), get(&p.stored_bytes))?
             .field(&format!("{name}_duration_ms"), get(&p.duration_ms))?
+            .field(
+                &format!("{name}_main_thread_max_us"),
+                get(&p.main_thread_max_us),
+            )?
             .field(&format!("{name}_dry_run"), p.dry_run as i64)?;
     }
     let errors = GET_FETCH_ERRORS

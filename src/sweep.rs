@@ -17,7 +17,7 @@ use crate::clock;
 use crate::configs::Settings;
 use crate::errors::FlowError;
 use crate::layout::Layout;
-use crate::metrics::{self, MainThreadTimer};
+use crate::metrics;
 use crate::server::{bytes, call, select_db};
 use crate::store::Store;
 
@@ -40,6 +40,8 @@ pub struct Progress {
     would_archive: Mutex<Vec<String>>,
     pub dry_run: bool,
     pub duration_ms: AtomicU64,
+    /// Longest single main-thread stretch of this sweep (selection, capture or commit), microseconds.
+    pub main_thread_max_us: AtomicU64,
 }
 
 impl Progress {
@@ -399,12 +401,14 @@ fn run(
         }
     }
     let mut seen = HashSet::new();
+    let mut selection_held = 0;
     'select: loop {
         let batch = {
             let ctx = tsc.lock();
-            let _timer = MainThreadTimer::start();
-            select_db(&ctx, db)?;
-            selector.next(&ctx, &settings.layout, settings.batch_size)?
+            metrics::timed(&mut selection_held, || {
+                select_db(&ctx, db)?;
+                selector.next(&ctx, &settings.layout, settings.batch_size)
+            })?
         };
         if batch.is_empty() {
             break;
@@ -420,9 +424,10 @@ fn run(
             if opts.dry_run {
                 let inspected = {
                     let ctx = tsc.lock();
-                    let _timer = MainThreadTimer::start();
                     select_db(&ctx, db)?;
-                    capture::inspect(&ctx, db, &id, settings, false, clock::now_ms())
+                    metrics::timed(&mut selection_held, || {
+                        capture::inspect(&ctx, db, &id, settings, false, clock::now_ms())
+                    })
                 };
                 match inspected {
                     Ok(Inspected::Eligible(..)) => {
@@ -439,6 +444,9 @@ fn run(
             }
         }
     }
+    progress
+        .main_thread_max_us
+        .fetch_max(selection_held, Ordering::Relaxed);
     drop(tx);
     for w in workers {
         let _ = w.join();
@@ -457,21 +465,27 @@ fn archive_one<B: Send>(
     started: &AtomicU64,
     limit: Option<u64>,
 ) {
+    let mut held = 0;
     let begun = {
         let ctx = tsc.lock();
-        let _timer = MainThreadTimer::start();
-        match select_db(&ctx, db) {
+        metrics::timed(&mut held, || match select_db(&ctx, db) {
             Ok(()) => capture::start(&ctx, db, id, settings, false, clock::now_ms()),
             Err(e) => Err(FlowError::Internal(e)),
-        }
+        })
     };
     let outcome = match begun {
-        Ok(Start::Capture(capture)) => {
+        Ok(Start::Capture(mut capture)) => {
+            capture.held_us = held;
             if limit.is_some_and(|l| started.fetch_add(1, Ordering::SeqCst) >= l) {
                 return;
             }
             progress.in_flight.fetch_add(1, Ordering::Relaxed);
             let r = archive::run(tsc, *capture, settings, store);
+            if let Ok(done) = &r {
+                progress
+                    .main_thread_max_us
+                    .fetch_max(done.main_thread_us, Ordering::Relaxed);
+            }
             progress.in_flight.fetch_sub(1, Ordering::Relaxed);
             r
         }

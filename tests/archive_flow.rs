@@ -219,6 +219,14 @@ fn compact_events_empty_labels_and_ten_thousand_events() {
 
     let r = archive(&mut c, "big").unwrap();
     assert_eq!(int(&r["events"]), 10_000);
+    // The module reports its longest main-thread stretch for the flow and frees what it buffered.
+    let held = int(&r["main_thread_us"]);
+    assert!(
+        held > 0 && held <= info_field(&mut c, "main_thread_max_us"),
+        "{held}"
+    );
+    assert_eq!(info_field(&mut c, "buffered_bytes"), 0);
+    assert!(info_field(&mut c, "buffered_bytes_peak") > 1_000_000);
     let lines = object_lines(&s3, "flows/big.jsonl.gz");
     assert_eq!(lines.len(), 10_002);
     assert_eq!(lines[1..10_001], big_events[..]);

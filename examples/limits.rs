@@ -1,0 +1,167 @@
+//! Benchmark limits for scripts/bench, on the very objects flowarchive uploaded:
+//!   limits s3  <endpoint> <bucket> <src-prefix> <dst-prefix> <concurrency>
+//!       re-issues only the S3 requests of an archive (presigned PUT with Content-MD5 and
+//!       x-amz-checksum-sha256, then HEAD), with `concurrency` threads; no Valkey, no encoding.
+//!   limits cpu <endpoint> <bucket> <src-prefix>
+//!       single-core speed of gzip (level 1) + sha256 + md5 on the objects' uncompressed bytes.
+//! Credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY. Prints one JSON line.
+
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use md5::Md5;
+use rusty_s3::actions::ListObjectsV2;
+use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
+use sha2::{Digest, Sha256};
+
+const EXPIRES: Duration = Duration::from_secs(3600);
+
+struct S3 {
+    bucket: Bucket,
+    creds: Credentials,
+    agent: ureq::Agent,
+}
+
+fn fetch_all(s3: &S3, prefix: &str) -> Vec<(String, Vec<u8>)> {
+    let mut keys = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let mut list = s3.bucket.list_objects_v2(Some(&s3.creds));
+        list.with_prefix(prefix);
+        if let Some(t) = &token {
+            list.with_continuation_token(t.clone());
+        }
+        let url = list.sign(EXPIRES);
+        let text = s3
+            .agent
+            .get(url.as_str())
+            .call()
+            .expect("list")
+            .into_string()
+            .expect("list body");
+        let page = ListObjectsV2::parse_response(&text).expect("list xml");
+        keys.extend(page.contents.into_iter().map(|o| o.key));
+        match page.next_continuation_token {
+            Some(t) => token = Some(t),
+            None => break,
+        }
+    }
+    keys.into_iter()
+        .map(|k| {
+            let url = s3.bucket.get_object(Some(&s3.creds), &k).sign(EXPIRES);
+            let mut body = Vec::new();
+            s3.agent
+                .get(url.as_str())
+                .call()
+                .expect("get")
+                .into_reader()
+                .read_to_end(&mut body)
+                .expect("read");
+            (k, body)
+        })
+        .collect()
+}
+
+fn put_and_head(s3: &S3, key: &str, body: &[u8]) {
+    let md5 = B64.encode(Md5::digest(body));
+    let sha = B64.encode(Sha256::digest(body));
+    let mut put = s3.bucket.put_object(Some(&s3.creds), key);
+    put.headers_mut().insert("content-md5", md5.clone());
+    put.headers_mut()
+        .insert("x-amz-checksum-sha256", sha.clone());
+    let url = put.sign(EXPIRES);
+    s3.agent
+        .put(url.as_str())
+        .set("content-md5", &md5)
+        .set("x-amz-checksum-sha256", &sha)
+        .send_bytes(body)
+        .expect("put");
+    let url = s3.bucket.head_object(Some(&s3.creds), key).sign(EXPIRES);
+    s3.agent.head(url.as_str()).call().expect("head");
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let key = std::env::var("AWS_ACCESS_KEY_ID").unwrap_or_default();
+    let secret = std::env::var("AWS_SECRET_ACCESS_KEY").unwrap_or_default();
+    let endpoint = args
+        .get(2)
+        .expect("endpoint")
+        .parse()
+        .expect("endpoint url");
+    let bucket =
+        Bucket::new(endpoint, UrlStyle::Path, args[3].clone(), "us-east-1").expect("bucket");
+    let s3 = Arc::new(S3 {
+        bucket,
+        creds: Credentials::new(key, secret),
+        agent: ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(60))
+            .build(),
+    });
+    let objects = Arc::new(fetch_all(&s3, &args[4]));
+    let stored: usize = objects.iter().map(|(_, b)| b.len()).sum();
+    match args[1].as_str() {
+        "s3" => {
+            let dst = args[5].clone();
+            let threads: usize = args[6].parse().expect("concurrency");
+            let next = Arc::new(AtomicUsize::new(0));
+            let start = Instant::now();
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    let (s3, objects, next, dst) =
+                        (s3.clone(), objects.clone(), next.clone(), dst.clone());
+                    std::thread::spawn(move || loop {
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        let Some((k, body)) = objects.get(i) else {
+                            break;
+                        };
+                        let name = k.rsplit('/').next().unwrap_or(k);
+                        put_and_head(&s3, &format!("{dst}/{name}"), body);
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().expect("worker");
+            }
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                r#"{{"objects":{},"stored_bytes":{stored},"seconds":{secs}}}"#,
+                objects.len()
+            );
+        }
+        "cpu" => {
+            let raw: Vec<Vec<u8>> = objects
+                .iter()
+                .map(|(_, b)| {
+                    let mut out = Vec::new();
+                    flate2::read::GzDecoder::new(&b[..])
+                        .read_to_end(&mut out)
+                        .expect("gunzip");
+                    out
+                })
+                .collect();
+            let raw_bytes: usize = raw.iter().map(Vec::len).sum();
+            let start = Instant::now();
+            for r in &raw {
+                let content = Sha256::digest(r);
+                let mut gz = flate2::write::GzEncoder::new(
+                    Vec::with_capacity(r.len() / 6),
+                    flate2::Compression::new(1),
+                );
+                gz.write_all(r).expect("gzip");
+                let body = gz.finish().expect("gzip");
+                std::hint::black_box((content, Sha256::digest(&body), Md5::digest(&body)));
+            }
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                r#"{{"objects":{},"raw_bytes":{raw_bytes},"seconds":{secs}}}"#,
+                raw.len()
+            );
+        }
+        other => panic!("unknown mode {other}"),
+    }
+}
