@@ -60,64 +60,131 @@ pub fn map<const N: usize>(fields: [(&str, RedisValue); N]) -> RedisValue {
     )
 }
 
-/// Runs under a held GIL in the flow's DB, timing the stretch into `held`.
-fn with_gil<B: Send, T>(
+/// Lowers the calling worker thread's CPU priority (nice 10): compression and hashing then never take a
+/// core from the server's event loop when the machine is busy. Linux applies this per thread.
+pub fn background_priority() {
+    // SAFETY: plain syscalls on the calling thread; failure only leaves the priority unchanged.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
+}
+
+/// Runs under a held GIL in the flow's DB, timing the stretch into `held`. Afterwards it pauses
+/// briefly, so that the event loop (waiting for the GIL) takes its turn before this thread's next hold.
+pub fn with_gil<B: Send, T>(
     tsc: &ThreadSafeContext<B>,
     db: i32,
     held: &mut u64,
     f: impl FnOnce(&redis_module::Context) -> Result<T, FlowError>,
 ) -> Result<T, FlowError> {
-    let ctx = tsc.lock();
-    metrics::timed(held, || {
-        select_db(&ctx, db).map_err(FlowError::Internal)?;
-        f(&ctx)
-    })
+    let out = {
+        let ctx = tsc.lock();
+        metrics::timed(held, || {
+            select_db(&ctx, db).map_err(FlowError::Internal)?;
+            f(&ctx)
+        })
+    };
+    std::thread::sleep(GIL_PAUSE);
+    out
 }
 
-fn captured_bytes(flow: &crate::capture::Captured) -> u64 {
-    let events: usize = flow.events.iter().map(Vec::len).sum();
-    (events + flow.snapshot.len()) as u64
-}
+/// Long enough for a thread woken by the GIL's release to take it before we ask again.
+const GIL_PAUSE: std::time::Duration = std::time::Duration::from_micros(50);
 
-pub fn run<B: Send>(
+/// Reads the rest of a long event log, one chunk per GIL hold.
+pub fn finish_capture<B: Send>(
     tsc: &ThreadSafeContext<B>,
-    mut capture: Capture,
-    settings: &Settings,
-    store: &Store,
-) -> Result<Archived, FlowError> {
+    capture: &mut Capture,
+) -> Result<(), FlowError> {
     let db = capture.flow.db;
     let mut held = capture.held_us;
     while !capture.complete() {
-        with_gil(tsc, db, &mut held, |ctx| {
-            capture::read_more(ctx, &mut capture)
-        })?;
+        with_gil(tsc, db, &mut held, |ctx| capture::read_more(ctx, capture))?;
     }
-    let _captured = Buffered::hold(captured_bytes(&capture.flow));
-    let encoded =
-        encode::encode(&capture.flow).map_err(|e| FlowError::Unreadable(e.to_string()))?;
+    capture.held_us = held;
+    Ok(())
+}
+
+/// A flow whose object is stored and verified, waiting for its commit.
+pub struct Uploaded {
+    capture: Capture,
+    location: String,
+    raw_bytes: u64,
+    stored_bytes: u64,
+    sha256: String,
+}
+
+/// Encodes and uploads a captured flow, then verifies the stored object. No GIL; any thread.
+pub fn upload(
+    mut capture: Capture,
+    settings: &Settings,
+    store: &Store,
+) -> Result<Uploaded, FlowError> {
+    let encoded = {
+        let events: usize = capture.flow.events.iter().map(Vec::len).sum();
+        let _captured = Buffered::hold((events + capture.flow.snapshot.len()) as u64);
+        encode::encode(&capture.flow).map_err(|e| FlowError::Unreadable(e.to_string()))?
+    };
+    // The commit needs only the count: free the log now, not after the upload.
+    capture.events_total = capture.flow.events.len();
+    capture.flow.events = Vec::new();
     let _encoded = Buffered::hold(encoded.body.len() as u64);
     let key = layout::object_key(&settings.s3.prefix, &capture.flow.id);
     UPLOADS_IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
     let uploaded = store.put_verified(&key, &encoded);
     UPLOADS_IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
     uploaded.map_err(FlowError::Upload)?;
-    let location = store.location(&key);
-    let Capture { flow, watch, .. } = capture;
-    with_gil(tsc, db, &mut held, |ctx| {
-        commit::commit(ctx, &flow, watch, &settings.layout, &location)
-    })?;
-    metrics::archived(
-        &flow.id,
-        &location,
-        encoded.raw_bytes,
-        encoded.body.len() as u64,
-    );
-    Ok(Archived {
-        main_thread_us: held,
-        location,
-        events: flow.events.len(),
+    Ok(Uploaded {
+        location: store.location(&key),
         raw_bytes: encoded.raw_bytes,
         stored_bytes: encoded.body.len() as u64,
         sha256: hex(&encoded.object_sha256),
+        capture,
     })
+}
+
+/// Proves the flow unchanged, indexes it and deletes it, under the GIL.
+pub fn commit<B: Send>(
+    tsc: &ThreadSafeContext<B>,
+    up: Uploaded,
+    settings: &Settings,
+) -> Result<Archived, FlowError> {
+    let Uploaded {
+        capture,
+        location,
+        raw_bytes,
+        stored_bytes,
+        sha256,
+    } = up;
+    let Capture {
+        flow,
+        watch,
+        events_total,
+        mut held_us,
+    } = capture;
+    with_gil(tsc, flow.db, &mut held_us, |ctx| {
+        commit::commit(ctx, &flow, watch, &settings.layout, &location)
+    })?;
+    metrics::archived(&flow.id, &location, raw_bytes, stored_bytes);
+    Ok(Archived {
+        main_thread_us: held_us,
+        location,
+        events: events_total,
+        raw_bytes,
+        stored_bytes,
+        sha256,
+    })
+}
+
+/// One flow end to end on the calling thread.
+pub fn run<B: Send>(
+    tsc: &ThreadSafeContext<B>,
+    mut capture: Capture,
+    settings: &Settings,
+    store: &Store,
+) -> Result<Archived, FlowError> {
+    finish_capture(tsc, &mut capture)?;
+    let uploaded = upload(capture, settings, store)?;
+    commit(tsc, uploaded, settings)
 }

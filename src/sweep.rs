@@ -3,16 +3,17 @@
 //! in flight, and answers a summary. One sweep at a time.
 
 use std::collections::{BTreeMap, HashSet};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::sync_channel;
+use std::sync::mpsc::{channel, sync_channel};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use redis_module::{BlockedClient, CallReply, Context, RedisError, RedisValue, ThreadSafeContext};
 use serde_json::Value;
 
-use crate::archive::{self, map};
-use crate::capture::{self, Inspected, Start};
+use crate::archive::{self, map, Uploaded};
+use crate::capture::{self, Capture, Inspected, Start};
 use crate::clock;
 use crate::configs::Settings;
 use crate::errors::FlowError;
@@ -357,6 +358,9 @@ pub fn start(
     Ok(())
 }
 
+/// The sweep itself. This thread does all the GIL work (selection, capture, commit), one short hold at a
+/// time; `concurrency` worker threads at low CPU priority encode, upload and verify, never touching the
+/// GIL, so a busy machine never keeps the event loop waiting on a preempted worker.
 fn run(
     db: i32,
     opts: &Options,
@@ -366,42 +370,66 @@ fn run(
     let tsc = ThreadSafeContext::new();
     let cutoff_ms = clock::now_ms() - settings.retention_ms;
     let mut selector = Selector::new(&settings.layout, cutoff_ms);
-    let started = Arc::new(AtomicU64::new(0));
     let limit = opts.limit.map(|l| l as u64);
-    let (tx, rx) = sync_channel::<String>(settings.concurrency * 2);
-    let rx = Arc::new(Mutex::new(rx));
+    let (job_tx, job_rx) = sync_channel::<Capture>(settings.concurrency);
+    let job_rx = Arc::new(Mutex::new(job_rx));
+    let (done_tx, done_rx) = channel::<(String, Result<Uploaded, FlowError>)>();
     let mut workers = Vec::new();
     if !opts.dry_run {
         for _ in 0..settings.concurrency {
-            let (rx, settings, progress, started) = (
-                rx.clone(),
-                settings.clone(),
-                progress.clone(),
-                started.clone(),
-            );
+            let (job_rx, done_tx, settings) = (job_rx.clone(), done_tx.clone(), settings.clone());
             let store = Store::new(&settings.s3).map_err(|e| e.to_string())?;
-            workers.push(
-                std::thread::Builder::new()
-                    .name("flowarchive-worker".into())
-                    .spawn(move || {
-                        let tsc = ThreadSafeContext::new();
-                        loop {
-                            let next = lock(&rx).recv();
-                            let Ok(id) = next else { break };
-                            if limit.is_some_and(|l| started.load(Ordering::SeqCst) >= l) {
-                                continue;
-                            }
-                            archive_one(
-                                &tsc, db, &id, &settings, &store, &progress, &started, limit,
-                            );
+            let worker = std::thread::Builder::new()
+                .name("flowarchive-upload".into())
+                .spawn(move || {
+                    archive::background_priority();
+                    loop {
+                        let next = lock(&job_rx).recv();
+                        let Ok(capture) = next else { break };
+                        let id = capture.flow.id.clone();
+                        let result = catch_unwind(AssertUnwindSafe(|| {
+                            archive::upload(capture, &settings, &store)
+                        }))
+                        .unwrap_or_else(|_| {
+                            Err(FlowError::Internal("upload worker panicked".into()))
+                        });
+                        if done_tx.send((id, result)).is_err() {
+                            break;
                         }
-                    })
-                    .map_err(|e| e.to_string())?,
-            );
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+            workers.push(worker);
         }
     }
+    drop(done_tx);
+
+    let mut started = 0u64;
+    let mut in_flight = 0usize;
     let mut seen = HashSet::new();
     let mut selection_held = 0;
+    let finish = |(id, result): (String, Result<Uploaded, FlowError>), in_flight: &mut usize| {
+        *in_flight -= 1;
+        progress.in_flight.fetch_sub(1, Ordering::Relaxed);
+        match result.and_then(|up| archive::commit(&tsc, up, settings)) {
+            Ok(done) => {
+                progress.archived.fetch_add(1, Ordering::Relaxed);
+                progress
+                    .raw_bytes
+                    .fetch_add(done.raw_bytes, Ordering::Relaxed);
+                progress
+                    .stored_bytes
+                    .fetch_add(done.stored_bytes, Ordering::Relaxed);
+                progress
+                    .main_thread_max_us
+                    .fetch_max(done.main_thread_us, Ordering::Relaxed);
+            }
+            Err(e) => {
+                metrics::failed(&id, &e);
+                progress.count(&e);
+            }
+        }
+    };
     'select: loop {
         let batch = {
             let ctx = tsc.lock();
@@ -414,24 +442,22 @@ fn run(
             break;
         }
         for id in batch {
+            if limit.is_some_and(|l| started >= l) {
+                break 'select;
+            }
             if !seen.insert(id.clone()) {
                 continue;
             }
-            if limit.is_some_and(|l| started.load(Ordering::SeqCst) >= l) {
-                break 'select;
-            }
             progress.candidates.fetch_add(1, Ordering::Relaxed);
             if opts.dry_run {
-                let inspected = {
-                    let ctx = tsc.lock();
-                    select_db(&ctx, db)?;
-                    metrics::timed(&mut selection_held, || {
-                        capture::inspect(&ctx, db, &id, settings, false, clock::now_ms())
-                    })
-                };
+                let mut held = 0;
+                let inspected = archive::with_gil(&tsc, db, &mut held, |ctx| {
+                    capture::inspect(ctx, db, &id, settings, false, clock::now_ms())
+                });
+                selection_held = selection_held.max(held);
                 match inspected {
                     Ok(Inspected::Eligible(..)) => {
-                        started.fetch_add(1, Ordering::SeqCst);
+                        started += 1;
                         lock(&progress.would_archive).push(id);
                     }
                     Ok(Inspected::AlreadyArchived(_)) => {
@@ -439,75 +465,60 @@ fn run(
                     }
                     Err(e) => progress.count(&e),
                 }
-            } else if tx.send(id).is_err() {
+                continue;
+            }
+            // Commit what is done; wait while every worker is busy.
+            while let Ok(done) = done_rx.try_recv() {
+                finish(done, &mut in_flight);
+            }
+            while in_flight >= settings.concurrency {
+                match done_rx.recv() {
+                    Ok(done) => finish(done, &mut in_flight),
+                    Err(_) => break 'select,
+                }
+            }
+            let mut held = 0;
+            let begun = archive::with_gil(&tsc, db, &mut held, |ctx| {
+                capture::start(ctx, db, &id, settings, false, clock::now_ms())
+            });
+            let mut capture = match begun {
+                Ok(Start::Capture(c)) => *c,
+                Ok(Start::AlreadyArchived(_)) => {
+                    progress.skipped_ineligible.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                Err(e) => {
+                    metrics::failed(&id, &e);
+                    progress.count(&e);
+                    continue;
+                }
+            };
+            capture.held_us = held;
+            if let Err(e) = archive::finish_capture(&tsc, &mut capture) {
+                metrics::failed(&id, &e);
+                progress.count(&e);
+                continue;
+            }
+            started += 1;
+            in_flight += 1;
+            progress.in_flight.fetch_add(1, Ordering::Relaxed);
+            if job_tx.send(capture).is_err() {
                 break 'select;
             }
+        }
+    }
+    drop(job_tx);
+    while in_flight > 0 {
+        match done_rx.recv() {
+            Ok(done) => finish(done, &mut in_flight),
+            Err(_) => break,
         }
     }
     progress
         .main_thread_max_us
         .fetch_max(selection_held, Ordering::Relaxed);
-    drop(tx);
     for w in workers {
         let _ = w.join();
     }
     Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn archive_one<B: Send>(
-    tsc: &ThreadSafeContext<B>,
-    db: i32,
-    id: &str,
-    settings: &Settings,
-    store: &Store,
-    progress: &Progress,
-    started: &AtomicU64,
-    limit: Option<u64>,
-) {
-    let mut held = 0;
-    let begun = {
-        let ctx = tsc.lock();
-        metrics::timed(&mut held, || match select_db(&ctx, db) {
-            Ok(()) => capture::start(&ctx, db, id, settings, false, clock::now_ms()),
-            Err(e) => Err(FlowError::Internal(e)),
-        })
-    };
-    let outcome = match begun {
-        Ok(Start::Capture(mut capture)) => {
-            capture.held_us = held;
-            if limit.is_some_and(|l| started.fetch_add(1, Ordering::SeqCst) >= l) {
-                return;
-            }
-            progress.in_flight.fetch_add(1, Ordering::Relaxed);
-            let r = archive::run(tsc, *capture, settings, store);
-            if let Ok(done) = &r {
-                progress
-                    .main_thread_max_us
-                    .fetch_max(done.main_thread_us, Ordering::Relaxed);
-            }
-            progress.in_flight.fetch_sub(1, Ordering::Relaxed);
-            r
-        }
-        Ok(Start::AlreadyArchived(_)) => {
-            progress.skipped_ineligible.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        Err(e) => Err(e),
-    };
-    match outcome {
-        Ok(done) => {
-            progress.archived.fetch_add(1, Ordering::Relaxed);
-            progress
-                .raw_bytes
-                .fetch_add(done.raw_bytes, Ordering::Relaxed);
-            progress
-                .stored_bytes
-                .fetch_add(done.stored_bytes, Ordering::Relaxed);
-        }
-        Err(e) => {
-            metrics::failed(id, &e);
-            progress.count(&e);
-        }
-    }
 }

@@ -294,26 +294,35 @@ impl ServerOpts {
 
 impl Server {
     pub fn start(opts: ServerOpts) -> Server {
-        let port = free_port();
-        let dir = root().join("target/test-servers").join(unique("srv"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let child = Self::spawn(&opts, port, &dir);
-        let mut server = Server {
-            port,
-            dir,
-            flavor: opts.flavor,
-            child,
-            opts,
-        };
-        server.wait_ready();
-        server
+        // A free port can be taken by an outgoing connection before the server binds it: retry.
+        for _ in 0..5 {
+            let port = free_port();
+            let dir = root().join("target/test-servers").join(unique("srv"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let child = Self::spawn(&opts, port, &dir);
+            let mut server = Server {
+                port,
+                dir,
+                flavor: opts.flavor,
+                child,
+                opts: opts.clone(),
+            };
+            match server.wait_ready() {
+                Ok(()) => return server,
+                Err(log) if log.contains("Address already in use") => continue,
+                Err(log) => panic!("server did not start; log:\n{log}"),
+            }
+        }
+        panic!("no free port after 5 tries");
     }
 
     /// Kills the server (SIGKILL, no shutdown) and starts it again on the same port and directory.
     pub fn crash_and_restart(&mut self) {
         self.kill();
         self.child = Self::spawn(&self.opts, self.port, &self.dir);
-        self.wait_ready();
+        if let Err(log) = self.wait_ready() {
+            panic!("server did not restart; log:\n{log}");
+        }
     }
 
     fn spawn(opts: &ServerOpts, port: u16, dir: &Path) -> Child {
@@ -343,20 +352,22 @@ impl Server {
         cmd.spawn().expect("cannot start server")
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits until the server answers PING; its log if it exits or never answers.
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("server exited with {status}; log:\n{}", self.log());
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return Err(self.log());
             }
             if let Ok(mut c) = self.try_conn() {
                 if redis::cmd("PING").query::<String>(&mut c).is_ok() {
-                    return;
+                    return Ok(());
                 }
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("server did not start; log:\n{}", self.log());
+        self.kill();
+        Err(self.log())
     }
 
     fn try_conn(&self) -> redis::RedisResult<redis::Connection> {
