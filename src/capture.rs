@@ -4,14 +4,14 @@
 //! log; `read_more` reads the rest in bounded chunks, each under its own short GIL hold, so a flow of
 //! 100,000 events never stalls the server in one go. The watch proves nothing changed in between.
 
-use redis_module::{CallReply, Context, KeyType};
+use redis_module::{Context, KeyType};
 use serde_json::Value;
 
 use crate::clock;
 use crate::configs::Settings;
 use crate::errors::FlowError;
 use crate::layout::FlowKeys;
-use crate::server::{self, bytes, call, type_name, type_of};
+use crate::server::{self, bytes, call, strings, type_name, type_of};
 use crate::watch::Watch;
 
 /// Events read per GIL hold: about 0.5 MB of typical events, well under a millisecond.
@@ -106,13 +106,7 @@ pub fn read_all_events(ctx: &Context, keys: &FlowKeys) -> Result<Vec<Vec<u8>>, F
     expect_type(ctx, &keys.events, KeyType::List)?;
     let reply =
         call(ctx, "LRANGE", &[keys.events.as_bytes(), b"0", b"-1"]).map_err(FlowError::Internal)?;
-    let CallReply::Array(items) = &reply else {
-        return Ok(Vec::new());
-    };
-    Ok(items
-        .iter()
-        .filter_map(|r| r.ok().as_ref().and_then(bytes))
-        .collect())
+    Ok(strings(&reply))
 }
 
 /// Checks the flow and begins its capture. `now_ms` and `force` decide the idle check.
@@ -249,14 +243,7 @@ pub fn inspect(
     if let Some(k) = &keys.labels {
         if expect_type(ctx, k, KeyType::Hash)? {
             let reply = call(ctx, "HGETALL", &[k.as_bytes()]).map_err(FlowError::Internal)?;
-            let items: Vec<Vec<u8>> = match &reply {
-                CallReply::Array(a) => a
-                    .iter()
-                    .filter_map(|r| r.ok().as_ref().and_then(bytes))
-                    .collect(),
-                _ => Vec::new(),
-            };
-            for pair in items.chunks_exact(2) {
+            for pair in strings(&reply).chunks_exact(2) {
                 labels.push((
                     utf8(pair[0].clone(), "a label name")?,
                     utf8(pair[1].clone(), "a label value")?,
@@ -305,15 +292,8 @@ pub fn read_more(ctx: &Context, capture: &mut Capture) -> Result<(), FlowError> 
     let key = capture.flow.keys.events.as_bytes();
     let reply = call(ctx, "LRANGE", &[key, start.as_bytes(), stop.as_bytes()])
         .map_err(FlowError::Internal)?;
-    let CallReply::Array(items) = &reply else {
-        return Err(FlowError::Internal("LRANGE answered no list".into()));
-    };
-    for item in items.iter() {
-        match item.ok().as_ref().and_then(bytes) {
-            Some(b) => capture.flow.events.push(b),
-            None => return Err(FlowError::Internal("LRANGE answered a non-string".into())),
-        }
-    }
+    capture.flow.events.extend(strings(&reply));
+    // Fewer elements than the range asked for: the list shrank since LLEN.
     if capture.flow.events.len() != to {
         return Err(FlowError::Changed);
     }

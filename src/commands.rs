@@ -31,12 +31,23 @@ fn guarded(name: &str, f: impl FnOnce() -> RedisResult) -> RedisResult {
     })
 }
 
-fn flow_id(arg: RedisString) -> Result<String, RedisError> {
+/// Parses `<flow_id> [FLAG]`: the id, and whether the optional flag was given.
+fn id_and_flag(args: Vec<RedisString>, flag: &str) -> Result<(String, bool), RedisError> {
+    if args.len() < 2 || args.len() > 3 {
+        return Err(RedisError::WrongArity);
+    }
+    let mut args = args.into_iter().skip(1);
+    let arg = args.next_arg()?;
     let id = arg.try_as_str().map_err(|_| err(errors::ID_NOT_UTF8))?;
     if id.is_empty() {
         return Err(err(errors::EMPTY_ID));
     }
-    Ok(id.to_string())
+    let set = match args.next() {
+        None => false,
+        Some(a) if a.to_string_lossy().eq_ignore_ascii_case(flag) => true,
+        Some(_) => return Err(err(format!("ERR syntax error: expected {flag}"))),
+    };
+    Ok((id.to_string(), set))
 }
 
 /// FLOWARCHIVE.FLOW <flow_id> [FORCE]
@@ -45,16 +56,7 @@ pub fn flow(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
 }
 
 fn flow_inner(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
-    if args.len() < 2 || args.len() > 3 {
-        return Err(RedisError::WrongArity);
-    }
-    let mut args = args.into_iter().skip(1);
-    let id = flow_id(args.next_arg()?)?;
-    let force = match args.next() {
-        None => false,
-        Some(a) if a.to_string_lossy().eq_ignore_ascii_case("FORCE") => true,
-        Some(_) => return Err(err("ERR syntax error: expected FORCE")),
-    };
+    let (id, force) = id_and_flag(args, "FORCE")?;
     let flags = ctx.get_flags();
     if flags.intersects(ContextFlags::MULTI | ContextFlags::LUA | ContextFlags::DENY_BLOCKING) {
         return Err(err(errors::DENY_BLOCKING));
@@ -115,16 +117,7 @@ pub fn get(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
 }
 
 fn get_inner(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
-    if args.len() < 2 || args.len() > 3 {
-        return Err(RedisError::WrongArity);
-    }
-    let mut args = args.into_iter().skip(1);
-    let id = flow_id(args.next_arg()?)?;
-    let events = match args.next() {
-        None => false,
-        Some(a) if a.to_string_lossy().eq_ignore_ascii_case("EVENTS") => true,
-        Some(_) => return Err(err("ERR syntax error: expected EVENTS")),
-    };
+    let (id, events) = id_and_flag(args, "EVENTS")?;
     let settings = Settings::current();
     let keys = settings.layout.flow_keys(&id);
     let live = |e: FlowError| err(e.message(&id));

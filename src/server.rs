@@ -50,6 +50,17 @@ pub fn bytes(reply: &CallReply) -> Option<Vec<u8>> {
     }
 }
 
+/// The byte strings of an array reply (nil and non-string elements skipped); empty for other replies.
+pub fn strings(reply: &CallReply) -> Vec<Vec<u8>> {
+    match reply {
+        CallReply::Array(a) => a
+            .iter()
+            .filter_map(|r| r.ok().as_ref().and_then(bytes))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 pub fn integer(reply: &CallReply) -> Option<i64> {
     match reply {
         CallReply::I64(i) => Some(i.to_i64()),

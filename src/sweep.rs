@@ -19,7 +19,7 @@ use crate::configs::Settings;
 use crate::errors::FlowError;
 use crate::layout::Layout;
 use crate::metrics;
-use crate::server::{bytes, call, select_db};
+use crate::server::{bytes, call, select_db, strings};
 use crate::store::Store;
 
 pub struct Options {
@@ -197,13 +197,7 @@ impl Selector {
                         want.as_bytes(),
                     ],
                 )?;
-                let items: Vec<Vec<u8>> = match &reply {
-                    CallReply::Array(a) => a
-                        .iter()
-                        .filter_map(|r| r.ok().as_ref().and_then(bytes))
-                        .collect(),
-                    _ => Vec::new(),
-                };
+                let items = strings(&reply);
                 let page = items.len() / 2;
                 let mut ids = Vec::new();
                 for pair in items.chunks_exact(2) {
@@ -259,11 +253,8 @@ impl Selector {
                     .unwrap_or_else(|| b"0".to_vec());
                 *cursor = String::from_utf8_lossy(&next_cursor).into_owned();
                 *done = cursor.as_str() == "0";
-                let keys: Vec<Vec<u8>> = match parts.get(1) {
-                    Some(Ok(CallReply::Array(a))) => a
-                        .iter()
-                        .filter_map(|r| r.ok().as_ref().and_then(bytes))
-                        .collect(),
+                let keys = match parts.get(1) {
+                    Some(Ok(keys)) => strings(&keys),
                     _ => Vec::new(),
                 };
                 let mut ids = Vec::new();
