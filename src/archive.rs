@@ -11,7 +11,7 @@ use crate::configs::Settings;
 use crate::encode;
 use crate::errors::FlowError;
 use crate::layout::{self, hex};
-use crate::metrics::{self, Buffered, UPLOADS_IN_FLIGHT};
+use crate::metrics::{self, Buffered, Stage, UPLOADS_IN_FLIGHT};
 use crate::server::select_db;
 use crate::store::Store;
 
@@ -75,12 +75,13 @@ pub fn background_priority() {
 pub fn with_gil<B: Send, T>(
     tsc: &ThreadSafeContext<B>,
     db: i32,
+    stage: Stage,
     held: &mut u64,
     f: impl FnOnce(&redis_module::Context) -> Result<T, FlowError>,
 ) -> Result<T, FlowError> {
     let out = {
         let ctx = tsc.lock();
-        metrics::timed(held, || {
+        metrics::timed(stage, held, || {
             select_db(&ctx, db).map_err(FlowError::Internal)?;
             f(&ctx)
         })
@@ -100,7 +101,9 @@ pub fn finish_capture<B: Send>(
     let db = capture.flow.db;
     let mut held = capture.held_us;
     while !capture.complete() {
-        with_gil(tsc, db, &mut held, |ctx| capture::read_more(ctx, capture))?;
+        with_gil(tsc, db, Stage::Capture, &mut held, |ctx| {
+            capture::read_more(ctx, capture)
+        })?;
     }
     capture.held_us = held;
     Ok(())
@@ -163,7 +166,7 @@ pub fn commit<B: Send>(
         events_total,
         mut held_us,
     } = capture;
-    with_gil(tsc, flow.db, &mut held_us, |ctx| {
+    with_gil(tsc, flow.db, Stage::Commit, &mut held_us, |ctx| {
         commit::commit(ctx, &flow, watch, &settings.layout, &location)
     })?;
     metrics::archived(&flow.id, &location, raw_bytes, stored_bytes);

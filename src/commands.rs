@@ -68,7 +68,7 @@ fn flow_inner(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let store = Store::new(&settings.s3).map_err(|e| err(format!("ERR {e}")))?;
     let db = selected_db(ctx);
     let mut held = 0;
-    let started = metrics::timed(&mut held, || {
+    let started = metrics::timed(metrics::Stage::Capture, &mut held, || {
         capture::start(ctx, db, &id, &settings, force, clock::now_ms())
     });
     let capture = match started {

@@ -76,13 +76,27 @@ const FETCH_ERROR_KINDS: [&str; 13] = [
     "internal",
 ];
 
-/// Runs `f` (a stretch on the main thread or under the GIL), records its length in the global maximum
-/// and raises `held` (the maximum of one flow) to it.
-pub fn timed<T>(held: &mut u64, f: impl FnOnce() -> T) -> T {
+/// What a stretch on the main thread (or under the GIL) was spent on.
+#[derive(Clone, Copy)]
+pub enum Stage {
+    /// Finding candidates (and DRYRUN's eligibility checks).
+    Select = 0,
+    /// Reading a flow: its checks and the chunks of its event log.
+    Capture = 1,
+    /// Proving a flow unchanged, indexing and deleting it.
+    Commit = 2,
+}
+
+static STAGE_MAX_US: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
+
+/// Runs `f` (a stretch on the main thread or under the GIL), records its length in the global and the
+/// stage's maximum, and raises `held` (the maximum of one flow) to it.
+pub fn timed<T>(stage: Stage, held: &mut u64, f: impl FnOnce() -> T) -> T {
     let start = Instant::now();
     let out = f();
     let us = start.elapsed().as_micros() as u64;
     MAIN_THREAD_MAX_US.fetch_max(us, Ordering::Relaxed);
+    STAGE_MAX_US[stage as usize].fetch_max(us, Ordering::Relaxed);
     *held = (*held).max(us);
     out
 }
@@ -143,6 +157,9 @@ pub fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
         .field("bytes_stored", get(&BYTES_STORED))?
         .field("uploads_in_flight", get(&UPLOADS_IN_FLIGHT))?
         .field("main_thread_max_us", get(&MAIN_THREAD_MAX_US))?
+        .field("main_thread_max_us_select", get(&STAGE_MAX_US[0]))?
+        .field("main_thread_max_us_capture", get(&STAGE_MAX_US[1]))?
+        .field("main_thread_max_us_commit", get(&STAGE_MAX_US[2]))?
         .field("buffered_bytes", get(&BUFFERED_BYTES))?
         .field("buffered_bytes_peak", get(&BUFFERED_BYTES_PEAK))?;
     for (kind, count) in FAILURE_KINDS.iter().zip(FAILURES.iter()) {

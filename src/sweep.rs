@@ -18,7 +18,7 @@ use crate::clock;
 use crate::configs::Settings;
 use crate::errors::FlowError;
 use crate::layout::Layout;
-use crate::metrics;
+use crate::metrics::{self, Stage};
 use crate::server::{bytes, call, select_db, strings};
 use crate::store::Store;
 
@@ -424,7 +424,7 @@ fn run(
     'select: loop {
         let batch = {
             let ctx = tsc.lock();
-            metrics::timed(&mut selection_held, || {
+            metrics::timed(Stage::Select, &mut selection_held, || {
                 select_db(&ctx, db)?;
                 selector.next(&ctx, &settings.layout, settings.batch_size)
             })?
@@ -442,7 +442,7 @@ fn run(
             progress.candidates.fetch_add(1, Ordering::Relaxed);
             if opts.dry_run {
                 let mut held = 0;
-                let inspected = archive::with_gil(&tsc, db, &mut held, |ctx| {
+                let inspected = archive::with_gil(&tsc, db, Stage::Select, &mut held, |ctx| {
                     capture::inspect(ctx, db, &id, settings, false, clock::now_ms())
                 });
                 selection_held = selection_held.max(held);
@@ -469,7 +469,7 @@ fn run(
                 }
             }
             let mut held = 0;
-            let begun = archive::with_gil(&tsc, db, &mut held, |ctx| {
+            let begun = archive::with_gil(&tsc, db, Stage::Capture, &mut held, |ctx| {
                 capture::start(ctx, db, &id, settings, false, clock::now_ms())
             });
             let mut capture = match begun {

@@ -225,6 +225,12 @@ fn compact_events_empty_labels_and_ten_thousand_events() {
         held > 0 && held <= info_field(&mut c, "main_thread_max_us"),
         "{held}"
     );
+    for stage in ["capture", "commit"] {
+        assert!(
+            info_field(&mut c, &format!("main_thread_max_us_{stage}")) > 0,
+            "{stage}"
+        );
+    }
     assert_eq!(info_field(&mut c, "buffered_bytes"), 0);
     assert!(info_field(&mut c, "buffered_bytes_peak") > 1_000_000);
     let lines = object_lines(&s3, "flows/big.jsonl.gz");
@@ -244,11 +250,7 @@ fn compact_events_empty_labels_and_ten_thousand_events() {
 fn assert_fails_safely(fault: Fault, timeout_ms: &str, expect: &[&str]) {
     let s3 = S3::new_bucket();
     let proxy = Proxy::start(s3_port());
-    let mut opts = ServerOpts::new(&s3);
-    opts.module_args = s3.module_args(&proxy.endpoint());
-    opts.module_args
-        .extend(["request-timeout-ms".into(), timeout_ms.into()]);
-    let srv = Server::start(opts);
+    let srv = server_via(&s3, Some(&proxy), &["request-timeout-ms", timeout_ms]);
     let mut c = srv.conn();
     write_flow(&mut c, &FlowSpec::done("f1"));
     let before = dump_all(&mut c);
@@ -379,9 +381,7 @@ fn tampered_presigned_url_is_refused_by_the_test_s3() {
 fn late_event_during_upload_deletes_nothing() {
     let s3 = S3::new_bucket();
     let proxy = Proxy::start(s3_port());
-    let mut opts = ServerOpts::new(&s3);
-    opts.module_args = s3.module_args(&proxy.endpoint());
-    let srv = Server::start(opts);
+    let srv = server_via(&s3, Some(&proxy), &[]);
     let mut c = srv.conn();
     write_flow(&mut c, &FlowSpec::done("late"));
     proxy.set(vec![Rule {
@@ -432,9 +432,7 @@ fn late_event_during_upload_deletes_nothing() {
 fn status_change_during_upload_deletes_nothing() {
     let s3 = S3::new_bucket();
     let proxy = Proxy::start(s3_port());
-    let mut opts = ServerOpts::new(&s3);
-    opts.module_args = s3.module_args(&proxy.endpoint());
-    let srv = Server::start(opts);
+    let srv = server_via(&s3, Some(&proxy), &[]);
     let mut c = srv.conn();
     write_flow(&mut c, &FlowSpec::done("revived"));
     proxy.set(vec![Rule {

@@ -24,10 +24,7 @@ fn json(s: &str) -> Value {
 fn archived_bed(id: &str, extra: &[&str]) -> (S3, Proxy, Server, String, Vec<String>) {
     let s3 = S3::new_bucket();
     let proxy = Proxy::start(s3_port());
-    let mut opts = ServerOpts::new(&s3);
-    opts.module_args = s3.module_args(&proxy.endpoint());
-    opts.module_args.extend(extra.iter().map(|s| s.to_string()));
-    let srv = Server::start(opts);
+    let srv = server_via(&s3, Some(&proxy), extra);
     let mut c = srv.conn();
     write_flow(&mut c, &FlowSpec::done(id));
     let snapshot: String =

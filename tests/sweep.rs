@@ -45,12 +45,7 @@ fn indexed(c: &mut redis::Connection) -> BTreeSet<String> {
 
 fn bed_with(extra: &[&str], proxy: Option<&Proxy>) -> (S3, Server) {
     let s3 = S3::new_bucket();
-    let mut opts = ServerOpts::new(&s3);
-    if let Some(p) = proxy {
-        opts.module_args = s3.module_args(&p.endpoint());
-    }
-    opts.module_args.extend(extra.iter().map(|s| s.to_string()));
-    let srv = Server::start(opts);
+    let srv = server_via(&s3, proxy, extra);
     (s3, srv)
 }
 

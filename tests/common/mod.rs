@@ -292,6 +292,16 @@ impl ServerOpts {
     }
 }
 
+/// A Valkey 9 server for `s3`, reaching S3 through `proxy` when given, with extra module args.
+pub fn server_via(s3: &S3, proxy: Option<&proxy::Proxy>, extra: &[&str]) -> Server {
+    let mut opts = ServerOpts::new(s3);
+    if let Some(p) = proxy {
+        opts.module_args = s3.module_args(&p.endpoint());
+    }
+    opts.module_args.extend(extra.iter().map(|a| a.to_string()));
+    Server::start(opts)
+}
+
 impl Server {
     pub fn start(opts: ServerOpts) -> Server {
         // A free port can be taken by an outgoing connection before the server binds it: retry.
