@@ -2,10 +2,11 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
+use std::sync::mpsc;
 
 use redis_module::{
-    Context, ContextFlags, NextArg, RedisError, RedisResult, RedisString, RedisValue,
-    ThreadSafeContext,
+    BlockedClient, Context, ContextFlags, NextArg, RedisError, RedisResult, RedisString,
+    RedisValue, ThreadSafeContext,
 };
 
 use crate::archive::{self, map};
@@ -87,11 +88,13 @@ fn flow_inner(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
             return Err(err(e.message(&id)));
         }
     };
-    let blocked = ctx.block_client();
+    // The thread starts first and receives the blocked client: a client is never blocked without a
+    // thread that will answer it.
+    let (hand_over, client) = mpsc::channel::<ThreadSafeContext<BlockedClient>>();
     let spawned = std::thread::Builder::new()
         .name("flowarchive-flow".into())
         .spawn(move || {
-            let tsc = ThreadSafeContext::with_blocked_client(blocked);
+            let Ok(tsc) = client.recv() else { return };
             let outcome = catch_unwind(AssertUnwindSafe(|| {
                 archive::run(&tsc, capture, &settings, &store)
             }))
@@ -106,8 +109,9 @@ fn flow_inner(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
             tsc.reply(reply);
         });
     if spawned.is_err() {
-        redis_module::logging::log_warning("flowarchive: cannot start an archive thread");
+        return Err(err(errors::NO_THREAD));
     }
+    let _ = hand_over.send(ThreadSafeContext::with_blocked_client(ctx.block_client()));
     Ok(RedisValue::NoReply)
 }
 

@@ -15,6 +15,7 @@ pub const ON_REPLICA: &str =
     "ERR FLOWARCHIVE.FLOW writes and must run on the primary, not a replica";
 pub const EMPTY_ID: &str = "ERR flow id must not be empty";
 pub const ID_NOT_UTF8: &str = "ERR flow id must be valid UTF-8";
+pub const NO_THREAD: &str = "ERR flowarchive cannot start a worker thread; nothing was deleted";
 pub const PANIC: &str = "ERR flowarchive internal error; nothing was deleted (see the server log)";
 
 /// How a flow id appears in messages: quoted, escaped, cut to 120 characters.

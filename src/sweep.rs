@@ -307,13 +307,16 @@ pub fn start(
         RUNNING.store(false, Ordering::SeqCst);
         return Err(RedisError::String(format!("ERR {e}")));
     }
-    let client = block();
     let progress = Arc::new(Progress {
         dry_run: opts.dry_run,
         ..Progress::default()
     });
     *lock(&CURRENT) = Some(progress.clone());
+    // The thread starts first and then receives the client to answer (if any): a client is never
+    // blocked without a thread that will answer it.
+    let (hand_over, client) = channel::<Option<ThreadSafeContext<BlockedClient>>>();
     let spawned = std::thread::Builder::new().name("flowarchive-sweep".into()).spawn(move || {
+        let client = client.recv().ok().flatten();
         let started = Instant::now();
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(db, &opts, &settings, &progress)));
         progress.duration_ms.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -341,11 +344,11 @@ pub fn start(
         }
     });
     if spawned.is_err() {
-        // The closure (and with it a blocked client) is gone; it was unblocked without a reply.
-        RUNNING.store(false, Ordering::SeqCst);
         *lock(&CURRENT) = None;
-        redis_module::logging::log_warning("flowarchive: cannot start the sweep thread");
+        RUNNING.store(false, Ordering::SeqCst);
+        return Err(RedisError::Str(crate::errors::NO_THREAD));
     }
+    let _ = hand_over.send(block());
     Ok(())
 }
 
