@@ -64,13 +64,15 @@ for fid, status, last in flows:
     p.sadd("argyll:idx:label:tenant", "acme")
     p.execute()
 print(f"wrote {len(flows)} sample flows; retention 7d")
-for fid, status, last in flows:
-    try:
-        reply = r.execute_command("FLOWARCHIVE.FLOW", fid)
-        reply = reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2]))
-        print(f"  archived {fid}: {reply}")
-    except redis.ResponseError as e:
-        print(f"  kept     {fid}: {e}")
+
+def as_dict(reply):
+    return reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2]))
+
+dry = as_dict(r.execute_command("FLOWARCHIVE.SWEEP", "DRYRUN"))
+print("FLOWARCHIVE.SWEEP DRYRUN would archive:", dry["flows"])
+summary = as_dict(r.execute_command("FLOWARCHIVE.SWEEP"))
+summary.pop("flows", None)
+print("FLOWARCHIVE.SWEEP:", summary)
 print("index archived:flows:", r.hgetall("archived:flows"))
 print("live flows left:", sorted(k for k in r.keys("argyll:flow:*:events")))
 s3 = boto3.client("s3", endpoint_url="http://127.0.0.1:18333", region_name="us-east-1",
@@ -82,5 +84,8 @@ body = gzip.decompress(s3.get_object(Bucket=bucket, Key=key)["Body"].read()).dec
 print(f"\n{loc}:")
 for line in body.splitlines():
     print("  " + (line if len(line) < 160 else line[:157] + "..."))
+for fid in ("order-1001", "order-1003", "order-9999"):
+    state = r.execute_command("FLOWARCHIVE.GET", fid)
+    print(f"FLOWARCHIVE.GET {fid}: {state if state is None else state[:120] + '...'}")
 print("\n" + r.info("flowarchive").__repr__())
 PY

@@ -464,3 +464,39 @@ fn the_internal_timer_sweeps_when_enabled() {
     )
     .unwrap();
 }
+
+#[test]
+fn a_sweep_covers_the_callers_db_only() {
+    let (_s3, srv) = bed_with(&[], None);
+    let mut c0 = srv.conn();
+    write_flow(&mut c0, &FlowSpec::done("zero"));
+    let mut c3 = srv.conn();
+    cmd::<()>(&mut c3, &["SELECT", "3"]).unwrap();
+    write_flow(&mut c3, &FlowSpec::done("three"));
+    let db0 = dump_all(&mut c0);
+    let r = sweep(&mut c3, &[]).unwrap();
+    assert_eq!(n(&r["archived"]), 1);
+    assert_eq!(
+        cmd::<i64>(&mut c3, &["HEXISTS", "archived:flows", "three"]).unwrap(),
+        1
+    );
+    assert_eq!(
+        cmd::<i64>(&mut c3, &["EXISTS", "argyll:flow:three:events"]).unwrap(),
+        0
+    );
+    assert_same(
+        &db0,
+        &dump_all(&mut c0),
+        "DB 0 untouched by a sweep of DB 3",
+    );
+    let state: Option<String> = redis::cmd("FLOWARCHIVE.GET")
+        .arg("three")
+        .query(&mut c3)
+        .unwrap();
+    assert!(state.unwrap().contains("\"archived\":true"));
+    let none: Option<String> = redis::cmd("FLOWARCHIVE.GET")
+        .arg("three")
+        .query(&mut c0)
+        .unwrap();
+    assert_eq!(none, None, "DB 0 has no such flow");
+}
