@@ -11,6 +11,7 @@ command -v clang >/dev/null 2>&1 || need_apt+=(clang)
 [ -x /usr/bin/redis-server ] || need_apt+=(redis-server)
 command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 
 if [ ! -x /usr/bin/valkey-server ]; then
   if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then

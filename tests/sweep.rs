@@ -500,3 +500,87 @@ fn a_sweep_covers_the_callers_db_only() {
         .unwrap();
     assert_eq!(none, None, "DB 0 has no such flow");
 }
+
+#[test]
+fn the_cron_script_authenticates_over_tls() {
+    let s3 = S3::new_bucket();
+    let dir = root().join("target/test-servers").join(unique("tls"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let tls_port = free_port();
+    let mut opts = ServerOpts::new(&s3);
+    opts.flavor = Flavor::Valkey8; // the Valkey 9.1 wheel is built without TLS
+    opts.extra = vec![
+        "--tls-port".into(),
+        tls_port.to_string(),
+        "--tls-cert-file".into(),
+        cert.display().to_string(),
+        "--tls-key-file".into(),
+        key.display().to_string(),
+        "--tls-ca-cert-file".into(),
+        cert.display().to_string(),
+        "--tls-auth-clients".into(),
+        "no".into(),
+    ];
+    let srv = Server::start(opts);
+    let mut c = srv.conn();
+    cmd::<()>(
+        &mut c,
+        &["ACL", "SETUSER", "cron", "on", ">cron-pass", "~*", "+@all"],
+    )
+    .unwrap();
+    write_flow(&mut c, &FlowSpec::done("cron-tls"));
+    let run = |password: &str| {
+        Command::new("python3")
+            .arg(root().join("scripts/flowarchive-sweep"))
+            .env("FLOWARCHIVE_PORT", tls_port.to_string())
+            .env("FLOWARCHIVE_TLS", "1")
+            .env("FLOWARCHIVE_TLS_CA", &cert)
+            .env("FLOWARCHIVE_USER", "cron")
+            .env("FLOWARCHIVE_PASSWORD", password)
+            .output()
+            .unwrap()
+    };
+    let out = run("wrong");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run("cron-pass");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("archived=1"));
+    assert_eq!(
+        cmd::<i64>(&mut c, &["HEXISTS", "archived:flows", "cron-tls"]).unwrap(),
+        1
+    );
+}
