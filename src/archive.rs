@@ -70,19 +70,19 @@ pub fn background_priority() {
     }
 }
 
-/// Runs under a held GIL in the flow's DB, timing the stretch into `held`. Afterwards it pauses
-/// briefly, so that the event loop (waiting for the GIL) takes its turn before this thread's next hold.
-pub fn with_gil<B: Send, T>(
+/// Runs under a held GIL in `db`, timing the stretch into `held`. Afterwards it pauses briefly, so
+/// that the event loop (waiting for the GIL) takes its turn before this thread's next hold.
+pub fn with_gil<B: Send, T, E: From<String>>(
     tsc: &ThreadSafeContext<B>,
     db: i32,
     stage: Stage,
     held: &mut u64,
-    f: impl FnOnce(&redis_module::Context) -> Result<T, FlowError>,
-) -> Result<T, FlowError> {
+    f: impl FnOnce(&redis_module::Context) -> Result<T, E>,
+) -> Result<T, E> {
     let out = {
         let ctx = tsc.lock();
         metrics::timed(stage, held, || {
-            select_db(&ctx, db).map_err(FlowError::Internal)?;
+            select_db(&ctx, db)?;
             f(&ctx)
         })
     };

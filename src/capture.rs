@@ -67,8 +67,7 @@ pub fn indexed_location(
     id: &str,
 ) -> Result<Option<String>, FlowError> {
     expect_type(ctx, &keys.index, KeyType::Hash)?;
-    let reply =
-        call(ctx, "HGET", &[keys.index.as_bytes(), id.as_bytes()]).map_err(FlowError::Internal)?;
+    let reply = call(ctx, "HGET", &[keys.index.as_bytes(), id.as_bytes()])?;
     Ok(bytes(&reply).map(|b| String::from_utf8_lossy(&b).into_owned()))
 }
 
@@ -104,8 +103,7 @@ pub fn read_live(ctx: &Context, keys: &FlowKeys) -> Result<Option<Vec<u8>>, Flow
 /// A live flow's whole event log.
 pub fn read_all_events(ctx: &Context, keys: &FlowKeys) -> Result<Vec<Vec<u8>>, FlowError> {
     expect_type(ctx, &keys.events, KeyType::List)?;
-    let reply =
-        call(ctx, "LRANGE", &[keys.events.as_bytes(), b"0", b"-1"]).map_err(FlowError::Internal)?;
+    let reply = call(ctx, "LRANGE", &[keys.events.as_bytes(), b"0", b"-1"])?;
     Ok(strings(&reply))
 }
 
@@ -188,8 +186,7 @@ pub fn inspect(
     let status = match &keys.status_hash {
         Some(hash) => {
             expect_type(ctx, hash, KeyType::Hash)?;
-            let reply = call(ctx, "HGET", &[hash.as_bytes(), keys.member.as_bytes()])
-                .map_err(FlowError::Internal)?;
+            let reply = call(ctx, "HGET", &[hash.as_bytes(), keys.member.as_bytes()])?;
             match bytes(&reply) {
                 Some(s) => utf8(s, "status")?,
                 None => snapshot_field("status")?.ok_or_else(|| {
@@ -207,8 +204,7 @@ pub fn inspect(
     let mut status_score = None;
     if let Some(set) = layout.status_set_key(id, &status) {
         expect_type(ctx, &set, KeyType::ZSet)?;
-        let reply = call(ctx, "ZSCORE", &[set.as_bytes(), keys.member.as_bytes()])
-            .map_err(FlowError::Internal)?;
+        let reply = call(ctx, "ZSCORE", &[set.as_bytes(), keys.member.as_bytes()])?;
         status_score = bytes(&reply).map(|b| String::from_utf8_lossy(&b).into_owned());
     }
     let last_update_ms = match status_score.as_deref().and_then(|s| s.parse::<f64>().ok()) {
@@ -242,7 +238,7 @@ pub fn inspect(
     let mut labels = Vec::new();
     if let Some(k) = &keys.labels {
         if expect_type(ctx, k, KeyType::Hash)? {
-            let reply = call(ctx, "HGETALL", &[k.as_bytes()]).map_err(FlowError::Internal)?;
+            let reply = call(ctx, "HGETALL", &[k.as_bytes()])?;
             for pair in strings(&reply).chunks_exact(2) {
                 labels.push((
                     utf8(pair[0].clone(), "a label name")?,
@@ -261,7 +257,7 @@ pub fn inspect(
         }
     }
 
-    let len_reply = call(ctx, "LLEN", &[keys.events.as_bytes()]).map_err(FlowError::Internal)?;
+    let len_reply = call(ctx, "LLEN", &[keys.events.as_bytes()])?;
     let events_total = server::integer(&len_reply).unwrap_or(0).max(0) as usize;
 
     let flow = Captured {
@@ -290,8 +286,7 @@ pub fn read_more(ctx: &Context, capture: &mut Capture) -> Result<(), FlowError> 
     }
     let (start, stop) = (from.to_string(), (to - 1).to_string());
     let key = capture.flow.keys.events.as_bytes();
-    let reply = call(ctx, "LRANGE", &[key, start.as_bytes(), stop.as_bytes()])
-        .map_err(FlowError::Internal)?;
+    let reply = call(ctx, "LRANGE", &[key, start.as_bytes(), stop.as_bytes()])?;
     capture.flow.events.extend(strings(&reply));
     // Fewer elements than the range asked for: the list shrank since LLEN.
     if capture.flow.events.len() != to {

@@ -15,8 +15,7 @@ use crate::watch::Watch;
 /// touched by every flow, so they are compared, not watched).
 fn unchanged(ctx: &Context, flow: &Captured, layout: &Layout) -> Result<bool, FlowError> {
     if let Some(hash) = &flow.keys.status_hash {
-        let reply = call(ctx, "HGET", &[hash.as_bytes(), flow.keys.member.as_bytes()])
-            .map_err(FlowError::Internal)?;
+        let reply = call(ctx, "HGET", &[hash.as_bytes(), flow.keys.member.as_bytes()])?;
         // A status hash without this flow's entry was accepted at capture through the snapshot.
         if let Some(now) = bytes(&reply) {
             if now != flow.status.as_bytes() {
@@ -29,8 +28,7 @@ fn unchanged(ctx: &Context, flow: &Captured, layout: &Layout) -> Result<bool, Fl
             ctx,
             "ZSCORE",
             &[set.as_bytes(), flow.keys.member.as_bytes()],
-        )
-        .map_err(FlowError::Internal)?;
+        )?;
         let now = bytes(&reply).map(|b| String::from_utf8_lossy(&b).into_owned());
         if now != flow.status_score {
             return Ok(false);

@@ -48,6 +48,13 @@ pub enum FlowError {
     Internal(String),
 }
 
+/// A server-side failure outside the flow's own data (a DB that cannot be selected, a failed call).
+impl From<String> for FlowError {
+    fn from(why: String) -> Self {
+        FlowError::Internal(why)
+    }
+}
+
 impl FlowError {
     /// The metric / log name of this failure.
     pub fn kind(&self) -> &'static str {

@@ -19,7 +19,7 @@ use crate::configs::Settings;
 use crate::errors::FlowError;
 use crate::layout::Layout;
 use crate::metrics::{self, Stage};
-use crate::server::{bytes, call, select_db, strings};
+use crate::server::{bytes, call, strings};
 use crate::store::Store;
 
 pub struct Options {
@@ -425,13 +425,9 @@ fn run(
         }
     };
     'select: loop {
-        let batch = {
-            let ctx = tsc.lock();
-            metrics::timed(Stage::Select, &mut selection_held, || {
-                select_db(&ctx, db)?;
-                selector.next(&ctx, &settings.layout, settings.batch_size)
-            })?
-        };
+        let batch = archive::with_gil(&tsc, db, Stage::Select, &mut selection_held, |ctx| {
+            selector.next(ctx, &settings.layout, settings.batch_size)
+        })?;
         if batch.is_empty() {
             break;
         }
