@@ -5,7 +5,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::proxy::{Fault, Proxy, Rule};
+use common::proxy::{Fault, Proxy};
 use common::*;
 use serde_json::Value;
 
@@ -384,11 +384,7 @@ fn late_event_during_upload_deletes_nothing() {
     let srv = server_via(&s3, Some(&proxy), &[]);
     let mut c = srv.conn();
     write_flow(&mut c, &FlowSpec::done("late"));
-    proxy.set(vec![Rule {
-        method: "PUT",
-        path: String::new(),
-        fault: Fault::Delay(Duration::from_millis(800)),
-    }]);
+    proxy.delay("PUT", Duration::from_millis(800));
     let handle = std::thread::spawn(move || archive(&mut c, "late"));
     let mut other = srv.conn();
     wait_for(
@@ -435,11 +431,7 @@ fn status_change_during_upload_deletes_nothing() {
     let srv = server_via(&s3, Some(&proxy), &[]);
     let mut c = srv.conn();
     write_flow(&mut c, &FlowSpec::done("revived"));
-    proxy.set(vec![Rule {
-        method: "PUT",
-        path: String::new(),
-        fault: Fault::Delay(Duration::from_millis(800)),
-    }]);
+    proxy.delay("PUT", Duration::from_millis(800));
     let handle = std::thread::spawn(move || archive(&mut c, "revived"));
     let mut other = srv.conn();
     wait_for("the PUT", Duration::from_secs(10), || {

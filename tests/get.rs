@@ -142,11 +142,7 @@ fn repeat_reads_come_from_the_cache() {
 #[test]
 fn fifty_concurrent_reads_share_one_fetch() {
     let (_s3, proxy, srv, snapshot, _) = archived_bed("popular", &[]);
-    proxy.set(vec![Rule {
-        method: "GET",
-        path: String::new(),
-        fault: Fault::Delay(Duration::from_millis(600)),
-    }]);
+    proxy.delay("GET", Duration::from_millis(600));
     let before = proxy.requests().len();
     let port = srv.port;
     let handles: Vec<_> = (0..50)

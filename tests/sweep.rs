@@ -20,6 +20,14 @@ fn sweep(
     cmd.query::<redis::Value>(c).map(reply_map)
 }
 
+/// FLOWARCHIVE.SWEEP ASYNC: its answer, or the error text.
+fn sweep_async(c: &mut redis::Connection) -> Result<String, String> {
+    redis::cmd("FLOWARCHIVE.SWEEP")
+        .arg("ASYNC")
+        .query(c)
+        .map_err(|e| e.to_string())
+}
+
 fn n(v: &redis::Value) -> i64 {
     redis::from_redis_value(v).unwrap()
 }
@@ -217,18 +225,8 @@ fn events_appended_during_a_sweep_skip_those_flows() {
     for id in &ids {
         write_flow(&mut c, &FlowSpec::done(id));
     }
-    proxy.set(vec![Rule {
-        method: "PUT",
-        path: String::new(),
-        fault: Fault::Delay(Duration::from_millis(700)),
-    }]);
-    assert_eq!(
-        redis::cmd("FLOWARCHIVE.SWEEP")
-            .arg("ASYNC")
-            .query::<String>(&mut c)
-            .unwrap(),
-        "STARTED"
-    );
+    proxy.delay("PUT", Duration::from_millis(700));
+    assert_eq!(sweep_async(&mut c).unwrap(), "STARTED");
     wait_for("the first uploads", Duration::from_secs(10), || {
         proxy
             .requests()
@@ -296,25 +294,11 @@ fn one_sweep_at_a_time_limit_and_responsiveness() {
     assert_eq!(n(&limited["archived"]), 5);
     assert_eq!(indexed(&mut c).len(), 5);
 
-    proxy.set(vec![Rule {
-        method: "PUT",
-        path: String::new(),
-        fault: Fault::Delay(Duration::from_millis(20)),
-    }]);
-    assert_eq!(
-        redis::cmd("FLOWARCHIVE.SWEEP")
-            .arg("ASYNC")
-            .query::<String>(&mut c)
-            .unwrap(),
-        "STARTED"
-    );
+    proxy.delay("PUT", Duration::from_millis(20));
+    assert_eq!(sweep_async(&mut c).unwrap(), "STARTED");
     let e = sweep(&mut c, &[]).unwrap_err().to_string();
     assert!(e.contains("already running"), "{e}");
-    let e = redis::cmd("FLOWARCHIVE.SWEEP")
-        .arg("ASYNC")
-        .query::<String>(&mut c)
-        .unwrap_err()
-        .to_string();
+    let e = sweep_async(&mut c).unwrap_err();
     assert!(e.contains("already running"), "{e}");
     assert_eq!(info_field(&mut c, "sweep_running"), 1);
     let mut pings = 0;
@@ -360,15 +344,8 @@ fn a_crash_mid_sweep_loses_nothing() {
     for id in &ids {
         write_flow(&mut c, &FlowSpec::done(id));
     }
-    proxy.set(vec![Rule {
-        method: "PUT",
-        path: String::new(),
-        fault: Fault::Delay(Duration::from_millis(25)),
-    }]);
-    redis::cmd("FLOWARCHIVE.SWEEP")
-        .arg("ASYNC")
-        .query::<String>(&mut c)
-        .unwrap();
+    proxy.delay("PUT", Duration::from_millis(25));
+    sweep_async(&mut c).unwrap();
     wait_for("some flows archived", Duration::from_secs(20), || {
         info_field(&mut c, "flows_archived") >= 20
     });

@@ -85,6 +85,15 @@ impl Proxy {
         }]);
     }
 
+    /// Delays every `method` request by `by` before forwarding it.
+    pub fn delay(&self, method: &'static str, by: Duration) {
+        self.set(vec![Rule {
+            method,
+            path: String::new(),
+            fault: Fault::Delay(by),
+        }]);
+    }
+
     pub fn clear(&self) {
         self.set(Vec::new());
     }
