@@ -1,9 +1,10 @@
-//! One flow end to end, on a worker thread: finish the capture (short GIL holds), encode, upload and
-//! verify, then commit under the GIL. Any failure before the commit leaves Valkey untouched.
+//! One flow end to end, driven from a worker thread: finish the capture (short steps on the main
+//! thread), encode, upload and verify, then commit on the main thread. Any failure before the commit
+//! leaves Valkey untouched.
 
 use std::sync::atomic::Ordering;
 
-use redis_module::{RedisValue, ThreadSafeContext};
+use redis_module::RedisValue;
 
 use crate::capture::{self, Capture};
 use crate::commit;
@@ -11,6 +12,7 @@ use crate::configs::Settings;
 use crate::encode;
 use crate::errors::FlowError;
 use crate::layout::{self, hex};
+use crate::mainthread;
 use crate::metrics::{self, Buffered, Stage, UPLOADS_IN_FLIGHT};
 use crate::server::select_db;
 use crate::store::Store;
@@ -70,38 +72,30 @@ pub fn background_priority() {
     }
 }
 
-/// Runs under a held GIL in `db`, timing the stretch into `held`. Afterwards it pauses briefly, so
-/// that the event loop (waiting for the GIL) takes its turn before this thread's next hold.
-pub fn with_gil<B: Send, T, E: From<String>>(
-    tsc: &ThreadSafeContext<B>,
+/// Runs `f` on the event loop in `db`, timing the main-thread stretch into `held`.
+pub fn on_main_thread<T: Send, E: From<String> + Send>(
     db: i32,
     stage: Stage,
     held: &mut u64,
-    f: impl FnOnce(&redis_module::Context) -> Result<T, E>,
+    f: impl FnOnce(&redis_module::Context) -> Result<T, E> + Send,
 ) -> Result<T, E> {
-    let out = {
-        let ctx = tsc.lock();
-        metrics::timed(stage, held, || {
-            select_db(&ctx, db)?;
-            f(&ctx)
+    let mut stretch = 0;
+    let out = mainthread::run(|ctx| {
+        metrics::timed(stage, &mut stretch, || {
+            select_db(ctx, db)?;
+            f(ctx)
         })
-    };
-    std::thread::sleep(GIL_PAUSE);
+    })?;
+    *held = (*held).max(stretch);
     out
 }
 
-/// Long enough for a thread woken by the GIL's release to take it before we ask again.
-const GIL_PAUSE: std::time::Duration = std::time::Duration::from_micros(50);
-
-/// Reads the rest of a long event log, one chunk per GIL hold.
-pub fn finish_capture<B: Send>(
-    tsc: &ThreadSafeContext<B>,
-    capture: &mut Capture,
-) -> Result<(), FlowError> {
+/// Reads the rest of a long event log, one chunk per main-thread step.
+pub fn finish_capture(capture: &mut Capture) -> Result<(), FlowError> {
     let db = capture.flow.db;
     let mut held = capture.held_us;
     while !capture.complete() {
-        with_gil(tsc, db, Stage::Capture, &mut held, |ctx| {
+        on_main_thread(db, Stage::Capture, &mut held, |ctx| {
             capture::read_more(ctx, capture)
         })?;
     }
@@ -118,7 +112,7 @@ pub struct Uploaded {
     sha256: String,
 }
 
-/// Encodes and uploads a captured flow, then verifies the stored object. No GIL; any thread.
+/// Encodes and uploads a captured flow, then verifies the stored object. Any thread but the main one.
 pub fn upload(
     mut capture: Capture,
     settings: &Settings,
@@ -147,12 +141,8 @@ pub fn upload(
     })
 }
 
-/// Proves the flow unchanged, indexes it and deletes it, under the GIL.
-pub fn commit<B: Send>(
-    tsc: &ThreadSafeContext<B>,
-    up: Uploaded,
-    settings: &Settings,
-) -> Result<Archived, FlowError> {
+/// Proves the flow unchanged, indexes it and deletes it, on the main thread.
+pub fn commit(up: Uploaded, settings: &Settings) -> Result<Archived, FlowError> {
     let Uploaded {
         capture,
         location,
@@ -166,7 +156,7 @@ pub fn commit<B: Send>(
         events_total,
         mut held_us,
     } = capture;
-    with_gil(tsc, flow.db, Stage::Commit, &mut held_us, |ctx| {
+    on_main_thread(flow.db, Stage::Commit, &mut held_us, |ctx| {
         commit::commit(ctx, &flow, watch, &settings.layout, &location)
     })?;
     metrics::archived(&flow.id, &location, raw_bytes, stored_bytes);
@@ -181,13 +171,12 @@ pub fn commit<B: Send>(
 }
 
 /// One flow end to end on the calling thread.
-pub fn run<B: Send>(
-    tsc: &ThreadSafeContext<B>,
+pub fn run(
     mut capture: Capture,
     settings: &Settings,
     store: &Store,
 ) -> Result<Archived, FlowError> {
-    finish_capture(tsc, &mut capture)?;
+    finish_capture(&mut capture)?;
     let uploaded = upload(capture, settings, store)?;
-    commit(tsc, uploaded, settings)
+    commit(uploaded, settings)
 }

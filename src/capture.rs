@@ -1,7 +1,7 @@
-//! Capture: reads one flow's keys natively inside the server, on the main thread or under the GIL.
+//! Capture: reads one flow's keys natively inside the server, on the main thread.
 //!
 //! `start` checks eligibility, begins the change watch and reads everything but the tail of a long event
-//! log; `read_more` reads the rest in bounded chunks, each under its own short GIL hold, so a flow of
+//! log; `read_more` reads the rest in bounded chunks, each in its own short main-thread step, so a flow of
 //! 100,000 events never stalls the server in one go. The watch proves nothing changed in between.
 
 use redis_module::{Context, KeyType};
@@ -14,7 +14,7 @@ use crate::layout::FlowKeys;
 use crate::server::{self, bytes, call, strings, type_name, type_of};
 use crate::watch::Watch;
 
-/// Events read per GIL hold: about 0.5 MB of typical events, well under a millisecond.
+/// Events read per main-thread step: about 0.5 MB of typical events, well under a millisecond.
 pub const EVENTS_PER_CHUNK: usize = 1024;
 
 /// One flow as read from Valkey.
@@ -274,7 +274,7 @@ pub fn inspect(
     Ok(Inspected::Eligible(Box::new(flow), events_total))
 }
 
-/// Reads the next chunk of the event log. Call under the GIL with the flow's DB selected.
+/// Reads the next chunk of the event log. Call on the main thread with the flow's DB selected.
 pub fn read_more(ctx: &Context, capture: &mut Capture) -> Result<(), FlowError> {
     if capture.watch.changed() {
         return Err(FlowError::Changed);

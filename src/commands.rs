@@ -96,7 +96,7 @@ fn flow_inner(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         .spawn(move || {
             let Ok(tsc) = client.recv() else { return };
             let outcome = catch_unwind(AssertUnwindSafe(|| {
-                archive::run(&tsc, capture, &settings, &store)
+                archive::run(capture, &settings, &store)
             }))
             .unwrap_or_else(|_| Err(FlowError::Internal("archive worker panicked".into())));
             let reply = match outcome {

@@ -1,7 +1,7 @@
-//! Commit: after a verified upload, under the GIL and in the flow's DB, proves the flow is unchanged,
+//! Commit: after a verified upload, on the main thread and in the flow's DB, proves the flow is unchanged,
 //! records the index entry and removes the flow, exactly as the engine removes one. Every write goes
 //! through the server's own commands with replication on, so replicas and the AOF receive them in one
-//! MULTI/EXEC (all writes of one GIL hold are propagated together).
+//! MULTI/EXEC (all writes of one main-thread step are propagated together).
 
 use redis_module::{Context, KeyType};
 

@@ -15,6 +15,7 @@ mod encode;
 mod errors;
 mod fetch;
 mod layout;
+mod mainthread;
 mod metrics;
 mod server;
 mod store;
@@ -105,6 +106,7 @@ fn on_cache_budget(_ctx: &ConfigurationContext, _name: &str, value: &'static Ato
 }
 
 fn init(ctx: &Context, _args: &[RedisString]) -> Status {
+    mainthread::init(ctx);
     // SAFETY: called once from OnLoad with the module's context.
     unsafe {
         if let Some(set_options) = raw::RedisModule_SetModuleOptions {

@@ -76,7 +76,7 @@ const FETCH_ERROR_KINDS: [&str; 13] = [
     "internal",
 ];
 
-/// What a stretch on the main thread (or under the GIL) was spent on.
+/// What a stretch on the main thread was spent on.
 #[derive(Clone, Copy)]
 pub enum Stage {
     /// Finding candidates (and DRYRUN's eligibility checks).
@@ -89,7 +89,7 @@ pub enum Stage {
 
 static STAGE_MAX_US: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
 
-/// Runs `f` (a stretch on the main thread or under the GIL), records its length in the global and the
+/// Runs `f` (a stretch on the main thread), records its length in the global and the
 /// stage's maximum, and raises `held` (the maximum of one flow) to it.
 pub fn timed<T>(stage: Stage, held: &mut u64, f: impl FnOnce() -> T) -> T {
     let start = Instant::now();

@@ -8,9 +8,9 @@ pub fn selected_db(ctx: &Context) -> i32 {
     unsafe { raw::RedisModule_GetSelectedDb.map_or(0, |f| f(ctx.ctx)) }
 }
 
-/// A thread-safe context's lock starts in DB 0: move it to the job's DB.
+/// A main-thread step's context starts in DB 0: move it to the job's DB.
 pub fn select_db(ctx: &Context, db: i32) -> Result<(), String> {
-    // SAFETY: ctx is held under the GIL by the caller.
+    // SAFETY: ctx is a live main-thread context.
     let ok = unsafe { raw::RedisModule_SelectDb.map(|f| f(ctx.ctx, db)) };
     match ok {
         Some(rc) if rc == raw::REDISMODULE_OK as i32 => Ok(()),

@@ -1,4 +1,4 @@
-//! FLOWARCHIVE.SWEEP: finds eligible flows in bounded slices (one short GIL hold each), archives them
+//! FLOWARCHIVE.SWEEP: finds eligible flows in bounded slices (one short main-thread step each), archives them
 //! through the same capture/encode/store/commit path as FLOWARCHIVE.FLOW with up to `concurrency` flows
 //! in flight, and answers a summary. One sweep at a time.
 
@@ -352,16 +352,14 @@ pub fn start(
     Ok(())
 }
 
-/// The sweep itself. This thread does all the GIL work (selection, capture, commit), one short hold at a
-/// time; `concurrency` worker threads at low CPU priority encode, upload and verify, never touching the
-/// GIL, so a busy machine never keeps the event loop waiting on a preempted worker.
+/// The sweep itself. This thread hands the server work (selection, capture, commit) to the main thread,
+/// one short step at a time; `concurrency` worker threads at low CPU priority encode, upload and verify.
 fn run(
     db: i32,
     opts: &Options,
     settings: &Settings,
     progress: &Arc<Progress>,
 ) -> Result<(), String> {
-    let tsc = ThreadSafeContext::new();
     let cutoff_ms = clock::now_ms() - settings.retention_ms;
     let mut selector = Selector::new(&settings.layout, cutoff_ms);
     let limit = opts.limit.map(|l| l as u64);
@@ -405,7 +403,7 @@ fn run(
     let finish = |(id, result): (String, Result<Uploaded, FlowError>), in_flight: &mut usize| {
         *in_flight -= 1;
         progress.in_flight.fetch_sub(1, Ordering::Relaxed);
-        match result.and_then(|up| archive::commit(&tsc, up, settings)) {
+        match result.and_then(|up| archive::commit(up, settings)) {
             Ok(done) => {
                 progress.archived.fetch_add(1, Ordering::Relaxed);
                 progress
@@ -425,7 +423,7 @@ fn run(
         }
     };
     'select: loop {
-        let batch = archive::with_gil(&tsc, db, Stage::Select, &mut selection_held, |ctx| {
+        let batch = archive::on_main_thread(db, Stage::Select, &mut selection_held, |ctx| {
             selector.next(ctx, &settings.layout, settings.batch_size)
         })?;
         if batch.is_empty() {
@@ -441,7 +439,7 @@ fn run(
             progress.candidates.fetch_add(1, Ordering::Relaxed);
             if opts.dry_run {
                 let mut held = 0;
-                let inspected = archive::with_gil(&tsc, db, Stage::Select, &mut held, |ctx| {
+                let inspected = archive::on_main_thread(db, Stage::Select, &mut held, |ctx| {
                     capture::inspect(ctx, db, &id, settings, false, clock::now_ms())
                 });
                 selection_held = selection_held.max(held);
@@ -468,7 +466,7 @@ fn run(
                 }
             }
             let mut held = 0;
-            let begun = archive::with_gil(&tsc, db, Stage::Capture, &mut held, |ctx| {
+            let begun = archive::on_main_thread(db, Stage::Capture, &mut held, |ctx| {
                 capture::start(ctx, db, &id, settings, false, clock::now_ms())
             });
             let mut capture = match begun {
@@ -484,7 +482,7 @@ fn run(
                 }
             };
             capture.held_us = held;
-            if let Err(e) = archive::finish_capture(&tsc, &mut capture) {
+            if let Err(e) = archive::finish_capture(&mut capture) {
                 metrics::failed(&id, &e);
                 progress.count(&e);
                 continue;

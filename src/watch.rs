@@ -36,7 +36,7 @@ pub struct Watch {
 
 impl Watch {
     /// Starts watching `keys` of flow `id` in `db`; `None` if that flow is already being archived.
-    /// Must be called on the main thread (or under the GIL) before the first key is read.
+    /// Must be called on the main thread before the first key is read.
     pub fn start(db: i32, id: &str, keys: &[&str]) -> Option<Watch> {
         let mut guard = registry();
         let reg = guard.get_or_insert_with(Registry::default);

@@ -656,8 +656,23 @@ fn refused_in_multi_scripts_and_on_replicas() {
 
 #[test]
 fn replica_and_aof_receive_the_commit_as_one_transaction() {
+    commit_is_one_transaction(Flavor::Valkey9);
+}
+
+#[test]
+fn replica_and_aof_receive_the_commit_as_one_transaction_on_valkey_8_0() {
+    commit_is_one_transaction(Flavor::Valkey8);
+}
+
+#[test]
+fn replica_and_aof_receive_the_commit_as_one_transaction_on_redis_7_0() {
+    commit_is_one_transaction(Flavor::Redis7);
+}
+
+fn commit_is_one_transaction(flavor: Flavor) {
     let s3 = S3::new_bucket();
     let mut opts = ServerOpts::new(&s3);
+    opts.flavor = flavor;
     opts.extra = vec![
         "--appendonly".into(),
         "yes".into(),
@@ -665,7 +680,9 @@ fn replica_and_aof_receive_the_commit_as_one_transaction() {
         "always".into(),
     ];
     let master = Server::start(opts);
-    let replica = Server::start(ServerOpts::new(&s3));
+    let mut opts = ServerOpts::new(&s3);
+    opts.flavor = flavor;
+    let replica = Server::start(opts);
     let mut m = master.conn();
     let mut r = replica.conn();
     write_flow(&mut m, &FlowSpec::done("rep"));

@@ -1,0 +1,77 @@
+//! Hands short pieces of work to the server's event loop and waits for their result.
+//!
+//! A worker thread that takes the GIL itself can be descheduled while holding it, and then every client
+//! waits for milliseconds on a few microseconds of work. Work run by the event loop holds the server
+//! only for its own CPU time.
+
+use std::os::raw::c_void;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::mpsc::sync_channel;
+
+use redis_module::{raw, Context};
+
+use crate::errors;
+
+/// The module's detached context, used only on the main thread to start timers.
+static CONTEXT: AtomicPtr<raw::RedisModuleCtx> = AtomicPtr::new(std::ptr::null_mut());
+
+type Job = Box<dyn FnOnce(&Context) + Send>;
+
+/// Creates the context the event loop runs jobs with. Called once from OnLoad.
+pub fn init(ctx: &Context) {
+    // SAFETY: OnLoad passes the module's live context.
+    let detached = unsafe {
+        raw::RedisModule_GetDetachedThreadSafeContext.map_or(std::ptr::null_mut(), |f| f(ctx.ctx))
+    };
+    CONTEXT.store(detached, Ordering::Release);
+}
+
+/// Runs `work` on the event loop and returns its result. Never call it from the main thread.
+pub fn run<T: Send>(work: impl FnOnce(&Context) -> T + Send) -> Result<T, String> {
+    if CONTEXT.load(Ordering::Acquire).is_null() {
+        return Err(errors::NO_EVENT_LOOP.into());
+    }
+    let (done, result) = sync_channel(1);
+    let job: Box<dyn FnOnce(&Context) + Send + '_> = Box::new(move |ctx| {
+        let _ = done.send(work(ctx));
+    });
+    // SAFETY: only the lifetime is erased. This thread waits below until the job has run or has been
+    // dropped (which drops `done` and ends the wait), so nothing it borrows outlives its use.
+    let job: Job = unsafe { std::mem::transmute(job) };
+    let data = Box::into_raw(Box::new(job)) as *mut c_void;
+    // SAFETY: the API is thread-safe; on success the server passes `data` to `schedule_job` once.
+    let queued = unsafe {
+        raw::RedisModule_EventLoopAddOneShot
+            .map_or(raw::REDISMODULE_ERR as i32, |f| f(Some(schedule_job), data))
+    };
+    if queued != raw::REDISMODULE_OK as i32 {
+        // SAFETY: the server refused `data`, so it is still ours.
+        drop(unsafe { Box::from_raw(data as *mut Job) });
+        return Err(errors::NO_EVENT_LOOP.into());
+    }
+    result.recv().map_err(|_| errors::MAIN_THREAD_PANIC.into())
+}
+
+/// On the event loop: starts a timer for the job. A timer's context is one execution unit, so the job's
+/// replicated writes reach replicas and the AOF as one MULTI/EXEC (a detached context would send each
+/// write on its own).
+extern "C" fn schedule_job(data: *mut c_void) {
+    // SAFETY: on the main thread, with the module's context; the timer owns `data` from here on.
+    unsafe {
+        if let Some(create_timer) = raw::RedisModule_CreateTimer {
+            create_timer(CONTEXT.load(Ordering::Acquire), 0, Some(run_job), data);
+        } else {
+            drop(Box::from_raw(data as *mut Job));
+        }
+    }
+}
+
+extern "C" fn run_job(ctx: *mut raw::RedisModuleCtx, data: *mut c_void) {
+    // SAFETY: `data` is the box `run` leaked for this one call.
+    let job = unsafe { Box::from_raw(data as *mut Job) };
+    let ctx = Context::new(ctx);
+    if catch_unwind(AssertUnwindSafe(|| job(&ctx))).is_err() {
+        ctx.log_warning("flowarchive: a main-thread step panicked; its flow stays live");
+    }
+}
