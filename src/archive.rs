@@ -62,13 +62,14 @@ pub fn map<const N: usize>(fields: [(&str, RedisValue); N]) -> RedisValue {
     )
 }
 
-/// Lowers the calling worker thread's CPU priority (nice 10): compression and hashing then never take a
-/// core from the server's event loop when the machine is busy. Linux applies this per thread.
+/// Puts the calling worker thread in the idle scheduling class (SCHED_IDLE): any other runnable thread,
+/// the server's event loop above all, preempts it at once, so compression and hashing only use CPU
+/// nobody else wants. Linux applies this per thread; no privilege is needed to lower one's own class.
 pub fn background_priority() {
-    // SAFETY: plain syscalls on the calling thread; failure only leaves the priority unchanged.
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: a plain syscall on the calling thread (pid 0); failure only leaves the class unchanged.
     unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+        libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
     }
 }
 

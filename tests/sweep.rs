@@ -275,6 +275,27 @@ fn events_appended_during_a_sweep_skip_those_flows() {
     }
 }
 
+const SCHED_IDLE: u32 = 5;
+
+/// The scheduling policy (field 41 of /proc/<pid>/task/<tid>/stat) of each upload worker thread.
+fn upload_worker_policies(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        if head.ends_with("(flowarchive-upl") {
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            out.push(fields[38].parse().unwrap());
+        }
+    }
+    out
+}
+
 #[test]
 fn one_sweep_at_a_time_limit_and_responsiveness() {
     let proxy = Proxy::start(s3_port());
@@ -301,6 +322,10 @@ fn one_sweep_at_a_time_limit_and_responsiveness() {
     let e = sweep_async(&mut c).unwrap_err();
     assert!(e.contains("already running"), "{e}");
     assert_eq!(info_field(&mut c, "sweep_running"), 1);
+    // The upload workers run in the idle scheduling class: the event loop preempts them at once.
+    let policies = upload_worker_policies(srv.pid());
+    assert_eq!(policies.len(), 2, "two upload workers: {policies:?}");
+    assert!(policies.iter().all(|&p| p == SCHED_IDLE), "{policies:?}");
     let mut pings = 0;
     let mut slowest = Duration::ZERO;
     while info_field(&mut c, "sweep_running") == 1 {

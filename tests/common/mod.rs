@@ -303,6 +303,10 @@ pub fn server_via(s3: &S3, proxy: Option<&proxy::Proxy>, extra: &[&str]) -> Serv
 }
 
 impl Server {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn start(opts: ServerOpts) -> Server {
         // A free port can be taken by an outgoing connection before the server binds it: retry.
         for _ in 0..5 {
