@@ -1,8 +1,8 @@
 //! Hands short pieces of work to the server's event loop and waits for their result.
 //!
-//! A worker thread that takes the server lock itself can be descheduled while holding it, and then every client
-//! waits for milliseconds on a few microseconds of work. Work run by the event loop holds the server
-//! only for its own CPU time.
+//! A worker thread that takes the server lock itself can be descheduled while holding it, and then
+//! every client waits for milliseconds on a few microseconds of work. Work run by the event loop holds
+//! the server only for its own CPU time.
 
 use std::os::raw::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
