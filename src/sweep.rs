@@ -374,7 +374,7 @@ fn run(
             let worker = std::thread::Builder::new()
                 .name("flowarchive-upload".into())
                 .spawn(move || {
-                    archive::background_priority();
+                    archive::enter_idle_class();
                     loop {
                         let next = lock(&job_rx).recv();
                         let Ok(capture) = next else { break };
