@@ -62,9 +62,9 @@ pub fn map<const N: usize>(fields: [(&str, RedisValue); N]) -> RedisValue {
     )
 }
 
-/// Puts the calling worker thread in the idle scheduling class (SCHED_IDLE): any other runnable thread,
-/// the server's event loop above all, preempts it at once, so compression and hashing only use CPU
-/// nobody else wants. Linux applies this per thread; no privilege is needed to lower one's own class.
+/// Puts the calling upload worker in the idle scheduling class (SCHED_IDLE): any other runnable thread,
+/// the server's event loop above all, preempts it at once, so compression, hashing and uploads only use
+/// CPU nobody else wants. Linux applies this per thread; no privilege is needed to lower one's own class.
 pub fn enter_idle_class() {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: a plain syscall on the calling thread (pid 0); failure only leaves the class unchanged.

@@ -353,7 +353,8 @@ pub fn start(
 }
 
 /// The sweep itself. This thread hands the server work (selection, capture, commit) to the main thread,
-/// one short step at a time; `concurrency` worker threads in the idle scheduling class encode, upload and verify.
+/// one short step at a time; `concurrency` worker threads in the idle scheduling class encode, upload and
+/// verify; waking one never delays the event loop.
 fn run(
     db: i32,
     opts: &Options,
