@@ -80,15 +80,12 @@ pub fn on_main_thread<T: Send, E: From<String> + Send>(
     held: &mut u64,
     f: impl FnOnce(&redis_module::Context) -> Result<T, E> + Send,
 ) -> Result<T, E> {
-    let mut stretch = 0;
-    let out = mainthread::run(|ctx| {
-        metrics::timed(stage, &mut stretch, || {
+    mainthread::run(|ctx| {
+        metrics::timed(stage, held, || {
             select_db(ctx, db)?;
             f(ctx)
         })
-    })?;
-    *held = (*held).max(stretch);
-    out
+    })?
 }
 
 /// Reads the rest of a long event log, one chunk per main-thread step.

@@ -17,6 +17,7 @@ pub const EMPTY_ID: &str = "ERR flow id must not be empty";
 pub const ID_NOT_UTF8: &str = "ERR flow id must be valid UTF-8";
 pub const NO_THREAD: &str = "ERR flowarchive cannot start a worker thread; nothing was deleted";
 pub const PANIC: &str = "ERR flowarchive internal error; nothing was deleted (see the server log)";
+// Reasons, inside a flow's `ERR flow <id>: <reason>; nothing was deleted`:
 pub const NO_EVENT_LOOP: &str = "the server's event loop does not accept module work";
 pub const MAIN_THREAD_PANIC: &str = "internal error on the main thread (see the server log)";
 
