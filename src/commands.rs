@@ -16,6 +16,7 @@ use crate::configs::Settings;
 use crate::errors::{self, show_id, FlowError};
 use crate::fetch::{self, Waiter};
 use crate::metrics;
+use crate::pool::Pool;
 use crate::server::selected_db;
 use crate::store::Store;
 use crate::sweep;
@@ -50,6 +51,10 @@ fn id_and_flag(args: Vec<RedisString>, flag: &str) -> Result<(String, bool), Red
     };
     Ok((id.to_string(), set))
 }
+
+/// Workers for FLOWARCHIVE.FLOW calls: each waits on S3 most of the time, so a few threads serve many
+/// calls; calls beyond the queue get a busy error instead of a thread each.
+pub static FLOW_POOL: Pool = Pool::new("flowarchive-flow", 8, 256);
 
 /// FLOWARCHIVE.FLOW <flow_id> [FORCE]
 pub fn flow(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
@@ -88,28 +93,26 @@ fn flow_inner(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
             return Err(err(e.message(&id)));
         }
     };
-    // The thread starts first and receives the blocked client: a client is never blocked without a
+    // The job is queued first and receives the blocked client: a client is never blocked without a
     // thread that will answer it.
     let (hand_over, client) = mpsc::channel::<ThreadSafeContext<BlockedClient>>();
-    let spawned = std::thread::Builder::new()
-        .name("flowarchive-flow".into())
-        .spawn(move || {
-            let Ok(tsc) = client.recv() else { return };
-            let outcome = catch_unwind(AssertUnwindSafe(|| {
-                archive::run(capture, &settings, &store)
-            }))
-            .unwrap_or_else(|_| Err(FlowError::Internal("archive worker panicked".into())));
-            let reply = match outcome {
-                Ok(done) => Ok(done.reply()),
-                Err(e) => {
-                    metrics::failed(&id, &e);
-                    Err(err(e.message(&id)))
-                }
-            };
-            tsc.reply(reply);
-        });
-    if spawned.is_err() {
-        return Err(err(errors::NO_THREAD));
+    let job = Box::new(move || {
+        let Ok(tsc) = client.recv() else { return };
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            archive::run(capture, &settings, &store)
+        }))
+        .unwrap_or_else(|_| Err(FlowError::Internal("archive worker panicked".into())));
+        let reply = match outcome {
+            Ok(done) => Ok(done.reply()),
+            Err(e) => {
+                metrics::failed(&id, &e);
+                Err(err(e.message(&id)))
+            }
+        };
+        tsc.reply(reply);
+    });
+    if FLOW_POOL.submit(job).is_err() {
+        return Err(err(errors::FLOW_BUSY));
     }
     let _ = hand_over.send(ThreadSafeContext::with_blocked_client(ctx.block_client()));
     Ok(RedisValue::NoReply)

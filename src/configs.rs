@@ -233,6 +233,7 @@ pub static REQUEST_TIMEOUT_MS: AtomicI64 = AtomicI64::new(30_000);
 pub static VERIFY: Mutex<VerifyMode> = Mutex::new(VerifyMode::Head);
 pub static RETENTION: Checked = Checked::new(duration);
 pub static CONCURRENCY: AtomicI64 = AtomicI64::new(4);
+pub const CONCURRENCY_MAX: i64 = 256;
 pub static BATCH_SIZE: AtomicI64 = AtomicI64::new(100);
 pub static CACHE_BYTES: AtomicI64 = AtomicI64::new(64 << 20);
 pub static UPLOAD_BYTES_PER_SEC: AtomicI64 = AtomicI64::new(0);

@@ -15,6 +15,10 @@ pub const ON_REPLICA: &str =
     "ERR FLOWARCHIVE.FLOW writes and must run on the primary, not a replica";
 pub const EMPTY_ID: &str = "ERR flow id must not be empty";
 pub const ID_NOT_UTF8: &str = "ERR flow id must be valid UTF-8";
+pub const FLOW_BUSY: &str =
+    "ERR flowarchive is busy: too many FLOWARCHIVE.FLOW calls waiting; retry later, nothing was deleted";
+pub const UNLOAD_BUSY: &str =
+    "flowarchive: MODULE UNLOAD refused: archives, reads or a sweep are in flight; retry once INFO flowarchive shows none";
 pub const NO_THREAD: &str = "ERR flowarchive cannot start a worker thread; nothing was deleted";
 pub const PANIC: &str = "ERR flowarchive internal error; nothing was deleted (see the server log)";
 // Reasons, inside a flow's `ERR flow <id>: <reason>; nothing was deleted`:

@@ -17,6 +17,7 @@ mod fetch;
 mod layout;
 mod mainthread;
 mod metrics;
+mod pool;
 mod server;
 mod store;
 mod sweep;
@@ -105,6 +106,18 @@ fn on_cache_budget(_ctx: &ConfigurationContext, _name: &str, value: &'static Ato
     fetch::resize_cache(value.load(Ordering::Relaxed).max(0) as usize);
 }
 
+/// MODULE UNLOAD: refused while anything is in flight (an archive between capture and commit would lose
+/// its change watch); otherwise every module thread is joined first, so no module code runs once the
+/// server unmaps the library.
+fn deinit(ctx: &Context) -> Status {
+    if sweep::running() || !pool::all_idle() || !pool::shutdown_all() {
+        ctx.log_warning(errors::UNLOAD_BUSY);
+        return Status::Err;
+    }
+    mainthread::deinit();
+    Status::Ok
+}
+
 fn init(ctx: &Context, _args: &[RedisString]) -> Status {
     mainthread::init(ctx);
     // SAFETY: called once from OnLoad with the module's context.
@@ -130,6 +143,7 @@ redis_module! {
     data_types: [],
     acl_categories: ["flowarchive",],
     init: init,
+    deinit: deinit,
     commands: [
         ["flowarchive.flow", commands::flow, "write deny-oom deny-script", 0, 0, 0, "", "flowarchive"],
         ["flowarchive.get", commands::get, "readonly", 0, 0, 0, "", "flowarchive"],
@@ -141,7 +155,7 @@ redis_module! {
     configurations: [
         i64: [
             ["request-timeout-ms", &configs::REQUEST_TIMEOUT_MS, 30_000, 100, 3_600_000, ConfigurationFlags::DEFAULT, None],
-            ["concurrency", &configs::CONCURRENCY, 4, 1, 256, ConfigurationFlags::DEFAULT, None],
+            ["concurrency", &configs::CONCURRENCY, 4, 1, configs::CONCURRENCY_MAX, ConfigurationFlags::DEFAULT, None],
             ["batch-size", &configs::BATCH_SIZE, 100, 1, 100_000, ConfigurationFlags::DEFAULT, None],
             ["upload-bytes-per-sec", &configs::UPLOAD_BYTES_PER_SEC, 0, 0, 1 << 40, ConfigurationFlags::MEMORY, None],
             ["cache-bytes", &configs::CACHE_BYTES, 64 << 20, 0, 1 << 40, ConfigurationFlags::MEMORY, Some(Box::new(on_cache_budget))],

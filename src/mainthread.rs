@@ -27,6 +27,17 @@ pub fn init(ctx: &Context) {
     CONTEXT.store(detached, Ordering::Release);
 }
 
+/// Frees the context at MODULE UNLOAD (nothing is in flight then).
+pub fn deinit() {
+    let ctx = CONTEXT.swap(std::ptr::null_mut(), Ordering::AcqRel);
+    // SAFETY: created by `init`; no job can use it any more (the unload found every pool idle).
+    unsafe {
+        if let (false, Some(free)) = (ctx.is_null(), raw::RedisModule_FreeThreadSafeContext) {
+            free(ctx);
+        }
+    }
+}
+
 /// Runs `work` on the event loop and returns its result. Never call it from the main thread.
 pub fn run<T: Send>(work: impl FnOnce(&Context) -> T + Send) -> Result<T, String> {
     if CONTEXT.load(Ordering::Acquire).is_null() {

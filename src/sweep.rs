@@ -5,20 +5,23 @@
 use std::collections::{BTreeMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{channel, sync_channel};
+use std::sync::mpsc::{channel, sync_channel, Sender, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use redis_module::{BlockedClient, CallReply, Context, RedisError, RedisValue, ThreadSafeContext};
+use redis_module::{
+    BlockedClient, CallReply, Context, RedisError, RedisResult, RedisValue, ThreadSafeContext,
+};
 use serde_json::Value;
 
 use crate::archive::{self, map, Uploaded};
 use crate::capture::{self, Capture, Inspected, Start};
 use crate::clock;
-use crate::configs::Settings;
+use crate::configs::{self, Settings};
 use crate::errors::FlowError;
 use crate::layout::Layout;
 use crate::metrics::{self, Stage};
+use crate::pool::Pool;
 use crate::server::{bytes, call, strings};
 use crate::store::Store;
 
@@ -115,6 +118,16 @@ static RUNNING: AtomicBool = AtomicBool::new(false);
 pub static SWEEPS_RUN: AtomicU64 = AtomicU64::new(0);
 pub static CURRENT: Mutex<Option<Arc<Progress>>> = Mutex::new(None);
 pub static LAST: Mutex<Option<Arc<Progress>>> = Mutex::new(None);
+
+/// The sweep coordinator: one sweep at a time.
+pub static SWEEP_POOL: Pool = Pool::new("flowarchive-sweep", 1, 1);
+/// Upload workers of sweeps: a sweep keeps at most `concurrency` flows in flight (the config's maximum
+/// bounds the threads); they encode, upload and verify in the idle scheduling class.
+pub static UPLOAD_POOL: Pool = Pool::new(
+    "flowarchive-upload",
+    configs::CONCURRENCY_MAX as usize,
+    configs::CONCURRENCY_MAX as usize,
+);
 
 pub fn running() -> bool {
     RUNNING.load(Ordering::SeqCst)
@@ -312,44 +325,93 @@ pub fn start(
         ..Progress::default()
     });
     *lock(&CURRENT) = Some(progress.clone());
-    // The thread starts first and then receives the client to answer (if any): a client is never
+    // The job is queued first and then receives the client to answer (if any): a client is never
     // blocked without a thread that will answer it.
     let (hand_over, client) = channel::<Option<ThreadSafeContext<BlockedClient>>>();
-    let spawned = std::thread::Builder::new().name("flowarchive-sweep".into()).spawn(move || {
+    let job = Box::new(move || {
         let client = client.recv().ok().flatten();
-        let started = Instant::now();
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(db, &opts, &settings, &progress)));
-        progress.duration_ms.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-        let result = match outcome {
-            Ok(Ok(())) => Ok(progress.summary()),
-            Ok(Err(e)) => Err(RedisError::String(format!("ERR sweep stopped: {e}"))),
-            Err(_) => Err(RedisError::Str("ERR sweep stopped: internal error (see the server log)")),
-        };
-        redis_module::logging::log_notice(format!(
-            "flowarchive: sweep {} in {} ms: {} candidates, {} archived, {} changed, {} ineligible, {} failed",
-            if progress.dry_run { "(dry run) done" } else { "done" },
-            progress.duration_ms.load(Ordering::Relaxed),
-            progress.candidates.load(Ordering::Relaxed),
-            progress.archived.load(Ordering::Relaxed),
-            progress.skipped_changed.load(Ordering::Relaxed),
-            progress.skipped_ineligible.load(Ordering::Relaxed),
-            progress.failed_total(),
-        ));
-        SWEEPS_RUN.fetch_add(1, Ordering::Relaxed);
-        *lock(&LAST) = Some(progress.clone());
-        *lock(&CURRENT) = None;
-        RUNNING.store(false, Ordering::SeqCst);
+        let result = coordinate(db, &opts, &settings, &progress);
         if let Some(client) = client {
             client.reply(result);
         }
     });
-    if spawned.is_err() {
+    if SWEEP_POOL.submit(job).is_err() {
         *lock(&CURRENT) = None;
         RUNNING.store(false, Ordering::SeqCst);
         return Err(RedisError::Str(crate::errors::NO_THREAD));
     }
     let _ = hand_over.send(block());
     Ok(())
+}
+
+/// Runs one sweep to its end on the coordinator thread and publishes its outcome.
+fn coordinate(
+    db: i32,
+    opts: &Options,
+    settings: &Settings,
+    progress: &Arc<Progress>,
+) -> RedisResult {
+    let started = Instant::now();
+    let outcome = catch_unwind(AssertUnwindSafe(|| run(db, opts, settings, progress)));
+    progress
+        .duration_ms
+        .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    let result = match outcome {
+        Ok(Ok(())) => Ok(progress.summary()),
+        Ok(Err(e)) => Err(RedisError::String(format!("ERR sweep stopped: {e}"))),
+        Err(_) => Err(RedisError::Str(
+            "ERR sweep stopped: internal error (see the server log)",
+        )),
+    };
+    redis_module::logging::log_notice(format!(
+        "flowarchive: sweep {} in {} ms: {} candidates, {} archived, {} changed, {} ineligible, {} failed",
+        if progress.dry_run { "(dry run) done" } else { "done" },
+        progress.duration_ms.load(Ordering::Relaxed),
+        progress.candidates.load(Ordering::Relaxed),
+        progress.archived.load(Ordering::Relaxed),
+        progress.skipped_changed.load(Ordering::Relaxed),
+        progress.skipped_ineligible.load(Ordering::Relaxed),
+        progress.failed_total(),
+    ));
+    SWEEPS_RUN.fetch_add(1, Ordering::Relaxed);
+    *lock(&LAST) = Some(progress.clone());
+    *lock(&CURRENT) = None;
+    RUNNING.store(false, Ordering::SeqCst);
+    result
+}
+
+/// Starts `concurrency` uploaders on the upload pool; each takes captured flows from the returned
+/// channel until it closes, and sends every result to `done`.
+fn start_uploaders(
+    settings: &Settings,
+    done: Sender<(String, Result<Uploaded, FlowError>)>,
+) -> Result<SyncSender<Capture>, String> {
+    let (job_tx, job_rx) = sync_channel::<Capture>(settings.concurrency);
+    let job_rx = Arc::new(Mutex::new(job_rx));
+    for _ in 0..settings.concurrency {
+        let (job_rx, done, settings) = (job_rx.clone(), done.clone(), settings.clone());
+        let store = Store::new(&settings.s3).map_err(|e| e.to_string())?;
+        let uploader = Box::new(move || {
+            archive::enter_idle_class();
+            loop {
+                // The lock is held only to take one flow, never during its upload.
+                let next = lock(&job_rx).recv();
+                let Ok(capture) = next else { break };
+                let id = capture.flow.id.clone();
+                let result = catch_unwind(AssertUnwindSafe(|| {
+                    archive::upload(capture, &settings, &store)
+                }))
+                .unwrap_or_else(|_| Err(FlowError::Internal("upload worker panicked".into())));
+                if done.send((id, result)).is_err() {
+                    break;
+                }
+            }
+        });
+        if UPLOAD_POOL.submit(uploader).is_err() {
+            return Err("no upload worker could be started".into());
+        }
+    }
+    Ok(job_tx)
 }
 
 /// The sweep itself. This thread hands the server work (selection, capture, commit) to the main thread,
@@ -364,39 +426,13 @@ fn run(
     let cutoff_ms = clock::now_ms() - settings.retention_ms;
     let mut selector = Selector::new(&settings.layout, cutoff_ms);
     let limit = opts.limit.map(|l| l as u64);
-    let (job_tx, job_rx) = sync_channel::<Capture>(settings.concurrency);
-    let job_rx = Arc::new(Mutex::new(job_rx));
     let (done_tx, done_rx) = channel::<(String, Result<Uploaded, FlowError>)>();
-    let mut workers = Vec::new();
-    if !opts.dry_run {
-        for _ in 0..settings.concurrency {
-            let (job_rx, done_tx, settings) = (job_rx.clone(), done_tx.clone(), settings.clone());
-            let store = Store::new(&settings.s3).map_err(|e| e.to_string())?;
-            let worker = std::thread::Builder::new()
-                .name("flowarchive-upload".into())
-                .spawn(move || {
-                    archive::enter_idle_class();
-                    loop {
-                        let next = lock(&job_rx).recv();
-                        let Ok(capture) = next else { break };
-                        let id = capture.flow.id.clone();
-                        let result = catch_unwind(AssertUnwindSafe(|| {
-                            archive::upload(capture, &settings, &store)
-                        }))
-                        .unwrap_or_else(|_| {
-                            Err(FlowError::Internal("upload worker panicked".into()))
-                        });
-                        if done_tx.send((id, result)).is_err() {
-                            break;
-                        }
-                    }
-                })
-                .map_err(|e| e.to_string())?;
-            workers.push(worker);
-        }
-    }
-    drop(done_tx);
-
+    let job_tx = if opts.dry_run {
+        drop(done_tx);
+        None
+    } else {
+        Some(start_uploaders(settings, done_tx)?)
+    };
     let mut started = 0u64;
     let mut in_flight = 0usize;
     let mut seen = HashSet::new();
@@ -488,26 +524,23 @@ fn run(
                 progress.count(&e);
                 continue;
             }
-            started += 1;
-            in_flight += 1;
-            progress.in_flight.fetch_add(1, Ordering::Relaxed);
+            let Some(job_tx) = &job_tx else { break 'select };
             if job_tx.send(capture).is_err() {
                 break 'select;
             }
+            started += 1;
+            in_flight += 1;
+            progress.in_flight.fetch_add(1, Ordering::Relaxed);
         }
     }
+    // Closing the job channel ends the uploaders once the flows in flight are done; the results
+    // channel closes when the last of them has returned, so no uploader outlives its sweep.
     drop(job_tx);
-    while in_flight > 0 {
-        match done_rx.recv() {
-            Ok(done) => finish(done, &mut in_flight),
-            Err(_) => break,
-        }
+    while let Ok(done) = done_rx.recv() {
+        finish(done, &mut in_flight);
     }
     progress
         .main_thread_max_us
         .fetch_max(selection_held, Ordering::Relaxed);
-    for w in workers {
-        let _ = w.join();
-    }
     Ok(())
 }

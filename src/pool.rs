@@ -1,0 +1,217 @@
+//! Bounded worker pools.
+//!
+//! Every thread the module runs work on comes from a `Pool`: at most `max_threads` threads, started
+//! lazily and ended after a short idle spell, and at most `max_queued` jobs waiting for one. A job that
+//! does not fit is handed back to the caller, who answers a clear "busy" error instead of starting a
+//! thread per request. `shutdown` joins every thread of the pool, so that `MODULE UNLOAD` can prove no
+//! module code still runs once the library is unmapped.
+
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+pub type Job = Box<dyn FnOnce() + Send>;
+
+/// How long a thread waits for work before it ends.
+const IDLE_EXIT: Duration = Duration::from_secs(2);
+
+struct State {
+    queue: VecDeque<Job>,
+    threads: usize,
+    idle: usize,
+    running: usize,
+    handles: Vec<JoinHandle<()>>,
+    stopping: bool,
+}
+
+pub struct Pool {
+    name: &'static str,
+    max_threads: usize,
+    max_queued: usize,
+    state: Mutex<State>,
+    wake: Condvar,
+    registered: AtomicBool,
+}
+
+/// Every pool that has started a thread, for `all_idle` and `shutdown_all`.
+static POOLS: Mutex<Vec<&'static Pool>> = Mutex::new(Vec::new());
+
+/// True when no pool has a job queued or running.
+pub fn all_idle() -> bool {
+    lock(&POOLS).iter().all(|p| p.busy() == 0)
+}
+
+/// Joins the threads of every pool; `false` if one of them got work meanwhile.
+pub fn shutdown_all() -> bool {
+    lock(&POOLS).iter().all(|p| p.shutdown())
+}
+
+/// A mutex whose holder panicked still guards consistent data here: every critical section below
+/// leaves the state valid at each step, so the poison flag carries no information.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Pool {
+    pub const fn new(name: &'static str, max_threads: usize, max_queued: usize) -> Pool {
+        Pool {
+            name,
+            max_threads,
+            max_queued,
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                threads: 0,
+                idle: 0,
+                running: 0,
+                handles: Vec::new(),
+                stopping: false,
+            }),
+            wake: Condvar::new(),
+            registered: AtomicBool::new(false),
+        }
+    }
+
+    /// Runs `job` on a pool thread. Hands the job back when the queue is full, the pool is shutting
+    /// down, or no thread can be started.
+    pub fn submit(&'static self, job: Job) -> Result<(), Job> {
+        let mut st = lock(&self.state);
+        if st.stopping || st.queue.len() >= self.max_queued {
+            return Err(job);
+        }
+        st.handles.retain(|h| !h.is_finished());
+        st.queue.push_back(job);
+        if st.idle > st.queue.len() - 1 {
+            self.wake.notify_one();
+            return Ok(());
+        }
+        if st.threads < self.max_threads {
+            if !self.registered.swap(true, Ordering::SeqCst) {
+                lock(&POOLS).push(self);
+            }
+            let spawned = std::thread::Builder::new()
+                .name(self.name.into())
+                .spawn(move || self.work());
+            match spawned {
+                Ok(handle) => {
+                    st.threads += 1;
+                    st.handles.push(handle);
+                }
+                // No new thread: a running one takes the job later; with none at all, refuse it.
+                Err(_) if st.threads == 0 => return st.queue.pop_back().map_or(Ok(()), Err),
+                Err(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn work(&'static self) {
+        let mut st = lock(&self.state);
+        loop {
+            if let Some(job) = st.queue.pop_front() {
+                st.running += 1;
+                drop(st);
+                if catch_unwind(AssertUnwindSafe(job)).is_err() {
+                    redis_module::logging::log_warning(format!(
+                        "flowarchive: a {} job panicked",
+                        self.name
+                    ));
+                }
+                st = lock(&self.state);
+                st.running -= 1;
+                continue;
+            }
+            if st.stopping {
+                break;
+            }
+            st.idle += 1;
+            let (next, timeout) = self
+                .wake
+                .wait_timeout(st, IDLE_EXIT)
+                .unwrap_or_else(|p| p.into_inner());
+            st = next;
+            st.idle -= 1;
+            if timeout.timed_out() && st.queue.is_empty() {
+                break;
+            }
+        }
+        st.threads -= 1;
+    }
+
+    /// Jobs queued or running.
+    pub fn busy(&self) -> usize {
+        let st = lock(&self.state);
+        st.queue.len() + st.running
+    }
+
+    /// Ends and joins every thread, if no job is queued or running; `false` (nothing stopped) otherwise.
+    /// The pool starts threads again on the next `submit`.
+    pub fn shutdown(&self) -> bool {
+        let handles = {
+            let mut st = lock(&self.state);
+            if !st.queue.is_empty() || st.running > 0 {
+                return false;
+            }
+            st.stopping = true;
+            std::mem::take(&mut st.handles)
+        };
+        self.wake.notify_all();
+        for h in handles {
+            let _ = h.join();
+        }
+        lock(&self.state).stopping = false;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc::channel;
+
+    static POOL: Pool = Pool::new("test-pool", 2, 3);
+
+    #[test]
+    fn bounds_threads_and_queue_and_joins_on_shutdown() {
+        static RAN: AtomicUsize = AtomicUsize::new(0);
+        let (release_tx, release_rx) = channel::<()>();
+        let release_rx = std::sync::Arc::new(Mutex::new(release_rx));
+        let mut accepted = 0;
+        let mut refused = 0;
+        for _ in 0..10 {
+            let rx = release_rx.clone();
+            let job: Job = Box::new(move || {
+                let _ = lock(&rx).recv();
+                RAN.fetch_add(1, Ordering::SeqCst);
+            });
+            match POOL.submit(job) {
+                Ok(()) => accepted += 1,
+                Err(_) => refused += 1,
+            }
+        }
+        // Two threads take a job each (one of them may still be starting), three wait.
+        assert!((3..=5).contains(&accepted), "accepted {accepted}");
+        assert_eq!(accepted + refused, 10);
+        assert!(lock(&POOL.state).threads <= 2);
+        assert!(!POOL.shutdown(), "jobs are in flight");
+        for _ in 0..accepted {
+            release_tx.send(()).unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while POOL.busy() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(RAN.load(Ordering::SeqCst), accepted);
+        assert!(POOL.shutdown());
+        assert_eq!(lock(&POOL.state).threads, 0, "every thread joined");
+        let (tx, rx) = channel();
+        POOL.submit(Box::new(move || tx.send(7).unwrap()))
+            .ok()
+            .unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 7);
+        assert!(POOL.shutdown());
+    }
+}
