@@ -119,13 +119,17 @@ pub fn upload(
     let encoded = {
         let events: usize = capture.flow.events.iter().map(Vec::len).sum();
         let _captured = Buffered::hold((events + capture.flow.snapshot.len()) as u64);
-        encode::encode(&capture.flow).map_err(|e| FlowError::Unreadable(e.to_string()))?
+        let encoded =
+            encode::encode(&capture.flow).map_err(|e| FlowError::Unreadable(e.to_string()))?;
+        encode::read_back(&encoded.body, &capture.flow, settings.read_max_bytes)
+            .map_err(FlowError::Unreadable)?;
+        encoded
     };
     // The commit needs only the count: free the log now, not after the upload.
     capture.events_total = capture.flow.events.len();
     capture.flow.events = Vec::new();
     let _encoded = Buffered::hold(encoded.body.len() as u64);
-    let key = layout::object_key(&settings.s3.prefix, &capture.flow.id);
+    let key = layout::object_key(&settings.s3.prefix, capture.flow.db, &capture.flow.id);
     UPLOADS_IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
     let uploaded = store.put_verified(&key, &encoded);
     UPLOADS_IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);

@@ -75,10 +75,7 @@ mod tests {
     use super::*;
 
     fn flow(n: usize) -> Arc<Decoded> {
-        Arc::new(Decoded {
-            flow_state: "x".repeat(n),
-            events: vec![],
-        })
+        Arc::new(Decoded::for_test("x".repeat(n), &[]))
     }
 
     fn key(id: &str) -> CacheKey {

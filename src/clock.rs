@@ -39,6 +39,7 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+#[cfg(test)]
 fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
@@ -60,6 +61,7 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
 }
 
 /// `2026-03-18T09:14:03.120Z` for unix milliseconds.
+#[cfg(test)]
 pub fn format_rfc3339_ms(ms: i64) -> String {
     let (days, rem) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
     let (y, m, d) = civil_from_days(days);

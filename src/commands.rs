@@ -160,7 +160,7 @@ fn get_inner(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         client: ThreadSafeContext::with_blocked_client(ctx.block_client()),
         events,
     };
-    fetch::request(key, waiter, settings.s3, settings.cache_bytes);
+    fetch::request(key, waiter, settings);
     Ok(RedisValue::NoReply)
 }
 

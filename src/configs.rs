@@ -100,7 +100,7 @@ fn region(v: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn bucket(v: &str) -> Result<(), String> {
+pub fn bucket(v: &str) -> Result<(), String> {
     let ok = v.is_empty()
         || ((3..=63).contains(&v.len())
             && v.bytes()
@@ -113,7 +113,7 @@ fn bucket(v: &str) -> Result<(), String> {
     }
 }
 
-fn object_prefix(v: &str) -> Result<(), String> {
+pub fn object_prefix(v: &str) -> Result<(), String> {
     if v.starts_with('/') || v.ends_with('/') || v.contains("//") {
         return Err("prefix must not start or end with '/' nor contain '//'".into());
     }
@@ -236,6 +236,8 @@ pub static CONCURRENCY: AtomicI64 = AtomicI64::new(4);
 pub const CONCURRENCY_MAX: i64 = 256;
 pub static BATCH_SIZE: AtomicI64 = AtomicI64::new(100);
 pub static CACHE_BYTES: AtomicI64 = AtomicI64::new(64 << 20);
+pub static READ_MAX_BYTES: AtomicI64 = AtomicI64::new(256 << 20);
+pub static READ_ALLOW: Checked = Checked::new(crate::fetch::check_read_allow);
 pub static UPLOAD_BYTES_PER_SEC: AtomicI64 = AtomicI64::new(0);
 pub static SWEEP_INTERVAL: Checked = Checked::new(duration);
 pub static KEY_PREFIX: Checked = Checked::new(key_prefix);
@@ -310,6 +312,10 @@ pub struct Settings {
     pub retention_ms: i64,
     /// Byte budget of the archived-flow cache (0: off).
     pub cache_bytes: usize,
+    /// Cap on an archive object and on its decompressed content (flowarchive.read-max-bytes).
+    pub read_max_bytes: u64,
+    /// Older `s3://bucket[/prefix]` roots archives may also be read from (flowarchive.read-allow).
+    pub read_allow: String,
     pub concurrency: usize,
     pub batch_size: usize,
 }
@@ -340,6 +346,8 @@ impl Settings {
             },
             retention_ms: parse_duration_ms(&RETENTION.get()).unwrap_or(30 * 86_400_000),
             cache_bytes: CACHE_BYTES.load(Ordering::Relaxed).max(0) as usize,
+            read_max_bytes: READ_MAX_BYTES.load(Ordering::Relaxed).max(0) as u64,
+            read_allow: READ_ALLOW.get(),
             concurrency: CONCURRENCY.load(Ordering::Relaxed).max(1) as usize,
             batch_size: BATCH_SIZE.load(Ordering::Relaxed).max(1) as usize,
         }

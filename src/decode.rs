@@ -1,25 +1,92 @@
 //! Reading an archive object back (docs/FORMAT.md), all or nothing: any defect is an error, never a
 //! partially decoded flow.
+//!
+//! The object is parsed, never searched: the header and trailer are JSON documents read with serde, and
+//! the trailer's `snapshot` is taken as the exact bytes the encoder spliced in (a `RawValue`), so no key
+//! or value inside the flow (a label named `seq`, a snapshot field named `snapshot`) can confuse it.
+//!
+//! Memory is bounded: the header line is read with its own small cap, the rest is decompressed as a
+//! stream, hashed as it arrives, and refused as soon as it passes the declared `raw_bytes` or the
+//! caller's cap. A gzip bomb costs at most the cap, never what it would expand to.
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 
 use flate2::read::GzDecoder;
-use serde_json::Value;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::encode::{FORMAT_NAME, FORMAT_VERSION};
 use crate::layout::hex;
 
+/// The header line is small (ids, key names, a hash); a longer one is not ours.
+pub const MAX_HEADER_LINE: u64 = 64 * 1024;
+
+/// What one line costs once answered (the reply element and its allocation), charged against the cap
+/// so that an object of millions of tiny lines cannot expand into a reply far larger than the cap.
+pub const LINE_COST: u64 = 64;
+
+/// Decompression chunk: the stream is read and hashed this much at a time.
+const CHUNK: usize = 64 * 1024;
+
 /// An archived flow, ready to answer: the FlowState with `"archived":true`, and the events.
 pub struct Decoded {
     pub flow_state: String,
-    pub events: Vec<String>,
+    /// The event lines, each ending in `\n`, exactly as stored.
+    events: String,
+    event_count: usize,
 }
 
 impl Decoded {
     /// Approximate memory held, for the cache budget.
     pub fn size(&self) -> usize {
-        self.flow_state.len() + self.events.iter().map(|e| e.len() + 24).sum::<usize>() + 64
+        self.flow_state.len() + self.events.len() + self.event_count * 24 + 64
+    }
+
+    pub fn events(&self) -> impl Iterator<Item = &str> {
+        self.events.split_terminator('\n')
+    }
+
+    #[cfg(test)]
+    pub fn for_test(flow_state: String, events: &[&str]) -> Decoded {
+        Decoded {
+            flow_state,
+            events: events.iter().map(|e| format!("{e}\n")).collect(),
+            event_count: events.len(),
+        }
+    }
+}
+
+/// Everything an object holds, parsed and verified; `into_decoded` makes the reply form.
+#[derive(Debug)]
+pub struct Object {
+    /// The event lines, each ending in `\n`, exactly as stored.
+    events: String,
+    event_count: usize,
+    /// The snapshot's bytes exactly as the encoder spliced them into the trailer.
+    pub snapshot: String,
+    pub seq: Option<i64>,
+    pub labels: Vec<(String, String)>,
+    pub status: String,
+}
+
+impl Object {
+    pub fn events(&self) -> impl Iterator<Item = &str> {
+        self.events.split_terminator('\n')
+    }
+
+    pub fn event_count(&self) -> usize {
+        self.event_count
+    }
+
+    /// The reply form: the snapshot marked `"archived":true`, and the event lines.
+    pub fn into_decoded(self) -> Result<Decoded, DecodeError> {
+        Ok(Decoded {
+            flow_state: mark_archived(&self.snapshot)?,
+            events: self.events,
+            event_count: self.event_count,
+        })
     }
 }
 
@@ -31,7 +98,11 @@ pub enum DecodeError {
     Checksum(String),
     /// A well-formed object of another flow.
     OtherFlow(String),
+    /// A well-formed object of this flow id, archived from another DB (keyspace).
+    OtherKeyspace(i64),
     UnknownVersion(String),
+    /// Larger than the read cap, or than its own declared `raw_bytes`.
+    TooLarge(String),
 }
 
 impl DecodeError {
@@ -40,7 +111,9 @@ impl DecodeError {
             DecodeError::Corrupt(_) => "corrupt",
             DecodeError::Checksum(_) => "checksum",
             DecodeError::OtherFlow(_) => "other_flow",
+            DecodeError::OtherKeyspace(_) => "other_keyspace",
             DecodeError::UnknownVersion(_) => "unknown_version",
+            DecodeError::TooLarge(_) => "too_large",
         }
     }
 }
@@ -51,11 +124,16 @@ impl std::fmt::Display for DecodeError {
             DecodeError::Corrupt(why) => write!(f, "archived object is corrupt: {why}"),
             DecodeError::Checksum(why) => write!(f, "archived object fails its checksum: {why}"),
             DecodeError::OtherFlow(other) => {
-                write!(f, "archived object belongs to another flow ({other:?})")
+                let shown: String = other.chars().take(120).collect();
+                write!(f, "archived object belongs to another flow ({shown:?})")
+            }
+            DecodeError::OtherKeyspace(db) => {
+                write!(f, "archived object belongs to DB {db}, not this one")
             }
             DecodeError::UnknownVersion(v) => {
                 write!(f, "archived object has an unknown format ({v})")
             }
+            DecodeError::TooLarge(why) => write!(f, "archived object is too large: {why}"),
         }
     }
 }
@@ -64,19 +142,42 @@ fn corrupt(why: impl Into<String>) -> DecodeError {
     DecodeError::Corrupt(why.into())
 }
 
+/// The header line after its format and version are checked. Unknown fields (`keys`, the older
+/// `archived_at`) are ignored.
+#[derive(Deserialize)]
+struct Header {
+    flow_id: String,
+    /// Objects written before the field existed all came from DB 0.
+    #[serde(default)]
+    db: i64,
+    events: u64,
+    sha256: String,
+    /// Bytes after the header line; unknown in older objects.
+    raw_bytes: Option<u64>,
+}
+
+/// The last line. `snapshot` is borrowed verbatim; a duplicate field is an error (serde refuses it).
+#[derive(Deserialize)]
+struct Trailer<'a> {
+    #[serde(borrow)]
+    snapshot: &'a RawValue,
+    seq: Option<i64>,
+    labels: Map<String, Value>,
+    status: String,
+}
+
 /// Adds `"archived":true` to a FlowState object without re-serializing it.
 fn mark_archived(snapshot: &str) -> Result<String, DecodeError> {
-    let body = snapshot.trim_end();
-    let inner = body
+    let inner = snapshot
         .strip_prefix('{')
         .and_then(|b| b.strip_suffix('}'))
         .ok_or_else(|| corrupt("trailer snapshot is not an object"))?;
-    let parsed: Value =
-        serde_json::from_str(body).map_err(|e| corrupt(format!("trailer snapshot: {e}")))?;
-    if parsed.get("archived").is_some() {
+    let parsed: Map<String, Value> =
+        serde_json::from_str(snapshot).map_err(|e| corrupt(format!("trailer snapshot: {e}")))?;
+    if parsed.contains_key("archived") {
         let mut obj = parsed;
-        obj["archived"] = Value::Bool(true);
-        return Ok(obj.to_string());
+        obj.insert("archived".into(), Value::Bool(true));
+        return Ok(Value::Object(obj).to_string());
     }
     Ok(if inner.trim().is_empty() {
         r#"{"archived":true}"#.to_string()
@@ -85,80 +186,200 @@ fn mark_archived(snapshot: &str) -> Result<String, DecodeError> {
     })
 }
 
-/// Decompresses and checks an object: format, version, flow id, line count and content sha256.
-pub fn decode(object: &[u8], expected_id: &str) -> Result<Decoded, DecodeError> {
-    let mut text = String::new();
-    GzDecoder::new(object)
-        .read_to_string(&mut text)
-        .map_err(|e| corrupt(format!("gzip: {e}")))?;
-    let (header_line, rest) = text
-        .split_once('\n')
-        .ok_or_else(|| corrupt("no header line"))?;
-    let header: Value =
-        serde_json::from_str(header_line).map_err(|e| corrupt(format!("header: {e}")))?;
-    if header["format"] != FORMAT_NAME || header["version"] != FORMAT_VERSION {
+/// Feeds every byte read through sha256.
+struct Hashing<R> {
+    inner: R,
+    sha: Sha256,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.sha.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+fn gzip_error(e: std::io::Error) -> DecodeError {
+    corrupt(format!("gzip: {e}"))
+}
+
+/// Reads the header line: at most `MAX_HEADER_LINE` bytes, ending in `\n`.
+fn read_header(gz: &mut impl BufRead) -> Result<Header, DecodeError> {
+    let mut line = Vec::new();
+    gz.take(MAX_HEADER_LINE + 1)
+        .read_until(b'\n', &mut line)
+        .map_err(gzip_error)?;
+    if line.pop() != Some(b'\n') {
+        return Err(if line.len() as u64 >= MAX_HEADER_LINE {
+            corrupt(format!("header line longer than {MAX_HEADER_LINE} bytes"))
+        } else {
+            corrupt("no header line")
+        });
+    }
+    let any: Value = serde_json::from_slice(&line).map_err(|e| corrupt(format!("header: {e}")))?;
+    if any.get("format") != Some(&Value::from(FORMAT_NAME))
+        || any.get("version") != Some(&Value::from(FORMAT_VERSION))
+    {
         return Err(DecodeError::UnknownVersion(format!(
             "format {} version {}",
-            header["format"], header["version"]
+            any.get("format").unwrap_or(&Value::Null),
+            any.get("version").unwrap_or(&Value::Null)
         )));
     }
-    let id = header["flow_id"]
-        .as_str()
-        .ok_or_else(|| corrupt("header has no flow_id"))?;
-    if id != expected_id {
-        return Err(DecodeError::OtherFlow(id.to_string()));
+    serde_json::from_value(any).map_err(|e| corrupt(format!("header: {e}")))
+}
+
+/// Decompresses everything after the header, hashing as it goes, refusing more than `limit` bytes.
+fn read_content(
+    gz: impl Read,
+    limit: u64,
+    declared: bool,
+) -> Result<(Vec<u8>, String), DecodeError> {
+    let mut reader = Hashing {
+        inner: gz.take(limit.saturating_add(1)),
+        sha: Sha256::new(),
+    };
+    let mut content = Vec::new();
+    let mut chunk = vec![0u8; CHUNK];
+    loop {
+        let n = match reader.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(gzip_error(e)),
+        };
+        content.extend_from_slice(&chunk[..n]);
+        if content.len() as u64 > limit {
+            return Err(DecodeError::TooLarge(if declared {
+                format!("content runs past its declared size of {limit} bytes")
+            } else {
+                format!("content passes the read cap of {limit} bytes (flowarchive.read-max-bytes)")
+            }));
+        }
     }
-    let recorded = header["sha256"]
-        .as_str()
-        .ok_or_else(|| corrupt("header has no sha256"))?;
-    let actual = hex(&Sha256::digest(rest.as_bytes()));
-    if recorded != actual {
+    Ok((content, hex(&reader.sha.finalize())))
+}
+
+/// Decompresses and checks an object: format, version, flow id and DB, sizes, line count and content
+/// sha256. `max_bytes` caps the decompressed content (and, with `LINE_COST` per line, what answering
+/// it takes).
+pub fn parse(
+    object: &[u8],
+    expected_id: &str,
+    expected_db: i32,
+    max_bytes: u64,
+) -> Result<Object, DecodeError> {
+    let mut gz = BufReader::with_capacity(CHUNK, GzDecoder::new(object));
+    let header = read_header(&mut gz)?;
+    if header.flow_id != expected_id {
+        return Err(DecodeError::OtherFlow(header.flow_id));
+    }
+    if header.db != i64::from(expected_db) {
+        return Err(DecodeError::OtherKeyspace(header.db));
+    }
+    let limit = match header.raw_bytes {
+        Some(declared) if declared > max_bytes => {
+            return Err(DecodeError::TooLarge(format!(
+            "declares {declared} bytes, the read cap is {max_bytes} (flowarchive.read-max-bytes)"
+        )))
+        }
+        Some(declared) => declared,
+        None => max_bytes,
+    };
+    let (content, actual) = read_content(gz, limit, header.raw_bytes.is_some())?;
+    if let Some(declared) = header.raw_bytes {
+        if content.len() as u64 != declared {
+            return Err(corrupt(format!(
+                "{} bytes after the header, the header declares {declared}",
+                content.len()
+            )));
+        }
+    }
+    if header.sha256 != actual {
         return Err(DecodeError::Checksum(format!(
-            "lines hash to {actual}, header says {recorded}"
+            "lines hash to {actual}, header says {}",
+            header.sha256
         )));
     }
-    let count = header["events"]
-        .as_u64()
-        .ok_or_else(|| corrupt("header has no event count"))? as usize;
-    let body = rest
-        .strip_suffix('\n')
-        .ok_or_else(|| corrupt("last line is cut short"))?;
-    let mut lines: Vec<&str> = body.split('\n').collect();
-    if lines.len() != count + 1 {
+    split(content, &header, max_bytes)
+}
+
+/// Splits verified content into event lines and the trailer, and parses the trailer.
+fn split(content: Vec<u8>, header: &Header, max_bytes: u64) -> Result<Object, DecodeError> {
+    let mut text = String::from_utf8(content).map_err(|_| corrupt("not UTF-8"))?;
+    if !text.ends_with('\n') {
+        return Err(corrupt("last line is cut short"));
+    }
+    let lines = text.bytes().filter(|&b| b == b'\n').count() as u64;
+    if lines != header.events.saturating_add(1) {
         return Err(corrupt(format!(
-            "{} lines for {count} events and a trailer",
-            lines.len()
+            "{lines} lines for {} events and a trailer",
+            header.events
         )));
     }
-    let trailer_line = lines.pop().unwrap_or_default();
-    let trailer: Value =
-        serde_json::from_str(trailer_line).map_err(|e| corrupt(format!("trailer: {e}")))?;
-    if !trailer["snapshot"].is_object() {
-        return Err(corrupt("trailer has no snapshot object"));
+    let cost = (text.len() as u64).saturating_add(lines.saturating_mul(LINE_COST));
+    if cost > max_bytes {
+        return Err(DecodeError::TooLarge(format!(
+            "{lines} lines of {} bytes exceed the read cap of {max_bytes} bytes",
+            text.len()
+        )));
     }
-    // The snapshot's own bytes, as spliced in by the encoder: between `{"snapshot":` and `,"seq":`.
-    let snapshot = trailer_line
-        .strip_prefix(r#"{"snapshot":"#)
-        .and_then(|s| s.rfind(r#","seq":"#).map(|end| &s[..end]))
-        .ok_or_else(|| corrupt("trailer layout"))?;
-    Ok(Decoded {
-        flow_state: mark_archived(snapshot)?,
-        events: lines.into_iter().map(str::to_string).collect(),
+    if text.starts_with('\n') || text.contains("\n\n") {
+        return Err(corrupt("an empty line"));
+    }
+    let body_end = text.len() - 1;
+    let trailer_start = text[..body_end].rfind('\n').map_or(0, |i| i + 1);
+    let trailer_line = text.split_off(trailer_start);
+    let trailer: Trailer = serde_json::from_str(trailer_line.trim_end_matches('\n'))
+        .map_err(|e| corrupt(format!("trailer: {e}")))?;
+    let snapshot = trailer.snapshot.get();
+    if !snapshot.starts_with('{') {
+        return Err(corrupt("trailer snapshot is not an object"));
+    }
+    let labels = trailer
+        .labels
+        .into_iter()
+        .map(|(name, value)| match value {
+            Value::String(v) => Ok((name, v)),
+            _ => Err(corrupt("a label value is not a string")),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Object {
+        events: text,
+        event_count: lines as usize - 1,
+        snapshot: snapshot.to_string(),
+        seq: trailer.seq,
+        labels,
+        status: trailer.status,
     })
 }
 
+/// What FLOWARCHIVE.GET answers from an object: `parse`, then the reply form.
+pub fn decode(
+    object: &[u8],
+    expected_id: &str,
+    expected_db: i32,
+    max_bytes: u64,
+) -> Result<Decoded, DecodeError> {
+    parse(object, expected_id, expected_db, max_bytes)?.into_decoded()
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::capture::Captured;
     use crate::encode::encode;
     use crate::layout::FlowKeys;
+    use proptest::prelude::*;
     use std::io::Write;
 
-    fn object(id: &str, snapshot: &str) -> Vec<u8> {
-        let flow = Captured {
+    const CAP: u64 = 1 << 20;
+
+    fn flow(id: &str, db: i32, snapshot: &str, labels: &[(&str, &str)]) -> Captured {
+        Captured {
             id: id.into(),
-            db: 0,
+            db,
             keys: FlowKeys {
                 events: "e".into(),
                 snapshot: "s".into(),
@@ -174,78 +395,275 @@ mod tests {
             ],
             snapshot: snapshot.as_bytes().to_vec(),
             seq: Some(1),
-            labels: vec![],
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             status: "completed".into(),
             status_score: None,
-        };
-        encode(&flow).unwrap().body
+        }
     }
 
-    fn gzip(text: &str) -> Vec<u8> {
+    fn object(id: &str, snapshot: &str) -> Vec<u8> {
+        encode(&flow(id, 0, snapshot, &[])).unwrap().body
+    }
+
+    fn gzip(text: &[u8]) -> Vec<u8> {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(text.as_bytes()).unwrap();
+        gz.write_all(text).unwrap();
         gz.finish().unwrap()
+    }
+
+    fn gunzip(b: &[u8]) -> String {
+        let mut s = String::new();
+        GzDecoder::new(b).read_to_string(&mut s).unwrap();
+        s
     }
 
     #[test]
     fn round_trips_with_the_archived_flag() {
-        let d = decode(&object("abc", r#"{"id":"abc","n":1.50,"seq":"x"}"#), "abc").unwrap();
+        let d = decode(
+            &object("abc", r#"{"id":"abc","n":1.50,"seq":"x"}"#),
+            "abc",
+            0,
+            CAP,
+        )
+        .unwrap();
         assert_eq!(
             d.flow_state,
             r#"{"id":"abc","n":1.50,"seq":"x","archived":true}"#
         );
         assert_eq!(
-            d.events,
+            d.events().collect::<Vec<_>>(),
             [
                 r#"{"type":"flow_started"}"#,
                 r#"{"type":"flow_completed","n":2.50}"#
             ]
         );
-        let d = decode(&object("e", "{}"), "e").unwrap();
+        let d = decode(&object("e", "{}"), "e", 0, CAP).unwrap();
         assert_eq!(d.flow_state, r#"{"archived":true}"#);
-        let d = decode(&object("f", r#"{"archived":false,"id":"f"}"#), "f").unwrap();
+        let d = decode(&object("f", r#"{"archived":false,"id":"f"}"#), "f", 0, CAP).unwrap();
         assert_eq!(
             serde_json::from_str::<Value>(&d.flow_state).unwrap()["archived"],
             true
         );
     }
 
+    /// Item 5 of the safety issue: a label named `seq` made every read of the flow fail.
+    #[test]
+    fn labels_and_snapshot_keys_named_like_trailer_fields_are_data() {
+        let snap = r#"{"seq":{"seq":1},"snapshot":",\"seq\":","labels":[],"status":"x"}"#;
+        let f = flow(
+            "abc",
+            0,
+            snap,
+            &[("seq", "7"), ("snapshot", "{"), ("status", ",\"seq\":")],
+        );
+        let o = parse(&encode(&f).unwrap().body, "abc", 0, CAP).unwrap();
+        assert_eq!(o.snapshot, snap);
+        assert_eq!(o.labels.len(), 3);
+        assert_eq!(o.labels[0], ("seq".into(), "7".into()));
+        assert_eq!(o.seq, Some(1));
+        assert_eq!(o.status, "completed");
+        assert_eq!(o.event_count(), 2);
+    }
+
+    #[test]
+    fn checks_the_keyspace() {
+        let body = encode(&flow("abc", 3, "{}", &[])).unwrap().body;
+        assert!(decode(&body, "abc", 3, CAP).is_ok());
+        assert_eq!(
+            decode(&body, "abc", 0, CAP).err().unwrap(),
+            DecodeError::OtherKeyspace(3)
+        );
+        // Objects written before `db` existed came from DB 0.
+        let text = gunzip(&body).replacen(",\"db\":3", "", 1);
+        assert!(!text.contains("\"db\""));
+        assert!(decode(&gzip(text.as_bytes()), "abc", 0, CAP).is_ok());
+        assert_eq!(
+            decode(&gzip(text.as_bytes()), "abc", 3, CAP).err().unwrap(),
+            DecodeError::OtherKeyspace(0)
+        );
+    }
+
+    #[test]
+    fn reads_objects_without_raw_bytes_and_with_archived_at() {
+        let text = gunzip(&object("abc", r#"{"id":"abc"}"#));
+        let (header, rest) = text.split_once('\n').unwrap();
+        let mut h: Map<String, Value> = serde_json::from_str(header).unwrap();
+        h.remove("raw_bytes");
+        h.remove("db");
+        h.insert("archived_at".into(), "2026-11-29T15:44:21.120Z".into());
+        let old = format!("{}\n{rest}", Value::Object(h));
+        let d = decode(&gzip(old.as_bytes()), "abc", 0, CAP).unwrap();
+        assert_eq!(d.flow_state, r#"{"id":"abc","archived":true}"#);
+    }
+
     #[test]
     fn refuses_every_defect() {
         let good = object("abc", r#"{"id":"abc"}"#);
         assert_eq!(
-            decode(&good, "abd").err().unwrap(),
+            decode(&good, "abd", 0, CAP).err().unwrap(),
             DecodeError::OtherFlow("abc".into())
         );
         assert!(matches!(
-            decode(b"plain text", "abc"),
+            decode(b"plain text", "abc", 0, CAP),
             Err(DecodeError::Corrupt(_))
         ));
         assert!(matches!(
-            decode(&good[..good.len() / 2], "abc"),
+            decode(&good[..good.len() / 2], "abc", 0, CAP),
             Err(DecodeError::Corrupt(_))
         ));
 
-        let text = {
-            let mut s = String::new();
-            GzDecoder::new(&good[..]).read_to_string(&mut s).unwrap();
-            s
-        };
+        let text = gunzip(&good);
         let tampered = text.replace("flow_completed", "flow_completeD");
         assert!(matches!(
-            decode(&gzip(&tampered), "abc"),
+            decode(&gzip(tampered.as_bytes()), "abc", 0, CAP),
             Err(DecodeError::Checksum(_))
         ));
         let future = text.replacen("\"version\":1", "\"version\":2", 1);
         assert!(matches!(
-            decode(&gzip(&future), "abc"),
+            decode(&gzip(future.as_bytes()), "abc", 0, CAP),
             Err(DecodeError::UnknownVersion(_))
         ));
         let (header, rest) = text.split_once('\n').unwrap();
         let dropped: Vec<&str> = rest.lines().skip(1).collect();
         let short = format!("{header}\n{}\n", dropped.join("\n"));
-        assert!(decode(&gzip(&short), "abc").is_err());
+        assert!(decode(&gzip(short.as_bytes()), "abc", 0, CAP).is_err());
         let no_newline = text.trim_end();
-        assert!(decode(&gzip(no_newline), "abc").is_err());
+        assert!(decode(&gzip(no_newline.as_bytes()), "abc", 0, CAP).is_err());
+        let long_header = format!("{}\n", "x".repeat(MAX_HEADER_LINE as usize + 10));
+        assert_eq!(
+            decode(&gzip(long_header.as_bytes()), "abc", 0, CAP)
+                .err()
+                .unwrap(),
+            corrupt(format!("header line longer than {MAX_HEADER_LINE} bytes"))
+        );
+    }
+
+    /// A header for `content` (everything after the header line), declaring `raw` bytes if given.
+    fn bomb(content_len: usize, raw: Option<u64>) -> Vec<u8> {
+        let mut h = serde_json::json!({
+            "format": "flowarchive", "version": 1, "flow_id": "abc", "events": 0,
+            "sha256": "0".repeat(64),
+        });
+        if let Some(raw) = raw {
+            h["raw_bytes"] = raw.into();
+        }
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(format!("{h}\n").as_bytes()).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        let mut left = content_len;
+        while left > 0 {
+            let n = left.min(zeros.len());
+            gz.write_all(&zeros[..n]).unwrap();
+            left -= n;
+        }
+        gz.finish().unwrap()
+    }
+
+    #[test]
+    fn gzip_bombs_stop_at_the_declared_size_or_the_cap() {
+        let body = bomb(200 << 20, Some(1024));
+        assert!(body.len() < 1 << 20, "{}", body.len());
+        let started = std::time::Instant::now();
+        let e = decode(&body, "abc", 0, 256 << 20).err().unwrap();
+        assert!(matches!(e, DecodeError::TooLarge(_)), "{e}");
+        assert!(e.to_string().contains("declared size of 1024"), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+
+        let body = bomb(8 << 20, None);
+        let e = decode(&body, "abc", 0, 4 << 20).err().unwrap();
+        assert!(e.to_string().contains("read cap of 4194304"), "{e}");
+
+        let e = decode(&bomb(10, Some(1 << 30)), "abc", 0, 4 << 20)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("declares 1073741824 bytes"), "{e}");
+    }
+
+    #[test]
+    fn many_tiny_lines_are_charged_against_the_cap() {
+        let mut f = flow("abc", 0, "{}", &[]);
+        f.events = vec![b"1".to_vec(); 10_000];
+        let body = encode(&f).unwrap().body;
+        assert!(decode(&body, "abc", 0, 1 << 20).is_ok());
+        let e = decode(&body, "abc", 0, 100_000).err().unwrap();
+        assert!(matches!(e, DecodeError::TooLarge(_)), "{e}");
+    }
+
+    /// Modest by default so the suite stays fast; `PROPTEST_CASES=5000 cargo test` for a long run.
+    pub(crate) fn proptest_config() -> ProptestConfig {
+        let cases = std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(128);
+        ProptestConfig::with_cases(cases)
+    }
+
+    fn sample() -> (Vec<u8>, Decoded) {
+        let f = flow("abc", 2, r#"{"id":"abc","n":[1,2]}"#, &[("seq", "x")]);
+        let body = encode(&f).unwrap().body;
+        let d = decode(&body, "abc", 2, CAP).unwrap();
+        (body, d)
+    }
+
+    proptest! {
+        #![proptest_config(proptest_config())]
+
+        #[test]
+        fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = decode(&bytes, "abc", 0, CAP);
+            let mut gz = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
+            gz.extend_from_slice(&bytes);
+            let _ = decode(&gz, "abc", 0, CAP);
+            let _ = decode(&gzip(&bytes), "abc", 0, CAP);
+        }
+
+        #[test]
+        fn truncations_are_refused(cut in any::<prop::sample::Index>()) {
+            let (body, _) = sample();
+            let at = cut.index(body.len());
+            prop_assert!(decode(&body[..at], "abc", 2, CAP).is_err());
+            let text = gunzip(&body);
+            let at = cut.index(text.len());
+            prop_assert!(decode(&gzip(&text.as_bytes()[..at]), "abc", 2, CAP).is_err());
+        }
+
+        #[test]
+        fn bit_flips_are_refused_or_harmless(at in any::<prop::sample::Index>(), bit in 0u8..8) {
+            let (body, good) = sample();
+            let mut bad = body.clone();
+            let i = at.index(bad.len());
+            bad[i] ^= 1 << bit;
+            // A flip in gzip's unchecked header fields (mtime, OS) changes nothing that is read.
+            if let Ok(d) = decode(&bad, "abc", 2, CAP) {
+                prop_assert!(d.events().eq(good.events()));
+                prop_assert_eq!(d.flow_state, good.flow_state.clone());
+            }
+            // In the content, a flip may hit what no reader uses (the header's `keys`, the name of the
+            // optional `raw_bytes`), never what is answered.
+            let mut flipped = gunzip(&body).into_bytes();
+            let i = at.index(flipped.len());
+            flipped[i] ^= 1 << bit;
+            if let Ok(d) = decode(&gzip(&flipped), "abc", 2, CAP) {
+                prop_assert!(d.events().eq(good.events()));
+                prop_assert_eq!(d.flow_state, good.flow_state.clone());
+            }
+        }
+
+        #[test]
+        fn bombs_stop_at_the_smaller_of_cap_and_declared(
+            content in 0usize..(1 << 20),
+            cap in (64u64 << 10)..(768 << 10),
+            declared in prop::option::of(0u64..(1 << 20)),
+        ) {
+            let limit = declared.map_or(cap, |d| d.min(cap));
+            match decode(&bomb(content, declared), "abc", 0, cap) {
+                Err(DecodeError::TooLarge(_)) => prop_assert!(content as u64 > limit || declared.is_some_and(|d| d > cap)),
+                Err(e) => prop_assert!(content as u64 <= limit, "{e}"),
+                Ok(_) => prop_assert!(false, "a bomb decoded"),
+            }
+        }
     }
 }

@@ -13,7 +13,7 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::capture::Captured;
-use crate::clock;
+use crate::decode;
 use crate::layout::hex;
 
 pub const FORMAT_NAME: &str = "flowarchive";
@@ -48,8 +48,8 @@ impl std::fmt::Display for EncodeError {
 }
 
 /// Removes whitespace outside strings. Only used when a stored value spans several lines, which JSONL
-/// cannot hold; tokens stay byte-identical.
-fn single_line(json: &[u8]) -> Cow<'_, [u8]> {
+/// cannot hold; tokens stay byte-identical. This is the one normalisation of an event line.
+pub fn single_line(json: &[u8]) -> Cow<'_, [u8]> {
     if !json.iter().any(|&b| b == b'\n' || b == b'\r') {
         return Cow::Borrowed(json);
     }
@@ -65,7 +65,7 @@ fn single_line(json: &[u8]) -> Cow<'_, [u8]> {
             } else if b == b'"' {
                 in_str = false;
             }
-        } else if !matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+        } else if !is_json_space(b) {
             in_str = b == b'"';
             out.push(b);
         }
@@ -73,20 +73,46 @@ fn single_line(json: &[u8]) -> Cow<'_, [u8]> {
     Cow::Owned(out)
 }
 
+fn is_json_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+/// The snapshot as the trailer holds it: `single_line`, and no whitespace around the object (it is a
+/// value inside the trailer, whose parser does not keep surrounding whitespace).
+pub fn snapshot_form(json: &[u8]) -> Cow<'_, [u8]> {
+    let start = json
+        .iter()
+        .position(|&b| !is_json_space(b))
+        .unwrap_or(json.len());
+    let end = json
+        .iter()
+        .rposition(|&b| !is_json_space(b))
+        .map_or(start, |i| i + 1);
+    match single_line(&json[start..end]) {
+        Cow::Borrowed(_) if start == 0 && end == json.len() => Cow::Borrowed(json),
+        Cow::Borrowed(b) => Cow::Owned(b.to_vec()),
+        owned => owned,
+    }
+}
+
+/// Valid UTF-8 and valid JSON (serde_json does not check UTF-8 inside strings it skips).
 fn check_json(bytes: &[u8]) -> Result<(), String> {
+    std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
     serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
         .map(|_| ())
         .map_err(|e| e.to_string())
 }
 
 /// Builds header, event lines and trailer, gzips them and hashes the object. Runs on a worker thread.
+/// The output depends only on the flow (no timestamp; gzip's mtime is 0), so a retry writes the same
+/// bytes.
 pub fn encode(flow: &Captured) -> Result<Encoded, EncodeError> {
     let mut lines: Vec<Cow<[u8]>> = Vec::with_capacity(flow.events.len() + 1);
     for (index, event) in flow.events.iter().enumerate() {
         check_json(event).map_err(|reason| EncodeError::Event { index, reason })?;
         lines.push(single_line(event));
     }
-    let snapshot = single_line(&flow.snapshot);
+    let snapshot = snapshot_form(&flow.snapshot);
     match serde_json::from_slice::<Value>(&snapshot) {
         Ok(Value::Object(_)) => {}
         Ok(_) => return Err(EncodeError::Snapshot("not an object".into())),
@@ -107,19 +133,20 @@ pub fn encode(flow: &Captured) -> Result<Encoded, EncodeError> {
     lines.push(Cow::Owned(trailer));
 
     let mut content = Sha256::new();
-    let mut raw_bytes = 0u64;
+    let mut content_bytes = 0u64;
     for line in &lines {
         content.update(line);
         content.update(b"\n");
-        raw_bytes += line.len() as u64 + 1;
+        content_bytes += line.len() as u64 + 1;
     }
     let header = json!({
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "flow_id": flow.id,
+        "db": flow.db,
         "events": flow.events.len(),
+        "raw_bytes": content_bytes,
         "sha256": hex(&content.finalize()),
-        "archived_at": clock::format_rfc3339_ms(clock::now_ms()),
         "keys": {
             "events": flow.keys.events,
             "snapshot": flow.keys.snapshot,
@@ -128,7 +155,7 @@ pub fn encode(flow: &Captured) -> Result<Encoded, EncodeError> {
         },
     })
     .to_string();
-    raw_bytes += header.len() as u64 + 1;
+    let raw_bytes = content_bytes + header.len() as u64 + 1;
 
     let mut gz = GzEncoder::new(
         Vec::with_capacity((raw_bytes / 6) as usize + 64),
@@ -148,6 +175,51 @@ pub fn encode(flow: &Captured) -> Result<Encoded, EncodeError> {
         body,
         raw_bytes,
     })
+}
+
+/// The gate before any delete, "never delete what you cannot read back": decodes `body` with exactly
+/// the code FLOWARCHIVE.GET uses, under the read cap `max_bytes` (flowarchive.read-max-bytes), and
+/// checks that it reproduces `flow`: id and DB, every event (as `single_line` of the stored one), the
+/// snapshot (as `snapshot_form`), the same label pairs, seq and status. Call it before `flow.events` is
+/// freed.
+pub fn read_back(body: &[u8], flow: &Captured, max_bytes: u64) -> Result<(), String> {
+    if body.len() as u64 > max_bytes {
+        return Err(format!(
+            "the object is {} bytes, over flowarchive.read-max-bytes ({max_bytes}); it could not be read back",
+            body.len()
+        ));
+    }
+    let fail = |what: &str| Err(format!("the object does not read back: {what} differs"));
+    let object = decode::parse(body, &flow.id, flow.db, max_bytes)
+        .map_err(|e| format!("the object does not read back: {e}"))?;
+    if object.event_count() != flow.events.len() {
+        return fail("the event count");
+    }
+    for (i, (line, event)) in object.events().zip(&flow.events).enumerate() {
+        if line.as_bytes() != &*single_line(event) {
+            return fail(&format!("event {i}"));
+        }
+    }
+    if object.snapshot.as_bytes() != &*snapshot_form(&flow.snapshot) {
+        return fail("the snapshot");
+    }
+    if object.seq != flow.seq {
+        return fail("seq");
+    }
+    if object.status != flow.status {
+        return fail("the status");
+    }
+    let mut labels = flow.labels.clone();
+    labels.sort();
+    let mut read = object.labels.clone();
+    read.sort();
+    if read != labels {
+        return fail("the labels");
+    }
+    object
+        .into_decoded()
+        .map(|_| ())
+        .map_err(|e| format!("the object does not read back: {e}"))
 }
 
 #[cfg(test)]
@@ -201,9 +273,12 @@ mod tests {
         assert_eq!(header["format"], "flowarchive");
         assert_eq!(header["version"], 1);
         assert_eq!(header["flow_id"], "abc");
+        assert_eq!(header["db"], 0);
         assert_eq!(header["events"], 2);
         assert_eq!(header["keys"]["events"], "argyll:flow:abc:events");
+        assert!(header.get("archived_at").is_none());
         let after_header = &text[lines[0].len() + 1..];
+        assert_eq!(header["raw_bytes"], after_header.len());
         assert_eq!(
             header["sha256"],
             hex(&Sha256::digest(after_header.as_bytes()))
@@ -256,5 +331,210 @@ mod tests {
         let trailer: Value = serde_json::from_str(lines[1]).unwrap();
         assert_eq!(trailer["labels"], json!({}));
         assert_eq!(trailer["seq"], Value::Null);
+    }
+
+    #[test]
+    fn encoding_is_deterministic() {
+        let f = flow(vec![r#"{"a":1}"#], r#"{"id":"abc"}"#);
+        let a = encode(&f).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let b = encode(&f).unwrap();
+        assert_eq!(a.body, b.body);
+        assert_eq!(a.object_sha256, b.object_sha256);
+    }
+
+    #[test]
+    fn refuses_events_that_are_not_utf8() {
+        let mut f = flow(vec![], "{}");
+        f.events = vec![b"\"\xff\"".to_vec()];
+        let err = encode(&f).err().unwrap();
+        assert!(err.to_string().contains("not UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn snapshot_whitespace_around_the_object_is_not_kept() {
+        let f = flow(vec![], " \t{\"id\": \"abc\"}  ");
+        let enc = encode(&f).unwrap();
+        assert!(gunzip(&enc.body).contains(r#"{"snapshot":{"id": "abc"},"seq""#));
+        read_back(&enc.body, &f, 1 << 20).unwrap();
+        assert_eq!(&*snapshot_form(b"{}"), b"{}");
+        assert_eq!(&*snapshot_form(b"\n{\n \"a\" : 1\n}\n"), b"{\"a\":1}");
+    }
+
+    #[test]
+    fn read_back_accepts_the_encoding_and_nothing_else() {
+        let mut f = flow(
+            vec!["{\n \"type\": \"x\"\n}", r#"{"type":"y"}"#],
+            r#"{"id":"abc","seq":"s"}"#,
+        );
+        f.labels.push(("seq".into(), "2".into()));
+        let body = encode(&f).unwrap().body;
+        read_back(&body, &f, 1 << 20).unwrap();
+
+        type Change = fn(&mut Captured);
+        let changes: [(&str, Change); 9] = [
+            ("another flow", |f| f.id = "abd".into()),
+            ("another DB", |f| f.db = 1),
+            ("an event", |f| f.events[1] = br#"{"type":"z"}"#.to_vec()),
+            ("a missing event", |f| {
+                f.events.pop();
+            }),
+            ("the snapshot", |f| {
+                f.snapshot = br#"{"id":"abd","seq":"s"}"#.to_vec()
+            }),
+            ("seq", |f| f.seq = None),
+            ("the status", |f| f.status = "failed".into()),
+            ("a label", |f| f.labels[0].1 = "other".into()),
+            ("an extra label", |f| {
+                f.labels.push(("x".into(), "y".into()))
+            }),
+        ];
+        for (what, change) in changes {
+            let mut other = flow(vec![], "{}");
+            other.events = f.events.clone();
+            other.snapshot = f.snapshot.clone();
+            other.labels = f.labels.clone();
+            change(&mut other);
+            assert!(read_back(&body, &other, 1 << 20).is_err(), "{what}");
+        }
+        let e = read_back(&body, &f, 100).unwrap_err();
+        assert!(e.contains("read-max-bytes"), "{e}");
+    }
+
+    mod props {
+        use super::*;
+        use crate::decode::{self, tests::proptest_config, DecodeError};
+        use proptest::prelude::*;
+
+        /// Names that collide with the format's own fields.
+        const TRICKY: &[&str] = &[
+            "seq",
+            "snapshot",
+            "events",
+            "version",
+            "labels",
+            "status",
+            "archived",
+            "format",
+            "flow_id",
+            "db",
+            "sha256",
+            "raw_bytes",
+        ];
+
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "(?s).{0,12}",
+                Just("line\nbreak \"quoted\" \\ ,\"seq\":".to_string()),
+                "[\"\\\\\n\r\t ,:{}é✓\u{1F600}]{0,8}",
+            ]
+        }
+
+        fn key() -> impl Strategy<Value = String> {
+            prop_oneof![
+                prop::sample::select(TRICKY).prop_map(str::to_string),
+                text()
+            ]
+        }
+
+        fn json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                (-1e9f64..1e9).prop_map(Value::from),
+                text().prop_map(Value::String),
+            ];
+            leaf.prop_recursive(3, 24, 5, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    prop::collection::vec((key(), inner), 0..4)
+                        .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// Compact or pretty-printed (multi-line), as the engine may have stored it.
+        fn stored(v: &Value, pretty: bool) -> Vec<u8> {
+            if pretty {
+                serde_json::to_vec_pretty(v).unwrap()
+            } else {
+                serde_json::to_vec(v).unwrap()
+            }
+        }
+
+        /// A generated flow (`Captured` has no Debug, which proptest needs to report a failing case).
+        #[derive(Debug, Clone)]
+        struct Spec {
+            id: String,
+            db: i32,
+            events: Vec<Vec<u8>>,
+            snapshot: Vec<u8>,
+            labels: Vec<(String, String)>,
+            seq: Option<i64>,
+            status: String,
+        }
+
+        impl Spec {
+            fn captured(&self) -> Captured {
+                let mut f = flow(vec![], "{}");
+                f.id = self.id.clone();
+                f.db = self.db;
+                f.events = self.events.clone();
+                f.snapshot = self.snapshot.clone();
+                f.labels = self.labels.clone();
+                f.seq = self.seq;
+                f.status = self.status.clone();
+                f
+            }
+        }
+
+        prop_compose! {
+            fn spec()(
+                id in prop_oneof!["[a-z0-9:/.%é✓-]{1,24}", "(?s).{1,16}"],
+                db in 0i32..16,
+                events in prop::collection::vec((json(), any::<bool>()), 0..6),
+                snapshot in prop::collection::vec((key(), json()), 0..5),
+                pretty in any::<bool>(),
+                labels in prop::collection::btree_map(key(), text(), 0..4),
+                seq in any::<Option<i64>>(),
+                status in text(),
+            ) -> Spec {
+                Spec {
+                    id,
+                    db,
+                    events: events.iter().map(|(v, p)| stored(v, *p)).collect(),
+                    snapshot: stored(&Value::Object(snapshot.into_iter().collect()), pretty),
+                    labels: labels.into_iter().collect(),
+                    seq,
+                    status,
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(proptest_config())]
+
+            #[test]
+            fn encode_then_decode_round_trips(spec in spec()) {
+                let f = spec.captured();
+                let body = encode(&f).unwrap().body;
+                prop_assert_eq!(read_back(&body, &f, 1 << 24), Ok(()));
+                let d = decode::decode(&body, &f.id, f.db, 1 << 24).unwrap();
+                let events: Vec<Vec<u8>> = f.events.iter().map(|e| single_line(e).into_owned()).collect();
+                let read: Vec<Vec<u8>> = d.events().map(|e| e.as_bytes().to_vec()).collect();
+                prop_assert_eq!(read, events);
+                let mut state: Value = serde_json::from_str(&d.flow_state).unwrap();
+                let mut expected: Value = serde_json::from_slice(&f.snapshot).unwrap();
+                expected["archived"] = Value::Bool(true);
+                state["archived"] = Value::Bool(true);
+                prop_assert_eq!(state, expected);
+                prop_assert_eq!(
+                    decode::decode(&body, &f.id, f.db + 1, 1 << 24).err(),
+                    Some(DecodeError::OtherKeyspace(f.db.into()))
+                );
+                prop_assert_eq!(encode(&f).unwrap().body, body, "deterministic");
+            }
+        }
     }
 }

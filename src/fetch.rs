@@ -1,20 +1,91 @@
-//! The archive side of FLOWARCHIVE.GET: a presigned GET on a worker thread, full verification, a
+//! The archive side of FLOWARCHIVE.GET: a presigned GET on a pool thread, full verification, a
 //! byte-bounded LRU cache, and one S3 fetch shared by every client asking for the same flow at once.
+//!
+//! Reads are bounded in every dimension an index entry or an object could inflate: the location must be
+//! the one this module would have written for the flow (so a planted entry cannot make the module sign
+//! a request for someone else's object), at most `FETCH_THREADS` fetches run and `FETCH_QUEUE` distinct
+//! flows wait (beyond that the client gets a busy error, not a thread), and each fetch holds at most
+//! `flowarchive.read-max-bytes` of object plus as much decompressed content (see docs/FORMAT.md).
 
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use redis_module::{BlockedClient, RedisError, RedisValue, ThreadSafeContext};
 use sha2::{Digest, Sha256};
 
 use crate::cache::{CacheKey, Lru};
-use crate::configs::S3Settings;
-use crate::decode::{self, Decoded};
+use crate::configs::{self, S3Settings, Settings};
+use crate::decode::{self, DecodeError, Decoded};
 use crate::errors::show_id;
-use crate::layout::hex;
+use crate::layout::{self, hex};
 use crate::metrics;
-use crate::store::Store;
+use crate::pool::Pool;
+use crate::store::{Store, StoreError};
+
+/// Fetch threads: each mostly waits on S3, so a few serve many reads.
+pub const FETCH_THREADS: usize = 4;
+/// Distinct flows waiting for a fetch thread; clients of a flow already queued share its fetch.
+pub const FETCH_QUEUE: usize = 1024;
+
+static FETCH_POOL: Pool = Pool::new("flowarchive-get", FETCH_THREADS, FETCH_QUEUE);
+
+/// Why an archived flow could not be answered.
+#[derive(Debug)]
+pub enum FetchError {
+    /// The index entry is not where this module writes the flow (nor an allowed older root).
+    BadLocation,
+    /// Every fetch thread is busy and the queue is full.
+    Busy,
+    Store(StoreError),
+    /// The object's sha256 differs from the one recorded at upload, or none was recorded.
+    ObjectChecksum(String),
+    /// The object is larger than `flowarchive.read-max-bytes`.
+    TooLarge {
+        size: u64,
+        max: u64,
+    },
+    Decode(DecodeError),
+    Panicked,
+}
+
+impl FetchError {
+    /// The metric name of this failure.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FetchError::BadLocation => "bad_location",
+            FetchError::Busy => "busy",
+            FetchError::Store(e) => e.kind.name(),
+            FetchError::ObjectChecksum(_) => "checksum",
+            FetchError::TooLarge { .. } => "too_large",
+            FetchError::Decode(e) => e.kind(),
+            FetchError::Panicked => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for FetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FetchError::BadLocation => f.write_str(
+                "the index entry is not where flowarchive writes this flow (flowarchive.bucket and \
+                 prefix, or a flowarchive.read-allow root); nothing was fetched",
+            ),
+            FetchError::Busy => f.write_str(
+                "archive reads are busy (too many flows waiting for S3), retry later",
+            ),
+            FetchError::Store(e) => write!(f, "{e}"),
+            FetchError::ObjectChecksum(why) => f.write_str(why),
+            FetchError::TooLarge { size, max } => write!(
+                f,
+                "archived object is too large: {size} bytes, flowarchive.read-max-bytes is {max}"
+            ),
+            FetchError::Decode(e) => write!(f, "{e}"),
+            FetchError::Panicked => f.write_str("internal error in the fetch worker"),
+        }
+    }
+}
 
 /// A client waiting for a fetch, and whether it asked for the events.
 pub struct Waiter {
@@ -36,10 +107,8 @@ pub fn reply(flow: &Decoded, events: bool) -> RedisValue {
         return state;
     }
     let list = flow
-        .events
-        .iter()
-        .cloned()
-        .map(RedisValue::BulkString)
+        .events()
+        .map(|e| RedisValue::BulkString(e.to_string()))
         .collect();
     RedisValue::Array(vec![state, RedisValue::Array(list)])
 }
@@ -62,7 +131,7 @@ pub fn cache_stats() -> (usize, usize) {
 }
 
 /// Queues `waiter` for the flow at `key`; starts the fetch unless one is already running.
-pub fn request(key: CacheKey, waiter: Waiter, s3: S3Settings, budget: usize) {
+pub fn request(key: CacheKey, waiter: Waiter, settings: Settings) {
     {
         let mut guard = lock(&IN_FLIGHT);
         let waiting = guard.get_or_insert_with(HashMap::new);
@@ -72,27 +141,26 @@ pub fn request(key: CacheKey, waiter: Waiter, s3: S3Settings, budget: usize) {
         }
         waiting.insert(key.clone(), vec![waiter]);
     }
+    let budget = settings.cache_bytes;
     let job_key = key.clone();
-    let spawned = std::thread::Builder::new()
-        .name("flowarchive-get".into())
-        .spawn(move || {
-            let started = Instant::now();
-            let outcome = std::panic::catch_unwind(|| fetch(&s3, &job_key))
-                .unwrap_or_else(|_| Err(("internal", "fetch worker panicked".to_string())));
-            metrics::fetched(started.elapsed(), outcome.as_ref().err().map(|e| e.0));
-            finish(&job_key, outcome, budget);
-        });
-    if spawned.is_err() {
-        finish(
-            &key,
-            Err(("internal", "cannot start a fetch thread".into())),
-            budget,
+    let job = Box::new(move || {
+        let started = Instant::now();
+        let outcome = catch_unwind(AssertUnwindSafe(|| fetch(&settings, &job_key)))
+            .unwrap_or(Err(FetchError::Panicked));
+        metrics::fetched(
+            started.elapsed(),
+            outcome.as_ref().err().map(FetchError::kind),
         );
+        finish(&job_key, outcome, settings.cache_bytes);
+    });
+    if FETCH_POOL.submit(job).is_err() {
+        metrics::fetched(Duration::ZERO, Some(FetchError::Busy.kind()));
+        finish(&key, Err(FetchError::Busy), budget);
     }
 }
 
 /// Caches a good result, then answers everyone who waited for it.
-fn finish(key: &CacheKey, outcome: Result<Arc<Decoded>, (&'static str, String)>, budget: usize) {
+fn finish(key: &CacheKey, outcome: Result<Arc<Decoded>, FetchError>, budget: usize) {
     let waiters = {
         let mut guard = lock(&IN_FLIGHT);
         if let Ok(flow) = &outcome {
@@ -113,65 +181,212 @@ fn finish(key: &CacheKey, outcome: Result<Arc<Decoded>, (&'static str, String)>,
     for w in waiters {
         let answer = match &outcome {
             Ok(flow) => Ok(reply(flow, w.events)),
-            Err((_, why)) => Err(RedisError::String(format!(
-                "ERR flow {} archived at {location}: {why}",
-                show_id(id)
+            Err(why) => Err(RedisError::String(format!(
+                "ERR flow {} archived at {}: {why}",
+                show_id(id),
+                shown(location)
             ))),
         };
         w.client.reply(answer);
     }
 }
 
-/// `s3://bucket/key` → (bucket, key).
-fn parse_location(location: &str) -> Option<(&str, &str)> {
-    let rest = location.strip_prefix("s3://")?;
-    let (bucket, key) = rest.split_once('/')?;
-    (!bucket.is_empty() && !key.is_empty()).then_some((bucket, key))
+/// How an index entry appears in messages: as is when it is one sane line, else quoted and cut.
+fn shown(location: &str) -> String {
+    if location.len() <= 2048 && !location.chars().any(char::is_control) {
+        location.to_string()
+    } else {
+        show_id(location)
+    }
 }
 
-fn fetch(
+/// A place archives may be read from: a bucket and an object key prefix (possibly empty).
+#[derive(Debug, PartialEq)]
+pub struct Root {
+    pub bucket: String,
+    pub prefix: String,
+}
+
+/// Parses `flowarchive.read-allow`: space-separated `s3://bucket[/prefix]` roots.
+pub fn parse_roots(value: &str) -> Result<Vec<Root>, String> {
+    value
+        .split_whitespace()
+        .map(|root| {
+            let rest = root.strip_prefix("s3://").ok_or_else(|| {
+                format!("read-allow root {root:?} must look like s3://bucket[/prefix]")
+            })?;
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(format!("read-allow root {root:?} names no bucket"));
+            }
+            configs::bucket(bucket).map_err(|e| format!("read-allow root {root:?}: {e}"))?;
+            configs::object_prefix(prefix).map_err(|e| format!("read-allow root {root:?}: {e}"))?;
+            Ok(Root {
+                bucket: bucket.to_string(),
+                prefix: prefix.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// The CONFIG SET check of `flowarchive.read-allow`.
+pub fn check_read_allow(value: &str) -> Result<(), String> {
+    parse_roots(value).map(|_| ())
+}
+
+/// The bucket and key to read for an index entry: only the location this module would have written for
+/// flow `id` of `db` under the configured bucket and prefix, or the same key under an allowed older
+/// root. The entry is compared, never parsed into a request, so `..`, another bucket or another flow's
+/// key all fail here and no request is sent.
+fn resolve(
+    location: &str,
     s3: &S3Settings,
-    (_, id, location): &CacheKey,
-) -> Result<Arc<Decoded>, (&'static str, String)> {
-    let (bucket, key) = parse_location(location).ok_or((
-        "bad_location",
-        "the index entry is not an s3:// location".to_string(),
-    ))?;
-    let store = Store::for_bucket(s3, bucket).map_err(|e| (e.kind.name(), e.message))?;
-    let (body, recorded) = store.get(key).map_err(|e| (e.kind.name(), e.message))?;
+    allowed: &[Root],
+    db: i32,
+    id: &str,
+) -> Option<(String, String)> {
+    let configured = Root {
+        bucket: s3.bucket.clone(),
+        prefix: s3.prefix.clone(),
+    };
+    std::iter::once(&configured)
+        .filter(|r| !r.bucket.is_empty())
+        .chain(allowed)
+        .find_map(|root| {
+            let key = layout::object_key(&root.prefix, db, id);
+            (location == format!("s3://{}/{key}", root.bucket)).then(|| (root.bucket.clone(), key))
+        })
+}
+
+fn fetch(settings: &Settings, (db, id, location): &CacheKey) -> Result<Arc<Decoded>, FetchError> {
+    let allowed = parse_roots(&settings.read_allow).unwrap_or_default();
+    let (bucket, key) =
+        resolve(location, &settings.s3, &allowed, *db, id).ok_or(FetchError::BadLocation)?;
+    let store = Store::for_bucket(&settings.s3, &bucket).map_err(FetchError::Store)?;
+    let max = settings.read_max_bytes;
+    // Until Store::get takes a byte cap, the size is checked once the body is read.
+    let (body, recorded) = store.get(&key).map_err(FetchError::Store)?;
+    if body.len() as u64 > max {
+        return Err(FetchError::TooLarge {
+            size: body.len() as u64,
+            max,
+        });
+    }
     let actual = hex(&Sha256::digest(&body));
     match recorded {
         Some(r) if r == actual => {}
         Some(r) => {
-            return Err((
-                "checksum",
-                format!("object sha256 {actual} differs from the recorded {r}"),
-            ))
+            return Err(FetchError::ObjectChecksum(format!(
+                "object sha256 {actual} differs from the recorded {r}"
+            )))
         }
         None => {
-            return Err((
-                "checksum",
+            return Err(FetchError::ObjectChecksum(
                 "object carries no flowarchive checksum (overwritten?)".into(),
             ))
         }
     }
-    decode::decode(&body, id)
+    decode::decode(&body, id, *db, max)
         .map(Arc::new)
-        .map_err(|e| (e.kind(), e.to_string()))
+        .map_err(FetchError::Decode)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn s3(bucket: &str, prefix: &str) -> S3Settings {
+        S3Settings {
+            endpoint: String::new(),
+            region: "us-east-1".into(),
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+            path_style: true,
+            access_key: String::new(),
+            secret_key: String::new(),
+            session_token: None,
+            timeout_ms: 1000,
+            verify_with_head: true,
+            upload_bytes_per_sec: 0,
+        }
+    }
+
     #[test]
-    fn parses_locations() {
+    fn reads_only_where_this_module_writes() {
+        let cfg = s3("live", "p");
+        let old = parse_roots("s3://old s3://older/a/b").unwrap();
+        let at = |loc: &str, db, id| resolve(loc, &cfg, &old, db, id);
+        let pair = |b: &str, k: &str| Some((b.to_string(), k.to_string()));
         assert_eq!(
-            parse_location("s3://b/flows/a.jsonl.gz"),
-            Some(("b", "flows/a.jsonl.gz"))
+            at("s3://live/p/flows/a%3Ab.jsonl.gz", 0, "a:b"),
+            pair("live", "p/flows/a%3Ab.jsonl.gz")
         );
-        assert_eq!(parse_location("s3://b/"), None);
-        assert_eq!(parse_location("s3:///k"), None);
-        assert_eq!(parse_location("https://b/k"), None);
+        assert_eq!(
+            at("s3://live/p/db3/flows/x.jsonl.gz", 3, "x"),
+            pair("live", "p/db3/flows/x.jsonl.gz")
+        );
+        assert_eq!(
+            at("s3://old/flows/x.jsonl.gz", 0, "x"),
+            pair("old", "flows/x.jsonl.gz")
+        );
+        assert_eq!(
+            at("s3://older/a/b/db2/flows/x.jsonl.gz", 2, "x"),
+            pair("older", "a/b/db2/flows/x.jsonl.gz")
+        );
+        for bad in [
+            "s3://live/p/flows/y.jsonl.gz",     // another flow's object
+            "s3://live/p/db3/flows/x.jsonl.gz", // another DB's object
+            "s3://other/p/flows/x.jsonl.gz",    // another bucket
+            "s3://live/p/../flows/x.jsonl.gz",
+            "s3://live/../p/flows/x.jsonl.gz",
+            "s3://live/p/flows/x.jsonl.gz?versionId=1",
+            "https://live/p/flows/x.jsonl.gz",
+            "s3://old/a/flows/x.jsonl.gz",
+            "",
+        ] {
+            assert_eq!(at(bad, 0, "x"), None, "{bad}");
+        }
+        assert_eq!(
+            resolve("s3:///flows/x.jsonl.gz", &s3("", ""), &[], 0, "x"),
+            None
+        );
+    }
+
+    #[test]
+    fn read_allow_roots_are_validated() {
+        assert_eq!(parse_roots("").unwrap(), vec![]);
+        assert_eq!(
+            parse_roots(" s3://bk1  s3://b-2/x/y ").unwrap(),
+            vec![
+                Root {
+                    bucket: "bk1".into(),
+                    prefix: String::new()
+                },
+                Root {
+                    bucket: "b-2".into(),
+                    prefix: "x/y".into()
+                },
+            ]
+        );
+        for bad in [
+            "b1",
+            "s3://",
+            "s3:///p",
+            "s3://UP",
+            "s3://b1/../x",
+            "s3://b1/x/",
+            "http://b1",
+            "s3://b1//x",
+        ] {
+            assert!(parse_roots(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn messages_show_odd_locations_quoted_and_cut() {
+        assert_eq!(shown("s3://b/k"), "s3://b/k");
+        let odd = format!("s3://b/\r\n{}", "x".repeat(5000));
+        let s = shown(&odd);
+        assert!(s.len() < 200 && !s.contains('\n'), "{s}");
     }
 }

@@ -239,21 +239,24 @@ pub fn escape_id(id: &str) -> String {
     out
 }
 
-/// `<prefix>/flows/<escaped id>.jsonl.gz`. An id whose escaped key would pass S3's 1024-byte limit is
-/// stored under `<prefix>/flows/_sha256/<hex of the id>.jsonl.gz`; its header still names the id.
-pub fn object_key(prefix: &str, id: &str) -> String {
+/// `<prefix>/flows/<escaped id>.jsonl.gz` for DB 0 (the key objects have always had), and
+/// `<prefix>/db<n>/flows/<escaped id>.jsonl.gz` for DB n > 0, so the same id in two DBs is two objects.
+/// An id whose escaped key would pass S3's 1024-byte limit is stored under
+/// `<folder>/flows/_sha256/<hex of the id>.jsonl.gz`; its header still names the id.
+pub fn object_key(prefix: &str, db: i32, id: &str) -> String {
     use sha2::{Digest, Sha256};
-    let base = if prefix.is_empty() {
-        "flows/".to_string()
-    } else {
-        format!("{prefix}/flows/")
+    let folder = match (prefix.is_empty(), db) {
+        (true, 0) => String::new(),
+        (true, db) => format!("db{db}/"),
+        (false, 0) => format!("{prefix}/"),
+        (false, db) => format!("{prefix}/db{db}/"),
     };
-    let key = format!("{base}{}.jsonl.gz", escape_id(id));
+    let key = format!("{folder}flows/{}.jsonl.gz", escape_id(id));
     if key.len() <= MAX_OBJECT_KEY {
         return key;
     }
     let digest = Sha256::digest(id.as_bytes());
-    format!("{base}_sha256/{}.jsonl.gz", hex(&digest))
+    format!("{folder}flows/_sha256/{}.jsonl.gz", hex(&digest))
 }
 
 pub fn hex(bytes: &[u8]) -> String {
@@ -416,17 +419,37 @@ mod tests {
 
     #[test]
     fn object_keys_stay_within_s3_limits() {
-        assert_eq!(object_key("", "abc"), "flows/abc.jsonl.gz");
+        assert_eq!(object_key("", 0, "abc"), "flows/abc.jsonl.gz");
         assert_eq!(
-            object_key("archive/v1", "a:b"),
+            object_key("archive/v1", 0, "a:b"),
             "archive/v1/flows/a%3Ab.jsonl.gz"
         );
         let long = "é".repeat(512);
-        let key = object_key("p", &long);
+        let key = object_key("p", 0, &long);
         assert!(
             key.starts_with("p/flows/_sha256/") && key.len() <= 1024,
             "{key}"
         );
-        assert_ne!(key, object_key("p", &"é".repeat(513)));
+        assert_ne!(key, object_key("p", 0, &"é".repeat(513)));
+    }
+
+    #[test]
+    fn object_keys_of_other_dbs_live_in_their_own_folder() {
+        assert_eq!(object_key("", 3, "abc"), "db3/flows/abc.jsonl.gz");
+        assert_eq!(
+            object_key("p/q", 15, "a/b"),
+            "p/q/db15/flows/a%2Fb.jsonl.gz"
+        );
+        assert_ne!(object_key("p", 1, "x"), object_key("p", 0, "x"));
+        let long = "é".repeat(512);
+        let key = object_key("p", 7, &long);
+        assert!(
+            key.starts_with("p/db7/flows/_sha256/") && key.len() <= 1024,
+            "{key}"
+        );
+        assert_eq!(
+            key.rsplit('/').next(),
+            object_key("p", 0, &long).rsplit('/').next()
+        );
     }
 }
