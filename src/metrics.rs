@@ -60,7 +60,7 @@ const FAILURE_KINDS: [&str; 15] = [
 static FAILURES: [AtomicU64; 15] = [const { AtomicU64::new(0) }; 15];
 
 /// Every way an archived read can fail, listed in INFO even at zero so dashboards see them.
-const FETCH_ERROR_KINDS: [&str; 13] = [
+const FETCH_ERROR_KINDS: [&str; 16] = [
     "s3_config",
     "s3_unreachable",
     "s3_timeout",
@@ -71,8 +71,11 @@ const FETCH_ERROR_KINDS: [&str; 13] = [
     "checksum",
     "corrupt",
     "other_flow",
+    "other_keyspace",
     "unknown_version",
+    "too_large",
     "bad_location",
+    "busy",
     "internal",
 ];
 

@@ -1,0 +1,467 @@
+//! Safety of FLOWARCHIVE.GET's archive path (issue 9): objects that parse whatever the flow holds, one
+//! object per DB, bounded memory and threads, and reads only where the module itself writes.
+
+mod common;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use common::proxy::Proxy;
+use common::*;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+fn get(c: &mut redis::Connection, id: &str) -> redis::RedisResult<Option<String>> {
+    redis::cmd("FLOWARCHIVE.GET").arg(id).query(c)
+}
+
+fn get_events(c: &mut redis::Connection, id: &str) -> redis::RedisResult<(String, Vec<String>)> {
+    redis::cmd("FLOWARCHIVE.GET").arg(id).arg("EVENTS").query(c)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A format-1 object written independently of the module's encoder (docs/FORMAT.md is the contract).
+fn object(id: &str, db: i32, events: &[String], snapshot: &str) -> Vec<u8> {
+    let mut content = String::new();
+    for e in events {
+        content.push_str(e);
+        content.push('\n');
+    }
+    content.push_str(&format!(
+        "{{\"snapshot\":{snapshot},\"seq\":null,\"labels\":{{}},\"status\":\"completed\"}}\n"
+    ));
+    let header = json!({
+        "format": "flowarchive", "version": 1, "flow_id": id, "db": db, "events": events.len(),
+        "raw_bytes": content.len(), "sha256": hex(&Sha256::digest(content.as_bytes())),
+    });
+    gzip(&format!("{header}\n{content}"))
+}
+
+/// A header followed by `zeros` zero bytes: a few hundred KB of gzip per hundreds of MB of content.
+fn bomb(id: &str, zeros: usize, raw_bytes: Option<usize>) -> Vec<u8> {
+    let mut header = json!({
+        "format": "flowarchive", "version": 1, "flow_id": id, "events": 0, "sha256": "0".repeat(64),
+    });
+    if let Some(raw) = raw_bytes {
+        header["raw_bytes"] = raw.into();
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(format!("{header}\n").as_bytes()).unwrap();
+    let chunk = vec![0u8; 1 << 20];
+    for _ in 0..zeros >> 20 {
+        gz.write_all(&chunk).unwrap();
+    }
+    gz.finish().unwrap()
+}
+
+fn archived_json(snapshot: &str) -> Value {
+    let mut v: Value = serde_json::from_str(snapshot).unwrap();
+    v["archived"] = Value::Bool(true);
+    v
+}
+
+fn stored(c: &mut redis::Connection, id: &str) -> (String, Vec<String>) {
+    let snapshot: String = cmd(c, &["GET", &format!("argyll:flow:{id}:snapshot:val")]).unwrap();
+    let events: Vec<String> = cmd(
+        c,
+        &["LRANGE", &format!("argyll:flow:{id}:events"), "0", "-1"],
+    )
+    .unwrap();
+    (snapshot, events)
+}
+
+fn rss(c: &mut redis::Connection) -> i64 {
+    let info: String = cmd(c, &["INFO", "memory"]).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory_rss:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count()
+}
+
+/// Item 5: a label named `seq` made the archive unreadable forever (its keys already deleted).
+#[test]
+fn a_flow_with_a_label_named_seq_reads_back_exactly() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    let labels = [
+        ("tenant", "acme"),
+        ("seq", "41"),
+        ("snapshot", "{\"x\":1}"),
+        ("status", ",\"seq\":"),
+    ];
+    write_flow(
+        &mut c,
+        &FlowSpec {
+            labels: &labels,
+            ..FlowSpec::done("labelled")
+        },
+    );
+    let (snapshot, events) = stored(&mut c, "labelled");
+    archive(&mut c, "labelled").unwrap();
+    assert_eq!(
+        cmd::<i64>(&mut c, &["EXISTS", "argyll:flow:labelled:snapshot:val"]).unwrap(),
+        0,
+        "archived and deleted"
+    );
+    let state = get(&mut c, "labelled").unwrap().unwrap();
+    assert_eq!(
+        state,
+        format!(
+            "{},\"archived\":true}}",
+            snapshot.strip_suffix('}').unwrap()
+        ),
+        "the stored bytes plus the flag"
+    );
+    assert_eq!(
+        get_events(&mut c, "labelled").unwrap(),
+        (state, events),
+        "every event, in order"
+    );
+    let text = gunzip(&s3.get("flows/labelled.jsonl.gz").unwrap());
+    let trailer: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(trailer["labels"]["seq"], "41");
+    assert_eq!(trailer["labels"]["status"], ",\"seq\":");
+}
+
+/// Item 2: the same flow id in two DBs is two flows, two objects, two answers.
+#[test]
+fn the_same_id_in_two_dbs_archives_to_two_objects() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c0 = srv.conn();
+    let mut c3 = srv.conn();
+    cmd::<()>(&mut c3, &["SELECT", "3"]).unwrap();
+    write_flow(&mut c0, &FlowSpec::done("twin"));
+    write_flow(
+        &mut c3,
+        &FlowSpec {
+            events: 9,
+            labels: &[("tenant", "other")],
+            ..FlowSpec::done("twin")
+        },
+    );
+    let (snap0, events0) = stored(&mut c0, "twin");
+    let (snap3, events3) = stored(&mut c3, "twin");
+    assert_ne!(events0, events3);
+    let loc0 = archive(&mut c0, "twin").unwrap();
+    let loc3 = archive(&mut c3, "twin").unwrap();
+    assert_eq!(
+        loc0["location"],
+        redis::Value::BulkString(s3.location("flows/twin.jsonl.gz").into_bytes())
+    );
+    assert_eq!(
+        loc3["location"],
+        redis::Value::BulkString(s3.location("db3/flows/twin.jsonl.gz").into_bytes())
+    );
+    let mut listed = s3.list();
+    listed.sort();
+    assert_eq!(listed, ["db3/flows/twin.jsonl.gz", "flows/twin.jsonl.gz"]);
+
+    let (state0, read0) = get_events(&mut c0, "twin").unwrap();
+    let (state3, read3) = get_events(&mut c3, "twin").unwrap();
+    assert_eq!(
+        (serde_json::from_str::<Value>(&state0).unwrap(), read0),
+        (archived_json(&snap0), events0)
+    );
+    assert_eq!(
+        (serde_json::from_str::<Value>(&state3).unwrap(), read3),
+        (archived_json(&snap3), events3)
+    );
+
+    // DB 0's object under DB 3's key: the header names DB 0, so DB 3 refuses it.
+    let db0_object = s3.get("flows/twin.jsonl.gz").unwrap();
+    s3.put_as_archive("db3/flows/twin.jsonl.gz", &db0_object);
+    cmd::<()>(&mut c3, &["CONFIG", "SET", "flowarchive.cache-bytes", "0"]).unwrap();
+    let e = get(&mut c3, "twin").unwrap_err().to_string();
+    assert!(e.contains("belongs to DB 0, not this one"), "{e}");
+    // DB 3's index pointing at DB 0's object is not a location DB 3 reads.
+    cmd::<()>(
+        &mut c3,
+        &[
+            "HSET",
+            "archived:flows",
+            "twin",
+            &s3.location("flows/twin.jsonl.gz"),
+        ],
+    )
+    .unwrap();
+    let e = get(&mut c3, "twin").unwrap_err().to_string();
+    assert!(e.contains("not where flowarchive writes this flow"), "{e}");
+}
+
+/// Item 6: a 1 MB gzip that inflates to 1 GB took the server's memory with it.
+#[test]
+fn gzip_bombs_and_oversized_objects_are_refused_in_bounded_memory() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    let plant = |c: &mut redis::Connection, id: &str, body: &[u8]| {
+        let rel = format!("flows/{id}.jsonl.gz");
+        s3.put_as_archive(&rel, body);
+        cmd::<()>(c, &["HSET", "archived:flows", id, &s3.location(&rel)]).unwrap();
+    };
+    let declared = bomb("declared", 1 << 30, Some(1024));
+    assert!(declared.len() < 2 << 20, "{}", declared.len());
+    plant(&mut c, "declared", &declared);
+    plant(&mut c, "undeclared", &bomb("undeclared", 256 << 20, None));
+    let before = rss(&mut c);
+
+    let started = Instant::now();
+    let e = get(&mut c, "declared").unwrap_err().to_string();
+    assert!(
+        e.contains("flow \"declared\" archived at s3://")
+            && e.contains("too large: content runs past its declared size of 1024 bytes"),
+        "{e}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    cmd::<()>(
+        &mut c,
+        &["CONFIG", "SET", "flowarchive.read-max-bytes", "32mb"],
+    )
+    .unwrap();
+    let e = get(&mut c, "undeclared").unwrap_err().to_string();
+    assert!(e.contains("passes the read cap of 33554432 bytes"), "{e}");
+    let grown = rss(&mut c) - before;
+    assert!(grown < 200 << 20, "RSS grew by {grown} bytes");
+
+    // The compressed object itself is capped too.
+    let noise: Vec<String> = (0..80u32)
+        .map(|i| {
+            let data: String = (0..40u32)
+                .map(|k| hex(&Sha256::digest(format!("{i}-{k}"))))
+                .collect();
+            json!({"type": "noise", "data": data}).to_string()
+        })
+        .collect();
+    let big = object("big", 0, &noise, "{\"id\":\"big\"}");
+    assert!(big.len() > 64 << 10, "{}", big.len());
+    plant(&mut c, "big", &big);
+    assert!(get(&mut c, "big").unwrap().is_some(), "readable under 32mb");
+    cmd::<()>(&mut c, &["CONFIG", "SET", "flowarchive.cache-bytes", "0"]).unwrap();
+    cmd::<()>(
+        &mut c,
+        &["CONFIG", "SET", "flowarchive.read-max-bytes", "64kb"],
+    )
+    .unwrap();
+    let e = get(&mut c, "big").unwrap_err().to_string();
+    assert!(e.contains("too large") && e.contains("65536"), "{e}");
+    assert_eq!(info_field(&mut c, "get_fetch_errors_too_large"), 3);
+}
+
+/// Item 6: 500 concurrent reads of distinct archived flows started 506 threads.
+#[test]
+fn five_hundred_concurrent_reads_use_a_few_threads() {
+    const FLOWS: usize = 500;
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &[]);
+    let mut c = srv.conn();
+    let ids: Vec<String> = (0..FLOWS).map(|i| format!("many-{i}")).collect();
+    std::thread::scope(|scope| {
+        for part in ids.chunks(FLOWS / 5) {
+            let s3 = &s3;
+            scope.spawn(move || {
+                for id in part {
+                    let events = vec![json!({"type": "flow_started", "id": id}).to_string()];
+                    let snapshot = json!({"id": id, "status": "completed"}).to_string();
+                    s3.put_as_archive(
+                        &format!("flows/{id}.jsonl.gz"),
+                        &object(id, 0, &events, &snapshot),
+                    );
+                }
+            });
+        }
+    });
+    let mut pipe = redis::pipe();
+    for id in &ids {
+        pipe.cmd("HSET")
+            .arg("archived:flows")
+            .arg(id)
+            .arg(s3.location(&format!("flows/{id}.jsonl.gz")))
+            .ignore();
+    }
+    pipe.query::<()>(&mut c).unwrap();
+    assert!(get(&mut c, "many-0").unwrap().is_some());
+    let baseline = threads(srv.pid());
+    proxy.delay("GET", Duration::from_millis(20));
+
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (peak, answers) = std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let mut peak = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(threads(srv.pid()));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            peak
+        });
+        let clients: Vec<_> = ids
+            .iter()
+            .map(|id| {
+                let port = srv.port;
+                scope.spawn(move || {
+                    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
+                    let mut c = client.get_connection().unwrap();
+                    (id.clone(), get(&mut c, id))
+                })
+            })
+            .collect();
+        let answers: Vec<_> = clients.into_iter().map(|h| h.join().unwrap()).collect();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        (sampler.join().unwrap(), answers)
+    });
+    let mut busy = 0;
+    for (id, answer) in answers {
+        match answer {
+            Ok(Some(state)) => {
+                let v: Value = serde_json::from_str(&state).unwrap();
+                assert_eq!(
+                    (v["id"].as_str(), v["archived"].as_bool()),
+                    (Some(id.as_str()), Some(true))
+                );
+            }
+            Err(e) if e.to_string().contains("busy") && e.to_string().contains("retry") => {
+                busy += 1
+            }
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+    assert!(busy < FLOWS / 2, "{busy} busy answers for a queue of 1024");
+    assert!(
+        peak <= baseline + 6,
+        "{peak} threads at the peak, {baseline} before the reads"
+    );
+}
+
+/// Item 11: index entries naming another bucket, a `..` path or another flow's object made the module
+/// sign and send a GET for them.
+#[test]
+fn reads_follow_only_locations_the_module_writes() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &[]);
+    let mut c = srv.conn();
+    write_flow(&mut c, &FlowSpec::done("real"));
+    archive(&mut c, "real").unwrap();
+    let bucket = s3.name().to_string();
+    let planted = [
+        (
+            "other-bucket",
+            format!(
+                "s3://flowarchive-elsewhere/{}/flows/other-bucket.jsonl.gz",
+                s3.prefix
+            ),
+        ),
+        ("dotdot", format!("s3://{bucket}/../x")),
+        (
+            "dotdot2",
+            format!("s3://{bucket}/{}/flows/../../dotdot2.jsonl.gz", s3.prefix),
+        ),
+        ("borrowed", s3.location("flows/real.jsonl.gz")),
+        ("wrong-db", s3.location("db3/flows/wrong-db.jsonl.gz")),
+        (
+            "not-s3",
+            format!(
+                "https://{bucket}.s3.amazonaws.com/{}/flows/not-s3.jsonl.gz",
+                s3.prefix
+            ),
+        ),
+        (
+            "crlf",
+            format!("s3://{bucket}/x\r\n-ERR injected{}", "y".repeat(4000)),
+        ),
+    ];
+    for (id, location) in &planted {
+        cmd::<()>(&mut c, &["HSET", "archived:flows", id, location]).unwrap();
+    }
+    let before = proxy.requests().len();
+    for (id, _) in &planted {
+        let e = get(&mut c, id).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("flow \"{id}\" archived at "))
+                && e.contains("not where flowarchive writes this flow")
+                && e.contains("nothing was fetched")
+                && e.len() < 600
+                && !e.contains('\n'),
+            "{e}"
+        );
+    }
+    assert_eq!(
+        proxy.requests()[before..],
+        [] as [String; 0],
+        "no request sent"
+    );
+    assert_eq!(
+        info_field(&mut c, "get_fetch_errors_bad_location"),
+        planted.len() as i64
+    );
+
+    // An archive written under an older prefix reads once that root is allowed, and only then.
+    let body = s3.get("flows/real.jsonl.gz").unwrap();
+    let text = gunzip(&body).replacen("\"flow_id\":\"real\"", "\"flow_id\":\"moved\"", 1);
+    s3.put_as_archive("old/flows/moved.jsonl.gz", &gzip(&text));
+    cmd::<()>(
+        &mut c,
+        &[
+            "HSET",
+            "archived:flows",
+            "moved",
+            &s3.location("old/flows/moved.jsonl.gz"),
+        ],
+    )
+    .unwrap();
+    let e = get(&mut c, "moved").unwrap_err().to_string();
+    assert!(e.contains("not where flowarchive writes this flow"), "{e}");
+    assert_eq!(proxy.requests().len(), before, "still no request");
+    let root = format!("s3://{bucket}/{}/old", s3.prefix);
+    cmd::<()>(
+        &mut c,
+        &[
+            "CONFIG",
+            "SET",
+            "flowarchive.read-allow",
+            &format!("s3://some-old-bucket {root}"),
+        ],
+    )
+    .unwrap();
+    let state = get(&mut c, "moved").unwrap().unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&state).unwrap()["archived"],
+        true
+    );
+    assert_eq!(
+        proxy.requests()[before..]
+            .iter()
+            .filter(|r| r.starts_with("GET"))
+            .count(),
+        1
+    );
+    for bad in [
+        "flowarchive-tests",
+        "s3://UPPER",
+        "s3://ok-bucket/../x",
+        "s3://ok-bucket/a//b",
+    ] {
+        let e = cmd::<()>(&mut c, &["CONFIG", "SET", "flowarchive.read-allow", bad]).unwrap_err();
+        assert!(e.to_string().contains("read-allow"), "{bad}: {e}");
+    }
+    let allowed: Vec<String> = cmd(&mut c, &["CONFIG", "GET", "flowarchive.read-allow"]).unwrap();
+    assert_eq!(
+        allowed[1],
+        format!("s3://some-old-bucket {root}"),
+        "a refused value changes nothing"
+    );
+}
