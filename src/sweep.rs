@@ -14,11 +14,12 @@ use redis_module::{
 };
 use serde_json::Value;
 
+use crate::acl::{self, Access, Caller};
 use crate::archive::{self, map, Uploaded};
 use crate::capture::{self, Capture, Inspected, Start};
 use crate::clock;
 use crate::configs::{self, Settings};
-use crate::errors::FlowError;
+use crate::errors::{self, FlowError};
 use crate::layout::Layout;
 use crate::metrics::{self, Stage};
 use crate::pool::Pool;
@@ -28,6 +29,8 @@ use crate::store::Store;
 pub struct Options {
     pub limit: Option<usize>,
     pub dry_run: bool,
+    /// Whose ACL the sweep acts under: flows this user may not archive are skipped and counted.
+    pub caller: Caller,
 }
 
 /// Counters of one sweep; shared by its workers, shown in INFO while it runs and after.
@@ -37,6 +40,7 @@ pub struct Progress {
     pub archived: AtomicU64,
     pub skipped_changed: AtomicU64,
     pub skipped_ineligible: AtomicU64,
+    pub skipped_noperm: AtomicU64,
     pub raw_bytes: AtomicU64,
     pub stored_bytes: AtomicU64,
     pub in_flight: AtomicU64,
@@ -52,6 +56,7 @@ impl Progress {
     fn count(&self, err: &FlowError) {
         match err {
             FlowError::Changed => self.skipped_changed.fetch_add(1, Ordering::Relaxed),
+            FlowError::NoPerm(_) => self.skipped_noperm.fetch_add(1, Ordering::Relaxed),
             FlowError::NotFound
             | FlowError::NotTerminal(_)
             | FlowError::TooRecent { .. }
@@ -97,6 +102,7 @@ impl Progress {
             ("archived", get(&self.archived)),
             ("skipped_changed", get(&self.skipped_changed)),
             ("skipped_ineligible", get(&self.skipped_ineligible)),
+            ("skipped_noperm", get(&self.skipped_noperm)),
             (
                 "failed",
                 RedisValue::Integer(failed.values().sum::<u64>() as i64),
@@ -307,14 +313,26 @@ impl Selector {
 /// Starts a sweep of `db`. Once it is sure to start, `block` may block the calling client, which then
 /// gets the summary when the sweep ends (ASYNC and the timer block nobody).
 pub fn start(
+    ctx: &Context,
     db: i32,
     opts: Options,
     block: impl FnOnce() -> Option<ThreadSafeContext<BlockedClient>>,
 ) -> Result<(), RedisError> {
-    if RUNNING.swap(true, Ordering::SeqCst) {
-        return Err(RedisError::Str(crate::errors::SWEEP_RUNNING));
-    }
     let settings = Settings::current();
+    // Selection reads the status indexes: the caller must be allowed to read them.
+    for status in &settings.layout.terminal {
+        if let Some(key) = settings.layout.status_set_key("", status) {
+            if acl::check(ctx, &opts.caller, &key, Access::Read).is_err() {
+                return Err(RedisError::String(errors::bounded(format!(
+                    "NOPERM this user has no permissions to read the {} key a sweep selects from",
+                    errors::show_key(&key)
+                ))));
+            }
+        }
+    }
+    if RUNNING.swap(true, Ordering::SeqCst) {
+        return Err(RedisError::Str(errors::SWEEP_RUNNING));
+    }
     // Refuse a sweep that cannot upload before it selects anything.
     if let Err(e) = Store::new(&settings.s3) {
         RUNNING.store(false, Ordering::SeqCst);
@@ -338,7 +356,7 @@ pub fn start(
     if SWEEP_POOL.submit(job).is_err() {
         *lock(&CURRENT) = None;
         RUNNING.store(false, Ordering::SeqCst);
-        return Err(RedisError::Str(crate::errors::NO_THREAD));
+        return Err(RedisError::Str(errors::NO_THREAD));
     }
     let _ = hand_over.send(block());
     Ok(())
@@ -477,7 +495,7 @@ fn run(
             if opts.dry_run {
                 let mut held = 0;
                 let inspected = archive::on_main_thread(db, Stage::Select, &mut held, |ctx| {
-                    capture::inspect(ctx, db, &id, settings, false, clock::now_ms())
+                    capture::inspect(ctx, &opts.caller, db, &id, settings, false, clock::now_ms())
                 });
                 selection_held = selection_held.max(held);
                 match inspected {
@@ -504,7 +522,7 @@ fn run(
             }
             let mut held = 0;
             let begun = archive::on_main_thread(db, Stage::Capture, &mut held, |ctx| {
-                capture::start(ctx, db, &id, settings, false, clock::now_ms())
+                capture::start(ctx, &opts.caller, db, &id, settings, false, clock::now_ms())
             });
             let mut capture = match begun {
                 Ok(Start::Capture(c)) => *c,
