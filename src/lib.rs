@@ -21,6 +21,7 @@ mod live;
 mod mainthread;
 mod metrics;
 mod pool;
+mod select;
 mod server;
 mod store;
 mod sweep;

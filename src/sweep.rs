@@ -10,9 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use redis_module::{
-    BlockedClient, CallReply, Context, RedisError, RedisResult, RedisValue, ThreadSafeContext,
+    BlockedClient, Context, RedisError, RedisResult, RedisValue, ThreadSafeContext,
 };
-use serde_json::Value;
 
 use crate::acl::{self, Access, Caller};
 use crate::archive::{self, map, Uploaded};
@@ -20,10 +19,9 @@ use crate::capture::{self, Capture, Inspected, Start};
 use crate::clock;
 use crate::configs::{self, Settings};
 use crate::errors::{self, FlowError};
-use crate::layout::Layout;
 use crate::metrics::{self, Stage};
 use crate::pool::Pool;
-use crate::server::{bytes, call, strings};
+use crate::select::Selector;
 use crate::store::Store;
 
 pub struct Options {
@@ -137,177 +135,6 @@ pub static UPLOAD_POOL: Pool = Pool::new(
 
 pub fn running() -> bool {
     RUNNING.load(Ordering::SeqCst)
-}
-
-/// Where eligible flows are found.
-enum Source {
-    /// The status ZSETs, oldest first; a cursor of (score, members seen at that score).
-    StatusSets {
-        statuses: Vec<String>,
-        next: usize,
-        after: Option<(f64, HashSet<String>)>,
-    },
-    /// A SCAN over snapshot keys, for layouts without a status index.
-    Scan {
-        cursor: String,
-        done: bool,
-        seen: HashSet<String>,
-    },
-}
-
-struct Selector {
-    source: Source,
-    cutoff_ms: i64,
-}
-
-impl Selector {
-    fn new(layout: &Layout, cutoff_ms: i64) -> Self {
-        let source = if layout.status_set.is_some() {
-            Source::StatusSets {
-                statuses: layout.terminal.clone(),
-                next: 0,
-                after: None,
-            }
-        } else {
-            Source::Scan {
-                cursor: "0".into(),
-                done: false,
-                seen: HashSet::new(),
-            }
-        };
-        Selector { source, cutoff_ms }
-    }
-
-    /// Up to `batch` candidate ids; empty when the selection is exhausted.
-    fn next(
-        &mut self,
-        ctx: &Context,
-        layout: &Layout,
-        batch: usize,
-    ) -> Result<Vec<String>, String> {
-        match &mut self.source {
-            Source::StatusSets {
-                statuses,
-                next,
-                after,
-            } => loop {
-                let Some(status) = statuses.get(*next) else {
-                    return Ok(Vec::new());
-                };
-                let Some(key) = layout.status_set_key("", status) else {
-                    return Ok(Vec::new());
-                };
-                let min = after
-                    .as_ref()
-                    .map_or("-inf".to_string(), |(score, _)| score.to_string());
-                let seen = after.as_ref().map_or(0, |(_, s)| s.len());
-                let want = (batch + seen).to_string();
-                let max = self.cutoff_ms.to_string();
-                let reply = call(
-                    ctx,
-                    "ZRANGEBYSCORE",
-                    &[
-                        key.as_bytes(),
-                        min.as_bytes(),
-                        max.as_bytes(),
-                        b"WITHSCORES",
-                        b"LIMIT",
-                        b"0",
-                        want.as_bytes(),
-                    ],
-                )?;
-                let items = strings(&reply);
-                let page = items.len() / 2;
-                let mut ids = Vec::new();
-                for pair in items.chunks_exact(2) {
-                    let member = String::from_utf8_lossy(&pair[0]).into_owned();
-                    let score: f64 = String::from_utf8_lossy(&pair[1])
-                        .parse()
-                        .unwrap_or(f64::NAN);
-                    match after {
-                        Some((last, seen)) if *last == score => {
-                            if !seen.insert(member.clone()) {
-                                continue;
-                            }
-                        }
-                        _ => *after = Some((score, HashSet::from([member.clone()]))),
-                    }
-                    ids.extend(layout.id_of_member(&member));
-                }
-                if page < batch + seen {
-                    *next += 1;
-                    *after = None;
-                }
-                if !ids.is_empty() {
-                    return Ok(ids);
-                }
-            },
-            Source::Scan { cursor, done, seen } => loop {
-                if *done {
-                    return Ok(Vec::new());
-                }
-                let pattern = layout
-                    .snapshot_pattern()
-                    .ok_or("snapshot-key template cannot be scanned")?;
-                let count = batch.to_string();
-                let reply = call(
-                    ctx,
-                    "SCAN",
-                    &[
-                        cursor.as_bytes(),
-                        b"MATCH",
-                        pattern.as_bytes(),
-                        b"COUNT",
-                        count.as_bytes(),
-                        b"TYPE",
-                        b"string",
-                    ],
-                )?;
-                let CallReply::Array(parts) = &reply else {
-                    return Err("SCAN answered no array".into());
-                };
-                let next_cursor = parts
-                    .get(0)
-                    .and_then(|r| r.ok().as_ref().and_then(bytes))
-                    .unwrap_or_else(|| b"0".to_vec());
-                *cursor = String::from_utf8_lossy(&next_cursor).into_owned();
-                *done = cursor.as_str() == "0";
-                let keys = match parts.get(1) {
-                    Some(Ok(keys)) => strings(&keys),
-                    _ => Vec::new(),
-                };
-                let mut ids = Vec::new();
-                for key in keys {
-                    let key = String::from_utf8_lossy(&key).into_owned();
-                    let Some(id) = layout.id_of_snapshot_key(&key) else {
-                        continue;
-                    };
-                    if seen.contains(&id) {
-                        continue;
-                    }
-                    let snapshot = call(ctx, "GET", &[key.as_bytes()])
-                        .ok()
-                        .and_then(|r| bytes(&r))
-                        .unwrap_or_default();
-                    let Ok(v) = serde_json::from_slice::<Value>(&snapshot) else {
-                        continue;
-                    };
-                    let terminal = v["status"].as_str().is_some_and(|s| layout.is_terminal(s));
-                    let old = v["last_updated"]
-                        .as_str()
-                        .and_then(clock::parse_rfc3339_ms)
-                        .is_some_and(|t| t <= self.cutoff_ms);
-                    if terminal && old {
-                        seen.insert(id.clone());
-                        ids.push(id);
-                    }
-                }
-                if !ids.is_empty() {
-                    return Ok(ids);
-                }
-            },
-        }
-    }
 }
 
 /// Starts a sweep of `db`. Once it is sure to start, `block` may block the calling client, which then
@@ -481,9 +308,7 @@ fn run(
         let batch = archive::on_main_thread(db, Stage::Select, &mut selection_held, |ctx| {
             selector.next(ctx, &settings.layout, settings.batch_size)
         })?;
-        if batch.is_empty() {
-            break;
-        }
+        let Some(batch) = batch else { break };
         for id in batch {
             if limit.is_some_and(|l| started >= l) {
                 break 'select;
