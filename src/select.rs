@@ -11,6 +11,7 @@ use std::collections::HashSet;
 use redis_module::{CallReply, Context};
 use serde_json::Value;
 
+use crate::acl::{self, Access, Caller};
 use crate::clock;
 use crate::layout::Layout;
 use crate::server::{bytes, call, integer, strings};
@@ -34,11 +35,12 @@ enum Source {
 pub struct Selector {
     source: Source,
     cutoff_ms: i64,
+    caller: Caller,
 }
 
 impl Selector {
     /// Selects flows terminal and last updated at or before `cutoff_ms`.
-    pub fn new(layout: &Layout, cutoff_ms: i64) -> Self {
+    pub fn new(layout: &Layout, cutoff_ms: i64, caller: Caller) -> Self {
         let source = if layout.status_set.is_some() {
             Source::StatusSets {
                 statuses: layout.terminal.clone(),
@@ -52,7 +54,11 @@ impl Selector {
                 seen: HashSet::new(),
             }
         };
-        Selector { source, cutoff_ms }
+        Selector {
+            source,
+            cutoff_ms,
+            caller,
+        }
     }
 
     /// The next candidates (at most `batch`, possibly none this step); `None` once selection is done.
@@ -86,7 +92,7 @@ impl Selector {
                 if *done {
                     return Ok(None);
                 }
-                let ids = scan_step(ctx, layout, cursor, batch, cutoff, seen)?;
+                let ids = scan_step(ctx, &self.caller, layout, cursor, batch, cutoff, seen)?;
                 *done = cursor.as_str() == "0";
                 Ok(Some(ids))
             }
@@ -172,6 +178,7 @@ fn status_page(
 /// One SCAN call over snapshot keys: the ids whose snapshot says terminal and old enough.
 fn scan_step(
     ctx: &Context,
+    caller: &Caller,
     layout: &Layout,
     cursor: &mut String,
     batch: usize,
@@ -214,6 +221,13 @@ fn scan_step(
             continue;
         };
         if seen.contains(&id) {
+            continue;
+        }
+        // A snapshot the caller may not read is not read here: the flow becomes a candidate whose
+        // capture refuses it, so the sweep counts it as skipped for its ACL.
+        if acl::check(ctx, caller, &key, Access::Read).is_err() {
+            seen.insert(id.clone());
+            ids.push(id);
             continue;
         }
         let snapshot = call(ctx, "GET", &[key.as_bytes()])

@@ -269,7 +269,7 @@ fn run(
     progress: &Arc<Progress>,
 ) -> Result<(), String> {
     let cutoff_ms = clock::now_ms() - settings.retention_ms;
-    let mut selector = Selector::new(&settings.layout, cutoff_ms);
+    let mut selector = Selector::new(&settings.layout, cutoff_ms, opts.caller.clone());
     let limit = opts.limit.map(|l| l as u64);
     let (done_tx, done_rx) = channel::<(String, Result<Uploaded, FlowError>)>();
     let job_tx = if opts.dry_run {
