@@ -3,6 +3,7 @@
 //! leaves Valkey untouched.
 
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use redis_module::RedisValue;
 
@@ -10,12 +11,16 @@ use crate::capture::{self, Capture};
 use crate::commit;
 use crate::configs::Settings;
 use crate::encode;
-use crate::errors::FlowError;
+use crate::errors::{self, FlowError};
 use crate::layout::{self, hex};
 use crate::mainthread;
 use crate::metrics::{self, Buffered, Stage, UPLOADS_IN_FLIGHT};
 use crate::server::select_db;
 use crate::store::Store;
+
+/// How long a commit waits for paused writes to resume, and how often it looks.
+const COMMIT_PAUSE_WAIT: Duration = Duration::from_secs(10);
+const COMMIT_RETRY: Duration = Duration::from_millis(50);
 
 pub struct Archived {
     /// Longest single main-thread stretch spent on this flow (capture chunk or commit).
@@ -154,13 +159,26 @@ pub fn commit(up: Uploaded, settings: &Settings) -> Result<Archived, FlowError> 
     } = up;
     let Capture {
         flow,
+        caller,
         watch,
         events_total,
         mut held_us,
     } = capture;
-    on_main_thread(flow.db, Stage::Commit, &mut held_us, |ctx| {
-        commit::commit(ctx, &flow, watch, &settings.layout, &location)
-    })?;
+    // Writes paused (a failover, CLIENT PAUSE WRITE) usually end within seconds: wait that long, with
+    // the watch still guarding the flow, then give up with the flow live.
+    let paused_until = Instant::now() + COMMIT_PAUSE_WAIT;
+    loop {
+        let committed = on_main_thread(flow.db, Stage::Commit, &mut held_us, |ctx| {
+            commit::commit(ctx, &caller, &flow, &watch, &settings.layout, &location)
+        });
+        match committed {
+            Err(FlowError::NotWritable(errors::WRITES_PAUSED)) if Instant::now() < paused_until => {
+                std::thread::sleep(COMMIT_RETRY);
+            }
+            other => break other?,
+        }
+    }
+    drop(watch);
     metrics::archived(&flow.id, &location, raw_bytes, stored_bytes);
     Ok(Archived {
         main_thread_us: held_us,

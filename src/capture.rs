@@ -7,9 +7,11 @@
 use redis_module::{Context, KeyType};
 use serde_json::Value;
 
+use crate::acl::{self, Access, Caller};
 use crate::clock;
+use crate::commit;
 use crate::configs::Settings;
-use crate::errors::FlowError;
+use crate::errors::{show_key, FlowError};
 use crate::layout::FlowKeys;
 use crate::server::{self, bytes, call, strings, type_name, type_of};
 use crate::watch::Watch;
@@ -34,6 +36,8 @@ pub struct Captured {
 /// A capture in progress: the flow, how long its event log is, and the watch that guards it.
 pub struct Capture {
     pub flow: Captured,
+    /// On whose behalf: the commit checks this user's ACL again.
+    pub caller: Caller,
     pub events_total: usize,
     pub watch: Watch,
     /// The longest single main-thread stretch spent on this flow so far, in microseconds.
@@ -66,18 +70,18 @@ pub fn indexed_location(
     keys: &FlowKeys,
     id: &str,
 ) -> Result<Option<String>, FlowError> {
-    expect_type(ctx, &keys.index, KeyType::Hash)?;
+    expect_type(ctx, &keys.index, &KeyType::Hash)?;
     let reply = call(ctx, "HGET", &[keys.index.as_bytes(), id.as_bytes()])?;
     Ok(bytes(&reply).map(|b| String::from_utf8_lossy(&b).into_owned()))
 }
 
-fn expect_type(ctx: &Context, key: &str, expected: KeyType) -> Result<bool, FlowError> {
+pub fn expect_type(ctx: &Context, key: &str, expected: &KeyType) -> Result<bool, FlowError> {
     match type_of(ctx, key) {
         KeyType::Empty => Ok(false),
-        t if t == expected => Ok(true),
+        t if &t == expected => Ok(true),
         t => Err(FlowError::WrongType {
             key: key.to_string(),
-            found: type_name(t),
+            found: type_name(&t),
             expected: type_name(expected),
         }),
     }
@@ -94,29 +98,23 @@ fn utf8(b: Vec<u8>, what: &str) -> Result<String, FlowError> {
 
 /// A live flow's stored snapshot, as stored; `None` when the flow is not live.
 pub fn read_live(ctx: &Context, keys: &FlowKeys) -> Result<Option<Vec<u8>>, FlowError> {
-    if !expect_type(ctx, &keys.snapshot, KeyType::String)? {
+    if !expect_type(ctx, &keys.snapshot, &KeyType::String)? {
         return Ok(None);
     }
     Ok(read_string(ctx, &keys.snapshot))
 }
 
-/// A live flow's whole event log.
-pub fn read_all_events(ctx: &Context, keys: &FlowKeys) -> Result<Vec<Vec<u8>>, FlowError> {
-    expect_type(ctx, &keys.events, KeyType::List)?;
-    let reply = call(ctx, "LRANGE", &[keys.events.as_bytes(), b"0", b"-1"])?;
-    Ok(strings(&reply))
-}
-
 /// Checks the flow and begins its capture. `now_ms` and `force` decide the idle check.
 pub fn start(
     ctx: &Context,
+    caller: &Caller,
     db: i32,
     id: &str,
     settings: &Settings,
     force: bool,
     now_ms: i64,
 ) -> Result<Start, FlowError> {
-    let (flow, events_total) = match inspect(ctx, db, id, settings, force, now_ms)? {
+    let (flow, events_total) = match inspect(ctx, caller, db, id, settings, force, now_ms)? {
         Inspected::AlreadyArchived(location) => return Ok(Start::AlreadyArchived(location)),
         Inspected::Eligible(flow, total) => (*flow, total),
     };
@@ -127,6 +125,7 @@ pub fn start(
     let watch = Watch::start(db, id, &watched).ok_or(FlowError::Busy)?;
     let mut capture = Capture {
         flow,
+        caller: caller.clone(),
         events_total,
         watch,
         held_us: 0,
@@ -138,6 +137,7 @@ pub fn start(
 /// Every eligibility check of `start`, reading no events and watching nothing (also DRYRUN's test).
 pub fn inspect(
     ctx: &Context,
+    caller: &Caller,
     db: i32,
     id: &str,
     settings: &Settings,
@@ -146,8 +146,14 @@ pub fn inspect(
 ) -> Result<Inspected, FlowError> {
     let layout = &settings.layout;
     let keys = layout.flow_keys(id);
-    let has_events = expect_type(ctx, &keys.events, KeyType::List)?;
-    let has_snapshot = expect_type(ctx, &keys.snapshot, KeyType::String)?;
+    // Nothing is read before the caller is known to have the rights an archive needs on these keys.
+    acl::check_all(ctx, caller, keys.own(), Access::Remove)?;
+    acl::check(ctx, caller, &keys.index, Access::Add)?;
+    if let Some(hash) = &keys.status_hash {
+        acl::check(ctx, caller, hash, Access::Remove)?;
+    }
+    let has_events = expect_type(ctx, &keys.events, &KeyType::List)?;
+    let has_snapshot = expect_type(ctx, &keys.snapshot, &KeyType::String)?;
     let indexed = indexed_location(ctx, &keys, id)?;
     match (has_events || has_snapshot, indexed) {
         (false, Some(location)) => return Ok(Inspected::AlreadyArchived(location)),
@@ -157,14 +163,14 @@ pub fn inspect(
     }
     if !has_snapshot {
         return Err(FlowError::Unreadable(format!(
-            "snapshot {:?} is missing",
-            keys.snapshot
+            "snapshot {} is missing",
+            show_key(&keys.snapshot)
         )));
     }
     if !has_events {
         return Err(FlowError::Unreadable(format!(
-            "event log {:?} is missing",
-            keys.events
+            "event log {} is missing",
+            show_key(&keys.events)
         )));
     }
     let snapshot = read_string(ctx, &keys.snapshot).unwrap_or_default();
@@ -185,7 +191,7 @@ pub fn inspect(
 
     let status = match &keys.status_hash {
         Some(hash) => {
-            expect_type(ctx, hash, KeyType::Hash)?;
+            expect_type(ctx, hash, &KeyType::Hash)?;
             let reply = call(ctx, "HGET", &[hash.as_bytes(), keys.member.as_bytes()])?;
             match bytes(&reply) {
                 Some(s) => utf8(s, "status")?,
@@ -203,7 +209,8 @@ pub fn inspect(
 
     let mut status_score = None;
     if let Some(set) = layout.status_set_key(id, &status) {
-        expect_type(ctx, &set, KeyType::ZSet)?;
+        acl::check(ctx, caller, &set, Access::Remove)?;
+        expect_type(ctx, &set, &KeyType::ZSet)?;
         let reply = call(ctx, "ZSCORE", &[set.as_bytes(), keys.member.as_bytes()])?;
         status_score = bytes(&reply).map(|b| String::from_utf8_lossy(&b).into_owned());
     }
@@ -227,7 +234,7 @@ pub fn inspect(
     }
 
     let seq = match &keys.seq {
-        Some(k) if expect_type(ctx, k, KeyType::String)? => {
+        Some(k) if expect_type(ctx, k, &KeyType::String)? => {
             let raw = utf8(read_string(ctx, k).unwrap_or_default(), "snapshot sequence")?;
             Some(raw.trim().parse::<i64>().map_err(|_| {
                 FlowError::Unreadable(format!("snapshot sequence {raw:?} is not an integer"))
@@ -237,7 +244,7 @@ pub fn inspect(
     };
     let mut labels = Vec::new();
     if let Some(k) = &keys.labels {
-        if expect_type(ctx, k, KeyType::Hash)? {
+        if expect_type(ctx, k, &KeyType::Hash)? {
             let reply = call(ctx, "HGETALL", &[k.as_bytes()])?;
             for pair in strings(&reply).chunks_exact(2) {
                 labels.push((
@@ -247,16 +254,6 @@ pub fn inspect(
             }
         }
     }
-    // Engine-wide indexes the commit will edit must have the right types now, so it cannot fail halfway.
-    for (label, value) in &labels {
-        if let Some(set) = layout.label_set_key(id, label, value) {
-            expect_type(ctx, &set, KeyType::Set)?;
-        }
-        if let Some(values) = layout.label_values_key(id, label) {
-            expect_type(ctx, &values, KeyType::Set)?;
-        }
-    }
-
     let len_reply = call(ctx, "LLEN", &[keys.events.as_bytes()])?;
     let events_total = server::integer(&len_reply).unwrap_or(0).max(0) as usize;
 
@@ -271,6 +268,9 @@ pub fn inspect(
         status,
         status_score,
     };
+    // Every key the commit will touch: the caller's rights, its types and (on a cluster) its slot,
+    // now, so an archive that could not commit is refused before anything is uploaded.
+    commit::preconditions(ctx, caller, &commit::touched(&flow, layout))?;
     Ok(Inspected::Eligible(Box::new(flow), events_total))
 }
 

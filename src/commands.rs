@@ -5,16 +5,18 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 
 use redis_module::{
-    BlockedClient, Context, ContextFlags, NextArg, RedisError, RedisResult, RedisString,
+    BlockedClient, Context, ContextFlags, KeyType, NextArg, RedisError, RedisResult, RedisString,
     RedisValue, ThreadSafeContext,
 };
 
+use crate::acl::{self, Access, Caller};
 use crate::archive::{self, map};
 use crate::capture::{self, Start};
 use crate::clock;
 use crate::configs::Settings;
 use crate::errors::{self, show_id, FlowError};
 use crate::fetch::{self, Waiter};
+use crate::live;
 use crate::metrics;
 use crate::pool::Pool;
 use crate::server::selected_db;
@@ -75,7 +77,15 @@ fn flow_inner(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let db = selected_db(ctx);
     let mut held = 0;
     let started = metrics::timed(metrics::Stage::Capture, &mut held, || {
-        capture::start(ctx, db, &id, &settings, force, clock::now_ms())
+        capture::start(
+            ctx,
+            &Caller::of(ctx),
+            db,
+            &id,
+            &settings,
+            force,
+            clock::now_ms(),
+        )
     });
     let capture = match started {
         Ok(Start::Capture(c)) => capture::Capture {
@@ -118,6 +128,9 @@ fn flow_inner(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     Ok(RedisValue::NoReply)
 }
 
+/// Cap on a live event log read by GET EVENTS (placeholder until read-max-bytes lands).
+const LIVE_READ_MAX_BYTES: u64 = 256 << 20;
+
 /// FLOWARCHIVE.GET <flow_id> [EVENTS]
 pub fn get(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     guarded("FLOWARCHIVE.GET", || get_inner(ctx, args))
@@ -127,18 +140,21 @@ fn get_inner(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let (id, events) = id_and_flag(args, "EVENTS")?;
     let settings = Settings::current();
     let keys = settings.layout.flow_keys(&id);
-    let live = |e: FlowError| err(e.message(&id));
-    if let Some(snapshot) = capture::read_live(ctx, &keys).map_err(live)? {
+    let caller = Caller::of(ctx);
+    let fail = |e: FlowError| err(e.message(&id));
+    acl::check(ctx, &caller, &keys.snapshot, Access::Read).map_err(fail)?;
+    if let Some(snapshot) = capture::read_live(ctx, &keys).map_err(fail)? {
         metrics::GET_LIVE.fetch_add(1, Ordering::Relaxed);
-        let state = RedisValue::StringBuffer(snapshot);
         if !events {
-            return Ok(state);
+            return Ok(RedisValue::StringBuffer(snapshot));
         }
-        let log = capture::read_all_events(ctx, &keys).map_err(live)?;
-        let log = log.into_iter().map(RedisValue::StringBuffer).collect();
-        return Ok(RedisValue::Array(vec![state, RedisValue::Array(log)]));
+        acl::check(ctx, &caller, &keys.events, Access::Read).map_err(fail)?;
+        capture::expect_type(ctx, &keys.events, &KeyType::List).map_err(fail)?;
+        let db = selected_db(ctx);
+        return live::events(ctx, db, id, keys, snapshot, LIVE_READ_MAX_BYTES);
     }
-    let Some(location) = capture::indexed_location(ctx, &keys, &id).map_err(live)? else {
+    acl::check(ctx, &caller, &keys.index, Access::Read).map_err(fail)?;
+    let Some(location) = capture::indexed_location(ctx, &keys, &id).map_err(fail)? else {
         metrics::GET_NOT_FOUND.fetch_add(1, Ordering::Relaxed);
         return Ok(RedisValue::Null);
     };
@@ -173,6 +189,7 @@ fn sweep_inner(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let mut opts = sweep::Options {
         limit: None,
         dry_run: false,
+        caller: Caller::of(ctx),
     };
     let mut asynchronous = false;
     let mut args = args.into_iter().skip(1);
@@ -201,10 +218,10 @@ fn sweep_inner(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     }
     let db = selected_db(ctx);
     if asynchronous {
-        sweep::start(db, opts, || None)?;
+        sweep::start(ctx, db, opts, || None)?;
         return Ok(RedisValue::SimpleStringStatic("STARTED"));
     }
-    sweep::start(db, opts, || {
+    sweep::start(ctx, db, opts, || {
         Some(ThreadSafeContext::with_blocked_client(ctx.block_client()))
     })?;
     Ok(RedisValue::NoReply)

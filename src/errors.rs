@@ -19,11 +19,20 @@ pub const FLOW_BUSY: &str =
     "ERR flowarchive is busy: too many FLOWARCHIVE.FLOW calls waiting; retry later, nothing was deleted";
 pub const UNLOAD_BUSY: &str =
     "flowarchive: MODULE UNLOAD refused: archives, reads or a sweep are in flight; retry once INFO flowarchive shows none";
+// Reasons a commit cannot write now (FlowError::NotWritable):
+pub const NOT_PRIMARY: &str = "this node is no longer a writable primary";
+pub const WRITES_PAUSED: &str =
+    "writes are paused on this server (CLIENT PAUSE or a failover) and stayed paused";
+pub const READ_BUSY: &str =
+    "ERR flowarchive is busy: too many long FLOWARCHIVE.GET reads waiting; retry later";
 pub const NO_THREAD: &str = "ERR flowarchive cannot start a worker thread; nothing was deleted";
 pub const PANIC: &str = "ERR flowarchive internal error; nothing was deleted (see the server log)";
 // Reasons, inside a flow's `ERR flow <id>: <reason>; nothing was deleted`:
 pub const NO_EVENT_LOOP: &str = "the server's event loop does not accept module work";
 pub const MAIN_THREAD_PANIC: &str = "internal error on the main thread (see the server log)";
+
+/// Longest error text a command answers or logs: every message passes through `bounded`.
+pub const MAX_MESSAGE: usize = 600;
 
 /// How a flow id appears in messages: quoted, escaped, cut to 120 characters.
 pub fn show_id(id: &str) -> String {
@@ -32,6 +41,25 @@ pub fn show_id(id: &str) -> String {
         s.push('…');
     }
     format!("{s:?}")
+}
+
+/// How a key name (which embeds the id) appears in messages: like an id.
+pub fn show_key(key: &str) -> String {
+    show_id(key)
+}
+
+/// Cuts a message to `MAX_MESSAGE` bytes (at a character boundary), so no input makes a reply or a log
+/// line large.
+pub fn bounded(mut msg: String) -> String {
+    if msg.len() > MAX_MESSAGE {
+        let mut end = MAX_MESSAGE - 3;
+        while !msg.is_char_boundary(end) {
+            end -= 1;
+        }
+        msg.truncate(end);
+        msg.push('…');
+    }
+    msg
 }
 
 #[derive(Debug)]
@@ -51,6 +79,12 @@ pub enum FlowError {
     Conflict(String),
     Busy,
     Changed,
+    /// The caller's ACL user may not touch this key.
+    NoPerm(String),
+    /// The node cannot take the commit's writes now (a replica, or writes paused for a failover).
+    NotWritable(&'static str),
+    /// A cluster node that does not serve every key of the flow in one slot.
+    Cluster(String),
     Upload(StoreError),
     Internal(String),
 }
@@ -74,12 +108,20 @@ impl FlowError {
             FlowError::Conflict(_) => "conflict",
             FlowError::Busy => "busy",
             FlowError::Changed => "changed",
+            FlowError::NoPerm(_) => "noperm",
+            FlowError::NotWritable(_) => "not_writable",
+            FlowError::Cluster(_) => "cluster",
             FlowError::Upload(e) => e.kind.name(),
             FlowError::Internal(_) => "internal",
         }
     }
 
+    /// The error text for flow `id`: one line, at most `MAX_MESSAGE` bytes.
     pub fn message(&self, id: &str) -> String {
+        bounded(self.full_message(id))
+    }
+
+    fn full_message(&self, id: &str) -> String {
         let id = show_id(id);
         match self {
             FlowError::NotFound => format!("ERR flow {id} not found"),
@@ -92,7 +134,8 @@ impl FlowError {
                 human_ms(*retention_ms)
             ),
             FlowError::WrongType { key, found, expected } => format!(
-                "ERR flow {id}: key {key:?} holds a {found}, expected a {expected}"
+                "ERR flow {id}: key {} holds a {found}, expected a {expected}",
+                show_key(key)
             ),
             FlowError::Unreadable(why) => format!("ERR flow {id} cannot be read: {why}"),
             FlowError::Conflict(location) => format!(
@@ -101,6 +144,16 @@ impl FlowError {
             FlowError::Busy => format!("ERR flow {id} is already being archived"),
             FlowError::Changed => {
                 format!("ERR flow {id} changed while it was being archived; nothing was deleted")
+            }
+            FlowError::NoPerm(key) => format!(
+                "NOPERM flow {id}: this user has no permissions to access the {} key; nothing was deleted",
+                show_key(key)
+            ),
+            FlowError::NotWritable(why) => {
+                format!("ERR flow {id} was not archived: {why}; nothing was deleted")
+            }
+            FlowError::Cluster(why) => {
+                format!("ERR flow {id} cannot be archived on this cluster node: {why}; nothing was deleted")
             }
             FlowError::Upload(why) => {
                 format!("ERR flow {id} was not archived, nothing was deleted: {why}")
@@ -121,6 +174,17 @@ mod tests {
         assert!(msg.starts_with("ERR flow \"a\\r\\nb"), "{msg}");
         assert!(!msg.contains('\n') && !msg.contains('\r'));
         assert!(msg.len() < 300);
+        let huge = "k".repeat(1 << 20);
+        for e in [
+            FlowError::Unreadable(huge.clone()),
+            FlowError::Conflict(huge.clone()),
+            FlowError::NoPerm(huge.clone()),
+            FlowError::Internal(huge.clone()),
+        ] {
+            let msg = e.message(&huge);
+            assert!(msg.len() <= MAX_MESSAGE, "{} bytes", msg.len());
+            assert!(msg.ends_with('…') || !msg.contains(&huge));
+        }
         let msg = FlowError::TooRecent {
             idle_ms: 5000,
             retention_ms: 30 * 86_400_000,

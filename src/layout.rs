@@ -118,6 +118,21 @@ pub struct FlowKeys {
     pub index: String,
 }
 
+impl FlowKeys {
+    /// The flow's own keys (its event log, snapshot, sequence and labels), which the commit deletes.
+    pub fn own(&self) -> impl Iterator<Item = &str> {
+        [
+            Some(&self.events),
+            Some(&self.snapshot),
+            self.seq.as_ref(),
+            self.labels.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+    }
+}
+
 impl Layout {
     fn vars<'a>(&'a self, id: &'a str) -> Vars<'a> {
         Vars {

@@ -3,10 +3,12 @@
 //! Data flow: capture (read keys) → encode (JSONL + gzip + sha256) → store (S3, presigned) →
 //! commit (verify unchanged, index, delete, replicate). This file only registers the module.
 
+mod acl;
 mod archive;
 mod cache;
 mod capture;
 mod clock;
+mod cluster;
 mod commands;
 mod commit;
 mod configs;
@@ -15,9 +17,11 @@ mod encode;
 mod errors;
 mod fetch;
 mod layout;
+mod live;
 mod mainthread;
 mod metrics;
 mod pool;
+mod select;
 mod server;
 mod store;
 mod sweep;
@@ -82,8 +86,9 @@ fn on_cron(ctx: &Context, _hz: u64) {
     let opts = sweep::Options {
         limit: None,
         dry_run: false,
+        caller: acl::Caller::Server,
     };
-    if let Err(e) = sweep::start(0, opts, || None) {
+    if let Err(e) = sweep::start(ctx, 0, opts, || None) {
         ctx.log_warning(&format!("flowarchive: timer sweep not started: {e}"));
     }
 }

@@ -40,7 +40,7 @@ pub fn fetched(took: Duration, error: Option<&'static str>) {
     }
 }
 
-const FAILURE_KINDS: [&str; 15] = [
+const FAILURE_KINDS: [&str; 18] = [
     "not_found",
     "not_terminal",
     "too_recent",
@@ -49,6 +49,9 @@ const FAILURE_KINDS: [&str; 15] = [
     "conflict",
     "busy",
     "changed",
+    "noperm",
+    "not_writable",
+    "cluster",
     "s3_config",
     "s3_unreachable",
     "s3_timeout",
@@ -57,7 +60,7 @@ const FAILURE_KINDS: [&str; 15] = [
     "s3_verify",
     "internal",
 ];
-static FAILURES: [AtomicU64; 15] = [const { AtomicU64::new(0) }; 15];
+static FAILURES: [AtomicU64; 18] = [const { AtomicU64::new(0) }; 18];
 
 /// Every way an archived read can fail, listed in INFO even at zero so dashboards see them.
 const FETCH_ERROR_KINDS: [&str; 16] = [
@@ -200,6 +203,7 @@ pub fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
                 &format!("{name}_skipped_ineligible"),
                 get(&p.skipped_ineligible),
             )?
+            .field(&format!("{name}_skipped_noperm"), get(&p.skipped_noperm))?
             .field(
                 &format!("{name}_failed"),
                 failed.values().sum::<u64>() as i64,

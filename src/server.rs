@@ -72,7 +72,7 @@ pub fn type_of(ctx: &Context, key: &str) -> KeyType {
     ctx.open_key(&ctx.create_string(key)).key_type()
 }
 
-pub fn type_name(t: KeyType) -> &'static str {
+pub fn type_name(t: &KeyType) -> &'static str {
     match t {
         KeyType::Empty => "nothing",
         KeyType::String => "string",

@@ -10,24 +10,25 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use redis_module::{
-    BlockedClient, CallReply, Context, RedisError, RedisResult, RedisValue, ThreadSafeContext,
+    BlockedClient, Context, RedisError, RedisResult, RedisValue, ThreadSafeContext,
 };
-use serde_json::Value;
 
+use crate::acl::{self, Access, Caller};
 use crate::archive::{self, map, Uploaded};
 use crate::capture::{self, Capture, Inspected, Start};
 use crate::clock;
 use crate::configs::{self, Settings};
-use crate::errors::FlowError;
-use crate::layout::Layout;
+use crate::errors::{self, FlowError};
 use crate::metrics::{self, Stage};
 use crate::pool::Pool;
-use crate::server::{bytes, call, strings};
+use crate::select::Selector;
 use crate::store::Store;
 
 pub struct Options {
     pub limit: Option<usize>,
     pub dry_run: bool,
+    /// Whose ACL the sweep acts under: flows this user may not archive are skipped and counted.
+    pub caller: Caller,
 }
 
 /// Counters of one sweep; shared by its workers, shown in INFO while it runs and after.
@@ -37,6 +38,7 @@ pub struct Progress {
     pub archived: AtomicU64,
     pub skipped_changed: AtomicU64,
     pub skipped_ineligible: AtomicU64,
+    pub skipped_noperm: AtomicU64,
     pub raw_bytes: AtomicU64,
     pub stored_bytes: AtomicU64,
     pub in_flight: AtomicU64,
@@ -52,6 +54,7 @@ impl Progress {
     fn count(&self, err: &FlowError) {
         match err {
             FlowError::Changed => self.skipped_changed.fetch_add(1, Ordering::Relaxed),
+            FlowError::NoPerm(_) => self.skipped_noperm.fetch_add(1, Ordering::Relaxed),
             FlowError::NotFound
             | FlowError::NotTerminal(_)
             | FlowError::TooRecent { .. }
@@ -97,6 +100,7 @@ impl Progress {
             ("archived", get(&self.archived)),
             ("skipped_changed", get(&self.skipped_changed)),
             ("skipped_ineligible", get(&self.skipped_ineligible)),
+            ("skipped_noperm", get(&self.skipped_noperm)),
             (
                 "failed",
                 RedisValue::Integer(failed.values().sum::<u64>() as i64),
@@ -133,188 +137,29 @@ pub fn running() -> bool {
     RUNNING.load(Ordering::SeqCst)
 }
 
-/// Where eligible flows are found.
-enum Source {
-    /// The status ZSETs, oldest first; a cursor of (score, members seen at that score).
-    StatusSets {
-        statuses: Vec<String>,
-        next: usize,
-        after: Option<(f64, HashSet<String>)>,
-    },
-    /// A SCAN over snapshot keys, for layouts without a status index.
-    Scan {
-        cursor: String,
-        done: bool,
-        seen: HashSet<String>,
-    },
-}
-
-struct Selector {
-    source: Source,
-    cutoff_ms: i64,
-}
-
-impl Selector {
-    fn new(layout: &Layout, cutoff_ms: i64) -> Self {
-        let source = if layout.status_set.is_some() {
-            Source::StatusSets {
-                statuses: layout.terminal.clone(),
-                next: 0,
-                after: None,
-            }
-        } else {
-            Source::Scan {
-                cursor: "0".into(),
-                done: false,
-                seen: HashSet::new(),
-            }
-        };
-        Selector { source, cutoff_ms }
-    }
-
-    /// Up to `batch` candidate ids; empty when the selection is exhausted.
-    fn next(
-        &mut self,
-        ctx: &Context,
-        layout: &Layout,
-        batch: usize,
-    ) -> Result<Vec<String>, String> {
-        match &mut self.source {
-            Source::StatusSets {
-                statuses,
-                next,
-                after,
-            } => loop {
-                let Some(status) = statuses.get(*next) else {
-                    return Ok(Vec::new());
-                };
-                let Some(key) = layout.status_set_key("", status) else {
-                    return Ok(Vec::new());
-                };
-                let min = after
-                    .as_ref()
-                    .map_or("-inf".to_string(), |(score, _)| score.to_string());
-                let seen = after.as_ref().map_or(0, |(_, s)| s.len());
-                let want = (batch + seen).to_string();
-                let max = self.cutoff_ms.to_string();
-                let reply = call(
-                    ctx,
-                    "ZRANGEBYSCORE",
-                    &[
-                        key.as_bytes(),
-                        min.as_bytes(),
-                        max.as_bytes(),
-                        b"WITHSCORES",
-                        b"LIMIT",
-                        b"0",
-                        want.as_bytes(),
-                    ],
-                )?;
-                let items = strings(&reply);
-                let page = items.len() / 2;
-                let mut ids = Vec::new();
-                for pair in items.chunks_exact(2) {
-                    let member = String::from_utf8_lossy(&pair[0]).into_owned();
-                    let score: f64 = String::from_utf8_lossy(&pair[1])
-                        .parse()
-                        .unwrap_or(f64::NAN);
-                    match after {
-                        Some((last, seen)) if *last == score => {
-                            if !seen.insert(member.clone()) {
-                                continue;
-                            }
-                        }
-                        _ => *after = Some((score, HashSet::from([member.clone()]))),
-                    }
-                    ids.extend(layout.id_of_member(&member));
-                }
-                if page < batch + seen {
-                    *next += 1;
-                    *after = None;
-                }
-                if !ids.is_empty() {
-                    return Ok(ids);
-                }
-            },
-            Source::Scan { cursor, done, seen } => loop {
-                if *done {
-                    return Ok(Vec::new());
-                }
-                let pattern = layout
-                    .snapshot_pattern()
-                    .ok_or("snapshot-key template cannot be scanned")?;
-                let count = batch.to_string();
-                let reply = call(
-                    ctx,
-                    "SCAN",
-                    &[
-                        cursor.as_bytes(),
-                        b"MATCH",
-                        pattern.as_bytes(),
-                        b"COUNT",
-                        count.as_bytes(),
-                        b"TYPE",
-                        b"string",
-                    ],
-                )?;
-                let CallReply::Array(parts) = &reply else {
-                    return Err("SCAN answered no array".into());
-                };
-                let next_cursor = parts
-                    .get(0)
-                    .and_then(|r| r.ok().as_ref().and_then(bytes))
-                    .unwrap_or_else(|| b"0".to_vec());
-                *cursor = String::from_utf8_lossy(&next_cursor).into_owned();
-                *done = cursor.as_str() == "0";
-                let keys = match parts.get(1) {
-                    Some(Ok(keys)) => strings(&keys),
-                    _ => Vec::new(),
-                };
-                let mut ids = Vec::new();
-                for key in keys {
-                    let key = String::from_utf8_lossy(&key).into_owned();
-                    let Some(id) = layout.id_of_snapshot_key(&key) else {
-                        continue;
-                    };
-                    if seen.contains(&id) {
-                        continue;
-                    }
-                    let snapshot = call(ctx, "GET", &[key.as_bytes()])
-                        .ok()
-                        .and_then(|r| bytes(&r))
-                        .unwrap_or_default();
-                    let Ok(v) = serde_json::from_slice::<Value>(&snapshot) else {
-                        continue;
-                    };
-                    let terminal = v["status"].as_str().is_some_and(|s| layout.is_terminal(s));
-                    let old = v["last_updated"]
-                        .as_str()
-                        .and_then(clock::parse_rfc3339_ms)
-                        .is_some_and(|t| t <= self.cutoff_ms);
-                    if terminal && old {
-                        seen.insert(id.clone());
-                        ids.push(id);
-                    }
-                }
-                if !ids.is_empty() {
-                    return Ok(ids);
-                }
-            },
-        }
-    }
-}
-
 /// Starts a sweep of `db`. Once it is sure to start, `block` may block the calling client, which then
 /// gets the summary when the sweep ends (ASYNC and the timer block nobody).
 pub fn start(
+    ctx: &Context,
     db: i32,
     opts: Options,
     block: impl FnOnce() -> Option<ThreadSafeContext<BlockedClient>>,
 ) -> Result<(), RedisError> {
-    if RUNNING.swap(true, Ordering::SeqCst) {
-        return Err(RedisError::Str(crate::errors::SWEEP_RUNNING));
-    }
     let settings = Settings::current();
+    // Selection reads the status indexes: the caller must be allowed to read them.
+    for status in &settings.layout.terminal {
+        if let Some(key) = settings.layout.status_set_key("", status) {
+            if acl::check(ctx, &opts.caller, &key, Access::Read).is_err() {
+                return Err(RedisError::String(errors::bounded(format!(
+                    "NOPERM this user has no permissions to read the {} key a sweep selects from",
+                    errors::show_key(&key)
+                ))));
+            }
+        }
+    }
+    if RUNNING.swap(true, Ordering::SeqCst) {
+        return Err(RedisError::Str(errors::SWEEP_RUNNING));
+    }
     // Refuse a sweep that cannot upload before it selects anything.
     if let Err(e) = Store::new(&settings.s3) {
         RUNNING.store(false, Ordering::SeqCst);
@@ -338,7 +183,7 @@ pub fn start(
     if SWEEP_POOL.submit(job).is_err() {
         *lock(&CURRENT) = None;
         RUNNING.store(false, Ordering::SeqCst);
-        return Err(RedisError::Str(crate::errors::NO_THREAD));
+        return Err(RedisError::Str(errors::NO_THREAD));
     }
     let _ = hand_over.send(block());
     Ok(())
@@ -424,7 +269,7 @@ fn run(
     progress: &Arc<Progress>,
 ) -> Result<(), String> {
     let cutoff_ms = clock::now_ms() - settings.retention_ms;
-    let mut selector = Selector::new(&settings.layout, cutoff_ms);
+    let mut selector = Selector::new(&settings.layout, cutoff_ms, opts.caller.clone());
     let limit = opts.limit.map(|l| l as u64);
     let (done_tx, done_rx) = channel::<(String, Result<Uploaded, FlowError>)>();
     let job_tx = if opts.dry_run {
@@ -463,9 +308,7 @@ fn run(
         let batch = archive::on_main_thread(db, Stage::Select, &mut selection_held, |ctx| {
             selector.next(ctx, &settings.layout, settings.batch_size)
         })?;
-        if batch.is_empty() {
-            break;
-        }
+        let Some(batch) = batch else { break };
         for id in batch {
             if limit.is_some_and(|l| started >= l) {
                 break 'select;
@@ -477,7 +320,7 @@ fn run(
             if opts.dry_run {
                 let mut held = 0;
                 let inspected = archive::on_main_thread(db, Stage::Select, &mut held, |ctx| {
-                    capture::inspect(ctx, db, &id, settings, false, clock::now_ms())
+                    capture::inspect(ctx, &opts.caller, db, &id, settings, false, clock::now_ms())
                 });
                 selection_held = selection_held.max(held);
                 match inspected {
@@ -504,7 +347,7 @@ fn run(
             }
             let mut held = 0;
             let begun = archive::on_main_thread(db, Stage::Capture, &mut held, |ctx| {
-                capture::start(ctx, db, &id, settings, false, clock::now_ms())
+                capture::start(ctx, &opts.caller, db, &id, settings, false, clock::now_ms())
             });
             let mut capture = match begun {
                 Ok(Start::Capture(c)) => *c,

@@ -29,7 +29,8 @@ fn registry() -> MutexGuard<'static, Option<Registry>> {
 /// A flow being archived. Dropping it ends the watch and frees the flow for another archive attempt.
 pub struct Watch {
     db: i32,
-    id: String,
+    /// The flow this watch claims for its archive, if any (a reader's watch claims nothing).
+    claimed: Option<String>,
     keys: Vec<DbKey>,
     changed: Arc<AtomicBool>,
 }
@@ -43,6 +44,16 @@ impl Watch {
         if !reg.flows.insert((db, id.to_string())) {
             return None;
         }
+        Some(Self::register(reg, db, Some(id.to_string()), keys))
+    }
+
+    /// Watches `keys` in `db` for a reader, without claiming the flow. Main thread, before the first read.
+    pub fn observe(db: i32, keys: &[&str]) -> Watch {
+        let mut guard = registry();
+        Self::register(guard.get_or_insert_with(Registry::default), db, None, keys)
+    }
+
+    fn register(reg: &mut Registry, db: i32, claimed: Option<String>, keys: &[&str]) -> Watch {
         let changed = Arc::new(AtomicBool::new(false));
         let keys: Vec<DbKey> = keys.iter().map(|k| (db, k.as_bytes().to_vec())).collect();
         for k in &keys {
@@ -50,12 +61,12 @@ impl Watch {
         }
         reg.all.push(changed.clone());
         WATCHED.fetch_add(1, Ordering::SeqCst);
-        Some(Watch {
+        Watch {
             db,
-            id: id.to_string(),
+            claimed,
             keys,
             changed,
-        })
+        }
     }
 
     pub fn changed(&self) -> bool {
@@ -76,7 +87,9 @@ impl Drop for Watch {
                 }
             }
             reg.all.retain(|f| !Arc::ptr_eq(f, &self.changed));
-            reg.flows.remove(&(self.db, self.id.clone()));
+            if let Some(id) = self.claimed.take() {
+                reg.flows.remove(&(self.db, id));
+            }
         }
         WATCHED.fetch_sub(1, Ordering::SeqCst);
     }

@@ -1,0 +1,251 @@
+//! Sweep selection: finds candidate flows in bounded steps, each one short main-thread step.
+//!
+//! With a status index, the terminal status ZSETs are read oldest first. The cursor is the last
+//! (score, member) returned; the next step finds its place again by rank — `ZCOUNT` below the score,
+//! then a binary search among the members tied at that score — so a step costs O(batch + log N) however
+//! many flows share one score (an offset into the tie would grow with it). Without a status index, one
+//! `SCAN` call per step walks the snapshot keys.
+
+use std::collections::HashSet;
+
+use redis_module::{CallReply, Context};
+use serde_json::Value;
+
+use crate::acl::{self, Access, Caller};
+use crate::clock;
+use crate::layout::Layout;
+use crate::server::{bytes, call, integer, strings};
+
+/// Where candidates are found.
+enum Source {
+    /// The status ZSETs: the index of the one being read, and the last (score as stored, member) seen.
+    StatusSets {
+        statuses: Vec<String>,
+        next: usize,
+        after: Option<(String, Vec<u8>)>,
+    },
+    /// A SCAN over snapshot keys, for layouts without a status index.
+    Scan {
+        cursor: String,
+        done: bool,
+        seen: HashSet<String>,
+    },
+}
+
+pub struct Selector {
+    source: Source,
+    cutoff_ms: i64,
+    caller: Caller,
+}
+
+impl Selector {
+    /// Selects flows terminal and last updated at or before `cutoff_ms`.
+    pub fn new(layout: &Layout, cutoff_ms: i64, caller: Caller) -> Self {
+        let source = if layout.status_set.is_some() {
+            Source::StatusSets {
+                statuses: layout.terminal.clone(),
+                next: 0,
+                after: None,
+            }
+        } else {
+            Source::Scan {
+                cursor: "0".into(),
+                done: false,
+                seen: HashSet::new(),
+            }
+        };
+        Selector {
+            source,
+            cutoff_ms,
+            caller,
+        }
+    }
+
+    /// The next candidates (at most `batch`, possibly none this step); `None` once selection is done.
+    pub fn next(
+        &mut self,
+        ctx: &Context,
+        layout: &Layout,
+        batch: usize,
+    ) -> Result<Option<Vec<String>>, String> {
+        let cutoff = self.cutoff_ms;
+        match &mut self.source {
+            Source::StatusSets {
+                statuses,
+                next,
+                after,
+            } => {
+                let Some(key) = statuses
+                    .get(*next)
+                    .and_then(|status| layout.status_set_key("", status))
+                else {
+                    return Ok(None);
+                };
+                let (ids, exhausted) = status_page(ctx, &key, after, cutoff, batch, layout)?;
+                if exhausted {
+                    *next += 1;
+                    *after = None;
+                }
+                Ok(Some(ids))
+            }
+            Source::Scan { cursor, done, seen } => {
+                if *done {
+                    return Ok(None);
+                }
+                let ids = scan_step(ctx, &self.caller, layout, cursor, batch, cutoff, seen)?;
+                *done = cursor.as_str() == "0";
+                Ok(Some(ids))
+            }
+        }
+    }
+}
+
+fn zcount(ctx: &Context, key: &str, min: &str, max: &str) -> Result<usize, String> {
+    let reply = call(
+        ctx,
+        "ZCOUNT",
+        &[key.as_bytes(), min.as_bytes(), max.as_bytes()],
+    )?;
+    Ok(integer(&reply).unwrap_or(0).max(0) as usize)
+}
+
+/// `ZRANGE key from to WITHSCORES` as (member, score as stored) pairs.
+fn by_rank(
+    ctx: &Context,
+    key: &str,
+    from: usize,
+    to: usize,
+) -> Result<Vec<(Vec<u8>, String)>, String> {
+    let (from, to) = (from.to_string(), to.to_string());
+    let reply = call(
+        ctx,
+        "ZRANGE",
+        &[
+            key.as_bytes(),
+            from.as_bytes(),
+            to.as_bytes(),
+            b"WITHSCORES",
+        ],
+    )?;
+    Ok(strings(&reply)
+        .chunks_exact(2)
+        .map(|p| (p[0].clone(), String::from_utf8_lossy(&p[1]).into_owned()))
+        .collect())
+}
+
+/// The rank of the first member after `(score, member)`: members order by score, then by their bytes.
+fn rank_after(ctx: &Context, key: &str, score: &str, member: &[u8]) -> Result<usize, String> {
+    let mut lo = zcount(ctx, key, "-inf", &format!("({score}"))?;
+    let mut hi = lo + zcount(ctx, key, score, score)?;
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match by_rank(ctx, key, mid, mid)?.first() {
+            Some((m, _)) if m.as_slice() > member => hi = mid,
+            Some(_) => lo = mid + 1,
+            // The set shrank under us: start from where it ends now.
+            None => hi = mid,
+        }
+    }
+    Ok(lo)
+}
+
+/// One page of a status ZSET after the cursor, up to `cutoff`; whether this set is exhausted.
+fn status_page(
+    ctx: &Context,
+    key: &str,
+    after: &mut Option<(String, Vec<u8>)>,
+    cutoff: i64,
+    batch: usize,
+    layout: &Layout,
+) -> Result<(Vec<String>, bool), String> {
+    let start = match after {
+        Some((score, member)) => rank_after(ctx, key, score, member)?,
+        None => 0,
+    };
+    let page = by_rank(ctx, key, start, start + batch - 1)?;
+    let full = page.len() == batch;
+    let mut ids = Vec::new();
+    for (member, score) in page {
+        if score.parse::<f64>().map_or(true, |s| s > cutoff as f64) {
+            return Ok((ids, true));
+        }
+        ids.extend(layout.id_of_member(&String::from_utf8_lossy(&member)));
+        *after = Some((score, member));
+    }
+    Ok((ids, !full))
+}
+
+/// One SCAN call over snapshot keys: the ids whose snapshot says terminal and old enough.
+fn scan_step(
+    ctx: &Context,
+    caller: &Caller,
+    layout: &Layout,
+    cursor: &mut String,
+    batch: usize,
+    cutoff: i64,
+    seen: &mut HashSet<String>,
+) -> Result<Vec<String>, String> {
+    let pattern = layout
+        .snapshot_pattern()
+        .ok_or("snapshot-key template cannot be scanned")?;
+    let count = batch.to_string();
+    let reply = call(
+        ctx,
+        "SCAN",
+        &[
+            cursor.as_bytes(),
+            b"MATCH",
+            pattern.as_bytes(),
+            b"COUNT",
+            count.as_bytes(),
+            b"TYPE",
+            b"string",
+        ],
+    )?;
+    let CallReply::Array(parts) = &reply else {
+        return Err("SCAN answered no array".into());
+    };
+    let next_cursor = parts
+        .get(0)
+        .and_then(|r| r.ok().as_ref().and_then(bytes))
+        .unwrap_or_else(|| b"0".to_vec());
+    *cursor = String::from_utf8_lossy(&next_cursor).into_owned();
+    let keys = match parts.get(1) {
+        Some(Ok(keys)) => strings(&keys),
+        _ => Vec::new(),
+    };
+    let mut ids = Vec::new();
+    for key in keys {
+        let key = String::from_utf8_lossy(&key).into_owned();
+        let Some(id) = layout.id_of_snapshot_key(&key) else {
+            continue;
+        };
+        if seen.contains(&id) {
+            continue;
+        }
+        // A snapshot the caller may not read is not read here: the flow becomes a candidate whose
+        // capture refuses it, so the sweep counts it as skipped for its ACL.
+        if acl::check(ctx, caller, &key, Access::Read).is_err() {
+            seen.insert(id.clone());
+            ids.push(id);
+            continue;
+        }
+        let snapshot = call(ctx, "GET", &[key.as_bytes()])
+            .ok()
+            .and_then(|r| bytes(&r))
+            .unwrap_or_default();
+        let Ok(v) = serde_json::from_slice::<Value>(&snapshot) else {
+            continue;
+        };
+        let terminal = v["status"].as_str().is_some_and(|s| layout.is_terminal(s));
+        let old = v["last_updated"]
+            .as_str()
+            .and_then(clock::parse_rfc3339_ms)
+            .is_some_and(|t| t <= cutoff);
+        if terminal && old {
+            seen.insert(id.clone());
+            ids.push(id);
+        }
+    }
+    Ok(ids)
+}

@@ -1,0 +1,500 @@
+//! The safety promises against real servers: ACLs, MODULE UNLOAD, paused and demoted primaries,
+//! all-or-nothing commits, bounded errors, threads and main-thread steps, the cluster guard.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use common::proxy::Proxy;
+use common::*;
+
+fn conn_as(srv: &Server, user: &str) -> redis::Connection {
+    let client = redis::Client::open(format!("redis://{user}:pw@127.0.0.1:{}/", srv.port)).unwrap();
+    client.get_connection().unwrap()
+}
+
+fn sweep(
+    c: &mut redis::Connection,
+    args: &[&str],
+) -> redis::RedisResult<HashMap<String, redis::Value>> {
+    let mut cmd = redis::cmd("FLOWARCHIVE.SWEEP");
+    for a in args {
+        cmd.arg(*a);
+    }
+    cmd.query::<redis::Value>(c).map(reply_map)
+}
+
+fn n(v: &redis::Value) -> i64 {
+    redis::from_redis_value(v).unwrap()
+}
+
+fn err_of<T: std::fmt::Debug>(r: redis::RedisResult<T>) -> String {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn get(c: &mut redis::Connection, id: &str) -> redis::RedisResult<Option<String>> {
+    redis::cmd("FLOWARCHIVE.GET").arg(id).query(c)
+}
+
+/// Names of the server's threads that belong to the module.
+fn module_threads(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .filter(|c| c.starts_with("flowarchive"))
+        .collect()
+}
+
+#[test]
+fn acl_users_touch_only_the_keys_they_may() {
+    let s3 = S3::new_bucket();
+    let srv = server_via(&s3, None, &[]);
+    let mut admin = srv.conn();
+    for id in ["tenantA-1", "tenantA-2", "other-1"] {
+        write_flow(&mut admin, &FlowSpec::done(id));
+    }
+    // `narrow` sees only its own namespace; `tenant` may touch the engine's shared indexes, the
+    // archive index and tenant A's flows.
+    for rule in [
+        &[
+            "ACL",
+            "SETUSER",
+            "narrow",
+            "on",
+            ">pw",
+            "+@all",
+            "~tenantA:*",
+        ][..],
+        &[
+            "ACL",
+            "SETUSER",
+            "tenant",
+            "on",
+            ">pw",
+            "+@all",
+            "~argyll:idx:*",
+            "~archived:*",
+            "~argyll:flow:tenantA-*",
+        ],
+    ] {
+        cmd::<()>(&mut admin, rule).unwrap();
+    }
+    let before = dump_all(&mut admin);
+
+    let mut narrow = conn_as(&srv, "narrow");
+    for e in [
+        err_of(get(&mut narrow, "other-1")),
+        err_of(
+            redis::cmd("FLOWARCHIVE.FLOW")
+                .arg("other-1")
+                .arg("FORCE")
+                .query::<redis::Value>(&mut narrow),
+        ),
+        err_of(sweep(&mut narrow, &[])),
+        err_of(sweep(&mut narrow, &["DRYRUN"])),
+    ] {
+        assert!(e.starts_with("NOPERM"), "{e}");
+    }
+    assert_same(
+        &before,
+        &dump_all(&mut admin),
+        "nothing touched for `narrow`",
+    );
+
+    let mut tenant = conn_as(&srv, "tenant");
+    let e = err_of(
+        redis::cmd("FLOWARCHIVE.FLOW")
+            .arg("other-1")
+            .query::<redis::Value>(&mut tenant),
+    );
+    assert!(e.starts_with("NOPERM") && e.contains("other-1"), "{e}");
+    assert!(err_of(get(&mut tenant, "other-1")).starts_with("NOPERM"));
+    let dry = sweep(&mut tenant, &["DRYRUN"]).unwrap();
+    let listed: BTreeSet<String> = redis::from_redis_value(&dry["flows"]).unwrap();
+    assert_eq!(
+        listed,
+        BTreeSet::from(["tenantA-1".to_string(), "tenantA-2".to_string()])
+    );
+    assert_eq!(n(&dry["skipped_noperm"]), 1);
+    let done = sweep(&mut tenant, &[]).unwrap();
+    assert_eq!(n(&done["archived"]), 2);
+    assert_eq!(n(&done["skipped_noperm"]), 1);
+    assert_eq!(info_field(&mut admin, "last_sweep_skipped_noperm"), 1);
+    assert_eq!(
+        cmd::<i64>(&mut admin, &["EXISTS", "argyll:flow:other-1:events"]).unwrap(),
+        1,
+        "the flow `tenant` may not write stays live"
+    );
+    // Reads of its own archived flows work; the admin reads everything.
+    assert!(get(&mut tenant, "tenantA-1").unwrap().is_some());
+    assert!(get(&mut admin, "other-1").unwrap().is_some());
+}
+
+#[test]
+fn module_unload_waits_for_work_in_flight_and_leaves_no_thread() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let mut opts = ServerOpts::new(&s3);
+    opts.module_args = s3.module_args(&proxy.endpoint());
+    opts.module_args
+        .extend(["concurrency".to_string(), "2".to_string()]);
+    opts.extra = vec!["--enable-module-command".into(), "yes".into()];
+    let srv = Server::start(opts);
+    let mut c = srv.conn();
+    for i in 0..20 {
+        write_flow(&mut c, &FlowSpec::done(&format!("u{i}")));
+    }
+    proxy.delay("PUT", Duration::from_millis(300));
+    let started: String = cmd(&mut c, &["FLOWARCHIVE.SWEEP", "ASYNC"]).unwrap();
+    assert_eq!(started, "STARTED");
+    wait_for("an upload in flight", Duration::from_secs(10), || {
+        !proxy.requests().is_empty()
+    });
+    let e = err_of(cmd::<()>(&mut c, &["MODULE", "UNLOAD", "flowarchive"]));
+    assert!(e.to_lowercase().contains("unload"), "{e}");
+    assert!(srv.log().contains("MODULE UNLOAD refused"));
+    // A late event on a flow of the sweep: the watch is still there, so the flow survives.
+    cmd::<()>(
+        &mut c,
+        &["RPUSH", "argyll:flow:u19:events", "{\"type\":\"late\"}"],
+    )
+    .unwrap();
+    wait_for("the sweep to end", Duration::from_secs(60), || {
+        info_field(&mut c, "sweep_running") == 0
+    });
+    // Live or archived, the flow has its late event.
+    let (_, events): (String, Vec<String>) = redis::cmd("FLOWARCHIVE.GET")
+        .arg("u19")
+        .arg("EVENTS")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(events.len(), 6);
+    assert_eq!(events[5], "{\"type\":\"late\"}");
+    // Idle now: the unload goes through and no module thread is left running.
+    wait_for("the unload", Duration::from_secs(10), || {
+        cmd::<()>(&mut c, &["MODULE", "UNLOAD", "flowarchive"]).is_ok()
+    });
+    assert_eq!(module_threads(srv.pid()), Vec::<String>::new());
+    assert_eq!(cmd::<String>(&mut c, &["PING"]).unwrap(), "PONG");
+}
+
+#[test]
+fn commits_wait_out_client_pause_and_never_write_on_a_demoted_primary() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let primary = server_via(&s3, Some(&proxy), &[]);
+    let replica = server_via(&s3, Some(&proxy), &[]);
+    let mut p = primary.conn();
+    let mut r = replica.conn();
+    for id in ["paused", "demoted", "long-pause"] {
+        write_flow(&mut p, &FlowSpec::done(id));
+    }
+    cmd::<()>(
+        &mut r,
+        &["REPLICAOF", "127.0.0.1", &primary.port.to_string()],
+    )
+    .unwrap();
+    wait_for("replica sync", Duration::from_secs(20), || {
+        cmd::<i64>(&mut r, &["EXISTS", "argyll:flow:paused:events"]).unwrap_or(0) == 1
+    });
+
+    // A commit that lands while writes are paused waits for the pause to end, then commits.
+    proxy.delay("PUT", Duration::from_millis(600));
+    let mut c = primary.conn();
+    let flow = std::thread::spawn(move || archive(&mut c, "paused"));
+    wait_for("the PUT", Duration::from_secs(10), || {
+        !proxy.requests().is_empty()
+    });
+    cmd::<()>(&mut p, &["CLIENT", "PAUSE", "2500", "WRITE"]).unwrap();
+    let done = flow.join().unwrap().expect("archived once the pause ended");
+    assert!(done.contains_key("location"));
+    assert!(
+        primary.log().find("ASSERTION").is_none(),
+        "no server assertion"
+    );
+
+    // A pause longer than the commit waits: the flow stays live and the client gets an error.
+    let mut c = primary.conn();
+    let flow = std::thread::spawn(move || archive(&mut c, "long-pause"));
+    std::thread::sleep(Duration::from_millis(100));
+    cmd::<()>(&mut p, &["CLIENT", "PAUSE", "14000", "WRITE"]).unwrap();
+    let e = err_of(flow.join().unwrap());
+    assert!(
+        e.contains("paused") && e.contains("nothing was deleted"),
+        "{e}"
+    );
+    cmd::<()>(&mut p, &["CLIENT", "UNPAUSE"]).unwrap();
+    assert_eq!(
+        cmd::<i64>(&mut p, &["EXISTS", "argyll:flow:long-pause:events"]).unwrap(),
+        1
+    );
+
+    // Demoted during the upload: the old primary refuses to commit; the new primary has the flow.
+    proxy.clear();
+    proxy.delay("PUT", Duration::from_millis(800));
+    let mut c = primary.conn();
+    let flow = std::thread::spawn(move || archive(&mut c, "demoted"));
+    wait_for("the PUT", Duration::from_secs(10), || {
+        proxy.requests().iter().any(|r| r.contains("demoted"))
+    });
+    cmd::<()>(&mut r, &["REPLICAOF", "NO", "ONE"]).unwrap();
+    cmd::<()>(
+        &mut p,
+        &["REPLICAOF", "127.0.0.1", &replica.port.to_string()],
+    )
+    .unwrap();
+    // The server itself unblocks the waiting client when the role changes; either way it gets an error.
+    let e = err_of(flow.join().unwrap());
+    assert!(
+        e.contains("no longer a writable primary") || e.contains("UNBLOCKED"),
+        "{e}"
+    );
+    wait_for("the commit to give up", Duration::from_secs(10), || {
+        info_field(&mut p, "failures_not_writable") == 1
+    });
+    assert_eq!(
+        cmd::<i64>(&mut r, &["LLEN", "argyll:flow:demoted:events"]).unwrap(),
+        5,
+        "the new primary keeps the flow"
+    );
+    assert_eq!(
+        cmd::<i64>(&mut r, &["HEXISTS", "archived:flows", "demoted"]).unwrap(),
+        0
+    );
+    assert!(primary.log().find("ASSERTION").is_none());
+    assert!(replica.log().find("ASSERTION").is_none());
+}
+
+#[test]
+fn a_commit_checks_every_key_before_its_first_write() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &[]);
+    let mut c = srv.conn();
+    write_flow(&mut c, &FlowSpec::done("partial"));
+    proxy.delay("PUT", Duration::from_millis(600));
+    let mut other = srv.conn();
+    let flow = std::thread::spawn(move || archive(&mut other, "partial"));
+    wait_for("the PUT", Duration::from_secs(10), || {
+        !proxy.requests().is_empty()
+    });
+    // The label-values set the commit would edit last turns into a string during the upload.
+    cmd::<()>(&mut c, &["DEL", "argyll:idx:label:tenant"]).unwrap();
+    cmd::<()>(&mut c, &["SET", "argyll:idx:label:tenant", "oops"]).unwrap();
+    let before = dump_all(&mut c);
+    let e = err_of(flow.join().unwrap());
+    assert!(e.contains("holds a string, expected a set"), "{e}");
+    assert_same(&before, &dump_all(&mut c), "no write of the commit landed");
+    // Repaired, the next attempt archives (it is not refused as already archived).
+    cmd::<()>(&mut c, &["DEL", "argyll:idx:label:tenant"]).unwrap();
+    cmd::<()>(&mut c, &["SADD", "argyll:idx:label:tenant", "acme"]).unwrap();
+    proxy.clear();
+    archive(&mut c, "partial").unwrap();
+    assert_eq!(
+        cmd::<i64>(&mut c, &["EXISTS", "argyll:flow:partial:events"]).unwrap(),
+        0
+    );
+}
+
+#[test]
+fn errors_stay_small_whatever_the_input() {
+    let s3 = S3::new_bucket();
+    let srv = server_via(&s3, None, &[]);
+    let mut c = srv.conn();
+    let huge = "h".repeat(1 << 20);
+    write_flow(
+        &mut c,
+        &FlowSpec {
+            status: "active",
+            ..FlowSpec::done(&huge)
+        },
+    );
+    for e in [
+        err_of(archive(&mut c, &huge)),
+        err_of(archive(&mut c, &format!("{huge}x"))),
+    ] {
+        assert!(e.len() < 700, "{} bytes", e.len());
+    }
+    let log = srv.log();
+    assert!(log.lines().all(|l| l.len() < 1000), "log lines stay short");
+}
+
+#[test]
+fn a_long_live_event_log_is_read_in_chunks() {
+    let s3 = S3::new_bucket();
+    let srv = server_via(&s3, None, &[]);
+    let mut c = srv.conn();
+    let spec = FlowSpec {
+        events: 30_000,
+        ..FlowSpec::done("long")
+    };
+    write_flow(&mut c, &spec);
+    let (state, events): (String, Vec<String>) = redis::cmd("FLOWARCHIVE.GET")
+        .arg("long")
+        .arg("EVENTS")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(state, snapshot_json(&spec));
+    assert_eq!(events.len(), 30_000);
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e, &event_json("long", i, false), "event {i}");
+    }
+    // Inside MULTI a long log cannot be read in steps: a clear error, not a long stall.
+    cmd::<()>(&mut c, &["MULTI"]).unwrap();
+    cmd::<()>(&mut c, &["FLOWARCHIVE.GET", "long", "EVENTS"]).unwrap();
+    let e = err_of(cmd::<Vec<redis::Value>>(&mut c, &["EXEC"]));
+    assert!(e.contains("too many to read inside MULTI"), "{e}");
+}
+
+#[test]
+fn flow_calls_beyond_the_pool_get_a_busy_error() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &[]);
+    let mut c = srv.conn();
+    let ids: Vec<String> = (0..300).map(|i| format!("b{i}")).collect();
+    for id in &ids {
+        write_flow(&mut c, &FlowSpec::done(id));
+    }
+    proxy.delay("PUT", Duration::from_millis(400));
+    let port = srv.port;
+    let calls: Vec<_> = ids
+        .iter()
+        .cloned()
+        .map(|id| {
+            std::thread::spawn(move || {
+                let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
+                let mut c = client.get_connection().unwrap();
+                archive(&mut c, &id).map(|_| ()).map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let threads = module_threads(srv.pid());
+    assert!(threads.len() <= 8, "{} module threads", threads.len());
+    let results: Vec<_> = calls.into_iter().map(|h| h.join().unwrap()).collect();
+    let busy = results
+        .iter()
+        .filter(|r| r.as_ref().is_err_and(|e| e.contains("busy")))
+        .count();
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(ok + busy, 300, "{results:?}");
+    assert!(busy > 0 && ok > 0, "ok {ok}, busy {busy}");
+    // Every busy flow is live and untouched.
+    for (id, r) in ids.iter().zip(&results) {
+        let live = cmd::<i64>(&mut c, &["EXISTS", &format!("argyll:flow:{id}:events")]).unwrap();
+        assert_eq!(live == 1, r.is_err(), "{id}");
+    }
+}
+
+#[test]
+fn selection_steps_stay_bounded_with_ties() {
+    let s3 = S3::new_bucket();
+    let srv = server_via(&s3, None, &["batch-size", "7"]);
+    let mut c = srv.conn();
+    // 400 flows share one score, 100 more on either side of it.
+    let mut ids = Vec::new();
+    for i in 0..600 {
+        let id = format!("t{i:03}");
+        let last_ms = match i {
+            0..=99 => LONG_AGO - 1000 + i as i64,
+            100..=499 => LONG_AGO,
+            _ => LONG_AGO + i as i64,
+        };
+        write_flow(
+            &mut c,
+            &FlowSpec {
+                last_ms,
+                events: 1,
+                ..FlowSpec::done(&id)
+            },
+        );
+        ids.push(id);
+    }
+    let dry = sweep(&mut c, &["DRYRUN"]).unwrap();
+    let listed: Vec<String> = redis::from_redis_value(&dry["flows"]).unwrap();
+    assert_eq!(listed.len(), 600, "every flow once");
+    assert_eq!(
+        listed.iter().cloned().collect::<BTreeSet<_>>(),
+        ids.iter().cloned().collect::<BTreeSet<_>>()
+    );
+    // Oldest first: the 100 older flows, then the tie, then the newer ones.
+    assert!(listed[..100].iter().all(|id| id.as_str() < "t100"));
+    let done = sweep(&mut c, &[]).unwrap();
+    assert_eq!(n(&done["archived"]), 600);
+}
+
+#[test]
+fn cluster_nodes_refuse_archives_whose_keys_span_slots() {
+    let s3 = S3::new_bucket();
+    let mut opts = ServerOpts::new(&s3);
+    opts.extra = [
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        "nodes.conf",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let srv = Server::start(opts);
+    let mut c = srv.conn();
+    cmd::<()>(&mut c, &["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]).unwrap();
+    wait_for("cluster ok", Duration::from_secs(20), || {
+        cmd::<String>(&mut c, &["CLUSTER", "INFO"])
+            .unwrap()
+            .contains("cluster_state:ok")
+    });
+    // The default layout spreads a flow's keys and its index entry over many slots.
+    write_flow(&mut c, &FlowSpec::done("spread"));
+    let before = dump_all(&mut c);
+    let e = err_of(archive(&mut c, "spread"));
+    assert!(e.contains("different slots"), "{e}");
+    let swept = sweep(&mut c, &[]).unwrap();
+    assert_eq!(n(&swept["archived"]), 0);
+    assert_same(&before, &dump_all(&mut c), "nothing deleted");
+    // A layout whose keys all carry the flow id as hash tag archives on its node.
+    for (name, value) in [
+        ("events-key", "$prefix:flow:{$id}:events"),
+        ("snapshot-key", "$prefix:flow:{$id}:snapshot:val"),
+        ("seq-key", ""),
+        ("labels-key", ""),
+        ("status-key", ""),
+        ("status-set-key", ""),
+        ("label-set-key", ""),
+        ("label-values-key", ""),
+        ("index-key", "archived:{$id}"),
+    ] {
+        cmd::<()>(
+            &mut c,
+            &["CONFIG", "SET", &format!("flowarchive.{name}"), value],
+        )
+        .unwrap();
+    }
+    let snapshot = snapshot_json(&FlowSpec::done("tagged"));
+    cmd::<()>(
+        &mut c,
+        &["SET", "argyll:flow:{tagged}:snapshot:val", &snapshot],
+    )
+    .unwrap();
+    cmd::<()>(
+        &mut c,
+        &[
+            "RPUSH",
+            "argyll:flow:{tagged}:events",
+            "{\"type\":\"flow_started\"}",
+        ],
+    )
+    .unwrap();
+    archive(&mut c, "tagged").unwrap();
+    assert_eq!(
+        cmd::<i64>(&mut c, &["HEXISTS", "archived:{tagged}", "tagged"]).unwrap(),
+        1
+    );
+}
