@@ -363,6 +363,64 @@ fn five_hundred_concurrent_reads_use_a_few_threads() {
     );
 }
 
+/// Beyond 4 running and 1024 queued fetches, a read answers a busy error at once, without a thread.
+#[test]
+fn reads_beyond_the_queue_are_busy_errors() {
+    use std::io::Read;
+    const READS: usize = 1100;
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &[]);
+    let mut c = srv.conn();
+    let ids: Vec<String> = (0..READS).map(|i| format!("queued-{i}")).collect();
+    let mut pipe = redis::pipe();
+    for id in &ids {
+        let location = s3.location(&format!("flows/{id}.jsonl.gz"));
+        pipe.cmd("HSET")
+            .arg("archived:flows")
+            .arg(id)
+            .arg(location)
+            .ignore();
+    }
+    pipe.query::<()>(&mut c).unwrap();
+    proxy.all(common::proxy::Fault::Hang);
+    let baseline = threads(srv.pid());
+    // Raw connections, so that a thousand blocked clients cost no thread here either.
+    let mut conns: Vec<std::net::TcpStream> = ids
+        .iter()
+        .map(|id| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", srv.port)).unwrap();
+            let req = format!("*2\r\n$15\r\nFLOWARCHIVE.GET\r\n${}\r\n{id}\r\n", id.len());
+            s.write_all(req.as_bytes()).unwrap();
+            s
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut busy = 0;
+    for (s, id) in conns.iter_mut().zip(&ids) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        let mut buf = [0u8; 512];
+        if let Ok(n) = s.read(&mut buf) {
+            let reply = String::from_utf8_lossy(&buf[..n]);
+            assert!(
+                reply.starts_with(&format!("-ERR flow \"{id}\" archived at "))
+                    && reply.contains("busy")
+                    && reply.contains("retry"),
+                "{reply}"
+            );
+            busy += 1;
+        }
+    }
+    assert!(
+        (READS - 1024 - 4..=READS - 1024).contains(&busy),
+        "{busy} busy answers"
+    );
+    assert!(threads(srv.pid()) <= baseline + 4, "fetch threads");
+    assert!(info_field(&mut c, "get_fetch_errors_busy") >= busy as i64);
+}
+
 /// Item 11: index entries naming another bucket, a `..` path or another flow's object made the module
 /// sign and send a GET for them.
 #[test]
