@@ -487,8 +487,16 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn reads_objects_without_raw_bytes_and_with_archived_at() {
-        let text = gunzip(&object("abc", r#"{"id":"abc"}"#));
+    fn reads_objects_written_before_db_and_raw_bytes() {
+        // As the earlier encoder wrote them, including a label named `seq` that the earlier reader
+        // mistook for the trailer's own field.
+        let f = flow(
+            "abc",
+            0,
+            r#"{"id":"abc"}"#,
+            &[("tenant", "a"), ("seq", "9")],
+        );
+        let text = gunzip(&encode(&f).unwrap().body);
         let (header, rest) = text.split_once('\n').unwrap();
         let mut h: Map<String, Value> = serde_json::from_str(header).unwrap();
         h.remove("raw_bytes");

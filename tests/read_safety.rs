@@ -143,6 +143,42 @@ fn a_flow_with_a_label_named_seq_reads_back_exactly() {
     assert_eq!(trailer["labels"]["status"], ",\"seq\":");
 }
 
+/// "Never delete what you cannot read back": a flow whose object GET would refuse is not archived.
+#[test]
+fn a_flow_that_would_not_read_back_is_not_deleted() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    cmd::<()>(
+        &mut c,
+        &["CONFIG", "SET", "flowarchive.read-max-bytes", "64kb"],
+    )
+    .unwrap();
+    write_flow(
+        &mut c,
+        &FlowSpec {
+            events: 400,
+            ..FlowSpec::done("wide")
+        },
+    );
+    let before = dump_all(&mut c);
+    let e = archive(&mut c, "wide").unwrap_err().to_string();
+    assert!(
+        e.contains("flow \"wide\" cannot be read: the object does not read back")
+            && e.contains("65536"),
+        "{e}"
+    );
+    assert_same(&before, &dump_all(&mut c), "nothing deleted");
+    assert_eq!(s3.list(), [] as [String; 0], "nothing uploaded");
+    cmd::<()>(
+        &mut c,
+        &["CONFIG", "SET", "flowarchive.read-max-bytes", "1mb"],
+    )
+    .unwrap();
+    archive(&mut c, "wide").unwrap();
+    assert_eq!(get_events(&mut c, "wide").unwrap().1.len(), 400);
+}
+
 /// Item 2: the same flow id in two DBs is two flows, two objects, two answers.
 #[test]
 fn the_same_id_in_two_dbs_archives_to_two_objects() {
