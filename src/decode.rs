@@ -138,8 +138,20 @@ impl std::fmt::Display for DecodeError {
     }
 }
 
+/// Texts from the object (serde's messages quote the offending value) stay short in replies.
+const MAX_REASON: usize = 200;
+
+fn bounded(why: String) -> String {
+    if why.len() <= MAX_REASON {
+        return why;
+    }
+    let mut cut: String = why.chars().take(MAX_REASON).collect();
+    cut.push('…');
+    cut
+}
+
 fn corrupt(why: impl Into<String>) -> DecodeError {
-    DecodeError::Corrupt(why.into())
+    DecodeError::Corrupt(bounded(why.into()))
 }
 
 /// The header line after its format and version are checked. Unknown fields (`keys`, the older
@@ -221,11 +233,11 @@ fn read_header(gz: &mut impl BufRead) -> Result<Header, DecodeError> {
     if any.get("format") != Some(&Value::from(FORMAT_NAME))
         || any.get("version") != Some(&Value::from(FORMAT_VERSION))
     {
-        return Err(DecodeError::UnknownVersion(format!(
+        return Err(DecodeError::UnknownVersion(bounded(format!(
             "format {} version {}",
             any.get("format").unwrap_or(&Value::Null),
             any.get("version").unwrap_or(&Value::Null)
-        )));
+        ))));
     }
     serde_json::from_value(any).map_err(|e| corrupt(format!("header: {e}")))
 }
@@ -297,10 +309,10 @@ pub fn parse(
         }
     }
     if header.sha256 != actual {
-        return Err(DecodeError::Checksum(format!(
+        return Err(DecodeError::Checksum(bounded(format!(
             "lines hash to {actual}, header says {}",
             header.sha256
-        )));
+        ))));
     }
     split(content, &header, max_bytes)
 }
@@ -372,6 +384,7 @@ pub(crate) mod tests {
     use crate::encode::encode;
     use crate::layout::FlowKeys;
     use proptest::prelude::*;
+    use serde_json::json;
     use std::io::Write;
 
     const CAP: u64 = 1 << 20;
@@ -549,9 +562,31 @@ pub(crate) mod tests {
         );
     }
 
+    #[test]
+    fn reasons_quoting_the_object_stay_short() {
+        let long = "x".repeat(50_000);
+        for header in [
+            json!({"format": "flowarchive", "version": 1, "flow_id": "abc", "events": long, "sha256": ""}),
+            json!({"format": long, "version": 1}),
+            json!({"format": "flowarchive", "version": 1, "flow_id": "abc", "events": 0, "sha256": long}),
+        ] {
+            let e = decode(&gzip(format!("{header}\n{{}}\n").as_bytes()), "abc", 0, CAP)
+                .err()
+                .unwrap();
+            assert!(e.to_string().len() < 300, "{}", e.kind());
+        }
+        let e = decode(
+            &gzip(format!("{{}}\n{{\"x\":\"{long}\"}}").as_bytes()),
+            "abc",
+            0,
+            CAP,
+        );
+        assert!(e.err().unwrap().to_string().len() < 300);
+    }
+
     /// A header for `content` (everything after the header line), declaring `raw` bytes if given.
     fn bomb(content_len: usize, raw: Option<u64>) -> Vec<u8> {
-        let mut h = serde_json::json!({
+        let mut h = json!({
             "format": "flowarchive", "version": 1, "flow_id": "abc", "events": 0,
             "sha256": "0".repeat(64),
         });
