@@ -105,7 +105,11 @@ fn on_cache_budget(_ctx: &ConfigurationContext, _name: &str, value: &'static Ato
     fetch::resize_cache(value.load(Ordering::Relaxed).max(0) as usize);
 }
 
-fn init(ctx: &Context, _args: &[RedisString]) -> Status {
+fn init(ctx: &Context, args: &[RedisString]) -> Status {
+    if let Some(why) = configs::refused_load_args(args) {
+        ctx.log_warning(why);
+        return Status::Err;
+    }
     mainthread::init(ctx);
     // SAFETY: called once from OnLoad with the module's context.
     unsafe {
@@ -153,6 +157,7 @@ redis_module! {
             ["prefix", &configs::PREFIX, "", ConfigurationFlags::DEFAULT, None],
             ["access-key", &configs::ACCESS_KEY, "", ConfigurationFlags::DEFAULT, None],
             ["secret-key", &configs::SECRET_KEY, "", ConfigurationFlags::SENSITIVE, None],
+            ["secret-key-file", &configs::SECRET_KEY_FILE, "", ConfigurationFlags::DEFAULT, None],
             ["retention", &configs::RETENTION, "30d", ConfigurationFlags::DEFAULT, None],
             ["key-prefix", &configs::KEY_PREFIX, "argyll", ConfigurationFlags::DEFAULT, None],
             ["index-key", &configs::INDEX_KEY, "archived:flows", ConfigurationFlags::DEFAULT, None],
