@@ -57,8 +57,16 @@ impl ConfigurationValue<RedisString> for Checked {
 pub struct Secret(Mutex<String>);
 
 impl Secret {
+    fn lock(&self) -> MutexGuard<'_, String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn get(&self) -> String {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.lock().clone()
+    }
+
+    fn clear(&self) {
+        self.lock().clear();
     }
 }
 
@@ -71,7 +79,7 @@ impl ConfigurationValue<RedisString> for Secret {
         let text = val
             .try_as_str()
             .map_err(|_| RedisError::Str("value must be UTF-8"))?;
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = text.to_string();
+        *self.lock() = text.to_string();
         Ok(())
     }
 }
@@ -81,7 +89,8 @@ const MAX_SECRET_FILE: u64 = 4096;
 
 /// `secret-key-file`: a path, shown by CONFIG GET and kept by CONFIG REWRITE, and the secret read from
 /// it, kept in memory only. The file is read when the config is set (at load or by CONFIG SET); a file
-/// that cannot be read or holds no secret is refused and the old path and secret stay.
+/// that cannot be read or holds no secret is refused and the old path and secret stay. Of secret-key and
+/// secret-key-file, the one set last is used.
 pub struct SecretFile(Mutex<(String, String)>);
 
 impl SecretFile {
@@ -111,6 +120,9 @@ impl ConfigurationValue<RedisString> for SecretFile {
             read_secret_file(path).map_err(RedisError::String)?
         };
         *self.lock() = (path.to_string(), secret);
+        // The server skips a CONFIG SET of secret-key to "" (CONFIG GET already answers ""), so setting
+        // the file is how a runtime secret-key is dropped.
+        SECRET_KEY.clear();
         Ok(())
     }
 }
@@ -135,16 +147,32 @@ fn read_secret_file(path: &str) -> Result<String, String> {
     Ok(secret.to_string())
 }
 
-/// Why a load argument is refused, if one is: a `secret-key` argument would be shown by MODULE LIST
-/// and written in clear by CONFIG REWRITE.
-pub fn refused_load_args(args: &[RedisString]) -> Option<&'static str> {
-    args.iter().any(|a| a.as_slice() == b"secret-key").then_some(
-        "flowarchive: the secret-key load argument is refused (MODULE LIST and CONFIG REWRITE would \
-         show it): pass the secret with secret-key-file <path>, the AWS_* environment, or CONFIG SET \
-         flowarchive.secret-key at runtime",
-    )
+/// Why the module must not load with these arguments, if it must not: a `secret-key` argument would
+/// be shown by MODULE LIST and written in clear by CONFIG REWRITE, and a `secret-key-file` argument
+/// whose file could not be read leaves the module without its secret (the server loads a module even
+/// when one of its configs is refused).
+pub fn refused_load_args(args: &[RedisString]) -> Option<String> {
+    if args.iter().any(|a| a.as_slice() == b"secret-key") {
+        return Some(
+            "flowarchive: the secret-key load argument is refused (MODULE LIST and CONFIG REWRITE \
+             would show it): pass the secret with secret-key-file <path>, the AWS_* environment, or \
+             CONFIG SET flowarchive.secret-key at runtime"
+                .into(),
+        );
+    }
+    let path = args
+        .iter()
+        .skip_while(|a| a.as_slice() != b"secret-key-file")
+        .nth(1)?
+        .try_as_str()
+        .ok()?
+        .trim();
+    if path.is_empty() || !SECRET_KEY_FILE.secret().is_empty() {
+        return None;
+    }
+    let why = read_secret_file(path).err()?;
+    Some(format!("flowarchive: not loaded: {why}"))
 }
-
 fn any(_: &str) -> Result<(), String> {
     Ok(())
 }
@@ -349,8 +377,9 @@ pub fn upload_bytes_per_sec() -> u64 {
 }
 
 impl S3Settings {
-    /// Configs first (`access-key` with `secret-key` when set at runtime, else the secret of
-    /// `secret-key-file`); when no access key is configured, the server's AWS_* environment.
+    /// Configs first (`access-key` with `secret-key` when set at runtime and not dropped by a later
+    /// `secret-key-file`, else the secret of `secret-key-file`); when no access key is configured, the
+    /// server's AWS_* environment.
     fn current() -> Self {
         let (access_key, secret_key, session_token) = match ACCESS_KEY.get() {
             key if !key.is_empty() => {

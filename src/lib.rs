@@ -107,7 +107,7 @@ fn on_cache_budget(_ctx: &ConfigurationContext, _name: &str, value: &'static Ato
 
 fn init(ctx: &Context, args: &[RedisString]) -> Status {
     if let Some(why) = configs::refused_load_args(args) {
-        ctx.log_warning(why);
+        ctx.log_warning(&why);
         return Status::Err;
     }
     mainthread::init(ctx);
