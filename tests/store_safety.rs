@@ -172,7 +172,6 @@ fn a_secret_key_load_argument_is_refused() {
             && log.contains("AWS_*"),
         "{log}"
     );
-    eprintln!("server log on a secret-key load argument:\n{log}");
 }
 
 #[test]
