@@ -52,8 +52,8 @@ impl ConfigurationValue<RedisString> for Checked {
     }
 }
 
-/// A secret: settable, never shown back (CONFIG GET answers an empty string). Empty means not set, so
-/// the `flowarchive.secret-key ""` line CONFIG REWRITE writes changes nothing on restart.
+/// A secret: settable, never shown back (CONFIG GET answers an empty string). Empty means not set, so a
+/// `flowarchive.secret-key ""` line in a config file (as CONFIG REWRITE used to write) changes nothing.
 pub struct Secret(Mutex<String>);
 
 impl Secret {
@@ -114,14 +114,14 @@ impl ConfigurationValue<RedisString> for SecretFile {
             .try_as_str()
             .map_err(|_| RedisError::Str("value must be UTF-8"))?
             .trim();
-        let secret = if path.is_empty() {
-            String::new()
-        } else {
-            read_secret_file(path).map_err(RedisError::String)?
-        };
+        if path.is_empty() {
+            *self.lock() = Default::default();
+            return Ok(());
+        }
+        let secret = read_secret_file(path).map_err(RedisError::String)?;
         *self.lock() = (path.to_string(), secret);
         // The server skips a CONFIG SET of secret-key to "" (CONFIG GET already answers ""), so setting
-        // the file is how a runtime secret-key is dropped.
+        // a file is how a runtime secret-key is dropped.
         SECRET_KEY.clear();
         Ok(())
     }
@@ -173,6 +173,7 @@ pub fn refused_load_args(args: &[RedisString]) -> Option<String> {
     let why = read_secret_file(path).err()?;
     Some(format!("flowarchive: not loaded: {why}"))
 }
+
 fn any(_: &str) -> Result<(), String> {
     Ok(())
 }
