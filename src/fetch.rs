@@ -138,7 +138,9 @@ fn fetch(
         "the index entry is not an s3:// location".to_string(),
     ))?;
     let store = Store::for_bucket(s3, bucket).map_err(|e| (e.kind.name(), e.message))?;
-    let (body, recorded) = store.get(key).map_err(|e| (e.kind.name(), e.message))?;
+    let (body, recorded) = store
+        .get(key, crate::store::MAX_OBJECT)
+        .map_err(|e| (e.kind.name(), e.message))?;
     let actual = hex(&Sha256::digest(&body));
     match recorded {
         Some(r) if r == actual => {}

@@ -123,7 +123,11 @@ fn deinit(ctx: &Context) -> Status {
     Status::Ok
 }
 
-fn init(ctx: &Context, _args: &[RedisString]) -> Status {
+fn init(ctx: &Context, args: &[RedisString]) -> Status {
+    if let Some(why) = configs::refused_load_args(args) {
+        ctx.log_warning(&why);
+        return Status::Err;
+    }
     mainthread::init(ctx);
     // SAFETY: called once from OnLoad with the module's context.
     unsafe {
@@ -172,6 +176,7 @@ redis_module! {
             ["prefix", &configs::PREFIX, "", ConfigurationFlags::DEFAULT, None],
             ["access-key", &configs::ACCESS_KEY, "", ConfigurationFlags::DEFAULT, None],
             ["secret-key", &configs::SECRET_KEY, "", ConfigurationFlags::SENSITIVE, None],
+            ["secret-key-file", &configs::SECRET_KEY_FILE, "", ConfigurationFlags::DEFAULT, None],
             ["retention", &configs::RETENTION, "30d", ConfigurationFlags::DEFAULT, None],
             ["key-prefix", &configs::KEY_PREFIX, "argyll", ConfigurationFlags::DEFAULT, None],
             ["index-key", &configs::INDEX_KEY, "archived:flows", ConfigurationFlags::DEFAULT, None],
