@@ -38,7 +38,7 @@ impl Checked {
 
 impl ConfigurationValue<RedisString> for Checked {
     fn get(&self, _ctx: &ConfigurationContext) -> RedisString {
-        RedisString::create(None, self.lock().as_str())
+        RedisString::create_from_slice(std::ptr::null_mut(), self.lock().as_bytes())
     }
 
     fn set(&self, _ctx: &ConfigurationContext, val: RedisString) -> Result<(), RedisError> {
@@ -72,7 +72,7 @@ impl Secret {
 
 impl ConfigurationValue<RedisString> for Secret {
     fn get(&self, _ctx: &ConfigurationContext) -> RedisString {
-        RedisString::create(None, "")
+        RedisString::create_from_slice(std::ptr::null_mut(), b"")
     }
 
     fn set(&self, _ctx: &ConfigurationContext, val: RedisString) -> Result<(), RedisError> {
@@ -106,7 +106,7 @@ impl SecretFile {
 
 impl ConfigurationValue<RedisString> for SecretFile {
     fn get(&self, _ctx: &ConfigurationContext) -> RedisString {
-        RedisString::create(None, self.lock().0.as_str())
+        RedisString::create_from_slice(std::ptr::null_mut(), self.lock().0.as_bytes())
     }
 
     fn set(&self, _ctx: &ConfigurationContext, val: RedisString) -> Result<(), RedisError> {

@@ -18,6 +18,7 @@ mod errors;
 mod fetch;
 mod layout;
 mod live;
+mod log;
 mod mainthread;
 mod metrics;
 mod pool;
@@ -89,7 +90,7 @@ fn on_cron(ctx: &Context, _hz: u64) {
         caller: acl::Caller::Server,
     };
     if let Err(e) = sweep::start(ctx, 0, opts, || None) {
-        ctx.log_warning(&format!("flowarchive: timer sweep not started: {e}"));
+        log::warning(&format!("flowarchive: timer sweep not started: {e}"));
     }
 }
 
@@ -114,9 +115,9 @@ fn on_cache_budget(_ctx: &ConfigurationContext, _name: &str, value: &'static Ato
 /// MODULE UNLOAD: refused while anything is in flight (an archive between capture and commit would lose
 /// its change watch); otherwise every module thread is joined first, so no module code runs once the
 /// server unmaps the library.
-fn deinit(ctx: &Context) -> Status {
+fn deinit(_ctx: &Context) -> Status {
     if sweep::running() || !pool::all_idle() || !pool::shutdown_all() {
-        ctx.log_warning(errors::UNLOAD_BUSY);
+        log::warning(errors::UNLOAD_BUSY);
         return Status::Err;
     }
     mainthread::deinit();
@@ -125,7 +126,7 @@ fn deinit(ctx: &Context) -> Status {
 
 fn init(ctx: &Context, args: &[RedisString]) -> Status {
     if let Some(why) = configs::refused_load_args(args) {
-        ctx.log_warning(&why);
+        log::warning(&why);
         return Status::Err;
     }
     mainthread::init(ctx);
