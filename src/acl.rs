@@ -8,6 +8,7 @@
 use redis_module::{AclPermissions, Context};
 
 use crate::errors::FlowError;
+use crate::server::string;
 
 /// On whose behalf the module touches keys.
 #[derive(Clone, Debug)]
@@ -52,8 +53,8 @@ pub fn check(ctx: &Context, caller: &Caller, key: &str, access: Access) -> Resul
         return Ok(());
     };
     let allowed = ctx.acl_check_key_permission(
-        &ctx.create_string(user.as_str()),
-        &ctx.create_string(key),
+        &string(ctx, user.as_bytes()),
+        &string(ctx, key.as_bytes()),
         &access.permissions(),
     );
     allowed.map_err(|_| FlowError::NoPerm(key.to_string()))

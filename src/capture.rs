@@ -88,7 +88,7 @@ pub fn expect_type(ctx: &Context, key: &str, expected: &KeyType) -> Result<bool,
 }
 
 fn read_string(ctx: &Context, key: &str) -> Option<Vec<u8>> {
-    let k = ctx.open_key(&ctx.create_string(key));
+    let k = ctx.open_key(&server::string(ctx, key.as_bytes()));
     k.read().ok().flatten().map(<[u8]>::to_vec)
 }
 

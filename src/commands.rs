@@ -30,7 +30,7 @@ fn err(msg: impl Into<String>) -> RedisError {
 /// Keeps a panic from crossing the FFI boundary: it becomes an error reply and a log line.
 fn guarded(name: &str, f: impl FnOnce() -> RedisResult) -> RedisResult {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| {
-        redis_module::logging::log_warning(format!("flowarchive: {name} panicked"));
+        crate::log::warning(&format!("flowarchive: {name} panicked"));
         Err(RedisError::Str(errors::PANIC))
     })
 }

@@ -38,7 +38,7 @@ impl Checked {
 
 impl ConfigurationValue<RedisString> for Checked {
     fn get(&self, _ctx: &ConfigurationContext) -> RedisString {
-        RedisString::create(None, self.lock().as_str())
+        RedisString::create_from_slice(std::ptr::null_mut(), self.lock().as_bytes())
     }
 
     fn set(&self, _ctx: &ConfigurationContext, val: RedisString) -> Result<(), RedisError> {
@@ -52,27 +52,126 @@ impl ConfigurationValue<RedisString> for Checked {
     }
 }
 
-/// A secret: settable, never shown back (CONFIG GET answers an empty string).
+/// A secret: settable, never shown back (CONFIG GET answers an empty string). Empty means not set, so a
+/// `flowarchive.secret-key ""` line in a config file (as CONFIG REWRITE used to write) changes nothing.
 pub struct Secret(Mutex<String>);
 
 impl Secret {
+    fn lock(&self) -> MutexGuard<'_, String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn get(&self) -> String {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.lock().clone()
+    }
+
+    fn clear(&self) {
+        self.lock().clear();
     }
 }
 
 impl ConfigurationValue<RedisString> for Secret {
     fn get(&self, _ctx: &ConfigurationContext) -> RedisString {
-        RedisString::create(None, "")
+        RedisString::create_from_slice(std::ptr::null_mut(), b"")
     }
 
     fn set(&self, _ctx: &ConfigurationContext, val: RedisString) -> Result<(), RedisError> {
         let text = val
             .try_as_str()
             .map_err(|_| RedisError::Str("value must be UTF-8"))?;
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = text.to_string();
+        *self.lock() = text.to_string();
         Ok(())
     }
+}
+
+/// Largest secret-key-file read: a secret key is a few dozen bytes.
+const MAX_SECRET_FILE: u64 = 4096;
+
+/// `secret-key-file`: a path, shown by CONFIG GET and kept by CONFIG REWRITE, and the secret read from
+/// it, kept in memory only. The file is read when the config is set (at load or by CONFIG SET); a file
+/// that cannot be read or holds no secret is refused and the old path and secret stay. Of secret-key and
+/// secret-key-file, the one set last is used.
+pub struct SecretFile(Mutex<(String, String)>);
+
+impl SecretFile {
+    fn lock(&self) -> MutexGuard<'_, (String, String)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The secret read from the file; empty when no file is set.
+    pub fn secret(&self) -> String {
+        self.lock().1.clone()
+    }
+}
+
+impl ConfigurationValue<RedisString> for SecretFile {
+    fn get(&self, _ctx: &ConfigurationContext) -> RedisString {
+        RedisString::create_from_slice(std::ptr::null_mut(), self.lock().0.as_bytes())
+    }
+
+    fn set(&self, _ctx: &ConfigurationContext, val: RedisString) -> Result<(), RedisError> {
+        let path = val
+            .try_as_str()
+            .map_err(|_| RedisError::Str("value must be UTF-8"))?
+            .trim();
+        if path.is_empty() {
+            *self.lock() = Default::default();
+            return Ok(());
+        }
+        let secret = read_secret_file(path).map_err(RedisError::String)?;
+        *self.lock() = (path.to_string(), secret);
+        // The server skips a CONFIG SET of secret-key to "" (CONFIG GET already answers ""), so setting
+        // a file is how a runtime secret-key is dropped.
+        SECRET_KEY.clear();
+        Ok(())
+    }
+}
+
+/// The secret in `path`, trimmed. Errors name the path (cut short), never the content.
+fn read_secret_file(path: &str) -> Result<String, String> {
+    use std::io::Read;
+    let shown: String = path.chars().take(200).collect();
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_SECRET_FILE + 1).read_to_string(&mut text))
+        .map_err(|e| format!("secret-key-file {shown:?} cannot be read: {e}"))?;
+    if text.len() as u64 > MAX_SECRET_FILE {
+        return Err(format!(
+            "secret-key-file {shown:?} is larger than {MAX_SECRET_FILE} bytes"
+        ));
+    }
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(format!("secret-key-file {shown:?} is empty"));
+    }
+    Ok(secret.to_string())
+}
+
+/// Why the module must not load with these arguments, if it must not: a `secret-key` argument would
+/// be shown by MODULE LIST and written in clear by CONFIG REWRITE, and a `secret-key-file` argument
+/// whose file could not be read leaves the module without its secret (the server loads a module even
+/// when one of its configs is refused).
+pub fn refused_load_args(args: &[RedisString]) -> Option<String> {
+    if args.iter().any(|a| a.as_slice() == b"secret-key") {
+        return Some(
+            "flowarchive: the secret-key load argument is refused (MODULE LIST and CONFIG REWRITE \
+             would show it): pass the secret with secret-key-file <path>, the AWS_* environment, or \
+             CONFIG SET flowarchive.secret-key at runtime"
+                .into(),
+        );
+    }
+    let path = args
+        .iter()
+        .skip_while(|a| a.as_slice() != b"secret-key-file")
+        .nth(1)?
+        .try_as_str()
+        .ok()?
+        .trim();
+    if path.is_empty() || !SECRET_KEY_FILE.secret().is_empty() {
+        return None;
+    }
+    let why = read_secret_file(path).err()?;
+    Some(format!("flowarchive: not loaded: {why}"))
 }
 
 fn any(_: &str) -> Result<(), String> {
@@ -89,6 +188,12 @@ fn endpoint(v: &str) -> Result<(), String> {
     }
     if url.query().is_some() || url.fragment().is_some() {
         return Err("endpoint must not carry a query or fragment".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(
+            "endpoint must not carry credentials (user:password@); use access-key and secret-key-file"
+                .into(),
+        );
     }
     Ok(())
 }
@@ -229,6 +334,7 @@ pub static PREFIX: Checked = Checked::new(object_prefix);
 pub static PATH_STYLE: AtomicBool = AtomicBool::new(false);
 pub static ACCESS_KEY: Checked = Checked::new(any);
 pub static SECRET_KEY: Secret = Secret(Mutex::new(String::new()));
+pub static SECRET_KEY_FILE: SecretFile = SecretFile(Mutex::new((String::new(), String::new())));
 pub static REQUEST_TIMEOUT_MS: AtomicI64 = AtomicI64::new(30_000);
 pub static VERIFY: Mutex<VerifyMode> = Mutex::new(VerifyMode::Head);
 pub static RETENTION: Checked = Checked::new(duration);
@@ -266,15 +372,26 @@ pub struct S3Settings {
     pub session_token: Option<String>,
     pub timeout_ms: u64,
     pub verify_with_head: bool,
-    /// Upload rate cap shared by all uploads, bytes per second (0: unlimited).
-    pub upload_bytes_per_sec: u64,
+}
+
+/// The upload rate cap shared by all uploads, bytes per second (0: unlimited). Read live, not per job,
+/// so a CONFIG SET applies to uploads already waiting.
+pub fn upload_bytes_per_sec() -> u64 {
+    UPLOAD_BYTES_PER_SEC.load(Ordering::Relaxed).max(0) as u64
 }
 
 impl S3Settings {
-    /// Configs first; when no access key is configured, the server's AWS_* environment.
+    /// Configs first (`access-key` with `secret-key` when set at runtime and not dropped by a later
+    /// `secret-key-file`, else the secret of `secret-key-file`); when no access key is configured, the
+    /// server's AWS_* environment.
     fn current() -> Self {
         let (access_key, secret_key, session_token) = match ACCESS_KEY.get() {
-            key if !key.is_empty() => (key, SECRET_KEY.get(), None),
+            key if !key.is_empty() => {
+                let secret = Some(SECRET_KEY.get())
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| SECRET_KEY_FILE.secret());
+                (key, secret, None)
+            }
             _ => (
                 std::env::var("AWS_ACCESS_KEY_ID").unwrap_or_default(),
                 std::env::var("AWS_SECRET_ACCESS_KEY").unwrap_or_default(),
@@ -294,7 +411,6 @@ impl S3Settings {
             session_token,
             timeout_ms: REQUEST_TIMEOUT_MS.load(Ordering::Relaxed).max(1) as u64,
             verify_with_head: *VERIFY.lock().unwrap_or_else(|p| p.into_inner()) == VerifyMode::Head,
-            upload_bytes_per_sec: UPLOAD_BYTES_PER_SEC.load(Ordering::Relaxed).max(0) as u64,
         }
     }
 }
@@ -388,6 +504,15 @@ mod tests {
         assert!(endpoint("ftp://x").is_err());
         assert!(endpoint("not a url").is_err());
         assert!(endpoint("http://h/?x=1").is_err());
+        for with_userinfo in [
+            "http://user:pa55w0rd@h:8333",
+            "https://user@h",
+            "http://:pa55w0rd@h",
+        ] {
+            let e = endpoint(with_userinfo).unwrap_err();
+            assert!(e.contains("must not carry credentials"), "{e}");
+            assert!(!e.contains("pa55w0rd"), "{e}");
+        }
         assert!(bucket("flows-archive.1").is_ok());
         assert!(bucket("").is_ok());
         assert!(bucket("Upper").is_err());
@@ -409,5 +534,33 @@ mod tests {
         assert!(VerifyMode::try_from(2).is_err());
         assert!(statuses("completed,failed").is_ok() && statuses(" , ").is_err());
         assert!(region("us-east-1").is_ok() && region("").is_err());
+    }
+
+    #[test]
+    fn secret_files_are_read_trimmed_and_errors_never_show_the_content() {
+        let dir = std::env::temp_dir().join(format!("flowarchive-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str, content: &[u8]| {
+            let p = dir.join(name);
+            std::fs::write(&p, content).unwrap();
+            p.to_str().unwrap().to_string()
+        };
+        assert_eq!(
+            read_secret_file(&file("ok", b"  s3cr3t-v4lue\n")).as_deref(),
+            Ok("s3cr3t-v4lue")
+        );
+        let missing = dir.join("missing").to_str().unwrap().to_string();
+        let e = read_secret_file(&missing).unwrap_err();
+        assert!(e.contains(&missing) && e.contains("cannot be read"), "{e}");
+        let e = read_secret_file(&file("blank", b" \n\t\n")).unwrap_err();
+        assert!(e.contains("is empty"), "{e}");
+        let e = read_secret_file(&file("big", "s3cr3t-v4lue ".repeat(400).as_bytes())).unwrap_err();
+        assert!(
+            e.contains("larger than 4096 bytes") && !e.contains("s3cr3t"),
+            "{e}"
+        );
+        let e = read_secret_file(&file("binary", b"s3cr3t-v4lue\xff")).unwrap_err();
+        assert!(e.contains("cannot be read") && !e.contains("s3cr3t"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -16,7 +16,7 @@ use redis_module::{BlockedClient, RedisError, RedisValue, ThreadSafeContext};
 use sha2::{Digest, Sha256};
 
 use crate::cache::{CacheKey, Lru};
-use crate::configs::{self, S3Settings, Settings};
+use crate::configs::{self, Settings};
 use crate::decode::{self, DecodeError, Decoded};
 use crate::errors::show_id;
 use crate::layout::{self, hex};
@@ -41,11 +41,6 @@ pub enum FetchError {
     Store(StoreError),
     /// The object's sha256 differs from the one recorded at upload, or none was recorded.
     ObjectChecksum(String),
-    /// The object is larger than `flowarchive.read-max-bytes`.
-    TooLarge {
-        size: u64,
-        max: u64,
-    },
     Decode(DecodeError),
     Panicked,
 }
@@ -58,7 +53,6 @@ impl FetchError {
             FetchError::Busy => "busy",
             FetchError::Store(e) => e.kind.name(),
             FetchError::ObjectChecksum(_) => "checksum",
-            FetchError::TooLarge { .. } => "too_large",
             FetchError::Decode(e) => e.kind(),
             FetchError::Panicked => "internal",
         }
@@ -77,10 +71,6 @@ impl std::fmt::Display for FetchError {
             ),
             FetchError::Store(e) => write!(f, "{e}"),
             FetchError::ObjectChecksum(why) => f.write_str(why),
-            FetchError::TooLarge { size, max } => write!(
-                f,
-                "archived object is too large: {size} bytes, flowarchive.read-max-bytes is {max}"
-            ),
             FetchError::Decode(e) => write!(f, "{e}"),
             FetchError::Panicked => f.write_str("internal error in the fetch worker"),
         }
@@ -240,16 +230,12 @@ pub fn check_read_allow(value: &str) -> Result<(), String> {
 /// key all fail here and no request is sent.
 fn resolve(
     location: &str,
-    s3: &S3Settings,
+    configured: &Root,
     allowed: &[Root],
     db: i32,
     id: &str,
 ) -> Option<(String, String)> {
-    let configured = Root {
-        bucket: s3.bucket.clone(),
-        prefix: s3.prefix.clone(),
-    };
-    std::iter::once(&configured)
+    std::iter::once(configured)
         .filter(|r| !r.bucket.is_empty())
         .chain(allowed)
         .find_map(|root| {
@@ -259,19 +245,16 @@ fn resolve(
 }
 
 fn fetch(settings: &Settings, (db, id, location): &CacheKey) -> Result<Arc<Decoded>, FetchError> {
+    let configured = Root {
+        bucket: settings.s3.bucket.clone(),
+        prefix: settings.s3.prefix.clone(),
+    };
     let allowed = parse_roots(&settings.read_allow).unwrap_or_default();
     let (bucket, key) =
-        resolve(location, &settings.s3, &allowed, *db, id).ok_or(FetchError::BadLocation)?;
+        resolve(location, &configured, &allowed, *db, id).ok_or(FetchError::BadLocation)?;
     let store = Store::for_bucket(&settings.s3, &bucket).map_err(FetchError::Store)?;
     let max = settings.read_max_bytes;
-    // Until Store::get takes a byte cap, the size is checked once the body is read.
-    let (body, recorded) = store.get(&key).map_err(FetchError::Store)?;
-    if body.len() as u64 > max {
-        return Err(FetchError::TooLarge {
-            size: body.len() as u64,
-            max,
-        });
-    }
+    let (body, recorded) = store.get(&key, max).map_err(FetchError::Store)?;
     let actual = hex(&Sha256::digest(&body));
     match recorded {
         Some(r) if r == actual => {}
@@ -295,25 +278,16 @@ fn fetch(settings: &Settings, (db, id, location): &CacheKey) -> Result<Arc<Decod
 mod tests {
     use super::*;
 
-    fn s3(bucket: &str, prefix: &str) -> S3Settings {
-        S3Settings {
-            endpoint: String::new(),
-            region: "us-east-1".into(),
+    fn root(bucket: &str, prefix: &str) -> Root {
+        Root {
             bucket: bucket.into(),
             prefix: prefix.into(),
-            path_style: true,
-            access_key: String::new(),
-            secret_key: String::new(),
-            session_token: None,
-            timeout_ms: 1000,
-            verify_with_head: true,
-            upload_bytes_per_sec: 0,
         }
     }
 
     #[test]
     fn reads_only_where_this_module_writes() {
-        let cfg = s3("live", "p");
+        let cfg = root("live", "p");
         let old = parse_roots("s3://old s3://older/a/b").unwrap();
         let at = |loc: &str, db, id| resolve(loc, &cfg, &old, db, id);
         let pair = |b: &str, k: &str| Some((b.to_string(), k.to_string()));
@@ -347,7 +321,7 @@ mod tests {
             assert_eq!(at(bad, 0, "x"), None, "{bad}");
         }
         assert_eq!(
-            resolve("s3:///flows/x.jsonl.gz", &s3("", ""), &[], 0, "x"),
+            resolve("s3:///flows/x.jsonl.gz", &root("", ""), &[], 0, "x"),
             None
         );
     }

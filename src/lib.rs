@@ -18,6 +18,7 @@ mod errors;
 mod fetch;
 mod layout;
 mod live;
+mod log;
 mod mainthread;
 mod metrics;
 mod pool;
@@ -89,7 +90,7 @@ fn on_cron(ctx: &Context, _hz: u64) {
         caller: acl::Caller::Server,
     };
     if let Err(e) = sweep::start(ctx, 0, opts, || None) {
-        ctx.log_warning(&format!("flowarchive: timer sweep not started: {e}"));
+        log::warning(&format!("flowarchive: timer sweep not started: {e}"));
     }
 }
 
@@ -114,16 +115,20 @@ fn on_cache_budget(_ctx: &ConfigurationContext, _name: &str, value: &'static Ato
 /// MODULE UNLOAD: refused while anything is in flight (an archive between capture and commit would lose
 /// its change watch); otherwise every module thread is joined first, so no module code runs once the
 /// server unmaps the library.
-fn deinit(ctx: &Context) -> Status {
+fn deinit(_ctx: &Context) -> Status {
     if sweep::running() || !pool::all_idle() || !pool::shutdown_all() {
-        ctx.log_warning(errors::UNLOAD_BUSY);
+        log::warning(errors::UNLOAD_BUSY);
         return Status::Err;
     }
     mainthread::deinit();
     Status::Ok
 }
 
-fn init(ctx: &Context, _args: &[RedisString]) -> Status {
+fn init(ctx: &Context, args: &[RedisString]) -> Status {
+    if let Some(why) = configs::refused_load_args(args) {
+        log::warning(&why);
+        return Status::Err;
+    }
     mainthread::init(ctx);
     // SAFETY: called once from OnLoad with the module's context.
     unsafe {
@@ -174,6 +179,7 @@ redis_module! {
             ["read-allow", &configs::READ_ALLOW, "", ConfigurationFlags::DEFAULT, None],
             ["access-key", &configs::ACCESS_KEY, "", ConfigurationFlags::DEFAULT, None],
             ["secret-key", &configs::SECRET_KEY, "", ConfigurationFlags::SENSITIVE, None],
+            ["secret-key-file", &configs::SECRET_KEY_FILE, "", ConfigurationFlags::DEFAULT, None],
             ["retention", &configs::RETENTION, "30d", ConfigurationFlags::DEFAULT, None],
             ["key-prefix", &configs::KEY_PREFIX, "argyll", ConfigurationFlags::DEFAULT, None],
             ["index-key", &configs::INDEX_KEY, "archived:flows", ConfigurationFlags::DEFAULT, None],

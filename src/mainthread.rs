@@ -83,6 +83,6 @@ extern "C" fn run_job(ctx: *mut raw::RedisModuleCtx, data: *mut c_void) {
     let job = unsafe { Box::from_raw(data as *mut Job) };
     let ctx = Context::new(ctx);
     if catch_unwind(AssertUnwindSafe(|| job(&ctx))).is_err() {
-        ctx.log_warning("flowarchive: a main-thread step panicked; its flow stays live");
+        crate::log::warning("flowarchive: a main-thread step panicked; its flow stays live");
     }
 }

@@ -36,7 +36,7 @@ pub fn fetched(took: Duration, error: Option<&'static str>) {
             .unwrap_or_else(|p| p.into_inner())
             .entry(kind)
             .or_default() += 1;
-        redis_module::logging::log_warning(format!("flowarchive: GET fetch failed [{kind}]"));
+        crate::log::warning(&format!("flowarchive: GET fetch failed [{kind}]"));
     }
 }
 
@@ -63,7 +63,7 @@ const FAILURE_KINDS: [&str; 18] = [
 static FAILURES: [AtomicU64; 18] = [const { AtomicU64::new(0) }; 18];
 
 /// Every way an archived read can fail, listed in INFO even at zero so dashboards see them.
-const FETCH_ERROR_KINDS: [&str; 16] = [
+const FETCH_ERROR_KINDS: [&str; 17] = [
     "s3_config",
     "s3_unreachable",
     "s3_timeout",
@@ -71,6 +71,7 @@ const FETCH_ERROR_KINDS: [&str; 16] = [
     "s3_server_error",
     "s3_missing",
     "s3_truncated",
+    "s3_too_large",
     "checksum",
     "corrupt",
     "other_flow",
@@ -132,7 +133,7 @@ pub fn archived(id: &str, location: &str, raw: u64, stored: u64) {
     FLOWS_ARCHIVED.fetch_add(1, Ordering::Relaxed);
     BYTES_RAW.fetch_add(raw, Ordering::Relaxed);
     BYTES_STORED.fetch_add(stored, Ordering::Relaxed);
-    redis_module::logging::log_verbose(format!(
+    crate::log::verbose(&format!(
         "flowarchive: archived flow {} to {location} ({raw} bytes raw, {stored} stored)",
         show_id(id)
     ));
@@ -146,9 +147,9 @@ pub fn failed(id: &str, err: &FlowError) {
     let line = format!("flowarchive: {} [{}]", err.message(id), err.kind());
     match err {
         FlowError::NotFound | FlowError::NotTerminal(_) | FlowError::TooRecent { .. } => {
-            redis_module::logging::log_verbose(line)
+            crate::log::verbose(&line)
         }
-        _ => redis_module::logging::log_warning(line),
+        _ => crate::log::warning(&line),
     }
 }
 

@@ -114,10 +114,7 @@ impl Pool {
                 st.running += 1;
                 drop(st);
                 if catch_unwind(AssertUnwindSafe(job)).is_err() {
-                    redis_module::logging::log_warning(format!(
-                        "flowarchive: a {} job panicked",
-                        self.name
-                    ));
+                    crate::log::warning(&format!("flowarchive: a {} job panicked", self.name));
                 }
                 st = lock(&self.state);
                 st.running -= 1;

@@ -1,6 +1,6 @@
 //! Thin helpers over the module API: DB selection, in-server command calls and key types.
 
-use redis_module::{raw, CallOptionsBuilder, CallReply, CallResult, Context, KeyType};
+use redis_module::{raw, CallOptionsBuilder, CallReply, CallResult, Context, KeyType, RedisString};
 
 /// The DB the calling client has selected.
 pub fn selected_db(ctx: &Context) -> i32 {
@@ -68,8 +68,13 @@ pub fn integer(reply: &CallReply) -> Option<i64> {
     }
 }
 
+/// A server string of any bytes (`Context::create_string` panics on a NUL byte, which ids may hold).
+pub fn string(ctx: &Context, bytes: &[u8]) -> RedisString {
+    RedisString::create_from_slice(ctx.ctx, bytes)
+}
+
 pub fn type_of(ctx: &Context, key: &str) -> KeyType {
-    ctx.open_key(&ctx.create_string(key)).key_type()
+    ctx.open_key(&string(ctx, key.as_bytes())).key_type()
 }
 
 pub fn type_name(t: &KeyType) -> &'static str {

@@ -1,5 +1,9 @@
 //! S3 through presigned requests (rusty-s3 signs, ureq sends). Runs on worker threads only.
 //!
+//! Uploads are write-once (`If-None-Match: *`): an object already at the key is never replaced, and the
+//! caller learns it as [`FailureKind::Exists`] so it can compare the stored object with its own. An
+//! upload is proven stored only by the object's sha256 (echoed by the PUT) or by a HEAD.
+//!
 //! Error texts name the operation, the object and S3's error code; never a URL (it carries the
 //! credential scope and signature) and never a key.
 
@@ -11,14 +15,17 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 
-use crate::configs::S3Settings;
+use crate::configs::{self, S3Settings};
 use crate::encode::Encoded;
 use crate::layout::hex;
 
-/// Largest archive object GET reads (a flow of millions of events compresses far below this).
-const MAX_OBJECT: u64 = 4 << 30;
+/// Largest archive object the read path fetches (a flow of millions of events compresses far below).
+#[cfg(test)]
+pub const MAX_OBJECT: u64 = 4 << 30;
 /// Largest S3 error body we read, to extract its `<Code>`.
 const MAX_ERROR_BODY: u64 = 64 * 1024;
+/// How long a throttled upload sleeps before it looks at the rate cap again.
+const THROTTLE_SLICE: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureKind {
@@ -30,6 +37,10 @@ pub enum FailureKind {
     Verify,
     Missing,
     Truncated,
+    /// A write-once PUT found an object already at the key (HTTP 412, or 409 ConditionalRequestConflict).
+    Exists,
+    /// A GET found an object larger than the caller's cap.
+    TooLarge,
 }
 
 impl FailureKind {
@@ -44,6 +55,8 @@ impl FailureKind {
             FailureKind::Verify => "s3_verify",
             FailureKind::Missing => "s3_missing",
             FailureKind::Truncated => "s3_truncated",
+            FailureKind::Exists => "s3_exists",
+            FailureKind::TooLarge => "s3_too_large",
         }
     }
 }
@@ -71,27 +84,72 @@ pub struct Store {
     /// How long a presigned URL stays valid: long enough for one request with its timeout.
     expires: Duration,
     verify_with_head: bool,
-    upload_bytes_per_sec: u64,
 }
 
-/// When the shared upload link is next free, for `flowarchive.upload-bytes-per-sec`.
-static LINK_FREE_AT: Mutex<Option<Instant>> = Mutex::new(None);
+/// The token bucket behind `flowarchive.upload-bytes-per-sec`, shared by every upload of the server.
+///
+/// It holds at most one second of the rate. An upload waits until the bucket holds its size (or is full,
+/// for an upload larger than one second's worth), then takes its size, possibly leaving a debt that later
+/// uploads repay: the long-run rate holds for any object size. Nothing is reserved ahead at a rate:
+/// every call is given the rate of that moment, so a changed cap applies at once to the debt and to
+/// uploads already waiting.
+#[derive(Debug)]
+struct TokenBucket {
+    /// Bytes that may be sent now; negative while a large upload's debt is repaid.
+    tokens: f64,
+    /// When `tokens` was last brought up to date; `None` while uncapped (a new cap starts full).
+    updated: Option<Instant>,
+}
 
-/// Waits until `bytes` fit under the rate cap; every upload of the server shares one budget.
-fn throttle(bytes: usize, per_sec: u64) {
-    if per_sec == 0 {
-        return;
+impl TokenBucket {
+    const fn new() -> Self {
+        TokenBucket {
+            tokens: 0.0,
+            updated: None,
+        }
     }
-    let wait = {
-        let mut free_at = LINK_FREE_AT.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        let start = free_at.map_or(now, |t| t.max(now));
-        *free_at = Some(start + Duration::from_secs_f64(bytes as f64 / per_sec as f64));
-        start - now
-    };
-    std::thread::sleep(wait);
+
+    /// Admits an upload of `bytes` at `rate` bytes per second (0: unlimited) at `now`, or tells how
+    /// long it would have to wait at this rate.
+    fn admit(&mut self, bytes: u64, rate: u64, now: Instant) -> Result<(), Duration> {
+        if rate == 0 {
+            *self = TokenBucket::new();
+            return Ok(());
+        }
+        let rate = rate as f64;
+        self.tokens = match self.updated {
+            None => rate,
+            Some(t) => {
+                (self.tokens + now.saturating_duration_since(t).as_secs_f64() * rate).min(rate)
+            }
+        };
+        self.updated = Some(now);
+        let needed = (bytes as f64).min(rate);
+        if self.tokens >= needed {
+            self.tokens -= bytes as f64;
+            return Ok(());
+        }
+        Err(Duration::try_from_secs_f64((needed - self.tokens) / rate).unwrap_or(THROTTLE_SLICE))
+    }
 }
 
+static UPLOAD_LINK: Mutex<TokenBucket> = Mutex::new(TokenBucket::new());
+
+/// Waits until `bytes` fit under the upload rate cap, re-reading the cap every slice.
+fn throttle(bytes: usize) {
+    loop {
+        let rate = configs::upload_bytes_per_sec();
+        let admitted = UPLOAD_LINK.lock().unwrap_or_else(|p| p.into_inner()).admit(
+            bytes as u64,
+            rate,
+            Instant::now(),
+        );
+        match admitted {
+            Ok(()) => return,
+            Err(wait) => std::thread::sleep(wait.min(THROTTLE_SLICE)),
+        }
+    }
+}
 impl Store {
     pub fn new(s: &S3Settings) -> Result<Store, StoreError> {
         Self::for_bucket(s, &s.bucket)
@@ -140,7 +198,6 @@ impl Store {
             agent,
             expires: Duration::from_secs(60 + 2 * s.timeout_ms.div_ceil(1000)),
             verify_with_head: s.verify_with_head,
-            upload_bytes_per_sec: s.upload_bytes_per_sec,
         })
     }
 
@@ -149,10 +206,13 @@ impl Store {
         format!("s3://{}/{}", self.bucket.name(), key)
     }
 
-    /// Uploads the object with signed Content-MD5 and x-amz-checksum-sha256 (the server rejects a body
-    /// that does not match), then proves it is stored: by default a HEAD must show the same size and an
-    /// ETag equal to the MD5 (or the same sha256 checksum); with `verify put-response`, the ETag the PUT
-    /// answered is trusted instead, saving one request.
+    /// Uploads the object write-once, then proves it is stored.
+    ///
+    /// The presigned PUT signs `Content-MD5` and `x-amz-checksum-sha256` (the server rejects a body that
+    /// does not match) and `If-None-Match: *` (the server refuses to replace an object: that answer is
+    /// `Err` of kind [`FailureKind::Exists`], and the stored object is left as it was). The upload counts
+    /// as stored when the PUT's answer echoes our sha256 checksum (with `verify put-response`) or when a
+    /// HEAD shows the uploaded size and digest; an ETag in the PUT's answer alone proves nothing.
     pub fn put_verified(&self, key: &str, obj: &Encoded) -> Result<(), StoreError> {
         let md5_b64 = B64.encode(obj.object_md5);
         let sha_b64 = B64.encode(obj.object_sha256);
@@ -161,13 +221,14 @@ impl Store {
         let signed = [
             ("content-md5", md5_b64.as_str()),
             ("content-type", "application/x-ndjson"),
+            ("if-none-match", "*"),
             ("x-amz-checksum-sha256", sha_b64.as_str()),
             ("x-amz-meta-flowarchive-sha256", sha_hex.as_str()),
         ];
         for (name, value) in signed {
             action.headers_mut().insert(name, value);
         }
-        throttle(obj.body.len(), self.upload_bytes_per_sec);
+        throttle(obj.body.len());
         let url = action.sign(self.expires);
         let mut request = self.agent.put(url.as_str());
         for (name, value) in signed {
@@ -176,40 +237,50 @@ impl Store {
         let response = request
             .send_bytes(&obj.body)
             .map_err(|e| request_error("PUT", key, e))?;
-        let expected_etag = hex(&obj.object_md5);
-        if self.verify_with_head {
-            let mut head = self.bucket.head_object(self.credentials.as_ref(), key);
-            head.headers_mut().insert("x-amz-checksum-mode", "ENABLED");
-            let url = head.sign(self.expires);
-            let stored = self
-                .agent
-                .head(url.as_str())
-                .set("x-amz-checksum-mode", "ENABLED")
-                .call()
-                .map_err(|e| request_error("HEAD", key, e))?;
-            let size = stored
-                .header("content-length")
-                .and_then(|v| v.trim().parse::<u64>().ok());
-            if size != Some(obj.body.len() as u64) {
-                return Err(fail(
-                    FailureKind::Verify,
-                    format!(
-                        "HEAD {key}: stored size {} differs from uploaded {}",
-                        size.map_or("unknown".into(), |s| s.to_string()),
-                        obj.body.len()
-                    ),
-                ));
-            }
-            check_digest("HEAD", key, &stored, &expected_etag, &sha_b64)
-        } else {
-            check_digest("PUT", key, &response, &expected_etag, &sha_b64)
+        let echoed = response.header("x-amz-checksum-sha256").map(str::trim);
+        if !self.verify_with_head && echoed == Some(sha_b64.as_str()) {
+            return Ok(());
         }
+        self.verify_stored(key, obj, &sha_b64)
     }
-}
 
-impl Store {
+    /// A presigned HEAD must show the uploaded size and an ETag equal to the MD5 or our sha256.
+    fn verify_stored(&self, key: &str, obj: &Encoded, sha_b64: &str) -> Result<(), StoreError> {
+        let mut head = self.bucket.head_object(self.credentials.as_ref(), key);
+        head.headers_mut().insert("x-amz-checksum-mode", "ENABLED");
+        let url = head.sign(self.expires);
+        let stored = self
+            .agent
+            .head(url.as_str())
+            .set("x-amz-checksum-mode", "ENABLED")
+            .call()
+            .map_err(|e| match e {
+                ureq::Error::Status(404, _) => fail(
+                    FailureKind::Verify,
+                    format!("HEAD {key}: the object is not stored after its upload (HTTP 404)"),
+                ),
+                e => request_error("HEAD", key, e),
+            })?;
+        let size = stored
+            .header("content-length")
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if size != Some(obj.body.len() as u64) {
+            return Err(fail(
+                FailureKind::Verify,
+                format!(
+                    "HEAD {key}: stored size {} differs from uploaded {}",
+                    size.map_or("unknown".into(), |s| s.to_string()),
+                    obj.body.len()
+                ),
+            ));
+        }
+        check_digest(key, &stored, &hex(&obj.object_md5), sha_b64)
+    }
+
     /// Fetches an object with a presigned GET: its bytes and the hex sha256 recorded at upload, if any.
-    pub fn get(&self, key: &str) -> Result<(Vec<u8>, Option<String>), StoreError> {
+    /// An object larger than `max_bytes` is refused ([`FailureKind::TooLarge`]) from its Content-Length
+    /// before any byte is read, and never more than `max_bytes + 1` bytes are read.
+    pub fn get(&self, key: &str, max_bytes: u64) -> Result<(Vec<u8>, Option<String>), StoreError> {
         let url = self
             .bucket
             .get_object(self.credentials.as_ref(), key)
@@ -221,13 +292,25 @@ impl Store {
             ),
             e => request_error("GET", key, e),
         })?;
+        let too_large = || {
+            fail(
+                FailureKind::TooLarge,
+                format!("S3 GET {key}: object is larger than {max_bytes} bytes"),
+            )
+        };
+        let announced = response
+            .header("content-length")
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if announced.is_some_and(|len| len > max_bytes) {
+            return Err(too_large());
+        }
         let recorded = response
             .header("x-amz-meta-flowarchive-sha256")
             .map(|s| s.trim().to_string());
         let mut body = Vec::new();
         response
             .into_reader()
-            .take(MAX_OBJECT)
+            .take(max_bytes.saturating_add(1))
             .read_to_end(&mut body)
             .map_err(|e| {
                 let kind = if e.kind() == std::io::ErrorKind::TimedOut {
@@ -237,13 +320,15 @@ impl Store {
                 };
                 fail(kind, format!("S3 GET {key}: body cut short ({})", e.kind()))
             })?;
+        if body.len() as u64 > max_bytes {
+            return Err(too_large());
+        }
         Ok((body, recorded))
     }
 }
 
-/// Accepts the object when its ETag is the MD5 we sent or its sha256 checksum is ours.
+/// Accepts the stored object when its ETag is the MD5 we sent or its sha256 checksum is ours.
 fn check_digest(
-    op: &str,
     key: &str,
     r: &ureq::Response,
     md5_hex: &str,
@@ -257,7 +342,7 @@ fn check_digest(
     Err(fail(
         FailureKind::Verify,
         format!(
-            "{op} {key}: stored object does not match the upload (etag {}, sha256 {})",
+            "HEAD {key}: stored object does not match the upload (etag {}, sha256 {})",
             etag.unwrap_or("missing"),
             sha.unwrap_or("missing")
         ),
@@ -281,17 +366,21 @@ fn request_error(op: &str, key: &str, err: ureq::Error) -> StoreError {
                 .take(MAX_ERROR_BODY)
                 .read_to_string(&mut body);
             let code_name = s3_error_code(&body).unwrap_or("");
+            let status = format!("HTTP {code} {code_name}");
+            let status = status.trim_end();
+            // Only a write-once PUT sends a precondition, so only it can get these answers.
+            if code == 412 || (code == 409 && code_name == "ConditionalRequestConflict") {
+                return fail(
+                    FailureKind::Exists,
+                    format!("S3 {op} {key}: an object already exists at this key ({status})"),
+                );
+            }
             let kind = if code >= 500 {
                 FailureKind::ServerError
             } else {
                 FailureKind::Rejected
             };
-            fail(
-                kind,
-                format!("S3 {op} {key} failed: HTTP {code} {code_name}")
-                    .trim_end()
-                    .to_string(),
-            )
+            fail(kind, format!("S3 {op} {key} failed: {status}"))
         }
         ureq::Error::Transport(t) => {
             let timed_out = std::error::Error::source(&t)
@@ -336,23 +425,62 @@ mod tests {
             session_token: None,
             timeout_ms: 1000,
             verify_with_head: true,
-            upload_bytes_per_sec: 0,
         }
     }
 
     #[test]
-    fn throttle_spaces_uploads_by_the_rate() {
-        throttle(1, 0);
-        let start = Instant::now();
-        throttle(1000, 10_000);
-        throttle(1000, 10_000);
-        throttle(1000, 10_000);
-        // Three 100 ms slots: the third starts after two have passed.
+    fn token_bucket_follows_the_current_rate() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let waits = |r: Result<(), Duration>, ms: u64| {
+            let w = r.expect_err("should wait").as_secs_f64() * 1000.0;
+            assert!((w - ms as f64).abs() < 1.0, "waits {w} ms, not {ms}");
+        };
+        let mut b = TokenBucket::new();
+        // A new cap starts with a full bucket (one second of the rate): 500 bytes at 10 B/s pass and
+        // leave a debt of 490 bytes.
+        assert_eq!(b.admit(500, 10, at(0)), Ok(()));
+        waits(b.admit(1, 10, at(0)), 49_100);
+        // Two seconds later, 20 bytes of the debt are repaid.
+        waits(b.admit(1, 10, at(2000)), 47_100);
+        // Raising the cap applies to the debt at once: 100 ms at 100 MB/s repays it.
+        assert_eq!(b.admit(1, 100 << 20, at(2100)), Ok(()));
+        // Lowering it applies at once too: the bucket holds at most one second of the new rate.
+        assert_eq!(b.admit(30, 10, at(2200)), Ok(()));
+        waits(b.admit(5, 10, at(2200)), 2500);
+        // 0 is unlimited and forgets the debt.
+        assert_eq!(b.admit(1 << 30, 0, at(2200)), Ok(()));
+        assert_eq!(b.admit(10, 10, at(2200)), Ok(()));
+    }
+
+    #[test]
+    fn token_bucket_keeps_the_long_run_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new();
+        let mut now = t0;
+        let mut sent = 0u64;
+        for i in 0..200u64 {
+            let bytes = 1 + (i * 7919) % 3000;
+            while let Err(wait) = b.admit(bytes, 1000, now) {
+                now += wait.min(THROTTLE_SLICE);
+            }
+            sent += bytes;
+        }
+        // Everything sent but the first full bucket took `sent / rate` seconds, give or take one slice.
+        let took = (now - t0).as_secs_f64();
+        let ideal = (sent - 1000) as f64 / 1000.0;
         assert!(
-            start.elapsed() >= Duration::from_millis(190),
-            "{:?}",
-            start.elapsed()
+            took >= ideal - 3.0 && took <= ideal + 0.1,
+            "{took} vs {ideal}"
         );
+    }
+
+    #[test]
+    fn throttle_without_a_cap_passes_at_once() {
+        // The config atomic is 0 outside a server.
+        let start = Instant::now();
+        throttle(1 << 30);
+        assert!(start.elapsed() < Duration::from_secs(1));
     }
 
     #[test]
@@ -416,5 +544,84 @@ mod tests {
         let err = store.put_verified("flows/x.jsonl.gz", &obj).err().unwrap();
         assert_eq!(err.kind, FailureKind::Unreachable, "{err}");
         assert!(!err.message.contains("X-Amz"), "{err}");
+    }
+
+    /// The shared SeaweedFS of the test bed (scripts/s3.sh; credentials as in tests/common/mod.rs),
+    /// under a prefix of this test run.
+    fn seaweedfs() -> (Store, String) {
+        let endpoint = std::env::var("FLOWARCHIVE_S3_ENDPOINT")
+            .unwrap_or_else(|_| "http://127.0.0.1:18333".into());
+        let s = S3Settings {
+            endpoint,
+            bucket: "flowarchive-tests".into(),
+            access_key: "flowarchive-test-key".into(),
+            secret_key: "flowarchive-test-secret-9f3b".into(),
+            timeout_ms: 10_000,
+            ..settings()
+        };
+        let store = Store::new(&s).unwrap();
+        let url = store
+            .bucket
+            .create_bucket(store.credentials.as_ref().unwrap())
+            .sign(Duration::from_secs(60));
+        match store.agent.put(url.as_str()).call() {
+            Ok(_) | Err(ureq::Error::Status(409, _)) => {}
+            Err(e) => panic!("SeaweedFS not usable (scripts/s3.sh start): {e}"),
+        }
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        (store, format!("unit-{}-{nanos}", std::process::id()))
+    }
+
+    fn encoded(body: &[u8]) -> Encoded {
+        use md5::Md5;
+        use sha2::{Digest, Sha256};
+        Encoded {
+            body: body.to_vec(),
+            raw_bytes: body.len() as u64,
+            object_sha256: Sha256::digest(body).into(),
+            object_md5: Md5::digest(body).into(),
+        }
+    }
+
+    #[test]
+    fn seaweedfs_second_put_of_a_key_is_exists_and_keeps_the_first_object() {
+        let (store, prefix) = seaweedfs();
+        let key = format!("{prefix}/flows/twice.jsonl.gz");
+        let first = encoded(b"first history");
+        store.put_verified(&key, &first).unwrap();
+        for verify_with_head in [true, false] {
+            let store = Store {
+                verify_with_head,
+                ..seaweedfs().0
+            };
+            let err = store
+                .put_verified(&key, &encoded(b"another history"))
+                .unwrap_err();
+            assert_eq!(err.kind, FailureKind::Exists, "{err}");
+            assert!(err.message.contains("already exists"), "{err}");
+            // Even the same bytes are not rewritten: the caller compares and decides.
+            let err = store.put_verified(&key, &first).unwrap_err();
+            assert_eq!(err.kind, FailureKind::Exists, "{err}");
+        }
+        let (body, recorded) = store.get(&key, MAX_OBJECT).unwrap();
+        assert_eq!(body, b"first history");
+        assert_eq!(recorded, Some(hex(&first.object_sha256)));
+    }
+
+    #[test]
+    fn seaweedfs_get_refuses_objects_over_the_cap() {
+        let (store, prefix) = seaweedfs();
+        let key = format!("{prefix}/flows/big.jsonl.gz");
+        let obj = encoded(&[7u8; 1000]);
+        store.put_verified(&key, &obj).unwrap();
+        assert_eq!(store.get(&key, 1000).unwrap().0, obj.body);
+        let err = store.get(&key, 999).unwrap_err();
+        assert_eq!(err.kind, FailureKind::TooLarge, "{err}");
+        assert!(err.message.contains("larger than 999 bytes"), "{err}");
+        let err = store.get(&format!("{prefix}/flows/none"), 10).unwrap_err();
+        assert_eq!(err.kind, FailureKind::Missing, "{err}");
     }
 }

@@ -208,7 +208,7 @@ fn coordinate(
             "ERR sweep stopped: internal error (see the server log)",
         )),
     };
-    redis_module::logging::log_notice(format!(
+    crate::log::notice(&format!(
         "flowarchive: sweep {} in {} ms: {} candidates, {} archived, {} changed, {} ineligible, {} failed",
         if progress.dry_run { "(dry run) done" } else { "done" },
         progress.duration_ms.load(Ordering::Relaxed),

@@ -32,6 +32,11 @@ fn configs_validate_and_keep_the_old_value() {
         ("flowarchive.retention", "30 days", "needs a unit"),
         ("flowarchive.retention", "12", "needs a unit"),
         ("flowarchive.endpoint", "ftp://x", "http"),
+        (
+            "flowarchive.endpoint",
+            "http://user:pa55w0rd@127.0.0.1:1",
+            "must not carry credentials",
+        ),
         ("flowarchive.bucket", "Bad_Bucket", "bucket must be"),
         ("flowarchive.prefix", "/lead", "must not start"),
         (
@@ -52,6 +57,7 @@ fn configs_validate_and_keep_the_old_value() {
         let before = config(&mut c, name);
         let e = config_set(&mut c, name, bad).unwrap_err().to_string();
         assert!(e.contains(reason), "{name}={bad}: {e}");
+        assert!(!e.contains("pa55w0rd"), "{name}: {e}");
         assert_eq!(config(&mut c, name), before, "{name} kept");
     }
     config_set(&mut c, "flowarchive.retention", "90s").unwrap();
@@ -81,6 +87,8 @@ fn the_secret_is_never_shown() {
     assert!(!all.iter().any(|v| v.contains(S3_SECRET)));
     let info: String = cmd(&mut c, &["INFO", "everything"]).unwrap();
     assert!(!info.contains(S3_SECRET));
+    let modules: redis::Value = cmd(&mut c, &["MODULE", "LIST"]).unwrap();
+    assert!(!format!("{modules:?}").contains(S3_SECRET));
     config_set(&mut c, "flowarchive.secret-key", "another-secret-value").unwrap();
     assert_eq!(config(&mut c, "flowarchive.secret-key"), "");
     assert!(!srv.log().contains(S3_SECRET) && !srv.log().contains("another-secret-value"));

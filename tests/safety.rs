@@ -321,8 +321,25 @@ fn errors_stay_small_whatever_the_input() {
     ] {
         assert!(e.len() < 700, "{} bytes", e.len());
     }
+    // Printf directives and NUL bytes in ids reach the log as text, never as a format.
+    for id in ["%s%s%s%s%n%p", "a\0b%s"] {
+        write_flow(
+            &mut c,
+            &FlowSpec {
+                status: "active",
+                ..FlowSpec::done(id)
+            },
+        );
+        let e = err_of(archive(&mut c, id));
+        assert!(e.contains("not terminal"), "{e}");
+        write_flow(&mut c, &FlowSpec::done(id));
+        archive(&mut c, id).unwrap();
+        assert!(get(&mut c, id).unwrap().is_some());
+    }
+    assert_eq!(cmd::<String>(&mut c, &["PING"]).unwrap(), "PONG");
     let log = srv.log();
     assert!(log.lines().all(|l| l.len() < 1000), "log lines stay short");
+    assert!(log.contains("%s%s%s%s%n%p"), "the id is logged as text");
 }
 
 #[test]

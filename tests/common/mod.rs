@@ -95,6 +95,19 @@ pub fn s3_port() -> u16 {
         .unwrap_or(18333)
 }
 
+/// A file holding the test secret (for `secret-key-file`), written once per test process; the rename
+/// makes it appear whole to test processes running at the same time.
+pub fn secret_file() -> PathBuf {
+    static WRITTEN: std::sync::Once = std::sync::Once::new();
+    let path = root().join("target/test-secret-key");
+    WRITTEN.call_once(|| {
+        let tmp = root().join(format!("target/test-secret-key.{}", std::process::id()));
+        std::fs::write(&tmp, format!("{S3_SECRET}\n")).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    });
+    path
+}
+
 /// The shared test bucket, and this test's own object prefix inside it. (One bucket for all tests:
 /// SeaweedFS gives every bucket its own volumes and runs out of them after a few dozen.)
 pub struct S3 {
@@ -166,8 +179,10 @@ impl S3 {
         format!("s3://{}/{}", self.name(), self.key(rel))
     }
 
-    /// Module args that point the module at this bucket and prefix.
+    /// Module args that point the module at this bucket and prefix (the secret through a file: the
+    /// module refuses a `secret-key` load argument).
     pub fn module_args(&self, endpoint: &str) -> Vec<String> {
+        let secret_file = secret_file();
         [
             "endpoint",
             endpoint,
@@ -179,8 +194,8 @@ impl S3 {
             "yes",
             "access-key",
             S3_KEY,
-            "secret-key",
-            S3_SECRET,
+            "secret-key-file",
+            secret_file.to_str().unwrap(),
             "region",
             "us-east-1",
         ]
@@ -273,6 +288,8 @@ pub struct Server {
     pub flavor: Flavor,
     child: Child,
     opts: ServerOpts,
+    /// The config file given as the first argument, if any (CONFIG REWRITE writes there).
+    conf: Option<PathBuf>,
 }
 
 #[derive(Clone)]
@@ -308,18 +325,50 @@ impl Server {
     }
 
     pub fn start(opts: ServerOpts) -> Server {
+        Self::start_with(opts, None)
+    }
+
+    /// Starts a server whose first argument is the config file `conf` (created empty when missing),
+    /// so CONFIG REWRITE has a file to write and a restart reads it.
+    pub fn start_with_config_file(opts: ServerOpts, conf: &Path) -> Server {
+        if !conf.exists() {
+            std::fs::write(conf, "").unwrap();
+        }
+        Self::start_with(opts, Some(conf.to_path_buf()))
+    }
+
+    /// Starts a server that must fail to start (e.g. the module refuses to load); its log.
+    pub fn start_failing(opts: ServerOpts) -> String {
+        let dir = root().join("target/test-servers").join(unique("srv"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut child = Self::spawn(&opts, free_port(), &dir, None);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("the server started although it should not have");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+        let _ = std::fs::remove_dir_all(&dir);
+        log
+    }
+
+    fn start_with(opts: ServerOpts, conf: Option<PathBuf>) -> Server {
         // A free port can be taken by an outgoing connection before the server binds it: retry.
         for _ in 0..5 {
             let port = free_port();
             let dir = root().join("target/test-servers").join(unique("srv"));
             std::fs::create_dir_all(&dir).unwrap();
-            let child = Self::spawn(&opts, port, &dir);
+            let child = Self::spawn(&opts, port, &dir, conf.as_deref());
             let mut server = Server {
                 port,
                 dir,
                 flavor: opts.flavor,
                 child,
                 opts: opts.clone(),
+                conf: conf.clone(),
             };
             match server.wait_ready() {
                 Ok(()) => return server,
@@ -333,15 +382,30 @@ impl Server {
     /// Kills the server (SIGKILL, no shutdown) and starts it again on the same port and directory.
     pub fn crash_and_restart(&mut self) {
         self.kill();
-        self.child = Self::spawn(&self.opts, self.port, &self.dir);
+        self.child = Self::spawn(&self.opts, self.port, &self.dir, self.conf.as_deref());
         if let Err(log) = self.wait_ready() {
             panic!("server did not restart; log:\n{log}");
         }
     }
 
-    fn spawn(opts: &ServerOpts, port: u16, dir: &Path) -> Child {
-        let mut cmd = Command::new(opts.flavor.binary());
-        cmd.arg("--port")
+    /// Kills the server and starts it from its config file alone (as CONFIG REWRITE left it: port,
+    /// directory, log file and `loadmodule` line with its arguments).
+    pub fn restart_from_config_file(&mut self) {
+        let conf = self.conf.clone().expect("started with a config file");
+        self.kill();
+        self.child = Self::command(self.flavor)
+            .arg(conf)
+            .spawn()
+            .expect("cannot start server");
+        if let Err(log) = self.wait_ready() {
+            panic!("server did not restart from its config file; log:\n{log}");
+        }
+    }
+
+    fn spawn(opts: &ServerOpts, port: u16, dir: &Path, conf: Option<&Path>) -> Child {
+        let mut cmd = Self::command(opts.flavor);
+        cmd.args(conf)
+            .arg("--port")
             .arg(port.to_string())
             .arg("--bind")
             .arg("127.0.0.1")
@@ -356,14 +420,19 @@ impl Server {
             .arg("--loadmodule")
             .arg(module_path())
             .args(&opts.module_args)
-            .args(&opts.extra)
-            .stdout(Stdio::null())
+            .args(&opts.extra);
+        cmd.spawn().expect("cannot start server")
+    }
+
+    fn command(flavor: Flavor) -> Command {
+        let mut cmd = Command::new(flavor.binary());
+        cmd.stdout(Stdio::null())
             .stderr(Stdio::null())
             // The module falls back to the server's AWS_* environment; tests pass keys explicitly.
             .env_remove("AWS_ACCESS_KEY_ID")
             .env_remove("AWS_SECRET_ACCESS_KEY")
             .env_remove("AWS_SESSION_TOKEN");
-        cmd.spawn().expect("cannot start server")
+        cmd
     }
 
     /// Waits until the server answers PING; its log if it exits or never answers.

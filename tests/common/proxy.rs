@@ -19,6 +19,9 @@ pub enum Fault {
     Delay(Duration),
     /// Forward, then cut the response body to half.
     Truncate,
+    /// Answer `200 OK` with the ETag S3 gives the request body (its MD5), never reaching S3: a store
+    /// that claims to have stored an object it did not store.
+    FakeStored,
 }
 
 #[derive(Clone, Debug)]
@@ -35,6 +38,7 @@ struct Shared {
     upstream: String,
     stop: AtomicBool,
     requests: Mutex<Vec<String>>,
+    heads: Mutex<Vec<String>>,
     faulted: AtomicUsize,
 }
 
@@ -52,6 +56,7 @@ impl Proxy {
             upstream: format!("127.0.0.1:{upstream_port}"),
             stop: AtomicBool::new(false),
             requests: Mutex::new(Vec::new()),
+            heads: Mutex::new(Vec::new()),
             faulted: AtomicUsize::new(0),
         });
         let s = shared.clone();
@@ -101,6 +106,11 @@ impl Proxy {
     /// "METHOD path" of every request seen.
     pub fn requests(&self) -> Vec<String> {
         self.shared.requests.lock().unwrap().clone()
+    }
+
+    /// The head (request line and headers, lowercased) of every request seen.
+    pub fn heads(&self) -> Vec<String> {
+        self.shared.heads.lock().unwrap().clone()
     }
 
     pub fn faulted(&self) -> usize {
@@ -165,6 +175,14 @@ fn handle(mut conn: TcpStream, s: &Shared) {
         return;
     };
     s.requests.lock().unwrap().push(format!("{method} {path}"));
+    let head_end = request
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(request.len(), |p| p + 4);
+    s.heads
+        .lock()
+        .unwrap()
+        .push(String::from_utf8_lossy(&request[..head_end]).to_lowercase());
     let fault = s
         .rules
         .lock()
@@ -202,6 +220,18 @@ fn handle(mut conn: TcpStream, s: &Shared) {
                     return;
                 }
             }
+            return;
+        }
+        Some(Fault::FakeStored) => {
+            use md5::Digest;
+            let etag: String = md5::Md5::digest(&request[head_end..])
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nETag: \"{etag}\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
             return;
         }
         Some(Fault::Reset) => {
