@@ -7,16 +7,16 @@ use std::time::{Duration, Instant};
 
 use redis_module::RedisValue;
 
-use crate::capture::{self, Capture};
+use crate::capture::{self, Capture, Captured};
 use crate::commit;
 use crate::configs::Settings;
-use crate::encode;
+use crate::encode::{self, Encoded};
 use crate::errors::{self, FlowError};
 use crate::layout::{self, hex};
 use crate::mainthread;
 use crate::metrics::{self, Buffered, Stage, UPLOADS_IN_FLIGHT};
 use crate::server::select_db;
-use crate::store::Store;
+use crate::store::{FailureKind, Store, StoreError};
 
 /// How long a commit waits for paused writes to resume, and how often it looks.
 const COMMIT_PAUSE_WAIT: Duration = Duration::from_secs(10);
@@ -134,11 +134,10 @@ pub fn upload(
     capture.events_total = capture.flow.events.len();
     capture.flow.events = Vec::new();
     let _encoded = Buffered::hold(encoded.body.len() as u64);
-    let key = layout::object_key(&settings.s3.prefix, capture.flow.db, &capture.flow.id);
     UPLOADS_IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
-    let uploaded = store.put_verified(&key, &encoded);
+    let stored = store_once(store, &settings.s3.prefix, &capture.flow, &encoded);
     UPLOADS_IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
-    uploaded.map_err(FlowError::Upload)?;
+    let key = stored?;
     Ok(Uploaded {
         location: store.location(&key),
         raw_bytes: encoded.raw_bytes,
@@ -146,6 +145,35 @@ pub fn upload(
         sha256: hex(&encoded.object_sha256),
         capture,
     })
+}
+
+/// Stores the object write-once and returns its key. A key already holding exactly these bytes is an
+/// idempotent retry (an earlier attempt stored it and did not commit); a key holding other content is
+/// never replaced (it may be indexed by another server sharing the bucket): the next generation is tried.
+fn store_once(
+    store: &Store,
+    prefix: &str,
+    flow: &Captured,
+    encoded: &Encoded,
+) -> Result<String, FlowError> {
+    for key in layout::object_keys(prefix, flow.db, &flow.id) {
+        let existing = match store.put_verified(&key, encoded) {
+            Err(e) if e.kind == FailureKind::Exists => store.verify_existing(&key, encoded),
+            stored => return stored.map(|()| key).map_err(FlowError::Upload),
+        };
+        match existing {
+            Ok(()) => return Ok(key),
+            Err(e) if e.kind == FailureKind::Verify => continue,
+            Err(e) => return Err(FlowError::Upload(e)),
+        }
+    }
+    Err(FlowError::Upload(StoreError {
+        kind: FailureKind::Exists,
+        message: format!(
+            "every one of the flow's {} object keys holds other content; nothing was replaced",
+            layout::GENERATIONS
+        ),
+    }))
 }
 
 /// Proves the flow unchanged, indexes it and deletes it, on the main thread.
@@ -163,6 +191,7 @@ pub fn commit(up: Uploaded, settings: &Settings) -> Result<Archived, FlowError> 
         watch,
         events_total,
         mut held_us,
+        ..
     } = capture;
     // Writes paused (a failover, CLIENT PAUSE WRITE) usually end within seconds: wait that long, with
     // the watch still guarding the flow, then give up with the flow live.

@@ -42,6 +42,10 @@ pub struct Capture {
     pub watch: Watch,
     /// The longest single main-thread stretch spent on this flow so far, in microseconds.
     pub held_us: u64,
+    /// Bytes read so far, and the most a capture may hold (`read-max-bytes`: an object larger than
+    /// reads accept could never be read back, so it is never archived, and memory stays bounded).
+    pub bytes: u64,
+    pub max_bytes: u64,
 }
 
 impl Capture {
@@ -129,7 +133,10 @@ pub fn start(
         events_total,
         watch,
         held_us: 0,
+        bytes: 0,
+        max_bytes: settings.read_max_bytes,
     };
+    capture.bytes = capture.flow.snapshot.len() as u64;
     read_more(ctx, &mut capture)?;
     Ok(Start::Capture(Box::new(capture)))
 }
@@ -287,7 +294,15 @@ pub fn read_more(ctx: &Context, capture: &mut Capture) -> Result<(), FlowError> 
     let (start, stop) = (from.to_string(), (to - 1).to_string());
     let key = capture.flow.keys.events.as_bytes();
     let reply = call(ctx, "LRANGE", &[key, start.as_bytes(), stop.as_bytes()])?;
-    capture.flow.events.extend(strings(&reply));
+    let chunk = strings(&reply);
+    capture.bytes += chunk.iter().map(|e| e.len() as u64 + 1).sum::<u64>();
+    if capture.bytes > capture.max_bytes {
+        return Err(FlowError::Unreadable(format!(
+            "the flow is larger than flowarchive.read-max-bytes ({} bytes), so it could not be read back; raise it to archive this flow",
+            capture.max_bytes
+        )));
+    }
+    capture.flow.events.extend(chunk);
     // Fewer elements than the range asked for: the list shrank since LLEN.
     if capture.flow.events.len() != to {
         return Err(FlowError::Changed);

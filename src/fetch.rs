@@ -239,8 +239,9 @@ fn resolve(
         .filter(|r| !r.bucket.is_empty())
         .chain(allowed)
         .find_map(|root| {
-            let key = layout::object_key(&root.prefix, db, id);
-            (location == format!("s3://{}/{key}", root.bucket)).then(|| (root.bucket.clone(), key))
+            let key = layout::object_keys(&root.prefix, db, id)
+                .find(|key| location == format!("s3://{}/{key}", root.bucket))?;
+            Some((root.bucket.clone(), key))
         })
 }
 

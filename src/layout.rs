@@ -256,9 +256,10 @@ pub fn escape_id(id: &str) -> String {
 
 /// `<prefix>/flows/<escaped id>.jsonl.gz` for DB 0 (the key objects have always had), and
 /// `<prefix>/db<n>/flows/<escaped id>.jsonl.gz` for DB n > 0, so the same id in two DBs is two objects.
+/// Generation g > 0 (see `GENERATIONS`) ends in `.g<g>.jsonl.gz` instead.
 /// An id whose escaped key would pass S3's 1024-byte limit is stored under
 /// `<folder>/flows/_sha256/<hex of the id>.jsonl.gz`; its header still names the id.
-pub fn object_key(prefix: &str, db: i32, id: &str) -> String {
+pub fn object_key(prefix: &str, db: i32, id: &str, generation: u32) -> String {
     use sha2::{Digest, Sha256};
     let folder = match (prefix.is_empty(), db) {
         (true, 0) => String::new(),
@@ -266,12 +267,27 @@ pub fn object_key(prefix: &str, db: i32, id: &str) -> String {
         (false, 0) => format!("{prefix}/"),
         (false, db) => format!("{prefix}/db{db}/"),
     };
-    let key = format!("{folder}flows/{}.jsonl.gz", escape_id(id));
+    // An escaped id never holds '.', so a generation suffix cannot meet another id's key.
+    let suffix = match generation {
+        0 => ".jsonl.gz".to_string(),
+        g => format!(".g{g}.jsonl.gz"),
+    };
+    let key = format!("{folder}flows/{}{suffix}", escape_id(id));
     if key.len() <= MAX_OBJECT_KEY {
         return key;
     }
     let digest = Sha256::digest(id.as_bytes());
-    format!("{folder}flows/_sha256/{}.jsonl.gz", hex(&digest))
+    format!("{folder}flows/_sha256/{}{suffix}", hex(&digest))
+}
+
+/// How many object keys one flow may use. Objects are written once: when an attempt stored its object
+/// but did not commit (a crash, a failover, a change) and the flow then changed, the next attempt
+/// writes the next generation instead of replacing history another server may already index.
+pub const GENERATIONS: u32 = 16;
+
+/// Every object key the flow may have been archived under, first generation first.
+pub fn object_keys<'a>(prefix: &'a str, db: i32, id: &'a str) -> impl Iterator<Item = String> + 'a {
+    (0..GENERATIONS).map(move |g| object_key(prefix, db, id, g))
 }
 
 pub fn hex(bytes: &[u8]) -> String {
@@ -434,37 +450,51 @@ mod tests {
 
     #[test]
     fn object_keys_stay_within_s3_limits() {
-        assert_eq!(object_key("", 0, "abc"), "flows/abc.jsonl.gz");
+        assert_eq!(object_key("", 0, "abc", 0), "flows/abc.jsonl.gz");
         assert_eq!(
-            object_key("archive/v1", 0, "a:b"),
+            object_key("archive/v1", 0, "a:b", 0),
             "archive/v1/flows/a%3Ab.jsonl.gz"
         );
         let long = "é".repeat(512);
-        let key = object_key("p", 0, &long);
+        let key = object_key("p", 0, &long, 0);
         assert!(
             key.starts_with("p/flows/_sha256/") && key.len() <= 1024,
             "{key}"
         );
-        assert_ne!(key, object_key("p", 0, &"é".repeat(513)));
+        assert_ne!(key, object_key("p", 0, &"é".repeat(513), 0));
     }
 
     #[test]
     fn object_keys_of_other_dbs_live_in_their_own_folder() {
-        assert_eq!(object_key("", 3, "abc"), "db3/flows/abc.jsonl.gz");
+        assert_eq!(object_key("", 3, "abc", 0), "db3/flows/abc.jsonl.gz");
         assert_eq!(
-            object_key("p/q", 15, "a/b"),
+            object_key("p/q", 15, "a/b", 0),
             "p/q/db15/flows/a%2Fb.jsonl.gz"
         );
-        assert_ne!(object_key("p", 1, "x"), object_key("p", 0, "x"));
+        assert_ne!(object_key("p", 1, "x", 0), object_key("p", 0, "x", 0));
         let long = "é".repeat(512);
-        let key = object_key("p", 7, &long);
+        let key = object_key("p", 7, &long, 0);
         assert!(
             key.starts_with("p/db7/flows/_sha256/") && key.len() <= 1024,
             "{key}"
         );
         assert_eq!(
             key.rsplit('/').next(),
-            object_key("p", 0, &long).rsplit('/').next()
+            object_key("p", 0, &long, 0).rsplit('/').next()
         );
+    }
+
+    #[test]
+    fn later_generations_never_meet_another_key() {
+        assert_eq!(object_key("p", 0, "abc", 2), "p/flows/abc.g2.jsonl.gz");
+        assert_eq!(object_key("", 4, "a.b", 1), "db4/flows/a%2Eb.g1.jsonl.gz");
+        let keys: std::collections::HashSet<String> = object_keys("p", 0, "abc").collect();
+        assert_eq!(keys.len(), GENERATIONS as usize);
+        // An id that looks like a generation suffix escapes its dots.
+        assert!(!keys.contains(&object_key("p", 0, "abc.g2", 0)));
+        let long = "é".repeat(512);
+        let key = object_key("p", 0, &long, 15);
+        assert!(key.starts_with("p/flows/_sha256/") && key.ends_with(".g15.jsonl.gz"));
+        assert!(key.len() <= 1024);
     }
 }

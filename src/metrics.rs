@@ -40,7 +40,7 @@ pub fn fetched(took: Duration, error: Option<&'static str>) {
     }
 }
 
-const FAILURE_KINDS: [&str; 18] = [
+const FAILURE_KINDS: [&str; 20] = [
     "not_found",
     "not_terminal",
     "too_recent",
@@ -58,9 +58,11 @@ const FAILURE_KINDS: [&str; 18] = [
     "s3_rejected",
     "s3_server_error",
     "s3_verify",
+    "s3_exists",
+    "s3_too_large",
     "internal",
 ];
-static FAILURES: [AtomicU64; 18] = [const { AtomicU64::new(0) }; 18];
+static FAILURES: [AtomicU64; 20] = [const { AtomicU64::new(0) }; 20];
 
 /// Every way an archived read can fail, listed in INFO even at zero so dashboards see them.
 const FETCH_ERROR_KINDS: [&str; 17] = [

@@ -171,6 +171,14 @@ mod tests {
 
     static POOL: Pool = Pool::new("test-pool", 2, 3);
 
+    /// Waits until the pool's jobs have returned (a job's last effect comes just before that).
+    fn settle() {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while POOL.busy() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     #[test]
     fn bounds_threads_and_queue_and_joins_on_shutdown() {
         static RAN: AtomicUsize = AtomicUsize::new(0);
@@ -197,10 +205,7 @@ mod tests {
         for _ in 0..accepted {
             release_tx.send(()).unwrap();
         }
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while POOL.busy() > 0 && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        settle();
         assert_eq!(RAN.load(Ordering::SeqCst), accepted);
         assert!(POOL.shutdown());
         assert_eq!(lock(&POOL.state).threads, 0, "every thread joined");
@@ -209,6 +214,7 @@ mod tests {
             .ok()
             .unwrap();
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 7);
+        settle();
         assert!(POOL.shutdown());
     }
 }

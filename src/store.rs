@@ -244,6 +244,12 @@ impl Store {
         self.verify_stored(key, obj, &sha_b64)
     }
 
+    /// Whether the object already at `key` (a PUT found it there) is exactly `obj`, by the same HEAD
+    /// that proves an upload: `Ok` for the same bytes, a `Verify` failure for other content.
+    pub fn verify_existing(&self, key: &str, obj: &Encoded) -> Result<(), StoreError> {
+        self.verify_stored(key, obj, &B64.encode(obj.object_sha256))
+    }
+
     /// A presigned HEAD must show the uploaded size and an ETag equal to the MD5 or our sha256.
     fn verify_stored(&self, key: &str, obj: &Encoded, sha_b64: &str) -> Result<(), StoreError> {
         let mut head = self.bucket.head_object(self.credentials.as_ref(), key);
