@@ -788,3 +788,123 @@ fn g_late_events_and_status_changes_mid_sweep_are_kept() {
     check("g: settled", &srv, &s3, &model, settled());
     assert_alive(&mut srv, "g");
 }
+
+// ---------------------------------------------------------------- h. ids the log must not interpret
+
+/// Flow ids (and so object keys) reach the server log. `RedisModule_Log` takes a printf format: an id
+/// with `%s` or `%n` that is passed as the format makes the server read (or write) through garbage
+/// varargs. Found by this suite: object keys logged as `r00860X0.07F...P-1022step` instead of
+/// `r0086%3Astep`.
+#[test]
+fn h_printf_directives_in_flow_ids_do_not_harm_the_server() {
+    let proxy = Proxy::start(s3_port());
+    let s3 = S3::new_bucket();
+    let mut srv = Server::start(opts(&s3, &proxy, &[], &[]));
+    let mut c = srv.conn();
+    let mut model = Model::new(0);
+    let ids = [
+        "pct-%s%s%s%s%s%s%s%s",
+        "pct-%n%n%n%n",
+        "pct-%p:%x:%3A",
+        "pct-100%",
+    ];
+    for id in ids {
+        model.write(&mut c, &FlowSpec::done(id));
+    }
+    // Failures are logged too (at warning): one upload refused, then all archived.
+    proxy.all(Fault::Status(403));
+    assert!(archive(&mut c, ids[0]).is_err());
+    assert_alive(&mut srv, "h: a failure logged for a %s id");
+    proxy.clear();
+    for id in ids {
+        let r = archive(&mut c, id);
+        assert_alive(&mut srv, &format!("h: archived {id:?}"));
+        r.unwrap_or_else(|e| panic!("h: archiving {id:?}: {e}"));
+    }
+    check("h: settled", &srv, &s3, &model, settled());
+    let log = srv.log();
+    for id in ids {
+        assert!(
+            log.contains(&format!("archived flow {id:?}")),
+            "h: the log does not name {id:?} as it is"
+        );
+    }
+}
+
+// ---------------------------------------------------------------- the checker itself
+
+/// The checker fails, naming the flow and what differs, for each kind of damage it exists to find.
+#[test]
+fn the_checker_names_every_kind_of_damage() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = Server::start(opts(&s3, &proxy, &[], &[]));
+    let mut c = srv.conn();
+    let mut model = Model::new(0);
+    let mut rng = Rng::new(SEED);
+    populate(&mut c, &mut model, &mut rng, 40, "k");
+    let now = now_ms();
+    let (eligible, other): (Vec<String>, Vec<String>) = model
+        .ids()
+        .into_iter()
+        .partition(|id| model.flows[id].eligible(RETENTION_MS, now));
+    for id in &eligible[..4] {
+        archive(&mut c, id).unwrap();
+    }
+    check("intact", &srv, &s3, &model, Expect::Either);
+
+    let live = |i: usize| other[i].clone();
+    let ev = |id: &str| format!("argyll:flow:{id}:events");
+    cmd::<()>(&mut c, &["LSET", &ev(&live(0)), "0", "{\"x\":1}"]).unwrap();
+    let _: Option<String> = cmd(&mut c, &["RPOP", &ev(&live(1))]).unwrap();
+    let _: i64 = cmd(
+        &mut c,
+        &["DEL", &format!("argyll:flow:{}:snapshot:val", live(2))],
+    )
+    .unwrap();
+    let _: i64 = cmd(
+        &mut c,
+        &["HDEL", "argyll:idx:status", &format!("flow:{}", live(3))],
+    )
+    .unwrap();
+    let mut keys: Vec<String> = flow_keys(&live(4));
+    keys.insert(0, "DEL".into());
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let _: i64 = cmd(&mut c, &keys).unwrap();
+    let _: i64 = cmd(&mut c, &["HDEL", "archived:flows", &eligible[0]]).unwrap();
+    model
+        .flows
+        .get_mut(&eligible[1])
+        .unwrap()
+        .events
+        .push("{\"late\":true}".into());
+    let _: i64 = cmd(&mut c, &["HSET", "archived:flows", "nobody", "s3://x/y"]).unwrap();
+    s3.put("junk.txt", b"junk");
+
+    let failure = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        check("damaged", &srv, &s3, &model, Expect::Either)
+    }))
+    .expect_err("the checker must fail on a damaged DB");
+    let text = failure
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_default();
+    let expected = [
+        format!("flow {:?}: live, event #0 differs", live(0)),
+        format!(
+            "flow {:?}: live, {} events, want",
+            live(1),
+            model.flows[&live(1)].events.len() - 1
+        ),
+        format!("flow {:?}: live, snapshot differs", live(2)),
+        format!("flow {:?}: live, status index says None", live(3)),
+        format!("flow {:?}: LOST", live(4)),
+        format!("flow {:?}: LOST", eligible[0]),
+        format!("flow {:?}: archived, FLOWARCHIVE.GET EVENTS:", eligible[1]),
+        "archive index has \"nobody\"".to_string(),
+        "stray object \"junk.txt\"".to_string(),
+    ];
+    for e in &expected {
+        assert!(text.contains(e), "checker output lacks {e:?}:\n{text}");
+    }
+}
