@@ -399,55 +399,70 @@ fn log_tail(s: &Server, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// Swaps the roles of `old` (primary, sweeping) and `new` (its replica) mid-sweep with `swap`, then
-/// settles on `new` as the primary and checks it, with `old` as its replica.
+/// Swaps the roles of the primary (sweeping) and its replica mid-sweep with `swap(primary, replica)`,
+/// once per round (the long variant swaps back and forth), then settles on whichever node is primary
+/// and checks it, with the other as its replica.
 fn role_change_mid_sweep(what: &str, seed: u64, swap: fn(&Server, &Server)) {
     let mut rng = Rng::new(seed);
-    let (s3, proxy, mut old, mut new, model) = replicated_bed("r", &mut rng);
-    let mut c = old.conn();
-    let left = eligible_left(&mut c, &model);
-    start_sweep(&mut c);
-    wait_mid_sweep(&mut c, fault_point(&mut rng, left), what);
-    swap(&old, &new);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !(role(&new) == "master" && role(&old) == "slave") {
-        assert_alive(&mut old, &format!("{what}: old primary during the swap"));
-        assert_alive(&mut new, &format!("{what}: new primary during the swap"));
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what}: the roles did not swap in 30 s: old {}, new {}; old primary's log:\n{}",
-            role(&old),
-            role(&new),
-            log_tail(&old, 30)
-        );
-        std::thread::sleep(Duration::from_millis(100));
+    let (s3, proxy, a, b, model) = replicated_bed("r", &mut rng);
+    let mut nodes = [a, b];
+    let mut p = 0; // index of the current primary
+    for round in 0..plan().rounds {
+        let what = format!("{what} round {round}");
+        let mut c = nodes[p].conn();
+        let left = eligible_left(&mut c, &model);
+        if left < 20 {
+            break;
+        }
+        proxy.delay("PUT", PUT_DELAY);
+        start_sweep(&mut c);
+        wait_mid_sweep(&mut c, fault_point(&mut rng, left), &what);
+        swap(&nodes[p], &nodes[1 - p]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !(role(&nodes[1 - p]) == "master" && role(&nodes[p]) == "slave") {
+            for n in nodes.iter_mut() {
+                assert_alive(n, &format!("{what}: during the swap"));
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: the roles did not swap in 30 s: old primary {}, old replica {}; old \
+                 primary's log:\n{}",
+                role(&nodes[p]),
+                role(&nodes[1 - p]),
+                log_tail(&nodes[p], 30)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for n in nodes.iter_mut() {
+            assert_alive(n, &format!("{what}: after the swap"));
+        }
+        // The old primary's sweep, now on a replica, must end without writing.
+        wait_sweep_end(&mut c, &what);
+        p = 1 - p;
     }
-    assert_alive(&mut old, &format!("{what}: old primary after the swap"));
-    assert_alive(&mut new, &format!("{what}: new primary after the swap"));
-    // The old primary's sweep, now on a replica, must end without writing.
-    wait_sweep_end(&mut c, what);
     proxy.clear();
-    let mut nc = new.conn();
-    clean_sweep(&mut nc, what);
-    check(&format!("{what}: settled"), &new, &s3, &model, settled());
-    assert_replicas_match(&new, &[&old], &[0]);
-    assert_alive(&mut old, what);
-    assert_alive(&mut new, what);
+    let [a, b] = &mut nodes;
+    let (primary, replica) = if p == 0 { (a, b) } else { (b, a) };
+    clean_sweep(&mut primary.conn(), what);
+    check(&format!("{what}: settled"), primary, &s3, &model, settled());
+    assert_replicas_match(primary, &[&*replica], &[0]);
+    assert_alive(primary, what);
+    assert_alive(replica, what);
 }
 
 #[test]
 fn c_failover_mid_sweep_loses_nothing() {
-    role_change_mid_sweep("c (FAILOVER)", SEED ^ 0xC1, |old, _| {
-        cmd::<()>(&mut old.conn(), &["FAILOVER", "TIMEOUT", "10000"]).unwrap();
+    role_change_mid_sweep("c (FAILOVER)", SEED ^ 0xC1, |primary, _| {
+        cmd::<()>(&mut primary.conn(), &["FAILOVER", "TIMEOUT", "10000"]).unwrap();
     });
 }
 
 #[test]
 fn c_replicaof_swap_mid_sweep_loses_nothing() {
-    role_change_mid_sweep("c (REPLICAOF swap)", SEED ^ 0xC2, |old, new| {
-        cmd::<()>(&mut new.conn(), &["REPLICAOF", "NO", "ONE"]).unwrap();
-        let port = new.port.to_string();
-        cmd::<()>(&mut old.conn(), &["REPLICAOF", "127.0.0.1", &port]).unwrap();
+    role_change_mid_sweep("c (REPLICAOF swap)", SEED ^ 0xC2, |primary, replica| {
+        cmd::<()>(&mut replica.conn(), &["REPLICAOF", "NO", "ONE"]).unwrap();
+        let port = replica.port.to_string();
+        cmd::<()>(&mut primary.conn(), &["REPLICAOF", "127.0.0.1", &port]).unwrap();
     });
 }
 
