@@ -526,7 +526,9 @@ fn d_config_set_of_every_config_mid_sweep_loses_nothing() {
     let mut c = srv.conn();
     let mut model = Model::new(0);
     populate(&mut c, &mut model, &mut rng, plan.flows, "d");
-    let current: Vec<(String, String)> = cmd(&mut c, &["CONFIG", "GET", "flowarchive.*"]).unwrap();
+    let mut current: Vec<(String, String)> =
+        cmd(&mut c, &["CONFIG", "GET", "flowarchive.*"]).unwrap();
+    current.sort();
     let unknown: Vec<&String> = current
         .iter()
         .map(|(k, _)| k)
@@ -575,8 +577,9 @@ fn d_config_set_of_every_config_mid_sweep_loses_nothing() {
             1,
             "{what}: the sweep ended during the CONFIG SETs; they were not all mid-sweep"
         );
-        let after: Vec<(String, String)> =
+        let mut after: Vec<(String, String)> =
             cmd(&mut c, &["CONFIG", "GET", "flowarchive.*"]).unwrap();
+        after.sort();
         assert_eq!(after, current, "{what}: every config is back");
         wait_sweep_end(&mut c, &what);
         assert_alive(&mut srv, &what);
@@ -644,6 +647,11 @@ fn e_swapdb_and_flushdb_mid_sweep_lose_nothing() {
         cmd::<()>(&mut c2, &["FLUSHDB"]).unwrap();
         wait_sweep_end(&mut c0, &what);
         assert_alive(&mut srv, &what);
+        eprintln!(
+            "{what}: skipped_changed {}, archived {}",
+            info_field(&mut c0, "last_sweep_skipped_changed"),
+            info_field(&mut c0, "last_sweep_archived")
+        );
         assert_eq!(cmd::<i64>(&mut c2, &["DBSIZE"]).unwrap(), 0, "{what}: DB 2");
         for m in [&m0, &m1] {
             check(
