@@ -170,7 +170,17 @@ fn clean_sweep(c: &mut redis::Connection, what: &str) -> HashMap<String, redis::
     let r = redis::cmd("FLOWARCHIVE.SWEEP")
         .query::<redis::Value>(c)
         .unwrap_or_else(|e| panic!("{what}: the fault-free sweep fails: {e}"));
-    reply_map(r)
+    let summary = reply_map(r);
+    // Shown with the checker's findings when a flow stayed live.
+    eprintln!(
+        "{what}: fault-free sweep: archived {:?}, failed {:?} by reason {:?}, skipped {:?}/{:?}",
+        summary["archived"],
+        summary["failed"],
+        summary["failed_by_reason"],
+        summary["skipped_changed"],
+        summary["skipped_ineligible"]
+    );
+    summary
 }
 
 fn settled() -> Expect {
@@ -478,8 +488,8 @@ fn c_replicaof_swap_mid_sweep_loses_nothing() {
 // ---------------------------------------------------------------- d. CONFIG SET mid-sweep
 
 /// Another valid value for each module config (`$P` is replaced by the test's own prefix, so an
-/// object written under the changed prefix is found).
-const ALTERNATES: [(&str, &str); 27] = [
+/// object written under the changed prefix is found; `$F` by a file holding a wrong secret).
+const ALTERNATES: [(&str, &str); 28] = [
     ("endpoint", "http://127.0.0.1:9"),
     ("region", "eu-west-1"),
     ("bucket", "chaos-other-bucket"),
@@ -487,6 +497,7 @@ const ALTERNATES: [(&str, &str); 27] = [
     ("path-style", "no"),
     ("access-key", "chaos-other-key"),
     ("secret-key", "chaos-other-secret"),
+    ("secret-key-file", "$F"),
     ("request-timeout-ms", "500"),
     ("verify", "put-response"),
     ("retention", "2h"),
@@ -516,13 +527,23 @@ fn d_config_set_of_every_config_mid_sweep_loses_nothing() {
     let proxy = Proxy::start(s3_port());
     let s3 = S3::new_bucket();
     let o = opts(&s3, &proxy, &[], &[]);
-    // CONFIG GET never shows the secret: restore the one the server was started with.
-    let secret = o
-        .module_args
-        .windows(2)
-        .find(|w| w[0] == "secret-key")
-        .map(|w| w[1].clone());
+    let arg = |name: &str| {
+        o.module_args
+            .windows(2)
+            .find(|w| w[0] == name)
+            .map(|w| w[1].clone())
+    };
+    // CONFIG GET never shows a secret. A literal secret is set back as it was; one read from a file
+    // comes back by setting the file again (of the two, the one set last is used).
+    let secret_back = match (arg("secret-key"), arg("secret-key-file")) {
+        (Some(s), _) => Some(("flowarchive.secret-key", s)),
+        (None, Some(f)) => Some(("flowarchive.secret-key-file", f)),
+        (None, None) => None,
+    };
     let mut srv = Server::start(o);
+    let other_secret = srv.dir.join("other-secret");
+    std::fs::write(&other_secret, "chaos-other-secret\n").unwrap();
+    let other_secret = other_secret.display().to_string();
     let mut c = srv.conn();
     let mut model = Model::new(0);
     populate(&mut c, &mut model, &mut rng, plan.flows, "d");
@@ -554,22 +575,22 @@ fn d_config_set_of_every_config_mid_sweep_loses_nothing() {
         let mut refused = Vec::new();
         for (name, original) in &current {
             let short = name.trim_start_matches("flowarchive.");
-            let original = match (short, &secret) {
-                ("secret-key", Some(s)) => s.clone(),
-                ("secret-key", None) => continue, // not passed as a module arg: nothing to restore
-                _ => original.clone(),
+            let (back_name, back) = match (short, &secret_back) {
+                ("secret-key", Some((n, v))) => (*n, v.clone()),
+                ("secret-key", None) => continue, // passed through the environment: nothing to set back
+                _ => (name.as_str(), original.clone()),
             };
             let alternate = ALTERNATES
                 .iter()
                 .find(|(n, _)| *n == short)
-                .map(|(_, v)| v.replace("$P", &s3.prefix))
+                .map(|(_, v)| v.replace("$P", &s3.prefix).replace("$F", &other_secret))
                 .unwrap();
             if let Err(e) = cmd::<()>(&mut c, &["CONFIG", "SET", name, &alternate]) {
                 refused.push(format!("{short}={alternate:?}: {e}"));
             }
             std::thread::sleep(Duration::from_millis(rng.below(30) as u64));
-            cmd::<()>(&mut c, &["CONFIG", "SET", name, &original])
-                .unwrap_or_else(|e| panic!("{what}: restoring {name} to {original:?}: {e}"));
+            cmd::<()>(&mut c, &["CONFIG", "SET", back_name, &back])
+                .unwrap_or_else(|e| panic!("{what}: setting {back_name} back to {back:?}: {e}"));
         }
         eprintln!("{what}: alternates refused mid-sweep: {refused:?}");
         assert_eq!(

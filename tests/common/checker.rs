@@ -268,12 +268,19 @@ pub fn check(what: &str, srv: &Server, s3: &S3, model: &Model, expect: Expect) -
         if let Expect::Settled { retention_ms } = expect {
             let eligible = flow.eligible(retention_ms, now);
             if eligible != (state == "archived") && problems.len() == before {
+                let suffix = object_suffix(&flow.id);
+                let stored = objects.iter().find(|o| o.ends_with(&suffix));
                 problems.push(format!(
-                    "flow {:?}: {state} after a fault-free sweep, but it is {} (status {}, idle {}s)",
+                    "flow {:?}: {state} after a fault-free sweep, but it is {} (status {}, idle \
+                     {}s){}",
                     flow.id,
                     if eligible { "eligible" } else { "not eligible" },
                     flow.status,
-                    (now - flow.last_ms) / 1000
+                    (now - flow.last_ms) / 1000,
+                    match stored {
+                        Some(o) if state == "live" => format!("; an object is already at {o:?}"),
+                        _ => String::new(),
+                    }
                 ));
             }
         }
