@@ -23,7 +23,7 @@ const INDEX: &str = "archived:flows";
 pub const STATUSES: [&str; 3] = ["active", "completed", "failed"];
 const TERMINAL: [&str; 2] = ["completed", "failed"];
 /// Problems listed in a failure message before the rest are only counted.
-const SHOWN: usize = 40;
+const SHOWN: usize = 20;
 
 /// Deterministic xorshift64: a failing chaos run replays exactly with the same seed.
 pub struct Rng(u64);
@@ -231,6 +231,17 @@ pub fn now_ms() -> i64 {
 /// Holds every flow of `model` against `srv` and the bucket; panics naming each flow that is lost or
 /// differs, and any stray object or index entry.
 pub fn check(what: &str, srv: &Server, s3: &S3, model: &Model, expect: Expect) -> Tally {
+    try_check(what, srv, s3, model, expect).unwrap_or_else(|findings| panic!("{findings}"))
+}
+
+/// [`check`], answering the findings instead of panicking.
+pub fn try_check(
+    what: &str,
+    srv: &Server,
+    s3: &S3,
+    model: &Model,
+    expect: Expect,
+) -> Result<Tally, String> {
     let mut c = srv.conn();
     cmd::<()>(&mut c, &["SELECT", &model.db.to_string()]).unwrap();
     let objects: BTreeSet<String> = s3.list().iter().map(|k| percent_decode(k)).collect();
@@ -291,24 +302,24 @@ pub fn check(what: &str, srv: &Server, s3: &S3, model: &Model, expect: Expect) -
             problems.push(format!("stray object {key:?} (not a flow object key)"));
         }
     }
-    if !problems.is_empty() {
-        let more = problems.len().saturating_sub(SHOWN);
-        panic!(
-            "{what}: {} problem(s) over {} flows ({} live, {} archived), db {}:\n  {}{}",
-            problems.len(),
-            model.flows.len(),
-            tally.live,
-            tally.archived,
-            model.db,
-            problems[..problems.len().min(SHOWN)].join("\n  "),
-            if more > 0 {
-                format!("\n  ... and {more} more")
-            } else {
-                String::new()
-            }
-        );
+    if problems.is_empty() {
+        return Ok(tally);
     }
-    tally
+    let more = problems.len().saturating_sub(SHOWN);
+    Err(format!(
+        "{what}: {} problem(s) over {} flows ({} live, {} archived), db {}:\n  {}{}",
+        problems.len(),
+        model.flows.len(),
+        tally.live,
+        tally.archived,
+        model.db,
+        problems[..problems.len().min(SHOWN)].join("\n  "),
+        if more > 0 {
+            format!("\n  ... and {more} more")
+        } else {
+            String::new()
+        }
+    ))
 }
 
 enum State {
