@@ -8,7 +8,7 @@
 //! more fault timing points. Randomness is a fixed-seed xorshift, so a failure replays exactly.
 //!
 //! Status on main at 818fca4 (the fixes for CLIENT PAUSE, MODULE UNLOAD and the log format merged):
-//! c (CLIENT PAUSE), f, g, h and the checker's self-test pass; d passes. a, b, c (FAILOVER), c
+//! c (CLIENT PAUSE), d, f, g, h and the checker's self-test pass. a, b, c (FAILOVER), c
 //! (REPLICAOF swap) and e fail, all for one defect, and lose nothing: a flow whose object was stored
 //! but not committed (kill -9, a failed HEAD, a demotion, a flow marked changed by SWAPDB) is refused
 //! by the next sweep with `s3_exists` although it did not change, so it stays live for good (docs/FORMAT.md
@@ -460,6 +460,13 @@ fn role_change_mid_sweep(what: &str, seed: u64, swap: fn(&Server, &Server)) {
         }
         // The old primary's sweep, now on a replica, must end without writing.
         wait_sweep_end(&mut c, &what);
+        let info: String = cmd(&mut c, &["INFO", "flowarchive"]).unwrap();
+        let last: Vec<&str> = info
+            .lines()
+            .filter(|l| l.starts_with("flowarchive_last_sweep_") || l.contains("failures_"))
+            .filter(|l| !l.ends_with(":0"))
+            .collect();
+        eprintln!("{what}: the demoted node's sweep: {last:?}");
         p = 1 - p;
     }
     proxy.clear();
