@@ -26,7 +26,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use common::checker::{
-    assert_alive, assert_replicas_match, check, now_ms, try_check, Expect, Model, Rng,
+    assert_alive, assert_replicas_match, check, now_ms, repl_field, try_check, Expect, Model, Rng,
 };
 use common::proxy::{Fault, Proxy, Rule};
 use common::*;
@@ -79,8 +79,7 @@ fn replica_of(primary: &Server, s3: &S3, proxy: &Proxy) -> Server {
     let port = primary.port.to_string();
     let r = Server::start(opts(s3, proxy, &[], &["--replicaof", "127.0.0.1", &port]));
     wait_for("the replica link", Duration::from_secs(20), || {
-        let info: String = cmd(&mut r.conn(), &["INFO", "replication"]).unwrap();
-        info.contains("master_link_status:up")
+        repl_field(&mut r.conn(), "master_link_status") == "up"
     });
     r
 }
@@ -384,8 +383,16 @@ fn c_client_pause_write_mid_sweep_keeps_the_server_alive() {
         wait_mid_sweep(&mut c, fault_point(&mut rng, left), &what);
         let pause_ms = 300 + rng.below(700);
         cmd::<()>(&mut c, &["CLIENT", "PAUSE", &pause_ms.to_string(), "WRITE"]).unwrap();
-        // Uploads finish during the pause; their commits must wait for it (or be skipped), not crash.
-        std::thread::sleep(Duration::from_millis(pause_ms as u64 + 200));
+        // Uploads finish during the pause; their commits must wait for it (or be skipped), not crash,
+        // and not write: the replication stream stands still while writes are paused.
+        let paused_at = repl_field(&mut c, "master_repl_offset");
+        std::thread::sleep(Duration::from_millis(pause_ms as u64 - 150));
+        assert_eq!(
+            repl_field(&mut c, "master_repl_offset"),
+            paused_at,
+            "{what}: the primary wrote while writes were paused"
+        );
+        std::thread::sleep(Duration::from_millis(350));
         assert_alive(&mut primary, &format!("{what}: after the pause"));
         wait_sweep_end(&mut c, &what);
         assert_alive(&mut primary, &what);
@@ -407,12 +414,7 @@ fn c_client_pause_write_mid_sweep_keeps_the_server_alive() {
 
 /// `role:` of INFO replication (`master` / `slave`).
 fn role(s: &Server) -> String {
-    let info: String = cmd(&mut s.conn(), &["INFO", "replication"]).unwrap_or_default();
-    info.lines()
-        .find_map(|l| l.strip_prefix("role:"))
-        .unwrap_or("")
-        .trim()
-        .to_string()
+    repl_field(&mut s.conn(), "role")
 }
 
 fn log_tail(s: &Server, n: usize) -> String {

@@ -693,7 +693,8 @@ fn check_shared_indexes(
     }
 }
 
-fn repl_field(c: &mut redis::Connection, name: &str) -> String {
+/// One field of `INFO replication` (empty when absent).
+pub fn repl_field(c: &mut redis::Connection, name: &str) -> String {
     let info: String = cmd(c, &["INFO", "replication"]).unwrap();
     info.lines()
         .find_map(|l| l.strip_prefix(&format!("{name}:")))
