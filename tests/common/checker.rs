@@ -265,7 +265,15 @@ pub fn try_check(
             State::Archived(location) => {
                 tally.archived += 1;
                 archived.insert(flow.id.clone());
-                check_archived(&mut c, s3, &objects, flow, &location, &mut problems);
+                check_archived(
+                    &mut c,
+                    s3,
+                    &objects,
+                    model.db,
+                    flow,
+                    &location,
+                    &mut problems,
+                );
                 "archived"
             }
             State::Lost => {
@@ -279,8 +287,9 @@ pub fn try_check(
         if let Expect::Settled { retention_ms } = expect {
             let eligible = flow.eligible(retention_ms, now);
             if eligible != (state == "archived") && problems.len() == before {
-                let suffix = object_suffix(&flow.id);
-                let stored = objects.iter().find(|o| o.ends_with(&suffix));
+                let stored = objects
+                    .iter()
+                    .find(|o| is_flow_object(o, model.db, &flow.id));
                 problems.push(format!(
                     "flow {:?}: {state} after a fault-free sweep, but it is {} (status {}, idle \
                      {}s){}",
@@ -423,8 +432,9 @@ fn check_live(c: &mut redis::Connection, flow: &FlowModel, problems: &mut Vec<St
     }
 }
 
-/// The object key a flow's archive must end in (`flows/<escaped id>.jsonl.gz`).
-fn object_suffix(id: &str) -> String {
+/// Where a flow of DB `db` is stored, relative to the prefix: `[db<n>/]flows/<escaped id>`, then
+/// `.jsonl.gz` or, for a later generation (an earlier object held other content), `.g<N>.jsonl.gz`.
+fn flow_object_stem(db: i64, id: &str) -> String {
     let escaped: String = id
         .bytes()
         .map(|b| {
@@ -435,7 +445,25 @@ fn object_suffix(id: &str) -> String {
             }
         })
         .collect();
-    format!("flows/{escaped}.jsonl.gz")
+    match db {
+        0 => format!("flows/{escaped}"),
+        db => format!("db{db}/flows/{escaped}"),
+    }
+}
+
+/// `rel` is an object key of flow `id` of DB `db` (any generation).
+fn is_flow_object(rel: &str, db: i64, id: &str) -> bool {
+    rel.strip_prefix(&flow_object_stem(db, id))
+        .and_then(|r| r.strip_suffix(".jsonl.gz"))
+        .is_some_and(|g| g.is_empty() || generation(g).is_some())
+}
+
+/// `.g<N>` (N > 0) as N.
+fn generation(suffix: &str) -> Option<u32> {
+    let n = suffix.strip_prefix(".g")?;
+    (!n.starts_with('0') && n.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| n.parse().ok())
+        .flatten()
 }
 
 /// `S3::list` answers keys URL-encoded (`encoding-type=url`): the stored key of `a%3Ab` lists as
@@ -462,7 +490,7 @@ fn percent_decode(listed: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// `flows/<escaped id or _sha256/<hex>>.jsonl.gz`, optionally under `db<n>/`.
+/// `flows/<escaped id or _sha256/<hex>>[.g<N>].jsonl.gz`, optionally under `db<n>/`.
 pub fn valid_object_key(rel: &str) -> bool {
     let rest = match rel.strip_prefix("db") {
         Some(r) => match r.split_once('/') {
@@ -471,12 +499,18 @@ pub fn valid_object_key(rel: &str) -> bool {
         },
         None => rel,
     };
-    let Some(name) = rest
+    let Some(mut name) = rest
         .strip_prefix("flows/")
         .and_then(|r| r.strip_suffix(".jsonl.gz"))
     else {
         return false;
     };
+    if let Some(dot) = name.rfind('.') {
+        if generation(&name[dot..]).is_none() {
+            return false;
+        }
+        name = &name[..dot];
+    }
     if let Some(hex) = name.strip_prefix("_sha256/") {
         return hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
     }
@@ -506,6 +540,7 @@ fn check_archived(
     c: &mut redis::Connection,
     s3: &S3,
     objects: &BTreeSet<String>,
+    db: i64,
     flow: &FlowModel,
     location: &str,
     problems: &mut Vec<String>,
@@ -525,7 +560,7 @@ fn check_archived(
     }
     let base = format!("s3://{}/{}/", s3.name(), s3.prefix);
     match location.strip_prefix(&base) {
-        Some(rel) if valid_object_key(rel) && rel.ends_with(&object_suffix(&flow.id)) => {
+        Some(rel) if valid_object_key(rel) && is_flow_object(rel, db, &flow.id) => {
             if !objects.contains(rel) {
                 let near: Vec<&String> = objects
                     .iter()
@@ -540,8 +575,8 @@ fn check_archived(
             }
         }
         _ => fail(format!(
-            "index location {location:?} is not {base}[db<n>/]{}",
-            object_suffix(&flow.id)
+            "index location {location:?} is not {base}{}[.g<N>].jsonl.gz",
+            flow_object_stem(db, &flow.id)
         )),
     }
     let want = match json(&flow.snapshot) {
