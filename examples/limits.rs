@@ -69,15 +69,18 @@ fn fetch_all(s3: &S3, prefix: &str) -> Vec<(String, Vec<u8>)> {
 fn put_and_head(s3: &S3, key: &str, body: &[u8]) {
     let md5 = B64.encode(Md5::digest(body));
     let sha = B64.encode(Sha256::digest(body));
+    // The requests the module makes: a write-once PUT with signed checksums, then a HEAD.
     let mut put = s3.bucket.put_object(Some(&s3.creds), key);
     put.headers_mut().insert("content-md5", md5.clone());
     put.headers_mut()
         .insert("x-amz-checksum-sha256", sha.clone());
+    put.headers_mut().insert("if-none-match", "*");
     let url = put.sign(EXPIRES);
     s3.agent
         .put(url.as_str())
         .set("content-md5", &md5)
         .set("x-amz-checksum-sha256", &sha)
+        .set("if-none-match", "*")
         .send_bytes(body)
         .expect("put");
     let url = s3.bucket.head_object(Some(&s3.creds), key).sign(EXPIRES);

@@ -40,7 +40,9 @@ fn call_with(
     args: &[&[u8]],
     opts: CallOptionsBuilder,
 ) -> Result<CallReply<'static>, String> {
-    let res: CallResult<'static> = ctx.call_ext(cmd, &opts.build(), args);
+    // Errors as replies: a call the server refuses before running it (e.g. a key another cluster node
+    // serves) is then an error here, never an empty success.
+    let res: CallResult<'static> = ctx.call_ext(cmd, &opts.errors_as_replies().build(), args);
     res.map_err(|e| {
         e.to_utf8_string()
             .unwrap_or_else(|| format!("{cmd} failed"))
