@@ -152,6 +152,32 @@ fn routing(flavor: Flavor) {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(cluster.moved_total(), 0, "redirections of redis-py");
+    // ACL checks the flow's real keys, never the id: a user whose key patterns match no id reads a
+    // live flow, and cannot archive without rights on the slot's index hash.
+    let live = &flows[20];
+    let owner = cluster.owner(slot_of(&live.id));
+    cluster
+        .on::<()>(
+            owner,
+            &[
+                "ACL",
+                "SETUSER",
+                "reader",
+                "on",
+                ">pw",
+                "+@flowarchive",
+                "~argyll:*",
+            ],
+        )
+        .unwrap();
+    let mut c = cluster.conn(owner);
+    cmd::<()>(&mut c, &["AUTH", "reader", "pw"]).unwrap();
+    let state: String = cmd(&mut c, &["FLOWARCHIVE.GET", &live.id]).unwrap();
+    assert_eq!(state, live.snapshot());
+    let e = err_text(archive(&mut c, &live.id));
+    let index = slot_index_key(slot_of(&live.id));
+    assert!(e.contains("NOPERM") || e.contains("permission"), "{e}");
+    assert!(e.contains(&index), "the refusal names {index}: {e}");
     let archived = cluster.check(&flows);
     assert_eq!(archived.len(), 12);
 }
@@ -485,4 +511,37 @@ fn an_archive_in_flight_when_its_slot_moves_is_abandoned() {
 #[test]
 fn valkey8_an_archive_in_flight_when_its_slot_starts_migrating_is_abandoned() {
     in_flight(Flavor::Valkey8);
+}
+
+/// The internal timer sweeps on each primary (its own slots) and never on a replica.
+#[test]
+fn the_timer_sweeps_on_every_primary_and_no_replica() {
+    let (_s3, mut cluster) = bed(Flavor::Valkey9, None);
+    let flows = mixed_flows(20);
+    write_all(&mut cluster, &flows);
+    for i in 0..cluster.nodes.len() {
+        cluster
+            .on::<()>(i, &["CONFIG", "SET", "flowarchive.sweep-interval", "1s"])
+            .unwrap();
+    }
+    let eligible = eligible_ids(&flows);
+    wait_for("the timer sweeps", Duration::from_secs(30), || {
+        let archived: i64 = cluster
+            .primaries()
+            .into_iter()
+            .map(|p| info_field(&mut cluster.conn(p), "flows_archived"))
+            .sum();
+        archived == eligible.len() as i64
+    });
+    let primaries = cluster.primaries();
+    for i in 0..cluster.nodes.len() {
+        let runs = info_field(&mut cluster.conn(i), "sweeps_run");
+        assert_eq!(
+            runs > 0,
+            primaries.contains(&i),
+            "node {i} ran {runs} sweeps"
+        );
+    }
+    assert_eq!(cluster.check(&flows), eligible);
+    cluster.assert_replicas_equal();
 }
