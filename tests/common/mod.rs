@@ -2,6 +2,7 @@
 //! (started by scripts/s3.sh, shared by all tests, one bucket per test), and a fault-injecting proxy.
 #![allow(dead_code)]
 
+pub mod checker;
 pub mod cluster;
 pub mod proxy;
 

@@ -8,21 +8,24 @@
 //! `flowarchive.read-max-bytes` of object plus as much decompressed content (see docs/FORMAT.md).
 
 use std::collections::HashMap;
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use redis_module::configuration::ConfigurationContext;
 use redis_module::{BlockedClient, RedisError, RedisValue, ThreadSafeContext};
-use sha2::{Digest, Sha256};
 
-use crate::cache::{CacheKey, Lru};
-use crate::configs::{self, Settings};
-use crate::decode::{self, DecodeError, Decoded};
-use crate::errors::show_id;
-use crate::layout::{self, hex};
-use crate::metrics;
-use crate::pool::Pool;
-use crate::store::{Store, StoreError};
+use crate::digest::{hex, sha256};
+use crate::kinds::{kinds, Tally};
+use crate::layout;
+use crate::ops::configs::{parse_roots, Root, Settings};
+use crate::ops::errors::show_id;
+use crate::ops::log;
+use crate::read::cache::{CacheKey, Lru};
+use crate::read::decode::{self, DecodeError, Decoded};
+use crate::runtime::pool::Pool;
+use crate::s3::{FailureKind, Store, StoreError};
+use crate::sync::lock;
 
 /// Fetch threads: each mostly waits on S3, so a few serve many reads.
 pub const FETCH_THREADS: usize = 4;
@@ -45,17 +48,46 @@ pub enum FetchError {
     Panicked,
 }
 
+kinds! {
+    /// How an archived read failed, apart from S3 (`FailureKind`).
+    pub enum FetchKind {
+        BadLocation => "bad_location",
+        Busy => "busy",
+        Checksum => "checksum",
+        Corrupt => "corrupt",
+        OtherFlow => "other_flow",
+        OtherKeyspace => "other_keyspace",
+        UnknownVersion => "unknown_version",
+        TooLarge => "too_large",
+        Internal => "internal",
+    }
+}
+
 impl FetchError {
     /// The metric name of this failure.
     pub fn kind(&self) -> &'static str {
-        match self {
-            FetchError::BadLocation => "bad_location",
-            FetchError::Busy => "busy",
-            FetchError::Store(e) => e.kind.name(),
-            FetchError::ObjectChecksum(_) => "checksum",
-            FetchError::Decode(e) => e.kind(),
-            FetchError::Panicked => "internal",
-        }
+        let kind = match self {
+            FetchError::BadLocation => FetchKind::BadLocation,
+            FetchError::Busy => FetchKind::Busy,
+            FetchError::Store(e) => return e.kind.name(),
+            FetchError::ObjectChecksum(_) => FetchKind::Checksum,
+            FetchError::Decode(e) => match e {
+                DecodeError::Corrupt(_) => FetchKind::Corrupt,
+                DecodeError::Checksum(_) => FetchKind::Checksum,
+                DecodeError::OtherFlow(_) => FetchKind::OtherFlow,
+                DecodeError::OtherKeyspace(_) => FetchKind::OtherKeyspace,
+                DecodeError::UnknownVersion(_) => FetchKind::UnknownVersion,
+                DecodeError::TooLarge(_) => FetchKind::TooLarge,
+            },
+            FetchError::Panicked => FetchKind::Internal,
+        };
+        kind.name()
+    }
+
+    /// Every name `kind` can answer, for INFO.
+    pub fn kind_names() -> impl Iterator<Item = &'static str> {
+        let own = FetchKind::ALL.iter().map(|k| k.name());
+        own.chain(FailureKind::ALL.iter().map(|k| k.name()))
     }
 }
 
@@ -86,10 +118,6 @@ pub struct Waiter {
 static CACHE: Mutex<Option<Lru>> = Mutex::new(None);
 static IN_FLIGHT: Mutex<Option<HashMap<CacheKey, Vec<Waiter>>>> = Mutex::new(None);
 
-fn lock<T>(m: &'static Mutex<Option<T>>) -> MutexGuard<'static, Option<T>> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// The reply for a decoded flow: the FlowState, or `[FlowState, [events...]]`.
 pub fn reply(flow: &Decoded, events: bool) -> RedisValue {
     let state = RedisValue::BulkString(flow.flow_state.clone());
@@ -108,7 +136,11 @@ pub fn cached(key: &CacheKey) -> Option<Arc<Decoded>> {
 }
 
 /// Applies a new cache budget at once (CONFIG SET flowarchive.cache-bytes).
-pub fn resize_cache(budget: usize) {
+pub fn on_cache_budget(_ctx: &ConfigurationContext, _name: &str, value: &'static AtomicI64) {
+    resize_cache(value.load(Ordering::Relaxed).max(0) as usize);
+}
+
+fn resize_cache(budget: usize) {
     if let Some(lru) = lock(&CACHE).as_mut() {
         lru.shrink_to(budget);
     }
@@ -135,18 +167,55 @@ pub fn request(key: CacheKey, waiter: Waiter, settings: Settings) {
     let job_key = key.clone();
     let job = Box::new(move || {
         let started = Instant::now();
-        let outcome = catch_unwind(AssertUnwindSafe(|| fetch(&settings, &job_key)))
+        let outcome = log::contained("a fetch", || fetch(&settings, &job_key))
             .unwrap_or(Err(FetchError::Panicked));
-        metrics::fetched(
-            started.elapsed(),
-            outcome.as_ref().err().map(FetchError::kind),
-        );
+        fetched(started.elapsed(), outcome.as_ref().err());
         finish(&job_key, outcome, settings.cache_bytes);
     });
     if FETCH_POOL.submit(job).is_err() {
-        metrics::fetched(Duration::ZERO, Some(FetchError::Busy.kind()));
+        fetched(Duration::ZERO, Some(&FetchError::Busy));
         finish(&key, Err(FetchError::Busy), budget);
     }
+}
+
+static FETCHES: AtomicU64 = AtomicU64::new(0);
+static FETCH_US_TOTAL: AtomicU64 = AtomicU64::new(0);
+static FETCH_US_MAX: AtomicU64 = AtomicU64::new(0);
+static FETCH_ERRORS: Tally = Tally::new();
+
+/// Counts one S3 fetch that finished in `took`, failing with `error` if any.
+fn fetched(took: Duration, error: Option<&FetchError>) {
+    let us = took.as_micros() as u64;
+    FETCHES.fetch_add(1, Ordering::Relaxed);
+    FETCH_US_TOTAL.fetch_add(us, Ordering::Relaxed);
+    FETCH_US_MAX.fetch_max(us, Ordering::Relaxed);
+    if let Some(e) = error {
+        FETCH_ERRORS.add(e.kind());
+        log::warning(&format!("flowarchive: GET fetch failed [{}]", e.kind()));
+    }
+}
+
+/// The fetch and cache fields of INFO.
+pub fn fields() -> Vec<(String, i64)> {
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed) as i64;
+    let (cached_flows, cached_bytes) = cache_stats();
+    let mut out: Vec<(String, i64)> = [
+        ("get_archive_fetches", get(&FETCHES)),
+        ("get_fetch_us_total", get(&FETCH_US_TOTAL)),
+        ("get_fetch_us_max", get(&FETCH_US_MAX)),
+        ("get_cache_flows", cached_flows as i64),
+        ("get_cache_bytes", cached_bytes as i64),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let errors = FETCH_ERRORS.counts(FetchError::kind_names());
+    out.extend(
+        errors
+            .into_iter()
+            .map(|(k, n)| (format!("get_fetch_errors_{k}"), n as i64)),
+    );
+    out
 }
 
 /// Caches a good result, then answers everyone who waited for it.
@@ -190,73 +259,54 @@ fn shown(location: &str) -> String {
     }
 }
 
-/// A place archives may be read from: a bucket and an object key prefix (possibly empty).
-#[derive(Debug, PartialEq)]
-pub struct Root {
-    pub bucket: String,
-    pub prefix: String,
-}
-
-/// Parses `flowarchive.read-allow`: space-separated `s3://bucket[/prefix]` roots.
-pub fn parse_roots(value: &str) -> Result<Vec<Root>, String> {
-    value
-        .split_whitespace()
-        .map(|root| {
-            let rest = root.strip_prefix("s3://").ok_or_else(|| {
-                format!("read-allow root {root:?} must look like s3://bucket[/prefix]")
-            })?;
-            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            if bucket.is_empty() {
-                return Err(format!("read-allow root {root:?} names no bucket"));
-            }
-            configs::bucket(bucket).map_err(|e| format!("read-allow root {root:?}: {e}"))?;
-            configs::object_prefix(prefix).map_err(|e| format!("read-allow root {root:?}: {e}"))?;
-            Ok(Root {
-                bucket: bucket.to_string(),
-                prefix: prefix.to_string(),
-            })
-        })
-        .collect()
-}
-
-/// The CONFIG SET check of `flowarchive.read-allow`.
-pub fn check_read_allow(value: &str) -> Result<(), String> {
-    parse_roots(value).map(|_| ())
-}
-
-/// The bucket and key to read for an index entry: only the location this module would have written for
-/// flow `id` of `db` under the configured bucket and prefix, or the same key under an allowed older
-/// root. The entry is compared, never parsed into a request, so `..`, another bucket or another flow's
-/// key all fail here and no request is sent.
+/// The bucket, key and DB to read for an index entry: only a location this module would have written
+/// for flow `id` under the configured bucket and prefix, or under an allowed older root. The DB is the
+/// one the key names (`db<n>/` or none for DB 0): an index entry travels with its flow when SWAPDB moves
+/// a DB, so it may name another DB number than the one it is read from now; the object's header must
+/// name that same DB. The entry is compared with the keys this module derives, never parsed into a
+/// request, so `..`, another bucket or another flow's key all fail here and no request is sent.
 fn resolve(
     location: &str,
     configured: &Root,
     allowed: &[Root],
-    db: i32,
     id: &str,
-) -> Option<(String, String)> {
+) -> Option<(String, String, i32)> {
     std::iter::once(configured)
         .filter(|r| !r.bucket.is_empty())
         .chain(allowed)
         .find_map(|root| {
-            let key = layout::object_keys(&root.prefix, db, id)
-                .find(|key| location == format!("s3://{}/{key}", root.bucket))?;
-            Some((root.bucket.clone(), key))
+            let key = location.strip_prefix(&format!("s3://{}/", root.bucket))?;
+            let db = named_db(key, &root.prefix)?;
+            layout::object_keys(&root.prefix, db, id).find(|k| k == key)?;
+            Some((root.bucket.clone(), key.to_string(), db))
         })
 }
 
-fn fetch(settings: &Settings, (db, id, location): &CacheKey) -> Result<Arc<Decoded>, FetchError> {
+/// The DB an object key under `prefix` names: `db<n>/…` is DB n, anything else DB 0 (checked by the
+/// caller against the keys derived for that DB).
+fn named_db(key: &str, prefix: &str) -> Option<i32> {
+    let rest = match prefix {
+        "" => key,
+        p => key.strip_prefix(p)?.strip_prefix('/')?,
+    };
+    let Some(folder) = rest.strip_prefix("db") else {
+        return Some(0);
+    };
+    folder.split_once('/')?.0.parse().ok()
+}
+
+fn fetch(settings: &Settings, (_, id, location): &CacheKey) -> Result<Arc<Decoded>, FetchError> {
     let configured = Root {
         bucket: settings.s3.bucket.clone(),
         prefix: settings.s3.prefix.clone(),
     };
     let allowed = parse_roots(&settings.read_allow).unwrap_or_default();
-    let (bucket, key) =
-        resolve(location, &configured, &allowed, *db, id).ok_or(FetchError::BadLocation)?;
+    let (bucket, key, db) =
+        resolve(location, &configured, &allowed, id).ok_or(FetchError::BadLocation)?;
     let store = Store::for_bucket(&settings.s3, &bucket).map_err(FetchError::Store)?;
     let max = settings.read_max_bytes;
     let (body, recorded) = store.get(&key, max).map_err(FetchError::Store)?;
-    let actual = hex(&Sha256::digest(&body));
+    let actual = hex(&sha256(&body));
     match recorded {
         Some(r) if r == actual => {}
         Some(r) => {
@@ -270,7 +320,7 @@ fn fetch(settings: &Settings, (db, id, location): &CacheKey) -> Result<Arc<Decod
             ))
         }
     }
-    decode::decode(&body, id, *db, max)
+    decode::decode(&body, id, db, max)
         .map(Arc::new)
         .map_err(FetchError::Decode)
 }
@@ -290,28 +340,35 @@ mod tests {
     fn reads_only_where_this_module_writes() {
         let cfg = root("live", "p");
         let old = parse_roots("s3://old s3://older/a/b").unwrap();
-        let at = |loc: &str, db, id| resolve(loc, &cfg, &old, db, id);
-        let pair = |b: &str, k: &str| Some((b.to_string(), k.to_string()));
+        let at = |loc: &str, id| resolve(loc, &cfg, &old, id);
+        let found = |b: &str, k: &str, db| Some((b.to_string(), k.to_string(), db));
         assert_eq!(
-            at("s3://live/p/flows/a%3Ab.jsonl.gz", 0, "a:b"),
-            pair("live", "p/flows/a%3Ab.jsonl.gz")
+            at("s3://live/p/flows/a%3Ab.jsonl.gz", "a:b"),
+            found("live", "p/flows/a%3Ab.jsonl.gz", 0)
         );
         assert_eq!(
-            at("s3://live/p/db3/flows/x.jsonl.gz", 3, "x"),
-            pair("live", "p/db3/flows/x.jsonl.gz")
+            at("s3://live/p/db3/flows/x.jsonl.gz", "x"),
+            found("live", "p/db3/flows/x.jsonl.gz", 3)
         );
         assert_eq!(
-            at("s3://old/flows/x.jsonl.gz", 0, "x"),
-            pair("old", "flows/x.jsonl.gz")
+            at("s3://live/p/db3/flows/x.g2.jsonl.gz", "x"),
+            found("live", "p/db3/flows/x.g2.jsonl.gz", 3)
         );
         assert_eq!(
-            at("s3://older/a/b/db2/flows/x.jsonl.gz", 2, "x"),
-            pair("older", "a/b/db2/flows/x.jsonl.gz")
+            at("s3://old/flows/x.jsonl.gz", "x"),
+            found("old", "flows/x.jsonl.gz", 0)
+        );
+        assert_eq!(
+            at("s3://older/a/b/db2/flows/x.jsonl.gz", "x"),
+            found("older", "a/b/db2/flows/x.jsonl.gz", 2)
         );
         for bad in [
-            "s3://live/p/flows/y.jsonl.gz",     // another flow's object
-            "s3://live/p/db3/flows/x.jsonl.gz", // another DB's object
-            "s3://other/p/flows/x.jsonl.gz",    // another bucket
+            "s3://live/p/flows/y.jsonl.gz",      // another flow's object
+            "s3://live/p/db03/flows/x.jsonl.gz", // not a key this module writes
+            "s3://live/p/db0/flows/x.jsonl.gz",
+            "s3://live/p/db/flows/x.jsonl.gz",
+            "s3://live/p/x.g99.jsonl.gz",
+            "s3://other/p/flows/x.jsonl.gz", // another bucket
             "s3://live/p/../flows/x.jsonl.gz",
             "s3://live/../p/flows/x.jsonl.gz",
             "s3://live/p/flows/x.jsonl.gz?versionId=1",
@@ -319,10 +376,10 @@ mod tests {
             "s3://old/a/flows/x.jsonl.gz",
             "",
         ] {
-            assert_eq!(at(bad, 0, "x"), None, "{bad}");
+            assert_eq!(at(bad, "x"), None, "{bad}");
         }
         assert_eq!(
-            resolve("s3:///flows/x.jsonl.gz", &root("", ""), &[], 0, "x"),
+            resolve("s3:///flows/x.jsonl.gz", &root("", ""), &[], "x"),
             None
         );
     }
