@@ -14,6 +14,7 @@ use crate::layout::{FlowKeys, Layout};
 use crate::ops::configs::Settings;
 use crate::ops::errors::{show_key, FlowError};
 use crate::runtime::acl::{self, Access, Caller};
+use crate::runtime::cluster;
 use crate::runtime::mainthread::EVENTS_PER_STEP;
 use crate::runtime::server::{
     bytes, call, expect_type, list_len, list_range, read_string, strings,
@@ -33,6 +34,8 @@ pub struct Capture {
     /// reads accept could never be read back, so it is never archived, and memory stays bounded).
     pub bytes: u64,
     pub max_bytes: u64,
+    /// On a cluster, the migration generation of the flow's slot when it was read (see `cluster`).
+    pub motion: u32,
 }
 
 impl Capture {
@@ -72,6 +75,7 @@ pub fn start(
         Inspected::AlreadyArchived(location) => return Ok(Start::AlreadyArchived(location)),
         Inspected::Eligible(flow, total) => (*flow, total),
     };
+    let motion = cluster::motion(cluster::placement(id, flow.keys.named())?);
     let watched: Vec<&str> = flow.keys.own().collect();
     let watch = Watch::start(db, id, &watched).ok_or(FlowError::Busy)?;
     let mut capture = Capture {
@@ -82,6 +86,7 @@ pub fn start(
         watch,
         held_us: 0,
         max_bytes: settings.read_max_bytes,
+        motion,
     };
     read_more(ctx, &mut capture)?;
     Ok(Start::Capture(Box::new(capture)))
@@ -97,6 +102,8 @@ pub fn inspect(
     window: &Window,
 ) -> Result<Inspected, FlowError> {
     let keys = layout.flow_keys(id);
+    // On a cluster: the flow's keys all in its id's slot, and that slot archivable here now.
+    cluster::archivable(ctx, cluster::placement(id, keys.named())?)?;
     // Nothing is read before the caller is known to have the rights an archive needs on these keys.
     acl::check_all(ctx, caller, keys.own(), Access::Remove)?;
     acl::check(ctx, caller, &keys.index, Access::Add)?;
