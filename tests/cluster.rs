@@ -21,17 +21,6 @@ fn signal(sig: &str, pid: u32) {
     assert!(status.success());
 }
 
-fn n(v: &redis::Value) -> i64 {
-    redis::from_redis_value(v).unwrap()
-}
-
-fn err_text<T: std::fmt::Debug>(r: redis::RedisResult<T>) -> String {
-    match r {
-        Ok(v) => panic!("expected an error, got {v:?}"),
-        Err(e) => e.to_string(),
-    }
-}
-
 /// A cluster of `flavor` whose nodes reach S3 through `proxy` when given.
 fn bed(flavor: Flavor, proxy: Option<&Proxy>) -> (S3, Cluster) {
     let s3 = S3::new_bucket();
@@ -45,10 +34,7 @@ fn bed(flavor: Flavor, proxy: Option<&Proxy>) -> (S3, Cluster) {
 
 /// `count` eligible flows plus a few that are not terminal or not idle long enough.
 fn mixed_flows(count: usize) -> Vec<TFlow> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let now = now_ms();
     let mut flows: Vec<TFlow> = (0..count)
         .map(|i| TFlow::done(format!("f-{}-{i}", unique("c")), 3 + i % 7))
         .collect();
@@ -91,7 +77,7 @@ fn routing(flavor: Flavor) {
             panic!("COMMAND INFO {command}: {info:?}")
         };
         assert_eq!(
-            (n(&fields[3]), n(&fields[4]), n(&fields[5])),
+            (int(&fields[3]), int(&fields[4]), int(&fields[5])),
             (1, 1, 1),
             "{command}: first key, last key, step"
         );
@@ -133,7 +119,7 @@ fn routing(flavor: Flavor) {
             .arg(&f.id)
             .query(&mut client)
             .unwrap_or_else(|e| panic!("FLOW {}: {e}", f.id));
-        assert_eq!(n(&reply_map(reply)["events"]), f.events as i64);
+        assert_eq!(int(&reply_map(reply)["events"]), f.events as i64);
     }
     for f in &flows {
         let state: String = redis::cmd("FLOWARCHIVE.GET")
@@ -470,7 +456,7 @@ fn in_flight(flavor: Flavor) {
         });
         let dry = cluster.sweep(from, &["DRYRUN"]).unwrap();
         assert_eq!(
-            n(&dry["candidates"]),
+            int(&dry["candidates"]),
             0,
             "nothing selected from a slot in motion"
         );
@@ -529,7 +515,7 @@ fn in_flight(flavor: Flavor) {
         .arg("moving")
         .query(&mut client)
         .unwrap();
-    assert_eq!(n(&reply_map(reply)["events"]), 6);
+    assert_eq!(int(&reply_map(reply)["events"]), 6);
     assert_eq!(cluster.check(std::slice::from_ref(&flow)).len(), 1);
     cluster.assert_replicas_equal();
 }

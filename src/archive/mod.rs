@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 
 use redis_module::{Context, RedisError, RedisResult, RedisValue};
 
-use crate::archive::capture::{Capture, Start};
+use crate::archive::capture::{Capture, Inspected, Start};
 use crate::archive::eligible::Window;
 use crate::digest::hex;
 use crate::ops::configs::Settings;
@@ -23,10 +23,12 @@ use crate::ops::errors::{self, FlowError};
 use crate::ops::metrics::{self, Buffered, Stage, UPLOADS_IN_FLIGHT};
 use crate::runtime::acl::Caller;
 use crate::runtime::blocking::{answer_later, refuse_where_it_cannot_run, this_client};
+use crate::runtime::cluster;
 use crate::runtime::mainthread;
 use crate::runtime::pool::Pool;
 use crate::runtime::reply::map;
 use crate::runtime::server::selected_db;
+use crate::runtime::watch::Watch;
 use crate::s3::Store;
 
 /// What an archive answers: FLOWARCHIVE.FLOW's reply, the sweep's counters.
@@ -106,10 +108,32 @@ pub fn begin(
     window: &Window,
 ) -> Result<Start, FlowError> {
     let mut held = 0;
-    let started = metrics::timed(Stage::Capture, &mut held, || {
-        capture::start(ctx, caller, db, id, settings, window)
-    })?;
-    Ok(match started {
+    metrics::timed(Stage::Capture, &mut held, || {
+        let (flow, events_total) =
+            match capture::inspect(ctx, caller, db, id, &settings.layout, window)? {
+                Inspected::AlreadyArchived(location) => {
+                    return Ok(Start::AlreadyArchived(location))
+                }
+                Inspected::Eligible(flow, total) => (*flow, total),
+            };
+        // On a cluster, the slot's migration generation now: the commit refuses if it changed.
+        let motion = cluster::motion(cluster::placement(id, flow.keys.named())?);
+        let watched: Vec<&str> = flow.keys.own().collect();
+        let watch = Watch::start(db, id, &watched).ok_or(FlowError::Busy)?;
+        let mut capture = Capture {
+            bytes: flow.snapshot.len() as u64,
+            flow,
+            caller: caller.clone(),
+            events_total,
+            watch,
+            held_us: 0,
+            max_bytes: settings.read_max_bytes,
+            motion,
+        };
+        capture::read_more(ctx, &mut capture)?;
+        Ok(Start::Capture(Box::new(capture)))
+    })
+    .map(|started| match started {
         Start::Capture(mut c) => {
             c.held_us = held;
             Start::Capture(c)

@@ -142,15 +142,16 @@ impl TFlow {
     }
 }
 
-/// The node options of a cluster member.
-fn node_opts(flavor: Flavor, module_args: &[String]) -> ServerOpts {
+/// The node options of a cluster member whose cluster bus listens on `bus`.
+fn node_opts(flavor: Flavor, module_args: &[String], bus: u16) -> ServerOpts {
+    let bus = bus.to_string();
     let extra = [
         "--cluster-enabled",
         "yes",
         "--cluster-config-file",
         "nodes.conf",
         "--cluster-port",
-        &free_port().to_string(),
+        &bus,
         "--cluster-node-timeout",
         "1500",
         "--cluster-replica-validity-factor",
@@ -174,6 +175,8 @@ fn node_opts(flavor: Flavor, module_args: &[String]) -> ServerOpts {
 pub struct Cluster {
     pub nodes: Vec<Server>,
     pub ids: Vec<String>,
+    /// The cluster bus port of each node.
+    pub bus: Vec<u16>,
     pub flavor: Flavor,
 }
 
@@ -181,14 +184,21 @@ impl Cluster {
     /// Six nodes with `module_args` (S3 and the cluster layout), slots assigned, replicas attached,
     /// `cluster_state:ok` everywhere.
     pub fn start(flavor: Flavor, module_args: &[String]) -> Cluster {
-        let nodes: Vec<Server> = (0..6)
-            .map(|_| Server::start(node_opts(flavor, module_args)))
+        let bus: Vec<u16> = (0..6).map(|_| free_port()).collect();
+        let nodes: Vec<Server> = bus
+            .iter()
+            .map(|&b| Server::start(node_opts(flavor, module_args, b)))
             .collect();
         let ids: Vec<String> = nodes
             .iter()
             .map(|n| cmd(&mut n.conn(), &["CLUSTER", "MYID"]).unwrap())
             .collect();
-        let cluster = Cluster { nodes, ids, flavor };
+        let cluster = Cluster {
+            nodes,
+            ids,
+            bus,
+            flavor,
+        };
         for (i, (start, end)) in RANGES.iter().enumerate() {
             cluster
                 .on::<()>(
@@ -203,7 +213,7 @@ impl Cluster {
                 .unwrap();
         }
         for j in 1..6 {
-            let bus = cluster.bus_port(j);
+            let bus = cluster.bus[j];
             cluster
                 .on::<()>(
                     0,
@@ -256,13 +266,6 @@ impl Cluster {
             })
         });
         self.wait_healthy(Duration::from_secs(60));
-    }
-
-    /// The cluster bus port a node was started with.
-    pub fn bus_port(&self, i: usize) -> u16 {
-        let extra = &self.nodes[i].opts.extra;
-        let at = extra.iter().position(|a| a == "--cluster-port").unwrap();
-        extra[at + 1].parse().unwrap()
     }
 
     pub fn conn(&self, i: usize) -> redis::Connection {
@@ -382,16 +385,17 @@ impl Cluster {
         }
     }
 
+    /// Whether node `i` answers PING (a killed or stopped node does not).
+    fn answers(&self, i: usize) -> bool {
+        let url = format!("redis://127.0.0.1:{}/", self.nodes[i].port);
+        redis::Client::open(url)
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
+            .and_then(|mut c| cmd::<String>(&mut c, &["PING"]))
+            .is_ok()
+    }
+
     fn health(&self) -> Result<(), String> {
-        let live: Vec<usize> = (0..self.nodes.len())
-            .filter(|&i| {
-                self.nodes[i]
-                    .try_conn()
-                    .ok()
-                    .and_then(|mut c| cmd::<String>(&mut c, &["PING"]).ok())
-                    .is_some()
-            })
-            .collect();
+        let live: Vec<usize> = (0..self.nodes.len()).filter(|&i| self.answers(i)).collect();
         let mut views = BTreeSet::new();
         for &i in &live {
             let info: String = self
@@ -423,11 +427,7 @@ impl Cluster {
         i: usize,
         args: &[&str],
     ) -> redis::RedisResult<std::collections::HashMap<String, redis::Value>> {
-        let mut c = redis::cmd("FLOWARCHIVE.SWEEP");
-        for a in args {
-            c.arg(*a);
-        }
-        c.query::<redis::Value>(&mut self.conn(i)).map(reply_map)
+        sweep(&mut self.conn(i), args)
     }
 
     /// Waits until no live node runs a sweep.
