@@ -21,6 +21,7 @@ use redis_module::{raw, CallReply, Context, ContextFlags};
 
 use crate::ops::errors::{show_key, FlowError};
 use crate::runtime::server::call;
+use crate::sync::lock;
 
 pub const SLOTS: usize = 16384;
 
@@ -147,12 +148,11 @@ static MIGRATIONS_SEEN: AtomicU32 = AtomicU32::new(0);
 /// INFO: whether this is a cluster node, atomic slot migrations seen to start here, and the slots in
 /// one now.
 fn fields() -> Vec<(String, i64)> {
-    let moving: usize = IN_FLIGHT.lock().map_or(0, |jobs| {
-        jobs.iter()
-            .flat_map(|(_, ranges)| ranges)
-            .map(|&(a, b)| (b - a) as usize + 1)
-            .sum()
-    });
+    let moving: usize = lock(&IN_FLIGHT)
+        .iter()
+        .flat_map(|(_, ranges)| ranges)
+        .map(|&(a, b)| (b - a) as usize + 1)
+        .sum();
     vec![
         ("cluster_enabled".into(), enabled() as i64),
         (
@@ -239,9 +239,7 @@ extern "C" fn on_slot_migration(
             MOTION[slot as usize].fetch_add(1, Ordering::AcqRel);
         }
     }
-    let Ok(mut in_flight) = IN_FLIGHT.lock() else {
-        return;
-    };
+    let mut in_flight = lock(&IN_FLIGHT);
     in_flight.retain(|(name, _)| *name != job);
     if subevent <= 1 {
         MIGRATIONS_SEEN.fetch_add(1, Ordering::Relaxed);
@@ -250,11 +248,10 @@ extern "C" fn on_slot_migration(
 }
 
 fn in_atomic_migration(slot: u16) -> bool {
-    IN_FLIGHT.lock().is_ok_and(|jobs| {
-        jobs.iter()
-            .flat_map(|(_, ranges)| ranges)
-            .any(|&(a, b)| (a..=b).contains(&slot))
-    })
+    lock(&IN_FLIGHT)
+        .iter()
+        .flat_map(|(_, ranges)| ranges)
+        .any(|&(a, b)| (a..=b).contains(&slot))
 }
 
 // ------------------------------------------------------------------ ownership
