@@ -3,6 +3,8 @@
 //! Templates use `$name` placeholders (`$prefix`, `$id`, `$status`, `$label`, `$value`; `$$` is a literal
 //! `$`). Braces are left alone so templates can carry cluster hash tags, e.g. `$prefix:{flow:$id}:events`.
 
+use crate::runtime::cluster;
+
 pub const VARS: &[&str] = &["prefix", "id", "status", "label", "value"];
 
 #[derive(Default)]
@@ -119,6 +121,20 @@ pub struct FlowKeys {
 }
 
 impl FlowKeys {
+    /// Every key of the flow with the config of the template it comes from (for cluster placement).
+    pub fn named(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        [
+            ("events-key", Some(&self.events)),
+            ("snapshot-key", Some(&self.snapshot)),
+            ("seq-key", self.seq.as_ref()),
+            ("labels-key", self.labels.as_ref()),
+            ("status-key", self.status_hash.as_ref()),
+            ("index-key", Some(&self.index)),
+        ]
+        .into_iter()
+        .filter_map(|(name, key)| key.map(|k| (name, k.as_str())))
+    }
+
     /// The flow's own keys (its event log, snapshot, sequence and labels), which the commit deletes.
     pub fn own(&self) -> impl Iterator<Item = &str> {
         [
@@ -152,8 +168,18 @@ impl Layout {
             labels: opt(&self.labels),
             status_hash: opt(&self.status_hash),
             member: render(&self.member, &v),
-            index: render(&self.index, &v),
+            index: self.index_key(id, &v),
         }
+    }
+
+    /// The index hash of a flow. On a cluster an `index-key` without `$id` names one hash per slot,
+    /// `<index-key>:{N}` in the flow's slot (see `runtime::cluster`), so the entry lives with the flow.
+    fn index_key(&self, id: &str, v: &Vars) -> String {
+        let base = render(&self.index, v);
+        if !cluster::enabled() || uses_id(&self.index) {
+            return base;
+        }
+        cluster::slot_index_key(&base, cluster::key_slot(id.as_bytes()))
     }
 
     pub fn status_set_key(&self, id: &str, status: &str) -> Option<String> {
@@ -199,6 +225,11 @@ impl Layout {
     pub fn is_terminal(&self, status: &str) -> bool {
         self.terminal.iter().any(|t| t == status)
     }
+}
+
+/// Whether a template holds `$id`.
+fn uses_id(template: &str) -> bool {
+    pieces(template).is_ok_and(|parts| parts.iter().any(|p| matches!(p, Piece::Var("id"))))
 }
 
 /// The text before and after `$id` in a rendered template (which must hold `$id` exactly once).

@@ -29,7 +29,7 @@ use redis_module::{raw, redis_module, AclCategory, Context, RedisString, Status}
 
 use crate::ops::{configs, errors, log};
 use crate::read::fetch;
-use crate::runtime::{mainthread, pool, watch};
+use crate::runtime::{cluster, mainthread, pool, watch};
 
 /// The server's allocator inside the server (so memory shows in INFO memory), the system's in unit tests.
 struct ModuleAlloc;
@@ -62,6 +62,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
     }
     mainthread::init(ctx);
     watch::init(ctx);
+    cluster::init(ctx);
     // SAFETY: called once from OnLoad with the module's context.
     unsafe {
         if let Some(set_options) = raw::RedisModule_SetModuleOptions {

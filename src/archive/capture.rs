@@ -13,6 +13,7 @@ use crate::index;
 use crate::layout::{FlowKeys, Layout};
 use crate::ops::errors::{show_key, FlowError};
 use crate::runtime::acl::{self, Access, Caller};
+use crate::runtime::cluster;
 use crate::runtime::mainthread::EVENTS_PER_STEP;
 use crate::runtime::server::{
     bytes, call, expect_type, list_len, list_range, read_string, strings,
@@ -32,6 +33,8 @@ pub struct Capture {
     /// reads accept could never be read back, so it is never archived, and memory stays bounded).
     pub bytes: u64,
     pub max_bytes: u64,
+    /// On a cluster, the migration generation of the flow's slot when it was read (see `cluster`).
+    pub motion: u32,
 }
 
 impl Capture {
@@ -69,6 +72,8 @@ pub fn inspect(
     window: &Window,
 ) -> Result<Inspected, FlowError> {
     let keys = layout.flow_keys(id);
+    // On a cluster: the flow's keys all in its id's slot, and that slot archivable here now.
+    cluster::archivable(ctx, cluster::placement(id, keys.named())?)?;
     // Nothing is read before the caller is known to have the rights an archive needs on these keys.
     acl::check_all(ctx, caller, keys.own(), Access::Remove)?;
     acl::check(ctx, caller, &keys.index, Access::Add)?;

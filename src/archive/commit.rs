@@ -19,6 +19,7 @@ use crate::layout::Layout;
 use crate::ops::errors::{self, FlowError};
 use crate::ops::metrics::Stage;
 use crate::runtime::acl::Caller;
+use crate::runtime::cluster;
 use crate::runtime::mainthread;
 use crate::runtime::server::{bytes, call, call_replicated, integer, type_of};
 use crate::runtime::watch::Watch;
@@ -83,12 +84,15 @@ fn commit(
     watch: &Watch,
     layout: &Layout,
     location: &str,
+    motion: u32,
 ) -> Result<(), FlowError> {
     writable(ctx)?;
     if watch.changed() || !unchanged(ctx, flow, layout)? {
         return Err(FlowError::Changed);
     }
-    guard::check(ctx, caller, flow, layout)?;
+    let slot = guard::check(ctx, caller, flow, layout)?;
+    // On a cluster: still this node's slot, not moving, and no migration of it since the capture.
+    cluster::check_commit(ctx, slot, motion)?;
     if let Some(existing) = index::location(ctx, &flow.keys, &flow.id)? {
         return Err(FlowError::Conflict(existing));
     }
@@ -134,12 +138,13 @@ pub fn when_writable(capture: Capture, layout: &Layout, location: &str) -> Resul
         caller,
         watch,
         mut held_us,
+        motion,
         ..
     } = capture;
     let paused_until = Instant::now() + PAUSE_WAIT;
     loop {
         let committed = mainthread::step(flow.db, Stage::Commit, &mut held_us, |ctx| {
-            commit(ctx, &caller, &flow, &watch, layout, location)
+            commit(ctx, &caller, &flow, &watch, layout, location, motion)
         });
         match committed {
             Err(FlowError::NotWritable(errors::WRITES_PAUSED)) if Instant::now() < paused_until => {

@@ -1,6 +1,7 @@
 //! The commit's preconditions, checked when a capture begins (so an archive that could not commit is
 //! refused before anything is uploaded) and again in the commit step itself, before its first write:
-//! the caller's ACL on every key the commit touches, each key's type, and on a cluster its slot.
+//! the caller's ACL on every key the commit touches, each key's type, and on a cluster that every key
+//! is in the flow's slot.
 
 use redis_module::{Context, KeyType};
 
@@ -11,8 +12,9 @@ use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::cluster;
 use crate::runtime::server::expect_type;
 
-/// One key the commit touches: what it must hold and what is done to it.
+/// One key the commit touches: the template it comes from, what it must hold and what is done to it.
 struct Touched {
+    template: &'static str,
     key: String,
     expected: KeyType,
     access: Access,
@@ -21,58 +23,73 @@ struct Touched {
 /// Every key the commit of `flow` reads or writes, in one list for the ACL, type and slot checks.
 fn touched(flow: &Captured, layout: &Layout) -> Vec<Touched> {
     let keys = &flow.keys;
-    let entry = |key: &str, expected, access| Touched {
+    let entry = |template, key: &str, expected, access| Touched {
+        template,
         key: key.to_string(),
         expected,
         access,
     };
     let mut out = vec![
-        entry(&keys.events, KeyType::List, Access::Remove),
-        entry(&keys.snapshot, KeyType::String, Access::Remove),
+        entry("events-key", &keys.events, KeyType::List, Access::Remove),
+        entry(
+            "snapshot-key",
+            &keys.snapshot,
+            KeyType::String,
+            Access::Remove,
+        ),
     ];
     out.extend(
         keys.seq
             .iter()
-            .map(|k| entry(k, KeyType::String, Access::Remove)),
+            .map(|k| entry("seq-key", k, KeyType::String, Access::Remove)),
     );
     out.extend(
         keys.labels
             .iter()
-            .map(|k| entry(k, KeyType::Hash, Access::Remove)),
+            .map(|k| entry("labels-key", k, KeyType::Hash, Access::Remove)),
     );
-    out.push(entry(&keys.index, KeyType::Hash, Access::Add));
+    out.push(entry("index-key", &keys.index, KeyType::Hash, Access::Add));
     out.extend(
         keys.status_hash
             .iter()
-            .map(|k| entry(k, KeyType::Hash, Access::Remove)),
+            .map(|k| entry("status-key", k, KeyType::Hash, Access::Remove)),
     );
     if let Some(set) = layout.status_set_key(&flow.id, &flow.status) {
-        out.push(entry(&set, KeyType::ZSet, Access::Remove));
+        out.push(entry("status-set-key", &set, KeyType::ZSet, Access::Remove));
     }
     for (label, value) in &flow.labels {
         if let Some(set) = layout.label_set_key(&flow.id, label, value) {
-            out.push(entry(&set, KeyType::Set, Access::Remove));
+            out.push(entry("label-set-key", &set, KeyType::Set, Access::Remove));
         }
         if let Some(values) = layout.label_values_key(&flow.id, label) {
-            out.push(entry(&values, KeyType::Set, Access::Remove));
+            out.push(entry(
+                "label-values-key",
+                &values,
+                KeyType::Set,
+                Access::Remove,
+            ));
         }
     }
     out
 }
 
-/// The caller may touch every key of `flow`, each holds its expected type (or nothing), and on a cluster all of
-/// them sit in one slot this node serves.
+/// The caller may touch every key of `flow`, each holds its expected type (or nothing), and on a
+/// cluster every one sits in the flow's slot (a key elsewhere is refused naming its template). The
+/// flow's slot on a cluster.
 pub fn check(
     ctx: &Context,
     caller: &Caller,
     flow: &Captured,
     layout: &Layout,
-) -> Result<(), FlowError> {
+) -> Result<Option<u16>, FlowError> {
     let touched = touched(flow, layout);
+    let slot = cluster::placement(
+        &flow.id,
+        touched.iter().map(|t| (t.template, t.key.as_str())),
+    )?;
     for t in &touched {
         acl::check(ctx, caller, &t.key, t.access)?;
         expect_type(ctx, &t.key, &t.expected)?;
     }
-    let keys: Vec<&str> = touched.iter().map(|t| t.key.as_str()).collect();
-    cluster::check(ctx, &keys)
+    Ok(slot)
 }

@@ -23,6 +23,7 @@ use crate::ops::errors::{self, FlowError};
 use crate::ops::metrics::{self, Buffered, Stage, UPLOADS_IN_FLIGHT};
 use crate::runtime::acl::Caller;
 use crate::runtime::blocking::{answer_later, refuse_where_it_cannot_run, this_client};
+use crate::runtime::cluster;
 use crate::runtime::mainthread;
 use crate::runtime::pool::Pool;
 use crate::runtime::reply::map;
@@ -115,6 +116,8 @@ pub fn begin(
                 }
                 Inspected::Eligible(flow, total) => (*flow, total),
             };
+        // On a cluster, the slot's migration generation now: the commit refuses if it changed.
+        let motion = cluster::motion(cluster::placement(id, flow.keys.named())?);
         let watched: Vec<&str> = flow.keys.own().collect();
         let watch = Watch::start(db, id, &watched).ok_or(FlowError::Busy)?;
         let mut capture = Capture {
@@ -125,6 +128,7 @@ pub fn begin(
             watch,
             held_us: 0,
             max_bytes: settings.read_max_bytes,
+            motion,
         };
         capture::read_more(ctx, &mut capture)?;
         Ok(Start::Capture(Box::new(capture)))

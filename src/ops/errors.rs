@@ -69,6 +69,7 @@ kinds! {
         NoPerm => "noperm",
         NotWritable => "not_writable",
         Cluster => "cluster",
+        SlotMoved => "slot_moved",
         Internal => "internal",
     }
 }
@@ -94,8 +95,11 @@ pub enum FlowError {
     NoPerm(String),
     /// The node cannot take the commit's writes now (a replica, or writes paused for a failover).
     NotWritable(&'static str),
-    /// A cluster node that does not serve every key of the flow in one slot.
+    /// On a cluster: a layout or id that cannot place the flow in its id's slot.
     Cluster(String),
+    /// On a cluster: the flow's slot is not (or no longer) archivable here: it moved, is moving, or
+    /// this node no longer serves it. The flow stays live for its owner's next sweep.
+    Moved(String),
     Upload(StoreError),
     Internal(String),
 }
@@ -122,6 +126,7 @@ impl FlowError {
             FlowError::NoPerm(_) => FlowKind::NoPerm,
             FlowError::NotWritable(_) => FlowKind::NotWritable,
             FlowError::Cluster(_) => FlowKind::Cluster,
+            FlowError::Moved(_) => FlowKind::SlotMoved,
             FlowError::Upload(e) => return e.kind.name(),
             FlowError::Internal(_) => FlowKind::Internal,
         };
@@ -171,7 +176,10 @@ impl FlowError {
                 format!("ERR flow {id} was not archived: {why}; nothing was deleted")
             }
             FlowError::Cluster(why) => {
-                format!("ERR flow {id} cannot be archived on this cluster node: {why}; nothing was deleted")
+                format!("ERR flow {id} cannot be placed in its slot on this cluster: {why}; nothing was deleted")
+            }
+            FlowError::Moved(why) => {
+                format!("ERR flow {id} was not archived: {why}; it stays live, nothing was deleted")
             }
             FlowError::Upload(why) => {
                 format!("ERR flow {id} was not archived, nothing was deleted: {why}")

@@ -18,6 +18,7 @@ use crate::ops::info::named;
 use crate::read::fetch::Waiter;
 use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::blocking::{can_block, this_client};
+use crate::runtime::cluster;
 use crate::runtime::server::{expect_type, selected_db};
 
 static GET_LIVE: AtomicU64 = AtomicU64::new(0);
@@ -45,6 +46,7 @@ pub fn get(ctx: &Context, id: String, events: bool) -> RedisResult {
     let keys = settings.layout.flow_keys(&id);
     let caller = Caller::of(ctx);
     let fail = |e: FlowError| RedisError::String(e.message(&id));
+    let slot = cluster::placement(&id, keys.named()).map_err(fail)?;
     acl::check(ctx, &caller, &keys.snapshot, Access::Read).map_err(fail)?;
     if let Some(snapshot) = live::snapshot(ctx, &keys).map_err(fail)? {
         GET_LIVE.fetch_add(1, Ordering::Relaxed);
@@ -58,6 +60,11 @@ pub fn get(ctx: &Context, id: String, events: bool) -> RedisResult {
     }
     acl::check(ctx, &caller, &keys.index, Access::Read).map_err(fail)?;
     let Some(location) = index::location(ctx, &keys, &id).map_err(fail)? else {
+        // A classic resharding sends reads of the slot here (ASK) before the flow's keys arrive:
+        // "not found" is only an answer in a slot this node serves.
+        if cluster::archivable(ctx, slot).is_err() {
+            return Err(RedisError::String(cluster::try_again(&id)));
+        }
         GET_NOT_FOUND.fetch_add(1, Ordering::Relaxed);
         return Ok(RedisValue::Null);
     };

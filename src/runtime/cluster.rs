@@ -1,12 +1,54 @@
-//! Cluster guard. Until per-slot archiving exists, an archive on a cluster node runs only when every key
-//! it reads or writes (the flow's own keys, the engine-wide index entries and the archive index) hashes
-//! to one slot that this node serves as primary; anything else would write into slots other nodes own
-//! (the index entry would land nowhere and the flow's history be reachable only in S3).
+//! Valkey Cluster. A flow lives in the slot of its id: every key of the layout carries `{$id}` as hash
+//! tag (or is absent), and the archive index is one hash per slot, `<index-key>:{N}` with N the
+//! smallest non-negative integer whose decimal text hashes to that slot, so the index entry is
+//! written by the commit that deletes the flow, in one slot, on the node that owns it.
+//!
+//! The commands declare the flow id as a routing-only key (key spec flag `NOT_KEY`: cluster clients
+//! and the server route by it, ACL checks and `COMMAND GETKEYS` see no key), so a wrong node answers
+//! `-MOVED`. A commit proves, in the same main-thread step as its writes, that this node still serves
+//! the flow's slot as primary, that the slot is not being migrated (classic `MIGRATING`/`IMPORTING`
+//! or a Valkey 9 atomic slot migration), and that no atomic migration of that slot began or ended
+//! since the capture; anything else abandons the archive with the flow live. (A classic migration
+//! moves the flow's keys with MIGRATE, which deletes them here: the capture's watch sees that.)
+//!
+//! On a server without cluster mode nothing here changes behaviour.
 
-use redis_module::{CallReply, Context, ContextFlags};
+use std::os::raw::{c_char, c_int, c_void};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
 
-use crate::ops::errors::FlowError;
+use redis_module::{raw, CallReply, Context, ContextFlags};
+
+use crate::ops::errors::{show_key, FlowError};
 use crate::runtime::server::call;
+use crate::sync::lock;
+
+pub const SLOTS: usize = 16384;
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Whether the server runs in cluster mode (fixed for the life of the process).
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// At load: remembers cluster mode, builds the slot tag table, declares the routing key of the
+/// commands and follows atomic slot migrations.
+pub fn init(ctx: &Context) {
+    ENABLED.store(
+        ctx.get_flags().contains(ContextFlags::CLUSTER),
+        Ordering::Relaxed,
+    );
+    for name in ["flowarchive.flow", "flowarchive.get"] {
+        declare_id_key(ctx, name);
+    }
+    if enabled() {
+        let _ = tags();
+        subscribe_slot_migrations(ctx);
+    }
+}
+
+// ------------------------------------------------------------------ slots
 
 /// CRC16-CCITT (XMODEM), the cluster's key hash.
 fn crc16(bytes: &[u8]) -> u16 {
@@ -32,68 +74,303 @@ pub fn key_slot(key: &[u8]) -> u16 {
         let close = rest.iter().position(|&b| b == b'}')?;
         (close > 0).then(|| &rest[..close])
     });
-    crc16(tagged.unwrap_or(key)) & 16383
+    crc16(tagged.unwrap_or(key)) & (SLOTS as u16 - 1)
 }
 
-/// Whether this node serves `slot` as primary, from `CLUSTER SLOTS` and `CLUSTER MYID`.
-fn serves(ctx: &Context, slot: u16) -> Result<bool, FlowError> {
-    let me = call(ctx, "CLUSTER", &[b"MYID"])?;
-    let me = crate::runtime::server::bytes(&me).unwrap_or_default();
-    let slots = call(ctx, "CLUSTER", &[b"SLOTS"])?;
-    let CallReply::Array(ranges) = &slots else {
-        return Ok(false);
-    };
-    for range in ranges.iter().flatten() {
-        let CallReply::Array(parts) = &range else {
-            continue;
-        };
-        let int = |i: usize| match parts.get(i) {
-            Some(Ok(CallReply::I64(n))) => Some(n.to_i64()),
-            _ => None,
-        };
-        let (Some(start), Some(end)) = (int(0), int(1)) else {
-            continue;
-        };
-        if !(start..=end).contains(&(slot as i64)) {
-            continue;
+/// For every slot, the smallest non-negative integer whose decimal text hashes to it (the largest is
+/// 109757; the table is built once, at load on a cluster node).
+fn tags() -> &'static [u32] {
+    static TABLE: OnceLock<Vec<u32>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut table = vec![u32::MAX; SLOTS];
+        let mut missing = SLOTS;
+        let mut n = 0u32;
+        while missing > 0 {
+            let slot = crc16(n.to_string().as_bytes()) as usize & (SLOTS - 1);
+            if table[slot] == u32::MAX {
+                table[slot] = n;
+                missing -= 1;
+            }
+            n += 1;
         }
-        // The first node of a range is its primary: [ip, port, id, ...].
-        let primary_id = match parts.get(2) {
-            Some(Ok(CallReply::Array(node))) => match node.get(2) {
-                Some(Ok(r)) => crate::runtime::server::bytes(&r),
-                _ => None,
-            },
-            _ => None,
-        };
-        return Ok(primary_id.as_deref() == Some(&me[..]));
-    }
-    Ok(false)
+        table
+    })
 }
 
-/// On a cluster node, refuses unless every key of `keys` sits in one slot this node serves.
-pub fn check(ctx: &Context, keys: &[&str]) -> Result<(), FlowError> {
-    if !ctx.get_flags().contains(ContextFlags::CLUSTER) {
-        return Ok(());
+/// The index hash of `slot`: `<index>:{N}`, N the slot's tag (see the module docs).
+pub fn slot_index_key(index: &str, slot: u16) -> String {
+    format!("{index}:{{{}}}", tags()[slot as usize])
+}
+
+// ------------------------------------------------------------------ placement
+
+/// Where a flow's keys must live on a cluster: the slot of its id. Refuses an id whose braces would
+/// move its keys' hash tag, and any key (named by the template it comes from) outside that slot.
+pub fn placement<'k>(
+    id: &str,
+    keys: impl IntoIterator<Item = (&'static str, &'k str)>,
+) -> Result<Option<u16>, FlowError> {
+    if !enabled() {
+        return Ok(None);
     }
-    let Some(first) = keys.first() else {
+    if id.contains(['{', '}']) {
+        return Err(FlowError::Cluster(
+            "the id contains '{' or '}', which would break the {$id} hash tag of its keys and place them in another slot".into(),
+        ));
+    }
+    let slot = key_slot(id.as_bytes());
+    for (template, key) in keys {
+        let at = key_slot(key.as_bytes());
+        if at != slot {
+            return Err(FlowError::Cluster(format!(
+                "template {template} gives key {} in slot {at}, not the flow's slot {slot}; on a cluster every template must carry {{$id}} as hash tag or be empty",
+                show_key(key)
+            )));
+        }
+    }
+    Ok(Some(slot))
+}
+
+// ------------------------------------------------------------------ slot motion
+
+/// Bumped for every slot an atomic slot migration starts, completes or aborts on: a capture remembers
+/// its slot's value, the commit refuses if it changed.
+static MOTION: [AtomicU32; SLOTS] = [const { AtomicU32::new(0) }; SLOTS];
+
+/// One atomic slot migration in flight on this node (import or export): job name and slot ranges.
+type Job = (Vec<u8>, Vec<(u16, u16)>);
+
+static IN_FLIGHT: Mutex<Vec<Job>> = Mutex::new(Vec::new());
+
+/// Atomic slot migrations this node has seen start (import or export).
+static MIGRATIONS_SEEN: AtomicU32 = AtomicU32::new(0);
+
+/// INFO: whether this is a cluster node, atomic slot migrations seen to start here, and the slots in
+/// one now.
+fn fields() -> Vec<(String, i64)> {
+    let moving: usize = lock(&IN_FLIGHT)
+        .iter()
+        .flat_map(|(_, ranges)| ranges)
+        .map(|&(a, b)| (b - a) as usize + 1)
+        .sum();
+    vec![
+        ("cluster_enabled".into(), enabled() as i64),
+        (
+            "cluster_slot_migrations_seen".into(),
+            MIGRATIONS_SEEN.load(Ordering::Relaxed) as i64,
+        ),
+        ("cluster_slots_migrating".into(), moving as i64),
+    ]
+}
+
+#[linkme::distributed_slice(crate::ops::info::INFO_FIELDS)]
+static CLUSTER_FIELDS: crate::ops::info::Fields = fields;
+
+/// The motion generation of `slot` (0 outside cluster mode).
+pub fn motion(slot: Option<u16>) -> u32 {
+    slot.map_or(0, |s| MOTION[s as usize].load(Ordering::Acquire))
+}
+
+// Valkey 9's atomic slot migration event (valkeymodule.h): id 19, subevents import/export
+// started (0/1), aborted (2/3), completed (4/5); data `ValkeyModuleAtomicSlotMigrationInfo`.
+const EVENT_ATOMIC_SLOT_MIGRATION: u64 = 19;
+const NODE_ID_LEN: usize = 40;
+
+#[repr(C)]
+struct SlotRange {
+    start: c_int,
+    end: c_int,
+}
+
+#[repr(C)]
+struct SlotMigrationInfo {
+    version: u64,
+    job_name: [c_char; NODE_ID_LEN + 1],
+    slot_ranges: *const SlotRange,
+    num_slot_ranges: u32,
+}
+
+fn subscribe_slot_migrations(ctx: &Context) {
+    let event = raw::RedisModuleEvent {
+        id: EVENT_ATOMIC_SLOT_MIGRATION,
+        dataver: 1,
+    };
+    // SAFETY: called from OnLoad with the module's context; a server without the event refuses the
+    // subscription (Valkey 8 has classic resharding only, checked at commit through CLUSTER NODES).
+    unsafe {
+        if let Some(subscribe) = raw::RedisModule_SubscribeToServerEvent {
+            subscribe(ctx.ctx, event, Some(on_slot_migration));
+        }
+    }
+}
+
+extern "C" fn on_slot_migration(
+    _ctx: *mut raw::RedisModuleCtx,
+    _eid: raw::RedisModuleEvent,
+    subevent: u64,
+    data: *mut c_void,
+) {
+    if data.is_null() {
+        return;
+    }
+    // SAFETY: the server passes a live ValkeyModuleAtomicSlotMigrationInfo (version 1) for this event,
+    // valid for the duration of the callback; only its documented fields are read.
+    let (job, ranges) = unsafe {
+        let info = &*(data as *const SlotMigrationInfo);
+        let job: Vec<u8> = info
+            .job_name
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8)
+            .collect();
+        let ranges: Vec<(u16, u16)> = if info.slot_ranges.is_null() {
+            Vec::new()
+        } else {
+            std::slice::from_raw_parts(info.slot_ranges, info.num_slot_ranges as usize)
+                .iter()
+                .filter(|r| 0 <= r.start && r.start <= r.end && (r.end as usize) < SLOTS)
+                .map(|r| (r.start as u16, r.end as u16))
+                .collect()
+        };
+        (job, ranges)
+    };
+    for &(start, end) in &ranges {
+        for slot in start..=end {
+            MOTION[slot as usize].fetch_add(1, Ordering::AcqRel);
+        }
+    }
+    let mut in_flight = lock(&IN_FLIGHT);
+    in_flight.retain(|(name, _)| *name != job);
+    if subevent <= 1 {
+        MIGRATIONS_SEEN.fetch_add(1, Ordering::Relaxed);
+        in_flight.push((job, ranges));
+    }
+}
+
+fn in_atomic_migration(slot: u16) -> bool {
+    lock(&IN_FLIGHT)
+        .iter()
+        .flat_map(|(_, ranges)| ranges)
+        .any(|&(a, b)| (a..=b).contains(&slot))
+}
+
+// ------------------------------------------------------------------ ownership
+
+/// Two keys of `slot` that never hold data: the probe of `serves`.
+fn probe_keys(slot: u16) -> [String; 2] {
+    let tag = tags()[slot as usize];
+    [1, 2].map(|n| format!("flowarchive:slot-probe-{n}:{{{tag}}}"))
+}
+
+/// Whether this node may archive from `slot` now, asked of the server's own routing: a module call
+/// on a cluster node is refused unless the node would serve it to the client, which it does only for
+/// a slot it serves. The probe reads two keys of the slot that do not exist, so a replica redirects
+/// (to its primary), a migrating slot redirects (ASK: the keys are missing here), an importing slot
+/// redirects or, for an ASKING client, answers TRYAGAIN (several keys, missing), and a failed cluster
+/// refuses. Atomic slot migrations (Valkey 9) are followed through their server events. One O(1)
+/// call, and no `CLUSTER SLOTS`/`NODES` (Valkey 8.0 crashes answering those to a module outside a
+/// command).
+fn serves(ctx: &Context, slot: u16) -> Result<(), String> {
+    if in_atomic_migration(slot) {
+        return Err("the flow's slot is being migrated".into());
+    }
+    let [a, b] = probe_keys(slot);
+    // A call the cluster refuses returns no reply at all (an error only with the `E` flag): anything
+    // but the count is a refusal.
+    match call(ctx, "EXISTS", &[a.as_bytes(), b.as_bytes()]) {
+        Ok(CallReply::I64(_)) => Ok(()),
+        Ok(_) => Err("this node does not serve the flow's slot now".into()),
+        Err(why) => Err(format!(
+            "this node does not serve the flow's slot now ({why})"
+        )),
+    }
+}
+
+/// The reply to a read that cannot tell "not found" now (its slot is being migrated): clients retry
+/// on `TRYAGAIN`, as for a multi-key command in a migrating slot.
+pub fn try_again(id: &str) -> String {
+    format!(
+        "TRYAGAIN flow {} is in a slot being migrated to or from this node; retry",
+        crate::ops::errors::show_id(id)
+    )
+}
+
+/// Whether the snapshot key `key` (found by a sweep's SCAN) is in a slot this node may archive from.
+pub fn serves_key(ctx: &Context, key: &str) -> bool {
+    !enabled() || serves(ctx, key_slot(key.as_bytes())).is_ok()
+}
+
+/// Whether flows of `slot` may be archived here now (for capture and commit).
+pub fn archivable(ctx: &Context, slot: Option<u16>) -> Result<(), FlowError> {
+    let Some(slot) = slot else {
         return Ok(());
     };
-    let slot = key_slot(first.as_bytes());
-    if let Some(other) = keys.iter().find(|k| key_slot(k.as_bytes()) != slot) {
-        return Err(FlowError::Cluster(format!(
-            "keys {} and {} are in different slots ({slot} and {}); on a cluster every key of a flow and its index entry must share one slot (hash tags)",
-            crate::ops::errors::show_key(first),
-            crate::ops::errors::show_key(other),
-            key_slot(other.as_bytes())
-        )));
-    }
-    if !serves(ctx, slot)? {
-        return Err(FlowError::Cluster(format!(
-            "slot {slot} of key {} is not served by this node as primary",
-            crate::ops::errors::show_key(first)
+    serves(ctx, slot).map_err(|why| FlowError::Moved(format!("slot {slot}: {why}")))
+}
+
+/// At commit, in the step that writes: the slot is archivable here and no atomic migration of it
+/// began or ended since the capture (`motion_at_capture`).
+pub fn check_commit(
+    ctx: &Context,
+    slot: Option<u16>,
+    motion_at_capture: u32,
+) -> Result<(), FlowError> {
+    archivable(ctx, slot)?;
+    if motion(slot) != motion_at_capture {
+        return Err(FlowError::Moved(format!(
+            "slot {} was migrated while the flow was being archived",
+            slot.unwrap_or_default()
         )));
     }
     Ok(())
+}
+
+// ------------------------------------------------------------------ routing
+
+const COMMAND_INFO_VERSION: raw::RedisModuleCommandInfoVersion =
+    raw::RedisModuleCommandInfoVersion {
+        version: 1,
+        sizeof_historyentry: std::mem::size_of::<raw::RedisModuleCommandHistoryEntry>(),
+        sizeof_keyspec: std::mem::size_of::<raw::RedisModuleCommandKeySpec>(),
+        sizeof_arg: std::mem::size_of::<raw::RedisModuleCommandArg>(),
+    };
+
+/// Declares argument 1 (the flow id) of `name` as a routing-only key: `NOT_KEY` (the id names no key;
+/// ACL key patterns and `COMMAND GETKEYS` ignore it), read-only, begin at index 1, one key. The server
+/// derives first/last/step 1/1/1 from it, which is what cluster routing (its own and clients') reads.
+fn declare_id_key(ctx: &Context, name: &str) {
+    let Ok(cname) = std::ffi::CString::new(name) else {
+        return;
+    };
+    // SAFETY: OnLoad, after the command was created; the key spec array is terminated by a zeroed
+    // entry and outlives the call (the server copies it).
+    unsafe {
+        let (Some(get), Some(set)) = (raw::RedisModule_GetCommand, raw::RedisModule_SetCommandInfo)
+        else {
+            return;
+        };
+        let command = get(ctx.ctx, cname.as_ptr());
+        if command.is_null() {
+            return;
+        }
+        let mut specs: [raw::RedisModuleCommandKeySpec; 2] = std::mem::zeroed();
+        specs[0].flags = (raw::REDISMODULE_CMD_KEY_RO | raw::REDISMODULE_CMD_KEY_NOT_KEY) as u64;
+        specs[0].begin_search_type =
+            raw::RedisModuleKeySpecBeginSearchType_REDISMODULE_KSPEC_BS_INDEX;
+        specs[0].bs.index.pos = 1;
+        specs[0].find_keys_type = raw::RedisModuleKeySpecFindKeysType_REDISMODULE_KSPEC_FK_RANGE;
+        specs[0].fk.range.lastkey = 0;
+        specs[0].fk.range.keystep = 1;
+        specs[0].fk.range.limit = 0;
+        let mut info: raw::RedisModuleCommandInfo = std::mem::zeroed();
+        info.version = &COMMAND_INFO_VERSION;
+        info.key_specs = specs.as_mut_ptr();
+        if set(command, std::ptr::addr_of_mut!(info)) != raw::REDISMODULE_OK as c_int {
+            crate::ops::log::warning(&format!(
+                "flowarchive: cannot declare the flow id of {name} for cluster routing"
+            ));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -110,5 +387,21 @@ mod tests {
         assert_ne!(key_slot(b"foo{}{bar}"), key_slot(b"bar"));
         assert_eq!(key_slot(b"foo{{bar}}zap"), key_slot(b"{bar"));
         assert_eq!(key_slot(b"foo{bar}{zap}"), key_slot(b"bar"));
+    }
+
+    #[test]
+    fn every_slot_has_the_smallest_decimal_tag() {
+        let t = tags();
+        for (slot, &n) in t.iter().enumerate() {
+            assert_eq!(key_slot(n.to_string().as_bytes()) as usize, slot);
+            assert_eq!(
+                key_slot(slot_index_key("archived:flows", slot as u16).as_bytes()) as usize,
+                slot
+            );
+        }
+        assert_eq!(t[0], 3560);
+        assert_eq!(*t.iter().max().unwrap(), 109_757);
+        // Smallest: no smaller integer hashes to the slot.
+        assert!((0..3560u32).all(|n| key_slot(n.to_string().as_bytes()) != 0));
     }
 }

@@ -45,7 +45,7 @@ impl Progress {
     /// Counts a flow that was not archived: skipped (changed, not eligible, not allowed) or failed.
     pub fn count(&self, err: &FlowError) {
         let skipped = match err {
-            FlowError::Changed => &self.skipped_changed,
+            FlowError::Changed | FlowError::Moved(_) => &self.skipped_changed,
             FlowError::NoPerm(_) => &self.skipped_noperm,
             FlowError::NotFound
             | FlowError::NotTerminal(_)

@@ -4,7 +4,9 @@
 //! (score, member) returned; the next step finds its place again by rank — `ZCOUNT` below the score,
 //! then a binary search among the members tied at that score — so a step costs O(batch + log N) however
 //! many flows share one score (an offset into the tie would grow with it). Without a status index, one
-//! `SCAN` call per step walks the snapshot keys.
+//! `SCAN` call per step walks the snapshot keys. On a cluster node the walk is always the `SCAN` (an
+//! engine-wide status set cannot live in every flow's slot): it sees this node's own keys, and keeps
+//! only flows of slots this node serves and that are not being migrated.
 
 use std::collections::HashSet;
 
@@ -14,6 +16,7 @@ use crate::archive::eligible::{SnapshotFacts, Window};
 use crate::layout::Layout;
 use crate::ops::errors;
 use crate::runtime::acl::{self, Access, Caller};
+use crate::runtime::cluster;
 use crate::runtime::server::{bytes, call, integer, strings};
 
 /// Where candidates are found.
@@ -41,7 +44,7 @@ pub struct Selector {
 impl Selector {
     /// Selects the flows eligible in `window` (terminal, idle long enough) that `caller` may read.
     pub fn new(layout: &Layout, window: Window, caller: Caller) -> Self {
-        let source = if layout.status_set.is_some() {
+        let source = if layout.status_set.is_some() && !cluster::enabled() {
             Source::StatusSets {
                 statuses: layout.terminal.clone(),
                 next: 0,
@@ -246,6 +249,11 @@ fn scan_step(
             continue;
         };
         if seen.contains(&id) {
+            continue;
+        }
+        // On a cluster, keys of slots this node may not archive from now (imported and not yet
+        // owned, being migrated) are passed over; the capture checks the placement of the others.
+        if !cluster::serves_key(ctx, &key) {
             continue;
         }
         // A snapshot the caller may not read is not read here: the flow becomes a candidate whose

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod checker;
+pub mod cluster;
 pub mod fixtures;
 pub mod proxy;
 pub mod s3;

@@ -1,0 +1,564 @@
+//! Valkey Cluster (issue 13): routing by the flow id, per-node sweeps and the cron fan-out, the
+//! per-slot co-located index, the cluster layout rules, and chaos (failover, a primary killed, slot
+//! migration) in the middle of sweeps, on a real 3+3 cluster started by the test. Quick by default;
+//! FLOWARCHIVE_CHAOS=long runs more flows and more rounds.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::cluster::*;
+use common::proxy::Proxy;
+use common::*;
+
+/// Sends `sig` (e.g. `-STOP`, `-CONT`) to a server process.
+fn signal(sig: &str, pid: u32) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// A cluster of `flavor` whose nodes reach S3 through `proxy` when given.
+fn bed(flavor: Flavor, proxy: Option<&Proxy>) -> (S3, Cluster) {
+    let s3 = S3::new_bucket();
+    let endpoint = proxy.map(Proxy::endpoint).unwrap_or_else(s3_endpoint);
+    let mut args = s3.module_args(&endpoint);
+    args.extend(layout_args());
+    args.extend(["retention", "1h", "concurrency", "2"].map(String::from));
+    let cluster = Cluster::start(flavor, &args);
+    (s3, cluster)
+}
+
+/// `count` eligible flows plus a few that are not terminal or not idle long enough.
+fn mixed_flows(count: usize) -> Vec<TFlow> {
+    let now = now_ms();
+    let mut flows: Vec<TFlow> = (0..count)
+        .map(|i| TFlow::done(format!("f-{}-{i}", unique("c")), 3 + i % 7))
+        .collect();
+    for i in 0..count / 5 + 1 {
+        flows.push(TFlow {
+            status: "active",
+            ..TFlow::done(format!("active-{}-{i}", unique("c")), 4)
+        });
+        flows.push(TFlow {
+            last_ms: now,
+            ..TFlow::done(format!("recent-{}-{i}", unique("c")), 4)
+        });
+    }
+    flows
+}
+
+fn eligible_ids(flows: &[TFlow]) -> BTreeSet<String> {
+    flows
+        .iter()
+        .filter(|f| f.eligible())
+        .map(|f| f.id.clone())
+        .collect()
+}
+
+fn write_all(cluster: &mut Cluster, flows: &[TFlow]) {
+    let mut client = cluster.client();
+    for f in flows {
+        f.write(&mut client);
+    }
+}
+
+/// `COMMAND INFO` declares the id as a routing-only key (key spec flag `not_key`), so `COMMAND
+/// GETKEYS` (and ACL key checks) see no key; a node that does not own the id's slot answers -MOVED;
+/// a cluster client (Rust and redis-py) reaches the owner at once.
+fn routing(flavor: Flavor) {
+    let (_s3, mut cluster) = bed(flavor, None);
+    for command in ["FLOWARCHIVE.FLOW", "FLOWARCHIVE.GET"] {
+        let info: Vec<redis::Value> = cluster.on(0, &["COMMAND", "INFO", command]).unwrap();
+        let redis::Value::Array(fields) = &info[0] else {
+            panic!("COMMAND INFO {command}: {info:?}")
+        };
+        assert_eq!(
+            (int(&fields[3]), int(&fields[4]), int(&fields[5])),
+            (1, 1, 1),
+            "{command}: first key, last key, step"
+        );
+        assert!(
+            format!("{:?}", fields[8]).contains("not_key"),
+            "{command} key spec: {:?}",
+            fields[8]
+        );
+        let e = err_text(cluster.on::<Vec<String>>(0, &["COMMAND", "GETKEYS", command, "abc"]));
+        assert!(e.contains("no key arguments"), "{command}: {e}");
+    }
+
+    let flows: Vec<TFlow> = (0..24)
+        .map(|i| TFlow::done(format!("route-{i}"), 3))
+        .collect();
+    write_all(&mut cluster, &flows);
+    // Straight to a node that does not own the slot: -MOVED naming the slot, nothing done there.
+    for f in &flows[..6] {
+        let slot = slot_of(&f.id);
+        let owner = cluster.owner(slot);
+        let other = cluster.other_than(owner);
+        for command in ["FLOWARCHIVE.GET", "FLOWARCHIVE.FLOW"] {
+            let e = err_text(cluster.on::<redis::Value>(other, &[command, &f.id]));
+            assert!(
+                e.contains(&format!("{slot}")) && e.to_lowercase().contains("moved"),
+                "{e}"
+            );
+        }
+        let state: String = cluster.on(owner, &["FLOWARCHIVE.GET", &f.id]).unwrap();
+        assert_eq!(state, f.snapshot());
+    }
+    // Through the cluster client: no redirection at all.
+    for i in 0..cluster.nodes.len() {
+        cluster.on::<()>(i, &["CONFIG", "RESETSTAT"]).unwrap();
+    }
+    let mut client = cluster.client();
+    for f in &flows[..12] {
+        let reply: redis::Value = redis::cmd("FLOWARCHIVE.FLOW")
+            .arg(&f.id)
+            .query(&mut client)
+            .unwrap_or_else(|e| panic!("FLOW {}: {e}", f.id));
+        assert_eq!(int(&reply_map(reply)["events"]), f.events as i64);
+    }
+    for f in &flows {
+        let state: String = redis::cmd("FLOWARCHIVE.GET")
+            .arg(&f.id)
+            .query(&mut client)
+            .unwrap();
+        assert!(state.contains(&f.id));
+    }
+    assert_eq!(cluster.moved_total(), 0, "redirections");
+    // redis-py's RedisCluster routes by COMMAND INFO alone: it refuses a command that declares no key.
+    let ids: Vec<&str> = flows.iter().map(|f| f.id.as_str()).collect();
+    let script = format!(
+        "import redis, json, sys\n\
+         rc = redis.RedisCluster(host='127.0.0.1', port={}, decode_responses=True)\n\
+         for i in json.loads(sys.argv[1]):\n    assert i in rc.execute_command('FLOWARCHIVE.GET', i)\n",
+        cluster.nodes[0].port
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &script, &serde_json::to_string(&ids).unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "redis-py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(cluster.moved_total(), 0, "redirections of redis-py");
+    // ACL checks the flow's real keys, never the id: a user whose key patterns match no id reads a
+    // live flow, and cannot archive without rights on the slot's index hash.
+    let live = &flows[20];
+    let owner = cluster.owner(slot_of(&live.id));
+    cluster
+        .on::<()>(
+            owner,
+            &[
+                "ACL",
+                "SETUSER",
+                "reader",
+                "on",
+                ">pw",
+                "+@flowarchive",
+                "~argyll:*",
+            ],
+        )
+        .unwrap();
+    let mut c = cluster.conn(owner);
+    cmd::<()>(&mut c, &["AUTH", "reader", "pw"]).unwrap();
+    let state: String = cmd(&mut c, &["FLOWARCHIVE.GET", &live.id]).unwrap();
+    assert_eq!(state, live.snapshot());
+    let e = err_text(archive(&mut c, &live.id));
+    let index = slot_index_key(slot_of(&live.id));
+    assert!(e.contains("NOPERM") || e.contains("permission"), "{e}");
+    assert!(e.contains(&index), "the refusal names {index}: {e}");
+    let archived = cluster.check(&flows);
+    assert_eq!(archived.len(), 12);
+}
+
+#[test]
+fn flow_and_get_route_to_the_flow_slot_without_redirections() {
+    routing(Flavor::Valkey9);
+}
+
+#[test]
+fn valkey8_flow_and_get_route_to_the_flow_slot_without_redirections() {
+    routing(Flavor::Valkey8);
+}
+
+/// A template whose key would leave the flow's slot, and an id whose braces would break the hash
+/// tag, are refused with an error that names the template or the id; nothing is deleted.
+#[test]
+fn untagged_templates_and_unplaceable_ids_are_refused() {
+    let (_s3, mut cluster) = bed(Flavor::Valkey9, None);
+    let flow = TFlow::done("plain", 3);
+    write_all(&mut cluster, std::slice::from_ref(&flow));
+    let owner = cluster.owner(slot_of("plain"));
+    let before = dump_all(&mut cluster.conn(owner));
+    for (config, template) in [
+        ("events-key", "$prefix:flow:$id:events"),
+        ("labels-key", "$prefix:labels:$id"),
+        ("index-key", "archived:$id"),
+    ] {
+        let old: Vec<String> = cluster
+            .on(owner, &["CONFIG", "GET", &format!("flowarchive.{config}")])
+            .unwrap();
+        cluster
+            .on::<()>(
+                owner,
+                &["CONFIG", "SET", &format!("flowarchive.{config}"), template],
+            )
+            .unwrap();
+        let e = err_text(archive(&mut cluster.conn(owner), "plain"));
+        assert!(
+            e.contains(config),
+            "the error names the template {config}: {e}"
+        );
+        cluster
+            .on::<()>(
+                owner,
+                &["CONFIG", "SET", &format!("flowarchive.{config}"), &old[1]],
+            )
+            .unwrap();
+        assert_same(&before, &dump_all(&mut cluster.conn(owner)), config);
+    }
+    // Braces in the id: the server routes by the id's own tag, the keys hash by `{<id>}`.
+    for id in ["a{b}c", "x}y", "{z"] {
+        let f = TFlow::done(id, 2);
+        let keys_slot = redis::cluster_routing::get_slot(tagged_keys(id)[0].as_bytes());
+        let node = cluster.owner(keys_slot);
+        f.write(&mut cluster.conn(node));
+        let route = cluster.owner(slot_of(id));
+        let before = dump_all(&mut cluster.conn(node));
+        let e = err_text(archive(&mut cluster.conn(route), id));
+        assert!(e.contains('{') || e.contains("brace"), "{id}: {e}");
+        assert_same(&before, &dump_all(&mut cluster.conn(node)), id);
+    }
+    archive(&mut cluster.conn(owner), "plain").unwrap();
+    cluster.check(&[flow]);
+}
+
+/// The cron script pointed at a replica sweeps every primary in parallel; each archives exactly the
+/// eligible flows of its slots, indexes them in its own slots, and the replicas follow.
+fn fan_out(flavor: Flavor) {
+    let (_s3, mut cluster) = bed(flavor, None);
+    let flows = mixed_flows(if long_chaos() { 300 } else { 45 });
+    write_all(&mut cluster, &flows);
+    let eligible = eligible_ids(&flows);
+
+    let e = err_text(cluster.sweep(3, &[]));
+    assert!(
+        e.contains("replica"),
+        "a sweep on a replica is refused: {e}"
+    );
+    let dry = cluster.sweep(0, &["DRYRUN"]).unwrap();
+    let mine: BTreeSet<String> = eligible
+        .iter()
+        .filter(|id| cluster.owner(slot_of(id)) == 0)
+        .cloned()
+        .collect();
+    let listed: BTreeSet<String> = redis::from_redis_value::<Vec<String>>(&dry["flows"])
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(
+        listed, mine,
+        "a node selects exactly the eligible flows of its slots"
+    );
+
+    let (code, out, err) = cluster.cron(3);
+    assert_eq!(code, 0, "cron: {out}\n{err}");
+    let total = out.lines().last().unwrap_or_default().to_string();
+    assert!(
+        total.contains(&format!("archived={}", eligible.len())) && total.contains("failed=0"),
+        "{out}"
+    );
+    assert_eq!(
+        out.lines().count(),
+        4,
+        "one line per primary and the sum: {out}"
+    );
+    let mut per_node = 0;
+    for p in cluster.primaries() {
+        let own = eligible
+            .iter()
+            .filter(|id| cluster.owner(slot_of(id)) == p)
+            .count() as i64;
+        assert_eq!(info_field(&mut cluster.conn(p), "last_sweep_archived"), own);
+        per_node += info_field(&mut cluster.conn(p), "flows_archived");
+    }
+    assert_eq!(per_node, eligible.len() as i64, "INFO sums across nodes");
+    assert_eq!(cluster.check(&flows), eligible);
+    cluster.assert_replicas_equal();
+    // A second run finds nothing left.
+    let (code, out, _) = cluster.cron(0);
+    assert_eq!(code, 0);
+    assert!(out.lines().last().unwrap().contains("archived=0"), "{out}");
+}
+
+#[test]
+fn cron_sweeps_every_primary_archiving_exactly_the_eligible_flows() {
+    fan_out(Flavor::Valkey9);
+}
+
+#[test]
+fn valkey8_cron_sweeps_every_primary_archiving_exactly_the_eligible_flows() {
+    fan_out(Flavor::Valkey8);
+}
+
+/// Sweeps started on every primary, slowed by the proxy so they are in the middle of uploads.
+fn start_slow_sweeps(cluster: &mut Cluster, proxy: &Proxy) {
+    proxy.delay("PUT", Duration::from_millis(250));
+    for p in cluster.primaries() {
+        let started: String = cluster.on(p, &["FLOWARCHIVE.SWEEP", "ASYNC"]).unwrap();
+        assert_eq!(started, "STARTED");
+    }
+    std::thread::sleep(Duration::from_millis(800));
+}
+
+/// After chaos: the checker on the intermediate state, then a clean cron run archives the rest,
+/// the checker again with every eligible flow archived, and replicas equal to primaries.
+fn settle_and_check(cluster: &mut Cluster, proxy: &Proxy, flows: &[TFlow]) {
+    cluster.wait_sweeps_done(Duration::from_secs(120));
+    proxy.clear();
+    cluster.check(flows);
+    let node = cluster.any_live();
+    let (code, out, err) = cluster.cron(node);
+    assert_eq!(code, 0, "cron after chaos: {out}\n{err}");
+    assert_eq!(cluster.check(flows), eligible_ids(flows));
+    cluster.assert_replicas_equal();
+}
+
+/// A coordinated failover (CLUSTER FAILOVER on a replica) and a primary killed outright, both while
+/// every primary sweeps: every flow stays live with all its events or is archived with exactly
+/// them; the killed node comes back as a replica of its successor with the same data.
+#[test]
+fn failover_and_a_killed_primary_mid_sweep_lose_nothing() {
+    let proxy = Proxy::start(s3_port());
+    let (_s3, mut cluster) = bed(Flavor::Valkey9, Some(&proxy));
+    let rounds = if long_chaos() { 3 } else { 1 };
+    let flows = mixed_flows(if long_chaos() { 240 } else { 60 });
+    write_all(&mut cluster, &flows);
+    for round in 0..rounds {
+        start_slow_sweeps(&mut cluster, &proxy);
+        // Failover of the shard of slot 0 to its replica.
+        let old = cluster.owner(0);
+        let (_, _, replicas) = cluster
+            .slot_map(old)
+            .into_iter()
+            .find(|(r, _, _)| r.0 == 0)
+            .unwrap();
+        cluster
+            .on::<()>(replicas[0], &["CLUSTER", "FAILOVER"])
+            .unwrap();
+        wait_for("the failover", Duration::from_secs(30), || {
+            cluster.owner(0) == replicas[0]
+        });
+        // Kill the primary of the last range.
+        let victim = cluster.owner(16383);
+        cluster.nodes[victim].kill();
+        cluster.wait_healthy(Duration::from_secs(60));
+        assert_ne!(cluster.owner(16383), victim);
+        cluster.wait_sweeps_done(Duration::from_secs(120));
+        cluster.check(&flows);
+        // The killed node restarts from its AOF and nodes.conf and rejoins as a replica.
+        cluster.nodes[victim].crash_and_restart();
+        cluster.wait_full();
+        eprintln!("round {round} done");
+    }
+    settle_and_check(&mut cluster, &proxy, &flows);
+}
+
+/// Slots holding flows move from one primary to another while both sweep (CLUSTER MIGRATESLOTS on
+/// Valkey 9, the classic MIGRATING/IMPORTING + MIGRATE resharding on Valkey 8): nothing is archived
+/// from a slot in motion, an archive of a slot that moved is abandoned with the flow live, and the
+/// flows that arrived are archived on their new node.
+fn migration(flavor: Flavor) {
+    let proxy = Proxy::start(s3_port());
+    let (_s3, mut cluster) = bed(flavor, Some(&proxy));
+    let rounds = if long_chaos() { 3 } else { 1 };
+    let flows = mixed_flows(if long_chaos() { 240 } else { 60 });
+    write_all(&mut cluster, &flows);
+    if flavor == Flavor::Valkey9 {
+        assert!(
+            cluster.has_migrateslots(0),
+            "Valkey 9 has CLUSTER MIGRATESLOTS"
+        );
+    }
+    for round in 0..rounds {
+        let primaries = cluster.primaries();
+        let (from, to) = (primaries[round % 3], primaries[(round + 1) % 3]);
+        let slots = cluster.slots_with_flows(from, &flows);
+        assert!(!slots.is_empty());
+        start_slow_sweeps(&mut cluster, &proxy);
+        cluster.move_slots(&slots, from, to);
+        for s in &slots {
+            assert_eq!(cluster.owner(*s), to);
+        }
+        cluster.wait_sweeps_done(Duration::from_secs(120));
+        cluster.check(&flows);
+    }
+    settle_and_check(&mut cluster, &proxy, &flows);
+}
+
+#[test]
+fn slot_migration_mid_sweep_loses_nothing() {
+    migration(Flavor::Valkey9);
+}
+
+#[test]
+fn valkey8_classic_resharding_mid_sweep_loses_nothing() {
+    migration(Flavor::Valkey8);
+}
+
+/// An archive whose upload is in flight when its slot starts moving is abandoned at commit with the
+/// flow live, by the commit's slot check alone (the flow's keys have not moved yet): on Valkey 9 an
+/// atomic slot migration towards a stopped target (so it stays in flight), on Valkey 8 the classic
+/// MIGRATING/IMPORTING state.
+fn in_flight(flavor: Flavor) {
+    let proxy = Proxy::start(s3_port());
+    let (_s3, mut cluster) = bed(flavor, Some(&proxy));
+    let flow = TFlow::done("moving", 6);
+    write_all(&mut cluster, std::slice::from_ref(&flow));
+    let slot = slot_of(&flow.id);
+    let from = cluster.owner(slot);
+    let to = cluster.other_than(from);
+    proxy.delay("PUT", Duration::from_secs(3));
+    let port = cluster.nodes[from].port;
+    let archiving = std::thread::spawn(move || {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
+        archive(&mut client.get_connection().unwrap(), "moving").map(|_| ())
+    });
+    wait_for("the upload to start", Duration::from_secs(10), || {
+        info_field(&mut cluster.conn(from), "uploads_in_flight") == 1
+    });
+    let s = slot.to_string();
+    let atomic = cluster.has_migrateslots(from);
+    if atomic {
+        signal("-STOP", cluster.nodes[to].pid());
+        cluster
+            .on::<()>(
+                from,
+                &[
+                    "CLUSTER",
+                    "MIGRATESLOTS",
+                    "SLOTSRANGE",
+                    &s,
+                    &s,
+                    "NODE",
+                    &cluster.ids[to],
+                ],
+            )
+            .unwrap();
+        wait_for("the export to start", Duration::from_secs(10), || {
+            info_field(&mut cluster.conn(from), "cluster_slots_migrating") == 1
+        });
+        let dry = cluster.sweep(from, &["DRYRUN"]).unwrap();
+        assert_eq!(
+            int(&dry["candidates"]),
+            0,
+            "nothing selected from a slot in motion"
+        );
+    } else {
+        let (from_id, to_id) = (cluster.ids[from].clone(), cluster.ids[to].clone());
+        cluster
+            .on::<()>(to, &["CLUSTER", "SETSLOT", &s, "IMPORTING", &from_id])
+            .unwrap();
+        cluster
+            .on::<()>(from, &["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id])
+            .unwrap();
+    }
+    let e = err_text(archiving.join().unwrap());
+    assert!(e.contains("slot"), "abandoned by the slot check: {e}");
+    assert_eq!(info_field(&mut cluster.conn(from), "flows_archived"), 0);
+    assert_eq!(
+        info_field(&mut cluster.conn(from), "failures_slot_moved"),
+        1
+    );
+    if atomic {
+        signal("-CONT", cluster.nodes[to].pid());
+        // Stopped longer than the node timeout, the target may have been failed over and the
+        // export aborted; either way the source sees the migration end.
+        wait_for("the export to end", Duration::from_secs(60), || {
+            info_field(&mut cluster.conn(from), "cluster_slots_migrating") == 0
+        });
+        cluster.wait_healthy(Duration::from_secs(60));
+        assert!(info_field(&mut cluster.conn(from), "cluster_slot_migrations_seen") >= 1);
+    } else {
+        // Reads of the slot go to the importing node (ASK: the id is no key here), which cannot
+        // tell "not found" yet and answers TRYAGAIN instead of a false nil.
+        let e = err_text(cluster.on::<redis::Value>(from, &["FLOWARCHIVE.GET", "moving"]));
+        assert!(e.to_lowercase().contains("ask"), "{e}");
+        let mut target = cluster.conn(to);
+        cmd::<()>(&mut target, &["ASKING"]).unwrap();
+        let e = err_text(cmd::<redis::Value>(
+            &mut target,
+            &["FLOWARCHIVE.GET", "moving"],
+        ));
+        assert!(e.to_lowercase().contains("tryagain"), "{e}");
+        // The migration is called off.
+        for i in [from, to] {
+            cluster
+                .on::<()>(i, &["CLUSTER", "SETSLOT", &s, "STABLE"])
+                .unwrap();
+        }
+    }
+    proxy.clear();
+    // Live with all its events on the slot's owner now; it archives there.
+    assert!(
+        cluster.check(std::slice::from_ref(&flow)).is_empty(),
+        "live"
+    );
+    let mut client = cluster.client();
+    let reply: redis::Value = redis::cmd("FLOWARCHIVE.FLOW")
+        .arg("moving")
+        .query(&mut client)
+        .unwrap();
+    assert_eq!(int(&reply_map(reply)["events"]), 6);
+    assert_eq!(cluster.check(std::slice::from_ref(&flow)).len(), 1);
+    cluster.assert_replicas_equal();
+}
+
+#[test]
+fn an_archive_in_flight_when_its_slot_starts_migrating_is_abandoned() {
+    in_flight(Flavor::Valkey9);
+}
+
+#[test]
+fn valkey8_an_archive_in_flight_when_its_slot_starts_migrating_is_abandoned() {
+    in_flight(Flavor::Valkey8);
+}
+
+/// The internal timer sweeps on each primary (its own slots) and never on a replica.
+#[test]
+fn the_timer_sweeps_on_every_primary_and_no_replica() {
+    let (_s3, mut cluster) = bed(Flavor::Valkey9, None);
+    let flows = mixed_flows(20);
+    write_all(&mut cluster, &flows);
+    for i in 0..cluster.nodes.len() {
+        cluster
+            .on::<()>(i, &["CONFIG", "SET", "flowarchive.sweep-interval", "1s"])
+            .unwrap();
+    }
+    let eligible = eligible_ids(&flows);
+    wait_for("the timer sweeps", Duration::from_secs(30), || {
+        let archived: i64 = cluster
+            .primaries()
+            .into_iter()
+            .map(|p| info_field(&mut cluster.conn(p), "flows_archived"))
+            .sum();
+        archived == eligible.len() as i64
+    });
+    let primaries = cluster.primaries();
+    for i in 0..cluster.nodes.len() {
+        let runs = info_field(&mut cluster.conn(i), "sweeps_run");
+        assert_eq!(
+            runs > 0,
+            primaries.contains(&i),
+            "node {i} ran {runs} sweeps"
+        );
+    }
+    assert_eq!(cluster.check(&flows), eligible);
+    cluster.assert_replicas_equal();
+}
