@@ -9,8 +9,12 @@ use std::time::Duration;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Fault {
-    /// Answer this status with an S3-style XML error, never reaching S3.
+    /// Answer this status with an S3-style XML error, never reaching S3 (503 is `SlowDown`, other 5xx
+    /// `InternalError`, 4xx `AccessDenied`).
     Status(u16),
+    /// Answer `503 SlowDown` to every other matching request (the first, the third, ...) and forward
+    /// the rest: a throttling store that a retry gets through.
+    SlowDownEveryOther,
     /// Read the request, then never answer.
     Hang,
     /// Read the request, then close the connection without an answer.
@@ -40,6 +44,8 @@ struct Shared {
     requests: Mutex<Vec<String>>,
     heads: Mutex<Vec<String>>,
     faulted: AtomicUsize,
+    /// Requests matched by [`Fault::SlowDownEveryOther`] so far.
+    alternated: AtomicUsize,
 }
 
 pub struct Proxy {
@@ -58,6 +64,7 @@ impl Proxy {
             requests: Mutex::new(Vec::new()),
             heads: Mutex::new(Vec::new()),
             faulted: AtomicUsize::new(0),
+            alternated: AtomicUsize::new(0),
         });
         let s = shared.clone();
         std::thread::spawn(move || {
@@ -189,7 +196,15 @@ fn handle(mut conn: TcpStream, s: &Shared) {
         .unwrap()
         .iter()
         .find(|r| (r.method.is_empty() || r.method == method) && path.contains(&r.path))
-        .map(|r| r.fault.clone());
+        .map(|r| r.fault.clone())
+        .and_then(|f| match f {
+            Fault::SlowDownEveryOther => s
+                .alternated
+                .fetch_add(1, Ordering::SeqCst)
+                .is_multiple_of(2)
+                .then_some(Fault::Status(503)),
+            f => Some(f),
+        });
     if fault.is_some() {
         s.faulted.fetch_add(1, Ordering::SeqCst);
     }
@@ -197,7 +212,11 @@ fn handle(mut conn: TcpStream, s: &Shared) {
         Some(Fault::Status(code)) => {
             let body = format!(
                 "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{}</Code><Message>injected</Message></Error>",
-                if code >= 500 { "InternalError" } else { "AccessDenied" }
+                match code {
+                    503 => "SlowDown",
+                    500.. => "InternalError",
+                    _ => "AccessDenied",
+                }
             );
             let head = if method == "HEAD" {
                 String::new()
