@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -67,6 +67,9 @@ struct State {
     accepted: Mutex<Vec<Accepted>>,
     refused: Mutex<Vec<String>>,
     expired: AtomicUsize,
+    /// Answer 400 to any request carrying an `x-amz-checksum-*` header, as stores without flexible
+    /// checksums (older MinIO, Ceph, ...) do.
+    reject_checksums: AtomicBool,
     /// Path → the SSE headers its PUT carried (echoed on later answers, as S3 does).
     encryption: Mutex<HashMap<String, Vec<(String, String)>>>,
 }
@@ -89,6 +92,7 @@ impl S3Front {
             accepted: Mutex::new(Vec::new()),
             refused: Mutex::new(Vec::new()),
             expired: AtomicUsize::new(0),
+            reject_checksums: AtomicBool::new(false),
             encryption: Mutex::new(HashMap::new()),
         });
         let s = state.clone();
@@ -116,6 +120,10 @@ impl S3Front {
         self.state.refused.lock().unwrap().clone()
     }
 
+    pub fn reject_checksum_headers(&self, reject: bool) {
+        self.state.reject_checksums.store(reject, Ordering::SeqCst);
+    }
+
     /// Requests signed with a credential past its expiry.
     pub fn expired(&self) -> usize {
         self.state.expired.load(Ordering::SeqCst)
@@ -124,7 +132,20 @@ impl S3Front {
 
 impl State {
     fn answer(&self, r: &Request) -> Response {
-        match self.check(r) {
+        let checksum_header = r
+            .headers
+            .iter()
+            .any(|(k, _)| k.starts_with("x-amz-checksum-"));
+        let checked = if checksum_header && self.reject_checksums.load(Ordering::SeqCst) {
+            Err(sigv4::Refusal {
+                status: 400,
+                code: "InvalidRequest",
+                why: "x-amz-checksum-* headers are not supported".into(),
+            })
+        } else {
+            self.check(r)
+        };
+        match checked {
             Ok(accepted) => {
                 let response = self.forward(r, &accepted);
                 self.accepted.lock().unwrap().push(accepted);
