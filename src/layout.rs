@@ -237,6 +237,8 @@ fn glob_escape(text: &str) -> String {
     out
 }
 
+use crate::digest::{hex, sha256};
+
 /// S3 allows object keys up to 1024 bytes.
 const MAX_OBJECT_KEY: usize = 1024;
 
@@ -260,7 +262,6 @@ pub fn escape_id(id: &str) -> String {
 /// An id whose escaped key would pass S3's 1024-byte limit is stored under
 /// `<folder>/flows/_sha256/<hex of the id>.jsonl.gz`; its header still names the id.
 pub fn object_key(prefix: &str, db: i32, id: &str, generation: u32) -> String {
-    use sha2::{Digest, Sha256};
     let folder = match (prefix.is_empty(), db) {
         (true, 0) => String::new(),
         (true, db) => format!("db{db}/"),
@@ -276,8 +277,10 @@ pub fn object_key(prefix: &str, db: i32, id: &str, generation: u32) -> String {
     if key.len() <= MAX_OBJECT_KEY {
         return key;
     }
-    let digest = Sha256::digest(id.as_bytes());
-    format!("{folder}flows/_sha256/{}{suffix}", hex(&digest))
+    format!(
+        "{folder}flows/_sha256/{}{suffix}",
+        hex(&sha256(id.as_bytes()))
+    )
 }
 
 /// How many object keys one flow may use. Objects are written once: when an attempt stored its object
@@ -288,14 +291,6 @@ pub const GENERATIONS: u32 = 16;
 /// Every object key the flow may have been archived under, first generation first.
 pub fn object_keys<'a>(prefix: &'a str, db: i32, id: &'a str) -> impl Iterator<Item = String> + 'a {
     (0..GENERATIONS).map(move |g| object_key(prefix, db, id, g))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
 }
 
 #[cfg(test)]

@@ -1,43 +1,35 @@
 //! flowarchive: archives terminal workflow flows from Valkey to S3-compatible storage.
 //!
-//! Data flow: capture (read keys) → encode (JSONL + gzip + sha256) → store (S3, presigned) →
-//! commit (verify unchanged, index, delete, replicate). This file only registers the module.
+//! The rooms follow the data: `archive` (begin → capture → encode → store → commit), `read` (live keys,
+//! else fetch → decode → cache), `sweep` (select → uploaders → progress), `s3` (presigned requests),
+//! `runtime` (the module inside the server: main-thread steps, change watch, server calls, pools, ACL,
+//! cluster guard) and `ops` (configs, INFO, errors, logs). This file registers commands, configs and
+//! events, and guards load and unload.
 
-mod acl;
 mod archive;
-mod cache;
-mod capture;
 mod clock;
-mod cluster;
 mod commands;
-mod commit;
-mod configs;
-mod decode;
-mod encode;
-mod errors;
-mod fetch;
+mod digest;
+mod format;
+mod index;
+mod kinds;
 mod layout;
-mod live;
-mod log;
-mod mainthread;
-mod metrics;
-mod pool;
-mod select;
-mod server;
-mod store;
+mod ops;
+mod read;
+mod runtime;
+mod s3;
 mod sweep;
-mod watch;
+mod sync;
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::os::raw::c_void;
 
 use redis_module::alloc::RedisAlloc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use redis_module::configuration::ConfigurationFlags;
+use redis_module::{raw, redis_module, AclCategory, Context, RedisString, Status};
 
-use redis_module::configuration::{ConfigurationContext, ConfigurationFlags};
-use redis_module::{
-    raw, redis_module, AclCategory, Context, ContextFlags, NotifyEvent, RedisString, Status,
-};
+use crate::ops::{configs, errors, log};
+use crate::read::fetch;
+use crate::runtime::{mainthread, pool, watch};
 
 /// The server's allocator inside the server (so memory shows in INFO memory), the system's in unit tests.
 struct ModuleAlloc;
@@ -63,53 +55,20 @@ unsafe impl GlobalAlloc for ModuleAlloc {
 /// Valkey 9 refuses atomic slot migration unless a module declares it handles it.
 const HANDLE_ATOMIC_SLOT_MIGRATION: i32 = 1 << 5;
 
-fn on_key_event(ctx: &Context, _event: NotifyEvent, _name: &str, key: &[u8]) {
-    watch::key_touched(server::selected_db(ctx), key);
-}
-
-/// The optional internal sweep timer (`flowarchive.sweep-interval`), for users without cron: sweeps
-/// DB 0 on the primary once the interval has passed since the last timer sweep ended or started.
-#[redis_module_macros::cron_event_handler]
-fn on_cron(ctx: &Context, _hz: u64) {
-    static LAST_TIMER_SWEEP_MS: AtomicI64 = AtomicI64::new(0);
-    let interval = configs::sweep_interval_ms();
-    let now = clock::now_ms();
-    if interval <= 0
-        || sweep::running()
-        || now - LAST_TIMER_SWEEP_MS.load(Ordering::Relaxed) < interval
-    {
-        return;
+fn init(ctx: &Context, args: &[RedisString]) -> Status {
+    if let Some(why) = configs::refused_load_args(args) {
+        log::warning(&why);
+        return Status::Err;
     }
-    if ctx.get_flags().contains(ContextFlags::SLAVE) {
-        return;
+    mainthread::init(ctx);
+    watch::init(ctx);
+    // SAFETY: called once from OnLoad with the module's context.
+    unsafe {
+        if let Some(set_options) = raw::RedisModule_SetModuleOptions {
+            set_options(ctx.ctx, HANDLE_ATOMIC_SLOT_MIGRATION);
+        }
     }
-    LAST_TIMER_SWEEP_MS.store(now, Ordering::Relaxed);
-    let opts = sweep::Options {
-        limit: None,
-        dry_run: false,
-        caller: acl::Caller::Server,
-    };
-    if let Err(e) = sweep::start(ctx, 0, opts, || None) {
-        log::warning(&format!("flowarchive: timer sweep not started: {e}"));
-    }
-}
-
-#[redis_module_macros::flush_event_handler]
-fn on_flush(_ctx: &Context, _sub: redis_module::server_events::FlushSubevent) {
-    watch::everything_touched();
-}
-
-extern "C" fn on_swapdb(
-    _ctx: *mut raw::RedisModuleCtx,
-    _eid: raw::RedisModuleEvent,
-    _sub: u64,
-    _data: *mut c_void,
-) {
-    watch::everything_touched();
-}
-
-fn on_cache_budget(_ctx: &ConfigurationContext, _name: &str, value: &'static AtomicI64) {
-    fetch::resize_cache(value.load(Ordering::Relaxed).max(0) as usize);
+    Status::Ok
 }
 
 /// MODULE UNLOAD: refused while anything is in flight (an archive between capture and commit would lose
@@ -121,28 +80,6 @@ fn deinit(_ctx: &Context) -> Status {
         return Status::Err;
     }
     mainthread::deinit();
-    Status::Ok
-}
-
-fn init(ctx: &Context, args: &[RedisString]) -> Status {
-    if let Some(why) = configs::refused_load_args(args) {
-        log::warning(&why);
-        return Status::Err;
-    }
-    mainthread::init(ctx);
-    // SAFETY: called once from OnLoad with the module's context.
-    unsafe {
-        if let Some(set_options) = raw::RedisModule_SetModuleOptions {
-            set_options(ctx.ctx, HANDLE_ATOMIC_SLOT_MIGRATION);
-        }
-        if let Some(subscribe) = raw::RedisModule_SubscribeToServerEvent {
-            let event = raw::RedisModuleEvent {
-                id: raw::REDISMODULE_EVENT_SWAPDB,
-                dataver: 1,
-            };
-            subscribe(ctx.ctx, event, Some(on_swapdb));
-        }
-    }
     Status::Ok
 }
 
@@ -160,40 +97,40 @@ redis_module! {
         ["flowarchive.sweep", commands::sweep, "write deny-oom deny-script", 0, 0, 0, "", "flowarchive"],
     ],
     event_handlers: [
-        [@GENERIC @STRING @LIST @SET @HASH @ZSET @EXPIRED @EVICTED @STREAM @MODULE: on_key_event],
+        [@GENERIC @STRING @LIST @SET @HASH @ZSET @EXPIRED @EVICTED @STREAM @MODULE: watch::on_key_event],
     ],
     configurations: [
         i64: [
-            ["request-timeout-ms", &configs::REQUEST_TIMEOUT_MS, 30_000, 100, 3_600_000, ConfigurationFlags::DEFAULT, None],
-            ["concurrency", &configs::CONCURRENCY, 4, 1, configs::CONCURRENCY_MAX, ConfigurationFlags::DEFAULT, None],
-            ["batch-size", &configs::BATCH_SIZE, 100, 1, 100_000, ConfigurationFlags::DEFAULT, None],
-            ["upload-bytes-per-sec", &configs::UPLOAD_BYTES_PER_SEC, 0, 0, 1 << 40, ConfigurationFlags::MEMORY, None],
-            ["cache-bytes", &configs::CACHE_BYTES, 64 << 20, 0, 1 << 40, ConfigurationFlags::MEMORY, Some(Box::new(on_cache_budget))],
-            ["read-max-bytes", &configs::READ_MAX_BYTES, 256 << 20, 64 << 10, 1 << 40, ConfigurationFlags::MEMORY, None],
+            ["request-timeout-ms", &configs::REQUEST_TIMEOUT_MS.value, configs::REQUEST_TIMEOUT_MS.default, configs::REQUEST_TIMEOUT_MS.min, configs::REQUEST_TIMEOUT_MS.max, ConfigurationFlags::DEFAULT, None],
+            ["concurrency", &configs::CONCURRENCY.value, configs::CONCURRENCY.default, configs::CONCURRENCY.min, configs::CONCURRENCY.max, ConfigurationFlags::DEFAULT, None],
+            ["batch-size", &configs::BATCH_SIZE.value, configs::BATCH_SIZE.default, configs::BATCH_SIZE.min, configs::BATCH_SIZE.max, ConfigurationFlags::DEFAULT, None],
+            ["upload-bytes-per-sec", &configs::UPLOAD_BYTES_PER_SEC.value, configs::UPLOAD_BYTES_PER_SEC.default, configs::UPLOAD_BYTES_PER_SEC.min, configs::UPLOAD_BYTES_PER_SEC.max, ConfigurationFlags::MEMORY, None],
+            ["cache-bytes", &configs::CACHE_BYTES.value, configs::CACHE_BYTES.default, configs::CACHE_BYTES.min, configs::CACHE_BYTES.max, ConfigurationFlags::MEMORY, Some(Box::new(fetch::on_cache_budget))],
+            ["read-max-bytes", &configs::READ_MAX_BYTES.value, configs::READ_MAX_BYTES.default, configs::READ_MAX_BYTES.min, configs::READ_MAX_BYTES.max, ConfigurationFlags::MEMORY, None],
         ],
         string: [
-            ["endpoint", &configs::ENDPOINT, "", ConfigurationFlags::DEFAULT, None],
-            ["region", &configs::REGION, "us-east-1", ConfigurationFlags::DEFAULT, None],
-            ["bucket", &configs::BUCKET, "", ConfigurationFlags::DEFAULT, None],
-            ["prefix", &configs::PREFIX, "", ConfigurationFlags::DEFAULT, None],
-            ["read-allow", &configs::READ_ALLOW, "", ConfigurationFlags::DEFAULT, None],
-            ["access-key", &configs::ACCESS_KEY, "", ConfigurationFlags::DEFAULT, None],
+            ["endpoint", &configs::ENDPOINT, configs::ENDPOINT.default, ConfigurationFlags::DEFAULT, None],
+            ["region", &configs::REGION, configs::REGION.default, ConfigurationFlags::DEFAULT, None],
+            ["bucket", &configs::BUCKET, configs::BUCKET.default, ConfigurationFlags::DEFAULT, None],
+            ["prefix", &configs::PREFIX, configs::PREFIX.default, ConfigurationFlags::DEFAULT, None],
+            ["read-allow", &configs::READ_ALLOW, configs::READ_ALLOW.default, ConfigurationFlags::DEFAULT, None],
+            ["access-key", &configs::ACCESS_KEY, configs::ACCESS_KEY.default, ConfigurationFlags::DEFAULT, None],
             ["secret-key", &configs::SECRET_KEY, "", ConfigurationFlags::SENSITIVE, None],
             ["secret-key-file", &configs::SECRET_KEY_FILE, "", ConfigurationFlags::DEFAULT, None],
-            ["retention", &configs::RETENTION, "30d", ConfigurationFlags::DEFAULT, None],
-            ["key-prefix", &configs::KEY_PREFIX, "argyll", ConfigurationFlags::DEFAULT, None],
-            ["index-key", &configs::INDEX_KEY, "archived:flows", ConfigurationFlags::DEFAULT, None],
-            ["events-key", &configs::EVENTS_KEY, "$prefix:flow:$id:events", ConfigurationFlags::DEFAULT, None],
-            ["snapshot-key", &configs::SNAPSHOT_KEY, "$prefix:flow:$id:snapshot:val", ConfigurationFlags::DEFAULT, None],
-            ["seq-key", &configs::SEQ_KEY, "$prefix:flow:$id:snapshot:seq", ConfigurationFlags::DEFAULT, None],
-            ["labels-key", &configs::LABELS_KEY, "$prefix:flow:$id:idx:labels", ConfigurationFlags::DEFAULT, None],
-            ["status-key", &configs::STATUS_KEY, "$prefix:idx:status", ConfigurationFlags::DEFAULT, None],
-            ["status-set-key", &configs::STATUS_SET_KEY, "$prefix:idx:status:$status", ConfigurationFlags::DEFAULT, None],
-            ["label-set-key", &configs::LABEL_SET_KEY, "$prefix:idx:label:$label:$value", ConfigurationFlags::DEFAULT, None],
-            ["label-values-key", &configs::LABEL_VALUES_KEY, "$prefix:idx:label:$label", ConfigurationFlags::DEFAULT, None],
-            ["flow-member", &configs::FLOW_MEMBER, "flow:$id", ConfigurationFlags::DEFAULT, None],
-            ["sweep-interval", &configs::SWEEP_INTERVAL, "0s", ConfigurationFlags::DEFAULT, None],
-            ["terminal-statuses", &configs::TERMINAL_STATUSES, "completed,failed", ConfigurationFlags::DEFAULT, None],
+            ["retention", &configs::RETENTION, configs::RETENTION.default, ConfigurationFlags::DEFAULT, None],
+            ["key-prefix", &configs::KEY_PREFIX, configs::KEY_PREFIX.default, ConfigurationFlags::DEFAULT, None],
+            ["index-key", &configs::INDEX_KEY, configs::INDEX_KEY.default, ConfigurationFlags::DEFAULT, None],
+            ["events-key", &configs::EVENTS_KEY, configs::EVENTS_KEY.default, ConfigurationFlags::DEFAULT, None],
+            ["snapshot-key", &configs::SNAPSHOT_KEY, configs::SNAPSHOT_KEY.default, ConfigurationFlags::DEFAULT, None],
+            ["seq-key", &configs::SEQ_KEY, configs::SEQ_KEY.default, ConfigurationFlags::DEFAULT, None],
+            ["labels-key", &configs::LABELS_KEY, configs::LABELS_KEY.default, ConfigurationFlags::DEFAULT, None],
+            ["status-key", &configs::STATUS_KEY, configs::STATUS_KEY.default, ConfigurationFlags::DEFAULT, None],
+            ["status-set-key", &configs::STATUS_SET_KEY, configs::STATUS_SET_KEY.default, ConfigurationFlags::DEFAULT, None],
+            ["label-set-key", &configs::LABEL_SET_KEY, configs::LABEL_SET_KEY.default, ConfigurationFlags::DEFAULT, None],
+            ["label-values-key", &configs::LABEL_VALUES_KEY, configs::LABEL_VALUES_KEY.default, ConfigurationFlags::DEFAULT, None],
+            ["flow-member", &configs::FLOW_MEMBER, configs::FLOW_MEMBER.default, ConfigurationFlags::DEFAULT, None],
+            ["sweep-interval", &configs::SWEEP_INTERVAL, configs::SWEEP_INTERVAL.default, ConfigurationFlags::DEFAULT, None],
+            ["terminal-statuses", &configs::TERMINAL_STATUSES, configs::TERMINAL_STATUSES.default, ConfigurationFlags::DEFAULT, None],
         ],
         bool: [
             ["path-style", &configs::PATH_STYLE, false, ConfigurationFlags::DEFAULT, None],

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod aws;
+pub mod checker;
 pub mod http;
 pub mod proxy;
 pub mod s3front;

@@ -17,8 +17,8 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::encode::{FORMAT_NAME, FORMAT_VERSION};
-use crate::layout::hex;
+use crate::digest::hex;
+use crate::format::{FORMAT_NAME, FORMAT_VERSION};
 
 /// The header line is small (ids, key names, a hash); a longer one is not ours.
 pub const MAX_HEADER_LINE: u64 = 64 * 1024;
@@ -103,19 +103,6 @@ pub enum DecodeError {
     UnknownVersion(String),
     /// Larger than the read cap, or than its own declared `raw_bytes`.
     TooLarge(String),
-}
-
-impl DecodeError {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            DecodeError::Corrupt(_) => "corrupt",
-            DecodeError::Checksum(_) => "checksum",
-            DecodeError::OtherFlow(_) => "other_flow",
-            DecodeError::OtherKeyspace(_) => "other_keyspace",
-            DecodeError::UnknownVersion(_) => "unknown_version",
-            DecodeError::TooLarge(_) => "too_large",
-        }
-    }
 }
 
 impl std::fmt::Display for DecodeError {
@@ -380,8 +367,8 @@ pub fn decode(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::capture::Captured;
-    use crate::encode::encode;
+    use crate::archive::encode::encode;
+    use crate::archive::flow::Captured;
     use crate::layout::FlowKeys;
     use proptest::prelude::*;
     use serde_json::json;
@@ -573,7 +560,7 @@ pub(crate) mod tests {
             let e = decode(&gzip(format!("{header}\n{{}}\n").as_bytes()), "abc", 0, CAP)
                 .err()
                 .unwrap();
-            assert!(e.to_string().len() < 300, "{}", e.kind());
+            assert!(e.to_string().len() < 300, "{e:?}");
         }
         let e = decode(
             &gzip(format!("{{}}\n{{\"x\":\"{long}\"}}").as_bytes()),

@@ -8,6 +8,7 @@
 //! credential scope and signature) and never a key.
 
 use std::io::Read;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -15,9 +16,10 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 
-use crate::configs::{self, S3Settings};
-use crate::encode::Encoded;
-use crate::layout::hex;
+use crate::digest::hex;
+use crate::format::Encoded;
+use crate::kinds::kinds;
+use crate::sync::lock;
 
 /// Largest archive object the read path fetches (a flow of millions of events compresses far below).
 #[cfg(test)]
@@ -27,37 +29,21 @@ const MAX_ERROR_BODY: u64 = 64 * 1024;
 /// How long a throttled upload sleeps before it looks at the rate cap again.
 const THROTTLE_SLICE: Duration = Duration::from_millis(50);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
-    Config,
-    Unreachable,
-    Timeout,
-    Rejected,
-    ServerError,
-    Verify,
-    Missing,
-    Truncated,
-    /// A write-once PUT found an object already at the key (HTTP 412, or 409 ConditionalRequestConflict).
-    Exists,
-    /// A GET found an object larger than the caller's cap.
-    TooLarge,
-}
-
-impl FailureKind {
-    /// The metric name of this failure.
-    pub fn name(self) -> &'static str {
-        match self {
-            FailureKind::Config => "s3_config",
-            FailureKind::Unreachable => "s3_unreachable",
-            FailureKind::Timeout => "s3_timeout",
-            FailureKind::Rejected => "s3_rejected",
-            FailureKind::ServerError => "s3_server_error",
-            FailureKind::Verify => "s3_verify",
-            FailureKind::Missing => "s3_missing",
-            FailureKind::Truncated => "s3_truncated",
-            FailureKind::Exists => "s3_exists",
-            FailureKind::TooLarge => "s3_too_large",
-        }
+kinds! {
+    /// How an S3 request failed.
+    pub enum FailureKind {
+        Config => "s3_config",
+        Unreachable => "s3_unreachable",
+        Timeout => "s3_timeout",
+        Rejected => "s3_rejected",
+        ServerError => "s3_server_error",
+        Verify => "s3_verify",
+        Missing => "s3_missing",
+        Truncated => "s3_truncated",
+        /// A write-once PUT found an object already at the key (HTTP 412, or 409 ConditionalRequestConflict).
+        Exists => "s3_exists",
+        /// A GET found an object larger than the caller's cap.
+        TooLarge => "s3_too_large",
     }
 }
 
@@ -84,6 +70,7 @@ pub struct Store {
     /// How long a presigned URL stays valid: long enough for one request with its timeout.
     expires: Duration,
     verify_with_head: bool,
+    upload_bytes_per_sec: &'static AtomicI64,
 }
 
 /// The token bucket behind `flowarchive.upload-bytes-per-sec`, shared by every upload of the server.
@@ -133,17 +120,31 @@ impl TokenBucket {
     }
 }
 
+/// S3 destination and credentials of one job.
+#[derive(Clone)]
+pub struct S3Settings {
+    pub endpoint: String,
+    pub region: String,
+    pub bucket: String,
+    pub prefix: String,
+    pub path_style: bool,
+    pub access_key: String,
+    pub secret_key: String,
+    pub session_token: Option<String>,
+    pub timeout_ms: u64,
+    pub verify_with_head: bool,
+    /// The upload rate cap shared by all uploads, bytes per second (0: unlimited), read live at every
+    /// wait, so a CONFIG SET applies to uploads already waiting.
+    pub upload_bytes_per_sec: &'static AtomicI64,
+}
+
 static UPLOAD_LINK: Mutex<TokenBucket> = Mutex::new(TokenBucket::new());
 
 /// Waits until `bytes` fit under the upload rate cap, re-reading the cap every slice.
-fn throttle(bytes: usize) {
+fn throttle(bytes: usize, cap: &AtomicI64) {
     loop {
-        let rate = configs::upload_bytes_per_sec();
-        let admitted = UPLOAD_LINK.lock().unwrap_or_else(|p| p.into_inner()).admit(
-            bytes as u64,
-            rate,
-            Instant::now(),
-        );
+        let rate = cap.load(Ordering::Relaxed).max(0) as u64;
+        let admitted = lock(&UPLOAD_LINK).admit(bytes as u64, rate, Instant::now());
         match admitted {
             Ok(()) => return,
             Err(wait) => std::thread::sleep(wait.min(THROTTLE_SLICE)),
@@ -198,6 +199,7 @@ impl Store {
             agent,
             expires: Duration::from_secs(60 + 2 * s.timeout_ms.div_ceil(1000)),
             verify_with_head: s.verify_with_head,
+            upload_bytes_per_sec: s.upload_bytes_per_sec,
         })
     }
 
@@ -228,7 +230,7 @@ impl Store {
         for (name, value) in signed {
             action.headers_mut().insert(name, value);
         }
-        throttle(obj.body.len());
+        throttle(obj.body.len(), self.upload_bytes_per_sec);
         let url = action.sign(self.expires);
         let mut request = self.agent.put(url.as_str());
         for (name, value) in signed {
@@ -431,8 +433,11 @@ mod tests {
             session_token: None,
             timeout_ms: 1000,
             verify_with_head: true,
+            upload_bytes_per_sec: &NO_CAP,
         }
     }
+
+    static NO_CAP: AtomicI64 = AtomicI64::new(0);
 
     #[test]
     fn token_bucket_follows_the_current_rate() {
@@ -483,9 +488,8 @@ mod tests {
 
     #[test]
     fn throttle_without_a_cap_passes_at_once() {
-        // The config atomic is 0 outside a server.
         let start = Instant::now();
-        throttle(1 << 30);
+        throttle(1 << 30, &NO_CAP);
         assert!(start.elapsed() < Duration::from_secs(1));
     }
 

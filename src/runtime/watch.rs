@@ -6,8 +6,15 @@
 //! fingerprint: exact, O(1) per write, and it covers captures that span several event-loop turns.
 
 use std::collections::{HashMap, HashSet};
+use std::os::raw::c_void;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use redis_module::server_events::FlushSubevent;
+use redis_module::{raw, Context, NotifyEvent};
+
+use crate::runtime::server::selected_db;
+use crate::sync::lock;
 
 type DbKey = (i32, Vec<u8>);
 
@@ -23,7 +30,7 @@ static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
 static WATCHED: AtomicUsize = AtomicUsize::new(0);
 
 fn registry() -> MutexGuard<'static, Option<Registry>> {
-    REGISTRY.lock().unwrap_or_else(|p| p.into_inner())
+    lock(&REGISTRY)
 }
 
 /// A flow being archived. Dropping it ends the watch and frees the flow for another archive attempt.
@@ -95,8 +102,41 @@ impl Drop for Watch {
     }
 }
 
-/// Keyspace notification hook: a write touched `key` in `db`.
-pub fn key_touched(db: i32, key: &[u8]) {
+/// Subscribes to SWAPDB (FLUSHDB/FLUSHALL come through `on_flush`, key events through `on_key_event`).
+pub fn init(ctx: &Context) {
+    // SAFETY: called once from OnLoad with the module's context.
+    unsafe {
+        if let Some(subscribe) = raw::RedisModule_SubscribeToServerEvent {
+            let event = raw::RedisModuleEvent {
+                id: raw::REDISMODULE_EVENT_SWAPDB,
+                dataver: 1,
+            };
+            subscribe(ctx.ctx, event, Some(on_swapdb));
+        }
+    }
+}
+
+/// Keyspace notification hook: a write touched `key` in the context's DB.
+pub fn on_key_event(ctx: &Context, _event: NotifyEvent, _name: &str, key: &[u8]) {
+    key_touched(selected_db(ctx), key);
+}
+
+#[redis_module_macros::flush_event_handler]
+fn on_flush(_ctx: &Context, _sub: FlushSubevent) {
+    everything_touched();
+}
+
+extern "C" fn on_swapdb(
+    _ctx: *mut raw::RedisModuleCtx,
+    _eid: raw::RedisModuleEvent,
+    _sub: u64,
+    _data: *mut c_void,
+) {
+    everything_touched();
+}
+
+/// A write touched `key` in `db`.
+fn key_touched(db: i32, key: &[u8]) {
     if WATCHED.load(Ordering::SeqCst) == 0 {
         return;
     }
@@ -108,7 +148,7 @@ pub fn key_touched(db: i32, key: &[u8]) {
 }
 
 /// FLUSHDB, FLUSHALL and SWAPDB raise no per-key events: treat every watched flow as changed.
-pub fn everything_touched() {
+fn everything_touched() {
     if let Some(reg) = registry().as_ref() {
         reg.all.iter().for_each(|f| f.store(true, Ordering::SeqCst));
     }

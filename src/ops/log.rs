@@ -9,7 +9,7 @@ use std::ffi::{c_char, CStr, CString};
 
 use redis_module::raw;
 
-use crate::errors::bounded;
+use crate::ops::errors::bounded;
 
 #[derive(Clone, Copy)]
 pub enum Level {
@@ -54,4 +54,16 @@ pub fn notice(msg: &str) {
 
 pub fn verbose(msg: &str) {
     log(Level::Verbose, msg)
+}
+
+/// Runs `f`, containing a panic: it is logged as `what` and becomes `None`, so it never crosses the FFI
+/// boundary or leaves a client unanswered.
+pub fn contained<T>(what: &str, f: impl FnOnce() -> T) -> Option<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(v) => Some(v),
+        Err(_) => {
+            warning(&format!("flowarchive: {what} panicked"));
+            None
+        }
+    }
 }

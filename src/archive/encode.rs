@@ -8,27 +8,16 @@ use std::io::Write;
 
 use flate2::write::GzEncoder;
 use flate2::Compression;
-use md5::Md5;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::capture::Captured;
-use crate::decode;
-use crate::layout::hex;
+use crate::archive::flow::Captured;
+use crate::digest::{hex, md5, sha256};
+use crate::format::{Encoded, FORMAT_NAME, FORMAT_VERSION};
+use crate::read::decode;
 
-pub const FORMAT_NAME: &str = "flowarchive";
-pub const FORMAT_VERSION: u64 = 1;
 /// Level 1 keeps compression off the critical path; event JSON still shrinks about 8x.
 const GZIP_LEVEL: u32 = 1;
-
-/// The encoded object, ready for upload.
-pub struct Encoded {
-    pub body: Vec<u8>,
-    /// Uncompressed JSONL size, header included.
-    pub raw_bytes: u64,
-    pub object_sha256: [u8; 32],
-    pub object_md5: [u8; 16],
-}
 
 #[derive(Debug)]
 pub enum EncodeError {
@@ -170,8 +159,8 @@ pub fn encode(flow: &Captured) -> Result<Encoded, EncodeError> {
     }
     let body = gz.finish().unwrap_or_default();
     Ok(Encoded {
-        object_sha256: Sha256::digest(&body).into(),
-        object_md5: Md5::digest(&body).into(),
+        object_sha256: sha256(&body),
+        object_md5: md5(&body),
         body,
         raw_bytes,
     })
@@ -403,7 +392,7 @@ mod tests {
 
     mod props {
         use super::*;
-        use crate::decode::{self, tests::proptest_config, DecodeError};
+        use crate::read::decode::{self, tests::proptest_config, DecodeError};
         use proptest::prelude::*;
 
         /// Names that collide with the format's own fields.

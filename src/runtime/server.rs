@@ -1,5 +1,7 @@
 //! Thin helpers over the module API: DB selection, in-server command calls and key types.
 
+use crate::ops::errors::FlowError;
+
 use redis_module::{raw, CallOptionsBuilder, CallReply, CallResult, Context, KeyType, RedisString};
 
 /// The DB the calling client has selected.
@@ -20,12 +22,7 @@ pub fn select_db(ctx: &Context, db: i32) -> Result<(), String> {
 
 /// Runs a command inside the server, without replication. Errors become their text.
 pub fn call(ctx: &Context, cmd: &str, args: &[&[u8]]) -> Result<CallReply<'static>, String> {
-    let opts = CallOptionsBuilder::new().build();
-    let res: CallResult<'static> = ctx.call_ext(cmd, &opts, args);
-    res.map_err(|e| {
-        e.to_utf8_string()
-            .unwrap_or_else(|| format!("{cmd} failed"))
-    })
+    call_with(ctx, cmd, args, CallOptionsBuilder::new())
 }
 
 /// Runs a write inside the server and propagates it to replicas and the AOF (`!`).
@@ -34,12 +31,45 @@ pub fn call_replicated(
     cmd: &str,
     args: &[&[u8]],
 ) -> Result<CallReply<'static>, String> {
-    let opts = CallOptionsBuilder::new().replicate().build();
-    let res: CallResult<'static> = ctx.call_ext(cmd, &opts, args);
+    call_with(ctx, cmd, args, CallOptionsBuilder::new().replicate())
+}
+
+fn call_with(
+    ctx: &Context,
+    cmd: &str,
+    args: &[&[u8]],
+    opts: CallOptionsBuilder,
+) -> Result<CallReply<'static>, String> {
+    let res: CallResult<'static> = ctx.call_ext(cmd, &opts.build(), args);
     res.map_err(|e| {
         e.to_utf8_string()
             .unwrap_or_else(|| format!("{cmd} failed"))
     })
+}
+
+/// The length of the list at `key` (0 when absent).
+pub fn list_len(ctx: &Context, key: &str) -> Result<usize, String> {
+    let reply = call(ctx, "LLEN", &[key.as_bytes()])?;
+    Ok(integer(&reply).unwrap_or(0).max(0) as usize)
+}
+
+/// Elements `from..to` of the list at `key` (fewer if it is shorter).
+pub fn list_range(
+    ctx: &Context,
+    key: &str,
+    from: usize,
+    to: usize,
+) -> Result<Vec<Vec<u8>>, String> {
+    if from >= to {
+        return Ok(Vec::new());
+    }
+    let (start, stop) = (from.to_string(), (to - 1).to_string());
+    let reply = call(
+        ctx,
+        "LRANGE",
+        &[key.as_bytes(), start.as_bytes(), stop.as_bytes()],
+    )?;
+    Ok(strings(&reply))
 }
 
 /// A bulk-string reply's bytes, `None` for nil.
@@ -77,7 +107,26 @@ pub fn type_of(ctx: &Context, key: &str) -> KeyType {
     ctx.open_key(&string(ctx, key.as_bytes())).key_type()
 }
 
-pub fn type_name(t: &KeyType) -> &'static str {
+/// Whether `key` holds a value: `false` when empty, an error naming the key when it holds another type.
+pub fn expect_type(ctx: &Context, key: &str, expected: &KeyType) -> Result<bool, FlowError> {
+    match type_of(ctx, key) {
+        KeyType::Empty => Ok(false),
+        t if &t == expected => Ok(true),
+        t => Err(FlowError::WrongType {
+            key: key.to_string(),
+            found: type_name(&t),
+            expected: type_name(expected),
+        }),
+    }
+}
+
+/// A string value's bytes, if the key holds a string.
+pub fn read_string(ctx: &Context, key: &str) -> Option<Vec<u8>> {
+    let k = ctx.open_key(&string(ctx, key.as_bytes()));
+    k.read().ok().flatten().map(<[u8]>::to_vec)
+}
+
+fn type_name(t: &KeyType) -> &'static str {
     match t {
         KeyType::Empty => "nothing",
         KeyType::String => "string",

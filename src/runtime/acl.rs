@@ -7,8 +7,8 @@
 
 use redis_module::{AclPermissions, Context};
 
-use crate::errors::FlowError;
-use crate::server::string;
+use crate::ops::errors::FlowError;
+use crate::runtime::server::string;
 
 /// On whose behalf the module touches keys.
 #[derive(Clone, Debug)]

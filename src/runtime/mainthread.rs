@@ -11,7 +11,9 @@ use std::sync::mpsc::sync_channel;
 
 use redis_module::{raw, Context};
 
-use crate::errors;
+use crate::ops::errors;
+use crate::ops::metrics::{self, Stage};
+use crate::runtime::server::select_db;
 
 /// The module's detached context, used only on the main thread to start timers.
 static CONTEXT: AtomicPtr<raw::RedisModuleCtx> = AtomicPtr::new(std::ptr::null_mut());
@@ -38,8 +40,28 @@ pub fn deinit() {
     }
 }
 
+/// Events read per main-thread step (capture, long live reads): about 0.5 MB of typical events, well
+/// under a millisecond.
+pub const EVENTS_PER_STEP: usize = 1024;
+
+/// Runs `f` on the event loop in `db` and returns its result, timing the main-thread stretch into the
+/// stage's maximum and into `held`. From worker threads only.
+pub fn step<T: Send, E: From<String> + Send>(
+    db: i32,
+    stage: Stage,
+    held: &mut u64,
+    f: impl FnOnce(&Context) -> Result<T, E> + Send,
+) -> Result<T, E> {
+    run(|ctx| {
+        metrics::timed(stage, held, || {
+            select_db(ctx, db)?;
+            f(ctx)
+        })
+    })?
+}
+
 /// Runs `work` on the event loop and returns its result. Never call it from the main thread.
-pub fn run<T: Send>(work: impl FnOnce(&Context) -> T + Send) -> Result<T, String> {
+fn run<T: Send>(work: impl FnOnce(&Context) -> T + Send) -> Result<T, String> {
     if CONTEXT.load(Ordering::Acquire).is_null() {
         return Err(errors::NO_EVENT_LOOP.into());
     }
@@ -83,6 +105,6 @@ extern "C" fn run_job(ctx: *mut raw::RedisModuleCtx, data: *mut c_void) {
     let job = unsafe { Box::from_raw(data as *mut Job) };
     let ctx = Context::new(ctx);
     if catch_unwind(AssertUnwindSafe(|| job(&ctx))).is_err() {
-        crate::log::warning("flowarchive: a main-thread step panicked; its flow stays live");
+        crate::ops::log::warning("flowarchive: a main-thread step panicked; its flow stays live");
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use crate::decode::Decoded;
+use crate::read::decode::Decoded;
 
 pub type CacheKey = (i32, String, String);
 

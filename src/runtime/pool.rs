@@ -9,7 +9,9 @@
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex};
+
+use crate::sync::lock;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -49,10 +51,15 @@ pub fn shutdown_all() -> bool {
     lock(&POOLS).iter().all(|p| p.shutdown())
 }
 
-/// A mutex whose holder panicked still guards consistent data here: every critical section below
-/// leaves the state valid at each step, so the poison flag carries no information.
-pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+/// Puts the calling thread in the idle scheduling class (SCHED_IDLE): any other runnable thread, the
+/// server's event loop above all, preempts it at once, so compression, hashing and uploads only use CPU
+/// nobody else wants. Linux applies this per thread; no privilege is needed to lower one's own class.
+pub fn enter_idle_class() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: a plain syscall on the calling thread (pid 0); failure only leaves the class unchanged.
+    unsafe {
+        libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+    }
 }
 
 impl Pool {
@@ -114,7 +121,7 @@ impl Pool {
                 st.running += 1;
                 drop(st);
                 if catch_unwind(AssertUnwindSafe(job)).is_err() {
-                    crate::log::warning(&format!("flowarchive: a {} job panicked", self.name));
+                    crate::ops::log::warning(&format!("flowarchive: a {} job panicked", self.name));
                 }
                 st = lock(&self.state);
                 st.running -= 1;

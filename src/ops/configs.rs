@@ -12,23 +12,50 @@ use redis_module::configuration::{
 use redis_module::{RedisError, RedisString};
 
 use crate::layout::{self, Layout};
+use crate::s3::S3Settings;
+use crate::sync::lock;
 
-/// A string config with a validator.
+/// An integer config: its value and its default and bounds, named once for registration and code.
+pub struct Int {
+    pub value: AtomicI64,
+    pub default: i64,
+    pub min: i64,
+    pub max: i64,
+}
+
+impl Int {
+    pub const fn new(default: i64, min: i64, max: i64) -> Self {
+        Int {
+            value: AtomicI64::new(default),
+            default,
+            min,
+            max,
+        }
+    }
+
+    pub fn get(&self) -> i64 {
+        self.value.load(Ordering::Relaxed)
+    }
+}
+
+/// A string config with its default and a validator.
 pub struct Checked {
     value: Mutex<String>,
+    pub default: &'static str,
     check: fn(&str) -> Result<(), String>,
 }
 
 impl Checked {
-    pub const fn new(check: fn(&str) -> Result<(), String>) -> Self {
+    pub const fn new(default: &'static str, check: fn(&str) -> Result<(), String>) -> Self {
         Checked {
             value: Mutex::new(String::new()),
+            default,
             check,
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, String> {
-        self.value.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.value)
     }
 
     pub fn get(&self) -> String {
@@ -58,7 +85,7 @@ pub struct Secret(Mutex<String>);
 
 impl Secret {
     fn lock(&self) -> MutexGuard<'_, String> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.0)
     }
 
     pub fn get(&self) -> String {
@@ -95,7 +122,7 @@ pub struct SecretFile(Mutex<(String, String)>);
 
 impl SecretFile {
     fn lock(&self) -> MutexGuard<'_, (String, String)> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.0)
     }
 
     /// The secret read from the file; empty when no file is set.
@@ -231,6 +258,40 @@ pub fn object_prefix(v: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A place archives may be read from: a bucket and an object key prefix (possibly empty).
+#[derive(Debug, PartialEq)]
+pub struct Root {
+    pub bucket: String,
+    pub prefix: String,
+}
+
+/// Parses `flowarchive.read-allow`: space-separated `s3://bucket[/prefix]` roots.
+pub fn parse_roots(value: &str) -> Result<Vec<Root>, String> {
+    value
+        .split_whitespace()
+        .map(|root| {
+            let rest = root.strip_prefix("s3://").ok_or_else(|| {
+                format!("read-allow root {root:?} must look like s3://bucket[/prefix]")
+            })?;
+            let (name, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if name.is_empty() {
+                return Err(format!("read-allow root {root:?} names no bucket"));
+            }
+            bucket(name).map_err(|e| format!("read-allow root {root:?}: {e}"))?;
+            object_prefix(prefix).map_err(|e| format!("read-allow root {root:?}: {e}"))?;
+            Ok(Root {
+                bucket: name.to_string(),
+                prefix: prefix.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// The CONFIG SET check of `flowarchive.read-allow`.
+pub fn check_read_allow(value: &str) -> Result<(), String> {
+    parse_roots(value).map(|_| ())
+}
+
 /// How an upload is proven stored before anything is deleted (`flowarchive.verify`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VerifyMode {
@@ -327,91 +388,70 @@ template_check!(
 );
 template_check!(label_values, ["prefix", "label"], ["label"], true);
 
-pub static ENDPOINT: Checked = Checked::new(endpoint);
-pub static REGION: Checked = Checked::new(region);
-pub static BUCKET: Checked = Checked::new(bucket);
-pub static PREFIX: Checked = Checked::new(object_prefix);
+pub static ENDPOINT: Checked = Checked::new("", endpoint);
+pub static REGION: Checked = Checked::new("us-east-1", region);
+pub static BUCKET: Checked = Checked::new("", bucket);
+pub static PREFIX: Checked = Checked::new("", object_prefix);
 pub static PATH_STYLE: AtomicBool = AtomicBool::new(false);
-pub static ACCESS_KEY: Checked = Checked::new(any);
+pub static ACCESS_KEY: Checked = Checked::new("", any);
 pub static SECRET_KEY: Secret = Secret(Mutex::new(String::new()));
 pub static SECRET_KEY_FILE: SecretFile = SecretFile(Mutex::new((String::new(), String::new())));
-pub static REQUEST_TIMEOUT_MS: AtomicI64 = AtomicI64::new(30_000);
+pub static REQUEST_TIMEOUT_MS: Int = Int::new(30_000, 100, 3_600_000);
 pub static VERIFY: Mutex<VerifyMode> = Mutex::new(VerifyMode::Head);
-pub static RETENTION: Checked = Checked::new(duration);
-pub static CONCURRENCY: AtomicI64 = AtomicI64::new(4);
+pub static RETENTION: Checked = Checked::new("30d", duration);
+pub static CONCURRENCY: Int = Int::new(4, 1, CONCURRENCY_MAX);
+/// Also bounds the sweep's upload pool.
 pub const CONCURRENCY_MAX: i64 = 256;
-pub static BATCH_SIZE: AtomicI64 = AtomicI64::new(100);
-pub static CACHE_BYTES: AtomicI64 = AtomicI64::new(64 << 20);
-pub static READ_MAX_BYTES: AtomicI64 = AtomicI64::new(256 << 20);
-pub static READ_ALLOW: Checked = Checked::new(crate::fetch::check_read_allow);
-pub static UPLOAD_BYTES_PER_SEC: AtomicI64 = AtomicI64::new(0);
-pub static SWEEP_INTERVAL: Checked = Checked::new(duration);
-pub static KEY_PREFIX: Checked = Checked::new(key_prefix);
-pub static INDEX_KEY: Checked = Checked::new(index_key);
-pub static EVENTS_KEY: Checked = Checked::new(flow_key);
-pub static SNAPSHOT_KEY: Checked = Checked::new(flow_key);
-pub static SEQ_KEY: Checked = Checked::new(opt_flow_key);
-pub static LABELS_KEY: Checked = Checked::new(opt_flow_key);
-pub static STATUS_KEY: Checked = Checked::new(opt_shared_key);
-pub static STATUS_SET_KEY: Checked = Checked::new(status_set);
-pub static LABEL_SET_KEY: Checked = Checked::new(label_set);
-pub static LABEL_VALUES_KEY: Checked = Checked::new(label_values);
-pub static FLOW_MEMBER: Checked = Checked::new(member);
-pub static TERMINAL_STATUSES: Checked = Checked::new(statuses);
+pub static BATCH_SIZE: Int = Int::new(100, 1, 100_000);
+pub static CACHE_BYTES: Int = Int::new(64 << 20, 0, 1 << 40);
+pub static READ_MAX_BYTES: Int = Int::new(256 << 20, 64 << 10, 1 << 40);
+pub static READ_ALLOW: Checked = Checked::new("", check_read_allow);
+pub static UPLOAD_BYTES_PER_SEC: Int = Int::new(0, 0, 1 << 40);
+pub static SWEEP_INTERVAL: Checked = Checked::new("0s", duration);
+pub static KEY_PREFIX: Checked = Checked::new("argyll", key_prefix);
+pub static INDEX_KEY: Checked = Checked::new("archived:flows", index_key);
+pub static EVENTS_KEY: Checked = Checked::new("$prefix:flow:$id:events", flow_key);
+pub static SNAPSHOT_KEY: Checked = Checked::new("$prefix:flow:$id:snapshot:val", flow_key);
+pub static SEQ_KEY: Checked = Checked::new("$prefix:flow:$id:snapshot:seq", opt_flow_key);
+pub static LABELS_KEY: Checked = Checked::new("$prefix:flow:$id:idx:labels", opt_flow_key);
+pub static STATUS_KEY: Checked = Checked::new("$prefix:idx:status", opt_shared_key);
+pub static STATUS_SET_KEY: Checked = Checked::new("$prefix:idx:status:$status", status_set);
+pub static LABEL_SET_KEY: Checked = Checked::new("$prefix:idx:label:$label:$value", label_set);
+pub static LABEL_VALUES_KEY: Checked = Checked::new("$prefix:idx:label:$label", label_values);
+pub static FLOW_MEMBER: Checked = Checked::new("flow:$id", member);
+pub static TERMINAL_STATUSES: Checked = Checked::new("completed,failed", statuses);
 
-/// S3 destination and credentials of one job.
-#[derive(Clone)]
-pub struct S3Settings {
-    pub endpoint: String,
-    pub region: String,
-    pub bucket: String,
-    pub prefix: String,
-    pub path_style: bool,
-    pub access_key: String,
-    pub secret_key: String,
-    pub session_token: Option<String>,
-    pub timeout_ms: u64,
-    pub verify_with_head: bool,
-}
-
-/// The upload rate cap shared by all uploads, bytes per second (0: unlimited). Read live, not per job,
-/// so a CONFIG SET applies to uploads already waiting.
-pub fn upload_bytes_per_sec() -> u64 {
-    UPLOAD_BYTES_PER_SEC.load(Ordering::Relaxed).max(0) as u64
-}
-
-impl S3Settings {
-    /// Configs first (`access-key` with `secret-key` when set at runtime and not dropped by a later
-    /// `secret-key-file`, else the secret of `secret-key-file`); when no access key is configured, the
-    /// server's AWS_* environment.
-    fn current() -> Self {
-        let (access_key, secret_key, session_token) = match ACCESS_KEY.get() {
-            key if !key.is_empty() => {
-                let secret = Some(SECRET_KEY.get())
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or_else(|| SECRET_KEY_FILE.secret());
-                (key, secret, None)
-            }
-            _ => (
-                std::env::var("AWS_ACCESS_KEY_ID").unwrap_or_default(),
-                std::env::var("AWS_SECRET_ACCESS_KEY").unwrap_or_default(),
-                std::env::var("AWS_SESSION_TOKEN")
-                    .ok()
-                    .filter(|t| !t.is_empty()),
-            ),
-        };
-        S3Settings {
-            endpoint: ENDPOINT.get(),
-            region: REGION.get(),
-            bucket: BUCKET.get(),
-            prefix: PREFIX.get(),
-            path_style: PATH_STYLE.load(Ordering::Relaxed),
-            access_key,
-            secret_key,
-            session_token,
-            timeout_ms: REQUEST_TIMEOUT_MS.load(Ordering::Relaxed).max(1) as u64,
-            verify_with_head: *VERIFY.lock().unwrap_or_else(|p| p.into_inner()) == VerifyMode::Head,
+/// The S3 settings of one job. Credentials: configs first (`access-key` with `secret-key` when set at
+/// runtime and not dropped by a later `secret-key-file`, else the secret of `secret-key-file`); when no
+/// access key is configured, the server's AWS_* environment.
+fn s3_settings() -> S3Settings {
+    let (access_key, secret_key, session_token) = match ACCESS_KEY.get() {
+        key if !key.is_empty() => {
+            let secret = Some(SECRET_KEY.get())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| SECRET_KEY_FILE.secret());
+            (key, secret, None)
         }
+        _ => (
+            std::env::var("AWS_ACCESS_KEY_ID").unwrap_or_default(),
+            std::env::var("AWS_SECRET_ACCESS_KEY").unwrap_or_default(),
+            std::env::var("AWS_SESSION_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty()),
+        ),
+    };
+    S3Settings {
+        endpoint: ENDPOINT.get(),
+        region: REGION.get(),
+        bucket: BUCKET.get(),
+        prefix: PREFIX.get(),
+        path_style: PATH_STYLE.load(Ordering::Relaxed),
+        access_key,
+        secret_key,
+        session_token,
+        timeout_ms: REQUEST_TIMEOUT_MS.get().max(1) as u64,
+        verify_with_head: *lock(&VERIFY) == VerifyMode::Head,
+        upload_bytes_per_sec: &UPLOAD_BYTES_PER_SEC.value,
     }
 }
 
@@ -440,7 +480,7 @@ impl Settings {
     pub fn current() -> Self {
         let opt = |c: &Checked| Some(c.get()).filter(|v| !v.is_empty());
         Settings {
-            s3: S3Settings::current(),
+            s3: s3_settings(),
             layout: Layout {
                 prefix: KEY_PREFIX.get(),
                 events: EVENTS_KEY.get(),
@@ -460,12 +500,13 @@ impl Settings {
                     .map(str::to_string)
                     .collect(),
             },
-            retention_ms: parse_duration_ms(&RETENTION.get()).unwrap_or(30 * 86_400_000),
-            cache_bytes: CACHE_BYTES.load(Ordering::Relaxed).max(0) as usize,
-            read_max_bytes: READ_MAX_BYTES.load(Ordering::Relaxed).max(0) as u64,
+            // Validated when set, so it parses; if it ever did not, nothing would be old enough.
+            retention_ms: parse_duration_ms(&RETENTION.get()).unwrap_or(i64::MAX / 2),
+            cache_bytes: CACHE_BYTES.get().max(0) as usize,
+            read_max_bytes: READ_MAX_BYTES.get().max(0) as u64,
             read_allow: READ_ALLOW.get(),
-            concurrency: CONCURRENCY.load(Ordering::Relaxed).max(1) as usize,
-            batch_size: BATCH_SIZE.load(Ordering::Relaxed).max(1) as usize,
+            concurrency: CONCURRENCY.get().max(1) as usize,
+            batch_size: BATCH_SIZE.get().max(1) as usize,
         }
     }
 }

@@ -1,18 +1,11 @@
-//! Every error a command answers. Texts start with `ERR`, name the flow and say why; none carries a
-//! credential or a presigned URL.
+//! The module's errors and their texts. Texts start with `ERR` (or `NOPERM`), name the flow and say why,
+//! are bounded in length, and never carry a credential or a presigned URL.
 
 use crate::clock::human_ms;
-use crate::store::StoreError;
+use crate::kinds::kinds;
+use crate::s3::{FailureKind, StoreError};
 
-pub const SWEEP_DENY_BLOCKING: &str =
-    "ERR FLOWARCHIVE.SWEEP cannot run inside MULTI, a script or another blocking context";
-pub const SWEEP_ON_REPLICA: &str =
-    "ERR FLOWARCHIVE.SWEEP writes and must run on the primary, not a replica";
 pub const SWEEP_RUNNING: &str = "ERR a sweep is already running; see INFO flowarchive";
-pub const DENY_BLOCKING: &str =
-    "ERR FLOWARCHIVE.FLOW cannot run inside MULTI, a script or another blocking context";
-pub const ON_REPLICA: &str =
-    "ERR FLOWARCHIVE.FLOW writes and must run on the primary, not a replica";
 pub const EMPTY_ID: &str = "ERR flow id must not be empty";
 pub const ID_NOT_UTF8: &str = "ERR flow id must be valid UTF-8";
 pub const FLOW_BUSY: &str =
@@ -62,6 +55,24 @@ pub fn bounded(mut msg: String) -> String {
     msg
 }
 
+kinds! {
+    /// How an archive failed, apart from S3 (whose kinds `FailureKind` names).
+    pub enum FlowKind {
+        NotFound => "not_found",
+        NotTerminal => "not_terminal",
+        TooRecent => "too_recent",
+        WrongType => "wrong_type",
+        Unreadable => "unreadable",
+        Conflict => "conflict",
+        Busy => "busy",
+        Changed => "changed",
+        NoPerm => "noperm",
+        NotWritable => "not_writable",
+        Cluster => "cluster",
+        Internal => "internal",
+    }
+}
+
 #[derive(Debug)]
 pub enum FlowError {
     NotFound,
@@ -99,21 +110,28 @@ impl From<String> for FlowError {
 impl FlowError {
     /// The metric / log name of this failure.
     pub fn kind(&self) -> &'static str {
-        match self {
-            FlowError::NotFound => "not_found",
-            FlowError::NotTerminal(_) => "not_terminal",
-            FlowError::TooRecent { .. } => "too_recent",
-            FlowError::WrongType { .. } => "wrong_type",
-            FlowError::Unreadable(_) => "unreadable",
-            FlowError::Conflict(_) => "conflict",
-            FlowError::Busy => "busy",
-            FlowError::Changed => "changed",
-            FlowError::NoPerm(_) => "noperm",
-            FlowError::NotWritable(_) => "not_writable",
-            FlowError::Cluster(_) => "cluster",
-            FlowError::Upload(e) => e.kind.name(),
-            FlowError::Internal(_) => "internal",
-        }
+        let kind = match self {
+            FlowError::NotFound => FlowKind::NotFound,
+            FlowError::NotTerminal(_) => FlowKind::NotTerminal,
+            FlowError::TooRecent { .. } => FlowKind::TooRecent,
+            FlowError::WrongType { .. } => FlowKind::WrongType,
+            FlowError::Unreadable(_) => FlowKind::Unreadable,
+            FlowError::Conflict(_) => FlowKind::Conflict,
+            FlowError::Busy => FlowKind::Busy,
+            FlowError::Changed => FlowKind::Changed,
+            FlowError::NoPerm(_) => FlowKind::NoPerm,
+            FlowError::NotWritable(_) => FlowKind::NotWritable,
+            FlowError::Cluster(_) => FlowKind::Cluster,
+            FlowError::Upload(e) => return e.kind.name(),
+            FlowError::Internal(_) => FlowKind::Internal,
+        };
+        kind.name()
+    }
+
+    /// Every name `kind` can answer, for INFO.
+    pub fn kind_names() -> impl Iterator<Item = &'static str> {
+        let flow = FlowKind::ALL.iter().map(|k| k.name());
+        flow.chain(FailureKind::ALL.iter().map(|k| k.name()))
     }
 
     /// The error text for flow `id`: one line, at most `MAX_MESSAGE` bytes.

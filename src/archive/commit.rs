@@ -9,73 +9,23 @@
 
 use redis_module::{Context, ContextFlags, KeyType};
 
-use crate::acl::{self, Access, Caller};
-use crate::capture::{expect_type, indexed_location, Captured};
-use crate::cluster;
-use crate::errors::{self, FlowError};
+use std::time::{Duration, Instant};
+
+use crate::archive::capture::Capture;
+use crate::archive::flow::Captured;
+use crate::archive::guard;
+use crate::index;
 use crate::layout::Layout;
-use crate::server::{bytes, call, call_replicated, integer, type_of};
-use crate::watch::Watch;
+use crate::ops::errors::{self, FlowError};
+use crate::ops::metrics::Stage;
+use crate::runtime::acl::Caller;
+use crate::runtime::mainthread;
+use crate::runtime::server::{bytes, call, call_replicated, integer, type_of};
+use crate::runtime::watch::Watch;
 
-/// One key the commit touches: what it must hold and what is done to it.
-pub struct Touched {
-    pub key: String,
-    pub expected: KeyType,
-    pub access: Access,
-}
-
-/// Every key the commit of `flow` reads or writes, in one list for the ACL, type and slot checks.
-pub fn touched(flow: &Captured, layout: &Layout) -> Vec<Touched> {
-    let keys = &flow.keys;
-    let entry = |key: &str, expected, access| Touched {
-        key: key.to_string(),
-        expected,
-        access,
-    };
-    let mut out = vec![
-        entry(&keys.events, KeyType::List, Access::Remove),
-        entry(&keys.snapshot, KeyType::String, Access::Remove),
-    ];
-    out.extend(
-        keys.seq
-            .iter()
-            .map(|k| entry(k, KeyType::String, Access::Remove)),
-    );
-    out.extend(
-        keys.labels
-            .iter()
-            .map(|k| entry(k, KeyType::Hash, Access::Remove)),
-    );
-    out.push(entry(&keys.index, KeyType::Hash, Access::Add));
-    out.extend(
-        keys.status_hash
-            .iter()
-            .map(|k| entry(k, KeyType::Hash, Access::Remove)),
-    );
-    if let Some(set) = layout.status_set_key(&flow.id, &flow.status) {
-        out.push(entry(&set, KeyType::ZSet, Access::Remove));
-    }
-    for (label, value) in &flow.labels {
-        if let Some(set) = layout.label_set_key(&flow.id, label, value) {
-            out.push(entry(&set, KeyType::Set, Access::Remove));
-        }
-        if let Some(values) = layout.label_values_key(&flow.id, label) {
-            out.push(entry(&values, KeyType::Set, Access::Remove));
-        }
-    }
-    out
-}
-
-/// The caller may touch every key, each holds its expected type (or nothing), and on a cluster all of
-/// them sit in one slot this node serves.
-pub fn preconditions(ctx: &Context, caller: &Caller, touched: &[Touched]) -> Result<(), FlowError> {
-    for t in touched {
-        acl::check(ctx, caller, &t.key, t.access)?;
-        expect_type(ctx, &t.key, &t.expected)?;
-    }
-    let keys: Vec<&str> = touched.iter().map(|t| t.key.as_str()).collect();
-    cluster::check(ctx, &keys)
-}
+/// How long a commit waits for paused writes to resume, and how often it looks.
+const PAUSE_WAIT: Duration = Duration::from_secs(10);
+const PAUSE_RETRY: Duration = Duration::from_millis(50);
 
 /// Writes may land here now: a primary (a demoted node would delete on itself only), and not while
 /// writes are paused (`CLIENT PAUSE WRITE`, a failover): a propagated write then trips a server
@@ -126,7 +76,7 @@ fn write(ctx: &Context, cmd: &str, args: &[&[u8]]) -> Result<i64, FlowError> {
 }
 
 /// Verifies, indexes and deletes. Nothing is written unless every check passes.
-pub fn commit(
+fn commit(
     ctx: &Context,
     caller: &Caller,
     flow: &Captured,
@@ -138,8 +88,8 @@ pub fn commit(
     if watch.changed() || !unchanged(ctx, flow, layout)? {
         return Err(FlowError::Changed);
     }
-    preconditions(ctx, caller, &touched(flow, layout))?;
-    if let Some(existing) = indexed_location(ctx, &flow.keys, &flow.id)? {
+    guard::check(ctx, caller, flow, layout)?;
+    if let Some(existing) = index::location(ctx, &flow.keys, &flow.id)? {
         return Err(FlowError::Conflict(existing));
     }
     // From here every write is certain to succeed. Our own deletes raise keyspace events on the
@@ -173,4 +123,29 @@ pub fn commit(
     // UNLINK frees a long event log off the main thread.
     write(ctx, "UNLINK", &own)?;
     Ok(())
+}
+
+/// Commits a captured, stored flow from a worker thread. Writes paused (a failover, `CLIENT PAUSE
+/// WRITE`) usually end within seconds: the commit waits that long, the watch still guarding the flow,
+/// then gives up with the flow live. Returns the longest main-thread stretch spent on the flow.
+pub fn when_writable(capture: Capture, layout: &Layout, location: &str) -> Result<u64, FlowError> {
+    let Capture {
+        flow,
+        caller,
+        watch,
+        mut held_us,
+        ..
+    } = capture;
+    let paused_until = Instant::now() + PAUSE_WAIT;
+    loop {
+        let committed = mainthread::step(flow.db, Stage::Commit, &mut held_us, |ctx| {
+            commit(ctx, &caller, &flow, &watch, layout, location)
+        });
+        match committed {
+            Err(FlowError::NotWritable(errors::WRITES_PAUSED)) if Instant::now() < paused_until => {
+                std::thread::sleep(PAUSE_RETRY);
+            }
+            other => return other.map(|()| held_us),
+        }
+    }
 }

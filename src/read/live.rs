@@ -1,22 +1,20 @@
 //! Live reads of `FLOWARCHIVE.GET <id> EVENTS`.
 //!
 //! A short event log is read in the command itself. A long one is read like a capture: in chunks of
-//! `EVENTS_PER_CHUNK`, each a short main-thread step handed over by a read worker, so a log of 300,000
+//! `EVENTS_PER_STEP`, each a short main-thread step handed over by a read worker, so a log of 300,000
 //! events never holds the server in one stretch. A watch on the snapshot and the log proves the chunks
 //! form one state; a change restarts the read. The bytes read are capped like an archived read.
 
-use redis_module::{
-    BlockedClient, Context, ContextFlags, RedisError, RedisResult, RedisValue, ThreadSafeContext,
-};
+use redis_module::{Context, KeyType, RedisError, RedisResult, RedisValue};
 
-use crate::archive::on_main_thread;
-use crate::capture::EVENTS_PER_CHUNK;
-use crate::errors::{self, show_id, FlowError};
 use crate::layout::FlowKeys;
-use crate::metrics::Stage;
-use crate::pool::Pool;
-use crate::server::{bytes, call, integer, strings};
-use crate::watch::Watch;
+use crate::ops::errors::{self, show_id, FlowError};
+use crate::ops::metrics::Stage;
+use crate::runtime::blocking::{answer_later, can_block, this_client};
+use crate::runtime::mainthread::{self, EVENTS_PER_STEP};
+use crate::runtime::pool::Pool;
+use crate::runtime::server::{bytes, call, expect_type, list_len, list_range, read_string};
+use crate::runtime::watch::Watch;
 
 /// Workers for long live reads; reads beyond the queue get a busy error.
 pub static READ_POOL: Pool = Pool::new("flowarchive-read", 4, 1024);
@@ -32,24 +30,12 @@ fn reply(snapshot: Vec<u8>, events: Vec<Vec<u8>>) -> RedisValue {
     ])
 }
 
-fn event_count(ctx: &Context, keys: &FlowKeys) -> Result<usize, FlowError> {
-    let reply = call(ctx, "LLEN", &[keys.events.as_bytes()])?;
-    Ok(integer(&reply).unwrap_or(0).max(0) as usize)
-}
-
-fn range(
-    ctx: &Context,
-    keys: &FlowKeys,
-    from: usize,
-    to: usize,
-) -> Result<Vec<Vec<u8>>, FlowError> {
-    let (start, stop) = (from.to_string(), (to - 1).to_string());
-    let reply = call(
-        ctx,
-        "LRANGE",
-        &[keys.events.as_bytes(), start.as_bytes(), stop.as_bytes()],
-    )?;
-    Ok(strings(&reply))
+/// A live flow's stored snapshot, as stored; `None` when the flow is not live.
+pub fn snapshot(ctx: &Context, keys: &FlowKeys) -> Result<Option<Vec<u8>>, FlowError> {
+    if !expect_type(ctx, &keys.snapshot, &KeyType::String)? {
+        return Ok(None);
+    }
+    Ok(read_string(ctx, &keys.snapshot))
 }
 
 /// Answers `[snapshot, events]` of a live flow whose snapshot the command has just read: at once for a
@@ -62,38 +48,27 @@ pub fn events(
     snapshot: Vec<u8>,
     max_bytes: u64,
 ) -> RedisResult {
-    let total = event_count(ctx, &keys).map_err(|e| RedisError::String(e.message(&id)))?;
-    if total <= EVENTS_PER_CHUNK {
-        let log =
-            range(ctx, &keys, 0, total.max(1)).map_err(|e| RedisError::String(e.message(&id)))?;
+    let fail = |e: String| RedisError::String(FlowError::from(e).message(&id));
+    let total = list_len(ctx, &keys.events).map_err(fail)?;
+    if total <= EVENTS_PER_STEP {
+        let log = list_range(ctx, &keys.events, 0, total).map_err(fail)?;
         return Ok(reply(snapshot, log));
     }
-    if ctx
-        .get_flags()
-        .intersects(ContextFlags::MULTI | ContextFlags::LUA | ContextFlags::DENY_BLOCKING)
-    {
+    if !can_block(ctx) {
         return Err(RedisError::String(format!(
             "ERR flow {} has {total} events, too many to read inside MULTI or a script; call FLOWARCHIVE.GET outside",
             show_id(&id)
         )));
     }
-    let (hand_over, client) = std::sync::mpsc::channel::<ThreadSafeContext<BlockedClient>>();
-    let job = Box::new(move || {
-        let Ok(client) = client.recv() else { return };
-        let answer = match read_consistent(db, &keys, max_bytes) {
-            Ok((snapshot, log)) => Ok(reply(snapshot, log)),
-            Err(FlowError::Changed) => Err(RedisError::String(format!(
-                "ERR flow {} changed during every read attempt; retry",
-                show_id(&id)
-            ))),
-            Err(e) => Err(RedisError::String(e.message(&id))),
-        };
-        client.reply(answer);
-    });
-    if READ_POOL.submit(job).is_err() {
-        return Err(RedisError::Str(errors::READ_BUSY));
-    }
-    let _ = hand_over.send(ThreadSafeContext::with_blocked_client(ctx.block_client()));
+    let read = move || match read_consistent(db, &keys, max_bytes) {
+        Ok((snapshot, log)) => Ok(reply(snapshot, log)),
+        Err(FlowError::Changed) => Err(RedisError::String(format!(
+            "ERR flow {} changed during every read attempt; retry",
+            show_id(&id)
+        ))),
+        Err(e) => Err(RedisError::String(e.message(&id))),
+    };
+    answer_later(&READ_POOL, errors::READ_BUSY, || this_client(ctx), read)?;
     Ok(RedisValue::NoReply)
 }
 
@@ -119,21 +94,21 @@ fn read_once(
     max_bytes: u64,
 ) -> Result<(Vec<u8>, Vec<Vec<u8>>), FlowError> {
     let mut held = 0;
-    let (watch, snapshot, total) = on_main_thread(db, Stage::Capture, &mut held, |ctx| {
+    let (watch, snapshot, total) = mainthread::step(db, Stage::Capture, &mut held, |ctx| {
         let watch = Watch::observe(db, &[&keys.snapshot, &keys.events]);
         let snapshot = call(ctx, "GET", &[keys.snapshot.as_bytes()])?;
         let snapshot = bytes(&snapshot).ok_or(FlowError::Changed)?;
-        Ok::<_, FlowError>((watch, snapshot, event_count(ctx, keys)?))
+        Ok::<_, FlowError>((watch, snapshot, list_len(ctx, &keys.events)?))
     })?;
     let mut log = Vec::with_capacity(total);
     let mut size = snapshot.len() as u64;
     while log.len() < total {
-        let (from, to) = (log.len(), (log.len() + EVENTS_PER_CHUNK).min(total));
-        let chunk = on_main_thread(db, Stage::Capture, &mut held, |ctx| {
+        let (from, to) = (log.len(), (log.len() + EVENTS_PER_STEP).min(total));
+        let chunk = mainthread::step(db, Stage::Capture, &mut held, |ctx| {
             if watch.changed() {
                 return Err(FlowError::Changed);
             }
-            range(ctx, keys, from, to)
+            Ok(list_range(ctx, &keys.events, from, to)?)
         })?;
         if chunk.len() != to - from {
             return Err(FlowError::Changed);

@@ -8,13 +8,13 @@
 
 use std::collections::HashSet;
 
-use redis_module::{CallReply, Context};
-use serde_json::Value;
+use redis_module::{CallReply, Context, RedisError};
 
-use crate::acl::{self, Access, Caller};
-use crate::clock;
+use crate::archive::eligible::{SnapshotFacts, Window};
 use crate::layout::Layout;
-use crate::server::{bytes, call, integer, strings};
+use crate::ops::errors;
+use crate::runtime::acl::{self, Access, Caller};
+use crate::runtime::server::{bytes, call, integer, strings};
 
 /// Where candidates are found.
 enum Source {
@@ -34,13 +34,13 @@ enum Source {
 
 pub struct Selector {
     source: Source,
-    cutoff_ms: i64,
+    window: Window,
     caller: Caller,
 }
 
 impl Selector {
-    /// Selects flows terminal and last updated at or before `cutoff_ms`.
-    pub fn new(layout: &Layout, cutoff_ms: i64, caller: Caller) -> Self {
+    /// Selects the flows eligible in `window` (terminal, idle long enough) that `caller` may read.
+    pub fn new(layout: &Layout, window: Window, caller: Caller) -> Self {
         let source = if layout.status_set.is_some() {
             Source::StatusSets {
                 statuses: layout.terminal.clone(),
@@ -56,7 +56,7 @@ impl Selector {
         };
         Selector {
             source,
-            cutoff_ms,
+            window,
             caller,
         }
     }
@@ -68,7 +68,7 @@ impl Selector {
         layout: &Layout,
         batch: usize,
     ) -> Result<Option<Vec<String>>, String> {
-        let cutoff = self.cutoff_ms;
+        let window = self.window;
         match &mut self.source {
             Source::StatusSets {
                 statuses,
@@ -81,6 +81,7 @@ impl Selector {
                 else {
                     return Ok(None);
                 };
+                let cutoff = window.cutoff_ms();
                 let (ids, exhausted) = status_page(ctx, &key, after, cutoff, batch, layout)?;
                 if exhausted {
                     *next += 1;
@@ -92,12 +93,28 @@ impl Selector {
                 if *done {
                     return Ok(None);
                 }
-                let ids = scan_step(ctx, &self.caller, layout, cursor, batch, cutoff, seen)?;
+                let ids = scan_step(ctx, &self.caller, layout, cursor, batch, &window, seen)?;
                 *done = cursor.as_str() == "0";
                 Ok(Some(ids))
             }
         }
     }
+}
+
+/// Selection reads the status indexes: the caller must be allowed to read them.
+pub fn check_readable(ctx: &Context, caller: &Caller, layout: &Layout) -> Result<(), RedisError> {
+    for status in &layout.terminal {
+        let Some(key) = layout.status_set_key("", status) else {
+            continue;
+        };
+        if acl::check(ctx, caller, &key, Access::Read).is_err() {
+            return Err(RedisError::String(errors::bounded(format!(
+                "NOPERM this user has no permissions to read the {} key a sweep selects from",
+                errors::show_key(&key)
+            ))));
+        }
+    }
+    Ok(())
 }
 
 fn zcount(ctx: &Context, key: &str, min: &str, max: &str) -> Result<usize, String> {
@@ -182,7 +199,7 @@ fn scan_step(
     layout: &Layout,
     cursor: &mut String,
     batch: usize,
-    cutoff: i64,
+    window: &Window,
     seen: &mut HashSet<String>,
 ) -> Result<Vec<String>, String> {
     let pattern = layout
@@ -234,15 +251,8 @@ fn scan_step(
             .ok()
             .and_then(|r| bytes(&r))
             .unwrap_or_default();
-        let Ok(v) = serde_json::from_slice::<Value>(&snapshot) else {
-            continue;
-        };
-        let terminal = v["status"].as_str().is_some_and(|s| layout.is_terminal(s));
-        let old = v["last_updated"]
-            .as_str()
-            .and_then(clock::parse_rfc3339_ms)
-            .is_some_and(|t| t <= cutoff);
-        if terminal && old {
+        let eligible = SnapshotFacts::parse(&snapshot).is_ok_and(|f| f.eligible(layout, window));
+        if eligible {
             seen.insert(id.clone());
             ids.push(id);
         }

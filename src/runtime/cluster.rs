@@ -5,8 +5,8 @@
 
 use redis_module::{CallReply, Context, ContextFlags};
 
-use crate::errors::FlowError;
-use crate::server::call;
+use crate::ops::errors::FlowError;
+use crate::runtime::server::call;
 
 /// CRC16-CCITT (XMODEM), the cluster's key hash.
 fn crc16(bytes: &[u8]) -> u16 {
@@ -38,7 +38,7 @@ pub fn key_slot(key: &[u8]) -> u16 {
 /// Whether this node serves `slot` as primary, from `CLUSTER SLOTS` and `CLUSTER MYID`.
 fn serves(ctx: &Context, slot: u16) -> Result<bool, FlowError> {
     let me = call(ctx, "CLUSTER", &[b"MYID"])?;
-    let me = crate::server::bytes(&me).unwrap_or_default();
+    let me = crate::runtime::server::bytes(&me).unwrap_or_default();
     let slots = call(ctx, "CLUSTER", &[b"SLOTS"])?;
     let CallReply::Array(ranges) = &slots else {
         return Ok(false);
@@ -60,7 +60,7 @@ fn serves(ctx: &Context, slot: u16) -> Result<bool, FlowError> {
         // The first node of a range is its primary: [ip, port, id, ...].
         let primary_id = match parts.get(2) {
             Some(Ok(CallReply::Array(node))) => match node.get(2) {
-                Some(Ok(r)) => crate::server::bytes(&r),
+                Some(Ok(r)) => crate::runtime::server::bytes(&r),
                 _ => None,
             },
             _ => None,
@@ -82,15 +82,15 @@ pub fn check(ctx: &Context, keys: &[&str]) -> Result<(), FlowError> {
     if let Some(other) = keys.iter().find(|k| key_slot(k.as_bytes()) != slot) {
         return Err(FlowError::Cluster(format!(
             "keys {} and {} are in different slots ({slot} and {}); on a cluster every key of a flow and its index entry must share one slot (hash tags)",
-            crate::errors::show_key(first),
-            crate::errors::show_key(other),
+            crate::ops::errors::show_key(first),
+            crate::ops::errors::show_key(other),
             key_slot(other.as_bytes())
         )));
     }
     if !serves(ctx, slot)? {
         return Err(FlowError::Cluster(format!(
             "slot {slot} of key {} is not served by this node as primary",
-            crate::errors::show_key(first)
+            crate::ops::errors::show_key(first)
         )));
     }
     Ok(())

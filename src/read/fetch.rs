@@ -8,21 +8,24 @@
 //! `flowarchive.read-max-bytes` of object plus as much decompressed content (see docs/FORMAT.md).
 
 use std::collections::HashMap;
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use redis_module::configuration::ConfigurationContext;
 use redis_module::{BlockedClient, RedisError, RedisValue, ThreadSafeContext};
-use sha2::{Digest, Sha256};
 
-use crate::cache::{CacheKey, Lru};
-use crate::configs::{self, Settings};
-use crate::decode::{self, DecodeError, Decoded};
-use crate::errors::show_id;
-use crate::layout::{self, hex};
-use crate::metrics;
-use crate::pool::Pool;
-use crate::store::{Store, StoreError};
+use crate::digest::{hex, sha256};
+use crate::kinds::{kinds, Tally};
+use crate::layout;
+use crate::ops::configs::{parse_roots, Root, Settings};
+use crate::ops::errors::show_id;
+use crate::ops::log;
+use crate::read::cache::{CacheKey, Lru};
+use crate::read::decode::{self, DecodeError, Decoded};
+use crate::runtime::pool::Pool;
+use crate::s3::{FailureKind, Store, StoreError};
+use crate::sync::lock;
 
 /// Fetch threads: each mostly waits on S3, so a few serve many reads.
 pub const FETCH_THREADS: usize = 4;
@@ -45,17 +48,46 @@ pub enum FetchError {
     Panicked,
 }
 
+kinds! {
+    /// How an archived read failed, apart from S3 (`FailureKind`).
+    pub enum FetchKind {
+        BadLocation => "bad_location",
+        Busy => "busy",
+        Checksum => "checksum",
+        Corrupt => "corrupt",
+        OtherFlow => "other_flow",
+        OtherKeyspace => "other_keyspace",
+        UnknownVersion => "unknown_version",
+        TooLarge => "too_large",
+        Internal => "internal",
+    }
+}
+
 impl FetchError {
     /// The metric name of this failure.
     pub fn kind(&self) -> &'static str {
-        match self {
-            FetchError::BadLocation => "bad_location",
-            FetchError::Busy => "busy",
-            FetchError::Store(e) => e.kind.name(),
-            FetchError::ObjectChecksum(_) => "checksum",
-            FetchError::Decode(e) => e.kind(),
-            FetchError::Panicked => "internal",
-        }
+        let kind = match self {
+            FetchError::BadLocation => FetchKind::BadLocation,
+            FetchError::Busy => FetchKind::Busy,
+            FetchError::Store(e) => return e.kind.name(),
+            FetchError::ObjectChecksum(_) => FetchKind::Checksum,
+            FetchError::Decode(e) => match e {
+                DecodeError::Corrupt(_) => FetchKind::Corrupt,
+                DecodeError::Checksum(_) => FetchKind::Checksum,
+                DecodeError::OtherFlow(_) => FetchKind::OtherFlow,
+                DecodeError::OtherKeyspace(_) => FetchKind::OtherKeyspace,
+                DecodeError::UnknownVersion(_) => FetchKind::UnknownVersion,
+                DecodeError::TooLarge(_) => FetchKind::TooLarge,
+            },
+            FetchError::Panicked => FetchKind::Internal,
+        };
+        kind.name()
+    }
+
+    /// Every name `kind` can answer, for INFO.
+    pub fn kind_names() -> impl Iterator<Item = &'static str> {
+        let own = FetchKind::ALL.iter().map(|k| k.name());
+        own.chain(FailureKind::ALL.iter().map(|k| k.name()))
     }
 }
 
@@ -86,10 +118,6 @@ pub struct Waiter {
 static CACHE: Mutex<Option<Lru>> = Mutex::new(None);
 static IN_FLIGHT: Mutex<Option<HashMap<CacheKey, Vec<Waiter>>>> = Mutex::new(None);
 
-fn lock<T>(m: &'static Mutex<Option<T>>) -> MutexGuard<'static, Option<T>> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// The reply for a decoded flow: the FlowState, or `[FlowState, [events...]]`.
 pub fn reply(flow: &Decoded, events: bool) -> RedisValue {
     let state = RedisValue::BulkString(flow.flow_state.clone());
@@ -108,7 +136,11 @@ pub fn cached(key: &CacheKey) -> Option<Arc<Decoded>> {
 }
 
 /// Applies a new cache budget at once (CONFIG SET flowarchive.cache-bytes).
-pub fn resize_cache(budget: usize) {
+pub fn on_cache_budget(_ctx: &ConfigurationContext, _name: &str, value: &'static AtomicI64) {
+    resize_cache(value.load(Ordering::Relaxed).max(0) as usize);
+}
+
+fn resize_cache(budget: usize) {
     if let Some(lru) = lock(&CACHE).as_mut() {
         lru.shrink_to(budget);
     }
@@ -135,18 +167,55 @@ pub fn request(key: CacheKey, waiter: Waiter, settings: Settings) {
     let job_key = key.clone();
     let job = Box::new(move || {
         let started = Instant::now();
-        let outcome = catch_unwind(AssertUnwindSafe(|| fetch(&settings, &job_key)))
+        let outcome = log::contained("a fetch", || fetch(&settings, &job_key))
             .unwrap_or(Err(FetchError::Panicked));
-        metrics::fetched(
-            started.elapsed(),
-            outcome.as_ref().err().map(FetchError::kind),
-        );
+        fetched(started.elapsed(), outcome.as_ref().err());
         finish(&job_key, outcome, settings.cache_bytes);
     });
     if FETCH_POOL.submit(job).is_err() {
-        metrics::fetched(Duration::ZERO, Some(FetchError::Busy.kind()));
+        fetched(Duration::ZERO, Some(&FetchError::Busy));
         finish(&key, Err(FetchError::Busy), budget);
     }
+}
+
+static FETCHES: AtomicU64 = AtomicU64::new(0);
+static FETCH_US_TOTAL: AtomicU64 = AtomicU64::new(0);
+static FETCH_US_MAX: AtomicU64 = AtomicU64::new(0);
+static FETCH_ERRORS: Tally = Tally::new();
+
+/// Counts one S3 fetch that finished in `took`, failing with `error` if any.
+fn fetched(took: Duration, error: Option<&FetchError>) {
+    let us = took.as_micros() as u64;
+    FETCHES.fetch_add(1, Ordering::Relaxed);
+    FETCH_US_TOTAL.fetch_add(us, Ordering::Relaxed);
+    FETCH_US_MAX.fetch_max(us, Ordering::Relaxed);
+    if let Some(e) = error {
+        FETCH_ERRORS.add(e.kind());
+        log::warning(&format!("flowarchive: GET fetch failed [{}]", e.kind()));
+    }
+}
+
+/// The fetch and cache fields of INFO.
+pub fn fields() -> Vec<(String, i64)> {
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed) as i64;
+    let (cached_flows, cached_bytes) = cache_stats();
+    let mut out: Vec<(String, i64)> = [
+        ("get_archive_fetches", get(&FETCHES)),
+        ("get_fetch_us_total", get(&FETCH_US_TOTAL)),
+        ("get_fetch_us_max", get(&FETCH_US_MAX)),
+        ("get_cache_flows", cached_flows as i64),
+        ("get_cache_bytes", cached_bytes as i64),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let errors = FETCH_ERRORS.counts(FetchError::kind_names());
+    out.extend(
+        errors
+            .into_iter()
+            .map(|(k, n)| (format!("get_fetch_errors_{k}"), n as i64)),
+    );
+    out
 }
 
 /// Caches a good result, then answers everyone who waited for it.
@@ -190,40 +259,6 @@ fn shown(location: &str) -> String {
     }
 }
 
-/// A place archives may be read from: a bucket and an object key prefix (possibly empty).
-#[derive(Debug, PartialEq)]
-pub struct Root {
-    pub bucket: String,
-    pub prefix: String,
-}
-
-/// Parses `flowarchive.read-allow`: space-separated `s3://bucket[/prefix]` roots.
-pub fn parse_roots(value: &str) -> Result<Vec<Root>, String> {
-    value
-        .split_whitespace()
-        .map(|root| {
-            let rest = root.strip_prefix("s3://").ok_or_else(|| {
-                format!("read-allow root {root:?} must look like s3://bucket[/prefix]")
-            })?;
-            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            if bucket.is_empty() {
-                return Err(format!("read-allow root {root:?} names no bucket"));
-            }
-            configs::bucket(bucket).map_err(|e| format!("read-allow root {root:?}: {e}"))?;
-            configs::object_prefix(prefix).map_err(|e| format!("read-allow root {root:?}: {e}"))?;
-            Ok(Root {
-                bucket: bucket.to_string(),
-                prefix: prefix.to_string(),
-            })
-        })
-        .collect()
-}
-
-/// The CONFIG SET check of `flowarchive.read-allow`.
-pub fn check_read_allow(value: &str) -> Result<(), String> {
-    parse_roots(value).map(|_| ())
-}
-
 /// The bucket and key to read for an index entry: only the location this module would have written for
 /// flow `id` of `db` under the configured bucket and prefix, or the same key under an allowed older
 /// root. The entry is compared, never parsed into a request, so `..`, another bucket or another flow's
@@ -256,7 +291,7 @@ fn fetch(settings: &Settings, (db, id, location): &CacheKey) -> Result<Arc<Decod
     let store = Store::for_bucket(&settings.s3, &bucket).map_err(FetchError::Store)?;
     let max = settings.read_max_bytes;
     let (body, recorded) = store.get(&key, max).map_err(FetchError::Store)?;
-    let actual = hex(&Sha256::digest(&body));
+    let actual = hex(&sha256(&body));
     match recorded {
         Some(r) if r == actual => {}
         Some(r) => {

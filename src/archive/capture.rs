@@ -1,0 +1,258 @@
+//! Capture: reads one flow's keys natively inside the server, on the main thread.
+//!
+//! `start` checks eligibility, begins the change watch and reads everything but the tail of a long event
+//! log; `read_more` reads the rest in bounded chunks, each in its own short main-thread step, so a flow of
+//! 100,000 events never stalls the server in one go. The watch proves nothing changed in between.
+
+use redis_module::{Context, KeyType};
+
+use crate::archive::eligible::{self, SnapshotFacts, Window};
+use crate::archive::flow::Captured;
+use crate::archive::guard;
+use crate::index;
+use crate::layout::{FlowKeys, Layout};
+use crate::ops::configs::Settings;
+use crate::ops::errors::{show_key, FlowError};
+use crate::runtime::acl::{self, Access, Caller};
+use crate::runtime::mainthread::EVENTS_PER_STEP;
+use crate::runtime::server::{
+    bytes, call, expect_type, list_len, list_range, read_string, strings,
+};
+use crate::runtime::watch::Watch;
+
+/// A capture in progress: the flow, how long its event log is, and the watch that guards it.
+pub struct Capture {
+    pub flow: Captured,
+    /// On whose behalf: the commit checks this user's ACL again.
+    pub caller: Caller,
+    pub events_total: usize,
+    pub watch: Watch,
+    /// The longest single main-thread stretch spent on this flow so far, in microseconds.
+    pub held_us: u64,
+    /// Bytes read so far, and the most a capture may hold (`read-max-bytes`: an object larger than
+    /// reads accept could never be read back, so it is never archived, and memory stays bounded).
+    pub bytes: u64,
+    pub max_bytes: u64,
+}
+
+impl Capture {
+    pub fn complete(&self) -> bool {
+        self.flow.events.len() >= self.events_total
+    }
+}
+
+/// What `inspect` found.
+pub enum Inspected {
+    /// Eligible now: everything but the event log is read.
+    Eligible(Box<Captured>, usize),
+    /// Not live and already in the index: its location.
+    AlreadyArchived(String),
+}
+
+pub enum Start {
+    Capture(Box<Capture>),
+    /// Not live and already in the index: its location.
+    AlreadyArchived(String),
+}
+
+fn utf8(b: Vec<u8>, what: &str) -> Result<String, FlowError> {
+    String::from_utf8(b).map_err(|_| FlowError::Unreadable(format!("{what} is not UTF-8")))
+}
+
+/// Checks the flow and begins its capture.
+pub fn start(
+    ctx: &Context,
+    caller: &Caller,
+    db: i32,
+    id: &str,
+    settings: &Settings,
+    window: &Window,
+) -> Result<Start, FlowError> {
+    let (flow, events_total) = match inspect(ctx, caller, db, id, &settings.layout, window)? {
+        Inspected::AlreadyArchived(location) => return Ok(Start::AlreadyArchived(location)),
+        Inspected::Eligible(flow, total) => (*flow, total),
+    };
+    let watched: Vec<&str> = flow.keys.own().collect();
+    let watch = Watch::start(db, id, &watched).ok_or(FlowError::Busy)?;
+    let mut capture = Capture {
+        bytes: flow.snapshot.len() as u64,
+        flow,
+        caller: caller.clone(),
+        events_total,
+        watch,
+        held_us: 0,
+        max_bytes: settings.read_max_bytes,
+    };
+    read_more(ctx, &mut capture)?;
+    Ok(Start::Capture(Box::new(capture)))
+}
+
+/// Every check of `start`, reading no events and watching nothing (also DRYRUN's test).
+pub fn inspect(
+    ctx: &Context,
+    caller: &Caller,
+    db: i32,
+    id: &str,
+    layout: &Layout,
+    window: &Window,
+) -> Result<Inspected, FlowError> {
+    let keys = layout.flow_keys(id);
+    // Nothing is read before the caller is known to have the rights an archive needs on these keys.
+    acl::check_all(ctx, caller, keys.own(), Access::Remove)?;
+    acl::check(ctx, caller, &keys.index, Access::Add)?;
+    if let Some(hash) = &keys.status_hash {
+        acl::check(ctx, caller, hash, Access::Remove)?;
+    }
+    if let Some(location) = live_or_archived(ctx, &keys, id)? {
+        return Ok(Inspected::AlreadyArchived(location));
+    }
+    let snapshot = read_string(ctx, &keys.snapshot).unwrap_or_default();
+    // Parsed lazily: only layouts without a status index need the snapshot's own fields.
+    let mut facts: Option<SnapshotFacts> = None;
+    let status = match indexed_status(ctx, &keys)? {
+        Some(status) => status,
+        None => parsed(&mut facts, &snapshot)?
+            .status()
+            .map(str::to_string)
+            .ok_or_else(|| {
+                FlowError::Unreadable("no status in the index or the snapshot".into())
+            })?,
+    };
+    let status_score = match layout.status_set_key(id, &status) {
+        Some(set) => status_score(ctx, caller, &set, &keys.member)?,
+        None => None,
+    };
+    let last_update_ms = match status_score.as_deref().and_then(|s| s.parse::<f64>().ok()) {
+        Some(ms) => ms as i64,
+        None => parsed(&mut facts, &snapshot)?.last_update_ms()?,
+    };
+    eligible::check(layout, &status, last_update_ms, window)?;
+    let events_total = list_len(ctx, &keys.events)?;
+    let flow = Captured {
+        id: id.to_string(),
+        db,
+        seq: read_seq(ctx, &keys)?,
+        labels: read_labels(ctx, &keys)?,
+        keys,
+        events: Vec::with_capacity(events_total.min(EVENTS_PER_STEP)),
+        snapshot,
+        status,
+        status_score,
+    };
+    guard::check(ctx, caller, &flow, layout)?;
+    Ok(Inspected::Eligible(Box::new(flow), events_total))
+}
+
+/// The snapshot's facts, parsed on first use.
+fn parsed<'f>(
+    facts: &'f mut Option<SnapshotFacts>,
+    snapshot: &[u8],
+) -> Result<&'f SnapshotFacts, FlowError> {
+    match facts {
+        Some(f) => Ok(f),
+        None => Ok(facts.insert(SnapshotFacts::parse(snapshot)?)),
+    }
+}
+
+/// `None` for a live flow with no index entry; the location of one archived already; an error for a
+/// flow that is gone, half there, or live and indexed at once.
+fn live_or_archived(ctx: &Context, keys: &FlowKeys, id: &str) -> Result<Option<String>, FlowError> {
+    let has_events = expect_type(ctx, &keys.events, &KeyType::List)?;
+    let has_snapshot = expect_type(ctx, &keys.snapshot, &KeyType::String)?;
+    match (has_events, has_snapshot, index::location(ctx, keys, id)?) {
+        (false, false, Some(location)) => Ok(Some(location)),
+        (false, false, None) => Err(FlowError::NotFound),
+        (_, _, Some(location)) => Err(FlowError::Conflict(location)),
+        (true, true, None) => Ok(None),
+        (_, has_snapshot, None) => Err(FlowError::Unreadable(format!(
+            "{} {} is missing",
+            if has_snapshot {
+                "event log"
+            } else {
+                "snapshot"
+            },
+            show_key(if has_snapshot {
+                &keys.events
+            } else {
+                &keys.snapshot
+            })
+        ))),
+    }
+}
+
+/// The status the engine-wide status hash records for the flow, if the layout has one and it does.
+fn indexed_status(ctx: &Context, keys: &FlowKeys) -> Result<Option<String>, FlowError> {
+    let Some(hash) = &keys.status_hash else {
+        return Ok(None);
+    };
+    expect_type(ctx, hash, &KeyType::Hash)?;
+    let reply = call(ctx, "HGET", &[hash.as_bytes(), keys.member.as_bytes()])?;
+    bytes(&reply).map(|s| utf8(s, "status")).transpose()
+}
+
+/// The flow's score in its status ZSET, as stored.
+fn status_score(
+    ctx: &Context,
+    caller: &Caller,
+    set: &str,
+    member: &str,
+) -> Result<Option<String>, FlowError> {
+    acl::check(ctx, caller, set, Access::Remove)?;
+    expect_type(ctx, set, &KeyType::ZSet)?;
+    let reply = call(ctx, "ZSCORE", &[set.as_bytes(), member.as_bytes()])?;
+    Ok(bytes(&reply).map(|b| String::from_utf8_lossy(&b).into_owned()))
+}
+
+fn read_seq(ctx: &Context, keys: &FlowKeys) -> Result<Option<i64>, FlowError> {
+    let Some(k) = &keys.seq else { return Ok(None) };
+    if !expect_type(ctx, k, &KeyType::String)? {
+        return Ok(None);
+    }
+    let raw = utf8(read_string(ctx, k).unwrap_or_default(), "snapshot sequence")?;
+    raw.trim()
+        .parse::<i64>()
+        .map(Some)
+        .map_err(|_| FlowError::Unreadable(format!("snapshot sequence {raw:?} is not an integer")))
+}
+
+fn read_labels(ctx: &Context, keys: &FlowKeys) -> Result<Vec<(String, String)>, FlowError> {
+    let Some(k) = &keys.labels else {
+        return Ok(Vec::new());
+    };
+    if !expect_type(ctx, k, &KeyType::Hash)? {
+        return Ok(Vec::new());
+    }
+    let reply = call(ctx, "HGETALL", &[k.as_bytes()])?;
+    strings(&reply)
+        .chunks_exact(2)
+        .map(|pair| {
+            Ok((
+                utf8(pair[0].clone(), "a label name")?,
+                utf8(pair[1].clone(), "a label value")?,
+            ))
+        })
+        .collect()
+}
+
+/// Reads the next chunk of the event log. Call on the main thread with the flow's DB selected.
+pub fn read_more(ctx: &Context, capture: &mut Capture) -> Result<(), FlowError> {
+    if capture.watch.changed() {
+        return Err(FlowError::Changed);
+    }
+    let from = capture.flow.events.len();
+    let to = (from + EVENTS_PER_STEP).min(capture.events_total);
+    let chunk = list_range(ctx, &capture.flow.keys.events, from, to)?;
+    capture.bytes += chunk.iter().map(|e| e.len() as u64 + 1).sum::<u64>();
+    if capture.bytes > capture.max_bytes {
+        return Err(FlowError::Unreadable(format!(
+            "the flow is larger than flowarchive.read-max-bytes ({} bytes), so it could not be read back; raise it to archive this flow",
+            capture.max_bytes
+        )));
+    }
+    capture.flow.events.extend(chunk);
+    // Fewer elements than the range asked for: the list shrank since LLEN.
+    if capture.flow.events.len() != to {
+        return Err(FlowError::Changed);
+    }
+    Ok(())
+}

@@ -1,0 +1,202 @@
+//! Archiving one flow: `begin` (eligibility and the first chunk, on the main thread) → capture (the rest
+//! of a long log, in short main-thread steps) → encode (and read back) → store (write-once, verified) →
+//! commit (on the main thread). FLOWARCHIVE.FLOW and the sweep both enter through `begin` and run the
+//! same stages; any failure before the commit leaves Valkey untouched.
+
+pub mod capture;
+pub mod commit;
+pub mod eligible;
+pub mod encode;
+pub mod flow;
+pub mod guard;
+pub mod store;
+
+use std::sync::atomic::Ordering;
+
+use redis_module::{Context, RedisError, RedisResult, RedisValue};
+
+use crate::archive::capture::{Capture, Start};
+use crate::archive::eligible::Window;
+use crate::digest::hex;
+use crate::ops::configs::Settings;
+use crate::ops::errors::{self, FlowError};
+use crate::ops::metrics::{self, Buffered, Stage, UPLOADS_IN_FLIGHT};
+use crate::runtime::acl::Caller;
+use crate::runtime::blocking::{answer_later, refuse_where_it_cannot_run, this_client};
+use crate::runtime::mainthread;
+use crate::runtime::pool::Pool;
+use crate::runtime::reply::map;
+use crate::runtime::server::selected_db;
+use crate::s3::Store;
+
+/// What an archive answers: FLOWARCHIVE.FLOW's reply, the sweep's counters.
+pub struct Archived {
+    /// Longest single main-thread stretch spent on this flow (capture chunk or commit).
+    pub main_thread_us: u64,
+    pub location: String,
+    pub events: usize,
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+    pub sha256: String,
+}
+
+impl Archived {
+    pub fn reply(self) -> RedisValue {
+        let int = |n: u64| RedisValue::Integer(n as i64);
+        map([
+            ("location", RedisValue::BulkString(self.location)),
+            ("events", int(self.events as u64)),
+            ("raw_bytes", int(self.raw_bytes)),
+            ("stored_bytes", int(self.stored_bytes)),
+            ("sha256", RedisValue::BulkString(self.sha256)),
+            ("already_archived", int(0)),
+            ("main_thread_us", int(self.main_thread_us)),
+        ])
+    }
+}
+
+/// The reply for a flow that is archived already (in the index, no live keys).
+pub fn already_archived(location: String) -> RedisValue {
+    map([
+        ("location", RedisValue::BulkString(location)),
+        ("already_archived", RedisValue::Integer(1)),
+    ])
+}
+
+/// Workers for FLOWARCHIVE.FLOW calls: each waits on S3 most of the time, so a few threads serve many
+/// calls; calls beyond the queue get a busy error instead of a thread each.
+pub static FLOW_POOL: Pool = Pool::new("flowarchive-flow", 8, 256);
+
+/// FLOWARCHIVE.FLOW: begins the archive in the command, then hands the rest to a worker; only the
+/// calling client waits for it.
+pub fn archive_now(ctx: &Context, id: String, force: bool) -> RedisResult {
+    refuse_where_it_cannot_run(ctx, "FLOWARCHIVE.FLOW", true)?;
+    let settings = Settings::current();
+    let s3 = Store::new(&settings.s3).map_err(|e| RedisError::String(format!("ERR {e}")))?;
+    let window = Window::now(settings.retention_ms, force);
+    let caller = Caller::of(ctx);
+    let capture = match begin(ctx, &caller, selected_db(ctx), &id, &settings, &window) {
+        Ok(Start::Capture(c)) => *c,
+        Ok(Start::AlreadyArchived(location)) => return Ok(already_archived(location)),
+        Err(e) => return Err(refused(&id, &e)),
+    };
+    let work = move || {
+        run(capture, &settings, &s3)
+            .map(Archived::reply)
+            .map_err(|e| refused(&id, &e))
+    };
+    answer_later(&FLOW_POOL, errors::FLOW_BUSY, || this_client(ctx), work)?;
+    Ok(RedisValue::NoReply)
+}
+
+/// Counts and logs a failed archive; its error reply.
+fn refused(id: &str, e: &FlowError) -> RedisError {
+    metrics::failed(id, e);
+    RedisError::String(e.message(id))
+}
+
+/// Begins archiving `id` in `db` for `caller`, on the main thread: every eligibility check, the change
+/// watch and the first chunk of the event log. FLOW and the sweep both start here.
+pub fn begin(
+    ctx: &Context,
+    caller: &Caller,
+    db: i32,
+    id: &str,
+    settings: &Settings,
+    window: &Window,
+) -> Result<Start, FlowError> {
+    let mut held = 0;
+    let started = metrics::timed(Stage::Capture, &mut held, || {
+        capture::start(ctx, caller, db, id, settings, window)
+    })?;
+    Ok(match started {
+        Start::Capture(mut c) => {
+            c.held_us = held;
+            Start::Capture(c)
+        }
+        other => other,
+    })
+}
+
+/// Reads the rest of a long event log, one chunk per main-thread step.
+pub fn finish_capture(capture: &mut Capture) -> Result<(), FlowError> {
+    let db = capture.flow.db;
+    let mut held = capture.held_us;
+    while !capture.complete() {
+        mainthread::step(db, Stage::Capture, &mut held, |ctx| {
+            capture::read_more(ctx, capture)
+        })?;
+    }
+    capture.held_us = held;
+    Ok(())
+}
+
+/// A flow whose object is stored and verified, waiting for its commit.
+pub struct Uploaded {
+    capture: Capture,
+    location: String,
+    raw_bytes: u64,
+    stored_bytes: u64,
+    sha256: String,
+}
+
+/// Encodes a captured flow, proves the object reads back as the flow, and stores it. Any thread but
+/// the main one.
+pub fn upload(
+    mut capture: Capture,
+    settings: &Settings,
+    s3: &Store,
+) -> Result<Uploaded, FlowError> {
+    let encoded = {
+        let _captured = Buffered::hold(capture.bytes);
+        let encoded =
+            encode::encode(&capture.flow).map_err(|e| FlowError::Unreadable(e.to_string()))?;
+        encode::read_back(&encoded.body, &capture.flow, settings.read_max_bytes)
+            .map_err(FlowError::Unreadable)?;
+        encoded
+    };
+    // The commit needs only the count: free the log now, not after the upload.
+    capture.events_total = capture.flow.events.len();
+    capture.flow.events = Vec::new();
+    let _encoded = Buffered::hold(encoded.body.len() as u64);
+    UPLOADS_IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
+    let stored = store::store_once(s3, &settings.s3.prefix, &capture.flow, &encoded);
+    UPLOADS_IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
+    let key = stored?;
+    Ok(Uploaded {
+        location: s3.location(&key),
+        raw_bytes: encoded.raw_bytes,
+        stored_bytes: encoded.body.len() as u64,
+        sha256: hex(&encoded.object_sha256),
+        capture,
+    })
+}
+
+/// Commits an uploaded flow (waiting out paused writes) and counts it.
+pub fn commit(up: Uploaded, settings: &Settings) -> Result<Archived, FlowError> {
+    let Uploaded {
+        capture,
+        location,
+        raw_bytes,
+        stored_bytes,
+        sha256,
+    } = up;
+    let (flow, events) = (capture.flow.id.clone(), capture.events_total);
+    let main_thread_us = commit::when_writable(capture, &settings.layout, &location)?;
+    metrics::archived(&flow, &location, raw_bytes, stored_bytes);
+    Ok(Archived {
+        main_thread_us,
+        location,
+        events,
+        raw_bytes,
+        stored_bytes,
+        sha256,
+    })
+}
+
+/// One flow after `begin`, end to end on the calling thread.
+pub fn run(mut capture: Capture, settings: &Settings, s3: &Store) -> Result<Archived, FlowError> {
+    finish_capture(&mut capture)?;
+    let uploaded = upload(capture, settings, s3)?;
+    commit(uploaded, settings)
+}

@@ -1,0 +1,39 @@
+//! The store stage: the object goes to S3 write-once.
+//!
+//! A key already holding exactly these bytes is an idempotent retry (an earlier attempt stored it and
+//! did not commit: a crash, a failover, a pause). A key holding other content is never replaced (it may
+//! be indexed by another server sharing the bucket, or be an uncommitted attempt of a flow that changed
+//! since): the next generation key is tried instead (see `layout::GENERATIONS`).
+
+use crate::archive::flow::Captured;
+use crate::format::Encoded;
+use crate::layout;
+use crate::ops::errors::FlowError;
+use crate::s3::{FailureKind, Store, StoreError};
+
+/// Stores `encoded` for `flow` and returns its key, once stored and verified.
+pub fn store_once(
+    s3: &Store,
+    prefix: &str,
+    flow: &Captured,
+    encoded: &Encoded,
+) -> Result<String, FlowError> {
+    for key in layout::object_keys(prefix, flow.db, &flow.id) {
+        let existing = match s3.put_verified(&key, encoded) {
+            Err(e) if e.kind == FailureKind::Exists => s3.verify_existing(&key, encoded),
+            stored => return stored.map(|()| key).map_err(FlowError::Upload),
+        };
+        match existing {
+            Ok(()) => return Ok(key),
+            Err(e) if e.kind == FailureKind::Verify => continue,
+            Err(e) => return Err(FlowError::Upload(e)),
+        }
+    }
+    Err(FlowError::Upload(StoreError {
+        kind: FailureKind::Exists,
+        message: format!(
+            "every one of the flow's {} object keys holds other content; nothing was replaced",
+            layout::GENERATIONS
+        ),
+    }))
+}

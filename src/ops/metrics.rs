@@ -1,0 +1,125 @@
+//! The archive's counters for `INFO flowarchive` (main-thread stretches, buffered bytes, archived and
+//! failed flows), and the per-flow log lines.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use crate::kinds::Tally;
+use crate::ops::errors::{show_id, FlowError};
+
+pub static FLOWS_ARCHIVED: AtomicU64 = AtomicU64::new(0);
+pub static BYTES_RAW: AtomicU64 = AtomicU64::new(0);
+pub static BYTES_STORED: AtomicU64 = AtomicU64::new(0);
+pub static UPLOADS_IN_FLIGHT: AtomicU64 = AtomicU64::new(0);
+/// Longest single stretch the module held the main thread (capture chunk or commit), microseconds.
+pub static MAIN_THREAD_MAX_US: AtomicU64 = AtomicU64::new(0);
+
+/// Failed archives by kind.
+static FAILURES: Tally = Tally::new();
+
+/// What a stretch on the main thread was spent on.
+#[derive(Clone, Copy)]
+pub enum Stage {
+    /// Finding candidates (and DRYRUN's eligibility checks).
+    Select = 0,
+    /// Reading a flow: its checks and the chunks of its event log.
+    Capture = 1,
+    /// Proving a flow unchanged, indexing and deleting it.
+    Commit = 2,
+}
+
+static STAGE_MAX_US: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
+
+/// Runs `f` (a stretch on the main thread), records its length in the global and the
+/// stage's maximum, and raises `held` (the maximum of one flow) to it.
+pub fn timed<T>(stage: Stage, held: &mut u64, f: impl FnOnce() -> T) -> T {
+    let start = Instant::now();
+    let out = f();
+    let us = start.elapsed().as_micros() as u64;
+    MAIN_THREAD_MAX_US.fetch_max(us, Ordering::Relaxed);
+    STAGE_MAX_US[stage as usize].fetch_max(us, Ordering::Relaxed);
+    *held = (*held).max(us);
+    out
+}
+
+/// Bytes the module holds for flows in flight (captured events and encoded objects).
+pub static BUFFERED_BYTES: AtomicU64 = AtomicU64::new(0);
+pub static BUFFERED_BYTES_PEAK: AtomicU64 = AtomicU64::new(0);
+
+/// Counts `bytes` as buffered until dropped.
+pub struct Buffered(u64);
+
+impl Buffered {
+    pub fn hold(bytes: u64) -> Self {
+        let now = BUFFERED_BYTES.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        BUFFERED_BYTES_PEAK.fetch_max(now, Ordering::Relaxed);
+        Buffered(bytes)
+    }
+}
+
+impl Drop for Buffered {
+    fn drop(&mut self) {
+        BUFFERED_BYTES.fetch_sub(self.0, Ordering::Relaxed);
+    }
+}
+
+pub fn archived(id: &str, location: &str, raw: u64, stored: u64) {
+    FLOWS_ARCHIVED.fetch_add(1, Ordering::Relaxed);
+    BYTES_RAW.fetch_add(raw, Ordering::Relaxed);
+    BYTES_STORED.fetch_add(stored, Ordering::Relaxed);
+    crate::ops::log::verbose(&format!(
+        "flowarchive: archived flow {} to {location} ({raw} bytes raw, {stored} stored)",
+        show_id(id)
+    ));
+}
+
+pub fn failed(id: &str, err: &FlowError) {
+    FAILURES.add(err.kind());
+    // Expected refusals (not eligible, unknown flow) are not worth a warning.
+    let line = format!("flowarchive: {} [{}]", err.message(id), err.kind());
+    match err {
+        FlowError::NotFound | FlowError::NotTerminal(_) | FlowError::TooRecent { .. } => {
+            crate::ops::log::verbose(&line)
+        }
+        _ => crate::ops::log::warning(&line),
+    }
+}
+
+#[linkme::distributed_slice(crate::ops::info::INFO_FIELDS)]
+static ARCHIVE_FIELDS: crate::ops::info::Fields = fields;
+
+/// The archive fields of INFO.
+fn fields() -> Vec<(String, i64)> {
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed) as i64;
+    let mut out: Vec<(String, i64)> = [
+        ("flows_archived", get(&FLOWS_ARCHIVED)),
+        ("bytes_raw", get(&BYTES_RAW)),
+        ("bytes_stored", get(&BYTES_STORED)),
+        ("uploads_in_flight", get(&UPLOADS_IN_FLIGHT)),
+        ("main_thread_max_us", get(&MAIN_THREAD_MAX_US)),
+        (
+            "main_thread_max_us_select",
+            get(&STAGE_MAX_US[Stage::Select as usize]),
+        ),
+        (
+            "main_thread_max_us_capture",
+            get(&STAGE_MAX_US[Stage::Capture as usize]),
+        ),
+        (
+            "main_thread_max_us_commit",
+            get(&STAGE_MAX_US[Stage::Commit as usize]),
+        ),
+        ("buffered_bytes", get(&BUFFERED_BYTES)),
+        ("buffered_bytes_peak", get(&BUFFERED_BYTES_PEAK)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let failures = FAILURES.counts(FlowError::kind_names());
+    out.extend(
+        failures
+            .into_iter()
+            .map(|(k, n)| (format!("failures_{k}"), n as i64)),
+    );
+    out
+}

@@ -1,0 +1,79 @@
+//! The read path of FLOWARCHIVE.GET: the live keys, else the archive index, the cache and finally a
+//! verified fetch from S3 (fetch → decode → cache). Every key read is checked against the caller's ACL
+//! first.
+
+pub mod cache;
+pub mod decode;
+pub mod fetch;
+pub mod live;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use redis_module::{Context, KeyType, RedisError, RedisResult, RedisValue};
+
+use crate::index;
+use crate::ops::configs::Settings;
+use crate::ops::errors::{show_id, FlowError};
+use crate::read::fetch::Waiter;
+use crate::runtime::acl::{self, Access, Caller};
+use crate::runtime::blocking::{can_block, this_client};
+use crate::runtime::server::{expect_type, selected_db};
+
+static GET_LIVE: AtomicU64 = AtomicU64::new(0);
+static GET_NOT_FOUND: AtomicU64 = AtomicU64::new(0);
+static GET_CACHE_HITS: AtomicU64 = AtomicU64::new(0);
+
+#[linkme::distributed_slice(crate::ops::info::INFO_FIELDS)]
+static READ_FIELDS: crate::ops::info::Fields = fields;
+
+/// The read fields of INFO.
+fn fields() -> Vec<(String, i64)> {
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed) as i64;
+    let mut out = vec![
+        ("get_live".to_string(), get(&GET_LIVE)),
+        ("get_not_found".to_string(), get(&GET_NOT_FOUND)),
+        ("get_cache_hits".to_string(), get(&GET_CACHE_HITS)),
+    ];
+    out.extend(fetch::fields());
+    out
+}
+
+/// Answers `FLOWARCHIVE.GET <id> [EVENTS]`: the FlowState (and the events), nil for an unknown flow.
+pub fn get(ctx: &Context, id: String, events: bool) -> RedisResult {
+    let settings = Settings::current();
+    let keys = settings.layout.flow_keys(&id);
+    let caller = Caller::of(ctx);
+    let fail = |e: FlowError| RedisError::String(e.message(&id));
+    acl::check(ctx, &caller, &keys.snapshot, Access::Read).map_err(fail)?;
+    if let Some(snapshot) = live::snapshot(ctx, &keys).map_err(fail)? {
+        GET_LIVE.fetch_add(1, Ordering::Relaxed);
+        if !events {
+            return Ok(RedisValue::StringBuffer(snapshot));
+        }
+        acl::check(ctx, &caller, &keys.events, Access::Read).map_err(fail)?;
+        expect_type(ctx, &keys.events, &KeyType::List).map_err(fail)?;
+        let db = selected_db(ctx);
+        return live::events(ctx, db, id, keys, snapshot, settings.read_max_bytes);
+    }
+    acl::check(ctx, &caller, &keys.index, Access::Read).map_err(fail)?;
+    let Some(location) = index::location(ctx, &keys, &id).map_err(fail)? else {
+        GET_NOT_FOUND.fetch_add(1, Ordering::Relaxed);
+        return Ok(RedisValue::Null);
+    };
+    let key = (selected_db(ctx), id, location);
+    if let Some(flow) = fetch::cached(&key) {
+        GET_CACHE_HITS.fetch_add(1, Ordering::Relaxed);
+        return Ok(fetch::reply(&flow, events));
+    }
+    if !can_block(ctx) {
+        return Err(RedisError::String(format!(
+            "ERR flow {} is archived and not cached; FLOWARCHIVE.GET cannot fetch it inside MULTI or a script",
+            show_id(&key.1)
+        )));
+    }
+    let Some(client) = this_client(ctx) else {
+        return Ok(RedisValue::Null);
+    };
+    fetch::request(key, Waiter { client, events }, settings);
+    Ok(RedisValue::NoReply)
+}
