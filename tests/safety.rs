@@ -515,3 +515,92 @@ fn cluster_nodes_refuse_archives_whose_keys_span_slots() {
         1
     );
 }
+
+#[test]
+fn archived_flows_stay_readable_when_swapdb_moves_them() {
+    let s3 = S3::new_bucket();
+    let srv = server_via(&s3, None, &[]);
+    let mut c = srv.conn();
+    write_flow(&mut c, &FlowSpec::done("moved"));
+    let spec = FlowSpec::done("moved");
+    archive(&mut c, "moved").unwrap();
+    cmd::<()>(&mut c, &["SWAPDB", "0", "1"]).unwrap();
+    assert_eq!(
+        get(&mut c, "moved").unwrap(),
+        None,
+        "DB 0 holds DB 1's data now"
+    );
+    cmd::<()>(&mut c, &["SELECT", "1"]).unwrap();
+    let state = get(&mut c, "moved")
+        .unwrap()
+        .expect("the entry moved with its DB");
+    let mut state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(
+        state.as_object_mut().unwrap().remove("archived"),
+        Some(true.into())
+    );
+    assert_eq!(
+        state,
+        serde_json::from_str::<serde_json::Value>(&snapshot_json(&spec)).unwrap()
+    );
+}
+
+#[test]
+fn a_sweep_on_a_demoted_primary_stops_uploading() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let primary = server_via(&s3, Some(&proxy), &["concurrency", "2", "batch-size", "10"]);
+    let replica = server_via(&s3, Some(&proxy), &[]);
+    let (mut p, mut r) = (primary.conn(), replica.conn());
+    for i in 0..120 {
+        write_flow(&mut p, &FlowSpec::done(&format!("d{i:03}")));
+    }
+    cmd::<()>(
+        &mut r,
+        &["REPLICAOF", "127.0.0.1", &primary.port.to_string()],
+    )
+    .unwrap();
+    wait_for("replica sync", Duration::from_secs(20), || {
+        cmd::<i64>(&mut r, &["EXISTS", "argyll:flow:d119:events"]).unwrap_or(0) == 1
+    });
+    proxy.delay("PUT", Duration::from_millis(150));
+    let started: String = cmd(&mut p, &["FLOWARCHIVE.SWEEP", "ASYNC"]).unwrap();
+    assert_eq!(started, "STARTED");
+    wait_for("uploads", Duration::from_secs(10), || {
+        proxy.requests().len() >= 4
+    });
+    cmd::<()>(&mut r, &["REPLICAOF", "NO", "ONE"]).unwrap();
+    cmd::<()>(
+        &mut p,
+        &["REPLICAOF", "127.0.0.1", &replica.port.to_string()],
+    )
+    .unwrap();
+    let puts_at_demotion = proxy
+        .requests()
+        .iter()
+        .filter(|q| q.starts_with("PUT"))
+        .count();
+    wait_for("the sweep to stop", Duration::from_secs(30), || {
+        info_field(&mut p, "sweep_running") == 0
+    });
+    let puts = proxy
+        .requests()
+        .iter()
+        .filter(|q| q.starts_with("PUT"))
+        .count();
+    // At most the flows already handed to the two uploaders, and the next batch's first captures.
+    assert!(
+        puts <= puts_at_demotion + 12,
+        "{puts_at_demotion} PUTs at demotion, {puts} after"
+    );
+    assert!(primary.log().contains("no longer a writable primary"));
+    // Nothing the demoted node uploaded afterwards was committed anywhere: the new primary keeps
+    // every flow it did not index itself.
+    let indexed: i64 = cmd(&mut r, &["HLEN", "archived:flows"]).unwrap();
+    let live = (0..120)
+        .filter(|i| {
+            cmd::<i64>(&mut r, &["EXISTS", &format!("argyll:flow:d{i:03}:events")]).unwrap() == 1
+        })
+        .count() as i64;
+    assert_eq!(indexed + live, 120);
+}

@@ -259,35 +259,50 @@ fn shown(location: &str) -> String {
     }
 }
 
-/// The bucket and key to read for an index entry: only the location this module would have written for
-/// flow `id` of `db` under the configured bucket and prefix, or the same key under an allowed older
-/// root. The entry is compared, never parsed into a request, so `..`, another bucket or another flow's
-/// key all fail here and no request is sent.
+/// The bucket, key and DB to read for an index entry: only a location this module would have written
+/// for flow `id` under the configured bucket and prefix, or under an allowed older root. The DB is the
+/// one the key names (`db<n>/` or none for DB 0): an index entry travels with its flow when SWAPDB moves
+/// a DB, so it may name another DB number than the one it is read from now; the object's header must
+/// name that same DB. The entry is compared with the keys this module derives, never parsed into a
+/// request, so `..`, another bucket or another flow's key all fail here and no request is sent.
 fn resolve(
     location: &str,
     configured: &Root,
     allowed: &[Root],
-    db: i32,
     id: &str,
-) -> Option<(String, String)> {
+) -> Option<(String, String, i32)> {
     std::iter::once(configured)
         .filter(|r| !r.bucket.is_empty())
         .chain(allowed)
         .find_map(|root| {
-            let key = layout::object_keys(&root.prefix, db, id)
-                .find(|key| location == format!("s3://{}/{key}", root.bucket))?;
-            Some((root.bucket.clone(), key))
+            let key = location.strip_prefix(&format!("s3://{}/", root.bucket))?;
+            let db = named_db(key, &root.prefix)?;
+            layout::object_keys(&root.prefix, db, id).find(|k| k == key)?;
+            Some((root.bucket.clone(), key.to_string(), db))
         })
 }
 
-fn fetch(settings: &Settings, (db, id, location): &CacheKey) -> Result<Arc<Decoded>, FetchError> {
+/// The DB an object key under `prefix` names: `db<n>/…` is DB n, anything else DB 0 (checked by the
+/// caller against the keys derived for that DB).
+fn named_db(key: &str, prefix: &str) -> Option<i32> {
+    let rest = match prefix {
+        "" => key,
+        p => key.strip_prefix(p)?.strip_prefix('/')?,
+    };
+    let Some(folder) = rest.strip_prefix("db") else {
+        return Some(0);
+    };
+    folder.split_once('/')?.0.parse().ok()
+}
+
+fn fetch(settings: &Settings, (_, id, location): &CacheKey) -> Result<Arc<Decoded>, FetchError> {
     let configured = Root {
         bucket: settings.s3.bucket.clone(),
         prefix: settings.s3.prefix.clone(),
     };
     let allowed = parse_roots(&settings.read_allow).unwrap_or_default();
-    let (bucket, key) =
-        resolve(location, &configured, &allowed, *db, id).ok_or(FetchError::BadLocation)?;
+    let (bucket, key, db) =
+        resolve(location, &configured, &allowed, id).ok_or(FetchError::BadLocation)?;
     let store = Store::for_bucket(&settings.s3, &bucket).map_err(FetchError::Store)?;
     let max = settings.read_max_bytes;
     let (body, recorded) = store.get(&key, max).map_err(FetchError::Store)?;
@@ -305,7 +320,7 @@ fn fetch(settings: &Settings, (db, id, location): &CacheKey) -> Result<Arc<Decod
             ))
         }
     }
-    decode::decode(&body, id, *db, max)
+    decode::decode(&body, id, db, max)
         .map(Arc::new)
         .map_err(FetchError::Decode)
 }
@@ -325,28 +340,35 @@ mod tests {
     fn reads_only_where_this_module_writes() {
         let cfg = root("live", "p");
         let old = parse_roots("s3://old s3://older/a/b").unwrap();
-        let at = |loc: &str, db, id| resolve(loc, &cfg, &old, db, id);
-        let pair = |b: &str, k: &str| Some((b.to_string(), k.to_string()));
+        let at = |loc: &str, id| resolve(loc, &cfg, &old, id);
+        let found = |b: &str, k: &str, db| Some((b.to_string(), k.to_string(), db));
         assert_eq!(
-            at("s3://live/p/flows/a%3Ab.jsonl.gz", 0, "a:b"),
-            pair("live", "p/flows/a%3Ab.jsonl.gz")
+            at("s3://live/p/flows/a%3Ab.jsonl.gz", "a:b"),
+            found("live", "p/flows/a%3Ab.jsonl.gz", 0)
         );
         assert_eq!(
-            at("s3://live/p/db3/flows/x.jsonl.gz", 3, "x"),
-            pair("live", "p/db3/flows/x.jsonl.gz")
+            at("s3://live/p/db3/flows/x.jsonl.gz", "x"),
+            found("live", "p/db3/flows/x.jsonl.gz", 3)
         );
         assert_eq!(
-            at("s3://old/flows/x.jsonl.gz", 0, "x"),
-            pair("old", "flows/x.jsonl.gz")
+            at("s3://live/p/db3/flows/x.g2.jsonl.gz", "x"),
+            found("live", "p/db3/flows/x.g2.jsonl.gz", 3)
         );
         assert_eq!(
-            at("s3://older/a/b/db2/flows/x.jsonl.gz", 2, "x"),
-            pair("older", "a/b/db2/flows/x.jsonl.gz")
+            at("s3://old/flows/x.jsonl.gz", "x"),
+            found("old", "flows/x.jsonl.gz", 0)
+        );
+        assert_eq!(
+            at("s3://older/a/b/db2/flows/x.jsonl.gz", "x"),
+            found("older", "a/b/db2/flows/x.jsonl.gz", 2)
         );
         for bad in [
-            "s3://live/p/flows/y.jsonl.gz",     // another flow's object
-            "s3://live/p/db3/flows/x.jsonl.gz", // another DB's object
-            "s3://other/p/flows/x.jsonl.gz",    // another bucket
+            "s3://live/p/flows/y.jsonl.gz",      // another flow's object
+            "s3://live/p/db03/flows/x.jsonl.gz", // not a key this module writes
+            "s3://live/p/db0/flows/x.jsonl.gz",
+            "s3://live/p/db/flows/x.jsonl.gz",
+            "s3://live/p/x.g99.jsonl.gz",
+            "s3://other/p/flows/x.jsonl.gz", // another bucket
             "s3://live/p/../flows/x.jsonl.gz",
             "s3://live/../p/flows/x.jsonl.gz",
             "s3://live/p/flows/x.jsonl.gz?versionId=1",
@@ -354,10 +376,10 @@ mod tests {
             "s3://old/a/flows/x.jsonl.gz",
             "",
         ] {
-            assert_eq!(at(bad, 0, "x"), None, "{bad}");
+            assert_eq!(at(bad, "x"), None, "{bad}");
         }
         assert_eq!(
-            resolve("s3:///flows/x.jsonl.gz", &root("", ""), &[], 0, "x"),
+            resolve("s3:///flows/x.jsonl.gz", &root("", ""), &[], "x"),
             None
         );
     }

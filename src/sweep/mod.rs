@@ -253,6 +253,10 @@ impl<'a> Sweep<'a> {
     fn select(&mut self, selector: &mut Selector) -> Result<Option<Vec<String>>, String> {
         let (layout, batch) = (&self.settings.layout, self.settings.batch_size);
         mainthread::step(self.job.db, Stage::Select, &mut self.select_us, |ctx| {
+            // A node demoted mid-sweep captures and uploads nothing more (it could not commit).
+            if ctx.get_flags().contains(ContextFlags::SLAVE) {
+                return Err(errors::NOT_PRIMARY.to_string());
+            }
             selector.next(ctx, layout, batch)
         })
     }

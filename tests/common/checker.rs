@@ -559,8 +559,16 @@ fn check_archived(
         }
     }
     let base = format!("s3://{}/{}/", s3.name(), s3.prefix);
+    // The object names the DB the flow was archived from; SWAPDB may have moved the flow and its
+    // index entry to another DB number since.
+    let named = |rel: &str| -> i64 {
+        rel.strip_prefix("db")
+            .and_then(|r| r.split_once('/'))
+            .and_then(|(n, _)| n.parse().ok())
+            .unwrap_or(0)
+    };
     match location.strip_prefix(&base) {
-        Some(rel) if valid_object_key(rel) && is_flow_object(rel, db, &flow.id) => {
+        Some(rel) if valid_object_key(rel) && is_flow_object(rel, named(rel), &flow.id) => {
             if !objects.contains(rel) {
                 let near: Vec<&String> = objects
                     .iter()
@@ -571,7 +579,7 @@ fn check_archived(
                     "index points to {location:?}, which is not in the bucket (near: {near:?})"
                 ));
             } else {
-                check_object(s3, rel, flow, &mut fail);
+                check_object(s3, rel, named(rel), flow, &mut fail);
             }
         }
         _ => fail(format!(
@@ -622,7 +630,7 @@ fn check_archived(
 
 /// The object itself: header names the flow, the lines are the model's events, the trailer holds its
 /// snapshot, seq, labels and status (the parts FLOWARCHIVE.GET does not show).
-fn check_object(s3: &S3, rel: &str, flow: &FlowModel, fail: &mut impl FnMut(String)) {
+fn check_object(s3: &S3, rel: &str, db: i64, flow: &FlowModel, fail: &mut impl FnMut(String)) {
     let Some(body) = s3.get(rel) else {
         return fail(format!("object {rel:?} vanished"));
     };
@@ -635,8 +643,11 @@ fn check_object(s3: &S3, rel: &str, flow: &FlowModel, fail: &mut impl FnMut(Stri
         (Ok(h), Ok(t)) => (h, t),
         (Err(e), _) | (_, Err(e)) => return fail(format!("object {rel:?}: {e}")),
     };
-    if header["flow_id"] != flow.id.as_str() {
-        fail(format!("object {rel:?} names flow {}", header["flow_id"]));
+    if header["flow_id"] != flow.id.as_str() || header["db"] != db {
+        fail(format!(
+            "object {rel:?} names flow {} of DB {}",
+            header["flow_id"], header["db"]
+        ));
     }
     let events: Vec<String> = lines[1..lines.len() - 1]
         .iter()
