@@ -464,3 +464,522 @@ fn fault_proxy_slows_down_every_other_request() {
         .collect();
     assert_eq!(codes, [503, 200, 503, 200]);
 }
+
+// ------------------------------------------------------------------ the module
+
+/// Module args for `s3` at `endpoint`, without the static key (the credential chain must find one),
+/// plus `extra`.
+fn keyless_args(s3: &S3, endpoint: &str, extra: &[&str]) -> Vec<String> {
+    let args = s3.module_args(endpoint);
+    let mut out: Vec<String> = args
+        .chunks(2)
+        .filter(|p| p[0] != "access-key" && p[0] != "secret-key-file")
+        .flatten()
+        .cloned()
+        .collect();
+    out.extend(extra.iter().map(|s| s.to_string()));
+    out
+}
+
+fn start(module_args: Vec<String>, env: &[(&str, &str)]) -> Server {
+    let mut opts = ServerOpts::new(&S3::new_bucket());
+    opts.module_args = module_args;
+    opts.env = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Server::start(opts)
+}
+
+/// A server using `s3` through `front` with the static key, plus `extra` module args.
+fn via_front(s3: &S3, front: &S3Front, extra: &[&str]) -> Server {
+    let mut args = s3.module_args(&front.endpoint());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    start(args, &[])
+}
+
+fn info_text(c: &mut redis::Connection) -> String {
+    cmd(c, &["INFO", "flowarchive"]).unwrap()
+}
+
+/// The credential source INFO shows in use (its `credentials_source_<name>` gauge is 1).
+fn source_in_use(c: &mut redis::Connection) -> String {
+    let info = info_text(c);
+    let in_use: Vec<&str> = info
+        .lines()
+        .filter_map(|l| l.strip_prefix("flowarchive_credentials_source_"))
+        .filter_map(|l| l.trim().strip_suffix(":1"))
+        .collect();
+    assert_eq!(in_use.len(), 1, "{info}");
+    in_use[0].to_string()
+}
+
+fn is_live(c: &mut redis::Connection, id: &str) -> bool {
+    cmd::<i64>(c, &["EXISTS", &format!("argyll:flow:{id}:events")]).unwrap() == 1
+}
+
+/// Writes and archives flow `id`: the error text if FLOWARCHIVE.FLOW fails.
+fn write_and_archive(c: &mut redis::Connection, id: &str) -> Result<(), String> {
+    write_flow(c, &FlowSpec::done(id));
+    archive(c, id).map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// The archived flow reads back from S3 (the cache is off in these tests).
+fn reads_back(c: &mut redis::Connection, id: &str) {
+    let snapshot: String = cmd(c, &["FLOWARCHIVE.GET", id]).unwrap();
+    assert!(snapshot.contains(id), "{snapshot}");
+}
+
+fn config_set(c: &mut redis::Connection, name: &str, value: &str) -> Result<(), String> {
+    cmd::<()>(c, &["CONFIG", "SET", &format!("flowarchive.{name}"), value])
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn https_through_a_private_ca_and_tls_failures_name_their_cause() {
+    let s3 = S3::new_bucket();
+    let ca = Ca::new();
+    let issued = Issued::new();
+    let front = S3Front::start(issued.clone(), Some(ca.server_config(CertKind::Good)));
+    let srv = via_front(&s3, &front, &["cache-bytes", "0"]);
+    let mut c = srv.conn();
+
+    // Without the CA: refused with the cause, and the flow stays live.
+    let e = write_and_archive(&mut c, "no-ca").unwrap_err();
+    assert!(e.contains("unknown issuer"), "{e}");
+    assert!(is_live(&mut c, "no-ca"));
+    assert!(!e.contains("X-Amz"), "{e}");
+    assert_eq!(info_field(&mut c, "failures_s3_tls"), 1);
+
+    // A file that is no PEM bundle is refused by CONFIG SET with the reason.
+    let junk = root().join("target/test-tls/junk.pem");
+    std::fs::write(&junk, "not a certificate").unwrap();
+    let e = config_set(&mut c, "tls-ca-file", junk.to_str().unwrap()).unwrap_err();
+    assert!(e.contains("no PEM certificate"), "{e}");
+    let e = config_set(&mut c, "tls-ca-file", "/nonexistent/ca.pem").unwrap_err();
+    assert!(e.contains("cannot be read"), "{e}");
+
+    // With tls-ca-file: archived and read back over HTTPS.
+    config_set(&mut c, "tls-ca-file", ca.pem_file.to_str().unwrap()).unwrap();
+    archive(&mut c, "no-ca").unwrap();
+    assert!(!is_live(&mut c, "no-ca"));
+    reads_back(&mut c, "no-ca");
+
+    // An expired certificate, or one for another name: the error says which.
+    for (kind, cause) in [
+        (CertKind::Expired, "expired"),
+        (
+            CertKind::WrongName,
+            "not valid for the endpoint's host name",
+        ),
+    ] {
+        let bad = S3Front::start(issued.clone(), Some(ca.server_config(kind)));
+        config_set(&mut c, "endpoint", &bad.endpoint()).unwrap();
+        let id = format!("bad-{kind:?}");
+        let e = write_and_archive(&mut c, &id).unwrap_err();
+        assert!(e.contains(cause), "{kind:?}: {e}");
+        assert!(is_live(&mut c, &id));
+    }
+    drop(srv);
+
+    // The system trust store counts too: SSL_CERT_FILE naming the CA, no tls-ca-file.
+    let mut args = s3.module_args(&front.endpoint());
+    args.extend(["cache-bytes", "0"].map(String::from));
+    let srv = start(args, &[("SSL_CERT_FILE", ca.pem_file.to_str().unwrap())]);
+    let mut c = srv.conn();
+    write_and_archive(&mut c, "system-store").unwrap();
+    reads_back(&mut c, "system-store");
+}
+
+/// A server whose only credentials come from the IMDSv2 mock, through the verifying front.
+fn imds_bed(ttl_secs: i64) -> (S3, Arc<Issued>, Mock, S3Front, Server) {
+    let s3 = S3::new_bucket();
+    let issued = Issued::new();
+    let imds = Mock::start(Kind::Imds, issued.clone(), ttl_secs);
+    let front = S3Front::start(issued.clone(), None);
+    let srv = start(
+        keyless_args(&s3, &front.endpoint(), &["cache-bytes", "0"]),
+        &[
+            ("AWS_EC2_METADATA_DISABLED", "false"),
+            ("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds.endpoint()),
+        ],
+    );
+    (s3, issued, imds, front, srv)
+}
+
+#[test]
+fn imds_credentials_rotate_and_nothing_is_signed_with_expired_ones() {
+    // Credentials that live 4 s: refreshed after 2 s, never used in their last 0.4 s.
+    let (_s3, issued, imds, front, srv) = imds_bed(4);
+    let mut c = srv.conn();
+    let start = std::time::Instant::now();
+    let mut n = 0;
+    while start.elapsed() < Duration::from_secs(7) {
+        write_and_archive(&mut c, &format!("rot-{n}")).unwrap();
+        reads_back(&mut c, &format!("rot-{n}"));
+        n += 1;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(source_in_use(&mut c), "imds");
+    let left = info_field(&mut c, "credentials_expires_in_s");
+    assert!((0..=4).contains(&left), "{left}");
+    assert!(imds.served() >= 3, "rotated: {} sets", imds.served());
+    assert!(
+        imds.served() <= 6,
+        "cached between rotations: {} sets",
+        imds.served()
+    );
+    assert_eq!(
+        imds.refused(),
+        0,
+        "IMDSv2 only: every request carried a session token"
+    );
+    assert!(front.refused().is_empty(), "{:?}", front.refused());
+    let accepted = front.accepted();
+    assert!(accepted.len() >= 3 * n);
+    assert!(accepted
+        .iter()
+        .all(|a| a.source == "imds" && a.credential_left.unwrap() > 0));
+    assert!(issued.count("imds") >= 3);
+    assert_eq!(info_field(&mut c, "credentials_refresh_failures"), 0);
+
+    // An IMDS outage: the cached set keeps working until it is about to expire, refreshes fail and
+    // are counted; then archiving stops with a clear error, the flow stays live, and nothing is
+    // signed with the expired set.
+    imds.set_failing(true);
+    let outage = std::time::Instant::now();
+    let mut first_error = None;
+    let mut i = 0;
+    while outage.elapsed() < Duration::from_secs(5) && first_error.is_none() {
+        let id = format!("out-{i}");
+        if let Err(e) = write_and_archive(&mut c, &id) {
+            assert!(is_live(&mut c, &id));
+            first_error = Some(e);
+        }
+        i += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let e = first_error.expect("archiving stops once the credentials expire");
+    assert!(e.contains("credentials") && e.contains("imds"), "{e}");
+    assert!(info_field(&mut c, "credentials_refresh_failures") >= 1);
+    assert!(srv.log().contains("credentials refresh failed"));
+    assert_eq!(front.expired(), 0, "never signed with expired credentials");
+
+    imds.set_failing(false);
+    write_and_archive(&mut c, &format!("out-{i}")).unwrap();
+    assert_eq!(front.expired(), 0);
+}
+
+#[test]
+fn web_identity_container_and_env_credentials() {
+    let s3 = S3::new_bucket();
+    let issued = Issued::new();
+    let front = S3Front::start(issued.clone(), None);
+    let dir = root().join("target/test-tls");
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // Web identity (EKS IRSA): the token file's JWT goes to STS with the role.
+    let token_file = dir.join(unique("jwt"));
+    std::fs::write(&token_file, "eyJ.jwt.1\n").unwrap();
+    let sts = Mock::start(
+        Kind::Sts {
+            web_token: "eyJ.jwt.1".into(),
+            role_arn: "arn:aws:iam::123456789012:role/flowarchive".into(),
+        },
+        issued.clone(),
+        60,
+    );
+    let srv = start(
+        keyless_args(&s3, &front.endpoint(), &["cache-bytes", "0"]),
+        &[
+            ("AWS_WEB_IDENTITY_TOKEN_FILE", token_file.to_str().unwrap()),
+            ("AWS_ROLE_ARN", "arn:aws:iam::123456789012:role/flowarchive"),
+            ("AWS_ROLE_SESSION_NAME", "valkey-0"),
+            ("AWS_ENDPOINT_URL_STS", &sts.endpoint()),
+        ],
+    );
+    let mut c = srv.conn();
+    write_and_archive(&mut c, "web").unwrap();
+    reads_back(&mut c, "web");
+    assert_eq!(source_in_use(&mut c), "web_identity");
+    assert_eq!(sts.served(), 1, "one set, cached");
+    assert!(front.accepted().iter().all(|a| a.source == "sts"));
+    // A pinned source that is not configured: a clear error naming it, the flow stays live.
+    config_set(&mut c, "credentials", "container").unwrap();
+    let e = write_and_archive(&mut c, "pinned").unwrap_err();
+    assert!(e.contains("AWS_CONTAINER_CREDENTIALS"), "{e}");
+    assert!(is_live(&mut c, "pinned"));
+    let e = config_set(&mut c, "credentials", "instance").unwrap_err();
+    assert!(e.contains("auto, config, env"), "{e}");
+    drop(srv);
+
+    // EKS Pod Identity: a full URI and an authorization token file.
+    let auth_file = dir.join(unique("pod-token"));
+    std::fs::write(&auth_file, "pod-identity-token\n").unwrap();
+    let container = Mock::start(
+        Kind::Container {
+            path: "/v1/credentials".into(),
+            auth: "pod-identity-token".into(),
+        },
+        issued.clone(),
+        60,
+    );
+    let full_uri = format!("{}/v1/credentials", container.endpoint());
+    let srv = start(
+        keyless_args(&s3, &front.endpoint(), &["cache-bytes", "0"]),
+        &[
+            ("AWS_CONTAINER_CREDENTIALS_FULL_URI", &full_uri),
+            (
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+                auth_file.to_str().unwrap(),
+            ),
+        ],
+    );
+    let mut c = srv.conn();
+    write_and_archive(&mut c, "pod").unwrap();
+    reads_back(&mut c, "pod");
+    assert_eq!(source_in_use(&mut c), "container");
+    assert_eq!(
+        info_field(&mut c, "credentials_expires_in_s") / 10,
+        5,
+        "about 60 s left"
+    );
+    assert_eq!(container.refused(), 0);
+    drop(srv);
+
+    // The environment: long-term keys, no expiry; never shown in INFO.
+    let srv = start(
+        keyless_args(&s3, &front.endpoint(), &["cache-bytes", "0"]),
+        &[
+            ("AWS_ACCESS_KEY_ID", S3_KEY),
+            ("AWS_SECRET_ACCESS_KEY", S3_SECRET),
+        ],
+    );
+    let mut c = srv.conn();
+    write_and_archive(&mut c, "env").unwrap();
+    assert_eq!(source_in_use(&mut c), "env");
+    assert_eq!(info_field(&mut c, "credentials_expires_in_s"), -1);
+    let info = info_text(&mut c);
+    assert!(
+        !info.contains(S3_KEY) && !info.contains(S3_SECRET),
+        "{info}"
+    );
+}
+
+#[test]
+fn slowdowns_are_retried_and_errors_that_would_repeat_are_not() {
+    let proxy = proxy::Proxy::start(s3_port());
+    let s3 = S3::new_bucket();
+    let srv = server_via(
+        &s3,
+        Some(&proxy),
+        &["concurrency", "3", "retry-max-ms", "10000"],
+    );
+    let mut c = srv.conn();
+    for i in 0..20 {
+        write_flow(&mut c, &FlowSpec::done(&format!("slow-{i}")));
+    }
+    proxy.all(proxy::Fault::SlowDownEveryOther);
+    let r = reply_map(redis::cmd("FLOWARCHIVE.SWEEP").query(&mut c).unwrap());
+    assert_eq!(r["archived"], redis::Value::Int(20), "{r:?}");
+    assert_eq!(r["failed"], redis::Value::Int(0), "{r:?}");
+    let retries = info_field(&mut c, "s3_retries");
+    assert!(
+        retries >= 20,
+        "half of {} requests retried: {retries}",
+        proxy.requests().len()
+    );
+
+    // 500 always: bounded attempts, then the flow fails and stays live.
+    config_set(&mut c, "retry-attempts", "3").unwrap();
+    proxy.all(proxy::Fault::Status(500));
+    let before = proxy.requests().len();
+    let e = write_and_archive(&mut c, "down").unwrap_err();
+    assert!(e.contains("500"), "{e}");
+    assert!(is_live(&mut c, "down"));
+    assert_eq!(proxy.requests().len() - before, 3, "three attempts");
+    assert_eq!(info_field(&mut c, "s3_retries"), retries + 2);
+    assert_eq!(info_field(&mut c, "s3_retries_exhausted"), 1);
+
+    // 403: once, at once.
+    proxy.all(proxy::Fault::Status(403));
+    let before = proxy.requests().len();
+    let e = write_and_archive(&mut c, "denied").unwrap_err();
+    assert!(e.contains("403"), "{e}");
+    assert_eq!(proxy.requests().len() - before, 1);
+    assert!(is_live(&mut c, "denied"));
+    for bad in ["0", "1000"] {
+        assert!(config_set(&mut c, "retry-attempts", bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn one_connection_pool_for_flow_get_and_sweep() {
+    let s3 = S3::new_bucket();
+    let front = S3Front::start(Issued::new(), None);
+    let srv = via_front(&s3, &front, &["cache-bytes", "0"]);
+    let mut c = srv.conn();
+    for i in 0..50 {
+        write_and_archive(&mut c, &format!("pool-{i}")).unwrap();
+    }
+    for i in 0..100 {
+        reads_back(&mut c, &format!("pool-{}", i % 50));
+    }
+    for i in 0..10 {
+        write_flow(&mut c, &FlowSpec::done(&format!("swept-{i}")));
+    }
+    let r = reply_map(redis::cmd("FLOWARCHIVE.SWEEP").query(&mut c).unwrap());
+    assert_eq!(r["archived"], redis::Value::Int(10));
+    let requests = front.accepted().len();
+    assert!(requests >= 50 * 2 + 100 + 20, "{requests}");
+    assert!(
+        front.connections() <= 6,
+        "{} connections for {requests} requests",
+        front.connections()
+    );
+    assert_eq!(info_field(&mut c, "s3_pools_built"), 1);
+    // A new endpoint gets a new pool.
+    let other = S3Front::start(Issued::new(), None);
+    config_set(&mut c, "endpoint", &other.endpoint()).unwrap();
+    write_and_archive(&mut c, "moved").unwrap();
+    assert_eq!(info_field(&mut c, "s3_pools_built"), 2);
+    assert_eq!(other.connections(), 1);
+}
+
+#[test]
+fn sse_kms_and_storage_class_are_signed_and_verified_by_checksum() {
+    let s3 = S3::new_bucket();
+    let front = S3Front::start(Issued::new(), None);
+    let srv = via_front(
+        &s3,
+        &front,
+        &[
+            "cache-bytes",
+            "0",
+            "sse",
+            "aws:kms",
+            "sse-kms-key-id",
+            "arn:aws:kms:us-east-1:123456789012:alias/flows",
+            "storage-class",
+            "STANDARD_IA",
+        ],
+    );
+    let mut c = srv.conn();
+    write_and_archive(&mut c, "kms").unwrap();
+    reads_back(&mut c, "kms");
+    let put = front
+        .accepted()
+        .into_iter()
+        .find(|a| a.method == "PUT")
+        .unwrap();
+    assert_eq!(
+        put.signed_header("x-amz-server-side-encryption"),
+        Some("aws:kms")
+    );
+    assert_eq!(
+        put.signed_header("x-amz-server-side-encryption-aws-kms-key-id"),
+        Some("arn:aws:kms:us-east-1:123456789012:alias/flows")
+    );
+    assert_eq!(
+        put.signed_header("x-amz-storage-class"),
+        Some("STANDARD_IA")
+    );
+
+    config_set(&mut c, "sse", "AES256").unwrap();
+    config_set(&mut c, "storage-class", "").unwrap();
+    write_and_archive(&mut c, "aes").unwrap();
+    let put = front
+        .accepted()
+        .into_iter()
+        .rfind(|a| a.method == "PUT")
+        .unwrap();
+    assert_eq!(
+        put.signed_header("x-amz-server-side-encryption"),
+        Some("AES256")
+    );
+    assert_eq!(
+        put.signed_header("x-amz-server-side-encryption-aws-kms-key-id"),
+        None
+    );
+    assert_eq!(put.signed_header("x-amz-storage-class"), None);
+
+    for (name, bad, why) in [
+        ("sse", "aws:kms:dsse", "none, AES256 or aws:kms"),
+        ("storage-class", "GLACIER", "restore"),
+        ("storage-class", "cheap", "storage-class must be"),
+        ("sse-kms-key-id", "bad id\n", "sse-kms-key-id"),
+        ("checksum", "crc32", "sha256 or md5"),
+    ] {
+        let e = config_set(&mut c, name, bad).unwrap_err();
+        assert!(e.contains(why), "{name} {bad}: {e}");
+    }
+}
+
+#[test]
+fn md5_only_stores_keep_the_sha256_in_metadata_and_reads_verify_it() {
+    let s3 = S3::new_bucket();
+    let front = S3Front::start(Issued::new(), None);
+    front.reject_checksum_headers(true);
+    let srv = via_front(&s3, &front, &["cache-bytes", "0"]);
+    let mut c = srv.conn();
+    // A store that refuses x-amz-checksum-* headers refuses the default; nothing is lost.
+    let e = write_and_archive(&mut c, "sha").unwrap_err();
+    assert!(e.contains("400"), "{e}");
+    assert!(is_live(&mut c, "sha"));
+    config_set(&mut c, "checksum", "md5").unwrap();
+    archive(&mut c, "sha").unwrap();
+    reads_back(&mut c, "sha");
+    assert!(front
+        .refused()
+        .iter()
+        .all(|r| r.starts_with("InvalidRequest")));
+    let put = front
+        .accepted()
+        .into_iter()
+        .rfind(|a| a.method == "PUT")
+        .unwrap();
+    assert!(put.signed_header("content-md5").is_some());
+    assert!(put
+        .signed
+        .iter()
+        .all(|(k, _)| !k.starts_with("x-amz-checksum")));
+
+    // SSE-KMS without flexible checksums: the ETag is no MD5, so the upload is proven by its size
+    // and the sha256 kept in its metadata.
+    config_set(&mut c, "sse", "aws:kms").unwrap();
+    write_and_archive(&mut c, "kms-md5").unwrap();
+    reads_back(&mut c, "kms-md5");
+    config_set(&mut c, "sse", "none").unwrap();
+
+    // The object replaced behind the module's back (same metadata, other bytes): the read refuses it.
+    let rel = s3
+        .list()
+        .into_iter()
+        .find(|k| k.contains("sha"))
+        .expect("archived object");
+    let body = s3.get(&rel).unwrap();
+    let mut forged = gunzip(&body);
+    forged = forged.replacen("step-1", "step-X", 1);
+    let recorded = cmd::<String>(&mut c, &["HGET", "archived:flows", "sha"]).unwrap();
+    assert!(recorded.ends_with(&rel), "{recorded}");
+    s3.delete(&rel);
+    let sha = {
+        use sha2::Digest;
+        sigv4::hex(&sha2::Sha256::digest(&body))
+    };
+    let key = s3.key(&rel);
+    let mut action = s3.bucket.put_object(Some(&s3.creds), &key);
+    action
+        .headers_mut()
+        .insert("x-amz-meta-flowarchive-sha256", sha.clone());
+    let url = action.sign(Duration::from_secs(60));
+    s3.agent
+        .put(url.as_str())
+        .set("x-amz-meta-flowarchive-sha256", &sha)
+        .send_bytes(&gzip(&forged))
+        .unwrap();
+    let e = cmd::<String>(&mut c, &["FLOWARCHIVE.GET", "sha"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sha256"), "{e}");
+}

@@ -90,6 +90,16 @@ pub struct HttpServer {
 impl HttpServer {
     /// Serves `handler` on a new loopback port, over TLS when `tls` is given.
     pub fn start(tls: Option<Arc<rustls::ServerConfig>>, handler: Handler) -> HttpServer {
+        Self::start_with(tls, handler, true)
+    }
+
+    /// As [`HttpServer::start`]; without `keep_alive` every answer closes its connection (so each
+    /// request of a client costs a new TCP and TLS handshake).
+    pub fn start_with(
+        tls: Option<Arc<rustls::ServerConfig>>,
+        handler: Handler,
+        keep_alive: bool,
+    ) -> HttpServer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let shared = Arc::new(Shared {
@@ -112,14 +122,17 @@ impl HttpServer {
                 let (shared, handler, tls) = (shared.clone(), handler.clone(), tls.clone());
                 std::thread::spawn(move || {
                     let _ = conn.set_read_timeout(Some(IDLE));
+                    // As servers do: an answer goes out at once, not after the client's delayed ACK.
+                    let _ = conn.set_nodelay(true);
                     match tls {
                         Some(config) => {
                             let Ok(tls) = rustls::ServerConnection::new(config) else {
                                 return;
                             };
-                            serve(rustls::StreamOwned::new(tls, conn), &shared, &handler);
+                            let stream = rustls::StreamOwned::new(tls, conn);
+                            serve(stream, &shared, &handler, keep_alive);
                         }
-                        None => serve(conn, &shared, &handler),
+                        None => serve(conn, &shared, &handler, keep_alive),
                     }
                 });
             }
@@ -156,7 +169,7 @@ impl Drop for HttpServer {
 }
 
 /// Answers requests on one connection until the client closes it, asks to, or idles out.
-fn serve<S: Read + Write>(stream: S, shared: &Shared, handler: &Handler) {
+fn serve<S: Read + Write>(stream: S, shared: &Shared, handler: &Handler, keep_alive: bool) {
     let mut reader = BufReader::new(stream);
     while !shared.stop.load(Ordering::SeqCst) {
         let Some(request) = read_request(&mut reader) else {
@@ -164,9 +177,10 @@ fn serve<S: Read + Write>(stream: S, shared: &Shared, handler: &Handler) {
         };
         shared.requests.lock().unwrap().push(request.clone());
         let response = handler(&request);
-        let close = request
-            .header("connection")
-            .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let close = !keep_alive
+            || request
+                .header("connection")
+                .is_some_and(|v| v.eq_ignore_ascii_case("close"));
         if write_response(reader.get_mut(), &request, &response, close).is_err() || close {
             return;
         }
@@ -237,9 +251,10 @@ fn write_response(
         head.push_str("Connection: close\r\n");
     }
     head.push_str("\r\n");
-    out.write_all(head.as_bytes())?;
+    let mut answer = head.into_bytes();
     if !head_only {
-        out.write_all(&response.body)?;
+        answer.extend_from_slice(&response.body);
     }
+    out.write_all(&answer)?;
     out.flush()
 }

@@ -82,6 +82,15 @@ pub struct S3Front {
 impl S3Front {
     /// A front accepting the credentials in `issued`, over TLS when `tls` is given.
     pub fn start(issued: Arc<Issued>, tls: Option<Arc<rustls::ServerConfig>>) -> S3Front {
+        Self::start_with(issued, tls, true)
+    }
+
+    /// As [`S3Front::start`]; without `keep_alive` every answer closes its connection.
+    pub fn start_with(
+        issued: Arc<Issued>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        keep_alive: bool,
+    ) -> S3Front {
         let state = Arc::new(State {
             issued,
             upstream: super::s3_endpoint().trim_end_matches('/').to_string(),
@@ -98,7 +107,7 @@ impl S3Front {
         let s = state.clone();
         let handler: Handler = Arc::new(move |r: &Request| s.answer(r));
         S3Front {
-            server: HttpServer::start(tls, handler),
+            server: HttpServer::start_with(tls, handler, keep_alive),
             state,
         }
     }
