@@ -439,7 +439,9 @@ fn fault_proxy_slows_down_every_other_request() {
     let s3 = S3::new_bucket();
     s3.put("x", b"x");
     let proxy = proxy::Proxy::start(s3_port());
-    proxy.all(proxy::Fault::SlowDownEveryOther);
+    proxy.all(proxy::Fault::EveryOther(Box::new(proxy::Fault::Status(
+        503,
+    ))));
     let url = |_| {
         let b = Bucket::new(
             proxy.endpoint().parse().unwrap(),
@@ -780,13 +782,43 @@ fn slowdowns_are_retried_and_errors_that_would_repeat_are_not() {
     for i in 0..20 {
         write_flow(&mut c, &FlowSpec::done(&format!("slow-{i}")));
     }
-    proxy.all(proxy::Fault::SlowDownEveryOther);
+    proxy.all(proxy::Fault::EveryOther(Box::new(proxy::Fault::Status(
+        503,
+    ))));
     let r = reply_map(redis::cmd("FLOWARCHIVE.SWEEP").query(&mut c).unwrap());
     assert_eq!(r["archived"], redis::Value::Int(20), "{r:?}");
     assert_eq!(r["failed"], redis::Value::Int(0), "{r:?}");
     let retries = info_field(&mut c, "s3_retries");
     assert_eq!(retries, 40, "each PUT and HEAD retried once");
     assert_eq!(info_field(&mut c, "failures_s3_throttled"), 0);
+
+    // An upload that took effect but whose answer was lost: the retry finds the object at its key
+    // (write-once), proves it holds these very bytes, and the flow is archived once.
+    proxy.set(vec![proxy::Rule {
+        method: "PUT",
+        path: String::new(),
+        fault: proxy::Fault::EveryOther(Box::new(proxy::Fault::LoseAnswer)),
+    }]);
+    let retries = info_field(&mut c, "s3_retries");
+    write_and_archive(&mut c, "lost-answer").unwrap();
+    assert!(!is_live(&mut c, "lost-answer"));
+    reads_back(&mut c, "lost-answer");
+    assert_eq!(info_field(&mut c, "s3_retries"), retries + 1);
+    let puts = proxy
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("PUT"))
+        .count();
+    assert!(puts >= 2, "{puts}");
+    assert_eq!(
+        s3.list()
+            .iter()
+            .filter(|k| k.contains("lost-answer"))
+            .count(),
+        1,
+        "one object, no second generation"
+    );
+    let retries = info_field(&mut c, "s3_retries");
 
     // 500 always: bounded attempts, then the flow fails and stays live.
     config_set(&mut c, "retry-attempts", "3").unwrap();

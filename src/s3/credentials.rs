@@ -167,6 +167,7 @@ enum ContainerAuth {
 
 const IMDS_DEFAULT: &str = "http://169.254.169.254";
 const ECS_HOST: &str = "http://169.254.170.2";
+const IMDS_TIMEOUT: Duration = Duration::from_secs(1);
 /// Largest answer read from a credential service, and largest token file.
 const MAX_ANSWER: u64 = 64 * 1024;
 
@@ -594,6 +595,12 @@ fn current_with(
     if let (Some(creds), _) = cached(&plan) {
         return Ok(in_use(&creds));
     }
+    // As the SDKs: an instance metadata service answers at once or is not there (off EC2, the
+    // address does not answer at all).
+    let timeout = match plan {
+        Plan::Imds { .. } => timeout.min(IMDS_TIMEOUT),
+        _ => timeout,
+    };
     let fetched = Fetcher::new(cfg, timeout)
         .and_then(|f| f.fetch(&plan))
         .map_err(|e| cred_error(format!("S3 credentials from {}: {e}", plan.source().name())));

@@ -22,7 +22,8 @@ const CAP: Duration = Duration::from_secs(5);
 static RETRIES: AtomicU64 = AtomicU64::new(0);
 static GAVE_UP: AtomicU64 = AtomicU64::new(0);
 
-/// Retries made, and requests that failed after at least one retry, since load.
+/// Retries made, and requests given up on with a transient failure after at least one retry (no
+/// attempts or time left), since load.
 pub fn counts() -> (u64, u64) {
     (
         RETRIES.load(Ordering::Relaxed),
@@ -87,10 +88,10 @@ impl Policy {
             };
             retry += 1;
             let pause = backoff(retry, random());
-            let give_up = !retryable(&err)
-                || retry >= self.attempts.max(1)
-                || start.elapsed() + pause >= self.total;
-            if give_up {
+            if !retryable(&err) {
+                return Err(err);
+            }
+            if retry >= self.attempts.max(1) || start.elapsed() + pause >= self.total {
                 if retry > 1 {
                     GAVE_UP.fetch_add(1, Ordering::Relaxed);
                 }

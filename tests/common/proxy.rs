@@ -12,9 +12,12 @@ pub enum Fault {
     /// Answer this status with an S3-style XML error, never reaching S3 (503 is `SlowDown`, other 5xx
     /// `InternalError`, 4xx `AccessDenied`).
     Status(u16),
-    /// Answer `503 SlowDown` to every other matching request (the first, the third, ...) and forward
-    /// the rest: a throttling store that a retry gets through.
-    SlowDownEveryOther,
+    /// Apply the inner fault to every other matching request (the first, the third, ...) and forward
+    /// the rest: with `Status(503)`, a throttling store that a retry gets through.
+    EveryOther(Box<Fault>),
+    /// Forward, then close the connection without passing the answer on: the request took effect,
+    /// its answer is lost.
+    LoseAnswer,
     /// Read the request, then never answer.
     Hang,
     /// Read the request, then close the connection without an answer.
@@ -44,7 +47,7 @@ struct Shared {
     requests: Mutex<Vec<String>>,
     heads: Mutex<Vec<String>>,
     faulted: AtomicUsize,
-    /// Requests matched by [`Fault::SlowDownEveryOther`] so far.
+    /// Requests matched by [`Fault::EveryOther`] so far.
     alternated: AtomicUsize,
 }
 
@@ -198,11 +201,11 @@ fn handle(mut conn: TcpStream, s: &Shared) {
         .find(|r| (r.method.is_empty() || r.method == method) && path.contains(&r.path))
         .map(|r| r.fault.clone())
         .and_then(|f| match f {
-            Fault::SlowDownEveryOther => s
+            Fault::EveryOther(inner) => s
                 .alternated
                 .fetch_add(1, Ordering::SeqCst)
                 .is_multiple_of(2)
-                .then_some(Fault::Status(503)),
+                .then_some(*inner),
             f => Some(f),
         });
     if fault.is_some() {
@@ -268,6 +271,10 @@ fn handle(mut conn: TcpStream, s: &Shared) {
     }
     let mut response = Vec::new();
     let _ = up.read_to_end(&mut response);
+    if fault == Some(Fault::LoseAnswer) {
+        let _ = conn.shutdown(Shutdown::Both);
+        return;
+    }
     if fault == Some(Fault::Truncate) {
         if let Some(p) = response.windows(4).position(|w| w == b"\r\n\r\n") {
             let body_len = response.len() - (p + 4);
