@@ -39,12 +39,21 @@ impl Tally {
         *self.lock().entry(kind).or_default() += 1;
     }
 
-    /// The count of each of `names` (zero when never seen).
-    pub fn counts<'n>(&self, names: impl IntoIterator<Item = &'n str>) -> Vec<(&'n str, u64)> {
+    /// The count of each of `names` (zero when never seen), as INFO fields `<prefix><name>`.
+    pub fn fields<'n>(
+        &self,
+        prefix: &str,
+        names: impl IntoIterator<Item = &'n str>,
+    ) -> Vec<(String, i64)> {
         let map = self.lock();
         names
             .into_iter()
-            .map(|n| (n, map.get(n).copied().unwrap_or(0)))
+            .map(|n| {
+                (
+                    format!("{prefix}{n}"),
+                    map.get(n).copied().unwrap_or(0) as i64,
+                )
+            })
             .collect()
     }
 

@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::proxy::{Fault, Proxy};
@@ -13,21 +12,6 @@ fn bed() -> (S3, Server) {
     let s3 = S3::new_bucket();
     let server = Server::start(ServerOpts::new(&s3));
     (s3, server)
-}
-
-fn text(v: &redis::Value) -> String {
-    redis::from_redis_value(v).unwrap()
-}
-
-fn int(v: &redis::Value) -> i64 {
-    redis::from_redis_value(v).unwrap()
-}
-
-fn err_text(r: redis::RedisResult<HashMap<String, redis::Value>>) -> String {
-    match r {
-        Ok(v) => panic!("expected an error, got {v:?}"),
-        Err(e) => e.to_string(),
-    }
 }
 
 fn object_lines(s3: &S3, key: &str) -> Vec<String> {
@@ -549,13 +533,6 @@ fn bad_input_gets_clear_errors() {
     assert!(e.to_string().contains("UTF-8"), "{e}");
     let pong: String = cmd(&mut c, &["PING"]).unwrap();
     assert_eq!(pong, "PONG");
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 #[test]

@@ -4,15 +4,6 @@ mod common;
 
 use common::*;
 
-fn config(c: &mut redis::Connection, name: &str) -> String {
-    let v: Vec<String> = cmd(c, &["CONFIG", "GET", name]).unwrap();
-    v.get(1).cloned().unwrap_or_default()
-}
-
-fn config_set(c: &mut redis::Connection, name: &str, value: &str) -> redis::RedisResult<()> {
-    cmd(c, &["CONFIG", "SET", name, value])
-}
-
 #[test]
 fn configs_validate_and_keep_the_old_value() {
     let s3 = S3::new_bucket();
@@ -110,19 +101,13 @@ fn a_layout_of_another_engine_is_a_configuration_change() {
             "",
             "labels-key",
             "",
-            "status-key",
-            "",
-            "status-set-key",
-            "",
-            "label-set-key",
-            "",
-            "label-values-key",
-            "",
             "index-key",
             "eng:{$id}:archived",
             "retention",
             "1h",
         ]
+        .into_iter()
+        .chain(NO_STATUS_INDEX)
         .map(String::from),
     );
     let srv = Server::start(opts);

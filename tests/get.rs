@@ -8,14 +8,6 @@ use common::proxy::{Fault, Proxy, Rule};
 use common::*;
 use serde_json::Value;
 
-fn get(c: &mut redis::Connection, id: &str) -> redis::RedisResult<Option<String>> {
-    redis::cmd("FLOWARCHIVE.GET").arg(id).query(c)
-}
-
-fn get_events(c: &mut redis::Connection, id: &str) -> redis::RedisResult<(String, Vec<String>)> {
-    redis::cmd("FLOWARCHIVE.GET").arg(id).arg("EVENTS").query(c)
-}
-
 fn json(s: &str) -> Value {
     serde_json::from_str(s).unwrap()
 }

@@ -11,14 +11,6 @@ use common::*;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-fn get(c: &mut redis::Connection, id: &str) -> redis::RedisResult<Option<String>> {
-    redis::cmd("FLOWARCHIVE.GET").arg(id).query(c)
-}
-
-fn get_events(c: &mut redis::Connection, id: &str) -> redis::RedisResult<(String, Vec<String>)> {
-    redis::cmd("FLOWARCHIVE.GET").arg(id).arg("EVENTS").query(c)
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::proxy::Proxy;
@@ -12,32 +12,6 @@ use common::*;
 fn conn_as(srv: &Server, user: &str) -> redis::Connection {
     let client = redis::Client::open(format!("redis://{user}:pw@127.0.0.1:{}/", srv.port)).unwrap();
     client.get_connection().unwrap()
-}
-
-fn sweep(
-    c: &mut redis::Connection,
-    args: &[&str],
-) -> redis::RedisResult<HashMap<String, redis::Value>> {
-    let mut cmd = redis::cmd("FLOWARCHIVE.SWEEP");
-    for a in args {
-        cmd.arg(*a);
-    }
-    cmd.query::<redis::Value>(c).map(reply_map)
-}
-
-fn n(v: &redis::Value) -> i64 {
-    redis::from_redis_value(v).unwrap()
-}
-
-fn err_of<T: std::fmt::Debug>(r: redis::RedisResult<T>) -> String {
-    match r {
-        Ok(v) => panic!("expected an error, got {v:?}"),
-        Err(e) => e.to_string(),
-    }
-}
-
-fn get(c: &mut redis::Connection, id: &str) -> redis::RedisResult<Option<String>> {
-    redis::cmd("FLOWARCHIVE.GET").arg(id).query(c)
 }
 
 /// Names of the server's threads that belong to the module.
@@ -89,15 +63,15 @@ fn acl_users_touch_only_the_keys_they_may() {
 
     let mut narrow = conn_as(&srv, "narrow");
     for e in [
-        err_of(get(&mut narrow, "other-1")),
-        err_of(
+        err_text(get(&mut narrow, "other-1")),
+        err_text(
             redis::cmd("FLOWARCHIVE.FLOW")
                 .arg("other-1")
                 .arg("FORCE")
                 .query::<redis::Value>(&mut narrow),
         ),
-        err_of(sweep(&mut narrow, &[])),
-        err_of(sweep(&mut narrow, &["DRYRUN"])),
+        err_text(sweep(&mut narrow, &[])),
+        err_text(sweep(&mut narrow, &["DRYRUN"])),
     ] {
         assert!(e.starts_with("NOPERM"), "{e}");
     }
@@ -108,23 +82,23 @@ fn acl_users_touch_only_the_keys_they_may() {
     );
 
     let mut tenant = conn_as(&srv, "tenant");
-    let e = err_of(
+    let e = err_text(
         redis::cmd("FLOWARCHIVE.FLOW")
             .arg("other-1")
             .query::<redis::Value>(&mut tenant),
     );
     assert!(e.starts_with("NOPERM") && e.contains("other-1"), "{e}");
-    assert!(err_of(get(&mut tenant, "other-1")).starts_with("NOPERM"));
+    assert!(err_text(get(&mut tenant, "other-1")).starts_with("NOPERM"));
     let dry = sweep(&mut tenant, &["DRYRUN"]).unwrap();
     let listed: BTreeSet<String> = redis::from_redis_value(&dry["flows"]).unwrap();
     assert_eq!(
         listed,
         BTreeSet::from(["tenantA-1".to_string(), "tenantA-2".to_string()])
     );
-    assert_eq!(n(&dry["skipped_noperm"]), 1);
+    assert_eq!(int(&dry["skipped_noperm"]), 1);
     let done = sweep(&mut tenant, &[]).unwrap();
-    assert_eq!(n(&done["archived"]), 2);
-    assert_eq!(n(&done["skipped_noperm"]), 1);
+    assert_eq!(int(&done["archived"]), 2);
+    assert_eq!(int(&done["skipped_noperm"]), 1);
     assert_eq!(info_field(&mut admin, "last_sweep_skipped_noperm"), 1);
     assert_eq!(
         cmd::<i64>(&mut admin, &["EXISTS", "argyll:flow:other-1:events"]).unwrap(),
@@ -156,7 +130,7 @@ fn module_unload_waits_for_work_in_flight_and_leaves_no_thread() {
     wait_for("an upload in flight", Duration::from_secs(10), || {
         !proxy.requests().is_empty()
     });
-    let e = err_of(cmd::<()>(&mut c, &["MODULE", "UNLOAD", "flowarchive"]));
+    let e = err_text(cmd::<()>(&mut c, &["MODULE", "UNLOAD", "flowarchive"]));
     assert!(e.to_lowercase().contains("unload"), "{e}");
     assert!(srv.log().contains("MODULE UNLOAD refused"));
     // A late event on a flow of the sweep: the watch is still there, so the flow survives.
@@ -224,7 +198,7 @@ fn commits_wait_out_client_pause_and_never_write_on_a_demoted_primary() {
     let flow = std::thread::spawn(move || archive(&mut c, "long-pause"));
     std::thread::sleep(Duration::from_millis(100));
     cmd::<()>(&mut p, &["CLIENT", "PAUSE", "14000", "WRITE"]).unwrap();
-    let e = err_of(flow.join().unwrap());
+    let e = err_text(flow.join().unwrap());
     assert!(
         e.contains("paused") && e.contains("nothing was deleted"),
         "{e}"
@@ -250,7 +224,7 @@ fn commits_wait_out_client_pause_and_never_write_on_a_demoted_primary() {
     )
     .unwrap();
     // The server itself unblocks the waiting client when the role changes; either way it gets an error.
-    let e = err_of(flow.join().unwrap());
+    let e = err_text(flow.join().unwrap());
     assert!(
         e.contains("no longer a writable primary") || e.contains("UNBLOCKED"),
         "{e}"
@@ -288,7 +262,7 @@ fn a_commit_checks_every_key_before_its_first_write() {
     cmd::<()>(&mut c, &["DEL", "argyll:idx:label:tenant"]).unwrap();
     cmd::<()>(&mut c, &["SET", "argyll:idx:label:tenant", "oops"]).unwrap();
     let before = dump_all(&mut c);
-    let e = err_of(flow.join().unwrap());
+    let e = err_text(flow.join().unwrap());
     assert!(e.contains("holds a string, expected a set"), "{e}");
     assert_same(&before, &dump_all(&mut c), "no write of the commit landed");
     // Repaired, the next attempt archives (it is not refused as already archived).
@@ -316,8 +290,8 @@ fn errors_stay_small_whatever_the_input() {
         },
     );
     for e in [
-        err_of(archive(&mut c, &huge)),
-        err_of(archive(&mut c, &format!("{huge}x"))),
+        err_text(archive(&mut c, &huge)),
+        err_text(archive(&mut c, &format!("{huge}x"))),
     ] {
         assert!(e.len() < 700, "{} bytes", e.len());
     }
@@ -330,7 +304,7 @@ fn errors_stay_small_whatever_the_input() {
                 ..FlowSpec::done(id)
             },
         );
-        let e = err_of(archive(&mut c, id));
+        let e = err_text(archive(&mut c, id));
         assert!(e.contains("not terminal"), "{e}");
         write_flow(&mut c, &FlowSpec::done(id));
         archive(&mut c, id).unwrap();
@@ -365,7 +339,7 @@ fn a_long_live_event_log_is_read_in_chunks() {
     // Inside MULTI a long log cannot be read in steps: a clear error, not a long stall.
     cmd::<()>(&mut c, &["MULTI"]).unwrap();
     cmd::<()>(&mut c, &["FLOWARCHIVE.GET", "long", "EVENTS"]).unwrap();
-    let e = err_of(cmd::<Vec<redis::Value>>(&mut c, &["EXEC"]));
+    let e = err_text(cmd::<Vec<redis::Value>>(&mut c, &["EXEC"]));
     assert!(e.contains("too many to read inside MULTI"), "{e}");
 }
 
@@ -444,7 +418,7 @@ fn selection_steps_stay_bounded_with_ties() {
     // Oldest first: the 100 older flows, then the tie, then the newer ones.
     assert!(listed[..100].iter().all(|id| id.as_str() < "t100"));
     let done = sweep(&mut c, &[]).unwrap();
-    assert_eq!(n(&done["archived"]), 600);
+    assert_eq!(int(&done["archived"]), 600);
 }
 
 #[test]
@@ -471,10 +445,10 @@ fn cluster_nodes_refuse_archives_whose_keys_span_slots() {
     // The default layout spreads a flow's keys and its index entry over many slots.
     write_flow(&mut c, &FlowSpec::done("spread"));
     let before = dump_all(&mut c);
-    let e = err_of(archive(&mut c, "spread"));
+    let e = err_text(archive(&mut c, "spread"));
     assert!(e.contains("different slots"), "{e}");
     let swept = sweep(&mut c, &[]).unwrap();
-    assert_eq!(n(&swept["archived"]), 0);
+    assert_eq!(int(&swept["archived"]), 0);
     assert_same(&before, &dump_all(&mut c), "nothing deleted");
     // A layout whose keys all carry the flow id as hash tag archives on its node.
     for (name, value) in [

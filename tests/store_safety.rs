@@ -14,22 +14,6 @@ use std::time::{Duration, Instant};
 use common::proxy::{Fault, Proxy, Rule};
 use common::*;
 
-fn err_text(r: redis::RedisResult<HashMap<String, redis::Value>>) -> String {
-    match r {
-        Ok(v) => panic!("expected an error, got {v:?}"),
-        Err(e) => e.to_string(),
-    }
-}
-
-fn config_set(c: &mut redis::Connection, name: &str, value: &str) -> redis::RedisResult<()> {
-    cmd(c, &["CONFIG", "SET", name, value])
-}
-
-fn config(c: &mut redis::Connection, name: &str) -> String {
-    let v: Vec<String> = cmd(c, &["CONFIG", "GET", name]).unwrap();
-    v.get(1).cloned().unwrap_or_default()
-}
-
 // ---------------------------------------------------------------- write-once objects
 
 #[test]

@@ -2,48 +2,18 @@
 
 mod common;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::proxy::{Fault, Proxy, Rule};
 use common::*;
 
-fn sweep(
-    c: &mut redis::Connection,
-    args: &[&str],
-) -> redis::RedisResult<HashMap<String, redis::Value>> {
-    let mut cmd = redis::cmd("FLOWARCHIVE.SWEEP");
-    for a in args {
-        cmd.arg(*a);
-    }
-    cmd.query::<redis::Value>(c).map(reply_map)
-}
-
-/// FLOWARCHIVE.SWEEP ASYNC: its answer, or the error text.
-fn sweep_async(c: &mut redis::Connection) -> Result<String, String> {
-    redis::cmd("FLOWARCHIVE.SWEEP")
-        .arg("ASYNC")
-        .query(c)
-        .map_err(|e| e.to_string())
-}
-
-fn n(v: &redis::Value) -> i64 {
-    redis::from_redis_value(v).unwrap()
-}
-
 fn flows_of(v: &redis::Value) -> BTreeSet<String> {
     redis::from_redis_value::<Vec<String>>(v)
         .unwrap()
         .into_iter()
         .collect()
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 fn indexed(c: &mut redis::Connection) -> BTreeSet<String> {
@@ -99,17 +69,17 @@ fn a_thousand_mixed_flows_dry_run_then_sweep() {
     let before = dump_all(&mut c);
 
     let dry = sweep(&mut c, &["DRYRUN"]).unwrap();
-    assert_eq!(n(&dry["dry_run"]), 1);
+    assert_eq!(int(&dry["dry_run"]), 1);
     assert_eq!(flows_of(&dry["flows"]), expected);
-    assert_eq!(n(&dry["archived"]), 0);
+    assert_eq!(int(&dry["archived"]), 0);
     assert_same(&before, &dump_all(&mut c), "DRYRUN changes nothing");
     assert!(s3.list().is_empty());
 
     let done = sweep(&mut c, &[]).unwrap();
-    assert_eq!(n(&done["candidates"]), 500, "{done:?}");
-    assert_eq!(n(&done["archived"]), 500, "{done:?}");
-    assert_eq!(n(&done["failed"]), 0);
-    assert!(n(&done["stored_bytes"]) > 0 && n(&done["raw_bytes"]) > n(&done["stored_bytes"]));
+    assert_eq!(int(&done["candidates"]), 500, "{done:?}");
+    assert_eq!(int(&done["archived"]), 500, "{done:?}");
+    assert_eq!(int(&done["failed"]), 0);
+    assert!(int(&done["stored_bytes"]) > 0 && int(&done["raw_bytes"]) > int(&done["stored_bytes"]));
     assert_eq!(indexed(&mut c), expected, "exactly the long-terminal flows");
     assert_eq!(s3.list().len(), 500);
 
@@ -153,7 +123,7 @@ fn a_thousand_mixed_flows_dry_run_then_sweep() {
     assert!(srv.log().contains("flowarchive: sweep done"));
 
     let again = sweep(&mut c, &[]).unwrap();
-    assert_eq!(n(&again["candidates"]), 0, "nothing left to do");
+    assert_eq!(int(&again["candidates"]), 0, "nothing left to do");
 }
 
 #[test]
@@ -173,10 +143,10 @@ fn failing_uploads_are_counted_and_stay_live() {
         fault: Fault::Status(403),
     }]);
     let r = sweep(&mut c, &[]).unwrap();
-    assert_eq!(n(&r["archived"]), 10);
-    assert_eq!(n(&r["failed"]), 4);
+    assert_eq!(int(&r["archived"]), 10);
+    assert_eq!(int(&r["failed"]), 4);
     let reasons = reply_map(r["failed_by_reason"].clone());
-    assert_eq!(n(&reasons["s3_rejected"]), 4);
+    assert_eq!(int(&reasons["s3_rejected"]), 4);
     for i in 0..4 {
         assert_eq!(
             cmd::<i64>(&mut c, &["EXISTS", &format!("argyll:flow:bad-{i}:events")]).unwrap(),
@@ -315,7 +285,7 @@ fn one_sweep_at_a_time_limit_and_responsiveness() {
         },
     );
     let limited = sweep(&mut c, &["LIMIT", "5"]).unwrap();
-    assert_eq!(n(&limited["archived"]), 5);
+    assert_eq!(int(&limited["archived"]), 5);
     assert_eq!(indexed(&mut c).len(), 5);
 
     proxy.delay("PUT", Duration::from_millis(20));
@@ -395,7 +365,7 @@ fn a_crash_mid_sweep_loses_nothing() {
     );
     proxy.clear();
     let r = sweep(&mut c, &[]).unwrap();
-    assert_eq!(n(&r["archived"]) as usize, 200 - after_crash);
+    assert_eq!(int(&r["archived"]) as usize, 200 - after_crash);
     assert_eq!(indexed(&mut c).len(), 200);
     for id in &ids {
         let live: i64 = cmd(&mut c, &["EXISTS", &format!("argyll:flow:{id}:events")]).unwrap();
@@ -409,23 +379,12 @@ fn a_crash_mid_sweep_loses_nothing() {
 
 #[test]
 fn layouts_without_a_status_index_are_swept_by_scan() {
-    let (_s3, srv) = bed_with(
-        &[
-            "status-key",
-            "",
-            "status-set-key",
-            "",
-            "label-set-key",
-            "",
-            "label-values-key",
-            "",
-            "retention",
-            "1d",
-            "batch-size",
-            "7",
-        ],
-        None,
-    );
+    let args = [
+        &NO_STATUS_INDEX[..],
+        &["retention", "1d", "batch-size", "7"],
+    ]
+    .concat();
+    let (_s3, srv) = bed_with(&args, None);
     let mut c = srv.conn();
     for i in 0..30 {
         let id = format!("s{i}");
@@ -446,7 +405,7 @@ fn layouts_without_a_status_index_are_swept_by_scan() {
         },
     );
     let r = sweep(&mut c, &[]).unwrap();
-    assert_eq!(n(&r["archived"]), 20, "{r:?}");
+    assert_eq!(int(&r["archived"]), 20, "{r:?}");
     assert_eq!(
         cmd::<i64>(&mut c, &["EXISTS", "argyll:flow:fresh:events"]).unwrap(),
         1
@@ -489,7 +448,7 @@ fn a_sweep_covers_the_callers_db_only() {
     write_flow(&mut c3, &FlowSpec::done("three"));
     let db0 = dump_all(&mut c0);
     let r = sweep(&mut c3, &[]).unwrap();
-    assert_eq!(n(&r["archived"]), 1);
+    assert_eq!(int(&r["archived"]), 1);
     assert_eq!(
         cmd::<i64>(&mut c3, &["HEXISTS", "archived:flows", "three"]).unwrap(),
         1

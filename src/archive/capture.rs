@@ -11,7 +11,6 @@ use crate::archive::flow::Captured;
 use crate::archive::guard;
 use crate::index;
 use crate::layout::{FlowKeys, Layout};
-use crate::ops::configs::Settings;
 use crate::ops::errors::{show_key, FlowError};
 use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::mainthread::EVENTS_PER_STEP;
@@ -59,35 +58,8 @@ fn utf8(b: Vec<u8>, what: &str) -> Result<String, FlowError> {
     String::from_utf8(b).map_err(|_| FlowError::Unreadable(format!("{what} is not UTF-8")))
 }
 
-/// Checks the flow and begins its capture.
-pub fn start(
-    ctx: &Context,
-    caller: &Caller,
-    db: i32,
-    id: &str,
-    settings: &Settings,
-    window: &Window,
-) -> Result<Start, FlowError> {
-    let (flow, events_total) = match inspect(ctx, caller, db, id, &settings.layout, window)? {
-        Inspected::AlreadyArchived(location) => return Ok(Start::AlreadyArchived(location)),
-        Inspected::Eligible(flow, total) => (*flow, total),
-    };
-    let watched: Vec<&str> = flow.keys.own().collect();
-    let watch = Watch::start(db, id, &watched).ok_or(FlowError::Busy)?;
-    let mut capture = Capture {
-        bytes: flow.snapshot.len() as u64,
-        flow,
-        caller: caller.clone(),
-        events_total,
-        watch,
-        held_us: 0,
-        max_bytes: settings.read_max_bytes,
-    };
-    read_more(ctx, &mut capture)?;
-    Ok(Start::Capture(Box::new(capture)))
-}
-
-/// Every check of `start`, reading no events and watching nothing (also DRYRUN's test).
+/// Every check an archive begins with (`archive::begin`), reading no events and watching nothing
+/// (also DRYRUN's test).
 pub fn inspect(
     ctx: &Context,
     caller: &Caller,

@@ -101,26 +101,7 @@ pub fn encode(flow: &Captured) -> Result<Encoded, EncodeError> {
         check_json(event).map_err(|reason| EncodeError::Event { index, reason })?;
         lines.push(single_line(event));
     }
-    let snapshot = snapshot_form(&flow.snapshot);
-    match serde_json::from_slice::<Value>(&snapshot) {
-        Ok(Value::Object(_)) => {}
-        Ok(_) => return Err(EncodeError::Snapshot("not an object".into())),
-        Err(e) => return Err(EncodeError::Snapshot(e.to_string())),
-    }
-    let labels: Map<String, Value> = flow
-        .labels
-        .iter()
-        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-        .collect();
-    // The snapshot is spliced in verbatim rather than re-serialized, so numbers and key order survive.
-    let mut trailer = br#"{"snapshot":"#.to_vec();
-    trailer.extend_from_slice(&snapshot);
-    let rest = json!({"seq": flow.seq, "labels": labels, "status": flow.status});
-    let rest = rest.to_string();
-    trailer.push(b',');
-    trailer.extend_from_slice(&rest.as_bytes()[1..]);
-    lines.push(Cow::Owned(trailer));
-
+    lines.push(Cow::Owned(trailer(flow)?));
     let mut content = Sha256::new();
     let mut content_bytes = 0u64;
     for line in &lines {
@@ -145,7 +126,39 @@ pub fn encode(flow: &Captured) -> Result<Encoded, EncodeError> {
     })
     .to_string();
     let raw_bytes = content_bytes + header.len() as u64 + 1;
+    let body = gzip(&header, &lines, raw_bytes);
+    Ok(Encoded {
+        object_sha256: sha256(&body),
+        object_md5: md5(&body),
+        body,
+        raw_bytes,
+    })
+}
 
+/// The trailer line: the snapshot spliced in verbatim rather than re-serialized (so numbers and key
+/// order survive), then sequence, labels and status.
+fn trailer(flow: &Captured) -> Result<Vec<u8>, EncodeError> {
+    let snapshot = snapshot_form(&flow.snapshot);
+    match serde_json::from_slice::<Value>(&snapshot) {
+        Ok(Value::Object(_)) => {}
+        Ok(_) => return Err(EncodeError::Snapshot("not an object".into())),
+        Err(e) => return Err(EncodeError::Snapshot(e.to_string())),
+    }
+    let labels: Map<String, Value> = flow
+        .labels
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    let mut trailer = br#"{"snapshot":"#.to_vec();
+    trailer.extend_from_slice(&snapshot);
+    let rest = json!({"seq": flow.seq, "labels": labels, "status": flow.status}).to_string();
+    trailer.push(b',');
+    trailer.extend_from_slice(&rest.as_bytes()[1..]);
+    Ok(trailer)
+}
+
+/// The header and lines, newline-terminated, as one gzip member.
+fn gzip(header: &str, lines: &[Cow<[u8]>], raw_bytes: u64) -> Vec<u8> {
     let mut gz = GzEncoder::new(
         Vec::with_capacity((raw_bytes / 6) as usize + 64),
         Compression::new(GZIP_LEVEL),
@@ -153,17 +166,11 @@ pub fn encode(flow: &Captured) -> Result<Encoded, EncodeError> {
     // Writing into a Vec cannot fail.
     let _ = gz.write_all(header.as_bytes());
     let _ = gz.write_all(b"\n");
-    for line in &lines {
+    for line in lines {
         let _ = gz.write_all(line);
         let _ = gz.write_all(b"\n");
     }
-    let body = gz.finish().unwrap_or_default();
-    Ok(Encoded {
-        object_sha256: sha256(&body),
-        object_md5: md5(&body),
-        body,
-        raw_bytes,
-    })
+    gz.finish().unwrap_or_default()
 }
 
 /// The gate before any delete, "never delete what you cannot read back": decodes `body` with exactly

@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 
 use redis_module::{Context, RedisError, RedisResult, RedisValue};
 
-use crate::archive::capture::{Capture, Start};
+use crate::archive::capture::{Capture, Inspected, Start};
 use crate::archive::eligible::Window;
 use crate::digest::hex;
 use crate::ops::configs::Settings;
@@ -27,6 +27,7 @@ use crate::runtime::mainthread;
 use crate::runtime::pool::Pool;
 use crate::runtime::reply::map;
 use crate::runtime::server::selected_db;
+use crate::runtime::watch::Watch;
 use crate::s3::Store;
 
 /// What an archive answers: FLOWARCHIVE.FLOW's reply, the sweep's counters.
@@ -106,10 +107,29 @@ pub fn begin(
     window: &Window,
 ) -> Result<Start, FlowError> {
     let mut held = 0;
-    let started = metrics::timed(Stage::Capture, &mut held, || {
-        capture::start(ctx, caller, db, id, settings, window)
-    })?;
-    Ok(match started {
+    metrics::timed(Stage::Capture, &mut held, || {
+        let (flow, events_total) =
+            match capture::inspect(ctx, caller, db, id, &settings.layout, window)? {
+                Inspected::AlreadyArchived(location) => {
+                    return Ok(Start::AlreadyArchived(location))
+                }
+                Inspected::Eligible(flow, total) => (*flow, total),
+            };
+        let watched: Vec<&str> = flow.keys.own().collect();
+        let watch = Watch::start(db, id, &watched).ok_or(FlowError::Busy)?;
+        let mut capture = Capture {
+            bytes: flow.snapshot.len() as u64,
+            flow,
+            caller: caller.clone(),
+            events_total,
+            watch,
+            held_us: 0,
+            max_bytes: settings.read_max_bytes,
+        };
+        capture::read_more(ctx, &mut capture)?;
+        Ok(Start::Capture(Box::new(capture)))
+    })
+    .map(|started| match started {
         Start::Capture(mut c) => {
             c.held_us = held;
             Start::Capture(c)

@@ -13,6 +13,14 @@ pub type Fields = fn() -> Vec<(String, i64)>;
 #[distributed_slice]
 pub static INFO_FIELDS: [Fields];
 
+/// Named fields, for an owner's list.
+pub fn named<const N: usize>(fields: [(&str, i64); N]) -> Vec<(String, i64)> {
+    fields
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+}
+
 #[redis_module_macros::info_command_handler]
 pub fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
     let mut section = ctx.builder().add_section("stats");

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use crate::kinds::Tally;
 use crate::ops::errors::{show_id, FlowError};
+use crate::ops::info::named;
 
 pub static FLOWS_ARCHIVED: AtomicU64 = AtomicU64::new(0);
 pub static BYTES_RAW: AtomicU64 = AtomicU64::new(0);
@@ -91,7 +92,7 @@ static ARCHIVE_FIELDS: crate::ops::info::Fields = fields;
 /// The archive fields of INFO.
 fn fields() -> Vec<(String, i64)> {
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed) as i64;
-    let mut out: Vec<(String, i64)> = [
+    let mut out = named([
         ("flows_archived", get(&FLOWS_ARCHIVED)),
         ("bytes_raw", get(&BYTES_RAW)),
         ("bytes_stored", get(&BYTES_STORED)),
@@ -111,15 +112,7 @@ fn fields() -> Vec<(String, i64)> {
         ),
         ("buffered_bytes", get(&BUFFERED_BYTES)),
         ("buffered_bytes_peak", get(&BUFFERED_BYTES_PEAK)),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let failures = FAILURES.counts(FlowError::kind_names());
-    out.extend(
-        failures
-            .into_iter()
-            .map(|(k, n)| (format!("failures_{k}"), n as i64)),
-    );
+    ]);
+    out.extend(FAILURES.fields("failures_", FlowError::kind_names()));
     out
 }

@@ -20,6 +20,7 @@ use crate::kinds::{kinds, Tally};
 use crate::layout;
 use crate::ops::configs::{parse_roots, Root, Settings};
 use crate::ops::errors::show_id;
+use crate::ops::info::named;
 use crate::ops::log;
 use crate::read::cache::{CacheKey, Lru};
 use crate::read::decode::{self, DecodeError, Decoded};
@@ -199,22 +200,14 @@ fn fetched(took: Duration, error: Option<&FetchError>) {
 pub fn fields() -> Vec<(String, i64)> {
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed) as i64;
     let (cached_flows, cached_bytes) = cache_stats();
-    let mut out: Vec<(String, i64)> = [
+    let mut out = named([
         ("get_archive_fetches", get(&FETCHES)),
         ("get_fetch_us_total", get(&FETCH_US_TOTAL)),
         ("get_fetch_us_max", get(&FETCH_US_MAX)),
         ("get_cache_flows", cached_flows as i64),
         ("get_cache_bytes", cached_bytes as i64),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let errors = FETCH_ERRORS.counts(FetchError::kind_names());
-    out.extend(
-        errors
-            .into_iter()
-            .map(|(k, n)| (format!("get_fetch_errors_{k}"), n as i64)),
-    );
+    ]);
+    out.extend(FETCH_ERRORS.fields("get_fetch_errors_", FetchError::kind_names()));
     out
 }
 
@@ -341,27 +334,41 @@ mod tests {
         let cfg = root("live", "p");
         let old = parse_roots("s3://old s3://older/a/b").unwrap();
         let at = |loc: &str, id| resolve(loc, &cfg, &old, id);
-        let found = |b: &str, k: &str, db| Some((b.to_string(), k.to_string(), db));
-        assert_eq!(
-            at("s3://live/p/flows/a%3Ab.jsonl.gz", "a:b"),
-            found("live", "p/flows/a%3Ab.jsonl.gz", 0)
-        );
-        assert_eq!(
-            at("s3://live/p/db3/flows/x.jsonl.gz", "x"),
-            found("live", "p/db3/flows/x.jsonl.gz", 3)
-        );
-        assert_eq!(
-            at("s3://live/p/db3/flows/x.g2.jsonl.gz", "x"),
-            found("live", "p/db3/flows/x.g2.jsonl.gz", 3)
-        );
-        assert_eq!(
-            at("s3://old/flows/x.jsonl.gz", "x"),
-            found("old", "flows/x.jsonl.gz", 0)
-        );
-        assert_eq!(
-            at("s3://older/a/b/db2/flows/x.jsonl.gz", "x"),
-            found("older", "a/b/db2/flows/x.jsonl.gz", 2)
-        );
+        for (location, bucket, key, db) in [
+            (
+                "s3://live/p/flows/a%3Ab.jsonl.gz",
+                "live",
+                "p/flows/a%3Ab.jsonl.gz",
+                0,
+            ),
+            (
+                "s3://live/p/db3/flows/x.jsonl.gz",
+                "live",
+                "p/db3/flows/x.jsonl.gz",
+                3,
+            ),
+            (
+                "s3://live/p/db3/flows/x.g2.jsonl.gz",
+                "live",
+                "p/db3/flows/x.g2.jsonl.gz",
+                3,
+            ),
+            ("s3://old/flows/x.jsonl.gz", "old", "flows/x.jsonl.gz", 0),
+            (
+                "s3://older/a/b/db2/flows/x.jsonl.gz",
+                "older",
+                "a/b/db2/flows/x.jsonl.gz",
+                2,
+            ),
+        ] {
+            let id = if location.contains("a%3Ab") {
+                "a:b"
+            } else {
+                "x"
+            };
+            let want = Some((bucket.to_string(), key.to_string(), db));
+            assert_eq!(at(location, id), want, "{location}");
+        }
         for bad in [
             "s3://live/p/flows/y.jsonl.gz",      // another flow's object
             "s3://live/p/db03/flows/x.jsonl.gz", // not a key this module writes

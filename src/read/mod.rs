@@ -14,6 +14,7 @@ use redis_module::{Context, KeyType, RedisError, RedisResult, RedisValue};
 use crate::index;
 use crate::ops::configs::Settings;
 use crate::ops::errors::{show_id, FlowError};
+use crate::ops::info::named;
 use crate::read::fetch::Waiter;
 use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::blocking::{can_block, this_client};
@@ -29,11 +30,11 @@ static READ_FIELDS: crate::ops::info::Fields = fields;
 /// The read fields of INFO.
 fn fields() -> Vec<(String, i64)> {
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed) as i64;
-    let mut out = vec![
-        ("get_live".to_string(), get(&GET_LIVE)),
-        ("get_not_found".to_string(), get(&GET_NOT_FOUND)),
-        ("get_cache_hits".to_string(), get(&GET_CACHE_HITS)),
-    ];
+    let mut out = named([
+        ("get_live", get(&GET_LIVE)),
+        ("get_not_found", get(&GET_NOT_FOUND)),
+        ("get_cache_hits", get(&GET_CACHE_HITS)),
+    ]);
     out.extend(fetch::fields());
     out
 }

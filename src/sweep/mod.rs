@@ -23,6 +23,7 @@ use crate::archive::{self, Archived};
 use crate::clock;
 use crate::ops::configs::{self, Settings};
 use crate::ops::errors::{self, FlowError};
+use crate::ops::info::named;
 use crate::ops::log;
 use crate::ops::metrics::{self, Stage};
 use crate::runtime::acl::Caller;
@@ -61,13 +62,10 @@ static SWEEP_FIELDS: crate::ops::info::Fields = fields;
 
 /// The sweep fields of INFO: the running sweep's and the last one's.
 fn fields() -> Vec<(String, i64)> {
-    let mut out = vec![
-        (
-            "sweeps_run".to_string(),
-            SWEEPS_RUN.load(Ordering::Relaxed) as i64,
-        ),
-        ("sweep_running".to_string(), running() as i64),
-    ];
+    let mut out = named([
+        ("sweeps_run", SWEEPS_RUN.load(Ordering::Relaxed) as i64),
+        ("sweep_running", running() as i64),
+    ]);
     for (name, progress) in [("sweep_current", &CURRENT), ("last_sweep", &LAST)] {
         let progress = lock(progress).clone().unwrap_or_default();
         let fields = progress.fields().into_iter();

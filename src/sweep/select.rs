@@ -192,33 +192,27 @@ fn status_page(
     Ok((ids, !full))
 }
 
-/// One SCAN call over snapshot keys: the ids whose snapshot says terminal and old enough.
-fn scan_step(
+/// One `SCAN` call over snapshot keys from `cursor` (advanced): the keys it found.
+fn scan(
     ctx: &Context,
-    caller: &Caller,
     layout: &Layout,
     cursor: &mut String,
     batch: usize,
-    window: &Window,
-    seen: &mut HashSet<String>,
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<Vec<u8>>, String> {
     let pattern = layout
         .snapshot_pattern()
         .ok_or("snapshot-key template cannot be scanned")?;
     let count = batch.to_string();
-    let reply = call(
-        ctx,
-        "SCAN",
-        &[
-            cursor.as_bytes(),
-            b"MATCH",
-            pattern.as_bytes(),
-            b"COUNT",
-            count.as_bytes(),
-            b"TYPE",
-            b"string",
-        ],
-    )?;
+    let args: [&[u8]; 7] = [
+        cursor.as_bytes(),
+        b"MATCH",
+        pattern.as_bytes(),
+        b"COUNT",
+        count.as_bytes(),
+        b"TYPE",
+        b"string",
+    ];
+    let reply = call(ctx, "SCAN", &args)?;
     let CallReply::Array(parts) = &reply else {
         return Err("SCAN answered no array".into());
     };
@@ -231,6 +225,20 @@ fn scan_step(
         Some(Ok(keys)) => strings(&keys),
         _ => Vec::new(),
     };
+    Ok(keys)
+}
+
+/// One SCAN call over snapshot keys: the ids whose snapshot says terminal and old enough.
+fn scan_step(
+    ctx: &Context,
+    caller: &Caller,
+    layout: &Layout,
+    cursor: &mut String,
+    batch: usize,
+    window: &Window,
+    seen: &mut HashSet<String>,
+) -> Result<Vec<String>, String> {
+    let keys = scan(ctx, layout, cursor, batch)?;
     let mut ids = Vec::new();
     for key in keys {
         let key = String::from_utf8_lossy(&key).into_owned();
