@@ -558,6 +558,9 @@ static CACHE: Mutex<Option<Cached>> = Mutex::new(None);
 /// Held by the one worker that fetches; others keep signing with the cached set.
 static FETCHING: Mutex<()> = Mutex::new(());
 static REFRESH_FAILURES: AtomicU64 = AtomicU64::new(0);
+/// The last failed fetch: when, for which plan, and its error (workers that waited for it share it
+/// instead of asking again, one after the other).
+static LAST_FAILURE: Mutex<Option<(i64, Plan, String)>> = Mutex::new(None);
 /// Source and expiry of the set last handed out, for INFO.
 static IN_USE: Mutex<Option<(Source, Option<i64>)>> = Mutex::new(None);
 
@@ -586,14 +589,21 @@ fn current_with(
         return Ok(in_use(&creds));
     }
     // One fetch at a time. With a usable set, do not wait for another worker's refresh.
+    let asked = now_ms();
     let _fetching = match (FETCHING.try_lock(), &usable) {
         (Ok(guard), _) => guard,
         (Err(_), Some(creds)) => return Ok(in_use(creds)),
         (Err(_), None) => lock(&FETCHING),
     };
-    // Another worker may have refreshed while this one waited.
+    // Another worker may have fetched while this one waited: its set, or its failure.
     if let (Some(creds), _) = cached(&plan) {
         return Ok(in_use(&creds));
+    }
+    if let Some((_, _, message)) = lock(&LAST_FAILURE)
+        .as_ref()
+        .filter(|(at, p, _)| *at >= asked && *p == plan)
+    {
+        return Err(cred_error(message.clone()));
     }
     // As the SDKs: an instance metadata service answers at once or is not there (off EC2, the
     // address does not answer at all).
@@ -627,6 +637,7 @@ fn current_with(
         }
         Err(e) => {
             REFRESH_FAILURES.fetch_add(1, Ordering::Relaxed);
+            *lock(&LAST_FAILURE) = Some((now_ms(), plan.clone(), e.message.clone()));
             (cfg.warn)(&format!("flowarchive: S3 credentials refresh failed: {e}"));
             if let Some(c) = lock(&CACHE).as_mut().filter(|c| c.plan == plan) {
                 c.next_try = now_ms() + RETRY_REFRESH_MS;
@@ -798,6 +809,32 @@ mod tests {
             ("ASIA2", Some("a&b"))
         );
         assert!(parse_sts("<ErrorResponse/>").is_err());
+    }
+
+    #[test]
+    fn an_unreachable_source_is_a_counted_error_naming_it() {
+        // Port 1 on loopback refuses at once.
+        let env = env_of(&[("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://127.0.0.1:1")]);
+        let failures = REFRESH_FAILURES.load(Ordering::Relaxed);
+        let errors: Vec<StoreError> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| current_with(&cfg(None, ""), &env, Duration::from_secs(1))))
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().unwrap().unwrap_err())
+                .collect()
+        });
+        for e in &errors {
+            assert_eq!(e.kind, FailureKind::Credentials);
+            assert!(
+                e.message
+                    .starts_with("S3 credentials from imds: IMDSv2 session token failed"),
+                "{e}"
+            );
+        }
+        let fetched = REFRESH_FAILURES.load(Ordering::Relaxed) - failures;
+        assert!((1..=4).contains(&fetched), "{fetched}");
     }
 
     #[test]
