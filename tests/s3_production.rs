@@ -845,9 +845,12 @@ fn slowdowns_are_retried_and_errors_that_would_repeat_are_not() {
 
 #[test]
 fn one_connection_pool_for_flow_get_and_sweep() {
+    // Over HTTPS, where a new connection costs a TLS handshake too.
     let s3 = S3::new_bucket();
-    let front = S3Front::start(Issued::new(), None);
-    let srv = via_front(&s3, &front, &["cache-bytes", "0"]);
+    let ca = Ca::new();
+    let front = S3Front::start(Issued::new(), Some(ca.server_config(CertKind::Good)));
+    let ca_file = ca.pem_file.to_str().unwrap();
+    let srv = via_front(&s3, &front, &["cache-bytes", "0", "tls-ca-file", ca_file]);
     let mut c = srv.conn();
     for i in 0..50 {
         write_and_archive(&mut c, &format!("pool-{i}")).unwrap();
@@ -869,11 +872,19 @@ fn one_connection_pool_for_flow_get_and_sweep() {
     );
     assert_eq!(info_field(&mut c, "s3_pools_built"), 1);
     // A new endpoint gets a new pool.
-    let other = S3Front::start(Issued::new(), None);
+    let other = S3Front::start(Issued::new(), Some(ca.server_config(CertKind::Good)));
     config_set(&mut c, "endpoint", &other.endpoint()).unwrap();
     write_and_archive(&mut c, "moved").unwrap();
     assert_eq!(info_field(&mut c, "s3_pools_built"), 2);
     assert_eq!(other.connections(), 1);
+    // So do new TLS settings (the same CA from another file), and then a new connection.
+    let copy = root().join("target/test-tls").join(unique("ca-copy.pem"));
+    std::fs::write(&copy, ca.pem()).unwrap();
+    config_set(&mut c, "tls-ca-file", copy.to_str().unwrap()).unwrap();
+    write_and_archive(&mut c, "new-tls").unwrap();
+    assert_eq!(info_field(&mut c, "s3_pools_built"), 3);
+    assert_eq!(other.connections(), 2);
+    let _ = std::fs::remove_file(&copy);
 }
 
 #[test]
