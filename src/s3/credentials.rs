@@ -175,101 +175,31 @@ fn cred_error(message: String) -> StoreError {
     fail(FailureKind::Credentials, message)
 }
 
-fn var(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Option<String> {
+fn var(env: Env, name: &str) -> Option<String> {
     env(name)
         .map(|v| v.trim().to_string())
         .filter(|v| !v.is_empty())
 }
 
+type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
 /// The first configured source (or the pinned one) and how to reach it.
-fn plan(cfg: &CredentialConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Plan, StoreError> {
-    let wanted = |s: Source| cfg.pin.is_none_or(|p| p == s);
-    let missing =
-        |s: Source, what: &str| cred_error(format!("credentials {}: {what} is not set", s.name()));
-    if wanted(Source::Config) && (!cfg.access_key.is_empty() || cfg.pin.is_some()) {
-        if cfg.access_key.is_empty() {
-            return Err(missing(Source::Config, "flowarchive.access-key"));
+fn plan(cfg: &CredentialConfig, env: Env) -> Result<Plan, StoreError> {
+    let pinned = cfg.pin.is_some();
+    for source in Source::ALL {
+        if cfg.pin.is_some_and(|p| p != source) {
+            continue;
         }
-        if cfg.secret_key.0.is_empty() {
-            return Err(missing(
-                Source::Config,
-                "flowarchive.secret-key (or secret-key-file)",
-            ));
+        let found = match source {
+            Source::Config => config_plan(cfg, pinned)?,
+            Source::Env => env_plan(env, pinned)?,
+            Source::WebIdentity => web_identity_plan(cfg, env, pinned)?,
+            Source::Container => container_plan(env, pinned)?,
+            Source::Imds => imds_plan(env),
+        };
+        if let Some(plan) = found {
+            return Ok(plan);
         }
-        return Ok(Plan::Static(Credentials {
-            key_id: cfg.access_key.clone(),
-            secret: cfg.secret_key.0.clone(),
-            token: None,
-            expires_ms: None,
-            source: Source::Config,
-        }));
-    }
-    let key = var(env, "AWS_ACCESS_KEY_ID");
-    if wanted(Source::Env) && (key.is_some() || cfg.pin.is_some()) {
-        let key = key.ok_or_else(|| missing(Source::Env, "AWS_ACCESS_KEY_ID"))?;
-        let secret = var(env, "AWS_SECRET_ACCESS_KEY")
-            .ok_or_else(|| missing(Source::Env, "AWS_SECRET_ACCESS_KEY"))?;
-        return Ok(Plan::Static(Credentials {
-            key_id: key,
-            secret,
-            token: var(env, "AWS_SESSION_TOKEN"),
-            expires_ms: None,
-            source: Source::Env,
-        }));
-    }
-    let token_file = var(env, "AWS_WEB_IDENTITY_TOKEN_FILE");
-    if wanted(Source::WebIdentity) && (token_file.is_some() || cfg.pin.is_some()) {
-        let token_file = token_file
-            .ok_or_else(|| missing(Source::WebIdentity, "AWS_WEB_IDENTITY_TOKEN_FILE"))?;
-        let role_arn =
-            var(env, "AWS_ROLE_ARN").ok_or_else(|| missing(Source::WebIdentity, "AWS_ROLE_ARN"))?;
-        let region = var(env, "AWS_REGION")
-            .or_else(|| var(env, "AWS_DEFAULT_REGION"))
-            .unwrap_or_else(|| cfg.region.clone());
-        return Ok(Plan::WebIdentity {
-            token_file,
-            role_arn,
-            session: var(env, "AWS_ROLE_SESSION_NAME")
-                .unwrap_or_else(|| format!("flowarchive-{}", std::process::id())),
-            sts: var(env, "AWS_ENDPOINT_URL_STS")
-                .unwrap_or_else(|| format!("https://sts.{region}.amazonaws.com")),
-        });
-    }
-    let relative = var(env, "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI");
-    let full = var(env, "AWS_CONTAINER_CREDENTIALS_FULL_URI");
-    if wanted(Source::Container) && (relative.is_some() || full.is_some() || cfg.pin.is_some()) {
-        let url = match (relative, full) {
-            (Some(rel), _) => format!("{ECS_HOST}{rel}"),
-            (None, Some(full)) => {
-                container_url_allowed(&full)?;
-                full
-            }
-            (None, None) => {
-                return Err(missing(
-                    Source::Container,
-                    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI (or _FULL_URI)",
-                ))
-            }
-        };
-        let auth = match (
-            var(env, "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"),
-            var(env, "AWS_CONTAINER_AUTHORIZATION_TOKEN"),
-        ) {
-            (Some(file), _) => ContainerAuth::File(file),
-            (None, Some(token)) => ContainerAuth::Token(Hidden(token)),
-            (None, None) => ContainerAuth::None,
-        };
-        return Ok(Plan::Container { url, auth });
-    }
-    let disabled =
-        var(env, "AWS_EC2_METADATA_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"));
-    if wanted(Source::Imds) && !disabled {
-        return Ok(Plan::Imds {
-            endpoint: var(env, "AWS_EC2_METADATA_SERVICE_ENDPOINT")
-                .unwrap_or_else(|| IMDS_DEFAULT.into())
-                .trim_end_matches('/')
-                .to_string(),
-        });
     }
     Err(cred_error(match cfg.pin {
         Some(Source::Imds) => "credentials imds: AWS_EC2_METADATA_DISABLED is true".into(),
@@ -277,6 +207,118 @@ fn plan(cfg: &CredentialConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<
               environment, a web identity, container credentials, or run on EC2 with a role"
             .into(),
     }))
+}
+
+/// A source's setting that is not there: `Ok(None)` (try the next source) unless the source is
+/// pinned, then an error naming the setting.
+fn missing<T>(source: Source, what: &str, pinned: bool) -> Result<Option<T>, StoreError> {
+    if !pinned {
+        return Ok(None);
+    }
+    Err(cred_error(format!(
+        "credentials {}: {what} is not set",
+        source.name()
+    )))
+}
+
+fn config_plan(cfg: &CredentialConfig, pinned: bool) -> Result<Option<Plan>, StoreError> {
+    if cfg.access_key.is_empty() {
+        return missing(Source::Config, "flowarchive.access-key", pinned);
+    }
+    if cfg.secret_key.0.is_empty() {
+        return missing(
+            Source::Config,
+            "flowarchive.secret-key (or secret-key-file)",
+            true,
+        );
+    }
+    Ok(Some(Plan::Static(Credentials {
+        key_id: cfg.access_key.clone(),
+        secret: cfg.secret_key.0.clone(),
+        token: None,
+        expires_ms: None,
+        source: Source::Config,
+    })))
+}
+
+fn env_plan(env: Env, pinned: bool) -> Result<Option<Plan>, StoreError> {
+    let Some(key_id) = var(env, "AWS_ACCESS_KEY_ID") else {
+        return missing(Source::Env, "AWS_ACCESS_KEY_ID", pinned);
+    };
+    let Some(secret) = var(env, "AWS_SECRET_ACCESS_KEY") else {
+        return missing(Source::Env, "AWS_SECRET_ACCESS_KEY", true);
+    };
+    Ok(Some(Plan::Static(Credentials {
+        key_id,
+        secret,
+        token: var(env, "AWS_SESSION_TOKEN"),
+        expires_ms: None,
+        source: Source::Env,
+    })))
+}
+
+fn web_identity_plan(
+    cfg: &CredentialConfig,
+    env: Env,
+    pinned: bool,
+) -> Result<Option<Plan>, StoreError> {
+    let Some(token_file) = var(env, "AWS_WEB_IDENTITY_TOKEN_FILE") else {
+        return missing(Source::WebIdentity, "AWS_WEB_IDENTITY_TOKEN_FILE", pinned);
+    };
+    let Some(role_arn) = var(env, "AWS_ROLE_ARN") else {
+        return missing(Source::WebIdentity, "AWS_ROLE_ARN", true);
+    };
+    let region = var(env, "AWS_REGION")
+        .or_else(|| var(env, "AWS_DEFAULT_REGION"))
+        .unwrap_or_else(|| cfg.region.clone());
+    Ok(Some(Plan::WebIdentity {
+        token_file,
+        role_arn,
+        session: var(env, "AWS_ROLE_SESSION_NAME")
+            .unwrap_or_else(|| format!("flowarchive-{}", std::process::id())),
+        sts: var(env, "AWS_ENDPOINT_URL_STS")
+            .unwrap_or_else(|| format!("https://sts.{region}.amazonaws.com")),
+    }))
+}
+
+fn container_plan(env: Env, pinned: bool) -> Result<Option<Plan>, StoreError> {
+    let url = match (
+        var(env, "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"),
+        var(env, "AWS_CONTAINER_CREDENTIALS_FULL_URI"),
+    ) {
+        (Some(rel), _) => format!("{ECS_HOST}{rel}"),
+        (None, Some(full)) => {
+            container_url_allowed(&full)?;
+            full
+        }
+        (None, None) => {
+            return missing(
+                Source::Container,
+                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI (or _FULL_URI)",
+                pinned,
+            )
+        }
+    };
+    let auth = match (
+        var(env, "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"),
+        var(env, "AWS_CONTAINER_AUTHORIZATION_TOKEN"),
+    ) {
+        (Some(file), _) => ContainerAuth::File(file),
+        (None, Some(token)) => ContainerAuth::Token(Hidden(token)),
+        (None, None) => ContainerAuth::None,
+    };
+    Ok(Some(Plan::Container { url, auth }))
+}
+
+fn imds_plan(env: Env) -> Option<Plan> {
+    let disabled =
+        var(env, "AWS_EC2_METADATA_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    (!disabled).then(|| Plan::Imds {
+        endpoint: var(env, "AWS_EC2_METADATA_SERVICE_ENDPOINT")
+            .unwrap_or_else(|| IMDS_DEFAULT.into())
+            .trim_end_matches('/')
+            .to_string(),
+    })
 }
 
 /// A full container credentials URI over plain HTTP must stay on this host or the ECS / EKS agents,
@@ -364,70 +406,85 @@ impl Fetcher {
                 role_arn,
                 session,
                 sts,
-            } => {
-                let token = read_token_file(token_file, "AWS_WEB_IDENTITY_TOKEN_FILE")?;
-                let body = self.text(
-                    "STS AssumeRoleWithWebIdentity",
-                    self.agent.post(sts).send_form(&[
-                        ("Action", "AssumeRoleWithWebIdentity"),
-                        ("Version", "2011-06-15"),
-                        ("RoleArn", role_arn),
-                        ("RoleSessionName", session),
-                        ("WebIdentityToken", &token),
-                    ]),
-                )?;
-                parse_sts(&body)
-            }
-            Plan::Container { url, auth } => {
-                let mut request = self.agent.get(url);
-                let token = match auth {
-                    ContainerAuth::None => None,
-                    ContainerAuth::Token(t) => Some(t.0.clone()),
-                    ContainerAuth::File(f) => Some(read_token_file(
-                        f,
-                        "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
-                    )?),
-                };
-                if let Some(token) = token {
-                    if token.contains(['\r', '\n']) {
-                        return Err(cred_error(
-                            "the container authorization token holds a line break".into(),
-                        ));
-                    }
-                    request = request.set("Authorization", &token);
-                }
-                let body = self.text("container credentials", request.call())?;
-                parse_json(&body, Source::Container)
-            }
-            Plan::Imds { endpoint } => {
-                let token = self.text(
-                    "IMDSv2 session token",
-                    self.agent
-                        .put(&format!("{endpoint}/latest/api/token"))
-                        .set("X-aws-ec2-metadata-token-ttl-seconds", "21600")
-                        .call(),
-                )?;
-                let base = format!("{endpoint}/latest/meta-data/iam/security-credentials/");
-                let get = |url: &str, what: &str| {
-                    self.text(
-                        what,
-                        self.agent
-                            .get(url)
-                            .set("X-aws-ec2-metadata-token", token.trim())
-                            .call(),
-                    )
-                };
-                let roles = get(&base, "IMDS role name")?;
-                let role = roles.lines().next().unwrap_or("").trim();
-                if role.is_empty() || !role.bytes().all(|b| b.is_ascii_graphic() && b != b'/') {
-                    return Err(cred_error("IMDS: the instance has no usable role".into()));
-                }
-                parse_json(
-                    &get(&format!("{base}{role}"), "IMDS credentials")?,
-                    Source::Imds,
-                )
-            }
+            } => self.web_identity(token_file, role_arn, session, sts),
+            Plan::Container { url, auth } => self.container(url, auth),
+            Plan::Imds { endpoint } => self.imds(endpoint),
         }
+    }
+
+    /// STS `AssumeRoleWithWebIdentity` with the token file's JWT (read anew: EKS rotates it).
+    fn web_identity(
+        &self,
+        token_file: &str,
+        role_arn: &str,
+        session: &str,
+        sts: &str,
+    ) -> Result<Credentials, StoreError> {
+        let token = read_token_file(token_file, "AWS_WEB_IDENTITY_TOKEN_FILE")?;
+        let body = self.text(
+            "STS AssumeRoleWithWebIdentity",
+            self.agent.post(sts).send_form(&[
+                ("Action", "AssumeRoleWithWebIdentity"),
+                ("Version", "2011-06-15"),
+                ("RoleArn", role_arn),
+                ("RoleSessionName", session),
+                ("WebIdentityToken", &token),
+            ]),
+        )?;
+        parse_sts(&body)
+    }
+
+    /// A GET of the container endpoint, with its authorization token if one is configured.
+    fn container(&self, url: &str, auth: &ContainerAuth) -> Result<Credentials, StoreError> {
+        let mut request = self.agent.get(url);
+        let token = match auth {
+            ContainerAuth::None => None,
+            ContainerAuth::Token(t) => Some(t.0.clone()),
+            ContainerAuth::File(f) => Some(read_token_file(
+                f,
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+            )?),
+        };
+        if let Some(token) = token {
+            if token.contains(['\r', '\n']) {
+                return Err(cred_error(
+                    "the container authorization token holds a line break".into(),
+                ));
+            }
+            request = request.set("Authorization", &token);
+        }
+        let body = self.text("container credentials", request.call())?;
+        parse_json(&body, Source::Container)
+    }
+
+    /// IMDSv2: a session token first, then the role's name and its credentials with that token.
+    fn imds(&self, endpoint: &str) -> Result<Credentials, StoreError> {
+        let token = self.text(
+            "IMDSv2 session token",
+            self.agent
+                .put(&format!("{endpoint}/latest/api/token"))
+                .set("X-aws-ec2-metadata-token-ttl-seconds", "21600")
+                .call(),
+        )?;
+        let base = format!("{endpoint}/latest/meta-data/iam/security-credentials/");
+        let get = |url: &str, what: &str| {
+            self.text(
+                what,
+                self.agent
+                    .get(url)
+                    .set("X-aws-ec2-metadata-token", token.trim())
+                    .call(),
+            )
+        };
+        let roles = get(&base, "IMDS role name")?;
+        let role = roles.lines().next().unwrap_or("").trim();
+        if role.is_empty() || !role.bytes().all(|b| b.is_ascii_graphic() && b != b'/') {
+            return Err(cred_error("IMDS: the instance has no usable role".into()));
+        }
+        parse_json(
+            &get(&format!("{base}{role}"), "IMDS credentials")?,
+            Source::Imds,
+        )
     }
 }
 
@@ -611,40 +668,41 @@ fn current_with(
         Plan::Imds { .. } => timeout.min(IMDS_TIMEOUT),
         _ => timeout,
     };
-    let fetched = Fetcher::new(cfg, timeout)
-        .and_then(|f| f.fetch(&plan))
-        .map_err(|e| cred_error(format!("S3 credentials from {}: {e}", plan.source().name())));
-    match fetched {
-        Ok(creds) => {
-            let fetched = now_ms();
-            let (refresh_at, usable_until) = creds
-                .expires_ms
-                .map_or((i64::MAX, i64::MAX), |e| schedule(fetched, e));
-            if usable_until <= fetched {
-                return Err(cred_error(format!(
-                    "{} credentials are already expired",
-                    creds.source.name()
-                )));
-            }
-            *lock(&CACHE) = Some(Cached {
-                plan,
-                creds: creds.clone(),
-                refresh_at,
-                usable_until,
-                next_try: 0,
-            });
-            Ok(in_use(&creds))
-        }
+    match Fetcher::new(cfg, timeout).and_then(|f| f.fetch(&plan)) {
+        Ok(creds) => remember(plan, creds),
         Err(e) => {
+            let e = cred_error(format!("S3 credentials from {}: {e}", plan.source().name()));
             REFRESH_FAILURES.fetch_add(1, Ordering::Relaxed);
-            *lock(&LAST_FAILURE) = Some((now_ms(), plan.clone(), e.message.clone()));
             (cfg.warn)(&format!("flowarchive: S3 credentials refresh failed: {e}"));
+            *lock(&LAST_FAILURE) = Some((now_ms(), plan.clone(), e.message.clone()));
             if let Some(c) = lock(&CACHE).as_mut().filter(|c| c.plan == plan) {
                 c.next_try = now_ms() + RETRY_REFRESH_MS;
             }
             usable.map(|c| in_use(&c)).ok_or(e)
         }
     }
+}
+
+/// Caches a fetched set with its refresh schedule, and hands it out.
+fn remember(plan: Plan, creds: Credentials) -> Result<Credentials, StoreError> {
+    let fetched = now_ms();
+    let (refresh_at, usable_until) = creds
+        .expires_ms
+        .map_or((i64::MAX, i64::MAX), |e| schedule(fetched, e));
+    if usable_until <= fetched {
+        return Err(cred_error(format!(
+            "{} credentials are already expired",
+            creds.source.name()
+        )));
+    }
+    *lock(&CACHE) = Some(Cached {
+        plan,
+        creds: creds.clone(),
+        refresh_at,
+        usable_until,
+        next_try: 0,
+    });
+    Ok(in_use(&creds))
 }
 
 /// The cached set for `plan`: to sign with at once (fresh, or stale while a refresh pauses after a
