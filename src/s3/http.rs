@@ -49,13 +49,16 @@ pub fn agent(endpoint: &url::Url, ca_file: &str) -> Result<ureq::Agent, StoreErr
             return Ok(agent.clone());
         }
     }
-    let tls = super::tls::client_config(ca_file).map_err(|e| fail(FailureKind::Config, e))?;
-    let agent = ureq::AgentBuilder::new()
+    let mut builder = ureq::AgentBuilder::new()
         .redirects(0)
         .max_idle_connections(4 * IDLE_PER_HOST)
-        .max_idle_connections_per_host(IDLE_PER_HOST)
-        .tls_config(tls)
-        .build();
+        .max_idle_connections_per_host(IDLE_PER_HOST);
+    // A plain-HTTP endpoint needs no trust store (reading it takes milliseconds).
+    if endpoint.scheme() == "https" {
+        let tls = super::tls::client_config(ca_file).map_err(|e| fail(FailureKind::Config, e))?;
+        builder = builder.tls_config(tls);
+    }
+    let agent = builder.build();
     BUILT.fetch_add(1, Ordering::Relaxed);
     *slot = Some((key, agent.clone()));
     Ok(agent)
