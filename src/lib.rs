@@ -108,6 +108,8 @@ redis_module! {
             ["upload-bytes-per-sec", &configs::UPLOAD_BYTES_PER_SEC.value, configs::UPLOAD_BYTES_PER_SEC.default, configs::UPLOAD_BYTES_PER_SEC.min, configs::UPLOAD_BYTES_PER_SEC.max, ConfigurationFlags::MEMORY, None],
             ["cache-bytes", &configs::CACHE_BYTES.value, configs::CACHE_BYTES.default, configs::CACHE_BYTES.min, configs::CACHE_BYTES.max, ConfigurationFlags::MEMORY, Some(Box::new(fetch::on_cache_budget))],
             ["read-max-bytes", &configs::READ_MAX_BYTES.value, configs::READ_MAX_BYTES.default, configs::READ_MAX_BYTES.min, configs::READ_MAX_BYTES.max, ConfigurationFlags::MEMORY, None],
+            ["retry-attempts", &configs::RETRY_ATTEMPTS.value, configs::RETRY_ATTEMPTS.default, configs::RETRY_ATTEMPTS.min, configs::RETRY_ATTEMPTS.max, ConfigurationFlags::DEFAULT, None],
+            ["retry-max-ms", &configs::RETRY_MAX_MS.value, configs::RETRY_MAX_MS.default, configs::RETRY_MAX_MS.min, configs::RETRY_MAX_MS.max, ConfigurationFlags::DEFAULT, None],
         ],
         string: [
             ["endpoint", &configs::ENDPOINT, configs::ENDPOINT.default, ConfigurationFlags::DEFAULT, None],
@@ -132,6 +134,12 @@ redis_module! {
             ["flow-member", &configs::FLOW_MEMBER, configs::FLOW_MEMBER.default, ConfigurationFlags::DEFAULT, None],
             ["sweep-interval", &configs::SWEEP_INTERVAL, configs::SWEEP_INTERVAL.default, ConfigurationFlags::DEFAULT, None],
             ["terminal-statuses", &configs::TERMINAL_STATUSES, configs::TERMINAL_STATUSES.default, ConfigurationFlags::DEFAULT, None],
+            ["credentials", &configs::CREDENTIALS, configs::CREDENTIALS.default, ConfigurationFlags::DEFAULT, None],
+            ["tls-ca-file", &configs::TLS_CA_FILE, configs::TLS_CA_FILE.default, ConfigurationFlags::DEFAULT, None],
+            ["sse", &configs::SSE, configs::SSE.default, ConfigurationFlags::DEFAULT, None],
+            ["sse-kms-key-id", &configs::SSE_KMS_KEY_ID, configs::SSE_KMS_KEY_ID.default, ConfigurationFlags::DEFAULT, None],
+            ["storage-class", &configs::STORAGE_CLASS, configs::STORAGE_CLASS.default, ConfigurationFlags::DEFAULT, None],
+            ["checksum", &configs::CHECKSUM, configs::CHECKSUM.default, ConfigurationFlags::DEFAULT, None],
         ],
         bool: [
             ["path-style", &configs::PATH_STYLE, false, ConfigurationFlags::DEFAULT, None],

@@ -500,7 +500,7 @@ fn c_replicaof_swap_mid_sweep_loses_nothing() {
 
 /// Another valid value for each module config (`$P` is replaced by the test's own prefix, so an
 /// object written under the changed prefix is found; `$F` by a file holding a wrong secret).
-const ALTERNATES: [(&str, &str); 30] = [
+const ALTERNATES: [(&str, &str); 38] = [
     ("endpoint", "http://127.0.0.1:9"),
     ("region", "eu-west-1"),
     ("bucket", "chaos-other-bucket"),
@@ -531,6 +531,14 @@ const ALTERNATES: [(&str, &str); 30] = [
     ("terminal-statuses", "failed"),
     ("read-max-bytes", "1048576"),
     ("read-allow", "s3://chaos-other-bucket/old"),
+    ("credentials", "imds"),
+    ("tls-ca-file", "/etc/ssl/certs/ca-certificates.crt"),
+    ("retry-attempts", "1"),
+    ("retry-max-ms", "0"),
+    ("sse", "AES256"),
+    ("sse-kms-key-id", "alias/chaos-other"),
+    ("storage-class", "STANDARD_IA"),
+    ("checksum", "md5"),
 ];
 
 #[test]

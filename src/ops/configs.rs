@@ -5,6 +5,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
 use redis_module::configuration::{
     ConfigurationContext, ConfigurationValue, EnumConfigurationValue,
@@ -12,7 +13,8 @@ use redis_module::configuration::{
 use redis_module::{RedisError, RedisString};
 
 use crate::layout::{self, Layout};
-use crate::s3::S3Settings;
+use crate::s3::credentials::{CredentialConfig, Hidden, Source};
+use crate::s3::{self, retry, Checksum, S3Settings, Sse};
 use crate::sync::lock;
 
 /// An integer config: its value and its default and bounds, named once for registration and code.
@@ -292,6 +294,60 @@ pub fn check_read_allow(value: &str) -> Result<(), String> {
     parse_roots(value).map(|_| ())
 }
 
+/// `credentials`: `auto` or one source of the chain.
+fn credentials(v: &str) -> Result<(), String> {
+    Source::parse_pin(v).map(|_| ())
+}
+
+/// `tls-ca-file`: read now, so a file that cannot serve is refused with the reason.
+fn tls_ca_file(v: &str) -> Result<(), String> {
+    if v.is_empty() {
+        return Ok(());
+    }
+    s3::tls::read_ca_file(v).map(|_| ())
+}
+
+fn sse(v: &str) -> Result<(), String> {
+    Sse::parse(v).map(|_| ())
+}
+
+fn sse_kms_key_id(v: &str) -> Result<(), String> {
+    if v.len() > 2048 || !v.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(
+            "sse-kms-key-id must be a KMS key id, ARN or alias (printable, no spaces)".into(),
+        );
+    }
+    Ok(())
+}
+
+/// `storage-class`: the classes whose objects FLOWARCHIVE.GET can read at once.
+fn storage_class(v: &str) -> Result<(), String> {
+    const READABLE: [&str; 7] = [
+        "STANDARD",
+        "STANDARD_IA",
+        "ONEZONE_IA",
+        "INTELLIGENT_TIERING",
+        "GLACIER_IR",
+        "REDUCED_REDUNDANCY",
+        "EXPRESS_ONEZONE",
+    ];
+    match v {
+        "" => Ok(()),
+        v if READABLE.contains(&v) => Ok(()),
+        "GLACIER" | "DEEP_ARCHIVE" => Err(format!(
+            "storage-class {v} is refused: its objects need a restore before FLOWARCHIVE.GET can read them"
+        )),
+        _ => Err(format!(
+            "storage-class must be empty or one of {}",
+            READABLE.join(", ")
+        )),
+    }
+}
+
+fn checksum(v: &str) -> Result<(), String> {
+    Checksum::parse(v).map(|_| ())
+}
+
 /// How an upload is proven stored before anything is deleted (`flowarchive.verify`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VerifyMode {
@@ -420,38 +476,47 @@ pub static LABEL_SET_KEY: Checked = Checked::new("$prefix:idx:label:$label:$valu
 pub static LABEL_VALUES_KEY: Checked = Checked::new("$prefix:idx:label:$label", label_values);
 pub static FLOW_MEMBER: Checked = Checked::new("flow:$id", member);
 pub static TERMINAL_STATUSES: Checked = Checked::new("completed,failed", statuses);
+pub static CREDENTIALS: Checked = Checked::new("auto", credentials);
+pub static TLS_CA_FILE: Checked = Checked::new("", tls_ca_file);
+pub static RETRY_ATTEMPTS: Int = Int::new(5, 1, 20);
+pub static RETRY_MAX_MS: Int = Int::new(20_000, 0, 3_600_000);
+pub static SSE: Checked = Checked::new("none", sse);
+pub static SSE_KMS_KEY_ID: Checked = Checked::new("", sse_kms_key_id);
+pub static STORAGE_CLASS: Checked = Checked::new("", storage_class);
+pub static CHECKSUM: Checked = Checked::new("sha256", checksum);
 
-/// The S3 settings of one job. Credentials: configs first (`access-key` with `secret-key` when set at
-/// runtime and not dropped by a later `secret-key-file`, else the secret of `secret-key-file`); when no
-/// access key is configured, the server's AWS_* environment.
+/// The S3 settings of one job. The credential configs: `access-key` with `secret-key` when set at
+/// runtime and not dropped by a later `secret-key-file`, else the secret of `secret-key-file`; the
+/// rest of the chain (the environment, roles) is read by the worker that signs.
 fn s3_settings() -> S3Settings {
-    let (access_key, secret_key, session_token) = match ACCESS_KEY.get() {
-        key if !key.is_empty() => {
-            let secret = Some(SECRET_KEY.get())
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| SECRET_KEY_FILE.secret());
-            (key, secret, None)
-        }
-        _ => (
-            std::env::var("AWS_ACCESS_KEY_ID").unwrap_or_default(),
-            std::env::var("AWS_SECRET_ACCESS_KEY").unwrap_or_default(),
-            std::env::var("AWS_SESSION_TOKEN")
-                .ok()
-                .filter(|t| !t.is_empty()),
-        ),
-    };
+    let secret = Some(SECRET_KEY.get())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| SECRET_KEY_FILE.secret());
     S3Settings {
         endpoint: ENDPOINT.get(),
         region: REGION.get(),
         bucket: BUCKET.get(),
         prefix: PREFIX.get(),
         path_style: PATH_STYLE.load(Ordering::Relaxed),
-        access_key,
-        secret_key,
-        session_token,
+        credentials: CredentialConfig {
+            pin: Source::parse_pin(&CREDENTIALS.get()).unwrap_or(None),
+            access_key: ACCESS_KEY.get(),
+            secret_key: Hidden(secret),
+            region: REGION.get(),
+            tls_ca_file: TLS_CA_FILE.get(),
+            warn: crate::ops::log::warning,
+        },
         timeout_ms: REQUEST_TIMEOUT_MS.get().max(1) as u64,
         verify_with_head: *lock(&VERIFY) == VerifyMode::Head,
         upload_bytes_per_sec: &UPLOAD_BYTES_PER_SEC.value,
+        retry: retry::Policy {
+            attempts: RETRY_ATTEMPTS.get().clamp(1, 20) as u32,
+            total: Duration::from_millis(RETRY_MAX_MS.get().max(0) as u64),
+        },
+        sse: Sse::parse(&SSE.get()).unwrap_or(Sse::None),
+        sse_kms_key_id: SSE_KMS_KEY_ID.get(),
+        storage_class: STORAGE_CLASS.get(),
+        checksum: Checksum::parse(&CHECKSUM.get()).unwrap_or(Checksum::Sha256),
     }
 }
 

@@ -32,3 +32,7 @@ pub fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
     section.build_section()?.build_info()?;
     Ok(())
 }
+
+/// The S3 client's fields, registered here: `s3` sits below `ops` and does not import it.
+#[distributed_slice(INFO_FIELDS)]
+static S3_FIELDS: Fields = crate::s3::info_fields;

@@ -1,11 +1,20 @@
 //! S3 through presigned requests (rusty-s3 signs, ureq sends). Runs on worker threads only.
 //!
+//! Each request is signed with the credentials of the chain ([`credentials`]), sent through the one
+//! shared connection pool ([`http`], TLS by [`tls`]) and retried when the failure is transient
+//! ([`retry`]); every attempt is signed anew.
+//!
 //! Uploads are write-once (`If-None-Match: *`): an object already at the key is never replaced, and the
 //! caller learns it as [`FailureKind::Exists`] so it can compare the stored object with its own. An
 //! upload is proven stored only by the object's sha256 (echoed by the PUT) or by a HEAD.
 //!
 //! Error texts name the operation, the object and S3's error code; never a URL (it carries the
 //! credential scope and signature) and never a key.
+
+pub mod credentials;
+pub mod http;
+pub mod retry;
+pub mod tls;
 
 use std::io::Read;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -14,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
+use rusty_s3::{Bucket, S3Action, UrlStyle};
 
 use crate::digest::hex;
 use crate::format::Encoded;
@@ -24,6 +33,8 @@ use crate::sync::lock;
 /// Largest archive object the read path fetches (a flow of millions of events compresses far below).
 #[cfg(test)]
 pub const MAX_OBJECT: u64 = 4 << 30;
+/// Longest a credential service may take to answer.
+const CREDENTIALS_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest S3 error body we read, to extract its `<Code>`.
 const MAX_ERROR_BODY: u64 = 64 * 1024;
 /// How long a throttled upload sleeps before it looks at the rate cap again.
@@ -44,6 +55,12 @@ kinds! {
         Exists => "s3_exists",
         /// A GET found an object larger than the caller's cap.
         TooLarge => "s3_too_large",
+        /// 429, or 503 SlowDown: the store asks to slow down (retried).
+        Throttled => "s3_throttled",
+        /// The TLS handshake failed (certificate from an unknown issuer, for another name, expired...).
+        Tls => "s3_tls",
+        /// No credentials could be had from the chain.
+        Credentials => "s3_credentials",
     }
 }
 
@@ -59,18 +76,74 @@ impl std::fmt::Display for StoreError {
     }
 }
 
-fn fail(kind: FailureKind, message: String) -> StoreError {
+pub(crate) fn fail(kind: FailureKind, message: String) -> StoreError {
     StoreError { kind, message }
 }
 
 pub struct Store {
     bucket: Bucket,
-    credentials: Option<Credentials>,
-    agent: ureq::Agent,
+    endpoint: url::Url,
+    credentials: credentials::CredentialConfig,
+    /// Each request's timeout.
+    timeout: Duration,
     /// How long a presigned URL stays valid: long enough for one request with its timeout.
     expires: Duration,
     verify_with_head: bool,
     upload_bytes_per_sec: &'static AtomicI64,
+    retry: retry::Policy,
+    checksum: Checksum,
+    /// Signed headers of every upload for encryption and storage class.
+    placement: Vec<(&'static str, String)>,
+    /// Uploads are SSE-KMS encrypted (their ETag is no MD5).
+    kms: bool,
+}
+
+/// Server-side encryption of uploads (`sse`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sse {
+    None,
+    Aes256,
+    Kms,
+}
+
+impl Sse {
+    pub fn parse(v: &str) -> Result<Sse, String> {
+        match v {
+            "" | "none" => Ok(Sse::None),
+            "AES256" => Ok(Sse::Aes256),
+            "aws:kms" => Ok(Sse::Kms),
+            _ => Err("sse must be none, AES256 or aws:kms".into()),
+        }
+    }
+
+    /// The `x-amz-server-side-encryption` value, if any.
+    fn header(self) -> Option<&'static str> {
+        match self {
+            Sse::None => None,
+            Sse::Aes256 => Some("AES256"),
+            Sse::Kms => Some("aws:kms"),
+        }
+    }
+}
+
+/// How uploads are checksummed (`checksum`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Checksum {
+    /// `Content-MD5` and `x-amz-checksum-sha256`.
+    Sha256,
+    /// `Content-MD5` only, for stores that reject `x-amz-checksum-*` headers; the sha256 is kept in
+    /// the object's metadata and verified on read.
+    Md5,
+}
+
+impl Checksum {
+    pub fn parse(v: &str) -> Result<Checksum, String> {
+        match v {
+            "sha256" => Ok(Checksum::Sha256),
+            "md5" => Ok(Checksum::Md5),
+            _ => Err("checksum must be sha256 or md5".into()),
+        }
+    }
 }
 
 /// The token bucket behind `flowarchive.upload-bytes-per-sec`, shared by every upload of the server.
@@ -128,11 +201,14 @@ pub struct S3Settings {
     pub bucket: String,
     pub prefix: String,
     pub path_style: bool,
-    pub access_key: String,
-    pub secret_key: String,
-    pub session_token: Option<String>,
+    pub credentials: credentials::CredentialConfig,
     pub timeout_ms: u64,
     pub verify_with_head: bool,
+    pub retry: retry::Policy,
+    pub sse: Sse,
+    pub sse_kms_key_id: String,
+    pub storage_class: String,
+    pub checksum: Checksum,
     /// The upload rate cap shared by all uploads, bytes per second (0: unlimited), read live at every
     /// wait, so a CONFIG SET applies to uploads already waiting.
     pub upload_bytes_per_sec: &'static AtomicI64,
@@ -169,7 +245,7 @@ impl Store {
         } else {
             s.endpoint.clone()
         };
-        let endpoint = endpoint
+        let endpoint: url::Url = endpoint
             .parse()
             .map_err(|e| fail(FailureKind::Config, format!("bad S3 endpoint: {e}")))?;
         let style = if s.path_style {
@@ -177,29 +253,52 @@ impl Store {
         } else {
             UrlStyle::VirtualHost
         };
-        let bucket = Bucket::new(endpoint, style, bucket.to_string(), s.region.clone())
-            .map_err(|e| fail(FailureKind::Config, format!("bad S3 bucket settings: {e}")))?;
-        let credentials = match (&s.access_key, &s.session_token) {
-            (key, _) if key.is_empty() => None,
-            (key, Some(token)) => Some(Credentials::new_with_token(
-                key.clone(),
-                s.secret_key.clone(),
-                token.clone(),
-            )),
-            (key, None) => Some(Credentials::new(key.clone(), s.secret_key.clone())),
-        };
-        let timeout = Duration::from_millis(s.timeout_ms);
-        let agent = ureq::AgentBuilder::new()
-            .timeout(timeout)
-            .redirects(0)
-            .build();
+        let bucket = Bucket::new(
+            endpoint.clone(),
+            style,
+            bucket.to_string(),
+            s.region.clone(),
+        )
+        .map_err(|e| fail(FailureKind::Config, format!("bad S3 bucket settings: {e}")))?;
+        let mut placement = Vec::new();
+        if let Some(sse) = s.sse.header() {
+            placement.push(("x-amz-server-side-encryption", sse.to_string()));
+            if s.sse == Sse::Kms && !s.sse_kms_key_id.is_empty() {
+                placement.push((
+                    "x-amz-server-side-encryption-aws-kms-key-id",
+                    s.sse_kms_key_id.clone(),
+                ));
+            }
+        }
+        if !s.storage_class.is_empty() {
+            placement.push(("x-amz-storage-class", s.storage_class.clone()));
+        }
         Ok(Store {
             bucket,
-            credentials,
-            agent,
+            endpoint,
+            credentials: s.credentials.clone(),
+            timeout: Duration::from_millis(s.timeout_ms),
             expires: Duration::from_secs(60 + 2 * s.timeout_ms.div_ceil(1000)),
             verify_with_head: s.verify_with_head,
             upload_bytes_per_sec: s.upload_bytes_per_sec,
+            retry: s.retry,
+            checksum: s.checksum,
+            kms: s.sse == Sse::Kms,
+            placement,
+        })
+    }
+
+    /// Runs one S3 request with retries. Every attempt gets the credentials of that moment, the
+    /// shared agent and so a fresh signature; `attempt` sends it with the request timeout.
+    fn request<T>(
+        &self,
+        mut attempt: impl FnMut(&ureq::Agent, &rusty_s3::Credentials) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.retry.run(|| {
+            let timeout = self.timeout.min(CREDENTIALS_TIMEOUT);
+            let creds = credentials::current(&self.credentials, timeout)?;
+            let agent = http::agent(&self.endpoint, &self.credentials.tls_ca_file)?;
+            attempt(&agent, &creds.signing())
         })
     }
 
@@ -219,28 +318,35 @@ impl Store {
         let md5_b64 = B64.encode(obj.object_md5);
         let sha_b64 = B64.encode(obj.object_sha256);
         let sha_hex = hex(&obj.object_sha256);
-        let mut action = self.bucket.put_object(self.credentials.as_ref(), key);
-        let signed = [
-            ("content-md5", md5_b64.as_str()),
+        let mut signed: Vec<(&str, &str)> = vec![
+            ("content-md5", &md5_b64),
             ("content-type", "application/x-ndjson"),
             ("if-none-match", "*"),
-            ("x-amz-checksum-sha256", sha_b64.as_str()),
-            ("x-amz-meta-flowarchive-sha256", sha_hex.as_str()),
+            ("x-amz-meta-flowarchive-sha256", &sha_hex),
         ];
-        for (name, value) in signed {
-            action.headers_mut().insert(name, value);
+        if self.checksum == Checksum::Sha256 {
+            signed.push(("x-amz-checksum-sha256", &sha_b64));
         }
+        signed.extend(self.placement.iter().map(|(k, v)| (*k, v.as_str())));
         throttle(obj.body.len(), self.upload_bytes_per_sec);
-        let url = action.sign(self.expires);
-        let mut request = self.agent.put(url.as_str());
-        for (name, value) in signed {
-            request = request.set(name, value);
-        }
-        let response = request
-            .send_bytes(&obj.body)
-            .map_err(|e| request_error("PUT", key, e))?;
-        let echoed = response.header("x-amz-checksum-sha256").map(str::trim);
-        if !self.verify_with_head && echoed == Some(sha_b64.as_str()) {
+        let echoed = self.request(|agent, creds| {
+            let mut action = self.bucket.put_object(Some(creds), key);
+            for (name, value) in &signed {
+                action.headers_mut().insert(*name, *value);
+            }
+            let url = action.sign(self.expires);
+            let mut request = agent.put(url.as_str()).timeout(self.timeout);
+            for (name, value) in &signed {
+                request = request.set(name, value);
+            }
+            let response = request
+                .send_bytes(&obj.body)
+                .map_err(|e| request_error("PUT", key, e))?;
+            Ok(response
+                .header("x-amz-checksum-sha256")
+                .map(|s| s.trim().to_string()))
+        })?;
+        if !self.verify_with_head && echoed.as_deref() == Some(sha_b64.as_str()) {
             return Ok(());
         }
         self.verify_stored(key, obj, &sha_b64)
@@ -254,21 +360,25 @@ impl Store {
 
     /// A presigned HEAD must show the uploaded size and an ETag equal to the MD5 or our sha256.
     fn verify_stored(&self, key: &str, obj: &Encoded, sha_b64: &str) -> Result<(), StoreError> {
-        let mut head = self.bucket.head_object(self.credentials.as_ref(), key);
-        head.headers_mut().insert("x-amz-checksum-mode", "ENABLED");
-        let url = head.sign(self.expires);
-        let stored = self
-            .agent
-            .head(url.as_str())
-            .set("x-amz-checksum-mode", "ENABLED")
-            .call()
-            .map_err(|e| match e {
+        let checksum_mode = self.checksum == Checksum::Sha256;
+        let stored = self.request(|agent, creds| {
+            let mut head = self.bucket.head_object(Some(creds), key);
+            if checksum_mode {
+                head.headers_mut().insert("x-amz-checksum-mode", "ENABLED");
+            }
+            let url = head.sign(self.expires);
+            let mut request = agent.head(url.as_str()).timeout(self.timeout);
+            if checksum_mode {
+                request = request.set("x-amz-checksum-mode", "ENABLED");
+            }
+            request.call().map_err(|e| match e {
                 ureq::Error::Status(404, _) => fail(
                     FailureKind::Verify,
                     format!("HEAD {key}: the object is not stored after its upload (HTTP 404)"),
                 ),
                 e => request_error("HEAD", key, e),
-            })?;
+            })
+        })?;
         let size = stored
             .header("content-length")
             .and_then(|v| v.trim().parse::<u64>().ok());
@@ -282,24 +392,42 @@ impl Store {
                 ),
             ));
         }
-        check_digest(key, &stored, &hex(&obj.object_md5), sha_b64)
+        let proof = Proof {
+            md5_hex: hex(&obj.object_md5),
+            sha_b64,
+            // Under SSE-KMS without flexible checksums only our metadata names the content; the
+            // signed Content-MD5 made the store check the body on PUT.
+            metadata_sha: (self.kms && !checksum_mode).then(|| hex(&obj.object_sha256)),
+        };
+        proof.check(key, &stored)
     }
 
     /// Fetches an object with a presigned GET: its bytes and the hex sha256 recorded at upload, if any.
     /// An object larger than `max_bytes` is refused ([`FailureKind::TooLarge`]) from its Content-Length
     /// before any byte is read, and never more than `max_bytes + 1` bytes are read.
     pub fn get(&self, key: &str, max_bytes: u64) -> Result<(Vec<u8>, Option<String>), StoreError> {
-        let url = self
-            .bucket
-            .get_object(self.credentials.as_ref(), key)
-            .sign(self.expires);
-        let response = self.agent.get(url.as_str()).call().map_err(|e| match e {
-            ureq::Error::Status(404, _) => fail(
-                FailureKind::Missing,
-                format!("archived object {key} is missing (HTTP 404)"),
-            ),
-            e => request_error("GET", key, e),
-        })?;
+        self.request(|agent, creds| self.get_once(agent, creds, key, max_bytes))
+    }
+
+    fn get_once(
+        &self,
+        agent: &ureq::Agent,
+        creds: &rusty_s3::Credentials,
+        key: &str,
+        max_bytes: u64,
+    ) -> Result<(Vec<u8>, Option<String>), StoreError> {
+        let url = self.bucket.get_object(Some(creds), key).sign(self.expires);
+        let response = agent
+            .get(url.as_str())
+            .timeout(self.timeout)
+            .call()
+            .map_err(|e| match e {
+                ureq::Error::Status(404, _) => fail(
+                    FailureKind::Missing,
+                    format!("archived object {key} is missing (HTTP 404)"),
+                ),
+                e => request_error("GET", key, e),
+            })?;
         let too_large = || {
             fail(
                 FailureKind::TooLarge,
@@ -335,26 +463,62 @@ impl Store {
     }
 }
 
-/// Accepts the stored object when its ETag is the MD5 we sent or its sha256 checksum is ours.
-fn check_digest(
-    key: &str,
-    r: &ureq::Response,
-    md5_hex: &str,
-    sha_b64: &str,
-) -> Result<(), StoreError> {
-    let etag = r.header("etag").map(|e| e.trim().trim_matches('"'));
-    let sha = r.header("x-amz-checksum-sha256").map(str::trim);
-    if etag == Some(md5_hex) || sha == Some(sha_b64) {
-        return Ok(());
+/// What proves a stored object is the one uploaded, besides its size.
+struct Proof<'a> {
+    md5_hex: String,
+    sha_b64: &'a str,
+    /// Accept our sha256 in the object's metadata (SSE-KMS with `checksum md5`).
+    metadata_sha: Option<String>,
+}
+
+impl Proof<'_> {
+    /// Accepts the stored object when its ETag is the MD5 we sent, its sha256 checksum is ours, or
+    /// (when allowed) its metadata names our sha256.
+    fn check(&self, key: &str, r: &ureq::Response) -> Result<(), StoreError> {
+        let etag = r.header("etag").map(|e| e.trim().trim_matches('"'));
+        let sha = r.header("x-amz-checksum-sha256").map(str::trim);
+        let meta = r.header("x-amz-meta-flowarchive-sha256").map(str::trim);
+        if etag == Some(self.md5_hex.as_str())
+            || sha == Some(self.sha_b64)
+            || (self.metadata_sha.is_some() && meta == self.metadata_sha.as_deref())
+        {
+            return Ok(());
+        }
+        Err(fail(
+            FailureKind::Verify,
+            format!(
+                "HEAD {key}: stored object does not match the upload (etag {}, sha256 {})",
+                etag.unwrap_or("missing"),
+                sha.unwrap_or("missing")
+            ),
+        ))
     }
-    Err(fail(
-        FailureKind::Verify,
-        format!(
-            "HEAD {key}: stored object does not match the upload (etag {}, sha256 {})",
-            etag.unwrap_or("missing"),
-            sha.unwrap_or("missing")
+}
+
+/// INFO fields of the S3 client: the credential source in use (one gauge per source, 1 for the one
+/// in use), seconds to its expiry (-1: long-term keys or none yet), refresh failures, retries,
+/// requests that failed after retrying, connection pools built.
+pub fn info_fields() -> Vec<(String, i64)> {
+    let (source, expires_in, refresh_failures) = credentials::status();
+    let (retries, exhausted) = retry::counts();
+    let mut fields: Vec<(String, i64)> = credentials::Source::ALL
+        .iter()
+        .map(|s| {
+            let name = format!("credentials_source_{}", s.name().replace('-', "_"));
+            (name, (source == Some(*s)) as i64)
+        })
+        .collect();
+    fields.extend([
+        ("credentials_expires_in_s".to_string(), expires_in),
+        (
+            "credentials_refresh_failures".into(),
+            refresh_failures as i64,
         ),
-    ))
+        ("s3_retries".into(), retries as i64),
+        ("s3_retries_exhausted".into(), exhausted as i64),
+        ("s3_pools_built".into(), http::pools_built() as i64),
+    ]);
+    fields
 }
 
 /// Pulls `<Code>` out of an S3 XML error body.
@@ -383,14 +547,17 @@ fn request_error(op: &str, key: &str, err: ureq::Error) -> StoreError {
                     format!("S3 {op} {key}: an object already exists at this key ({status})"),
                 );
             }
-            let kind = if code >= 500 {
-                FailureKind::ServerError
-            } else {
-                FailureKind::Rejected
+            let kind = match code {
+                429 | 503 => FailureKind::Throttled,
+                500.. => FailureKind::ServerError,
+                _ => FailureKind::Rejected,
             };
             fail(kind, format!("S3 {op} {key} failed: {status}"))
         }
         ureq::Error::Transport(t) => {
+            if let Some(cause) = tls::describe(&t) {
+                return fail(FailureKind::Tls, format!("S3 {op} {key} failed: {cause}"));
+            }
             let timed_out = std::error::Error::source(&t)
                 .and_then(|s| s.downcast_ref::<std::io::Error>())
                 .is_some_and(|io| {
@@ -428,13 +595,33 @@ mod tests {
             bucket: "flows".into(),
             prefix: String::new(),
             path_style: true,
-            access_key: "AKIDEXAMPLE".into(),
-            secret_key: "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY".into(),
-            session_token: None,
+            credentials: credentials::CredentialConfig {
+                pin: None,
+                access_key: "AKIDEXAMPLE".into(),
+                secret_key: credentials::Hidden("wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY".into()),
+                region: "us-east-1".into(),
+                tls_ca_file: String::new(),
+                warn: |_| {},
+            },
             timeout_ms: 1000,
             verify_with_head: true,
             upload_bytes_per_sec: &NO_CAP,
+            retry: retry::Policy {
+                attempts: 1,
+                total: Duration::from_secs(10),
+            },
+            sse: Sse::None,
+            sse_kms_key_id: String::new(),
+            storage_class: String::new(),
+            checksum: Checksum::Sha256,
         }
+    }
+
+    /// What the store signs with (static keys: no request).
+    fn signing(store: &Store) -> rusty_s3::Credentials {
+        credentials::current(&store.credentials, Duration::from_secs(1))
+            .unwrap()
+            .signing()
     }
 
     static NO_CAP: AtomicI64 = AtomicI64::new(0);
@@ -504,9 +691,10 @@ mod tests {
     #[test]
     fn presigned_put_signs_the_checksum_headers() {
         let store = Store::new(&settings()).unwrap();
+        let creds = signing(&store);
         let mut action = store
             .bucket
-            .put_object(store.credentials.as_ref(), "flows/a%3Ab.jsonl.gz");
+            .put_object(Some(&creds), "flows/a%3Ab.jsonl.gz");
         action
             .headers_mut()
             .insert("content-md5", "1B2M2Y8AsgTpgAmY7PhCfg==");
@@ -561,20 +749,21 @@ mod tests {
     fn seaweedfs() -> (Store, String) {
         let endpoint = std::env::var("FLOWARCHIVE_S3_ENDPOINT")
             .unwrap_or_else(|_| "http://127.0.0.1:18333".into());
-        let s = S3Settings {
+        let mut s = S3Settings {
             endpoint,
             bucket: "flowarchive-tests".into(),
-            access_key: "flowarchive-test-key".into(),
-            secret_key: "flowarchive-test-secret-9f3b".into(),
             timeout_ms: 10_000,
             ..settings()
         };
+        s.credentials.access_key = "flowarchive-test-key".into();
+        s.credentials.secret_key = credentials::Hidden("flowarchive-test-secret-9f3b".into());
         let store = Store::new(&s).unwrap();
         let url = store
             .bucket
-            .create_bucket(store.credentials.as_ref().unwrap())
+            .create_bucket(&signing(&store))
             .sign(Duration::from_secs(60));
-        match store.agent.put(url.as_str()).call() {
+        let agent = http::agent(&store.endpoint, "").unwrap();
+        match agent.put(url.as_str()).call() {
             Ok(_) | Err(ureq::Error::Status(409, _)) => {}
             Err(e) => panic!("SeaweedFS not usable (scripts/s3.sh start): {e}"),
         }

@@ -9,8 +9,15 @@ use std::time::Duration;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Fault {
-    /// Answer this status with an S3-style XML error, never reaching S3.
+    /// Answer this status with an S3-style XML error, never reaching S3 (503 is `SlowDown`, other 5xx
+    /// `InternalError`, 4xx `AccessDenied`).
     Status(u16),
+    /// Apply the inner fault to every other matching request (the first, the third, ...) and forward
+    /// the rest: with `Status(503)`, a throttling store that a retry gets through.
+    EveryOther(Box<Fault>),
+    /// Forward, then close the connection without passing the answer on: the request took effect,
+    /// its answer is lost.
+    LoseAnswer,
     /// Read the request, then never answer.
     Hang,
     /// Read the request, then close the connection without an answer.
@@ -40,6 +47,8 @@ struct Shared {
     requests: Mutex<Vec<String>>,
     heads: Mutex<Vec<String>>,
     faulted: AtomicUsize,
+    /// Requests matched by [`Fault::EveryOther`] so far.
+    alternated: AtomicUsize,
 }
 
 pub struct Proxy {
@@ -58,6 +67,7 @@ impl Proxy {
             requests: Mutex::new(Vec::new()),
             heads: Mutex::new(Vec::new()),
             faulted: AtomicUsize::new(0),
+            alternated: AtomicUsize::new(0),
         });
         let s = shared.clone();
         std::thread::spawn(move || {
@@ -189,7 +199,15 @@ fn handle(mut conn: TcpStream, s: &Shared) {
         .unwrap()
         .iter()
         .find(|r| (r.method.is_empty() || r.method == method) && path.contains(&r.path))
-        .map(|r| r.fault.clone());
+        .map(|r| r.fault.clone())
+        .and_then(|f| match f {
+            Fault::EveryOther(inner) => s
+                .alternated
+                .fetch_add(1, Ordering::SeqCst)
+                .is_multiple_of(2)
+                .then_some(*inner),
+            f => Some(f),
+        });
     if fault.is_some() {
         s.faulted.fetch_add(1, Ordering::SeqCst);
     }
@@ -197,7 +215,11 @@ fn handle(mut conn: TcpStream, s: &Shared) {
         Some(Fault::Status(code)) => {
             let body = format!(
                 "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{}</Code><Message>injected</Message></Error>",
-                if code >= 500 { "InternalError" } else { "AccessDenied" }
+                match code {
+                    503 => "SlowDown",
+                    500.. => "InternalError",
+                    _ => "AccessDenied",
+                }
             );
             let head = if method == "HEAD" {
                 String::new()
@@ -249,6 +271,10 @@ fn handle(mut conn: TcpStream, s: &Shared) {
     }
     let mut response = Vec::new();
     let _ = up.read_to_end(&mut response);
+    if fault == Some(Fault::LoseAnswer) {
+        let _ = conn.shutdown(Shutdown::Both);
+        return;
+    }
     if fault == Some(Fault::Truncate) {
         if let Some(p) = response.windows(4).position(|w| w == b"\r\n\r\n") {
             let body_len = response.len() - (p + 4);

@@ -93,6 +93,8 @@ pub struct ServerOpts {
     pub flavor: Flavor,
     pub module_args: Vec<String>,
     pub extra: Vec<String>,
+    /// Environment of the server process (e.g. AWS_* variables for the credential chain).
+    pub env: Vec<(String, String)>,
 }
 
 impl ServerOpts {
@@ -101,6 +103,7 @@ impl ServerOpts {
             flavor: Flavor::Valkey9,
             module_args: s3.module_args(&s3_endpoint()),
             extra: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -216,7 +219,8 @@ impl Server {
             .arg("--loadmodule")
             .arg(module_path())
             .args(&opts.module_args)
-            .args(&opts.extra);
+            .args(&opts.extra)
+            .envs(opts.env.iter().map(|(k, v)| (k, v)));
         cmd.spawn().expect("cannot start server")
     }
 
@@ -224,10 +228,13 @@ impl Server {
         let mut cmd = Command::new(flavor.binary());
         cmd.stdout(Stdio::null())
             .stderr(Stdio::null())
-            // The module falls back to the server's AWS_* environment; tests pass keys explicitly.
+            // The module falls back to the server's AWS_* environment; tests pass keys explicitly,
+            // and never let the credential chain reach for an instance metadata service off this
+            // machine (a test that wants IMDS sets its mock's endpoint and turns this off).
             .env_remove("AWS_ACCESS_KEY_ID")
             .env_remove("AWS_SECRET_ACCESS_KEY")
-            .env_remove("AWS_SESSION_TOKEN");
+            .env_remove("AWS_SESSION_TOKEN")
+            .env("AWS_EC2_METADATA_DISABLED", "true");
         cmd
     }
 
