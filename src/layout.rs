@@ -3,7 +3,7 @@
 //! Templates use `$name` placeholders (`$prefix`, `$id`, `$status`, `$label`, `$value`; `$$` is a literal
 //! `$`). Braces are left alone so templates can carry cluster hash tags, e.g. `$prefix:{flow:$id}:events`.
 
-use crate::runtime::cluster;
+use crate::slot;
 
 pub const VARS: &[&str] = &["prefix", "id", "status", "label", "value"];
 
@@ -176,10 +176,10 @@ impl Layout {
     /// `<index-key>:{N}` in the flow's slot (see `runtime::cluster`), so the entry lives with the flow.
     fn index_key(&self, id: &str, v: &Vars) -> String {
         let base = render(&self.index, v);
-        if !cluster::enabled() || uses_id(&self.index) {
+        if !slot::enabled() || uses_id(&self.index) {
             return base;
         }
-        cluster::slot_index_key(&base, cluster::key_slot(id.as_bytes()))
+        slot::slot_index_key(&base, slot::key_slot(id.as_bytes()))
     }
 
     pub fn status_set_key(&self, id: &str, status: &str) -> Option<String> {

@@ -18,6 +18,7 @@ mod ops;
 mod read;
 mod runtime;
 mod s3;
+mod slot;
 mod sweep;
 mod sync;
 

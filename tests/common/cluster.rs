@@ -167,6 +167,7 @@ fn node_opts(flavor: Flavor, module_args: &[String], bus: u16) -> ServerOpts {
         flavor,
         module_args: module_args.to_vec(),
         extra: extra.iter().map(|s| s.to_string()).collect(),
+        env: Vec::new(),
     }
 }
 
