@@ -578,3 +578,42 @@ fn a_sweep_on_a_demoted_primary_stops_uploading() {
         .count() as i64;
     assert_eq!(indexed + live, 120);
 }
+
+#[test]
+fn a_key_of_the_flow_created_as_another_type_during_the_upload_is_never_deleted() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &[]);
+    let mut c = srv.conn();
+    write_flow(
+        &mut c,
+        &FlowSpec {
+            labels: &[],
+            ..FlowSpec::done("retyped")
+        },
+    );
+    proxy.delay("PUT", Duration::from_millis(600));
+    let mut other = srv.conn();
+    let flow = std::thread::spawn(move || archive(&mut other, "retyped"));
+    wait_for("the PUT", Duration::from_secs(10), || {
+        !proxy.requests().is_empty()
+    });
+    // The labels key was absent at capture; a set (whose writes the watch does not subscribe to)
+    // appears under its name.
+    cmd::<()>(&mut c, &["SADD", "argyll:flow:retyped:idx:labels", "x"]).unwrap();
+    // Seen as a change, or refused by the commit's type check: either way nothing is deleted.
+    let e = err_text(flow.join().unwrap());
+    assert!(
+        e.contains("holds a set, expected a hash") || e.contains("changed while"),
+        "{e}"
+    );
+    assert!(e.contains("nothing was deleted"), "{e}");
+    assert_eq!(
+        cmd::<i64>(&mut c, &["SCARD", "argyll:flow:retyped:idx:labels"]).unwrap(),
+        1
+    );
+    assert_eq!(
+        cmd::<i64>(&mut c, &["LLEN", "argyll:flow:retyped:events"]).unwrap(),
+        5
+    );
+}

@@ -297,11 +297,15 @@ fn one_sweep_at_a_time_limit_and_responsiveness() {
     assert_eq!(info_field(&mut c, "sweep_running"), 1);
     // The upload workers run in the idle scheduling class: the event loop preempts them at once. The
     // coordinator, in the sweep's critical path, keeps the normal class. (A worker just spawned may not
-    // have switched yet, and the LIMIT sweep's thread may still be exiting after its reply.)
+    // have switched yet; the upload pool may still hold an idle thread of the LIMIT sweep, which keeps
+    // its class.)
     wait_for(
-        "two upload workers in SCHED_IDLE",
+        "the two upload workers, and every upload thread, in SCHED_IDLE",
         Duration::from_secs(2),
-        || thread_policies(srv.pid(), "flowarchive-upload") == [SCHED_IDLE, SCHED_IDLE],
+        || {
+            let policies = thread_policies(srv.pid(), "flowarchive-upload");
+            policies.len() >= 2 && policies.iter().all(|&p| p == SCHED_IDLE)
+        },
     );
     let coordinators = thread_policies(srv.pid(), "flowarchive-sweep");
     assert!(

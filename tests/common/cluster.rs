@@ -185,7 +185,7 @@ impl Cluster {
     /// Six nodes with `module_args` (S3 and the cluster layout), slots assigned, replicas attached,
     /// `cluster_state:ok` everywhere.
     pub fn start(flavor: Flavor, module_args: &[String]) -> Cluster {
-        let bus: Vec<u16> = (0..6).map(|_| free_port()).collect();
+        let bus: Vec<u16> = (0..6).map(|_| stable_free_port()).collect();
         let nodes: Vec<Server> = bus
             .iter()
             .map(|&b| Server::start(node_opts(flavor, module_args, b)))

@@ -66,6 +66,19 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A free port below the kernel's ephemeral range (from 20000), so no outgoing connection can take it
+/// between this check and a server binding it: for ports a test cannot retry, like a cluster bus.
+pub fn stable_free_port() -> u16 {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let base = 20_000 + (std::process::id() as usize * 97) % 10_000;
+    loop {
+        let port = (20_000 + (base + NEXT.fetch_add(1, Ordering::SeqCst)) % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
 /// A unique name per test process and call.
