@@ -5,14 +5,13 @@
 //! without a thread that will answer it, and a full pool answers a busy error at once. A panic in the
 //! work still answers the client.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::channel;
 
 use redis_module::{
     BlockedClient, Context, ContextFlags, RedisError, RedisResult, ThreadSafeContext,
 };
 
-use crate::ops::errors;
+use crate::ops::{errors, log};
 use crate::runtime::pool::Pool;
 
 type Client = ThreadSafeContext<BlockedClient>;
@@ -59,8 +58,8 @@ pub fn answer_later(
     let (hand_over, client) = channel::<Option<Client>>();
     let job = Box::new(move || {
         let client = client.recv().ok().flatten();
-        let answer = catch_unwind(AssertUnwindSafe(work))
-            .unwrap_or_else(|_| Err(RedisError::Str(errors::PANIC)));
+        let answer =
+            log::contained("a command's work", work).unwrap_or(Err(RedisError::Str(errors::PANIC)));
         if let Some(client) = client {
             client.reply(answer);
         }

@@ -5,14 +5,13 @@
 //! the server only for its own CPU time.
 
 use std::os::raw::c_void;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::mpsc::sync_channel;
 
 use redis_module::{raw, Context};
 
-use crate::ops::errors;
 use crate::ops::metrics::{self, Stage};
+use crate::ops::{errors, log};
 use crate::runtime::server::select_db;
 
 /// The module's detached context, used only on the main thread to start timers.
@@ -104,7 +103,6 @@ extern "C" fn run_job(ctx: *mut raw::RedisModuleCtx, data: *mut c_void) {
     // SAFETY: `data` is the box `run` leaked for this one call.
     let job = unsafe { Box::from_raw(data as *mut Job) };
     let ctx = Context::new(ctx);
-    if catch_unwind(AssertUnwindSafe(|| job(&ctx))).is_err() {
-        crate::ops::log::warning("flowarchive: a main-thread step panicked; its flow stays live");
-    }
+    // A panic is logged; the waiting worker sees its result channel close, and the flow stays live.
+    let _ = log::contained("a main-thread step", || job(&ctx));
 }

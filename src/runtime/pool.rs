@@ -7,10 +7,10 @@
 //! module code still runs once the library is unmapped.
 
 use std::collections::VecDeque;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 
+use crate::ops::log;
 use crate::sync::lock;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -120,9 +120,7 @@ impl Pool {
             if let Some(job) = st.queue.pop_front() {
                 st.running += 1;
                 drop(st);
-                if catch_unwind(AssertUnwindSafe(job)).is_err() {
-                    crate::ops::log::warning(&format!("flowarchive: a {} job panicked", self.name));
-                }
+                let _ = log::contained(self.name, job);
                 st = lock(&self.state);
                 st.running -= 1;
                 continue;
