@@ -6,9 +6,14 @@
 //! All or nothing: every precondition of every write (the node is a writable, unpaused primary; the
 //! caller's ACL; the type of every key touched; on a cluster, the slot) is checked in the same step
 //! before the first write, so no write can fail after another has landed.
+//!
+//! The sweep commits several flows per main-thread step (`commit_many`): each flow still runs the whole
+//! of `commit`, checks before writes, so a flow that fails its checks stays live and the others go on;
+//! all writes of the step, of every flow committed in it, reach replicas and the AOF as one MULTI/EXEC.
 
 use redis_module::{Context, ContextFlags, KeyType};
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::archive::capture::Capture;
@@ -153,4 +158,55 @@ pub fn when_writable(capture: Capture, layout: &Layout, location: &str) -> Resul
             other => return other.map(|()| held_us),
         }
     }
+}
+
+/// Commits several captured, stored flows of one DB from a worker thread, as many per main-thread step
+/// as `mainthread::STEP_BUDGET` allows. Each flow runs the whole of `commit` on its own: its checks
+/// before any of its writes, all or nothing for that flow, and a flow that fails (changed, not allowed,
+/// a conflict...) stays live without holding back the others. Paused writes are waited out as in
+/// `when_writable`. Returns every flow's tag with its outcome: the longest main-thread stretch spent
+/// on it, or why it stays live.
+pub fn commit_many<T: Sync>(
+    flows: Vec<(T, Capture, String)>,
+    layout: &Layout,
+) -> Vec<(T, Result<u64, FlowError>)> {
+    let paused_until = Instant::now() + PAUSE_WAIT;
+    let mut waiting: VecDeque<(T, Capture, String)> = flows.into();
+    let mut out = Vec::with_capacity(waiting.len());
+    while let Some((_, first, _)) = waiting.front() {
+        let db = first.flow.db;
+        let mut held = 0;
+        let batch = waiting.make_contiguous();
+        let ran = mainthread::step_batch(db, Stage::Commit, &mut held, batch, |ctx, (_, c, at)| {
+            commit(ctx, &c.caller, &c.flow, &c.watch, layout, at, c.motion)
+        });
+        // A step that could not run (no event loop) or panicked fails every flow still waiting (one
+        // the panicking step had committed already is found archived by the next sweep).
+        let results = ran.unwrap_or_else(|e| {
+            let failed = |_| Err(FlowError::Internal(e.clone()));
+            (0..waiting.len()).map(failed).collect()
+        });
+        let mut paused = Vec::new();
+        for result in results {
+            let Some((tag, capture, location)) = waiting.pop_front() else {
+                break;
+            };
+            match result {
+                Err(FlowError::NotWritable(errors::WRITES_PAUSED))
+                    if Instant::now() < paused_until =>
+                {
+                    paused.push((tag, capture, location));
+                }
+                other => out.push((tag, other.map(|()| capture.held_us.max(held)))),
+            }
+        }
+        if !paused.is_empty() {
+            std::thread::sleep(PAUSE_RETRY);
+            // The paused flows go first again, in their order.
+            for flow in paused.into_iter().rev() {
+                waiting.push_front(flow);
+            }
+        }
+    }
+    out
 }

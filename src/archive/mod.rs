@@ -142,6 +142,40 @@ pub fn begin(
     })
 }
 
+/// Begins archiving several flows of `db` (the sweep), as many per main-thread step as
+/// `mainthread::STEP_BUDGET` allows, each exactly as `begin`: the outcome of each, in order. The rest of
+/// a long event log is then read by `finish_capture`, in its own steps.
+pub fn begin_many(
+    caller: &Caller,
+    db: i32,
+    ids: &[String],
+    settings: &Settings,
+    window: &Window,
+) -> Vec<Result<Start, FlowError>> {
+    let mut out = Vec::with_capacity(ids.len());
+    while out.len() < ids.len() {
+        let rest = &ids[out.len()..];
+        let mut held = 0;
+        let ran = mainthread::step_batch(db, Stage::Capture, &mut held, rest, |ctx, id| {
+            begin(ctx, caller, db, id, settings, window)
+        });
+        match ran {
+            Ok(started) => out.extend(started.into_iter().map(|started| {
+                started.map(|start| match start {
+                    // The flow held the main thread for the whole step it shared.
+                    Start::Capture(mut c) => {
+                        c.held_us = c.held_us.max(held);
+                        Start::Capture(c)
+                    }
+                    other => other,
+                })
+            })),
+            Err(e) => out.extend(rest.iter().map(|_| Err(FlowError::Internal(e.clone())))),
+        }
+    }
+    out
+}
+
 /// Reads the rest of a long event log, one chunk per main-thread step.
 pub fn finish_capture(capture: &mut Capture) -> Result<(), FlowError> {
     let db = capture.flow.db;
@@ -158,10 +192,32 @@ pub fn finish_capture(capture: &mut Capture) -> Result<(), FlowError> {
 /// A flow whose object is stored and verified, waiting for its commit.
 pub struct Uploaded {
     capture: Capture,
+    stored: Stored,
+}
+
+/// What an upload stored, for the commit's index entry and the archive's answer.
+struct Stored {
+    id: String,
+    events: usize,
     location: String,
     raw_bytes: u64,
     stored_bytes: u64,
     sha256: String,
+}
+
+impl Stored {
+    /// Counts the committed flow; its answer.
+    fn archived(self, main_thread_us: u64) -> Archived {
+        metrics::archived(&self.id, &self.location, self.raw_bytes, self.stored_bytes);
+        Archived {
+            main_thread_us,
+            location: self.location,
+            events: self.events,
+            raw_bytes: self.raw_bytes,
+            stored_bytes: self.stored_bytes,
+            sha256: self.sha256,
+        }
+    }
 }
 
 /// Encodes a captured flow, proves the object reads back as the flow, and stores it. Any thread but
@@ -187,35 +243,39 @@ pub fn upload(
     let stored = store::store_once(s3, &settings.s3.prefix, &capture.flow, &encoded);
     UPLOADS_IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
     let key = stored?;
-    Ok(Uploaded {
+    let stored = Stored {
+        id: capture.flow.id.clone(),
+        events: capture.events_total,
         location: s3.location(&key),
         raw_bytes: encoded.raw_bytes,
         stored_bytes: encoded.body.len() as u64,
         sha256: hex(&encoded.object_sha256),
-        capture,
-    })
+    };
+    Ok(Uploaded { capture, stored })
 }
 
 /// Commits an uploaded flow (waiting out paused writes) and counts it.
 pub fn commit(up: Uploaded, settings: &Settings) -> Result<Archived, FlowError> {
-    let Uploaded {
-        capture,
-        location,
-        raw_bytes,
-        stored_bytes,
-        sha256,
-    } = up;
-    let (flow, events) = (capture.flow.id.clone(), capture.events_total);
-    let main_thread_us = commit::when_writable(capture, &settings.layout, &location)?;
-    metrics::archived(&flow, &location, raw_bytes, stored_bytes);
-    Ok(Archived {
-        main_thread_us,
-        location,
-        events,
-        raw_bytes,
-        stored_bytes,
-        sha256,
-    })
+    let Uploaded { capture, stored } = up;
+    let main_thread_us = commit::when_writable(capture, &settings.layout, &stored.location)?;
+    Ok(stored.archived(main_thread_us))
+}
+
+/// Commits several uploaded flows of one DB (the sweep), several per main-thread step
+/// (`commit::commit_many`), and counts each: every flow's id with its outcome.
+pub fn commit_many(
+    ups: Vec<Uploaded>,
+    settings: &Settings,
+) -> Vec<(String, Result<Archived, FlowError>)> {
+    let flows = ups.into_iter().map(|Uploaded { capture, stored }| {
+        let location = stored.location.clone();
+        (stored, capture, location)
+    });
+    let committed = commit::commit_many(flows.collect(), &settings.layout);
+    let outcome = |(stored, result): (Stored, Result<u64, FlowError>)| {
+        (stored.id.clone(), result.map(|held| stored.archived(held)))
+    };
+    committed.into_iter().map(outcome).collect()
 }
 
 /// One flow after `begin`, end to end on the calling thread.

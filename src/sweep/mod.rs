@@ -7,9 +7,9 @@ pub mod progress;
 pub mod select;
 pub mod uploaders;
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::mpsc::{channel, Receiver, SyncSender};
+use std::sync::mpsc::{channel, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -187,7 +187,12 @@ struct Sweep<'a> {
     window: Window,
     /// Flows sent to upload (DRYRUN: found eligible), for LIMIT.
     started: usize,
-    in_flight: usize,
+    /// Flows sent to the uploaders whose upload has not returned yet (at most `concurrency`: only
+    /// these hold their event logs).
+    uploading: usize,
+    /// Selected and not begun yet; whether selection has more.
+    queue: VecDeque<String>,
+    selecting: bool,
     seen: HashSet<String>,
     /// Longest selection step.
     select_us: u64,
@@ -201,13 +206,18 @@ impl<'a> Sweep<'a> {
             progress,
             window: Window::now(settings.retention_ms, false),
             started: 0,
-            in_flight: 0,
+            uploading: 0,
+            queue: VecDeque::new(),
+            selecting: true,
             seen: HashSet::new(),
             select_us: 0,
         }
     }
 
-    /// Selects in bounded steps and archives (or, DRYRUN, inspects) each candidate once.
+    /// Selects in bounded steps and archives (or, DRYRUN, inspects) each candidate once. Each round
+    /// begins as many flows as uploaders are free (one main-thread step for all of them, within the
+    /// step budget), then commits every flow whose upload has returned (likewise), and waits for an
+    /// upload only when it has nothing else to do.
     fn run(mut self) -> Result<(), String> {
         let mut selector =
             Selector::new(&self.settings.layout, self.window, self.job.caller.clone());
@@ -219,33 +229,68 @@ impl<'a> Sweep<'a> {
         } else {
             Some(uploaders::start(self.settings, done_tx)?)
         };
-        'select: while let Some(batch) = self.select(&mut selector)? {
-            for id in batch {
-                if self.job.limit.is_some_and(|l| self.started >= l) {
-                    break 'select;
-                }
-                if !self.seen.insert(id.clone()) {
-                    continue;
-                }
-                Progress::add(&self.progress.candidates, 1);
-                let sent = match &uploads {
-                    None => self.dry_run(id),
-                    Some(uploads) => self.archive(id, uploads, &done_rx),
-                };
-                if !sent {
-                    break 'select;
-                }
+        let mut returned: Vec<Done> = Vec::new();
+        loop {
+            returned.extend(done_rx.try_iter());
+            self.uploading -= returned.len().min(self.uploading);
+            let free = self.settings.concurrency.saturating_sub(self.uploading);
+            let ids = self.next_ids(&mut selector, free)?;
+            let began = !ids.is_empty();
+            match &uploads {
+                None => ids.into_iter().for_each(|id| self.dry_run(id)),
+                Some(uploads) if !self.archive(ids, uploads) => break,
+                Some(_) => {}
+            }
+            let committed = !returned.is_empty();
+            self.commit(std::mem::take(&mut returned));
+            if began || committed {
+                continue;
+            }
+            // Nothing to begin or commit: every uploader is busy, or selection is done.
+            if self.uploading == 0 {
+                break;
+            }
+            match done_rx.recv() {
+                Ok(done) => returned.push(done),
+                Err(_) => break,
             }
         }
         // Closing the job channel ends the uploaders once the flows in flight are done; the results
         // channel closes when the last of them has returned, so no uploader outlives its sweep.
         drop(uploads);
-        while let Ok(done) = done_rx.recv() {
-            self.finish(done);
-        }
+        returned.extend(done_rx.iter());
+        self.commit(returned);
         let max = &self.progress.main_thread_max_us;
         max.fetch_max(self.select_us, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Up to `n` candidates to begin now, each once and within LIMIT, selecting (one step per batch)
+    /// when none is queued. Empty when `n` is 0 or no candidate is left.
+    fn next_ids(&mut self, selector: &mut Selector, n: usize) -> Result<Vec<String>, String> {
+        let n = match self.job.limit {
+            Some(limit) => n.min(limit.saturating_sub(self.started)),
+            None => n,
+        };
+        let mut ids = Vec::new();
+        while ids.len() < n {
+            let Some(id) = self.queue.pop_front() else {
+                // Select more only when there is nothing to begin yet.
+                if !ids.is_empty() || !self.selecting {
+                    break;
+                }
+                match self.select(selector)? {
+                    Some(batch) => self.queue.extend(batch),
+                    None => self.selecting = false,
+                }
+                continue;
+            };
+            if self.seen.insert(id.clone()) {
+                Progress::add(&self.progress.candidates, 1);
+                ids.push(id);
+            }
+        }
+        Ok(ids)
     }
 
     fn select(&mut self, selector: &mut Selector) -> Result<Option<Vec<String>>, String> {
@@ -260,7 +305,7 @@ impl<'a> Sweep<'a> {
     }
 
     /// DRYRUN: the whole eligibility check, nothing watched or read beyond it.
-    fn dry_run(&mut self, id: String) -> bool {
+    fn dry_run(&mut self, id: String) {
         let (job, layout, window) = (self.job, &self.settings.layout, &self.window);
         let inspected = mainthread::step(job.db, Stage::Select, &mut self.select_us, |ctx| {
             capture::inspect(ctx, &job.caller, job.db, &id, layout, window)
@@ -275,74 +320,74 @@ impl<'a> Sweep<'a> {
             }
             Err(e) => self.progress.count(&e),
         }
+    }
+
+    /// Begins and captures `ids` (their first steps shared, within the step budget) and hands each to
+    /// the uploaders: complete captures first, then long event logs read in their own chunk steps.
+    /// `false` when the uploaders are gone.
+    fn archive(&mut self, ids: Vec<String>, uploads: &SyncSender<Capture>) -> bool {
+        let (job, settings, window) = (self.job, self.settings, &self.window);
+        let began = archive::begin_many(&job.caller, job.db, &ids, settings, window);
+        let mut long = Vec::new();
+        for (id, started) in ids.iter().zip(began) {
+            match started {
+                Ok(Start::Capture(capture)) if capture.complete() => {
+                    if !self.upload(*capture, uploads) {
+                        return false;
+                    }
+                }
+                Ok(Start::Capture(capture)) => long.push(capture),
+                Ok(Start::AlreadyArchived(_)) => {
+                    Progress::add(&self.progress.skipped_ineligible, 1)
+                }
+                Err(e) => self.not_archived(id, &e),
+            }
+        }
+        for mut capture in long {
+            if let Err(e) = archive::finish_capture(&mut capture) {
+                self.not_archived(&capture.flow.id, &e);
+            } else if !self.upload(*capture, uploads) {
+                return false;
+            }
+        }
         true
     }
 
-    /// Begins and captures `id`, then hands it to the uploaders, committing finished flows while they
-    /// are all busy. `false` when the uploaders are gone.
-    fn archive(
-        &mut self,
-        id: String,
-        uploads: &SyncSender<Capture>,
-        done: &Receiver<Done>,
-    ) -> bool {
-        while let Ok(finished) = done.try_recv() {
-            self.finish(finished);
-        }
-        while self.in_flight >= self.settings.concurrency {
-            match done.recv() {
-                Ok(finished) => self.finish(finished),
-                Err(_) => return false,
-            }
-        }
-        let capture = match self.capture(&id) {
-            Ok(Some(capture)) => capture,
-            Ok(None) => return true,
-            Err(e) => {
-                metrics::failed(&id, &e);
-                self.progress.count(&e);
-                return true;
-            }
-        };
+    /// Hands a whole capture to the uploaders. `false` when they are gone.
+    fn upload(&mut self, capture: Capture, uploads: &SyncSender<Capture>) -> bool {
         if uploads.send(capture).is_err() {
             return false;
         }
         self.started += 1;
-        self.in_flight += 1;
+        self.uploading += 1;
         Progress::add(&self.progress.in_flight, 1);
         true
     }
 
-    /// The whole capture of `id`; `None` when it turned out archived already.
-    fn capture(&mut self, id: &str) -> Result<Option<Capture>, FlowError> {
-        let (job, settings, window) = (self.job, self.settings, &self.window);
-        let mut held = 0;
-        let begun = mainthread::step(job.db, Stage::Capture, &mut held, |ctx| {
-            archive::begin(ctx, &job.caller, job.db, id, settings, window)
-        })?;
-        let mut capture = match begun {
-            Start::Capture(c) => *c,
-            Start::AlreadyArchived(_) => {
-                Progress::add(&self.progress.skipped_ineligible, 1);
-                return Ok(None);
-            }
-        };
-        capture.held_us = capture.held_us.max(held);
-        archive::finish_capture(&mut capture)?;
-        Ok(Some(capture))
-    }
-
-    /// Commits an uploaded flow and counts the outcome.
-    fn finish(&mut self, (id, uploaded): Done) {
-        self.in_flight -= 1;
-        self.progress.in_flight.fetch_sub(1, Ordering::Relaxed);
-        match uploaded.and_then(|up| archive::commit(up, self.settings)) {
-            Ok(done) => self.archived(&done),
-            Err(e) => {
-                metrics::failed(&id, &e);
-                self.progress.count(&e);
+    /// Commits the flows whose upload returned (several per main-thread step) and counts each outcome.
+    fn commit(&mut self, returned: Vec<Done>) {
+        let mut uploaded = Vec::with_capacity(returned.len());
+        let mut outcomes = Vec::new();
+        for (id, result) in returned {
+            match result {
+                Ok(up) => uploaded.push(up),
+                Err(e) => outcomes.push((id, Err(e))),
             }
         }
+        outcomes.extend(archive::commit_many(uploaded, self.settings));
+        for (id, outcome) in outcomes {
+            self.progress.in_flight.fetch_sub(1, Ordering::Relaxed);
+            match outcome {
+                Ok(done) => self.archived(&done),
+                Err(e) => self.not_archived(&id, &e),
+            }
+        }
+    }
+
+    /// Counts and logs a flow that stays live.
+    fn not_archived(&self, id: &str, e: &FlowError) {
+        metrics::failed(id, e);
+        self.progress.count(e);
     }
 
     fn archived(&self, done: &Archived) {
