@@ -561,3 +561,178 @@ fn the_cron_script_authenticates_over_tls() {
         1
     );
 }
+
+/// The commands of the incremental AOF files under `dir`, in order (each as its arguments).
+fn aof_commands(dir: &std::path::Path) -> Vec<Vec<String>> {
+    let mut files: Vec<_> = std::fs::read_dir(dir.join("appendonlydir"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".incr.aof"))
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for file in files {
+        let data = std::fs::read(file).unwrap();
+        let mut at = 0;
+        let line = |at: &mut usize| {
+            let end = *at + data[*at..].windows(2).position(|w| w == b"\r\n").unwrap();
+            let text = String::from_utf8_lossy(&data[*at + 1..end]).to_string();
+            *at = end + 2;
+            text
+        };
+        while at < data.len() {
+            let n: usize = line(&mut at).parse().unwrap();
+            let mut args = Vec::new();
+            for _ in 0..n {
+                let len: usize = line(&mut at).parse().unwrap();
+                args.push(String::from_utf8_lossy(&data[at..at + len]).to_string());
+                at += len + 2;
+            }
+            out.push(args);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_batched_commit_is_one_transaction_per_step_and_failed_flows_stay_live() {
+    let proxy = Proxy::start(s3_port());
+    let s3 = S3::new_bucket();
+    let mut opts = ServerOpts::new(&s3);
+    opts.module_args = s3.module_args(&proxy.endpoint());
+    opts.module_args
+        .extend(["concurrency", "8"].map(String::from));
+    opts.extra = ["--appendonly", "yes", "--appendfsync", "always"]
+        .map(String::from)
+        .to_vec();
+    let primary = Server::start(opts);
+    let replica = Server::start(ServerOpts::new(&s3));
+    let (mut c, mut r) = (primary.conn(), replica.conn());
+    let ids: Vec<String> = (0..8).map(|i| format!("b{i}")).collect();
+    for id in &ids {
+        let labels: &[(&str, &str)] = match id.as_str() {
+            "b5" => &[("tenant", "solo")],
+            _ => &[("tenant", "acme")],
+        };
+        write_flow(
+            &mut c,
+            &FlowSpec {
+                labels,
+                ..FlowSpec::done(id)
+            },
+        );
+    }
+    cmd::<()>(
+        &mut r,
+        &["REPLICAOF", "127.0.0.1", &primary.port.to_string()],
+    )
+    .unwrap();
+    wait_for("replica sync", Duration::from_secs(20), || {
+        cmd::<i64>(&mut r, &["EXISTS", "argyll:flow:b7:events"]).unwrap_or(0) == 1
+    });
+
+    // Every upload takes a second: all eight flows are begun and uploading at once.
+    proxy.delay("PUT", Duration::from_secs(1));
+    sweep_async(&mut c).unwrap();
+    wait_for("all flows uploading", Duration::from_secs(20), || {
+        info_field(&mut c, "sweep_current_in_flight") == 8
+    });
+    // During the uploads b3 gets a late event (its commit finds it changed) and b5's label set turns
+    // into a string (its commit's type check refuses it); writes then pause past the uploads' end, so
+    // the flows that returned meanwhile are committed together when writes resume.
+    cmd::<()>(&mut c, &["RPUSH", "argyll:flow:b3:events", "{\"late\":1}"]).unwrap();
+    cmd::<()>(&mut c, &["DEL", "argyll:idx:label:tenant:solo"]).unwrap();
+    cmd::<()>(&mut c, &["SET", "argyll:idx:label:tenant:solo", "x"]).unwrap();
+    cmd::<()>(&mut c, &["CLIENT", "PAUSE", "1500", "WRITE"]).unwrap();
+    wait_for("sweep done", Duration::from_secs(30), || {
+        info_field(&mut c, "sweep_running") == 0
+    });
+    assert_eq!(info_field(&mut c, "last_sweep_archived"), 6);
+    assert_eq!(info_field(&mut c, "last_sweep_skipped_changed"), 1);
+    assert_eq!(info_field(&mut c, "last_sweep_failed"), 1);
+    let archived: BTreeSet<String> = ["b0", "b1", "b2", "b4", "b6", "b7"]
+        .map(String::from)
+        .into();
+    assert_eq!(indexed(&mut c), archived);
+    for id in ["b3", "b5"] {
+        for key in flow_keys(id) {
+            assert_eq!(cmd::<i64>(&mut c, &["EXISTS", &key]).unwrap(), 1, "{key}");
+        }
+    }
+
+    // The replica applies exactly what the primary did.
+    wait_for(
+        "replica applies the commits",
+        Duration::from_secs(10),
+        || cmd::<i64>(&mut r, &["HLEN", "archived:flows"]).unwrap_or(0) == 6,
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_same(
+        &dump_all(&mut c),
+        &dump_all(&mut r),
+        "replica equals primary",
+    );
+
+    // In the AOF, every commit write is inside a MULTI/EXEC, each flow's writes all in one, and at
+    // least one transaction holds several flows; nothing of b3 or b5 was written by a commit.
+    let mut transactions: Vec<Vec<Vec<String>>> = Vec::new();
+    let mut open: Option<Vec<Vec<String>>> = None;
+    for command in aof_commands(&primary.dir) {
+        match command[0].to_uppercase().as_str() {
+            "MULTI" => open = Some(Vec::new()),
+            "EXEC" => transactions.extend(open.take()),
+            _ => match &mut open {
+                Some(tx) => tx.push(command),
+                // The fixtures' HSET/ZADD/SADD and the test's own writes come before the sweep.
+                None => assert!(
+                    !["ZREM", "HDEL", "SREM", "UNLINK"]
+                        .iter()
+                        .any(|w| command[0].eq_ignore_ascii_case(w))
+                        && !command.iter().any(|a| a == "archived:flows"),
+                    "a commit write outside MULTI/EXEC: {command:?}"
+                ),
+            },
+        }
+    }
+    let mut committed = BTreeSet::new();
+    let mut most = 0;
+    for tx in &transactions {
+        let flows: Vec<&String> = tx
+            .iter()
+            .filter(|cmd| cmd[0].eq_ignore_ascii_case("HSET") && cmd[1] == "archived:flows")
+            .map(|cmd| &cmd[2])
+            .collect();
+        most = most.max(flows.len());
+        for id in flows {
+            assert!(committed.insert(id.clone()), "{id} committed twice");
+            let has = |name: &str, arg: &str| {
+                tx.iter()
+                    .any(|c| c[0].eq_ignore_ascii_case(name) && c.iter().any(|a| a == arg))
+            };
+            let member = format!("flow:{id}");
+            assert!(
+                has("ZREM", &member) && has("HDEL", &member) && has("SREM", &member),
+                "{id}: {tx:?}"
+            );
+            assert!(
+                has("UNLINK", &format!("argyll:flow:{id}:events")),
+                "{id}: {tx:?}"
+            );
+        }
+        for id in ["b3", "b5"] {
+            let member = format!("flow:{id}");
+            assert!(
+                !tx.iter().flatten().any(|a| a == id
+                    || a == &member
+                    || a.starts_with(&format!("argyll:flow:{id}:"))),
+                "{id} written: {tx:?}"
+            );
+        }
+    }
+    assert_eq!(committed, archived);
+    assert!(
+        most >= 2,
+        "no commit step held several flows: {transactions:?}"
+    );
+}
