@@ -1,7 +1,9 @@
 //! Benchmark limits for scripts/bench, on the very objects flowarchive uploaded:
-//!   limits s3  <endpoint> <bucket> <src-prefix> <dst-prefix> <concurrency>
+//!   limits s3  <endpoint> <bucket> <src-prefix> <dst-prefix> <concurrency> [request-endpoint]
 //!       re-issues only the S3 requests of an archive (presigned PUT with Content-MD5 and
-//!       x-amz-checksum-sha256, then HEAD), with `concurrency` threads; no Valkey, no encoding.
+//!       x-amz-checksum-sha256, then HEAD), with `concurrency` threads; no Valkey, no encoding. The
+//!       objects are read from <endpoint>, the requests go to [request-endpoint] when given (e.g.
+//!       a delaying proxy before the same store).
 //!   limits cpu <endpoint> <bucket> <src-prefix>
 //!       single-core speed of gzip (level 1) + sha256 + md5 on the objects' uncompressed bytes.
 //! Credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY. Prints one JSON line.
@@ -96,21 +98,28 @@ fn main() {
         .expect("endpoint")
         .parse()
         .expect("endpoint url");
-    let bucket =
-        Bucket::new(endpoint, UrlStyle::Path, args[3].clone(), "us-east-1").expect("bucket");
-    let s3 = Arc::new(S3 {
-        bucket,
-        creds: Credentials::new(key, secret),
-        agent: ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs(60))
-            .build(),
-    });
+    let store = |endpoint| {
+        let bucket =
+            Bucket::new(endpoint, UrlStyle::Path, args[3].clone(), "us-east-1").expect("bucket");
+        Arc::new(S3 {
+            bucket,
+            creds: Credentials::new(key.clone(), secret.clone()),
+            agent: ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(60))
+                .build(),
+        })
+    };
+    let s3 = store(endpoint);
     let objects = Arc::new(fetch_all(&s3, &args[4]));
     let stored: usize = objects.iter().map(|(_, b)| b.len()).sum();
     match args[1].as_str() {
         "s3" => {
             let dst = args[5].clone();
             let threads: usize = args[6].parse().expect("concurrency");
+            let s3 = match args.get(7) {
+                Some(requests) => store(requests.parse().expect("request endpoint url")),
+                None => s3,
+            };
             let next = Arc::new(AtomicUsize::new(0));
             let start = Instant::now();
             let handles: Vec<_> = (0..threads)
