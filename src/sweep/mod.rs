@@ -1,7 +1,8 @@
 //! FLOWARCHIVE.SWEEP: finds eligible flows in bounded steps (select), archives them through the same
 //! begin → capture → encode → store → commit path as FLOWARCHIVE.FLOW with up to `concurrency` flows in
 //! flight (uploaders), and answers a summary (progress). One sweep at a time; one coordinator thread
-//! hands every step that touches the dataset to the event loop, one short step at a time.
+//! hands every step that touches the dataset to the event loop: several flows per step (begins for
+//! every free uploader, commits for every returned upload) within the step budget.
 
 pub mod progress;
 pub mod select;
