@@ -14,6 +14,8 @@ pub static BYTES_STORED: AtomicU64 = AtomicU64::new(0);
 pub static UPLOADS_IN_FLIGHT: AtomicU64 = AtomicU64::new(0);
 /// Longest single stretch the module held the main thread (capture chunk or commit), microseconds.
 pub static MAIN_THREAD_MAX_US: AtomicU64 = AtomicU64::new(0);
+/// Steps handed to the event loop by worker threads (each a wake-up of the loop and of the worker).
+pub static MAIN_THREAD_STEPS: AtomicU64 = AtomicU64::new(0);
 
 /// Failed archives by kind.
 static FAILURES: Tally = Tally::new();
@@ -98,6 +100,7 @@ fn fields() -> Vec<(String, i64)> {
         ("bytes_stored", get(&BYTES_STORED)),
         ("uploads_in_flight", get(&UPLOADS_IN_FLIGHT)),
         ("main_thread_max_us", get(&MAIN_THREAD_MAX_US)),
+        ("main_thread_steps", get(&MAIN_THREAD_STEPS)),
         (
             "main_thread_max_us_select",
             get(&STAGE_MAX_US[Stage::Select as usize]),

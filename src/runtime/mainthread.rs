@@ -52,6 +52,7 @@ pub fn step<T: Send, E: From<String> + Send>(
     held: &mut u64,
     f: impl FnOnce(&Context) -> Result<T, E> + Send,
 ) -> Result<T, E> {
+    metrics::MAIN_THREAD_STEPS.fetch_add(1, Ordering::Relaxed);
     run(|ctx| {
         metrics::timed(stage, held, || {
             select_db(ctx, db)?;
