@@ -17,91 +17,116 @@ use sha2::{Digest, Sha256};
 use crate::archive::capture::{read_labels, read_seq};
 use crate::archive::flow::Captured;
 use crate::ops::errors::FlowError;
-use crate::runtime::server::{list_len, list_range, read_string};
+use crate::runtime::server::{list_len, list_range_each, read_string};
 
 /// A hash of a flow's own keys as the archive holds them, or as Valkey holds them now.
 #[derive(PartialEq, Eq, Clone, Copy)]
 pub struct Fingerprint([u8; 32]);
 
-/// How much of the event log a fingerprint covers.
-enum Log<'a> {
-    /// Every event, in order (a log read in one step).
-    Events(&'a [Vec<u8>]),
-    /// Its length (a longer log, followed by its watch).
-    Length(usize),
-}
+/// A fingerprint being computed: every part length-prefixed and every optional part tagged, so no two
+/// contents hash alike by framing.
+struct Parts(Sha256);
 
-/// Every part length-prefixed, every optional part tagged, so no two contents hash alike by framing.
-fn fingerprint(
-    snapshot: Option<&[u8]>,
-    seq: Option<i64>,
-    labels: &[(String, String)],
-    log: Log,
-) -> Fingerprint {
-    let mut h = Sha256::new();
-    let mut part = |b: &[u8]| {
-        h.update((b.len() as u64).to_le_bytes());
-        h.update(b);
-    };
-    part(snapshot.map_or(b"-", |_| b"+"));
-    part(snapshot.unwrap_or_default());
-    part(
-        seq.map_or_else(|| "-".to_string(), |s| s.to_string())
-            .as_bytes(),
-    );
-    // HGETALL's order is the hash's, which a rehash may change: compare as a set.
-    let mut labels: Vec<&(String, String)> = labels.iter().collect();
-    labels.sort();
-    part(&(labels.len() as u64).to_le_bytes());
-    for (name, value) in labels {
-        part(name.as_bytes());
-        part(value.as_bytes());
-    }
-    match log {
-        Log::Events(events) => {
-            part(b"events");
-            part(&(events.len() as u64).to_le_bytes());
-            events.iter().for_each(|e| part(e));
+impl Parts {
+    /// Starts with the flow's small keys.
+    fn new(snapshot: Option<&[u8]>, seq: Option<i64>, labels: &[(String, String)]) -> Parts {
+        let mut p = Parts(Sha256::new());
+        p.part(snapshot.map_or(b"-", |_| b"+"));
+        p.part(snapshot.unwrap_or_default());
+        p.part(
+            seq.map_or_else(|| "-".to_string(), |s| s.to_string())
+                .as_bytes(),
+        );
+        // HGETALL's order is the hash's, which a rehash may change: compare as a set.
+        let mut labels: Vec<&(String, String)> = labels.iter().collect();
+        labels.sort();
+        p.part(&(labels.len() as u64).to_le_bytes());
+        for (name, value) in labels {
+            p.part(name.as_bytes());
+            p.part(value.as_bytes());
         }
-        Log::Length(n) => {
-            part(b"length");
-            part(&(n as u64).to_le_bytes());
-        }
+        p
     }
-    Fingerprint(h.finalize().into())
+
+    fn part(&mut self, b: &[u8]) {
+        self.0.update((b.len() as u64).to_le_bytes());
+        self.0.update(b);
+    }
+
+    /// The log is covered event by event: its length, then `n` calls to `part`.
+    fn events(mut self, n: usize) -> Parts {
+        self.part(b"events");
+        self.part(&(n as u64).to_le_bytes());
+        self
+    }
+
+    /// The log is covered by its length only.
+    fn length(mut self, n: usize) -> Fingerprint {
+        self.part(b"length");
+        self.part(&(n as u64).to_le_bytes());
+        self.finish()
+    }
+
+    fn finish(self) -> Fingerprint {
+        Fingerprint(self.0.finalize().into())
+    }
 }
 
 /// What the archive holds of `flow`, whose log was read whole (`whole_log`) or followed.
 pub fn archived(flow: &Captured, events_total: usize, whole_log: bool) -> Fingerprint {
-    let log = if whole_log {
-        Log::Events(&flow.events)
-    } else {
-        Log::Length(events_total)
-    };
-    fingerprint(Some(&flow.snapshot), flow.seq, &flow.labels, log)
+    let parts = Parts::new(Some(&flow.snapshot), flow.seq, &flow.labels);
+    if !whole_log {
+        return parts.length(events_total);
+    }
+    let mut parts = parts.events(flow.events.len());
+    flow.events.iter().for_each(|e| parts.part(e));
+    parts.finish()
 }
 
 /// What Valkey holds of `flow` now. Main thread, in the flow's DB; reads at most one step's worth of
-/// events (a longer log is measured, not read).
+/// events (a longer log is measured, not read), hashing them where the server's reply holds them.
 pub fn current(ctx: &Context, flow: &Captured, whole_log: bool) -> Result<Fingerprint, FlowError> {
     let keys = &flow.keys;
     let snapshot = read_string(ctx, &keys.snapshot);
-    let seq = read_seq(ctx, keys)?;
-    let labels = read_labels(ctx, keys)?;
+    let parts = Parts::new(
+        snapshot.as_deref(),
+        read_seq(ctx, keys)?,
+        &read_labels(ctx, keys)?,
+    );
     let length = list_len(ctx, &keys.events)?;
-    let events;
-    let log = if whole_log {
-        events = list_range(ctx, &keys.events, 0, length)?;
-        Log::Events(&events)
-    } else {
-        Log::Length(length)
-    };
-    Ok(fingerprint(snapshot.as_deref(), seq, &labels, log))
+    if !whole_log {
+        return Ok(parts.length(length));
+    }
+    let mut parts = parts.events(length);
+    list_range_each(ctx, &keys.events, 0, length, |e| parts.part(e))?;
+    Ok(parts.finish())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    enum Log<'a> {
+        Events(&'a [Vec<u8>]),
+        Length(usize),
+    }
+
+    fn fingerprint(
+        snapshot: Option<&[u8]>,
+        seq: Option<i64>,
+        labels: &[(String, String)],
+        log: Log,
+    ) -> Fingerprint {
+        let parts = Parts::new(snapshot, seq, labels);
+        match log {
+            Log::Events(events) => {
+                let mut parts = parts.events(events.len());
+                events.iter().for_each(|e| parts.part(e));
+                parts.finish()
+            }
+            Log::Length(n) => parts.length(n),
+        }
+    }
 
     fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
