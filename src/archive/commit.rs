@@ -1,4 +1,5 @@
-//! Commit: after a verified upload, on the main thread and in the flow's DB, proves the flow is unchanged,
+//! Commit: after a verified upload, on the main thread and in the flow's DB, proves the flow is unchanged
+//! (its keys hold what the archive holds, `proof`; its watch saw no flush, swap or followed write),
 //! records the index entry and removes the flow, exactly as the engine removes one. Every write goes
 //! through the server's own commands with replication on, so replicas and the AOF receive them in one
 //! MULTI/EXEC (all writes of one main-thread step are propagated together).
@@ -19,15 +20,14 @@ use std::time::{Duration, Instant};
 use crate::archive::capture::Capture;
 use crate::archive::flow::Captured;
 use crate::archive::guard;
+use crate::archive::proof::{self, Fingerprint};
 use crate::index;
 use crate::layout::Layout;
 use crate::ops::errors::{self, FlowError};
 use crate::ops::metrics::Stage;
-use crate::runtime::acl::Caller;
 use crate::runtime::cluster;
 use crate::runtime::mainthread;
 use crate::runtime::server::{bytes, call, call_replicated, integer, type_of};
-use crate::runtime::watch::Watch;
 
 /// How long a commit waits for paused writes to resume, and how often it looks.
 const PAUSE_WAIT: Duration = Duration::from_secs(10);
@@ -49,8 +49,7 @@ fn writable(ctx: &Context) -> Result<(), FlowError> {
     Ok(())
 }
 
-/// Re-reads what the watch cannot see: the flow's entries in engine-wide indexes (shared keys are
-/// touched by every flow, so they are compared, not watched).
+/// Re-reads the flow's entries in engine-wide indexes (shared keys, touched by every flow).
 fn unchanged(ctx: &Context, flow: &Captured, layout: &Layout) -> Result<bool, FlowError> {
     if let Some(hash) = &flow.keys.status_hash {
         let reply = call(ctx, "HGET", &[hash.as_bytes(), flow.keys.member.as_bytes()])?;
@@ -84,25 +83,33 @@ fn write(ctx: &Context, cmd: &str, args: &[&[u8]]) -> Result<i64, FlowError> {
 /// Verifies, indexes and deletes. Nothing is written unless every check passes.
 fn commit(
     ctx: &Context,
-    caller: &Caller,
-    flow: &Captured,
-    watch: &Watch,
+    capture: &Capture,
+    archived: Fingerprint,
     layout: &Layout,
     location: &str,
-    motion: u32,
 ) -> Result<(), FlowError> {
+    let Capture {
+        flow,
+        caller,
+        watch,
+        motion,
+        ..
+    } = capture;
     writable(ctx)?;
-    if watch.changed() || !unchanged(ctx, flow, layout)? {
+    if watch.changed()
+        || !unchanged(ctx, flow, layout)?
+        || proof::current(ctx, flow, !watch.follows())? != archived
+    {
         return Err(FlowError::Changed);
     }
     let slot = guard::check(ctx, caller, flow, layout)?;
     // On a cluster: still this node's slot, not moving, and no migration of it since the capture.
-    cluster::check_commit(ctx, slot, motion)?;
+    cluster::check_commit(ctx, slot, *motion)?;
     if let Some(existing) = index::location(ctx, &flow.keys, &flow.id)? {
         return Err(FlowError::Conflict(existing));
     }
-    // From here every write is certain to succeed. Our own deletes raise keyspace events on the
-    // watched keys; the watch is dropped by the caller afterwards.
+    // From here every write is certain to succeed. Our own deletes may raise keyspace events on
+    // followed keys; the watch is dropped by the caller afterwards.
     let id = flow.id.as_bytes();
     let member = flow.keys.member.as_bytes();
     write(
@@ -137,19 +144,17 @@ fn commit(
 /// Commits a captured, stored flow from a worker thread. Writes paused (a failover, `CLIENT PAUSE
 /// WRITE`) usually end within seconds: the commit waits that long, the watch still guarding the flow,
 /// then gives up with the flow live. Returns the longest main-thread stretch spent on the flow.
-pub fn when_writable(capture: Capture, layout: &Layout, location: &str) -> Result<u64, FlowError> {
-    let Capture {
-        flow,
-        caller,
-        watch,
-        mut held_us,
-        motion,
-        ..
-    } = capture;
+pub fn when_writable(
+    capture: Capture,
+    archived: Fingerprint,
+    layout: &Layout,
+    location: &str,
+) -> Result<u64, FlowError> {
+    let mut held_us = capture.held_us;
     let paused_until = Instant::now() + PAUSE_WAIT;
     loop {
-        let committed = mainthread::step(flow.db, Stage::Commit, &mut held_us, |ctx| {
-            commit(ctx, &caller, &flow, &watch, layout, location, motion)
+        let committed = mainthread::step(capture.flow.db, Stage::Commit, &mut held_us, |ctx| {
+            commit(ctx, &capture, archived, layout, location)
         });
         match committed {
             Err(FlowError::NotWritable(errors::WRITES_PAUSED)) if Instant::now() < paused_until => {
@@ -167,18 +172,19 @@ pub fn when_writable(capture: Capture, layout: &Layout, location: &str) -> Resul
 /// `when_writable`. Returns every flow's tag with its outcome: the longest main-thread stretch spent
 /// on it, or why it stays live.
 pub fn commit_many<T: Sync>(
-    flows: Vec<(T, Capture, String)>,
+    flows: Vec<(T, Capture, Fingerprint, String)>,
     layout: &Layout,
 ) -> Vec<(T, Result<u64, FlowError>)> {
     let paused_until = Instant::now() + PAUSE_WAIT;
-    let mut waiting: VecDeque<(T, Capture, String)> = flows.into();
+    let mut waiting: VecDeque<(T, Capture, Fingerprint, String)> = flows.into();
     let mut out = Vec::with_capacity(waiting.len());
-    while let Some((_, first, _)) = waiting.front() {
+    while let Some((_, first, ..)) = waiting.front() {
         let db = first.flow.db;
         let mut held = 0;
         let batch = waiting.make_contiguous();
-        let ran = mainthread::step_batch(db, Stage::Commit, &mut held, batch, |ctx, (_, c, at)| {
-            commit(ctx, &c.caller, &c.flow, &c.watch, layout, at, c.motion)
+        let ran = mainthread::step_batch(db, Stage::Commit, &mut held, batch, |ctx, flow| {
+            let (_, capture, archived, location) = flow;
+            commit(ctx, capture, *archived, layout, location)
         });
         // A step that could not run (no event loop) or panicked fails every flow still waiting (one
         // the panicking step had committed already is found archived by the next sweep).
@@ -188,16 +194,16 @@ pub fn commit_many<T: Sync>(
         });
         let mut paused = Vec::new();
         for result in results {
-            let Some((tag, capture, location)) = waiting.pop_front() else {
+            let Some(flow) = waiting.pop_front() else {
                 break;
             };
             match result {
                 Err(FlowError::NotWritable(errors::WRITES_PAUSED))
                     if Instant::now() < paused_until =>
                 {
-                    paused.push((tag, capture, location));
+                    paused.push(flow);
                 }
-                other => out.push((tag, other.map(|()| capture.held_us.max(held)))),
+                other => out.push((flow.0, other.map(|()| flow.1.held_us.max(held)))),
             }
         }
         if !paused.is_empty() {
