@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use common::checker::{check, Expect, Model};
-use common::index::{compact_entries, compact_location, INDEX};
+use common::index::{compact_entries, compact_entry, compact_location, INDEX};
 use common::*;
 
 const COMPACT: [&str; 4] = ["index-format", "compact", "index-buckets", "8"];
@@ -316,4 +316,83 @@ fn compact_index_keys_need_the_callers_acl() {
     archive(&mut n, "acl-4").unwrap();
     assert!(get(&mut n, "acl-4").unwrap().is_some());
     assert_eq!(get(&mut n, "never").unwrap(), None);
+}
+
+#[test]
+fn cluster_compact_keys_sit_in_the_flows_slot_and_convert_per_primary() {
+    use common::cluster::{layout_args, slot_index_key, slot_of, Cluster, TFlow};
+    let s3 = S3::new_bucket();
+    let mut args = s3.module_args(&s3_endpoint());
+    args.extend(layout_args());
+    args.extend(COMPACT.iter().map(|s| s.to_string()));
+    let mut cluster = Cluster::start(Flavor::Valkey9, &args);
+    let flows: Vec<TFlow> = flow_ids("ffff")
+        .into_iter()
+        .filter(|id| !id.contains('{'))
+        .map(|id| TFlow::done(id, 4))
+        .collect();
+    let mut client = cluster.client();
+    for f in &flows {
+        f.write(&mut client);
+    }
+    for i in cluster.primaries() {
+        cluster.sweep(i, &[]).unwrap();
+    }
+    let read_all = |client: &mut redis::cluster::ClusterConnection, what: &str| {
+        for f in &flows {
+            let (_, events): (String, Vec<String>) = redis::cmd("FLOWARCHIVE.GET")
+                .arg(&f.id)
+                .arg("EVENTS")
+                .query(client)
+                .unwrap_or_else(|e| panic!("{what}: {}: {e}", f.id));
+            assert_eq!(events, f.event_list(), "{what}: {}", f.id);
+        }
+    };
+    read_all(&mut client, "compact");
+    // Every compact key of a flow is in the flow's slot, on the node that serves it: 1 bucket per slot
+    // (8 buckets over 16384 slots).
+    for f in &flows {
+        let base = slot_index_key(slot_of(&f.id));
+        let owner = cluster.owner(slot_of(&f.id));
+        let location = compact_location(&mut cluster.conn(owner), &base, &f.id);
+        assert!(location.is_some(), "{} on node {owner}", f.id);
+        for key in [format!("{base}:meta"), compact_entry(&base, 1, &f.id).0] {
+            let slot: i64 = cluster.on(owner, &["CLUSTER", "KEYSLOT", &key]).unwrap();
+            assert_eq!(slot, slot_of(&f.id) as i64);
+        }
+    }
+    for i in cluster.primaries() {
+        let set = ["CONFIG", "SET", "flowarchive.index-format", "hash"];
+        cluster.on::<()>(i, &set).unwrap();
+    }
+    let port = cluster.nodes[0].port.to_string();
+    let convert_cluster = |to: &str| {
+        let out = Command::new("python3")
+            .arg(root().join("scripts/flowarchive-index"))
+            .args(["--to", to])
+            .env("FLOWARCHIVE_PORT", &port)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let out = convert_cluster("hash");
+    assert!(out.contains(&format!("moved={}", flows.len())), "{out}");
+    read_all(&mut client, "hash");
+    for f in &flows {
+        let owner = cluster.owner(slot_of(&f.id));
+        let at: Option<String> = cluster
+            .on(owner, &["HGET", &slot_index_key(slot_of(&f.id)), &f.id])
+            .unwrap();
+        assert!(at.is_some(), "{} in the per-slot hash", f.id);
+    }
+    let out = convert_cluster("compact");
+    assert!(out.contains(&format!("moved={}", flows.len())), "{out}");
+    read_all(&mut client, "compact again");
 }
