@@ -60,7 +60,7 @@ pub fn location(
 fn presence_key(keys: &FlowKeys, format: IndexFormat) -> String {
     match format {
         IndexFormat::Hash => keys.index.clone(),
-        IndexFormat::Compact => Compact::of(keys, "").meta,
+        IndexFormat::Compact => meta_key(keys),
     }
 }
 
@@ -99,9 +99,8 @@ fn lookup(
         .ok_or_else(|| compact.damaged(&format!("has no head {}", head_field(head))))?;
     let folder =
         folder_of(&head).ok_or_else(|| compact.damaged("holds a head that is no s3:// URL"))?;
-    Ok(Some(
-        head.clone() + &layout::object_file(folder, id, generation),
-    ))
+    let file = layout::object_file(folder, id, generation);
+    Ok(Some(head + &file))
 }
 
 /// The keys an entry of `id` is written to in the configured format: the commit checks the caller's
@@ -202,6 +201,11 @@ fn split<'l>(location: &'l str, id: &str) -> Option<(&'l str, u32)> {
     Some((head, generation))
 }
 
+/// The compact index's meta hash (bucket count, heads, entry count) for these keys' DB or slot.
+fn meta_key(keys: &FlowKeys) -> String {
+    format!("{}:meta", keys.index)
+}
+
 /// A flow id's compact entry: its field, and the meta and bucket keys (by bucket count).
 struct Compact {
     meta: String,
@@ -222,7 +226,7 @@ impl Compact {
         let mut first = [0u8; 8];
         first.copy_from_slice(&digest[..8]);
         Compact {
-            meta: format!("{}:meta", keys.index),
+            meta: meta_key(keys),
             stem: format!("{}:{kind}", keys.index),
             field,
             hash: u64::from_be_bytes(first),
