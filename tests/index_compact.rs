@@ -396,3 +396,52 @@ fn cluster_compact_keys_sit_in_the_flows_slot_and_convert_per_primary() {
     assert!(out.contains(&format!("moved={}", flows.len())), "{out}");
     read_all(&mut client, "compact again");
 }
+
+#[test]
+fn the_commit_refuses_a_flow_indexed_meanwhile_in_either_format() {
+    let s3 = S3::new_bucket();
+    let proxy = common::proxy::Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &COMPACT);
+    let mut other = srv.conn();
+    let head = format!("s3://{}/{}/", s3.name(), s3.prefix);
+    for (configured, id) in [
+        ("compact", "0f8fad5b-d9cb-469f-a165-70867728950e"),
+        ("hash", "meanwhile:{x}"),
+    ] {
+        config_set(&mut other, "flowarchive.index-format", configured).unwrap();
+        write_flow(&mut other, &FlowSpec::done(id));
+        proxy.delay("PUT", std::time::Duration::from_millis(800));
+        let mut c = srv.conn();
+        let flow = id.to_string();
+        let handle = std::thread::spawn(move || archive(&mut c, &flow));
+        wait_for(
+            "the PUT to reach the proxy",
+            std::time::Duration::from_secs(10),
+            || !proxy.requests().is_empty(),
+        );
+        // Another writer indexes the flow in the format the commit does not write.
+        let planted = format!("{head}flows/elsewhere.jsonl.gz");
+        if configured == "compact" {
+            cmd::<i64>(&mut other, &["HSET", INDEX, id, &planted]).unwrap();
+        } else {
+            let (bucket, field) = compact_entry(INDEX, 8, id);
+            let meta = format!("{INDEX}:meta");
+            cmd::<i64>(
+                &mut other,
+                &["HSET", &meta, "buckets", "8", "h0", &head, "entries", "1"],
+            )
+            .unwrap();
+            redis::cmd("HSET")
+                .arg(&bucket)
+                .arg(&field)
+                .arg(0)
+                .query::<i64>(&mut other)
+                .unwrap();
+        }
+        let e = err_text(handle.join().unwrap());
+        assert!(e.contains("live but already archived"), "{configured}: {e}");
+        let events = format!("argyll:flow:{id}:events");
+        assert!(exists(&mut other, &events), "{configured}: nothing deleted");
+        proxy.clear();
+    }
+}
