@@ -98,13 +98,6 @@ redis_module! {
         ["flowarchive.get", commands::get, "readonly", 0, 0, 0, "", "flowarchive"],
         ["flowarchive.sweep", commands::sweep, "write deny-oom deny-script", 0, 0, 0, "", "flowarchive"],
     ],
-    // The change watch subscribes to the types a flow's own keys hold (list, string, hash) and to the
-    // events any key raises (del, rename, expire, restore...), not to set, sorted-set, stream or module
-    // writes (the engine's SADD/ZADD to its shared indexes). A watched key that turns into another type
-    // was first deleted (a generic event) or absent, and then fails the commit's type check.
-    event_handlers: [
-        [@GENERIC @STRING @LIST @HASH @EXPIRED @EVICTED: watch::on_key_event],
-    ],
     configurations: [
         i64: [
             ["request-timeout-ms", &configs::REQUEST_TIMEOUT_MS.value, configs::REQUEST_TIMEOUT_MS.default, configs::REQUEST_TIMEOUT_MS.min, configs::REQUEST_TIMEOUT_MS.max, ConfigurationFlags::DEFAULT, None],

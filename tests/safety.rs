@@ -133,7 +133,7 @@ fn module_unload_waits_for_work_in_flight_and_leaves_no_thread() {
     let e = err_text(cmd::<()>(&mut c, &["MODULE", "UNLOAD", "flowarchive"]));
     assert!(e.to_lowercase().contains("unload"), "{e}");
     assert!(srv.log().contains("MODULE UNLOAD refused"));
-    // A late event on a flow of the sweep: the watch is still there, so the flow survives.
+    // A late event on a flow of the sweep: the module is still there to prove it changed, so the flow survives.
     cmd::<()>(
         &mut c,
         &["RPUSH", "argyll:flow:u19:events", "{\"type\":\"late\"}"],
@@ -598,8 +598,7 @@ fn a_key_of_the_flow_created_as_another_type_during_the_upload_is_never_deleted(
     wait_for("the PUT", Duration::from_secs(10), || {
         !proxy.requests().is_empty()
     });
-    // The labels key was absent at capture; a set (whose writes the watch does not subscribe to)
-    // appears under its name.
+    // The labels key was absent at capture; a set appears under its name.
     cmd::<()>(&mut c, &["SADD", "argyll:flow:retyped:idx:labels", "x"]).unwrap();
     // Seen as a change, or refused by the commit's type check: either way nothing is deleted.
     let e = err_text(flow.join().unwrap());

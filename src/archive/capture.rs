@@ -1,8 +1,9 @@
 //! Capture: reads one flow's keys natively inside the server, on the main thread.
 //!
-//! `start` checks eligibility, begins the change watch and reads everything but the tail of a long event
-//! log; `read_more` reads the rest in bounded chunks, each in its own short main-thread step, so a flow of
-//! 100,000 events never stalls the server in one go. The watch proves nothing changed in between.
+//! `inspect` checks eligibility and reads everything but the event log; `read_more` reads the log in
+//! bounded chunks, each in its own short main-thread step, so a flow of 100,000 events never stalls the
+//! server in one go. A log longer than one chunk is followed by the flow's watch from its first chunk
+//! on, so a write between two chunks is seen (`runtime::watch`).
 
 use redis_module::{Context, KeyType};
 
@@ -20,7 +21,7 @@ use crate::runtime::server::{
 };
 use crate::runtime::watch::Watch;
 
-/// A capture in progress: the flow, how long its event log is, and the watch that guards it.
+/// A capture in progress: the flow, how long its event log is, and the watch that claims it.
 pub struct Capture {
     pub flow: Captured,
     /// On whose behalf: the commit checks this user's ACL again.
@@ -40,6 +41,11 @@ pub struct Capture {
 impl Capture {
     pub fn complete(&self) -> bool {
         self.flow.events.len() >= self.events_total
+    }
+
+    /// Whether the event log was read in one step, so the commit can read it again whole.
+    pub fn whole_log(&self) -> bool {
+        !self.watch.follows()
     }
 }
 
@@ -195,7 +201,7 @@ fn status_score(
     Ok(bytes(&reply).map(|b| String::from_utf8_lossy(&b).into_owned()))
 }
 
-fn read_seq(ctx: &Context, keys: &FlowKeys) -> Result<Option<i64>, FlowError> {
+pub(super) fn read_seq(ctx: &Context, keys: &FlowKeys) -> Result<Option<i64>, FlowError> {
     let Some(k) = &keys.seq else { return Ok(None) };
     if !expect_type(ctx, k, &KeyType::String)? {
         return Ok(None);
@@ -207,7 +213,10 @@ fn read_seq(ctx: &Context, keys: &FlowKeys) -> Result<Option<i64>, FlowError> {
         .map_err(|_| FlowError::Unreadable(format!("snapshot sequence {raw:?} is not an integer")))
 }
 
-fn read_labels(ctx: &Context, keys: &FlowKeys) -> Result<Vec<(String, String)>, FlowError> {
+pub(super) fn read_labels(
+    ctx: &Context,
+    keys: &FlowKeys,
+) -> Result<Vec<(String, String)>, FlowError> {
     let Some(k) = &keys.labels else {
         return Ok(Vec::new());
     };

@@ -1,4 +1,5 @@
-//! Commit: after a verified upload, on the main thread and in the flow's DB, proves the flow is unchanged,
+//! Commit: after a verified upload, on the main thread and in the flow's DB, proves the flow is unchanged
+//! (its keys hold what the archive holds, `proof`; its watch saw no flush, swap or followed write),
 //! records the index entry and removes the flow, exactly as the engine removes one. Every write goes
 //! through the server's own commands with replication on, so replicas and the AOF receive them in one
 //! MULTI/EXEC (all writes of one main-thread step are propagated together).
@@ -14,15 +15,14 @@ use std::time::{Duration, Instant};
 use crate::archive::capture::Capture;
 use crate::archive::flow::Captured;
 use crate::archive::guard;
+use crate::archive::proof::{self, Fingerprint};
 use crate::index;
 use crate::layout::Layout;
 use crate::ops::errors::{self, FlowError};
 use crate::ops::metrics::Stage;
-use crate::runtime::acl::Caller;
 use crate::runtime::cluster;
 use crate::runtime::mainthread;
 use crate::runtime::server::{bytes, call, call_replicated, integer, type_of};
-use crate::runtime::watch::Watch;
 
 /// How long a commit waits for paused writes to resume, and how often it looks.
 const PAUSE_WAIT: Duration = Duration::from_secs(10);
@@ -44,8 +44,7 @@ fn writable(ctx: &Context) -> Result<(), FlowError> {
     Ok(())
 }
 
-/// Re-reads what the watch cannot see: the flow's entries in engine-wide indexes (shared keys are
-/// touched by every flow, so they are compared, not watched).
+/// Re-reads the flow's entries in engine-wide indexes (shared keys, touched by every flow).
 fn unchanged(ctx: &Context, flow: &Captured, layout: &Layout) -> Result<bool, FlowError> {
     if let Some(hash) = &flow.keys.status_hash {
         let reply = call(ctx, "HGET", &[hash.as_bytes(), flow.keys.member.as_bytes()])?;
@@ -79,25 +78,33 @@ fn write(ctx: &Context, cmd: &str, args: &[&[u8]]) -> Result<i64, FlowError> {
 /// Verifies, indexes and deletes. Nothing is written unless every check passes.
 fn commit(
     ctx: &Context,
-    caller: &Caller,
-    flow: &Captured,
-    watch: &Watch,
+    capture: &Capture,
+    archived: Fingerprint,
     layout: &Layout,
     location: &str,
-    motion: u32,
 ) -> Result<(), FlowError> {
+    let Capture {
+        flow,
+        caller,
+        watch,
+        motion,
+        ..
+    } = capture;
     writable(ctx)?;
-    if watch.changed() || !unchanged(ctx, flow, layout)? {
+    if watch.changed()
+        || !unchanged(ctx, flow, layout)?
+        || proof::current(ctx, flow, !watch.follows())? != archived
+    {
         return Err(FlowError::Changed);
     }
     let slot = guard::check(ctx, caller, flow, layout)?;
     // On a cluster: still this node's slot, not moving, and no migration of it since the capture.
-    cluster::check_commit(ctx, slot, motion)?;
+    cluster::check_commit(ctx, slot, *motion)?;
     if let Some(existing) = index::location(ctx, caller, &flow.keys, &flow.id)? {
         return Err(FlowError::Conflict(existing));
     }
-    // From here every write is certain to succeed. Our own deletes raise keyspace events on the
-    // watched keys; the watch is dropped by the caller afterwards.
+    // From here every write is certain to succeed. Our own deletes may raise keyspace events on
+    // followed keys; the watch is dropped by the caller afterwards.
     let member = flow.keys.member.as_bytes();
     index::record(ctx, &flow.keys, &flow.id, location, |cmd, args| {
         write(ctx, cmd, args)
@@ -129,19 +136,17 @@ fn commit(
 /// Commits a captured, stored flow from a worker thread. Writes paused (a failover, `CLIENT PAUSE
 /// WRITE`) usually end within seconds: the commit waits that long, the watch still guarding the flow,
 /// then gives up with the flow live. Returns the longest main-thread stretch spent on the flow.
-pub fn when_writable(capture: Capture, layout: &Layout, location: &str) -> Result<u64, FlowError> {
-    let Capture {
-        flow,
-        caller,
-        watch,
-        mut held_us,
-        motion,
-        ..
-    } = capture;
+pub fn when_writable(
+    capture: Capture,
+    archived: Fingerprint,
+    layout: &Layout,
+    location: &str,
+) -> Result<u64, FlowError> {
+    let mut held_us = capture.held_us;
     let paused_until = Instant::now() + PAUSE_WAIT;
     loop {
-        let committed = mainthread::step(flow.db, Stage::Commit, &mut held_us, |ctx| {
-            commit(ctx, &caller, &flow, &watch, layout, location, motion)
+        let committed = mainthread::step(capture.flow.db, Stage::Commit, &mut held_us, |ctx| {
+            commit(ctx, &capture, archived, layout, location)
         });
         match committed {
             Err(FlowError::NotWritable(errors::WRITES_PAUSED)) if Instant::now() < paused_until => {

@@ -9,6 +9,7 @@ pub mod eligible;
 pub mod encode;
 pub mod flow;
 pub mod guard;
+pub mod proof;
 pub mod store;
 
 use std::sync::atomic::Ordering;
@@ -17,6 +18,7 @@ use redis_module::{Context, RedisError, RedisResult, RedisValue};
 
 use crate::archive::capture::{Capture, Inspected, Start};
 use crate::archive::eligible::Window;
+use crate::archive::proof::Fingerprint;
 use crate::digest::hex;
 use crate::ops::configs::Settings;
 use crate::ops::errors::{self, FlowError};
@@ -118,8 +120,7 @@ pub fn begin(
             };
         // On a cluster, the slot's migration generation now: the commit refuses if it changed.
         let motion = cluster::motion(cluster::placement(id, flow.keys.named())?);
-        let watched: Vec<&str> = flow.keys.own().collect();
-        let watch = Watch::start(db, id, &watched).ok_or(FlowError::Busy)?;
+        let watch = Watch::claim(db, id).ok_or(FlowError::Busy)?;
         let mut capture = Capture {
             bytes: flow.snapshot.len() as u64,
             flow,
@@ -131,6 +132,11 @@ pub fn begin(
             motion,
         };
         capture::read_more(ctx, &mut capture)?;
+        if !capture.complete() {
+            // Read over several steps: follow the log's writes from this step on.
+            let own: Vec<&str> = capture.flow.keys.own().collect();
+            capture.watch.follow(ctx, &own)?;
+        }
         Ok(Start::Capture(Box::new(capture)))
     })
     .map(|started| match started {
@@ -158,6 +164,8 @@ pub fn finish_capture(capture: &mut Capture) -> Result<(), FlowError> {
 /// A flow whose object is stored and verified, waiting for its commit.
 pub struct Uploaded {
     capture: Capture,
+    /// What the object holds of the flow's keys, for the commit to compare.
+    archived: Fingerprint,
     location: String,
     raw_bytes: u64,
     stored_bytes: u64,
@@ -179,8 +187,9 @@ pub fn upload(
             .map_err(FlowError::Unreadable)?;
         encoded
     };
-    // The commit needs only the count: free the log now, not after the upload.
+    // The commit needs only the count and the fingerprint: free the log now, not after the upload.
     capture.events_total = capture.flow.events.len();
+    let archived = proof::archived(&capture.flow, capture.events_total, capture.whole_log());
     capture.flow.events = Vec::new();
     let _encoded = Buffered::hold(encoded.body.len() as u64);
     UPLOADS_IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
@@ -193,6 +202,7 @@ pub fn upload(
         stored_bytes: encoded.body.len() as u64,
         sha256: hex(&encoded.object_sha256),
         capture,
+        archived,
     })
 }
 
@@ -200,13 +210,14 @@ pub fn upload(
 pub fn commit(up: Uploaded, settings: &Settings) -> Result<Archived, FlowError> {
     let Uploaded {
         capture,
+        archived,
         location,
         raw_bytes,
         stored_bytes,
         sha256,
     } = up;
     let (flow, events) = (capture.flow.id.clone(), capture.events_total);
-    let main_thread_us = commit::when_writable(capture, &settings.layout, &location)?;
+    let main_thread_us = commit::when_writable(capture, archived, &settings.layout, &location)?;
     metrics::archived(&flow, &location, raw_bytes, stored_bytes);
     Ok(Archived {
         main_thread_us,

@@ -2,8 +2,8 @@
 //!
 //! A short event log is read in the command itself. A long one is read like a capture: in chunks of
 //! `EVENTS_PER_STEP`, each a short main-thread step handed over by a read worker, so a log of 300,000
-//! events never holds the server in one stretch. A watch on the snapshot and the log proves the chunks
-//! form one state; a change restarts the read. The bytes read are capped like an archived read.
+//! events never holds the server in one stretch. A watch follows the log from the first step on, so the
+//! chunks and the snapshot read with the first form one state; a change restarts the read. The bytes read are capped like an archived read.
 
 use redis_module::{Context, KeyType, RedisError, RedisResult, RedisValue};
 
@@ -95,7 +95,7 @@ fn read_once(
 ) -> Result<(Vec<u8>, Vec<Vec<u8>>), FlowError> {
     let mut held = 0;
     let (watch, snapshot, total) = mainthread::step(db, Stage::Capture, &mut held, |ctx| {
-        let watch = Watch::observe(db, &[&keys.snapshot, &keys.events]);
+        let watch = Watch::observe(ctx, db, &[&keys.snapshot, &keys.events])?;
         let snapshot = call(ctx, "GET", &[keys.snapshot.as_bytes()])?;
         let snapshot = bytes(&snapshot).ok_or(FlowError::Changed)?;
         Ok::<_, FlowError>((watch, snapshot, list_len(ctx, &keys.events)?))

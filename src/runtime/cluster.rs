@@ -9,7 +9,7 @@
 //! the flow's slot as primary, that the slot is not being migrated (classic `MIGRATING`/`IMPORTING`
 //! or a Valkey 9 atomic slot migration), and that no atomic migration of that slot began or ended
 //! since the capture; anything else abandons the archive with the flow live. (A classic migration
-//! moves the flow's keys with MIGRATE, which deletes them here: the capture's watch sees that.)
+//! moves the flow's keys with MIGRATE, which deletes them here: the commit finds them gone.)
 //!
 //! On a server without cluster mode nothing here changes behaviour.
 

@@ -62,8 +62,21 @@ pub fn list_range(
     from: usize,
     to: usize,
 ) -> Result<Vec<Vec<u8>>, String> {
+    let mut out = Vec::with_capacity(to.saturating_sub(from));
+    list_range_each(ctx, key, from, to, |e| out.push(e.to_vec()))?;
+    Ok(out)
+}
+
+/// Hands each element `from..to` of the list at `key` to `f` in place, without copying it.
+pub fn list_range_each(
+    ctx: &Context,
+    key: &str,
+    from: usize,
+    to: usize,
+    mut f: impl FnMut(&[u8]),
+) -> Result<(), String> {
     if from >= to {
-        return Ok(Vec::new());
+        return Ok(());
     }
     let (start, stop) = (from.to_string(), (to - 1).to_string());
     let reply = call(
@@ -71,7 +84,14 @@ pub fn list_range(
         "LRANGE",
         &[key.as_bytes(), start.as_bytes(), stop.as_bytes()],
     )?;
-    Ok(strings(&reply))
+    if let CallReply::Array(a) = &reply {
+        for element in a.iter() {
+            if let Ok(CallReply::String(s)) = element {
+                f(s.as_bytes());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A bulk-string reply's bytes, `None` for nil.

@@ -1,79 +1,130 @@
-//! Change detection for flows being archived.
+//! Change detection for flows in flight, paid for only by the flows that need it.
 //!
-//! While a flow is between capture and commit, its own keys are registered here. Every keyspace event
-//! the server raises for one of them (a late RPUSH, SET, DEL, RENAME, expiry, eviction...) and every
-//! FLUSHDB/FLUSHALL/SWAPDB marks the archive as changed, so the commit deletes nothing. This is the
-//! fingerprint: exact, O(1) per write, and it covers captures that span several event-loop turns.
+//! Every archive first claims its flow here (one archive per flow at a time), and FLUSHDB, FLUSHALL and
+//! SWAPDB mark every claimed flow as changed. Nothing else about a flow read in one main-thread step
+//! (an event log of up to `EVENTS_PER_STEP` events, nearly every flow) is watched: its commit reads it
+//! again in the commit's own step and compares it with what was archived (`archive::proof`). That is
+//! exact and costs the server's other writes nothing, so a loaded module adds no work to them.
+//!
+//! A longer log is read over several steps, and a write between two of them must be seen when it
+//! happens (a comparison over several steps could miss it). Only for such a flow, or a long live read,
+//! does `follow` subscribe to keyspace events: list writes and the events any key raises (del, rename,
+//! expire, restore, copy, move), expiries and evictions. A list key that turns into another type was
+//! first deleted or renamed over (seen), or fails the commit's type check; the flow's small keys are
+//! compared at commit. No server this module supports (Valkey 8.0 to 9.1, Redis 7.0) lets a module
+//! unsubscribe, so the subscription stays until the module unloads: from the first long flow on, list
+//! writes pay for one notification each, and the hook returns at once while nothing is followed.
 
 use std::collections::{HashMap, HashSet};
-use std::os::raw::c_void;
+use std::os::raw::{c_char, c_int, c_void};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use linkme::distributed_slice;
 use redis_module::server_events::FlushSubevent;
-use redis_module::{raw, Context, NotifyEvent};
+use redis_module::{raw, Context};
 
-use crate::runtime::server::selected_db;
+use crate::ops::errors::FlowError;
+use crate::ops::info::{named, Fields, INFO_FIELDS};
+use crate::ops::log;
 use crate::sync::lock;
 
 type DbKey = (i32, Vec<u8>);
 
 #[derive(Default)]
 struct Registry {
+    /// Followed keys and the watches that follow each.
     keys: HashMap<DbKey, Vec<Arc<AtomicBool>>>,
+    /// Every live watch (a flush or swap changes them all).
     all: Vec<Arc<AtomicBool>>,
     flows: HashSet<(i32, String)>,
 }
 
 static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
-/// Lets the notification hook skip the lock when nothing is watched (the common case).
-static WATCHED: AtomicUsize = AtomicUsize::new(0);
+/// Followed watches: lets the notification hook skip the lock when none is (the common case).
+static FOLLOWED: AtomicUsize = AtomicUsize::new(0);
+/// Whether the keyspace-event hook is subscribed (once, at the first `follow`).
+static SUBSCRIBED: AtomicBool = AtomicBool::new(false);
+
+/// What the hook is told about: writes to lists, events of any key type, expiries and evictions.
+const FOLLOWED_EVENTS: c_int = raw::REDISMODULE_NOTIFY_LIST
+    | raw::REDISMODULE_NOTIFY_GENERIC
+    | raw::REDISMODULE_NOTIFY_EXPIRED
+    | raw::REDISMODULE_NOTIFY_EVICTED;
 
 fn registry() -> MutexGuard<'static, Option<Registry>> {
     lock(&REGISTRY)
 }
 
-/// A flow being archived. Dropping it ends the watch and frees the flow for another archive attempt.
+/// A flow being archived or read. Dropping it ends the watch and frees the flow for another archive.
 pub struct Watch {
     db: i32,
     /// The flow this watch claims for its archive, if any (a reader's watch claims nothing).
     claimed: Option<String>,
+    /// The keys it follows (none unless `follow` was called).
     keys: Vec<DbKey>,
     changed: Arc<AtomicBool>,
 }
 
 impl Watch {
-    /// Starts watching `keys` of flow `id` in `db`; `None` if that flow is already being archived.
-    /// Must be called on the main thread before the first key is read.
-    pub fn start(db: i32, id: &str, keys: &[&str]) -> Option<Watch> {
+    /// Claims flow `id` in `db` for one archive; `None` if another archive holds it.
+    pub fn claim(db: i32, id: &str) -> Option<Watch> {
         let mut guard = registry();
         let reg = guard.get_or_insert_with(Registry::default);
         if !reg.flows.insert((db, id.to_string())) {
             return None;
         }
-        Some(Self::register(reg, db, Some(id.to_string()), keys))
+        Some(Self::register(reg, db, Some(id.to_string())))
     }
 
-    /// Watches `keys` in `db` for a reader, without claiming the flow. Main thread, before the first read.
-    pub fn observe(db: i32, keys: &[&str]) -> Watch {
-        let mut guard = registry();
-        Self::register(guard.get_or_insert_with(Registry::default), db, None, keys)
+    /// A reader's watch of `keys` in `db`, claiming nothing. Main thread, before the first read.
+    pub fn observe(ctx: &Context, db: i32, keys: &[&str]) -> Result<Watch, FlowError> {
+        let mut watch = {
+            let mut guard = registry();
+            Self::register(guard.get_or_insert_with(Registry::default), db, None)
+        };
+        watch.follow(ctx, keys)?;
+        Ok(watch)
     }
 
-    fn register(reg: &mut Registry, db: i32, claimed: Option<String>, keys: &[&str]) -> Watch {
+    fn register(reg: &mut Registry, db: i32, claimed: Option<String>) -> Watch {
         let changed = Arc::new(AtomicBool::new(false));
-        let keys: Vec<DbKey> = keys.iter().map(|k| (db, k.as_bytes().to_vec())).collect();
-        for k in &keys {
-            reg.keys.entry(k.clone()).or_default().push(changed.clone());
-        }
         reg.all.push(changed.clone());
-        WATCHED.fetch_add(1, Ordering::SeqCst);
         Watch {
             db,
             claimed,
-            keys,
+            keys: Vec::new(),
             changed,
         }
+    }
+
+    /// From now on, any write to `keys` marks this watch changed. Main thread, in the same step as the
+    /// read it must guard (no write can come between).
+    pub fn follow(&mut self, ctx: &Context, keys: &[&str]) -> Result<(), FlowError> {
+        subscribe(ctx)?;
+        self.follow_keys(keys);
+        Ok(())
+    }
+
+    fn follow_keys(&mut self, keys: &[&str]) {
+        let mut guard = registry();
+        let reg = guard.get_or_insert_with(Registry::default);
+        for k in keys {
+            let key = (self.db, k.as_bytes().to_vec());
+            reg.keys
+                .entry(key.clone())
+                .or_default()
+                .push(self.changed.clone());
+            self.keys.push(key);
+        }
+        if !keys.is_empty() {
+            FOLLOWED.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether writes to the flow's keys are followed (it was not read in one step).
+    pub fn follows(&self) -> bool {
+        !self.keys.is_empty()
     }
 
     pub fn changed(&self) -> bool {
@@ -98,11 +149,36 @@ impl Drop for Watch {
                 reg.flows.remove(&(self.db, id));
             }
         }
-        WATCHED.fetch_sub(1, Ordering::SeqCst);
+        if self.follows() {
+            FOLLOWED.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
-/// Subscribes to SWAPDB (FLUSHDB/FLUSHALL come through `on_flush`, key events through `on_key_event`).
+/// Subscribes the hook to keyspace events, once. Main thread.
+fn subscribe(ctx: &Context) -> Result<(), FlowError> {
+    if SUBSCRIBED.load(Ordering::SeqCst) {
+        return Ok(());
+    }
+    // SAFETY: on the main thread with a live context; the callback is a plain function that lives as
+    // long as the module.
+    let status = unsafe {
+        raw::RedisModule_SubscribeToKeyspaceEvents.map_or(raw::REDISMODULE_ERR as c_int, |f| {
+            f(ctx.ctx, FOLLOWED_EVENTS, Some(on_key_event))
+        })
+    };
+    if status != raw::REDISMODULE_OK as c_int {
+        return Err(FlowError::Internal(
+            "the server refused a keyspace-event subscription, so a long flow cannot be watched"
+                .into(),
+        ));
+    }
+    SUBSCRIBED.store(true, Ordering::SeqCst);
+    log::notice("flowarchive: following list writes from now on (a flow longer than one read step is in flight)");
+    Ok(())
+}
+
+/// Subscribes to SWAPDB (FLUSHDB/FLUSHALL come through `on_flush`). Called once from OnLoad.
 pub fn init(ctx: &Context) {
     // SAFETY: called once from OnLoad with the module's context.
     unsafe {
@@ -117,8 +193,29 @@ pub fn init(ctx: &Context) {
 }
 
 /// Keyspace notification hook: a write touched `key` in the context's DB.
-pub fn on_key_event(ctx: &Context, _event: NotifyEvent, _name: &str, key: &[u8]) {
-    key_touched(selected_db(ctx), key);
+extern "C" fn on_key_event(
+    ctx: *mut raw::RedisModuleCtx,
+    _type: c_int,
+    _event: *const c_char,
+    key: *mut raw::RedisModuleString,
+) -> c_int {
+    if FOLLOWED.load(Ordering::SeqCst) == 0 {
+        return raw::REDISMODULE_OK as c_int;
+    }
+    log::contained("the keyspace-event hook", || {
+        let mut len = 0;
+        // SAFETY: the server passes its live context and the key's name for this call.
+        let (db, name) = unsafe {
+            let db = raw::RedisModule_GetSelectedDb.map_or(0, |f| f(ctx));
+            let ptr = raw::RedisModule_StringPtrLen.map_or(std::ptr::null(), |f| f(key, &mut len));
+            if ptr.is_null() {
+                return;
+            }
+            (db, std::slice::from_raw_parts(ptr as *const u8, len))
+        };
+        key_touched(db, name);
+    });
+    raw::REDISMODULE_OK as c_int
 }
 
 #[redis_module_macros::flush_event_handler]
@@ -137,9 +234,6 @@ extern "C" fn on_swapdb(
 
 /// A write touched `key` in `db`.
 fn key_touched(db: i32, key: &[u8]) {
-    if WATCHED.load(Ordering::SeqCst) == 0 {
-        return;
-    }
     if let Some(reg) = registry().as_ref() {
         if let Some(list) = reg.keys.get(&(db, key.to_vec())) {
             list.iter().for_each(|f| f.store(true, Ordering::SeqCst));
@@ -154,27 +248,47 @@ fn everything_touched() {
     }
 }
 
+fn info_fields() -> Vec<(String, i64)> {
+    named([(
+        "keyspace_events_subscribed",
+        SUBSCRIBED.load(Ordering::SeqCst) as i64,
+    )])
+}
+
+#[distributed_slice(INFO_FIELDS)]
+static WATCH_FIELDS: Fields = info_fields;
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn followed(db: i32, id: &str, keys: &[&str]) -> Watch {
+        let mut w = Watch::claim(db, id).unwrap();
+        w.follow_keys(keys);
+        w
+    }
+
     #[test]
     fn flags_only_the_touched_flow() {
-        let a = Watch::start(0, "a", &["p:flow:a:events", "p:flow:a:snapshot:val"]).unwrap();
-        let b = Watch::start(0, "b", &["p:flow:b:events"]).unwrap();
+        let a = followed(0, "a", &["p:flow:a:events"]);
+        let b = followed(0, "b", &["p:flow:b:events"]);
+        let c = Watch::claim(0, "c").unwrap();
         assert!(
-            Watch::start(0, "a", &[]).is_none(),
+            Watch::claim(0, "a").is_none(),
             "one archive per flow at a time"
         );
         key_touched(1, b"p:flow:a:events");
         key_touched(0, b"p:flow:c:events");
-        assert!(!a.changed() && !b.changed());
-        key_touched(0, b"p:flow:a:snapshot:val");
+        assert!(!a.changed() && !b.changed() && !c.changed());
+        key_touched(0, b"p:flow:a:events");
         assert!(a.changed() && !b.changed());
         everything_touched();
-        assert!(b.changed());
+        assert!(
+            b.changed() && c.changed(),
+            "a flush changes every claimed flow"
+        );
         drop(a);
-        let again = Watch::start(0, "a", &["p:flow:a:events"]).unwrap();
-        assert!(!again.changed());
+        let again = Watch::claim(0, "a").unwrap();
+        assert!(!again.changed() && !again.follows());
     }
 }

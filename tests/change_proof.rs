@@ -1,0 +1,269 @@
+//! The commit's change proof against a real server: every kind of write between capture and commit
+//! keeps the flow live and intact, for a flow read in one step (compared at commit, no keyspace hook)
+//! and for a long one (followed by keyspace events from its first chunk); and a module that has only
+//! archived short flows has no keyspace hook at all, so the server's own writes pay nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::proxy::Proxy;
+use common::*;
+
+/// More events than one read step (`EVENTS_PER_STEP` = 1024): read over several steps, followed.
+const LONG: usize = 1024 + 300;
+
+fn events_key(id: &str) -> String {
+    format!("argyll:flow:{id}:events")
+}
+
+/// Archives `id` with its PUT held back, applies `change` while the object is on its way, and checks
+/// the archive was refused and every key of the DB is as the change left it.
+fn change_during_upload(
+    srv: &Server,
+    proxy: &Proxy,
+    id: &str,
+    events: usize,
+    change: impl FnOnce(&mut redis::Connection),
+) {
+    let mut c = srv.conn();
+    write_flow(
+        &mut c,
+        &FlowSpec {
+            events,
+            ..FlowSpec::done(id)
+        },
+    );
+    proxy.delay("PUT", Duration::from_millis(700));
+    let seen = proxy.requests().len();
+    let mut other = srv.conn();
+    let owned = id.to_string();
+    let flow = std::thread::spawn(move || archive(&mut other, &owned));
+    wait_for("the PUT", Duration::from_secs(20), || {
+        proxy.requests().len() > seen
+    });
+    change(&mut c);
+    let expected = dump_all(&mut c);
+    let e = err_text(flow.join().unwrap());
+    assert!(
+        e.contains("changed while it was being archived") && e.contains("nothing was deleted"),
+        "{id}: {e}"
+    );
+    assert_same(&expected, &dump_all(&mut c), id);
+    assert_eq!(
+        cmd::<i64>(&mut c, &["HEXISTS", "archived:flows", id]).unwrap(),
+        0,
+        "{id}"
+    );
+    proxy.clear();
+}
+
+fn run(c: &mut redis::Connection, args: &[&str]) {
+    cmd::<redis::Value>(c, args).unwrap();
+}
+
+#[test]
+fn every_write_between_capture_and_commit_keeps_a_short_flow() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &[]);
+    let snap = |id: &str| format!("argyll:flow:{id}:snapshot:val");
+    type Change = Box<dyn Fn(&mut redis::Connection, &str)>;
+    let cases: Vec<(&str, Change)> = vec![
+        (
+            "late",
+            Box::new(|c, id| run(c, &["RPUSH", &events_key(id), "{}"])),
+        ),
+        (
+            "edited",
+            Box::new(|c, id| run(c, &["LSET", &events_key(id), "2", "{}"])),
+        ),
+        (
+            "trimmed",
+            Box::new(|c, id| run(c, &["LTRIM", &events_key(id), "0", "3"])),
+        ),
+        (
+            "popped-pushed",
+            Box::new(|c, id| {
+                // Same length, other content.
+                run(c, &["RPOP", &events_key(id)]);
+                run(c, &["RPUSH", &events_key(id), "{\"type\":\"other\"}"]);
+            }),
+        ),
+        (
+            "resnapshot",
+            Box::new(move |c, id| run(c, &["SET", &snap(id), "{}"])),
+        ),
+        (
+            "reseq",
+            Box::new(|c, id| run(c, &["SET", &format!("argyll:flow:{id}:snapshot:seq"), "9"])),
+        ),
+        (
+            "relabelled",
+            Box::new(|c, id| {
+                run(
+                    c,
+                    &["HSET", &format!("argyll:flow:{id}:idx:labels"), "x", "y"],
+                )
+            }),
+        ),
+        (
+            "unlabelled",
+            Box::new(|c, id| run(c, &["DEL", &format!("argyll:flow:{id}:idx:labels")])),
+        ),
+        (
+            "renamed-over",
+            Box::new(|c, id| {
+                run(c, &["RPUSH", "elsewhere", "a", "b", "c", "d", "e"]);
+                run(c, &["RENAME", "elsewhere", &events_key(id)]);
+            }),
+        ),
+        (
+            "expired",
+            Box::new(|c, id| {
+                run(c, &["PEXPIRE", &events_key(id), "1"]);
+                std::thread::sleep(Duration::from_millis(20));
+                run(c, &["EXISTS", &events_key(id)]);
+            }),
+        ),
+        (
+            "in-a-transaction",
+            Box::new(|c, id| {
+                redis::pipe()
+                    .atomic()
+                    .cmd("LSET")
+                    .arg(events_key(id))
+                    .arg(0)
+                    .arg("{}")
+                    .query::<()>(c)
+                    .unwrap();
+            }),
+        ),
+        (
+            "by-a-script",
+            Box::new(|c, id| {
+                run(
+                    c,
+                    &[
+                        "EVAL",
+                        "return redis.call('LSET', KEYS[1], 1, '{}')",
+                        "1",
+                        &events_key(id),
+                    ],
+                );
+            }),
+        ),
+    ];
+    for (id, change) in &cases {
+        change_during_upload(&srv, &proxy, id, 5, |c| change(c, id));
+    }
+    // None of it needed a keyspace hook.
+    let mut c = srv.conn();
+    assert_eq!(info_field(&mut c, "keyspace_events_subscribed"), 0);
+}
+
+#[test]
+fn a_rewrite_to_the_same_content_is_archived_with_that_content() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &[]);
+    let mut c = srv.conn();
+    write_flow(&mut c, &FlowSpec::done("same"));
+    let before: Vec<String> = cmd(&mut c, &["LRANGE", &events_key("same"), "0", "-1"]).unwrap();
+    proxy.delay("PUT", Duration::from_millis(500));
+    let mut other = srv.conn();
+    let flow = std::thread::spawn(move || archive(&mut other, "same"));
+    wait_for("the PUT", Duration::from_secs(10), || {
+        !proxy.requests().is_empty()
+    });
+    // Deleted and written again, event for event: what the archive holds is what Valkey holds.
+    let mut rewrite = vec!["RPUSH".to_string(), events_key("same")];
+    rewrite.extend(before.iter().cloned());
+    redis::pipe()
+        .atomic()
+        .cmd("DEL")
+        .arg(events_key("same"))
+        .cmd(&rewrite[0])
+        .arg(&rewrite[1..])
+        .query::<()>(&mut c)
+        .unwrap();
+    let r = flow.join().unwrap().unwrap();
+    assert_eq!(int(&r["events"]), 5);
+    let (_, events) = get_events(&mut c, "same").unwrap();
+    assert_eq!(events, before, "the archive holds every event as it was");
+}
+
+#[test]
+fn every_write_to_a_long_flow_between_its_steps_and_the_commit_keeps_it() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &[]);
+    let mut c = srv.conn();
+    // Short flows archived and read: still no hook.
+    write_flow(&mut c, &FlowSpec::done("short"));
+    archive(&mut c, "short").unwrap();
+    assert!(get(&mut c, "short").unwrap().is_some());
+    assert_eq!(info_field(&mut c, "keyspace_events_subscribed"), 0);
+
+    change_during_upload(&srv, &proxy, "long-edited", LONG, |c| {
+        run(c, &["LSET", &events_key("long-edited"), "700", "{}"])
+    });
+    assert_eq!(info_field(&mut c, "keyspace_events_subscribed"), 1);
+    change_during_upload(&srv, &proxy, "long-snapshot", LONG, |c| {
+        run(c, &["SET", "argyll:flow:long-snapshot:snapshot:val", "{}"])
+    });
+    change_during_upload(&srv, &proxy, "long-expired", LONG, |c| {
+        run(c, &["PEXPIRE", &events_key("long-expired"), "1"]);
+        std::thread::sleep(Duration::from_millis(20));
+        run(c, &["EXISTS", &events_key("long-expired")]);
+    });
+
+    // A transaction queued before the capture began and executed during the upload: its writes
+    // raise their events when they run.
+    let id = "long-queued";
+    write_flow(
+        &mut c,
+        &FlowSpec {
+            events: LONG,
+            ..FlowSpec::done(id)
+        },
+    );
+    let mut tx = srv.conn();
+    run(&mut tx, &["MULTI"]);
+    run(&mut tx, &["LSET", &events_key(id), "3", "{}"]);
+    proxy.delay("PUT", Duration::from_millis(700));
+    let seen = proxy.requests().len();
+    let mut other = srv.conn();
+    let flow = std::thread::spawn(move || archive(&mut other, id));
+    wait_for("the PUT", Duration::from_secs(20), || {
+        proxy.requests().len() > seen
+    });
+    run(&mut tx, &["EXEC"]);
+    let expected = dump_all(&mut c);
+    let e = err_text(flow.join().unwrap());
+    assert!(e.contains("changed while it was being archived"), "{e}");
+    assert_same(&expected, &dump_all(&mut c), id);
+    proxy.clear();
+
+    // Quiet again: archived whole.
+    let r = archive(&mut c, "long-edited").unwrap();
+    assert_eq!(int(&r["events"]), LONG as i64);
+}
+
+#[test]
+fn a_flush_or_swap_during_the_upload_deletes_nothing() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &[]);
+    change_during_upload(&srv, &proxy, "swapped", 5, |c| {
+        run(c, &["SWAPDB", "0", "1"])
+    });
+    // The flow is in DB 1 now, whole.
+    let mut c = srv.conn();
+    run(&mut c, &["SELECT", "1"]);
+    assert_eq!(
+        cmd::<i64>(&mut c, &["LLEN", &events_key("swapped")]).unwrap(),
+        5
+    );
+    change_during_upload(&srv, &proxy, "flushed", 5, |c| run(c, &["FLUSHDB"]));
+}
