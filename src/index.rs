@@ -3,15 +3,16 @@
 //!
 //! Two formats (`flowarchive.index-format`, exact layout in docs/FORMAT.md):
 //! - `hash` (default): the hash `<index>` (per slot on a cluster, see `layout`), id → the full
-//!   `s3://bucket/key`. About 147 bytes a flow with UUID ids, mostly the location.
+//!   `s3://bucket/key`. About 150-180 bytes a flow with UUID ids, mostly the location.
 //! - `compact`: a location is `<head><object file>` where the head (`s3://bucket/<prefix>/[db<n>/]`)
 //!   is shared by every flow of a DB and the file is derived from the id and the write-once
 //!   generation (`layout::object_file`). So an entry stores only what cannot be derived: which head
-//!   and which generation, one small integer. Entries are spread over `<index>:u<b>` (canonical UUID
-//!   ids, field = the 16 raw bytes) and `<index>:s<b>` (any other id, field = the id) with b from the
-//!   id's sha256, few enough per hash that each stays in the server's small listpack encoding; the
-//!   hash `<index>:meta` records the bucket count, the heads and the entry count. Every key starts
-//!   with `<index>`, so on a cluster all sit in the flow's slot.
+//!   and which generation, one small integer (about 21 bytes a flow with UUID ids). Entries are
+//!   spread over `<index>:u<b>` (canonical UUID ids, field = the 16 raw bytes) and `<index>:s<b>`
+//!   (any other id, field = the id) with b from the id's sha256, few enough per hash that each stays
+//!   in the server's small listpack encoding; the hash `<index>:meta` records the bucket count, the
+//!   heads and the entry count. Every key starts with `<index>`, so on a cluster all sit in the
+//!   flow's slot.
 //!
 //! A lookup reads the configured format first, then the other one if it holds entries in this DB (or
 //! slot) at all: during a conversion every archived flow stays readable and the commit's "already
