@@ -105,12 +105,19 @@ fn lookup(
 }
 
 /// The keys an entry of `id` is written to in the configured format: the commit checks the caller's
-/// ACL, their types and (on a cluster) their slot before writing.
-pub fn written_keys(ctx: &Context, keys: &FlowKeys, id: &str) -> Result<Vec<String>, FlowError> {
+/// ACL, their types and (on a cluster) their slot before writing. The compact bucket depends on the
+/// meta hash, which is read only once the caller may write it.
+pub fn written_keys(
+    ctx: &Context,
+    caller: &Caller,
+    keys: &FlowKeys,
+    id: &str,
+) -> Result<Vec<String>, FlowError> {
     if configured() == IndexFormat::Hash {
         return Ok(vec![keys.index.clone()]);
     }
     let compact = Compact::of(keys, id);
+    acl::check(ctx, caller, &compact.meta, Access::Add)?;
     expect_type(ctx, &compact.meta, &KeyType::Hash)?;
     let buckets = compact.recorded_buckets(ctx)?.unwrap_or_else(new_buckets);
     let bucket = compact.bucket(buckets);

@@ -82,7 +82,7 @@ pub fn inspect(
     cluster::archivable(ctx, cluster::placement(id, keys.named())?)?;
     // Nothing is read before the caller is known to have the rights an archive needs on these keys.
     acl::check_all(ctx, caller, keys.own(), Access::Remove)?;
-    let index_keys = index::written_keys(ctx, &keys, id)?;
+    let index_keys = index::written_keys(ctx, caller, &keys, id)?;
     acl::check_all(
         ctx,
         caller,

@@ -90,7 +90,7 @@ pub fn check(
     let touched = touched(
         flow,
         layout,
-        index::written_keys(ctx, &flow.keys, &flow.id)?,
+        index::written_keys(ctx, caller, &flow.keys, &flow.id)?,
     );
     let slot = cluster::placement(
         &flow.id,
