@@ -73,7 +73,7 @@ return 1
 
 /// Removes whitespace outside strings of a value stored over several lines (JSONL holds one per line).
 fn single_line(json: &[u8]) -> Cow<'_, [u8]> {
-    if !json.iter().any(|&b| b == b'\n' || b == b'\r') {
+    if !json.contains(&b'\n') && !json.contains(&b'\r') {
         return Cow::Borrowed(json);
     }
     let mut out = Vec::with_capacity(json.len());

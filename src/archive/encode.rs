@@ -43,7 +43,8 @@ impl std::fmt::Display for EncodeError {
 /// Removes whitespace outside strings. Only used when a stored value spans several lines, which JSONL
 /// cannot hold; tokens stay byte-identical. This is the one normalisation of an event line.
 pub fn single_line(json: &[u8]) -> Cow<'_, [u8]> {
-    if !json.iter().any(|&b| b == b'\n' || b == b'\r') {
+    // `contains` on bytes is memchr: this scan of every event is a few percent of a worker's CPU.
+    if !json.contains(&b'\n') && !json.contains(&b'\r') {
         return Cow::Borrowed(json);
     }
     let mut out = Vec::with_capacity(json.len());
