@@ -554,16 +554,18 @@ fn worker(job: &Job) -> redis::RedisResult<()> {
             continue;
         }
         let location = format!("s3://{}/{key}", job.s3.bucket.name());
-        let done = commit(&mut con, &job.script_sha, &flow, &keys, &location)?;
+        let done = commit(&mut con, &job.script_sha, &flow, &keys, &location);
         lap(3, &mut t);
         match done {
-            Some(true) => {
+            Ok(Some(true)) => {
                 t.archived += 1;
                 t.raw_bytes += obj.raw_bytes;
                 t.stored_bytes += obj.body.len() as u64;
             }
-            Some(false) => t.skipped_ineligible += 1,
-            None => t.skipped_changed += 1,
+            Ok(Some(false)) => t.skipped_ineligible += 1,
+            Ok(None) => t.skipped_changed += 1,
+            // The transaction failed as a whole (nothing was written): the flow stays live.
+            Err(_) => t.failed += 1,
         }
     }
     let mut all = job.tally.lock().unwrap_or_else(|e| e.into_inner());
