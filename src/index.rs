@@ -1,15 +1,407 @@
-//! The archive index: which flows are archived, and where (`index-key`: flow id → `s3://bucket/key`).
-//! Read by FLOWARCHIVE.GET and before an archive, written only by the commit.
+//! The archive index: which flows are archived, and where. Read by FLOWARCHIVE.GET and before an
+//! archive, written only by the commit; `scripts/flowarchive-index` moves entries between formats.
+//!
+//! Two formats (`flowarchive.index-format`, exact layout in docs/FORMAT.md):
+//! - `hash` (default): the hash `<index>` (per slot on a cluster, see `layout`), id → the full
+//!   `s3://bucket/key`. About 150-180 bytes a flow with UUID ids, mostly the location.
+//! - `compact`: a location is `<head><object file>` where the head (`s3://bucket/<prefix>/[db<n>/]`)
+//!   is shared by every flow of a DB and the file is derived from the id and the write-once
+//!   generation (`layout::object_file`). So an entry stores only what cannot be derived: which head
+//!   and which generation, one small integer (about 21 bytes a flow with UUID ids). Entries are
+//!   spread over `<index>:u<b>` (canonical UUID ids, field = the 16 raw bytes) and `<index>:s<b>`
+//!   (any other id, field = the id) with b from the id's sha256, few enough per hash that each stays
+//!   in the server's small listpack encoding; the hash `<index>:meta` records the bucket count, the
+//!   heads and the entry count. Every key starts with `<index>`, so on a cluster all sit in the
+//!   flow's slot.
+//!
+//! A lookup reads the configured format first, then the other one if it holds entries in this DB (or
+//! slot) at all: during a conversion every archived flow stays readable and the commit's "already
+//! indexed" refusal sees both, so nothing is archived twice. Whether the other format holds entries
+//! is a probe of one key's existence with the module's own rights (its hash, or its meta hash); the
+//! entries themselves are read only after the caller's ACL allows each key.
 
 use redis_module::{Context, KeyType};
 
-use crate::layout::FlowKeys;
-use crate::ops::errors::FlowError;
-use crate::runtime::server::{bytes, call, expect_type};
+use crate::digest::sha256;
+use crate::layout::{self, FlowKeys, GENERATIONS};
+use crate::ops::configs::{IndexFormat, INDEX_BUCKETS, INDEX_FORMAT};
+use crate::ops::errors::{show_key, FlowError};
+use crate::runtime::acl::{self, Access, Caller};
+use crate::runtime::server::{bytes, call, expect_type, strings, type_of};
+use crate::slot;
+use crate::sync::lock;
 
-/// The location a flow is archived at, if any.
-pub fn location(ctx: &Context, keys: &FlowKeys, id: &str) -> Result<Option<String>, FlowError> {
-    expect_type(ctx, &keys.index, &KeyType::Hash)?;
-    let reply = call(ctx, "HGET", &[keys.index.as_bytes(), id.as_bytes()])?;
-    Ok(bytes(&reply).map(|b| String::from_utf8_lossy(&b).into_owned()))
+/// The configured format, read on the main thread when the index is used.
+fn configured() -> IndexFormat {
+    *lock(&INDEX_FORMAT)
+}
+
+/// The location a flow is archived at, if any: the configured format first, then the other.
+pub fn location(
+    ctx: &Context,
+    caller: &Caller,
+    keys: &FlowKeys,
+    id: &str,
+) -> Result<Option<String>, FlowError> {
+    let first = configured();
+    let second = match first {
+        IndexFormat::Hash => IndexFormat::Compact,
+        IndexFormat::Compact => IndexFormat::Hash,
+    };
+    if let Some(found) = lookup(ctx, caller, keys, id, first)? {
+        return Ok(Some(found));
+    }
+    if type_of(ctx, &presence_key(keys, second)) == KeyType::Empty {
+        return Ok(None);
+    }
+    lookup(ctx, caller, keys, id, second)
+}
+
+/// The key that exists exactly while a format holds entries for these keys' DB (or slot).
+fn presence_key(keys: &FlowKeys, format: IndexFormat) -> String {
+    match format {
+        IndexFormat::Hash => keys.index.clone(),
+        IndexFormat::Compact => meta_key(keys),
+    }
+}
+
+fn lookup(
+    ctx: &Context,
+    caller: &Caller,
+    keys: &FlowKeys,
+    id: &str,
+    format: IndexFormat,
+) -> Result<Option<String>, FlowError> {
+    let read = |key: &str| -> Result<bool, FlowError> {
+        acl::check(ctx, caller, key, Access::Read)?;
+        expect_type(ctx, key, &KeyType::Hash)
+    };
+    if format == IndexFormat::Hash {
+        read(&keys.index)?;
+        return Ok(hget(ctx, &keys.index, id.as_bytes())?.map(lossy));
+    }
+    let compact = Compact::of(keys, id);
+    if !read(&compact.meta)? {
+        return Ok(None);
+    }
+    let Some(buckets) = compact.recorded_buckets(ctx)? else {
+        return Ok(None);
+    };
+    let bucket = compact.bucket(buckets);
+    if !read(&bucket)? {
+        return Ok(None);
+    }
+    let Some(value) = hget(ctx, &bucket, &compact.field)? else {
+        return Ok(None);
+    };
+    let (head, generation) = compact.parse_value(&lossy(value))?;
+    let head = hget(ctx, &compact.meta, head_field(head).as_bytes())?
+        .map(lossy)
+        .ok_or_else(|| compact.damaged(&format!("has no head {}", head_field(head))))?;
+    let folder =
+        folder_of(&head).ok_or_else(|| compact.damaged("holds a head that is no s3:// URL"))?;
+    let file = layout::object_file(folder, id, generation);
+    Ok(Some(head + &file))
+}
+
+/// The keys an entry of `id` is written to in the configured format: the commit checks the caller's
+/// ACL, their types and (on a cluster) their slot before writing. The compact bucket depends on the
+/// meta hash, which is read only once the caller may write it.
+pub fn written_keys(
+    ctx: &Context,
+    caller: &Caller,
+    keys: &FlowKeys,
+    id: &str,
+) -> Result<Vec<String>, FlowError> {
+    if configured() == IndexFormat::Hash {
+        return Ok(vec![keys.index.clone()]);
+    }
+    let compact = Compact::of(keys, id);
+    acl::check(ctx, caller, &compact.meta, Access::Add)?;
+    expect_type(ctx, &compact.meta, &KeyType::Hash)?;
+    let buckets = compact.recorded_buckets(ctx)?.unwrap_or_else(new_buckets);
+    let bucket = compact.bucket(buckets);
+    Ok(vec![compact.meta, bucket])
+}
+
+/// Records `location` for `id` in the configured format through `write` (the commit's replicated
+/// write). Everything that could fail is checked before the first write.
+pub fn record(
+    ctx: &Context,
+    keys: &FlowKeys,
+    id: &str,
+    location: &str,
+    mut write: impl FnMut(&str, &[&[u8]]) -> Result<i64, FlowError>,
+) -> Result<(), FlowError> {
+    if configured() == IndexFormat::Hash {
+        write(
+            "HSET",
+            &[keys.index.as_bytes(), id.as_bytes(), location.as_bytes()],
+        )?;
+        return Ok(());
+    }
+    let compact = Compact::of(keys, id);
+    let (head, generation) = split(location, id).ok_or_else(|| {
+        FlowError::Internal(format!(
+            "location {} cannot be stored in the compact index",
+            show_key(location)
+        ))
+    })?;
+    let recorded = compact.recorded_buckets(ctx)?;
+    let heads = compact.heads(ctx)?;
+    let known = heads.iter().find(|(_, h)| h == head).map(|(n, _)| *n);
+    let number = known.unwrap_or_else(|| heads.iter().map(|(n, _)| n + 1).max().unwrap_or(0));
+    let buckets = recorded.unwrap_or_else(new_buckets);
+    let meta = compact.meta.as_bytes();
+    if recorded.is_none() {
+        write("HSET", &[meta, b"buckets", buckets.to_string().as_bytes()])?;
+    }
+    if known.is_none() {
+        write(
+            "HSET",
+            &[meta, head_field(number).as_bytes(), head.as_bytes()],
+        )?;
+    }
+    let value = (u64::from(generation) + u64::from(GENERATIONS) * number).to_string();
+    let bucket = compact.bucket(buckets);
+    write(
+        "HSET",
+        &[bucket.as_bytes(), &compact.field, value.as_bytes()],
+    )?;
+    write("HINCRBY", &[meta, b"entries", b"1"])?;
+    Ok(())
+}
+
+/// Buckets of a new compact index: `index-buckets` in a DB, spread over the slots on a cluster.
+fn new_buckets() -> u64 {
+    let total = INDEX_BUCKETS.get().max(1) as u64;
+    if slot::enabled() {
+        total.div_ceil(slot::SLOTS as u64)
+    } else {
+        total
+    }
+}
+
+fn hget(ctx: &Context, key: &str, field: &[u8]) -> Result<Option<Vec<u8>>, FlowError> {
+    Ok(bytes(&call(ctx, "HGET", &[key.as_bytes(), field])?))
+}
+
+fn lossy(b: Vec<u8>) -> String {
+    String::from_utf8_lossy(&b).into_owned()
+}
+
+fn head_field(number: u64) -> String {
+    format!("h{number}")
+}
+
+/// The object key folder of a head `s3://bucket/<folder>`.
+fn folder_of(head: &str) -> Option<&str> {
+    let (_, folder) = head.strip_prefix("s3://")?.split_once('/')?;
+    (folder.is_empty() || folder.ends_with('/')).then_some(folder)
+}
+
+/// A location as `(head, generation)` with `location == head + object_file(folder, id, generation)`;
+/// `None` for anything the compact format cannot rebuild exactly.
+fn split<'l>(location: &'l str, id: &str) -> Option<(&'l str, u32)> {
+    let (head, file) = location.split_at(location.rfind("flows/")?);
+    let folder = folder_of(head)?;
+    let generation = (0..GENERATIONS).find(|&g| layout::object_file(folder, id, g) == file)?;
+    Some((head, generation))
+}
+
+/// The compact index's meta hash (bucket count, heads, entry count) for these keys' DB or slot.
+fn meta_key(keys: &FlowKeys) -> String {
+    format!("{}:meta", keys.index)
+}
+
+/// A flow id's compact entry: its field, and the meta and bucket keys (by bucket count).
+struct Compact {
+    meta: String,
+    /// `<index>:u` or `<index>:s`, completed by the bucket number.
+    stem: String,
+    field: Vec<u8>,
+    /// The first 8 bytes of the id's sha256: spreads any ids (UUIDv7 ids share their leading time).
+    hash: u64,
+}
+
+impl Compact {
+    fn of(keys: &FlowKeys, id: &str) -> Compact {
+        let (kind, field) = match uuid_bytes(id) {
+            Some(raw) => ('u', raw.to_vec()),
+            None => ('s', id.as_bytes().to_vec()),
+        };
+        let digest = sha256(id.as_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        Compact {
+            meta: meta_key(keys),
+            stem: format!("{}:{kind}", keys.index),
+            field,
+            hash: u64::from_be_bytes(first),
+        }
+    }
+
+    fn bucket(&self, buckets: u64) -> String {
+        format!("{}{}", self.stem, self.hash % buckets.max(1))
+    }
+
+    fn damaged(&self, what: &str) -> FlowError {
+        FlowError::Unreadable(format!(
+            "the compact index {} {what}; see docs/FORMAT.md",
+            show_key(&self.meta)
+        ))
+    }
+
+    /// The bucket count the meta hash records, `None` without one.
+    fn recorded_buckets(&self, ctx: &Context) -> Result<Option<u64>, FlowError> {
+        let Some(raw) = hget(ctx, &self.meta, b"buckets")? else {
+            return Ok(None);
+        };
+        match lossy(raw).parse::<u64>() {
+            Ok(n) if n > 0 => Ok(Some(n)),
+            _ => Err(self.damaged("records no valid bucket count")),
+        }
+    }
+
+    /// Every head the meta hash records, by number.
+    fn heads(&self, ctx: &Context) -> Result<Vec<(u64, String)>, FlowError> {
+        let all = strings(&call(ctx, "HGETALL", &[self.meta.as_bytes()])?);
+        Ok(all
+            .chunks_exact(2)
+            .filter_map(|pair| {
+                let number = std::str::from_utf8(&pair[0]).ok()?.strip_prefix('h')?;
+                Some((number.parse().ok()?, lossy(pair[1].clone())))
+            })
+            .collect())
+    }
+
+    /// An entry's value: `generation + 16 × head number`.
+    fn parse_value(&self, value: &str) -> Result<(u64, u32), FlowError> {
+        let v: u64 = value
+            .parse()
+            .map_err(|_| self.damaged("holds an entry that is not a number"))?;
+        let per = u64::from(GENERATIONS);
+        Ok((v / per, (v % per) as u32))
+    }
+}
+
+/// The 16 bytes of a canonical (lowercase, hyphenated) UUID; `None` for any other id, which the
+/// compact index keeps as it is (another spelling of the same UUID is another flow id).
+fn uuid_bytes(id: &str) -> Option<[u8; 16]> {
+    let b = id.as_bytes();
+    if b.len() != 36 || [8, 13, 18, 23].iter().any(|&i| b[i] != b'-') {
+        return None;
+    }
+    let digits: Vec<u8> = b
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| ![8, 13, 18, 23].contains(i))
+        .map(|(_, &c)| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        })
+        .collect::<Option<_>>()?;
+    let mut out = [0u8; 16];
+    for (i, pair) in digits.chunks_exact(2).enumerate() {
+        out[i] = pair[0] << 4 | pair[1];
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(index: &str) -> FlowKeys {
+        FlowKeys {
+            events: String::new(),
+            snapshot: String::new(),
+            seq: None,
+            labels: None,
+            status_hash: None,
+            member: String::new(),
+            index: index.into(),
+        }
+    }
+
+    #[test]
+    fn canonical_uuids_are_16_bytes_and_other_ids_stay_as_they_are() {
+        let id = "0f8fad5b-d9cb-469f-a165-70867728950e";
+        let raw = uuid_bytes(id).unwrap();
+        assert_eq!(raw[0], 0x0f);
+        assert_eq!(raw[15], 0x0e);
+        let c = Compact::of(&keys("archived:flows"), id);
+        assert_eq!(c.field, raw.to_vec());
+        assert!(c.bucket(4096).starts_with("archived:flows:u"));
+        for other in [
+            "0F8FAD5B-D9CB-469F-A165-70867728950E", // another spelling: another flow id
+            "0f8fad5bd9cb469fa16570867728950e",
+            "0f8fad5b-d9cb-469f-a165-70867728950",
+            "0f8fad5b-d9cb-469f-a165-70867728950g",
+            "abc:step:tok",
+            "{tag}:x",
+            "0123456789abcdef", // 16 bytes: in the `s` buckets, never confused with raw UUID bytes
+        ] {
+            assert_eq!(uuid_bytes(other), None, "{other}");
+            let c = Compact::of(&keys("archived:flows"), other);
+            assert_eq!(c.field, other.as_bytes());
+            assert!(c.bucket(7).starts_with("archived:flows:s"), "{other}");
+        }
+    }
+
+    #[test]
+    fn bucket_keys_keep_the_slot_of_the_index_and_spread_ids() {
+        let slot_key = slot::slot_index_key("archived:flows", slot::key_slot(b"abc"));
+        let c = Compact::of(&keys(&slot_key), "abc");
+        assert_eq!(
+            slot::key_slot(c.bucket(3).as_bytes()),
+            slot::key_slot(b"abc")
+        );
+        assert_eq!(slot::key_slot(c.meta.as_bytes()), slot::key_slot(b"abc"));
+        let mut counts = vec![0usize; 64];
+        for i in 0..6400 {
+            let id = format!("0190d0c2-{i:04x}-7000-8000-000000000000");
+            let b = Compact::of(&keys("i"), &id).hash % 64;
+            counts[b as usize] += 1;
+        }
+        // UUIDv7-like ids sharing leading bytes still spread evenly (mean 100).
+        assert!(
+            counts.iter().all(|&n| (50..=150).contains(&n)),
+            "{counts:?}"
+        );
+    }
+
+    #[test]
+    fn locations_split_into_head_and_generation_and_rebuild_exactly() {
+        let long = "é".repeat(512);
+        for (prefix, db, id, generation) in [
+            ("", 0, "abc", 0),
+            ("p/q", 3, "a:b/c{d}", 5),
+            ("prod", 0, "0f8fad5b-d9cb-469f-a165-70867728950e", 15),
+            ("flows", 0, "flows", 1),
+            ("p", 7, long.as_str(), 2),
+        ] {
+            let location = format!(
+                "s3://bkt/{}",
+                layout::object_key(prefix, db, id, generation)
+            );
+            let (head, g) = split(&location, id).unwrap_or_else(|| panic!("{location}"));
+            assert_eq!(g, generation);
+            let folder = folder_of(head).unwrap();
+            assert_eq!(
+                head.to_string() + &layout::object_file(folder, id, g),
+                location
+            );
+        }
+        for foreign in [
+            "s3://bkt/flows/other.jsonl.gz",
+            "s3://bkt/flows/abc.g16.jsonl.gz",
+            "https://bkt/flows/abc.jsonl.gz",
+            "s3://bkt",
+            "",
+        ] {
+            assert_eq!(split(foreign, "abc"), None, "{foreign}");
+        }
+    }
 }

@@ -293,25 +293,35 @@ pub fn escape_id(id: &str) -> String {
 /// An id whose escaped key would pass S3's 1024-byte limit is stored under
 /// `<folder>/flows/_sha256/<hex of the id>.jsonl.gz`; its header still names the id.
 pub fn object_key(prefix: &str, db: i32, id: &str, generation: u32) -> String {
-    let folder = match (prefix.is_empty(), db) {
+    let folder = object_folder(prefix, db);
+    let file = object_file(&folder, id, generation);
+    folder + &file
+}
+
+/// The part of an object key before `flows/`: empty, `<prefix>/`, `db<n>/` or `<prefix>/db<n>/`.
+pub fn object_folder(prefix: &str, db: i32) -> String {
+    match (prefix.is_empty(), db) {
         (true, 0) => String::new(),
         (true, db) => format!("db{db}/"),
         (false, 0) => format!("{prefix}/"),
         (false, db) => format!("{prefix}/db{db}/"),
-    };
+    }
+}
+
+/// The rest of an object key after `folder`: `flows/<escaped id>[.g<g>].jsonl.gz`, or the `_sha256`
+/// name when the whole key would pass S3's limit. The compact index stores the folder once and
+/// rebuilds each location with this (see `index`).
+pub fn object_file(folder: &str, id: &str, generation: u32) -> String {
     // An escaped id never holds '.', so a generation suffix cannot meet another id's key.
     let suffix = match generation {
         0 => ".jsonl.gz".to_string(),
         g => format!(".g{g}.jsonl.gz"),
     };
-    let key = format!("{folder}flows/{}{suffix}", escape_id(id));
-    if key.len() <= MAX_OBJECT_KEY {
-        return key;
+    let file = format!("flows/{}{suffix}", escape_id(id));
+    if folder.len() + file.len() <= MAX_OBJECT_KEY {
+        return file;
     }
-    format!(
-        "{folder}flows/_sha256/{}{suffix}",
-        hex(&sha256(id.as_bytes()))
-    )
+    format!("flows/_sha256/{}{suffix}", hex(&sha256(id.as_bytes())))
 }
 
 /// How many object keys one flow may use. Objects are written once: when an attempt stored its object

@@ -500,8 +500,10 @@ fn c_replicaof_swap_mid_sweep_loses_nothing() {
 
 /// Another valid value for each module config (`$P` is replaced by the test's own prefix, so an
 /// object written under the changed prefix is found; `$F` by a file holding a wrong secret).
-const ALTERNATES: [(&str, &str); 38] = [
+const ALTERNATES: [(&str, &str); 40] = [
     ("endpoint", "http://127.0.0.1:9"),
+    ("index-format", "compact"),
+    ("index-buckets", "16"),
     ("region", "eu-west-1"),
     ("bucket", "chaos-other-bucket"),
     ("prefix", "$P-other"),

@@ -82,11 +82,17 @@ pub fn inspect(
     cluster::archivable(ctx, cluster::placement(id, keys.named())?)?;
     // Nothing is read before the caller is known to have the rights an archive needs on these keys.
     acl::check_all(ctx, caller, keys.own(), Access::Remove)?;
-    acl::check(ctx, caller, &keys.index, Access::Add)?;
+    let index_keys = index::written_keys(ctx, caller, &keys, id)?;
+    acl::check_all(
+        ctx,
+        caller,
+        index_keys.iter().map(String::as_str),
+        Access::Add,
+    )?;
     if let Some(hash) = &keys.status_hash {
         acl::check(ctx, caller, hash, Access::Remove)?;
     }
-    if let Some(location) = live_or_archived(ctx, &keys, id)? {
+    if let Some(location) = live_or_archived(ctx, caller, &keys, id)? {
         return Ok(Inspected::AlreadyArchived(location));
     }
     let snapshot = read_string(ctx, &keys.snapshot).unwrap_or_default();
@@ -139,10 +145,19 @@ fn parsed<'f>(
 
 /// `None` for a live flow with no index entry; the location of one archived already; an error for a
 /// flow that is gone, half there, or live and indexed at once.
-fn live_or_archived(ctx: &Context, keys: &FlowKeys, id: &str) -> Result<Option<String>, FlowError> {
+fn live_or_archived(
+    ctx: &Context,
+    caller: &Caller,
+    keys: &FlowKeys,
+    id: &str,
+) -> Result<Option<String>, FlowError> {
     let has_events = expect_type(ctx, &keys.events, &KeyType::List)?;
     let has_snapshot = expect_type(ctx, &keys.snapshot, &KeyType::String)?;
-    match (has_events, has_snapshot, index::location(ctx, keys, id)?) {
+    match (
+        has_events,
+        has_snapshot,
+        index::location(ctx, caller, keys, id)?,
+    ) {
         (false, false, Some(location)) => Ok(Some(location)),
         (false, false, None) => Err(FlowError::NotFound),
         (_, _, Some(location)) => Err(FlowError::Conflict(location)),

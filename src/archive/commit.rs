@@ -105,18 +105,15 @@ fn commit(
     let slot = guard::check(ctx, caller, flow, layout)?;
     // On a cluster: still this node's slot, not moving, and no migration of it since the capture.
     cluster::check_commit(ctx, slot, *motion)?;
-    if let Some(existing) = index::location(ctx, &flow.keys, &flow.id)? {
+    if let Some(existing) = index::location(ctx, caller, &flow.keys, &flow.id)? {
         return Err(FlowError::Conflict(existing));
     }
     // From here every write is certain to succeed. Our own deletes may raise keyspace events on
     // followed keys; the watch is dropped by the caller afterwards.
-    let id = flow.id.as_bytes();
     let member = flow.keys.member.as_bytes();
-    write(
-        ctx,
-        "HSET",
-        &[flow.keys.index.as_bytes(), id, location.as_bytes()],
-    )?;
+    index::record(ctx, &flow.keys, &flow.id, location, |cmd, args| {
+        write(ctx, cmd, args)
+    })?;
     if let Some(set) = layout.status_set_key(&flow.id, &flow.status) {
         write(ctx, "ZREM", &[set.as_bytes(), member])?;
     }

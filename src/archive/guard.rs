@@ -6,6 +6,7 @@
 use redis_module::{Context, KeyType};
 
 use crate::archive::flow::Captured;
+use crate::index;
 use crate::layout::Layout;
 use crate::ops::errors::FlowError;
 use crate::runtime::acl::{self, Access, Caller};
@@ -21,7 +22,7 @@ struct Touched {
 }
 
 /// Every key the commit of `flow` reads or writes, in one list for the ACL, type and slot checks.
-fn touched(flow: &Captured, layout: &Layout) -> Vec<Touched> {
+fn touched(flow: &Captured, layout: &Layout, index_keys: Vec<String>) -> Vec<Touched> {
     let keys = &flow.keys;
     let entry = |template, key: &str, expected, access| Touched {
         template,
@@ -48,7 +49,11 @@ fn touched(flow: &Captured, layout: &Layout) -> Vec<Touched> {
             .iter()
             .map(|k| entry("labels-key", k, KeyType::Hash, Access::Remove)),
     );
-    out.push(entry("index-key", &keys.index, KeyType::Hash, Access::Add));
+    out.extend(
+        index_keys
+            .iter()
+            .map(|k| entry("index-key", k, KeyType::Hash, Access::Add)),
+    );
     out.extend(
         keys.status_hash
             .iter()
@@ -82,7 +87,11 @@ pub fn check(
     flow: &Captured,
     layout: &Layout,
 ) -> Result<Option<u16>, FlowError> {
-    let touched = touched(flow, layout);
+    let touched = touched(
+        flow,
+        layout,
+        index::written_keys(ctx, caller, &flow.keys, &flow.id)?,
+    );
     let slot = cluster::placement(
         &flow.id,
         touched.iter().map(|t| (t.template, t.key.as_str())),

@@ -380,6 +380,38 @@ impl EnumConfigurationValue for VerifyMode {
     }
 }
 
+/// How the archive index stores its entries (`flowarchive.index-format`, see `index`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IndexFormat {
+    /// One hash, id -> `s3://bucket/key` (per slot on a cluster): the design's index.
+    Hash = 0,
+    /// Many small hashes, id -> generation and folder number (docs/FORMAT.md).
+    Compact = 1,
+}
+
+impl TryFrom<i32> for IndexFormat {
+    type Error = RedisError;
+    fn try_from(v: i32) -> Result<Self, RedisError> {
+        match v {
+            0 => Ok(IndexFormat::Hash),
+            1 => Ok(IndexFormat::Compact),
+            _ => Err(RedisError::Str("index-format must be hash or compact")),
+        }
+    }
+}
+
+impl From<IndexFormat> for i32 {
+    fn from(v: IndexFormat) -> i32 {
+        v as i32
+    }
+}
+
+impl EnumConfigurationValue for IndexFormat {
+    fn get_options(&self) -> (Vec<String>, Vec<i32>) {
+        (vec!["hash".into(), "compact".into()], vec![0, 1])
+    }
+}
+
 fn statuses(v: &str) -> Result<(), String> {
     if v.split([',', ' ']).any(|s| !s.is_empty()) {
         Ok(())
@@ -466,6 +498,11 @@ pub static UPLOAD_BYTES_PER_SEC: Int = Int::new(0, 0, 1 << 40);
 pub static SWEEP_INTERVAL: Checked = Checked::new("0s", duration);
 pub static KEY_PREFIX: Checked = Checked::new("argyll", key_prefix);
 pub static INDEX_KEY: Checked = Checked::new("archived:flows", index_key);
+pub static INDEX_FORMAT: Mutex<IndexFormat> = Mutex::new(IndexFormat::Hash);
+/// Hashes of a new compact index (per DB; on a cluster spread over the 16384 slots): about one per 64
+/// archived flows keeps each in the server's listpack encoding (docs/FORMAT.md). Recorded in the index
+/// when it is created, so a change applies to indexes created later (convert to hash and back).
+pub static INDEX_BUCKETS: Int = Int::new(4096, 1, 1 << 26);
 pub static EVENTS_KEY: Checked = Checked::new("$prefix:flow:$id:events", flow_key);
 pub static SNAPSHOT_KEY: Checked = Checked::new("$prefix:flow:$id:snapshot:val", flow_key);
 pub static SEQ_KEY: Checked = Checked::new("$prefix:flow:$id:snapshot:seq", opt_flow_key);

@@ -58,8 +58,7 @@ pub fn get(ctx: &Context, id: String, events: bool) -> RedisResult {
         let db = selected_db(ctx);
         return live::events(ctx, db, id, keys, snapshot, settings.read_max_bytes);
     }
-    acl::check(ctx, &caller, &keys.index, Access::Read).map_err(fail)?;
-    let Some(location) = index::location(ctx, &keys, &id).map_err(fail)? else {
+    let Some(location) = index::location(ctx, &caller, &keys, &id).map_err(fail)? else {
         // A classic resharding sends reads of the slot here (ASK) before the flow's keys arrive:
         // "not found" is only an answer in a slot this node serves.
         if cluster::archivable(ctx, slot).is_err() {

@@ -12,13 +12,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use super::index::{self, INDEX};
 use super::{
     assert_same, cmd, dump_all, event_json, gunzip, snapshot_json, wait_for, write_flow, FlowSpec,
     Server, S3,
 };
 
 const P: &str = "argyll";
-const INDEX: &str = "archived:flows";
 /// Every status a model flow can have (so a leftover entry under another status is found too).
 pub const STATUSES: [&str; 3] = ["active", "completed", "failed"];
 const TERMINAL: [&str; 2] = ["completed", "failed"];
@@ -349,8 +349,7 @@ fn flow_state(c: &mut redis::Connection, flow: &FlowModel) -> State {
         exists.arg(k);
     }
     let live: i64 = exists.query(c).unwrap();
-    let location: Option<String> = cmd(c, &["HGET", INDEX, &flow.id]).unwrap();
-    match (live, location) {
+    match (live, index::location(c, &flow.id)) {
         (0, Some(l)) => State::Archived(l),
         (0, None) => State::Lost,
         _ => State::Live,
@@ -417,8 +416,7 @@ fn check_live(c: &mut redis::Connection, flow: &FlowModel, problems: &mut Vec<St
             ));
         }
     }
-    let indexed: i64 = cmd(c, &["HEXISTS", INDEX, &flow.id]).unwrap();
-    if indexed != 0 {
+    if index::location(c, &flow.id).is_some() {
         fail("has an archive index entry while live".into());
     }
     let read: Option<String> = redis::cmd("FLOWARCHIVE.GET")
@@ -703,6 +701,14 @@ fn check_shared_indexes(
     for extra in got.difference(archived) {
         problems.push(format!(
             "archive index has {extra:?}, which is not an archived flow"
+        ));
+    }
+    // The compact index counts its entries: exactly the archived flows the hash does not hold.
+    let compact = archived.difference(&got).count() as i64;
+    let counted = index::compact_entries(c, INDEX);
+    if counted != compact {
+        problems.push(format!(
+            "the compact index counts {counted} entries, {compact} archived flows are not in the hash"
         ));
     }
     let pairs: BTreeSet<(String, String)> = model

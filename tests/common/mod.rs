@@ -7,6 +7,7 @@ pub mod checker;
 pub mod cluster;
 pub mod fixtures;
 pub mod http;
+pub mod index;
 pub mod proxy;
 pub mod s3;
 pub mod s3front;
