@@ -64,7 +64,7 @@ pub fn step<T: Send, E: From<String> + Send>(
 /// CPU a batched step may spend before it takes no further item: each hand-off to the event loop costs
 /// a wake-up of the loop and of the waiting worker (on busy cores, a scheduler slice each), so one step
 /// does several short pieces of work, yet stays short enough for clients' tail latency.
-pub const STEP_BUDGET: Duration = Duration::from_micros(500);
+pub const STEP_BUDGET: Duration = Duration::from_micros(250);
 
 /// Runs `f` on `items` in order, in one step on the event loop in `db`, until `STEP_BUDGET` is spent
 /// (always at least one item; none is cut short). Returns the results of the items it reached, in
