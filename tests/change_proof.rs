@@ -267,3 +267,43 @@ fn a_flush_or_swap_during_the_upload_deletes_nothing() {
     );
     change_during_upload(&srv, &proxy, "flushed", 5, |c| run(c, &["FLUSHDB"]));
 }
+
+/// The comparison and the keyspace-event subscription at first need, on every server the module
+/// supports (Redis 7.0 and Valkey 8.0 subscribe at runtime as Valkey 9 does).
+fn short_and_long_flows_keep_late_writes(flavor: Flavor) {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let mut opts = ServerOpts::new(&s3);
+    opts.flavor = flavor;
+    opts.module_args = s3.module_args(&proxy.endpoint());
+    let srv = Server::start(opts);
+    change_during_upload(&srv, &proxy, "short", 5, |c| {
+        run(c, &["LSET", &events_key("short"), "1", "{}"])
+    });
+    let mut c = srv.conn();
+    assert_eq!(
+        info_field(&mut c, "keyspace_events_subscribed"),
+        0,
+        "{flavor:?}"
+    );
+    change_during_upload(&srv, &proxy, "long", LONG, |c| {
+        run(c, &["LSET", &events_key("long"), "600", "{}"])
+    });
+    assert_eq!(
+        info_field(&mut c, "keyspace_events_subscribed"),
+        1,
+        "{flavor:?}"
+    );
+    let r = archive(&mut c, "long").unwrap();
+    assert_eq!(int(&r["events"]), LONG as i64, "{flavor:?}");
+}
+
+#[test]
+fn late_writes_are_kept_on_valkey_8_0() {
+    short_and_long_flows_keep_late_writes(Flavor::Valkey8);
+}
+
+#[test]
+fn late_writes_are_kept_on_redis_7_0() {
+    short_and_long_flows_keep_late_writes(Flavor::Redis7);
+}
