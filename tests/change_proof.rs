@@ -75,6 +75,22 @@ fn every_write_between_capture_and_commit_keeps_a_short_flow() {
             Box::new(|c, id| run(c, &["RPUSH", &events_key(id), "{}"])),
         ),
         (
+            "flooded",
+            // Grown past one read step: measured at commit, not read.
+            Box::new(|c, id| {
+                let events: Vec<String> = (0..3000).map(|i| format!("{{\"n\":{i}}}")).collect();
+                cmd::<()>(
+                    c,
+                    &[
+                        &["RPUSH", &events_key(id)][..],
+                        &events.iter().map(String::as_str).collect::<Vec<_>>()[..],
+                    ]
+                    .concat(),
+                )
+                .unwrap();
+            }),
+        ),
+        (
             "edited",
             Box::new(|c, id| run(c, &["LSET", &events_key(id), "2", "{}"])),
         ),

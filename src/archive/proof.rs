@@ -83,9 +83,16 @@ pub fn archived(flow: &Captured, events_total: usize, whole_log: bool) -> Finger
     parts.finish()
 }
 
-/// What Valkey holds of `flow` now. Main thread, in the flow's DB; reads at most one step's worth of
-/// events (a longer log is measured, not read), hashing them where the server's reply holds them.
-pub fn current(ctx: &Context, flow: &Captured, whole_log: bool) -> Result<Fingerprint, FlowError> {
+/// What Valkey holds of `flow`, archived with `events_total` events, now. Main thread, in the flow's
+/// DB. Reads the log only when it was read whole and still has its length, so at most one step's worth
+/// of events, hashing them where the server's reply holds them; a log grown since (perhaps far beyond
+/// one step) or followed by a watch is measured, not read.
+pub fn current(
+    ctx: &Context,
+    flow: &Captured,
+    events_total: usize,
+    whole_log: bool,
+) -> Result<Fingerprint, FlowError> {
     let keys = &flow.keys;
     let snapshot = read_string(ctx, &keys.snapshot);
     let parts = Parts::new(
@@ -94,7 +101,8 @@ pub fn current(ctx: &Context, flow: &Captured, whole_log: bool) -> Result<Finger
         &read_labels(ctx, keys)?,
     );
     let length = list_len(ctx, &keys.events)?;
-    if !whole_log {
+    if !whole_log || length != events_total {
+        // A length fingerprint never equals an event-by-event one: a whole log of another length fails.
         return Ok(parts.length(length));
     }
     let mut parts = parts.events(length);
