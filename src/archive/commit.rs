@@ -98,7 +98,7 @@ fn commit(
     writable(ctx)?;
     if watch.changed()
         || !unchanged(ctx, flow, layout)?
-        || proof::current(ctx, flow, capture.events_total, !watch.follows())? != archived
+        || proof::current(ctx, flow, capture.events_total, !watch.follows())? != Some(archived)
     {
         return Err(FlowError::Changed);
     }

@@ -11,13 +11,13 @@
 //! An event log read over several steps is too long to read again in one: it is hashed by its length
 //! only, and its watch follows every write to it from the capture's first step to the commit.
 
-use redis_module::Context;
+use redis_module::{Context, KeyType};
 use sha2::{Digest, Sha256};
 
 use crate::archive::capture::{read_labels, read_seq};
 use crate::archive::flow::Captured;
 use crate::ops::errors::FlowError;
-use crate::runtime::server::{list_len, list_range_each, read_string};
+use crate::runtime::server::{call, expect_type, integer, list_len, list_range_each, with_string};
 
 /// A hash of a flow's own keys as the archive holds them, or as Valkey holds them now.
 #[derive(PartialEq, Eq, Clone, Copy)]
@@ -83,31 +83,45 @@ pub fn archived(flow: &Captured, events_total: usize, whole_log: bool) -> Finger
     parts.finish()
 }
 
-/// What Valkey holds of `flow`, archived with `events_total` events, now. Main thread, in the flow's
-/// DB. Reads the log only when it was read whole and still has its length, so at most one step's worth
-/// of events, hashing them where the server's reply holds them; a log grown since (perhaps far beyond
-/// one step) or followed by a watch is measured, not read.
+/// What Valkey holds of `flow`, archived with `events_total` events, now; `None` when a part differs
+/// in size already. Main thread, in the flow's DB. Nothing grown since the capture is read: a label
+/// hash or snapshot of another size, or a whole log of another length, differs without being read (a
+/// flood of writes cannot make the commit step long), and a log followed by a watch is measured. So the
+/// step reads at most what the capture read in its one step, hashing it where the server holds it.
 pub fn current(
     ctx: &Context,
     flow: &Captured,
     events_total: usize,
     whole_log: bool,
-) -> Result<Fingerprint, FlowError> {
+) -> Result<Option<Fingerprint>, FlowError> {
     let keys = &flow.keys;
-    let snapshot = read_string(ctx, &keys.snapshot);
-    let parts = Parts::new(
-        snapshot.as_deref(),
-        read_seq(ctx, keys)?,
-        &read_labels(ctx, keys)?,
-    );
+    if let Some(hash) = &keys.labels {
+        let fields = match expect_type(ctx, hash, &KeyType::Hash)? {
+            true => integer(&call(ctx, "HLEN", &[hash.as_bytes()])?).unwrap_or(0),
+            false => 0,
+        };
+        if fields != flow.labels.len() as i64 {
+            return Ok(None);
+        }
+    }
+    let (seq, labels) = (read_seq(ctx, keys)?, read_labels(ctx, keys)?);
+    let parts = with_string(ctx, &keys.snapshot, |snapshot| {
+        (snapshot.map(<[u8]>::len) == Some(flow.snapshot.len()))
+            .then(|| Parts::new(snapshot, seq, &labels))
+    });
+    let Some(parts) = parts else {
+        return Ok(None);
+    };
     let length = list_len(ctx, &keys.events)?;
-    if !whole_log || length != events_total {
-        // A length fingerprint never equals an event-by-event one: a whole log of another length fails.
-        return Ok(parts.length(length));
+    if !whole_log {
+        return Ok(Some(parts.length(length)));
+    }
+    if length != events_total {
+        return Ok(None);
     }
     let mut parts = parts.events(length);
     list_range_each(ctx, &keys.events, 0, length, |e| parts.part(e))?;
-    Ok(parts.finish())
+    Ok(Some(parts.finish()))
 }
 
 #[cfg(test)]

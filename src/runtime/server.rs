@@ -144,8 +144,13 @@ pub fn expect_type(ctx: &Context, key: &str, expected: &KeyType) -> Result<bool,
 
 /// A string value's bytes, if the key holds a string.
 pub fn read_string(ctx: &Context, key: &str) -> Option<Vec<u8>> {
+    with_string(ctx, key, |v| v.map(<[u8]>::to_vec))
+}
+
+/// Hands a string value's bytes (if the key holds a string) to `f` where the server holds them.
+pub fn with_string<T>(ctx: &Context, key: &str, f: impl FnOnce(Option<&[u8]>) -> T) -> T {
     let k = ctx.open_key(&string(ctx, key.as_bytes()));
-    k.read().ok().flatten().map(<[u8]>::to_vec)
+    f(k.read().ok().flatten())
 }
 
 fn type_name(t: &KeyType) -> &'static str {
