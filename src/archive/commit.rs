@@ -138,36 +138,28 @@ fn commit(
     Ok(())
 }
 
-/// Commits a captured, stored flow from a worker thread. Writes paused (a failover, `CLIENT PAUSE
-/// WRITE`) usually end within seconds: the commit waits that long, the watch still guarding the flow,
-/// then gives up with the flow live. Returns the longest main-thread stretch spent on the flow.
+/// Commits one captured, stored flow from a worker thread (FLOWARCHIVE.FLOW): `commit_many` of that
+/// flow alone. Returns the longest main-thread stretch spent on the flow.
 pub fn when_writable(
     capture: Capture,
     archived: Fingerprint,
     layout: &Layout,
     location: &str,
 ) -> Result<u64, FlowError> {
-    let mut held_us = capture.held_us;
-    let paused_until = Instant::now() + PAUSE_WAIT;
-    loop {
-        let committed = mainthread::step(capture.flow.db, Stage::Commit, &mut held_us, |ctx| {
-            commit(ctx, &capture, archived, layout, location)
-        });
-        match committed {
-            Err(FlowError::NotWritable(errors::WRITES_PAUSED)) if Instant::now() < paused_until => {
-                std::thread::sleep(PAUSE_RETRY);
-            }
-            other => return other.map(|()| held_us),
-        }
+    let flow = ((), capture, archived, location.to_string());
+    match commit_many(vec![flow], layout).pop() {
+        Some((_, outcome)) => outcome,
+        None => Err(FlowError::Internal("the commit gave no outcome".into())),
     }
 }
 
 /// Commits several captured, stored flows of one DB from a worker thread, as many per main-thread step
 /// as `mainthread::STEP_BUDGET` allows. Each flow runs the whole of `commit` on its own: its checks
 /// before any of its writes, all or nothing for that flow, and a flow that fails (changed, not allowed,
-/// a conflict...) stays live without holding back the others. Paused writes are waited out as in
-/// `when_writable`. Returns every flow's tag with its outcome: the longest main-thread stretch spent
-/// on it, or why it stays live.
+/// a conflict...) stays live without holding back the others. Writes paused (a failover, `CLIENT
+/// PAUSE WRITE`) usually end within seconds: a paused flow is tried again every `PAUSE_RETRY` for up
+/// to `PAUSE_WAIT`, then given up with the flow live. Returns every flow's tag with its outcome (one
+/// per flow): the longest main-thread stretch spent on it, or why it stays live.
 pub fn commit_many<T: Sync>(
     flows: Vec<(T, Capture, Fingerprint, String)>,
     layout: &Layout,
