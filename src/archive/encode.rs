@@ -168,10 +168,10 @@ fn trailer(flow: &Captured) -> Result<Vec<u8>, EncodeError> {
 }
 
 /// The gzip member header flate2's `GzEncoder` writes at level 1: no name or comment, mtime 0, XFL 4
-/// (fastest), OS 255 (unknown). The deflate bits differ from what the line-by-line `GzEncoder` of
-/// earlier releases wrote (miniz's block boundaries depend on how input and output arrive), so a retry
-/// by this release of a flow an earlier one stored but did not commit finds other bytes and takes the
-/// next generation key (archive::store); nothing is replaced or lost.
+/// (fastest), OS 255 (unknown). The deflate bits differ from what earlier releases wrote (they fed
+/// miniz_oxide line by line; now zlib-rs takes one pass), so a retry by this release of a flow an
+/// earlier one stored but did not commit finds other bytes and takes the next generation key
+/// (archive::store); nothing is replaced or lost.
 const GZIP_HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 4, 255];
 
 thread_local! {
