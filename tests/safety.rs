@@ -615,3 +615,72 @@ fn a_key_of_the_flow_created_as_another_type_during_the_upload_is_never_deleted(
         5
     );
 }
+
+/// A flow larger than `read-max-bytes` could never be read back: it is refused whole, measured before
+/// it is copied (a snapshot where the server holds it, each event as it is read), and stays live;
+/// under a larger cap the same flow archives and reads back event by event.
+#[test]
+fn a_flow_larger_than_the_read_cap_is_refused_and_stays_live() {
+    let s3 = S3::new_bucket();
+    let srv = server_via(&s3, None, &["read-max-bytes", "1048576"]);
+    let mut c = srv.conn();
+    let wide = FlowSpec::done("wide-snapshot");
+    write_flow(&mut c, &wide);
+    let mut snapshot: serde_json::Value = serde_json::from_str(&snapshot_json(&wide)).unwrap();
+    snapshot["padding"] = "p".repeat(2 << 20).into();
+    let snapshot = snapshot.to_string();
+    cmd::<()>(
+        &mut c,
+        &["SET", "argyll:flow:wide-snapshot:snapshot:val", &snapshot],
+    )
+    .unwrap();
+    // 300 events of 8 kB: the log passes the cap within its first chunk.
+    let long = FlowSpec {
+        events: 300,
+        ..FlowSpec::done("wide-log")
+    };
+    write_flow(&mut c, &long);
+    let padded: Vec<String> = (0..300)
+        .map(|i| serde_json::json!({"sequence": i, "pad": "e".repeat(8 << 10)}).to_string())
+        .collect();
+    cmd::<()>(&mut c, &["DEL", "argyll:flow:wide-log:events"]).unwrap();
+    let mut rpush = vec!["RPUSH", "argyll:flow:wide-log:events"];
+    rpush.extend(padded.iter().map(String::as_str));
+    cmd::<()>(&mut c, &rpush).unwrap();
+
+    let before = dump_all(&mut c);
+    for id in ["wide-snapshot", "wide-log"] {
+        let e = err_text(archive(&mut c, id));
+        assert!(
+            e.contains("larger than flowarchive.read-max-bytes (1048576 bytes)"),
+            "{id}: {e}"
+        );
+    }
+    assert_same(&before, &dump_all(&mut c), "refused flows");
+
+    config_set(&mut c, "flowarchive.read-max-bytes", "8mb").unwrap();
+    for id in ["wide-snapshot", "wide-log"] {
+        archive(&mut c, id).unwrap();
+    }
+    let (state, events): (String, Vec<String>) = redis::cmd("FLOWARCHIVE.GET")
+        .arg("wide-snapshot")
+        .arg("EVENTS")
+        .query(&mut c)
+        .unwrap();
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(state["padding"].as_str().map(str::len), Some(2 << 20));
+    assert_eq!(state["archived"], true);
+    assert_eq!(
+        events,
+        (0..5)
+            .map(|i| event_json("wide-snapshot", i, false))
+            .collect::<Vec<_>>()
+    );
+    let events: Vec<String> = redis::cmd("FLOWARCHIVE.GET")
+        .arg("wide-log")
+        .arg("EVENTS")
+        .query::<(String, Vec<String>)>(&mut c)
+        .unwrap()
+        .1;
+    assert_eq!(events, padded);
+}

@@ -17,7 +17,7 @@ use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::cluster;
 use crate::runtime::mainthread::EVENTS_PER_STEP;
 use crate::runtime::server::{
-    bytes, call, expect_type, list_len, list_range, read_string, strings,
+    bytes, call, expect_type, list_len, list_range_each, read_string, strings, with_string,
 };
 use crate::runtime::watch::Watch;
 
@@ -76,6 +76,7 @@ pub fn inspect(
     id: &str,
     layout: &Layout,
     window: &Window,
+    max_bytes: u64,
 ) -> Result<Inspected, FlowError> {
     let keys = layout.flow_keys(id);
     // On a cluster: the flow's keys all in its id's slot, and that slot archivable here now.
@@ -94,6 +95,11 @@ pub fn inspect(
     }
     if let Some(location) = live_or_archived(ctx, caller, &keys, id)? {
         return Ok(Inspected::AlreadyArchived(location));
+    }
+    // Measured where the server holds it, so a snapshot no read could take back is never copied.
+    let snapshot_len = with_string(ctx, &keys.snapshot, |v| v.map_or(0, <[u8]>::len));
+    if snapshot_len as u64 > max_bytes {
+        return Err(too_large(max_bytes));
     }
     let snapshot = read_string(ctx, &keys.snapshot).unwrap_or_default();
     // Parsed lazily: only layouts without a status index need the snapshot's own fields.
@@ -242,18 +248,31 @@ pub fn read_more(ctx: &Context, capture: &mut Capture) -> Result<(), FlowError> 
     }
     let from = capture.flow.events.len();
     let to = (from + EVENTS_PER_STEP).min(capture.events_total);
-    let chunk = list_range(ctx, &capture.flow.keys.events, from, to)?;
-    capture.bytes += chunk.iter().map(|e| e.len() as u64 + 1).sum::<u64>();
-    if capture.bytes > capture.max_bytes {
-        return Err(FlowError::Unreadable(format!(
-            "the flow is larger than flowarchive.read-max-bytes ({} bytes), so it could not be read back; raise it to archive this flow",
-            capture.max_bytes
-        )));
+    // Each event is measured before it is copied: a capture never holds more than the cap.
+    let (events, bytes, max) = (
+        &mut capture.flow.events,
+        &mut capture.bytes,
+        capture.max_bytes,
+    );
+    list_range_each(ctx, &capture.flow.keys.events, from, to, |event| {
+        *bytes += event.len() as u64 + 1;
+        if *bytes <= max {
+            events.push(event.to_vec());
+        }
+    })?;
+    if capture.bytes > max {
+        return Err(too_large(max));
     }
-    capture.flow.events.extend(chunk);
     // Fewer elements than the range asked for: the list shrank since LLEN.
     if capture.flow.events.len() != to {
         return Err(FlowError::Changed);
     }
     Ok(())
+}
+
+/// A flow larger than reads accept (`read-max-bytes`) could never be read back, so it is not archived.
+fn too_large(max_bytes: u64) -> FlowError {
+    FlowError::Unreadable(format!(
+        "the flow is larger than flowarchive.read-max-bytes ({max_bytes} bytes), so it could not be read back; raise it to archive this flow"
+    ))
 }

@@ -111,13 +111,18 @@ pub fn begin(
 ) -> Result<Start, FlowError> {
     let mut held = 0;
     metrics::timed(Stage::Capture, &mut held, || {
-        let (flow, events_total) =
-            match capture::inspect(ctx, caller, db, id, &settings.layout, window)? {
-                Inspected::AlreadyArchived(location) => {
-                    return Ok(Start::AlreadyArchived(location))
-                }
-                Inspected::Eligible(flow, total) => (*flow, total),
-            };
+        let (flow, events_total) = match capture::inspect(
+            ctx,
+            caller,
+            db,
+            id,
+            &settings.layout,
+            window,
+            settings.read_max_bytes,
+        )? {
+            Inspected::AlreadyArchived(location) => return Ok(Start::AlreadyArchived(location)),
+            Inspected::Eligible(flow, total) => (*flow, total),
+        };
         // On a cluster, the slot's migration generation now: the commit refuses if it changed.
         let motion = cluster::motion(cluster::placement(id, flow.keys.named())?);
         let watch = Watch::claim(db, id).ok_or(FlowError::Busy)?;

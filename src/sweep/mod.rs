@@ -307,9 +307,17 @@ impl<'a> Sweep<'a> {
 
     /// DRYRUN: the whole eligibility check, nothing watched or read beyond it.
     fn dry_run(&mut self, id: String) {
-        let (job, layout, window) = (self.job, &self.settings.layout, &self.window);
+        let (job, settings, window) = (self.job, self.settings, &self.window);
         let inspected = mainthread::step(job.db, Stage::Select, &mut self.select_us, |ctx| {
-            capture::inspect(ctx, &job.caller, job.db, &id, layout, window)
+            capture::inspect(
+                ctx,
+                &job.caller,
+                job.db,
+                &id,
+                &settings.layout,
+                window,
+                settings.read_max_bytes,
+            )
         });
         match inspected {
             Ok(Inspected::Eligible(..)) => {
