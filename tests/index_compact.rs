@@ -55,8 +55,27 @@ fn exists(c: &mut redis::Connection, key: &str) -> bool {
 
 #[test]
 fn compact_index_archives_reads_and_refuses_like_the_hash() {
+    archives_reads_and_refuses(Flavor::Valkey9);
+}
+
+/// Valkey 8 and Redis 7.0 keep small hashes as listpacks too: the same behaviour there.
+#[test]
+fn valkey8_compact_index_archives_reads_and_refuses_like_the_hash() {
+    archives_reads_and_refuses(Flavor::Valkey8);
+}
+
+#[test]
+fn redis7_compact_index_archives_reads_and_refuses_like_the_hash() {
+    archives_reads_and_refuses(Flavor::Redis7);
+}
+
+fn archives_reads_and_refuses(flavor: Flavor) {
     let s3 = S3::new_bucket();
-    let srv = server_via(&s3, None, &COMPACT);
+    let mut opts = ServerOpts::new(&s3);
+    opts.flavor = flavor;
+    opts.module_args
+        .extend(COMPACT.iter().map(|a| a.to_string()));
+    let srv = Server::start(opts);
     let mut c = srv.conn();
     let mut model = Model::new(0);
     let ids = flow_ids("aaaa");
