@@ -295,6 +295,34 @@ fn fan_out(flavor: Flavor) {
     let (code, out, _) = cluster.cron(0);
     assert_eq!(code, 0);
     assert!(out.lines().last().unwrap().contains("archived=0"), "{out}");
+
+    // A user who may not list the shards sweeps the node it names, and is told so.
+    let late = mixed_flows(9);
+    write_all(&mut cluster, &late);
+    let setuser = "ACL SETUSER cron on >pw ~* &* +@all -cluster|shards";
+    cluster
+        .on::<()>(0, &setuser.split(' ').collect::<Vec<_>>())
+        .unwrap();
+    let mine: BTreeSet<String> = eligible_ids(&late)
+        .into_iter()
+        .filter(|id| cluster.owner(slot_of(id)) == 0)
+        .collect();
+    let user = [("FLOWARCHIVE_USER", "cron"), ("FLOWARCHIVE_PASSWORD", "pw")];
+    let (code, out, err) = cluster.cron_with(0, &user);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("+cluster|shards"), "{err}");
+    assert!(
+        out.lines()
+            .last()
+            .unwrap()
+            .contains(&format!("archived={}", mine.len())),
+        "{out}"
+    );
+    let mut archived = eligible;
+    archived.extend(mine);
+    let mut all = flows;
+    all.extend(late);
+    assert_eq!(cluster.check(&all), archived, "only the named node's flows");
 }
 
 #[test]

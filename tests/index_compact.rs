@@ -385,24 +385,45 @@ fn cluster_compact_keys_sit_in_the_flows_slot_and_convert_per_primary() {
         cluster.on::<()>(i, &set).unwrap();
     }
     let port = cluster.nodes[0].port.to_string();
-    let convert_cluster = |to: &str| {
+    let run_script = |to: &str, user: &[(&str, &str)]| {
         let out = Command::new("python3")
             .arg(root().join("scripts/flowarchive-index"))
             .args(["--to", to])
             .env("FLOWARCHIVE_PORT", &port)
+            .envs(user.iter().copied())
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert_eq!(
+        (
             out.status.code(),
-            Some(0),
-            "{text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        text
+            text,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
+    let convert_cluster = |to: &str| {
+        let (code, out, err) = run_script(to, &[]);
+        assert_eq!(code, Some(0), "{out}{err}");
+        out
+    };
+    // A user who may not list the shards converts the node it names, as a cluster node (its per-slot
+    // indexes), and is told the other primaries were not looked at.
+    let setuser = "ACL SETUSER conv on >pw ~* &* +@all -cluster|shards";
+    cluster
+        .on::<()>(0, &setuser.split(' ').collect::<Vec<_>>())
+        .unwrap();
+    let on_first = flows
+        .iter()
+        .filter(|f| cluster.owner(slot_of(&f.id)) == 0)
+        .count();
+    assert!(on_first > 0 && on_first < flows.len());
+    let user = [("FLOWARCHIVE_USER", "conv"), ("FLOWARCHIVE_PASSWORD", "pw")];
+    let (code, out, err) = run_script("hash", &user);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains(&format!("moved={on_first}")), "{out}");
+    assert!(err.contains("+cluster|shards"), "{err}");
     let out = convert_cluster("hash");
-    assert!(out.contains(&format!("moved={}", flows.len())), "{out}");
+    let rest = flows.len() - on_first;
+    assert!(out.contains(&format!("moved={rest}")), "{out}");
     read_all(&mut client, "hash");
     for f in &flows {
         let owner = cluster.owner(slot_of(&f.id));

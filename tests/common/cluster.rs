@@ -442,9 +442,15 @@ impl Cluster {
 
     /// The cron script pointed at node `i`: (exit code, stdout, stderr).
     pub fn cron(&self, i: usize) -> (i32, String, String) {
+        self.cron_with(i, &[])
+    }
+
+    /// [`Cluster::cron`] with more environment (e.g. FLOWARCHIVE_USER).
+    pub fn cron_with(&self, i: usize, env: &[(&str, &str)]) -> (i32, String, String) {
         let out = std::process::Command::new("python3")
             .arg(root().join("scripts/flowarchive-sweep"))
             .env("FLOWARCHIVE_PORT", self.nodes[i].port.to_string())
+            .envs(env.iter().copied())
             .output()
             .unwrap();
         (
