@@ -3,7 +3,10 @@
 //!       re-issues only the S3 requests of an archive (presigned PUT with Content-MD5 and
 //!       x-amz-checksum-sha256, then HEAD), with `concurrency` threads; no Valkey, no encoding. The
 //!       objects are read from <endpoint>, the requests go to [request-endpoint] when given (e.g.
-//!       a delaying proxy before the same store).
+//!       a delaying proxy before the same store). With LIMITS_READY=1 it prints `ready` once the
+//!       objects are fetched and waits for a line on stdin before the first request, so a caller can
+//!       measure other processes over the request phase alone; its own CPU over that phase is
+//!       reported as `cpu_s`.
 //!   limits cpu <endpoint> <bucket> <src-prefix>
 //!       single-core speed of gzip (level 1) + sha256 + md5 on the objects' uncompressed bytes.
 //!   limits gzip <endpoint> <bucket> <src-prefix>
@@ -107,6 +110,17 @@ fn gunzip_all(objects: &[(String, Vec<u8>)]) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// CPU seconds (user and system) of this whole process so far.
+fn process_cpu_s() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
 fn thread_cpu_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -188,7 +202,15 @@ fn main() {
                 Some(requests) => store(requests.parse().expect("request endpoint url")),
                 None => s3,
             };
+            if std::env::var("LIMITS_READY").as_deref() == Ok("1") {
+                println!("ready");
+                std::io::stdout().flush().expect("stdout");
+                std::io::stdin()
+                    .read_line(&mut String::new())
+                    .expect("stdin");
+            }
             let next = Arc::new(AtomicUsize::new(0));
+            let cpu = process_cpu_s();
             let start = Instant::now();
             let handles: Vec<_> = (0..threads)
                 .map(|_| {
@@ -209,8 +231,9 @@ fn main() {
             }
             let secs = start.elapsed().as_secs_f64();
             println!(
-                r#"{{"objects":{},"stored_bytes":{stored},"seconds":{secs}}}"#,
-                objects.len()
+                r#"{{"objects":{},"stored_bytes":{stored},"seconds":{secs},"cpu_s":{}}}"#,
+                objects.len(),
+                process_cpu_s() - cpu
             );
         }
         "cpu" => {
