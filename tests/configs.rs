@@ -194,3 +194,36 @@ fn commands_carry_the_acl_category_on_valkey() {
         ["flowarchive.flow", "flowarchive.get", "flowarchive.sweep"]
     );
 }
+
+/// README, "Load it": a size takes the server's units in the config file and by CONFIG SET; as a load
+/// argument it is a plain integer, and a unit stops the load instead of loading another value.
+#[test]
+fn sizes_take_units_in_the_config_file_and_plain_integers_as_load_arguments() {
+    for flavor in [Flavor::Valkey9, Flavor::Valkey8, Flavor::Redis7] {
+        let s3 = S3::new_bucket();
+        let dir = root().join("target/test-servers").join(unique("units"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("server.conf");
+        std::fs::write(&conf, "flowarchive.read-max-bytes 1mb\n").unwrap();
+        let mut opts = ServerOpts::new(&s3);
+        opts.flavor = flavor;
+        let srv = Server::start_with_config_file(opts.clone(), &conf);
+        let mut c = srv.conn();
+        assert_eq!(config(&mut c, "flowarchive.read-max-bytes"), "1048576");
+        config_set(&mut c, "flowarchive.read-max-bytes", "2mb").unwrap();
+        assert_eq!(config(&mut c, "flowarchive.read-max-bytes"), "2097152");
+        drop(srv);
+
+        opts.module_args
+            .extend(["read-max-bytes", "1mb"].map(String::from));
+        let log = Server::start_failing(opts.clone());
+        assert!(log.contains("invalid digit found in string"), "{log}");
+        opts.module_args.pop();
+        opts.module_args.push("1048576".into());
+        let srv = Server::start(opts);
+        assert_eq!(
+            config(&mut srv.conn(), "flowarchive.read-max-bytes"),
+            "1048576"
+        );
+    }
+}
