@@ -31,7 +31,15 @@ case "${1:-start}" in
     exit 1
     ;;
   stop)
-    if [ -f "$pidfile" ]; then kill "$(cat "$pidfile")" 2>/dev/null || true; rm -f "$pidfile"; fi
+    # Waits for the exit: a SeaweedFS still shutting down removes the unix sockets of one started
+    # after it (its S3 port then answers every request with an error).
+    if [ -f "$pidfile" ]; then
+      pid=$(cat "$pidfile")
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+      kill -9 "$pid" 2>/dev/null || true
+      rm -f "$pidfile"
+    fi
     ;;
   status)
     up && echo up || { echo down; exit 1; }

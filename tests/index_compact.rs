@@ -227,9 +227,14 @@ fn conversion_both_ways_keeps_every_flow_readable() {
     assert!(out.contains("moved=18") && out.contains("left=0"), "{out}");
     assert!(!exists(&mut c, INDEX));
     check("compact", &srv, &s3, &model, Expect::Either);
-    let (code, out) = convert(&srv, "compact", &[]);
+    // Idempotent; and a user who may run neither CLUSTER SHARDS nor INFO converts a standalone server.
+    let setuser = "ACL SETUSER conv on >pw ~* &* +@all -info -cluster|shards";
+    cmd::<()>(&mut c, &setuser.split(' ').collect::<Vec<_>>()).unwrap();
+    let user = [("FLOWARCHIVE_USER", "conv"), ("FLOWARCHIVE_PASSWORD", "pw")];
+    let (code, out) = convert(&srv, "compact", &user);
     assert_eq!(code, 0, "idempotent: {out}");
     assert!(out.contains("moved=0"), "{out}");
+    assert!(out.contains("no permission for INFO"), "{out}");
 
     config_set(&mut c, "flowarchive.index-format", "hash").unwrap();
     let (code, out) = convert(&srv, "hash", &[]);
