@@ -103,6 +103,7 @@ redis_module! {
             ["request-timeout-ms", &configs::REQUEST_TIMEOUT_MS.value, configs::REQUEST_TIMEOUT_MS.default, configs::REQUEST_TIMEOUT_MS.min, configs::REQUEST_TIMEOUT_MS.max, ConfigurationFlags::DEFAULT, None],
             ["concurrency", &configs::CONCURRENCY.value, configs::CONCURRENCY.default, configs::CONCURRENCY.min, configs::CONCURRENCY.max, ConfigurationFlags::DEFAULT, None],
             ["batch-size", &configs::BATCH_SIZE.value, configs::BATCH_SIZE.default, configs::BATCH_SIZE.min, configs::BATCH_SIZE.max, ConfigurationFlags::DEFAULT, None],
+            ["step-budget-us", &configs::STEP_BUDGET_US.value, configs::STEP_BUDGET_US.default, configs::STEP_BUDGET_US.min, configs::STEP_BUDGET_US.max, ConfigurationFlags::DEFAULT, None],
             ["upload-bytes-per-sec", &configs::UPLOAD_BYTES_PER_SEC.value, configs::UPLOAD_BYTES_PER_SEC.default, configs::UPLOAD_BYTES_PER_SEC.min, configs::UPLOAD_BYTES_PER_SEC.max, ConfigurationFlags::MEMORY, None],
             ["cache-bytes", &configs::CACHE_BYTES.value, configs::CACHE_BYTES.default, configs::CACHE_BYTES.min, configs::CACHE_BYTES.max, ConfigurationFlags::MEMORY, Some(Box::new(fetch::on_cache_budget))],
             ["read-max-bytes", &configs::READ_MAX_BYTES.value, configs::READ_MAX_BYTES.default, configs::READ_MAX_BYTES.min, configs::READ_MAX_BYTES.max, ConfigurationFlags::MEMORY, None],

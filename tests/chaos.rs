@@ -500,7 +500,7 @@ fn c_replicaof_swap_mid_sweep_loses_nothing() {
 
 /// Another valid value for each module config (`$P` is replaced by the test's own prefix, so an
 /// object written under the changed prefix is found; `$F` by a file holding a wrong secret).
-const ALTERNATES: [(&str, &str); 40] = [
+const ALTERNATES: [(&str, &str); 41] = [
     ("endpoint", "http://127.0.0.1:9"),
     ("index-format", "compact"),
     ("index-buckets", "16"),
@@ -516,6 +516,7 @@ const ALTERNATES: [(&str, &str); 40] = [
     ("retention", "2h"),
     ("concurrency", "1"),
     ("batch-size", "7"),
+    ("step-budget-us", "100"),
     ("cache-bytes", "0"),
     ("upload-bytes-per-sec", "1048576"),
     ("sweep-interval", "1h"),

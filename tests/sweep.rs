@@ -601,8 +601,10 @@ fn a_batched_commit_is_one_transaction_per_step_and_failed_flows_stay_live() {
     let s3 = S3::new_bucket();
     let mut opts = ServerOpts::new(&s3);
     opts.module_args = s3.module_args(&proxy.endpoint());
+    // A step budget no commit of this debug build reaches alone, so the flows that returned during the
+    // pause are committed in one step however slow the machine is.
     opts.module_args
-        .extend(["concurrency", "8"].map(String::from));
+        .extend(["concurrency", "8", "step-budget-us", "100000"].map(String::from));
     opts.extra = ["--appendonly", "yes", "--appendfsync", "always"]
         .map(String::from)
         .to_vec();
@@ -639,12 +641,22 @@ fn a_batched_commit_is_one_transaction_per_step_and_failed_flows_stay_live() {
         info_field(&mut c, "sweep_current_in_flight") == 8
     });
     // During the uploads b3 gets a late event (its commit finds it changed) and b5's label set turns
-    // into a string (its commit's type check refuses it); writes then pause past the uploads' end, so
-    // the flows that returned meanwhile are committed together when writes resume.
+    // into a string (its commit's type check refuses it); writes then pause until every upload has
+    // returned, so the flows that returned meanwhile are committed together when writes resume.
     cmd::<()>(&mut c, &["RPUSH", "argyll:flow:b3:events", "{\"late\":1}"]).unwrap();
     cmd::<()>(&mut c, &["DEL", "argyll:idx:label:tenant:solo"]).unwrap();
     cmd::<()>(&mut c, &["SET", "argyll:idx:label:tenant:solo", "x"]).unwrap();
-    cmd::<()>(&mut c, &["CLIENT", "PAUSE", "1500", "WRITE"]).unwrap();
+    cmd::<()>(&mut c, &["CLIENT", "PAUSE", "20000", "WRITE"]).unwrap();
+    // Each upload's HEAD follows its PUT; the upload has returned once none is in the store stage.
+    wait_for("every upload back", Duration::from_secs(9), || {
+        let heads = proxy
+            .requests()
+            .iter()
+            .filter(|r| r.starts_with("HEAD "))
+            .count();
+        heads >= 8 && info_field(&mut c, "uploads_in_flight") == 0
+    });
+    cmd::<()>(&mut c, &["CLIENT", "UNPAUSE"]).unwrap();
     wait_for("sweep done", Duration::from_secs(30), || {
         info_field(&mut c, "sweep_running") == 0
     });

@@ -154,7 +154,7 @@ pub fn when_writable(
 }
 
 /// Commits several captured, stored flows of one DB from a worker thread, as many per main-thread step
-/// as `mainthread::STEP_BUDGET` allows. Each flow runs the whole of `commit` on its own: its checks
+/// as the step budget (`step-budget-us`) allows. Each flow runs the whole of `commit` on its own: its checks
 /// before any of its writes, all or nothing for that flow, and a flow that fails (changed, not allowed,
 /// a conflict...) stays live without holding back the others. Writes paused (a failover, `CLIENT
 /// PAUSE WRITE`) usually end within seconds: a paused flow is tried again every `PAUSE_RETRY` for up

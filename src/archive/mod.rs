@@ -154,7 +154,7 @@ pub fn begin(
 }
 
 /// Begins archiving several flows of `db` (the sweep), as many per main-thread step as
-/// `mainthread::STEP_BUDGET` allows, each exactly as `begin`: the outcome of each, in order. The rest of
+/// the step budget (`step-budget-us`) allows, each exactly as `begin`: the outcome of each, in order. The rest of
 /// a long event log is then read by `finish_capture`, in its own steps.
 pub fn begin_many(
     caller: &Caller,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use redis_module::{raw, Context};
 
 use crate::ops::metrics::{self, Stage};
-use crate::ops::{errors, log};
+use crate::ops::{configs, errors, log};
 use crate::runtime::server::select_db;
 
 /// The module's detached context, used only on the main thread to start timers.
@@ -61,12 +61,15 @@ pub fn step<T: Send, E: From<String> + Send>(
     })?
 }
 
-/// CPU a batched step may spend before it takes no further item: each hand-off to the event loop costs
-/// a wake-up of the loop and of the waiting worker (on busy cores, a scheduler slice each), so one step
-/// does several short pieces of work, yet stays short enough for clients' tail latency.
-pub const STEP_BUDGET: Duration = Duration::from_micros(250);
+/// Time a batched step may spend before it takes no further item (`step-budget-us`, 0.25 ms by
+/// default): each hand-off to the event loop costs a wake-up of the loop and of the waiting worker (on
+/// busy cores, a scheduler slice each), so one step does several short pieces of work, yet stays short
+/// enough for clients' tail latency.
+fn step_budget() -> Duration {
+    Duration::from_micros(configs::STEP_BUDGET_US.get().max(0) as u64)
+}
 
-/// Runs `f` on `items` in order, in one step on the event loop in `db`, until `STEP_BUDGET` is spent
+/// Runs `f` on `items` in order, in one step on the event loop in `db`, until the step budget is spent
 /// (always at least one item; none is cut short). Returns the results of the items it reached, in
 /// order: the caller hands the rest to the next step. From worker threads only.
 pub fn step_batch<I: Sync, T: Send>(
@@ -77,10 +80,10 @@ pub fn step_batch<I: Sync, T: Send>(
     mut f: impl FnMut(&Context, &I) -> T + Send,
 ) -> Result<Vec<T>, String> {
     step(db, stage, held, |ctx| {
-        let started = Instant::now();
+        let (started, budget) = (Instant::now(), step_budget());
         let mut out = Vec::new();
         for item in items {
-            if !out.is_empty() && started.elapsed() >= STEP_BUDGET {
+            if !out.is_empty() && started.elapsed() >= budget {
                 break;
             }
             out.push(f(ctx, item));
