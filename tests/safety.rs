@@ -694,7 +694,7 @@ fn peak_rss(pid: u32) -> u64 {
 }
 
 /// An event log of large events is refused at the cap without the server copying a whole chunk of
-/// it: a chunk of 1024 events read in one `LRANGE` would be built whole as a reply (here 96 MB)
+/// it: a chunk of 1024 events read in one `LRANGE` would be built whole as a reply (here 95 MB)
 /// before the first event was measured.
 #[test]
 fn a_log_of_large_events_is_refused_without_copying_a_chunk() {
@@ -706,11 +706,13 @@ fn a_log_of_large_events_is_refused_without_copying_a_chunk() {
         ..FlowSpec::done("big-events")
     };
     write_flow(&mut c, &spec);
+    // Taken before the log grows: reading it whole afterwards would itself raise the peak.
+    let before = dump_all(&mut c);
+    let key = "argyll:flow:big-events:events";
     let event = serde_json::json!({"pad": "e".repeat(1 << 20)}).to_string();
     for _ in 0..95 {
-        cmd::<()>(&mut c, &["RPUSH", "argyll:flow:big-events:events", &event]).unwrap();
+        cmd::<()>(&mut c, &["RPUSH", key, &event]).unwrap();
     }
-    let before = dump_all(&mut c);
     let peak = peak_rss(srv.pid());
     let e = err_text(archive(&mut c, "big-events"));
     assert!(e.contains("larger than flowarchive.read-max-bytes"), "{e}");
@@ -719,5 +721,11 @@ fn a_log_of_large_events_is_refused_without_copying_a_chunk() {
         grew < 24 << 20,
         "the refusal raised the peak RSS by {grew} bytes"
     );
+    // The flow stays live and whole: the large events, then (trimmed back) what it was.
+    assert_eq!(cmd::<i64>(&mut c, &["LLEN", key]).unwrap(), 96);
+    for at in ["1", "-1"] {
+        assert_eq!(cmd::<String>(&mut c, &["LINDEX", key, at]).unwrap(), event);
+    }
+    cmd::<()>(&mut c, &["LTRIM", key, "0", "0"]).unwrap();
     assert_same(&before, &dump_all(&mut c), "refused flow");
 }
