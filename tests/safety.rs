@@ -684,3 +684,48 @@ fn a_flow_larger_than_the_read_cap_is_refused_and_stays_live() {
         .1;
     assert_eq!(events, padded);
 }
+
+/// The server's peak resident memory (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb << 10
+}
+
+/// An event log of large events is refused at the cap without the server copying a whole chunk of
+/// it: a chunk of 1024 events read in one `LRANGE` would be built whole as a reply (here 95 MB)
+/// before the first event was measured.
+#[test]
+fn a_log_of_large_events_is_refused_without_copying_a_chunk() {
+    let s3 = S3::new_bucket();
+    let srv = server_via(&s3, None, &["read-max-bytes", "1048576"]);
+    let mut c = srv.conn();
+    let spec = FlowSpec {
+        events: 1,
+        ..FlowSpec::done("big-events")
+    };
+    write_flow(&mut c, &spec);
+    // Taken before the log grows: reading it whole afterwards would itself raise the peak.
+    let before = dump_all(&mut c);
+    let key = "argyll:flow:big-events:events";
+    let event = serde_json::json!({"pad": "e".repeat(1 << 20)}).to_string();
+    for _ in 0..95 {
+        cmd::<()>(&mut c, &["RPUSH", key, &event]).unwrap();
+    }
+    let peak = peak_rss(srv.pid());
+    let e = err_text(archive(&mut c, "big-events"));
+    assert!(e.contains("larger than flowarchive.read-max-bytes"), "{e}");
+    let grew = peak_rss(srv.pid()).saturating_sub(peak);
+    assert!(
+        grew < 24 << 20,
+        "the refusal raised the peak RSS by {grew} bytes"
+    );
+    // The flow stays live and whole: the large events, then (trimmed back) what it was.
+    assert_eq!(cmd::<i64>(&mut c, &["LLEN", key]).unwrap(), 96);
+    for at in ["1", "-1"] {
+        assert_eq!(cmd::<String>(&mut c, &["LINDEX", key, at]).unwrap(), event);
+    }
+    cmd::<()>(&mut c, &["LTRIM", key, "0", "0"]).unwrap();
+    assert_same(&before, &dump_all(&mut c), "refused flow");
+}

@@ -5,6 +5,8 @@
 //! server in one go. A log longer than one chunk is followed by the flow's watch from its first chunk
 //! on, so a write between two chunks is seen (`runtime::watch`).
 
+use std::ops::ControlFlow;
+
 use redis_module::{Context, KeyType};
 
 use crate::archive::eligible::{self, SnapshotFacts, Window};
@@ -256,9 +258,11 @@ pub fn read_more(ctx: &Context, capture: &mut Capture) -> Result<(), FlowError> 
     );
     list_range_each(ctx, &capture.flow.keys.events, from, to, |event| {
         *bytes += event.len() as u64 + 1;
-        if *bytes <= max {
-            events.push(event.to_vec());
+        if *bytes > max {
+            return ControlFlow::Break(());
         }
+        events.push(event.to_vec());
+        ControlFlow::Continue(())
     })?;
     if capture.bytes > max {
         return Err(too_large(max));

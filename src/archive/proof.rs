@@ -11,6 +11,8 @@
 //! An event log read over several steps is too long to read again in one: it is hashed by its length
 //! only, and its watch follows every write to it from the capture's first step to the commit.
 
+use std::ops::ControlFlow;
+
 use redis_module::{Context, KeyType};
 use sha2::{Digest, Sha256};
 
@@ -120,7 +122,10 @@ pub fn current(
         return Ok(None);
     }
     let mut parts = parts.events(length);
-    list_range_each(ctx, &keys.events, 0, length, |e| parts.part(e))?;
+    list_range_each(ctx, &keys.events, 0, length, |e| {
+        parts.part(e);
+        ControlFlow::Continue(())
+    })?;
     Ok(Some(parts.finish()))
 }
 

@@ -2,7 +2,13 @@
 
 use crate::ops::errors::FlowError;
 
+use std::ops::ControlFlow;
+use std::os::raw::c_long;
+
 use redis_module::{raw, CallOptionsBuilder, CallReply, CallResult, Context, KeyType, RedisString};
+
+/// The server's answer to a command on a key of another type.
+const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
 
 /// The DB the calling client has selected.
 pub fn selected_db(ctx: &Context) -> i32 {
@@ -63,35 +69,68 @@ pub fn list_range(
     to: usize,
 ) -> Result<Vec<Vec<u8>>, String> {
     let mut out = Vec::with_capacity(to.saturating_sub(from));
-    list_range_each(ctx, key, from, to, |e| out.push(e.to_vec()))?;
+    list_range_each(ctx, key, from, to, |e| {
+        out.push(e.to_vec());
+        ControlFlow::Continue(())
+    })?;
     Ok(out)
 }
 
-/// Hands each element `from..to` of the list at `key` to `f` in place, without copying it.
+/// Hands the elements `from..to` of the list at `key` to `f` one at a time (fewer if the list is
+/// shorter), until `f` breaks. Each element is copied alone (`RM_ListGet`, sequential in O(1) per
+/// element like `LRANGE`), never a whole range at once: an `LRANGE` reply holds every element of the
+/// range before the first is looked at, so a caller refusing at a byte cap would have the server build
+/// the whole range (1024 elements of up to 512 MB) in memory first.
 pub fn list_range_each(
     ctx: &Context,
     key: &str,
     from: usize,
     to: usize,
-    mut f: impl FnMut(&[u8]),
+    mut f: impl FnMut(&[u8]) -> ControlFlow<()>,
 ) -> Result<(), String> {
     if from >= to {
         return Ok(());
     }
-    let (start, stop) = (from.to_string(), (to - 1).to_string());
-    let reply = call(
-        ctx,
-        "LRANGE",
-        &[key.as_bytes(), start.as_bytes(), stop.as_bytes()],
-    )?;
-    if let CallReply::Array(a) = &reply {
-        for element in a.iter() {
-            if let Ok(CallReply::String(s)) = element {
-                f(s.as_bytes());
-            }
+    let name = string(ctx, key.as_bytes());
+    let list = ReadKey(raw::open_key(ctx.ctx, name.inner, raw::KeyMode::READ));
+    // SAFETY: `list.0` is a key this context opened (NULL for a missing key, which KeyType accepts).
+    match KeyType::from(unsafe { raw::RedisModule_KeyType.map_or(0, |t| t(list.0)) }) {
+        KeyType::Empty => return Ok(()),
+        KeyType::List => {}
+        _ => return Err(WRONGTYPE.into()),
+    }
+    // SAFETY: reading a function pointer the module API filled in at load.
+    let Some(list_get) = (unsafe { raw::RedisModule_ListGet }) else {
+        return Err("the server has no RedisModule_ListGet".into());
+    };
+    for index in from..to {
+        let Ok(index) = c_long::try_from(index) else {
+            break;
+        };
+        // SAFETY: `list.0` is a list key opened for reading, open until `list` drops; the element
+        // returned is a new string this code owns (freed by `RedisString`'s drop), NULL past the end.
+        let element = unsafe { list_get(list.0, index) };
+        if element.is_null() {
+            break;
+        }
+        let element = RedisString::from_redis_module_string(ctx.ctx, element);
+        if f(element.as_slice()).is_break() {
+            break;
         }
     }
     Ok(())
+}
+
+/// A key opened for reading through the raw module API, closed when dropped (`RedisKey::to_raw_parts`
+/// of redis-module 2.0.8 closes the key it hands out, so the raw handle is kept here instead).
+struct ReadKey(*mut raw::RedisModuleKey);
+
+impl Drop for ReadKey {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            raw::close_key(self.0);
+        }
+    }
 }
 
 /// A bulk-string reply's bytes, `None` for nil.
