@@ -648,7 +648,20 @@ fn a_flow_larger_than_the_read_cap_is_refused_and_stays_live() {
     rpush.extend(padded.iter().map(String::as_str));
     cmd::<()>(&mut c, &rpush).unwrap();
 
+    // Eligibility is answered first: a running flow with such a snapshot is refused as running.
+    let running = FlowSpec {
+        status: "active",
+        ..FlowSpec::done("wide-running")
+    };
+    write_flow(&mut c, &running);
+    cmd::<()>(
+        &mut c,
+        &["SET", "argyll:flow:wide-running:snapshot:val", &snapshot],
+    )
+    .unwrap();
     let before = dump_all(&mut c);
+    let e = err_text(archive(&mut c, "wide-running"));
+    assert!(e.contains("not terminal"), "{e}");
     for id in ["wide-snapshot", "wide-log"] {
         let e = err_text(archive(&mut c, id));
         assert!(
@@ -728,4 +741,52 @@ fn a_log_of_large_events_is_refused_without_copying_a_chunk() {
     }
     cmd::<()>(&mut c, &["LTRIM", key, "0", "0"]).unwrap();
     assert_same(&before, &dump_all(&mut c), "refused flow");
+}
+
+/// Without a status index the sweep selects by reading snapshots in place; one over `read-max-bytes`
+/// is neither copied nor parsed there: the flow is a candidate its capture refuses (counted, left
+/// live), and the other flows archive.
+#[test]
+fn selection_by_snapshot_passes_a_snapshot_over_the_cap_to_a_refusal() {
+    use common::cluster::{layout_args, tagged_keys, TFlow};
+    let s3 = S3::new_bucket();
+    let mut opts = ServerOpts::new(&s3);
+    opts.module_args.extend(layout_args());
+    opts.module_args
+        .extend(["read-max-bytes", "1048576"].map(String::from));
+    let srv = Server::start(opts);
+    let mut c = srv.conn();
+    let flows: Vec<TFlow> = (0..3).map(|i| TFlow::done(format!("sel-{i}"), 4)).collect();
+    for f in &flows {
+        f.write(&mut c);
+    }
+    let big = TFlow::done("sel-big", 4);
+    big.write(&mut c);
+    let mut snapshot: serde_json::Value = serde_json::from_str(&big.snapshot()).unwrap();
+    snapshot["padding"] = "p".repeat(2 << 20).into();
+    let [_, val, ..] = tagged_keys(&big.id);
+    cmd::<()>(&mut c, &["SET", &val, &snapshot.to_string()]).unwrap();
+    let before: Vec<Option<Vec<u8>>> = tagged_keys(&big.id)
+        .iter()
+        .map(|k| cmd(&mut c, &["DUMP", k]).unwrap())
+        .collect();
+
+    let summary = sweep(&mut c, &[]).unwrap();
+    assert_eq!(int(&summary["archived"]), 3, "{summary:?}");
+    assert_eq!(int(&summary["failed"]), 1, "{summary:?}");
+    let after: Vec<Option<Vec<u8>>> = tagged_keys(&big.id)
+        .iter()
+        .map(|k| cmd(&mut c, &["DUMP", k]).unwrap())
+        .collect();
+    assert_eq!(before, after, "the refused flow stays as it was");
+    for f in &flows {
+        let (_, events) = get_events(&mut c, &f.id).unwrap();
+        assert_eq!(events, f.event_list(), "{}", f.id);
+    }
+
+    config_set(&mut c, "flowarchive.read-max-bytes", "8mb").unwrap();
+    let summary = sweep(&mut c, &[]).unwrap();
+    assert_eq!(int(&summary["archived"]), 1, "{summary:?}");
+    let state = get(&mut c, &big.id).unwrap().unwrap();
+    assert!(state.contains("\"archived\":true") && state.len() > 2 << 20);
 }

@@ -98,17 +98,17 @@ pub fn inspect(
     if let Some(location) = live_or_archived(ctx, caller, &keys, id)? {
         return Ok(Inspected::AlreadyArchived(location));
     }
-    // Measured where the server holds it, so a snapshot no read could take back is never copied.
-    let snapshot_len = with_string(ctx, &keys.snapshot, |v| v.map_or(0, <[u8]>::len));
-    if snapshot_len as u64 > max_bytes {
-        return Err(too_large(max_bytes));
-    }
-    let snapshot = read_string(ctx, &keys.snapshot).unwrap_or_default();
-    // Parsed lazily: only layouts without a status index need the snapshot's own fields.
+    // Measured where the server holds it: a snapshot no read could take back is never copied.
+    let snapshot = Snapshot {
+        key: &keys.snapshot,
+        len: with_string(ctx, &keys.snapshot, |v| v.map_or(0, <[u8]>::len)) as u64,
+        max_bytes,
+    };
+    // Parsed lazily and in place: only layouts without a status index need the snapshot's own fields.
     let mut facts: Option<SnapshotFacts> = None;
     let status = match indexed_status(ctx, &keys)? {
         Some(status) => status,
-        None => parsed(&mut facts, &snapshot)?
+        None => parsed(&mut facts, ctx, &snapshot)?
             .status()
             .map(str::to_string)
             .ok_or_else(|| {
@@ -121,9 +121,11 @@ pub fn inspect(
     };
     let last_update_ms = match status_score.as_deref().and_then(|s| s.parse::<f64>().ok()) {
         Some(ms) => ms as i64,
-        None => parsed(&mut facts, &snapshot)?.last_update_ms()?,
+        None => parsed(&mut facts, ctx, &snapshot)?.last_update_ms()?,
     };
     eligible::check(layout, &status, last_update_ms, window)?;
+    snapshot.fits()?;
+    let snapshot = read_string(ctx, &keys.snapshot).unwrap_or_default();
     let events_total = list_len(ctx, &keys.events)?;
     let flow = Captured {
         id: id.to_string(),
@@ -140,14 +142,38 @@ pub fn inspect(
     Ok(Inspected::Eligible(Box::new(flow), events_total))
 }
 
-/// The snapshot's facts, parsed on first use.
+/// The flow's snapshot key, its length where the server holds it, and the capture's cap.
+struct Snapshot<'k> {
+    key: &'k str,
+    len: u64,
+    max_bytes: u64,
+}
+
+impl Snapshot<'_> {
+    /// A snapshot over the cap could never be read back: the flow is refused before it is copied.
+    fn fits(&self) -> Result<(), FlowError> {
+        if self.len > self.max_bytes {
+            return Err(too_large(self.max_bytes));
+        }
+        Ok(())
+    }
+}
+
+/// The snapshot's facts, parsed on first use where the server holds the snapshot.
 fn parsed<'f>(
     facts: &'f mut Option<SnapshotFacts>,
-    snapshot: &[u8],
+    ctx: &Context,
+    snapshot: &Snapshot,
 ) -> Result<&'f SnapshotFacts, FlowError> {
     match facts {
         Some(f) => Ok(f),
-        None => Ok(facts.insert(SnapshotFacts::parse(snapshot)?)),
+        None => {
+            snapshot.fits()?;
+            let read = with_string(ctx, snapshot.key, |v| {
+                SnapshotFacts::parse(v.unwrap_or_default())
+            })?;
+            Ok(facts.insert(read))
+        }
     }
 }
 

@@ -220,8 +220,12 @@ impl<'a> Sweep<'a> {
     /// step budget), then commits every flow whose upload has returned (likewise), and waits for an
     /// upload only when it has nothing else to do.
     fn run(mut self) -> Result<(), String> {
-        let mut selector =
-            Selector::new(&self.settings.layout, self.window, self.job.caller.clone());
+        let mut selector = Selector::new(
+            &self.settings.layout,
+            self.window,
+            self.settings.read_max_bytes,
+            self.job.caller.clone(),
+        );
         let (done_tx, done_rx) = channel::<Done>();
         // DRYRUN uploads nothing: its results channel closes at once.
         let uploads = if self.job.dry_run {

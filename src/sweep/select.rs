@@ -17,7 +17,7 @@ use crate::layout::Layout;
 use crate::ops::errors;
 use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::cluster;
-use crate::runtime::server::{bytes, call, integer, strings};
+use crate::runtime::server::{bytes, call, integer, strings, with_string};
 
 /// Where candidates are found.
 enum Source {
@@ -37,13 +37,23 @@ enum Source {
 
 pub struct Selector {
     source: Source,
-    window: Window,
+    want: Want,
     caller: Caller,
 }
 
+/// What makes a flow a candidate: terminal and idle long enough in `window`; without a status index,
+/// judged from a snapshot read where the server holds it, and only up to `max_bytes` (a larger one
+/// is a candidate whose capture refuses it, as any flow too large to read back).
+#[derive(Clone, Copy)]
+struct Want {
+    window: Window,
+    max_bytes: u64,
+}
+
 impl Selector {
-    /// Selects the flows eligible in `window` (terminal, idle long enough) that `caller` may read.
-    pub fn new(layout: &Layout, window: Window, caller: Caller) -> Self {
+    /// Selects the flows eligible in `window` (terminal, idle long enough) that `caller` may read;
+    /// `max_bytes` is the capture's cap (`read-max-bytes`).
+    pub fn new(layout: &Layout, window: Window, max_bytes: u64, caller: Caller) -> Self {
         let source = if layout.status_set.is_some() && !cluster::enabled() {
             Source::StatusSets {
                 statuses: layout.terminal.clone(),
@@ -59,7 +69,7 @@ impl Selector {
         };
         Selector {
             source,
-            window,
+            want: Want { window, max_bytes },
             caller,
         }
     }
@@ -71,7 +81,7 @@ impl Selector {
         layout: &Layout,
         batch: usize,
     ) -> Result<Option<Vec<String>>, String> {
-        let window = self.window;
+        let want = self.want;
         match &mut self.source {
             Source::StatusSets {
                 statuses,
@@ -84,7 +94,7 @@ impl Selector {
                 else {
                     return Ok(None);
                 };
-                let cutoff = window.cutoff_ms();
+                let cutoff = want.window.cutoff_ms();
                 let (ids, exhausted) = status_page(ctx, &key, after, cutoff, batch, layout)?;
                 if exhausted {
                     *next += 1;
@@ -96,7 +106,7 @@ impl Selector {
                 if *done {
                     return Ok(None);
                 }
-                let ids = scan_step(ctx, &self.caller, layout, cursor, batch, &window, seen)?;
+                let ids = scan_step(ctx, &self.caller, layout, cursor, batch, &want, seen)?;
                 *done = cursor.as_str() == "0";
                 Ok(Some(ids))
             }
@@ -238,7 +248,7 @@ fn scan_step(
     layout: &Layout,
     cursor: &mut String,
     batch: usize,
-    window: &Window,
+    want: &Want,
     seen: &mut HashSet<String>,
 ) -> Result<Vec<String>, String> {
     let keys = scan(ctx, layout, cursor, batch)?;
@@ -263,11 +273,11 @@ fn scan_step(
             ids.push(id);
             continue;
         }
-        let snapshot = call(ctx, "GET", &[key.as_bytes()])
-            .ok()
-            .and_then(|r| bytes(&r))
-            .unwrap_or_default();
-        let eligible = SnapshotFacts::parse(&snapshot).is_ok_and(|f| f.eligible(layout, window));
+        let eligible = with_string(ctx, &key, |snapshot| match snapshot {
+            Some(s) if s.len() as u64 > want.max_bytes => true,
+            Some(s) => SnapshotFacts::parse(s).is_ok_and(|f| f.eligible(layout, &want.window)),
+            None => false,
+        });
         if eligible {
             seen.insert(id.clone());
             ids.push(id);
