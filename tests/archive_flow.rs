@@ -779,3 +779,49 @@ fn resp3_clients_get_a_map() {
     assert!(matches!(v, redis::Value::Map(_)), "{v:?}");
     assert_eq!(int(&reply_map(v)["events"]), 5);
 }
+
+/// A label hash large enough for the server's hashtable encoding (read by a scan of several calls) is
+/// archived with every label: the trailer holds each one, and the flow leaves every label set.
+#[test]
+fn a_flow_with_hundreds_of_labels_is_archived_with_every_label() {
+    let s3 = S3::new_bucket();
+    let srv = server_via(&s3, None, &[]);
+    let mut c = srv.conn();
+    cmd::<()>(
+        &mut c,
+        &["CONFIG", "SET", "hash-max-listpack-entries", "16"],
+    )
+    .unwrap();
+    let owned: Vec<(String, String)> = (0..300)
+        .map(|i| (format!("label{i:03}"), format!("v{i}")))
+        .collect();
+    let labels: Vec<(&str, &str)> = owned
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    write_flow(
+        &mut c,
+        &FlowSpec {
+            labels: &labels,
+            ..FlowSpec::done("many-labels")
+        },
+    );
+    let encoding: String = cmd(
+        &mut c,
+        &["OBJECT", "ENCODING", "argyll:flow:many-labels:idx:labels"],
+    )
+    .unwrap();
+    assert_eq!(encoding, "hashtable");
+    archive(&mut c, "many-labels").unwrap();
+    let left: Vec<String> = cmd(&mut c, &["KEYS", "argyll:*"]).unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    let text = gunzip(&s3.get("flows/many-labels.jsonl.gz").unwrap());
+    let trailer: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let stored: Vec<(String, String)> = trailer["labels"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(stored, owned);
+}

@@ -19,7 +19,7 @@ use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::cluster;
 use crate::runtime::mainthread::EVENTS_PER_STEP;
 use crate::runtime::server::{
-    bytes, call, expect_type, list_len, list_range_each, read_string, strings, with_string,
+    bytes, call, expect_type, hash_pairs, list_len, list_range_each, read_string, with_string,
 };
 use crate::runtime::watch::Watch;
 
@@ -257,15 +257,9 @@ pub(super) fn read_labels(
     if !expect_type(ctx, k, &KeyType::Hash)? {
         return Ok(Vec::new());
     }
-    let reply = call(ctx, "HGETALL", &[k.as_bytes()])?;
-    strings(&reply)
-        .chunks_exact(2)
-        .map(|pair| {
-            Ok((
-                utf8(pair[0].clone(), "a label name")?,
-                utf8(pair[1].clone(), "a label value")?,
-            ))
-        })
+    hash_pairs(ctx, k)
+        .into_iter()
+        .map(|(name, value)| Ok((utf8(name, "a label name")?, utf8(value, "a label value")?)))
         .collect()
 }
 

@@ -2,10 +2,13 @@
 
 use crate::ops::errors::FlowError;
 
+use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::os::raw::c_long;
 
-use redis_module::{raw, CallOptionsBuilder, CallReply, CallResult, Context, KeyType, RedisString};
+use redis_module::{
+    raw, CallOptionsBuilder, CallReply, CallResult, Context, KeyType, RedisString, ScanKeyCursor,
+};
 
 /// The server's answer to a command on a key of another type.
 const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
@@ -119,6 +122,20 @@ pub fn list_range_each(
         }
     }
     Ok(())
+}
+
+/// Every (field, value) of the hash at `key`, read where the server holds it (`RM_ScanKey`: no reply
+/// is built for it, as `HGETALL` through `RM_Call` would), each field once, in field order. Empty for a
+/// missing key or one of another type.
+pub fn hash_pairs(ctx: &Context, key: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut pairs = BTreeMap::new();
+    ScanKeyCursor::new(ctx.open_key(&string(ctx, key.as_bytes()))).for_each(|_, field, value| {
+        // A scan may return a field twice (a table resized between its calls); the first counts.
+        pairs
+            .entry(field.as_slice().to_vec())
+            .or_insert_with(|| value.as_slice().to_vec());
+    });
+    pairs.into_iter().collect()
 }
 
 /// A key opened for reading through the raw module API, closed when dropped (`RedisKey::to_raw_parts`
