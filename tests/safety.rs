@@ -659,10 +659,21 @@ fn a_flow_larger_than_the_read_cap_is_refused_and_stays_live() {
         &["SET", "argyll:flow:wide-running:snapshot:val", &snapshot],
     )
     .unwrap();
+    // A label hash past the cap: its scan stops there, and the flow is refused as too large.
+    write_flow(&mut c, &FlowSpec::done("wide-labels"));
+    let pad = "l".repeat(64 << 10);
+    for i in 0..40 {
+        let name = format!("pad{i}");
+        cmd::<()>(
+            &mut c,
+            &["HSET", "argyll:flow:wide-labels:idx:labels", &name, &pad],
+        )
+        .unwrap();
+    }
     let before = dump_all(&mut c);
     let e = err_text(archive(&mut c, "wide-running"));
     assert!(e.contains("not terminal"), "{e}");
-    for id in ["wide-snapshot", "wide-log"] {
+    for id in ["wide-snapshot", "wide-log", "wide-labels"] {
         let e = err_text(archive(&mut c, id));
         assert!(
             e.contains("larger than flowarchive.read-max-bytes (1048576 bytes)"),
@@ -672,7 +683,7 @@ fn a_flow_larger_than_the_read_cap_is_refused_and_stays_live() {
     assert_same(&before, &dump_all(&mut c), "refused flows");
 
     config_set(&mut c, "flowarchive.read-max-bytes", "8mb").unwrap();
-    for id in ["wide-snapshot", "wide-log"] {
+    for id in ["wide-snapshot", "wide-log", "wide-labels"] {
         archive(&mut c, id).unwrap();
     }
     let (state, events): (String, Vec<String>) = redis::cmd("FLOWARCHIVE.GET")

@@ -131,7 +131,8 @@ pub fn inspect(
         id: id.to_string(),
         db,
         seq: read_seq(ctx, &keys)?,
-        labels: read_labels(ctx, &keys)?,
+        // Labels no read could take back (they are part of the object) are not read whole either.
+        labels: read_labels(ctx, &keys, max_bytes)?.ok_or_else(|| too_large(max_bytes))?,
         keys,
         events: Vec::with_capacity(events_total.min(EVENTS_PER_STEP)),
         snapshot,
@@ -247,20 +248,26 @@ pub(super) fn read_seq(ctx: &Context, keys: &FlowKeys) -> Result<Option<i64>, Fl
         .map_err(|_| FlowError::Unreadable(format!("snapshot sequence {raw:?} is not an integer")))
 }
 
+/// The flow's labels; `None` when their names and values pass `budget` bytes (read no further).
 pub(super) fn read_labels(
     ctx: &Context,
     keys: &FlowKeys,
-) -> Result<Vec<(String, String)>, FlowError> {
+    budget: u64,
+) -> Result<Option<Vec<(String, String)>>, FlowError> {
     let Some(k) = &keys.labels else {
-        return Ok(Vec::new());
+        return Ok(Some(Vec::new()));
     };
     if !expect_type(ctx, k, &KeyType::Hash)? {
-        return Ok(Vec::new());
+        return Ok(Some(Vec::new()));
     }
-    hash_pairs(ctx, k)
+    let Some(pairs) = hash_pairs(ctx, k, budget) else {
+        return Ok(None);
+    };
+    pairs
         .into_iter()
         .map(|(name, value)| Ok((utf8(name, "a label name")?, utf8(value, "a label value")?)))
-        .collect()
+        .collect::<Result<_, _>>()
+        .map(Some)
 }
 
 /// Reads the next chunk of the event log. Call on the main thread with the flow's DB selected.

@@ -106,7 +106,12 @@ pub fn current(
             return Ok(None);
         }
     }
-    let (seq, labels) = (read_seq(ctx, keys)?, read_labels(ctx, keys)?);
+    // Labels grown past the captured ones' bytes differ, and are not read further.
+    let captured: usize = flow.labels.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let Some(labels) = read_labels(ctx, keys, captured as u64)? else {
+        return Ok(None);
+    };
+    let seq = read_seq(ctx, keys)?;
     let parts = with_string(ctx, &keys.snapshot, |snapshot| {
         (snapshot.map(<[u8]>::len) == Some(flow.snapshot.len()))
             .then(|| Parts::new(snapshot, seq, &labels))

@@ -126,16 +126,26 @@ pub fn list_range_each(
 
 /// Every (field, value) of the hash at `key`, read where the server holds it (`RM_ScanKey`: no reply
 /// is built for it, as `HGETALL` through `RM_Call` would), each field once, in field order. Empty for a
-/// missing key or one of another type.
-pub fn hash_pairs(ctx: &Context, key: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+/// missing key or one of another type; `None` once the fields and values read pass `budget` bytes (the
+/// scan stops there, so a hash far larger than the budget is never read whole).
+pub fn hash_pairs(ctx: &Context, key: &str, budget: u64) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
     let mut pairs = BTreeMap::new();
-    ScanKeyCursor::new(ctx.open_key(&string(ctx, key.as_bytes()))).for_each(|_, field, value| {
-        // A scan may return a field twice (a table resized between its calls); the first counts.
-        pairs
-            .entry(field.as_slice().to_vec())
-            .or_insert_with(|| value.as_slice().to_vec());
-    });
-    pairs.into_iter().collect()
+    let mut bytes = 0u64;
+    let cursor = ScanKeyCursor::new(ctx.open_key(&string(ctx, key.as_bytes())));
+    let mut more = true;
+    while more && bytes <= budget {
+        more = cursor.scan(|_, field, value| {
+            let (field, value) = (field.as_slice(), value.as_slice());
+            bytes += (field.len() + value.len()) as u64;
+            if bytes <= budget {
+                // A scan may return a field twice (a table resized between its calls): the first counts.
+                pairs
+                    .entry(field.to_vec())
+                    .or_insert_with(|| value.to_vec());
+            }
+        });
+    }
+    (bytes <= budget).then(|| pairs.into_iter().collect())
 }
 
 /// A key opened for reading through the raw module API, closed when dropped (`RedisKey::to_raw_parts`
