@@ -39,7 +39,7 @@ impl Parts {
             seq.map_or_else(|| "-".to_string(), |s| s.to_string())
                 .as_bytes(),
         );
-        // HGETALL's order is the hash's, which a rehash may change: compare as a set.
+        // Compared as a set, whatever order they were read in.
         let mut labels: Vec<&(String, String)> = labels.iter().collect();
         labels.sort();
         p.part(&(labels.len() as u64).to_le_bytes());
