@@ -348,67 +348,64 @@ fn checksum(v: &str) -> Result<(), String> {
     Checksum::parse(v).map(|_| ())
 }
 
-/// How an upload is proven stored before anything is deleted (`flowarchive.verify`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VerifyMode {
-    /// A HEAD after the PUT must show the uploaded size and checksum.
-    Head = 0,
-    /// The PUT response's ETag/checksum is trusted; one request fewer.
-    PutResponse = 1,
-}
-
-impl TryFrom<i32> for VerifyMode {
-    type Error = RedisError;
-    fn try_from(v: i32) -> Result<Self, RedisError> {
-        match v {
-            0 => Ok(VerifyMode::Head),
-            1 => Ok(VerifyMode::PutResponse),
-            _ => Err(RedisError::Str("verify must be head or put-response")),
+/// Declares an enum config of two choices once: the enum (`A` = 0, `B` = 1), its conversions for the
+/// server, the names `CONFIG GET` shows, and the refusal of any other value, all from one list.
+macro_rules! choice_config {
+    (
+        $(#[$meta:meta])* $vis:vis enum $name:ident ($config:literal) {
+            $(#[$ameta:meta])* $a:ident => $atext:literal,
+            $(#[$bmeta:meta])* $b:ident => $btext:literal,
         }
-    }
-}
-
-impl From<VerifyMode> for i32 {
-    fn from(v: VerifyMode) -> i32 {
-        v as i32
-    }
-}
-
-impl EnumConfigurationValue for VerifyMode {
-    fn get_options(&self) -> (Vec<String>, Vec<i32>) {
-        (vec!["head".into(), "put-response".into()], vec![0, 1])
-    }
-}
-
-/// How the archive index stores its entries (`flowarchive.index-format`, see `index`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum IndexFormat {
-    /// One hash, id -> `s3://bucket/key` (per slot on a cluster): the design's index.
-    Hash = 0,
-    /// Many small hashes, id -> generation and folder number (docs/FORMAT.md).
-    Compact = 1,
-}
-
-impl TryFrom<i32> for IndexFormat {
-    type Error = RedisError;
-    fn try_from(v: i32) -> Result<Self, RedisError> {
-        match v {
-            0 => Ok(IndexFormat::Hash),
-            1 => Ok(IndexFormat::Compact),
-            _ => Err(RedisError::Str("index-format must be hash or compact")),
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        $vis enum $name {
+            $(#[$ameta])* $a = 0,
+            $(#[$bmeta])* $b = 1,
         }
+
+        impl TryFrom<i32> for $name {
+            type Error = RedisError;
+            fn try_from(v: i32) -> Result<Self, RedisError> {
+                match v {
+                    0 => Ok($name::$a),
+                    1 => Ok($name::$b),
+                    _ => Err(RedisError::Str(concat!($config, " must be ", $atext, " or ", $btext))),
+                }
+            }
+        }
+
+        impl From<$name> for i32 {
+            fn from(v: $name) -> i32 {
+                v as i32
+            }
+        }
+
+        impl EnumConfigurationValue for $name {
+            fn get_options(&self) -> (Vec<String>, Vec<i32>) {
+                (vec![$atext.into(), $btext.into()], vec![0, 1])
+            }
+        }
+    };
+}
+
+choice_config! {
+    /// How an upload is proven stored before anything is deleted (`flowarchive.verify`).
+    pub enum VerifyMode ("verify") {
+        /// A HEAD after the PUT must show the uploaded size and checksum.
+        Head => "head",
+        /// The PUT response's ETag/checksum is trusted; one request fewer.
+        PutResponse => "put-response",
     }
 }
 
-impl From<IndexFormat> for i32 {
-    fn from(v: IndexFormat) -> i32 {
-        v as i32
-    }
-}
-
-impl EnumConfigurationValue for IndexFormat {
-    fn get_options(&self) -> (Vec<String>, Vec<i32>) {
-        (vec!["hash".into(), "compact".into()], vec![0, 1])
+choice_config! {
+    /// How the archive index stores its entries (`flowarchive.index-format`, see `index`).
+    pub enum IndexFormat ("index-format") {
+        /// One hash, id -> `s3://bucket/key` (per slot on a cluster): the design's index.
+        Hash => "hash",
+        /// Many small hashes, id -> generation and folder number (docs/FORMAT.md).
+        Compact => "compact",
     }
 }
 
@@ -678,6 +675,20 @@ mod tests {
         assert!(index_key("archived:$status").is_err());
         assert_eq!(VerifyMode::try_from(1).ok(), Some(VerifyMode::PutResponse));
         assert!(VerifyMode::try_from(2).is_err());
+        let refusal = |e: RedisError| e.to_string();
+        assert_eq!(
+            VerifyMode::try_from(2).map_err(refusal).err().as_deref(),
+            Some("verify must be head or put-response")
+        );
+        assert_eq!(
+            IndexFormat::try_from(-1).map_err(refusal).err().as_deref(),
+            Some("index-format must be hash or compact")
+        );
+        assert_eq!(
+            IndexFormat::Compact.get_options(),
+            (vec!["hash".to_string(), "compact".to_string()], vec![0, 1])
+        );
+        assert_eq!(i32::from(IndexFormat::Compact), 1);
         assert!(statuses("completed,failed").is_ok() && statuses(" , ").is_err());
         assert!(region("us-east-1").is_ok() && region("").is_err());
     }
