@@ -138,21 +138,6 @@ fn commit(
     Ok(())
 }
 
-/// Commits one captured, stored flow from a worker thread (FLOWARCHIVE.FLOW): `commit_many` of that
-/// flow alone. Returns the longest main-thread stretch spent on the flow.
-pub fn when_writable(
-    capture: Capture,
-    archived: Fingerprint,
-    layout: &Layout,
-    location: &str,
-) -> Result<u64, FlowError> {
-    let flow = ((), capture, archived, location.to_string());
-    match commit_many(vec![flow], layout).pop() {
-        Some((_, outcome)) => outcome,
-        None => Err(FlowError::Internal("the commit gave no outcome".into())),
-    }
-}
-
 /// Commits several captured, stored flows of one DB from a worker thread, as many per main-thread step
 /// as the step budget (`step-budget-us`) allows. Each flow runs the whole of `commit` on its own: its checks
 /// before any of its writes, all or nothing for that flow, and a flow that fails (changed, not allowed,

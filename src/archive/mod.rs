@@ -272,16 +272,13 @@ pub fn upload(
     })
 }
 
-/// Commits an uploaded flow (waiting out paused writes) and counts it.
+/// Commits one uploaded flow (FLOWARCHIVE.FLOW: `commit_many` of that flow alone, waiting out paused
+/// writes) and counts it.
 pub fn commit(up: Uploaded, settings: &Settings) -> Result<Archived, FlowError> {
-    let Uploaded {
-        capture,
-        archived,
-        stored,
-    } = up;
-    let main_thread_us =
-        commit::when_writable(capture, archived, &settings.layout, &stored.location)?;
-    Ok(stored.archived(main_thread_us))
+    match commit_many(vec![up], settings).pop() {
+        Some((_, outcome)) => outcome,
+        None => Err(FlowError::Internal("the commit gave no outcome".into())),
+    }
 }
 
 /// Commits several uploaded flows of one DB (the sweep), several per main-thread step
