@@ -27,7 +27,7 @@ use crate::layout::{self, FlowKeys, GENERATIONS};
 use crate::ops::configs::{IndexFormat, INDEX_BUCKETS, INDEX_FORMAT};
 use crate::ops::errors::{show_key, FlowError};
 use crate::runtime::acl::{self, Access, Caller};
-use crate::runtime::server::{bytes, call, expect_type, strings, type_of};
+use crate::runtime::server::{bytes, call, expect_type, hash_pairs, type_of};
 use crate::slot;
 use crate::sync::lock;
 
@@ -148,7 +148,7 @@ pub fn record(
         ))
     })?;
     let recorded = compact.recorded_buckets(ctx)?;
-    let heads = compact.heads(ctx)?;
+    let heads = compact.heads(ctx);
     let known = heads.iter().find(|(_, h)| h == head).map(|(n, _)| *n);
     let number = known.unwrap_or_else(|| heads.iter().map(|(n, _)| n + 1).max().unwrap_or(0));
     let buckets = recorded.unwrap_or_else(new_buckets);
@@ -263,16 +263,16 @@ impl Compact {
         }
     }
 
-    /// Every head the meta hash records, by number.
-    fn heads(&self, ctx: &Context) -> Result<Vec<(u64, String)>, FlowError> {
-        let all = strings(&call(ctx, "HGETALL", &[self.meta.as_bytes()])?);
-        Ok(all
-            .chunks_exact(2)
-            .filter_map(|pair| {
-                let number = std::str::from_utf8(&pair[0]).ok()?.strip_prefix('h')?;
-                Some((number.parse().ok()?, lossy(pair[1].clone())))
+    /// Every head the meta hash records, by number (the meta hash is a few fields: no byte budget).
+    fn heads(&self, ctx: &Context) -> Vec<(u64, String)> {
+        hash_pairs(ctx, &self.meta, u64::MAX)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(field, head)| {
+                let number = std::str::from_utf8(&field).ok()?.strip_prefix('h')?;
+                Some((number.parse().ok()?, lossy(head)))
             })
-            .collect())
+            .collect()
     }
 
     /// An entry's value: `generation + 16 × head number`.
