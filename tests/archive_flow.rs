@@ -637,10 +637,7 @@ fn refused_in_multi_scripts_and_on_replicas() {
 
     let replica = Server::start(ServerOpts::new(&s3));
     let mut r = replica.conn();
-    cmd::<()>(&mut r, &["REPLICAOF", "127.0.0.1", &srv.port.to_string()]).unwrap();
-    wait_for("replica sync", Duration::from_secs(20), || {
-        cmd::<i64>(&mut r, &["EXISTS", "argyll:flow:m:events"]).unwrap_or(0) == 1
-    });
+    replicate(&mut r, srv.port, "argyll:flow:m:events");
     let msg = err_text(archive(&mut r, "m"));
     assert!(msg.contains("READONLY") || msg.contains("replica"), "{msg}");
 }
@@ -678,14 +675,7 @@ fn commit_is_one_transaction(flavor: Flavor) {
     let mut r = replica.conn();
     write_flow(&mut m, &FlowSpec::done("rep"));
     write_flow(&mut m, &FlowSpec::done("stay"));
-    cmd::<()>(
-        &mut r,
-        &["REPLICAOF", "127.0.0.1", &master.port.to_string()],
-    )
-    .unwrap();
-    wait_for("replica sync", Duration::from_secs(20), || {
-        cmd::<i64>(&mut r, &["EXISTS", "argyll:flow:stay:events"]).unwrap_or(0) == 1
-    });
+    replicate(&mut r, master.port, "argyll:flow:stay:events");
     archive(&mut m, "rep").unwrap();
     wait_for(
         "replica applies the commit",

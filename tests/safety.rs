@@ -169,14 +169,7 @@ fn commits_wait_out_client_pause_and_never_write_on_a_demoted_primary() {
     for id in ["paused", "demoted", "long-pause"] {
         write_flow(&mut p, &FlowSpec::done(id));
     }
-    cmd::<()>(
-        &mut r,
-        &["REPLICAOF", "127.0.0.1", &primary.port.to_string()],
-    )
-    .unwrap();
-    wait_for("replica sync", Duration::from_secs(20), || {
-        cmd::<i64>(&mut r, &["EXISTS", "argyll:flow:paused:events"]).unwrap_or(0) == 1
-    });
+    replicate(&mut r, primary.port, "argyll:flow:paused:events");
 
     // A commit that lands while writes are paused waits for the pause to end, then commits.
     proxy.delay("PUT", Duration::from_millis(600));
@@ -529,14 +522,7 @@ fn a_sweep_on_a_demoted_primary_stops_uploading() {
     for i in 0..120 {
         write_flow(&mut p, &FlowSpec::done(&format!("d{i:03}")));
     }
-    cmd::<()>(
-        &mut r,
-        &["REPLICAOF", "127.0.0.1", &primary.port.to_string()],
-    )
-    .unwrap();
-    wait_for("replica sync", Duration::from_secs(20), || {
-        cmd::<i64>(&mut r, &["EXISTS", "argyll:flow:d119:events"]).unwrap_or(0) == 1
-    });
+    replicate(&mut r, primary.port, "argyll:flow:d119:events");
     proxy.delay("PUT", Duration::from_millis(150));
     let started: String = cmd(&mut p, &["FLOWARCHIVE.SWEEP", "ASYNC"]).unwrap();
     assert_eq!(started, "STARTED");

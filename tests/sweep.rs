@@ -625,14 +625,7 @@ fn a_batched_commit_is_one_transaction_per_step_and_failed_flows_stay_live() {
             },
         );
     }
-    cmd::<()>(
-        &mut r,
-        &["REPLICAOF", "127.0.0.1", &primary.port.to_string()],
-    )
-    .unwrap();
-    wait_for("replica sync", Duration::from_secs(20), || {
-        cmd::<i64>(&mut r, &["EXISTS", "argyll:flow:b7:events"]).unwrap_or(0) == 1
-    });
+    replicate(&mut r, primary.port, "argyll:flow:b7:events");
 
     // Every upload takes a second: all eight flows are begun and uploading at once.
     proxy.delay("PUT", Duration::from_secs(1));

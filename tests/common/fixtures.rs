@@ -308,6 +308,16 @@ pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
+/// Makes `replica` a replica of the server on `primary_port` and waits until it holds `witness`, a key
+/// the primary has.
+pub fn replicate(replica: &mut redis::Connection, primary_port: u16, witness: &str) {
+    let port = primary_port.to_string();
+    cmd::<()>(replica, &["REPLICAOF", "127.0.0.1", &port]).unwrap();
+    wait_for("replica sync", Duration::from_secs(20), || {
+        cmd::<i64>(replica, &["EXISTS", witness]).unwrap_or(0) == 1
+    });
+}
+
 pub fn file_contains(path: &Path, needle: &str) -> bool {
     std::fs::read_to_string(path)
         .map(|s| s.contains(needle))
