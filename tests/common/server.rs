@@ -136,6 +136,15 @@ impl Server {
         self.child.id()
     }
 
+    /// The server's peak resident memory so far (VmHWM), in bytes: unlike INFO's `used_memory_peak`,
+    /// sampled between commands, it also holds a copy made and freed within one main-thread step.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kb << 10
+    }
+
     pub fn start(opts: ServerOpts) -> Server {
         Self::start_with(opts, None)
     }
