@@ -1,7 +1,9 @@
 //! The commit's change proof against a real server: every kind of write between capture and commit
 //! keeps the flow live and intact, for a flow read in one step (compared at commit, no keyspace hook)
 //! and for a long one (followed by keyspace events from its first chunk); and a module that has only
-//! archived short flows has no keyspace hook at all, so the server's own writes pay nothing.
+//! archived short flows has no keyspace hook at all, so the server's own writes pay nothing. A label
+//! grown between capture and commit is not read past the captured labels' bytes, and a label field
+//! expired but not yet reclaimed (Valkey 9) keeps the flow live until the server reclaims it.
 
 mod common;
 
@@ -322,4 +324,160 @@ fn late_writes_are_kept_on_valkey_8_0() {
 #[test]
 fn late_writes_are_kept_on_redis_7_0() {
     short_and_long_flows_keep_late_writes(Flavor::Redis7);
+}
+
+/// The label value written between capture and commit: far more than the flow's captured labels.
+const BIG_LABEL: usize = 48 << 20;
+
+/// A label replaced by a 48 MB value between capture and commit (same field count, so `HLEN` agrees
+/// and the commit scans the hash): the commit stops reading at the captured labels' bytes, so it
+/// neither copies the value nor deletes anything; the flow is counted as changed and stays whole.
+/// The next sweep archives it with its new label, which reads back whole.
+#[test]
+fn a_label_grown_between_capture_and_commit_is_not_copied_by_the_commit() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    // No engine-wide label sets: a 48 MB label value would otherwise name a 48 MB key.
+    let srv = server_via(
+        &s3,
+        Some(&proxy),
+        &["label-set-key", "", "label-values-key", ""],
+    );
+    let mut c = srv.conn();
+    let id = "big-label";
+    let spec = FlowSpec::done(id);
+    write_flow(&mut c, &spec);
+    let labels = format!("argyll:flow:{id}:idx:labels");
+    let mut expected = dump_all(&mut c);
+    let events: Vec<String> = cmd(&mut c, &["LRANGE", &events_key(id), "0", "-1"]).unwrap();
+    let big = "L".repeat(BIG_LABEL);
+
+    proxy.delay("PUT", Duration::from_secs(4));
+    let mut other = srv.conn();
+    let swept = std::thread::spawn(move || sweep(&mut other, &[]));
+    wait_for("the PUT", Duration::from_secs(20), || {
+        !proxy.requests().is_empty()
+    });
+    run(&mut c, &["HSET", &labels, "tenant", &big]);
+    // A server may hand the commit's scan each value as a new string, a transient copy that is the
+    // server's own: the peak holds one such copy already, so only a copy by the module raises it.
+    run(&mut c, &["SET", "transient", &big]);
+    run(&mut c, &["DEL", "transient"]);
+    let peak = srv.peak_rss();
+    assert!(
+        !swept.is_finished(),
+        "the commit ran before the change was in place: hold the PUT longer"
+    );
+    let summary = swept.join().unwrap().unwrap();
+    let grew = srv.peak_rss().saturating_sub(peak);
+    assert!(
+        grew < BIG_LABEL as u64 / 2,
+        "the commit raised the peak RSS by {grew} bytes: it copied the {BIG_LABEL}-byte label"
+    );
+    assert_eq!(int(&summary["archived"]), 0, "{summary:?}");
+    assert_eq!(int(&summary["skipped_changed"]), 1, "{summary:?}");
+    assert_eq!(int(&summary["failed"]), 0, "{summary:?}");
+    assert_eq!(info_field(&mut c, "failures_changed"), 1);
+    // Every key as before, but for the new label.
+    expected.0.insert(
+        labels.clone().into_bytes(),
+        ("hash".into(), vec![format!("tenant={big}").into_bytes()]),
+    );
+    assert_same(&expected, &dump_all(&mut c), id);
+    assert!(index::location(&mut c, id).is_none());
+
+    // Quiet again: archived with its new label, read back whole.
+    proxy.clear();
+    let summary = sweep(&mut c, &[]).unwrap();
+    assert_eq!(int(&summary["archived"]), 1, "{summary:?}");
+    let left: Vec<String> = cmd(&mut c, &["KEYS", &format!("argyll:flow:{id}:*")]).unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    let state = get(&mut c, id).unwrap().unwrap();
+    let mut state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(
+        state.as_object_mut().unwrap().shift_remove("archived"),
+        Some(serde_json::Value::Bool(true))
+    );
+    let stored: serde_json::Value = serde_json::from_str(&snapshot_json(&spec)).unwrap();
+    assert_eq!(state, stored);
+    assert_eq!(get_events(&mut c, id).unwrap().1, events);
+    // The first sweep's object holds the old label: this one is the index's, a later generation.
+    let location = index::location(&mut c, id).unwrap();
+    let rel = location
+        .strip_prefix(&format!("s3://{}/{}/", s3.name(), s3.prefix))
+        .unwrap();
+    let text = gunzip(&s3.get(rel).unwrap());
+    let trailer: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert!(
+        trailer["labels"] == serde_json::json!({ "tenant": big }),
+        "the trailer does not hold the new label whole"
+    );
+}
+
+/// Valkey 9's hash field expiry: a label field past its expiry but not yet reclaimed (active expiry
+/// off) is still counted by `HLEN` and skipped by every scan. The capture reads the live labels only;
+/// the commit finds `HLEN` one more than it captured and refuses, so such a flow is counted as changed
+/// and stays live, every key and event as it was, until the server reclaims the field. This is the
+/// safe direction: the commit's first check, the field count, cannot tell an expired field the
+/// capture did not read from a field written since, and it refuses on any difference rather than
+/// reading further; that costs only a delay (the next sweep after the reclaim archives the flow),
+/// never data. Once reclaimed, the flow is archived with exactly its live labels.
+#[test]
+fn an_expired_label_not_yet_reclaimed_keeps_the_flow_until_it_is() {
+    let s3 = S3::new_bucket();
+    let mut opts = ServerOpts::new(&s3);
+    opts.extra = vec!["--enable-debug-command".into(), "yes".into()];
+    let srv = Server::start(opts);
+    let mut c = srv.conn();
+    let expiry: Vec<redis::Value> = cmd(&mut c, &["COMMAND", "INFO", "HPEXPIRE"]).unwrap();
+    if matches!(expiry.first(), None | Some(redis::Value::Nil)) {
+        eprintln!(
+            "skipped: {} has no hash field expiry (HPEXPIRE)",
+            srv.flavor.binary()
+        );
+        return;
+    }
+    let mut model = checker::Model::new(0);
+    let id = "expiring-label";
+    model.write(&mut c, &FlowSpec::done(id));
+    let labels = format!("argyll:flow:{id}:idx:labels");
+    run(&mut c, &["DEBUG", "SET-ACTIVE-EXPIRE", "0"]);
+    run(&mut c, &["HSET", &labels, "ephemeral", "soon-gone"]);
+    run(
+        &mut c,
+        &["HPEXPIRE", &labels, "1", "FIELDS", "1", "ephemeral"],
+    );
+    std::thread::sleep(Duration::from_millis(20));
+    let hidden = |c: &mut redis::Connection| {
+        let pairs: Vec<(String, String)> = cmd(c, &["HGETALL", &labels]).unwrap();
+        let counted: i64 = cmd(c, &["HLEN", &labels]).unwrap();
+        (pairs, counted)
+    };
+    let live = vec![("tenant".to_string(), "acme".to_string())];
+    assert_eq!(hidden(&mut c), (live.clone(), 2), "expired, not reclaimed");
+
+    let before = dump_all(&mut c);
+    let summary = sweep(&mut c, &[]).unwrap();
+    assert_eq!(int(&summary["archived"]), 0, "{summary:?}");
+    assert_eq!(int(&summary["skipped_changed"]), 1, "{summary:?}");
+    assert_same(&before, &dump_all(&mut c), id);
+    assert_eq!(hidden(&mut c), (live.clone(), 2), "still not reclaimed");
+    let tally = checker::check(
+        "while the field lingers",
+        &srv,
+        &s3,
+        &model,
+        checker::Expect::Either,
+    );
+    assert_eq!(tally.live, 1);
+
+    run(&mut c, &["DEBUG", "SET-ACTIVE-EXPIRE", "1"]);
+    wait_for("the field's reclaim", Duration::from_secs(10), || {
+        cmd::<i64>(&mut c, &["HLEN", &labels]).unwrap() == 1
+    });
+    let summary = sweep(&mut c, &[]).unwrap();
+    assert_eq!(int(&summary["archived"]), 1, "{summary:?}");
+    // The object's trailer holds exactly the live labels; GET answers the snapshot and every event.
+    let tally = checker::check("once reclaimed", &srv, &s3, &model, checker::Expect::Either);
+    assert_eq!(tally.archived, 1);
 }
