@@ -695,14 +695,6 @@ fn a_flow_larger_than_the_read_cap_is_refused_and_stays_live() {
     assert_eq!(events, padded);
 }
 
-/// The server's peak resident memory (VmHWM), in bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    kb << 10
-}
-
 /// An event log of large events is refused at the cap without the server copying a whole chunk of
 /// it: a chunk of 1024 events read in one `LRANGE` would be built whole as a reply (here 95 MB)
 /// before the first event was measured.
@@ -723,10 +715,10 @@ fn a_log_of_large_events_is_refused_without_copying_a_chunk() {
     for _ in 0..95 {
         cmd::<()>(&mut c, &["RPUSH", key, &event]).unwrap();
     }
-    let peak = peak_rss(srv.pid());
+    let peak = srv.peak_rss();
     let e = err_text(archive(&mut c, "big-events"));
     assert!(e.contains("larger than flowarchive.read-max-bytes"), "{e}");
-    let grew = peak_rss(srv.pid()).saturating_sub(peak);
+    let grew = srv.peak_rss().saturating_sub(peak);
     assert!(
         grew < 24 << 20,
         "the refusal raised the peak RSS by {grew} bytes"
