@@ -11,7 +11,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 
-use flate2::read::GzDecoder;
+use flate2::bufread::GzDecoder;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -27,7 +27,10 @@ pub const MAX_HEADER_LINE: u64 = 64 * 1024;
 /// so that an object of millions of tiny lines cannot expand into a reply far larger than the cap.
 pub const LINE_COST: u64 = 64;
 
-/// Decompression chunk: the stream is read and hashed this much at a time.
+/// The buffer the header line is read through (a longer line takes several fills).
+const HEADER_BUFFER: usize = 4096;
+
+/// Content is reserved this much at a time before it is proven to exist.
 const CHUNK: usize = 64 * 1024;
 
 /// An archived flow, ready to answer: the FlowState with `"archived":true`, and the events.
@@ -231,7 +234,7 @@ fn read_header(gz: &mut impl BufRead) -> Result<Header, DecodeError> {
 
 /// Decompresses everything after the header, hashing as it goes, refusing more than `limit` bytes.
 fn read_content(
-    gz: impl Read,
+    gz: &mut impl Read,
     limit: u64,
     declared: bool,
 ) -> Result<(Vec<u8>, String), DecodeError> {
@@ -239,23 +242,27 @@ fn read_content(
         inner: gz.take(limit.saturating_add(1)),
         sha: Sha256::new(),
     };
-    let mut content = Vec::new();
-    let mut chunk = vec![0u8; CHUNK];
+    // A declared size is read into one buffer; the first `CHUNK`s are reserved before anything is
+    // proven, so a lying header costs no more than a short read.
+    let reserve = if declared {
+        limit.min(16 * CHUNK as u64) as usize + 1
+    } else {
+        CHUNK
+    };
+    let mut content = Vec::with_capacity(reserve);
     loop {
-        let n = match reader.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => n,
+        match reader.read_to_end(&mut content) {
+            Ok(_) => break,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(gzip_error(e)),
-        };
-        content.extend_from_slice(&chunk[..n]);
-        if content.len() as u64 > limit {
-            return Err(DecodeError::TooLarge(if declared {
-                format!("content runs past its declared size of {limit} bytes")
-            } else {
-                format!("content passes the read cap of {limit} bytes (flowarchive.read-max-bytes)")
-            }));
         }
+    }
+    if content.len() as u64 > limit {
+        return Err(DecodeError::TooLarge(if declared {
+            format!("content runs past its declared size of {limit} bytes")
+        } else {
+            format!("content passes the read cap of {limit} bytes (flowarchive.read-max-bytes)")
+        }));
     }
     Ok((content, hex(&reader.sha.finalize())))
 }
@@ -269,7 +276,9 @@ pub fn parse(
     expected_db: i32,
     max_bytes: u64,
 ) -> Result<Object, DecodeError> {
-    let mut gz = BufReader::with_capacity(CHUNK, GzDecoder::new(object));
+    // The object is decompressed straight from its bytes. The small buffer serves the header line;
+    // the content passes it by, decompressed into its own buffer (`read_content`).
+    let mut gz = BufReader::with_capacity(HEADER_BUFFER, GzDecoder::new(object));
     let header = read_header(&mut gz)?;
     if header.flow_id != expected_id {
         return Err(DecodeError::OtherFlow(header.flow_id));
@@ -286,7 +295,12 @@ pub fn parse(
         Some(declared) => declared,
         None => max_bytes,
     };
-    let (content, actual) = read_content(gz, limit, header.raw_bytes.is_some())?;
+    let (content, actual) = read_content(&mut gz, limit, header.raw_bytes.is_some())?;
+    // One gzip member, nothing after it: bytes appended to an object are not ours.
+    let after = gz.into_inner().into_inner().len();
+    if after > 0 {
+        return Err(corrupt(format!("{after} bytes after the gzip member")));
+    }
     if let Some(declared) = header.raw_bytes {
         if content.len() as u64 != declared {
             return Err(corrupt(format!(
@@ -522,6 +536,15 @@ pub(crate) mod tests {
             decode(&good[..good.len() / 2], "abc", 0, CAP),
             Err(DecodeError::Corrupt(_))
         ));
+
+        // Anything after the one gzip member: a byte, or a whole second member.
+        for tail in [&b"\0"[..], &good[..]] {
+            let appended = [&good[..], tail].concat();
+            assert_eq!(
+                decode(&appended, "abc", 0, CAP).err().unwrap(),
+                corrupt(format!("{} bytes after the gzip member", tail.len()))
+            );
+        }
 
         let text = gunzip(&good);
         let tampered = text.replace("flow_completed", "flow_completeD");
