@@ -210,6 +210,12 @@ fn compact_events_empty_labels_and_ten_thousand_events() {
         held > 0 && held <= info_field(&mut c, "main_thread_max_us"),
         "{held}"
     );
+    // Its CPU time is measured too, and never exceeds the wall-clock time of a stretch.
+    let (cpu, wall) = (
+        info_field(&mut c, "main_thread_max_cpu_us"),
+        info_field(&mut c, "main_thread_max_us"),
+    );
+    assert!(cpu > 0 && cpu <= wall + 1, "{cpu} {wall}");
     for stage in ["capture", "commit"] {
         assert!(
             info_field(&mut c, &format!("main_thread_max_us_{stage}")) > 0,
