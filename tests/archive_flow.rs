@@ -210,12 +210,13 @@ fn compact_events_empty_labels_and_ten_thousand_events() {
         held > 0 && held <= info_field(&mut c, "main_thread_max_us"),
         "{held}"
     );
-    // Its CPU time is measured too, and never exceeds the wall-clock time of a stretch.
+    // Its CPU time is measured too, inside the stretch's wall-clock time (the slack is for the two
+    // clocks' sources and rounding).
     let (cpu, wall) = (
         info_field(&mut c, "main_thread_max_cpu_us"),
         info_field(&mut c, "main_thread_max_us"),
     );
-    assert!(cpu > 0 && cpu <= wall + 1, "{cpu} {wall}");
+    assert!(cpu > 0 && cpu <= wall + wall / 20 + 2, "{cpu} {wall}");
     for stage in ["capture", "commit"] {
         assert!(
             info_field(&mut c, &format!("main_thread_max_us_{stage}")) > 0,
@@ -821,3 +822,4 @@ fn a_flow_with_hundreds_of_labels_is_archived_with_every_label() {
         .collect();
     assert_eq!(stored, owned);
 }
+
