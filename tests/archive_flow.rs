@@ -823,3 +823,27 @@ fn a_flow_with_hundreds_of_labels_is_archived_with_every_label() {
     assert_eq!(stored, owned);
 }
 
+/// A long event log is read in chunks that stop at the step budget (`step-budget-us`), not in fixed
+/// chunks of 1024 events, so reading it holds the server no longer than any other step; every event
+/// is archived.
+#[test]
+fn a_long_log_is_read_in_steps_that_keep_to_the_budget() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    config_set(&mut c, "flowarchive.step-budget-us", "50").unwrap();
+    write_flow(
+        &mut c,
+        &FlowSpec {
+            events: 3000,
+            ..FlowSpec::done("long")
+        },
+    );
+    let log: Vec<String> = cmd(&mut c, &["LRANGE", "argyll:flow:long:events", "0", "-1"]).unwrap();
+    let before = info_field(&mut c, "main_thread_steps");
+    archive(&mut c, "long").unwrap();
+    let steps = info_field(&mut c, "main_thread_steps") - before;
+    // Chunks of 1024 would be 3 reads and a commit; at 50 µs (and at least 64 events) a chunk, dozens.
+    assert!(steps >= 10, "{steps} steps");
+    assert_eq!(get_events(&mut c, "long").unwrap().1, log);
+}

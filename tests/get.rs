@@ -302,3 +302,52 @@ fn replicas_serve_archived_reads_in_resp2_and_resp3() {
         .unwrap();
     assert_eq!(nil, redis::Value::Nil);
 }
+
+/// A live read is capped like an archived one (`read-max-bytes`), a short log (read in the command)
+/// as well as a long one (read in steps by a worker): refused with a clear error and the flow left as
+/// it is; under the cap every event is answered.
+#[test]
+fn a_live_read_over_the_cap_is_refused_short_or_long() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    let ids = [("short", 600), ("long", 1500)];
+    for (id, events) in ids {
+        write_flow(
+            &mut c,
+            &FlowSpec {
+                events,
+                status: "active",
+                ..FlowSpec::done(id)
+            },
+        );
+    }
+    let before = dump_all(&mut c);
+    config_set(&mut c, "flowarchive.read-max-bytes", "64kb").unwrap();
+    for (id, _) in ids {
+        let log: Vec<String> = cmd(
+            &mut c,
+            &["LRANGE", &format!("argyll:flow:{id}:events"), "0", "-1"],
+        )
+        .unwrap();
+        assert!(log.iter().map(String::len).sum::<usize>() > 64 << 10);
+        let e = err_text(get_events(&mut c, id));
+        assert!(
+            e.contains(&format!("flow \"{id}\" cannot be read"))
+                && e.contains("larger than read-max-bytes (65536 bytes)"),
+            "{e}"
+        );
+        // The snapshot alone is under the cap.
+        assert!(get(&mut c, id).unwrap().is_some());
+    }
+    assert_same(&before, &dump_all(&mut c), "nothing changed");
+    config_set(&mut c, "flowarchive.read-max-bytes", "1mb").unwrap();
+    for (id, _) in ids {
+        let log: Vec<String> = cmd(
+            &mut c,
+            &["LRANGE", &format!("argyll:flow:{id}:events"), "0", "-1"],
+        )
+        .unwrap();
+        assert_eq!(get_events(&mut c, id).unwrap().1, log);
+    }
+}

@@ -5,8 +5,6 @@
 //! server in one go. A log longer than one chunk is followed by the flow's watch from its first chunk
 //! on, so a write between two chunks is seen (`runtime::watch`).
 
-use std::ops::ControlFlow;
-
 use redis_module::{Context, KeyType};
 
 use crate::archive::eligible::{self, SnapshotFacts, Window};
@@ -17,9 +15,9 @@ use crate::layout::{FlowKeys, Layout};
 use crate::ops::errors::{show_key, FlowError};
 use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::cluster;
-use crate::runtime::mainthread::EVENTS_PER_STEP;
+use crate::runtime::mainthread::{read_log, ByteCap, LogRead, EVENTS_PER_STEP};
 use crate::runtime::server::{
-    bytes, call, expect_type, hash_pairs, list_len, list_range_each, read_string, with_string,
+    bytes, call, expect_type, hash_pairs, list_len, read_string, with_string,
 };
 use crate::runtime::watch::Watch;
 
@@ -34,8 +32,7 @@ pub struct Capture {
     pub held_us: u64,
     /// Bytes read so far, and the most a capture may hold (`read-max-bytes`: an object larger than
     /// reads accept could never be read back, so it is never archived, and memory stays bounded).
-    pub bytes: u64,
-    pub max_bytes: u64,
+    pub cap: ByteCap,
     /// On a cluster, the migration generation of the flow's slot when it was read (see `cluster`).
     pub motion: u32,
 }
@@ -270,35 +267,26 @@ pub(super) fn read_labels(
         .map(Some)
 }
 
-/// Reads the next chunk of the event log. Call on the main thread with the flow's DB selected.
+/// Reads the next chunk of the event log (`mainthread::read_log`). Call on the main thread with the
+/// flow's DB selected.
 pub fn read_more(ctx: &Context, capture: &mut Capture) -> Result<(), FlowError> {
     if capture.watch.changed() {
         return Err(FlowError::Changed);
     }
-    let from = capture.flow.events.len();
-    let to = (from + EVENTS_PER_STEP).min(capture.events_total);
     // Each event is measured before it is copied: a capture never holds more than the cap.
-    let (events, bytes, max) = (
+    let read = read_log(
+        ctx,
+        &capture.flow.keys.events,
+        capture.events_total,
         &mut capture.flow.events,
-        &mut capture.bytes,
-        capture.max_bytes,
-    );
-    list_range_each(ctx, &capture.flow.keys.events, from, to, |event| {
-        *bytes += event.len() as u64 + 1;
-        if *bytes > max {
-            return ControlFlow::Break(());
-        }
-        events.push(event.to_vec());
-        ControlFlow::Continue(())
-    })?;
-    if capture.bytes > max {
-        return Err(too_large(max));
+        &mut capture.cap,
+    )?;
+    match read {
+        LogRead::Read => Ok(()),
+        LogRead::OverCap => Err(too_large(capture.cap.max)),
+        // Fewer elements than LLEN said: the list shrank since.
+        LogRead::Shrunk => Err(FlowError::Changed),
     }
-    // Fewer elements than the range asked for: the list shrank since LLEN.
-    if capture.flow.events.len() != to {
-        return Err(FlowError::Changed);
-    }
-    Ok(())
 }
 
 /// A flow larger than reads accept (`read-max-bytes`) could never be read back, so it is not archived.

@@ -26,7 +26,7 @@ use crate::ops::metrics::{self, Buffered, Stage, UPLOADS_IN_FLIGHT};
 use crate::runtime::acl::Caller;
 use crate::runtime::blocking::{answer_later, refuse_where_it_cannot_run, this_client};
 use crate::runtime::cluster;
-use crate::runtime::mainthread;
+use crate::runtime::mainthread::{self, ByteCap};
 use crate::runtime::pool::Pool;
 use crate::runtime::reply::map;
 use crate::runtime::server::selected_db;
@@ -127,13 +127,15 @@ pub fn begin(
         let motion = cluster::motion(cluster::placement(id, flow.keys.named())?);
         let watch = Watch::claim(db, id).ok_or(FlowError::Busy)?;
         let mut capture = Capture {
-            bytes: flow.snapshot.len() as u64,
+            cap: ByteCap {
+                used: flow.snapshot.len() as u64,
+                max: settings.read_max_bytes,
+            },
             flow,
             caller: caller.clone(),
             events_total,
             watch,
             held_us: 0,
-            max_bytes: settings.read_max_bytes,
             motion,
         };
         capture::read_more(ctx, &mut capture)?;
@@ -241,7 +243,7 @@ pub fn upload(
     s3: &Store,
 ) -> Result<Uploaded, FlowError> {
     let encoded = {
-        let _captured = Buffered::hold(capture.bytes);
+        let _captured = Buffered::hold(capture.cap.used);
         let encoded =
             encode::encode(&capture.flow).map_err(|e| FlowError::Unreadable(e.to_string()))?;
         encode::read_back(&encoded.body, &capture.flow, settings.read_max_bytes)

@@ -489,7 +489,8 @@ pub static CONCURRENCY: Int = Int::new(4, 1, CONCURRENCY_MAX);
 pub const CONCURRENCY_MAX: i64 = 256;
 pub static BATCH_SIZE: Int = Int::new(100, 1, 100_000);
 /// The main thread's time per batched step in µs (`mainthread::step_batch`): a step begins or commits
-/// further flows only while it has spent less.
+/// further flows, or reads further events of a long log (`mainthread::read_log`), only while it has
+/// spent less.
 pub static STEP_BUDGET_US: Int = Int::new(250, 50, 100_000);
 pub static CACHE_BYTES: Int = Int::new(64 << 20, 0, 1 << 40);
 pub static READ_MAX_BYTES: Int = Int::new(256 << 20, 64 << 10, 1 << 40);

@@ -1,9 +1,11 @@
 //! Live reads of `FLOWARCHIVE.GET <id> EVENTS`.
 //!
-//! A short event log is read in the command itself. A long one is read like a capture: in chunks of
-//! `EVENTS_PER_STEP`, each a short main-thread step handed over by a read worker, so a log of 300,000
-//! events never holds the server in one stretch. A watch follows the log from the first step on, so the
-//! chunks and the snapshot read with the first form one state; a change restarts the read. The bytes read are capped like an archived read.
+//! A short event log is read in the command itself. A long one is read like a capture: in chunks
+//! (`mainthread::read_log`), each a main-thread step handed over by a read worker that stops at the
+//! step budget, so a log of 300,000 events never holds the server in one stretch. A watch follows the
+//! log from the first step on, so the chunks and the snapshot read with the first form one state; a
+//! change restarts the read. The bytes read, short log or long, are capped like an archived read: each
+//! event is measured before it is copied.
 
 use redis_module::{Context, KeyType, RedisError, RedisResult, RedisValue};
 
@@ -11,9 +13,9 @@ use crate::layout::FlowKeys;
 use crate::ops::errors::{self, show_id, FlowError};
 use crate::ops::metrics::Stage;
 use crate::runtime::blocking::{answer_later, can_block, this_client};
-use crate::runtime::mainthread::{self, EVENTS_PER_STEP};
+use crate::runtime::mainthread::{self, read_log, ByteCap, LogRead, EVENTS_PER_STEP};
 use crate::runtime::pool::Pool;
-use crate::runtime::server::{bytes, call, expect_type, list_len, list_range, read_string};
+use crate::runtime::server::{bytes, call, expect_type, list_len, read_string};
 use crate::runtime::watch::Watch;
 
 /// Workers for long live reads; reads beyond the queue get a busy error.
@@ -28,6 +30,11 @@ fn reply(snapshot: Vec<u8>, events: Vec<Vec<u8>>) -> RedisValue {
         RedisValue::StringBuffer(snapshot),
         RedisValue::Array(events),
     ])
+}
+
+/// A live read over the cap (`read-max-bytes`), like an archived one.
+fn too_large(max_bytes: u64) -> String {
+    format!("the flow is larger than read-max-bytes ({max_bytes} bytes)")
 }
 
 /// A live flow's stored snapshot, as stored; `None` when the flow is not live.
@@ -51,8 +58,18 @@ pub fn events(
     let fail = |e: String| RedisError::String(FlowError::from(e).message(&id));
     let total = list_len(ctx, &keys.events).map_err(fail)?;
     if total <= EVENTS_PER_STEP {
-        let log = list_range(ctx, &keys.events, 0, total).map_err(fail)?;
-        return Ok(reply(snapshot, log));
+        let mut log = Vec::with_capacity(total);
+        let mut cap = ByteCap {
+            used: snapshot.len() as u64,
+            max: max_bytes,
+        };
+        // One step reads a short log whole: it cannot shrink meanwhile.
+        return match read_log(ctx, &keys.events, total, &mut log, &mut cap).map_err(fail)? {
+            LogRead::OverCap => Err(RedisError::String(
+                FlowError::Unreadable(too_large(max_bytes)).message(&id),
+            )),
+            _ => Ok(reply(snapshot, log)),
+        };
     }
     if !can_block(ctx) {
         return Err(RedisError::String(format!(
@@ -100,26 +117,23 @@ fn read_once(
         let snapshot = bytes(&snapshot).ok_or(FlowError::Changed)?;
         Ok::<_, FlowError>((watch, snapshot, list_len(ctx, &keys.events)?))
     })?;
-    let mut log = Vec::with_capacity(total);
-    let mut size = snapshot.len() as u64;
+    let mut log = Vec::with_capacity(total.min(EVENTS_PER_STEP));
+    let mut cap = ByteCap {
+        used: snapshot.len() as u64,
+        max: max_bytes,
+    };
     while log.len() < total {
-        let (from, to) = (log.len(), (log.len() + EVENTS_PER_STEP).min(total));
-        let chunk = mainthread::step(db, Stage::Capture, &mut held, |ctx| {
+        let read = mainthread::step(db, Stage::Capture, &mut held, |ctx| {
             if watch.changed() {
                 return Err(FlowError::Changed);
             }
-            Ok(list_range(ctx, &keys.events, from, to)?)
+            Ok(read_log(ctx, &keys.events, total, &mut log, &mut cap)?)
         })?;
-        if chunk.len() != to - from {
-            return Err(FlowError::Changed);
+        match read {
+            LogRead::Read => {}
+            LogRead::OverCap => return Err(FlowError::Unreadable(too_large(max_bytes))),
+            LogRead::Shrunk => return Err(FlowError::Changed),
         }
-        size += chunk.iter().map(|e| e.len() as u64).sum::<u64>();
-        if size > max_bytes {
-            return Err(FlowError::Unreadable(format!(
-                "the event log is larger than read-max-bytes ({max_bytes} bytes)"
-            )));
-        }
-        log.extend(chunk);
     }
     if watch.changed() {
         return Err(FlowError::Changed);

@@ -4,6 +4,7 @@
 //! every client waits for milliseconds on a few microseconds of work. Work run by the event loop holds
 //! the server only for its own CPU time.
 
+use std::ops::ControlFlow;
 use std::os::raw::c_void;
 use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::mpsc::sync_channel;
@@ -13,7 +14,7 @@ use redis_module::{raw, Context};
 
 use crate::ops::metrics::{self, Stage};
 use crate::ops::{configs, errors, log};
-use crate::runtime::server::select_db;
+use crate::runtime::server::{list_range_each, select_db};
 
 /// The module's detached context, used only on the main thread to start timers.
 static CONTEXT: AtomicPtr<raw::RedisModuleCtx> = AtomicPtr::new(std::ptr::null_mut());
@@ -40,9 +41,68 @@ pub fn deinit() {
     }
 }
 
-/// Events read per main-thread step (capture, long live reads): about 0.5 MB of typical events, well
-/// under a millisecond.
+/// A log of at most this many events is read in one main-thread step (capture, live reads), so its
+/// commit can read it again whole and nothing needs to follow its writes. A longer log is read in
+/// chunks of at most this many, each stopped at the step budget (`read_log`).
 pub const EVENTS_PER_STEP: usize = 1024;
+
+/// Events a chunk of a long log reads before the step budget can stop it, so every step moves on.
+const MIN_CHUNK: usize = 64;
+
+/// Bytes read so far against a cap (`read-max-bytes`).
+#[derive(Clone, Copy, Debug)]
+pub struct ByteCap {
+    pub used: u64,
+    pub max: u64,
+}
+
+/// How a `read_log` call ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LogRead {
+    /// Read on: the log is complete when `out` holds `total` events, else call again in another step.
+    Read,
+    /// The next event would pass the cap; it was measured where the server holds it, not copied.
+    OverCap,
+    /// The list ended before `total`: it shrank since it was measured.
+    Shrunk,
+}
+
+/// Appends the next events of the list at `key` to `out` (from `out.len()` on, towards `total`), each
+/// measured into `cap` (with one byte for its line end) before it is copied. A log of at most
+/// `EVENTS_PER_STEP` events is read whole; a longer one at most `EVENTS_PER_STEP` per call and, past
+/// `MIN_CHUNK`, only until the step budget is spent, so a chunk of large events holds the server no
+/// longer than a batched step. Main thread.
+pub fn read_log(
+    ctx: &Context,
+    key: &str,
+    total: usize,
+    out: &mut Vec<Vec<u8>>,
+    cap: &mut ByteCap,
+) -> Result<LogRead, String> {
+    let from = out.len();
+    let to = (from + EVENTS_PER_STEP).min(total);
+    let deadline = (total > EVENTS_PER_STEP).then(|| Instant::now() + step_budget());
+    let (mut over, mut paused) = (false, false);
+    list_range_each(ctx, key, from, to, |event| {
+        cap.used += event.len() as u64 + 1;
+        if cap.used > cap.max {
+            over = true;
+            return ControlFlow::Break(());
+        }
+        out.push(event.to_vec());
+        paused = deadline.is_some_and(|d| out.len() - from >= MIN_CHUNK && Instant::now() >= d);
+        if paused {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })?;
+    Ok(match (over, paused) {
+        (true, _) => LogRead::OverCap,
+        (false, false) if out.len() != to => LogRead::Shrunk,
+        _ => LogRead::Read,
+    })
+}
 
 /// Runs `f` on the event loop in `db` and returns its result, timing the main-thread stretch into the
 /// stage's maximum and into `held`. From worker threads only.

@@ -64,21 +64,6 @@ pub fn list_len(ctx: &Context, key: &str) -> Result<usize, String> {
     Ok(integer(&reply).unwrap_or(0).max(0) as usize)
 }
 
-/// Elements `from..to` of the list at `key` (fewer if it is shorter).
-pub fn list_range(
-    ctx: &Context,
-    key: &str,
-    from: usize,
-    to: usize,
-) -> Result<Vec<Vec<u8>>, String> {
-    let mut out = Vec::with_capacity(to.saturating_sub(from));
-    list_range_each(ctx, key, from, to, |e| {
-        out.push(e.to_vec());
-        ControlFlow::Continue(())
-    })?;
-    Ok(out)
-}
-
 /// Hands the elements `from..to` of the list at `key` to `f` one at a time (fewer if the list is
 /// shorter), until `f` breaks. Each element is copied alone (`RM_ListGet`, sequential in O(1) per
 /// element like `LRANGE`), never a whole range at once: an `LRANGE` reply holds every element of the
