@@ -322,14 +322,16 @@ fn a_live_read_over_the_cap_is_refused_short_or_long() {
             },
         );
     }
+    let logs: Vec<Vec<String>> = ids
+        .iter()
+        .map(|(id, _)| {
+            let key = format!("argyll:flow:{id}:events");
+            cmd(&mut c, &["LRANGE", &key, "0", "-1"]).unwrap()
+        })
+        .collect();
     let before = dump_all(&mut c);
     config_set(&mut c, "flowarchive.read-max-bytes", "64kb").unwrap();
-    for (id, _) in ids {
-        let log: Vec<String> = cmd(
-            &mut c,
-            &["LRANGE", &format!("argyll:flow:{id}:events"), "0", "-1"],
-        )
-        .unwrap();
+    for ((id, _), log) in ids.iter().zip(&logs) {
         assert!(log.iter().map(String::len).sum::<usize>() > 64 << 10);
         let e = err_text(get_events(&mut c, id));
         assert!(
@@ -342,12 +344,7 @@ fn a_live_read_over_the_cap_is_refused_short_or_long() {
     }
     assert_same(&before, &dump_all(&mut c), "nothing changed");
     config_set(&mut c, "flowarchive.read-max-bytes", "1mb").unwrap();
-    for (id, _) in ids {
-        let log: Vec<String> = cmd(
-            &mut c,
-            &["LRANGE", &format!("argyll:flow:{id}:events"), "0", "-1"],
-        )
-        .unwrap();
-        assert_eq!(get_events(&mut c, id).unwrap().1, log);
+    for ((id, _), log) in ids.iter().zip(&logs) {
+        assert_eq!(&get_events(&mut c, id).unwrap().1, log);
     }
 }
