@@ -428,6 +428,64 @@ mod tests {
     }
 
     #[test]
+    fn only_a_whole_json_object_is_a_snapshot() {
+        for bad in [
+            "{}garbage",
+            "{} {}",
+            "{}}",
+            "{",
+            "\u{feff}{}",
+            "\"{}\"",
+            "",
+            " \n\t",
+            "{\"a\":\"line\nbreak\"}",
+            "{\"a\":\"cr\ronly\"}",
+        ] {
+            let err = encode(&flow(vec![], bad)).err();
+            assert!(
+                matches!(err, Some(EncodeError::Snapshot(_))),
+                "{bad:?}: {err:?}"
+            );
+        }
+        let mut f = flow(vec![], "{}");
+        f.snapshot = b"{\"a\":\"\xff\"}".to_vec();
+        let err = encode(&f).err().unwrap();
+        assert!(err.to_string().contains("not UTF-8"), "{err}");
+        for good in ["{}", "\r\n{}\r\n", "{\r\"a\"\r:\r1\r}", " {\"a\":[1,{}]} "] {
+            let f = flow(vec![], good);
+            let enc = encode(&f).unwrap_or_else(|e| panic!("{good:?}: {e}"));
+            read_back(&enc.body, &f, 1 << 20).unwrap();
+        }
+    }
+
+    #[test]
+    fn line_breaks_anywhere_in_an_event_read_back() {
+        // CR, LF or CRLF as whitespace at and around the scan's 32-byte block edges, and a lone CR.
+        for at in [0usize, 1, 30, 31, 32, 33, 63, 64, 65, 95, 96] {
+            for brk in ["\n", "\r", "\r\n"] {
+                let event = format!("{{\"k\":{}{brk}\"{}\"}}", " ".repeat(at), "v".repeat(40));
+                let f = flow(vec![&event, r#"{"b":2}"#], "{}");
+                let enc = encode(&f).unwrap_or_else(|e| panic!("{at} {brk:?}: {e}"));
+                let text = gunzip(&enc.body);
+                let line = text.lines().nth(1).unwrap();
+                assert!(!line.contains('\r'), "{at} {brk:?}: {line:?}");
+                assert_eq!(line, format!("{{\"k\":\"{}\"}}", "v".repeat(40)));
+                read_back(&enc.body, &f, 1 << 20).unwrap();
+                // The flow's event replaced by its one-line form (what the object holds) reads back
+                // too; one with another value does not.
+                let mut other = flow(vec![&event, r#"{"b":2}"#], "{}");
+                other.events[0] = line.replace('v', "w").into_bytes();
+                assert!(read_back(&enc.body, &other, 1 << 20).is_err());
+            }
+        }
+        // A raw line break or CR inside a string is not JSON: refused, never joined.
+        for bad in ["{\"a\":\"x\ny\"}", "{\"a\":\"x\ry\"}"] {
+            let err = encode(&flow(vec![bad], "{}")).err().unwrap();
+            assert!(err.to_string().starts_with("event 0 is not JSON"), "{err}");
+        }
+    }
+
+    #[test]
     fn empty_log_and_labels() {
         let mut f = flow(vec![], r#"{"id":"abc"}"#);
         f.labels.clear();

@@ -719,4 +719,143 @@ pub(crate) mod tests {
             }
         }
     }
+
+    /// `text` (a whole object's content) with its header line padded by an unread field to exactly
+    /// `len` bytes before its `\n`.
+    fn padded_header(text: &str, len: usize) -> Vec<u8> {
+        let (header, rest) = text.split_once('\n').unwrap();
+        let mut h: Value = serde_json::from_str(header).unwrap();
+        h["pad"] = "".into();
+        let bare = h.to_string().len();
+        h["pad"] = "p".repeat(len - bare).into();
+        let line = h.to_string();
+        assert_eq!(line.len(), len);
+        format!("{line}\n{rest}").into_bytes()
+    }
+
+    #[test]
+    fn header_lines_up_to_the_limit_read_across_buffer_fills() {
+        let good = object("abc", r#"{"id":"abc"}"#);
+        let want = decode(&good, "abc", 0, CAP).unwrap();
+        let text = gunzip(&good);
+        let max = MAX_HEADER_LINE as usize;
+        let buf = HEADER_BUFFER;
+        for len in [
+            buf - 1,
+            buf,
+            buf + 1,
+            2 * buf - 1,
+            2 * buf,
+            15 * buf + 7,
+            max - 1,
+            max,
+        ] {
+            let d = decode(&gzip(&padded_header(&text, len)), "abc", 0, CAP)
+                .unwrap_or_else(|e| panic!("{len}: {e}"));
+            assert!(d.events().eq(want.events()), "{len}");
+            assert_eq!(d.flow_state, want.flow_state, "{len}");
+        }
+        for len in [max + 1, max + 2, max + buf] {
+            assert_eq!(
+                decode(&gzip(&padded_header(&text, len)), "abc", 0, CAP)
+                    .err()
+                    .unwrap(),
+                corrupt(format!("header line longer than {MAX_HEADER_LINE} bytes")),
+                "{len}"
+            );
+        }
+    }
+
+    #[test]
+    fn standard_gzip_header_fields_are_skipped() {
+        let good = object("abc", r#"{"id":"abc"}"#);
+        let want = decode(&good, "abc", 0, CAP).unwrap();
+        let text = gunzip(&good);
+        let mut gz = flate2::GzBuilder::new()
+            .filename("flow.jsonl")
+            .comment("made elsewhere")
+            .extra(vec![7u8; 300])
+            .mtime(1)
+            .write(Vec::new(), flate2::Compression::best());
+        gz.write_all(text.as_bytes()).unwrap();
+        let body = gz.finish().unwrap();
+        let d = decode(&body, "abc", 0, CAP).unwrap();
+        assert!(d.events().eq(want.events()));
+        assert_eq!(d.flow_state, want.flow_state);
+    }
+
+    #[test]
+    fn every_cut_padding_and_trailer_flip_is_refused() {
+        let good = object("abc", r#"{"id":"abc"}"#);
+        for at in 0..good.len() {
+            assert!(decode(&good[..at], "abc", 0, CAP).is_err(), "cut at {at}");
+        }
+        // Zero padding of any length, an empty member, a stray gzip magic.
+        let empty_member = gzip(b"");
+        for tail in [
+            vec![0u8; 1],
+            vec![0u8; 7],
+            vec![0u8; 8],
+            vec![0u8; 4096],
+            empty_member,
+            vec![0x1f, 0x8b],
+        ] {
+            let body = [&good[..], &tail].concat();
+            assert_eq!(
+                decode(&body, "abc", 0, CAP).err().unwrap(),
+                corrupt(format!("{} bytes after the gzip member", tail.len()))
+            );
+        }
+        // The member's CRC-32 and length are checked.
+        for i in good.len() - 8..good.len() {
+            for bit in 0..8 {
+                let mut bad = good.clone();
+                bad[i] ^= 1 << bit;
+                assert!(decode(&bad, "abc", 0, CAP).is_err(), "byte {i} bit {bit}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_declared_size_is_exact_either_way() {
+        let good = object("abc", r#"{"id":"abc"}"#);
+        let text = gunzip(&good);
+        let (header, rest) = text.split_once('\n').unwrap();
+        let h: Value = serde_json::from_str(header).unwrap();
+        let raw = h["raw_bytes"].as_u64().unwrap();
+        assert_eq!(raw, rest.len() as u64);
+        for (declared, ok) in [(raw, true), (raw - 1, false), (raw + 1, false), (0, false)] {
+            let mut h = h.clone();
+            h["raw_bytes"] = declared.into();
+            let body = gzip(format!("{h}\n{rest}").as_bytes());
+            assert_eq!(decode(&body, "abc", 0, CAP).is_ok(), ok, "{declared}");
+        }
+        // Declared at the cap, content far shorter: refused at once, with no large buffer.
+        let mut h = h.clone();
+        h["raw_bytes"] = (256u64 << 20).into();
+        let body = gzip(format!("{h}\n{rest}").as_bytes());
+        assert!(matches!(
+            decode(&body, "abc", 0, 256 << 20),
+            Err(DecodeError::Corrupt(_))
+        ));
+    }
+
+    proptest! {
+        #![proptest_config(proptest_config())]
+
+        #[test]
+        fn any_header_length_reads_or_is_refused_by_length(len in 200usize..(70 << 10)) {
+            let good = object("abc", r#"{"id":"abc"}"#);
+            let text = gunzip(&good);
+            let body = gzip(&padded_header(&text, len));
+            match decode(&body, "abc", 0, CAP) {
+                Ok(_) => prop_assert!(len as u64 <= MAX_HEADER_LINE),
+                Err(e) => prop_assert!(
+                    len as u64 > MAX_HEADER_LINE
+                        && e == corrupt(format!("header line longer than {MAX_HEADER_LINE} bytes")),
+                    "{len}: {e}"
+                ),
+            }
+        }
+    }
 }

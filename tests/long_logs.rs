@@ -1,0 +1,403 @@
+//! Event logs read by `mainthread::read_log` against a real server: the archive's capture and live
+//! `FLOWARCHIVE.GET … EVENTS`. A log of at most 1024 events is read in one step; a longer one in
+//! chunks that stop at `step-budget-us` once 64 events are in. These tests attack the edges: logs of
+//! 1023 to 1025 and 2048 to 2049 events at the smallest and largest budget and with the budget changed
+//! during the sweep; every list write between two chunks of a capture (nothing is deleted unless the
+//! archive holds what was live at commit, checked event by event by the checker); a live read while
+//! the log rotates (never a mixture of two states); `read-max-bytes` hit at exactly its byte; events
+//! of 0 bytes; and the main-thread CPU figure in INFO.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::checker::{self, Expect, Model};
+use common::*;
+
+const BUDGET: &str = "flowarchive.step-budget-us";
+
+fn events_key(id: &str) -> String {
+    format!("argyll:flow:{id}:events")
+}
+
+fn lrange(c: &mut redis::Connection, key: &str) -> Vec<String> {
+    cmd(c, &["LRANGE", key, "0", "-1"]).unwrap()
+}
+
+/// Writes a completed flow of `events` events into `model`.
+fn write(c: &mut redis::Connection, model: &mut Model, id: &str, events: usize) {
+    model.write(
+        c,
+        &FlowSpec {
+            events,
+            ..FlowSpec::done(id)
+        },
+    );
+}
+
+/// Logs around one step (1024) and the smallest chunk (64), each read live and archived, under `budget`
+/// (or with the budget flipping between its bounds during the sweep when `None`); checked event by
+/// event live, then archived.
+fn boundaries(budget: Option<&str>) {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    config_set(&mut c, BUDGET, budget.unwrap_or("50")).unwrap();
+    let mut model = Model::new(0);
+    let sizes = [1usize, 63, 64, 65, 1023, 1024, 1025, 1088, 2048, 2049, 5000];
+    for n in sizes {
+        write(&mut c, &mut model, &format!("n{n}"), n);
+    }
+    for n in sizes {
+        let id = format!("n{n}");
+        let (_, events) = get_events(&mut c, &id).unwrap();
+        assert_eq!(events, model.flows[&id].events, "live {id}");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let flipper = budget.is_none().then(|| {
+        let (stop, mut c) = (stop.clone(), srv.conn());
+        std::thread::spawn(move || {
+            let mut flips = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let value = if flips % 2 == 0 { "100000" } else { "50" };
+                config_set(&mut c, BUDGET, value).unwrap();
+                flips += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            flips
+        })
+    });
+    let summary = sweep(&mut c, &[]).unwrap();
+    stop.store(true, Ordering::Relaxed);
+    if let Some(f) = flipper {
+        assert!(f.join().unwrap() > 1, "the budget never changed");
+    }
+    assert_eq!(int(&summary["archived"]), sizes.len() as i64, "{summary:?}");
+    let tally = checker::check(
+        "after the sweep",
+        &srv,
+        &s3,
+        &model,
+        Expect::Settled { retention_ms: 0 },
+    );
+    assert_eq!(tally.archived, sizes.len());
+    for n in sizes {
+        let id = format!("n{n}");
+        let (_, events) = get_events(&mut c, &id).unwrap();
+        assert_eq!(events, model.flows[&id].events, "archived {id}");
+    }
+}
+
+#[test]
+fn logs_around_one_step_at_the_smallest_budget() {
+    boundaries(Some("50"));
+}
+
+#[test]
+fn logs_around_one_step_at_the_largest_budget() {
+    boundaries(Some("100000"));
+}
+
+#[test]
+fn logs_around_one_step_with_the_budget_changed_during_the_sweep() {
+    boundaries(None);
+}
+
+/// One list write to a flow's log, applied by a script only while the log exists (so the test knows
+/// whether it reached the live flow): its name, the script, and what it makes of the log.
+struct Change {
+    name: &'static str,
+    script: &'static str,
+    apply: fn(&mut Vec<String>),
+}
+
+const CHANGES: [Change; 8] = [
+    Change {
+        name: "rpushx",
+        script: "return redis.call('RPUSHX', KEYS[1], '{\"late\":1}') > 0 and 1 or 0",
+        apply: |l| l.push("{\"late\":1}".into()),
+    },
+    Change {
+        name: "lpushx",
+        script: "return redis.call('LPUSHX', KEYS[1], '{\"early\":1}') > 0 and 1 or 0",
+        apply: |l| l.insert(0, "{\"early\":1}".into()),
+    },
+    Change {
+        name: "lset-first",
+        script: "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end \
+                 redis.call('LSET', KEYS[1], 0, '{\"edited\":0}') return 1",
+        apply: |l| l[0] = "{\"edited\":0}".into(),
+    },
+    Change {
+        name: "lset-last",
+        script: "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end \
+                 redis.call('LSET', KEYS[1], -1, '{\"edited\":1}') return 1",
+        apply: |l| *l.last_mut().unwrap() = "{\"edited\":1}".into(),
+    },
+    Change {
+        name: "ltrim",
+        script: "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end \
+                 redis.call('LTRIM', KEYS[1], 1, -2) return 1",
+        apply: |l| {
+            l.pop();
+            l.remove(0);
+        },
+    },
+    Change {
+        name: "rotate",
+        // Same length, every element moved: only a followed log can tell.
+        script: "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end \
+                 redis.call('LMOVE', KEYS[1], KEYS[1], 'RIGHT', 'LEFT') return 1",
+        apply: |l| l.rotate_right(1),
+    },
+    Change {
+        name: "del",
+        script: "return redis.call('DEL', KEYS[1])",
+        apply: |l| l.clear(),
+    },
+    Change {
+        name: "renamed-over",
+        // Another list of the same length renamed over the log.
+        script: "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end \
+                 local n = redis.call('LLEN', KEYS[1]) \
+                 for i = 1, n do redis.call('RPUSH', KEYS[2], '{\"other\":1}') end \
+                 redis.call('RENAME', KEYS[2], KEYS[1]) return 1",
+        apply: |l| l.iter_mut().for_each(|e| *e = "{\"other\":1}".into()),
+    },
+];
+
+/// Long logs, read at the smallest budget (64 events a step), each changed once while the sweep
+/// captures them. Every flow ends either live as changed, or archived with exactly the changed log
+/// (or, when the change came after the commit deleted it, the log as it was): the checker compares
+/// every event. A second, quiet sweep then archives the rest (but a flow whose log was deleted,
+/// refused as before), again checked event by event.
+#[test]
+fn every_list_write_during_a_chunked_capture_is_kept() {
+    const EVENTS: usize = 20_000;
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    config_set(&mut c, BUDGET, "50").unwrap();
+    let mut model = Model::new(0);
+    for change in &CHANGES {
+        write(&mut c, &mut model, change.name, EVENTS);
+    }
+    let mut other = srv.conn();
+    let swept = std::thread::spawn(move || sweep(&mut other, &[]));
+    // The first long capture subscribes to keyspace events: the sweep is reading chunks now.
+    wait_for("a chunked capture", Duration::from_secs(30), || {
+        info_field(&mut c, "keyspace_events_subscribed") == 1
+    });
+    let (mut hits, mut deleted) = (0, false);
+    for change in &CHANGES {
+        let key = events_key(change.name);
+        let spare = format!("spare:{}", change.name);
+        let hit: i64 = cmd(&mut c, &["EVAL", change.script, "2", &key, &spare]).unwrap();
+        if hit > 0 {
+            hits += 1;
+            deleted |= change.name == "del";
+            (change.apply)(&mut model.flows.get_mut(change.name).unwrap().events);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let summary = swept.join().unwrap().unwrap();
+    assert!(hits > 0, "every change came after its flow was archived");
+    assert!(
+        int(&summary["skipped_changed"]) > 0,
+        "no change landed during a capture: {summary:?}"
+    );
+    checker::check("after the changed sweep", &srv, &s3, &model, Expect::Either);
+
+    // A flow whose log was deleted is refused (its event log is missing) and stays live.
+    let summary = sweep(&mut c, &[]).unwrap();
+    assert_eq!(int(&summary["failed"]), i64::from(deleted), "{summary:?}");
+    let tally = checker::check("after a quiet sweep", &srv, &s3, &model, Expect::Either);
+    assert_eq!(tally.archived, CHANGES.len() - usize::from(deleted));
+}
+
+/// A live read of a long log while another client rotates it (each rotation moves every element):
+/// every answer is one state, some rotation of the original, never chunks of two; a read that kept
+/// meeting changes says so.
+#[test]
+fn a_live_read_of_a_rotating_log_is_never_a_mixture() {
+    const EVENTS: usize = 3000;
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    config_set(&mut c, BUDGET, "50").unwrap();
+    let id = "rotating";
+    write_flow(
+        &mut c,
+        &FlowSpec {
+            events: EVENTS,
+            status: "active",
+            ..FlowSpec::done(id)
+        },
+    );
+    let original = lrange(&mut c, &events_key(id));
+    let position: std::collections::HashMap<&str, usize> = original
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.as_str(), i))
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let rotations = Arc::new(AtomicUsize::new(0));
+    let rotator = {
+        let (stop, rotations, mut c) = (stop.clone(), rotations.clone(), srv.conn());
+        std::thread::spawn(move || {
+            let key = events_key(id);
+            while !stop.load(Ordering::Relaxed) {
+                cmd::<redis::Value>(&mut c, &["LMOVE", &key, &key, "RIGHT", "LEFT"]).unwrap();
+                rotations.fetch_add(1, Ordering::Relaxed);
+                // Now and then quiet long enough for a whole read.
+                let pause = if rotations.load(Ordering::Relaxed) % 20 == 0 {
+                    40
+                } else {
+                    1
+                };
+                std::thread::sleep(Duration::from_millis(pause));
+            }
+        })
+    };
+    let (mut whole, mut refused) = (0, 0);
+    for _ in 0..60 {
+        match get_events(&mut c, id) {
+            Ok((_, events)) => {
+                whole += 1;
+                assert_eq!(events.len(), EVENTS);
+                let first = position[events[0].as_str()];
+                for (j, e) in events.iter().enumerate() {
+                    assert_eq!(
+                        position[e.as_str()],
+                        (first + j) % EVENTS,
+                        "a mixture of two states at event {j}"
+                    );
+                }
+            }
+            Err(e) => {
+                assert!(
+                    e.to_string().contains("changed during every read attempt"),
+                    "{e}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    rotator.join().unwrap();
+    assert!(rotations.load(Ordering::Relaxed) > 60, "hardly rotated");
+    assert!(whole > 0, "no read succeeded ({refused} refused)");
+}
+
+/// Bytes a live read counts: the snapshot, and each event with its line end.
+fn live_bytes(c: &mut redis::Connection, id: &str) -> u64 {
+    let snapshot: String = cmd(c, &["GET", &format!("argyll:flow:{id}:snapshot:val")]).unwrap();
+    let events = lrange(c, &events_key(id));
+    snapshot.len() as u64 + events.iter().map(|e| e.len() as u64 + 1).sum::<u64>()
+}
+
+/// `read-max-bytes` at exactly a flow's bytes answers the flow; one byte less refuses it, a short log
+/// (read in the command) and a long one (read in chunks) alike. An archive at the exact cap, which
+/// cannot read back under it (the object's lines cost more), deletes nothing.
+#[test]
+fn the_read_cap_holds_at_its_exact_byte() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    config_set(&mut c, BUDGET, "50").unwrap();
+    for (id, events) in [("short", 700), ("long", 1100)] {
+        write_flow(
+            &mut c,
+            &FlowSpec {
+                events,
+                ..FlowSpec::done(id)
+            },
+        );
+        let log = lrange(&mut c, &events_key(id));
+        let exact = live_bytes(&mut c, id);
+        assert!(exact > 64 << 10, "{id}: {exact}");
+        config_set(&mut c, "flowarchive.read-max-bytes", &exact.to_string()).unwrap();
+        assert_eq!(get_events(&mut c, id).unwrap().1, log, "{id} at the cap");
+        let before = dump_all(&mut c);
+        let e = err_text(archive(&mut c, id));
+        assert!(e.contains("read-max-bytes"), "{id}: {e}");
+        assert_same(&before, &dump_all(&mut c), id);
+        config_set(
+            &mut c,
+            "flowarchive.read-max-bytes",
+            &(exact - 1).to_string(),
+        )
+        .unwrap();
+        let e = err_text(get_events(&mut c, id));
+        assert!(
+            e.contains(&format!("larger than read-max-bytes ({} bytes)", exact - 1)),
+            "{id}: {e}"
+        );
+        config_set(&mut c, "flowarchive.read-max-bytes", "256mb").unwrap();
+    }
+}
+
+/// Events of 0 bytes count their line end against the cap, are answered live as they are, and are
+/// never archived (not JSON): the flow stays whole. A long log with empty events at the step edge
+/// (1023, 1024) reads the same.
+#[test]
+fn empty_events_are_answered_live_and_never_archived() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    config_set(&mut c, BUDGET, "50").unwrap();
+    for (id, events) in [("few", 5usize), ("many", 1500)] {
+        write_flow(
+            &mut c,
+            &FlowSpec {
+                events,
+                ..FlowSpec::done(id)
+            },
+        );
+        let key = events_key(id);
+        for at in [1usize, 3, 1023, 1024] {
+            if at < events {
+                run(&mut c, &["LSET", &key, &at.to_string(), ""]);
+            }
+        }
+        let log = lrange(&mut c, &key);
+        assert!(log.iter().any(String::is_empty));
+        assert_eq!(get_events(&mut c, id).unwrap().1, log, "{id}");
+        let before = dump_all(&mut c);
+        let e = err_text(archive(&mut c, id));
+        assert!(e.contains("not JSON"), "{id}: {e}");
+        assert_same(&before, &dump_all(&mut c), id);
+        assert_eq!(get_events(&mut c, id).unwrap().1, log, "{id} after");
+    }
+}
+
+fn run(c: &mut redis::Connection, args: &[&str]) {
+    cmd::<redis::Value>(c, args).unwrap();
+}
+
+/// `main_thread_max_cpu_us`: some CPU time once long logs were read, never more than the wall-clock
+/// maximum (each CPU interval lies inside its wall-clock one).
+#[test]
+fn main_thread_cpu_is_within_its_wall_clock() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    assert_eq!(info_field(&mut c, "main_thread_max_cpu_us"), 0);
+    for id in ["a", "b"] {
+        write_flow(
+            &mut c,
+            &FlowSpec {
+                events: 3000,
+                ..FlowSpec::done(id)
+            },
+        );
+    }
+    let summary = sweep(&mut c, &[]).unwrap();
+    assert_eq!(int(&summary["archived"]), 2, "{summary:?}");
+    let cpu = info_field(&mut c, "main_thread_max_cpu_us");
+    let wall = info_field(&mut c, "main_thread_max_us");
+    assert!(cpu > 0, "no CPU time recorded");
+    assert!(cpu <= wall + 1, "CPU {cpu} µs over wall clock {wall} µs");
+}
