@@ -1,6 +1,6 @@
 //! Event logs read by `mainthread::read_log` against a real server: the archive's capture and live
 //! `FLOWARCHIVE.GET … EVENTS`. A log of at most 1024 events is read in one step; a longer one in
-//! chunks that stop at `step-budget-us` once 64 events are in. These tests attack the edges: logs of
+//! chunks that stop at `step-budget-us` once 64 events (or 256 KiB) are in. These tests attack the edges: logs of
 //! 1023 to 1025 and 2048 to 2049 events at the smallest and largest budget and with the budget changed
 //! during the sweep; every list write between two chunks of a capture (nothing is deleted unless the
 //! archive holds what was live at commit, checked event by event by the checker); a live read while
@@ -400,4 +400,40 @@ fn main_thread_cpu_is_within_its_wall_clock() {
     let wall = info_field(&mut c, "main_thread_max_us");
     assert!(cpu > 0, "no CPU time recorded");
     assert!(cpu <= wall + 1, "CPU {cpu} µs over wall clock {wall} µs");
+}
+
+/// A long log of large events pauses by bytes, not only after 64 events: at the smallest budget each
+/// step of a live read copies about 256 KiB (8 events of 32 KiB), not 64 events (2 MiB). Every event
+/// is answered.
+#[test]
+fn a_chunk_of_large_events_pauses_by_bytes() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    write_flow(
+        &mut c,
+        &FlowSpec {
+            events: 0,
+            status: "active",
+            ..FlowSpec::done("wide")
+        },
+    );
+    let event = format!("{{\"blob\":\"{}\"}}", "x".repeat(32 << 10));
+    let key = events_key("wide");
+    for _ in 0..11 {
+        let mut push = redis::cmd("RPUSH");
+        push.arg(&key);
+        for _ in 0..100 {
+            push.arg(&event);
+        }
+        push.query::<()>(&mut c).unwrap();
+    }
+    config_set(&mut c, BUDGET, "50").unwrap();
+    let before = info_field(&mut c, "main_thread_steps");
+    let (_, events) = get_events(&mut c, "wide").unwrap();
+    let steps = info_field(&mut c, "main_thread_steps") - before;
+    assert_eq!(events.len(), 1100);
+    assert!(events.iter().all(|e| *e == event));
+    // 64 events a step would be 18 chunks; 256 KiB a step is about 8 events, so over 100.
+    assert!(steps > 60, "{steps} steps");
 }

@@ -46,8 +46,10 @@ pub fn deinit() {
 /// chunks of at most this many, each stopped at the step budget (`read_log`).
 pub const EVENTS_PER_STEP: usize = 1024;
 
-/// Events a chunk of a long log reads before the step budget can stop it, so every step moves on.
+/// What a chunk of a long log reads before the step budget can stop it, so every step moves on: this
+/// many events, or this many bytes of large ones, whichever comes first.
 const MIN_CHUNK: usize = 64;
+const MIN_CHUNK_BYTES: u64 = 256 << 10;
 
 /// Bytes read so far against a cap (`read-max-bytes`).
 #[derive(Clone, Copy, Debug)]
@@ -70,8 +72,8 @@ pub enum LogRead {
 /// Appends the next events of the list at `key` to `out` (from `out.len()` on, towards `total`), each
 /// measured into `cap` (with one byte for its line end) before it is copied. A log of at most
 /// `EVENTS_PER_STEP` events is read whole; a longer one at most `EVENTS_PER_STEP` per call and, past
-/// `MIN_CHUNK`, only until the step budget is spent, so a chunk of large events holds the server no
-/// longer than a batched step. Main thread.
+/// `MIN_CHUNK` events or `MIN_CHUNK_BYTES`, only until the step budget is spent, so a chunk of large
+/// events holds the server about as long as a batched step. Main thread.
 pub fn read_log(
     ctx: &Context,
     key: &str,
@@ -82,7 +84,7 @@ pub fn read_log(
     let from = out.len();
     let to = (from + EVENTS_PER_STEP).min(total);
     let deadline = (total > EVENTS_PER_STEP).then(|| Instant::now() + step_budget());
-    let (mut over, mut paused) = (false, false);
+    let (mut over, mut paused, chunk_start) = (false, false, cap.used);
     list_range_each(ctx, key, from, to, |event| {
         cap.used += event.len() as u64 + 1;
         if cap.used > cap.max {
@@ -90,7 +92,8 @@ pub fn read_log(
             return ControlFlow::Break(());
         }
         out.push(event.to_vec());
-        paused = deadline.is_some_and(|d| out.len() - from >= MIN_CHUNK && Instant::now() >= d);
+        let moved_on = out.len() - from >= MIN_CHUNK || cap.used - chunk_start >= MIN_CHUNK_BYTES;
+        paused = deadline.is_some_and(|d| moved_on && Instant::now() >= d);
         if paused {
             ControlFlow::Break(())
         } else {
