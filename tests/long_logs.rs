@@ -399,7 +399,11 @@ fn main_thread_cpu_is_within_its_wall_clock() {
     let cpu = info_field(&mut c, "main_thread_max_cpu_us");
     let wall = info_field(&mut c, "main_thread_max_us");
     assert!(cpu > 0, "no CPU time recorded");
-    assert!(cpu <= wall + 1, "CPU {cpu} µs over wall clock {wall} µs");
+    // Slack for the two clocks' sources and rounding.
+    assert!(
+        cpu <= wall + wall / 20 + 2,
+        "CPU {cpu} µs over wall clock {wall} µs"
+    );
 }
 
 /// A long log of large events pauses by bytes, not only after 64 events: at the smallest budget each
