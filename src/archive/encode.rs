@@ -160,13 +160,11 @@ fn content_capacity(flow: &Captured) -> usize {
 /// order survive), then sequence, labels and status.
 fn trailer(flow: &Captured) -> Result<Vec<u8>, EncodeError> {
     let snapshot = snapshot_form(&flow.snapshot);
+    check_json(&snapshot).map_err(EncodeError::Snapshot)?;
     // `snapshot_form` trims whitespace, so a JSON value starting with `{` is an object.
     if snapshot.first() != Some(&b'{') {
-        return Err(EncodeError::Snapshot(
-            check_json(&snapshot).map_or_else(|e| e, |_| "not an object".into()),
-        ));
+        return Err(EncodeError::Snapshot("not an object".into()));
     }
-    check_json(&snapshot).map_err(EncodeError::Snapshot)?;
     let labels: Map<String, Value> = flow
         .labels
         .iter()

@@ -250,13 +250,8 @@ fn read_content(
         CHUNK
     };
     let mut content = Vec::with_capacity(reserve);
-    loop {
-        match reader.read_to_end(&mut content) {
-            Ok(_) => break,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(gzip_error(e)),
-        }
-    }
+    // `read_to_end` retries an interrupted read itself.
+    reader.read_to_end(&mut content).map_err(gzip_error)?;
     if content.len() as u64 > limit {
         return Err(DecodeError::TooLarge(if declared {
             format!("content runs past its declared size of {limit} bytes")
