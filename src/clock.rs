@@ -1,7 +1,9 @@
-//! Wall-clock helpers: unix milliseconds and the RFC 3339 timestamps the engine writes (`last_updated`).
-//! Kept dependency-free; only UTC `Z` and numeric offsets occur in FlowState.
+//! Wall-clock helpers: unix milliseconds, durations for messages, and RFC 3339 timestamps (read as Go
+//! reads them, `format::gotime`).
 
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::format::gotime::GoTime;
 
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -26,17 +28,6 @@ pub fn human_ms(ms: i64) -> String {
         Some((unit, size)) => format!("{:.1}{unit}", ms as f64 / *size as f64),
         None => format!("{ms}ms"),
     }
-}
-
-/// Days since 1970-01-01 for a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 #[cfg(test)]
@@ -75,59 +66,10 @@ pub fn format_rfc3339_ms(ms: i64) -> String {
     )
 }
 
-/// Parses `YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)` into unix milliseconds.
+/// Parses an RFC 3339 timestamp (`2026-03-18T09:14:03.120Z`, any zone offset, a calendar-valid date)
+/// into unix milliseconds, as Go reads one (`format::gotime`).
 pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
-        return None;
-    }
-    if b[13] != b':' || b[16] != b':' {
-        return None;
-    }
-    let num = |from: usize, to: usize| -> Option<i64> {
-        let part = s.get(from..to)?;
-        if !part.bytes().all(|c| c.is_ascii_digit()) {
-            return None;
-        }
-        part.parse().ok()
-    };
-    let (y, mo, d) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
-    let (h, mi, se) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
-        return None;
-    }
-    let mut i = 19;
-    let mut millis = 0i64;
-    if b.get(i) == Some(&b'.') {
-        i += 1;
-        let start = i;
-        while i < b.len() && b[i].is_ascii_digit() {
-            if i - start < 3 {
-                millis = millis * 10 + i64::from(b[i] - b'0');
-            }
-            i += 1;
-        }
-        if i == start {
-            return None;
-        }
-        for _ in (i - start)..3 {
-            millis *= 10;
-        }
-    }
-    let offset_ms = match b.get(i)? {
-        b'Z' | b'z' if i + 1 == b.len() => 0,
-        sign @ (b'+' | b'-') if i + 6 == b.len() && b[i + 3] == b':' => {
-            let off = num(i + 1, i + 3)? * 3_600_000 + num(i + 4, i + 6)? * 60_000;
-            if *sign == b'+' {
-                off
-            } else {
-                -off
-            }
-        }
-        _ => return None,
-    };
-    let days = days_from_civil(y, mo, d);
-    Some(days * 86_400_000 + (h * 3600 + mi * 60 + se) * 1000 + millis - offset_ms)
+    GoTime::parse(s).map(|t| t.unix_ms())
 }
 
 #[cfg(test)]
@@ -164,7 +106,8 @@ mod tests {
             "2026-03-18T09:14:03",
             "2026-03-18T09:14:03.Z",
             "2026-03-18T09:14:03Zjunk",
-            "2026-03-18T9:14:03Z",
+            "2026-02-31T09:14:03Z",
+            "2026-03-18t09:14:03Z",
         ] {
             assert_eq!(parse_rfc3339_ms(bad), None, "{bad}");
         }

@@ -36,6 +36,26 @@ fn configured() -> IndexFormat {
     *lock(&INDEX_FORMAT)
 }
 
+/// One flow's entry as found: its location, and where it is stored (for the commit that replaces it
+/// with a newer incarnation's).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub location: String,
+    format: IndexFormat,
+    /// The hash holding the entry (`<index>`, or the compact bucket) and its field.
+    hash: String,
+    field: Vec<u8>,
+    /// The compact index's meta hash, whose entry count a removal decrements.
+    meta: Option<String>,
+}
+
+impl Entry {
+    /// The keys removing this entry writes.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.hash.as_str()).chain(self.meta.as_deref())
+    }
+}
+
 /// The location a flow is archived at, if any: the configured format first, then the other.
 pub fn location(
     ctx: &Context,
@@ -43,6 +63,16 @@ pub fn location(
     keys: &FlowKeys,
     id: &str,
 ) -> Result<Option<String>, FlowError> {
+    Ok(find(ctx, caller, keys, id)?.map(|e| e.location))
+}
+
+/// A flow's entry, if any: the configured format first, then the other.
+pub fn find(
+    ctx: &Context,
+    caller: &Caller,
+    keys: &FlowKeys,
+    id: &str,
+) -> Result<Option<Entry>, FlowError> {
     let first = configured();
     let second = match first {
         IndexFormat::Hash => IndexFormat::Compact,
@@ -71,14 +101,22 @@ fn lookup(
     keys: &FlowKeys,
     id: &str,
     format: IndexFormat,
-) -> Result<Option<String>, FlowError> {
+) -> Result<Option<Entry>, FlowError> {
     let read = |key: &str| -> Result<bool, FlowError> {
         acl::check(ctx, caller, key, Access::Read)?;
         expect_type(ctx, key, &KeyType::Hash)
     };
     if format == IndexFormat::Hash {
         read(&keys.index)?;
-        return Ok(hget(ctx, &keys.index, id.as_bytes())?.map(lossy));
+        return Ok(
+            hget(ctx, &keys.index, id.as_bytes())?.map(|location| Entry {
+                location: lossy(location),
+                format,
+                hash: keys.index.clone(),
+                field: id.as_bytes().to_vec(),
+                meta: None,
+            }),
+        );
     }
     let compact = Compact::of(keys, id);
     if !read(&compact.meta)? {
@@ -101,7 +139,35 @@ fn lookup(
     let folder =
         folder_of(&head).ok_or_else(|| compact.damaged("holds a head that is no s3:// URL"))?;
     let file = layout::object_file(folder, id, generation);
-    Ok(Some(head + &file))
+    Ok(Some(Entry {
+        location: head + &file,
+        format,
+        hash: bucket,
+        field: compact.field,
+        meta: Some(compact.meta),
+    }))
+}
+
+/// Removes `entry` through `write` (the commit's replicated write), as a conversion moves an entry
+/// out: a compact entry also leaves the meta hash's count, and the meta hash goes with the last one.
+pub fn remove(
+    ctx: &Context,
+    entry: &Entry,
+    mut write: impl FnMut(&str, &[&[u8]]) -> Result<i64, FlowError>,
+) -> Result<(), FlowError> {
+    write("HDEL", &[entry.hash.as_bytes(), &entry.field])?;
+    if let Some(meta) = &entry.meta {
+        let left = write("HINCRBY", &[meta.as_bytes(), b"entries", b"-1"])?;
+        if left <= 0 && type_of(ctx, meta) != KeyType::Empty {
+            write("DEL", &[meta.as_bytes()])?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether `entry` is stored in the format commits write now (so recording over it replaces it).
+pub fn in_configured_format(entry: &Entry) -> bool {
+    entry.format == configured()
 }
 
 /// The keys an entry of `id` is written to in the configured format: the commit checks the caller's
@@ -125,12 +191,14 @@ pub fn written_keys(
 }
 
 /// Records `location` for `id` in the configured format through `write` (the commit's replicated
-/// write). Everything that could fail is checked before the first write.
+/// write); `replacing` when that format holds an entry of `id` already (an earlier incarnation's), which
+/// this one overwrites in place. Everything that could fail is checked before the first write.
 pub fn record(
     ctx: &Context,
     keys: &FlowKeys,
     id: &str,
     location: &str,
+    replacing: bool,
     mut write: impl FnMut(&str, &[&[u8]]) -> Result<i64, FlowError>,
 ) -> Result<(), FlowError> {
     if configured() == IndexFormat::Hash {
@@ -168,7 +236,9 @@ pub fn record(
         "HSET",
         &[bucket.as_bytes(), &compact.field, value.as_bytes()],
     )?;
-    write("HINCRBY", &[meta, b"entries", b"1"])?;
+    if !replacing {
+        write("HINCRBY", &[meta, b"entries", b"1"])?;
+    }
     Ok(())
 }
 
@@ -321,6 +391,7 @@ mod tests {
             labels: None,
             status_hash: None,
             member: String::new(),
+            lease: None,
             index: index.into(),
         }
     }

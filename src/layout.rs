@@ -90,6 +90,16 @@ pub fn render(template: &str, vars: &Vars) -> String {
     out
 }
 
+/// Where a flow's state comes from (`flowarchive.state`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateSource {
+    /// The engine's state folded from the flow's snapshot and events, as the Argyll engine folds it
+    /// (`format::engine`).
+    Fold,
+    /// The stored snapshot as it is (layouts whose engine keeps it current).
+    Snapshot,
+}
+
 /// The key names of one engine layout; optional parts are `None` when their template is empty.
 #[derive(Clone, Debug)]
 pub struct Layout {
@@ -103,8 +113,12 @@ pub struct Layout {
     pub label_set: Option<String>,
     pub label_values: Option<String>,
     pub member: String,
+    /// The engine archiver's lease on a flow (`$prefix:archive:lease:$id`), if the engine has one.
+    pub lease: Option<String>,
     pub index: String,
     pub terminal: Vec<String>,
+    /// Where a flow's state comes from: folded from its events, or its stored snapshot.
+    pub state: StateSource,
 }
 
 /// The concrete key names of one flow.
@@ -117,6 +131,7 @@ pub struct FlowKeys {
     pub status_hash: Option<String>,
     /// The flow's name in engine-wide indexes (`flow:<id>` by default).
     pub member: String,
+    pub lease: Option<String>,
     pub index: String,
 }
 
@@ -129,6 +144,7 @@ impl FlowKeys {
             ("seq-key", self.seq.as_ref()),
             ("labels-key", self.labels.as_ref()),
             ("status-key", self.status_hash.as_ref()),
+            ("lease-key", self.lease.as_ref()),
             ("index-key", Some(&self.index)),
         ]
         .into_iter()
@@ -168,6 +184,7 @@ impl Layout {
             labels: opt(&self.labels),
             status_hash: opt(&self.status_hash),
             member: render(&self.member, &v),
+            lease: opt(&self.lease),
             index: self.index_key(id, &v),
         }
     }
@@ -212,13 +229,22 @@ impl Layout {
         invert(&self.member, &self.prefix, member)
     }
 
-    /// The flow id of a snapshot key, and a SCAN pattern that matches every snapshot key.
-    pub fn id_of_snapshot_key(&self, key: &str) -> Option<String> {
-        invert(&self.snapshot, &self.prefix, key)
+    /// The key every flow has, which a sweep without a status index walks with SCAN: the event log
+    /// when the state is folded from it (a snapshot alone is no flow), else the snapshot.
+    pub fn scanned(&self) -> &str {
+        match self.state {
+            StateSource::Fold => &self.events,
+            StateSource::Snapshot => &self.snapshot,
+        }
     }
 
-    pub fn snapshot_pattern(&self) -> Option<String> {
-        let (pre, post) = split_at_id(&self.snapshot, &self.prefix)?;
+    /// The flow id of a `scanned` key, and a SCAN pattern that matches every such key.
+    pub fn id_of_scanned_key(&self, key: &str) -> Option<String> {
+        invert(self.scanned(), &self.prefix, key)
+    }
+
+    pub fn scan_pattern(&self) -> Option<String> {
+        let (pre, post) = split_at_id(self.scanned(), &self.prefix)?;
         Some(format!("{}*{}", glob_escape(&pre), glob_escape(&post)))
     }
 
@@ -368,8 +394,10 @@ mod tests {
             label_set: Some("$prefix:idx:label:$label:$value".into()),
             label_values: Some("$prefix:idx:label:$label".into()),
             member: "flow:$id".into(),
+            lease: Some("$prefix:archive:lease:$id".into()),
             index: "archived:flows".into(),
             terminal: vec!["completed".into(), "failed".into()],
+            state: StateSource::Fold,
         }
     }
 
@@ -389,6 +417,10 @@ mod tests {
         );
         assert_eq!(k.status_hash.as_deref(), Some("argyll:idx:status"));
         assert_eq!(k.member, "flow:abc:step-1:tok");
+        assert_eq!(
+            k.lease.as_deref(),
+            Some("argyll:archive:lease:abc:step-1:tok")
+        );
         assert_eq!(k.index, "archived:flows");
         assert_eq!(
             l.status_set_key("abc", "failed").as_deref(),
@@ -415,23 +447,30 @@ mod tests {
         assert_eq!(l.id_of_member("job:abc"), None);
         assert_eq!(l.id_of_member("flow:"), None);
         assert_eq!(
-            l.id_of_snapshot_key("argyll:flow:a:b:snapshot:val")
+            l.id_of_scanned_key("argyll:flow:a:b:events").as_deref(),
+            Some("a:b")
+        );
+        assert_eq!(l.id_of_scanned_key("argyll:flow:a:snapshot:val"), None);
+        assert_eq!(l.scan_pattern().as_deref(), Some("argyll:flow:*:events"));
+        l.state = StateSource::Snapshot;
+        assert_eq!(
+            l.id_of_scanned_key("argyll:flow:a:b:snapshot:val")
                 .as_deref(),
             Some("a:b")
         );
-        assert_eq!(l.id_of_snapshot_key("argyll:flow:a:events"), None);
+        assert_eq!(l.id_of_scanned_key("argyll:flow:a:events"), None);
         assert_eq!(
-            l.snapshot_pattern().as_deref(),
+            l.scan_pattern().as_deref(),
             Some("argyll:flow:*:snapshot:val")
         );
         l.prefix = "we[ir]d*".into();
         l.snapshot = "$prefix:{$id}:state".into();
         assert_eq!(
-            l.snapshot_pattern().as_deref(),
+            l.scan_pattern().as_deref(),
             Some("we\\[ir\\]d\\*:{*}:state")
         );
         assert_eq!(
-            l.id_of_snapshot_key("we[ir]d*:{j1}:state").as_deref(),
+            l.id_of_scanned_key("we[ir]d*:{j1}:state").as_deref(),
             Some("j1")
         );
     }

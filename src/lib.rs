@@ -132,6 +132,7 @@ redis_module! {
             ["label-set-key", &configs::LABEL_SET_KEY, configs::LABEL_SET_KEY.default, ConfigurationFlags::DEFAULT, None],
             ["label-values-key", &configs::LABEL_VALUES_KEY, configs::LABEL_VALUES_KEY.default, ConfigurationFlags::DEFAULT, None],
             ["flow-member", &configs::FLOW_MEMBER, configs::FLOW_MEMBER.default, ConfigurationFlags::DEFAULT, None],
+            ["lease-key", &configs::LEASE_KEY, configs::LEASE_KEY.default, ConfigurationFlags::DEFAULT, None],
             ["sweep-interval", &configs::SWEEP_INTERVAL, configs::SWEEP_INTERVAL.default, ConfigurationFlags::DEFAULT, None],
             ["terminal-statuses", &configs::TERMINAL_STATUSES, configs::TERMINAL_STATUSES.default, ConfigurationFlags::DEFAULT, None],
             ["credentials", &configs::CREDENTIALS, configs::CREDENTIALS.default, ConfigurationFlags::DEFAULT, None],
@@ -147,6 +148,7 @@ redis_module! {
         enum: [
             ["verify", &configs::VERIFY, configs::VerifyMode::Head, ConfigurationFlags::DEFAULT, None],
             ["index-format", &configs::INDEX_FORMAT, configs::IndexFormat::Hash, ConfigurationFlags::DEFAULT, None],
+            ["state", &configs::STATE, layout::StateSource::Fold, ConfigurationFlags::DEFAULT, None],
         ],
         module_args_as_configuration: true,
     ]

@@ -4,20 +4,29 @@
 //! bounded chunks, each in its own short main-thread step, so a flow of 100,000 events never stalls the
 //! server in one go. A log longer than one chunk is followed by the flow's watch from its first chunk
 //! on, so a write between two chunks is seen (`runtime::watch`).
+//!
+//! A flow is its event log: it is live while its log exists, whether or not it has a snapshot (most of
+//! the engine's flows have none). A snapshot without a log is no flow. A live flow that is also in the
+//! archive index is a new incarnation of an archived id (the engine started the id again): it is
+//! archived as such, and its archive records the earlier one (`Captured::previous`).
+
+use std::ops::ControlFlow;
 
 use redis_module::{Context, KeyType};
 
 use crate::archive::eligible::{self, SnapshotFacts, Window};
 use crate::archive::flow::Captured;
 use crate::archive::guard;
-use crate::index;
-use crate::layout::{FlowKeys, Layout};
-use crate::ops::errors::{show_key, FlowError};
+use crate::format::engine;
+use crate::index::{self, Entry};
+use crate::layout::{FlowKeys, Layout, StateSource};
+use crate::ops::errors::FlowError;
 use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::cluster;
 use crate::runtime::mainthread::{read_log, ByteCap, LogRead, EVENTS_PER_STEP};
 use crate::runtime::server::{
-    bytes, call, expect_type, hash_pairs, list_len, read_string, with_string,
+    bytes, call, expect_type, hash_pairs, list_len, list_range_each, read_string, type_of,
+    with_string,
 };
 use crate::runtime::watch::Watch;
 
@@ -66,8 +75,12 @@ fn utf8(b: Vec<u8>, what: &str) -> Result<String, FlowError> {
     String::from_utf8(b).map_err(|_| FlowError::Unreadable(format!("{what} is not UTF-8")))
 }
 
-/// Every check an archive begins with (`archive::begin`), reading no events and watching nothing
-/// (also DRYRUN's test).
+/// How far back from the end of a log the status is looked for when no status index names it: the
+/// engine's terminal batch ends the log, and only a few late events can follow it.
+const STATUS_LOOKBACK: usize = 64;
+
+/// Every check an archive begins with (`archive::begin`), reading no events but the last and watching
+/// nothing (also DRYRUN's test).
 pub fn inspect(
     ctx: &Context,
     caller: &Caller,
@@ -92,49 +105,59 @@ pub fn inspect(
     if let Some(hash) = &keys.status_hash {
         acl::check(ctx, caller, hash, Access::Remove)?;
     }
-    if let Some(location) = live_or_archived(ctx, caller, &keys, id)? {
-        return Ok(Inspected::AlreadyArchived(location));
-    }
+    let previous = match presence(ctx, caller, &keys, id, layout.state)? {
+        Presence::Archived(location) => return Ok(Inspected::AlreadyArchived(location)),
+        Presence::Live(previous) => previous,
+    };
+    unleased(ctx, caller, &keys)?;
+    let events_total = list_len(ctx, &keys.events)?;
     // Measured where the server holds it: a snapshot no read could take back is never copied.
     let snapshot = Snapshot {
         key: &keys.snapshot,
         len: with_string(ctx, &keys.snapshot, |v| v.map_or(0, <[u8]>::len)) as u64,
         max_bytes,
     };
-    // Parsed lazily and in place: only layouts without a status index need the snapshot's own fields.
+    let indexed = indexed_status(ctx, &keys)?;
+    // Folded flows are judged by their log's end, the others by their snapshot.
+    let tail = match layout.state {
+        StateSource::Fold => Some(tail(ctx, &keys.events, events_total, indexed.is_none())?),
+        StateSource::Snapshot => None,
+    };
     let mut facts: Option<SnapshotFacts> = None;
-    let status = match indexed_status(ctx, &keys)? {
-        Some(status) => status,
-        None => parsed(&mut facts, ctx, &snapshot)?
+    let status = match (indexed, &tail) {
+        (Some(status), _) => status,
+        (None, Some(tail)) => tail.status.clone().ok_or_else(|| {
+            FlowError::NotTerminal("none: no status index entry and no status event".into())
+        })?,
+        (None, None) => parsed(&mut facts, ctx, &snapshot)?
             .status()
             .map(str::to_string)
             .ok_or_else(|| {
                 FlowError::Unreadable("no status in the index or the snapshot".into())
             })?,
     };
-    let status_score = match layout.status_set_key(id, &status) {
-        Some(set) => status_score(ctx, caller, &set, &keys.member)?,
-        None => None,
-    };
-    let last_update_ms = match status_score.as_deref().and_then(|s| s.parse::<f64>().ok()) {
-        Some(ms) => ms as i64,
-        None => parsed(&mut facts, ctx, &snapshot)?.last_update_ms()?,
+    let status_score = status_score(ctx, caller, layout, id, &status, &keys.member)?;
+    let score_ms = status_score.as_deref().and_then(eligible::score_ms);
+    // Idle since the later of the status change and the last event: a late event restarts the clock.
+    let last_update_ms = match (&tail, score_ms) {
+        (Some(tail), score) => score.map_or(tail.last_ms, |s| s.max(tail.last_ms)),
+        (None, Some(score)) => score,
+        (None, None) => parsed(&mut facts, ctx, &snapshot)?.last_update_ms()?,
     };
     eligible::check(layout, &status, last_update_ms, window)?;
     snapshot.fits()?;
-    let snapshot = read_string(ctx, &keys.snapshot).unwrap_or_default();
-    let events_total = list_len(ctx, &keys.events)?;
     let flow = Captured {
         id: id.to_string(),
         db,
         seq: read_seq(ctx, &keys)?,
         // Labels no read could take back (they are part of the object) are not read whole either.
         labels: read_labels(ctx, &keys, max_bytes)?.ok_or_else(|| too_large(max_bytes))?,
+        snapshot: read_string(ctx, &keys.snapshot),
         keys,
         events: Vec::with_capacity(events_total.min(EVENTS_PER_STEP)),
-        snapshot,
         status,
         status_score,
+        previous,
     };
     guard::check(ctx, caller, &flow, layout)?;
     Ok(Inspected::Eligible(Box::new(flow), events_total))
@@ -175,39 +198,96 @@ fn parsed<'f>(
     }
 }
 
-/// `None` for a live flow with no index entry; the location of one archived already; an error for a
-/// flow that is gone, half there, or live and indexed at once.
-fn live_or_archived(
+/// Whether a flow is live (with the index entry of an earlier incarnation, if any) or archived.
+enum Presence {
+    Live(Option<Entry>),
+    Archived(String),
+}
+
+/// A flow is live while its event log exists; without one it is archived if the index names it, else
+/// unknown (a snapshot alone is no flow). A layout whose state is its snapshot needs that too.
+fn presence(
     ctx: &Context,
     caller: &Caller,
     keys: &FlowKeys,
     id: &str,
-) -> Result<Option<String>, FlowError> {
+    state: StateSource,
+) -> Result<Presence, FlowError> {
     let has_events = expect_type(ctx, &keys.events, &KeyType::List)?;
     let has_snapshot = expect_type(ctx, &keys.snapshot, &KeyType::String)?;
-    match (
-        has_events,
-        has_snapshot,
-        index::location(ctx, caller, keys, id)?,
-    ) {
-        (false, false, Some(location)) => Ok(Some(location)),
-        (false, false, None) => Err(FlowError::NotFound),
-        (_, _, Some(location)) => Err(FlowError::Conflict(location)),
-        (true, true, None) => Ok(None),
-        (_, has_snapshot, None) => Err(FlowError::Unreadable(format!(
-            "{} {} is missing",
-            if has_snapshot {
-                "event log"
-            } else {
-                "snapshot"
-            },
-            show_key(if has_snapshot {
-                &keys.events
-            } else {
-                &keys.snapshot
-            })
-        ))),
+    let entry = index::find(ctx, caller, keys, id)?;
+    match entry {
+        _ if has_events => {
+            if state == StateSource::Snapshot && !has_snapshot {
+                return Err(FlowError::Unreadable(format!(
+                    "snapshot {} is missing",
+                    crate::ops::errors::show_key(&keys.snapshot)
+                )));
+            }
+            Ok(Presence::Live(entry))
+        }
+        Some(entry) => Ok(Presence::Archived(entry.location)),
+        None => Err(FlowError::NotFound),
     }
+}
+
+/// Refuses a flow the engine's own archiver holds (its lease key exists): it is left to that archiver.
+pub fn unleased(ctx: &Context, caller: &Caller, keys: &FlowKeys) -> Result<(), FlowError> {
+    let Some(lease) = &keys.lease else {
+        return Ok(());
+    };
+    acl::check(ctx, caller, lease, Access::Read)?;
+    if type_of(ctx, lease) != KeyType::Empty {
+        return Err(FlowError::Leased(lease.clone()));
+    }
+    Ok(())
+}
+
+/// What the end of an event log says: when its last event happened, and the status the engine's
+/// indexer last set (looked for only when `want_status`).
+struct Tail {
+    last_ms: i64,
+    status: Option<String>,
+}
+
+/// Reads the last event of a log of `len` events (and, for the status, up to `STATUS_LOOKBACK` before
+/// it, newest first). An element the engine could not read as an event makes the flow unreadable.
+fn tail(ctx: &Context, key: &str, len: usize, want_status: bool) -> Result<Tail, FlowError> {
+    let from = len.saturating_sub(if want_status { STATUS_LOOKBACK } else { 1 });
+    let mut facts = Vec::with_capacity(len - from);
+    let mut failed = None;
+    list_range_each(ctx, key, from, len, |element| {
+        match engine::event_facts(element) {
+            Ok(f) => facts.push(f),
+            Err(e) => failed = Some(e),
+        }
+        ControlFlow::Continue(())
+    })?;
+    let Some(last) = facts.last().filter(|_| failed.is_none()) else {
+        let why = failed.map_or_else(|| "the event log is empty".to_string(), |e| e.0);
+        return Err(FlowError::Unreadable(why));
+    };
+    let status = facts.iter().rev().find_map(|f| f.sets_status.clone());
+    Ok(Tail {
+        last_ms: last.unix_ms,
+        status,
+    })
+}
+
+/// The selection's test of a flow a sweep found by SCAN (no status ZSET to read): terminal by the
+/// status index or its log's end, and idle long enough since its last event. A log whose end cannot be
+/// read is a candidate, so its capture reports why.
+pub fn looks_eligible(ctx: &Context, layout: &Layout, id: &str, window: &Window) -> bool {
+    let keys = layout.flow_keys(id);
+    let (Ok(len), Ok(indexed)) = (list_len(ctx, &keys.events), indexed_status(ctx, &keys)) else {
+        return true;
+    };
+    let Ok(tail) = tail(ctx, &keys.events, len, indexed.is_none()) else {
+        return true;
+    };
+    indexed
+        .or(tail.status)
+        .is_some_and(|status| eligible::check(layout, &status, tail.last_ms, window).is_ok())
 }
 
 /// The status the engine-wide status hash records for the flow, if the layout has one and it does.
@@ -220,29 +300,34 @@ fn indexed_status(ctx: &Context, keys: &FlowKeys) -> Result<Option<String>, Flow
     bytes(&reply).map(|s| utf8(s, "status")).transpose()
 }
 
-/// The flow's score in its status ZSET, as stored.
+/// The flow's score in the status ZSET of `status`, as stored, if the layout has one.
 fn status_score(
     ctx: &Context,
     caller: &Caller,
-    set: &str,
+    layout: &Layout,
+    id: &str,
+    status: &str,
     member: &str,
 ) -> Result<Option<String>, FlowError> {
-    acl::check(ctx, caller, set, Access::Remove)?;
-    expect_type(ctx, set, &KeyType::ZSet)?;
+    let Some(set) = layout.status_set_key(id, status) else {
+        return Ok(None);
+    };
+    acl::check(ctx, caller, &set, Access::Remove)?;
+    expect_type(ctx, &set, &KeyType::ZSet)?;
     let reply = call(ctx, "ZSCORE", &[set.as_bytes(), member.as_bytes()])?;
     Ok(bytes(&reply).map(|b| String::from_utf8_lossy(&b).into_owned()))
 }
 
+/// `snapshot:seq` if the key exists (`engine::parse_seq`).
 pub(super) fn read_seq(ctx: &Context, keys: &FlowKeys) -> Result<Option<i64>, FlowError> {
     let Some(k) = &keys.seq else { return Ok(None) };
     if !expect_type(ctx, k, &KeyType::String)? {
         return Ok(None);
     }
-    let raw = utf8(read_string(ctx, k).unwrap_or_default(), "snapshot sequence")?;
-    raw.trim()
-        .parse::<i64>()
+    let raw = read_string(ctx, k).unwrap_or_default();
+    engine::parse_seq(&raw)
         .map(Some)
-        .map_err(|_| FlowError::Unreadable(format!("snapshot sequence {raw:?} is not an integer")))
+        .map_err(FlowError::Unreadable)
 }
 
 /// The flow's labels; `None` when their names and values pass `budget` bytes (read no further).

@@ -17,7 +17,7 @@ use redis_module::{Context, ContextFlags, KeyType};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::archive::capture::Capture;
+use crate::archive::capture::{self, Capture};
 use crate::archive::flow::Captured;
 use crate::archive::guard;
 use crate::archive::proof::{self, Fingerprint};
@@ -105,15 +105,34 @@ fn commit(
     let slot = guard::check(ctx, caller, flow, layout)?;
     // On a cluster: still this node's slot, not moving, and no migration of it since the capture.
     cluster::check_commit(ctx, slot, *motion)?;
-    if let Some(existing) = index::location(ctx, caller, &flow.keys, &flow.id)? {
-        return Err(FlowError::Conflict(existing));
+    // The index still names what it named at capture: nothing, or the earlier incarnation this
+    // archive records as its predecessor.
+    let indexed = index::find(ctx, caller, &flow.keys, &flow.id)?;
+    if indexed != flow.previous {
+        return Err(indexed.map_or(FlowError::Changed, |e| FlowError::Conflict(e.location)));
     }
+    // The engine's own archiver may have taken the flow meanwhile.
+    capture::unleased(ctx, caller, &flow.keys)?;
     // From here every write is certain to succeed. Our own deletes may raise keyspace events on
     // followed keys; the watch is dropped by the caller afterwards.
     let member = flow.keys.member.as_bytes();
-    index::record(ctx, &flow.keys, &flow.id, location, |cmd, args| {
-        write(ctx, cmd, args)
-    })?;
+    // An earlier incarnation's entry is replaced: in place in the configured format, else removed from
+    // the other one, so no conversion can bring it back over this one.
+    let replacing = flow
+        .previous
+        .as_ref()
+        .is_some_and(index::in_configured_format);
+    if let Some(previous) = flow.previous.as_ref().filter(|_| !replacing) {
+        index::remove(ctx, previous, |cmd, args| write(ctx, cmd, args))?;
+    }
+    index::record(
+        ctx,
+        &flow.keys,
+        &flow.id,
+        location,
+        replacing,
+        |cmd, args| write(ctx, cmd, args),
+    )?;
     if let Some(set) = layout.status_set_key(&flow.id, &flow.status) {
         write(ctx, "ZREM", &[set.as_bytes(), member])?;
     }

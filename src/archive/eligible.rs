@@ -42,7 +42,7 @@ pub fn check(
     if !layout.is_terminal(status) {
         return Err(FlowError::NotTerminal(status.to_string()));
     }
-    let idle_ms = window.now_ms - last_update_ms;
+    let idle_ms = window.now_ms.saturating_sub(last_update_ms);
     if !window.force && idle_ms < window.retention_ms {
         return Err(FlowError::TooRecent {
             idle_ms,
@@ -50,6 +50,20 @@ pub fn check(
         });
     }
     Ok(())
+}
+
+/// Scores and times beyond this many ms from 1970 either way (about 146 million years) are taken as
+/// this: far enough for any retention, near enough that no difference overflows.
+const FAR_MS: i64 = 1 << 62;
+
+/// A status ZSET score (unix ms, as the server stores it: any double, `inf` and `-inf` included) as
+/// unix ms, clamped to `±FAR_MS`; `None` for text that is no number.
+pub fn score_ms(score: &str) -> Option<i64> {
+    let ms: f64 = score.trim().parse().ok()?;
+    if ms.is_nan() {
+        return None;
+    }
+    Some(ms.clamp(-(FAR_MS as f64), FAR_MS as f64) as i64)
 }
 
 /// A snapshot's own `status` and `last_updated`, for layouts (or flows) without a status index.

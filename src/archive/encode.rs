@@ -1,7 +1,9 @@
 //! The archive object: one gzipped JSONL file per flow (see docs/FORMAT.md).
 //!
-//! Line 1 is a header, then one line per event in log order, then a trailer holding the final snapshot.
-//! The header carries the sha256 of every byte after it, so a reader can prove the lines are complete.
+//! Line 1 is a header, then one line per event in log order, then a trailer holding the flow's state
+//! (the engine's state folded from the events, or the snapshot itself for layouts served from it) and
+//! its other keys. The header carries the sha256 of every byte after it, so a reader can prove the
+//! lines are complete.
 
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -12,6 +14,7 @@ use serde_json::{json, Map, Value};
 use crate::archive::flow::Captured;
 use crate::digest::{hex, md5, sha256};
 use crate::format::{Encoded, FORMAT_NAME, FORMAT_VERSION};
+use crate::layout::StateSource;
 use crate::read::decode;
 
 /// Level 1 keeps compression off the critical path; event JSON still shrinks about 8x.
@@ -115,14 +118,17 @@ fn check_json(bytes: &[u8]) -> Result<(), String> {
 /// The lines after the header are built in one buffer (held only while encoding) and compressed in one
 /// pass (`gzip`): three large slices rather than two small writes per line, since flate2's writer
 /// zero-fills its 32 KiB output buffer on every write.
-pub fn encode(flow: &Captured) -> Result<Encoded, EncodeError> {
+///
+/// `state` is the engine's state folded from the flow (`format::engine`), which readers answer; `None`
+/// for a layout whose state is its snapshot, which readers then answer as stored.
+pub fn encode(flow: &Captured, state: Option<&[u8]>) -> Result<Encoded, EncodeError> {
     let mut content = Vec::with_capacity(content_capacity(flow));
     for (index, event) in flow.events.iter().enumerate() {
         check_json(event).map_err(|reason| EncodeError::Event { index, reason })?;
         content.extend_from_slice(&single_line(event));
         content.push(b'\n');
     }
-    content.extend_from_slice(&trailer(flow)?);
+    content.extend_from_slice(&trailer(flow, state)?);
     content.push(b'\n');
     let header = json!({
         "format": FORMAT_NAME,
@@ -138,6 +144,7 @@ pub fn encode(flow: &Captured) -> Result<Encoded, EncodeError> {
             "seq": flow.keys.seq,
             "labels": flow.keys.labels,
         },
+        "previous": flow.previous.as_ref().map(|e| &e.location),
     })
     .to_string();
     let raw_bytes = (header.len() + 1 + content.len()) as u64;
@@ -153,25 +160,37 @@ pub fn encode(flow: &Captured) -> Result<Encoded, EncodeError> {
 /// The content's size: the events, their newlines and room for the trailer.
 fn content_capacity(flow: &Captured) -> usize {
     let events: usize = flow.events.iter().map(|e| e.len() + 1).sum();
-    events + flow.snapshot.len() + 256
+    events + flow.snapshot.as_ref().map_or(0, Vec::len) + 256
 }
 
-/// The trailer line: the snapshot spliced in verbatim rather than re-serialized (so numbers and key
-/// order survive), then sequence, labels and status.
-fn trailer(flow: &Captured) -> Result<Vec<u8>, EncodeError> {
-    let snapshot = snapshot_form(&flow.snapshot);
-    check_json(&snapshot).map_err(EncodeError::Snapshot)?;
-    // `snapshot_form` trims whitespace, so a JSON value starting with `{` is an object.
-    if snapshot.first() != Some(&b'{') {
-        return Err(EncodeError::Snapshot("not an object".into()));
+/// The trailer line: the state and the snapshot spliced in verbatim rather than re-serialized (so
+/// numbers and key order survive), then sequence, labels and status.
+fn trailer(flow: &Captured, state: Option<&[u8]>) -> Result<Vec<u8>, EncodeError> {
+    let mut trailer = b"{".to_vec();
+    if let Some(state) = state {
+        trailer.extend_from_slice(br#""state":"#);
+        trailer.extend_from_slice(state);
+        trailer.push(b',');
+    }
+    trailer.extend_from_slice(br#""snapshot":"#);
+    match &flow.snapshot {
+        Some(snapshot) => {
+            let snapshot = snapshot_form(snapshot);
+            check_json(&snapshot).map_err(EncodeError::Snapshot)?;
+            // `snapshot_form` trims whitespace, so a JSON value starting with `{` is an object.
+            if snapshot.first() != Some(&b'{') {
+                return Err(EncodeError::Snapshot("not an object".into()));
+            }
+            trailer.extend_from_slice(&snapshot);
+        }
+        None if state.is_some() => trailer.extend_from_slice(b"null"),
+        None => return Err(EncodeError::Snapshot("there is none".into())),
     }
     let labels: Map<String, Value> = flow
         .labels
         .iter()
         .map(|(k, v)| (k.clone(), Value::String(v.clone())))
         .collect();
-    let mut trailer = br#"{"snapshot":"#.to_vec();
-    trailer.extend_from_slice(&snapshot);
     let rest = json!({"seq": flow.seq, "labels": labels, "status": flow.status}).to_string();
     trailer.push(b',');
     trailer.extend_from_slice(&rest.as_bytes()[1..]);
@@ -262,9 +281,15 @@ fn deflate(d: &mut Compress, parts: &[&[u8]], out: &mut Vec<u8>) -> Result<(), S
 /// The gate before any delete, "never delete what you cannot read back": decodes `body` with exactly
 /// the code FLOWARCHIVE.GET uses, under the read cap `max_bytes` (flowarchive.read-max-bytes), and
 /// checks that it reproduces `flow`: id and DB, every event (as `single_line` of the stored one), the
-/// snapshot (as `snapshot_form`), the same label pairs, seq and status. Call it before `flow.events` is
-/// freed.
-pub fn read_back(body: &[u8], flow: &Captured, max_bytes: u64) -> Result<(), String> {
+/// snapshot (as `snapshot_form`), the same label pairs, seq, status and predecessor, and the `state`
+/// it was encoded with. The state was folded from exactly these events (compared one by one here), so
+/// an object that reads back holds the fold of its own events. Call it before `flow.events` is freed.
+pub fn read_back(
+    body: &[u8],
+    flow: &Captured,
+    state: Option<&[u8]>,
+    max_bytes: u64,
+) -> Result<(), String> {
     if body.len() as u64 > max_bytes {
         return Err(format!(
             "the object is {} bytes, over flowarchive.read-max-bytes ({max_bytes}); it could not be read back",
@@ -283,8 +308,15 @@ pub fn read_back(body: &[u8], flow: &Captured, max_bytes: u64) -> Result<(), Str
             return fail(&format!("event {i}"));
         }
     }
-    if object.snapshot.as_bytes() != &*snapshot_form(&flow.snapshot) {
+    let snapshot = flow.snapshot.as_deref().map(snapshot_form);
+    if object.snapshot.as_deref().map(str::as_bytes) != snapshot.as_deref() {
         return fail("the snapshot");
+    }
+    if object.state.as_deref().map(str::as_bytes) != state {
+        return fail("the state");
+    }
+    if object.previous.as_deref() != flow.previous.as_ref().map(|e| e.location.as_str()) {
+        return fail("the predecessor");
     }
     if object.seq != flow.seq {
         return fail("seq");
@@ -300,7 +332,7 @@ pub fn read_back(body: &[u8], flow: &Captured, max_bytes: u64) -> Result<(), Str
         return fail("the labels");
     }
     object
-        .into_decoded()
+        .into_decoded(StateSource::Fold)
         .map(|_| ())
         .map_err(|e| format!("the object does not read back: {e}"))
 }
@@ -312,6 +344,15 @@ mod tests {
     use flate2::read::GzDecoder;
     use sha2::{Digest, Sha256};
     use std::io::Read;
+
+    /// These tests encode a layout served from its snapshot (no folded state); the fold's are below.
+    fn encode(f: &Captured) -> Result<Encoded, EncodeError> {
+        super::encode(f, None)
+    }
+
+    fn read_back(body: &[u8], f: &Captured, max_bytes: u64) -> Result<(), String> {
+        super::read_back(body, f, None, max_bytes)
+    }
 
     fn gunzip_bytes(b: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
@@ -330,14 +371,16 @@ mod tests {
                 labels: Some("argyll:flow:abc:idx:labels".into()),
                 status_hash: Some("argyll:idx:status".into()),
                 member: "flow:abc".into(),
+                lease: None,
                 index: "archived:flows".into(),
             },
             events: events.into_iter().map(|e| e.as_bytes().to_vec()).collect(),
-            snapshot: snapshot.as_bytes().to_vec(),
+            snapshot: Some(snapshot.as_bytes().to_vec()),
             seq: Some(1),
             labels: vec![("tenant".into(), "acme".into())],
             status: "completed".into(),
             status_score: None,
+            previous: None,
         }
     }
 
@@ -361,7 +404,7 @@ mod tests {
         assert_eq!(lines.len(), 4);
         let header: Value = serde_json::from_str(lines[0]).unwrap();
         assert_eq!(header["format"], "flowarchive");
-        assert_eq!(header["version"], 1);
+        assert_eq!(header["version"], 2);
         assert_eq!(header["flow_id"], "abc");
         assert_eq!(header["db"], 0);
         assert_eq!(header["events"], 2);
@@ -446,7 +489,7 @@ mod tests {
             );
         }
         let mut f = flow(vec![], "{}");
-        f.snapshot = b"{\"a\":\"\xff\"}".to_vec();
+        f.snapshot = Some(b"{\"a\":\"\xff\"}".to_vec());
         let err = encode(&f).err().unwrap();
         assert!(err.to_string().contains("not UTF-8"), "{err}");
         for good in ["{}", "\r\n{}\r\n", "{\r\"a\"\r:\r1\r}", " {\"a\":[1,{}]} "] {
@@ -573,7 +616,7 @@ mod tests {
                 f.events.pop();
             }),
             ("the snapshot", |f| {
-                f.snapshot = br#"{"id":"abd","seq":"s"}"#.to_vec()
+                f.snapshot = Some(br#"{"id":"abd","seq":"s"}"#.to_vec())
             }),
             ("seq", |f| f.seq = None),
             ("the status", |f| f.status = "failed".into()),
@@ -674,7 +717,7 @@ mod tests {
                 f.id = self.id.clone();
                 f.db = self.db;
                 f.events = self.events.clone();
-                f.snapshot = self.snapshot.clone();
+                f.snapshot = Some(self.snapshot.clone());
                 f.labels = self.labels.clone();
                 f.seq = self.seq;
                 f.status = self.status.clone();
@@ -713,17 +756,17 @@ mod tests {
                 let f = spec.captured();
                 let body = encode(&f).unwrap().body;
                 prop_assert_eq!(read_back(&body, &f, 1 << 24), Ok(()));
-                let d = decode::decode(&body, &f.id, f.db, 1 << 24).unwrap();
+                let d = decode::decode(&body, &f.id, f.db, 1 << 24, StateSource::Snapshot).unwrap();
                 let events: Vec<Vec<u8>> = f.events.iter().map(|e| single_line(e).into_owned()).collect();
                 let read: Vec<Vec<u8>> = d.events().map(|e| e.as_bytes().to_vec()).collect();
                 prop_assert_eq!(read, events);
                 let mut state: Value = serde_json::from_str(&d.flow_state).unwrap();
-                let mut expected: Value = serde_json::from_slice(&f.snapshot).unwrap();
+                let mut expected: Value = serde_json::from_slice(f.snapshot.as_deref().unwrap_or_default()).unwrap();
                 expected["archived"] = Value::Bool(true);
                 state["archived"] = Value::Bool(true);
                 prop_assert_eq!(state, expected);
                 prop_assert_eq!(
-                    decode::decode(&body, &f.id, f.db + 1, 1 << 24).err(),
+                    decode::decode(&body, &f.id, f.db + 1, 1 << 24, StateSource::Snapshot).err(),
                     Some(DecodeError::OtherKeyspace(f.db.into()))
                 );
                 prop_assert_eq!(encode(&f).unwrap().body, body, "deterministic");

@@ -1,5 +1,6 @@
 //! The flow as read from Valkey: what capture produces, encode writes and the commit removes.
 
+use crate::index::Entry;
 use crate::layout::FlowKeys;
 
 pub struct Captured {
@@ -7,10 +8,15 @@ pub struct Captured {
     pub db: i32,
     pub keys: FlowKeys,
     pub events: Vec<Vec<u8>>,
-    pub snapshot: Vec<u8>,
+    /// The stored snapshot, if the flow has one (most flows of the engine do not).
+    pub snapshot: Option<Vec<u8>>,
+    /// `snapshot:seq`: how many events the snapshot folded in, if the key exists.
     pub seq: Option<i64>,
     pub labels: Vec<(String, String)>,
     pub status: String,
     /// The status ZSET score as stored (the last event's unix ms), if the layout has that index.
     pub status_score: Option<String>,
+    /// The index entry of an earlier incarnation of this id (the engine started the id again after it
+    /// was archived): this archive records it as its predecessor and replaces it in the index.
+    pub previous: Option<Entry>,
 }

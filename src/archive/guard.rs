@@ -54,6 +54,12 @@ fn touched(flow: &Captured, layout: &Layout, index_keys: Vec<String>) -> Vec<Tou
             .iter()
             .map(|k| entry("index-key", k, KeyType::Hash, Access::Add)),
     );
+    // An earlier incarnation's entry, which the commit replaces or removes.
+    out.extend(flow.previous.iter().flat_map(|previous| {
+        previous
+            .keys()
+            .map(|k| entry("index-key", k, KeyType::Hash, Access::Remove))
+    }));
     out.extend(
         keys.status_hash
             .iter()

@@ -18,8 +18,11 @@ use redis_module::{Context, RedisError, RedisResult, RedisValue};
 
 use crate::archive::capture::{Capture, Inspected, Start};
 use crate::archive::eligible::Window;
+use crate::archive::flow::Captured;
 use crate::archive::proof::Fingerprint;
 use crate::digest::hex;
+use crate::format::engine;
+use crate::layout::StateSource;
 use crate::ops::configs::Settings;
 use crate::ops::errors::{self, FlowError};
 use crate::ops::metrics::{self, Buffered, Stage, UPLOADS_IN_FLIGHT};
@@ -128,7 +131,7 @@ pub fn begin(
         let watch = Watch::claim(db, id).ok_or(FlowError::Busy)?;
         let mut capture = Capture {
             cap: ByteCap {
-                used: flow.snapshot.len() as u64,
+                used: flow.snapshot.as_ref().map_or(0, Vec::len) as u64,
                 max: settings.read_max_bytes,
             },
             flow,
@@ -244,10 +247,16 @@ pub fn upload(
 ) -> Result<Uploaded, FlowError> {
     let encoded = {
         let _captured = Buffered::hold(capture.cap.used);
-        let encoded =
-            encode::encode(&capture.flow).map_err(|e| FlowError::Unreadable(e.to_string()))?;
-        encode::read_back(&encoded.body, &capture.flow, settings.read_max_bytes)
-            .map_err(FlowError::Unreadable)?;
+        let state = served_state(&capture.flow, settings.layout.state)?;
+        let encoded = encode::encode(&capture.flow, state.as_deref())
+            .map_err(|e| FlowError::Unreadable(e.to_string()))?;
+        encode::read_back(
+            &encoded.body,
+            &capture.flow,
+            state.as_deref(),
+            settings.read_max_bytes,
+        )
+        .map_err(FlowError::Unreadable)?;
         encoded
     };
     // The commit needs only the count and the fingerprint: free the log now, not after the upload.
@@ -272,6 +281,23 @@ pub fn upload(
         archived,
         stored,
     })
+}
+
+/// The state an archive serves for `flow`: the engine's state folded from it, or (`None`) its stored
+/// snapshot for a layout served from that. A flow the engine could not answer is not archived.
+fn served_state(flow: &Captured, source: StateSource) -> Result<Option<Vec<u8>>, FlowError> {
+    if source == StateSource::Snapshot {
+        return Ok(None);
+    }
+    let skip = flow.seq.unwrap_or(0).max(0) as usize;
+    engine::fold(flow.snapshot.as_deref(), skip, &flow.events)
+        .map_err(|e| FlowError::Unreadable(e.to_string()))?
+        .map(Some)
+        .ok_or_else(|| {
+            FlowError::Unreadable(
+                "the engine knows no flow in these events (no flow_started with an id)".into(),
+            )
+        })
 }
 
 /// Commits one uploaded flow (FLOWARCHIVE.FLOW: `commit_many` of that flow alone, waiting out paused

@@ -76,7 +76,7 @@ impl Parts {
 
 /// What the archive holds of `flow`, whose log was read whole (`whole_log`) or followed.
 pub fn archived(flow: &Captured, events_total: usize, whole_log: bool) -> Fingerprint {
-    let parts = Parts::new(Some(&flow.snapshot), flow.seq, &flow.labels);
+    let parts = Parts::new(flow.snapshot.as_deref(), flow.seq, &flow.labels);
     if !whole_log {
         return parts.length(events_total);
     }
@@ -113,7 +113,7 @@ pub fn current(
     };
     let seq = read_seq(ctx, keys)?;
     let parts = with_string(ctx, &keys.snapshot, |snapshot| {
-        (snapshot.map(<[u8]>::len) == Some(flow.snapshot.len()))
+        (snapshot.map(<[u8]>::len) == flow.snapshot.as_ref().map(Vec::len))
             .then(|| Parts::new(snapshot, seq, &labels))
     });
     let Some(parts) = parts else {

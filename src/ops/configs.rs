@@ -12,7 +12,7 @@ use redis_module::configuration::{
 };
 use redis_module::{RedisError, RedisString};
 
-use crate::layout::{self, Layout};
+use crate::layout::{self, Layout, StateSource};
 use crate::s3::credentials::{CredentialConfig, Hidden, Source};
 use crate::s3::{self, retry, Checksum, S3Settings, Sse};
 use crate::sync::lock;
@@ -349,7 +349,8 @@ fn checksum(v: &str) -> Result<(), String> {
 }
 
 /// Declares an enum config of two choices once: the enum (`A` = 0, `B` = 1), its conversions for the
-/// server, the names `CONFIG GET` shows, and the refusal of any other value, all from one list.
+/// server, the names `CONFIG GET` shows, and the refusal of any other value, all from one list. The
+/// `impl` form gives an enum declared elsewhere (a room below this one) the same conversions.
 macro_rules! choice_config {
     (
         $(#[$meta:meta])* $vis:vis enum $name:ident ($config:literal) {
@@ -364,6 +365,9 @@ macro_rules! choice_config {
             $(#[$bmeta])* $b = 1,
         }
 
+        choice_config! { impl $name ($config) { $a => $atext, $b => $btext, } }
+    };
+    (impl $name:ident ($config:literal) { $a:ident => $atext:literal, $b:ident => $btext:literal, }) => {
         impl TryFrom<i32> for $name {
             type Error = RedisError;
             fn try_from(v: i32) -> Result<Self, RedisError> {
@@ -377,7 +381,10 @@ macro_rules! choice_config {
 
         impl From<$name> for i32 {
             fn from(v: $name) -> i32 {
-                v as i32
+                match v {
+                    $name::$a => 0,
+                    $name::$b => 1,
+                }
             }
         }
 
@@ -408,6 +415,8 @@ choice_config! {
         Compact => "compact",
     }
 }
+
+choice_config! { impl StateSource ("state") { Fold => "fold", Snapshot => "snapshot", } }
 
 fn statuses(v: &str) -> Result<(), String> {
     if v.split([',', ' ']).any(|s| !s.is_empty()) {
@@ -513,6 +522,9 @@ pub static STATUS_SET_KEY: Checked = Checked::new("$prefix:idx:status:$status", 
 pub static LABEL_SET_KEY: Checked = Checked::new("$prefix:idx:label:$label:$value", label_set);
 pub static LABEL_VALUES_KEY: Checked = Checked::new("$prefix:idx:label:$label", label_values);
 pub static FLOW_MEMBER: Checked = Checked::new("flow:$id", member);
+/// The engine's own archiver holds this key while it takes a flow: such a flow is left to it.
+pub static LEASE_KEY: Checked = Checked::new("$prefix:archive:lease:$id", opt_flow_key);
+pub static STATE: Mutex<StateSource> = Mutex::new(StateSource::Fold);
 pub static TERMINAL_STATUSES: Checked = Checked::new("completed,failed", statuses);
 pub static CREDENTIALS: Checked = Checked::new("auto", credentials);
 pub static TLS_CA_FILE: Checked = Checked::new("", tls_ca_file);
@@ -595,7 +607,9 @@ impl Settings {
                 label_set: opt(&LABEL_SET_KEY),
                 label_values: opt(&LABEL_VALUES_KEY),
                 member: FLOW_MEMBER.get(),
+                lease: opt(&LEASE_KEY),
                 index: INDEX_KEY.get(),
+                state: *lock(&STATE),
                 terminal: TERMINAL_STATUSES
                     .get()
                     .split([',', ' '])

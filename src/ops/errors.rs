@@ -64,6 +64,7 @@ kinds! {
         WrongType => "wrong_type",
         Unreadable => "unreadable",
         Conflict => "conflict",
+        Leased => "leased",
         Busy => "busy",
         Changed => "changed",
         NoPerm => "noperm",
@@ -89,6 +90,8 @@ pub enum FlowError {
     },
     Unreadable(String),
     Conflict(String),
+    /// The engine's own archiver holds the flow (its lease key, named here, exists).
+    Leased(String),
     Busy,
     Changed,
     /// The caller's ACL user may not touch this key.
@@ -121,6 +124,7 @@ impl FlowError {
             FlowError::WrongType { .. } => FlowKind::WrongType,
             FlowError::Unreadable(_) => FlowKind::Unreadable,
             FlowError::Conflict(_) => FlowKind::Conflict,
+            FlowError::Leased(_) => FlowKind::Leased,
             FlowError::Busy => FlowKind::Busy,
             FlowError::Changed => FlowKind::Changed,
             FlowError::NoPerm(_) => FlowKind::NoPerm,
@@ -162,7 +166,11 @@ impl FlowError {
             ),
             FlowError::Unreadable(why) => format!("ERR flow {id} cannot be read: {why}"),
             FlowError::Conflict(location) => format!(
-                "ERR flow {id} is live but already archived at {location}; archived history is never overwritten"
+                "ERR flow {id} was archived at {location} by another archive meanwhile; nothing was deleted"
+            ),
+            FlowError::Leased(lease) => format!(
+                "ERR flow {id} is being archived by the engine's own archiver (its lease {} exists); it is left to it",
+                show_key(lease)
             ),
             FlowError::Busy => format!("ERR flow {id} is already being archived"),
             FlowError::Changed => {

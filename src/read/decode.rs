@@ -18,7 +18,9 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::digest::hex;
+use crate::format::engine;
 use crate::format::{FORMAT_NAME, FORMAT_VERSION};
+use crate::layout::StateSource;
 
 /// The header line is small (ids, key names, a hash); a longer one is not ours.
 pub const MAX_HEADER_LINE: u64 = 64 * 1024;
@@ -39,6 +41,8 @@ pub struct Decoded {
     /// The event lines, each ending in `\n`, exactly as stored.
     events: String,
     event_count: usize,
+    /// The location of the incarnation of this id archived before this one, if any.
+    pub previous: Option<String>,
 }
 
 impl Decoded {
@@ -57,6 +61,7 @@ impl Decoded {
             flow_state,
             events: events.iter().map(|e| format!("{e}\n")).collect(),
             event_count: events.len(),
+            previous: None,
         }
     }
 }
@@ -64,14 +69,20 @@ impl Decoded {
 /// Everything an object holds, parsed and verified; `into_decoded` makes the reply form.
 #[derive(Debug)]
 pub struct Object {
+    version: u64,
     /// The event lines, each ending in `\n`, exactly as stored.
     events: String,
     event_count: usize,
-    /// The snapshot's bytes exactly as the encoder spliced them into the trailer.
-    pub snapshot: String,
+    /// The engine's state the encoder folded (version 2 of a folded layout), exactly as spliced in.
+    pub state: Option<String>,
+    /// The snapshot's bytes exactly as the encoder spliced them into the trailer; `None` for a flow
+    /// that had none.
+    pub snapshot: Option<String>,
     pub seq: Option<i64>,
     pub labels: Vec<(String, String)>,
     pub status: String,
+    /// The location of the incarnation archived before this one.
+    pub previous: Option<String>,
 }
 
 impl Object {
@@ -83,12 +94,30 @@ impl Object {
         self.event_count
     }
 
-    /// The reply form: the snapshot marked `"archived":true`, and the event lines.
-    pub fn into_decoded(self) -> Result<Decoded, DecodeError> {
+    /// The reply form: the flow's state marked `"archived":true`, and the event lines. The state is the
+    /// one the object holds; an object of version 1 holds only the snapshot, which for a `source`
+    /// that folds is folded with the object's events now, as the engine would load them.
+    pub fn into_decoded(self, source: StateSource) -> Result<Decoded, DecodeError> {
+        let state = match (self.state, self.version, source) {
+            (Some(state), ..) => state,
+            (None, 1, StateSource::Fold) => {
+                let events: Vec<&str> = self.events.split_terminator('\n').collect();
+                let skip = self.seq.unwrap_or(0).max(0) as usize;
+                let folded =
+                    engine::fold(self.snapshot.as_deref().map(str::as_bytes), skip, &events)
+                        .map_err(|e| corrupt(format!("its events cannot be folded: {e}")))?
+                        .ok_or_else(|| corrupt("its events hold no flow the engine knows"))?;
+                String::from_utf8(folded).map_err(|_| corrupt("its state is not UTF-8"))?
+            }
+            (None, ..) => self
+                .snapshot
+                .ok_or_else(|| corrupt("the trailer holds no state and no snapshot"))?,
+        };
         Ok(Decoded {
-            flow_state: mark_archived(&self.snapshot)?,
+            flow_state: mark_archived(&state)?,
             events: self.events,
             event_count: self.event_count,
+            previous: self.previous,
         })
     }
 }
@@ -148,6 +177,7 @@ fn corrupt(why: impl Into<String>) -> DecodeError {
 /// `archived_at`) are ignored.
 #[derive(Deserialize)]
 struct Header {
+    version: u64,
     flow_id: String,
     /// Objects written before the field existed all came from DB 0.
     #[serde(default)]
@@ -156,13 +186,19 @@ struct Header {
     sha256: String,
     /// Bytes after the header line; unknown in older objects.
     raw_bytes: Option<u64>,
+    /// The location of the incarnation of this id archived before this one (version 2).
+    #[serde(default)]
+    previous: Option<String>,
 }
 
-/// The last line. `snapshot` is borrowed verbatim; a duplicate field is an error (serde refuses it).
+/// The last line. `state` and `snapshot` are borrowed verbatim; a duplicate field is an error (serde
+/// refuses it).
 #[derive(Deserialize)]
 struct Trailer<'a> {
+    #[serde(borrow, default)]
+    state: Option<&'a RawValue>,
     #[serde(borrow)]
-    snapshot: &'a RawValue,
+    snapshot: Option<&'a RawValue>,
     seq: Option<i64>,
     labels: Map<String, Value>,
     status: String,
@@ -220,9 +256,11 @@ fn read_header(gz: &mut impl BufRead) -> Result<Header, DecodeError> {
         });
     }
     let any: Value = serde_json::from_slice(&line).map_err(|e| corrupt(format!("header: {e}")))?;
-    if any.get("format") != Some(&Value::from(FORMAT_NAME))
-        || any.get("version") != Some(&Value::from(FORMAT_VERSION))
-    {
+    let known = any
+        .get("version")
+        .and_then(Value::as_u64)
+        .is_some_and(|v| (1..=FORMAT_VERSION).contains(&v));
+    if any.get("format") != Some(&Value::from(FORMAT_NAME)) || !known {
         return Err(DecodeError::UnknownVersion(bounded(format!(
             "format {} version {}",
             any.get("format").unwrap_or(&Value::Null),
@@ -341,10 +379,13 @@ fn split(content: Vec<u8>, header: &Header, max_bytes: u64) -> Result<Object, De
     let trailer_line = text.split_off(trailer_start);
     let trailer: Trailer = serde_json::from_str(trailer_line.trim_end_matches('\n'))
         .map_err(|e| corrupt(format!("trailer: {e}")))?;
-    let snapshot = trailer.snapshot.get();
-    if !snapshot.starts_with('{') {
-        return Err(corrupt("trailer snapshot is not an object"));
-    }
+    let object = |raw: Option<&RawValue>, what: &str| match raw.map(RawValue::get) {
+        None | Some("null") => Ok(None),
+        Some(json) if json.starts_with('{') => Ok(Some(json.to_string())),
+        Some(_) => Err(corrupt(format!("trailer {what} is not an object"))),
+    };
+    let state = object(trailer.state, "state")?;
+    let snapshot = object(trailer.snapshot, "snapshot")?;
     let labels = trailer
         .labels
         .into_iter()
@@ -354,12 +395,15 @@ fn split(content: Vec<u8>, header: &Header, max_bytes: u64) -> Result<Object, De
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Object {
+        version: header.version,
         events: text,
         event_count: lines as usize - 1,
-        snapshot: snapshot.to_string(),
+        state,
+        snapshot,
         seq: trailer.seq,
         labels,
         status: trailer.status,
+        previous: header.previous.clone(),
     })
 }
 
@@ -369,21 +413,31 @@ pub fn decode(
     expected_id: &str,
     expected_db: i32,
     max_bytes: u64,
+    source: StateSource,
 ) -> Result<Decoded, DecodeError> {
-    parse(object, expected_id, expected_db, max_bytes)?.into_decoded()
+    parse(object, expected_id, expected_db, max_bytes)?.into_decoded(source)
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::archive::encode::encode;
     use crate::archive::flow::Captured;
+    use crate::format::Encoded;
     use crate::layout::FlowKeys;
     use proptest::prelude::*;
     use serde_json::json;
     use std::io::Write;
 
     const CAP: u64 = 1 << 20;
+
+    /// Most tests here read objects of a layout served from its snapshot; the fold's have their own.
+    fn encode(f: &Captured) -> Result<Encoded, crate::archive::encode::EncodeError> {
+        crate::archive::encode::encode(f, None)
+    }
+
+    fn decode(object: &[u8], id: &str, db: i32, max: u64) -> Result<Decoded, DecodeError> {
+        super::decode(object, id, db, max, StateSource::Snapshot)
+    }
 
     fn flow(id: &str, db: i32, snapshot: &str, labels: &[(&str, &str)]) -> Captured {
         Captured {
@@ -396,13 +450,14 @@ pub(crate) mod tests {
                 labels: None,
                 status_hash: None,
                 member: "flow:x".into(),
+                lease: None,
                 index: "archived:flows".into(),
             },
             events: vec![
                 br#"{"type":"flow_started"}"#.to_vec(),
                 br#"{"type":"flow_completed","n":2.50}"#.to_vec(),
             ],
-            snapshot: snapshot.as_bytes().to_vec(),
+            snapshot: Some(snapshot.as_bytes().to_vec()),
             seq: Some(1),
             labels: labels
                 .iter()
@@ -410,6 +465,7 @@ pub(crate) mod tests {
                 .collect(),
             status: "completed".into(),
             status_score: None,
+            previous: None,
         }
     }
 
@@ -469,7 +525,7 @@ pub(crate) mod tests {
             &[("seq", "7"), ("snapshot", "{"), ("status", ",\"seq\":")],
         );
         let o = parse(&encode(&f).unwrap().body, "abc", 0, CAP).unwrap();
-        assert_eq!(o.snapshot, snap);
+        assert_eq!(o.snapshot.as_deref(), Some(snap));
         assert_eq!(o.labels.len(), 3);
         assert_eq!(o.labels[0], ("seq".into(), "7".into()));
         assert_eq!(o.seq, Some(1));
@@ -547,7 +603,7 @@ pub(crate) mod tests {
             decode(&gzip(tampered.as_bytes()), "abc", 0, CAP),
             Err(DecodeError::Checksum(_))
         ));
-        let future = text.replacen("\"version\":1", "\"version\":2", 1);
+        let future = text.replacen("\"version\":2", "\"version\":3", 1);
         assert!(matches!(
             decode(&gzip(future.as_bytes()), "abc", 0, CAP),
             Err(DecodeError::UnknownVersion(_))

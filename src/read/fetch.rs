@@ -110,10 +110,18 @@ impl std::fmt::Display for FetchError {
     }
 }
 
-/// A client waiting for a fetch, and whether it asked for the events.
+/// What a read wants of the archive: the object at `key`'s location, or the incarnation `hops`
+/// predecessors before it (each object names the one archived before it), and whether the events too.
+pub struct Want {
+    pub key: CacheKey,
+    pub events: bool,
+    pub hops: usize,
+}
+
+/// A client waiting for a fetch.
 pub struct Waiter {
     pub client: ThreadSafeContext<BlockedClient>,
-    pub events: bool,
+    pub want: Want,
 }
 
 static CACHE: Mutex<Option<Lru>> = Mutex::new(None);
@@ -153,8 +161,9 @@ pub fn cache_stats() -> (usize, usize) {
         .map_or((0, 0), |l| (l.len(), l.bytes()))
 }
 
-/// Queues `waiter` for the flow at `key`; starts the fetch unless one is already running.
-pub fn request(key: CacheKey, waiter: Waiter, settings: Settings) {
+/// Queues `waiter` for the object it wants; starts the fetch unless one is already running.
+pub fn request(waiter: Waiter, settings: Settings) {
+    let key = waiter.want.key.clone();
     {
         let mut guard = lock(&IN_FLIGHT);
         let waiting = guard.get_or_insert_with(HashMap::new);
@@ -164,18 +173,18 @@ pub fn request(key: CacheKey, waiter: Waiter, settings: Settings) {
         }
         waiting.insert(key.clone(), vec![waiter]);
     }
-    let budget = settings.cache_bytes;
     let job_key = key.clone();
+    let job_settings = settings.clone();
     let job = Box::new(move || {
         let started = Instant::now();
-        let outcome = log::contained("a fetch", || fetch(&settings, &job_key))
+        let outcome = log::contained("a fetch", || fetch(&job_settings, &job_key))
             .unwrap_or(Err(FetchError::Panicked));
         fetched(started.elapsed(), outcome.as_ref().err());
-        finish(&job_key, outcome, settings.cache_bytes);
+        finish(&job_key, outcome, &job_settings);
     });
     if FETCH_POOL.submit(job).is_err() {
         fetched(Duration::ZERO, Some(&FetchError::Busy));
-        finish(&key, Err(FetchError::Busy), budget);
+        finish(&key, Err(FetchError::Busy), &settings);
     }
 }
 
@@ -211,8 +220,10 @@ pub fn fields() -> Vec<(String, i64)> {
     out
 }
 
-/// Caches a good result, then answers everyone who waited for it.
-fn finish(key: &CacheKey, outcome: Result<Arc<Decoded>, FetchError>, budget: usize) {
+/// Caches a good result, then answers everyone who waited for it (or, for an earlier incarnation,
+/// fetches its predecessor next).
+fn finish(key: &CacheKey, outcome: Result<Arc<Decoded>, FetchError>, settings: &Settings) {
+    let budget = settings.cache_bytes;
     let waiters = {
         let mut guard = lock(&IN_FLIGHT);
         if let Ok(flow) = &outcome {
@@ -230,9 +241,18 @@ fn finish(key: &CacheKey, outcome: Result<Arc<Decoded>, FetchError>, budget: usi
             .unwrap_or_default()
     };
     let (_, id, location) = key;
-    for w in waiters {
+    for mut w in waiters {
         let answer = match &outcome {
-            Ok(flow) => Ok(reply(flow, w.events)),
+            Ok(flow) if w.want.hops == 0 => Ok(reply(flow, w.want.events)),
+            Ok(flow) => match &flow.previous {
+                Some(previous) => {
+                    w.want.key.2 = previous.clone();
+                    w.want.hops -= 1;
+                    request(w, settings.clone());
+                    continue;
+                }
+                None => Ok(RedisValue::Null),
+            },
             Err(why) => Err(RedisError::String(format!(
                 "ERR flow {} archived at {}: {why}",
                 show_id(id),
@@ -313,7 +333,7 @@ fn fetch(settings: &Settings, (_, id, location): &CacheKey) -> Result<Arc<Decode
             ))
         }
     }
-    decode::decode(&body, id, db, max)
+    decode::decode(&body, id, db, max, settings.layout.state)
         .map(Arc::new)
         .map_err(FetchError::Decode)
 }

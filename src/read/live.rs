@@ -1,35 +1,50 @@
-//! Live reads of `FLOWARCHIVE.GET <id> EVENTS`.
+//! Live reads of `FLOWARCHIVE.GET <id> [EVENTS]`.
 //!
-//! A short event log is read in the command itself. A long one is read like a capture: in chunks
-//! (`mainthread::read_log`), each a main-thread step handed over by a read worker that stops at the
-//! step budget, so a log of 300,000 events never holds the server in one stretch. A watch follows the
-//! log from the first step on, so the chunks and the snapshot read with the first form one state; a
-//! change restarts the read. The bytes read, short log or long, are capped like an archived read: each
-//! event is measured before it is copied.
+//! A folded layout (the engine's) answers the state the engine would: the flow's snapshot, sequence and
+//! event log are read on the main thread, and folded (`format::engine`) on a read worker while only the
+//! calling client waits. A short event log is read in the command itself; a long one is read like a
+//! capture, in chunks (`mainthread::read_log`), each a main-thread step handed over by the read worker
+//! that stops at the step budget, so a log of 300,000 events never holds the server in one stretch. A
+//! watch follows the flow's keys from the first step on, so the chunks and the keys read with the first
+//! form one state; a change restarts the read. The bytes read, short log or long, are capped like an
+//! archived read: each event is measured before it is copied.
+//!
+//! A layout served from its snapshot answers the stored snapshot as it is.
 
 use redis_module::{Context, KeyType, RedisError, RedisResult, RedisValue};
 
+use crate::format::engine;
 use crate::layout::FlowKeys;
 use crate::ops::errors::{self, show_id, FlowError};
 use crate::ops::metrics::Stage;
 use crate::runtime::blocking::{answer_later, can_block, this_client};
 use crate::runtime::mainthread::{self, read_log, ByteCap, LogRead, EVENTS_PER_STEP};
 use crate::runtime::pool::Pool;
-use crate::runtime::server::{bytes, call, expect_type, list_len, read_string};
+use crate::runtime::server::{expect_type, list_len, read_string};
 use crate::runtime::watch::Watch;
 
-/// Workers for long live reads; reads beyond the queue get a busy error.
+/// Workers for folds and long live reads; reads beyond the queue get a busy error.
 pub static READ_POOL: Pool = Pool::new("flowarchive-read", 4, 1024);
 
 /// Reads restarted by a concurrent change before the client gets an error.
 const ATTEMPTS: usize = 3;
 
-fn reply(snapshot: Vec<u8>, events: Vec<Vec<u8>>) -> RedisValue {
-    let events = events.into_iter().map(RedisValue::StringBuffer).collect();
-    RedisValue::Array(vec![
-        RedisValue::StringBuffer(snapshot),
-        RedisValue::Array(events),
-    ])
+/// What a live read took from Valkey: the flow's keys as one state.
+struct Read {
+    snapshot: Option<Vec<u8>>,
+    seq: Option<i64>,
+    log: Vec<Vec<u8>>,
+}
+
+fn reply(state: Vec<u8>, events: Option<Vec<Vec<u8>>>) -> RedisValue {
+    let state = RedisValue::StringBuffer(state);
+    match events {
+        None => state,
+        Some(log) => RedisValue::Array(vec![
+            state,
+            RedisValue::Array(log.into_iter().map(RedisValue::StringBuffer).collect()),
+        ]),
+    }
 }
 
 /// A live read over the cap (`read-max-bytes`), like an archived one.
@@ -37,7 +52,7 @@ fn too_large(max_bytes: u64) -> String {
     format!("the flow is larger than read-max-bytes ({max_bytes} bytes)")
 }
 
-/// A live flow's stored snapshot, as stored; `None` when the flow is not live.
+/// A live flow's stored snapshot, as stored; `None` when it has none.
 pub fn snapshot(ctx: &Context, keys: &FlowKeys) -> Result<Option<Vec<u8>>, FlowError> {
     if !expect_type(ctx, &keys.snapshot, &KeyType::String)? {
         return Ok(None);
@@ -45,8 +60,99 @@ pub fn snapshot(ctx: &Context, keys: &FlowKeys) -> Result<Option<Vec<u8>>, FlowE
     Ok(read_string(ctx, &keys.snapshot))
 }
 
-/// Answers `[snapshot, events]` of a live flow whose snapshot the command has just read: at once for a
-/// short log, else through a read worker (the client is blocked until it answers).
+/// `snapshot:seq` of a live flow, if the key exists.
+fn seq(ctx: &Context, keys: &FlowKeys) -> Result<Option<i64>, FlowError> {
+    let Some(key) = &keys.seq else {
+        return Ok(None);
+    };
+    if !expect_type(ctx, key, &KeyType::String)? {
+        return Ok(None);
+    }
+    let raw = read_string(ctx, key).unwrap_or_default();
+    engine::parse_seq(&raw)
+        .map(Some)
+        .map_err(FlowError::Unreadable)
+}
+
+/// Answers the engine's state of a live flow (and, with `events`, its log): the keys are read now (a
+/// short log) or by a read worker in steps (a long one), and folded on the read worker. Inside MULTI or
+/// a script, where the client cannot wait, it is refused.
+pub fn fold(
+    ctx: &Context,
+    db: i32,
+    id: String,
+    keys: FlowKeys,
+    events: bool,
+    max_bytes: u64,
+) -> RedisResult {
+    let fail = |e: FlowError| RedisError::String(e.message(&id));
+    if !can_block(ctx) {
+        return Err(RedisError::String(format!(
+            "ERR flow {} is live; its state is folded off the main thread, which FLOWARCHIVE.GET cannot wait for inside MULTI or a script",
+            show_id(&id)
+        )));
+    }
+    let total = list_len(ctx, &keys.events).map_err(|e| fail(e.into()))?;
+    let short = if total <= EVENTS_PER_STEP {
+        // One step reads a short log whole: nothing can change it meanwhile.
+        Some(read_short(ctx, &keys, total, max_bytes).map_err(fail)?)
+    } else {
+        None
+    };
+    let work = move || {
+        let read = match short {
+            Some(read) => Ok(read),
+            None => read_consistent(db, &keys, max_bytes),
+        };
+        match read {
+            Ok(read) => answer(&id, read, events),
+            Err(FlowError::Changed) => Err(RedisError::String(format!(
+                "ERR flow {} changed during every read attempt; retry",
+                show_id(&id)
+            ))),
+            Err(e) => Err(RedisError::String(e.message(&id))),
+        }
+    };
+    answer_later(&READ_POOL, errors::READ_BUSY, || this_client(ctx), work)?;
+    Ok(RedisValue::NoReply)
+}
+
+/// The engine's answer for what was read: its state (nil where the engine knows no such flow).
+fn answer(id: &str, read: Read, events: bool) -> RedisResult {
+    let skip = read.seq.unwrap_or(0).max(0) as usize;
+    match engine::fold(read.snapshot.as_deref(), skip, &read.log) {
+        Ok(Some(state)) => Ok(reply(state, events.then_some(read.log))),
+        Ok(None) => Ok(RedisValue::Null),
+        Err(e) => Err(RedisError::String(errors::bounded(format!(
+            "ERR flow {} cannot be answered: {e}",
+            show_id(id)
+        )))),
+    }
+}
+
+/// A short log and the flow's other keys, in the command's own step.
+fn read_short(
+    ctx: &Context,
+    keys: &FlowKeys,
+    total: usize,
+    max_bytes: u64,
+) -> Result<Read, FlowError> {
+    let snapshot = snapshot(ctx, keys)?;
+    let seq = seq(ctx, keys)?;
+    let mut log = Vec::with_capacity(total);
+    let mut cap = ByteCap {
+        used: snapshot.as_ref().map_or(0, Vec::len) as u64,
+        max: max_bytes,
+    };
+    match read_log(ctx, &keys.events, total, &mut log, &mut cap)? {
+        LogRead::OverCap => Err(FlowError::Unreadable(too_large(max_bytes))),
+        _ => Ok(Read { snapshot, seq, log }),
+    }
+}
+
+/// Answers `[snapshot, events]` of a live flow of a layout served from its snapshot, whose snapshot the
+/// command has just read: at once for a short log, else through a read worker (the client is blocked
+/// until it answers).
 pub fn events(
     ctx: &Context,
     db: i32,
@@ -68,7 +174,7 @@ pub fn events(
             LogRead::OverCap => Err(RedisError::String(
                 FlowError::Unreadable(too_large(max_bytes)).message(&id),
             )),
-            _ => Ok(reply(snapshot, log)),
+            _ => Ok(reply(snapshot, Some(log))),
         };
     }
     if !can_block(ctx) {
@@ -78,8 +184,12 @@ pub fn events(
         )));
     }
     let read = move || match read_consistent(db, &keys, max_bytes) {
-        Ok((snapshot, log)) => Ok(reply(snapshot, log)),
-        Err(FlowError::Changed) => Err(RedisError::String(format!(
+        Ok(Read {
+            snapshot: Some(snapshot),
+            log,
+            ..
+        }) => Ok(reply(snapshot, Some(log))),
+        Ok(_) | Err(FlowError::Changed) => Err(RedisError::String(format!(
             "ERR flow {} changed during every read attempt; retry",
             show_id(&id)
         ))),
@@ -89,12 +199,8 @@ pub fn events(
     Ok(RedisValue::NoReply)
 }
 
-/// The snapshot and the whole log as one state, in chunks; retried when the flow changes meanwhile.
-fn read_consistent(
-    db: i32,
-    keys: &FlowKeys,
-    max_bytes: u64,
-) -> Result<(Vec<u8>, Vec<Vec<u8>>), FlowError> {
+/// The flow's keys and whole log as one state, in chunks; retried when the flow changes meanwhile.
+fn read_consistent(db: i32, keys: &FlowKeys, max_bytes: u64) -> Result<Read, FlowError> {
     let mut outcome = Err(FlowError::Changed);
     for _ in 0..ATTEMPTS {
         outcome = read_once(db, keys, max_bytes);
@@ -105,21 +211,21 @@ fn read_consistent(
     outcome
 }
 
-fn read_once(
-    db: i32,
-    keys: &FlowKeys,
-    max_bytes: u64,
-) -> Result<(Vec<u8>, Vec<Vec<u8>>), FlowError> {
+fn read_once(db: i32, keys: &FlowKeys, max_bytes: u64) -> Result<Read, FlowError> {
     let mut held = 0;
-    let (watch, snapshot, total) = mainthread::step(db, Stage::Capture, &mut held, |ctx| {
-        let watch = Watch::observe(ctx, db, &[&keys.snapshot, &keys.events])?;
-        let snapshot = call(ctx, "GET", &[keys.snapshot.as_bytes()])?;
-        let snapshot = bytes(&snapshot).ok_or(FlowError::Changed)?;
-        Ok::<_, FlowError>((watch, snapshot, list_len(ctx, &keys.events)?))
+    let (watch, snapshot, seq, total) = mainthread::step(db, Stage::Capture, &mut held, |ctx| {
+        let watched: Vec<&str> = [Some(&keys.snapshot), Some(&keys.events), keys.seq.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+            .collect();
+        let watch = Watch::observe(ctx, db, &watched)?;
+        let total = list_len(ctx, &keys.events)?;
+        Ok::<_, FlowError>((watch, snapshot(ctx, keys)?, seq(ctx, keys)?, total))
     })?;
     let mut log = Vec::with_capacity(total.min(EVENTS_PER_STEP));
     let mut cap = ByteCap {
-        used: snapshot.len() as u64,
+        used: snapshot.as_ref().map_or(0, Vec::len) as u64,
         max: max_bytes,
     };
     while log.len() < total {
@@ -138,5 +244,5 @@ fn read_once(
     if watch.changed() {
         return Err(FlowError::Changed);
     }
-    Ok((snapshot, log))
+    Ok(Read { snapshot, seq, log })
 }

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use redis_module::{Context, KeyType, RedisError, RedisResult, RedisValue};
 
 use crate::index;
+use crate::layout::{StateSource, GENERATIONS};
 use crate::ops::configs::Settings;
 use crate::ops::errors::{show_id, FlowError};
 use crate::ops::info::named;
@@ -40,24 +41,62 @@ fn fields() -> Vec<(String, i64)> {
     out
 }
 
-/// Answers `FLOWARCHIVE.GET <id> [EVENTS]`: the FlowState (and the events), nil for an unknown flow.
-pub fn get(ctx: &Context, id: String, events: bool) -> RedisResult {
+/// `FLOWARCHIVE.GET <id> [EVENTS] [PREVIOUS n]`.
+pub struct Request {
+    pub id: String,
+    /// Also answer the event log.
+    pub events: bool,
+    /// Answer the incarnation of the id this many before the one answered without it (0: the newest,
+    /// live or archived). Each archive records the incarnation archived before it.
+    pub previous: usize,
+}
+
+/// No id has more archives than it has object keys.
+pub const MAX_PREVIOUS: u64 = GENERATIONS as u64;
+
+/// Answers `FLOWARCHIVE.GET`: the FlowState (and the events), nil for an unknown flow (or an unknown
+/// earlier incarnation).
+pub fn get(ctx: &Context, request: Request) -> RedisResult {
+    let Request {
+        id,
+        events,
+        previous,
+    } = request;
     let settings = Settings::current();
     let keys = settings.layout.flow_keys(&id);
     let caller = Caller::of(ctx);
     let fail = |e: FlowError| RedisError::String(e.message(&id));
     let slot = cluster::placement(&id, keys.named()).map_err(fail)?;
-    acl::check(ctx, &caller, &keys.snapshot, Access::Read).map_err(fail)?;
-    if let Some(snapshot) = live::snapshot(ctx, &keys).map_err(fail)? {
-        GET_LIVE.fetch_add(1, Ordering::Relaxed);
-        if !events {
-            return Ok(RedisValue::StringBuffer(snapshot));
+    let db = selected_db(ctx);
+    let live = match settings.layout.state {
+        StateSource::Fold => {
+            for key in keys.own() {
+                acl::check(ctx, &caller, key, Access::Read).map_err(fail)?;
+            }
+            expect_type(ctx, &keys.events, &KeyType::List).map_err(fail)?
         }
-        acl::check(ctx, &caller, &keys.events, Access::Read).map_err(fail)?;
-        expect_type(ctx, &keys.events, &KeyType::List).map_err(fail)?;
-        let db = selected_db(ctx);
-        return live::events(ctx, db, id, keys, snapshot, settings.read_max_bytes);
+        StateSource::Snapshot => {
+            acl::check(ctx, &caller, &keys.snapshot, Access::Read).map_err(fail)?;
+            match live::snapshot(ctx, &keys).map_err(fail)? {
+                Some(snapshot) if previous == 0 => {
+                    GET_LIVE.fetch_add(1, Ordering::Relaxed);
+                    if !events {
+                        return Ok(RedisValue::StringBuffer(snapshot));
+                    }
+                    acl::check(ctx, &caller, &keys.events, Access::Read).map_err(fail)?;
+                    expect_type(ctx, &keys.events, &KeyType::List).map_err(fail)?;
+                    return live::events(ctx, db, id, keys, snapshot, settings.read_max_bytes);
+                }
+                snapshot => snapshot.is_some(),
+            }
+        }
+    };
+    if live && previous == 0 {
+        GET_LIVE.fetch_add(1, Ordering::Relaxed);
+        return live::fold(ctx, db, id, keys, events, settings.read_max_bytes);
     }
+    // Counted from the newest archive: a live flow is the newest incarnation itself.
+    let hops = previous - usize::from(live && previous > 0);
     let Some(location) = index::location(ctx, &caller, &keys, &id).map_err(fail)? else {
         // A classic resharding sends reads of the slot here (ASK) before the flow's keys arrive:
         // "not found" is only an answer in a slot this node serves.
@@ -67,20 +106,32 @@ pub fn get(ctx: &Context, id: String, events: bool) -> RedisResult {
         GET_NOT_FOUND.fetch_add(1, Ordering::Relaxed);
         return Ok(RedisValue::Null);
     };
-    let key = (selected_db(ctx), id, location);
-    if let Some(flow) = fetch::cached(&key) {
-        GET_CACHE_HITS.fetch_add(1, Ordering::Relaxed);
-        return Ok(fetch::reply(&flow, events));
+    let mut want = fetch::Want {
+        key: (db, id, location),
+        events,
+        hops,
+    };
+    // Earlier incarnations already cached are followed here.
+    while let Some(flow) = fetch::cached(&want.key) {
+        if want.hops == 0 {
+            GET_CACHE_HITS.fetch_add(1, Ordering::Relaxed);
+            return Ok(fetch::reply(&flow, events));
+        }
+        let Some(previous) = flow.previous.clone() else {
+            return Ok(RedisValue::Null);
+        };
+        want.key.2 = previous;
+        want.hops -= 1;
     }
     if !can_block(ctx) {
         return Err(RedisError::String(format!(
             "ERR flow {} is archived and not cached; FLOWARCHIVE.GET cannot fetch it inside MULTI or a script",
-            show_id(&key.1)
+            show_id(&want.key.1)
         )));
     }
     let Some(client) = this_client(ctx) else {
         return Ok(RedisValue::Null);
     };
-    fetch::request(key, Waiter { client, events }, settings);
+    fetch::request(Waiter { client, want }, settings);
     Ok(RedisValue::NoReply)
 }

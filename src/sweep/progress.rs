@@ -51,6 +51,7 @@ impl Progress {
             | FlowError::NotTerminal(_)
             | FlowError::TooRecent { .. }
             | FlowError::Conflict(_)
+            | FlowError::Leased(_)
             | FlowError::Busy => &self.skipped_ineligible,
             _ => {
                 *lock(&self.failed).entry(err.kind()).or_default() += 1;

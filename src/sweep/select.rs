@@ -4,7 +4,8 @@
 //! (score, member) returned; the next step finds its place again by rank — `ZCOUNT` below the score,
 //! then a binary search among the members tied at that score — so a step costs O(batch + log N) however
 //! many flows share one score (an offset into the tie would grow with it). Without a status index, one
-//! `SCAN` call per step walks the snapshot keys. On a cluster node the walk is always the `SCAN` (an
+//! `SCAN` call per step walks the keys every flow has (the event logs; the snapshots of a layout served
+//! from its snapshot). On a cluster node the walk is always the `SCAN` (an
 //! engine-wide status set cannot live in every flow's slot): it sees this node's own keys, and keeps
 //! only flows of slots this node serves and that are not being migrated.
 
@@ -12,8 +13,9 @@ use std::collections::HashSet;
 
 use redis_module::{CallReply, Context, RedisError};
 
+use crate::archive::capture;
 use crate::archive::eligible::{SnapshotFacts, Window};
-use crate::layout::Layout;
+use crate::layout::{Layout, StateSource};
 use crate::ops::errors;
 use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::cluster;
@@ -27,7 +29,7 @@ enum Source {
         next: usize,
         after: Option<(String, Vec<u8>)>,
     },
-    /// A SCAN over snapshot keys, for layouts without a status index.
+    /// A SCAN over event log (or snapshot) keys, for layouts without a status index.
     Scan {
         cursor: String,
         done: bool,
@@ -205,7 +207,7 @@ fn status_page(
     Ok((ids, !full))
 }
 
-/// One `SCAN` call over snapshot keys from `cursor` (advanced): the keys it found.
+/// One `SCAN` call over the `scanned` keys from `cursor` (advanced): the keys it found.
 fn scan(
     ctx: &Context,
     layout: &Layout,
@@ -213,9 +215,13 @@ fn scan(
     batch: usize,
 ) -> Result<Vec<Vec<u8>>, String> {
     let pattern = layout
-        .snapshot_pattern()
-        .ok_or("snapshot-key template cannot be scanned")?;
+        .scan_pattern()
+        .ok_or("the key template a sweep walks cannot be scanned")?;
     let count = batch.to_string();
+    let kind: &[u8] = match layout.state {
+        StateSource::Fold => b"list",
+        StateSource::Snapshot => b"string",
+    };
     let args: [&[u8]; 7] = [
         cursor.as_bytes(),
         b"MATCH",
@@ -223,7 +229,7 @@ fn scan(
         b"COUNT",
         count.as_bytes(),
         b"TYPE",
-        b"string",
+        kind,
     ];
     let reply = call(ctx, "SCAN", &args)?;
     let CallReply::Array(parts) = &reply else {
@@ -241,7 +247,7 @@ fn scan(
     Ok(keys)
 }
 
-/// One SCAN call over snapshot keys: the ids whose snapshot says terminal and old enough.
+/// One SCAN call: the ids whose log's end (or snapshot) says terminal and old enough.
 fn scan_step(
     ctx: &Context,
     caller: &Caller,
@@ -255,7 +261,7 @@ fn scan_step(
     let mut ids = Vec::new();
     for key in keys {
         let key = String::from_utf8_lossy(&key).into_owned();
-        let Some(id) = layout.id_of_snapshot_key(&key) else {
+        let Some(id) = layout.id_of_scanned_key(&key) else {
             continue;
         };
         if seen.contains(&id) {
@@ -266,18 +272,21 @@ fn scan_step(
         if !cluster::serves_key(ctx, &key) {
             continue;
         }
-        // A snapshot the caller may not read is not read here: the flow becomes a candidate whose
-        // capture refuses it, so the sweep counts it as skipped for its ACL.
+        // A key the caller may not read is not read here: the flow becomes a candidate whose capture
+        // refuses it, so the sweep counts it as skipped for its ACL.
         if acl::check(ctx, caller, &key, Access::Read).is_err() {
             seen.insert(id.clone());
             ids.push(id);
             continue;
         }
-        let eligible = with_string(ctx, &key, |snapshot| match snapshot {
-            Some(s) if s.len() as u64 > want.max_bytes => true,
-            Some(s) => SnapshotFacts::parse(s).is_ok_and(|f| f.eligible(layout, &want.window)),
-            None => false,
-        });
+        let eligible = match layout.state {
+            StateSource::Fold => capture::looks_eligible(ctx, layout, &id, &want.window),
+            StateSource::Snapshot => with_string(ctx, &key, |snapshot| match snapshot {
+                Some(s) if s.len() as u64 > want.max_bytes => true,
+                Some(s) => SnapshotFacts::parse(s).is_ok_and(|f| f.eligible(layout, &want.window)),
+                None => false,
+            }),
+        };
         if eligible {
             seen.insert(id.clone());
             ids.push(id);
