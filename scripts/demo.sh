@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job on a local default: Valkey 9.1 with the module, a local S3 (SeaweedFS), sample flows in
-# the Argyll layout, one archive of each terminal flow, then the object and the index read back.
+# The main job on a local default: Valkey 9.1 with the module, a local S3 (SeaweedFS), sample flows
+# written as the Argyll engine writes them (event logs, no snapshots), one archive of each terminal flow,
+# then the object, the index and the engine's state (live and archived) read back.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh >/dev/null
@@ -41,22 +42,45 @@ day = 86_400_000
 flows = [("order-1001", "completed", now - 40 * day), ("order-1002", "failed", now - 9 * day),
          ("order-1003", "completed", now - 1 * day), ("order-1004", "active", now - 60 * day),
          ("order-1001:ship:tok-7", "completed", now - 30 * day)]
+plan = {"goals": ["ship"], "required": ["order_id"],
+        "steps": {"ship": {"id": "ship", "name": "Ship", "type": "script",
+                           "attributes": {"order_id": {"role": "required", "type": "string"},
+                                          "receipt": {"role": "output", "type": "string"}},
+                           "script": {"language": "ale", "script": "\"r-77\""}}},
+        "attributes": {"order_id": {"providers": [], "consumers": ["ship"]},
+                       "receipt": {"providers": ["ship"], "consumers": []}},
+        "excluded": {}}
+
+def ts(ms):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + ".%03dZ" % (ms % 1000)
+
+# As the engine writes a flow: its event log (no snapshot: the engine keeps projections in memory),
+# its status and label index entries, its labels hash.
 for fid, status, last in flows:
-    ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(last / 1000)) + "Z"
+    ev = lambda i, kind, data: json.dumps(
+        {"timestamp": ts(last - 5 + i), "sequence": i, "type": kind, "aggregate_id": ["flow", fid],
+         "data": dict(data, flow_id=fid)}, separators=(",", ":"))
+    started = {"plan": plan, "init": {"order_id": fid}, "labels": {"tenant": "acme"}}
+    if ":" in fid:  # a child flow names its parent
+        parent, step, token = fid.split(":")
+        started["metadata"] = {"parent_flow_id": parent, "parent_step_id": step,
+                               "parent_work_item_token": token}
     events = [
-        {"timestamp": ts, "sequence": 0, "type": "flow_started", "aggregate_id": ["flow", fid],
-         "data": {"flow_id": fid, "plan": {"goals": ["ship"], "required": ["order_id"], "steps": {}},
-                  "init": {"order_id": fid}, "labels": {"tenant": "acme"}}},
-        {"timestamp": ts, "type": "step_completed",
-         "data": {"flow_id": fid, "step_id": "charge", "outputs": {"receipt": "r-77"}, "duration": 281}},
-        {"timestamp": ts, "type": "flow_" + ("failed" if status == "failed" else "completed"), "data": {"flow_id": fid}},
+        ev(0, "flow_started", started),
+        ev(1, "step_started", {"inputs": {"order_id": fid}, "step_id": "ship",
+                               "work_items": {"t1": {"order_id": fid}}}),
+        ev(2, "work_succeeded", {"step_id": "ship", "token": "t1", "outputs": {"receipt": "r-77"}}),
+        ev(3, "attribute_set", {"value": "r-77", "step_id": "ship", "key": "receipt"}),
+        ev(4, "step_completed", {"outputs": {"receipt": "r-77"}, "step_id": "ship", "duration": 281}),
     ]
-    snap = {"created_at": ts, "last_updated": ts, "plan": {"goals": ["ship"]}, "labels": {"tenant": "acme"},
-            "attributes": {"receipt": {"value": "r-77", "step": "charge", "set_at": ts}}, "id": fid, "status": status}
+    if status == "completed":
+        events += [ev(5, "flow_completed", {"result": {"receipt": "r-77"}}),
+                   ev(5, "flow_deactivated", {"status": "completed"})]
+    elif status == "failed":
+        events += [ev(5, "flow_failed", {"error": "carrier refused"}),
+                   ev(5, "flow_deactivated", {"status": "failed"})]
     p = r.pipeline()
-    p.rpush(f"argyll:flow:{fid}:events", *[json.dumps(e, separators=(",", ":")) for e in events])
-    p.set(f"argyll:flow:{fid}:snapshot:val", json.dumps(snap, separators=(",", ":")))
-    p.set(f"argyll:flow:{fid}:snapshot:seq", 2)
+    p.rpush(f"argyll:flow:{fid}:events", *events)
     p.hset(f"argyll:flow:{fid}:idx:labels", "tenant", "acme")
     p.hset("argyll:idx:status", f"flow:{fid}", status)
     p.zadd(f"argyll:idx:status:{status}", {f"flow:{fid}": last})
@@ -84,8 +108,9 @@ body = gzip.decompress(s3.get_object(Bucket=bucket, Key=key)["Body"].read()).dec
 print(f"\n{loc}:")
 for line in body.splitlines():
     print("  " + (line if len(line) < 160 else line[:157] + "..."))
-for fid in ("order-1001", "order-1003", "order-9999"):
+for fid in ("order-1001", "order-1003", "order-1004", "order-9999"):
     state = r.execute_command("FLOWARCHIVE.GET", fid)
-    print(f"FLOWARCHIVE.GET {fid}: {state if state is None else state[:120] + '...'}")
+    shown = state if state is None else state[:100] + " ... " + state[-60:]
+    print(f"FLOWARCHIVE.GET {fid}: {shown}")
 print("\n" + r.info("flowarchive").__repr__())
 PY

@@ -43,7 +43,6 @@ fn happy_path_archives_exactly_one_flow() {
     cmd::<()>(&mut c, &["SET", "argyll:catalog:wf:ship", "{\"steps\":[]}"]).unwrap();
     cmd::<()>(&mut c, &["HSET", "argyll:partition:0", "owner", "node-1"]).unwrap();
     cmd::<()>(&mut c, &["SET", "unrelated", "x"]).unwrap();
-    let snapshot_before: String = cmd(&mut c, &["GET", "argyll:flow:abc:snapshot:val"]).unwrap();
     let events_before: Vec<String> =
         cmd(&mut c, &["LRANGE", "argyll:flow:abc:events", "0", "-1"]).unwrap();
     let before = dump_all(&mut c);
@@ -65,9 +64,10 @@ fn happy_path_archives_exactly_one_flow() {
     assert_eq!(lines.len(), 1 + 5 + 1);
     let header: Value = serde_json::from_str(lines[0]).unwrap();
     assert_eq!(header["format"], "flowarchive");
-    assert_eq!(header["version"], 1);
+    assert_eq!(header["version"], 2);
     assert_eq!(header["flow_id"], "abc");
     assert_eq!(header["events"], 5);
+    assert_eq!(header["previous"], Value::Null);
     assert_eq!(header["keys"]["events"], "argyll:flow:abc:events");
     assert_eq!(header["db"], 0);
     let rest = &raw[lines[0].len() + 1..];
@@ -80,12 +80,16 @@ fn happy_path_archives_exactly_one_flow() {
         lines[1..6],
         events_before.iter().map(String::as_str).collect::<Vec<_>>()[..]
     );
-    let trailer: Value = serde_json::from_str(lines[6]).unwrap();
-    assert_eq!(
-        trailer["snapshot"],
-        serde_json::from_str::<Value>(&snapshot_before).unwrap()
+    // The trailer: the engine's state spliced in as the engine writes it, no snapshot (the flow had
+    // none), then the engine's index entries.
+    let state = state_json(&FlowSpec::done("abc"));
+    assert!(
+        lines[6].starts_with(&format!(r#"{{"state":{state},"snapshot":null,"#)),
+        "{}",
+        lines[6]
     );
-    assert_eq!(trailer["seq"], 4);
+    let trailer: Value = serde_json::from_str(lines[6]).unwrap();
+    assert_eq!(trailer["seq"], Value::Null);
     assert_eq!(trailer["labels"], serde_json::json!({"tenant": "acme"}));
     assert_eq!(trailer["status"], "completed");
 
@@ -147,8 +151,8 @@ fn happy_path_archives_exactly_one_flow() {
     }
     assert_eq!(
         after.len(),
-        before.len() - 4 + 1,
-        "four flow keys gone, the index added"
+        before.len() - 2 + 1,
+        "the flow's event log and labels gone (it had no snapshot), the index added"
     );
 
     // The last flow with region=eu takes the emptied value set and the value with it.
@@ -480,7 +484,7 @@ fn bad_input_gets_clear_errors() {
     )
     .unwrap();
     let msg = err_text(archive(&mut c, "garbled"));
-    assert!(msg.contains("snapshot is not a JSON object"), "{msg}");
+    assert!(msg.contains("the snapshot is not JSON"), "{msg}");
     assert_eq!(
         cmd::<i64>(&mut c, &["EXISTS", "argyll:flow:garbled:events"]).unwrap(),
         1
@@ -490,14 +494,14 @@ fn bad_input_gets_clear_errors() {
     cmd::<()>(&mut c, &["SET", "argyll:flow:badseq:snapshot:seq", "four"]).unwrap();
     let msg = err_text(archive(&mut c, "badseq"));
     assert!(
-        msg.contains("snapshot sequence \"four\" is not an integer"),
+        msg.contains("snapshot sequence \"four\" is not a count of events"),
         "{msg}"
     );
 
     write_flow(&mut c, &FlowSpec::done("badevent"));
     cmd::<()>(&mut c, &["RPUSH", "argyll:flow:badevent:events", "<xml/>"]).unwrap();
     let msg = err_text(archive(&mut c, "badevent"));
-    assert!(msg.contains("event 5 is not JSON"), "{msg}");
+    assert!(msg.contains("event 5: not JSON"), "{msg}");
 
     write_flow(
         &mut c,
@@ -604,18 +608,57 @@ fn archiving_is_idempotent_and_never_overwrites() {
     assert_eq!(again["location"], first["location"]);
     assert_eq!(int(&again["already_archived"]), 1);
     let stored = s3.get("flows/once.jsonl.gz").unwrap();
-    // The engine re-creates a flow of the same id: archived history is not overwritten.
-    write_flow(&mut c, &FlowSpec::done("once"));
-    let msg = err_text(archive(&mut c, "once"));
-    assert!(
-        msg.contains("is live but already archived at s3://"),
-        "{msg}"
+    // The engine starts the id again once it has forgotten the flow: a new incarnation, archived
+    // beside the first (whose object is never replaced), the index naming the newest.
+    let second = FlowSpec {
+        last_ms: LONG_AGO + 60_000,
+        events: 7,
+        ..FlowSpec::done("once")
+    };
+    write_flow(&mut c, &second);
+    assert_eq!(
+        get(&mut c, "once").unwrap(),
+        Some(state_json(&second)),
+        "the live incarnation is the newest"
     );
+    let r = archive(&mut c, "once").unwrap();
+    assert_eq!(text(&r["location"]), s3.location("flows/once.g1.jsonl.gz"));
     assert_eq!(s3.get("flows/once.jsonl.gz").unwrap(), stored);
+    let header: Value = serde_json::from_str(
+        gunzip(&s3.get("flows/once.g1.jsonl.gz").unwrap())
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(header["previous"], text(&first["location"]));
     assert_eq!(
         cmd::<i64>(&mut c, &["EXISTS", "argyll:flow:once:events"]).unwrap(),
-        1
+        0
     );
+    assert_eq!(
+        get(&mut c, "once").unwrap(),
+        Some(archived_state(&state_json(&second)))
+    );
+    let first_state = archived_state(&state_json(&FlowSpec::done("once")));
+    let previous: Option<String> =
+        cmd(&mut c, &["FLOWARCHIVE.GET", "once", "PREVIOUS", "1"]).unwrap();
+    assert_eq!(previous, Some(first_state));
+    let (_, events): (String, Vec<String>) = cmd(
+        &mut c,
+        &["FLOWARCHIVE.GET", "once", "EVENTS", "PREVIOUS", "1"],
+    )
+    .unwrap();
+    assert_eq!(events, events_of(&FlowSpec::done("once")));
+    let none: Option<String> = cmd(&mut c, &["FLOWARCHIVE.GET", "once", "PREVIOUS", "2"]).unwrap();
+    assert_eq!(none, None);
+    for bad in ["0", "17", "x"] {
+        let e = err_text(cmd::<Option<String>>(
+            &mut c,
+            &["FLOWARCHIVE.GET", "once", "PREVIOUS", bad],
+        ));
+        assert!(e.contains("PREVIOUS needs an integer from 1 to 16"), "{e}");
+    }
 }
 
 #[test]

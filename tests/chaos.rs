@@ -120,6 +120,12 @@ fn populate(c: &mut redis::Connection, model: &mut Model, rng: &mut Rng, n: usiz
                 events,
                 labels: LABELS[rng.below(LABELS.len())],
                 compact_events: rng.chance(20),
+                // Most of the engine's flows have no snapshot; some a current one, some a stale one.
+                snapshot: match rng.below(10) {
+                    0 => Snapshot::Current,
+                    1 => Snapshot::Stale(rng.below(events + 1)),
+                    _ => Snapshot::None,
+                },
             },
         );
     }
@@ -500,7 +506,7 @@ fn c_replicaof_swap_mid_sweep_loses_nothing() {
 
 /// Another valid value for each module config (`$P` is replaced by the test's own prefix, so an
 /// object written under the changed prefix is found; `$F` by a file holding a wrong secret).
-const ALTERNATES: [(&str, &str); 41] = [
+const ALTERNATES: [(&str, &str); 43] = [
     ("endpoint", "http://127.0.0.1:9"),
     ("index-format", "compact"),
     ("index-buckets", "16"),
@@ -531,6 +537,8 @@ const ALTERNATES: [(&str, &str); 41] = [
     ("label-set-key", ""),
     ("label-values-key", ""),
     ("flow-member", "other:$id"),
+    ("lease-key", ""),
+    ("state", "snapshot"),
     ("terminal-statuses", "failed"),
     ("read-max-bytes", "1048576"),
     ("read-allow", "s3://chaos-other-bucket/old"),
@@ -937,9 +945,13 @@ fn the_checker_names_every_kind_of_damage() {
     let ev = |id: &str| format!("argyll:flow:{id}:events");
     cmd::<()>(&mut c, &["LSET", &ev(&live(0)), "0", "{\"x\":1}"]).unwrap();
     let _: Option<String> = cmd(&mut c, &["RPOP", &ev(&live(1))]).unwrap();
-    let _: i64 = cmd(
+    let _: () = cmd(
         &mut c,
-        &["DEL", &format!("argyll:flow:{}:snapshot:val", live(2))],
+        &[
+            "SET",
+            &format!("argyll:flow:{}:snapshot:val", live(2)),
+            "{}",
+        ],
     )
     .unwrap();
     let _: i64 = cmd(

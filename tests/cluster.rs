@@ -107,7 +107,7 @@ fn routing(flavor: Flavor) {
             );
         }
         let state: String = cluster.on(owner, &["FLOWARCHIVE.GET", &f.id]).unwrap();
-        assert_eq!(state, f.snapshot());
+        assert_eq!(state, f.state());
     }
     // Through the cluster client: no redirection at all.
     for i in 0..cluster.nodes.len() {
@@ -168,7 +168,7 @@ fn routing(flavor: Flavor) {
     let mut c = cluster.conn(owner);
     cmd::<()>(&mut c, &["AUTH", "reader", "pw"]).unwrap();
     let state: String = cmd(&mut c, &["FLOWARCHIVE.GET", &live.id]).unwrap();
-    assert_eq!(state, live.snapshot());
+    assert_eq!(state, live.state());
     let e = err_text(archive(&mut c, &live.id));
     let index = slot_index_key(slot_of(&live.id));
     assert!(e.contains("NOPERM") || e.contains("permission"), "{e}");

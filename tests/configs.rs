@@ -105,6 +105,9 @@ fn a_layout_of_another_engine_is_a_configuration_change() {
             "eng:{$id}:archived",
             "retention",
             "1h",
+            // This engine keeps its state current in its snapshot: served as stored.
+            "state",
+            "snapshot",
         ]
         .into_iter()
         .chain(NO_STATUS_INDEX)

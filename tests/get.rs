@@ -6,11 +6,6 @@ use std::time::{Duration, Instant};
 
 use common::proxy::{Fault, Proxy, Rule};
 use common::*;
-use serde_json::Value;
-
-fn json(s: &str) -> Value {
-    serde_json::from_str(s).unwrap()
-}
 
 /// A server behind a proxy, with flow `id` written and archived.
 fn archived_bed(id: &str, extra: &[&str]) -> (S3, Proxy, Server, String, Vec<String>) {
@@ -18,49 +13,44 @@ fn archived_bed(id: &str, extra: &[&str]) -> (S3, Proxy, Server, String, Vec<Str
     let proxy = Proxy::start(s3_port());
     let srv = server_via(&s3, Some(&proxy), extra);
     let mut c = srv.conn();
-    write_flow(&mut c, &FlowSpec::done(id));
-    let snapshot: String =
-        cmd(&mut c, &["GET", &format!("argyll:flow:{id}:snapshot:val")]).unwrap();
+    let spec = FlowSpec::done(id);
+    write_flow(&mut c, &spec);
+    let state = state_json(&spec);
     let events: Vec<String> = cmd(
         &mut c,
         &["LRANGE", &format!("argyll:flow:{id}:events"), "0", "-1"],
     )
     .unwrap();
     archive(&mut c, id).unwrap();
-    (s3, proxy, srv, snapshot, events)
+    (s3, proxy, srv, state, events)
 }
 
 #[test]
 fn live_archived_and_absent_flows() {
-    let (_s3, _proxy, srv, snapshot, events) = archived_bed("gone", &[]);
+    let (_s3, _proxy, srv, state, events) = archived_bed("gone", &[]);
     let mut c = srv.conn();
-    write_flow(
-        &mut c,
-        &FlowSpec {
-            status: "active",
-            ..FlowSpec::done("here")
-        },
-    );
-    let live_snapshot: String = cmd(&mut c, &["GET", "argyll:flow:here:snapshot:val"]).unwrap();
+    let here = FlowSpec {
+        status: "active",
+        ..FlowSpec::done("here")
+    };
+    write_flow(&mut c, &here);
     let live_events: Vec<String> =
         cmd(&mut c, &["LRANGE", "argyll:flow:here:events", "0", "-1"]).unwrap();
 
     assert_eq!(
         get(&mut c, "here").unwrap().unwrap(),
-        live_snapshot,
-        "live: the stored bytes"
+        state_json(&here),
+        "live: the engine's state of its events"
     );
     assert_eq!(
         get_events(&mut c, "here").unwrap(),
-        (live_snapshot, live_events)
+        (state_json(&here), live_events)
     );
 
-    let archived = json(&get(&mut c, "gone").unwrap().unwrap());
-    let mut expected = json(&snapshot);
-    expected["archived"] = Value::Bool(true);
+    let expected = archived_state(&state);
+    assert_eq!(get(&mut c, "gone").unwrap().unwrap(), expected);
+    let (archived, archived_events) = get_events(&mut c, "gone").unwrap();
     assert_eq!(archived, expected);
-    let (state, archived_events) = get_events(&mut c, "gone").unwrap();
-    assert_eq!(json(&state), expected);
     assert_eq!(archived_events, events);
 
     assert_eq!(get(&mut c, "never-was").unwrap(), None);
@@ -133,7 +123,7 @@ fn repeat_reads_come_from_the_cache() {
 
 #[test]
 fn fifty_concurrent_reads_share_one_fetch() {
-    let (_s3, proxy, srv, snapshot, _) = archived_bed("popular", &[]);
+    let (_s3, proxy, srv, state, _) = archived_bed("popular", &[]);
     proxy.delay("GET", Duration::from_millis(600));
     let before = proxy.requests().len();
     let port = srv.port;
@@ -146,10 +136,9 @@ fn fifty_concurrent_reads_share_one_fetch() {
             })
         })
         .collect();
-    let mut expected = json(&snapshot);
-    expected["archived"] = Value::Bool(true);
+    let expected = archived_state(&state);
     for h in handles {
-        assert_eq!(json(&h.join().unwrap()), expected);
+        assert_eq!(h.join().unwrap(), expected);
     }
     let mut c = srv.conn();
     assert_eq!(info_field(&mut c, "get_archive_fetches"), 1);
@@ -193,7 +182,7 @@ fn damaged_objects_are_clear_errors_and_never_cached() {
     s3.put_as_archive("flows/victim.jsonl.gz", b"some other bytes");
     assert_read_fails(&mut c, "victim", "corrupt");
 
-    let text = gunzip(&good).replacen("\"version\":1", "\"version\":7", 1);
+    let text = gunzip(&good).replacen("\"version\":2", "\"version\":7", 1);
     s3.put_as_archive("flows/victim.jsonl.gz", &gzip(&text));
     assert_read_fails(&mut c, "victim", "unknown format");
 
@@ -273,7 +262,7 @@ fn s3_down_fails_archived_reads_fast_and_live_reads_work() {
 
 #[test]
 fn replicas_serve_archived_reads_in_resp2_and_resp3() {
-    let (s3, _proxy, master, snapshot, events) = archived_bed("far", &[]);
+    let (s3, _proxy, master, state, events) = archived_bed("far", &[]);
     let replica = Server::start(ServerOpts::new(&s3));
     let mut r = replica.conn();
     cmd::<()>(
@@ -284,9 +273,8 @@ fn replicas_serve_archived_reads_in_resp2_and_resp3() {
     wait_for("replica sync", Duration::from_secs(20), || {
         cmd::<i64>(&mut r, &["HEXISTS", "archived:flows", "far"]).unwrap_or(0) == 1
     });
-    let mut expected = json(&snapshot);
-    expected["archived"] = Value::Bool(true);
-    assert_eq!(json(&get(&mut r, "far").unwrap().unwrap()), expected);
+    let expected = archived_state(&state);
+    assert_eq!(get(&mut r, "far").unwrap().unwrap(), expected);
     let mut r3 = replica.conn_resp3();
     let v: redis::Value = redis::cmd("FLOWARCHIVE.GET")
         .arg("far")
@@ -294,7 +282,7 @@ fn replicas_serve_archived_reads_in_resp2_and_resp3() {
         .query(&mut r3)
         .unwrap();
     let (state, evs): (String, Vec<String>) = redis::from_redis_value(&v).unwrap();
-    assert_eq!(json(&state), expected);
+    assert_eq!(state, expected);
     assert_eq!(evs, events);
     let nil: redis::Value = redis::cmd("FLOWARCHIVE.GET")
         .arg("nope")
@@ -304,8 +292,9 @@ fn replicas_serve_archived_reads_in_resp2_and_resp3() {
 }
 
 /// A live read is capped like an archived one (`read-max-bytes`), a short log (read in the command)
-/// as well as a long one (read in steps by a worker): refused with a clear error and the flow left as
-/// it is; under the cap every event is answered.
+/// as well as a long one (read in steps by a worker), with its events or not (the state is folded from
+/// them all): refused with a clear error and the flow left as it is; under the cap every event is
+/// answered.
 #[test]
 fn a_live_read_over_the_cap_is_refused_short_or_long() {
     let s3 = S3::new_bucket();
@@ -339,12 +328,51 @@ fn a_live_read_over_the_cap_is_refused_short_or_long() {
                 && e.contains("larger than read-max-bytes (65536 bytes)"),
             "{e}"
         );
-        // The snapshot alone is under the cap.
-        assert!(get(&mut c, id).unwrap().is_some());
+        let e = err_text(get(&mut c, id));
+        assert!(e.contains("larger than read-max-bytes"), "{e}");
     }
     assert_same(&before, &dump_all(&mut c), "nothing changed");
     config_set(&mut c, "flowarchive.read-max-bytes", "1mb").unwrap();
     for ((id, _), log) in ids.iter().zip(&logs) {
         assert_eq!(&get_events(&mut c, id).unwrap().1, log);
+    }
+}
+
+/// Most of the engine's flows have no snapshot, and one it has may be stale (it folded the first 3 of
+/// 8 events while the flow still ran): GET folds the events as the engine loads a flow, live and
+/// archived alike, and never answers a stale snapshot as the flow's final state.
+#[test]
+fn a_stale_or_missing_snapshot_answers_the_engines_state() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    let kinds = [
+        ("no-snapshot", Snapshot::None),
+        ("stale", Snapshot::Stale(3)),
+        ("current", Snapshot::Current),
+    ];
+    let specs: Vec<FlowSpec> = kinds
+        .iter()
+        .map(|(id, snapshot)| FlowSpec {
+            events: 8,
+            snapshot: *snapshot,
+            ..FlowSpec::done(id)
+        })
+        .collect();
+    for spec in &specs {
+        write_flow(&mut c, spec);
+        let state = get(&mut c, spec.id).unwrap().unwrap();
+        assert_eq!(state, state_json(spec), "{}", spec.id);
+        assert!(state.contains(r#""status":"completed""#), "{state}");
+    }
+    let stale: String = cmd(&mut c, &["GET", "argyll:flow:stale:snapshot:val"]).unwrap();
+    assert!(stale.contains(r#""status":"active""#), "{stale}");
+    let summary = sweep(&mut c, &[]).unwrap();
+    assert_eq!(int(&summary["archived"]), 3, "{summary:?}");
+    for spec in &specs {
+        let state = get(&mut c, spec.id).unwrap().unwrap();
+        assert_eq!(state, archived_state(&state_json(spec)), "{}", spec.id);
+        let (_, events) = get_events(&mut c, spec.id).unwrap();
+        assert_eq!(events, events_of(spec));
     }
 }

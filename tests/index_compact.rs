@@ -109,27 +109,63 @@ fn archives_reads_and_refuses(flavor: Flavor) {
     assert_eq!(int(&again["already_archived"]), 1);
     assert_eq!(location_of(&again), locations[uuid]);
 
-    // A live flow with an index entry is refused in either format, and a sweep archives nothing.
+    // The engine starts an archived id again: each new incarnation is archived at the next
+    // generation, its entry replacing the last one in place (compact to compact, the entry count
+    // unchanged) or moving it (compact to hash: the compact entry removed), and every earlier
+    // incarnation stays readable through its successor.
     let revived = &ids[7];
-    write_flow(&mut c, &FlowSpec::done(revived));
-    for format in ["compact", "hash"] {
+    let entries = compact_entries(&mut c, INDEX);
+    let mut generations = vec![locations[revived].clone()];
+    for (format, g) in [("compact", 1), ("hash", 2)] {
         config_set(&mut c, "flowarchive.index-format", format).unwrap();
-        let e = err_text(archive(&mut c, revived));
-        assert!(
-            e.contains("conflict") || e.contains("already"),
-            "{format}: {e}"
+        let spec = FlowSpec {
+            events: 5 + 2 * g,
+            ..FlowSpec::done(revived)
+        };
+        write_flow(&mut c, &spec);
+        let reply = archive(&mut c, revived).unwrap();
+        let location = location_of(&reply);
+        assert!(location.ends_with(&format!(".g{g}.jsonl.gz")), "{location}");
+        generations.push(location);
+        assert_eq!(
+            get(&mut c, revived).unwrap(),
+            Some(archived_state(&state_json(&spec))),
+            "{format}"
         );
-        let summary = sweep(&mut c, &[]).unwrap();
-        assert_eq!(int(&summary["archived"]), 0, "{format}");
-        let events = format!("argyll:flow:{revived}:events");
-        assert!(exists(&mut c, &events), "{format}: the live copy stays");
-        // From the hash format the archived flows are still found in the compact one.
-        let again = archive(&mut c, uuid).unwrap();
-        assert_eq!(location_of(&again), locations[uuid], "{format}");
-        assert_eq!(int(&again["already_archived"]), 1);
     }
-    assert_eq!(s3.list().len(), objects, "no object written twice");
-    assert!(!exists(&mut c, INDEX), "the hash format wrote nothing");
+    assert_eq!(
+        compact_entries(&mut c, INDEX),
+        entries - 1,
+        "moved to the hash"
+    );
+    assert_eq!(compact_location(&mut c, INDEX, revived), None);
+    assert_eq!(
+        cmd::<Option<String>>(&mut c, &["HGET", INDEX, revived]).unwrap(),
+        generations.last().cloned()
+    );
+    for back in 1..=2 {
+        let n = back.to_string();
+        let (state, events): (String, Vec<String>) = cmd(
+            &mut c,
+            &["FLOWARCHIVE.GET", revived, "EVENTS", "PREVIOUS", &n],
+        )
+        .unwrap();
+        let spec = FlowSpec {
+            events: [7, model.flows[revived].events.len()][back - 1],
+            ..FlowSpec::done(revived)
+        };
+        assert_eq!(events.len(), spec.events, "{back} back");
+        assert_eq!(state, archived_state(&state_json(&spec)), "{back} back");
+    }
+    assert_eq!(
+        cmd::<Option<String>>(&mut c, &["FLOWARCHIVE.GET", revived, "PREVIOUS", "3"]).unwrap(),
+        None
+    );
+    // From the hash format the archived flows are still found in the compact one.
+    let again = archive(&mut c, uuid).unwrap();
+    assert_eq!(location_of(&again), locations[uuid]);
+    assert_eq!(int(&again["already_archived"]), 1);
+    assert_eq!(s3.list().len(), objects + 2, "one object per incarnation");
     // A flow archived in the hash format is found from the compact format too.
     config_set(&mut c, "flowarchive.index-format", "hash").unwrap();
     let mut hashed = Model::new(0);
@@ -139,9 +175,6 @@ fn archives_reads_and_refuses(flavor: Flavor) {
         archive(&mut c, id).unwrap();
     }
     config_set(&mut c, "flowarchive.index-format", "compact").unwrap();
-    write_flow(&mut c, &FlowSpec::done(&late[0]));
-    let e = err_text(archive(&mut c, &late[0]));
-    assert!(e.contains("conflict") || e.contains("already"), "{e}");
     let reply = archive(&mut c, &late[1]).unwrap();
     assert_eq!(int(&reply["already_archived"]), 1);
     let (_, events) = get_events(&mut c, &late[1]).unwrap();
@@ -498,7 +531,10 @@ fn the_commit_refuses_a_flow_indexed_meanwhile_in_either_format() {
                 .unwrap();
         }
         let e = err_text(handle.join().unwrap());
-        assert!(e.contains("live but already archived"), "{configured}: {e}");
+        assert!(
+            e.contains("by another archive meanwhile"),
+            "{configured}: {e}"
+        );
         let events = format!("argyll:flow:{id}:events");
         assert!(exists(&mut other, &events), "{configured}: nothing deleted");
         proxy.clear();

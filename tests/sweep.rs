@@ -661,8 +661,9 @@ fn a_batched_commit_is_one_transaction_per_step_and_failed_flows_stay_live() {
         .into();
     assert_eq!(indexed(&mut c), archived);
     for id in ["b3", "b5"] {
-        for key in flow_keys(id) {
-            assert_eq!(cmd::<i64>(&mut c, &["EXISTS", &key]).unwrap(), 1, "{key}");
+        // The keys these flows have (no snapshot, as most of the engine's flows).
+        for key in flow_keys(id).iter().filter(|k| !k.contains(":snapshot:")) {
+            assert_eq!(cmd::<i64>(&mut c, &["EXISTS", key]).unwrap(), 1, "{key}");
         }
     }
 

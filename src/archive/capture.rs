@@ -259,14 +259,20 @@ fn tail(ctx: &Context, key: &str, len: usize, want_status: bool) -> Result<Tail,
     list_range_each(ctx, key, from, len, |element| {
         match engine::event_facts(element) {
             Ok(f) => facts.push(f),
-            Err(e) => failed = Some(e),
+            Err(e) => failed = Some(format!("event {}: {e}", from + facts.len())),
         }
-        ControlFlow::Continue(())
+        if failed.is_some() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
     })?;
-    let Some(last) = facts.last().filter(|_| failed.is_none()) else {
-        let why = failed.map_or_else(|| "the event log is empty".to_string(), |e| e.0);
+    if let Some(why) = failed {
         return Err(FlowError::Unreadable(why));
-    };
+    }
+    let last = facts
+        .last()
+        .ok_or_else(|| FlowError::Unreadable("the event log is empty".into()))?;
     let status = facts.iter().rev().find_map(|f| f.sets_status.clone());
     Ok(Tail {
         last_ms: last.unix_ms,

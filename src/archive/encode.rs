@@ -331,8 +331,13 @@ pub fn read_back(
     if read != labels {
         return fail("the labels");
     }
+    // The reply form as the layout the object was written for builds it.
+    let source = match state {
+        Some(_) => StateSource::Fold,
+        None => StateSource::Snapshot,
+    };
     object
-        .into_decoded(StateSource::Fold)
+        .into_decoded(source)
         .map(|_| ())
         .map_err(|e| format!("the object does not read back: {e}"))
 }

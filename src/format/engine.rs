@@ -384,10 +384,8 @@ pub struct EventFacts {
 /// `active`; `flow_deactivated`: its `status`), as the engine's indexer reads it. An element the engine
 /// could not read as an event is an error.
 pub fn event_facts(element: &[u8]) -> Result<EventFacts, FoldError> {
-    let json =
-        gojson::parse(element).map_err(|e| FoldError(format!("an event is not JSON: {e}")))?;
-    let mut event =
-        Envelope::read(json).map_err(|e| FoldError(format!("an event is unreadable: {e}")))?;
+    let json = gojson::parse(element).map_err(|e| FoldError(format!("not JSON: {e}")))?;
+    let mut event = Envelope::read(json).map_err(|e| FoldError(format!("unreadable: {e}")))?;
     let sets_status = match event.kind.as_str() {
         "flow_started" => event.data::<FlowStarted>().map(|_| "active".to_string()),
         "flow_deactivated" => event.data::<FlowDeactivated>().map(|d| d.status),

@@ -65,6 +65,19 @@ fn thread_cpu_ns() -> u64 {
     }
 }
 
+/// Folds of the engine's state (archives and live reads), and the worker CPU time they took.
+static FOLDS: AtomicU64 = AtomicU64::new(0);
+static FOLD_CPU_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Runs `fold` (the engine's state of one flow, on a worker thread), counting it and its CPU time.
+pub fn folding<T>(fold: impl FnOnce() -> T) -> T {
+    let cpu = thread_cpu_ns();
+    let out = fold();
+    FOLD_CPU_NS.fetch_add(thread_cpu_ns().saturating_sub(cpu), Ordering::Relaxed);
+    FOLDS.fetch_add(1, Ordering::Relaxed);
+    out
+}
+
 /// Bytes the module holds for flows in flight (captured events and encoded objects).
 pub static BUFFERED_BYTES: AtomicU64 = AtomicU64::new(0);
 pub static BUFFERED_BYTES_PEAK: AtomicU64 = AtomicU64::new(0);
@@ -136,6 +149,8 @@ fn fields() -> Vec<(String, i64)> {
         ),
         ("buffered_bytes", get(&BUFFERED_BYTES)),
         ("buffered_bytes_peak", get(&BUFFERED_BYTES_PEAK)),
+        ("folds", get(&FOLDS)),
+        ("fold_cpu_us_total", get(&FOLD_CPU_NS) / 1_000),
     ]);
     out.extend(FAILURES.fields("failures_", FlowError::kind_names()));
     out

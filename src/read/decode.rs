@@ -43,6 +43,8 @@ pub struct Decoded {
     event_count: usize,
     /// The location of the incarnation of this id archived before this one, if any.
     pub previous: Option<String>,
+    /// The state source the answer was made for (`flowarchive.state` when it was read).
+    pub source: StateSource,
 }
 
 impl Decoded {
@@ -62,6 +64,7 @@ impl Decoded {
             events: events.iter().map(|e| format!("{e}\n")).collect(),
             event_count: events.len(),
             previous: None,
+            source: StateSource::Fold,
         }
     }
 }
@@ -69,7 +72,6 @@ impl Decoded {
 /// Everything an object holds, parsed and verified; `into_decoded` makes the reply form.
 #[derive(Debug)]
 pub struct Object {
-    version: u64,
     /// The event lines, each ending in `\n`, exactly as stored.
     events: String,
     event_count: usize,
@@ -94,30 +96,34 @@ impl Object {
         self.event_count
     }
 
-    /// The reply form: the flow's state marked `"archived":true`, and the event lines. The state is the
-    /// one the object holds; an object of version 1 holds only the snapshot, which for a `source`
-    /// that folds is folded with the object's events now, as the engine would load them.
+    /// The reply form: the flow's state marked `"archived":true`, and the event lines. Which state
+    /// is `source`'s, whatever the object was written under: a folding layout answers the state the
+    /// object holds, or (an object of version 1, or one written while the layout served snapshots)
+    /// the fold of its own snapshot, sequence and events now, as the engine would load them; a layout
+    /// served from its snapshot answers the snapshot, or the state where the flow had none.
     pub fn into_decoded(self, source: StateSource) -> Result<Decoded, DecodeError> {
-        let state = match (self.state, self.version, source) {
-            (Some(state), ..) => state,
-            (None, 1, StateSource::Fold) => {
+        let state = match (source, self.state, self.snapshot) {
+            (StateSource::Fold, Some(state), _) => state,
+            (StateSource::Fold, None, snapshot) => {
                 let events: Vec<&str> = self.events.split_terminator('\n').collect();
                 let skip = self.seq.unwrap_or(0).max(0) as usize;
-                let folded =
-                    engine::fold(self.snapshot.as_deref().map(str::as_bytes), skip, &events)
-                        .map_err(|e| corrupt(format!("its events cannot be folded: {e}")))?
-                        .ok_or_else(|| corrupt("its events hold no flow the engine knows"))?;
+                let folded = engine::fold(snapshot.as_deref().map(str::as_bytes), skip, &events)
+                    .map_err(|e| corrupt(format!("its events cannot be folded: {e}")))?
+                    .ok_or_else(|| corrupt("its events hold no flow the engine knows"))?;
                 String::from_utf8(folded).map_err(|_| corrupt("its state is not UTF-8"))?
             }
-            (None, ..) => self
-                .snapshot
-                .ok_or_else(|| corrupt("the trailer holds no state and no snapshot"))?,
+            (StateSource::Snapshot, _, Some(snapshot))
+            | (StateSource::Snapshot, Some(snapshot), None) => snapshot,
+            (StateSource::Snapshot, None, None) => {
+                return Err(corrupt("the trailer holds no state and no snapshot"))
+            }
         };
         Ok(Decoded {
             flow_state: mark_archived(&state)?,
             events: self.events,
             event_count: self.event_count,
             previous: self.previous,
+            source,
         })
     }
 }
@@ -177,7 +183,6 @@ fn corrupt(why: impl Into<String>) -> DecodeError {
 /// `archived_at`) are ignored.
 #[derive(Deserialize)]
 struct Header {
-    version: u64,
     flow_id: String,
     /// Objects written before the field existed all came from DB 0.
     #[serde(default)]
@@ -395,7 +400,6 @@ fn split(content: Vec<u8>, header: &Header, max_bytes: u64) -> Result<Object, De
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Object {
-        version: header.version,
         events: text,
         event_count: lines as usize - 1,
         state,

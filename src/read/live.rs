@@ -16,7 +16,7 @@ use redis_module::{Context, KeyType, RedisError, RedisResult, RedisValue};
 use crate::format::engine;
 use crate::layout::FlowKeys;
 use crate::ops::errors::{self, show_id, FlowError};
-use crate::ops::metrics::Stage;
+use crate::ops::metrics::{self, Stage};
 use crate::runtime::blocking::{answer_later, can_block, this_client};
 use crate::runtime::mainthread::{self, read_log, ByteCap, LogRead, EVENTS_PER_STEP};
 use crate::runtime::pool::Pool;
@@ -120,7 +120,7 @@ pub fn fold(
 /// The engine's answer for what was read: its state (nil where the engine knows no such flow).
 fn answer(id: &str, read: Read, events: bool) -> RedisResult {
     let skip = read.seq.unwrap_or(0).max(0) as usize;
-    match engine::fold(read.snapshot.as_deref(), skip, &read.log) {
+    match metrics::folding(|| engine::fold(read.snapshot.as_deref(), skip, &read.log)) {
         Ok(Some(state)) => Ok(reply(state, events.then_some(read.log))),
         Ok(None) => Ok(RedisValue::Null),
         Err(e) => Err(RedisError::String(errors::bounded(format!(

@@ -111,8 +111,10 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
         events,
         hops,
     };
-    // Earlier incarnations already cached are followed here.
-    while let Some(flow) = fetch::cached(&want.key) {
+    // Earlier incarnations already cached are followed here (an answer made under another
+    // `flowarchive.state` is fetched again).
+    let fresh = |key: &_| fetch::cached(key).filter(|f| f.source == settings.layout.state);
+    while let Some(flow) = fresh(&want.key) {
         if want.hops == 0 {
             GET_CACHE_HITS.fetch_add(1, Ordering::Relaxed);
             return Ok(fetch::reply(&flow, events));

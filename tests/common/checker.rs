@@ -1,21 +1,22 @@
 //! "Nothing lost", proven flow by flow and event by event.
 //!
 //! A chaos test keeps a [`Model`]: for every flow it wrote, the exact event list (late events
-//! included), snapshot, sequence, labels, status and score, updated whenever the test changes the flow.
-//! [`check`] then holds every flow of the model against the server and the bucket: a flow is either
-//! LIVE (all its keys exactly as modelled, its status and label index entries present, no archive
-//! index entry) or ARCHIVED (none of its keys, no index entries of the engine, an archive index entry
-//! whose object and `FLOWARCHIVE.GET` answers hold exactly the modelled snapshot and events). Anything
-//! else is a lost or damaged flow, reported by id with what differs. Counts are never trusted: a count
-//! can match while the content is wrong.
+//! included), snapshot (if any), sequence, labels, status and score, updated whenever the test changes
+//! the flow. [`check`] then holds every flow of the model against the server and the bucket: a flow is
+//! either LIVE (all its keys exactly as modelled, its status and label index entries present, no
+//! archive index entry, `FLOWARCHIVE.GET` answering the engine's state of its events) or ARCHIVED (none
+//! of its keys, no index entries of the engine, an archive index entry whose object holds exactly the
+//! modelled events, snapshot and state, and `FLOWARCHIVE.GET` answering that state marked archived and
+//! those events). Anything else is a lost or damaged flow, reported by id with what differs. Counts are
+//! never trusted: a count can match while the content is wrong.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use super::index::{self, INDEX};
 use super::{
-    assert_same, cmd, dump_all, event_json, gunzip, snapshot_json, wait_for, write_flow, FlowSpec,
-    Server, S3,
+    assert_same, cmd, dump_all, escape_label, event_json, events_of, gunzip, parse_ms, snapshot_of,
+    state_of, wait_for, write_flow, FlowSpec, Server, Snapshot, S3,
 };
 
 const P: &str = "argyll";
@@ -60,9 +61,13 @@ pub struct FlowModel {
     pub status: String,
     pub last_ms: i64,
     pub events: Vec<String>,
-    pub snapshot: String,
-    pub seq: String,
+    /// The stored snapshot and sequence, if the flow has them.
+    pub snapshot: Option<String>,
+    pub seq: Option<String>,
+    /// The labels hash as the engine stores it (escaped names and values).
     pub labels: Vec<(String, String)>,
+    /// Events of the older compact form.
+    pub compact_events: bool,
 }
 
 impl FlowModel {
@@ -74,25 +79,22 @@ impl FlowModel {
         format!("{P}:flow:{}:{part}", self.id)
     }
 
-    /// Terminal and idle longer than `retention_ms` at `now_ms`: what a fault-free sweep archives.
+    /// Terminal and idle longer than `retention_ms` at `now_ms`, idle since the later of its status
+    /// change and its last event: what a fault-free sweep archives.
     pub fn eligible(&self, retention_ms: i64, now_ms: i64) -> bool {
-        TERMINAL.contains(&self.status.as_str()) && self.last_ms < now_ms - retention_ms
+        let last_event = self
+            .events
+            .last()
+            .and_then(|e| serde_json::from_str::<serde_json::Value>(e).ok())
+            .and_then(|e| e["timestamp"].as_str().map(parse_ms))
+            .unwrap_or(i64::MIN);
+        TERMINAL.contains(&self.status.as_str())
+            && self.last_ms.max(last_event) < now_ms - retention_ms
     }
 
-    fn render_snapshot(&self) -> String {
-        let labels: Vec<(&str, &str)> = self
-            .labels
-            .iter()
-            .map(|(l, v)| (l.as_str(), v.as_str()))
-            .collect();
-        snapshot_json(&FlowSpec {
-            id: &self.id,
-            status: &self.status,
-            last_ms: self.last_ms,
-            events: self.events.len(),
-            labels: &labels,
-            compact_events: false,
-        })
+    /// What the engine answers for this flow (the fold of its events).
+    pub fn state(&self) -> Option<String> {
+        state_of(&self.events)
     }
 }
 
@@ -102,17 +104,11 @@ pub struct Model {
     pub flows: BTreeMap<String, FlowModel>,
 }
 
-/// Appends `ARGV[1]` to the events list only while the flow is live: a late event for a flow that
-/// was archived meanwhile would recreate a stray key the engine never writes.
-const APPEND_IF_LIVE: &str = "if redis.call('EXISTS', KEYS[2]) == 1 then \
-     return redis.call('RPUSH', KEYS[1], ARGV[1]) else return 0 end";
-
-/// Moves a live flow to another status and score the way the engine does, in one atomic step.
+/// Moves a live flow to another status and score in the engine's indexes, in one atomic step.
 const RESTATUS_IF_LIVE: &str = "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end \
-     redis.call('SET', KEYS[1], ARGV[1]) \
-     redis.call('HSET', KEYS[2], ARGV[2], ARGV[3]) \
-     redis.call('ZREM', KEYS[3], ARGV[2]) \
-     redis.call('ZADD', KEYS[4], ARGV[4], ARGV[2]) \
+     redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) \
+     redis.call('ZREM', KEYS[3], ARGV[1]) \
+     redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1]) \
      return 1";
 
 impl Model {
@@ -126,20 +122,21 @@ impl Model {
     /// Writes the flow with `write_flow` and records exactly what that wrote.
     pub fn write(&mut self, c: &mut redis::Connection, spec: &FlowSpec) {
         write_flow(c, spec);
+        let stored = snapshot_of(spec);
         let flow = FlowModel {
             id: spec.id.to_string(),
             status: spec.status.to_string(),
             last_ms: spec.last_ms,
-            events: (0..spec.events)
-                .map(|i| event_json(spec.id, i, spec.compact_events))
-                .collect(),
-            snapshot: snapshot_json(spec),
-            seq: spec.events.saturating_sub(1).to_string(),
+            events: events_of(spec),
+            snapshot: stored.as_ref().map(|(s, _)| s.clone()),
+            seq: stored.map(|(_, seq)| seq.to_string()),
             labels: spec
                 .labels
                 .iter()
-                .map(|(l, v)| (l.to_string(), v.to_string()))
+                .filter(|(_, v)| !v.is_empty())
+                .map(|(l, v)| (escape_label(l), escape_label(v)))
                 .collect(),
+            compact_events: spec.compact_events,
         };
         assert!(
             self.flows.insert(flow.id.clone(), flow).is_none(),
@@ -148,15 +145,23 @@ impl Model {
         );
     }
 
-    /// RPUSHes a late event if the flow is still live; true (and recorded) when it was appended.
+    /// Appends a late event (RPUSHX) if the flow is still live: a late event for a flow archived
+    /// meanwhile would recreate a stray key the engine never writes. True (and recorded) when it was
+    /// appended.
     pub fn append_late_event(&mut self, c: &mut redis::Connection, id: &str) -> bool {
         let flow = self.flows.get_mut(id).expect("model flow");
-        let event = event_json(id, flow.events.len(), false);
-        let appended: i64 = redis::cmd("EVAL")
-            .arg(APPEND_IF_LIVE)
-            .arg(2)
+        let spec = FlowSpec {
+            id,
+            status: &flow.status,
+            last_ms: flow.last_ms,
+            events: flow.events.len() + 1,
+            labels: &[],
+            compact_events: flow.compact_events,
+            snapshot: Snapshot::None,
+        };
+        let event = event_json(&spec, flow.events.len());
+        let appended: i64 = redis::cmd("RPUSHX")
             .arg(flow.key("events"))
-            .arg(flow.key("snapshot:val"))
             .arg(&event)
             .query(c)
             .unwrap();
@@ -166,8 +171,8 @@ impl Model {
         appended > 0
     }
 
-    /// Moves a still-live flow to `status` with score `last_ms` (status hash, status ZSETs and the
-    /// snapshot, atomically); true (and recorded) when the flow was live.
+    /// Moves a still-live flow to `status` with score `last_ms` in the engine's status hash and ZSETs,
+    /// atomically; true (and recorded) when the flow was live.
     pub fn set_status(
         &mut self,
         c: &mut redis::Connection,
@@ -176,25 +181,21 @@ impl Model {
         last_ms: i64,
     ) -> bool {
         let flow = self.flows.get_mut(id).expect("model flow");
-        let mut next = flow.clone();
-        next.status = status.to_string();
-        next.last_ms = last_ms;
-        next.snapshot = next.render_snapshot();
         let done: i64 = redis::cmd("EVAL")
             .arg(RESTATUS_IF_LIVE)
             .arg(4)
-            .arg(flow.key("snapshot:val"))
+            .arg(flow.key("events"))
             .arg(format!("{P}:idx:status"))
             .arg(format!("{P}:idx:status:{}", flow.status))
             .arg(format!("{P}:idx:status:{status}"))
-            .arg(&next.snapshot)
             .arg(flow.member())
             .arg(status)
             .arg(last_ms)
             .query(c)
             .unwrap();
         if done == 1 {
-            *flow = next;
+            flow.status = status.to_string();
+            flow.last_ms = last_ms;
         }
         done == 1
     }
@@ -381,14 +382,14 @@ fn check_live(c: &mut redis::Connection, flow: &FlowModel, problems: &mut Vec<St
         fail(d);
     }
     let snapshot: Option<String> = cmd(c, &["GET", &flow.key("snapshot:val")]).unwrap();
-    if snapshot.as_deref() != Some(flow.snapshot.as_str()) {
+    if snapshot != flow.snapshot {
         fail(format!(
             "snapshot differs: want {:?}, got {snapshot:?}",
             flow.snapshot
         ));
     }
     let seq: Option<String> = cmd(c, &["GET", &flow.key("snapshot:seq")]).unwrap();
-    if seq.as_deref() != Some(flow.seq.as_str()) {
+    if seq != flow.seq {
         fail(format!("seq is {seq:?}, want {:?}", flow.seq));
     }
     let mut labels: Vec<(String, String)> = cmd(c, &["HGETALL", &flow.key("idx:labels")]).unwrap();
@@ -423,9 +424,10 @@ fn check_live(c: &mut redis::Connection, flow: &FlowModel, problems: &mut Vec<St
         .arg(&flow.id)
         .query(c)
         .unwrap_or_else(|e| Some(format!("error: {e}")));
-    if read.as_deref() != Some(flow.snapshot.as_str()) {
+    if read != flow.state() {
         fail(format!(
-            "FLOWARCHIVE.GET answers {read:?}, not the stored snapshot"
+            "FLOWARCHIVE.GET answers {read:?}, not the engine's state {:?}",
+            flow.state()
         ));
     }
 }
@@ -585,30 +587,17 @@ fn check_archived(
             flow_object_stem(db, &flow.id)
         )),
     }
-    let want = match json(&flow.snapshot) {
-        Ok(v) => v,
-        Err(e) => return fail(format!("model snapshot {e}")),
+    let Some(state) = flow.state() else {
+        return fail("the model's events hold no flow the engine knows".into());
     };
+    // The engine's state, byte for byte, with the archived flag added at its end.
+    let want = format!("{},\"archived\":true}}", &state[..state.len() - 1]);
     match redis::cmd("FLOWARCHIVE.GET")
         .arg(&flow.id)
         .query::<Option<String>>(c)
     {
-        Ok(Some(text)) => match json(&text) {
-            Ok(mut got) => {
-                let flag = got.as_object_mut().and_then(|m| m.shift_remove("archived"));
-                if flag != Some(serde_json::Value::Bool(true)) {
-                    fail(format!(
-                        "FLOWARCHIVE.GET has \"archived\": {flag:?}, want true"
-                    ));
-                }
-                if got != want {
-                    fail(format!(
-                        "FLOWARCHIVE.GET answers {got}, want the model snapshot {want}"
-                    ));
-                }
-            }
-            Err(e) => fail(format!("FLOWARCHIVE.GET answers {e}")),
-        },
+        Ok(Some(text)) if text == want => {}
+        Ok(Some(text)) => fail(format!("FLOWARCHIVE.GET answers {text}, want {want}")),
         Ok(None) => fail("FLOWARCHIVE.GET answers nil".into()),
         Err(e) => fail(format!("FLOWARCHIVE.GET fails: {e}")),
     }
@@ -627,7 +616,7 @@ fn check_archived(
 }
 
 /// The object itself: header names the flow, the lines are the model's events, the trailer holds its
-/// snapshot, seq, labels and status (the parts FLOWARCHIVE.GET does not show).
+/// state, snapshot, seq, labels and status (the parts FLOWARCHIVE.GET does not show).
 fn check_object(s3: &S3, rel: &str, db: i64, flow: &FlowModel, fail: &mut impl FnMut(String)) {
     let Some(body) = s3.get(rel) else {
         return fail(format!("object {rel:?} vanished"));
@@ -659,12 +648,22 @@ fn check_object(s3: &S3, rel: &str, db: i64, flow: &FlowModel, fail: &mut impl F
         .iter()
         .map(|(l, v)| (l.clone(), serde_json::Value::String(v.clone())))
         .collect();
-    let want = serde_json::json!({
-        "snapshot": json(&flow.snapshot).unwrap_or_default(),
-        "seq": flow.seq.parse::<i64>().unwrap_or(-1),
+    let parse = |text: &Option<String>| text.as_deref().map(json).transpose();
+    let (Ok(state), Ok(snapshot)) = (parse(&flow.state()), parse(&flow.snapshot)) else {
+        return fail("the model's state or snapshot is not JSON".into());
+    };
+    let mut want = serde_json::json!({
+        "state": state,
+        "snapshot": snapshot,
+        "seq": flow.seq.as_ref().map(|s| s.parse::<i64>().unwrap_or(-1)),
         "labels": labels,
         "status": flow.status,
     });
+    // An object written while the layout served its snapshot (`flowarchive.state snapshot`) holds
+    // no state: readers fold its events.
+    if trailer.get("state").is_none() {
+        want.as_object_mut().map(|w| w.shift_remove("state"));
+    }
     if trailer != want {
         fail(format!("object {rel:?} trailer is {trailer}, want {want}"));
     }

@@ -15,16 +15,32 @@ pub fn cmd<T: redis::FromRedisValue>(
     command.query(c)
 }
 
-/// A flow written the way the Argyll engine writes it (see shared/flow-layout.md).
+/// A flow written the way the Argyll engine writes it (see docs/ENGINE.md): its event log, its entries in
+/// the engine's status and label indexes, its labels hash, and, only when `snapshot` says so, a
+/// snapshot (most of the engine's flows have none).
+#[derive(Clone)]
 pub struct FlowSpec<'a> {
     pub id: &'a str,
     pub status: &'a str,
-    /// Unix ms of the last event (status ZSET score and snapshot last_updated).
+    /// Unix ms of the last event of the engine's status change (the status ZSET score); the events are
+    /// stamped around it (`event_json`).
     pub last_ms: i64,
     pub events: usize,
     pub labels: &'a [(&'a str, &'a str)],
     /// Older engines write events without sequence and aggregate_id.
     pub compact_events: bool,
+    pub snapshot: Snapshot,
+}
+
+/// Whether a flow has a snapshot, and what it folded in.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Snapshot {
+    /// None (the engine's usual case: a flow that started and ended in one engine process).
+    None,
+    /// Folded from every event (`snapshot:seq` = the log's length).
+    Current,
+    /// Folded from the first n events only: the engine reloaded the flow while it still ran.
+    Stale(usize),
 }
 
 pub const LONG_AGO: i64 = 1_700_000_000_000;
@@ -38,51 +54,251 @@ impl<'a> FlowSpec<'a> {
             events: 5,
             labels: &[("tenant", "acme")],
             compact_events: false,
+            snapshot: Snapshot::None,
         }
     }
 }
 
-pub fn event_json(id: &str, i: usize, compact: bool) -> String {
-    let ts = format!(
-        "2026-03-18T09:14:{:02}.{:06}Z",
-        (i / 1_000_000) % 60,
-        i % 1_000_000
-    );
-    let ty = if i == 0 {
-        "flow_started"
+/// The plan of every fixture flow, as the engine writes it (Go's encoding of its ExecutionPlan).
+pub const PLAN: &str = r#"{"goals":["work"],"required":["order_id"],"steps":{"work":{"id":"work","name":"Work","type":"script","attributes":{"n":{"role":"output","type":"number"},"order_id":{"role":"required","type":"string"}},"script":{"language":"ale","script":"(+ 1 1)"}}},"attributes":{"n":{"providers":["work"],"consumers":[]},"order_id":{"providers":[],"consumers":["work"]}},"excluded":{}}"#;
+
+/// Unix ms as the engine writes a timestamp in an event (RFC 3339, UTC).
+pub fn event_time(ms: i64) -> String {
+    fmt_ms(ms)
+}
+
+/// The same instant as the engine answers it in a FlowState (Go's RFC 3339: trailing zeros of the
+/// fraction trimmed).
+pub fn state_time(ms: i64) -> String {
+    let t = fmt_ms(ms);
+    let (secs, rest) = t.split_at(19);
+    let frac = rest
+        .trim_start_matches('.')
+        .trim_end_matches('Z')
+        .trim_end_matches('0');
+    if frac.is_empty() {
+        format!("{secs}Z")
     } else {
-        "step_completed"
-    };
-    let data = serde_json::json!({"flow_id": id, "step_id": format!("step-{i}"), "outputs": {"n": i, "note": "x".repeat(i % 50)}});
-    if compact {
-        serde_json::json!({"timestamp": ts, "type": ty, "data": data}).to_string()
-    } else {
-        serde_json::json!({"timestamp": ts, "sequence": i, "type": ty, "aggregate_id": ["flow", id], "data": data}).to_string()
+        format!("{secs}.{frac}Z")
     }
 }
 
-pub fn snapshot_json(spec: &FlowSpec) -> String {
+/// Unix ms of event `i` of a flow whose status changed at `last_ms`: the engine's terminal batch
+/// (events 3 and 4) at `last_ms`, the first three just before it, late events (5 on) after it.
+pub fn event_ms(last_ms: i64, i: usize) -> i64 {
+    last_ms - 4 + i.min(4) as i64 + i.saturating_sub(4) as i64
+}
+
+/// Event `i` of the fixture flow `spec`, as the engine writes it: 0 `flow_started`, 1 `step_started`,
+/// 2 `step_completed`, then for a terminal flow `flow_completed` (or `flow_failed`) and
+/// `flow_deactivated` in one batch, for an active one two `attribute_set`s; from 5 on late
+/// `attribute_set` events (a webhook after the flow ended).
+pub fn event_json(spec: &FlowSpec, i: usize) -> String {
+    let id = spec.id;
     let labels: serde_json::Map<String, serde_json::Value> = spec
         .labels
         .iter()
         .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
         .collect();
-    serde_json::json!({
-        "created_at": "2026-03-18T09:14:03.120481Z",
-        "completed_at": "2026-03-18T09:14:05.9Z",
-        "last_updated": fmt_ms(spec.last_ms),
-        "plan": {"goals": ["ship"], "required": ["order_id"], "steps": {}, "attributes": {}, "excluded": {}},
-        "labels": labels,
-        "attributes": {"receipt": {"value": "r-77", "step": "charge", "set_at": "2026-03-18T09:14:03.402113Z"}},
-        "id": spec.id,
-        "status": spec.status,
-    })
-    .to_string()
+    let (ty, data) = match (i, spec.status) {
+        (0, _) => {
+            let mut data = format!(r#"{{"plan":{PLAN},"init":{{"order_id":"o-1"}}"#);
+            if !labels.is_empty() {
+                data += &format!(r#","labels":{}"#, serde_json::Value::Object(labels));
+            }
+            data += &format!(r#","flow_id":{}}}"#, serde_json::json!(id));
+            ("flow_started", data)
+        }
+        (1, _) => (
+            "step_started",
+            serde_json::json!({"inputs": {"order_id": "o-1"}, "flow_id": id, "step_id": "work", "work_items": {"t1": {"order_id": "o-1"}}}).to_string(),
+        ),
+        (2, _) => (
+            "step_completed",
+            serde_json::json!({"outputs": {"n": 2}, "flow_id": id, "step_id": "work", "duration": 7}).to_string(),
+        ),
+        (3, "failed") => (
+            "flow_failed",
+            serde_json::json!({"flow_id": id, "error": "work failed"}).to_string(),
+        ),
+        (3, s) if s != "active" => (
+            "flow_completed",
+            serde_json::json!({"result": {}, "flow_id": id}).to_string(),
+        ),
+        (4, s) if s != "active" => (
+            "flow_deactivated",
+            serde_json::json!({"flow_id": id, "status": s}).to_string(),
+        ),
+        (i, _) => (
+            "attribute_set",
+            serde_json::json!({"value": {"n": i, "note": "x".repeat(i % 50)}, "flow_id": id, "step_id": "work", "key": format!("a{i}")}).to_string(),
+        ),
+    };
+    let ts = event_time(event_ms(spec.last_ms, i));
+    let id_json = serde_json::json!(id);
+    if spec.compact_events {
+        format!(r#"{{"timestamp":"{ts}","type":"{ty}","data":{data}}}"#)
+    } else {
+        format!(
+            r#"{{"timestamp":"{ts}","sequence":{i},"type":"{ty}","aggregate_id":["flow",{id_json}],"data":{data}}}"#
+        )
+    }
+}
+
+/// The engine's answer (`GET /engine/flow/{id}`, Go's JSON) for a log of fixture events (`event_json`),
+/// checked by hand against the engine's own appliers for these shapes. Elements of other shapes are
+/// skipped as the engine skips events it has no applier for. `None` without a `flow_started`.
+pub fn state_of(events: &[String]) -> Option<String> {
+    use serde_json::Value;
+    let parsed: Vec<Value> = events
+        .iter()
+        .filter_map(|e| serde_json::from_str(e).ok())
+        .collect();
+    let time = |e: &Value| {
+        let t = e["timestamp"].as_str().unwrap_or_default();
+        state_time(parse_ms(t))
+    };
+    let zero = "0001-01-01T00:00:00Z".to_string();
+    let mut id = None;
+    let (mut created, mut completed, mut last, mut deactivated) =
+        (zero.clone(), zero.clone(), zero.clone(), zero.clone());
+    let (mut status, mut error) = (String::new(), String::new());
+    let mut labels = String::new();
+    let mut attributes: std::collections::BTreeMap<String, String> = Default::default();
+    let mut exec = format!(
+        r#"{{"started_at":"{zero}","completed_at":"{zero}","inputs":null,"status":"pending"}}"#
+    );
+    let item = format!(
+        r#""work_items":{{"t1":{{"status":"pending","started_at":"{zero}","completed_at":"{zero}","inputs":{{"order_id":"o-1"}},"next_retry_at":"{zero}"}}}}"#
+    );
+    let mut step_started = zero.clone();
+    const KNOWN: [&str; 7] = [
+        "flow_started",
+        "step_started",
+        "step_completed",
+        "flow_completed",
+        "flow_failed",
+        "flow_deactivated",
+        "attribute_set",
+    ];
+    for e in &parsed {
+        if !KNOWN.contains(&e["type"].as_str().unwrap_or_default()) {
+            continue;
+        }
+        let t = time(e);
+        let data = &e["data"];
+        match e["type"].as_str() {
+            Some("flow_started") => {
+                id = data["flow_id"].as_str().map(str::to_string);
+                created = t.clone();
+                status = "active".into();
+                labels = match data.get("labels").and_then(Value::as_object) {
+                    Some(l) if !l.is_empty() => {
+                        let sorted: std::collections::BTreeMap<_, _> = l.iter().collect();
+                        format!(r#""labels":{},"#, serde_json::to_string(&sorted).unwrap())
+                    }
+                    _ => String::new(),
+                };
+                attributes.clear();
+                attributes.insert(
+                    "order_id".into(),
+                    format!(r#"{{"value":"o-1","set_at":"{t}"}}"#),
+                );
+            }
+            Some("step_started") => {
+                step_started = t.clone();
+                exec = format!(
+                    r#"{{"started_at":"{t}","completed_at":"{zero}","inputs":{{"order_id":"o-1"}},"status":"active",{item}}}"#
+                );
+            }
+            Some("step_completed") => {
+                exec = format!(
+                    r#"{{"started_at":"{step_started}","completed_at":"{t}","inputs":{{"order_id":"o-1"}},"outputs":{{"n":2}},"status":"completed","duration":7,{item}}}"#
+                );
+            }
+            Some("flow_completed") => {
+                status = "completed".into();
+                completed = t.clone();
+            }
+            Some("flow_failed") => {
+                status = "failed".into();
+                error = data["error"].as_str().unwrap_or_default().to_string();
+                completed = t.clone();
+            }
+            Some("flow_deactivated") => deactivated = t.clone(),
+            Some("attribute_set") => {
+                let key = data["key"].as_str().unwrap_or_default().to_string();
+                let value = serde_json::to_string(&data["value"]).unwrap();
+                attributes.insert(
+                    key,
+                    format!(r#"{{"value":{value},"step":"work","set_at":"{t}"}}"#),
+                );
+            }
+            _ => continue,
+        }
+        last = t;
+    }
+    let id = id?;
+    let attributes: Vec<String> = attributes
+        .iter()
+        .map(|(k, v)| format!("{}:{v}", serde_json::json!(k)))
+        .collect();
+    let error = if error.is_empty() {
+        String::new()
+    } else {
+        format!(r#","error":{}"#, serde_json::json!(error))
+    };
+    Some(format!(
+        r#"{{"created_at":"{created}","completed_at":"{completed}","last_updated":"{last}","plan":{PLAN},{labels}"attributes":{{{}}},"deactivated_at":"{deactivated}","executions":{{"work":{exec}}},"id":{},"status":"{status}"{error}}}"#,
+        attributes.join(","),
+        serde_json::json!(id)
+    ))
+}
+
+/// What FLOWARCHIVE.GET answers for an archived flow whose state is `state`: the same bytes, with
+/// `"archived":true` added at the end.
+pub fn archived_state(state: &str) -> String {
+    format!("{},\"archived\":true}}", &state[..state.len() - 1])
+}
+
+/// The engine's answer for the fixture flow `spec` (`state_of` its events).
+pub fn state_json(spec: &FlowSpec) -> String {
+    state_of(&events_of(spec)).expect("a fixture flow starts with flow_started")
+}
+
+/// Every event of the fixture flow `spec`.
+pub fn events_of(spec: &FlowSpec) -> Vec<String> {
+    (0..spec.events).map(|i| event_json(spec, i)).collect()
+}
+
+/// The snapshot and sequence the engine would have stored for `spec`, if it has one.
+pub fn snapshot_of(spec: &FlowSpec) -> Option<(String, usize)> {
+    let folded = match spec.snapshot {
+        Snapshot::None => return None,
+        Snapshot::Current => spec.events,
+        Snapshot::Stale(n) => n.min(spec.events),
+    };
+    let events = events_of(spec);
+    Some((state_of(&events[..folded])?, folded))
+}
+
+/// Unix ms of an RFC 3339 timestamp in UTC (`2026-03-18T09:14:03.120Z`), for the fixtures' own times.
+pub fn parse_ms(t: &str) -> i64 {
+    let num = |a: usize, b: usize| t[a..b].parse::<i64>().unwrap();
+    let (y, m, d) = (num(0, 4), num(5, 7), num(8, 10));
+    let (h, mi, s) = (num(11, 13), num(14, 16), num(17, 19));
+    let frac = t[19..].trim_start_matches('.').trim_end_matches('Z');
+    let ms = format!("{frac:0<3}")[..3].parse::<i64>().unwrap_or(0);
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    ((days * 24 + h) * 60 + mi) * 60_000 + s * 1000 + ms
 }
 
 fn fmt_ms(ms: i64) -> String {
-    // Good enough for tests: seconds precision via the system `date`-free arithmetic.
-    let secs = ms / 1000;
+    let secs = ms.div_euclid(1000);
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     let z = days + 719_468;
@@ -103,8 +319,15 @@ fn fmt_ms(ms: i64) -> String {
         rem / 3600,
         rem / 60 % 60,
         rem % 60,
-        ms % 1000
+        ms.rem_euclid(1000)
     )
+}
+
+/// A label name or value as the engine stores it in its indexes: `\` → `\\`, `%` → `\%`, `:` → `%`.
+pub fn escape_label(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace(':', "%")
 }
 
 pub fn write_flow(c: &mut redis::Connection, spec: &FlowSpec) {
@@ -113,26 +336,27 @@ pub fn write_flow(c: &mut redis::Connection, spec: &FlowSpec) {
     let member = format!("flow:{id}");
     let events_key = format!("{p}:flow:{id}:events");
     let mut pipe = redis::pipe();
-    for chunk in (0..spec.events).collect::<Vec<_>>().chunks(1000) {
-        let evs: Vec<String> = chunk
-            .iter()
-            .map(|i| event_json(id, *i, spec.compact_events))
-            .collect();
-        pipe.cmd("RPUSH").arg(&events_key).arg(evs).ignore();
+    let events = events_of(spec);
+    for chunk in events.chunks(1000) {
+        pipe.cmd("RPUSH").arg(&events_key).arg(chunk).ignore();
     }
-    pipe.cmd("SET")
-        .arg(format!("{p}:flow:{id}:snapshot:val"))
-        .arg(snapshot_json(spec))
-        .ignore();
-    pipe.cmd("SET")
-        .arg(format!("{p}:flow:{id}:snapshot:seq"))
-        .arg(spec.events.saturating_sub(1))
-        .ignore();
-    for (l, v) in spec.labels {
+    if let Some((snapshot, seq)) = snapshot_of(spec) {
+        pipe.cmd("SET")
+            .arg(format!("{p}:flow:{id}:snapshot:val"))
+            .arg(snapshot)
+            .ignore();
+        pipe.cmd("SET")
+            .arg(format!("{p}:flow:{id}:snapshot:seq"))
+            .arg(seq)
+            .ignore();
+    }
+    // The engine does not index a label with an empty value.
+    for (l, v) in spec.labels.iter().filter(|(_, v)| !v.is_empty()) {
+        let (l, v) = (escape_label(l), escape_label(v));
         pipe.cmd("HSET")
             .arg(format!("{p}:flow:{id}:idx:labels"))
-            .arg(*l)
-            .arg(*v)
+            .arg(&l)
+            .arg(&v)
             .ignore();
         pipe.cmd("SADD")
             .arg(format!("{p}:idx:label:{l}:{v}"))
@@ -140,7 +364,7 @@ pub fn write_flow(c: &mut redis::Connection, spec: &FlowSpec) {
             .ignore();
         pipe.cmd("SADD")
             .arg(format!("{p}:idx:label:{l}"))
-            .arg(*v)
+            .arg(&v)
             .ignore();
     }
     pipe.cmd("HSET")
@@ -166,7 +390,7 @@ pub fn flow_keys(id: &str) -> Vec<String> {
 /// Every key of the DB with its type and content in a canonical order (members of sets, hashes and
 /// sorted sets sorted), for byte-identical comparisons. DUMP would not do: a large set's DUMP changes
 /// while the server rehashes it.
-pub fn dump_all(c: &mut redis::Connection) -> Snapshot {
+pub fn dump_all(c: &mut redis::Connection) -> Dump {
     let keys: Vec<Vec<u8>> = redis::cmd("KEYS").arg("*").query(c).unwrap();
     let map = keys
         .into_iter()
@@ -210,26 +434,26 @@ pub fn dump_all(c: &mut redis::Connection) -> Snapshot {
             (k, (ty, items))
         })
         .collect();
-    Snapshot(map)
+    Dump(map)
 }
 
 #[derive(PartialEq)]
-pub struct Snapshot(pub std::collections::BTreeMap<Vec<u8>, (String, Vec<Vec<u8>>)>);
+pub struct Dump(pub std::collections::BTreeMap<Vec<u8>, (String, Vec<Vec<u8>>)>);
 
-impl Snapshot {
+impl Dump {
     pub fn len(&self) -> usize {
         self.0.len()
     }
 }
 
 /// Names only the keys that differ, so a failing comparison stays readable.
-impl std::fmt::Debug for Snapshot {
+impl std::fmt::Debug for Dump {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} keys", self.0.len())
     }
 }
 
-pub fn assert_same(before: &Snapshot, after: &Snapshot, what: &str) {
+pub fn assert_same(before: &Dump, after: &Dump, what: &str) {
     let differing: Vec<String> = before
         .0
         .keys()
