@@ -21,8 +21,17 @@ static CONTEXT: AtomicPtr<raw::RedisModuleCtx> = AtomicPtr::new(std::ptr::null_m
 
 type Job = Box<dyn FnOnce(&Context) + Send>;
 
+/// The server's main thread (the one that loaded the module).
+static MAIN: std::sync::OnceLock<std::thread::ThreadId> = std::sync::OnceLock::new();
+
+/// Whether the calling thread is the server's main thread.
+pub fn is_main() -> bool {
+    MAIN.get() == Some(&std::thread::current().id())
+}
+
 /// Creates the context the event loop runs jobs with. Called once from OnLoad.
 pub fn init(ctx: &Context) {
+    let _ = MAIN.set(std::thread::current().id());
     // SAFETY: OnLoad passes the module's live context.
     let detached = unsafe {
         raw::RedisModule_GetDetachedThreadSafeContext.map_or(std::ptr::null_mut(), |f| f(ctx.ctx))

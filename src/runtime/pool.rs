@@ -41,9 +41,11 @@ pub struct Pool {
 /// Every pool that has started a thread, for `all_idle` and `shutdown_all`.
 static POOLS: Mutex<Vec<&'static Pool>> = Mutex::new(Vec::new());
 
-/// True when no pool has a job queued or running.
+/// True when no pool has a job queued or running. Called on the main thread (MODULE UNLOAD): a pool
+/// whose state another thread holds right now (one of the upload pool's may be in the idle scheduling
+/// class, and unscheduled) counts as busy rather than be waited for.
 pub fn all_idle() -> bool {
-    lock(&POOLS).iter().all(|p| p.busy() == 0)
+    lock(&POOLS).iter().all(|p| p.busy_now() == Some(0))
 }
 
 /// Joins the threads of every pool; `false` if one of them got work meanwhile.
@@ -142,10 +144,14 @@ impl Pool {
         st.threads -= 1;
     }
 
-    /// Jobs queued or running.
-    pub fn busy(&self) -> usize {
-        let st = lock(&self.state);
-        st.queue.len() + st.running
+    /// Jobs queued or running, if the pool's state is free to read now.
+    fn busy_now(&self) -> Option<usize> {
+        let st = match self.state.try_lock() {
+            Ok(st) => st,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(st.queue.len() + st.running)
     }
 
     /// Ends and joins every thread, if no job is queued or running; `false` (nothing stopped) otherwise.
@@ -179,7 +185,7 @@ mod tests {
     /// Waits until the pool's jobs have returned (a job's last effect comes just before that).
     fn settle() {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while POOL.busy() > 0 && std::time::Instant::now() < deadline {
+        while POOL.busy_now() != Some(0) && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
     }

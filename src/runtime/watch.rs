@@ -14,6 +14,11 @@
 //! compared at commit. No server this module supports (Valkey 8.0 to 9.1, Redis 7.0) lets a module
 //! unsubscribe, so the subscription stays until the module unloads: from the first long flow on, list
 //! writes pay for one notification each, and the hook returns at once while nothing is followed.
+//!
+//! Only the main thread takes the registry's lock. A watch ends wherever its archive ends, often on an
+//! uploader thread in the idle scheduling class, which the kernel may leave unscheduled while it holds
+//! a lock: such a watch only marks itself released, and the main thread clears released watches the
+//! next time it uses the registry.
 
 use std::collections::{HashMap, HashSet};
 use std::os::raw::{c_char, c_int, c_void};
@@ -27,17 +32,72 @@ use redis_module::{raw, Context};
 use crate::ops::errors::FlowError;
 use crate::ops::info::{named, Fields, INFO_FIELDS};
 use crate::ops::log;
+use crate::runtime::mainthread;
 use crate::sync::lock;
 
 type DbKey = (i32, Vec<u8>);
 
+/// What a watch shares with the registry: whether its keys changed, and whether it has ended.
+#[derive(Default)]
+struct Flags {
+    changed: AtomicBool,
+    released: AtomicBool,
+}
+
+/// One watch as the registry knows it.
+struct Entry {
+    flags: Arc<Flags>,
+    db: i32,
+    /// The flow it claims, if any.
+    claimed: Option<String>,
+    /// The keys it follows.
+    keys: Vec<DbKey>,
+}
+
 #[derive(Default)]
 struct Registry {
     /// Followed keys and the watches that follow each.
-    keys: HashMap<DbKey, Vec<Arc<AtomicBool>>>,
+    keys: HashMap<DbKey, Vec<Arc<Flags>>>,
     /// Every live watch (a flush or swap changes them all).
-    all: Vec<Arc<AtomicBool>>,
+    all: Vec<Entry>,
     flows: HashSet<(i32, String)>,
+}
+
+impl Registry {
+    /// Forgets released watches: their claims and followed keys. Main thread.
+    fn clear_released(&mut self) {
+        if !self
+            .all
+            .iter()
+            .any(|e| e.flags.released.load(Ordering::SeqCst))
+        {
+            return;
+        }
+        let (ended, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.all)
+            .into_iter()
+            .partition(|e| e.flags.released.load(Ordering::SeqCst));
+        self.all = kept;
+        for entry in ended {
+            self.forget(entry);
+        }
+    }
+
+    fn forget(&mut self, entry: Entry) {
+        for k in &entry.keys {
+            if let Some(list) = self.keys.get_mut(k) {
+                list.retain(|f| !Arc::ptr_eq(f, &entry.flags));
+                if list.is_empty() {
+                    self.keys.remove(k);
+                }
+            }
+        }
+        if !entry.keys.is_empty() {
+            FOLLOWED.fetch_sub(1, Ordering::SeqCst);
+        }
+        if let Some(id) = entry.claimed {
+            self.flows.remove(&(entry.db, id));
+        }
+    }
 }
 
 static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
@@ -52,22 +112,23 @@ const FOLLOWED_EVENTS: c_int = raw::REDISMODULE_NOTIFY_LIST
     | raw::REDISMODULE_NOTIFY_EXPIRED
     | raw::REDISMODULE_NOTIFY_EVICTED;
 
+/// The registry, released watches cleared. Main thread only (see the module's notes).
 fn registry() -> MutexGuard<'static, Option<Registry>> {
-    lock(&REGISTRY)
+    let mut guard = lock(&REGISTRY);
+    guard.get_or_insert_with(Registry::default).clear_released();
+    guard
 }
 
-/// A flow being archived or read. Dropping it ends the watch and frees the flow for another archive.
+/// A flow being archived or read. Dropping it ends the watch and frees the flow for another archive
+/// (at once on the main thread, else at the main thread's next use of the registry).
 pub struct Watch {
-    db: i32,
-    /// The flow this watch claims for its archive, if any (a reader's watch claims nothing).
-    claimed: Option<String>,
-    /// The keys it follows (none unless `follow` was called).
-    keys: Vec<DbKey>,
-    changed: Arc<AtomicBool>,
+    flags: Arc<Flags>,
+    /// Whether it follows keys (its log was not read in one step).
+    follows: bool,
 }
 
 impl Watch {
-    /// Claims flow `id` in `db` for one archive; `None` if another archive holds it.
+    /// Claims flow `id` in `db` for one archive; `None` if another archive holds it. Main thread.
     pub fn claim(db: i32, id: &str) -> Option<Watch> {
         let mut guard = registry();
         let reg = guard.get_or_insert_with(Registry::default);
@@ -88,13 +149,16 @@ impl Watch {
     }
 
     fn register(reg: &mut Registry, db: i32, claimed: Option<String>) -> Watch {
-        let changed = Arc::new(AtomicBool::new(false));
-        reg.all.push(changed.clone());
-        Watch {
+        let flags = Arc::new(Flags::default());
+        reg.all.push(Entry {
+            flags: flags.clone(),
             db,
             claimed,
             keys: Vec::new(),
-            changed,
+        });
+        Watch {
+            flags,
+            follows: false,
         }
     }
 
@@ -107,50 +171,44 @@ impl Watch {
     }
 
     fn follow_keys(&mut self, keys: &[&str]) {
+        if keys.is_empty() || self.follows {
+            return;
+        }
         let mut guard = registry();
         let reg = guard.get_or_insert_with(Registry::default);
+        let Some(entry) = reg
+            .all
+            .iter_mut()
+            .find(|e| Arc::ptr_eq(&e.flags, &self.flags))
+        else {
+            return;
+        };
+        let db = entry.db;
         for k in keys {
-            let key = (self.db, k.as_bytes().to_vec());
-            reg.keys
-                .entry(key.clone())
-                .or_default()
-                .push(self.changed.clone());
-            self.keys.push(key);
+            let key = (db, k.as_bytes().to_vec());
+            entry.keys.push(key.clone());
+            reg.keys.entry(key).or_default().push(self.flags.clone());
         }
-        if !keys.is_empty() {
-            FOLLOWED.fetch_add(1, Ordering::SeqCst);
-        }
+        self.follows = true;
+        FOLLOWED.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Whether writes to the flow's keys are followed (it was not read in one step).
     pub fn follows(&self) -> bool {
-        !self.keys.is_empty()
+        self.follows
     }
 
     pub fn changed(&self) -> bool {
-        self.changed.load(Ordering::SeqCst)
+        self.flags.changed.load(Ordering::SeqCst)
     }
 }
 
 impl Drop for Watch {
     fn drop(&mut self) {
-        let mut guard = registry();
-        if let Some(reg) = guard.as_mut() {
-            for k in &self.keys {
-                if let Some(list) = reg.keys.get_mut(k) {
-                    list.retain(|f| !Arc::ptr_eq(f, &self.changed));
-                    if list.is_empty() {
-                        reg.keys.remove(k);
-                    }
-                }
-            }
-            reg.all.retain(|f| !Arc::ptr_eq(f, &self.changed));
-            if let Some(id) = self.claimed.take() {
-                reg.flows.remove(&(self.db, id));
-            }
-        }
-        if self.follows() {
-            FOLLOWED.fetch_sub(1, Ordering::SeqCst);
+        self.flags.released.store(true, Ordering::SeqCst);
+        // On the main thread the registry is cleared at once; elsewhere it is left to the main thread.
+        if mainthread::is_main() {
+            drop(registry());
         }
     }
 }
@@ -236,15 +294,19 @@ extern "C" fn on_swapdb(
 fn key_touched(db: i32, key: &[u8]) {
     if let Some(reg) = registry().as_ref() {
         if let Some(list) = reg.keys.get(&(db, key.to_vec())) {
-            list.iter().for_each(|f| f.store(true, Ordering::SeqCst));
+            list.iter()
+                .for_each(|f| f.changed.store(true, Ordering::SeqCst));
         }
     }
 }
 
-/// FLUSHDB, FLUSHALL and SWAPDB raise no per-key events: treat every watched flow as changed.
-fn everything_touched() {
+/// FLUSHDB, FLUSHALL, SWAPDB and a dataset swapped in by a replica's async load raise no per-key
+/// events: treat every watched flow as changed.
+pub fn everything_touched() {
     if let Some(reg) = registry().as_ref() {
-        reg.all.iter().for_each(|f| f.store(true, Ordering::SeqCst));
+        reg.all
+            .iter()
+            .for_each(|e| e.flags.changed.store(true, Ordering::SeqCst));
     }
 }
 
@@ -290,5 +352,23 @@ mod tests {
         drop(a);
         let again = Watch::claim(0, "a").unwrap();
         assert!(!again.changed() && !again.follows());
+    }
+
+    #[test]
+    fn a_watch_ended_off_the_main_thread_is_cleared_by_the_main_thread() {
+        let w = followed(3, "far", &["p:flow:far:events"]);
+        std::thread::spawn(move || drop(w)).join().unwrap();
+        // The worker took no lock; the next use of the registry frees the claim and the key.
+        let again = Watch::claim(3, "far").expect("the claim was released");
+        key_touched(3, b"p:flow:far:events");
+        assert!(
+            !again.changed(),
+            "the ended watch no longer follows the key"
+        );
+        let key = (3, b"p:flow:far:events".to_vec());
+        let left = lock(&REGISTRY)
+            .as_ref()
+            .is_some_and(|r| r.keys.contains_key(&key));
+        assert!(!left);
     }
 }

@@ -17,7 +17,7 @@
 //! tried again after a pause, not on every request.
 
 use std::io::Read;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -618,11 +618,17 @@ static REFRESH_FAILURES: AtomicU64 = AtomicU64::new(0);
 /// The last failed fetch: when, for which plan, and its error (workers that waited for it share it
 /// instead of asking again, one after the other).
 static LAST_FAILURE: Mutex<Option<(i64, Plan, String)>> = Mutex::new(None);
-/// Source and expiry of the set last handed out, for INFO.
-static IN_USE: Mutex<Option<(Source, Option<i64>)>> = Mutex::new(None);
+/// Source (its index in `Source::ALL`, plus one; 0 before any) and expiry (`i64::MAX`: none) of the set
+/// last handed out, for INFO. Atomics, not a lock: INFO runs on the main thread, and the workers that
+/// sign may run in the idle scheduling class (a lock one of them held while descheduled would stall
+/// the server).
+static IN_USE_SOURCE: AtomicU8 = AtomicU8::new(0);
+static IN_USE_EXPIRES: AtomicI64 = AtomicI64::new(i64::MAX);
 
 fn in_use(c: &Credentials) -> Credentials {
-    *lock(&IN_USE) = Some((c.source, c.expires_ms));
+    let index = Source::ALL.iter().position(|s| *s == c.source).unwrap_or(0);
+    IN_USE_EXPIRES.store(c.expires_ms.unwrap_or(i64::MAX), Ordering::Relaxed);
+    IN_USE_SOURCE.store(index as u8 + 1, Ordering::Relaxed);
     c.clone()
 }
 
@@ -723,10 +729,10 @@ fn cached(plan: &Plan) -> (Option<Credentials>, Option<Credentials>) {
 /// The source in use (of the set last handed out), seconds to its expiry (-1: does not expire), and
 /// refresh failures since load.
 pub fn status() -> (Option<Source>, i64, u64) {
-    let (source, expires) = match *lock(&IN_USE) {
-        Some((s, e)) => (Some(s), e),
-        None => (None, None),
-    };
+    let source = (IN_USE_SOURCE.load(Ordering::Relaxed) as usize)
+        .checked_sub(1)
+        .and_then(|i| Source::ALL.get(i).copied());
+    let expires = Some(IN_USE_EXPIRES.load(Ordering::Relaxed)).filter(|e| *e != i64::MAX);
     let left = expires.map_or(-1, |e| ((e - now_ms()) / 1000).max(0));
     (source, left, REFRESH_FAILURES.load(Ordering::Relaxed))
 }

@@ -50,10 +50,17 @@ pub fn retryable(e: &StoreError) -> bool {
     )
 }
 
-/// A random number from the process's hash keys (no extra crate needed for jitter).
+/// A random number (no extra crate needed for jitter): SipHash under the standard library's random
+/// keys (drawn per thread from the OS, advanced for every `RandomState`) of a draw counter and the time.
 fn random() -> u64 {
+    static DRAWS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(Instant::now().elapsed().as_nanos() as u64);
+    h.write_u64(DRAWS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
     h.finish()
 }
 
@@ -126,6 +133,22 @@ mod tests {
         for retry in 1..40 {
             assert!(backoff(retry, random()) <= ceiling(retry));
         }
+    }
+
+    #[test]
+    fn jitter_is_spread_over_its_whole_range() {
+        let draws: Vec<f64> = (0..4000)
+            .map(|_| random() as f64 / u64::MAX as f64)
+            .collect();
+        let mut tenths = [0usize; 10];
+        for d in &draws {
+            tenths[((d * 10.0) as usize).min(9)] += 1;
+        }
+        // 400 expected in each tenth; a constant or clustered source fails this.
+        assert!(
+            tenths.iter().all(|&n| (300..=500).contains(&n)),
+            "{tenths:?}"
+        );
     }
 
     #[test]

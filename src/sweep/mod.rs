@@ -8,7 +8,7 @@ pub mod progress;
 pub mod select;
 pub mod uploaders;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -34,7 +34,7 @@ use crate::runtime::pool::Pool;
 use crate::runtime::server::selected_db;
 use crate::s3::Store;
 use crate::sweep::progress::Progress;
-use crate::sweep::select::Selector;
+use crate::sweep::select::{Recent, Selector};
 use crate::sweep::uploaders::Done;
 use crate::sync::lock;
 
@@ -194,7 +194,7 @@ struct Sweep<'a> {
     /// Selected and not begun yet; whether selection has more.
     queue: VecDeque<String>,
     selecting: bool,
-    seen: HashSet<String>,
+    seen: Recent,
     /// Longest selection step.
     select_us: u64,
 }
@@ -210,7 +210,7 @@ impl<'a> Sweep<'a> {
             uploading: 0,
             queue: VecDeque::new(),
             selecting: true,
-            seen: HashSet::new(),
+            seen: Recent::new(),
             select_us: 0,
         }
     }
@@ -290,7 +290,7 @@ impl<'a> Sweep<'a> {
                 }
                 continue;
             };
-            if self.seen.insert(id.clone()) {
+            if self.seen.insert(&id) {
                 Progress::add(&self.progress.candidates, 1);
                 ids.push(id);
             }

@@ -9,7 +9,7 @@
 //! engine-wide status set cannot live in every flow's slot): it sees this node's own keys, and keeps
 //! only flows of slots this node serves and that are not being migrated.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 
 use redis_module::{CallReply, Context, RedisError};
 
@@ -29,12 +29,45 @@ enum Source {
         next: usize,
         after: Option<(String, Vec<u8>)>,
     },
-    /// A SCAN over event log (or snapshot) keys, for layouts without a status index.
-    Scan {
-        cursor: String,
-        done: bool,
-        seen: HashSet<String>,
-    },
+    /// A SCAN over event log (or snapshot) keys, for layouts without a status index. SCAN may return
+    /// a key twice; the sweep counts each candidate once (`Recent`).
+    Scan { cursor: String, done: bool },
+}
+
+/// The candidates a sweep remembers, to count each once: a flow found again within the last
+/// `RECENT` candidates (SCAN returns a key twice while the server rehashes; a status change moves a
+/// flow later in its ZSET) is passed over. The window keeps a sweep's memory bounded however many
+/// flows it walks; a flow found again beyond it is inspected again, and an archived one is then
+/// skipped as archived already.
+pub struct Recent {
+    set: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+pub const RECENT: usize = 16_384;
+
+impl Recent {
+    pub fn new() -> Recent {
+        Recent {
+            set: HashSet::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// Whether `id` is new to the window (then remembered).
+    pub fn insert(&mut self, id: &str) -> bool {
+        if self.set.contains(id) {
+            return false;
+        }
+        if self.order.len() == RECENT {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        self.set.insert(id.to_string());
+        self.order.push_back(id.to_string());
+        true
+    }
 }
 
 pub struct Selector {
@@ -66,7 +99,6 @@ impl Selector {
             Source::Scan {
                 cursor: "0".into(),
                 done: false,
-                seen: HashSet::new(),
             }
         };
         Selector {
@@ -104,11 +136,11 @@ impl Selector {
                 }
                 Ok(Some(ids))
             }
-            Source::Scan { cursor, done, seen } => {
+            Source::Scan { cursor, done } => {
                 if *done {
                     return Ok(None);
                 }
-                let ids = scan_step(ctx, &self.caller, layout, cursor, batch, &want, seen)?;
+                let ids = scan_step(ctx, &self.caller, layout, cursor, batch, &want)?;
                 *done = cursor.as_str() == "0";
                 Ok(Some(ids))
             }
@@ -255,7 +287,6 @@ fn scan_step(
     cursor: &mut String,
     batch: usize,
     want: &Want,
-    seen: &mut HashSet<String>,
 ) -> Result<Vec<String>, String> {
     let keys = scan(ctx, layout, cursor, batch)?;
     let mut ids = Vec::new();
@@ -264,9 +295,6 @@ fn scan_step(
         let Some(id) = layout.id_of_scanned_key(&key) else {
             continue;
         };
-        if seen.contains(&id) {
-            continue;
-        }
         // On a cluster, keys of slots this node may not archive from now (imported and not yet
         // owned, being migrated) are passed over; the capture checks the placement of the others.
         if !cluster::serves_key(ctx, &key) {
@@ -275,7 +303,6 @@ fn scan_step(
         // A key the caller may not read is not read here: the flow becomes a candidate whose capture
         // refuses it, so the sweep counts it as skipped for its ACL.
         if acl::check(ctx, caller, &key, Access::Read).is_err() {
-            seen.insert(id.clone());
             ids.push(id);
             continue;
         }
@@ -288,9 +315,31 @@ fn scan_step(
             }),
         };
         if eligible {
-            seen.insert(id.clone());
             ids.push(id);
         }
     }
     Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_candidates_are_remembered_in_a_bounded_window() {
+        let mut recent = Recent::new();
+        assert!(recent.insert("a"));
+        assert!(!recent.insert("a"), "a duplicate within the window");
+        for i in 0..RECENT {
+            assert!(recent.insert(&format!("id-{i}")));
+        }
+        assert_eq!(
+            recent.order.len(),
+            RECENT,
+            "the window never grows past its bound"
+        );
+        assert_eq!(recent.set.len(), RECENT);
+        assert!(recent.insert("a"), "forgotten once out of the window");
+        assert!(!recent.insert(&format!("id-{}", RECENT - 1)));
+    }
 }
