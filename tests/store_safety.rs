@@ -98,6 +98,106 @@ fn put_response_needs_the_checksum_echo_an_etag_alone_is_no_proof() {
     assert_eq!(s3.list(), ["flows/lied.jsonl.gz"]);
 }
 
+/// A store that records the client's checksum without checking the bytes (moto does) and keeps
+/// corrupted bytes: its answers echo our sha256 while its ETag is the MD5 of other bytes. Every proof
+/// must agree, so in both verify modes the contradiction fails the verification, nothing is deleted,
+/// the corrupt object is removed from the flow's key, and a later attempt archives the flow whole.
+#[test]
+fn a_store_that_echoes_checksums_unchecked_cannot_make_a_delete() {
+    for mode in ["head", "put-response"] {
+        let s3 = S3::new_bucket();
+        let proxy = Proxy::start(s3_port());
+        let srv = server_via(&s3, Some(&proxy), &["verify", mode]);
+        let mut c = srv.conn();
+        let spec = FlowSpec::done("echoed");
+        write_flow(&mut c, &spec);
+        let before = dump_all(&mut c);
+        proxy.set(vec![Rule {
+            method: "",
+            path: "/flows/echoed".into(),
+            fault: Fault::EchoUnchecked,
+        }]);
+        let msg = err_text(archive(&mut c, "echoed"));
+        assert!(
+            msg.contains("contradicts the upload") && msg.contains("is the MD5 of other bytes"),
+            "{mode}: {msg}"
+        );
+        assert_same(&before, &dump_all(&mut c), mode);
+        let sent = proxy.requests();
+        assert!(
+            sent.iter()
+                .any(|r| r.starts_with("DELETE ") && r.contains("/flows/echoed")),
+            "{mode}: the corrupt object is removed: {sent:?}"
+        );
+        // The store keeps answering for that key: a retry finds nothing there and archives whole.
+        proxy.clear();
+        archive(&mut c, "echoed").unwrap();
+        assert_eq!(
+            get_events(&mut c, "echoed").unwrap().1,
+            events_of(&spec),
+            "{mode}"
+        );
+    }
+}
+
+/// A redirect (a wrong region or endpoint) is an error that says so, for uploads and reads alike: it
+/// is neither read as stored nor as a missing object.
+#[test]
+fn redirects_are_errors_that_name_them() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &["retry-attempts", "1"]);
+    let mut c = srv.conn();
+    write_flow(&mut c, &FlowSpec::done("moved"));
+    write_flow(&mut c, &FlowSpec::done("read"));
+    archive(&mut c, "read").unwrap();
+    let before = dump_all(&mut c);
+    for method in ["PUT", "HEAD"] {
+        proxy.set(vec![Rule {
+            method,
+            path: "/flows/moved".into(),
+            fault: Fault::Redirect(307),
+        }]);
+        let msg = err_text(archive(&mut c, "moved"));
+        assert!(msg.contains("redirected (HTTP 307 to"), "{method}: {msg}");
+        assert_same(&before, &dump_all(&mut c), method);
+    }
+    proxy.set(vec![Rule {
+        method: "GET",
+        path: String::new(),
+        fault: Fault::Redirect(301),
+    }]);
+    let msg = err_text(get(&mut c, "read"));
+    assert!(msg.contains("redirected (HTTP 301"), "{msg}");
+    assert_eq!(info_field(&mut c, "get_fetch_errors_s3_redirected"), 1);
+}
+
+/// SeaweedFS creates a missing bucket on PUT: a mistyped `bucket` would take archives that reads then
+/// refuse. The bucket is proven to exist before anything is archived into it; a missing one refuses
+/// the archive, creates nothing and deletes nothing.
+#[test]
+fn a_missing_bucket_is_never_created_and_refuses_every_archive() {
+    let s3 = S3::new_bucket();
+    let typo = format!("{}-typo", s3.name());
+    let srv = server_via(&s3, None, &[]);
+    let mut c = srv.conn();
+    config_set(&mut c, "flowarchive.bucket", &typo).unwrap();
+    write_flow(&mut c, &FlowSpec::done("misdirected"));
+    let before = dump_all(&mut c);
+    let msg = err_text(archive(&mut c, "misdirected"));
+    assert!(
+        msg.contains(&format!("bucket \"{typo}\" does not exist (HTTP 404)")),
+        "{msg}"
+    );
+    assert_same(&before, &dump_all(&mut c), "nothing deleted");
+    assert!(!s3.bucket_exists(&typo), "the bucket was created");
+    let summary = sweep(&mut c, &[]).unwrap();
+    assert_eq!(int(&summary["archived"]), 0, "{summary:?}");
+    assert!(!s3.bucket_exists(&typo));
+    config_set(&mut c, "flowarchive.bucket", s3.name()).unwrap();
+    archive(&mut c, "misdirected").unwrap();
+}
+
 // ---------------------------------------------------------------- rate cap
 
 /// Archives `id` on another thread; its result arrives on the channel.

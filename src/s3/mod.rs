@@ -25,7 +25,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use rusty_s3::{Bucket, S3Action, UrlStyle};
 
-use crate::digest::hex;
+use crate::digest::{hex, sha256};
 use crate::format::Encoded;
 use crate::kinds::kinds;
 use crate::sync::lock;
@@ -61,6 +61,8 @@ kinds! {
         Tls => "s3_tls",
         /// No credentials could be had from the chain.
         Credentials => "s3_credentials",
+        /// The store answered a redirect (3xx): the endpoint, region or addressing style is wrong.
+        Redirected => "s3_redirected",
     }
 }
 
@@ -328,6 +330,7 @@ impl Store {
             signed.push(("x-amz-checksum-sha256", &sha_b64));
         }
         signed.extend(self.placement.iter().map(|(k, v)| (*k, v.as_str())));
+        self.prove_bucket()?;
         throttle(obj.body.len(), self.upload_bytes_per_sec);
         let echoed = self.request(|agent, creds| {
             let mut action = self.bucket.put_object(Some(creds), key);
@@ -342,24 +345,123 @@ impl Store {
             let response = request
                 .send_bytes(&obj.body)
                 .map_err(|e| request_error("PUT", key, e))?;
-            Ok(response
-                .header("x-amz-checksum-sha256")
-                .map(|s| s.trim().to_string()))
+            let response = success("PUT", key, response)?;
+            Ok(Answer::of(&response))
         })?;
-        if !self.verify_with_head && echoed.as_deref() == Some(sha_b64.as_str()) {
+        let proof = self.proof(obj, &sha_b64);
+        // The PUT's own answer: it may prove the upload (the checksum echoed), and must not contradict
+        // it (an MD5 ETag of other bytes, another checksum).
+        let verified = proof
+            .check("PUT", key, &echoed)
+            .and_then(|proven| match proven {
+                true if !self.verify_with_head && echoed.sha.is_some() => Ok(()),
+                _ => self.verify_stored(key, &proof),
+            });
+        if let Err(e) = &verified {
+            if e.kind == FailureKind::Verify {
+                // This PUT created the key (write-once): bytes the store holds there are not the
+                // upload, and must not be taken for it by a later attempt. Removed, best effort.
+                self.delete_unverified(key);
+            }
+        }
+        verified
+    }
+
+    /// Proves the bucket exists before the first upload into it (per endpoint and bucket, again after
+    /// either changes): some stores (SeaweedFS) create a missing bucket on PUT, so a mistyped bucket
+    /// would otherwise receive archives that reads then refuse. `200` or `403` (exists, listing not
+    /// allowed) prove it; `404` refuses every upload.
+    fn prove_bucket(&self) -> Result<(), StoreError> {
+        static PROVEN: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+        let id = (
+            self.endpoint.origin().ascii_serialization(),
+            self.bucket.name().to_string(),
+        );
+        if lock(&PROVEN).contains(&id) {
             return Ok(());
         }
-        self.verify_stored(key, obj, &sha_b64)
+        let name = self.bucket.name().to_string();
+        self.request(|agent, creds| {
+            let url = self.bucket.head_bucket(Some(creds)).sign(self.expires);
+            match agent.head(url.as_str()).timeout(self.timeout).call() {
+                Ok(r) => success("HEAD bucket", &name, r).map(|_| ()),
+                Err(ureq::Error::Status(403, _)) => Ok(()),
+                Err(ureq::Error::Status(404, _)) => Err(fail(
+                    FailureKind::Missing,
+                    format!(
+                        "bucket {name:?} does not exist (HTTP 404); flowarchive never creates one, \
+                         check flowarchive.bucket"
+                    ),
+                )),
+                Err(e) => Err(request_error("HEAD bucket", &name, e)),
+            }
+        })?;
+        let mut proven = lock(&PROVEN);
+        if proven.len() >= 64 {
+            proven.clear();
+        }
+        proven.push(id);
+        Ok(())
     }
 
-    /// Whether the object already at `key` (a PUT found it there) is exactly `obj`, by the same HEAD
-    /// that proves an upload: `Ok` for the same bytes, a `Verify` failure for other content.
+    /// Deletes an object this module just wrote whose verification failed. Errors are ignored: the
+    /// object stays unreferenced, and a later attempt compares its bytes before taking it.
+    fn delete_unverified(&self, key: &str) {
+        let _ = self.request(|agent, creds| {
+            let url = self
+                .bucket
+                .delete_object(Some(creds), key)
+                .sign(self.expires);
+            agent
+                .delete(url.as_str())
+                .timeout(self.timeout)
+                .call()
+                .map(|_| ())
+                .map_err(|e| request_error("DELETE", key, e))
+        });
+    }
+
+    /// Whether the object already at `key` (a PUT found it there) is exactly `obj`: an idempotent
+    /// retry, taken only when its bytes are read back and hash to the upload's sha256 (a HEAD's claims
+    /// are not enough: they may be of bytes a store corrupted), its recorded sha256 agrees, and its
+    /// size too. A `Verify` failure for other content.
     pub fn verify_existing(&self, key: &str, obj: &Encoded) -> Result<(), StoreError> {
-        self.verify_stored(key, obj, &B64.encode(obj.object_sha256))
+        let (body, recorded) = self
+            .get(key, obj.body.len() as u64)
+            .map_err(|e| match e.kind {
+                FailureKind::TooLarge => fail(
+                    FailureKind::Verify,
+                    format!("{key}: the object there is larger than this upload"),
+                ),
+                _ => e,
+            })?;
+        let sha = hex(&sha256(&body));
+        let ours = hex(&obj.object_sha256);
+        if body.len() != obj.body.len() || sha != ours || recorded.as_deref() != Some(&ours) {
+            return Err(fail(
+                FailureKind::Verify,
+                format!("{key}: the object there holds other content (sha256 {sha})"),
+            ));
+        }
+        Ok(())
     }
 
-    /// A presigned HEAD must show the uploaded size and an ETag equal to the MD5 or our sha256.
-    fn verify_stored(&self, key: &str, obj: &Encoded, sha_b64: &str) -> Result<(), StoreError> {
+    /// What proves an object stored is `obj`.
+    fn proof<'a>(&self, obj: &Encoded, sha_b64: &'a str) -> Proof<'a> {
+        Proof {
+            size: obj.body.len() as u64,
+            md5_hex: hex(&obj.object_md5),
+            sha_b64,
+            sha_hex: hex(&obj.object_sha256),
+            // Under SSE-KMS without flexible checksums only our metadata names the content; the
+            // signed Content-MD5 made the store check the body on PUT.
+            metadata_proves: self.kms && self.checksum != Checksum::Sha256,
+            kms: self.kms,
+        }
+    }
+
+    /// A presigned HEAD must show the uploaded size and prove the content, every proof agreeing.
+    fn verify_stored(&self, key: &str, proof: &Proof) -> Result<(), StoreError> {
         let checksum_mode = self.checksum == Checksum::Sha256;
         let stored = self.request(|agent, creds| {
             let mut head = self.bucket.head_object(Some(creds), key);
@@ -371,35 +473,26 @@ impl Store {
             if checksum_mode {
                 request = request.set("x-amz-checksum-mode", "ENABLED");
             }
-            request.call().map_err(|e| match e {
+            let response = request.call().map_err(|e| match e {
                 ureq::Error::Status(404, _) => fail(
                     FailureKind::Verify,
                     format!("HEAD {key}: the object is not stored after its upload (HTTP 404)"),
                 ),
                 e => request_error("HEAD", key, e),
-            })
+            })?;
+            success("HEAD", key, response).map(|r| Answer::of(&r))
         })?;
-        let size = stored
-            .header("content-length")
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        if size != Some(obj.body.len() as u64) {
-            return Err(fail(
+        match proof.check("HEAD", key, &stored)? {
+            true => Ok(()),
+            false => Err(fail(
                 FailureKind::Verify,
                 format!(
-                    "HEAD {key}: stored size {} differs from uploaded {}",
-                    size.map_or("unknown".into(), |s| s.to_string()),
-                    obj.body.len()
+                    "HEAD {key}: nothing proves the stored object is the upload (etag {}, sha256 {})",
+                    stored.etag.as_deref().unwrap_or("missing"),
+                    stored.sha.as_deref().unwrap_or("missing")
                 ),
-            ));
+            )),
         }
-        let proof = Proof {
-            md5_hex: hex(&obj.object_md5),
-            sha_b64,
-            // Under SSE-KMS without flexible checksums only our metadata names the content; the
-            // signed Content-MD5 made the store check the body on PUT.
-            metadata_sha: (self.kms && !checksum_mode).then(|| hex(&obj.object_sha256)),
-        };
-        proof.check(key, &stored)
     }
 
     /// Fetches an object with a presigned GET: its bytes and the hex sha256 recorded at upload, if any.
@@ -428,6 +521,7 @@ impl Store {
                 ),
                 e => request_error("GET", key, e),
             })?;
+        let response = success("GET", key, response)?;
         let too_large = || {
             fail(
                 FailureKind::TooLarge,
@@ -463,35 +557,108 @@ impl Store {
     }
 }
 
-/// What proves a stored object is the one uploaded, besides its size.
+/// A 2xx answer, else an error: a redirect (3xx; ureq follows none) names its code and target, so a
+/// wrong endpoint or region is said as such rather than read as success or a missing object.
+fn success(op: &str, key: &str, r: ureq::Response) -> Result<ureq::Response, StoreError> {
+    match r.status() {
+        200..=299 => Ok(r),
+        code @ 300..=399 => Err(fail(
+            FailureKind::Redirected,
+            format!(
+                "S3 {op} {key}: redirected (HTTP {code}{}); check flowarchive.endpoint, region and path-style",
+                r.header("location")
+                    .map(|l| format!(" to {:?}", crate::format::gojson::bounded(l)))
+                    .unwrap_or_default()
+            ),
+        )),
+        code => Err(fail(
+            FailureKind::Rejected,
+            format!("S3 {op} {key}: unexpected answer HTTP {code}"),
+        )),
+    }
+}
+
+/// What a store says of an object it holds: its size, ETag, checksum, our recorded sha256 and its
+/// encryption.
+struct Answer {
+    size: Option<u64>,
+    etag: Option<String>,
+    sha: Option<String>,
+    recorded: Option<String>,
+    encrypted_by_key: bool,
+}
+
+impl Answer {
+    fn of(r: &ureq::Response) -> Answer {
+        let header = |name: &str| r.header(name).map(|v| v.trim().to_string());
+        Answer {
+            size: header("content-length").and_then(|v| v.parse().ok()),
+            etag: header("etag").map(|e| e.trim_matches('"').to_string()),
+            sha: header("x-amz-checksum-sha256"),
+            recorded: header("x-amz-meta-flowarchive-sha256"),
+            // SSE-KMS and SSE-C objects have ETags that are no MD5 of their bytes.
+            encrypted_by_key: header("x-amz-server-side-encryption")
+                .is_some_and(|v| v.starts_with("aws:kms"))
+                || header("x-amz-server-side-encryption-customer-algorithm").is_some(),
+        }
+    }
+}
+
+/// What proves a stored object is the one uploaded.
 struct Proof<'a> {
+    size: u64,
     md5_hex: String,
     sha_b64: &'a str,
-    /// Accept our sha256 in the object's metadata (SSE-KMS with `checksum md5`).
-    metadata_sha: Option<String>,
+    sha_hex: String,
+    /// Our sha256 in the object's metadata counts as proof (SSE-KMS with `checksum md5`).
+    metadata_proves: bool,
+    /// Uploads are SSE-KMS encrypted: their ETag is no MD5.
+    kms: bool,
 }
 
 impl Proof<'_> {
-    /// Accepts the stored object when its ETag is the MD5 we sent, its sha256 checksum is ours, or
-    /// (when allowed) its metadata names our sha256.
-    fn check(&self, key: &str, r: &ureq::Response) -> Result<(), StoreError> {
-        let etag = r.header("etag").map(|e| e.trim().trim_matches('"'));
-        let sha = r.header("x-amz-checksum-sha256").map(str::trim);
-        let meta = r.header("x-amz-meta-flowarchive-sha256").map(str::trim);
-        if etag == Some(self.md5_hex.as_str())
-            || sha == Some(self.sha_b64)
-            || (self.metadata_sha.is_some() && meta == self.metadata_sha.as_deref())
-        {
-            return Ok(());
+    /// Every proof `a` gives must agree with the upload: its size (when it states one for the object),
+    /// an ETag that is an MD5 (32 hex digits, the object not encrypted with a KMS or customer key),
+    /// its sha256 checksum, our recorded sha256. Any contradiction is a failed verification, whatever
+    /// else agrees (a store can record a client's checksum without checking the bytes). `Ok(true)`
+    /// when something positively proves the content, `Ok(false)` when nothing contradicts it but
+    /// nothing proves it either.
+    fn check(&self, op: &str, key: &str, a: &Answer) -> Result<bool, StoreError> {
+        let contradiction = |what: String| {
+            Err(fail(
+                FailureKind::Verify,
+                format!("{op} {key}: the store's answer contradicts the upload: {what}"),
+            ))
+        };
+        if op == "HEAD" && a.size != Some(self.size) {
+            return contradiction(format!(
+                "stored size {} differs from uploaded {}",
+                a.size.map_or("unknown".into(), |s| s.to_string()),
+                self.size
+            ));
         }
-        Err(fail(
-            FailureKind::Verify,
-            format!(
-                "HEAD {key}: stored object does not match the upload (etag {}, sha256 {})",
-                etag.unwrap_or("missing"),
-                sha.unwrap_or("missing")
-            ),
-        ))
+        let md5_etag = a.etag.as_deref().filter(|e| {
+            e.len() == 32
+                && e.bytes().all(|b| b.is_ascii_hexdigit())
+                && !self.kms
+                && !a.encrypted_by_key
+        });
+        if let Some(etag) = md5_etag.filter(|e| !e.eq_ignore_ascii_case(&self.md5_hex)) {
+            return contradiction(format!(
+                "ETag {etag} is the MD5 of other bytes than {}",
+                self.md5_hex
+            ));
+        }
+        if let Some(sha) = a.sha.as_deref().filter(|s| *s != self.sha_b64) {
+            return contradiction(format!("checksum sha256 {sha}, uploaded {}", self.sha_b64));
+        }
+        if let Some(recorded) = a.recorded.as_deref().filter(|r| *r != self.sha_hex) {
+            return contradiction(format!(
+                "recorded sha256 {recorded}, uploaded {}",
+                self.sha_hex
+            ));
+        }
+        Ok(md5_etag.is_some() || a.sha.is_some() || (self.metadata_proves && a.recorded.is_some()))
     }
 }
 
@@ -719,6 +886,73 @@ mod tests {
             store.location("flows/x.jsonl.gz"),
             "s3://flows/flows/x.jsonl.gz"
         );
+    }
+
+    fn answer(etag: Option<&str>, sha: Option<&str>, recorded: Option<&str>) -> Answer {
+        Answer {
+            size: Some(3),
+            etag: etag.map(String::from),
+            sha: sha.map(String::from),
+            recorded: recorded.map(String::from),
+            encrypted_by_key: false,
+        }
+    }
+
+    /// Every proof a store gives must agree: one contradiction fails the verification, whatever else
+    /// agrees (a store that records a client's checksum unchecked, as moto does, echoes ours for
+    /// corrupted bytes while its ETag is their MD5).
+    #[test]
+    fn every_proof_must_agree_and_one_contradiction_fails() {
+        let md5 = "0cc175b9c0f1b6a831c399e269772661";
+        let other = "92eb5ffee6ae2fec3ad71c777531578f";
+        let proof = Proof {
+            size: 3,
+            md5_hex: md5.into(),
+            sha_b64: "c2hh",
+            sha_hex: "ab12".into(),
+            metadata_proves: false,
+            kms: false,
+        };
+        let ok = |a: &Answer| proof.check("HEAD", "k", a).unwrap();
+        assert!(ok(&answer(Some(md5), None, None)));
+        assert!(ok(&answer(Some(md5), Some("c2hh"), Some("ab12"))));
+        assert!(ok(&answer(Some("opaque-etag"), Some("c2hh"), None)));
+        assert!(
+            !ok(&answer(Some("opaque-etag"), None, Some("ab12"))),
+            "metadata alone proves nothing"
+        );
+        for (what, a) in [
+            (
+                "an MD5 ETag of other bytes",
+                answer(Some(other), Some("c2hh"), None),
+            ),
+            (
+                "another checksum",
+                answer(Some(md5), Some("b3RoZXI="), None),
+            ),
+            (
+                "another recorded sha256",
+                answer(Some(md5), Some("c2hh"), Some("ffff")),
+            ),
+        ] {
+            let e = proof.check("HEAD", "k", &a).unwrap_err();
+            assert_eq!(e.kind, FailureKind::Verify, "{what}");
+            assert!(e.message.contains("contradicts"), "{what}: {e}");
+        }
+        let mut short = answer(Some(md5), None, None);
+        short.size = Some(2);
+        assert!(proof.check("HEAD", "k", &short).is_err(), "size");
+        short.size = None;
+        assert!(
+            proof.check("PUT", "k", &short).unwrap(),
+            "a PUT's answer states no object size"
+        );
+        // An object encrypted with a KMS or customer key has an ETag that is no MD5: not counted.
+        let mut kms = answer(Some(other), Some("c2hh"), None);
+        kms.encrypted_by_key = true;
+        assert!(ok(&kms));
+        kms.sha = None;
+        assert!(!ok(&kms));
     }
 
     #[test]

@@ -29,6 +29,14 @@ pub enum Fault {
     /// Answer `200 OK` with the ETag S3 gives the request body (its MD5), never reaching S3: a store
     /// that claims to have stored an object it did not store.
     FakeStored,
+    /// A store that records a client's checksum without checking the bytes (moto does, when the SDK's
+    /// checksum-algorithm header comes with the PUT) and corrupts them: the proxy keeps the PUT's body
+    /// with one byte flipped, answers it with the MD5 ETag of what it kept and the client's checksum
+    /// echoed, and serves that object to HEAD and GET (with the client's metadata) and DELETE, never
+    /// reaching S3 for the matched paths.
+    EchoUnchecked,
+    /// Answer this redirect status (301, 307...) with a `Location`, never reaching S3.
+    Redirect(u16),
 }
 
 #[derive(Clone, Debug)]
@@ -40,8 +48,15 @@ pub struct Rule {
     pub fault: Fault,
 }
 
+/// An object the proxy holds itself (`Fault::EchoUnchecked`): its bytes and the headers it answers.
+struct Held {
+    body: Vec<u8>,
+    headers: Vec<(String, String)>,
+}
+
 struct Shared {
     rules: Mutex<Vec<Rule>>,
+    held: Mutex<std::collections::HashMap<String, Held>>,
     upstream: String,
     stop: AtomicBool,
     requests: Mutex<Vec<String>>,
@@ -62,6 +77,7 @@ impl Proxy {
         let port = listener.local_addr().unwrap().port();
         let shared = Arc::new(Shared {
             rules: Mutex::new(Vec::new()),
+            held: Mutex::new(std::collections::HashMap::new()),
             upstream: format!("127.0.0.1:{upstream_port}"),
             stop: AtomicBool::new(false),
             requests: Mutex::new(Vec::new()),
@@ -179,6 +195,82 @@ fn read_request(conn: &mut TcpStream) -> Option<(String, String, Vec<u8>)> {
     Some((method, path, rewritten))
 }
 
+/// `Fault::EchoUnchecked`: the proxy is the store for the matched object.
+fn echo_unchecked(
+    conn: &mut TcpStream,
+    s: &Shared,
+    method: &str,
+    path: &str,
+    request: &[u8],
+    head_end: usize,
+) {
+    use md5::Digest;
+    let key = path.split('?').next().unwrap_or(path).to_string();
+    let head = String::from_utf8_lossy(&request[..head_end]).to_string();
+    let header = |name: &str| {
+        head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    };
+    let mut held = s.held.lock().unwrap();
+    let answer = |conn: &mut TcpStream, status: &str, headers: &[(String, String)], body: &[u8]| {
+        let mut out = format!("HTTP/1.1 {status}\r\n");
+        for (k, v) in headers {
+            out.push_str(&format!("{k}: {v}\r\n"));
+        }
+        out.push_str(&format!(
+            "Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        ));
+        let _ = conn.write_all(out.as_bytes());
+        let _ = conn.write_all(body);
+    };
+    match method {
+        "PUT" => {
+            let mut body = request[head_end..].to_vec();
+            let middle = body.len() / 2;
+            if let Some(b) = body.get_mut(middle) {
+                *b ^= 0x20;
+            }
+            let etag: String = md5::Md5::digest(&body)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let mut headers = vec![("ETag".to_string(), format!("\"{etag}\""))];
+            if let Some(sha) = header("x-amz-checksum-sha256") {
+                headers.push(("x-amz-checksum-sha256".into(), sha));
+            }
+            answer(conn, "200 OK", &headers, b"");
+            if let Some(meta) = header("x-amz-meta-flowarchive-sha256") {
+                headers.push(("x-amz-meta-flowarchive-sha256".into(), meta));
+            }
+            held.insert(key, Held { body, headers });
+        }
+        "HEAD" | "GET" => match held.get(&key) {
+            Some(h) if method == "GET" => answer(conn, "200 OK", &h.headers, &h.body),
+            Some(h) => {
+                let mut headers = h.headers.clone();
+                headers.push(("Content-Length".into(), h.body.len().to_string()));
+                let mut out = "HTTP/1.1 200 OK\r\n".to_string();
+                for (k, v) in &headers {
+                    out.push_str(&format!("{k}: {v}\r\n"));
+                }
+                out.push_str("Connection: close\r\n\r\n");
+                let _ = conn.write_all(out.as_bytes());
+            }
+            None => answer(conn, "404 Not Found", &[], b""),
+        },
+        "DELETE" => {
+            held.remove(&key);
+            answer(conn, "204 No Content", &[], b"");
+        }
+        _ => answer(conn, "400 Bad Request", &[], b""),
+    }
+}
+
 /// Serves one request per client connection (the answer closes it).
 fn handle(mut conn: TcpStream, s: &Shared) {
     let Some((method, path, request)) = read_request(&mut conn) else {
@@ -258,6 +350,17 @@ fn handle(mut conn: TcpStream, s: &Shared) {
         }
         Some(Fault::Reset) => {
             let _ = conn.shutdown(Shutdown::Both);
+            return;
+        }
+        Some(Fault::Redirect(code)) => {
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {code} Moved\r\nLocation: http://elsewhere.invalid{path}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            return;
+        }
+        Some(Fault::EchoUnchecked) => {
+            echo_unchecked(&mut conn, s, &method, &path, &request, head_end);
             return;
         }
         Some(Fault::Delay(d)) => std::thread::sleep(d),

@@ -95,6 +95,25 @@ impl S3 {
         self.bucket.name()
     }
 
+    /// Whether a bucket of this name exists on the test store (a signed HEAD bucket).
+    pub fn bucket_exists(&self, name: &str) -> bool {
+        let bucket = Bucket::new(
+            s3_endpoint().parse().unwrap(),
+            UrlStyle::Path,
+            name.to_string(),
+            "us-east-1",
+        )
+        .unwrap();
+        let url = bucket
+            .head_bucket(Some(&self.creds))
+            .sign(Duration::from_secs(60));
+        match self.agent.head(url.as_str()).call() {
+            Ok(_) => true,
+            Err(ureq::Error::Status(404, _)) => false,
+            Err(e) => panic!("HEAD bucket {name}: {e}"),
+        }
+    }
+
     /// The object key of `rel` (e.g. `flows/abc.jsonl.gz`) under this test's prefix.
     pub fn key(&self, rel: &str) -> String {
         format!("{}/{rel}", self.prefix)
