@@ -7,6 +7,7 @@
 //! events, and guards load and unload.
 
 mod archive;
+mod capped;
 mod clock;
 mod commands;
 mod digest;
@@ -22,37 +23,17 @@ mod slot;
 mod sweep;
 mod sync;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-
-use redis_module::alloc::RedisAlloc;
 use redis_module::configuration::ConfigurationFlags;
 use redis_module::{raw, redis_module, AclCategory, Context, RedisString, Status};
 
 use crate::ops::{configs, errors, log};
 use crate::read::fetch;
-use crate::runtime::{cluster, mainthread, pool, watch};
+use crate::runtime::{cluster, heap, mainthread, pool, watch};
 
-/// The server's allocator inside the server (so memory shows in INFO memory), the system's in unit tests.
-struct ModuleAlloc;
-
-unsafe impl GlobalAlloc for ModuleAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if (*std::ptr::addr_of!(raw::RedisModule_Alloc)).is_some() {
-            RedisAlloc.alloc(layout)
-        } else {
-            System.alloc(layout)
-        }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if (*std::ptr::addr_of!(raw::RedisModule_Free)).is_some() {
-            RedisAlloc.dealloc(ptr, layout)
-        } else {
-            System.dealloc(ptr, layout)
-        }
-    }
-}
-
+/// Valkey turns a replica's async (`swapdb`) diskless load into a blocking disk load unless every
+/// module declares it handles it: the module treats the swap at its end as a change to every flow in
+/// flight (`watch::init`).
+const HANDLE_REPL_ASYNC_LOAD: i32 = 1 << 2;
 /// Valkey 9 refuses atomic slot migration unless a module declares it handles it.
 const HANDLE_ATOMIC_SLOT_MIGRATION: i32 = 1 << 5;
 
@@ -67,7 +48,10 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
     // SAFETY: called once from OnLoad with the module's context.
     unsafe {
         if let Some(set_options) = raw::RedisModule_SetModuleOptions {
-            set_options(ctx.ctx, HANDLE_ATOMIC_SLOT_MIGRATION);
+            set_options(
+                ctx.ctx,
+                HANDLE_REPL_ASYNC_LOAD | HANDLE_ATOMIC_SLOT_MIGRATION,
+            );
         }
     }
     Status::Ok
@@ -88,7 +72,7 @@ fn deinit(_ctx: &Context) -> Status {
 redis_module! {
     name: "flowarchive",
     version: 1,
-    allocator: (ModuleAlloc, ModuleAlloc),
+    allocator: (heap::ModuleHeap, heap::ModuleHeap),
     data_types: [],
     acl_categories: ["flowarchive",],
     init: init,

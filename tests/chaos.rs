@@ -76,7 +76,9 @@ fn opts(s3: &S3, proxy: &Proxy, module_extra: &[&str], server_extra: &[&str]) ->
 
 fn replica_of(primary: &Server, s3: &S3, proxy: &Proxy) -> Server {
     let port = primary.port.to_string();
-    let r = Server::start(opts(s3, proxy, &[], &["--replicaof", "127.0.0.1", &port]));
+    let mut args = vec!["--replicaof", "127.0.0.1", &port];
+    args.extend(ASYNC_LOAD);
+    let r = Server::start(opts(s3, proxy, &[], &args));
     wait_for("the replica link", Duration::from_secs(20), || {
         repl_field(&mut r.conn(), "master_link_status") == "up"
     });
@@ -360,11 +362,13 @@ fn b_s3_going_away_mid_sweep_loses_nothing() {
 
 // ---------------------------------------------------------------- c. replicas, pauses, role changes
 
-/// Primary and one replica, both with the module; the primary holds the model in DB 0.
+/// Primary and one replica, both with the module and both loading asynchronously as replicas
+/// (`swapdb`, so a role change swaps a whole dataset in without keyspace events); the primary holds
+/// the model in DB 0.
 fn replicated_bed(tag: &str, rng: &mut Rng) -> (S3, Proxy, Server, Server, Model) {
     let proxy = Proxy::start(s3_port());
     let s3 = S3::new_bucket();
-    let primary = Server::start(opts(&s3, &proxy, &[], &[]));
+    let primary = Server::start(opts(&s3, &proxy, &[], &ASYNC_LOAD));
     let replica = replica_of(&primary, &s3, &proxy);
     let mut model = Model::new(0);
     populate(&mut primary.conn(), &mut model, rng, plan().flows, tag);
@@ -484,6 +488,12 @@ fn role_change_mid_sweep(what: &str, seed: u64, swap: fn(&Server, &Server)) {
     assert_replicas_match(primary, &[&*replica], &[0]);
     assert_alive(primary, what);
     assert_alive(replica, what);
+    for node in [&*primary, &*replica] {
+        assert!(
+            !node.log().contains("Skipping diskless-load"),
+            "{what}: a replica fell back to a disk load"
+        );
+    }
 }
 
 #[test]

@@ -341,7 +341,7 @@ fn the_read_cap_holds_at_its_exact_byte() {
             e.contains(&format!("larger than read-max-bytes ({} bytes)", exact - 1)),
             "{id}: {e}"
         );
-        config_set(&mut c, "flowarchive.read-max-bytes", "256mb").unwrap();
+        config_set(&mut c, "flowarchive.read-max-bytes", "64mb").unwrap();
     }
 }
 

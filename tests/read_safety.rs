@@ -281,6 +281,10 @@ fn gzip_bombs_and_oversized_objects_are_refused_in_bounded_memory() {
     assert!(e.contains("passes the read cap of 33554432 bytes"), "{e}");
     let grown = rss(&mut c) - before;
     assert!(grown < 200 << 20, "RSS grew by {grown} bytes");
+    // The module's own heap never held more than the cap and a small constant (the content buffer
+    // once doubled past the cap).
+    let peak = info_field(&mut c, "heap_bytes_peak");
+    assert!(peak < (32 << 20) + (1 << 20), "heap peak {peak}");
 
     // The object itself is capped too: small content behind 80 KB of gzip header fields.
     let text = gunzip(&object("big", 0, &[], "{\"id\":\"big\"}"));

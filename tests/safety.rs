@@ -763,3 +763,78 @@ fn selection_by_scan_passes_a_snapshot_over_the_cap_to_a_refusal() {
     let state = get(&mut c, &big.id).unwrap().unwrap();
     assert_eq!(state, archived_state(&big.state()));
 }
+
+fn async_load_node(s3: &S3, proxy: &Proxy) -> Server {
+    let mut opts = ServerOpts::new(s3);
+    opts.module_args = s3.module_args(&proxy.endpoint());
+    opts.extra = ASYNC_LOAD.iter().map(|a| a.to_string()).collect();
+    Server::start(opts)
+}
+
+/// Valkey turns `repl-diskless-load swapdb` into a blocking disk load when a module does not declare
+/// it handles async loading; the module declares it, and treats the swap as a change to every flow in
+/// flight: a primary demoted mid-upload, loaded with another node's version of the flow (same length,
+/// other events) and promoted again before its commit, keeps that version live.
+#[test]
+fn replicas_keep_async_diskless_loading_and_a_swapped_in_flow_is_not_deleted() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let a = async_load_node(&s3, &proxy);
+    let b = async_load_node(&s3, &proxy);
+    let spec = FlowSpec {
+        events: 3000,
+        ..FlowSpec::done("swapped")
+    };
+    write_flow(&mut a.conn(), &spec);
+    write_flow(&mut b.conn(), &spec);
+    let events = |c: &mut redis::Connection| -> Vec<String> {
+        cmd(c, &["LRANGE", "argyll:flow:swapped:events", "0", "-1"]).unwrap()
+    };
+    // B's version differs in one event only: same length, same indexes.
+    let other = events(&mut b.conn())[1].replacen('{', "{\"edited\":true,", 1);
+    cmd::<()>(
+        &mut b.conn(),
+        &["LSET", "argyll:flow:swapped:events", "1", &other],
+    )
+    .unwrap();
+    let theirs = events(&mut b.conn());
+    assert_ne!(events(&mut a.conn()), theirs);
+
+    proxy.delay("PUT", Duration::from_secs(4));
+    let port = a.port;
+    let flow = std::thread::spawn(move || {
+        let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        archive(&mut c, "swapped")
+    });
+    wait_for("the upload starts", Duration::from_secs(10), || {
+        proxy.requests().iter().any(|r| r.starts_with("PUT"))
+    });
+    let mut ca = a.conn();
+    replicate(&mut ca, b.port, "argyll:flow:swapped:events");
+    wait_for("the async load ends", Duration::from_secs(20), || {
+        events(&mut ca) == theirs
+    });
+    cmd::<()>(&mut ca, &["REPLICAOF", "NO", "ONE"]).unwrap();
+    // The client was unblocked by the role change; the archive itself goes on to its commit.
+    let _ = flow.join().unwrap();
+    wait_for("the commit's decision", Duration::from_secs(20), || {
+        let info: String = cmd(&mut ca, &["INFO", "flowarchive"]).unwrap();
+        info.lines()
+            .filter(|l| l.contains("flowarchive_failures_") || l.contains("flows_archived:"))
+            .any(|l| !l.ends_with(":0"))
+    });
+    assert_eq!(info_field(&mut ca, "flows_archived"), 0);
+    assert_eq!(events(&mut ca), theirs, "the swapped-in version stays live");
+    assert_eq!(
+        cmd::<i64>(&mut ca, &["HEXISTS", "archived:flows", "swapped"]).unwrap(),
+        0
+    );
+    let log = a.log();
+    assert!(
+        !log.contains("Skipping diskless-load"),
+        "the replica fell back to a disk load:\n{log}"
+    );
+}

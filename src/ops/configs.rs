@@ -502,7 +502,7 @@ pub static BATCH_SIZE: Int = Int::new(100, 1, 100_000);
 /// spent less.
 pub static STEP_BUDGET_US: Int = Int::new(250, 50, 100_000);
 pub static CACHE_BYTES: Int = Int::new(64 << 20, 0, 1 << 40);
-pub static READ_MAX_BYTES: Int = Int::new(256 << 20, 64 << 10, 1 << 40);
+pub static READ_MAX_BYTES: Int = Int::new(64 << 20, 64 << 10, 1 << 40);
 pub static READ_ALLOW: Checked = Checked::new("", check_read_allow);
 pub static UPLOAD_BYTES_PER_SEC: Int = Int::new(0, 0, 1 << 40);
 pub static SWEEP_INTERVAL: Checked = Checked::new("0s", duration);

@@ -9,14 +9,18 @@
 //! stream, hashed as it arrives, and refused as soon as it passes the declared `raw_bytes` or the
 //! caller's cap. A gzip bomb costs at most the cap, never what it would expand to.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 
 use flate2::bufread::GzDecoder;
+
+use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use crate::capped;
 use crate::digest::hex;
 use crate::format::engine;
 use crate::format::{FORMAT_NAME, FORMAT_VERSION};
@@ -215,10 +219,13 @@ fn mark_archived(snapshot: &str) -> Result<String, DecodeError> {
         .strip_prefix('{')
         .and_then(|b| b.strip_suffix('}'))
         .ok_or_else(|| corrupt("trailer snapshot is not an object"))?;
-    let parsed: Map<String, Value> =
+    // Only the top-level names are collected: a tree of the whole state would cost several times
+    // its size.
+    let names: HashMap<String, IgnoredAny> =
         serde_json::from_str(snapshot).map_err(|e| corrupt(format!("trailer snapshot: {e}")))?;
-    if parsed.contains_key("archived") {
-        let mut obj = parsed;
+    if names.contains_key("archived") {
+        let mut obj: Map<String, Value> = serde_json::from_str(snapshot)
+            .map_err(|e| corrupt(format!("trailer snapshot: {e}")))?;
         obj.insert("archived".into(), Value::Bool(true));
         return Ok(Value::Object(obj).to_string());
     }
@@ -275,39 +282,36 @@ fn read_header(gz: &mut impl BufRead) -> Result<Header, DecodeError> {
     serde_json::from_value(any).map_err(|e| corrupt(format!("header: {e}")))
 }
 
-/// Decompresses everything after the header, hashing as it goes, refusing more than `limit` bytes.
+/// Decompresses everything after the header, hashing as it goes; more than `limit` bytes is `None`.
 fn read_content(
     gz: &mut impl Read,
     limit: u64,
     declared: bool,
-) -> Result<(Vec<u8>, String), DecodeError> {
+) -> Result<Option<(Vec<u8>, String)>, DecodeError> {
     let mut reader = Hashing {
-        inner: gz.take(limit.saturating_add(1)),
+        inner: gz,
         sha: Sha256::new(),
     };
     // A declared size is read into one buffer; the first `CHUNK`s are reserved before anything is
     // proven, so a lying header costs no more than a short read.
-    let reserve = if declared {
+    let first = if declared {
         limit.min(16 * CHUNK as u64) as usize + 1
     } else {
         CHUNK
     };
-    let mut content = Vec::with_capacity(reserve);
-    // `read_to_end` retries an interrupted read itself.
-    reader.read_to_end(&mut content).map_err(gzip_error)?;
+    let content = capped::read(&mut reader, limit, first).map_err(gzip_error)?;
     if content.len() as u64 > limit {
-        return Err(DecodeError::TooLarge(if declared {
-            format!("content runs past its declared size of {limit} bytes")
-        } else {
-            format!("content passes the read cap of {limit} bytes (flowarchive.read-max-bytes)")
-        }));
+        return Ok(None);
     }
-    Ok((content, hex(&reader.sha.finalize())))
+    Ok(Some((content, hex(&reader.sha.finalize()))))
 }
 
 /// Decompresses and checks an object: format, version, flow id and DB, sizes, line count and content
-/// sha256. `max_bytes` caps the decompressed content (and, with `LINE_COST` per line, what answering
-/// it takes).
+/// sha256.
+///
+/// `max_bytes` (flowarchive.read-max-bytes) bounds the whole read: the object, its decompressed
+/// content, `LINE_COST` per line and one copy of the trailer (the state answered) together stay
+/// within it, so a read's peak is the cap plus a small constant, whatever the object claims.
 pub fn parse(
     object: &[u8],
     expected_id: &str,
@@ -324,16 +328,28 @@ pub fn parse(
     if header.db != i64::from(expected_db) {
         return Err(DecodeError::OtherKeyspace(header.db));
     }
+    let room = max_bytes.saturating_sub(object.len() as u64);
+    let over_cap = |what: String| {
+        DecodeError::TooLarge(format!(
+            "{what}; with the {} bytes of the object that passes the read cap of {max_bytes} bytes (flowarchive.read-max-bytes)",
+            object.len()
+        ))
+    };
     let limit = match header.raw_bytes {
-        Some(declared) if declared > max_bytes => {
-            return Err(DecodeError::TooLarge(format!(
-            "declares {declared} bytes, the read cap is {max_bytes} (flowarchive.read-max-bytes)"
-        )))
+        Some(declared) if declared > room => {
+            return Err(over_cap(format!("declares {declared} bytes")))
         }
         Some(declared) => declared,
-        None => max_bytes,
+        None => room,
     };
-    let (content, actual) = read_content(&mut gz, limit, header.raw_bytes.is_some())?;
+    let Some((content, actual)) = read_content(&mut gz, limit, header.raw_bytes.is_some())? else {
+        return Err(match header.raw_bytes {
+            Some(declared) => DecodeError::TooLarge(format!(
+                "content runs past its declared size of {declared} bytes"
+            )),
+            None => over_cap(format!("content passes {limit} bytes")),
+        });
+    };
     // One gzip member, nothing after it: bytes appended to an object are not ours.
     let after = gz.into_inner().into_inner().len();
     if after > 0 {
@@ -353,11 +369,12 @@ pub fn parse(
             header.sha256
         ))));
     }
-    split(content, &header, max_bytes)
+    split(content, &header, room)
 }
 
-/// Splits verified content into event lines and the trailer, and parses the trailer.
-fn split(content: Vec<u8>, header: &Header, max_bytes: u64) -> Result<Object, DecodeError> {
+/// Splits verified content into event lines and the trailer, and parses the trailer. `room` is what
+/// the read cap leaves beside the object.
+fn split(content: Vec<u8>, header: &Header, room: u64) -> Result<Object, DecodeError> {
     let mut text = String::from_utf8(content).map_err(|_| corrupt("not UTF-8"))?;
     if !text.ends_with('\n') {
         return Err(corrupt("last line is cut short"));
@@ -369,20 +386,21 @@ fn split(content: Vec<u8>, header: &Header, max_bytes: u64) -> Result<Object, De
             header.events
         )));
     }
-    let cost = (text.len() as u64).saturating_add(lines.saturating_mul(LINE_COST));
-    if cost > max_bytes {
+    let body_end = text.len() - 1;
+    let trailer_start = text[..body_end].rfind('\n').map_or(0, |i| i + 1);
+    let cost = (text.len() as u64)
+        .saturating_add(lines.saturating_mul(LINE_COST))
+        .saturating_add((text.len() - trailer_start) as u64);
+    if cost > room {
         return Err(DecodeError::TooLarge(format!(
-            "{lines} lines of {} bytes exceed the read cap of {max_bytes} bytes",
+            "{lines} lines of {} bytes exceed the read cap (flowarchive.read-max-bytes) with the object",
             text.len()
         )));
     }
     if text.starts_with('\n') || text.contains("\n\n") {
         return Err(corrupt("an empty line"));
     }
-    let body_end = text.len() - 1;
-    let trailer_start = text[..body_end].rfind('\n').map_or(0, |i| i + 1);
-    let trailer_line = text.split_off(trailer_start);
-    let trailer: Trailer = serde_json::from_str(trailer_line.trim_end_matches('\n'))
+    let trailer: Trailer = serde_json::from_str(&text[trailer_start..body_end])
         .map_err(|e| corrupt(format!("trailer: {e}")))?;
     let object = |raw: Option<&RawValue>, what: &str| match raw.map(RawValue::get) {
         None | Some("null") => Ok(None),
@@ -399,14 +417,16 @@ fn split(content: Vec<u8>, header: &Header, max_bytes: u64) -> Result<Object, De
             _ => Err(corrupt("a label value is not a string")),
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let (seq, status) = (trailer.seq, trailer.status);
+    text.truncate(trailer_start);
     Ok(Object {
         events: text,
         event_count: lines as usize - 1,
         state,
         snapshot,
-        seq: trailer.seq,
+        seq,
         labels,
-        status: trailer.status,
+        status,
         previous: header.previous.clone(),
     })
 }
@@ -885,9 +905,10 @@ pub(crate) mod tests {
             let body = gzip(format!("{h}\n{rest}").as_bytes());
             assert_eq!(decode(&body, "abc", 0, CAP).is_ok(), ok, "{declared}");
         }
-        // Declared at the cap, content far shorter: refused at once, with no large buffer.
+        // Declared at what the cap leaves beside the object, content far shorter: refused at once,
+        // with no large buffer.
         let mut h = h.clone();
-        h["raw_bytes"] = (256u64 << 20).into();
+        h["raw_bytes"] = ((256u64 << 20) - 4096).into();
         let body = gzip(format!("{h}\n{rest}").as_bytes());
         assert!(matches!(
             decode(&body, "abc", 0, 256 << 20),

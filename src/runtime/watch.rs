@@ -236,19 +236,25 @@ fn subscribe(ctx: &Context) -> Result<(), FlowError> {
     Ok(())
 }
 
-/// Subscribes to SWAPDB (FLUSHDB/FLUSHALL come through `on_flush`). Called once from OnLoad.
+/// Subscribes to SWAPDB and to a replica's async load (FLUSHDB/FLUSHALL come through `on_flush`).
+/// Called once from OnLoad.
 pub fn init(ctx: &Context) {
-    // SAFETY: called once from OnLoad with the module's context.
-    unsafe {
-        if let Some(subscribe) = raw::RedisModule_SubscribeToServerEvent {
-            let event = raw::RedisModuleEvent {
-                id: raw::REDISMODULE_EVENT_SWAPDB,
-                dataver: 1,
-            };
-            subscribe(ctx.ctx, event, Some(on_swapdb));
+    for id in [raw::REDISMODULE_EVENT_SWAPDB, EVENT_REPL_ASYNC_LOAD] {
+        let event = raw::RedisModuleEvent { id, dataver: 1 };
+        // SAFETY: called once from OnLoad with the module's context; a server without the event
+        // refuses the subscription.
+        unsafe {
+            if let Some(subscribe) = raw::RedisModule_SubscribeToServerEvent {
+                subscribe(ctx.ctx, event, Some(on_dataset_swapped));
+            }
         }
     }
 }
+
+/// A replica's diskless load with `repl-diskless-load swapdb` (Valkey's async load): the old data
+/// is served until the new is loaded, then swapped in at once.
+const EVENT_REPL_ASYNC_LOAD: u64 = 14;
+const SUBEVENT_ASYNC_LOAD_COMPLETED: u64 = 2;
 
 /// Keyspace notification hook: a write touched `key` in the context's DB.
 extern "C" fn on_key_event(
@@ -281,13 +287,17 @@ fn on_flush(_ctx: &Context, _sub: FlushSubevent) {
     everything_touched();
 }
 
-extern "C" fn on_swapdb(
+/// SWAPDB, or an async load's new dataset swapped in: every key may now hold other data, so every
+/// flow in flight counts as changed (a started or aborted async load changes nothing).
+extern "C" fn on_dataset_swapped(
     _ctx: *mut raw::RedisModuleCtx,
-    _eid: raw::RedisModuleEvent,
-    _sub: u64,
+    eid: raw::RedisModuleEvent,
+    sub: u64,
     _data: *mut c_void,
 ) {
-    everything_touched();
+    if eid.id != EVENT_REPL_ASYNC_LOAD || sub == SUBEVENT_ASYNC_LOAD_COMPLETED {
+        everything_touched();
+    }
 }
 
 /// A write touched `key` in `db`.

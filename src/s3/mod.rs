@@ -537,12 +537,10 @@ impl Store {
         let recorded = response
             .header("x-amz-meta-flowarchive-sha256")
             .map(|s| s.trim().to_string());
-        let mut body = Vec::new();
-        response
-            .into_reader()
-            .take(max_bytes.saturating_add(1))
-            .read_to_end(&mut body)
-            .map_err(|e| {
+        // The announced length is trusted for the first allocation only up to the cap.
+        let first = announced.map_or(64 << 10, |len| len.saturating_add(1) as usize);
+        let body =
+            crate::capped::read(&mut response.into_reader(), max_bytes, first).map_err(|e| {
                 let kind = if e.kind() == std::io::ErrorKind::TimedOut {
                     FailureKind::Timeout
                 } else {

@@ -532,6 +532,17 @@ pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
+/// Server args of a node that replicates diskless and, as a replica, loads asynchronously (`swapdb`):
+/// the old data is served until the new is loaded, then swapped in at once, with no keyspace event.
+pub const ASYNC_LOAD: [&str; 6] = [
+    "--repl-diskless-sync",
+    "yes",
+    "--repl-diskless-sync-delay",
+    "0",
+    "--repl-diskless-load",
+    "swapdb",
+];
+
 /// Makes `replica` a replica of the server on `primary_port` and waits until it holds `witness`, a key
 /// the primary has.
 pub fn replicate(replica: &mut redis::Connection, primary_port: u16, witness: &str) {
