@@ -136,8 +136,8 @@ fn lookup(
     let head = hget(ctx, &compact.meta, head_field(head).as_bytes())?
         .map(lossy)
         .ok_or_else(|| compact.damaged(&format!("has no head {}", head_field(head))))?;
-    let folder =
-        folder_of(&head).ok_or_else(|| compact.damaged("holds a head that is no s3:// URL"))?;
+    let folder = layout::location_folder(&head)
+        .ok_or_else(|| compact.damaged("holds a head that is no s3:// URL"))?;
     let file = layout::object_file(folder, id, generation);
     Ok(Some(Entry {
         location: head + &file,
@@ -209,7 +209,7 @@ pub fn record(
         return Ok(());
     }
     let compact = Compact::of(keys, id);
-    let (head, generation) = split(location, id).ok_or_else(|| {
+    let (head, generation) = layout::split_location(location, id).ok_or_else(|| {
         FlowError::Internal(format!(
             "location {} cannot be stored in the compact index",
             show_key(location)
@@ -262,21 +262,6 @@ fn lossy(b: Vec<u8>) -> String {
 
 fn head_field(number: u64) -> String {
     format!("h{number}")
-}
-
-/// The object key folder of a head `s3://bucket/<folder>`.
-fn folder_of(head: &str) -> Option<&str> {
-    let (_, folder) = head.strip_prefix("s3://")?.split_once('/')?;
-    (folder.is_empty() || folder.ends_with('/')).then_some(folder)
-}
-
-/// A location as `(head, generation)` with `location == head + object_file(folder, id, generation)`;
-/// `None` for anything the compact format cannot rebuild exactly.
-fn split<'l>(location: &'l str, id: &str) -> Option<(&'l str, u32)> {
-    let (head, file) = location.split_at(location.rfind("flows/")?);
-    let folder = folder_of(head)?;
-    let generation = (0..GENERATIONS).find(|&g| layout::object_file(folder, id, g) == file)?;
-    Some((head, generation))
 }
 
 /// The compact index's meta hash (bucket count, heads, entry count) for these keys' DB or slot.
@@ -457,9 +442,10 @@ mod tests {
                 "s3://bkt/{}",
                 layout::object_key(prefix, db, id, generation)
             );
-            let (head, g) = split(&location, id).unwrap_or_else(|| panic!("{location}"));
+            let (head, g) =
+                layout::split_location(&location, id).unwrap_or_else(|| panic!("{location}"));
             assert_eq!(g, generation);
-            let folder = folder_of(head).unwrap();
+            let folder = layout::location_folder(head).unwrap();
             assert_eq!(
                 head.to_string() + &layout::object_file(folder, id, g),
                 location
@@ -472,7 +458,7 @@ mod tests {
             "s3://bkt",
             "",
         ] {
-            assert_eq!(split(foreign, "abc"), None, "{foreign}");
+            assert_eq!(layout::split_location(foreign, "abc"), None, "{foreign}");
         }
     }
 }

@@ -153,15 +153,16 @@ impl FlowKeys {
 
     /// The flow's own keys (its event log, snapshot, sequence and labels), which the commit deletes.
     pub fn own(&self) -> impl Iterator<Item = &str> {
-        [
-            Some(&self.events),
-            Some(&self.snapshot),
-            self.seq.as_ref(),
-            self.labels.as_ref(),
-        ]
-        .into_iter()
-        .flatten()
-        .map(String::as_str)
+        self.state().chain(self.labels.as_deref())
+    }
+
+    /// The keys the engine's state is folded from (event log, snapshot, sequence): what a live read
+    /// reads.
+    pub fn state(&self) -> impl Iterator<Item = &str> {
+        [Some(&self.events), Some(&self.snapshot), self.seq.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
     }
 }
 
@@ -357,7 +358,32 @@ pub const GENERATIONS: u32 = 16;
 
 /// Every object key the flow may have been archived under, first generation first.
 pub fn object_keys<'a>(prefix: &'a str, db: i32, id: &'a str) -> impl Iterator<Item = String> + 'a {
-    (0..GENERATIONS).map(move |g| object_key(prefix, db, id, g))
+    object_keys_from(prefix, db, id, 0)
+}
+
+/// The flow's object keys from generation `first` on.
+pub fn object_keys_from<'a>(
+    prefix: &'a str,
+    db: i32,
+    id: &'a str,
+    first: u32,
+) -> impl Iterator<Item = String> + 'a {
+    (first..GENERATIONS).map(move |g| object_key(prefix, db, id, g))
+}
+
+/// The object key folder of a head `s3://bucket/<folder>`.
+pub fn location_folder(head: &str) -> Option<&str> {
+    let (_, folder) = head.strip_prefix("s3://")?.split_once('/')?;
+    (folder.is_empty() || folder.ends_with('/')).then_some(folder)
+}
+
+/// A location as `(head, generation)` with `location == head + object_file(folder, id, generation)`;
+/// `None` for anything that is not one of the flow's object keys.
+pub fn split_location<'l>(location: &'l str, id: &str) -> Option<(&'l str, u32)> {
+    let (head, file) = location.split_at(location.rfind("flows/")?);
+    let folder = location_folder(head)?;
+    let generation = (0..GENERATIONS).find(|&g| object_file(folder, id, g) == file)?;
+    Some((head, generation))
 }
 
 #[cfg(test)]

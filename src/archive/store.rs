@@ -3,7 +3,10 @@
 //! A key already holding exactly these bytes is an idempotent retry (an earlier attempt stored it and
 //! did not commit: a crash, a failover, a pause). A key holding other content is never replaced (it may
 //! be indexed by another server sharing the bucket, or be an uncommitted attempt of a flow that changed
-//! since): the next generation key is tried instead (see `layout::GENERATIONS`).
+//! since): the next generation key is tried instead (see `layout::GENERATIONS`). A new incarnation of
+//! an id starts after its predecessor's generation, so it never takes its predecessor's key, even once
+//! that object is gone (a lifecycle rule, an operator): the chain of `previous` locations only moves
+//! forward, and a location, once indexed, never names other bytes.
 
 use crate::archive::flow::Captured;
 use crate::format::Encoded;
@@ -18,7 +21,12 @@ pub fn store_once(
     flow: &Captured,
     encoded: &Encoded,
 ) -> Result<String, FlowError> {
-    for key in layout::object_keys(prefix, flow.db, &flow.id) {
+    let first = flow
+        .previous
+        .as_ref()
+        .and_then(|entry| layout::split_location(&entry.location, &flow.id))
+        .map_or(0, |(_, generation)| generation + 1);
+    for key in layout::object_keys_from(prefix, flow.db, &flow.id, first) {
         let existing = match s3.put_verified(&key, encoded) {
             Err(e) if e.kind == FailureKind::Exists => s3.verify_existing(&key, encoded),
             stored => return stored.map(|()| key).map_err(FlowError::Upload),
@@ -32,8 +40,8 @@ pub fn store_once(
     Err(FlowError::Upload(StoreError {
         kind: FailureKind::Exists,
         message: format!(
-            "every one of the flow's {} object keys holds other content; nothing was replaced",
-            layout::GENERATIONS
+            "every one of the flow's {} object keys after its predecessor's holds other content; nothing was replaced",
+            layout::GENERATIONS - first
         ),
     }))
 }

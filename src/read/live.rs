@@ -105,6 +105,12 @@ pub fn fold(
             None => read_consistent(db, &keys, max_bytes),
         };
         match read {
+            // The log the command saw is gone: archived (or removed) before its turn to be read.
+            // Nil would say the flow never existed; the retry finds it wherever it is now.
+            Ok(read) if total > 0 && read.log.is_empty() => Err(RedisError::String(format!(
+                "ERR flow {} was archived or removed while it was read; retry",
+                show_id(&id)
+            ))),
             Ok(read) => answer(&id, read, events),
             Err(FlowError::Changed) => Err(RedisError::String(format!(
                 "ERR flow {} changed during every read attempt; retry",
@@ -214,11 +220,7 @@ fn read_consistent(db: i32, keys: &FlowKeys, max_bytes: u64) -> Result<Read, Flo
 fn read_once(db: i32, keys: &FlowKeys, max_bytes: u64) -> Result<Read, FlowError> {
     let mut held = 0;
     let (watch, snapshot, seq, total) = mainthread::step(db, Stage::Capture, &mut held, |ctx| {
-        let watched: Vec<&str> = [Some(&keys.snapshot), Some(&keys.events), keys.seq.as_ref()]
-            .into_iter()
-            .flatten()
-            .map(String::as_str)
-            .collect();
+        let watched: Vec<&str> = keys.state().collect();
         let watch = Watch::observe(ctx, db, &watched)?;
         let total = list_len(ctx, &keys.events)?;
         Ok::<_, FlowError>((watch, snapshot(ctx, keys)?, seq(ctx, keys)?, total))

@@ -70,7 +70,7 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
     let db = selected_db(ctx);
     let live = match settings.layout.state {
         StateSource::Fold => {
-            for key in keys.own() {
+            for key in keys.state() {
                 acl::check(ctx, &caller, key, Access::Read).map_err(fail)?;
             }
             expect_type(ctx, &keys.events, &KeyType::List).map_err(fail)?
