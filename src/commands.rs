@@ -14,7 +14,7 @@ fn err(msg: impl Into<String>) -> RedisError {
 }
 
 fn guarded(name: &str, f: impl FnOnce() -> RedisResult) -> RedisResult {
-    log::contained(name, f).unwrap_or(Err(RedisError::Str(errors::PANIC)))
+    errors::ascii_errors(log::contained(name, f).unwrap_or(Err(RedisError::Str(errors::PANIC))))
 }
 
 /// The flow id argument: UTF-8, not empty.

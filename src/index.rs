@@ -24,7 +24,7 @@ use redis_module::{Context, KeyType};
 
 use crate::digest::sha256;
 use crate::layout::{self, FlowKeys, GENERATIONS};
-use crate::ops::configs::{IndexFormat, INDEX_BUCKETS, INDEX_FORMAT};
+use crate::ops::configs::{IndexFormat, INDEX_BUCKETS, INDEX_FORMAT, OBJECT_NAME_MAX};
 use crate::ops::errors::{show_key, FlowError};
 use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::server::{bytes, call, expect_type, hash_pairs, type_of};
@@ -42,6 +42,8 @@ fn configured() -> IndexFormat {
 pub struct Entry {
     pub location: String,
     format: IndexFormat,
+    /// The index name it was found under (`index-key`, or an earlier one).
+    index: String,
     /// The hash holding the entry (`<index>`, or the compact bucket) and its field.
     hash: String,
     field: Vec<u8>,
@@ -66,7 +68,8 @@ pub fn location(
     Ok(find(ctx, caller, keys, id)?.map(|e| e.location))
 }
 
-/// A flow's entry, if any: the configured format first, then the other.
+/// A flow's entry, if any: under the index's name in the configured format first, then the other
+/// format, then under each earlier name (`flowarchive.index-read-keys`) in either format.
 pub fn find(
     ctx: &Context,
     caller: &Caller,
@@ -78,27 +81,36 @@ pub fn find(
         IndexFormat::Hash => IndexFormat::Compact,
         IndexFormat::Compact => IndexFormat::Hash,
     };
-    if let Some(found) = lookup(ctx, caller, keys, id, first)? {
+    if let Some(found) = lookup(ctx, caller, &keys.index, id, first)? {
         return Ok(Some(found));
     }
-    if type_of(ctx, &presence_key(keys, second)) == KeyType::Empty {
-        return Ok(None);
+    let earlier = keys
+        .earlier_indexes
+        .iter()
+        .flat_map(|i| [(i, first), (i, second)]);
+    for (index, format) in std::iter::once((&keys.index, second)).chain(earlier) {
+        if type_of(ctx, &presence_key(index, format)) == KeyType::Empty {
+            continue;
+        }
+        if let Some(found) = lookup(ctx, caller, index, id, format)? {
+            return Ok(Some(found));
+        }
     }
-    lookup(ctx, caller, keys, id, second)
+    Ok(None)
 }
 
-/// The key that exists exactly while a format holds entries for these keys' DB (or slot).
-fn presence_key(keys: &FlowKeys, format: IndexFormat) -> String {
+/// The key that exists exactly while a format holds entries under the index name `index`.
+fn presence_key(index: &str, format: IndexFormat) -> String {
     match format {
-        IndexFormat::Hash => keys.index.clone(),
-        IndexFormat::Compact => meta_key(keys),
+        IndexFormat::Hash => index.to_string(),
+        IndexFormat::Compact => meta_key(index),
     }
 }
 
 fn lookup(
     ctx: &Context,
     caller: &Caller,
-    keys: &FlowKeys,
+    index: &str,
     id: &str,
     format: IndexFormat,
 ) -> Result<Option<Entry>, FlowError> {
@@ -107,18 +119,17 @@ fn lookup(
         expect_type(ctx, key, &KeyType::Hash)
     };
     if format == IndexFormat::Hash {
-        read(&keys.index)?;
-        return Ok(
-            hget(ctx, &keys.index, id.as_bytes())?.map(|location| Entry {
-                location: lossy(location),
-                format,
-                hash: keys.index.clone(),
-                field: id.as_bytes().to_vec(),
-                meta: None,
-            }),
-        );
+        read(index)?;
+        return Ok(hget(ctx, index, id.as_bytes())?.map(|location| Entry {
+            location: lossy(location),
+            format,
+            index: index.to_string(),
+            hash: index.to_string(),
+            field: id.as_bytes().to_vec(),
+            meta: None,
+        }));
     }
-    let compact = Compact::of(keys, id);
+    let compact = Compact::of(index, id);
     if !read(&compact.meta)? {
         return Ok(None);
     }
@@ -142,6 +153,7 @@ fn lookup(
     Ok(Some(Entry {
         location: head + &file,
         format,
+        index: index.to_string(),
         hash: bucket,
         field: compact.field,
         meta: Some(compact.meta),
@@ -165,9 +177,20 @@ pub fn remove(
     Ok(())
 }
 
-/// Whether `entry` is stored in the format commits write now (so recording over it replaces it).
-pub fn in_configured_format(entry: &Entry) -> bool {
-    entry.format == configured()
+/// The format a commit records `location` in: the configured one, or the hash where the compact
+/// format cannot rebuild it (an object stored under its `_sha256` name because the store's name
+/// limit is below the object's name; `layout::stored_key`).
+fn target(location: &str, id: &str) -> IndexFormat {
+    match configured() {
+        IndexFormat::Compact if layout::split_location(location, id).is_none() => IndexFormat::Hash,
+        format => format,
+    }
+}
+
+/// Whether `entry` is stored where the commit of `location` writes, under the index's name in that
+/// format (so recording over it replaces it).
+pub fn written_in_place(entry: &Entry, keys: &FlowKeys, location: &str, id: &str) -> bool {
+    entry.format == target(location, id) && entry.index == keys.index
 }
 
 /// The keys an entry of `id` is written to in the configured format: the commit checks the caller's
@@ -182,12 +205,19 @@ pub fn written_keys(
     if configured() == IndexFormat::Hash {
         return Ok(vec![keys.index.clone()]);
     }
-    let compact = Compact::of(keys, id);
+    let compact = Compact::of(&keys.index, id);
     acl::check(ctx, caller, &compact.meta, Access::Add)?;
     expect_type(ctx, &compact.meta, &KeyType::Hash)?;
     let buckets = compact.recorded_buckets(ctx)?.unwrap_or_else(new_buckets);
     let bucket = compact.bucket(buckets);
-    Ok(vec![compact.meta, bucket])
+    let mut written = vec![compact.meta, bucket];
+    // An object whose name may pass the store's limit may be stored under its `_sha256` name, which
+    // only the hash format records (`target`): its key is checked too.
+    let name = layout::escape_id(id).len() + ".g15.jsonl.gz".len();
+    if name > OBJECT_NAME_MAX.get().max(0) as usize {
+        written.push(keys.index.clone());
+    }
+    Ok(written)
 }
 
 /// Records `location` for `id` in the configured format through `write` (the commit's replicated
@@ -201,14 +231,14 @@ pub fn record(
     replacing: bool,
     mut write: impl FnMut(&str, &[&[u8]]) -> Result<i64, FlowError>,
 ) -> Result<(), FlowError> {
-    if configured() == IndexFormat::Hash {
+    if target(location, id) == IndexFormat::Hash {
         write(
             "HSET",
             &[keys.index.as_bytes(), id.as_bytes(), location.as_bytes()],
         )?;
         return Ok(());
     }
-    let compact = Compact::of(keys, id);
+    let compact = Compact::of(&keys.index, id);
     let (head, generation) = layout::split_location(location, id).ok_or_else(|| {
         FlowError::Internal(format!(
             "location {} cannot be stored in the compact index",
@@ -264,9 +294,9 @@ fn head_field(number: u64) -> String {
     format!("h{number}")
 }
 
-/// The compact index's meta hash (bucket count, heads, entry count) for these keys' DB or slot.
-fn meta_key(keys: &FlowKeys) -> String {
-    format!("{}:meta", keys.index)
+/// The compact index's meta hash (bucket count, heads, entry count) under the index name `index`.
+fn meta_key(index: &str) -> String {
+    format!("{index}:meta")
 }
 
 /// A flow id's compact entry: its field, and the meta and bucket keys (by bucket count).
@@ -280,7 +310,7 @@ struct Compact {
 }
 
 impl Compact {
-    fn of(keys: &FlowKeys, id: &str) -> Compact {
+    fn of(index: &str, id: &str) -> Compact {
         let (kind, field) = match uuid_bytes(id) {
             Some(raw) => ('u', raw.to_vec()),
             None => ('s', id.as_bytes().to_vec()),
@@ -289,8 +319,8 @@ impl Compact {
         let mut first = [0u8; 8];
         first.copy_from_slice(&digest[..8]);
         Compact {
-            meta: meta_key(keys),
-            stem: format!("{}:{kind}", keys.index),
+            meta: meta_key(index),
+            stem: format!("{index}:{kind}"),
             field,
             hash: u64::from_be_bytes(first),
         }
@@ -368,26 +398,13 @@ fn uuid_bytes(id: &str) -> Option<[u8; 16]> {
 mod tests {
     use super::*;
 
-    fn keys(index: &str) -> FlowKeys {
-        FlowKeys {
-            events: String::new(),
-            snapshot: String::new(),
-            seq: None,
-            labels: None,
-            status_hash: None,
-            member: String::new(),
-            lease: None,
-            index: index.into(),
-        }
-    }
-
     #[test]
     fn canonical_uuids_are_16_bytes_and_other_ids_stay_as_they_are() {
         let id = "0f8fad5b-d9cb-469f-a165-70867728950e";
         let raw = uuid_bytes(id).unwrap();
         assert_eq!(raw[0], 0x0f);
         assert_eq!(raw[15], 0x0e);
-        let c = Compact::of(&keys("archived:flows"), id);
+        let c = Compact::of("archived:flows", id);
         assert_eq!(c.field, raw.to_vec());
         assert!(c.bucket(4096).starts_with("archived:flows:u"));
         for other in [
@@ -400,7 +417,7 @@ mod tests {
             "0123456789abcdef", // 16 bytes: in the `s` buckets, never confused with raw UUID bytes
         ] {
             assert_eq!(uuid_bytes(other), None, "{other}");
-            let c = Compact::of(&keys("archived:flows"), other);
+            let c = Compact::of("archived:flows", other);
             assert_eq!(c.field, other.as_bytes());
             assert!(c.bucket(7).starts_with("archived:flows:s"), "{other}");
         }
@@ -409,7 +426,7 @@ mod tests {
     #[test]
     fn bucket_keys_keep_the_slot_of_the_index_and_spread_ids() {
         let slot_key = slot::slot_index_key("archived:flows", slot::key_slot(b"abc"));
-        let c = Compact::of(&keys(&slot_key), "abc");
+        let c = Compact::of(&slot_key, "abc");
         assert_eq!(
             slot::key_slot(c.bucket(3).as_bytes()),
             slot::key_slot(b"abc")
@@ -418,7 +435,7 @@ mod tests {
         let mut counts = vec![0usize; 64];
         for i in 0..6400 {
             let id = format!("0190d0c2-{i:04x}-7000-8000-000000000000");
-            let b = Compact::of(&keys("i"), &id).hash % 64;
+            let b = Compact::of("i", &id).hash % 64;
             counts[b as usize] += 1;
         }
         // UUIDv7-like ids sharing leading bytes still spread evenly (mean 100).

@@ -3,7 +3,10 @@
 //! Templates use `$name` placeholders (`$prefix`, `$id`, `$status`, `$label`, `$value`; `$$` is a literal
 //! `$`). Braces are left alone so templates can carry cluster hash tags, e.g. `$prefix:{flow:$id}:events`.
 
+use std::sync::Mutex;
+
 use crate::slot;
+use crate::sync::lock;
 
 pub const VARS: &[&str] = &["prefix", "id", "status", "label", "value"];
 
@@ -50,8 +53,15 @@ fn pieces(template: &str) -> Result<Vec<Piece<'_>>, String> {
     Ok(out)
 }
 
+/// The longest template (or key prefix) accepted: key names are short, and `Layout::check_keys`
+/// compares every pair of templates in time that grows with their lengths.
+pub const MAX_TEMPLATE: usize = 256;
+
 /// Checks a template: only `allowed` placeholders, every one of `required` present.
 pub fn validate(template: &str, allowed: &[&str], required: &[&str]) -> Result<(), String> {
+    if template.len() > MAX_TEMPLATE {
+        return Err(format!("longer than {MAX_TEMPLATE} bytes"));
+    }
     let parts = pieces(template)?;
     for p in &parts {
         if let Piece::Var(name) = p {
@@ -116,6 +126,8 @@ pub struct Layout {
     /// The engine archiver's lease on a flow (`$prefix:archive:lease:$id`), if the engine has one.
     pub lease: Option<String>,
     pub index: String,
+    /// Index names used before `index` (`flowarchive.index-read-keys`): read, never written.
+    pub earlier_indexes: Vec<String>,
     pub terminal: Vec<String>,
     /// Where a flow's state comes from: folded from its events, or its stored snapshot.
     pub state: StateSource,
@@ -133,6 +145,8 @@ pub struct FlowKeys {
     pub member: String,
     pub lease: Option<String>,
     pub index: String,
+    /// The flow's hashes under earlier index names (`index-read-keys`), read only.
+    pub earlier_indexes: Vec<String>,
 }
 
 impl FlowKeys {
@@ -186,18 +200,12 @@ impl Layout {
             status_hash: opt(&self.status_hash),
             member: render(&self.member, &v),
             lease: opt(&self.lease),
-            index: self.index_key(id, &v),
+            index: index_key(&self.index, id, &v),
+            earlier_indexes: (self.earlier_indexes.iter())
+                .filter(|t| **t != self.index)
+                .map(|t| index_key(t, id, &v))
+                .collect(),
         }
-    }
-
-    /// The index hash of a flow. On a cluster an `index-key` without `$id` names one hash per slot,
-    /// `<index-key>:{N}` in the flow's slot (see `runtime::cluster`), so the entry lives with the flow.
-    fn index_key(&self, id: &str, v: &Vars) -> String {
-        let base = render(&self.index, v);
-        if !slot::enabled() || uses_id(&self.index) {
-            return base;
-        }
-        slot::slot_index_key(&base, slot::key_slot(id.as_bytes()))
     }
 
     pub fn status_set_key(&self, id: &str, status: &str) -> Option<String> {
@@ -254,6 +262,192 @@ impl Layout {
     }
 }
 
+/// The index hash of a flow under the index name `template`. On a cluster a name without `$id` names
+/// one hash per slot, `<name>:{N}` in the flow's slot (see `runtime::cluster`), so the entry lives
+/// with the flow.
+fn index_key(template: &str, id: &str, v: &Vars) -> String {
+    let base = render(template, v);
+    if !slot::enabled() || uses_id(template) {
+        return base;
+    }
+    slot::slot_index_key(&base, slot::key_slot(id.as_bytes()))
+}
+
+/// One position of a template read as a pattern: a byte of its text (or of `$prefix`), or a run of
+/// bytes of any length: any bytes (a placeholder) or digits (a compact index bucket's number).
+#[derive(Clone, Copy, PartialEq)]
+enum Tok {
+    Byte(u8),
+    Any,
+    Digits,
+}
+
+impl Tok {
+    /// Whether a run `self` can hold the byte `b`.
+    fn holds(self, b: u8) -> bool {
+        match self {
+            Tok::Any => true,
+            Tok::Digits => b.is_ascii_digit(),
+            Tok::Byte(_) => false,
+        }
+    }
+}
+
+/// A template as the pattern of every key it renders: `$prefix` filled in, any other placeholder
+/// any text.
+fn pattern(template: &str, prefix: &str) -> Vec<Tok> {
+    let mut out = Vec::with_capacity(template.len());
+    for piece in pieces(template).unwrap_or_else(|_| vec![Piece::Text(template)]) {
+        match piece {
+            Piece::Text(t) => out.extend(t.bytes().map(Tok::Byte)),
+            Piece::Var("prefix") => out.extend(prefix.bytes().map(Tok::Byte)),
+            Piece::Var(_) => out.push(Tok::Any),
+        }
+    }
+    out
+}
+
+/// Every key an index name stands for: the hash itself, and the compact format's meta hash and
+/// buckets, each also per slot on a cluster (`<name>:{<tag>}…`).
+fn index_patterns(template: &str, prefix: &str) -> Vec<Vec<Tok>> {
+    let base = pattern(template, prefix);
+    let text = |t: &str| t.bytes().map(Tok::Byte).collect::<Vec<_>>();
+    let mut slot = text(":{");
+    slot.push(Tok::Any);
+    slot.push(Tok::Byte(b'}'));
+    let mut out = Vec::new();
+    for stem in [Vec::new(), slot] {
+        let mut u = text(":u");
+        u.push(Tok::Digits);
+        let mut s = text(":s");
+        s.push(Tok::Digits);
+        for tail in [Vec::new(), text(":meta"), u, s] {
+            out.push([base.as_slice(), &stem, &tail].concat());
+        }
+    }
+    out
+}
+
+/// Whether some key matches both patterns. `meet[i][j]`: the rest of `a` from `i` and of `b` from `j`
+/// can render the same text. A run may stand for nothing, or take the other side's next byte; a byte
+/// both runs would take can be left out of both, so a run never needs to meet a run.
+fn can_meet(a: &[Tok], b: &[Tok]) -> bool {
+    let (n, m) = (a.len(), b.len());
+    let mut meet = vec![vec![false; m + 1]; n + 1];
+    for i in (0..=n).rev() {
+        for j in (0..=m).rev() {
+            meet[i][j] = match (a.get(i).copied(), b.get(j).copied()) {
+                (None, None) => true,
+                (Some(run @ (Tok::Any | Tok::Digits)), other) => {
+                    meet[i + 1][j]
+                        || match other {
+                            Some(Tok::Byte(c)) => run.holds(c) && meet[i][j + 1],
+                            Some(_) => meet[i][j + 1],
+                            None => false,
+                        }
+                }
+                (other, Some(run @ (Tok::Any | Tok::Digits))) => {
+                    meet[i][j + 1]
+                        || matches!(other, Some(Tok::Byte(c)) if run.holds(c) && meet[i + 1][j])
+                }
+                (Some(Tok::Byte(x)), Some(Tok::Byte(y))) => x == y && meet[i + 1][j + 1],
+                _ => false,
+            };
+        }
+    }
+    meet[0][0]
+}
+
+impl Layout {
+    /// Refuses a layout in which two kinds of key can be the same key: the archive index (under its
+    /// name or any earlier one) and a key an archive reads, writes or deletes, or one of the engine's
+    /// indexes; or a flow's own keys (deleted by its commit) and another flow's own keys or an engine
+    /// index. Either would let an archive write its entry into a key it then deletes, write locations
+    /// into the engine's hashes, or delete another flow's data. Checked where the layout is used, since
+    /// configs are set one at a time and may pass through such a state on the way to a sound one.
+    pub fn check_keys(&self) -> Result<(), String> {
+        // Judged once per layout: every command checks, the layout rarely changes.
+        static JUDGED: Mutex<Option<(String, Result<(), String>)>> = Mutex::new(None);
+        let layout = format!(
+            "{:?}",
+            (
+                &self.prefix,
+                [&self.events, &self.snapshot, &self.index],
+                [&self.seq, &self.labels, &self.status_hash, &self.status_set],
+                [&self.label_set, &self.label_values, &self.lease],
+                &self.earlier_indexes
+            )
+        );
+        let mut judged = lock(&JUDGED);
+        match judged.as_ref() {
+            Some((seen, verdict)) if *seen == layout => verdict.clone(),
+            _ => {
+                let verdict = self.judge_keys();
+                *judged = Some((layout, verdict.clone()));
+                verdict
+            }
+        }
+    }
+
+    fn judge_keys(&self) -> Result<(), String> {
+        let named = |name: &'static str, t: &Option<String>| {
+            t.as_deref()
+                .map(|t| (name, t.to_string(), pattern(t, &self.prefix)))
+        };
+        let some = |t: &String| Some(t.clone());
+        let own: Vec<_> = [
+            named("events-key", &some(&self.events)),
+            named("snapshot-key", &some(&self.snapshot)),
+            named("seq-key", &self.seq),
+            named("labels-key", &self.labels),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let shared: Vec<_> = [
+            named("status-key", &self.status_hash),
+            named("status-set-key", &self.status_set),
+            named("label-set-key", &self.label_set),
+            named("label-values-key", &self.label_values),
+            named("lease-key", &self.lease),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let mut index = Vec::new();
+        for (name, t) in std::iter::once(("index-key", &self.index))
+            .chain(self.earlier_indexes.iter().map(|t| ("index-read-keys", t)))
+        {
+            let patterns = index_patterns(t, &self.prefix);
+            index.extend(patterns.into_iter().map(|p| (name, t.clone(), p)));
+        }
+        let clash = |(a, at, ap): &(&str, String, Vec<Tok>),
+                     (b, bt, bp): &(&str, String, Vec<Tok>)| {
+            can_meet(ap, bp).then(|| {
+                format!(
+                    "flowarchive.{a} {at:?} and flowarchive.{b} {bt:?} can name the same key (with key-prefix {:?}); an archive could then delete or overwrite what the other holds, so nothing is archived or read until they cannot meet",
+                    self.prefix
+                )
+            })
+        };
+        for (i, a) in own.iter().enumerate() {
+            for b in own[i + 1..].iter().chain(&shared).chain(&index) {
+                if let Some(why) = clash(a, b) {
+                    return Err(why);
+                }
+            }
+        }
+        for a in &index {
+            for b in &shared {
+                if let Some(why) = clash(a, b) {
+                    return Err(why);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Whether a template holds `$id`.
 fn uses_id(template: &str) -> bool {
     pieces(template).is_ok_and(|parts| parts.iter().any(|p| matches!(p, Piece::Var("id"))))
@@ -298,7 +492,15 @@ fn glob_escape(text: &str) -> String {
 use crate::digest::{hex, sha256};
 
 /// S3 allows object keys up to 1024 bytes.
-const MAX_OBJECT_KEY: usize = 1024;
+pub const MAX_OBJECT_KEY: usize = 1024;
+
+/// The longest object name (a key's last segment) stores take by default: MinIO and SeaweedFS refuse
+/// a segment of 256 bytes or more (`KeyTooLongError`), AWS only keys past 1024 bytes.
+pub const OBJECT_NAME_MAX: usize = 255;
+
+/// The length of the longest `_sha256` object name (`<64 hex>.g15.jsonl.gz`): no store limit below it
+/// can be met.
+pub const SHA_NAME_LEN: usize = 64 + ".g15.jsonl.gz".len();
 
 /// Escapes a flow id for an object key: bytes outside `[A-Za-z0-9_-]` become `%XX` (uppercase hex of each
 /// UTF-8 byte). `/` and `.` are escaped too, so an id never forms a path segment or `..`. Reversible.
@@ -318,11 +520,25 @@ pub fn escape_id(id: &str) -> String {
 /// `<prefix>/db<n>/flows/<escaped id>.jsonl.gz` for DB n > 0, so the same id in two DBs is two objects.
 /// Generation g > 0 (see `GENERATIONS`) ends in `.g<g>.jsonl.gz` instead.
 /// An id whose escaped key would pass S3's 1024-byte limit is stored under
-/// `<folder>/flows/_sha256/<hex of the id>.jsonl.gz`; its header still names the id.
+/// `<folder>/flows/_sha256/<hex of the id>.jsonl.gz`; its header still names the id. This is the key
+/// the compact index rebuilds (`object_file`); `stored_key` also takes the store's name limit.
 pub fn object_key(prefix: &str, db: i32, id: &str, generation: u32) -> String {
     let folder = object_folder(prefix, db);
     let file = object_file(&folder, id, generation);
     folder + &file
+}
+
+/// The key an archive is stored under: `object_key`, or its `_sha256` form when the object's name
+/// (the key's last segment) would pass `max_name` bytes, the longest the store takes
+/// (`object-name-max`).
+pub fn stored_key(prefix: &str, db: i32, id: &str, generation: u32, max_name: usize) -> String {
+    let folder = object_folder(prefix, db);
+    let file = object_file(&folder, id, generation);
+    let name = file.rsplit('/').next().unwrap_or(&file);
+    if name.len() <= max_name {
+        return folder + &file;
+    }
+    folder + &sha_file(id, generation)
 }
 
 /// The part of an object key before `flows/`: empty, `<prefix>/`, `db<n>/` or `<prefix>/db<n>/`.
@@ -335,20 +551,31 @@ pub fn object_folder(prefix: &str, db: i32) -> String {
     }
 }
 
+fn suffix(generation: u32) -> String {
+    match generation {
+        0 => ".jsonl.gz".to_string(),
+        g => format!(".g{g}.jsonl.gz"),
+    }
+}
+
 /// The rest of an object key after `folder`: `flows/<escaped id>[.g<g>].jsonl.gz`, or the `_sha256`
 /// name when the whole key would pass S3's limit. The compact index stores the folder once and
 /// rebuilds each location with this (see `index`).
 pub fn object_file(folder: &str, id: &str, generation: u32) -> String {
     // An escaped id never holds '.', so a generation suffix cannot meet another id's key.
-    let suffix = match generation {
-        0 => ".jsonl.gz".to_string(),
-        g => format!(".g{g}.jsonl.gz"),
-    };
-    let file = format!("flows/{}{suffix}", escape_id(id));
+    let file = format!("flows/{}{}", escape_id(id), suffix(generation));
     if folder.len() + file.len() <= MAX_OBJECT_KEY {
         return file;
     }
-    format!("flows/_sha256/{}{suffix}", hex(&sha256(id.as_bytes())))
+    sha_file(id, generation)
+}
+
+fn sha_file(id: &str, generation: u32) -> String {
+    format!(
+        "flows/_sha256/{}{}",
+        hex(&sha256(id.as_bytes())),
+        suffix(generation)
+    )
 }
 
 /// How many object keys one flow may use. Objects are written once: when an attempt stored its object
@@ -356,19 +583,31 @@ pub fn object_file(folder: &str, id: &str, generation: u32) -> String {
 /// writes the next generation instead of replacing history another server may already index.
 pub const GENERATIONS: u32 = 16;
 
-/// Every object key the flow may have been archived under, first generation first.
-pub fn object_keys<'a>(prefix: &'a str, db: i32, id: &'a str) -> impl Iterator<Item = String> + 'a {
-    object_keys_from(prefix, db, id, 0)
-}
-
-/// The flow's object keys from generation `first` on.
-pub fn object_keys_from<'a>(
+/// The keys a flow's archives are stored under (`stored_key`), from generation `first` on.
+pub fn stored_keys_from<'a>(
     prefix: &'a str,
     db: i32,
     id: &'a str,
     first: u32,
+    max_name: usize,
 ) -> impl Iterator<Item = String> + 'a {
-    (first..GENERATIONS).map(move |g| object_key(prefix, db, id, g))
+    (first..GENERATIONS).map(move |g| stored_key(prefix, db, id, g, max_name))
+}
+
+/// Every key an archive of the flow may have been stored under, whatever the name limit was: each
+/// generation's `object_key` and its `_sha256` form.
+pub fn readable_keys<'a>(
+    prefix: &'a str,
+    db: i32,
+    id: &'a str,
+) -> impl Iterator<Item = String> + 'a {
+    let folder = object_folder(prefix, db);
+    (0..GENERATIONS).flat_map(move |g| {
+        [
+            object_key(prefix, db, id, g),
+            folder.clone() + &sha_file(id, g),
+        ]
+    })
 }
 
 /// The object key folder of a head `s3://bucket/<folder>`.
@@ -422,9 +661,72 @@ mod tests {
             member: "flow:$id".into(),
             lease: Some("$prefix:archive:lease:$id".into()),
             index: "archived:flows".into(),
+            earlier_indexes: Vec::new(),
             terminal: vec!["completed".into(), "failed".into()],
             state: StateSource::Fold,
         }
+    }
+
+    #[test]
+    fn keys_of_different_kinds_can_meet_or_not() {
+        let meet = |a: &str, b: &str| can_meet(&pattern(a, "p"), &pattern(b, "p"));
+        assert!(meet("$prefix:flow:$id", "$prefix:flow:$id:snap"));
+        assert!(meet("a:$id", "$id:b"));
+        assert!(meet("$id", "anything"));
+        assert!(!meet(
+            "$prefix:flow:$id:events",
+            "$prefix:flow:$id:snapshot:val"
+        ));
+        assert!(!meet(
+            "$prefix:flow:$id:events",
+            "$prefix:idx:status:$status"
+        ));
+        assert!(!meet("x$id", "y$id"));
+        assert!(!meet("archived:flows", "p:flow:$id:events"));
+        let index = |i: &str, other: &str| {
+            index_patterns(i, "p")
+                .iter()
+                .any(|ip| can_meet(ip, &pattern(other, "p")))
+        };
+        assert!(index("archived", "archived:u17"));
+        assert!(index("archived", "archived:{x}:meta"));
+        assert!(!index("archived", "archived:ux"));
+        assert!(!index("eng:{$id}:archived", "eng:{$id}:log"));
+        assert!(index("eng:{$id}:archived", "eng:{$id}:archived:s$id"));
+    }
+
+    #[test]
+    fn the_default_layout_is_sound_and_collisions_are_refused() {
+        assert_eq!(argyll().check_keys(), Ok(()));
+        for (index, clash) in [
+            ("argyll:flow:$id:idx:labels", "labels-key"),
+            ("argyll:idx:status", "status-key"),
+            ("$prefix:idx:label:tenant", "label-values-key"),
+            ("$prefix:flow:x:events", "events-key"),
+        ] {
+            let l = Layout {
+                index: index.into(),
+                ..argyll()
+            };
+            let e = l.check_keys().unwrap_err();
+            assert!(e.contains(clash) && e.contains("index-key"), "{index}: {e}");
+        }
+        let l = Layout {
+            earlier_indexes: vec!["argyll:idx:status".into()],
+            ..argyll()
+        };
+        assert!(l.check_keys().unwrap_err().contains("index-read-keys"));
+        let l = Layout {
+            events: "$prefix:idx:status:$id".into(),
+            ..argyll()
+        };
+        assert!(l.check_keys().unwrap_err().contains("status-set-key"));
+        let l = Layout {
+            events: "$prefix:flow:$id".into(),
+            snapshot: "$prefix:flow:$id:snapshot".into(),
+            ..argyll()
+        };
+        assert!(l.check_keys().unwrap_err().contains("snapshot-key"));
     }
 
     #[test]
@@ -566,6 +868,29 @@ mod tests {
     }
 
     #[test]
+    fn stored_names_keep_within_the_stores_limit() {
+        // 83 escaped bytes and the suffix: within 255, over 80.
+        let id = "x".repeat(83);
+        assert_eq!(
+            stored_key("p", 0, &id, 0, OBJECT_NAME_MAX),
+            object_key("p", 0, &id, 0)
+        );
+        let short = stored_key("p", 3, &id, 2, SHA_NAME_LEN);
+        assert!(short.starts_with("p/db3/flows/_sha256/") && short.ends_with(".g2.jsonl.gz"));
+        // 86 ids bytes escape to 258: a name MinIO and SeaweedFS refuse.
+        let escaped = ":".repeat(86);
+        let key = stored_key("", 0, &escaped, 0, OBJECT_NAME_MAX);
+        assert!(key.starts_with("flows/_sha256/"), "{key}");
+        assert!(key.rsplit('/').next().unwrap().len() <= SHA_NAME_LEN);
+        for max in [SHA_NAME_LEN, OBJECT_NAME_MAX, MAX_OBJECT_KEY] {
+            for g in [0, 15] {
+                let k = stored_key("q", 1, &escaped, g, max);
+                assert!(readable_keys("q", 1, &escaped).any(|r| r == k), "{k}");
+            }
+        }
+    }
+
+    #[test]
     fn object_keys_of_other_dbs_live_in_their_own_folder() {
         assert_eq!(object_key("", 3, "abc", 0), "db3/flows/abc.jsonl.gz");
         assert_eq!(
@@ -589,7 +914,8 @@ mod tests {
     fn later_generations_never_meet_another_key() {
         assert_eq!(object_key("p", 0, "abc", 2), "p/flows/abc.g2.jsonl.gz");
         assert_eq!(object_key("", 4, "a.b", 1), "db4/flows/a%2Eb.g1.jsonl.gz");
-        let keys: std::collections::HashSet<String> = object_keys("p", 0, "abc").collect();
+        let keys: std::collections::HashSet<String> =
+            stored_keys_from("p", 0, "abc", 0, OBJECT_NAME_MAX).collect();
         assert_eq!(keys.len(), GENERATIONS as usize);
         // An id that looks like a generation suffix escapes its dots.
         assert!(!keys.contains(&object_key("p", 0, "abc.g2", 0)));

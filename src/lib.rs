@@ -54,6 +54,15 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
             );
         }
     }
+    configs::loaded();
+    // Said at once, not only when the first archive is refused.
+    let risks = [
+        runtime::server::eviction_risk(ctx),
+        configs::Settings::current().layout.check_keys().err(),
+    ];
+    for why in risks.into_iter().flatten() {
+        log::warning(&format!("flowarchive: {why}"));
+    }
     Status::Ok
 }
 
@@ -78,9 +87,9 @@ redis_module! {
     init: init,
     deinit: deinit,
     commands: [
-        ["flowarchive.flow", commands::flow, "write deny-oom deny-script", 0, 0, 0, "", "flowarchive"],
+        ["flowarchive.flow", commands::flow, "write deny-script", 0, 0, 0, "", "flowarchive"],
         ["flowarchive.get", commands::get, "readonly", 0, 0, 0, "", "flowarchive"],
-        ["flowarchive.sweep", commands::sweep, "write deny-oom deny-script", 0, 0, 0, "", "flowarchive"],
+        ["flowarchive.sweep", commands::sweep, "write deny-script", 0, 0, 0, "", "flowarchive"],
     ],
     configurations: [
         i64: [
@@ -90,6 +99,7 @@ redis_module! {
             ["step-budget-us", &configs::STEP_BUDGET_US.value, configs::STEP_BUDGET_US.default, configs::STEP_BUDGET_US.min, configs::STEP_BUDGET_US.max, ConfigurationFlags::DEFAULT, None],
             ["upload-bytes-per-sec", &configs::UPLOAD_BYTES_PER_SEC.value, configs::UPLOAD_BYTES_PER_SEC.default, configs::UPLOAD_BYTES_PER_SEC.min, configs::UPLOAD_BYTES_PER_SEC.max, ConfigurationFlags::MEMORY, None],
             ["cache-bytes", &configs::CACHE_BYTES.value, configs::CACHE_BYTES.default, configs::CACHE_BYTES.min, configs::CACHE_BYTES.max, ConfigurationFlags::MEMORY, Some(Box::new(fetch::on_cache_budget))],
+            ["object-name-max", &configs::OBJECT_NAME_MAX.value, configs::OBJECT_NAME_MAX.default, configs::OBJECT_NAME_MAX.min, configs::OBJECT_NAME_MAX.max, ConfigurationFlags::DEFAULT, None],
             ["read-max-bytes", &configs::READ_MAX_BYTES.value, configs::READ_MAX_BYTES.default, configs::READ_MAX_BYTES.min, configs::READ_MAX_BYTES.max, ConfigurationFlags::MEMORY, None],
             ["retry-attempts", &configs::RETRY_ATTEMPTS.value, configs::RETRY_ATTEMPTS.default, configs::RETRY_ATTEMPTS.min, configs::RETRY_ATTEMPTS.max, ConfigurationFlags::DEFAULT, None],
             ["index-buckets", &configs::INDEX_BUCKETS.value, configs::INDEX_BUCKETS.default, configs::INDEX_BUCKETS.min, configs::INDEX_BUCKETS.max, ConfigurationFlags::DEFAULT, None],
@@ -106,7 +116,8 @@ redis_module! {
             ["secret-key-file", &configs::SECRET_KEY_FILE, "", ConfigurationFlags::DEFAULT, None],
             ["retention", &configs::RETENTION, configs::RETENTION.default, ConfigurationFlags::DEFAULT, None],
             ["key-prefix", &configs::KEY_PREFIX, configs::KEY_PREFIX.default, ConfigurationFlags::DEFAULT, None],
-            ["index-key", &configs::INDEX_KEY, configs::INDEX_KEY.default, ConfigurationFlags::DEFAULT, None],
+            ["index-key", &configs::INDEX_KEY, configs::INDEX_KEY.default, ConfigurationFlags::DEFAULT, Some(Box::new(configs::on_index_key))],
+            ["index-read-keys", &configs::INDEX_READ_KEYS, configs::INDEX_READ_KEYS.default, ConfigurationFlags::DEFAULT, None],
             ["events-key", &configs::EVENTS_KEY, configs::EVENTS_KEY.default, ConfigurationFlags::DEFAULT, None],
             ["snapshot-key", &configs::SNAPSHOT_KEY, configs::SNAPSHOT_KEY.default, ConfigurationFlags::DEFAULT, None],
             ["seq-key", &configs::SEQ_KEY, configs::SEQ_KEY.default, ConfigurationFlags::DEFAULT, None],

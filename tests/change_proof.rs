@@ -337,11 +337,19 @@ const BIG_LABEL: usize = 48 << 20;
 fn a_label_grown_between_capture_and_commit_is_not_copied_by_the_commit() {
     let s3 = S3::new_bucket();
     let proxy = Proxy::start(s3_port());
-    // No engine-wide label sets: a 48 MB label value would otherwise name a 48 MB key.
+    // No engine-wide label sets: a 48 MB label value would otherwise name a 48 MB key. A read of the
+    // flow with its new label holds it twice (content and trailer), past the default cap.
     let srv = server_via(
         &s3,
         Some(&proxy),
-        &["label-set-key", "", "label-values-key", ""],
+        &[
+            "label-set-key",
+            "",
+            "label-values-key",
+            "",
+            "read-max-bytes",
+            "268435456",
+        ],
     );
     let mut c = srv.conn();
     let id = "big-label";

@@ -516,7 +516,7 @@ fn c_replicaof_swap_mid_sweep_loses_nothing() {
 
 /// Another valid value for each module config (`$P` is replaced by the test's own prefix, so an
 /// object written under the changed prefix is found; `$F` by a file holding a wrong secret).
-const ALTERNATES: [(&str, &str); 43] = [
+const ALTERNATES: [(&str, &str); 45] = [
     ("endpoint", "http://127.0.0.1:9"),
     ("index-format", "compact"),
     ("index-buckets", "16"),
@@ -538,6 +538,7 @@ const ALTERNATES: [(&str, &str); 43] = [
     ("sweep-interval", "1h"),
     ("key-prefix", "chaosother"),
     ("index-key", "archived:other"),
+    ("index-read-keys", "archived:older"),
     ("events-key", "$prefix:other:$id:events"),
     ("snapshot-key", "$prefix:other:$id:snapshot:val"),
     ("seq-key", ""),
@@ -551,6 +552,7 @@ const ALTERNATES: [(&str, &str); 43] = [
     ("state", "snapshot"),
     ("terminal-statuses", "failed"),
     ("read-max-bytes", "1048576"),
+    ("object-name-max", "80"),
     ("read-allow", "s3://chaos-other-bucket/old"),
     ("credentials", "imds"),
     ("tls-ca-file", "/etc/ssl/certs/ca-certificates.crt"),

@@ -789,7 +789,10 @@ fn slowdowns_are_retried_and_errors_that_would_repeat_are_not() {
     assert_eq!(r["archived"], redis::Value::Int(20), "{r:?}");
     assert_eq!(r["failed"], redis::Value::Int(0), "{r:?}");
     let retries = info_field(&mut c, "s3_retries");
-    assert_eq!(retries, 40, "each PUT and HEAD retried once");
+    assert_eq!(
+        retries, 41,
+        "each PUT and HEAD retried once, and the bucket's proof before the first"
+    );
     assert_eq!(info_field(&mut c, "failures_s3_throttled"), 0);
 
     // An upload that took effect but whose answer was lost: the retry finds the object at its key

@@ -200,6 +200,48 @@ fn a_missing_bucket_is_never_created_and_refuses_every_archive() {
 
 // ---------------------------------------------------------------- rate cap
 
+/// Object names the store would refuse (MinIO and SeaweedFS take at most 255 bytes per key segment)
+/// are stored under their `_sha256` name, in either index format; a store that refuses a name anyway
+/// (the limit raised past it) answers an error that keeps its reason, with the flow live.
+#[test]
+fn long_ids_are_named_within_the_stores_limit_and_refusals_keep_their_reason() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    // 86 colons escape to 258 bytes; 100 `é` to 600; a UUID-length id stays as it is.
+    let ids = [":".repeat(86), "é".repeat(100), "a".repeat(36)];
+    for (i, id) in ids.iter().enumerate() {
+        if i == 1 {
+            config_set(&mut c, "flowarchive.index-format", "compact").unwrap();
+        }
+        let spec = FlowSpec::done(id);
+        write_flow(&mut c, &spec);
+        let location = text(&archive(&mut c, id).unwrap()["location"]);
+        let name = location.rsplit('/').next().unwrap();
+        assert!(name.len() <= 255, "{location}");
+        assert_eq!(location.contains("/_sha256/"), i < 2, "{location}");
+        let (state, events) = get_events(&mut c, id).unwrap();
+        assert_eq!(state, archived_state(&state_json(&spec)));
+        assert_eq!(events, events_of(&spec));
+    }
+    // The compact index records what it can rebuild; the `_sha256` name went to the hash.
+    let hashed: i64 = cmd(&mut c, &["HEXISTS", "archived:flows", &ids[1]]).unwrap();
+    assert_eq!(hashed, 1);
+    assert_eq!(cmd::<i64>(&mut c, &["HLEN", "archived:flows"]).unwrap(), 2);
+
+    // A 915-byte key: the message keeps the reason after it.
+    config_set(&mut c, "flowarchive.object-name-max", "1024").unwrap();
+    let id = "é".repeat(150);
+    write_flow(&mut c, &FlowSpec::done(&id));
+    let before = dump_all(&mut c);
+    let e = err_text(archive(&mut c, &id));
+    assert!(
+        e.contains("KeyTooLongError") && e.contains("nothing was deleted"),
+        "{e}"
+    );
+    assert_same(&before, &dump_all(&mut c), "refused by the store");
+}
+
 /// Archives `id` on another thread; its result arrives on the channel.
 fn archive_in_background(
     srv: &Server,

@@ -25,6 +25,7 @@ use crate::index;
 use crate::layout::Layout;
 use crate::ops::errors::{self, FlowError};
 use crate::ops::metrics::Stage;
+use crate::runtime::acl::Caller;
 use crate::runtime::cluster;
 use crate::runtime::mainthread;
 use crate::runtime::server::{bytes, call, call_replicated, integer, type_of};
@@ -121,7 +122,7 @@ fn commit(
     let replacing = flow
         .previous
         .as_ref()
-        .is_some_and(index::in_configured_format);
+        .is_some_and(|entry| index::written_in_place(entry, &flow.keys, location, &flow.id));
     if let Some(previous) = flow.previous.as_ref().filter(|_| !replacing) {
         index::remove(ctx, previous, |cmd, args| write(ctx, cmd, args))?;
     }
@@ -154,6 +155,11 @@ fn commit(
     let own: Vec<&[u8]> = flow.keys.own().map(str::as_bytes).collect();
     // UNLINK frees a long event log off the main thread.
     write(ctx, "UNLINK", &own)?;
+    // Success is answered only for an entry that reads back as written.
+    let recorded = index::find(ctx, &Caller::Server, &flow.keys, &flow.id)?;
+    if recorded.map(|e| e.location).as_deref() != Some(location) {
+        return Err(FlowError::Unindexed(location.to_string()));
+    }
     Ok(())
 }
 

@@ -378,6 +378,7 @@ mod tests {
                 member: "flow:abc".into(),
                 lease: None,
                 index: "archived:flows".into(),
+                earlier_indexes: Vec::new(),
             },
             events: events.into_iter().map(|e| e.as_bytes().to_vec()).collect(),
             snapshot: Some(snapshot.as_bytes().to_vec()),

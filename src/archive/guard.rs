@@ -8,10 +8,10 @@ use redis_module::{Context, KeyType};
 use crate::archive::flow::Captured;
 use crate::index;
 use crate::layout::Layout;
-use crate::ops::errors::FlowError;
+use crate::ops::errors::{show_key, FlowError};
 use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::cluster;
-use crate::runtime::server::expect_type;
+use crate::runtime::server::{self, expect_type};
 
 /// One key the commit touches: the template it comes from, what it must hold and what is done to it.
 struct Touched {
@@ -106,5 +106,23 @@ pub fn check(
         acl::check(ctx, caller, &t.key, t.access)?;
         expect_type(ctx, &t.key, &t.expected)?;
     }
+    // The index entry must outlive the commit: no key it is written to is one the commit removes
+    // data from, and the server can neither evict nor expire it.
+    let written: Vec<&Touched> = touched
+        .iter()
+        .filter(|t| matches!(t.access, Access::Add))
+        .collect();
+    for w in &written {
+        if let Some(other) = touched.iter().find(|t| {
+            t.key == w.key && !matches!(t.access, Access::Add) && t.template != w.template
+        }) {
+            return Err(FlowError::Unsafe(format!(
+                "its index entry would be written to {}, a key the commit also removes data from ({}); the layout must keep them apart",
+                show_key(&w.key),
+                other.template
+            )));
+        }
+    }
+    server::index_kept(ctx, written.iter().map(|t| t.key.as_str()))?;
     Ok(slot)
 }

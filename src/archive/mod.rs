@@ -79,6 +79,10 @@ pub static FLOW_POOL: Pool = Pool::new("flowarchive-flow", 8, 256);
 pub fn archive_now(ctx: &Context, id: String, force: bool) -> RedisResult {
     refuse_where_it_cannot_run(ctx, "FLOWARCHIVE.FLOW", true)?;
     let settings = Settings::current();
+    settings
+        .layout
+        .check_keys()
+        .map_err(|why| refused(&id, &FlowError::Unsafe(why)))?;
     let s3 = Store::new(&settings.s3).map_err(|e| RedisError::String(format!("ERR {e}")))?;
     let window = Window::now(settings.retention_ms, force);
     let caller = Caller::of(ctx);
@@ -265,7 +269,7 @@ pub fn upload(
     capture.flow.events = Vec::new();
     let _encoded = Buffered::hold(encoded.body.len() as u64);
     UPLOADS_IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
-    let stored = store::store_once(s3, &settings.s3.prefix, &capture.flow, &encoded);
+    let stored = store::store_once(s3, &settings.s3, &capture.flow, &encoded);
     UPLOADS_IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
     let key = stored?;
     let stored = Stored {

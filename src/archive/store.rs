@@ -12,12 +12,12 @@ use crate::archive::flow::Captured;
 use crate::format::Encoded;
 use crate::layout;
 use crate::ops::errors::FlowError;
-use crate::s3::{FailureKind, Store, StoreError};
+use crate::s3::{FailureKind, S3Settings, Store, StoreError};
 
 /// Stores `encoded` for `flow` and returns its key, once stored and verified.
 pub fn store_once(
     s3: &Store,
-    prefix: &str,
+    settings: &S3Settings,
     flow: &Captured,
     encoded: &Encoded,
 ) -> Result<String, FlowError> {
@@ -26,7 +26,8 @@ pub fn store_once(
         .as_ref()
         .and_then(|entry| layout::split_location(&entry.location, &flow.id))
         .map_or(0, |(_, generation)| generation + 1);
-    for key in layout::object_keys_from(prefix, flow.db, &flow.id, first) {
+    let (prefix, max_name) = (&settings.prefix, settings.object_name_max);
+    for key in layout::stored_keys_from(prefix, flow.db, &flow.id, first, max_name) {
         let existing = match s3.put_verified(&key, encoded) {
             Err(e) if e.kind == FailureKind::Exists => s3.verify_existing(&key, encoded),
             stored => return stored.map(|()| key).map_err(FlowError::Upload),

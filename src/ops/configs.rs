@@ -454,6 +454,12 @@ fn key_prefix(v: &str) -> Result<(), String> {
     if v.contains('$') {
         return Err("key-prefix must not contain '$'".into());
     }
+    if v.len() > layout::MAX_TEMPLATE {
+        return Err(format!(
+            "key-prefix is longer than {} bytes",
+            layout::MAX_TEMPLATE
+        ));
+    }
     Ok(())
 }
 
@@ -471,7 +477,73 @@ macro_rules! template_check {
 template_check!(flow_key, ["prefix", "id"], ["id"], false);
 template_check!(opt_flow_key, ["prefix", "id"], ["id"], true);
 template_check!(member, ["prefix", "id"], ["id"], false);
-template_check!(index_key, ["prefix", "id"], [], false);
+template_check!(index_name, ["prefix", "id"], [], false);
+
+/// Earlier index names a change of `index-key` keeps readable (`index-read-keys`) at most.
+pub const MAX_INDEX_READ_KEYS: usize = 8;
+
+/// Set once the module has loaded: from then on a change of `index-key` keeps the name it replaces.
+static LOADED: AtomicBool = AtomicBool::new(false);
+/// `index-key` as last applied.
+static LAST_INDEX_KEY: Mutex<String> = Mutex::new(String::new());
+
+/// `index-key`: a name template, and room in `index-read-keys` for the name it replaces.
+fn index_key(v: &str) -> Result<(), String> {
+    index_name(v)?;
+    let old = INDEX_KEY.get();
+    let kept = INDEX_READ_KEYS.get();
+    let names: Vec<&str> = kept.split_whitespace().collect();
+    if LOADED.load(Ordering::SeqCst)
+        && old != v
+        && !names.contains(&old.as_str())
+        && names.len() >= MAX_INDEX_READ_KEYS
+    {
+        return Err(format!(
+            "index-read-keys already holds {MAX_INDEX_READ_KEYS} earlier index names; move their entries under the current one (scripts/flowarchive-index --rebuild) and clear it first"
+        ));
+    }
+    Ok(())
+}
+
+/// `index-read-keys`: up to `MAX_INDEX_READ_KEYS` space-separated index names.
+fn index_read_keys(v: &str) -> Result<(), String> {
+    let names: Vec<&str> = v.split_whitespace().collect();
+    if names.len() > MAX_INDEX_READ_KEYS {
+        return Err(format!("at most {MAX_INDEX_READ_KEYS} index names"));
+    }
+    names
+        .iter()
+        .try_for_each(|n| index_name(n).map_err(|e| format!("{n:?}: {e}")))
+}
+
+/// A change of `index-key` after load: the name it replaces joins `index-read-keys`, so every flow
+/// archived under it (by a sweep that began before the change, too) stays readable and is never
+/// archived twice.
+pub fn on_index_key(_ctx: &ConfigurationContext, _name: &str, _value: &'static Checked) {
+    let now = INDEX_KEY.get();
+    let mut last = lock(&LAST_INDEX_KEY);
+    if LOADED.load(Ordering::SeqCst) && !last.is_empty() && *last != now {
+        let mut kept = INDEX_READ_KEYS.get();
+        if !kept.split_whitespace().any(|n| n == *last) {
+            if !kept.is_empty() {
+                kept.push(' ');
+            }
+            kept.push_str(&last);
+            *INDEX_READ_KEYS.lock() = kept;
+            crate::ops::log::notice(&format!(
+                "flowarchive: index-key changed from {:?} to {now:?}; the earlier name is read too (flowarchive.index-read-keys)",
+                *last
+            ));
+        }
+    }
+    *last = now;
+}
+
+/// Called at the end of OnLoad: configs set from now on are changes.
+pub fn loaded() {
+    *lock(&LAST_INDEX_KEY) = INDEX_KEY.get();
+    LOADED.store(true, Ordering::SeqCst);
+}
 template_check!(opt_shared_key, ["prefix"], [], true);
 template_check!(status_set, ["prefix", "status"], ["status"], true);
 template_check!(
@@ -503,11 +575,17 @@ pub static BATCH_SIZE: Int = Int::new(100, 1, 100_000);
 pub static STEP_BUDGET_US: Int = Int::new(250, 50, 100_000);
 pub static CACHE_BYTES: Int = Int::new(64 << 20, 0, 1 << 40);
 pub static READ_MAX_BYTES: Int = Int::new(64 << 20, 64 << 10, 1 << 40);
+pub static OBJECT_NAME_MAX: Int = Int::new(
+    layout::OBJECT_NAME_MAX as i64,
+    layout::SHA_NAME_LEN as i64,
+    layout::MAX_OBJECT_KEY as i64,
+);
 pub static READ_ALLOW: Checked = Checked::new("", check_read_allow);
 pub static UPLOAD_BYTES_PER_SEC: Int = Int::new(0, 0, 1 << 40);
 pub static SWEEP_INTERVAL: Checked = Checked::new("0s", duration);
 pub static KEY_PREFIX: Checked = Checked::new("argyll", key_prefix);
 pub static INDEX_KEY: Checked = Checked::new("archived:flows", index_key);
+pub static INDEX_READ_KEYS: Checked = Checked::new("", index_read_keys);
 pub static INDEX_FORMAT: Mutex<IndexFormat> = Mutex::new(IndexFormat::Hash);
 /// Hashes of a new compact index (per DB; on a cluster spread over the 16384 slots): about one per 64
 /// archived flows keeps each in the server's listpack encoding (docs/FORMAT.md). Recorded in the index
@@ -567,6 +645,7 @@ fn s3_settings() -> S3Settings {
         sse_kms_key_id: SSE_KMS_KEY_ID.get(),
         storage_class: STORAGE_CLASS.get(),
         checksum: Checksum::parse(&CHECKSUM.get()).unwrap_or(Checksum::Sha256),
+        object_name_max: OBJECT_NAME_MAX.get().max(layout::SHA_NAME_LEN as i64) as usize,
     }
 }
 
@@ -609,6 +688,11 @@ impl Settings {
                 member: FLOW_MEMBER.get(),
                 lease: opt(&LEASE_KEY),
                 index: INDEX_KEY.get(),
+                earlier_indexes: INDEX_READ_KEYS
+                    .get()
+                    .split_whitespace()
+                    .map(str::to_string)
+                    .collect(),
                 state: *lock(&STATE),
                 terminal: TERMINAL_STATUSES
                     .get()

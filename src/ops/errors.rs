@@ -1,6 +1,8 @@
 //! The module's errors and their texts. Texts start with `ERR` (or `NOPERM`), name the flow and say why,
 //! are bounded in length, and never carry a credential or a presigned URL.
 
+use redis_module::{RedisError, RedisResult};
+
 use crate::clock::human_ms;
 use crate::kinds::kinds;
 use crate::s3::{FailureKind, StoreError};
@@ -27,18 +29,41 @@ pub const MAIN_THREAD_PANIC: &str = "internal error on the main thread (see the 
 /// Longest error text a command answers or logs: every message passes through `bounded`.
 pub const MAX_MESSAGE: usize = 600;
 
-/// How a flow id appears in messages: quoted, escaped, cut to 120 characters.
+/// How a flow id appears in messages: quoted, escaped (`\n`, `\u{e9}`: ASCII only, see
+/// `ascii_errors`), cut to 120 characters of that form.
 pub fn show_id(id: &str) -> String {
-    let mut s: String = id.chars().take(120).collect();
-    if s.len() < id.len() {
-        s.push('…');
+    let escaped: String = id.chars().flat_map(char::escape_default).collect();
+    let mut s: String = escaped.chars().take(120).collect();
+    if s.len() < escaped.len() {
+        s.push_str("...");
     }
-    format!("{s:?}")
+    format!("\"{s}\"")
 }
 
 /// How a key name (which embeds the id) appears in messages: like an id.
 pub fn show_key(key: &str) -> String {
     show_id(key)
+}
+
+/// An answer as it may leave the module. The redis-module crate writes an error reply's text one byte
+/// per character (`c as u8`), so a character past ASCII (a flow id's `é`) would reach the client as a
+/// broken byte, and clients fail to parse the reply: every error leaves as ASCII, other characters
+/// escaped as `\u{…}`.
+pub fn ascii_errors(answer: RedisResult) -> RedisResult {
+    match answer {
+        Err(RedisError::String(msg)) if !msg.is_ascii() => {
+            let mut out = String::with_capacity(msg.len() + 16);
+            for c in msg.chars() {
+                if c.is_ascii() {
+                    out.push(c);
+                } else {
+                    out.push_str(&format!("\\u{{{:x}}}", c as u32));
+                }
+            }
+            Err(RedisError::String(out))
+        }
+        other => other,
+    }
 }
 
 /// Cuts a message to `MAX_MESSAGE` bytes (at a character boundary), so no input makes a reply or a log
@@ -50,7 +75,7 @@ pub fn bounded(mut msg: String) -> String {
             end -= 1;
         }
         msg.truncate(end);
-        msg.push('…');
+        msg.push_str("...");
     }
     msg
 }
@@ -71,6 +96,8 @@ kinds! {
         NotWritable => "not_writable",
         Cluster => "cluster",
         SlotMoved => "slot_moved",
+        Unsafe => "unsafe",
+        Unindexed => "unindexed",
         Internal => "internal",
     }
 }
@@ -104,6 +131,13 @@ pub enum FlowError {
     /// this node no longer serves it. The flow stays live for its owner's next sweep.
     Moved(String),
     Upload(StoreError),
+    /// The server's settings or the layout would let the archive index, or data it does not archive,
+    /// be lost (an eviction policy that can take the index, an index with a TTL, key templates that
+    /// can meet): nothing is archived until they change.
+    Unsafe(String),
+    /// Committed (archived at this location, keys deleted) but the index entry was not there when read
+    /// back at once: the commit's guard rules this out, so it means a server or module fault.
+    Unindexed(String),
     Internal(String),
 }
 
@@ -132,6 +166,8 @@ impl FlowError {
             FlowError::Cluster(_) => FlowKind::Cluster,
             FlowError::Moved(_) => FlowKind::SlotMoved,
             FlowError::Upload(e) => return e.kind.name(),
+            FlowError::Unsafe(_) => FlowKind::Unsafe,
+            FlowError::Unindexed(_) => FlowKind::Unindexed,
             FlowError::Internal(_) => FlowKind::Internal,
         };
         kind.name()
@@ -192,6 +228,12 @@ impl FlowError {
             FlowError::Upload(why) => {
                 format!("ERR flow {id} was not archived, nothing was deleted: {why}")
             }
+            FlowError::Unsafe(why) => {
+                format!("ERR flow {id} was not archived: {why}; nothing was deleted")
+            }
+            FlowError::Unindexed(location) => format!(
+                "ERR flow {id} was archived at {location} and its keys deleted, but its index entry could not be read back; scripts/flowarchive-index --rebuild restores it from the bucket"
+            ),
             FlowError::Internal(why) => format!("ERR flow {id}: {why}; nothing was deleted"),
         }
     }
@@ -217,7 +259,7 @@ mod tests {
         ] {
             let msg = e.message(&huge);
             assert!(msg.len() <= MAX_MESSAGE, "{} bytes", msg.len());
-            assert!(msg.ends_with('…') || !msg.contains(&huge));
+            assert!(msg.ends_with("...") || !msg.contains(&huge));
         }
         let msg = FlowError::TooRecent {
             idle_ms: 5000,

@@ -175,7 +175,7 @@ fn bounded(why: String) -> String {
         return why;
     }
     let mut cut: String = why.chars().take(MAX_REASON).collect();
-    cut.push('…');
+    cut.push_str("...");
     cut
 }
 
@@ -476,6 +476,7 @@ pub(crate) mod tests {
                 member: "flow:x".into(),
                 lease: None,
                 index: "archived:flows".into(),
+                earlier_indexes: Vec::new(),
             },
             events: vec![
                 br#"{"type":"flow_started"}"#.to_vec(),

@@ -259,7 +259,7 @@ fn finish(key: &CacheKey, outcome: Result<Arc<Decoded>, FetchError>, settings: &
                 shown(location)
             ))),
         };
-        w.client.reply(answer);
+        w.client.reply(crate::ops::errors::ascii_errors(answer));
     }
 }
 
@@ -290,7 +290,7 @@ fn resolve(
         .find_map(|root| {
             let key = location.strip_prefix(&format!("s3://{}/", root.bucket))?;
             let db = named_db(key, &root.prefix)?;
-            layout::object_keys(&root.prefix, db, id).find(|k| k == key)?;
+            layout::readable_keys(&root.prefix, db, id).find(|k| k == key)?;
             Some((root.bucket.clone(), key.to_string(), db))
         })
 }

@@ -63,9 +63,13 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
         previous,
     } = request;
     let settings = Settings::current();
+    let fail = |e: FlowError| RedisError::String(e.message(&id));
+    settings
+        .layout
+        .check_keys()
+        .map_err(|why| fail(FlowError::Unsafe(why)))?;
     let keys = settings.layout.flow_keys(&id);
     let caller = Caller::of(ctx);
-    let fail = |e: FlowError| RedisError::String(e.message(&id));
     let slot = cluster::placement(&id, keys.named()).map_err(fail)?;
     let db = selected_db(ctx);
     let live = match settings.layout.state {

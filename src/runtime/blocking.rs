@@ -61,7 +61,7 @@ pub fn answer_later(
         let answer =
             log::contained("a command's work", work).unwrap_or(Err(RedisError::Str(errors::PANIC)));
         if let Some(client) = client {
-            client.reply(answer);
+            client.reply(errors::ascii_errors(answer));
         }
     });
     pool.submit(job).map_err(|_| RedisError::Str(busy))?;

@@ -216,3 +216,35 @@ fn type_name(t: &KeyType) -> &'static str {
         KeyType::Stream => "stream",
     }
 }
+
+/// Refuses while the server could drop an archive index key: an eviction policy that takes keys
+/// without a TTL (`allkeys-*`, whatever `maxmemory` is now: it can be raised at any time), or a TTL on
+/// one of `index_keys`. Either would lose the entries, and every flow they name would read as never
+/// archived.
+pub fn index_kept<'k>(
+    ctx: &Context,
+    index_keys: impl IntoIterator<Item = &'k str>,
+) -> Result<(), FlowError> {
+    if let Some(why) = eviction_risk(ctx) {
+        return Err(FlowError::Unsafe(why));
+    }
+    for key in index_keys {
+        let ttl = call(ctx, "PTTL", &[key.as_bytes()]).map_or(-1, |r| integer(&r).unwrap_or(-1));
+        if ttl >= 0 {
+            return Err(FlowError::Unsafe(format!(
+                "the archive index key {} has a TTL and would expire, and every flow it names with it; PERSIST it",
+                crate::ops::errors::show_key(key)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Why the eviction policy may take the archive index (it evicts keys without a TTL), if it may.
+pub fn eviction_risk(ctx: &Context) -> Option<String> {
+    let reply = call(ctx, "CONFIG", &[b"GET", b"maxmemory-policy"]).ok()?;
+    let policy = String::from_utf8(strings(&reply).into_iter().nth(1)?).ok()?;
+    policy.starts_with("allkeys-").then(|| format!(
+        "maxmemory-policy {policy} may evict the archive index, and every archived flow it names with it; use noeviction or a volatile-* policy"
+    ))
+}

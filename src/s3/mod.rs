@@ -211,6 +211,8 @@ pub struct S3Settings {
     pub sse_kms_key_id: String,
     pub storage_class: String,
     pub checksum: Checksum,
+    /// The longest object name (the key's last segment) the store takes (`object-name-max`).
+    pub object_name_max: usize,
     /// The upload rate cap shared by all uploads, bytes per second (0: unlimited), read live at every
     /// wait, so a CONFIG SET applies to uploads already waiting.
     pub upload_bytes_per_sec: &'static AtomicI64,
@@ -426,12 +428,14 @@ impl Store {
     /// are not enough: they may be of bytes a store corrupted), its recorded sha256 agrees, and its
     /// size too. A `Verify` failure for other content.
     pub fn verify_existing(&self, key: &str, obj: &Encoded) -> Result<(), StoreError> {
+        // Keys are cut in messages, so a long one cannot push the reason past the bound.
+        let shown = shown_key(key);
         let (body, recorded) = self
             .get(key, obj.body.len() as u64)
             .map_err(|e| match e.kind {
                 FailureKind::TooLarge => fail(
                     FailureKind::Verify,
-                    format!("{key}: the object there is larger than this upload"),
+                    format!("{shown}: the object there is larger than this upload"),
                 ),
                 _ => e,
             })?;
@@ -440,7 +444,7 @@ impl Store {
         if body.len() != obj.body.len() || sha != ours || recorded.as_deref() != Some(&ours) {
             return Err(fail(
                 FailureKind::Verify,
-                format!("{key}: the object there holds other content (sha256 {sha})"),
+                format!("{shown}: the object there holds other content (sha256 {sha})"),
             ));
         }
         Ok(())
@@ -462,6 +466,8 @@ impl Store {
 
     /// A presigned HEAD must show the uploaded size and prove the content, every proof agreeing.
     fn verify_stored(&self, key: &str, proof: &Proof) -> Result<(), StoreError> {
+        // Keys are cut in messages, so a long one cannot push the reason past the bound.
+        let shown = shown_key(key);
         let checksum_mode = self.checksum == Checksum::Sha256;
         let stored = self.request(|agent, creds| {
             let mut head = self.bucket.head_object(Some(creds), key);
@@ -476,7 +482,7 @@ impl Store {
             let response = request.call().map_err(|e| match e {
                 ureq::Error::Status(404, _) => fail(
                     FailureKind::Verify,
-                    format!("HEAD {key}: the object is not stored after its upload (HTTP 404)"),
+                    format!("HEAD {shown}: the object is not stored after its upload (HTTP 404)"),
                 ),
                 e => request_error("HEAD", key, e),
             })?;
@@ -487,7 +493,7 @@ impl Store {
             false => Err(fail(
                 FailureKind::Verify,
                 format!(
-                    "HEAD {key}: nothing proves the stored object is the upload (etag {}, sha256 {})",
+                    "HEAD {shown}: nothing proves the stored object is the upload (etag {}, sha256 {})",
                     stored.etag.as_deref().unwrap_or("missing"),
                     stored.sha.as_deref().unwrap_or("missing")
                 ),
@@ -509,6 +515,8 @@ impl Store {
         key: &str,
         max_bytes: u64,
     ) -> Result<(Vec<u8>, Option<String>), StoreError> {
+        // Keys are cut in messages, so a long one cannot push the reason past the bound.
+        let shown = shown_key(key);
         let url = self.bucket.get_object(Some(creds), key).sign(self.expires);
         let response = agent
             .get(url.as_str())
@@ -517,7 +525,7 @@ impl Store {
             .map_err(|e| match e {
                 ureq::Error::Status(404, _) => fail(
                     FailureKind::Missing,
-                    format!("archived object {key} is missing (HTTP 404)"),
+                    format!("archived object {shown} is missing (HTTP 404)"),
                 ),
                 e => request_error("GET", key, e),
             })?;
@@ -525,7 +533,7 @@ impl Store {
         let too_large = || {
             fail(
                 FailureKind::TooLarge,
-                format!("S3 GET {key}: object is larger than {max_bytes} bytes"),
+                format!("S3 GET {shown}: object is larger than {max_bytes} bytes"),
             )
         };
         let announced = response
@@ -546,7 +554,10 @@ impl Store {
                 } else {
                     FailureKind::Truncated
                 };
-                fail(kind, format!("S3 GET {key}: body cut short ({})", e.kind()))
+                fail(
+                    kind,
+                    format!("S3 GET {shown}: body cut short ({})", e.kind()),
+                )
             })?;
         if body.len() as u64 > max_bytes {
             return Err(too_large());
@@ -558,12 +569,14 @@ impl Store {
 /// A 2xx answer, else an error: a redirect (3xx; ureq follows none) names its code and target, so a
 /// wrong endpoint or region is said as such rather than read as success or a missing object.
 fn success(op: &str, key: &str, r: ureq::Response) -> Result<ureq::Response, StoreError> {
+    // Keys are cut in messages, so a long one cannot push the reason past the bound.
+    let shown = shown_key(key);
     match r.status() {
         200..=299 => Ok(r),
         code @ 300..=399 => Err(fail(
             FailureKind::Redirected,
             format!(
-                "S3 {op} {key}: redirected (HTTP {code}{}); check flowarchive.endpoint, region and path-style",
+                "S3 {op} {shown}: redirected (HTTP {code}{}); check flowarchive.endpoint, region and path-style",
                 r.header("location")
                     .map(|l| format!(" to {:?}", crate::format::gojson::bounded(l)))
                     .unwrap_or_default()
@@ -571,7 +584,7 @@ fn success(op: &str, key: &str, r: ureq::Response) -> Result<ureq::Response, Sto
         )),
         code => Err(fail(
             FailureKind::Rejected,
-            format!("S3 {op} {key}: unexpected answer HTTP {code}"),
+            format!("S3 {op} {shown}: unexpected answer HTTP {code}"),
         )),
     }
 }
@@ -622,10 +635,12 @@ impl Proof<'_> {
     /// when something positively proves the content, `Ok(false)` when nothing contradicts it but
     /// nothing proves it either.
     fn check(&self, op: &str, key: &str, a: &Answer) -> Result<bool, StoreError> {
+        // Keys are cut in messages, so a long one cannot push the reason past the bound.
+        let shown = shown_key(key);
         let contradiction = |what: String| {
             Err(fail(
                 FailureKind::Verify,
-                format!("{op} {key}: the store's answer contradicts the upload: {what}"),
+                format!("{op} {shown}: the store's answer contradicts the upload: {what}"),
             ))
         };
         if op == "HEAD" && a.size != Some(self.size) {
@@ -686,6 +701,15 @@ pub fn info_fields() -> Vec<(String, i64)> {
     fields
 }
 
+/// An object key as messages show it: as is up to 160 bytes, else its first 120 characters and `...`.
+fn shown_key(key: &str) -> std::borrow::Cow<'_, str> {
+    if key.len() <= 160 {
+        return key.into();
+    }
+    let cut: String = key.chars().take(120).collect();
+    format!("{cut}...").into()
+}
+
 /// Pulls `<Code>` out of an S3 XML error body.
 pub fn s3_error_code(body: &str) -> Option<&str> {
     let start = body.find("<Code>")? + "<Code>".len();
@@ -695,6 +719,8 @@ pub fn s3_error_code(body: &str) -> Option<&str> {
 }
 
 fn request_error(op: &str, key: &str, err: ureq::Error) -> StoreError {
+    // Keys are cut in messages, so a long one cannot push the reason past the bound.
+    let shown = shown_key(key);
     match err {
         ureq::Error::Status(code, response) => {
             let mut body = String::new();
@@ -709,7 +735,7 @@ fn request_error(op: &str, key: &str, err: ureq::Error) -> StoreError {
             if code == 412 || (code == 409 && code_name == "ConditionalRequestConflict") {
                 return fail(
                     FailureKind::Exists,
-                    format!("S3 {op} {key}: an object already exists at this key ({status})"),
+                    format!("S3 {op} {shown}: an object already exists at this key ({status})"),
                 );
             }
             let kind = match code {
@@ -717,11 +743,11 @@ fn request_error(op: &str, key: &str, err: ureq::Error) -> StoreError {
                 500.. => FailureKind::ServerError,
                 _ => FailureKind::Rejected,
             };
-            fail(kind, format!("S3 {op} {key} failed: {status}"))
+            fail(kind, format!("S3 {op} {shown} failed: {status}"))
         }
         ureq::Error::Transport(t) => {
             if let Some(cause) = tls::describe(&t) {
-                return fail(FailureKind::Tls, format!("S3 {op} {key} failed: {cause}"));
+                return fail(FailureKind::Tls, format!("S3 {op} {shown} failed: {cause}"));
             }
             let timed_out = std::error::Error::source(&t)
                 .and_then(|s| s.downcast_ref::<std::io::Error>())
@@ -744,7 +770,7 @@ fn request_error(op: &str, key: &str, err: ureq::Error) -> StoreError {
                 }
                 _ => (FailureKind::Unreachable, "request failed"),
             };
-            fail(kind, format!("S3 {op} {key} failed: {what}"))
+            fail(kind, format!("S3 {op} {shown} failed: {what}"))
         }
     }
 }
@@ -770,6 +796,7 @@ mod tests {
             },
             timeout_ms: 1000,
             verify_with_head: true,
+            object_name_max: crate::layout::OBJECT_NAME_MAX,
             upload_bytes_per_sec: &NO_CAP,
             retry: retry::Policy {
                 attempts: 1,

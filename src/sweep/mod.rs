@@ -31,7 +31,7 @@ use crate::runtime::acl::Caller;
 use crate::runtime::blocking::{answer_later, refuse_where_it_cannot_run, this_client};
 use crate::runtime::mainthread;
 use crate::runtime::pool::Pool;
-use crate::runtime::server::selected_db;
+use crate::runtime::server::{eviction_risk, selected_db};
 use crate::s3::Store;
 use crate::sweep::progress::Progress;
 use crate::sweep::select::{Recent, Selector};
@@ -140,6 +140,13 @@ fn start(
     block: impl FnOnce() -> Option<ThreadSafeContext<BlockedClient>>,
 ) -> Result<(), RedisError> {
     let settings = Settings::current();
+    settings
+        .layout
+        .check_keys()
+        .map_err(|why| RedisError::String(format!("ERR {why}")))?;
+    if let Some(why) = eviction_risk(ctx) {
+        return Err(RedisError::String(format!("ERR {why}")));
+    }
     select::check_readable(ctx, &job.caller, &settings.layout)?;
     if RUNNING.swap(true, Ordering::SeqCst) {
         return Err(RedisError::Str(errors::SWEEP_RUNNING));

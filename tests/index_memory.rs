@@ -1,0 +1,362 @@
+//! The archive index and the server's memory: no eviction policy, TTL, config change or key layout can
+//! take the index (and with it every archived flow); the module's own memory never evicts a user's
+//! key or pushes the server into OOM; archiving runs when memory is full.
+
+mod common;
+
+use std::time::Duration;
+
+use common::proxy::Proxy;
+use common::*;
+
+/// The flow's state and events as GET answers them, archived: equal to what was written.
+fn assert_archived(c: &mut redis::Connection, spec: &FlowSpec) {
+    let (state, events) = get_events(c, spec.id).unwrap_or_else(|e| panic!("{}: {e}", spec.id));
+    assert_eq!(state, archived_state(&state_json(spec)), "{}", spec.id);
+    assert_eq!(events, events_of(spec), "{}", spec.id);
+}
+
+/// Every flow of `ids` either archived and answered in full, or live with its keys as written.
+fn archived_or_intact(c: &mut redis::Connection, ids: &[String], before: &Dump) -> (usize, usize) {
+    let (mut archived, mut live) = (0, 0);
+    for id in ids {
+        let spec = FlowSpec::done(id);
+        if cmd::<i64>(c, &["EXISTS", &format!("argyll:flow:{id}:events")]).unwrap() == 1 {
+            let now = dump_all(c);
+            for key in flow_keys(id) {
+                let key = key.into_bytes();
+                assert_eq!(now.0.get(&key), before.0.get(&key), "{id}: a key changed");
+            }
+            live += 1;
+        } else {
+            assert_archived(c, &spec);
+            archived += 1;
+        }
+    }
+    (archived, live)
+}
+
+fn used_memory(c: &mut redis::Connection) -> i64 {
+    let info: String = cmd(c, &["INFO", "memory"]).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn stat(c: &mut redis::Connection, name: &str) -> i64 {
+    let info: String = cmd(c, &["INFO", "stats"]).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn eviction_policies_that_can_take_the_index_refuse_archiving_loudly() {
+    let s3 = S3::new_bucket();
+    let mut opts = ServerOpts::new(&s3);
+    opts.extra = vec!["--maxmemory-policy".into(), "allkeys-lru".into()];
+    let srv = Server::start(opts);
+    assert!(
+        srv.log()
+            .contains("maxmemory-policy allkeys-lru may evict the archive index"),
+        "no warning at load"
+    );
+    let mut c = srv.conn();
+    write_flow(&mut c, &FlowSpec::done("kept"));
+    let before = dump_all(&mut c);
+    for policy in ["allkeys-lru", "allkeys-lfu", "allkeys-random"] {
+        config_set(&mut c, "maxmemory-policy", policy).unwrap();
+        let e = err_text(archive(&mut c, "kept"));
+        assert!(
+            e.contains(&format!(
+                "maxmemory-policy {policy} may evict the archive index"
+            )) && e.contains("nothing was deleted"),
+            "{e}"
+        );
+        let e = err_text(sweep(&mut c, &[]));
+        assert!(e.contains("may evict the archive index"), "{e}");
+        assert_same(&before, &dump_all(&mut c), policy);
+    }
+    assert!(info_field(&mut c, "failures_unsafe") >= 3);
+    for policy in ["volatile-lru", "noeviction"] {
+        config_set(&mut c, "maxmemory-policy", policy).unwrap();
+    }
+    archive(&mut c, "kept").unwrap();
+    assert_archived(&mut c, &FlowSpec::done("kept"));
+}
+
+/// A policy that can take the index set mid-sweep: the commits still to come refuse, and every flow
+/// is archived and readable or live and intact.
+#[test]
+fn an_evicting_policy_set_mid_sweep_stops_its_commits() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &["concurrency", "1"]);
+    let mut c = srv.conn();
+    let ids: Vec<String> = (0..12).map(|i| format!("mid{i}")).collect();
+    for id in &ids {
+        write_flow(&mut c, &FlowSpec::done(id));
+    }
+    let before = dump_all(&mut c);
+    proxy.delay("PUT", Duration::from_millis(250));
+    assert_eq!(sweep_async(&mut c).unwrap(), "STARTED");
+    wait_for("a first archive", Duration::from_secs(30), || {
+        info_field(&mut c, "flows_archived") >= 2
+    });
+    config_set(&mut c, "maxmemory-policy", "allkeys-lru").unwrap();
+    wait_for("the sweep's end", Duration::from_secs(60), || {
+        info_field(&mut c, "sweep_running") == 0
+    });
+    config_set(&mut c, "maxmemory-policy", "noeviction").unwrap();
+    let (archived, live) = archived_or_intact(&mut c, &ids, &before);
+    assert!(
+        archived >= 2 && live >= 1,
+        "{archived} archived, {live} live"
+    );
+    assert!(info_field(&mut c, "failures_unsafe") >= 1);
+}
+
+#[test]
+fn an_index_with_a_ttl_is_refused_until_it_is_persisted() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    for id in ["first", "second"] {
+        write_flow(&mut c, &FlowSpec::done(id));
+    }
+    archive(&mut c, "first").unwrap();
+    cmd::<()>(&mut c, &["EXPIRE", "archived:flows", "3600"]).unwrap();
+    let before = dump_all(&mut c);
+    let e = err_text(archive(&mut c, "second"));
+    assert!(e.contains("has a TTL") && e.contains("PERSIST"), "{e}");
+    assert_same(&before, &dump_all(&mut c), "refused");
+    cmd::<()>(&mut c, &["PERSIST", "archived:flows"]).unwrap();
+    archive(&mut c, "second").unwrap();
+    for id in ["first", "second"] {
+        assert_archived(&mut c, &FlowSpec::done(id));
+    }
+}
+
+/// Under a volatile policy at the memory limit only keys with a TTL are evicted: never the index,
+/// never a user's key; archived reads, held in the module's own memory, add nothing the server
+/// counts.
+#[test]
+fn module_memory_evicts_nothing_and_the_index_survives_pressure() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    let ids: Vec<String> = (0..30).map(|i| format!("pressed{i}")).collect();
+    let specs: Vec<FlowSpec> = ids
+        .iter()
+        .map(|id| FlowSpec {
+            events: 40,
+            ..FlowSpec::done(id)
+        })
+        .collect();
+    for spec in &specs {
+        write_flow(&mut c, spec);
+    }
+    sweep(&mut c, &[]).unwrap();
+    let value = "u".repeat(1000);
+    for i in 0..500 {
+        cmd::<()>(&mut c, &["SET", &format!("user:{i}"), &value]).unwrap();
+    }
+    let limit = used_memory(&mut c) + (4 << 20);
+    config_set(&mut c, "maxmemory", &limit.to_string()).unwrap();
+    config_set(&mut c, "maxmemory-policy", "volatile-lru").unwrap();
+    // Keys with a TTL fill what is left, and more: the policy evicts among them.
+    let filler = "f".repeat(10_000);
+    for i in 0..800 {
+        cmd::<()>(
+            &mut c,
+            &["SET", &format!("cache:{i}"), &filler, "EX", "3600"],
+        )
+        .unwrap();
+    }
+    assert!(
+        stat(&mut c, "evicted_keys") > 0,
+        "the filler never reached the limit"
+    );
+    let used = used_memory(&mut c);
+    let heap = info_field(&mut c, "heap_bytes");
+    for round in 0..2 {
+        for spec in &specs {
+            let (_, events) = get_events(&mut c, spec.id).unwrap();
+            assert_eq!(events.len(), 40, "round {round}");
+        }
+    }
+    assert!(
+        info_field(&mut c, "heap_bytes") > heap + 30 * 40 * 100,
+        "the reads were not held by the module"
+    );
+    let grown = used_memory(&mut c) - used;
+    assert!(
+        grown < 1 << 20,
+        "60 archived reads raised used_memory by {grown}"
+    );
+    for i in 0..500 {
+        assert_eq!(
+            cmd::<i64>(&mut c, &["EXISTS", &format!("user:{i}")]).unwrap(),
+            1,
+            "user:{i} was evicted"
+        );
+    }
+    assert_eq!(
+        cmd::<i64>(&mut c, &["EXISTS", "archived:flows"]).unwrap(),
+        1
+    );
+    for spec in &specs {
+        assert_archived(&mut c, spec);
+    }
+}
+
+/// With `noeviction` at the limit the server refuses writes with OOM; FLOW and SWEEP still run (what
+/// they write is one index entry a flow, and they free more), and the engine can write again after.
+#[test]
+fn archiving_runs_when_memory_is_full() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    let specs: Vec<FlowSpec> = ["full0", "full1", "full2", "full3"]
+        .into_iter()
+        .map(|id| FlowSpec {
+            events: 2000,
+            ..FlowSpec::done(id)
+        })
+        .collect();
+    for spec in &specs {
+        write_flow(&mut c, spec);
+    }
+    // Past the limit, with nothing the policy may evict: every write that can add memory is refused.
+    let value = "v".repeat(10_000);
+    for i in 0..100 {
+        cmd::<()>(&mut c, &["SET", &format!("fill:{i}"), &value]).unwrap();
+    }
+    config_set(&mut c, "maxmemory-policy", "noeviction").unwrap();
+    let limit = used_memory(&mut c) - (256 << 10);
+    config_set(&mut c, "maxmemory", &limit.to_string()).unwrap();
+    let oom = err_text(cmd::<()>(&mut c, &["SET", "refused", "x"]));
+    assert!(oom.contains("OOM"), "{oom}");
+    archive(&mut c, "full0").unwrap();
+    let summary = sweep(&mut c, &[]).unwrap();
+    assert_eq!(int(&summary["archived"]), 3, "{summary:?}");
+    // UNLINK frees long logs in the background: writes come back once it has.
+    wait_for(
+        "the engine can write again",
+        Duration::from_secs(10),
+        || cmd::<()>(&mut c, &["SET", "after", &value]).is_ok(),
+    );
+    for spec in &specs {
+        assert_archived(&mut c, spec);
+    }
+}
+
+#[test]
+fn index_key_changes_keep_every_archive_readable() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &["concurrency", "1"]);
+    let mut c = srv.conn();
+    let first = FlowSpec::done("early");
+    write_flow(&mut c, &first);
+    archive(&mut c, "early").unwrap();
+    config_set(&mut c, "flowarchive.index-key", "archived:v2").unwrap();
+    assert_eq!(
+        config(&mut c, "flowarchive.index-read-keys"),
+        "archived:flows"
+    );
+    assert_archived(&mut c, &first);
+    // A new incarnation is indexed under the new name and finds its predecessor under the old one.
+    let again = FlowSpec {
+        events: 7,
+        ..FlowSpec::done("early")
+    };
+    write_flow(&mut c, &again);
+    let location = text(&archive(&mut c, "early").unwrap()["location"]);
+    assert!(location.ends_with("early.g1.jsonl.gz"), "{location}");
+    assert_archived(&mut c, &again);
+    let before: Option<String> =
+        cmd(&mut c, &["FLOWARCHIVE.GET", "early", "PREVIOUS", "1"]).unwrap();
+    assert_eq!(before, Some(archived_state(&state_json(&first))));
+    assert_eq!(
+        cmd::<i64>(&mut c, &["HEXISTS", "archived:flows", "early"]).unwrap(),
+        0
+    );
+
+    // Changed in the middle of a sweep, which keeps writing the name it started with.
+    let ids: Vec<String> = (0..10).map(|i| format!("swept{i}")).collect();
+    for id in &ids {
+        write_flow(&mut c, &FlowSpec::done(id));
+    }
+    proxy.delay("PUT", Duration::from_millis(200));
+    assert_eq!(sweep_async(&mut c).unwrap(), "STARTED");
+    wait_for("a first archive", Duration::from_secs(30), || {
+        info_field(&mut c, "flows_archived") >= 4
+    });
+    config_set(&mut c, "flowarchive.index-key", "archived:v3").unwrap();
+    wait_for("the sweep's end", Duration::from_secs(60), || {
+        info_field(&mut c, "sweep_running") == 0
+    });
+    proxy.clear();
+    sweep(&mut c, &[]).unwrap();
+    for id in &ids {
+        assert_archived(&mut c, &FlowSpec::done(id));
+    }
+    assert_eq!(
+        config(&mut c, "flowarchive.index-read-keys"),
+        "archived:flows archived:v2"
+    );
+    // Earlier names are kept up to a bound; past it a change is refused until they are cleared.
+    for n in 4..10 {
+        config_set(&mut c, "flowarchive.index-key", &format!("archived:v{n}")).unwrap();
+    }
+    let e = err_text(config_set(&mut c, "flowarchive.index-key", "archived:v10"));
+    assert!(e.contains("already holds 8 earlier index names"), "{e}");
+    for id in ids.iter().chain([&"early".to_string()]) {
+        assert!(get(&mut c, id).unwrap().is_some(), "{id}");
+    }
+}
+
+#[test]
+fn index_names_that_can_meet_a_flows_keys_or_the_engines_are_refused() {
+    let s3 = S3::new_bucket();
+    let mut opts = ServerOpts::new(&s3);
+    opts.module_args
+        .extend(["index-key", "argyll:idx:status"].map(String::from));
+    let srv = Server::start(opts);
+    assert!(
+        srv.log().contains("can name the same key"),
+        "no warning at load"
+    );
+    let mut c = srv.conn();
+    write_flow(&mut c, &FlowSpec::done("guarded"));
+    let before = dump_all(&mut c);
+    for index in [
+        "argyll:idx:status",
+        "argyll:flow:$id:idx:labels",
+        "argyll:flow:guarded:events",
+        "$prefix:idx:label:tenant",
+    ] {
+        config_set(&mut c, "flowarchive.index-key", index).unwrap();
+        let e = err_text(archive(&mut c, "guarded"));
+        assert!(e.contains("can name the same key"), "{index}: {e}");
+        let e = err_text(get(&mut c, "guarded"));
+        assert!(e.contains("can name the same key"), "{index}: {e}");
+        let e = err_text(sweep(&mut c, &[]));
+        assert!(e.contains("can name the same key"), "{index}: {e}");
+        assert_same(&before, &dump_all(&mut c), index);
+    }
+    config_set(&mut c, "flowarchive.index-key", "archived:flows").unwrap();
+    // The earlier names are read too, so they are held to the same rule.
+    let e = err_text(archive(&mut c, "guarded"));
+    assert!(e.contains("index-read-keys"), "{e}");
+    config_set(&mut c, "flowarchive.index-read-keys", "").unwrap();
+    archive(&mut c, "guarded").unwrap();
+    assert_archived(&mut c, &FlowSpec::done("guarded"));
+}
