@@ -3,16 +3,19 @@
 //!
 //!   external_archiver <redis-url> <s3-endpoint> <bucket> <prefix> <threads> [retention-ms]
 //!
-//! It archives exactly what the module's sweep archives, in exactly the module's object format and
-//! index, so FLOWARCHIVE.GET reads its flows back:
+//! It archives what the module's sweep archives of the bench's flows, in the module's object format
+//! (version 1, which the module still reads) and index, so FLOWARCHIVE.GET reads its flows back:
 //! - **select**: terminal flows (`completed`, `failed`) whose status ZSET score is older than the
-//!   retention (default 1 day), oldest first, from the default layout (/work/shared/flow-layout.md);
+//!   retention (default 1 day), oldest first, from the engine's default layout (docs/ENGINE.md);
 //! - **read**, per flow on the worker's own connection, one pipelined round trip: `WATCH` of the
-//!   flow's four keys, then its event log, snapshot, sequence, labels, status entries and index entry
-//!   (long logs in further pipelined pages of 1,000 events);
-//! - **encode** the object of docs/FORMAT.md: this file carries its own copy of the small format
-//!   writer (header, event lines, trailer; one-pass gzip with a per-thread compressor), duplicated from
-//!   the module's `src/archive/encode.rs`, whose code the cdylib does not expose;
+//!   flow's four keys, then its event log (the flow: none, no flow), snapshot and sequence (absent for
+//!   most flows), labels, status entries and index entry (long logs in further pipelined pages of
+//!   1,000 events);
+//! - **encode** an object of docs/FORMAT.md, version 1 (no folded state: FLOWARCHIVE.GET folds the
+//!   snapshot, if any, and events when it reads the object; the trailer's `snapshot` and `seq` are
+//!   `null` for a flow without them): this file carries its own copy of the small format writer
+//!   (header, event lines, trailer; one-pass gzip with a per-thread compressor), duplicated from the
+//!   module's `src/archive/encode.rs`, whose code the cdylib does not expose;
 //! - **upload** with a presigned, write-once PUT (Content-MD5, x-amz-checksum-sha256, the sha256 in
 //!   the object's metadata, `If-None-Match: *`) over a keep-alive connection per thread, then **verify**
 //!   with a HEAD (size and ETag = MD5). An object already there with the same bytes is an idempotent
@@ -117,7 +120,8 @@ struct Flow {
     status: &'static str,
     score: String,
     events: Vec<Vec<u8>>,
-    snapshot: Vec<u8>,
+    /// `None` for a flow without a snapshot (most of the engine's flows).
+    snapshot: Option<Vec<u8>>,
     seq: Option<i64>,
     labels: Vec<(String, String)>,
 }
@@ -133,7 +137,8 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Header, event lines and trailer, gzipped; `None` when an event or the snapshot is not JSON.
+/// Header, event lines and trailer, gzipped; `None` when an event or the snapshot is not JSON (a
+/// snapshot must be an object).
 fn encode(flow: &Flow, keys: &[String; 4]) -> Option<Object> {
     let mut content =
         Vec::with_capacity(flow.events.iter().map(|e| e.len() + 1).sum::<usize>() + 512);
@@ -144,13 +149,19 @@ fn encode(flow: &Flow, keys: &[String; 4]) -> Option<Object> {
         content.extend_from_slice(&single_line(event));
         content.push(b'\n');
     }
-    let snapshot = snapshot_form(&flow.snapshot);
-    if !matches!(
-        serde_json::from_slice(&snapshot),
-        Ok(serde_json::Value::Object(_))
-    ) {
-        return None;
-    }
+    let snapshot = match &flow.snapshot {
+        None => b"null".to_vec(),
+        Some(stored) => {
+            let snapshot = snapshot_form(stored);
+            if !matches!(
+                serde_json::from_slice(&snapshot),
+                Ok(serde_json::Value::Object(_))
+            ) {
+                return None;
+            }
+            snapshot
+        }
+    };
     let labels: Map<String, serde_json::Value> = flow
         .labels
         .iter()
@@ -373,7 +384,7 @@ type FlowReads = (
 );
 
 /// WATCHes the flow's keys and reads it (one round trip, more for long logs). `None`: no longer a
-/// candidate (status or score changed, already indexed, gone).
+/// candidate (status or score changed, already indexed, gone: no event log).
 fn read_flow(
     con: &mut Connection,
     id: &str,
@@ -408,10 +419,8 @@ fn read_flow(
             .arg(INDEX)
             .arg(id)
             .query(con)?;
-    let Some(snapshot) = snapshot else {
-        return Ok(None);
-    };
-    if indexed || hstatus.as_deref() != Some(status) || zscore.as_deref() != Some(score) {
+    if len == 0 || indexed || hstatus.as_deref() != Some(status) || zscore.as_deref() != Some(score)
+    {
         return Ok(None);
     }
     let mut events = events;
