@@ -1,5 +1,6 @@
 //! Chaos: a sweep over a few hundred flows with a fault injected mid-sweep (kill -9, S3 going away,
-//! CLIENT PAUSE, role changes, CONFIG SET, SWAPDB/FLUSHDB, MODULE UNLOAD, late writes), then a
+//! CLIENT PAUSE, role changes, CONFIG SET, SWAPDB/FLUSHDB, MODULE UNLOAD, late writes, memory
+//! pressure under every kind of eviction policy, a store that checks nothing), then a
 //! fault-free sweep and the checker (tests/common/checker.rs), which proves flow by flow and event by
 //! event that nothing was lost, that replicas equal their primary and that the bucket holds only flow
 //! objects.
@@ -929,6 +930,183 @@ fn h_printf_directives_in_flow_ids_do_not_harm_the_server() {
             "h: the log does not name {id:?} as it is"
         );
     }
+}
+
+// ---------------------------------------------------------------- i. memory pressure
+
+/// Threads reading random flows of `ids` (live or archived) with GET until stopped; errors are
+/// expected (busy, a flow changing), a lost connection is not.
+fn readers(
+    srv: &Server,
+    ids: &[String],
+    n: usize,
+    stop: &Arc<AtomicBool>,
+) -> Vec<JoinHandle<usize>> {
+    (0..n)
+        .map(|t| {
+            let mut c = srv.conn();
+            let (ids, stop) = (ids.to_vec(), stop.clone());
+            let mut rng = Rng::new(SEED ^ 0x1EAD ^ t as u64);
+            std::thread::spawn(move || {
+                let mut answered = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    match get_events(&mut c, &ids[rng.below(ids.len())]) {
+                        Ok(_) => answered += 1,
+                        Err(e) if e.is_io_error() || e.is_connection_dropped() => {
+                            panic!("a GET reader lost its connection: {e}")
+                        }
+                        Err(_) => {}
+                    }
+                }
+                answered
+            })
+        })
+        .collect()
+}
+
+fn memory_used(c: &mut redis::Connection) -> i64 {
+    let info: String = cmd(c, &["INFO", "memory"]).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+/// Mid-sweep, with readers throughout: the server at its limit under `volatile-lru` (keys with a TTL
+/// evicted), then over it under `noeviction` (the engine's writes refused), then an `allkeys-lru`
+/// policy (which could evict the index: the commits still to come refuse). No flow is lost, the
+/// index stays, no user key is evicted.
+#[test]
+fn i_memory_pressure_mid_sweep_loses_nothing() {
+    let plan = plan();
+    let mut rng = Rng::new(SEED ^ 0x1);
+    let proxy = Proxy::start(s3_port());
+    let s3 = S3::new_bucket();
+    let mut srv = Server::start(opts(&s3, &proxy, &[], &[]));
+    let mut c = srv.conn();
+    let mut model = Model::new(0);
+    populate(&mut c, &mut model, &mut rng, plan.flows, "i");
+    let stop = Arc::new(AtomicBool::new(false));
+    let reading = readers(&srv, &model.ids(), 2, &stop);
+    let filler = "f".repeat(10_000);
+    for round in 0..plan.rounds {
+        let left = eligible_left(&mut c, &model);
+        if left < 20 {
+            break;
+        }
+        let what = format!("i round {round}");
+        proxy.delay("PUT", PUT_DELAY);
+        start_sweep(&mut c);
+        wait_mid_sweep(&mut c, fault_point(&mut rng, left) / 3, &what);
+        // At the limit: only keys with a TTL may go.
+        let limit = memory_used(&mut c) + (2 << 20);
+        config_set(&mut c, "maxmemory-policy", "volatile-lru").unwrap();
+        config_set(&mut c, "maxmemory", &limit.to_string()).unwrap();
+        for i in 0..400 {
+            let key = format!("fill:{round}:{i}");
+            cmd::<()>(&mut c, &["SET", &key, &filler, "EX", "3600"]).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(300 + rng.below(300) as u64));
+        // Over it with nothing to evict: the engine's writes are refused; archiving goes on.
+        config_set(&mut c, "maxmemory-policy", "noeviction").unwrap();
+        let over = memory_used(&mut c) - (256 << 10);
+        config_set(&mut c, "maxmemory", &over.to_string()).unwrap();
+        let refused = cmd::<()>(&mut c, &["SET", "engine:write", "x"]);
+        assert!(
+            err_text(refused).contains("OOM"),
+            "{what}: the limit was not reached"
+        );
+        std::thread::sleep(Duration::from_millis(300 + rng.below(300) as u64));
+        // A policy that could evict the index: whatever is still to commit refuses.
+        config_set(&mut c, "maxmemory", "0").unwrap();
+        config_set(&mut c, "maxmemory-policy", "allkeys-lru").unwrap();
+        std::thread::sleep(Duration::from_millis(300 + rng.below(300) as u64));
+        config_set(&mut c, "maxmemory-policy", "noeviction").unwrap();
+        wait_sweep_end(&mut c, &what);
+        assert_alive(&mut srv, &what);
+        let fillers: Vec<String> = cmd(&mut c, &["KEYS", "fill:*"]).unwrap();
+        for key in fillers {
+            cmd::<()>(&mut c, &["DEL", &key]).unwrap();
+        }
+        check(
+            &format!("{what}: after the pressure"),
+            &srv,
+            &s3,
+            &model,
+            Expect::Either,
+        );
+    }
+    stop.store(true, Ordering::SeqCst);
+    let answered: usize = reading.into_iter().map(|r| r.join().unwrap()).sum();
+    assert!(answered > 0, "the readers got no answer");
+    proxy.clear();
+    clean_sweep(&mut c, "i");
+    assert_alive(&mut srv, "i");
+    check("i: settled", &srv, &s3, &model, settled());
+}
+
+// ---------------------------------------------------------------- j. a store that checks nothing
+
+/// Mid-sweep the store starts keeping a flipped byte of every upload while echoing the client's
+/// checksum and answering the MD5 ETag of what it kept (as moto does with the SDK's checksum header):
+/// every verify that meets it fails, removes what it wrote, and deletes nothing.
+#[test]
+fn j_a_store_that_echoes_unchecked_mid_sweep_loses_nothing() {
+    let plan = plan();
+    let mut rng = Rng::new(SEED ^ 0x2);
+    let proxy = Proxy::start(s3_port());
+    let s3 = S3::new_bucket();
+    let mut srv = Server::start(opts(&s3, &proxy, &[], &[]));
+    let mut c = srv.conn();
+    let mut model = Model::new(0);
+    populate(&mut c, &mut model, &mut rng, plan.flows, "j");
+    let slow = Rule {
+        method: "PUT",
+        path: String::new(),
+        fault: Fault::Delay(PUT_DELAY),
+    };
+    let echo = Rule {
+        method: "",
+        path: "/flows/".into(),
+        fault: Fault::EchoUnchecked,
+    };
+    for (round, mode) in ["head", "put-response"]
+        .iter()
+        .enumerate()
+        .take(plan.rounds.max(2))
+    {
+        let left = eligible_left(&mut c, &model);
+        if left < 20 {
+            break;
+        }
+        let what = format!("j round {round} (verify {mode})");
+        config_set(&mut c, "flowarchive.verify", mode).unwrap();
+        proxy.set(vec![slow.clone()]);
+        start_sweep(&mut c);
+        wait_mid_sweep(&mut c, fault_point(&mut rng, left) / 2, &what);
+        let archived = info_field(&mut c, "flows_archived");
+        proxy.set(vec![echo.clone()]);
+        std::thread::sleep(Duration::from_millis(400 + rng.below(400) as u64));
+        proxy.set(vec![slow.clone()]);
+        wait_sweep_end(&mut c, &what);
+        assert!(
+            proxy.requests().iter().any(|r| r.starts_with("DELETE ")),
+            "{what}: no upload met the lying store"
+        );
+        assert!(info_field(&mut c, "flows_archived") >= archived);
+        assert_alive(&mut srv, &what);
+        check(
+            &format!("{what}: after the lying store"),
+            &srv,
+            &s3,
+            &model,
+            Expect::Either,
+        );
+    }
+    proxy.clear();
+    clean_sweep(&mut c, "j");
+    assert_alive(&mut srv, "j");
+    check("j: settled", &srv, &s3, &model, settled());
 }
 
 // ---------------------------------------------------------------- the checker itself

@@ -149,6 +149,16 @@ pub fn on_cache_budget(_ctx: &ConfigurationContext, _name: &str, value: &'static
     resize_cache(value.load(Ordering::Relaxed).max(0) as usize);
 }
 
+/// Empties the cache under memory pressure (counted in INFO `get_cache_yields`).
+pub fn yield_cache() {
+    if cache_stats().0 > 0 {
+        CACHE_YIELDS.fetch_add(1, Ordering::Relaxed);
+        resize_cache(0);
+    }
+}
+
+static CACHE_YIELDS: AtomicU64 = AtomicU64::new(0);
+
 fn resize_cache(budget: usize) {
     if let Some(lru) = lock(&CACHE).as_mut() {
         lru.shrink_to(budget);
@@ -215,6 +225,7 @@ pub fn fields() -> Vec<(String, i64)> {
         ("get_fetch_us_max", get(&FETCH_US_MAX)),
         ("get_cache_flows", cached_flows as i64),
         ("get_cache_bytes", cached_bytes as i64),
+        ("get_cache_yields", get(&CACHE_YIELDS)),
     ]);
     out.extend(FETCH_ERRORS.fields("get_fetch_errors_", FetchError::kind_names()));
     out

@@ -20,7 +20,7 @@ use crate::read::fetch::Waiter;
 use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::blocking::{can_block, this_client};
 use crate::runtime::cluster;
-use crate::runtime::server::{expect_type, selected_db};
+use crate::runtime::server::{self, expect_type, selected_db};
 
 static GET_LIVE: AtomicU64 = AtomicU64::new(0);
 static GET_NOT_FOUND: AtomicU64 = AtomicU64::new(0);
@@ -62,7 +62,12 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
         events,
         previous,
     } = request;
-    let settings = Settings::current();
+    let mut settings = Settings::current();
+    if server::memory_pressed() {
+        // Near the server's limit the read cache yields first: emptied, and nothing cached.
+        settings.cache_bytes = 0;
+        fetch::yield_cache();
+    }
     let fail = |e: FlowError| RedisError::String(e.message(&id));
     settings
         .layout

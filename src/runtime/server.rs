@@ -248,3 +248,12 @@ pub fn eviction_risk(ctx: &Context) -> Option<String> {
         "maxmemory-policy {policy} may evict the archive index, and every archived flow it names with it; use noeviction or a volatile-* policy"
     ))
 }
+
+/// Whether the server is near its memory limit (`maxmemory` set, at least 90 % used). The module's
+/// own memory is outside the server's accounting, but shares the machine: its read cache is what
+/// yields first.
+pub fn memory_pressed() -> bool {
+    // SAFETY: a plain read of the server's memory state, no context needed; called on the main thread.
+    let used = unsafe { raw::RedisModule_GetUsedMemoryRatio.map_or(0.0, |f| f()) };
+    used >= 0.9
+}
