@@ -11,7 +11,7 @@
 //!       single-core speed of gzip (level 1) + sha256 + md5 on the objects' uncompressed bytes.
 //!   limits gzip <endpoint> <bucket> <src-prefix>
 //!       thread CPU per object of three ways to gzip (level 1) the objects' uncompressed bytes: the
-//!       module's encoder before issue 12 (a fresh `GzEncoder` fed each line and its newline), one pass
+//!       module's former encoder (a fresh `GzEncoder` fed each line and its newline), one pass
 //!       with a fresh compressor, one pass with one compressor per thread reset for each object (the
 //!       module's `archive::encode` now). Three rounds each; the least CPU of the three counts.
 //! Credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY. Prints one JSON line.
@@ -131,7 +131,7 @@ fn thread_cpu_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// The module's encoder before issue 12: a fresh `GzEncoder`, fed each line, then its newline.
+/// The module's former encoder: a fresh `GzEncoder`, fed each line, then its newline.
 fn gzip_by_lines(raw: &[u8]) -> Vec<u8> {
     let mut gz = flate2::write::GzEncoder::new(
         Vec::with_capacity(raw.len() / 6 + 64),

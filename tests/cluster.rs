@@ -1,4 +1,4 @@
-//! Valkey Cluster (issue 13): routing by the flow id, per-node sweeps and the cron fan-out, the
+//! Valkey Cluster: routing by the flow id, per-node sweeps and the cron fan-out, the
 //! per-slot co-located index, the cluster layout rules, and chaos (failover, a primary killed, slot
 //! migration) in the middle of sweeps, on a real 3+3 cluster started by the test. Quick by default;
 //! FLOWARCHIVE_CHAOS=long runs more flows and more rounds.

@@ -1,4 +1,4 @@
-//! Safety of FLOWARCHIVE.GET's archive path (issue 9): objects that parse whatever the flow holds, one
+//! Safety of FLOWARCHIVE.GET's archive path: objects that parse whatever the flow holds, one
 //! object per DB, bounded memory and threads, and reads only where the module itself writes.
 
 mod common;
@@ -90,7 +90,7 @@ fn threads(pid: u32) -> usize {
         .count()
 }
 
-/// Item 5: a label named `seq` made the archive unreadable forever (its keys already deleted).
+/// A label named `seq` once made the archive unreadable forever (its keys already deleted).
 #[test]
 fn a_flow_with_a_label_named_seq_reads_back_exactly() {
     let s3 = S3::new_bucket();
@@ -176,7 +176,7 @@ fn a_flow_that_would_not_read_back_is_not_deleted() {
     assert_eq!(get_events(&mut c, "wide").unwrap().1.len(), 400);
 }
 
-/// Item 2: the same flow id in two DBs is two flows, two objects, two answers.
+/// The same flow id in two DBs is two flows, two objects, two answers.
 #[test]
 fn the_same_id_in_two_dbs_archives_to_two_objects() {
     let s3 = S3::new_bucket();
@@ -246,7 +246,7 @@ fn the_same_id_in_two_dbs_archives_to_two_objects() {
     );
 }
 
-/// Item 6: a 1 MB gzip that inflates to 1 GB took the server's memory with it.
+/// A 1 MB gzip that inflates to 1 GB once took the server's memory with it.
 #[test]
 fn gzip_bombs_and_oversized_objects_are_refused_in_bounded_memory() {
     let s3 = S3::new_bucket();
@@ -319,7 +319,7 @@ fn gzip_bombs_and_oversized_objects_are_refused_in_bounded_memory() {
     );
 }
 
-/// Item 6: 500 concurrent reads of distinct archived flows started 506 threads.
+/// 500 concurrent reads of distinct archived flows once started 506 threads.
 #[test]
 fn five_hundred_concurrent_reads_use_a_few_threads() {
     const FLOWS: usize = 500;
@@ -462,7 +462,7 @@ fn reads_beyond_the_queue_are_busy_errors() {
     assert!(info_field(&mut c, "get_fetch_errors_busy") >= busy as i64);
 }
 
-/// Item 11: index entries naming another bucket, a `..` path or another flow's object made the module
+/// Index entries naming another bucket, a `..` path or another flow's object once made the module
 /// sign and send a GET for them.
 #[test]
 fn reads_follow_only_locations_the_module_writes() {

@@ -1,4 +1,4 @@
-//! Production S3 (issue 11): HTTPS through a private CA, role credentials from IMDSv2 / STS / the
+//! Production S3: HTTPS through a private CA, role credentials from IMDSv2 / STS / the
 //! container endpoint with rotation, retries, one connection pool, SSE and storage class.
 //!
 //! Real servers throughout — valkey-server with the module, SeaweedFS behind the verifying S3 front

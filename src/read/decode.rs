@@ -539,7 +539,7 @@ pub(crate) mod tests {
         );
     }
 
-    /// Item 5 of the safety issue: a label named `seq` made every read of the flow fail.
+    /// A label named `seq` once made every read of the flow fail.
     #[test]
     fn labels_and_snapshot_keys_named_like_trailer_fields_are_data() {
         let snap = r#"{"seq":{"seq":1},"snapshot":",\"seq\":","labels":[],"status":"x"}"#;
