@@ -120,7 +120,13 @@ pub fn inspect(
     let indexed = indexed_status(ctx, &keys)?;
     // Folded flows are judged by their log's end, the others by their snapshot.
     let tail = match layout.state {
-        StateSource::Fold => Some(tail(ctx, &keys.events, events_total, indexed.is_none())?),
+        StateSource::Fold => Some(tail(
+            ctx,
+            &keys.events,
+            events_total,
+            indexed.is_none(),
+            max_bytes,
+        )?),
         StateSource::Snapshot => None,
     };
     let mut facts: Option<SnapshotFacts> = None;
@@ -252,14 +258,34 @@ struct Tail {
 
 /// Reads the last event of a log of `len` events (and, for the status, up to `STATUS_LOOKBACK` before
 /// it, newest first). An element the engine could not read as an event makes the flow unreadable.
-fn tail(ctx: &Context, key: &str, len: usize, want_status: bool) -> Result<Tail, FlowError> {
+///
+/// Main thread: each element is measured before it is read, and once those measured pass `max_bytes`
+/// (`read-max-bytes`, each with its line end, as a capture counts them) the flow is too large to
+/// archive and nothing more is read: a huge late event costs the server a copy, not a parse. The
+/// others take `event_facts` a bounded amount of work per byte.
+fn tail(
+    ctx: &Context,
+    key: &str,
+    len: usize,
+    want_status: bool,
+    max_bytes: u64,
+) -> Result<Tail, FlowError> {
     let from = len.saturating_sub(if want_status { STATUS_LOOKBACK } else { 1 });
     let mut facts = Vec::with_capacity(len - from);
     let mut failed = None;
+    let mut used = 0u64;
     list_range_each(ctx, key, from, len, |element| {
+        used += element.len() as u64 + 1;
+        if used > max_bytes {
+            failed = Some(too_large(max_bytes));
+            return ControlFlow::Break(());
+        }
         match engine::event_facts(element) {
             Ok(f) => facts.push(f),
-            Err(e) => failed = Some(format!("event {}: {e}", from + facts.len())),
+            Err(e) => {
+                let at = from + facts.len();
+                failed = Some(FlowError::Unreadable(format!("event {at}: {e}")));
+            }
         }
         if failed.is_some() {
             ControlFlow::Break(())
@@ -267,8 +293,8 @@ fn tail(ctx: &Context, key: &str, len: usize, want_status: bool) -> Result<Tail,
             ControlFlow::Continue(())
         }
     })?;
-    if let Some(why) = failed {
-        return Err(FlowError::Unreadable(why));
+    if let Some(error) = failed {
+        return Err(error);
     }
     let last = facts
         .last()
@@ -282,13 +308,19 @@ fn tail(ctx: &Context, key: &str, len: usize, want_status: bool) -> Result<Tail,
 
 /// The selection's test of a flow a sweep found by SCAN (no status ZSET to read): terminal by the
 /// status index or its log's end, and idle long enough since its last event. A log whose end cannot be
-/// read is a candidate, so its capture reports why.
-pub fn looks_eligible(ctx: &Context, layout: &Layout, id: &str, window: &Window) -> bool {
+/// read, or passes `max_bytes` (`read-max-bytes`), is a candidate, so its capture reports why.
+pub fn looks_eligible(
+    ctx: &Context,
+    layout: &Layout,
+    id: &str,
+    window: &Window,
+    max_bytes: u64,
+) -> bool {
     let keys = layout.flow_keys(id);
     let (Ok(len), Ok(indexed)) = (list_len(ctx, &keys.events), indexed_status(ctx, &keys)) else {
         return true;
     };
-    let Ok(tail) = tail(ctx, &keys.events, len, indexed.is_none()) else {
+    let Ok(tail) = tail(ctx, &keys.events, len, indexed.is_none(), max_bytes) else {
         return true;
     };
     indexed

@@ -10,9 +10,13 @@
 //! type, is skipped. An applier that would dereference something missing (a step the plan does not
 //! have, a work item the step does not know when it starts) panics in the engine, which then answers
 //! 500: the fold reports it. A state without an id is a flow the engine does not know (404).
+//!
+//! Each element is read in place (`gojson`: no tree), and the data of an event is decoded only by the
+//! applier of its type: the data of any other event is passed over, so a large payload the engine
+//! ignores costs the fold no memory.
 
 use crate::format::gojson::{
-    self, go_struct, Any, Decode, Encode, GoMap, GoSlice, Json, Ptr, TypeError,
+    self, go_struct, Any, Decode, Encode, GoMap, GoSlice, Ptr, Raw, Reader, TypeError,
 };
 use crate::format::gotime::GoTime;
 
@@ -286,59 +290,66 @@ go_struct! {
 }
 
 /// One element of the event log as the engine reads it (timebox's `Event`; `data` stays raw until an
-/// applier decodes it into its own type). The older compact form lacks `sequence` and `aggregate_id`.
-struct Envelope {
+/// applier decodes it into its own type, so the data of an event no applier reads is only passed over).
+/// The older compact form lacks `sequence` and `aggregate_id`.
+struct Envelope<'a> {
     timestamp: GoTime,
     kind: String,
     /// `None` when the element has no `data` at all (decoding it then fails, so the event is skipped).
-    data: Option<Json>,
+    data: Option<Raw<'a>>,
 }
 
-impl Envelope {
-    fn read(mut v: Json) -> Result<Envelope, TypeError> {
-        let mut timestamp = GoTime::default();
-        let mut kind = String::new();
-        let mut sequence = 0i64;
-        let mut aggregate_id: GoSlice<String> = GoSlice::default();
-        let mut data = None;
-        let pairs = match &mut v {
-            Json::Null => Vec::new(),
-            Json::Object(pairs) => std::mem::take(pairs),
-            Json::Array(_) => {
-                return Err(TypeError("cannot unmarshal an array into an event".into()))
-            }
-            Json::Str(_) => {
-                return Err(TypeError("cannot unmarshal a string into an event".into()))
-            }
-            _ => return Err(TypeError("cannot unmarshal a scalar into an event".into())),
+impl<'a> Envelope<'a> {
+    fn read(mut r: Reader<'a>) -> Result<Envelope<'a>, TypeError> {
+        let mut event = Envelope {
+            timestamp: GoTime::default(),
+            kind: String::new(),
+            data: None,
         };
+        if r.null() {
+            return Ok(event);
+        }
+        if !r.object() {
+            let what = match r.kind() {
+                "array" => "an array",
+                "string" => "a string",
+                _ => "a scalar",
+            };
+            return Err(TypeError(format!("cannot unmarshal {what} into an event")));
+        }
         let fields = ["timestamp", "sequence", "type", "aggregate_id", "data"];
-        for (key, value) in pairs {
+        while let Some(key) = r.key()? {
+            let key = key.text();
             let field = fields
                 .iter()
                 .position(|f| key == *f)
                 .or_else(|| fields.iter().position(|f| gojson::names_field(&key, f)));
             match field {
-                Some(0) => timestamp.decode(value)?,
-                Some(1) => sequence.decode(value)?,
-                Some(2) => kind.decode(value)?,
-                Some(3) => aggregate_id.decode(value)?,
-                Some(4) => data = Some(value),
-                _ => {}
+                Some(0) => event.timestamp.decode(&mut r)?,
+                Some(1) => i64::accepts(&mut r)?,
+                Some(2) => event.kind.decode(&mut r)?,
+                Some(3) => GoSlice::<String>::accepts(&mut r)?,
+                Some(4) => event.data = Some(r.skip()?),
+                _ => {
+                    r.skip()?;
+                }
             }
         }
-        Ok(Envelope {
-            timestamp,
-            kind,
-            data,
-        })
+        Ok(event)
     }
 
     /// The event's data decoded into `T`, or `None` where the engine skips the event.
     fn data<T: Decode + Default>(&mut self) -> Option<T> {
         let mut out = T::default();
-        out.decode(self.data.take()?).ok()?;
+        out.decode(&mut self.data.take()?.reader()).ok()?;
         Some(out)
+    }
+
+    /// Whether the event's data decodes into `T` (the engine does not skip the event), keeping none of
+    /// it.
+    fn data_fits<T: Decode>(&self) -> bool {
+        self.data
+            .is_some_and(|data| T::accepts(&mut data.reader()).is_ok())
     }
 }
 
@@ -383,11 +394,19 @@ pub struct EventFacts {
 /// Reads an event's timestamp and the status it sets in the engine's status index (`flow_started`:
 /// `active`; `flow_deactivated`: its `status`), as the engine's indexer reads it. An element the engine
 /// could not read as an event is an error.
+///
+/// Run on the server's main thread, so it takes a bounded amount of work per byte and builds nothing
+/// but the status it answers: the element is checked as JSON, its fields but `timestamp`, `type` and
+/// `data` are passed over, and only the data of those two types is read (a `flow_started`'s only to
+/// see that it decodes, as the indexer requires). Callers measure the element against the flow's cap
+/// before they call this.
 pub fn event_facts(element: &[u8]) -> Result<EventFacts, FoldError> {
-    let json = gojson::parse(element).map_err(|e| FoldError(format!("not JSON: {e}")))?;
-    let mut event = Envelope::read(json).map_err(|e| FoldError(format!("unreadable: {e}")))?;
+    let doc = gojson::check(element).map_err(|e| FoldError(format!("not JSON: {e}")))?;
+    let mut event = Envelope::read(doc).map_err(|e| FoldError(format!("unreadable: {e}")))?;
     let sets_status = match event.kind.as_str() {
-        "flow_started" => event.data::<FlowStarted>().map(|_| "active".to_string()),
+        "flow_started" => event
+            .data_fits::<FlowStarted>()
+            .then(|| "active".to_string()),
         "flow_deactivated" => event.data::<FlowDeactivated>().map(|d| d.status),
         _ => None,
     };
@@ -411,17 +430,17 @@ pub fn fold<E: AsRef<[u8]>>(
         ..FlowState::default()
     }));
     if let Some(snapshot) = snapshot.filter(|s| !s.is_empty()) {
-        let json = gojson::parse(snapshot)
+        let mut doc = gojson::check(snapshot)
             .map_err(|e| FoldError(format!("the snapshot is not JSON: {e}")))?;
         state
-            .decode(json)
+            .decode(&mut doc)
             .map_err(|e| FoldError(format!("the snapshot is unreadable: {e}")))?;
     }
     for (i, element) in events.iter().enumerate().skip(skip) {
-        let json = gojson::parse(element.as_ref())
+        let doc = gojson::check(element.as_ref())
             .map_err(|e| FoldError(format!("event {i} is not JSON: {e}")))?;
         let mut event =
-            Envelope::read(json).map_err(|e| FoldError(format!("event {i} is unreadable: {e}")))?;
+            Envelope::read(doc).map_err(|e| FoldError(format!("event {i} is unreadable: {e}")))?;
         apply(&mut state, &mut event)
             .map_err(|why| panics(format!("event {i} ({}) {why}", event.kind)))?;
     }
@@ -782,6 +801,53 @@ mod tests {
         assert_eq!((f.unix_ms, f.sets_status), (1_773_825_243_000, None));
         assert!(event_facts(b"{").is_err());
         assert!(event_facts(br#"{"timestamp":"yesterday"}"#).is_err());
+        // A `flow_started` whose data does not decode sets no status, as the indexer skips it.
+        for data in [
+            r#"{"flow_id":"f","plan":{"steps":{"s":{"http":{"timeout":1.5}}}}}"#,
+            r#"{"flow_id":"f","init":{"a":[1e400]}}"#,
+            r#"{"flow_id":"f","labels":{"a":1}}"#,
+            "[]",
+        ] {
+            let f = event_facts(event("flow_started", data).as_bytes()).unwrap();
+            assert_eq!(f.sets_status, None, "{data}");
+        }
+    }
+
+    /// `Decode::accepts` (what `event_facts` asks of a `flow_started`) answers as decoding does, for
+    /// the data of every event of every case, read as every event type.
+    #[test]
+    fn accepting_data_agrees_with_decoding_it() {
+        fn agree<T: Decode + Default>(event: &Envelope) {
+            let Some(data) = event.data else { return };
+            let accepted = T::accepts(&mut data.reader()).is_ok();
+            let decoded = T::default().decode(&mut data.reader()).is_ok();
+            assert_eq!(accepted, decoded, "{}", std::any::type_name::<T>());
+        }
+        let cases: Vec<serde_json::Value> = serde_json::from_str(CASES).unwrap();
+        let mut read = 0;
+        for element in cases.iter().flat_map(|c| c["events"].as_array().unwrap()) {
+            let element = element.as_str().unwrap().as_bytes();
+            let Ok(Ok(event)) = gojson::check(element).map(Envelope::read) else {
+                continue;
+            };
+            agree::<FlowStarted>(&event);
+            agree::<FlowCompleted>(&event);
+            agree::<FlowFailed>(&event);
+            agree::<FlowDeactivated>(&event);
+            agree::<StepStarted>(&event);
+            agree::<StepCompleted>(&event);
+            agree::<StepFailed>(&event);
+            agree::<StepSkipped>(&event);
+            agree::<AttributeSet>(&event);
+            agree::<WorkStarted>(&event);
+            agree::<WorkSucceeded>(&event);
+            agree::<WorkFailed>(&event);
+            agree::<WorkNotCompleted>(&event);
+            agree::<RetryScheduled>(&event);
+            agree::<FlowState>(&event);
+            read += 1;
+        }
+        assert!(read > 100, "{read}");
     }
 
     #[test]

@@ -1,57 +1,46 @@
 //! JSON as the engine's Go runtime reads and writes it (`encoding/json`), so that a state folded here is
 //! byte for byte what the engine answers.
 //!
-//! Reading: `parse` accepts exactly what Go's scanner accepts (nesting up to 10,000 levels; bytes that
-//! are not UTF-8 inside strings are taken, and become U+FFFD one byte at a time, as do unpaired UTF-16
-//! surrogate escapes). `Decode` fills a value in place with Go's `Unmarshal` rules: unknown fields are
-//! ignored, field names match exactly or case-insensitively (Unicode simple folding), `null` leaves a
-//! string, number, bool, time or struct as it was and sets a pointer, map, slice or interface to nil,
-//! objects decoded into an existing struct or map merge into it, and any type mismatch is an error.
+//! Checking: `check` accepts exactly what Go's scanner accepts (nesting up to 10,000 levels; any byte
+//! but a control character inside strings) and hands back a `Reader`. Like Go's `Unmarshal`, which
+//! checks a whole document before it decodes any of it, nothing is read from a document that is not
+//! JSON. The check allocates nothing: the containers open at any point are bits on the stack.
+//!
+//! Reading builds no tree. A checked document is read once more, front to back, by the `Decode` of the
+//! type it goes into: a struct takes the fields it knows and skips the rest, a value kept for later
+//! (an event's `data` until an applier asks for it) is a span of the input (`Raw`), passed over when
+//! it is met and read if it is asked for. Why: a tree of parsed values costs 50 to 60 bytes per value
+//! (an enum and a heap string per number), so a flow of small numbers weighed 50 times its bytes while
+//! it was folded, and the fold's inputs are capped in bytes (`read-max-bytes`), not in values. Read in
+//! place, the fold holds the input and what it keeps (strings, maps, the state it answers), and the
+//! data of an event no applier reads costs nothing but the passes over it. Decoding follows Go's
+//! `Unmarshal`: unknown fields are ignored, field names match exactly or case-insensitively (Unicode
+//! simple folding), `null` leaves a string, number, bool, time or struct as it was and sets a pointer,
+//! map, slice or interface to nil, objects decoded into an existing struct or map merge into it (a
+//! duplicate key is applied in turn), strings are unquoted with bytes that are not UTF-8 and unpaired
+//! UTF-16 surrogate escapes becoming U+FFFD, one byte at a time, and any type mismatch is an error.
+//! `Decode::accepts` answers whether a value would decode, keeping nothing of it (what a reader of one
+//! event's facts needs on the server's main thread).
+//!
+//! A value of Go type `any` (`Any`) is held as the text Go writes for it, produced as it is read, which
+//! is about the size of the input: Go would hold numbers as float64 and objects as maps, so numbers
+//! are written in Go's shortest float64 form (`1e+21`, `1e-7`, `100`), an object's keys sorted by their
+//! bytes with the last of duplicate keys kept, strings escaped as Go escapes them. Nesting is followed
+//! with a stack of its own, never the thread's. An object whose keys come in order (most do) is written
+//! as it comes; the others are noted and put in order once, at the end, so that objects out of order
+//! nested 10,000 deep cost no more than flat ones (sorting each as it closed would move the bytes of
+//! the innermost once per level).
 //!
 //! Writing: `Encode` writes Go's `Marshal` output: struct fields in declaration order with `omitempty`,
-//! map keys sorted by their bytes, `<`, `>`, `&`, U+2028 and U+2029 escaped, numbers held by an
-//! interface as float64 in Go's shortest form (`1e+21`, `1e-7`, `100`), nil as `null`.
+//! map keys sorted by their bytes, `<`, `>`, `&`, U+2028 and U+2029 escaped, nil as `null`.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use crate::format::gotime::GoTime;
 
 /// Go's scanner refuses deeper nesting.
 pub const MAX_DEPTH: usize = 10_000;
-
-/// A parsed JSON value, objects with their keys in order (duplicates kept: Go applies them in turn).
-#[derive(Debug, PartialEq, Default)]
-pub enum Json {
-    #[default]
-    Null,
-    Bool(bool),
-    /// The number's text as written.
-    Number(Box<str>),
-    Str(JsonStr),
-    Array(Vec<Json>),
-    Object(Vec<(String, Json)>),
-}
-
-#[derive(Debug, PartialEq)]
-pub struct JsonStr {
-    pub text: String,
-    /// The literal held no escape and only UTF-8: `text` is its exact bytes (what Go's time parser
-    /// reads, since `Time.UnmarshalJSON` does not unescape).
-    pub verbatim: bool,
-}
-
-impl Json {
-    fn kind(&self) -> &'static str {
-        match self {
-            Json::Null => "null",
-            Json::Bool(_) => "bool",
-            Json::Number(_) => "number",
-            Json::Str(_) => "string",
-            Json::Array(_) => "array",
-            Json::Object(_) => "object",
-        }
-    }
-}
 
 /// Why a document is not JSON, at which byte.
 #[derive(Debug, PartialEq)]
@@ -66,38 +55,104 @@ impl std::fmt::Display for SyntaxError {
     }
 }
 
-enum Open {
-    Array(Vec<Json>),
-    Object(Vec<(String, Json)>, Option<String>),
+fn is_space(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | b'\n' | b'\r')
 }
 
-struct Parser<'a> {
+/// Whether a byte can be part of a number or a literal (`true`, `false`, `null`).
+fn is_scalar(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, b'-' | b'+' | b'.')
+}
+
+/// A table of the bytes below `below` and those in `marked`, for loops that look at every byte.
+const fn byte_table(below: u8, marked: &[u8]) -> [bool; 256] {
+    let mut table = [false; 256];
+    let mut n = 0;
+    while n < below as usize {
+        table[n] = true;
+        n += 1;
+    }
+    n = 0;
+    while n < marked.len() {
+        table[marked[n] as usize] = true;
+        n += 1;
+    }
+    table
+}
+
+/// The bytes that end a run of a string's text: its closing quote, an escape, a control character.
+static STRING_STOP: [bool; 256] = byte_table(0x20, b"\"\\");
+
+/// The bytes that matter when a container is passed over: quotes and brackets.
+static STRUCTURAL: [bool; 256] = byte_table(0, b"\"{[}]");
+
+// ---------------------------------------------------------------- checking
+
+/// The containers open at a point of a document, one bit each (set: an object), so that checking the
+/// deepest document Go accepts needs no heap.
+struct Nesting {
+    bits: [u64; MAX_DEPTH.div_ceil(64)],
+    depth: usize,
+}
+
+impl Nesting {
+    /// Opens a container; `false` when that would pass Go's limit.
+    fn push(&mut self, object: bool) -> bool {
+        let word = match self.bits.get_mut(self.depth / 64) {
+            Some(word) if self.depth < MAX_DEPTH => word,
+            _ => return false,
+        };
+        let bit = 1u64 << (self.depth % 64);
+        if object {
+            *word |= bit;
+        } else {
+            *word &= !bit;
+        }
+        self.depth += 1;
+        true
+    }
+
+    /// Whether the innermost open container is an object; `None` at the top level.
+    fn top(&self) -> Option<bool> {
+        let at = self.depth.checked_sub(1)?;
+        Some(self.bits.get(at / 64)? & (1u64 << (at % 64)) != 0)
+    }
+
+    fn pop(&mut self) {
+        self.depth = self.depth.saturating_sub(1);
+    }
+}
+
+struct Checker<'a> {
     b: &'a [u8],
     i: usize,
 }
 
-impl Parser<'_> {
+impl Checker<'_> {
     fn error(&self, what: &'static str) -> SyntaxError {
         SyntaxError { at: self.i, what }
     }
 
     fn skip_space(&mut self) {
-        while matches!(self.b.get(self.i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        while self.b.get(self.i).copied().is_some_and(is_space) {
             self.i += 1;
         }
     }
 
-    fn literal(&mut self, word: &'static [u8], value: Json) -> Result<Json, SyntaxError> {
-        if self.b[self.i..].starts_with(word) {
+    fn literal(&mut self, word: &'static [u8]) -> Result<(), SyntaxError> {
+        if self
+            .b
+            .get(self.i..)
+            .is_some_and(|rest| rest.starts_with(word))
+        {
             self.i += word.len();
-            Ok(value)
+            Ok(())
         } else {
             Err(self.error("invalid literal"))
         }
     }
 
-    fn number(&mut self) -> Result<Json, SyntaxError> {
-        let start = self.i;
+    fn number(&mut self) -> Result<(), SyntaxError> {
         let digits = |p: &mut Self| {
             let n = p.b[p.i..].iter().take_while(|c| c.is_ascii_digit()).count();
             p.i += n;
@@ -128,122 +183,73 @@ impl Parser<'_> {
                 return Err(self.error("invalid number"));
             }
         }
-        // Only ASCII was consumed.
-        let text = std::str::from_utf8(&self.b[start..self.i]).unwrap_or("0");
-        Ok(Json::Number(text.into()))
-    }
-
-    fn hex4(&self, at: usize) -> Option<u32> {
-        let h = self.b.get(at..at + 4)?;
-        let s = std::str::from_utf8(h).ok()?;
-        if !h.iter().all(u8::is_ascii_hexdigit) {
-            return None;
-        }
-        u32::from_str_radix(s, 16).ok()
-    }
-
-    /// A string literal (the cursor on its opening quote), unquoted as Go's `unquote` does.
-    fn string(&mut self) -> Result<JsonStr, SyntaxError> {
-        self.i += 1;
-        let start = self.i;
-        // Fast path: no escape, no control byte, valid UTF-8 up to the closing quote.
-        let end = self.b[start..]
-            .iter()
-            .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
-            .map(|n| start + n);
-        if let Some(end) = end {
-            if self.b[end] == b'"' {
-                if let Ok(text) = std::str::from_utf8(&self.b[start..end]) {
-                    self.i = end + 1;
-                    return Ok(JsonStr {
-                        text: text.to_string(),
-                        verbatim: true,
-                    });
-                }
-            }
-        }
-        let mut out = String::new();
-        loop {
-            let Some(&c) = self.b.get(self.i) else {
-                return Err(self.error("unterminated string"));
-            };
-            match c {
-                b'"' => {
-                    self.i += 1;
-                    return Ok(JsonStr {
-                        text: out,
-                        verbatim: false,
-                    });
-                }
-                0..=0x1f => return Err(self.error("control character in string")),
-                b'\\' => self.escape(&mut out)?,
-                0x20..=0x7f => {
-                    out.push(c as char);
-                    self.i += 1;
-                }
-                _ => {
-                    let (ch, n) = decode_rune(&self.b[self.i..]);
-                    out.push(ch);
-                    self.i += n;
-                }
-            }
-        }
-    }
-
-    fn escape(&mut self, out: &mut String) -> Result<(), SyntaxError> {
-        let Some(&e) = self.b.get(self.i + 1) else {
-            return Err(self.error("unterminated string"));
-        };
-        self.i += 2;
-        let c = match e {
-            b'"' => '"',
-            b'\\' => '\\',
-            b'/' => '/',
-            b'b' => '\u{8}',
-            b'f' => '\u{c}',
-            b'n' => '\n',
-            b'r' => '\r',
-            b't' => '\t',
-            b'u' => {
-                let r = self
-                    .hex4(self.i)
-                    .ok_or_else(|| self.error("invalid \\u escape"))?;
-                self.i += 4;
-                if (0xD800..0xE000).contains(&r) {
-                    // A high surrogate followed by a low one is one character; anything else is U+FFFD,
-                    // and the escape after it is read on its own.
-                    let low = (self.b.get(self.i..self.i + 2) == Some(b"\\u"))
-                        .then(|| self.hex4(self.i + 2))
-                        .flatten();
-                    match low {
-                        Some(lo) if r < 0xDC00 && (0xDC00..0xE000).contains(&lo) => {
-                            self.i += 6;
-                            char::from_u32(0x10000 + ((r - 0xD800) << 10) + (lo - 0xDC00))
-                                .unwrap_or('\u{FFFD}')
-                        }
-                        _ => '\u{FFFD}',
-                    }
-                } else {
-                    char::from_u32(r).unwrap_or('\u{FFFD}')
-                }
-            }
-            _ => return Err(self.error("invalid escape")),
-        };
-        out.push(c);
         Ok(())
     }
 
-    /// One value, iteratively (nesting costs heap, not stack).
-    fn document(&mut self) -> Result<Json, SyntaxError> {
-        let mut open: Vec<Open> = Vec::new();
+    /// A string literal, the cursor on its opening quote.
+    fn string(&mut self) -> Result<(), SyntaxError> {
+        self.i += 1;
+        loop {
+            let rest = &self.b[self.i..];
+            self.i += rest
+                .iter()
+                .position(|&c| STRING_STOP[c as usize])
+                .unwrap_or(rest.len());
+            match self.b.get(self.i) {
+                None => return Err(self.error("unterminated string")),
+                Some(b'"') => {
+                    self.i += 1;
+                    return Ok(());
+                }
+                Some(b'\\') => {
+                    let Some(&e) = self.b.get(self.i + 1) else {
+                        return Err(self.error("unterminated string"));
+                    };
+                    self.i += 2;
+                    match e {
+                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {}
+                        b'u' => {
+                            if hex4(self.b, self.i).is_none() {
+                                return Err(self.error("invalid \\u escape"));
+                            }
+                            self.i += 4;
+                        }
+                        _ => return Err(self.error("invalid escape")),
+                    }
+                }
+                Some(_) => return Err(self.error("control character in string")),
+            }
+        }
+    }
+
+    /// An object key and its colon.
+    fn key(&mut self) -> Result<(), SyntaxError> {
+        if self.b.get(self.i) != Some(&b'"') {
+            return Err(self.error("expected string for object key"));
+        }
+        self.string()?;
+        self.skip_space();
+        if self.b.get(self.i) != Some(&b':') {
+            return Err(self.error("expected : after object key"));
+        }
+        self.i += 1;
+        Ok(())
+    }
+
+    /// One document, iteratively.
+    fn document(&mut self) -> Result<(), SyntaxError> {
+        let mut open = Nesting {
+            bits: [0; MAX_DEPTH.div_ceil(64)],
+            depth: 0,
+        };
         loop {
             self.skip_space();
             let Some(&c) = self.b.get(self.i) else {
                 return Err(self.error("unexpected end of JSON input"));
             };
-            let mut value = match c {
+            match c {
                 b'{' | b'[' => {
-                    if open.len() >= MAX_DEPTH {
+                    if !open.push(c == b'{') {
                         return Err(self.error("exceeded max depth"));
                     }
                     self.i += 1;
@@ -251,133 +257,191 @@ impl Parser<'_> {
                     let close = if c == b'{' { b'}' } else { b']' };
                     if self.b.get(self.i) == Some(&close) {
                         self.i += 1;
-                        if c == b'{' {
-                            Json::Object(Vec::new())
-                        } else {
-                            Json::Array(Vec::new())
-                        }
-                    } else if c == b'[' {
-                        open.push(Open::Array(Vec::new()));
-                        continue;
+                        open.pop();
                     } else {
-                        let key = self.key()?;
-                        open.push(Open::Object(Vec::new(), Some(key)));
+                        if c == b'{' {
+                            self.key()?;
+                        }
                         continue;
                     }
                 }
-                b'"' => Json::Str(self.string()?),
-                b't' => self.literal(b"true", Json::Bool(true))?,
-                b'f' => self.literal(b"false", Json::Bool(false))?,
-                b'n' => self.literal(b"null", Json::Null)?,
+                b'"' => self.string()?,
+                b't' => self.literal(b"true")?,
+                b'f' => self.literal(b"false")?,
+                b'n' => self.literal(b"null")?,
                 b'-' | b'0'..=b'9' => self.number()?,
                 _ => return Err(self.error("invalid character looking for beginning of value")),
-            };
-            // Attach the finished value to its container, closing containers as they end.
+            }
+            // After a value: the next one in its container, or the end of containers that close here.
             loop {
-                let Some(top) = open.last_mut() else {
-                    self.skip_space();
+                self.skip_space();
+                let Some(object) = open.top() else {
                     if self.i != self.b.len() {
                         return Err(self.error("invalid character after top-level value"));
                     }
-                    return Ok(value);
+                    return Ok(());
                 };
-                self.skip_space();
-                let next = self.b.get(self.i).copied();
-                match top {
-                    Open::Array(items) => {
-                        items.push(value);
-                        match next {
-                            Some(b',') => {
-                                self.i += 1;
-                                break;
-                            }
-                            Some(b']') => self.i += 1,
-                            _ => return Err(self.error("expected , or ] in array")),
+                match (self.b.get(self.i), object) {
+                    (Some(b','), _) => {
+                        self.i += 1;
+                        if object {
+                            self.skip_space();
+                            self.key()?;
                         }
+                        break;
                     }
-                    Open::Object(pairs, key) => {
-                        pairs.push((key.take().unwrap_or_default(), value));
-                        match next {
-                            Some(b',') => {
-                                self.i += 1;
-                                self.skip_space();
-                                *key = Some(self.key()?);
-                                break;
-                            }
-                            Some(b'}') => self.i += 1,
-                            _ => return Err(self.error("expected , or } in object")),
-                        }
+                    (Some(b']'), false) | (Some(b'}'), true) => {
+                        self.i += 1;
+                        open.pop();
                     }
+                    (_, false) => return Err(self.error("expected , or ] in array")),
+                    (_, true) => return Err(self.error("expected , or } in object")),
                 }
-                value = match open.pop() {
-                    Some(Open::Array(items)) => Json::Array(items),
-                    Some(Open::Object(pairs, _)) => Json::Object(pairs),
-                    None => unreachable_value(),
-                };
+            }
+        }
+    }
+}
+
+/// The four hex digits at `b[at..]`, if they are.
+fn hex4(b: &[u8], at: usize) -> Option<u32> {
+    let h = b.get(at..at + 4)?;
+    h.iter().try_fold(0u32, |n, &c| {
+        let d = (c as char).to_digit(16)?;
+        Some(n << 4 | d)
+    })
+}
+
+/// Checks that `bytes` is one JSON document as Go's scanner accepts it, and reads it.
+pub fn check(bytes: &[u8]) -> Result<Reader<'_>, SyntaxError> {
+    Checker { b: bytes, i: 0 }.document()?;
+    Ok(Reader { b: bytes, i: 0 })
+}
+
+// ---------------------------------------------------------------- reading a checked document
+
+/// A document `check` accepted (or a value of one), read front to back: each value is taken by the
+/// `Decode` of its type, or skipped. Its syntax is not checked again; should it not be what `check`
+/// accepts, reading stops with an error (never a panic, never a loop).
+pub struct Reader<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+/// A value of a checked document kept as its text, to be read later (`reader`).
+#[derive(Clone, Copy)]
+pub struct Raw<'a>(&'a [u8]);
+
+impl<'a> Raw<'a> {
+    /// A reader of the value.
+    pub fn reader(self) -> Reader<'a> {
+        Reader { b: self.0, i: 0 }
+    }
+}
+
+/// A string literal of a checked document: its bytes between the quotes, escapes and all.
+#[derive(Clone, Copy)]
+pub struct Str<'a>(&'a [u8]);
+
+impl<'a> Str<'a> {
+    /// The literal's bytes, where they are its text (no escape, only UTF-8): what Go's time parser
+    /// reads, since `Time.UnmarshalJSON` does not unquote.
+    fn verbatim(self) -> Option<&'a str> {
+        if self.0.contains(&b'\\') {
+            return None;
+        }
+        std::str::from_utf8(self.0).ok()
+    }
+
+    /// The text, unquoted as Go's `unquote` does.
+    pub fn text(self) -> Cow<'a, str> {
+        match self.verbatim() {
+            Some(text) => Cow::Borrowed(text),
+            None => {
+                let mut out = String::with_capacity(self.0.len());
+                self.unquote_into(&mut out);
+                Cow::Owned(out)
             }
         }
     }
 
-    /// An object key and its colon.
-    fn key(&mut self) -> Result<String, SyntaxError> {
-        if self.b.get(self.i) != Some(&b'"') {
-            return Err(self.error("expected string for object key"));
+    fn unquote_into(self, out: &mut String) {
+        let b = self.0;
+        let mut i = 0;
+        while i < b.len() {
+            let run = b[i..]
+                .iter()
+                .position(|&c| c == b'\\')
+                .unwrap_or(b.len() - i);
+            push_utf8(out, &b[i..i + run]);
+            i += run;
+            if i < b.len() {
+                i = unescape(b, i, out);
+            }
         }
-        let key = self.string()?.text;
-        self.skip_space();
-        if self.b.get(self.i) != Some(&b':') {
-            return Err(self.error("expected : after object key"));
-        }
-        self.i += 1;
-        Ok(key)
     }
 }
 
-/// `open.pop()` after `open.last_mut()` returned a container cannot be `None`.
-fn unreachable_value() -> Json {
-    Json::Null
+/// Appends bytes as Go reads them into a string: UTF-8 as it is, any other byte as U+FFFD (one each, as
+/// Go's `utf8.DecodeRune` takes them).
+fn push_utf8(out: &mut String, mut b: &[u8]) {
+    loop {
+        match std::str::from_utf8(b) {
+            Ok(text) => {
+                out.push_str(text);
+                return;
+            }
+            Err(e) => {
+                let (good, rest) = b.split_at(e.valid_up_to());
+                out.push_str(std::str::from_utf8(good).unwrap_or_default());
+                out.push('\u{FFFD}');
+                b = rest.get(1..).unwrap_or_default();
+            }
+        }
+    }
 }
 
-/// One UTF-8 character at the start of `b` (not empty), as Go's `utf8.DecodeRune`: an invalid or
-/// truncated sequence is U+FFFD of one byte.
-fn decode_rune(b: &[u8]) -> (char, usize) {
-    let want = match b[0] {
-        0xC2..=0xDF => 2,
-        0xE0..=0xEF => 3,
-        0xF0..=0xF4 => 4,
-        _ => return ('\u{FFFD}', 1),
+/// Appends the character of the escape at `b[i]` (a backslash); answers where the text after it begins.
+fn unescape(b: &[u8], i: usize, out: &mut String) -> usize {
+    let simple = match b.get(i + 1) {
+        Some(b'u') => None,
+        Some(b'"') => Some('"'),
+        Some(b'\\') => Some('\\'),
+        Some(b'/') => Some('/'),
+        Some(b'b') => Some('\u{8}'),
+        Some(b'f') => Some('\u{c}'),
+        Some(b'n') => Some('\n'),
+        Some(b'r') => Some('\r'),
+        Some(b't') => Some('\t'),
+        _ => Some('\u{FFFD}'),
     };
-    match b.get(..want).map(std::str::from_utf8) {
-        Some(Ok(s)) => (s.chars().next().unwrap_or('\u{FFFD}'), want),
-        _ => ('\u{FFFD}', 1),
+    if let Some(c) = simple {
+        out.push(c);
+        return i + 2;
     }
-}
-
-/// Parses one JSON document as Go does.
-pub fn parse(bytes: &[u8]) -> Result<Json, SyntaxError> {
-    Parser { b: bytes, i: 0 }.document()
-}
-
-// ---------------------------------------------------------------- decoding into Go's types
-
-/// Nested values are taken apart with a stack of their own, so dropping one 10,000 levels deep needs no
-/// more thread stack than dropping a flat one.
-impl Drop for Json {
-    fn drop(&mut self) {
-        let mut nested = Vec::new();
-        detach(self, &mut nested);
-        while let Some(mut value) = nested.pop() {
-            detach(&mut value, &mut nested);
+    let Some(r) = hex4(b, i + 2) else {
+        out.push('\u{FFFD}');
+        return i + 2;
+    };
+    if !(0xD800..0xE000).contains(&r) {
+        out.push(char::from_u32(r).unwrap_or('\u{FFFD}'));
+        return i + 6;
+    }
+    // A high surrogate followed by a low one is one character; anything else is U+FFFD, and the escape
+    // after it is read on its own.
+    let low = (b.get(i + 6..i + 8) == Some(b"\\u"))
+        .then(|| hex4(b, i + 8))
+        .flatten()
+        .filter(|lo| r < 0xDC00 && (0xDC00..0xE000).contains(lo));
+    match low {
+        Some(lo) => {
+            let c = char::from_u32(0x10000 + ((r - 0xD800) << 10) + (lo - 0xDC00));
+            out.push(c.unwrap_or('\u{FFFD}'));
+            i + 12
         }
-    }
-}
-
-/// Moves the children of `value` (if any) onto `out`, leaving it flat.
-fn detach(value: &mut Json, out: &mut Vec<Json>) {
-    match value {
-        Json::Array(items) => out.append(items),
-        Json::Object(pairs) => out.extend(std::mem::take(pairs).into_iter().map(|(_, v)| v)),
-        _ => {}
+        None => {
+            out.push('\u{FFFD}');
+            i + 6
+        }
     }
 }
 
@@ -392,13 +456,501 @@ impl std::fmt::Display for TypeError {
     }
 }
 
-fn mismatch(v: &Json, go_type: &str) -> TypeError {
-    TypeError(format!("cannot unmarshal {} into {go_type}", v.kind()))
+/// A reader found what `check` would not have accepted.
+fn malformed() -> TypeError {
+    TypeError("malformed JSON".into())
 }
 
-/// Go's `Unmarshal` into an existing value of this type, taking the parsed value apart.
+/// A JSON number as the float64 Go reads it into; `None` where Go reports it out of range.
+fn float(text: &str) -> Option<f64> {
+    text.parse::<f64>().ok().filter(|f| f.is_finite())
+}
+
+/// An integer of at most 15 digits is exactly a float64, written back as it is.
+fn small_integer(text: &str) -> bool {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    digits.len() <= 15 && digits.bytes().all(|c| c.is_ascii_digit())
+}
+
+fn out_of_float_range(text: &str) -> TypeError {
+    TypeError(format!(
+        "cannot unmarshal number {} into float64",
+        bounded(text)
+    ))
+}
+
+/// What `Reader::any` has open: an array, or an object begun at `out[start]` whose keys are
+/// `pairs[from..]`, `sorted` while each came after the one before it.
+enum Open {
+    Array,
+    Object {
+        start: usize,
+        from: usize,
+        sorted: bool,
+    },
+}
+
+/// Where `Reader::any` wrote an object's key: its opening quote, and its colon.
+#[derive(Clone, Copy)]
+struct Pair {
+    key: usize,
+    colon: usize,
+}
+
+/// An object `Reader::any` wrote out of order, at `out[start..end]`: its pairs as Go writes them are
+/// `order[from..to]` (ranges of `out`).
+struct Reorder {
+    start: usize,
+    end: usize,
+    from: usize,
+    to: usize,
+}
+
+impl<'a> Reader<'a> {
+    /// The first byte of the next value, whitespace passed.
+    fn peek(&mut self) -> Option<u8> {
+        while let Some(&c) = self.b.get(self.i) {
+            if !is_space(c) {
+                return Some(c);
+            }
+            self.i += 1;
+        }
+        None
+    }
+
+    /// What the next value is, as Go's type errors name it.
+    pub fn kind(&mut self) -> &'static str {
+        match self.peek() {
+            Some(b'{') => "object",
+            Some(b'[') => "array",
+            Some(b'"') => "string",
+            Some(b't' | b'f') => "bool",
+            Some(b'n') => "null",
+            _ => "number",
+        }
+    }
+
+    /// The error for the next value, which does not fit `go_type`.
+    fn mismatch(&mut self, go_type: &str) -> TypeError {
+        TypeError(format!("cannot unmarshal {} into {go_type}", self.kind()))
+    }
+
+    /// Takes a `null`, if that is what comes next.
+    pub fn null(&mut self) -> bool {
+        let is_null = self.peek() == Some(b'n') && self.b[self.i..].starts_with(b"null");
+        if is_null {
+            self.i += 4;
+        }
+        is_null
+    }
+
+    /// Takes a string, if that is what comes next.
+    fn string(&mut self) -> Option<Str<'a>> {
+        if self.peek() != Some(b'"') {
+            return None;
+        }
+        let start = self.i + 1;
+        self.skip_string();
+        let end = self.i.saturating_sub(1).max(start);
+        self.b.get(start..end).map(Str)
+    }
+
+    /// Takes a number (its text), if that is what comes next.
+    fn number(&mut self) -> Option<&'a str> {
+        if !matches!(self.peek(), Some(b'-' | b'0'..=b'9')) {
+            return None;
+        }
+        let start = self.i;
+        self.skip_scalar();
+        std::str::from_utf8(&self.b[start..self.i]).ok()
+    }
+
+    /// Takes `true` or `false`, if that is what comes next.
+    fn boolean(&mut self) -> Option<bool> {
+        let value = match self.peek() {
+            Some(b't') if self.b[self.i..].starts_with(b"true") => true,
+            Some(b'f') if self.b[self.i..].starts_with(b"false") => false,
+            _ => return None,
+        };
+        self.i += if value { 4 } else { 5 };
+        Some(value)
+    }
+
+    /// Enters an object, if that is what comes next; its keys are then taken with `key`.
+    pub fn object(&mut self) -> bool {
+        let is_object = self.peek() == Some(b'{');
+        if is_object {
+            self.i += 1;
+        }
+        is_object
+    }
+
+    /// The next key of the object being read, its value next; `None` once the object ends.
+    pub fn key(&mut self) -> Result<Option<Str<'a>>, TypeError> {
+        if self.peek() == Some(b',') {
+            self.i += 1;
+        }
+        match self.peek() {
+            Some(b'}') => {
+                self.i += 1;
+                Ok(None)
+            }
+            Some(b'"') => {
+                let key = self.string().ok_or_else(malformed)?;
+                if self.peek() != Some(b':') {
+                    return Err(malformed());
+                }
+                self.i += 1;
+                Ok(Some(key))
+            }
+            _ => Err(malformed()),
+        }
+    }
+
+    /// Enters an array, if that is what comes next; its items are then found with `item`.
+    fn array(&mut self) -> bool {
+        let is_array = self.peek() == Some(b'[');
+        if is_array {
+            self.i += 1;
+        }
+        is_array
+    }
+
+    /// Whether the array being read has another item, which comes next; `false` once it ends.
+    fn item(&mut self) -> bool {
+        if self.peek() == Some(b',') {
+            self.i += 1;
+        }
+        match self.peek() {
+            Some(b']') => {
+                self.i += 1;
+                false
+            }
+            other => other.is_some(),
+        }
+    }
+
+    /// Passes the string literal at the cursor (its opening quote).
+    fn skip_string(&mut self) {
+        let mut i = self.i + 1;
+        while let Some(rest) = self.b.get(i..) {
+            let Some(n) = rest.iter().position(|&c| STRING_STOP[c as usize]) else {
+                break;
+            };
+            i += n;
+            match rest[n] {
+                b'"' => {
+                    self.i = i + 1;
+                    return;
+                }
+                b'\\' => i += 2,
+                _ => i += 1,
+            }
+        }
+        self.i = self.b.len();
+    }
+
+    /// Passes the number or literal at the cursor.
+    fn skip_scalar(&mut self) {
+        let run = self.b[self.i..]
+            .iter()
+            .take_while(|&&c| is_scalar(c))
+            .count();
+        self.i += run;
+    }
+
+    /// Passes the next value, whatever it is, and answers its text.
+    pub fn skip(&mut self) -> Result<Raw<'a>, TypeError> {
+        let start = match self.peek() {
+            Some(_) => self.i,
+            None => return Err(malformed()),
+        };
+        match self.b[start] {
+            b'"' => self.skip_string(),
+            b'{' | b'[' => {
+                let mut depth = 0usize;
+                loop {
+                    let rest = self.b.get(self.i..).unwrap_or_default();
+                    let Some(n) = rest.iter().position(|&c| STRUCTURAL[c as usize]) else {
+                        return Err(malformed());
+                    };
+                    self.i += n;
+                    match rest[n] {
+                        b'"' => {
+                            self.skip_string();
+                            continue;
+                        }
+                        b'{' | b'[' => depth += 1,
+                        _ => {
+                            depth = depth.checked_sub(1).ok_or_else(malformed)?;
+                            if depth == 0 {
+                                self.i += 1;
+                                break;
+                            }
+                        }
+                    }
+                    self.i += 1;
+                }
+            }
+            _ => {
+                self.skip_scalar();
+                if self.i == start {
+                    return Err(malformed());
+                }
+            }
+        }
+        Ok(Raw(&self.b[start..self.i]))
+    }
+
+    /// Takes the next value as Go's `any` and answers the text Go writes for it (see the module's
+    /// notes); an error for a number out of float64's range, as Go's.
+    ///
+    /// Values are written as they come; an object whose keys do not (out of order, or repeated) is
+    /// noted where it was written, with the order Go writes its pairs in, and the text is put in that
+    /// order once, at the end (`reordered`), so that however deep such objects nest, each byte is
+    /// moved at most twice.
+    fn any(&mut self, capacity: usize) -> Result<Vec<u8>, TypeError> {
+        let mut out = Vec::with_capacity(capacity);
+        let mut open: Vec<Open> = Vec::new();
+        let mut pairs: Vec<Pair> = Vec::new();
+        let mut reorders: Vec<Reorder> = Vec::new();
+        let mut order: Vec<(usize, usize)> = Vec::new();
+        let mut scratch = String::new();
+        loop {
+            match self.peek() {
+                Some(b'{') => {
+                    self.i += 1;
+                    open.push(Open::Object {
+                        start: out.len(),
+                        from: pairs.len(),
+                        sorted: true,
+                    });
+                    out.push(b'{');
+                }
+                Some(b'[') => {
+                    self.i += 1;
+                    open.push(Open::Array);
+                    out.push(b'[');
+                }
+                Some(b'"') => {
+                    let s = self.string().ok_or_else(malformed)?;
+                    write_text(&mut out, s, &mut scratch);
+                }
+                Some(b't' | b'f') => {
+                    let b = self.boolean().ok_or_else(malformed)?;
+                    out.extend_from_slice(if b { b"true" } else { b"false" });
+                }
+                Some(b'n') if self.null() => out.extend_from_slice(b"null"),
+                _ => {
+                    let n = self.number().ok_or_else(malformed)?;
+                    if small_integer(n) {
+                        out.extend_from_slice(n.as_bytes());
+                    } else {
+                        write_f64(&mut out, float(n).ok_or_else(|| out_of_float_range(n))?);
+                    }
+                }
+            }
+            // On to the next value to write, closing the containers that end here. A container's
+            // first value follows its opening bracket, the others a comma.
+            loop {
+                match open.last_mut() {
+                    None if reorders.is_empty() => return Ok(out),
+                    None => return Ok(reordered(&out, &mut reorders, &order)),
+                    Some(Open::Array) => {
+                        if self.item() {
+                            if out.last() != Some(&b'[') {
+                                out.push(b',');
+                            }
+                            break;
+                        }
+                        out.push(b']');
+                    }
+                    Some(Open::Object {
+                        start,
+                        from,
+                        sorted,
+                    }) => {
+                        if let Some(key) = self.key()? {
+                            if out.last() != Some(&b'{') {
+                                out.push(b',');
+                            }
+                            let at = out.len();
+                            write_text(&mut out, key, &mut scratch);
+                            let pair = Pair {
+                                key: at,
+                                colon: out.len(),
+                            };
+                            out.push(b':');
+                            if let Some(&before) =
+                                pairs.last().filter(|_| *sorted && pairs.len() > *from)
+                            {
+                                *sorted = written_key(&out, before) < written_key(&out, pair);
+                            }
+                            pairs.push(pair);
+                            break;
+                        }
+                        out.push(b'}');
+                        if !*sorted {
+                            let from_order = order.len();
+                            go_order(&out, &pairs[*from..], &mut order);
+                            reorders.push(Reorder {
+                                start: *start,
+                                end: out.len(),
+                                from: from_order,
+                                to: order.len(),
+                            });
+                        }
+                        pairs.truncate(*from);
+                    }
+                }
+                open.pop();
+            }
+        }
+    }
+
+    /// Whether the next value is one Go takes as `any` (every number in it fits a float64); passes it.
+    fn any_fits(&mut self) -> Result<(), TypeError> {
+        let value = self.skip()?.0;
+        let mut i = 0;
+        while let Some(&c) = value.get(i) {
+            match c {
+                b'"' => {
+                    let mut inner = Reader { b: value, i };
+                    inner.skip_string();
+                    i = inner.i;
+                }
+                b'-' | b'0'..=b'9' => {
+                    let run = value[i..].iter().take_while(|&&c| is_scalar(c)).count();
+                    let n = std::str::from_utf8(&value[i..i + run]).unwrap_or_default();
+                    if !small_integer(n) && float(n).is_none() {
+                        return Err(out_of_float_range(n));
+                    }
+                    i += run;
+                }
+                _ => i += 1,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Appends a string as Go writes it.
+fn write_text(out: &mut Vec<u8>, s: Str<'_>, scratch: &mut String) {
+    match s.verbatim() {
+        Some(text) => write_str(out, text),
+        None => {
+            scratch.clear();
+            s.unquote_into(scratch);
+            write_str(out, scratch);
+        }
+    }
+}
+
+/// The text of a key `Reader::any` wrote (what Go sorts map keys by).
+fn written_key(out: &[u8], pair: Pair) -> Cow<'_, str> {
+    let quoted = out
+        .get(pair.key + 1..pair.colon.saturating_sub(1))
+        .unwrap_or_default();
+    Str(quoted).text()
+}
+
+/// Appends to `order` the pairs of an object written at `pairs` (its last pair ends before its
+/// closing brace at the end of `out`) in the order Go writes a map: by their keys' bytes, the last of
+/// duplicate keys kept.
+fn go_order(out: &[u8], pairs: &[Pair], order: &mut Vec<(usize, usize)>) {
+    let close = out.len().saturating_sub(1);
+    let mut entries: Vec<(Cow<'_, str>, usize, usize)> = pairs
+        .iter()
+        .enumerate()
+        .map(|(n, &pair)| {
+            // A pair runs to the comma before the next key.
+            let stop = pairs
+                .get(n + 1)
+                .map_or(close, |next| next.key.saturating_sub(1));
+            (written_key(out, pair), pair.key, stop)
+        })
+        .collect();
+    // Stable: of equal keys, the last written stays last.
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    for (n, (key, start, stop)) in entries.iter().enumerate() {
+        if entries.get(n + 1).is_none_or(|(next, ..)| next != key) {
+            order.push((*start, *stop));
+        }
+    }
+}
+
+/// What `Reader::any` wrote (`out`), with the objects in `reorders` put in their order, in one pass
+/// (a stack of its own, however deep they nest).
+fn reordered(out: &[u8], reorders: &mut [Reorder], order: &[(usize, usize)]) -> Vec<u8> {
+    /// What is left to write: the text `out[pos..end]` (the objects in it from `reorders[next]` on
+    /// in their order), or the pairs of `reorders[object]` from its `n`th on.
+    enum Task {
+        Text { pos: usize, end: usize, next: usize },
+        Pairs { object: usize, n: usize },
+    }
+    // Noted as they closed, inner first; by where they begin, an object's nested ones follow it.
+    reorders.sort_unstable_by_key(|r| r.start);
+    let first_in = |pos: usize| reorders.partition_point(|r| r.start < pos);
+    let mut text = Vec::with_capacity(out.len());
+    let mut tasks = vec![Task::Text {
+        pos: 0,
+        end: out.len(),
+        next: 0,
+    }];
+    while let Some(task) = tasks.last_mut() {
+        match task {
+            Task::Text { pos, end, next } => match reorders.get(*next).filter(|r| r.start < *end) {
+                Some(r) => {
+                    text.extend_from_slice(out.get(*pos..r.start).unwrap_or_default());
+                    text.push(b'{');
+                    let object = *next;
+                    *pos = r.end;
+                    *next = first_in(r.end);
+                    tasks.push(Task::Pairs { object, n: 0 });
+                }
+                None => {
+                    text.extend_from_slice(out.get(*pos..*end).unwrap_or_default());
+                    tasks.pop();
+                }
+            },
+            Task::Pairs { object, n } => {
+                let pairs = reorders
+                    .get(*object)
+                    .and_then(|r| order.get(r.from..r.to))
+                    .unwrap_or_default();
+                match pairs.get(*n) {
+                    Some(&(pos, end)) => {
+                        if *n > 0 {
+                            text.push(b',');
+                        }
+                        *n += 1;
+                        tasks.push(Task::Text {
+                            pos,
+                            end,
+                            next: first_in(pos),
+                        });
+                    }
+                    None => {
+                        text.push(b'}');
+                        tasks.pop();
+                    }
+                }
+            }
+        }
+    }
+    text
+}
+
+// ---------------------------------------------------------------- decoding into Go's types
+
+/// Go's `Unmarshal` of the next value of a checked document into an existing value of this type.
 pub trait Decode {
-    fn decode(&mut self, v: Json) -> Result<(), TypeError>;
+    /// Decodes into `self`. After an error the value is partly decoded and the reader is anywhere:
+    /// both are dropped.
+    fn decode(&mut self, r: &mut Reader<'_>) -> Result<(), TypeError>;
+    /// Whether the next value would decode into this type (the same answer as `decode`), keeping
+    /// nothing of it.
+    fn accepts(r: &mut Reader<'_>) -> Result<(), TypeError>;
 }
 
 /// Go's `Marshal` of this type; an error only where Go refuses to write (a time it cannot show).
@@ -409,15 +961,18 @@ pub trait Encode {
 }
 
 impl Decode for String {
-    fn decode(&mut self, mut v: Json) -> Result<(), TypeError> {
-        match &mut v {
-            Json::Null => Ok(()),
-            Json::Str(s) => {
-                *self = std::mem::take(&mut s.text);
-                Ok(())
-            }
-            _ => Err(mismatch(&v, "string")),
+    fn decode(&mut self, r: &mut Reader<'_>) -> Result<(), TypeError> {
+        if !r.null() {
+            let s = r.string().ok_or_else(|| r.mismatch("string"))?;
+            *self = s.text().into_owned();
         }
+        Ok(())
+    }
+    fn accepts(r: &mut Reader<'_>) -> Result<(), TypeError> {
+        if !r.null() {
+            r.string().ok_or_else(|| r.mismatch("string"))?;
+        }
+        Ok(())
     }
 }
 
@@ -431,18 +986,26 @@ impl Encode for String {
     }
 }
 
+/// An int64 from the next value: `None` for `null`.
+fn read_i64(r: &mut Reader<'_>) -> Result<Option<i64>, TypeError> {
+    if r.null() {
+        return Ok(None);
+    }
+    let n = r.number().ok_or_else(|| r.mismatch("int64"))?;
+    n.parse()
+        .map(Some)
+        .map_err(|_| TypeError(format!("cannot unmarshal number {} into int64", bounded(n))))
+}
+
 impl Decode for i64 {
-    fn decode(&mut self, v: Json) -> Result<(), TypeError> {
-        match &v {
-            Json::Null => Ok(()),
-            Json::Number(n) => {
-                *self = n.parse().map_err(|_| {
-                    TypeError(format!("cannot unmarshal number {} into int64", bounded(n)))
-                })?;
-                Ok(())
-            }
-            _ => Err(mismatch(&v, "int64")),
+    fn decode(&mut self, r: &mut Reader<'_>) -> Result<(), TypeError> {
+        if let Some(n) = read_i64(r)? {
+            *self = n;
         }
+        Ok(())
+    }
+    fn accepts(r: &mut Reader<'_>) -> Result<(), TypeError> {
+        read_i64(r).map(drop)
     }
 }
 
@@ -456,16 +1019,23 @@ impl Encode for i64 {
     }
 }
 
+/// A bool from the next value: `None` for `null`.
+fn read_bool(r: &mut Reader<'_>) -> Result<Option<bool>, TypeError> {
+    if r.null() {
+        return Ok(None);
+    }
+    r.boolean().map(Some).ok_or_else(|| r.mismatch("bool"))
+}
+
 impl Decode for bool {
-    fn decode(&mut self, v: Json) -> Result<(), TypeError> {
-        match &v {
-            Json::Null => Ok(()),
-            Json::Bool(b) => {
-                *self = *b;
-                Ok(())
-            }
-            _ => Err(mismatch(&v, "bool")),
+    fn decode(&mut self, r: &mut Reader<'_>) -> Result<(), TypeError> {
+        if let Some(b) = read_bool(r)? {
+            *self = b;
         }
+        Ok(())
+    }
+    fn accepts(r: &mut Reader<'_>) -> Result<(), TypeError> {
+        read_bool(r).map(drop)
     }
 }
 
@@ -479,21 +1049,34 @@ impl Encode for bool {
     }
 }
 
+/// A time from the next value: `None` for `null`.
+fn read_time(r: &mut Reader<'_>) -> Result<Option<GoTime>, TypeError> {
+    if r.null() {
+        return Ok(None);
+    }
+    let Some(s) = r.string() else {
+        return Err(TypeError(
+            "Time.UnmarshalJSON: input is not a JSON string".into(),
+        ));
+    };
+    // Go parses the literal's raw bytes: an escaped or non-UTF-8 literal is no time.
+    let text = s
+        .verbatim()
+        .ok_or_else(|| TypeError("parsing time: escaped text".into()))?;
+    GoTime::parse(text)
+        .map(Some)
+        .ok_or_else(|| TypeError(format!("parsing time {:?}", bounded(text))))
+}
+
 impl Decode for GoTime {
-    fn decode(&mut self, v: Json) -> Result<(), TypeError> {
-        match &v {
-            Json::Null => Ok(()),
-            // Go parses the literal's raw bytes: an escaped or non-UTF-8 literal is no time.
-            Json::Str(s) if s.verbatim => {
-                *self = GoTime::parse(&s.text)
-                    .ok_or_else(|| TypeError(format!("parsing time {:?}", bounded(&s.text))))?;
-                Ok(())
-            }
-            Json::Str(_) => Err(TypeError("parsing time: escaped text".into())),
-            _ => Err(TypeError(
-                "Time.UnmarshalJSON: input is not a JSON string".into(),
-            )),
+    fn decode(&mut self, r: &mut Reader<'_>) -> Result<(), TypeError> {
+        if let Some(t) = read_time(r)? {
+            *self = t;
         }
+        Ok(())
+    }
+    fn accepts(r: &mut Reader<'_>) -> Result<(), TypeError> {
+        read_time(r).map(drop)
     }
 }
 
@@ -506,108 +1089,40 @@ impl Encode for GoTime {
     }
 }
 
-/// A value of Go type `any` (`interface{}`): the parsed value, proven to be one `Unmarshal` accepts
-/// (every number fits a float64). Go would hold numbers as float64 and objects as maps; that shows
-/// when it is written (`Encode`): numbers in Go's float64 form, an object's keys sorted, the last of
-/// duplicate keys kept.
+/// A value of Go type `any` (`interface{}`): the text Go writes for it (see the module's notes), `None`
+/// for nil.
 #[derive(Debug, PartialEq, Default)]
-pub struct Any(pub Json);
-
-/// A JSON number as the float64 Go reads it into; `None` where Go reports it out of range.
-fn float(text: &str) -> Option<f64> {
-    text.parse::<f64>().ok().filter(|f| f.is_finite())
-}
+pub struct Any(Option<Box<[u8]>>);
 
 impl Decode for Any {
-    fn decode(&mut self, v: Json) -> Result<(), TypeError> {
-        let mut pending = vec![&v];
-        while let Some(value) = pending.pop() {
-            match value {
-                Json::Number(n) if float(n).is_none() => {
-                    return Err(TypeError(format!(
-                        "cannot unmarshal number {} into float64",
-                        bounded(n)
-                    )))
-                }
-                Json::Array(items) => pending.extend(items),
-                Json::Object(pairs) => pending.extend(pairs.iter().map(|(_, v)| v)),
-                _ => {}
-            }
+    fn decode(&mut self, r: &mut Reader<'_>) -> Result<(), TypeError> {
+        if r.null() {
+            self.0 = None;
+            return Ok(());
         }
-        self.0 = v;
+        let text = if matches!(r.peek(), Some(b'{' | b'[')) {
+            // Sized by the input, which Go's text rarely passes: a large value is not copied as it
+            // grows.
+            let raw = r.skip()?;
+            raw.reader().any(raw.0.len())?
+        } else {
+            r.any(0)?
+        };
+        self.0 = Some(text.into_boxed_slice());
         Ok(())
     }
-}
-
-/// What is left to write of a value being written by `Any::encode`.
-enum Writing<'a> {
-    Items(std::slice::Iter<'a, Json>),
-    Pairs(std::vec::IntoIter<(&'a str, &'a Json)>),
+    fn accepts(r: &mut Reader<'_>) -> Result<(), TypeError> {
+        r.any_fits()
+    }
 }
 
 impl Encode for Any {
-    /// Writes iteratively (a stack of open arrays and objects), however deep the value.
     fn encode(&self, out: &mut Vec<u8>) -> Result<(), String> {
-        let mut open: Vec<(Writing, bool)> = Vec::new();
-        let mut next = Some(&self.0);
-        loop {
-            if let Some(value) = next.take() {
-                match value {
-                    Json::Null => out.extend_from_slice(b"null"),
-                    Json::Bool(b) => b.encode(out)?,
-                    Json::Number(n) => write_f64(out, float(n).unwrap_or(0.0)),
-                    Json::Str(s) => write_str(out, &s.text),
-                    Json::Array(items) => {
-                        out.push(b'[');
-                        open.push((Writing::Items(items.iter()), true));
-                    }
-                    Json::Object(pairs) => {
-                        // A Go map: the last of duplicate keys, in byte order.
-                        let map: BTreeMap<&str, &Json> =
-                            pairs.iter().map(|(k, v)| (k.as_str(), v)).collect();
-                        out.push(b'{');
-                        let sorted: Vec<(&str, &Json)> = map.into_iter().collect();
-                        open.push((Writing::Pairs(sorted.into_iter()), true));
-                    }
-                }
-            }
-            let Some((container, first)) = open.last_mut() else {
-                return Ok(());
-            };
-            let separator = !*first;
-            *first = false;
-            match container {
-                Writing::Items(items) => match items.next() {
-                    Some(item) => {
-                        if separator {
-                            out.push(b',');
-                        }
-                        next = Some(item);
-                    }
-                    None => {
-                        out.push(b']');
-                        open.pop();
-                    }
-                },
-                Writing::Pairs(pairs) => match pairs.next() {
-                    Some((key, value)) => {
-                        if separator {
-                            out.push(b',');
-                        }
-                        write_str(out, key);
-                        out.push(b':');
-                        next = Some(value);
-                    }
-                    None => {
-                        out.push(b'}');
-                        open.pop();
-                    }
-                },
-            }
-        }
+        out.extend_from_slice(self.0.as_deref().unwrap_or(b"null"));
+        Ok(())
     }
     fn is_empty(&self) -> bool {
-        matches!(self.0, Json::Null)
+        self.0.is_none()
     }
 }
 
@@ -615,12 +1130,18 @@ impl Encode for Any {
 pub type Ptr<T> = Option<Box<T>>;
 
 impl<T: Decode + Default> Decode for Option<Box<T>> {
-    fn decode(&mut self, v: Json) -> Result<(), TypeError> {
-        if v == Json::Null {
+    fn decode(&mut self, r: &mut Reader<'_>) -> Result<(), TypeError> {
+        if r.null() {
             *self = None;
             return Ok(());
         }
-        self.get_or_insert_with(Box::default).decode(v)
+        self.get_or_insert_with(Box::default).decode(r)
+    }
+    fn accepts(r: &mut Reader<'_>) -> Result<(), TypeError> {
+        if r.null() {
+            return Ok(());
+        }
+        T::accepts(r)
     }
 }
 
@@ -651,24 +1172,34 @@ impl<V> GoMap<V> {
 }
 
 impl<V: Decode + Default> Decode for GoMap<V> {
-    fn decode(&mut self, mut v: Json) -> Result<(), TypeError> {
-        match &mut v {
-            Json::Null => {
-                self.0 = None;
-                Ok(())
-            }
-            Json::Object(pairs) => {
-                let map = self.0.get_or_insert_with(BTreeMap::new);
-                for (k, v) in std::mem::take(pairs) {
-                    // Each entry starts from a zero value: entries are replaced, never merged.
-                    let mut elem = V::default();
-                    elem.decode(v)?;
-                    map.insert(k, elem);
-                }
-                Ok(())
-            }
-            _ => Err(mismatch(&v, "map")),
+    fn decode(&mut self, r: &mut Reader<'_>) -> Result<(), TypeError> {
+        if r.null() {
+            self.0 = None;
+            return Ok(());
         }
+        if !r.object() {
+            return Err(r.mismatch("map"));
+        }
+        let map = self.0.get_or_insert_with(BTreeMap::new);
+        while let Some(key) = r.key()? {
+            // Each entry starts from a zero value: entries are replaced, never merged.
+            let mut elem = V::default();
+            elem.decode(r)?;
+            map.insert(key.text().into_owned(), elem);
+        }
+        Ok(())
+    }
+    fn accepts(r: &mut Reader<'_>) -> Result<(), TypeError> {
+        if r.null() {
+            return Ok(());
+        }
+        if !r.object() {
+            return Err(r.mismatch("map"));
+        }
+        while r.key()?.is_some() {
+            V::accepts(r)?;
+        }
+        Ok(())
     }
 }
 
@@ -700,32 +1231,43 @@ impl<V: Encode> Encode for GoMap<V> {
 pub struct GoSlice<T>(pub Option<Vec<T>>);
 
 impl<T: Decode + Default> Decode for GoSlice<T> {
-    fn decode(&mut self, mut v: Json) -> Result<(), TypeError> {
-        match &mut v {
-            Json::Null => {
-                self.0 = None;
-                Ok(())
-            }
-            Json::Array(items) => {
-                // Go decodes into the elements already there (a `null` element keeps one) and cuts
-                // the slice to the array's length.
-                let items = std::mem::take(items);
-                let len = items.len();
-                let vec = self.0.get_or_insert_with(Vec::new);
-                for (i, item) in items.into_iter().enumerate() {
-                    if i < vec.len() {
-                        vec[i].decode(item)?;
-                    } else {
-                        let mut elem = T::default();
-                        elem.decode(item)?;
-                        vec.push(elem);
-                    }
-                }
-                vec.truncate(len);
-                Ok(())
-            }
-            _ => Err(mismatch(&v, "slice")),
+    fn decode(&mut self, r: &mut Reader<'_>) -> Result<(), TypeError> {
+        if r.null() {
+            self.0 = None;
+            return Ok(());
         }
+        if !r.array() {
+            return Err(r.mismatch("slice"));
+        }
+        // Go decodes into the elements already there (a `null` element keeps one) and cuts the slice
+        // to the array's length.
+        let vec = self.0.get_or_insert_with(Vec::new);
+        let mut len = 0;
+        while r.item() {
+            match vec.get_mut(len) {
+                Some(elem) => elem.decode(r)?,
+                None => {
+                    let mut elem = T::default();
+                    elem.decode(r)?;
+                    vec.push(elem);
+                }
+            }
+            len += 1;
+        }
+        vec.truncate(len);
+        Ok(())
+    }
+    fn accepts(r: &mut Reader<'_>) -> Result<(), TypeError> {
+        if r.null() {
+            return Ok(());
+        }
+        if !r.array() {
+            return Err(r.mismatch("slice"));
+        }
+        while r.item() {
+            T::accepts(r)?;
+        }
+        Ok(())
     }
 }
 
@@ -771,9 +1313,15 @@ pub fn names_field(key: &str, tag: &str) -> bool {
     tag.next().is_none()
 }
 
+/// The error for a struct given anything but an object or `null`.
+pub fn not_an_object(go_type: &str) -> TypeError {
+    TypeError(format!("cannot unmarshal a non-object into {go_type}"))
+}
+
 /// Declares a Go struct: its fields with their JSON names (`omitempty` where Go's tag says so), and
-/// `Decode`/`Encode` with Go's rules for structs (fields matched by `names_field`, an exact match
-/// first; `null` leaves the struct as it is; anything but an object is a type error).
+/// `Decode`/`Encode` with Go's rules for structs (each key applied in turn to the field it names, an
+/// exact match first, then by `names_field`; other keys skipped; `null` leaves the struct as it is;
+/// anything but an object is a type error).
 macro_rules! go_struct {
     (
         $(#[$meta:meta])*
@@ -790,32 +1338,59 @@ macro_rules! go_struct {
         impl $crate::format::gojson::Decode for $name {
             fn decode(
                 &mut self,
-                mut v: $crate::format::gojson::Json,
+                r: &mut $crate::format::gojson::Reader<'_>,
             ) -> Result<(), $crate::format::gojson::TypeError> {
-                use $crate::format::gojson::{names_field, Json, TypeError};
-                let pairs = match &mut v {
-                    Json::Null => return Ok(()),
-                    Json::Object(pairs) => std::mem::take(pairs),
-                    _ => {
-                        return Err(TypeError(format!(
-                            "cannot unmarshal a non-object into {}",
-                            stringify!($name)
-                        )))
-                    }
-                };
-                for (key, value) in pairs {
+                use $crate::format::gojson::{names_field, not_an_object, Decode};
+                if r.null() {
+                    return Ok(());
+                }
+                if !r.object() {
+                    return Err(not_an_object(stringify!($name)));
+                }
+                while let Some(key) = r.key()? {
+                    let key = key.text();
                     $(
                         if key == $tag {
-                            $crate::format::gojson::Decode::decode(&mut self.$field, value)?;
+                            Decode::decode(&mut self.$field, r)?;
                             continue;
                         }
                     )*
                     $(
                         if names_field(&key, $tag) {
-                            $crate::format::gojson::Decode::decode(&mut self.$field, value)?;
+                            Decode::decode(&mut self.$field, r)?;
                             continue;
                         }
                     )*
+                    r.skip()?;
+                }
+                Ok(())
+            }
+
+            fn accepts(
+                r: &mut $crate::format::gojson::Reader<'_>,
+            ) -> Result<(), $crate::format::gojson::TypeError> {
+                use $crate::format::gojson::{names_field, not_an_object, Decode};
+                if r.null() {
+                    return Ok(());
+                }
+                if !r.object() {
+                    return Err(not_an_object(stringify!($name)));
+                }
+                while let Some(key) = r.key()? {
+                    let key = key.text();
+                    $(
+                        if key == $tag {
+                            <$ty as Decode>::accepts(r)?;
+                            continue;
+                        }
+                    )*
+                    $(
+                        if names_field(&key, $tag) {
+                            <$ty as Decode>::accepts(r)?;
+                            continue;
+                        }
+                    )*
+                    r.skip()?;
                 }
                 Ok(())
             }
@@ -951,9 +1526,9 @@ mod tests {
     use super::*;
 
     fn any_round_trip(input: &str) -> Result<String, String> {
-        let json = parse(input.as_bytes()).map_err(|e| e.to_string())?;
+        let mut r = check(input.as_bytes()).map_err(|e| e.to_string())?;
         let mut v = Any::default();
-        v.decode(json).map_err(|e| e.to_string())?;
+        v.decode(&mut r).map_err(|e| e.to_string())?;
         let mut out = Vec::new();
         v.encode(&mut out)?;
         Ok(String::from_utf8(out).unwrap())
@@ -1000,7 +1575,7 @@ mod tests {
         // alike.
         let raw = b"{\"a\xff\":\"\xe2\x82\",\"b\":\"\\ud800\\u0041\",\"c\":\"\\udc00\",\"d\":\"\\ud83d\\ude00\"}";
         let mut v = Any::default();
-        v.decode(parse(raw).unwrap()).unwrap();
+        v.decode(&mut check(raw).unwrap()).unwrap();
         let mut out = Vec::new();
         v.encode(&mut out).unwrap();
         assert_eq!(
@@ -1015,6 +1590,102 @@ mod tests {
             any_round_trip(r#"{"b":1,"a":[true,null,{}],"b":2}"#).unwrap(),
             r#"{"a":[true,null,{}],"b":2}"#
         );
+        // Nested objects out of order inside objects out of order, and in a duplicate that is dropped;
+        // keys sort by their bytes, not by how they are escaped.
+        assert_eq!(
+            any_round_trip(
+                r#"{"z":{"y":1,"x":{"q":[{"d":0,"c":0}],"p":2}},"a":{"k":{"j":1,"i":2}},"z":{"n":{"m":1,"l":2},"b":1},"\u003c":1,"\"":2,"a\u00e9":3,"ab":4,"\u00e9":5}"#
+            )
+            .unwrap(),
+            r#"{"\"":2,"\u003c":1,"a":{"k":{"i":2,"j":1}},"ab":4,"aé":3,"z":{"b":1,"n":{"l":2,"m":1}},"é":5}"#
+        );
+        assert_eq!(
+            any_round_trip(
+                r#"[{"b":[{"d":1,"c":2}],"a":0},{"a":1},{"b":{},"b":[],"a":{"c":1,"c":2}}]"#
+            )
+            .unwrap(),
+            r#"[{"a":0,"b":[{"c":2,"d":1}]},{"a":1},{"a":{"c":2},"b":[]}]"#
+        );
+    }
+
+    /// Objects out of order nested as deep as Go allows are written in one pass, on a small stack.
+    #[test]
+    fn any_nested_as_deep_as_go_allows_is_written_on_a_small_stack() {
+        let depth = MAX_DEPTH - 1;
+        let input = r#"{"b":0,"a":"#.repeat(depth) + "[]" + &"}".repeat(depth);
+        let expected = r#"{"a":"#.repeat(depth) + "[]" + &r#","b":0}"#.repeat(depth);
+        let written = std::thread::Builder::new()
+            .stack_size(64 << 10)
+            .spawn(move || any_round_trip(&input))
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(written.unwrap(), expected);
+    }
+
+    /// A value kept aside (`skip`) is the value's exact text, whatever it holds.
+    #[test]
+    fn skipped_values_are_their_text() {
+        let doc = br#"{"a" : [1, "]}\"", {"b":[]}] , "c":-1.5e3,"d":"x\\","e":true}"#;
+        let mut r = check(doc).unwrap();
+        assert!(r.object());
+        let mut seen = Vec::new();
+        while let Some(key) = r.key().unwrap() {
+            seen.push((key.text().into_owned(), r.skip().unwrap().0.to_vec()));
+        }
+        let text = |s: &str| s.as_bytes().to_vec();
+        assert_eq!(
+            seen,
+            [
+                ("a".into(), text(r#"[1, "]}\"", {"b":[]}]"#)),
+                ("c".into(), text("-1.5e3")),
+                ("d".into(), text(r#""x\\""#)),
+                ("e".into(), text("true")),
+            ]
+        );
+    }
+
+    /// `accepts` answers as `decode` does, for every type and every kind of value.
+    #[test]
+    fn accepting_agrees_with_decoding() {
+        fn agree<T: Decode + Default>(input: &str) {
+            let accepted = T::accepts(&mut check(input.as_bytes()).unwrap());
+            let decoded = T::default().decode(&mut check(input.as_bytes()).unwrap());
+            assert_eq!(accepted.is_ok(), decoded.is_ok(), "{input}: {decoded:?}");
+        }
+        for input in [
+            "null",
+            "true",
+            "0",
+            "-1",
+            "1.5",
+            "1e400",
+            "\"x\"",
+            "\"2026-03-18T09:14:03Z\"",
+            "\"2026-03-18T09:14:03\\u005a\"",
+            "[]",
+            "[null]",
+            "[1e400]",
+            "[\"a\",1]",
+            "{}",
+            r#"{"a":1e400}"#,
+            r#"{"a":"b"}"#,
+            r#"{"a":null}"#,
+            r#"{"id":1}"#,
+            r#"{"ID":"x","l":[1]}"#,
+            r#"{"p":{"n":1.5}}"#,
+            r#"{"p":null,"m":{"a":"1e400"}}"#,
+            r#"["1e999",{"k":-0}]"#,
+        ] {
+            agree::<String>(input);
+            agree::<i64>(input);
+            agree::<bool>(input);
+            agree::<GoTime>(input);
+            agree::<Any>(input);
+            agree::<GoMap<String>>(input);
+            agree::<GoSlice<Any>>(input);
+            agree::<Ptr<Probe>>(input);
+        }
     }
 
     #[test]
@@ -1041,7 +1712,7 @@ mod tests {
             "\u{feff}{}",
             "NaN",
         ] {
-            assert!(parse(bad.as_bytes()).is_err(), "{bad:?}");
+            assert!(check(bad.as_bytes()).is_err(), "{bad:?}");
         }
         for good in [
             " {} ",
@@ -1053,18 +1724,21 @@ mod tests {
             "[[[]]]",
             "\"\u{7f}\"",
         ] {
-            assert!(parse(good.as_bytes()).is_ok(), "{good:?}");
+            assert!(check(good.as_bytes()).is_ok(), "{good:?}");
         }
     }
 
     #[test]
     fn nesting_is_bounded_as_go_bounds_it() {
         let deep = |n: usize| "[".repeat(n) + &"]".repeat(n);
-        assert!(parse(deep(MAX_DEPTH).as_bytes()).is_ok());
+        assert!(check(deep(MAX_DEPTH).as_bytes()).is_ok());
         assert_eq!(
-            parse(deep(MAX_DEPTH + 1).as_bytes()).unwrap_err().what,
-            "exceeded max depth"
+            check(deep(MAX_DEPTH + 1).as_bytes()).err().map(|e| e.what),
+            Some("exceeded max depth")
         );
+        let objects = |n: usize| "{\"a\":".repeat(n) + "null" + &"}".repeat(n);
+        assert!(check(objects(MAX_DEPTH).as_bytes()).is_ok());
+        assert!(check(objects(MAX_DEPTH + 1).as_bytes()).is_err());
     }
 
     #[test]
@@ -1093,8 +1767,11 @@ mod tests {
 
     fn probe(input: &str) -> Result<String, String> {
         let mut p = Probe::default();
-        p.decode(parse(input.as_bytes()).map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
+        let mut r = check(input.as_bytes()).map_err(|e| e.to_string())?;
+        let accepted = Probe::accepts(&mut check(input.as_bytes()).unwrap());
+        let decoded = p.decode(&mut r);
+        assert_eq!(accepted.is_ok(), decoded.is_ok(), "{input}");
+        decoded.map_err(|e| e.to_string())?;
         let mut out = Vec::new();
         p.encode(&mut out)?;
         Ok(String::from_utf8(out).unwrap())

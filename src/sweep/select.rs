@@ -307,7 +307,9 @@ fn scan_step(
             continue;
         }
         let eligible = match layout.state {
-            StateSource::Fold => capture::looks_eligible(ctx, layout, &id, &want.window),
+            StateSource::Fold => {
+                capture::looks_eligible(ctx, layout, &id, &want.window, want.max_bytes)
+            }
             StateSource::Snapshot => with_string(ctx, &key, |snapshot| match snapshot {
                 Some(s) if s.len() as u64 > want.max_bytes => true,
                 Some(s) => SnapshotFacts::parse(s).is_ok_and(|f| f.eligible(layout, &want.window)),
