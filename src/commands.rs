@@ -7,6 +7,7 @@ use crate::archive;
 use crate::ops::errors;
 use crate::ops::log;
 use crate::read;
+use crate::runtime::acl;
 use crate::sweep;
 
 fn err(msg: impl Into<String>) -> RedisError {
@@ -39,6 +40,12 @@ fn id_and_flag(args: Vec<RedisString>, flag: &str) -> Result<(String, bool), Red
         Some(_) => return Err(err(format!("ERR syntax error: expected {flag}"))),
     };
     Ok((id, set))
+}
+
+/// FLOWARCHIVE.ACLCHECK: the stand-in `runtime::acl` hands the server's ACL check; a client's call
+/// touches nothing.
+pub fn aclcheck(_ctx: &Context, _args: Vec<RedisString>) -> RedisResult {
+    Err(RedisError::Str(acl::STANDIN_CALLED))
 }
 
 /// FLOWARCHIVE.FLOW <flow_id> [FORCE]

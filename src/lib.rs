@@ -42,6 +42,10 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         log::warning(&why);
         return Status::Err;
     }
+    if let Err(why) = runtime::acl::init(ctx) {
+        log::warning(&format!("flowarchive: {why}"));
+        return Status::Err;
+    }
     mainthread::init(ctx);
     watch::init(ctx);
     cluster::init(ctx);
@@ -90,6 +94,9 @@ redis_module! {
         ["flowarchive.flow", commands::flow, "write deny-script", 0, 0, 0, "", "flowarchive"],
         ["flowarchive.get", commands::get, "readonly", 0, 0, 0, "", "flowarchive"],
         ["flowarchive.sweep", commands::sweep, "write deny-script", 0, 0, 0, "", "flowarchive"],
+        // The stand-in through which the server's ACL checks an archive's keys as one command
+        // (`runtime::acl`); its key specs are declared in `init`.
+        ["flowarchive.aclcheck", commands::aclcheck, "no-mandatory-keys", 0, 0, 0, "", "flowarchive"],
     ],
     configurations: [
         i64: [

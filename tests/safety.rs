@@ -112,6 +112,251 @@ fn acl_users_touch_only_the_keys_they_may() {
     assert!(get(&mut admin, "other-1").unwrap().is_some());
 }
 
+/// `conn_as` in DB `db`.
+fn conn_in(srv: &Server, user: &str, db: u8) -> redis::Connection {
+    let url = format!("redis://{user}:pw@127.0.0.1:{}/{db}", srv.port);
+    redis::Client::open(url).unwrap().get_connection().unwrap()
+}
+
+/// The ACL rules of the users the selector tests log in as: the keys an archive touches (the flow's
+/// own keys, the engine's indexes, the archiver's lease, the archive index) spread over the root
+/// permissions and a `( ... )` selector.
+const FLOW_KEYS: &str = "~argyll:flow:*";
+const ENGINE_KEYS: [&str; 2] = ["~argyll:idx:*", "%R~argyll:archive:lease:*"];
+const INDEX_KEYS: &str = "~archived:*";
+
+fn set_user(admin: &mut redis::Connection, name: &str, rules: &[&str]) {
+    let mut args = vec!["ACL", "SETUSER", name, "on", ">pw"];
+    args.extend(rules);
+    cmd::<()>(admin, &args).unwrap();
+}
+
+/// Whether the server itself lets `c`'s user run one multi-key command over `read` and `write` keys:
+/// `EXISTS` for reads, `EVAL` declaring its keys for writes (nothing is run).
+fn server_allows(c: &mut redis::Connection, read: &[&str], write: &[&str]) -> bool {
+    let exists = read.is_empty() || cmd::<i64>(c, &[&["EXISTS"], read].concat()).is_ok();
+    let n = write.len().to_string();
+    let eval = write.is_empty()
+        || cmd::<Option<String>>(c, &[&["EVAL", "return nil", n.as_str()], write].concat()).is_ok();
+    exists && eval
+}
+
+/// Users whose permissions allow every key of an archive, but not under one selector, archive and read
+/// nothing: the module checks an archive's keys (and a read's) as the server checks one command's.
+fn archives_need_one_selector_for_all_their_keys(flavor: Flavor) {
+    let s3 = S3::new_bucket();
+    let mut opts = ServerOpts::new(&s3);
+    opts.flavor = flavor;
+    let srv = Server::start(opts);
+    let mut admin = srv.conn();
+    for id in ["done-1", "done-2", "old"] {
+        write_flow(&mut admin, &FlowSpec::done(id));
+    }
+    archive(&mut admin, "old").unwrap();
+    let [idx, lease] = ENGINE_KEYS;
+    let index_apart = format!("(+@all {INDEX_KEYS})");
+    let flow_apart = format!("(+@all {FLOW_KEYS})");
+    let all = format!("(+@all {FLOW_KEYS} {idx} {lease} {INDEX_KEYS})");
+    // The index allowed by a selector, the rest by the root; the reverse; all by one selector.
+    set_user(
+        &mut admin,
+        "index-apart",
+        &["+@all", FLOW_KEYS, idx, lease, &index_apart],
+    );
+    set_user(
+        &mut admin,
+        "flow-apart",
+        &["+@all", INDEX_KEYS, idx, lease, &flow_apart],
+    );
+    set_user(&mut admin, "together", &["+@all", "~unrelated:*", &all]);
+
+    let events = "argyll:flow:done-1:events";
+    let state = [
+        events,
+        "argyll:flow:old:events",
+        "argyll:flow:old:snapshot:val",
+    ];
+    let status = "argyll:idx:status:completed";
+    let before = dump_all(&mut admin);
+    for user in ["index-apart", "flow-apart"] {
+        let mut c = conn_as(&srv, user);
+        // The server: every key alone, never the flow's keys with the index in one command.
+        for key in [events, status, "archived:flows"] {
+            assert!(server_allows(&mut c, &[key], &[key]), "{user}: {key}");
+        }
+        assert!(
+            !server_allows(&mut c, &[], &[events, "archived:flows"]),
+            "{user}"
+        );
+        assert!(
+            !server_allows(&mut c, &[events, "archived:flows"], &[]),
+            "{user}"
+        );
+        let e = err_text(
+            redis::cmd("COPY")
+                .arg(events)
+                .arg("archived:copy")
+                .query::<i64>(&mut c),
+        );
+        assert!(e.starts_with("NOPERM"), "{user}: {e}");
+
+        // The module refuses alike: FLOW, SWEEP (and its DRYRUN) and the read of an archived flow.
+        let e = err_text(
+            redis::cmd("FLOWARCHIVE.FLOW")
+                .arg("done-1")
+                .arg("FORCE")
+                .query::<redis::Value>(&mut c),
+        );
+        assert!(
+            e.starts_with("NOPERM") && e.contains("no single ACL selector"),
+            "{user}: {e}"
+        );
+        for args in [&["DRYRUN"][..], &[]] {
+            let summary = sweep(&mut c, args).unwrap();
+            assert_eq!(int(&summary["archived"]), 0, "{user} {args:?}");
+            assert_eq!(int(&summary["skipped_noperm"]), 2, "{user} {args:?}");
+        }
+        assert!(!server_allows(
+            &mut c,
+            &["archived:flows", state[1], state[2]],
+            &[]
+        ));
+        let e = err_text(get(&mut c, "old"));
+        assert!(e.starts_with("NOPERM"), "{user}: {e}");
+        // A live flow's read touches its own keys only, which one selector allows: as for the server.
+        assert!(server_allows(&mut c, &state[..1], &[]));
+        assert!(get(&mut c, "done-1").unwrap().is_some(), "{user}");
+        assert_same(&before, &dump_all(&mut admin), user);
+    }
+
+    let mut c = conn_as(&srv, "together");
+    assert!(server_allows(
+        &mut c,
+        &state,
+        &[events, "archived:flows", status]
+    ));
+    assert!(get(&mut c, "old").unwrap().is_some());
+    let done = archive(&mut c, "done-1").unwrap();
+    assert!(text(&done["location"]).ends_with("done-1.jsonl.gz"));
+    let swept = sweep(&mut c, &[]).unwrap();
+    assert_eq!(int(&swept["archived"]), 1);
+    assert_eq!(int(&swept["skipped_noperm"]), 0);
+    for id in ["done-1", "done-2"] {
+        let live = format!("argyll:flow:{id}:events");
+        assert_eq!(cmd::<i64>(&mut admin, &["EXISTS", &live]).unwrap(), 0);
+        assert!(get(&mut c, id).unwrap().is_some());
+    }
+    // The stand-in the module checks keys through does nothing for a client.
+    let e = err_text(cmd::<()>(
+        &mut c,
+        &["FLOWARCHIVE.ACLCHECK", "ADD", "1", "archived:flows"],
+    ));
+    assert!(e.contains("not for clients"), "{e}");
+    assert_eq!(
+        cmd::<Vec<String>>(&mut admin, &["HKEYS", "archived:flows"])
+            .unwrap()
+            .len(),
+        3
+    );
+
+    granted_one_by_one(&srv, &mut admin);
+    if flavor == Flavor::Valkey9 {
+        dbs_count_per_selector(&srv, &mut admin);
+    }
+}
+
+/// Commands granted one by one leave the stand-in out (and Redis 7.0 has no `@flowarchive`): a user
+/// without selectors is checked key by key, its root being its one selector; a user with selectors
+/// is refused until it is granted the stand-in.
+fn granted_one_by_one(srv: &Server, admin: &mut redis::Connection) {
+    for id in ["solo-1", "solo-2"] {
+        write_flow(admin, &FlowSpec::done(id));
+    }
+    let keys = [FLOW_KEYS, ENGINE_KEYS[0], ENGINE_KEYS[1], INDEX_KEYS];
+    let grants = ["-@all", "+flowarchive.flow", "+flowarchive.get"];
+    set_user(admin, "root-only", &[&grants[..], &keys].concat());
+    let mut c = conn_as(srv, "root-only");
+    archive(&mut c, "solo-1").unwrap();
+    assert!(get(&mut c, "solo-1").unwrap().is_some());
+
+    let reads = "(+flowarchive.get ~unrelated:*)";
+    set_user(
+        admin,
+        "with-selector",
+        &[&grants[..], &keys, &[reads]].concat(),
+    );
+    let before = dump_all(admin);
+    let mut c = conn_as(srv, "with-selector");
+    let e = err_text(archive(&mut c, "solo-2"));
+    assert!(
+        e.starts_with("NOPERM") && e.contains("flowarchive.aclcheck"),
+        "{e}"
+    );
+    assert_same(&before, &dump_all(admin), "with-selector");
+    set_user(admin, "with-selector", &["+flowarchive.aclcheck"]);
+    archive(&mut c, "solo-2").unwrap();
+}
+
+/// Valkey 9.1 grants databases per selector too: the selector that allows an archive's keys must allow
+/// the DB it runs in, as the server requires of a command.
+fn dbs_count_per_selector(srv: &Server, admin: &mut redis::Connection) {
+    let mut db1 = srv.conn();
+    cmd::<()>(&mut db1, &["SELECT", "1"]).unwrap();
+    write_flow(&mut db1, &FlowSpec::done("in-db1"));
+    let [idx, lease] = ENGINE_KEYS;
+    let keys = format!("{FLOW_KEYS} {idx} {lease} {INDEX_KEYS}");
+    // `db-apart`: every key by the root, in DB 0 only, and in DB 1 only the index, by a selector;
+    // `db-each`: every key by the root in DB 0 and by a selector in DB 1.
+    let index_in_db1 = format!("(+@all {INDEX_KEYS} db=1)");
+    set_user(
+        admin,
+        "db-apart",
+        &["+@all", "~*", "resetdbs", "db=0", &index_in_db1],
+    );
+    let db1_too = format!("(+@all {keys} db=1)");
+    set_user(
+        admin,
+        "db-each",
+        &["+@all", "~*", "resetdbs", "db=0", &db1_too],
+    );
+
+    let events = "argyll:flow:in-db1:events";
+    let before = dump_all(&mut db1);
+    let mut c = conn_in(srv, "db-apart", 1);
+    assert!(!server_allows(&mut c, &[events], &[]));
+    let e = err_text(
+        redis::cmd("FLOWARCHIVE.FLOW")
+            .arg("in-db1")
+            .query::<redis::Value>(&mut c),
+    );
+    assert!(e.starts_with("NOPERM"), "{e}");
+    assert_same(&before, &dump_all(&mut db1), "db-apart");
+
+    let mut c = conn_in(srv, "db-each", 1);
+    assert!(server_allows(
+        &mut c,
+        &[events],
+        &[events, "archived:flows"]
+    ));
+    archive(&mut c, "in-db1").unwrap();
+    assert!(get(&mut c, "in-db1").unwrap().is_some());
+}
+
+#[test]
+fn acl_selectors_allow_an_archive_only_with_all_its_keys() {
+    archives_need_one_selector_for_all_their_keys(Flavor::Valkey9);
+}
+
+#[test]
+fn acl_selectors_allow_an_archive_only_with_all_its_keys_on_valkey_8_0() {
+    archives_need_one_selector_for_all_their_keys(Flavor::Valkey8);
+}
+
+#[test]
+fn acl_selectors_allow_an_archive_only_with_all_its_keys_on_redis_7_0() {
+    archives_need_one_selector_for_all_their_keys(Flavor::Redis7);
+}
+
 #[test]
 fn module_unload_waits_for_work_in_flight_and_leaves_no_thread() {
     let s3 = S3::new_bucket();

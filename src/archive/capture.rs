@@ -93,18 +93,15 @@ pub fn inspect(
     let keys = layout.flow_keys(id);
     // On a cluster: the flow's keys all in its id's slot, and that slot archivable here now.
     cluster::archivable(ctx, cluster::placement(id, keys.named())?)?;
-    // Nothing is read before the caller is known to have the rights an archive needs on these keys.
+    // Nothing is read before the caller is known to have the rights an archive needs on these keys,
+    // every key of the archive allowed together with the others, as the keys of one command.
+    let caller = caller.one_command();
+    let caller: &Caller = &caller;
     acl::check_all(ctx, caller, keys.own(), Access::Remove)?;
     let index_keys = index::written_keys(ctx, caller, &keys, id)?;
-    acl::check_all(
-        ctx,
-        caller,
-        index_keys.iter().map(String::as_str),
-        Access::Add,
-    )?;
-    if let Some(hash) = &keys.status_hash {
-        acl::check(ctx, caller, hash, Access::Remove)?;
-    }
+    let index = index_keys.iter().map(|k| (k.as_str(), Access::Add));
+    let status = keys.status_hash.as_deref().map(|k| (k, Access::Remove));
+    acl::check_keys(ctx, caller, index.chain(status))?;
     let previous = match presence(ctx, caller, &keys, id, layout.state)? {
         Presence::Archived(location) => return Ok(Inspected::AlreadyArchived(location)),
         Presence::Live(previous) => previous,

@@ -84,26 +84,35 @@ fn touched(flow: &Captured, layout: &Layout, index_keys: Vec<String>) -> Vec<Tou
     out
 }
 
-/// The caller may touch every key of `flow`, each holds its expected type (or nothing), and on a
-/// cluster every one sits in the flow's slot (a key elsewhere is refused naming its template). The
-/// flow's slot on a cluster.
+/// The caller may touch every key of `flow`, all of them as one command (with the lease key the
+/// commit reads; `acl`), each holds its expected type (or nothing), and on a cluster every one sits in
+/// the flow's slot (a key elsewhere is refused naming its template). The flow's slot on a cluster.
 pub fn check(
     ctx: &Context,
     caller: &Caller,
     flow: &Captured,
     layout: &Layout,
 ) -> Result<Option<u16>, FlowError> {
+    let caller = caller.one_command();
     let touched = touched(
         flow,
         layout,
-        index::written_keys(ctx, caller, &flow.keys, &flow.id)?,
+        index::written_keys(ctx, &caller, &flow.keys, &flow.id)?,
     );
     let slot = cluster::placement(
         &flow.id,
         touched.iter().map(|t| (t.template, t.key.as_str())),
     )?;
+    let lease = flow.keys.lease.as_deref().map(|k| (k, Access::Read));
+    acl::check_keys(
+        ctx,
+        &caller,
+        touched
+            .iter()
+            .map(|t| (t.key.as_str(), t.access))
+            .chain(lease),
+    )?;
     for t in &touched {
-        acl::check(ctx, caller, &t.key, t.access)?;
         expect_type(ctx, &t.key, &t.expected)?;
     }
     // The index entry must outlive the commit: no key it is written to is one the commit removes

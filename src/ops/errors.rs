@@ -121,7 +121,8 @@ pub enum FlowError {
     Leased(String),
     Busy,
     Changed,
-    /// The caller's ACL user may not touch this key.
+    /// The caller's ACL user may not touch a key, or not together with the flow's other keys: why,
+    /// naming the key (`runtime::acl`).
     NoPerm(String),
     /// The node cannot take the commit's writes now (a replica, or writes paused for a failover).
     NotWritable(&'static str),
@@ -212,10 +213,7 @@ impl FlowError {
             FlowError::Changed => {
                 format!("ERR flow {id} changed while it was being archived; nothing was deleted")
             }
-            FlowError::NoPerm(key) => format!(
-                "NOPERM flow {id}: this user has no permissions to access the {} key; nothing was deleted",
-                show_key(key)
-            ),
+            FlowError::NoPerm(why) => format!("NOPERM flow {id}: {why}; nothing was deleted"),
             FlowError::NotWritable(why) => {
                 format!("ERR flow {id} was not archived: {why}; nothing was deleted")
             }

@@ -74,25 +74,25 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
         .check_keys()
         .map_err(|why| fail(FlowError::Unsafe(why)))?;
     let keys = settings.layout.flow_keys(&id);
+    // Every key read for the answer allowed together with the others, as the keys of one command.
     let caller = Caller::of(ctx);
+    let caller: &Caller = &caller.one_command();
     let slot = cluster::placement(&id, keys.named()).map_err(fail)?;
     let db = selected_db(ctx);
     let live = match settings.layout.state {
         StateSource::Fold => {
-            for key in keys.state() {
-                acl::check(ctx, &caller, key, Access::Read).map_err(fail)?;
-            }
+            acl::check_all(ctx, caller, keys.state(), Access::Read).map_err(fail)?;
             expect_type(ctx, &keys.events, &KeyType::List).map_err(fail)?
         }
         StateSource::Snapshot => {
-            acl::check(ctx, &caller, &keys.snapshot, Access::Read).map_err(fail)?;
+            acl::check(ctx, caller, &keys.snapshot, Access::Read).map_err(fail)?;
             match live::snapshot(ctx, &keys).map_err(fail)? {
                 Some(snapshot) if previous == 0 => {
                     GET_LIVE.fetch_add(1, Ordering::Relaxed);
                     if !events {
                         return Ok(RedisValue::StringBuffer(snapshot));
                     }
-                    acl::check(ctx, &caller, &keys.events, Access::Read).map_err(fail)?;
+                    acl::check(ctx, caller, &keys.events, Access::Read).map_err(fail)?;
                     expect_type(ctx, &keys.events, &KeyType::List).map_err(fail)?;
                     return live::events(ctx, db, id, keys, snapshot, settings.read_max_bytes);
                 }
@@ -106,7 +106,7 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
     }
     // Counted from the newest archive: a live flow is the newest incarnation itself.
     let hops = previous - usize::from(live && previous > 0);
-    let Some(location) = index::location(ctx, &caller, &keys, &id).map_err(fail)? else {
+    let Some(location) = index::location(ctx, caller, &keys, &id).map_err(fail)? else {
         // A classic resharding sends reads of the slot here (ASK) before the flow's keys arrive:
         // "not found" is only an answer in a slot this node serves.
         if cluster::archivable(ctx, slot).is_err() {

@@ -1,14 +1,54 @@
 //! ACL checks on the caller's behalf.
 //!
-//! The commands declare no keys and the module reads and writes through its own calls, which the
-//! server does not check against the client's ACL. So every key the module touches for a client is
-//! checked here against that client's user first: read access for FLOWARCHIVE.GET, read and write for
-//! FLOW and SWEEP. Only the internal sweep timer acts with the server's own rights.
+//! The commands declare no keys (the flow id is a routing-only key) and the module reads and writes
+//! through its own calls, which the server does not check against the client's ACL. So every key the
+//! module touches for a client is checked here against that client's user first: read access for
+//! FLOWARCHIVE.GET, read and write for FLOW and SWEEP. Only the internal sweep timer acts with the
+//! server's own rights.
+//!
+//! Keys are checked as the server checks one multi-key command. A user's permissions are its root
+//! selector and any number of `( ... )` selectors, and a command runs only if one selector allows
+//! both the command and all its keys: keys each allowed by some selector are not enough (a user
+//! whose root allows `~a:*` and a selector `~b:*` may not `COPY a:x b:y`). One archive, or one read,
+//! is such a command: inside `Caller::one_command` every key must be allowed by a selector that also
+//! allows every key checked before it. The sweep's selection, which only picks candidates, checks
+//! keys alone.
+//!
+//! The module API checks a key alone (`ACLCheckKeyPermissions`) or a whole command line against the
+//! selectors one by one (`ACLCheckCommandPermissions`, which finds the keys by the command's key
+//! specs). So the module registers a stand-in command, FLOWARCHIVE.ACLCHECK, whose arguments are the
+//! keys to check grouped by access (`Access`): `READ <n> <key>...`, `REMOVE <n> <key>...`,
+//! `ADD <n> <key>...`. Checking the stand-in with an archive's keys asks the server exactly "does one
+//! selector allow this command with all these keys" (on Valkey 9.1, whose selectors grant databases
+//! too: "in this DB"). A client calling the stand-in gets an error and nothing else.
+//!
+//! The stand-in counts for the command being run where a selector grants both or neither. It is in
+//! the category `@flowarchive` with FLOW, GET and SWEEP, and module commands are in no other
+//! category, so `+@all`, `allcommands` and `+@flowarchive` grant all four alike. Rules that name
+//! single commands can set them apart:
+//! - a user no selector grants the stand-in (commands granted one by one, or Redis 7.0, which has no
+//!   module categories) is checked key by key if it has no `( ... )` selectors (its root is then its
+//!   one selector, so key by key is the same check) and refused if it has some: it must be granted
+//!   the stand-in where it is granted the commands;
+//! - a selector that grants `@flowarchive` but takes one of its commands away (`-flowarchive.flow`)
+//!   still grants the stand-in, so the keys it allows count for that command too (docs/SAFETY.md).
 
-use redis_module::{AclPermissions, Context};
+use std::borrow::Cow;
+use std::ffi::CString;
+use std::os::raw::{c_int, c_void};
+use std::sync::{Mutex, OnceLock};
 
-use crate::ops::errors::FlowError;
-use crate::runtime::server::string;
+use redis_module::{raw, AclPermissions, CallReply, Context, RedisString};
+
+use crate::ops::errors::{show_key, FlowError};
+use crate::runtime::server::{bytes, call, selected_db, string, strings};
+use crate::sync::lock;
+
+/// The stand-in command (see the module docs).
+pub const STANDIN: &str = "flowarchive.aclcheck";
+
+/// A client's call of the stand-in.
+pub const STANDIN_CALLED: &str = "ERR FLOWARCHIVE.ACLCHECK is not for clients: flowarchive passes an archive's keys to the server's ACL check through it; it does nothing";
 
 /// On whose behalf the module touches keys.
 #[derive(Clone, Debug)]
@@ -16,18 +56,63 @@ pub enum Caller {
     /// The module itself (the internal sweep timer): full rights.
     Server,
     /// A client's ACL user.
-    User(String),
+    User(User),
+}
+
+/// A client's ACL user, by name.
+#[derive(Debug)]
+pub struct User {
+    name: String,
+    /// Inside one command (`Caller::one_command`): the keys allowed so far, which every further key
+    /// must join under one selector. `None` outside one: a key is checked alone.
+    command: Option<Mutex<Together>>,
+}
+
+impl Clone for User {
+    fn clone(&self) -> Self {
+        User {
+            name: self.name.clone(),
+            command: self.command.as_ref().map(|c| Mutex::new(lock(c).clone())),
+        }
+    }
+}
+
+/// The keys of one command checked so far.
+#[derive(Clone, Debug, Default)]
+struct Together {
+    keys: Vec<(String, Access)>,
+    /// No selector grants the stand-in and the user has no `( ... )` selectors: its root is its one
+    /// selector, and keys are checked alone.
+    root_only: bool,
 }
 
 impl Caller {
     /// The user of the client running the current command.
     pub fn of(ctx: &Context) -> Caller {
-        Caller::User(ctx.get_current_user().to_string_lossy())
+        Caller::User(User {
+            name: ctx.get_current_user().to_string_lossy(),
+            command: None,
+        })
+    }
+
+    /// The caller inside one command: every key checked through the value returned must join the keys
+    /// checked through it before. A caller already inside one stays in it.
+    pub fn one_command(&self) -> Cow<'_, Caller> {
+        match self {
+            Caller::User(User {
+                name,
+                command: None,
+            }) => Cow::Owned(Caller::User(User {
+                name: name.clone(),
+                command: Some(Mutex::default()),
+            })),
+            _ => Cow::Borrowed(self),
+        }
     }
 }
 
 /// What the module does to a key.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Access {
     /// Reads it.
     Read,
@@ -38,6 +123,8 @@ pub enum Access {
 }
 
 impl Access {
+    const ALL: [Access; 3] = [Access::Read, Access::Remove, Access::Add];
+
     fn permissions(self) -> AclPermissions {
         match self {
             Access::Read => AclPermissions::ACCESS,
@@ -45,19 +132,40 @@ impl Access {
             Access::Add => AclPermissions::ACCESS | AclPermissions::INSERT,
         }
     }
+
+    /// The keyword that introduces keys with this access in the stand-in's arguments.
+    fn keyword(self) -> &'static str {
+        match self {
+            Access::Read => "READ",
+            Access::Remove => "REMOVE",
+            Access::Add => "ADD",
+        }
+    }
+
+    /// The flags of the stand-in's key spec for this access: what the server's ACL requires of such
+    /// a key (read for ACCESS, write for DELETE and INSERT).
+    fn key_spec_flags(self) -> u64 {
+        let flags = match self {
+            Access::Read => raw::REDISMODULE_CMD_KEY_RO | raw::REDISMODULE_CMD_KEY_ACCESS,
+            Access::Remove => {
+                raw::REDISMODULE_CMD_KEY_RW
+                    | raw::REDISMODULE_CMD_KEY_ACCESS
+                    | raw::REDISMODULE_CMD_KEY_DELETE
+            }
+            Access::Add => {
+                raw::REDISMODULE_CMD_KEY_RW
+                    | raw::REDISMODULE_CMD_KEY_ACCESS
+                    | raw::REDISMODULE_CMD_KEY_INSERT
+            }
+        };
+        u64::from(flags)
+    }
 }
 
-/// Refuses with `NOPERM` unless `caller` may do `access` to `key`.
+/// Refuses with `NOPERM` unless `caller` may do `access` to `key`, and, inside one command, to it
+/// together with the keys checked before it.
 pub fn check(ctx: &Context, caller: &Caller, key: &str, access: Access) -> Result<(), FlowError> {
-    let Caller::User(user) = caller else {
-        return Ok(());
-    };
-    let allowed = ctx.acl_check_key_permission(
-        &string(ctx, user.as_bytes()),
-        &string(ctx, key.as_bytes()),
-        &access.permissions(),
-    );
-    allowed.map_err(|_| FlowError::NoPerm(key.to_string()))
+    check_keys(ctx, caller, [(key, access)])
 }
 
 /// `check` for each of `keys`.
@@ -67,6 +175,338 @@ pub fn check_all<'k>(
     keys: impl IntoIterator<Item = &'k str>,
     access: Access,
 ) -> Result<(), FlowError> {
-    keys.into_iter()
-        .try_for_each(|k| check(ctx, caller, k, access))
+    check_keys(ctx, caller, keys.into_iter().map(|k| (k, access)))
+}
+
+/// `check` for each of `keys`, each with its access; inside one command, the server is asked once
+/// whether they join the keys checked before them.
+pub fn check_keys<'k>(
+    ctx: &Context,
+    caller: &Caller,
+    keys: impl IntoIterator<Item = (&'k str, Access)>,
+) -> Result<(), FlowError> {
+    let Caller::User(user) = caller else {
+        return Ok(());
+    };
+    let keys: Vec<(&str, Access)> = keys.into_iter().collect();
+    let name = string(ctx, user.name.as_bytes());
+    for (key, access) in &keys {
+        let allowed = ctx.acl_check_key_permission(
+            &name,
+            &string(ctx, key.as_bytes()),
+            &access.permissions(),
+        );
+        allowed.map_err(|_| {
+            FlowError::NoPerm(format!(
+                "this user has no permissions to access the {} key",
+                show_key(key)
+            ))
+        })?;
+    }
+    let Some(command) = &user.command else {
+        return Ok(());
+    };
+    let mut together = lock(command);
+    if together.root_only {
+        return Ok(());
+    }
+    let before = together.keys.len();
+    for (key, access) in keys {
+        if !together.keys.iter().any(|(k, a)| k == key && *a == access) {
+            together.keys.push((key.to_string(), access));
+        }
+    }
+    if together.keys.len() == before {
+        return Ok(());
+    }
+    let verdict = joins(ctx, &user.name, &mut together, before);
+    if verdict.is_err() {
+        together.keys.truncate(before);
+    }
+    verdict
+}
+
+/// Whether the keys of `together` from `new` on, each allowed alone, join the ones before them under
+/// one selector that grants the stand-in.
+fn joins(ctx: &Context, user: &str, together: &mut Together, new: usize) -> Result<(), FlowError> {
+    if standin_allows(ctx, user, &together.keys)? {
+        return Ok(());
+    }
+    if standin_allows(ctx, user, &[])? {
+        // The keys before `new` were allowed together: name the first that cannot join them.
+        let mut refused = together.keys.len();
+        for n in new + 1..together.keys.len() {
+            if !standin_allows(ctx, user, &together.keys[..n])? {
+                refused = n;
+                break;
+            }
+        }
+        return Err(FlowError::NoPerm(format!(
+            "no single ACL selector of this user allows FLOWARCHIVE commands on the {} key together with the other keys this flow needs (the server, too, runs a command only if one selector allows it with all its keys)",
+            show_key(&together.keys[refused - 1].0)
+        )));
+    }
+    if has_selectors(ctx, user) {
+        return Err(FlowError::NoPerm(format!(
+            "this user has ACL selectors and none grants {STANDIN} here, as which flowarchive checks a flow's keys together: grant it (or @flowarchive) where the FLOWARCHIVE commands are granted"
+        )));
+    }
+    together.root_only = true;
+    Ok(())
+}
+
+/// The stand-in's arguments for `keys`: its name, then per access `<KEYWORD> <n> <key>...` (groups
+/// with no key left out). The server finds each group by the first argument equal to its keyword
+/// (compared as C strings, ignoring ASCII case), searching from the first argument: a key that could
+/// be taken for a keyword would move a group, so it is refused.
+fn standin_args(keys: &[(String, Access)]) -> Result<Vec<Vec<u8>>, FlowError> {
+    if let Some((key, _)) = keys.iter().find(|(k, _)| {
+        let c_string = k.split('\0').next().unwrap_or_default();
+        Access::ALL
+            .iter()
+            .any(|a| c_string.eq_ignore_ascii_case(a.keyword()))
+    }) {
+        return Err(FlowError::NoPerm(format!(
+            "the {} key cannot be checked together with the others: its name is a keyword of {STANDIN}",
+            show_key(key)
+        )));
+    }
+    let mut args = vec![STANDIN.as_bytes().to_vec()];
+    for access in Access::ALL {
+        let group: Vec<&str> = keys
+            .iter()
+            .filter(|(_, a)| *a == access)
+            .map(|(k, _)| k.as_str())
+            .collect();
+        if group.is_empty() {
+            continue;
+        }
+        args.push(access.keyword().as_bytes().to_vec());
+        args.push(group.len().to_string().into_bytes());
+        args.extend(group.iter().map(|k| k.as_bytes().to_vec()));
+    }
+    Ok(args)
+}
+
+/// `ValkeyModule_ACLCheckPermissions` (Valkey 9.1): `ACLCheckCommandPermissions` in a given DB.
+type CheckInDb = unsafe extern "C" fn(
+    *mut raw::RedisModuleUser,
+    *mut *mut raw::RedisModuleString,
+    c_int,
+    c_int,
+    *mut c_int,
+) -> c_int;
+
+/// Valkey 9.1 grants databases per selector (`db=`), and its `ACLCheckCommandPermissions`, which
+/// takes no DB, passes only selectors that allow every DB; `ACLCheckPermissions` takes the DB. Found
+/// at load where the server has it; the servers without it have no DB permissions.
+static CHECK_IN_DB: OnceLock<Option<CheckInDb>> = OnceLock::new();
+
+fn check_in_db() -> Option<CheckInDb> {
+    let name = CString::new("ValkeyModule_ACLCheckPermissions").ok()?;
+    let mut found: *mut c_void = std::ptr::null_mut();
+    // SAFETY: OnLoad; GetApi writes the function's address (or nothing) to `found`. The address is
+    // that of the server's function with the signature `CheckInDb` (its Valkey name, so no other
+    // server's API of another shape can answer).
+    unsafe {
+        let get_api = raw::RedisModule_GetApi?;
+        let rc = get_api(name.as_ptr(), std::ptr::addr_of_mut!(found).cast());
+        if rc != raw::REDISMODULE_OK as c_int || found.is_null() {
+            return None;
+        }
+        Some(std::mem::transmute::<*mut c_void, CheckInDb>(found))
+    }
+}
+
+/// Whether one selector of `user` grants the stand-in, in the DB of `ctx`, with every one of `keys`
+/// (with no keys: whether one grants the stand-in there at all).
+fn standin_allows(ctx: &Context, user: &str, keys: &[(String, Access)]) -> Result<bool, FlowError> {
+    let strings: Vec<RedisString> = standin_args(keys)?
+        .iter()
+        .map(|arg| string(ctx, arg))
+        .collect();
+    let mut argv: Vec<*mut raw::RedisModuleString> = strings.iter().map(|s| s.inner).collect();
+    let argc = argv.len() as c_int;
+    let name = string(ctx, user.as_bytes());
+    let db = selected_db(ctx);
+    // SAFETY: main thread (every caller holds a context); the user handle is freed before return and
+    // `argv` points at strings that outlive the call. Every argument is created from bytes, so the
+    // server reads each as the string it parses keywords and counts from.
+    let allowed = unsafe {
+        let (Some(get_user), Some(check_command), Some(free_user)) = (
+            raw::RedisModule_GetModuleUserFromUserName,
+            raw::RedisModule_ACLCheckCommandPermissions,
+            raw::RedisModule_FreeModuleUser,
+        ) else {
+            return Ok(false);
+        };
+        let handle = get_user(name.inner);
+        if handle.is_null() {
+            return Ok(false);
+        }
+        let rc = match CHECK_IN_DB.get().copied().flatten() {
+            Some(check_in_db) => {
+                let mut reason: c_int = 0;
+                check_in_db(handle, argv.as_mut_ptr(), argc, db, &mut reason)
+            }
+            None => check_command(handle, argv.as_mut_ptr(), argc),
+        };
+        free_user(handle);
+        rc == raw::REDISMODULE_OK as c_int
+    };
+    Ok(allowed)
+}
+
+/// Whether `user` has `( ... )` selectors besides its root (`ACL GETUSER`; an answer that cannot be
+/// read counts as yes).
+fn has_selectors(ctx: &Context, user: &str) -> bool {
+    let Ok(CallReply::Array(fields)) = call(ctx, "ACL", &[b"GETUSER", user.as_bytes()]) else {
+        return true;
+    };
+    let mut fields = fields.iter();
+    while let Some(field) = fields.next() {
+        let value = fields.next();
+        if field.ok().as_ref().and_then(bytes).as_deref() == Some(b"selectors".as_slice()) {
+            return !matches!(value, Some(Ok(CallReply::Array(selectors))) if selectors.len() == 0);
+        }
+    }
+    true
+}
+
+const COMMAND_INFO_VERSION: raw::RedisModuleCommandInfoVersion =
+    raw::RedisModuleCommandInfoVersion {
+        version: 1,
+        sizeof_historyentry: std::mem::size_of::<raw::RedisModuleCommandHistoryEntry>(),
+        sizeof_keyspec: std::mem::size_of::<raw::RedisModuleCommandKeySpec>(),
+        sizeof_arg: std::mem::size_of::<raw::RedisModuleCommandArg>(),
+    };
+
+/// At load: finds `ACLCheckPermissions`, declares the stand-in's key specs, one per access (keyword,
+/// then `<n>` keys), and proves that the server finds exactly the keys `standin_args` lays out. A
+/// stand-in whose keys the server did not find would pass every check with no key checked, so
+/// without that the module does not load.
+pub fn init(ctx: &Context) -> Result<(), String> {
+    CHECK_IN_DB.get_or_init(check_in_db);
+    declare_key_specs(ctx)?;
+    let mismatch = || {
+        format!("the server finds other keys in {STANDIN}'s arguments than flowarchive lays out; ACL checks would be wrong, so the module does not load")
+    };
+    let sample = |keys: &[(&str, Access)]| -> Result<(), String> {
+        let keys: Vec<(String, Access)> = keys.iter().map(|(k, a)| (k.to_string(), *a)).collect();
+        let args = standin_args(&keys).map_err(|_| mismatch())?;
+        let mut getkeys: Vec<&[u8]> = vec![b"GETKEYS"];
+        getkeys.extend(args.iter().map(Vec::as_slice));
+        let found = strings(&call(ctx, "COMMAND", &getkeys)?);
+        // The server lists keys spec by spec: the groups in keyword order.
+        let expected: Vec<Vec<u8>> = Access::ALL
+            .iter()
+            .flat_map(|access| keys.iter().filter(move |(_, a)| a == access))
+            .map(|(k, _)| k.as_bytes().to_vec())
+            .collect();
+        if found != expected {
+            return Err(mismatch());
+        }
+        Ok(())
+    };
+    sample(&[
+        ("r", Access::Read),
+        ("d1", Access::Remove),
+        ("d2", Access::Remove),
+        ("a", Access::Add),
+    ])?;
+    sample(&[("d", Access::Remove), ("a", Access::Add)])
+}
+
+fn declare_key_specs(ctx: &Context) -> Result<(), String> {
+    let failed = || format!("cannot declare the key specs of {STANDIN}; the module does not load");
+    let name = CString::new(STANDIN).map_err(|_| failed())?;
+    let keywords: Vec<CString> = Access::ALL
+        .iter()
+        .map(|a| CString::new(a.keyword()))
+        .collect::<Result<_, _>>()
+        .map_err(|_| failed())?;
+    let summary = CString::new(
+        "Not for clients: flowarchive checks an archive's keys against the caller's ACL as this one command's keys; a call answers an error.",
+    )
+    .map_err(|_| failed())?;
+    // SAFETY: OnLoad, after the command was created. The key spec array ends with a zeroed entry; it,
+    // the keywords and the summary outlive the call, and the server copies what it keeps.
+    unsafe {
+        let (Some(get), Some(set)) = (raw::RedisModule_GetCommand, raw::RedisModule_SetCommandInfo)
+        else {
+            return Err(failed());
+        };
+        let command = get(ctx.ctx, name.as_ptr());
+        if command.is_null() {
+            return Err(failed());
+        }
+        let mut specs: [raw::RedisModuleCommandKeySpec; 4] = std::mem::zeroed();
+        for ((spec, access), keyword) in specs.iter_mut().zip(Access::ALL).zip(&keywords) {
+            spec.flags = access.key_spec_flags();
+            spec.begin_search_type =
+                raw::RedisModuleKeySpecBeginSearchType_REDISMODULE_KSPEC_BS_KEYWORD;
+            spec.bs.keyword.keyword = keyword.as_ptr();
+            spec.bs.keyword.startfrom = 1;
+            spec.find_keys_type = raw::RedisModuleKeySpecFindKeysType_REDISMODULE_KSPEC_FK_KEYNUM;
+            spec.fk.keynum.keynumidx = 0;
+            spec.fk.keynum.firstkey = 1;
+            spec.fk.keynum.keystep = 1;
+        }
+        let mut info: raw::RedisModuleCommandInfo = std::mem::zeroed();
+        info.version = &COMMAND_INFO_VERSION;
+        info.summary = summary.as_ptr();
+        info.key_specs = specs.as_mut_ptr();
+        if set(command, std::ptr::addr_of_mut!(info)) != raw::REDISMODULE_OK as c_int {
+            return Err(failed());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(list: &[(&str, Access)]) -> Vec<(String, Access)> {
+        list.iter().map(|(k, a)| (k.to_string(), *a)).collect()
+    }
+
+    fn text(args: Vec<Vec<u8>>) -> Vec<String> {
+        args.into_iter()
+            .map(|a| String::from_utf8(a).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn keys_are_grouped_by_access_in_keyword_order() {
+        let args = standin_args(&keys(&[
+            ("idx", Access::Add),
+            ("ev", Access::Remove),
+            ("lease", Access::Read),
+            ("snap", Access::Remove),
+        ]))
+        .unwrap();
+        assert_eq!(
+            text(args),
+            [STANDIN, "READ", "1", "lease", "REMOVE", "2", "ev", "snap", "ADD", "1", "idx"]
+        );
+    }
+
+    #[test]
+    fn groups_without_keys_are_left_out() {
+        assert_eq!(text(standin_args(&[]).unwrap()), [STANDIN]);
+        let read = standin_args(&keys(&[("a", Access::Read), ("b", Access::Read)])).unwrap();
+        assert_eq!(text(read), [STANDIN, "READ", "2", "a", "b"]);
+    }
+
+    #[test]
+    fn a_key_the_server_could_take_for_a_keyword_is_refused() {
+        for key in ["add", "Remove", "READ", "read\0tail"] {
+            let e = standin_args(&keys(&[("x", Access::Remove), (key, Access::Read)]))
+                .unwrap_err()
+                .message("f");
+            assert!(e.starts_with("NOPERM") && e.contains("keyword"), "{e}");
+        }
+        assert!(standin_args(&keys(&[("add:1", Access::Add), ("readme", Access::Read)])).is_ok());
+    }
 }
