@@ -3,10 +3,7 @@
 //! Templates use `$name` placeholders (`$prefix`, `$id`, `$status`, `$label`, `$value`; `$$` is a literal
 //! `$`). Braces are left alone so templates can carry cluster hash tags, e.g. `$prefix:{flow:$id}:events`.
 
-use std::sync::Mutex;
-
 use crate::slot;
-use crate::sync::lock;
 
 pub const VARS: &[&str] = &["prefix", "id", "status", "label", "value"];
 
@@ -364,32 +361,9 @@ impl Layout {
     /// indexes; or a flow's own keys (deleted by its commit) and another flow's own keys or an engine
     /// index. Either would let an archive write its entry into a key it then deletes, write locations
     /// into the engine's hashes, or delete another flow's data. Checked where the layout is used, since
-    /// configs are set one at a time and may pass through such a state on the way to a sound one.
+    /// configs are set one at a time and may pass through such a state on the way to a sound one
+    /// (judged once per change, by `Settings`).
     pub fn check_keys(&self) -> Result<(), String> {
-        // Judged once per layout: every command checks, the layout rarely changes.
-        static JUDGED: Mutex<Option<(String, Result<(), String>)>> = Mutex::new(None);
-        let layout = format!(
-            "{:?}",
-            (
-                &self.prefix,
-                [&self.events, &self.snapshot, &self.index],
-                [&self.seq, &self.labels, &self.status_hash, &self.status_set],
-                [&self.label_set, &self.label_values, &self.lease],
-                &self.earlier_indexes
-            )
-        );
-        let mut judged = lock(&JUDGED);
-        match judged.as_ref() {
-            Some((seen, verdict)) if *seen == layout => verdict.clone(),
-            _ => {
-                let verdict = self.judge_keys();
-                *judged = Some((layout, verdict.clone()));
-                verdict
-            }
-        }
-    }
-
-    fn judge_keys(&self) -> Result<(), String> {
         let named = |name: &'static str, t: &Option<String>| {
             t.as_deref()
                 .map(|t| (name, t.to_string(), pattern(t, &self.prefix)))

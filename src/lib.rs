@@ -58,11 +58,12 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
             );
         }
     }
+    configs::follow_changes(ctx);
     configs::loaded();
     // Said at once, not only when the first archive is refused.
     let risks = [
         runtime::server::eviction_risk(ctx),
-        configs::Settings::current().layout.check_keys().err(),
+        configs::Settings::current().usable().err(),
     ];
     for why in risks.into_iter().flatten() {
         log::warning(&format!("flowarchive: {why}"));

@@ -236,3 +236,47 @@ fn sizes_take_units_in_the_config_file_and_plain_integers_as_load_arguments() {
         );
     }
 }
+
+/// Settings are a snapshot rebuilt after every change: a CONFIG SET of each kind of config (integer,
+/// flag, choice, text) applies to the very next command, on every supported server.
+#[test]
+fn every_kind_of_config_change_applies_at_once() {
+    for flavor in [Flavor::Valkey9, Flavor::Valkey8, Flavor::Redis7] {
+        let s3 = S3::new_bucket();
+        let mut opts = ServerOpts::new(&s3);
+        opts.flavor = flavor;
+        let srv = Server::start(opts);
+        let mut c = srv.conn();
+        let spec = FlowSpec {
+            events: 400,
+            ..FlowSpec::done("sized")
+        };
+        write_flow(&mut c, &spec);
+        let what = format!("{flavor:?}");
+        // Integer: the read cap.
+        config_set(&mut c, "flowarchive.read-max-bytes", "65536").unwrap();
+        let e = err_text(get(&mut c, "sized"));
+        assert!(e.contains("larger than read-max-bytes"), "{what}: {e}");
+        config_set(&mut c, "flowarchive.read-max-bytes", "67108864").unwrap();
+        assert!(get(&mut c, "sized").unwrap().is_some(), "{what}");
+        // Text: the retention.
+        config_set(&mut c, "flowarchive.retention", "36500d").unwrap();
+        let e = err_text(archive(&mut c, "sized"));
+        assert!(e.contains("not idle long enough"), "{what}: {e}");
+        config_set(&mut c, "flowarchive.retention", "1h").unwrap();
+        // Flag: path-style off sends the request to a host the store does not know.
+        config_set(&mut c, "flowarchive.path-style", "no").unwrap();
+        assert!(archive(&mut c, "sized").is_err(), "{what}");
+        config_set(&mut c, "flowarchive.path-style", "yes").unwrap();
+        // Choice: the state answered.
+        config_set(&mut c, "flowarchive.state", "snapshot").unwrap();
+        assert_eq!(
+            get(&mut c, "sized").unwrap(),
+            None,
+            "{what}: no snapshot, no flow"
+        );
+        config_set(&mut c, "flowarchive.state", "fold").unwrap();
+        archive(&mut c, "sized").unwrap();
+        assert!(get(&mut c, "sized").unwrap().is_some(), "{what}");
+    }
+}

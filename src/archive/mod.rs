@@ -80,8 +80,7 @@ pub fn archive_now(ctx: &Context, id: String, force: bool) -> RedisResult {
     refuse_where_it_cannot_run(ctx, "FLOWARCHIVE.FLOW", true)?;
     let settings = Settings::current();
     settings
-        .layout
-        .check_keys()
+        .usable()
         .map_err(|why| refused(&id, &FlowError::Unsafe(why)))?;
     let s3 = Store::new(&settings.s3).map_err(|e| RedisError::String(format!("ERR {e}")))?;
     let window = Window::now(settings.retention_ms, force);

@@ -1,16 +1,18 @@
 //! Module configs (`CONFIG GET/SET flowarchive.*`, also accepted as `loadmodule` arguments).
 //!
 //! Every string config is validated when set: a bad value is refused with the reason and the old value
-//! stays. `Settings::current()` snapshots them on the main thread for one archive job.
+//! stays. `Settings::current()` is their snapshot, built once per change and shared by every command
+//! and job until the next change.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use redis_module::configuration::{
     ConfigurationContext, ConfigurationValue, EnumConfigurationValue,
 };
-use redis_module::{RedisError, RedisString};
+use redis_module::{raw, Context, RedisError, RedisString};
 
 use crate::layout::{self, Layout, StateSource};
 use crate::s3::credentials::{CredentialConfig, Hidden, Source};
@@ -77,6 +79,7 @@ impl ConfigurationValue<RedisString> for Checked {
         let text = text.trim();
         (self.check)(text).map_err(RedisError::String)?;
         *self.lock() = text.to_string();
+        changed();
         Ok(())
     }
 }
@@ -109,6 +112,7 @@ impl ConfigurationValue<RedisString> for Secret {
             .try_as_str()
             .map_err(|_| RedisError::Str("value must be UTF-8"))?;
         *self.lock() = text.to_string();
+        changed();
         Ok(())
     }
 }
@@ -145,6 +149,7 @@ impl ConfigurationValue<RedisString> for SecretFile {
             .trim();
         if path.is_empty() {
             *self.lock() = Default::default();
+            changed();
             return Ok(());
         }
         let secret = read_secret_file(path).map_err(RedisError::String)?;
@@ -152,6 +157,7 @@ impl ConfigurationValue<RedisString> for SecretFile {
         // The server skips a CONFIG SET of secret-key to "" (CONFIG GET already answers ""), so setting
         // a file is how a runtime secret-key is dropped.
         SECRET_KEY.clear();
+        changed();
         Ok(())
     }
 }
@@ -530,6 +536,7 @@ pub fn on_index_key(_ctx: &ConfigurationContext, _name: &str, _value: &'static C
             }
             kept.push_str(&last);
             *INDEX_READ_KEYS.lock() = kept;
+            changed();
             crate::ops::log::notice(&format!(
                 "flowarchive: index-key changed from {:?} to {now:?}; the earlier name is read too (flowarchive.index-read-keys)",
                 *last
@@ -538,6 +545,37 @@ pub fn on_index_key(_ctx: &ConfigurationContext, _name: &str, _value: &'static C
     }
     *last = now;
 }
+
+/// The server's config event: every CONFIG SET, of the integer, flag and choice configs too (whose
+/// values the server stores in place).
+extern "C" fn on_config_event(
+    _ctx: *mut raw::RedisModuleCtx,
+    _eid: raw::RedisModuleEvent,
+    _sub: u64,
+    _data: *mut std::ffi::c_void,
+) {
+    changed();
+}
+
+/// Follows CONFIG SET from now on (called from OnLoad). A server without the config event gets
+/// settings built afresh at every use instead.
+pub fn follow_changes(ctx: &Context) {
+    let event = raw::RedisModuleEvent {
+        id: raw::REDISMODULE_EVENT_CONFIG,
+        dataver: 1,
+    };
+    // SAFETY: called from OnLoad with the module's context; the callback is a plain function that
+    // lives as long as the module.
+    let status = unsafe {
+        raw::RedisModule_SubscribeToServerEvent.map_or(raw::REDISMODULE_ERR as i32, |subscribe| {
+            subscribe(ctx.ctx, event, Some(on_config_event))
+        })
+    };
+    FOLLOWED.store(status == raw::REDISMODULE_OK as i32, Ordering::SeqCst);
+}
+
+/// Whether the server tells the module of every CONFIG SET (`follow_changes`).
+static FOLLOWED: AtomicBool = AtomicBool::new(false);
 
 /// Called at the end of OnLoad: configs set from now on are changes.
 pub fn loaded() {
@@ -654,60 +692,112 @@ pub fn sweep_interval_ms() -> i64 {
     parse_duration_ms(&SWEEP_INTERVAL.get()).unwrap_or(0)
 }
 
-/// Everything one archive job needs, copied so later CONFIG SETs do not affect it.
-#[derive(Clone)]
+/// Everything a command or an archive job needs. Built once per change of a config and shared, so a
+/// job keeps the settings it started with whatever CONFIG SETs follow.
 pub struct Settings {
     pub s3: S3Settings,
     pub layout: Layout,
     pub retention_ms: i64,
     /// Byte budget of the archived-flow cache (0: off).
     pub cache_bytes: usize,
-    /// Cap on an archive object and on its decompressed content (flowarchive.read-max-bytes).
+    /// Cap on one read (flowarchive.read-max-bytes).
     pub read_max_bytes: u64,
     /// Older `s3://bucket[/prefix]` roots archives may also be read from (flowarchive.read-allow).
     pub read_allow: String,
     pub concurrency: usize,
     pub batch_size: usize,
+    /// Why nothing may run under these settings: key templates that can meet (`Layout::check_keys`).
+    refused: Option<String>,
+}
+
+/// Bumped by every change of a module config: the snapshot is rebuilt at its next use.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// A module config changed (the server's config event, a set of the module's own, or the module's
+/// own change of `index-read-keys`).
+pub fn changed() {
+    GENERATION.fetch_add(1, Ordering::SeqCst);
+}
+
+thread_local! {
+    /// The settings last built on this thread (the main thread, in practice), with the generation
+    /// they were built at.
+    static SNAPSHOT: RefCell<Option<(u64, Arc<Settings>)>> = const { RefCell::new(None) };
 }
 
 impl Settings {
-    pub fn current() -> Self {
+    /// The settings in force: built and checked at the first use after a change, then shared without
+    /// a lock. A change that lands while they are built bumps the generation again, so they are
+    /// rebuilt at the next use.
+    pub fn current() -> Arc<Settings> {
+        if !FOLLOWED.load(Ordering::SeqCst) {
+            changed();
+        }
+        let generation = GENERATION.load(Ordering::SeqCst);
+        SNAPSHOT.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            if let Some((seen, settings)) = cell.as_ref() {
+                if *seen == generation {
+                    return settings.clone();
+                }
+            }
+            let settings = Arc::new(Settings::build());
+            *cell = Some((generation, settings.clone()));
+            settings
+        })
+    }
+
+    /// Refuses, saying why, settings under which nothing may run.
+    pub fn usable(&self) -> Result<(), String> {
+        self.refused.clone().map_or(Ok(()), Err)
+    }
+
+    fn build() -> Settings {
         let opt = |c: &Checked| Some(c.get()).filter(|v| !v.is_empty());
+        let layout = Layout {
+            prefix: KEY_PREFIX.get(),
+            events: EVENTS_KEY.get(),
+            snapshot: SNAPSHOT_KEY.get(),
+            seq: opt(&SEQ_KEY),
+            labels: opt(&LABELS_KEY),
+            status_hash: opt(&STATUS_KEY),
+            status_set: opt(&STATUS_SET_KEY),
+            label_set: opt(&LABEL_SET_KEY),
+            label_values: opt(&LABEL_VALUES_KEY),
+            member: FLOW_MEMBER.get(),
+            lease: opt(&LEASE_KEY),
+            index: INDEX_KEY.get(),
+            earlier_indexes: INDEX_READ_KEYS
+                .get()
+                .split_whitespace()
+                .map(str::to_string)
+                .collect(),
+            state: *lock(&STATE),
+            terminal: TERMINAL_STATUSES
+                .get()
+                .split([',', ' '])
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect(),
+        };
+        // Every value was validated when set; one that does not parse now refuses, never guesses.
+        let retention = parse_duration_ms(&RETENTION.get());
+        let refused = layout.check_keys().err().or_else(|| {
+            retention
+                .clone()
+                .err()
+                .map(|e| format!("flowarchive.retention: {e}"))
+        });
         Settings {
             s3: s3_settings(),
-            layout: Layout {
-                prefix: KEY_PREFIX.get(),
-                events: EVENTS_KEY.get(),
-                snapshot: SNAPSHOT_KEY.get(),
-                seq: opt(&SEQ_KEY),
-                labels: opt(&LABELS_KEY),
-                status_hash: opt(&STATUS_KEY),
-                status_set: opt(&STATUS_SET_KEY),
-                label_set: opt(&LABEL_SET_KEY),
-                label_values: opt(&LABEL_VALUES_KEY),
-                member: FLOW_MEMBER.get(),
-                lease: opt(&LEASE_KEY),
-                index: INDEX_KEY.get(),
-                earlier_indexes: INDEX_READ_KEYS
-                    .get()
-                    .split_whitespace()
-                    .map(str::to_string)
-                    .collect(),
-                state: *lock(&STATE),
-                terminal: TERMINAL_STATUSES
-                    .get()
-                    .split([',', ' '])
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string)
-                    .collect(),
-            },
-            // Validated when set, so it parses; if it ever did not, nothing would be old enough.
-            retention_ms: parse_duration_ms(&RETENTION.get()).unwrap_or(i64::MAX / 2),
+            layout,
+            retention_ms: retention.unwrap_or(i64::MAX),
             cache_bytes: CACHE_BYTES.get().max(0) as usize,
             read_max_bytes: READ_MAX_BYTES.get().max(0) as u64,
             read_allow: READ_ALLOW.get(),
             concurrency: CONCURRENCY.get().max(1) as usize,
             batch_size: BATCH_SIZE.get().max(1) as usize,
+            refused,
         }
     }
 }

@@ -171,8 +171,9 @@ pub fn cache_stats() -> (usize, usize) {
         .map_or((0, 0), |l| (l.len(), l.bytes()))
 }
 
-/// Queues `waiter` for the object it wants; starts the fetch unless one is already running.
-pub fn request(waiter: Waiter, settings: Settings) {
+/// Queues `waiter` for the object it wants; starts the fetch unless one is already running. The
+/// answer is cached when `cache` (not under memory pressure) and `cache-bytes` allows.
+pub fn request(waiter: Waiter, settings: Arc<Settings>, cache: bool) {
     let key = waiter.want.key.clone();
     {
         let mut guard = lock(&IN_FLIGHT);
@@ -190,11 +191,11 @@ pub fn request(waiter: Waiter, settings: Settings) {
         let outcome = log::contained("a fetch", || fetch(&job_settings, &job_key))
             .unwrap_or(Err(FetchError::Panicked));
         fetched(started.elapsed(), outcome.as_ref().err());
-        finish(&job_key, outcome, &job_settings);
+        finish(&job_key, outcome, &job_settings, cache);
     });
     if FETCH_POOL.submit(job).is_err() {
         fetched(Duration::ZERO, Some(&FetchError::Busy));
-        finish(&key, Err(FetchError::Busy), &settings);
+        finish(&key, Err(FetchError::Busy), &settings, cache);
     }
 }
 
@@ -233,8 +234,13 @@ pub fn fields() -> Vec<(String, i64)> {
 
 /// Caches a good result, then answers everyone who waited for it (or, for an earlier incarnation,
 /// fetches its predecessor next).
-fn finish(key: &CacheKey, outcome: Result<Arc<Decoded>, FetchError>, settings: &Settings) {
-    let budget = settings.cache_bytes;
+fn finish(
+    key: &CacheKey,
+    outcome: Result<Arc<Decoded>, FetchError>,
+    settings: &Arc<Settings>,
+    cache: bool,
+) {
+    let budget = if cache { settings.cache_bytes } else { 0 };
     let waiters = {
         let mut guard = lock(&IN_FLIGHT);
         if let Ok(flow) = &outcome {
@@ -259,7 +265,7 @@ fn finish(key: &CacheKey, outcome: Result<Arc<Decoded>, FetchError>, settings: &
                 Some(previous) => {
                     w.want.key.2 = previous.clone();
                     w.want.hops -= 1;
-                    request(w, settings.clone());
+                    request(w, settings.clone(), cache);
                     continue;
                 }
                 None => Ok(RedisValue::Null),

@@ -62,16 +62,15 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
         events,
         previous,
     } = request;
-    let mut settings = Settings::current();
-    if server::memory_pressed() {
-        // Near the server's limit the read cache yields first: emptied, and nothing cached.
-        settings.cache_bytes = 0;
+    let settings = Settings::current();
+    // Near the server's limit the read cache yields first: emptied, and nothing cached.
+    let cache = !server::memory_pressed();
+    if !cache {
         fetch::yield_cache();
     }
     let fail = |e: FlowError| RedisError::String(e.message(&id));
     settings
-        .layout
-        .check_keys()
+        .usable()
         .map_err(|why| fail(FlowError::Unsafe(why)))?;
     let keys = settings.layout.flow_keys(&id);
     // Every key read for the answer allowed together with the others, as the keys of one command.
@@ -143,6 +142,6 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
     let Some(client) = this_client(ctx) else {
         return Ok(RedisValue::Null);
     };
-    fetch::request(Waiter { client, want }, settings);
+    fetch::request(Waiter { client, want }, settings, cache);
     Ok(RedisValue::NoReply)
 }

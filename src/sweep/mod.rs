@@ -141,8 +141,7 @@ fn start(
 ) -> Result<(), RedisError> {
     let settings = Settings::current();
     settings
-        .layout
-        .check_keys()
+        .usable()
         .map_err(|why| RedisError::String(format!("ERR {why}")))?;
     if let Some(why) = eviction_risk(ctx) {
         return Err(RedisError::String(format!("ERR {why}")));
@@ -168,7 +167,7 @@ fn start(
 }
 
 /// Runs one sweep to its end on the coordinator thread and publishes its outcome.
-fn coordinate(job: &Job, settings: &Settings, progress: &Arc<Progress>) -> RedisResult {
+fn coordinate(job: &Job, settings: &Arc<Settings>, progress: &Arc<Progress>) -> RedisResult {
     let started = Instant::now();
     let outcome = log::contained("a sweep", || Sweep::new(job, settings, progress).run());
     Progress::add(&progress.duration_ms, started.elapsed().as_millis() as u64);
@@ -190,7 +189,7 @@ fn coordinate(job: &Job, settings: &Settings, progress: &Arc<Progress>) -> Redis
 /// One sweep in progress, on its coordinator thread.
 struct Sweep<'a> {
     job: &'a Job,
-    settings: &'a Settings,
+    settings: &'a Arc<Settings>,
     progress: &'a Progress,
     window: Window,
     /// Flows sent to upload (DRYRUN: found eligible), for LIMIT.
@@ -207,7 +206,7 @@ struct Sweep<'a> {
 }
 
 impl<'a> Sweep<'a> {
-    fn new(job: &'a Job, settings: &'a Settings, progress: &'a Progress) -> Self {
+    fn new(job: &'a Job, settings: &'a Arc<Settings>, progress: &'a Progress) -> Self {
         Sweep {
             job,
             settings,

@@ -25,7 +25,7 @@ pub static UPLOAD_POOL: Pool = Pool::new(
 pub type Done = (String, Result<Uploaded, FlowError>);
 
 /// Starts the uploaders; send them captured flows on the returned channel, close it when done.
-pub fn start(settings: &Settings, done: Sender<Done>) -> Result<SyncSender<Capture>, String> {
+pub fn start(settings: &Arc<Settings>, done: Sender<Done>) -> Result<SyncSender<Capture>, String> {
     let (job_tx, job_rx) = sync_channel::<Capture>(settings.concurrency);
     let job_rx = Arc::new(Mutex::new(job_rx));
     for _ in 0..settings.concurrency {
