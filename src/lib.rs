@@ -22,6 +22,7 @@ mod s3;
 mod slot;
 mod sweep;
 mod sync;
+mod text;
 
 use redis_module::configuration::ConfigurationFlags;
 use redis_module::{raw, redis_module, AclCategory, Context, RedisString, Status};

@@ -1512,13 +1512,7 @@ pub fn write_f64(out: &mut Vec<u8>, f: f64) {
 
 /// Text from a document, cut short for an error message.
 pub fn bounded(s: &str) -> String {
-    const MAX: usize = 80;
-    if s.len() <= MAX {
-        return s.to_string();
-    }
-    let mut cut: String = s.chars().take(MAX).collect();
-    cut.push('…');
-    cut
+    crate::text::cut(s, 80).into_owned()
 }
 
 #[cfg(test)]

@@ -1,11 +1,14 @@
 //! The module's errors and their texts. Texts start with `ERR` (or `NOPERM`), name the flow and say why,
 //! are bounded in length, and never carry a credential or a presigned URL.
 
+use std::borrow::Cow;
+
 use redis_module::{RedisError, RedisResult};
 
 use crate::clock::human_ms;
 use crate::kinds::kinds;
 use crate::s3::{FailureKind, StoreError};
+use crate::text;
 
 pub const SWEEP_RUNNING: &str = "ERR a sweep is already running; see INFO flowarchive";
 pub const EMPTY_ID: &str = "ERR flow id must not be empty";
@@ -33,11 +36,7 @@ pub const MAX_MESSAGE: usize = 600;
 /// `ascii_errors`), cut to 120 characters of that form.
 pub fn show_id(id: &str) -> String {
     let escaped: String = id.chars().flat_map(char::escape_default).collect();
-    let mut s: String = escaped.chars().take(120).collect();
-    if s.len() < escaped.len() {
-        s.push_str("...");
-    }
-    format!("\"{s}\"")
+    format!("\"{}\"", text::cut(&escaped, 123))
 }
 
 /// How a key name (which embeds the id) appears in messages: like an id.
@@ -66,18 +65,12 @@ pub fn ascii_errors(answer: RedisResult) -> RedisResult {
     }
 }
 
-/// Cuts a message to `MAX_MESSAGE` bytes (at a character boundary), so no input makes a reply or a log
-/// line large.
-pub fn bounded(mut msg: String) -> String {
-    if msg.len() > MAX_MESSAGE {
-        let mut end = MAX_MESSAGE - 3;
-        while !msg.is_char_boundary(end) {
-            end -= 1;
-        }
-        msg.truncate(end);
-        msg.push_str("...");
+/// Cuts a message to `MAX_MESSAGE` bytes, so no input makes a reply or a log line large.
+pub fn bounded(msg: String) -> String {
+    match text::cut(&msg, MAX_MESSAGE) {
+        Cow::Borrowed(_) => msg,
+        Cow::Owned(cut) => cut,
     }
-    msg
 }
 
 kinds! {

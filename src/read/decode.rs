@@ -25,6 +25,7 @@ use crate::digest::hex;
 use crate::format::engine;
 use crate::format::{FORMAT_NAME, FORMAT_VERSION};
 use crate::layout::StateSource;
+use crate::text;
 
 /// The header line is small (ids, key names, a hash); a longer one is not ours.
 pub const MAX_HEADER_LINE: u64 = 64 * 1024;
@@ -171,12 +172,7 @@ impl std::fmt::Display for DecodeError {
 const MAX_REASON: usize = 200;
 
 fn bounded(why: String) -> String {
-    if why.len() <= MAX_REASON {
-        return why;
-    }
-    let mut cut: String = why.chars().take(MAX_REASON).collect();
-    cut.push_str("...");
-    cut
+    text::cut(&why, MAX_REASON).into_owned()
 }
 
 fn corrupt(why: impl Into<String>) -> DecodeError {
