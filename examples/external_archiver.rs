@@ -15,7 +15,7 @@
 //!   snapshot, if any, and events when it reads the object; the trailer's `snapshot` and `seq` are
 //!   `null` for a flow without them): this file carries its own copy of the small format writer
 //!   (header, event lines, trailer; one-pass gzip with a per-thread compressor), duplicated from the
-//!   module's `src/archive/encode.rs`, whose code the cdylib does not expose;
+//!   module's `src/format/writer.rs`, whose code the cdylib does not expose;
 //! - **upload** with a presigned, write-once PUT (Content-MD5, x-amz-checksum-sha256, the sha256 in
 //!   the object's metadata, `If-None-Match: *`) over a keep-alive connection per thread, then **verify**
 //!   with a HEAD (size and ETag = MD5). An object already there with the same bytes is an idempotent

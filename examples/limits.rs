@@ -13,7 +13,7 @@
 //!       thread CPU per object of three ways to gzip (level 1) the objects' uncompressed bytes: the
 //!       module's former encoder (a fresh `GzEncoder` fed each line and its newline), one pass
 //!       with a fresh compressor, one pass with one compressor per thread reset for each object (the
-//!       module's `archive::encode` now). Three rounds each; the least CPU of the three counts.
+//!       module's `format::writer` now). Three rounds each; the least CPU of the three counts.
 //! Credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY. Prints one JSON line.
 
 use std::io::{Read, Write};

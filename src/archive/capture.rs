@@ -8,15 +8,15 @@
 //! A flow is its event log: it is live while its log exists, whether or not it has a snapshot (most of
 //! the engine's flows have none). A snapshot without a log is no flow. A live flow that is also in the
 //! archive index is a new incarnation of an archived id (the engine started the id again): it is
-//! archived as such, and its archive records the earlier one (`Captured::previous`).
+//! archived as such, and its archive records the earlier one (`Captured::previous`, `Capture::previous`).
 
 use std::ops::ControlFlow;
 
 use redis_module::{Context, KeyType};
 
 use crate::archive::eligible::{self, SnapshotFacts, Window};
-use crate::archive::flow::Captured;
 use crate::archive::guard;
+use crate::format::captured::Captured;
 use crate::format::engine;
 use crate::index::{self, Entry};
 use crate::layout::{FlowKeys, Layout, StateSource};
@@ -33,6 +33,9 @@ use crate::runtime::watch::Watch;
 /// A capture in progress: the flow, how long its event log is, and the watch that claims it.
 pub struct Capture {
     pub flow: Captured,
+    /// The index entry of the flow's earlier incarnation (`Captured::previous` is its location): the
+    /// commit requires the index to name exactly it still, and replaces it.
+    pub previous: Option<Entry>,
     /// On whose behalf: the commit checks this user's ACL again.
     pub caller: Caller,
     pub events_total: usize,
@@ -59,8 +62,13 @@ impl Capture {
 
 /// What `inspect` found.
 pub enum Inspected {
-    /// Eligible now: everything but the event log is read.
-    Eligible(Box<Captured>, usize),
+    /// Eligible now: everything but the event log is read (`events_total` events to read), and the
+    /// index entry of its earlier incarnation, if any.
+    Eligible {
+        flow: Box<Captured>,
+        events_total: usize,
+        previous: Option<Entry>,
+    },
     /// Not live and already in the index: its location.
     AlreadyArchived(String),
 }
@@ -160,10 +168,14 @@ pub fn inspect(
         events: Vec::with_capacity(events_total.min(EVENTS_PER_STEP)),
         status,
         status_score,
-        previous,
+        previous: previous.as_ref().map(|e| e.location.clone()),
     };
-    guard::check(ctx, caller, &flow, layout)?;
-    Ok(Inspected::Eligible(Box::new(flow), events_total))
+    guard::check(ctx, caller, &flow, previous.as_ref(), layout)?;
+    Ok(Inspected::Eligible {
+        flow: Box::new(flow),
+        events_total,
+        previous,
+    })
 }
 
 /// The flow's snapshot key, its length where the server holds it, and the capture's cap.

@@ -18,9 +18,9 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::archive::capture::{self, Capture};
-use crate::archive::flow::Captured;
 use crate::archive::guard;
 use crate::archive::proof::{self, Fingerprint};
+use crate::format::captured::Captured;
 use crate::index;
 use crate::layout::Layout;
 use crate::ops::errors::{self, FlowError};
@@ -91,6 +91,7 @@ fn commit(
 ) -> Result<(), FlowError> {
     let Capture {
         flow,
+        previous,
         caller,
         watch,
         motion,
@@ -103,13 +104,13 @@ fn commit(
     {
         return Err(FlowError::Changed);
     }
-    let slot = guard::check(ctx, caller, flow, layout)?;
+    let slot = guard::check(ctx, caller, flow, previous.as_ref(), layout)?;
     // On a cluster: still this node's slot, not moving, and no migration of it since the capture.
     cluster::check_commit(ctx, slot, *motion)?;
     // The index still names what it named at capture: nothing, or the earlier incarnation this
     // archive records as its predecessor.
     let indexed = index::find(ctx, caller, &flow.keys, &flow.id)?;
-    if indexed != flow.previous {
+    if indexed != *previous {
         return Err(indexed.map_or(FlowError::Changed, |e| FlowError::Conflict(e.location)));
     }
     // The engine's own archiver may have taken the flow meanwhile.
@@ -119,11 +120,10 @@ fn commit(
     let member = flow.keys.member.as_bytes();
     // An earlier incarnation's entry is replaced: in place in the configured format, else removed from
     // the other one, so no conversion can bring it back over this one.
-    let replacing = flow
-        .previous
+    let replacing = previous
         .as_ref()
         .is_some_and(|entry| index::written_in_place(entry, &flow.keys, location, &flow.id));
-    if let Some(previous) = flow.previous.as_ref().filter(|_| !replacing) {
+    if let Some(previous) = previous.as_ref().filter(|_| !replacing) {
         index::remove(ctx, previous, |cmd, args| write(ctx, cmd, args))?;
     }
     index::record(

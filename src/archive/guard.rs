@@ -5,8 +5,8 @@
 
 use redis_module::{Context, KeyType};
 
-use crate::archive::flow::Captured;
-use crate::index;
+use crate::format::captured::Captured;
+use crate::index::{self, Entry};
 use crate::layout::Layout;
 use crate::ops::errors::{show_key, FlowError};
 use crate::runtime::acl::{self, Access, Caller};
@@ -22,7 +22,12 @@ struct Touched {
 }
 
 /// Every key the commit of `flow` reads or writes, in one list for the ACL, type and slot checks.
-fn touched(flow: &Captured, layout: &Layout, index_keys: Vec<String>) -> Vec<Touched> {
+fn touched(
+    flow: &Captured,
+    previous: Option<&Entry>,
+    layout: &Layout,
+    index_keys: Vec<String>,
+) -> Vec<Touched> {
     let keys = &flow.keys;
     let entry = |template, key: &str, expected, access| Touched {
         template,
@@ -55,7 +60,7 @@ fn touched(flow: &Captured, layout: &Layout, index_keys: Vec<String>) -> Vec<Tou
             .map(|k| entry("index-key", k, KeyType::Hash, Access::Add)),
     );
     // An earlier incarnation's entry, which the commit replaces or removes.
-    out.extend(flow.previous.iter().flat_map(|previous| {
+    out.extend(previous.iter().flat_map(|previous| {
         previous
             .keys()
             .map(|k| entry("index-key", k, KeyType::Hash, Access::Remove))
@@ -91,11 +96,13 @@ pub fn check(
     ctx: &Context,
     caller: &Caller,
     flow: &Captured,
+    previous: Option<&Entry>,
     layout: &Layout,
 ) -> Result<Option<u16>, FlowError> {
     let caller = caller.one_command();
     let touched = touched(
         flow,
+        previous,
         layout,
         index::written_keys(ctx, &caller, &flow.keys, &flow.id)?,
     );

@@ -6,8 +6,6 @@
 pub mod capture;
 pub mod commit;
 pub mod eligible;
-pub mod encode;
-pub mod flow;
 pub mod guard;
 pub mod proof;
 pub mod store;
@@ -18,10 +16,10 @@ use redis_module::{Context, RedisError, RedisResult, RedisValue};
 
 use crate::archive::capture::{Capture, Inspected, Start};
 use crate::archive::eligible::Window;
-use crate::archive::flow::Captured;
 use crate::archive::proof::Fingerprint;
 use crate::digest::hex;
-use crate::format::engine;
+use crate::format::captured::Captured;
+use crate::format::{engine, writer};
 use crate::layout::StateSource;
 use crate::ops::configs::Settings;
 use crate::ops::errors::{self, FlowError};
@@ -117,7 +115,7 @@ pub fn begin(
 ) -> Result<Start, FlowError> {
     let mut held = 0;
     metrics::timed(Stage::Capture, &mut held, || {
-        let (flow, events_total) = match capture::inspect(
+        let (flow, events_total, previous) = match capture::inspect(
             ctx,
             caller,
             db,
@@ -127,7 +125,11 @@ pub fn begin(
             settings.read_max_bytes,
         )? {
             Inspected::AlreadyArchived(location) => return Ok(Start::AlreadyArchived(location)),
-            Inspected::Eligible(flow, total) => (*flow, total),
+            Inspected::Eligible {
+                flow,
+                events_total,
+                previous,
+            } => (*flow, events_total, previous),
         };
         // On a cluster, the slot's migration generation now: the commit refuses if it changed.
         let motion = cluster::motion(cluster::placement(id, flow.keys.named())?);
@@ -138,6 +140,7 @@ pub fn begin(
                 max: settings.read_max_bytes,
             },
             flow,
+            previous,
             caller: caller.clone(),
             events_total,
             watch,
@@ -251,9 +254,9 @@ pub fn upload(
     let encoded = {
         let _captured = Buffered::hold(capture.cap.used);
         let state = served_state(&capture.flow, settings.layout.state)?;
-        let encoded = encode::encode(&capture.flow, state.as_deref())
+        let encoded = writer::encode(&capture.flow, state.as_deref())
             .map_err(|e| FlowError::Unreadable(e.to_string()))?;
-        encode::read_back(
+        writer::read_back(
             &encoded.body,
             &capture.flow,
             state.as_deref(),

@@ -17,7 +17,7 @@ use redis_module::{Context, KeyType};
 use sha2::{Digest, Sha256};
 
 use crate::archive::capture::{read_labels, read_seq};
-use crate::archive::flow::Captured;
+use crate::format::captured::Captured;
 use crate::ops::errors::FlowError;
 use crate::runtime::server::{call, expect_type, integer, list_len, list_range_each, with_string};
 

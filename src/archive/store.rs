@@ -8,7 +8,7 @@
 //! that object is gone (a lifecycle rule, an operator): the chain of `previous` locations only moves
 //! forward, and a location, once indexed, never names other bytes.
 
-use crate::archive::flow::Captured;
+use crate::format::captured::Captured;
 use crate::format::Encoded;
 use crate::layout;
 use crate::ops::errors::FlowError;
@@ -24,7 +24,7 @@ pub fn store_once(
     let first = flow
         .previous
         .as_ref()
-        .and_then(|entry| layout::split_location(&entry.location, &flow.id))
+        .and_then(|location| layout::split_location(location, &flow.id))
         .map_or(0, |(_, generation)| generation + 1);
     let (prefix, max_name) = (&settings.prefix, settings.object_name_max);
     for key in layout::stored_keys_from(prefix, flow.db, &flow.id, first, max_name) {

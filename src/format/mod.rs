@@ -1,10 +1,15 @@
-//! The archive object's format (docs/FORMAT.md): the names both its writer (archive::encode) and its
-//! reader (read::decode) agree on, the object as it travels to S3, and the engine's state folded from a
-//! flow's events (`engine`, with Go's JSON and time rules in `gojson` and `gotime`). Pure code.
+//! The archive object's format (docs/FORMAT.md), pure code: the flow as captured (`captured`), its
+//! writer and the read-back proof (`writer`), its reader (`reader`), the names they agree on, the object
+//! as it travels to S3, and the engine's state folded from a flow's events (`engine`, with Go's JSON and
+//! time rules in `gojson` and `gotime`). Archiving and reading both build on this room; it calls
+//! neither, nor the server.
 
+pub mod captured;
 pub mod engine;
 pub mod gojson;
 pub mod gotime;
+pub mod reader;
+pub mod writer;
 
 pub const FORMAT_NAME: &str = "flowarchive";
 /// Version 2 added the trailer's `state`, the header's `previous`, and a `null` snapshot; readers

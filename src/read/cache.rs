@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use crate::read::decode::Decoded;
+use crate::format::reader::Decoded;
 
 pub type CacheKey = (i32, String, String);
 

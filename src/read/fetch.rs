@@ -16,6 +16,7 @@ use redis_module::configuration::ConfigurationContext;
 use redis_module::{BlockedClient, RedisError, RedisValue, ThreadSafeContext};
 
 use crate::digest::{hex, sha256};
+use crate::format::reader::{self, DecodeError, Decoded};
 use crate::kinds::{kinds, Tally};
 use crate::layout;
 use crate::ops::configs::{parse_roots, Root, Settings};
@@ -23,7 +24,6 @@ use crate::ops::errors::show_id;
 use crate::ops::info::named;
 use crate::ops::log;
 use crate::read::cache::{CacheKey, Lru};
-use crate::read::decode::{self, DecodeError, Decoded};
 use crate::runtime::pool::Pool;
 use crate::s3::{FailureKind, Store, StoreError};
 use crate::sync::lock;
@@ -350,7 +350,7 @@ fn fetch(settings: &Settings, (_, id, location): &CacheKey) -> Result<Arc<Decode
             ))
         }
     }
-    decode::decode(&body, id, db, max, settings.layout.state)
+    reader::decode(&body, id, db, max, settings.layout.state)
         .map(Arc::new)
         .map_err(FetchError::Decode)
 }

@@ -3,7 +3,6 @@
 //! first.
 
 pub mod cache;
-pub mod decode;
 pub mod fetch;
 pub mod live;
 

@@ -330,7 +330,7 @@ impl<'a> Sweep<'a> {
             )
         });
         match inspected {
-            Ok(Inspected::Eligible(..)) => {
+            Ok(Inspected::Eligible { .. }) => {
                 self.started += 1;
                 lock(&self.progress.would_archive).push(id);
             }

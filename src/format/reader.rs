@@ -441,7 +441,7 @@ pub fn decode(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::archive::flow::Captured;
+    use crate::format::captured::Captured;
     use crate::format::Encoded;
     use crate::layout::FlowKeys;
     use proptest::prelude::*;
@@ -451,8 +451,8 @@ pub(crate) mod tests {
     const CAP: u64 = 1 << 20;
 
     /// Most tests here read objects of a layout served from its snapshot; the fold's have their own.
-    fn encode(f: &Captured) -> Result<Encoded, crate::archive::encode::EncodeError> {
-        crate::archive::encode::encode(f, None)
+    fn encode(f: &Captured) -> Result<Encoded, crate::format::writer::EncodeError> {
+        crate::format::writer::encode(f, None)
     }
 
     fn decode(object: &[u8], id: &str, db: i32, max: u64) -> Result<Decoded, DecodeError> {

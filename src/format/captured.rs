@@ -1,6 +1,5 @@
-//! The flow as read from Valkey: what capture produces, encode writes and the commit removes.
+//! The flow as read from Valkey: what capture produces, the writer encodes and the commit removes.
 
-use crate::index::Entry;
 use crate::layout::FlowKeys;
 
 pub struct Captured {
@@ -16,7 +15,7 @@ pub struct Captured {
     pub status: String,
     /// The status ZSET score as stored (the last event's unix ms), if the layout has that index.
     pub status_score: Option<String>,
-    /// The index entry of an earlier incarnation of this id (the engine started the id again after it
-    /// was archived): this archive records it as its predecessor and replaces it in the index.
-    pub previous: Option<Entry>,
+    /// The location of an earlier incarnation of this id (the engine started the id again after it was
+    /// archived): this archive records it as its predecessor, and the commit replaces its index entry.
+    pub previous: Option<String>,
 }

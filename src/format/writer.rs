@@ -11,11 +11,11 @@ use std::cell::RefCell;
 use flate2::{Compress, Compression, Crc, FlushCompress, Status};
 use serde_json::{json, Map, Value};
 
-use crate::archive::flow::Captured;
 use crate::digest::{hex, md5, sha256};
+use crate::format::captured::Captured;
+use crate::format::reader;
 use crate::format::{Encoded, FORMAT_NAME, FORMAT_VERSION};
 use crate::layout::StateSource;
-use crate::read::decode;
 
 /// Level 1 keeps compression off the critical path; event JSON still shrinks about 8x.
 const GZIP_LEVEL: u32 = 1;
@@ -144,7 +144,7 @@ pub fn encode(flow: &Captured, state: Option<&[u8]>) -> Result<Encoded, EncodeEr
             "seq": flow.keys.seq,
             "labels": flow.keys.labels,
         },
-        "previous": flow.previous.as_ref().map(|e| &e.location),
+        "previous": flow.previous,
     })
     .to_string();
     let raw_bytes = (header.len() + 1 + content.len()) as u64;
@@ -297,7 +297,7 @@ pub fn read_back(
         ));
     }
     let fail = |what: &str| Err(format!("the object does not read back: {what} differs"));
-    let object = decode::parse(body, &flow.id, flow.db, max_bytes)
+    let object = reader::parse(body, &flow.id, flow.db, max_bytes)
         .map_err(|e| format!("the object does not read back: {e}"))?;
     if object.event_count() != flow.events.len() {
         return fail("the event count");
@@ -315,7 +315,7 @@ pub fn read_back(
     if object.state.as_deref().map(str::as_bytes) != state {
         return fail("the state");
     }
-    if object.previous.as_deref() != flow.previous.as_ref().map(|e| e.location.as_str()) {
+    if object.previous != flow.previous {
         return fail("the predecessor");
     }
     if object.seq != flow.seq {
@@ -645,7 +645,7 @@ mod tests {
 
     mod props {
         use super::*;
-        use crate::read::decode::{self, tests::proptest_config, DecodeError};
+        use crate::format::reader::{self, tests::proptest_config, DecodeError};
         use proptest::prelude::*;
 
         /// Names that collide with the format's own fields.
@@ -762,7 +762,7 @@ mod tests {
                 let f = spec.captured();
                 let body = encode(&f).unwrap().body;
                 prop_assert_eq!(read_back(&body, &f, 1 << 24), Ok(()));
-                let d = decode::decode(&body, &f.id, f.db, 1 << 24, StateSource::Snapshot).unwrap();
+                let d = reader::decode(&body, &f.id, f.db, 1 << 24, StateSource::Snapshot).unwrap();
                 let events: Vec<Vec<u8>> = f.events.iter().map(|e| single_line(e).into_owned()).collect();
                 let read: Vec<Vec<u8>> = d.events().map(|e| e.as_bytes().to_vec()).collect();
                 prop_assert_eq!(read, events);
@@ -772,7 +772,7 @@ mod tests {
                 state["archived"] = Value::Bool(true);
                 prop_assert_eq!(state, expected);
                 prop_assert_eq!(
-                    decode::decode(&body, &f.id, f.db + 1, 1 << 24, StateSource::Snapshot).err(),
+                    reader::decode(&body, &f.id, f.db + 1, 1 << 24, StateSource::Snapshot).err(),
                     Some(DecodeError::OtherKeyspace(f.db.into()))
                 );
                 prop_assert_eq!(encode(&f).unwrap().body, body, "deterministic");
