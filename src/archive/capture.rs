@@ -105,11 +105,7 @@ pub fn inspect(
     // every key of the archive allowed together with the others, as the keys of one command.
     let caller = caller.one_command();
     let caller: &Caller = &caller;
-    acl::check_all(ctx, caller, keys.own(), Access::Remove)?;
-    let index_keys = index::written_keys(ctx, caller, &keys, id)?;
-    let index = index_keys.iter().map(|k| (k.as_str(), Access::Add));
-    let status = keys.status_hash.as_deref().map(|k| (k, Access::Remove));
-    acl::check_keys(ctx, caller, index.chain(status))?;
+    rights(ctx, caller, &keys, id)?;
     let previous = match presence(ctx, caller, &keys, id, layout.state)? {
         Presence::Archived(location) => return Ok(Inspected::AlreadyArchived(location)),
         Presence::Live(previous) => previous,
@@ -135,18 +131,7 @@ pub fn inspect(
         StateSource::Snapshot => None,
     };
     let mut facts: Option<SnapshotFacts> = None;
-    let status = match (indexed, &tail) {
-        (Some(status), _) => status,
-        (None, Some(tail)) => tail.status.clone().ok_or_else(|| {
-            FlowError::NotTerminal("none: no status index entry and no status event".into())
-        })?,
-        (None, None) => parsed(&mut facts, ctx, &snapshot)?
-            .status()
-            .map(str::to_string)
-            .ok_or_else(|| {
-                FlowError::Unreadable("no status in the index or the snapshot".into())
-            })?,
-    };
+    let status = status_of(ctx, indexed, tail.as_ref(), &mut facts, &snapshot)?;
     let status_score = status_score(ctx, caller, layout, id, &status, &keys.member)?;
     let score_ms = status_score.as_deref().and_then(eligible::score_ms);
     // Idle since the later of the status change and the last event: a late event restarts the clock.
@@ -176,6 +161,36 @@ pub fn inspect(
         events_total,
         previous,
     })
+}
+
+/// The caller may remove the flow's own keys and its status entry and add its index entry.
+fn rights(ctx: &Context, caller: &Caller, keys: &FlowKeys, id: &str) -> Result<(), FlowError> {
+    acl::check_all(ctx, caller, keys.own(), Access::Remove)?;
+    let index_keys = index::written_keys(ctx, caller, keys, id)?;
+    let index = index_keys.iter().map(|k| (k.as_str(), Access::Add));
+    let status = keys.status_hash.as_deref().map(|k| (k, Access::Remove));
+    acl::check_keys(ctx, caller, index.chain(status))
+}
+
+/// The flow's status: its status index entry, else the status its log's end records (folded flows)
+/// or its snapshot's.
+fn status_of(
+    ctx: &Context,
+    indexed: Option<String>,
+    tail: Option<&Tail>,
+    facts: &mut Option<SnapshotFacts>,
+    snapshot: &Snapshot,
+) -> Result<String, FlowError> {
+    match (indexed, tail) {
+        (Some(status), _) => Ok(status),
+        (None, Some(tail)) => tail.status.clone().ok_or_else(|| {
+            FlowError::NotTerminal("none: no status index entry and no status event".into())
+        }),
+        (None, None) => parsed(facts, ctx, snapshot)?
+            .status()
+            .map(str::to_string)
+            .ok_or_else(|| FlowError::Unreadable("no status in the index or the snapshot".into())),
+    }
 }
 
 /// The flow's snapshot key, its length where the server holds it, and the capture's cap.

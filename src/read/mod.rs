@@ -7,6 +7,7 @@ pub mod fetch;
 pub mod live;
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use redis_module::{Context, KeyType, RedisError, RedisResult, RedisValue};
 
@@ -113,18 +114,27 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
         GET_NOT_FOUND.fetch_add(1, Ordering::Relaxed);
         return Ok(RedisValue::Null);
     };
-    let mut want = fetch::Want {
+    let want = fetch::Want {
         key: (db, id, location),
         events,
         hops,
     };
-    // Earlier incarnations already cached are followed here (an answer made under another
-    // `flowarchive.state` is fetched again).
+    archived(ctx, want, settings, cache)
+}
+
+/// Answers an archived flow from the cache, following earlier incarnations cached there (an answer
+/// made under another `flowarchive.state` is fetched again), else by a fetch the client waits for.
+fn archived(
+    ctx: &Context,
+    mut want: fetch::Want,
+    settings: Arc<Settings>,
+    cache: bool,
+) -> RedisResult {
     let fresh = |key: &_| fetch::cached(key).filter(|f| f.source == settings.layout.state);
     while let Some(flow) = fresh(&want.key) {
         if want.hops == 0 {
             GET_CACHE_HITS.fetch_add(1, Ordering::Relaxed);
-            return Ok(fetch::reply(&flow, events));
+            return Ok(fetch::reply(&flow, want.events));
         }
         let Some(previous) = flow.previous.clone() else {
             return Ok(RedisValue::Null);

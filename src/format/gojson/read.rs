@@ -400,38 +400,8 @@ impl<'a> Reader<'a> {
         let mut order: Vec<(usize, usize)> = Vec::new();
         let mut scratch = String::new();
         loop {
-            match self.peek() {
-                Some(b'{') => {
-                    self.i += 1;
-                    open.push(Open::Object {
-                        start: out.len(),
-                        from: pairs.len(),
-                        sorted: true,
-                    });
-                    out.push(b'{');
-                }
-                Some(b'[') => {
-                    self.i += 1;
-                    open.push(Open::Array);
-                    out.push(b'[');
-                }
-                Some(b'"') => {
-                    let s = self.string().ok_or_else(malformed)?;
-                    write_text(&mut out, s, &mut scratch);
-                }
-                Some(b't' | b'f') => {
-                    let b = self.boolean().ok_or_else(malformed)?;
-                    out.extend_from_slice(if b { b"true" } else { b"false" });
-                }
-                Some(b'n') if self.null() => out.extend_from_slice(b"null"),
-                _ => {
-                    let n = self.number().ok_or_else(malformed)?;
-                    if small_integer(n) {
-                        out.extend_from_slice(n.as_bytes());
-                    } else {
-                        write_f64(&mut out, float(n).ok_or_else(|| out_of_float_range(n))?);
-                    }
-                }
+            if let Some(opened) = self.any_value(&mut out, pairs.len(), &mut scratch)? {
+                open.push(opened);
             }
             // On to the next value to write, closing the containers that end here. A container's
             // first value follows its opening bracket, the others a comma.
@@ -489,6 +459,51 @@ impl<'a> Reader<'a> {
                 open.pop();
             }
         }
+    }
+
+    /// Writes the next value of an `any` as Go writes it if it is a scalar; opens it (and answers
+    /// what was opened) if it is an array or object, whose pairs start at `pairs`.
+    fn any_value(
+        &mut self,
+        out: &mut Vec<u8>,
+        pairs: usize,
+        scratch: &mut String,
+    ) -> Result<Option<Open>, TypeError> {
+        match self.peek() {
+            Some(b'{') => {
+                self.i += 1;
+                let opened = Open::Object {
+                    start: out.len(),
+                    from: pairs,
+                    sorted: true,
+                };
+                out.push(b'{');
+                return Ok(Some(opened));
+            }
+            Some(b'[') => {
+                self.i += 1;
+                out.push(b'[');
+                return Ok(Some(Open::Array));
+            }
+            Some(b'"') => {
+                let s = self.string().ok_or_else(malformed)?;
+                write_text(out, s, scratch);
+            }
+            Some(b't' | b'f') => {
+                let b = self.boolean().ok_or_else(malformed)?;
+                out.extend_from_slice(if b { b"true" } else { b"false" });
+            }
+            Some(b'n') if self.null() => out.extend_from_slice(b"null"),
+            _ => {
+                let n = self.number().ok_or_else(malformed)?;
+                if small_integer(n) {
+                    out.extend_from_slice(n.as_bytes());
+                } else {
+                    write_f64(out, float(n).ok_or_else(|| out_of_float_range(n))?);
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Whether the next value is one Go takes as `any` (every number in it fits a float64); passes it.
