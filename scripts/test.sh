@@ -14,3 +14,5 @@ cleanup() { [ "$started_s3" = 1 ] && bash scripts/s3.sh stop || true; }
 trap cleanup EXIT
 cargo build --locked
 cargo test --locked -- --test-threads="${FLOWARCHIVE_TEST_THREADS:-4}" "$@"
+# The unit tests that talk to the test bed's SeaweedFS (`cargo test --lib` alone needs no server).
+cargo test --locked --lib -- --ignored

@@ -150,7 +150,7 @@ redis_module! {
             ["path-style", &configs::PATH_STYLE, false, ConfigurationFlags::DEFAULT, None],
         ],
         enum: [
-            ["verify", &configs::VERIFY, configs::VerifyMode::Head, ConfigurationFlags::DEFAULT, None],
+            ["verify", &configs::VERIFY, configs::VerifyMode::Auto, ConfigurationFlags::DEFAULT, None],
             ["index-format", &configs::INDEX_FORMAT, configs::IndexFormat::Hash, ConfigurationFlags::DEFAULT, None],
             ["state", &configs::STATE, layout::StateSource::Fold, ConfigurationFlags::DEFAULT, None],
         ],

@@ -556,7 +556,9 @@ fn reused_id_races_keep_every_incarnation() {
     let flow = std::thread::spawn(move || archive(&mut other, "again"));
     // This archive's own PUT: the first archive's requests are in the log already.
     wait_for("the PUT", Duration::from_secs(10), || {
-        proxy.requests()[sent..].iter().any(|r| r.starts_with("PUT"))
+        proxy.requests()[sent..]
+            .iter()
+            .any(|r| r.starts_with("PUT"))
     });
     let s = sweep(&mut c, &[]).unwrap();
     assert_eq!(int(&s["archived"]), 0, "{s:?}");

@@ -17,7 +17,7 @@ fn configs_validate_and_keep_the_old_value() {
         "$prefix:flow:$id:events"
     );
     assert_eq!(config(&mut c, "flowarchive.bucket"), s3.name());
-    assert_eq!(config(&mut c, "flowarchive.verify"), "head");
+    assert_eq!(config(&mut c, "flowarchive.verify"), "auto");
 
     let cases = [
         ("flowarchive.retention", "30 days", "needs a unit"),
@@ -204,7 +204,7 @@ fn commands_carry_the_acl_category_on_valkey() {
     );
 }
 
-/// README, "Load it": a size takes the server's units in the config file and by CONFIG SET; as a load
+/// README, Configuration: a size takes the server's units in the config file and by CONFIG SET; as a load
 /// argument it is a plain integer, and a unit stops the load instead of loading another value.
 #[test]
 fn sizes_take_units_in_the_config_file_and_plain_integers_as_load_arguments() {

@@ -638,7 +638,7 @@ fn imds_credentials_rotate_and_nothing_is_signed_with_expired_ones() {
     );
     assert!(front.refused().is_empty(), "{:?}", front.refused());
     let accepted = front.accepted();
-    assert!(accepted.len() >= 3 * n);
+    assert!(accepted.len() >= 2 * n);
     assert!(accepted
         .iter()
         .all(|a| a.source == "imds" && a.credential_left.unwrap() > 0));
@@ -776,7 +776,15 @@ fn slowdowns_are_retried_and_errors_that_would_repeat_are_not() {
     let srv = server_via(
         &s3,
         Some(&proxy),
-        &["concurrency", "1", "retry-max-ms", "10000"],
+        // `verify head`: the HEADs are retried too.
+        &[
+            "concurrency",
+            "1",
+            "retry-max-ms",
+            "10000",
+            "verify",
+            "head",
+        ],
     );
     let mut c = srv.conn();
     for i in 0..20 {
@@ -867,7 +875,8 @@ fn one_connection_pool_for_flow_get_and_sweep() {
     let r = reply_map(redis::cmd("FLOWARCHIVE.SWEEP").query(&mut c).unwrap());
     assert_eq!(r["archived"], redis::Value::Int(10));
     let requests = front.accepted().len();
-    assert!(requests >= 50 * 2 + 100 + 20, "{requests}");
+    // One request an upload where the store is proven to validate checksums (`verify auto`).
+    assert!(requests >= 50 + 100 + 10, "{requests}");
     assert!(
         front.connections() <= 6,
         "{} connections for {requests} requests",

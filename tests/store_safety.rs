@@ -1,6 +1,7 @@
 //! The store's safety promises against a real Valkey with the module, a real SeaweedFS and the fault
-//! proxy: write-once objects, no trust in a bare ETag, a rate cap that follows CONFIG SET at once, and
-//! a secret that is never shown and survives CONFIG REWRITE.
+//! proxy: write-once objects, no trust in a bare ETag, a checksum echo trusted (`verify auto`) only
+//! from a store proven to validate checksums, a rate cap that follows CONFIG SET at once, and a secret
+//! that is never shown and survives CONFIG REWRITE.
 
 mod common;
 
@@ -104,7 +105,7 @@ fn put_response_needs_the_checksum_echo_an_etag_alone_is_no_proof() {
 /// the corrupt object is removed from the flow's key, and a later attempt archives the flow whole.
 #[test]
 fn a_store_that_echoes_checksums_unchecked_cannot_make_a_delete() {
-    for mode in ["head", "put-response"] {
+    for mode in ["head", "put-response", "auto"] {
         let s3 = S3::new_bucket();
         let proxy = Proxy::start(s3_port());
         let srv = server_via(&s3, Some(&proxy), &["verify", mode]);
@@ -140,13 +141,301 @@ fn a_store_that_echoes_checksums_unchecked_cannot_make_a_delete() {
     }
 }
 
+// ---------------------------------------------------------------- verify auto
+
+/// The requests the proxy saw from the `from`-th on.
+fn sent_since(proxy: &Proxy, from: usize) -> Vec<String> {
+    proxy.requests()[from..].to_vec()
+}
+
+/// Whether `request` ("METHOD path") is `method` of this test's object `rel` (e.g. `flows/a.jsonl.gz`).
+fn is(request: &str, method: &str, s3: &S3, rel: &str) -> bool {
+    request.starts_with(&format!("{method} /{}/{}", s3.name(), s3.key(rel)))
+}
+
+/// The object path of `request` ("METHOD path?query").
+fn path(request: &str) -> &str {
+    let path = request.split_once(' ').map_or(request, |(_, p)| p);
+    path.split('?').next().unwrap_or(path)
+}
+
+/// Whether `request` is `method` of a checksum probe's scratch object under this test's prefix.
+fn is_probe(request: &str, method: &str, s3: &S3) -> bool {
+    is(request, method, s3, "_flowarchive/checksum-probe-")
+}
+
+/// A rule that puts the store that checks no checksum (`Fault::ChecksumIgnored`) in place of
+/// SeaweedFS for every object of this test (not the bucket: its proof still reaches SeaweedFS).
+fn checksums_ignored(s3: &S3) -> Vec<Rule> {
+    vec![Rule {
+        method: "",
+        path: format!("/{}/", s3.prefix),
+        fault: Fault::ChecksumIgnored,
+    }]
+}
+
+/// On SeaweedFS, which refuses a body whose checksum does not match (400 BadDigest), `verify auto`
+/// (the default) proves that once, with the bucket, before the first upload; from then on each flow
+/// costs exactly one S3 request, its PUT, whose echoed checksum proves it: FLOW and SWEEP alike. The
+/// probe stores nothing, and every flow reads back whole.
+#[test]
+fn auto_archives_with_one_request_per_flow_on_a_store_that_validates_checksums() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &[]);
+    let mut c = srv.conn();
+    assert_eq!(config(&mut c, "flowarchive.verify"), "auto");
+    assert_eq!(info_field(&mut c, "s3_store_validates_checksums"), -1);
+    let ids: Vec<String> = (0..20).map(|i| format!("one-{i:02}")).collect();
+    let specs: Vec<FlowSpec> = ids.iter().map(|id| FlowSpec::done(id)).collect();
+    for spec in &specs {
+        write_flow(&mut c, spec);
+    }
+
+    archive(&mut c, &ids[0]).unwrap();
+    let sent = sent_since(&proxy, 0);
+    assert_eq!(sent.len(), 3, "{sent:?}");
+    assert!(
+        sent[0].starts_with(&format!("HEAD /{}", s3.name())) && !sent[0].contains(&s3.prefix),
+        "the bucket's proof first: {sent:?}"
+    );
+    assert!(is_probe(&sent[1], "PUT", &s3), "then the probe: {sent:?}");
+    assert!(
+        is(&sent[2], "PUT", &s3, "flows/one-00.jsonl.gz"),
+        "{sent:?}"
+    );
+    assert_eq!(info_field(&mut c, "s3_store_validates_checksums"), 1);
+    assert_eq!(info_field(&mut c, "s3_checksum_probes"), 1);
+    assert_eq!(info_field(&mut c, "s3_heads_saved"), 1);
+
+    // FLOW: one PUT per flow.
+    for id in &ids[1..10] {
+        let before = proxy.requests().len();
+        archive(&mut c, id).unwrap();
+        let sent = sent_since(&proxy, before);
+        assert_eq!(sent.len(), 1, "{id}: {sent:?}");
+        assert!(
+            is(&sent[0], "PUT", &s3, &format!("flows/{id}.jsonl.gz")),
+            "{sent:?}"
+        );
+    }
+    // SWEEP (four uploaders): one PUT per flow too.
+    let before = proxy.requests().len();
+    let summary = sweep(&mut c, &[]).unwrap();
+    assert_eq!(int(&summary["archived"]), 10, "{summary:?}");
+    let sent = sent_since(&proxy, before);
+    assert_eq!(sent.len(), 10, "{sent:?}");
+    assert!(sent.iter().all(|r| r.starts_with("PUT ")), "{sent:?}");
+    println!(
+        "verify auto on SeaweedFS: {} S3 requests for {} flows (bucket proof 1, probe 1, one PUT per flow)",
+        proxy.requests().len(),
+        ids.len()
+    );
+    assert_eq!(info_field(&mut c, "s3_checksum_probes"), 1);
+    assert_eq!(info_field(&mut c, "s3_heads_saved"), 20);
+    assert_eq!(info_field(&mut c, "failures_s3_verify"), 0);
+
+    for spec in &specs {
+        assert_eq!(
+            get_events(&mut c, spec.id).unwrap(),
+            (archived_state(&state_json(spec)), events_of(spec)),
+            "{}",
+            spec.id
+        );
+    }
+    let mut stored = s3.list();
+    stored.sort();
+    let expected: Vec<String> = ids
+        .iter()
+        .map(|id| format!("flows/{id}.jsonl.gz"))
+        .collect();
+    assert_eq!(stored, expected, "the probe stored nothing");
+    assert!(
+        srv.log()
+            .contains("refused a PUT whose x-amz-checksum-sha256 did not match its body"),
+        "the verdict is logged"
+    );
+}
+
+/// A store that takes a PUT whatever its checksum says, and answers it as a good store would while
+/// it keeps corrupted bytes: `auto` finds out with its probe (stored, then removed), says so once,
+/// and proves every upload into that store with a HEAD, which catches the corruption: nothing is
+/// deleted. The verdict stands for that store even once it behaves. The control: `put-response`
+/// believes the same answer, which is why `auto` proves a store before it trusts its echo.
+#[test]
+fn auto_finds_a_store_that_ignores_checksums_and_keeps_its_heads() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &[]);
+    let mut c = srv.conn();
+    let spec = FlowSpec::done("kept");
+    write_flow(&mut c, &spec);
+    let before = dump_all(&mut c);
+    proxy.set(checksums_ignored(&s3));
+
+    let msg = err_text(archive(&mut c, "kept"));
+    assert!(
+        msg.contains("HEAD ") && msg.contains("is the MD5 of other bytes"),
+        "the HEAD shows the corruption: {msg}"
+    );
+    assert!(msg.contains("nothing was deleted"), "{msg}");
+    assert_same(&before, &dump_all(&mut c), "the flow stays live");
+    let sent = proxy.requests();
+    assert_eq!(sent.len(), 6, "{sent:?}");
+    assert!(
+        sent[0].starts_with(&format!("HEAD /{}", s3.name())),
+        "{sent:?}"
+    );
+    assert!(is_probe(&sent[1], "PUT", &s3), "{sent:?}");
+    assert!(
+        is_probe(&sent[2], "DELETE", &s3) && path(&sent[2]) == path(&sent[1]),
+        "the probe's object is removed: {sent:?}"
+    );
+    let flow = "flows/kept.jsonl.gz";
+    for (r, method) in sent[3..].iter().zip(["PUT", "HEAD", "DELETE"]) {
+        assert!(is(r, method, &s3, flow), "{method}: {sent:?}");
+    }
+    assert_eq!(info_field(&mut c, "s3_store_validates_checksums"), 0);
+    assert_eq!(info_field(&mut c, "s3_checksum_probes"), 1);
+    assert_eq!(info_field(&mut c, "s3_heads_saved"), 0);
+    let said = "stored a PUT whose x-amz-checksum-sha256 did not match its body: it does not \
+                validate checksums, so verify auto proves every upload with a HEAD";
+    assert!(srv.log().contains(said), "{}", srv.log());
+
+    // The same store, behaving now: still never trusted for its echo (no probe, a HEAD per upload).
+    proxy.clear();
+    let from = proxy.requests().len();
+    archive(&mut c, "kept").unwrap();
+    let sent = sent_since(&proxy, from);
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert!(
+        is(&sent[0], "PUT", &s3, flow) && is(&sent[1], "HEAD", &s3, flow),
+        "{sent:?}"
+    );
+    assert_eq!(info_field(&mut c, "s3_checksum_probes"), 1);
+    assert_eq!(info_field(&mut c, "s3_heads_saved"), 0);
+    assert_eq!(get_events(&mut c, "kept").unwrap().1, events_of(&spec));
+    assert_eq!(srv.log().matches(said).count(), 1, "said once");
+
+    // The control: put-response takes the lying store's answer as proof and deletes a flow whose
+    // archive holds other bytes (its read then fails). `auto` exists for this.
+    config_set(&mut c, "flowarchive.verify", "put-response").unwrap();
+    write_flow(&mut c, &FlowSpec::done("fooled"));
+    proxy.set(checksums_ignored(&s3));
+    archive(&mut c, "fooled").unwrap();
+    assert!(get(&mut c, "fooled").is_err(), "the archive is corrupt");
+}
+
+/// What is proven is proven of a store: pointed at another store, the module proves that one again
+/// (its bucket and its checksums) before the first upload into it; back at the first, whose proof
+/// stands, one PUT per flow again. `checksum md5` sends no checksum to probe: `auto` takes the HEAD.
+#[test]
+fn a_changed_store_is_proven_again() {
+    let s3 = S3::new_bucket();
+    let good = Proxy::start(s3_port());
+    let lying = Proxy::start(s3_port());
+    lying.set(checksums_ignored(&s3));
+    let srv = server_via(&s3, Some(&good), &[]);
+    let mut c = srv.conn();
+    let ids = ["c1", "c2", "c3", "c4"];
+    for id in ids {
+        write_flow(&mut c, &FlowSpec::done(id));
+    }
+    archive(&mut c, "c1").unwrap();
+    assert_eq!(good.requests().len(), 3, "bucket, probe, PUT");
+    assert_eq!(info_field(&mut c, "s3_store_validates_checksums"), 1);
+
+    // Another endpoint: another store, proven again, and found not to validate.
+    config_set(&mut c, "flowarchive.endpoint", &lying.endpoint()).unwrap();
+    let before = dump_all(&mut c);
+    let msg = err_text(archive(&mut c, "c2"));
+    assert!(msg.contains("is the MD5 of other bytes"), "{msg}");
+    assert_same(&before, &dump_all(&mut c), "nothing deleted");
+    let sent = lying.requests();
+    assert!(
+        sent[0].starts_with(&format!("HEAD /{}", s3.name())),
+        "{sent:?}"
+    );
+    assert!(is_probe(&sent[1], "PUT", &s3), "{sent:?}");
+    assert_eq!(info_field(&mut c, "s3_checksum_probes"), 2);
+    assert_eq!(info_field(&mut c, "s3_store_validates_checksums"), 0);
+
+    // Back to the first store: its proof stands, one PUT per flow.
+    config_set(&mut c, "flowarchive.endpoint", &good.endpoint()).unwrap();
+    let from = good.requests().len();
+    archive(&mut c, "c2").unwrap();
+    let sent = sent_since(&good, from);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(info_field(&mut c, "s3_store_validates_checksums"), 1);
+    assert_eq!(info_field(&mut c, "s3_checksum_probes"), 2);
+
+    // checksum md5: another store again (its bucket proven anew), no probe, a HEAD per upload.
+    config_set(&mut c, "flowarchive.checksum", "md5").unwrap();
+    let from = good.requests().len();
+    archive(&mut c, "c3").unwrap();
+    let sent = sent_since(&good, from);
+    assert_eq!(sent.len(), 3, "{sent:?}");
+    assert!(
+        sent[0].starts_with(&format!("HEAD /{}", s3.name())),
+        "{sent:?}"
+    );
+    assert!(is(&sent[1], "PUT", &s3, "flows/c3.jsonl.gz"), "{sent:?}");
+    assert!(is(&sent[2], "HEAD", &s3, "flows/c3.jsonl.gz"), "{sent:?}");
+    assert_eq!(info_field(&mut c, "s3_store_validates_checksums"), -1);
+    assert_eq!(info_field(&mut c, "s3_checksum_probes"), 2);
+    config_set(&mut c, "flowarchive.checksum", "sha256").unwrap();
+    let from = good.requests().len();
+    archive(&mut c, "c4").unwrap();
+    assert_eq!(sent_since(&good, from).len(), 1);
+    for id in ids {
+        assert!(get(&mut c, id).unwrap().is_some(), "{id}");
+    }
+}
+
+/// A probe whose answer decides nothing (a 5xx) is not remembered: that upload is proven by a HEAD,
+/// and the next upload probes again.
+#[test]
+fn a_probe_that_decides_nothing_is_tried_again() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &["retry-attempts", "1"]);
+    let mut c = srv.conn();
+    for id in ["u1", "u2"] {
+        write_flow(&mut c, &FlowSpec::done(id));
+    }
+    proxy.set(vec![Rule {
+        method: "PUT",
+        path: "/_flowarchive/".into(),
+        fault: Fault::Status(500),
+    }]);
+    archive(&mut c, "u1").unwrap();
+    let sent = proxy.requests();
+    assert_eq!(sent.len(), 4, "{sent:?}");
+    assert!(is_probe(&sent[1], "PUT", &s3), "{sent:?}");
+    assert!(is(&sent[3], "HEAD", &s3, "flows/u1.jsonl.gz"), "{sent:?}");
+    assert_eq!(info_field(&mut c, "s3_store_validates_checksums"), -1);
+    proxy.clear();
+    let from = proxy.requests().len();
+    archive(&mut c, "u2").unwrap();
+    let sent = sent_since(&proxy, from);
+    assert_eq!(sent.len(), 2, "probe, PUT: {sent:?}");
+    assert!(is_probe(&sent[0], "PUT", &s3), "{sent:?}");
+    assert_eq!(info_field(&mut c, "s3_checksum_probes"), 2);
+    assert_eq!(info_field(&mut c, "s3_store_validates_checksums"), 1);
+}
+
 /// A redirect (a wrong region or endpoint) is an error that says so, for uploads and reads alike: it
 /// is neither read as stored nor as a missing object.
 #[test]
 fn redirects_are_errors_that_name_them() {
     let s3 = S3::new_bucket();
     let proxy = Proxy::start(s3_port());
-    let srv = server_via(&s3, Some(&proxy), &["retry-attempts", "1"]);
+    // verify head: every upload is followed by the HEAD whose redirect is tested too.
+    let srv = server_via(
+        &s3,
+        Some(&proxy),
+        &["retry-attempts", "1", "verify", "head"],
+    );
     let mut c = srv.conn();
     write_flow(&mut c, &FlowSpec::done("moved"));
     write_flow(&mut c, &FlowSpec::done("read"));

@@ -16,6 +16,8 @@ use redis_module::{raw, Context, RedisError, RedisString};
 
 use crate::layout::{self, Layout, StateSource};
 use crate::s3::credentials::{CredentialConfig, Hidden, Source};
+/// How an upload is proven stored before anything is deleted (`flowarchive.verify`).
+pub use crate::s3::VerifyMode;
 use crate::s3::{self, retry, Checksum, S3Settings, Sse};
 use crate::sync::lock;
 
@@ -354,62 +356,70 @@ fn checksum(v: &str) -> Result<(), String> {
     Checksum::parse(v).map(|_| ())
 }
 
-/// Declares an enum config of two choices once: the enum (`A` = 0, `B` = 1), its conversions for the
-/// server, the names `CONFIG GET` shows, and the refusal of any other value, all from one list. The
-/// `impl` form gives an enum declared elsewhere (a room below this one) the same conversions.
+/// Declares an enum config once: the enum, its conversions for the server (the choices numbered 0, 1,
+/// ... in the order listed), the names `CONFIG GET` shows, and the refusal of any other value, all
+/// from one list. The `impl` form gives an enum declared elsewhere (a room below this one) the same
+/// conversions; its list must name every variant (the numbering is an exhaustive match).
 macro_rules! choice_config {
     (
         $(#[$meta:meta])* $vis:vis enum $name:ident ($config:literal) {
-            $(#[$ameta:meta])* $a:ident => $atext:literal,
-            $(#[$bmeta:meta])* $b:ident => $btext:literal,
+            $($(#[$vmeta:meta])* $variant:ident => $text:literal,)+
         }
     ) => {
         $(#[$meta])*
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         $vis enum $name {
-            $(#[$ameta])* $a = 0,
-            $(#[$bmeta])* $b = 1,
+            $($(#[$vmeta])* $variant,)+
         }
 
-        choice_config! { impl $name ($config) { $a => $atext, $b => $btext, } }
+        choice_config! { impl $name ($config) { $($variant => $text,)+ } }
     };
-    (impl $name:ident ($config:literal) { $a:ident => $atext:literal, $b:ident => $btext:literal, }) => {
-        impl TryFrom<i32> for $name {
-            type Error = RedisError;
-            fn try_from(v: i32) -> Result<Self, RedisError> {
+    (impl $name:ident ($config:literal) { $($variant:ident => $text:literal,)+ }) => {
+        impl From<$name> for i32 {
+            fn from(v: $name) -> i32 {
+                // The position of each choice in the list.
+                enum Position {
+                    $($variant,)+
+                }
                 match v {
-                    0 => Ok($name::$a),
-                    1 => Ok($name::$b),
-                    _ => Err(RedisError::Str(concat!($config, " must be ", $atext, " or ", $btext))),
+                    $($name::$variant => Position::$variant as i32,)+
                 }
             }
         }
 
-        impl From<$name> for i32 {
-            fn from(v: $name) -> i32 {
-                match v {
-                    $name::$a => 0,
-                    $name::$b => 1,
-                }
+        impl TryFrom<i32> for $name {
+            type Error = RedisError;
+            fn try_from(v: i32) -> Result<Self, RedisError> {
+                [$($name::$variant,)+]
+                    .into_iter()
+                    .find(|c| i32::from(*c) == v)
+                    .ok_or_else(|| RedisError::String(choices_refused($config, &[$($text,)+])))
             }
         }
 
         impl EnumConfigurationValue for $name {
             fn get_options(&self) -> (Vec<String>, Vec<i32>) {
-                (vec![$atext.into(), $btext.into()], vec![0, 1])
+                (
+                    vec![$($text.into(),)+],
+                    vec![$(i32::from($name::$variant),)+],
+                )
             }
         }
     };
 }
 
-choice_config! {
-    /// How an upload is proven stored before anything is deleted (`flowarchive.verify`).
-    pub enum VerifyMode ("verify") {
-        /// A HEAD after the PUT must show the uploaded size and checksum.
-        Head => "head",
-        /// The PUT response's ETag/checksum is trusted; one request fewer.
-        PutResponse => "put-response",
+/// The refusal of a value that is none of a choice config's `names`: `<config> must be a, b or c`.
+fn choices_refused(config: &str, names: &[&str]) -> String {
+    match names.split_last() {
+        Some((last, rest)) if !rest.is_empty() => {
+            format!("{config} must be {} or {last}", rest.join(", "))
+        }
+        _ => format!("{config} must be {}", names.join(", ")),
     }
+}
+
+choice_config! {
+    impl VerifyMode ("verify") { Head => "head", PutResponse => "put-response", Auto => "auto", }
 }
 
 choice_config! {
@@ -601,7 +611,7 @@ pub static ACCESS_KEY: Checked = Checked::new("", any);
 pub static SECRET_KEY: Secret = Secret(Mutex::new(String::new()));
 pub static SECRET_KEY_FILE: SecretFile = SecretFile(Mutex::new((String::new(), String::new())));
 pub static REQUEST_TIMEOUT_MS: Int = Int::new(30_000, 100, 3_600_000);
-pub static VERIFY: Mutex<VerifyMode> = Mutex::new(VerifyMode::Head);
+pub static VERIFY: Mutex<VerifyMode> = Mutex::new(VerifyMode::Auto);
 pub static RETENTION: Checked = Checked::new("30d", duration);
 pub static CONCURRENCY: Int = Int::new(4, 1, CONCURRENCY_MAX);
 /// Also bounds the sweep's upload pool.
@@ -625,7 +635,7 @@ pub static KEY_PREFIX: Checked = Checked::new("argyll", key_prefix);
 pub static INDEX_KEY: Checked = Checked::new("archived:flows", index_key);
 pub static INDEX_READ_KEYS: Checked = Checked::new("", index_read_keys);
 pub static INDEX_FORMAT: Mutex<IndexFormat> = Mutex::new(IndexFormat::Hash);
-/// Hashes of a new compact index (per DB; on a cluster spread over the 16384 slots): about one per 64
+/// Hashes of a new compact index (per DB; on a cluster spread over the 16384 slots): about one per 50
 /// archived flows keeps each in the server's listpack encoding (docs/FORMAT.md). Recorded in the index
 /// when it is created, so a change applies to indexes created later (convert to hash and back).
 pub static INDEX_BUCKETS: Int = Int::new(4096, 1, 1 << 26);
@@ -673,7 +683,8 @@ fn s3_settings() -> S3Settings {
             warn: crate::ops::log::warning,
         },
         timeout_ms: REQUEST_TIMEOUT_MS.get().max(1) as u64,
-        verify_with_head: *lock(&VERIFY) == VerifyMode::Head,
+        verify: *lock(&VERIFY),
+        notice: crate::ops::log::notice,
         upload_bytes_per_sec: &UPLOAD_BYTES_PER_SEC.value,
         retry: retry::Policy {
             attempts: RETRY_ATTEMPTS.get().clamp(1, 20) as u32,
@@ -863,11 +874,20 @@ mod tests {
         assert!(index_key("archived:{flow:$id}").is_ok());
         assert!(index_key("archived:$status").is_err());
         assert_eq!(VerifyMode::try_from(1).ok(), Some(VerifyMode::PutResponse));
-        assert!(VerifyMode::try_from(2).is_err());
+        assert_eq!(VerifyMode::try_from(2).ok(), Some(VerifyMode::Auto));
+        assert_eq!(i32::from(VerifyMode::Auto), 2);
+        assert!(VerifyMode::try_from(3).is_err());
         let refusal = |e: RedisError| e.to_string();
         assert_eq!(
-            VerifyMode::try_from(2).map_err(refusal).err().as_deref(),
-            Some("verify must be head or put-response")
+            VerifyMode::try_from(3).map_err(refusal).err().as_deref(),
+            Some("verify must be head, put-response or auto")
+        );
+        assert_eq!(
+            VerifyMode::Head.get_options(),
+            (
+                vec!["head".to_string(), "put-response".into(), "auto".into()],
+                vec![0, 1, 2]
+            )
         );
         assert_eq!(
             IndexFormat::try_from(-1).map_err(refusal).err().as_deref(),

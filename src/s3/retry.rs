@@ -52,7 +52,7 @@ pub fn retryable(e: &StoreError) -> bool {
 
 /// A random number (no extra crate needed for jitter): SipHash under the standard library's random
 /// keys (drawn per thread from the OS, advanced for every `RandomState`) of a draw counter and the time.
-fn random() -> u64 {
+pub(super) fn random() -> u64 {
     static DRAWS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(DRAWS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));

@@ -35,6 +35,13 @@ pub enum Fault {
     /// echoed, and serves that object to HEAD and GET (with the client's metadata) and DELETE, never
     /// reaching S3 for the matched paths.
     EchoUnchecked,
+    /// A store that checks no `x-amz-checksum-*` header and corrupts what it keeps after answering:
+    /// it takes any PUT (one whose checksum names other bytes too) and answers it as a good store
+    /// would for the bytes sent (their MD5 as ETag, the client's checksum echoed), then keeps them
+    /// with one byte flipped and serves that object to HEAD and GET (the MD5 ETag of what it kept,
+    /// the client's checksum and metadata) and DELETE, never reaching S3 for the matched paths. The
+    /// PUT's answer cannot show the corruption; a HEAD does.
+    ChecksumIgnored,
     /// Answer this redirect status (301, 307...) with a `Location`, never reaching S3.
     Redirect(u16),
 }
@@ -195,7 +202,8 @@ fn read_request(conn: &mut TcpStream) -> Option<(String, String, Vec<u8>)> {
     Some((method, path, rewritten))
 }
 
-/// `Fault::EchoUnchecked`: the proxy is the store for the matched object.
+/// `Fault::EchoUnchecked` and `Fault::ChecksumIgnored`: the proxy is the store for the matched object.
+/// With `answer_as_sent` a PUT is answered with the ETag of the bytes sent rather than those kept.
 fn echo_unchecked(
     conn: &mut TcpStream,
     s: &Shared,
@@ -203,6 +211,7 @@ fn echo_unchecked(
     path: &str,
     request: &[u8],
     head_end: usize,
+    answer_as_sent: bool,
 ) {
     use md5::Digest;
     let key = path.split('?').next().unwrap_or(path).to_string();
@@ -230,20 +239,28 @@ fn echo_unchecked(
     };
     match method {
         "PUT" => {
-            let mut body = request[head_end..].to_vec();
+            let sent = &request[head_end..];
+            let mut body = sent.to_vec();
             let middle = body.len() / 2;
             if let Some(b) = body.get_mut(middle) {
                 *b ^= 0x20;
             }
-            let etag: String = md5::Md5::digest(&body)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
-            let mut headers = vec![("ETag".to_string(), format!("\"{etag}\""))];
+            let etag = |bytes: &[u8]| -> (String, String) {
+                let hex: String = md5::Md5::digest(bytes)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                ("ETag".to_string(), format!("\"{hex}\""))
+            };
+            let mut headers = vec![etag(&body)];
             if let Some(sha) = header("x-amz-checksum-sha256") {
                 headers.push(("x-amz-checksum-sha256".into(), sha));
             }
-            answer(conn, "200 OK", &headers, b"");
+            let mut answered = headers.clone();
+            if answer_as_sent {
+                answered[0] = etag(sent);
+            }
+            answer(conn, "200 OK", &answered, b"");
             if let Some(meta) = header("x-amz-meta-flowarchive-sha256") {
                 headers.push(("x-amz-meta-flowarchive-sha256".into(), meta));
             }
@@ -360,7 +377,11 @@ fn handle(mut conn: TcpStream, s: &Shared) {
             return;
         }
         Some(Fault::EchoUnchecked) => {
-            echo_unchecked(&mut conn, s, &method, &path, &request, head_end);
+            echo_unchecked(&mut conn, s, &method, &path, &request, head_end, false);
+            return;
+        }
+        Some(Fault::ChecksumIgnored) => {
+            echo_unchecked(&mut conn, s, &method, &path, &request, head_end, true);
             return;
         }
         Some(Fault::Delay(d)) => std::thread::sleep(d),
