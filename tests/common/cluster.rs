@@ -39,7 +39,7 @@ pub fn layout_args() -> Vec<String> {
 }
 
 /// The smallest non-negative integer whose decimal text hashes to `slot`: the hash tag of the slot's
-/// index (`<index-key>:{N}`), as README's cluster section documents.
+/// index (`<index-key>:{N}`), as docs/CLUSTER.md documents.
 pub fn slot_tag(slot: u16) -> u32 {
     static TABLE: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
     TABLE.get_or_init(|| {
