@@ -178,6 +178,24 @@ impl FlowError {
         bounded(self.full_message(id))
     }
 
+    /// The text for a read (FLOWARCHIVE.GET): the same reasons, without what an archive says of its
+    /// deletes.
+    pub fn read_message(&self, id: &str) -> String {
+        let shown = show_id(id);
+        bounded(match self {
+            FlowError::NoPerm(why) => format!("NOPERM flow {shown}: {why}"),
+            FlowError::Cluster(why) => {
+                format!("ERR flow {shown} cannot be placed in its slot on this cluster: {why}")
+            }
+            FlowError::Unsafe(why) => format!("ERR flow {shown} cannot be read: {why}"),
+            FlowError::Changed => {
+                format!("ERR flow {shown} changed during every read attempt; retry")
+            }
+            FlowError::Internal(why) => format!("ERR flow {shown}: {why}"),
+            other => other.full_message(id),
+        })
+    }
+
     fn full_message(&self, id: &str) -> String {
         let id = show_id(id);
         match self {
@@ -233,6 +251,21 @@ impl FlowError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_say_nothing_of_deletes() {
+        for e in [
+            FlowError::NoPerm("the \"k\" key".into()),
+            FlowError::Cluster("why".into()),
+            FlowError::Unsafe("why".into()),
+            FlowError::Changed,
+            FlowError::Internal("why".into()),
+        ] {
+            let read = e.read_message("f");
+            assert!(!read.contains("deleted") && !read.contains("archived"), "{read}");
+            assert!(e.message("f").contains("nothing was deleted"));
+        }
+    }
 
     #[test]
     fn messages_are_single_line_and_bounded() {

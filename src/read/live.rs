@@ -85,7 +85,7 @@ pub fn fold(
     events: bool,
     max_bytes: u64,
 ) -> RedisResult {
-    let fail = |e: FlowError| RedisError::String(e.message(&id));
+    let fail = |e: FlowError| RedisError::String(e.read_message(&id));
     if !can_block(ctx) {
         return Err(RedisError::String(format!(
             "ERR flow {} is live; its state is folded off the main thread, which FLOWARCHIVE.GET cannot wait for inside MULTI or a script",
@@ -112,11 +112,7 @@ pub fn fold(
                 show_id(&id)
             ))),
             Ok(read) => answer(&id, read, events),
-            Err(FlowError::Changed) => Err(RedisError::String(format!(
-                "ERR flow {} changed during every read attempt; retry",
-                show_id(&id)
-            ))),
-            Err(e) => Err(RedisError::String(e.message(&id))),
+            Err(e) => Err(RedisError::String(e.read_message(&id))),
         }
     };
     answer_later(&READ_POOL, errors::READ_BUSY, || this_client(ctx), work)?;
@@ -167,7 +163,7 @@ pub fn events(
     snapshot: Vec<u8>,
     max_bytes: u64,
 ) -> RedisResult {
-    let fail = |e: String| RedisError::String(FlowError::from(e).message(&id));
+    let fail = |e: String| RedisError::String(FlowError::from(e).read_message(&id));
     let total = list_len(ctx, &keys.events).map_err(fail)?;
     if total <= EVENTS_PER_STEP {
         let mut log = Vec::with_capacity(total);
@@ -178,7 +174,7 @@ pub fn events(
         // One step reads a short log whole: it cannot shrink meanwhile.
         return match read_log(ctx, &keys.events, total, &mut log, &mut cap).map_err(fail)? {
             LogRead::OverCap => Err(RedisError::String(
-                FlowError::Unreadable(too_large(max_bytes)).message(&id),
+                FlowError::Unreadable(too_large(max_bytes)).read_message(&id),
             )),
             _ => Ok(reply(snapshot, Some(log))),
         };
@@ -195,11 +191,8 @@ pub fn events(
             log,
             ..
         }) => Ok(reply(snapshot, Some(log))),
-        Ok(_) | Err(FlowError::Changed) => Err(RedisError::String(format!(
-            "ERR flow {} changed during every read attempt; retry",
-            show_id(&id)
-        ))),
-        Err(e) => Err(RedisError::String(e.message(&id))),
+        Ok(_) => Err(RedisError::String(FlowError::Changed.read_message(&id))),
+        Err(e) => Err(RedisError::String(e.read_message(&id))),
     };
     answer_later(&READ_POOL, errors::READ_BUSY, || this_client(ctx), read)?;
     Ok(RedisValue::NoReply)

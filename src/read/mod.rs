@@ -68,7 +68,7 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
     if !cache {
         fetch::yield_cache();
     }
-    let fail = |e: FlowError| RedisError::String(e.message(&id));
+    let fail = |e: FlowError| RedisError::String(e.read_message(&id));
     settings
         .usable()
         .map_err(|why| fail(FlowError::Unsafe(why)))?;
