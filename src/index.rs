@@ -100,6 +100,16 @@ pub fn find(
 }
 
 /// The key that exists exactly while a format holds entries under the index name `index`.
+/// Whether no index holds any entry for these keys' DB (or slot): no key of either format under the
+/// index's name or an earlier one exists. The index was then lost (flushed, deleted, restored from an
+/// older dump) or never written: a read may look for the flow in the bucket itself.
+pub fn absent(ctx: &Context, keys: &FlowKeys) -> bool {
+    std::iter::once(&keys.index)
+        .chain(&keys.earlier_indexes)
+        .flat_map(|index| [IndexFormat::Hash, IndexFormat::Compact].map(|f| presence_key(index, f)))
+        .all(|key| type_of(ctx, &key) == KeyType::Empty)
+}
+
 fn presence_key(index: &str, format: IndexFormat) -> String {
     match format {
         IndexFormat::Hash => index.to_string(),

@@ -375,3 +375,56 @@ fn index_names_that_can_meet_a_flows_keys_or_the_engines_are_refused() {
     archive(&mut c, "guarded").unwrap();
     assert_archived(&mut c, &FlowSpec::done("guarded"));
 }
+
+/// With no index at all for the DB (flushed, deleted, an older dump), a read asks the bucket: the
+/// newest archive of the flow is found by its object keys and served as usual, earlier incarnations
+/// through it; an unknown id costs two HEADs. With any index present, nothing is asked.
+#[test]
+fn reads_find_archives_when_the_whole_index_is_lost() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &["cache-bytes", "0"]);
+    let mut c = srv.conn();
+    // A fresh DB: no archive yet, no index. An unknown id costs the HEADs of its first key's two forms.
+    let before = proxy.requests().len();
+    assert_eq!(get(&mut c, "nobody").unwrap(), None);
+    let asked: Vec<String> = proxy.requests()[before..].to_vec();
+    assert_eq!(asked.len(), 2, "{asked:?}");
+    assert!(asked.iter().all(|r| r.starts_with("HEAD ")), "{asked:?}");
+
+    let plain = FlowSpec::done("lost-1");
+    let first = FlowSpec::done("again");
+    let second = FlowSpec {
+        events: 9,
+        ..FlowSpec::done("again")
+    };
+    write_flow(&mut c, &plain);
+    archive(&mut c, "lost-1").unwrap();
+    write_flow(&mut c, &first);
+    archive(&mut c, "again").unwrap();
+    write_flow(&mut c, &second);
+    archive(&mut c, "again").unwrap();
+    cmd::<()>(&mut c, &["DEL", "archived:flows"]).unwrap();
+
+    assert_archived(&mut c, &plain);
+    assert_archived(&mut c, &second);
+    let back: Option<String> = cmd(&mut c, &["FLOWARCHIVE.GET", "again", "PREVIOUS", "1"]).unwrap();
+    assert_eq!(back, Some(archived_state(&state_json(&first))));
+    let before = proxy.requests().len();
+    assert_eq!(get(&mut c, "never-archived").unwrap(), None);
+    let asked = proxy.requests().len() - before;
+    assert!(asked <= 2, "{asked} requests for an unknown id");
+    assert!(info_field(&mut c, "get_index_probes") >= 5);
+    assert_eq!(info_field(&mut c, "get_index_probes_found"), 3);
+
+    // Any index present: a read of an unknown id asks nothing.
+    write_flow(&mut c, &FlowSpec::done("indexed"));
+    archive(&mut c, "indexed").unwrap();
+    let before = proxy.requests().len();
+    assert_eq!(
+        get(&mut c, "lost-1").unwrap(),
+        None,
+        "an index exists: no search"
+    );
+    assert_eq!(proxy.requests().len(), before);
+}

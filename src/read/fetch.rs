@@ -199,6 +199,78 @@ pub fn request(waiter: Waiter, settings: Arc<Settings>, cache: bool) {
     }
 }
 
+/// Answers `waiter` for a flow no index names while no index exists at all for its DB (lost, or never
+/// written): the bucket is asked where the flow's newest archive is (`locate`), and that is fetched
+/// as usual; nil when there is none.
+pub fn probe(waiter: Waiter, settings: Arc<Settings>, cache: bool) {
+    let (db, id) = (waiter.want.key.0, waiter.want.key.1.clone());
+    // The waiter goes to the job, or back to be told the pool is busy.
+    let slot = Arc::new(Mutex::new(Some(waiter)));
+    let (job_slot, job_settings) = (slot.clone(), settings);
+    let job = Box::new(move || {
+        let Some(mut waiter) = lock(&job_slot).take() else {
+            return;
+        };
+        PROBES.fetch_add(1, Ordering::Relaxed);
+        let found = log::contained("an index probe", || locate(&job_settings, db, &id))
+            .unwrap_or(Err(FetchError::Panicked));
+        let answer = match found {
+            Ok(Some(location)) => {
+                PROBES_FOUND.fetch_add(1, Ordering::Relaxed);
+                waiter.want.key.2 = location;
+                request(waiter, job_settings, cache);
+                return;
+            }
+            Ok(None) => Ok(RedisValue::Null),
+            Err(why) => Err(RedisError::String(format!(
+                "ERR flow {}: no index holds entries for this DB and the bucket could not be searched: {why}",
+                show_id(&id)
+            ))),
+        };
+        waiter
+            .client
+            .reply(crate::ops::errors::ascii_errors(answer));
+    });
+    if FETCH_POOL.submit(job).is_err() {
+        if let Some(waiter) = lock(&slot).take() {
+            let busy = Err(RedisError::String(format!("ERR {}", FetchError::Busy)));
+            waiter.client.reply(busy);
+        }
+    }
+}
+
+/// The location of the newest archive of `id` in the configured bucket and prefix, if any: each
+/// generation's key (both forms a name may take) is asked with a HEAD, from the first, until one has
+/// none. At most `2 × GENERATIONS` HEADs; an unknown id costs two.
+fn locate(settings: &Settings, db: i32, id: &str) -> Result<Option<String>, FetchError> {
+    let store = Store::new(&settings.s3).map_err(FetchError::Store)?;
+    let prefix = &settings.s3.prefix;
+    let max_name = settings.s3.object_name_max;
+    let mut newest = None;
+    for generation in 0..layout::GENERATIONS {
+        let stored = layout::stored_key(prefix, db, id, generation, max_name);
+        let other = layout::readable_keys(prefix, db, id)
+            .skip(2 * generation as usize)
+            .take(2)
+            .find(|k| *k != stored);
+        let mut found = None;
+        for key in std::iter::once(stored).chain(other) {
+            if store.exists(&key).map_err(FetchError::Store)? {
+                found = Some(key);
+                break;
+            }
+        }
+        match found {
+            Some(key) => newest = Some(store.location(&key)),
+            None => break,
+        }
+    }
+    Ok(newest)
+}
+
+static PROBES: AtomicU64 = AtomicU64::new(0);
+static PROBES_FOUND: AtomicU64 = AtomicU64::new(0);
+
 static FETCHES: AtomicU64 = AtomicU64::new(0);
 static FETCH_US_TOTAL: AtomicU64 = AtomicU64::new(0);
 static FETCH_US_MAX: AtomicU64 = AtomicU64::new(0);
@@ -227,6 +299,8 @@ pub fn fields() -> Vec<(String, i64)> {
         ("get_cache_flows", cached_flows as i64),
         ("get_cache_bytes", cached_bytes as i64),
         ("get_cache_yields", get(&CACHE_YIELDS)),
+        ("get_index_probes", get(&PROBES)),
+        ("get_index_probes_found", get(&PROBES_FOUND)),
     ]);
     out.extend(FETCH_ERRORS.fields("get_fetch_errors_", FetchError::kind_names()));
     out

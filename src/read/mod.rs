@@ -111,6 +111,18 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
         if cluster::archivable(ctx, slot).is_err() {
             return Err(RedisError::String(cluster::try_again(&id)));
         }
+        // No index at all for this DB (lost, or never written): the bucket is asked instead.
+        if index::absent(ctx, &keys) && can_block(ctx) {
+            if let Some(client) = this_client(ctx) {
+                let want = fetch::Want {
+                    key: (db, id, String::new()),
+                    events,
+                    hops,
+                };
+                fetch::probe(Waiter { client, want }, settings, cache);
+                return Ok(RedisValue::NoReply);
+            }
+        }
         GET_NOT_FOUND.fetch_add(1, Ordering::Relaxed);
         return Ok(RedisValue::Null);
     };

@@ -520,6 +520,18 @@ impl Store {
         }
     }
 
+    /// Whether an object exists at `key` (a presigned HEAD: found, or 404).
+    pub fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        self.request(|agent, creds| {
+            let url = self.bucket.head_object(Some(creds), key).sign(self.expires);
+            match agent.head(url.as_str()).timeout(self.timeout).call() {
+                Ok(response) => success("HEAD", key, response).map(|_| true),
+                Err(ureq::Error::Status(404, _)) => Ok(false),
+                Err(e) => Err(request_error("HEAD", key, e)),
+            }
+        })
+    }
+
     /// Fetches an object with a presigned GET: its bytes and the hex sha256 recorded at upload, if any.
     /// An object larger than `max_bytes` is refused ([`FailureKind::TooLarge`]) from its Content-Length
     /// before any byte is read, and never more than `max_bytes + 1` bytes are read.
