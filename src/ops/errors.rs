@@ -262,7 +262,10 @@ mod tests {
             FlowError::Internal("why".into()),
         ] {
             let read = e.read_message("f");
-            assert!(!read.contains("deleted") && !read.contains("archived"), "{read}");
+            assert!(
+                !read.contains("deleted") && !read.contains("archived"),
+                "{read}"
+            );
             assert!(e.message("f").contains("nothing was deleted"));
         }
     }
