@@ -729,11 +729,20 @@ fn archived_flows_stay_readable_when_swapdb_moves_them() {
     write_flow(&mut c, &FlowSpec::done("moved"));
     let spec = FlowSpec::done("moved");
     archive(&mut c, "moved").unwrap();
+    // DB 1 has an index of its own (a DB with none would have its reads ask the bucket).
+    cmd::<()>(&mut c, &["SELECT", "1"]).unwrap();
+    write_flow(&mut c, &FlowSpec::done("other"));
+    archive(&mut c, "other").unwrap();
+    cmd::<()>(&mut c, &["SELECT", "0"]).unwrap();
     cmd::<()>(&mut c, &["SWAPDB", "0", "1"]).unwrap();
     assert_eq!(
         get(&mut c, "moved").unwrap(),
         None,
         "DB 0 holds DB 1's data now"
+    );
+    assert_eq!(
+        get(&mut c, "other").unwrap(),
+        Some(archived_state(&state_json(&FlowSpec::done("other"))))
     );
     cmd::<()>(&mut c, &["SELECT", "1"]).unwrap();
     let state = get(&mut c, "moved")

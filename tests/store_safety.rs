@@ -694,7 +694,7 @@ fn secret_never_shown(flavor: Flavor) {
     assert!(monitored.contains("monitor-probe"), "{monitored}");
     let slowlog: redis::Value = cmd(&mut c, &["SLOWLOG", "GET", "1000"]).unwrap();
     // The server keeps CONFIG SET arguments of module configs in SLOWLOG even when they are marked
-    // sensitive (Valkey 9.1, 8.0 and Redis 7.0 all do): reported, not asserted; see README.
+    // sensitive (Valkey 9.1, 8.0 and Redis 7.0 all do): reported, not asserted; see docs/OPERATIONS.md.
     eprintln!(
         "{flavor:?}: SLOWLOG shows the runtime secret: {}",
         format!("{slowlog:?}").contains(RUNTIME_SECRET)
