@@ -136,114 +136,330 @@ pub fn current(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    //! What the commit relies on, stated of [`archived`] from the outside: equal content gives equal
+    //! fingerprints, every change the commit must see gives another one, and no two contents hash
+    //! alike by how their parts are framed. [`current`] computes the same parts from the server's keys
+    //! (it needs a server): tests/change_proof.rs holds the two against each other there.
 
-    enum Log<'a> {
-        Events(&'a [Vec<u8>]),
-        Length(usize),
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::format::reader::tests::proptest_config;
+    use crate::layout::FlowKeys;
+
+    /// What a flow's own keys hold; the rest of a `Captured` is fixed.
+    #[derive(Clone, Debug, PartialEq)]
+    struct Content {
+        events: Vec<Vec<u8>>,
+        snapshot: Option<Vec<u8>>,
+        seq: Option<i64>,
+        /// A hash's fields and values, as read (in any order).
+        labels: Vec<(String, String)>,
     }
 
-    fn fingerprint(
-        snapshot: Option<&[u8]>,
-        seq: Option<i64>,
-        labels: &[(String, String)],
-        log: Log,
-    ) -> Fingerprint {
-        let parts = Parts::new(snapshot, seq, labels);
-        match log {
-            Log::Events(events) => {
-                let mut parts = parts.events(events.len());
-                events.iter().for_each(|e| parts.part(e));
-                parts.finish()
-            }
-            Log::Length(n) => parts.length(n),
+    fn captured(c: &Content) -> Captured {
+        Captured {
+            id: "abc".into(),
+            db: 0,
+            keys: FlowKeys {
+                events: "argyll:flow:abc:events".into(),
+                snapshot: "argyll:flow:abc:snapshot:val".into(),
+                seq: Some("argyll:flow:abc:snapshot:seq".into()),
+                labels: Some("argyll:flow:abc:idx:labels".into()),
+                status_hash: Some("argyll:idx:status".into()),
+                member: "flow:abc".into(),
+                lease: None,
+                index: "archived:flows".into(),
+                earlier_indexes: Vec::new(),
+            },
+            events: c.events.clone(),
+            snapshot: c.snapshot.clone(),
+            seq: c.seq,
+            labels: c.labels.clone(),
+            status: "completed".into(),
+            status_score: None,
+            previous: None,
         }
     }
 
-    fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
+    /// The fingerprint of `c` with its log read whole.
+    fn whole(c: &Content) -> Fingerprint {
+        archived(&captured(c), c.events.len(), true)
+    }
+
+    /// The fingerprint of `c` with its log followed by a watch, `c.events` its first chunk and
+    /// `total` events archived.
+    fn followed(c: &Content, total: usize) -> Fingerprint {
+        archived(&captured(c), total, false)
+    }
+
+    fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
+        p.iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect()
     }
 
-    #[test]
-    fn any_difference_in_content_is_a_different_fingerprint() {
-        let events = vec![b"a".to_vec(), b"bc".to_vec()];
-        let base = fingerprint(
-            Some(b"s"),
-            Some(3),
-            &labels(&[("t", "x")]),
-            Log::Events(&events),
-        );
-        let same = fingerprint(
-            Some(b"s"),
-            Some(3),
-            &labels(&[("t", "x")]),
-            Log::Events(&events),
-        );
-        assert!(base == same);
-        let framing = vec![b"ab".to_vec(), b"c".to_vec()];
-        let others = [
-            fingerprint(None, Some(3), &labels(&[("t", "x")]), Log::Events(&events)),
-            fingerprint(
-                Some(b""),
-                Some(3),
-                &labels(&[("t", "x")]),
-                Log::Events(&events),
-            ),
-            fingerprint(
-                Some(b"s"),
-                None,
-                &labels(&[("t", "x")]),
-                Log::Events(&events),
-            ),
-            fingerprint(
-                Some(b"s"),
-                Some(4),
-                &labels(&[("t", "x")]),
-                Log::Events(&events),
-            ),
-            fingerprint(Some(b"s"), Some(3), &labels(&[]), Log::Events(&events)),
-            fingerprint(
-                Some(b"s"),
-                Some(3),
-                &labels(&[("tx", "")]),
-                Log::Events(&events),
-            ),
-            fingerprint(
-                Some(b"s"),
-                Some(3),
-                &labels(&[("t", "x")]),
-                Log::Events(&framing),
-            ),
-            fingerprint(
-                Some(b"s"),
-                Some(3),
-                &labels(&[("t", "x")]),
-                Log::Events(&events[..1]),
-            ),
-            fingerprint(Some(b"s"), Some(3), &labels(&[("t", "x")]), Log::Length(2)),
-        ];
-        for (i, other) in others.iter().enumerate() {
-            assert!(base != *other, "variant {i} hashed like the original");
+    fn content(
+        events: &[&str],
+        snapshot: Option<&str>,
+        seq: Option<i64>,
+        labels: &[(&str, &str)],
+    ) -> Content {
+        Content {
+            events: events.iter().map(|e| e.as_bytes().to_vec()).collect(),
+            snapshot: snapshot.map(|s| s.as_bytes().to_vec()),
+            seq,
+            labels: pairs(labels),
         }
     }
 
+    fn base() -> Content {
+        content(
+            &[
+                r#"{"type":"flow_started"}"#,
+                r#"{"type":"step_completed"}"#,
+                r#"{"type":"flow_completed"}"#,
+            ],
+            Some(r#"{"status":"active"}"#),
+            Some(2),
+            &[("tenant", "acme"), ("team", "core")],
+        )
+    }
+
     #[test]
-    fn label_order_does_not_matter() {
-        let a = fingerprint(
-            None,
-            None,
-            &labels(&[("a", "1"), ("b", "2")]),
-            Log::Length(0),
-        );
-        let b = fingerprint(
-            None,
-            None,
-            &labels(&[("b", "2"), ("a", "1")]),
-            Log::Length(0),
-        );
-        assert!(a == b);
+    fn equal_content_is_an_equal_fingerprint() {
+        assert!(whole(&base()) == whole(&base()));
+        assert!(followed(&base(), 1500) == followed(&base(), 1500));
+        // Labels are a hash: the order they were read in is no content.
+        let mut reordered = base();
+        reordered.labels.reverse();
+        assert!(whole(&reordered) == whole(&base()));
+        // What is not in the flow's own keys is not in the fingerprint (the commit checks the status
+        // entry itself).
+        let mut elsewhere = captured(&base());
+        elsewhere.status = "failed".into();
+        elsewhere.status_score = Some("1".into());
+        elsewhere.previous = Some("s3://b/flows/abc.jsonl.gz".into());
+        assert!(archived(&elsewhere, 3, true) == whole(&base()));
+    }
+
+    #[test]
+    fn every_change_the_commit_must_see_is_another_fingerprint() {
+        type Change = fn(&mut Content);
+        let changes: [(&str, Change); 15] = [
+            ("a late event", |c| c.events.push(b"{}".to_vec())),
+            ("an event edited", |c| c.events[1] = b"{}".to_vec()),
+            ("an event edited to the same size", |c| {
+                c.events[1][2] = b'T'
+            }),
+            ("the log trimmed", |c| c.events.truncate(2)),
+            ("the last event replaced", |c| {
+                c.events.pop();
+                c.events.push(br#"{"type":"flow_failed"}"#.to_vec());
+            }),
+            ("two events swapped", |c| c.events.swap(0, 1)),
+            ("the log emptied", |c| c.events.clear()),
+            ("a new snapshot", |c| c.snapshot = Some(b"{}".to_vec())),
+            ("a snapshot of the same size", |c| {
+                c.snapshot.as_mut().unwrap()[2] = b'S';
+            }),
+            ("the snapshot deleted", |c| c.snapshot = None),
+            ("another sequence", |c| c.seq = Some(3)),
+            ("the sequence deleted", |c| c.seq = None),
+            ("a label added", |c| c.labels.push(("x".into(), "y".into()))),
+            ("a label removed", |c| {
+                c.labels.pop();
+            }),
+            ("a label's value changed", |c| {
+                c.labels[0].1 = "other".into()
+            }),
+        ];
+        let before = whole(&base());
+        for (what, change) in changes {
+            let mut after = base();
+            change(&mut after);
+            assert!(whole(&after) != before, "{what}: the same fingerprint");
+        }
+        let mut renamed = base();
+        renamed.labels[0].0 = "owner".into();
+        assert!(whole(&renamed) != before, "a label renamed");
+    }
+
+    /// A followed log is compared by its length (its watch sees every write to it); the small keys
+    /// are compared by content all the same.
+    #[test]
+    fn a_followed_log_is_compared_by_length_and_the_small_keys_by_content() {
+        let before = followed(&base(), 1500);
+        assert!(followed(&base(), 1501) != before, "a late event");
+        assert!(followed(&base(), 1499) != before, "a trimmed log");
+        let mut edited = base();
+        edited.events[1] = b"{}".to_vec();
+        assert!(followed(&edited, 1500) == before, "left to the watch");
+        let mut resnapshot = base();
+        resnapshot.snapshot = Some(b"{}".to_vec());
+        assert!(followed(&resnapshot, 1500) != before);
+        let mut relabelled = base();
+        relabelled.labels[1].1 = "ops".into();
+        assert!(followed(&relabelled, 1500) != before);
+        // Never the fingerprint of a log read whole, whatever it holds.
+        let empty = content(&[], None, None, &[]);
+        assert!(followed(&empty, 0) != whole(&empty));
+    }
+
+    #[test]
+    fn framing_cannot_make_two_contents_alike() {
+        let none: &[(&str, &str)] = &[];
+        let alike = [
+            (
+                "events split elsewhere",
+                content(&["ab", "c"], None, None, none),
+                content(&["a", "bc"], None, None, none),
+            ),
+            (
+                "an empty event",
+                content(&[""], None, None, none),
+                content(&[], None, None, none),
+            ),
+            (
+                "two empty events",
+                content(&["", ""], None, None, none),
+                content(&[""], None, None, none),
+            ),
+            (
+                "a label's name and value split elsewhere",
+                content(&[], None, None, &[("tx", "")]),
+                content(&[], None, None, &[("t", "x")]),
+            ),
+            (
+                "labels split elsewhere",
+                content(&[], None, None, &[("a", "bc"), ("d", "")]),
+                content(&[], None, None, &[("a", "b"), ("cd", "")]),
+            ),
+            (
+                "an empty snapshot",
+                content(&[], Some(""), None, none),
+                content(&[], None, None, none),
+            ),
+            (
+                "a snapshot spelling the missing mark",
+                content(&[], Some("-"), None, none),
+                content(&[], None, None, none),
+            ),
+            (
+                "a snapshot running into the sequence",
+                content(&[], Some("1"), Some(2), none),
+                content(&[], Some("12"), None, none),
+            ),
+            (
+                "a label running into the log",
+                content(&["b"], None, None, &[("a", "")]),
+                content(&[], None, None, &[("a", "b")]),
+            ),
+            (
+                "the snapshot running into the labels",
+                content(&[], Some("ab"), None, none),
+                content(&[], Some("a"), None, &[("b", "")]),
+            ),
+        ];
+        for (what, a, b) in alike {
+            assert!(whole(&a) != whole(&b), "{what}");
+        }
+    }
+
+    /// Contents of one letter (and the missing mark `-`), so that parts which concatenate alike are
+    /// common.
+    fn contents() -> impl Strategy<Value = Content> {
+        let bytes = || "[a-]{0,2}";
+        (
+            prop::collection::vec(bytes().prop_map(String::into_bytes), 0..4),
+            prop::option::of(bytes().prop_map(String::into_bytes)),
+            prop::option::of(0i64..3),
+            prop::collection::btree_map(bytes(), bytes(), 0..3),
+        )
+            .prop_map(
+                |(events, snapshot, seq, labels): (_, _, _, BTreeMap<String, String>)| Content {
+                    events,
+                    snapshot,
+                    seq,
+                    labels: labels.into_iter().collect(),
+                },
+            )
+    }
+
+    /// `c` with one byte moved across a boundary between its parts (`how` picks which), the very
+    /// same bytes framed otherwise; `c` itself where it has no such boundary.
+    fn reframed(c: &Content, how: u8) -> Content {
+        let mut r = c.clone();
+        match how % 5 {
+            0 => {
+                // From one event into the next.
+                if let Some(i) = (1..r.events.len()).find(|&i| !r.events[i - 1].is_empty()) {
+                    let b = r.events[i - 1].pop().unwrap();
+                    r.events[i].insert(0, b);
+                }
+            }
+            1 => {
+                // From a label's name into its value.
+                if let Some((name, value)) = r.labels.iter_mut().find(|(n, _)| !n.is_empty()) {
+                    let ch = name.pop().unwrap();
+                    value.insert(0, ch);
+                }
+            }
+            2 => {
+                // From the snapshot into the first event.
+                if let (Some(snapshot), Some(event)) = (r.snapshot.as_mut(), r.events.first_mut()) {
+                    if let Some(b) = snapshot.pop() {
+                        event.insert(0, b);
+                    }
+                }
+            }
+            3 => {
+                // From the last label's value into the first event.
+                if let (Some((_, value)), Some(event)) = (r.labels.last_mut(), r.events.first_mut())
+                {
+                    if let Some(ch) = value.pop() {
+                        event.insert(0, ch as u8);
+                    }
+                }
+            }
+            _ => {
+                // Two events made one.
+                if r.events.len() >= 2 {
+                    let second = r.events.remove(1);
+                    r.events[0].extend(second);
+                }
+            }
+        }
+        // A hash's fields are unique, and contents compare as sets.
+        r.labels.sort();
+        let names: std::collections::BTreeSet<&String> = r.labels.iter().map(|(n, _)| n).collect();
+        match names.len() == r.labels.len() {
+            true => r,
+            false => c.clone(),
+        }
+    }
+
+    /// A content and another: drawn on its own, or the first reframed.
+    fn two_contents() -> impl Strategy<Value = (Content, Content)> {
+        contents().prop_flat_map(|a| {
+            let again = a.clone();
+            let other = prop_oneof![
+                contents(),
+                any::<u8>().prop_map(move |how| reframed(&again, how)),
+            ];
+            (Just(a), other)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(proptest_config())]
+
+        /// Two contents have the same fingerprint exactly when they are the same content.
+        #[test]
+        fn fingerprints_are_equal_exactly_when_contents_are((a, b) in two_contents()) {
+            prop_assert_eq!(a == b, whole(&a) == whole(&b), "{:?} / {:?}", a, b);
+        }
     }
 }

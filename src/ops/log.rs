@@ -31,7 +31,8 @@ impl Level {
 /// Logs `msg` at `level` from any thread.
 pub fn log(level: Level, msg: &str) {
     let text = CString::new(bounded(msg.replace('\0', "\\0"))).unwrap_or_default();
-    // SAFETY: NULL context is allowed (any thread); the format consumes exactly one C string.
+    // SAFETY: NULL context is allowed (any thread); the level is a static C string, and the format
+    // consumes exactly one C string, `text`, which outlives the call.
     unsafe {
         if let Some(log) = raw::RedisModule_Log {
             log(

@@ -429,8 +429,10 @@ fn declare_key_specs(ctx: &Context) -> Result<(), String> {
         "Not for clients: flowarchive checks an archive's keys against the caller's ACL as this one command's keys; a call answers an error.",
     )
     .map_err(|_| failed())?;
-    // SAFETY: OnLoad, after the command was created. The key spec array ends with a zeroed entry; it,
-    // the keywords and the summary outlive the call, and the server copies what it keeps.
+    // SAFETY: OnLoad, after the command was created. All zeros is a valid key spec (integers and null
+    // pointers), so the array is zeroed and then filled; it ends with a zeroed entry, as the server's
+    // reader requires. It, the keywords and the summary outlive the call, and the server copies what
+    // it keeps.
     unsafe {
         let (Some(get), Some(set)) = (raw::RedisModule_GetCommand, raw::RedisModule_SetCommandInfo)
         else {

@@ -131,8 +131,9 @@ fn subscribe_slot_migrations(ctx: &Context) {
         id: EVENT_ATOMIC_SLOT_MIGRATION,
         dataver: 1,
     };
-    // SAFETY: called from OnLoad with the module's context; a server without the event refuses the
-    // subscription (Valkey 8 has classic resharding only, checked at commit through CLUSTER NODES).
+    // SAFETY: called from OnLoad with the module's context; the callback has the signature the API
+    // declares and is a plain function that lives as long as the module. A server without the event
+    // refuses the subscription (Valkey 8 has classic resharding only, checked at commit).
     unsafe {
         if let Some(subscribe) = raw::RedisModule_SubscribeToServerEvent {
             subscribe(ctx.ctx, event, Some(on_slot_migration));
@@ -150,7 +151,9 @@ extern "C" fn on_slot_migration(
         return;
     }
     // SAFETY: the server passes a live ValkeyModuleAtomicSlotMigrationInfo (version 1) for this event,
-    // valid for the duration of the callback; only its documented fields are read.
+    // valid for the duration of the callback, which `SlotMigrationInfo` mirrors field for field
+    // (`repr(C)`); only its documented fields are read, `slot_ranges` as the array of
+    // `num_slot_ranges` entries the header declares.
     let (job, ranges) = unsafe {
         let info = &*(data as *const SlotMigrationInfo);
         let job: Vec<u8> = info
@@ -278,8 +281,9 @@ fn declare_id_key(ctx: &Context, name: &str) {
     let Ok(cname) = std::ffi::CString::new(name) else {
         return;
     };
-    // SAFETY: OnLoad, after the command was created; the key spec array is terminated by a zeroed
-    // entry and outlives the call (the server copies it).
+    // SAFETY: OnLoad, after the command was created. All zeros is a valid key spec (integers and a
+    // null pointer), so the array is zeroed and then filled; it ends with a zeroed entry, as the
+    // server's reader requires, and outlives the call (the server copies it).
     unsafe {
         let (Some(get), Some(set)) = (raw::RedisModule_GetCommand, raw::RedisModule_SetCommandInfo)
         else {

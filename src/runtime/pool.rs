@@ -58,7 +58,8 @@ pub fn shutdown_all() -> bool {
 /// nobody else wants. Linux applies this per thread; no privilege is needed to lower one's own class.
 pub fn enter_idle_class() {
     let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: a plain syscall on the calling thread (pid 0); failure only leaves the class unchanged.
+    // SAFETY: a plain syscall on the calling thread (pid 0) that only reads `param`, a valid
+    // sched_param for the call; failure only leaves the class unchanged.
     unsafe {
         libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
     }

@@ -87,7 +87,8 @@ pub fn list_range_each(
         KeyType::List => {}
         _ => return Err(WRONGTYPE.into()),
     }
-    // SAFETY: reading a function pointer the module API filled in at load.
+    // SAFETY: reading a function pointer the module API filled in at load, before any command ran,
+    // and never writes again: no write races this read.
     let Some(list_get) = (unsafe { raw::RedisModule_ListGet }) else {
         return Err("the server has no RedisModule_ListGet".into());
     };

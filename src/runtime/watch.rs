@@ -241,8 +241,9 @@ fn subscribe(ctx: &Context) -> Result<(), FlowError> {
 pub fn init(ctx: &Context) {
     for id in [raw::REDISMODULE_EVENT_SWAPDB, EVENT_REPL_ASYNC_LOAD] {
         let event = raw::RedisModuleEvent { id, dataver: 1 };
-        // SAFETY: called once from OnLoad with the module's context; a server without the event
-        // refuses the subscription.
+        // SAFETY: called once from OnLoad with the module's context; the callback has the
+        // signature the API declares and is a plain function that lives as long as the module. A
+        // server without the event refuses the subscription.
         unsafe {
             if let Some(subscribe) = raw::RedisModule_SubscribeToServerEvent {
                 subscribe(ctx.ctx, event, Some(on_dataset_swapped));
@@ -268,7 +269,8 @@ extern "C" fn on_key_event(
     }
     log::contained("the keyspace-event hook", || {
         let mut len = 0;
-        // SAFETY: the server passes its live context and the key's name for this call.
+        // SAFETY: the server passes its live context and the key's name for this call; the name's
+        // `len` bytes stay valid while the call lasts, and are not kept past it.
         let (db, name) = unsafe {
             let db = raw::RedisModule_GetSelectedDb.map_or(0, |f| f(ctx));
             let ptr = raw::RedisModule_StringPtrLen.map_or(std::ptr::null(), |f| f(key, &mut len));

@@ -927,33 +927,52 @@ mod tests {
         assert_eq!(s3_error_code("plain"), None);
     }
 
+    /// The PUT the module sends (`put_request`, as `put_verified` and the checksum probe build it):
+    /// every digest and the write-once condition signed, and sent with the very values signed.
     #[test]
     fn presigned_put_signs_the_checksum_headers() {
+        let digests = Digests {
+            md5_b64: "1B2M2Y8AsgTpgAmY7PhCfg==".into(),
+            sha_b64: "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=".into(),
+            sha_hex: "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855".into(),
+        };
+        let agent = ureq::Agent::new();
         let store = Store::new(&settings()).unwrap();
-        let creds = signing(&store);
-        let mut action = store
-            .bucket
-            .put_object(Some(&creds), "flows/a%3Ab.jsonl.gz");
-        action
-            .headers_mut()
-            .insert("content-md5", "1B2M2Y8AsgTpgAmY7PhCfg==");
-        action.headers_mut().insert(
-            "x-amz-checksum-sha256",
-            "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=",
-        );
-        let url = action.sign(Duration::from_secs(60)).to_string();
+        let put = store.put_request(&agent, &signing(&store), "flows/a%3Ab.jsonl.gz", &digests);
+        let url = put.url();
         assert!(
             url.starts_with("http://127.0.0.1:9/flows/flows/a%253Ab.jsonl.gz?"),
             "{url}"
         );
         assert!(
-            url.contains("X-Amz-SignedHeaders=content-md5%3Bhost%3Bx-amz-checksum-sha256"),
+            url.contains(
+                "X-Amz-SignedHeaders=content-md5%3Bcontent-type%3Bhost%3Bif-none-match%3B\
+                 x-amz-checksum-sha256%3Bx-amz-meta-flowarchive-sha256&"
+            ),
             "{url}"
         );
+        for (name, value) in [
+            ("content-md5", digests.md5_b64.as_str()),
+            ("if-none-match", "*"),
+            ("x-amz-checksum-sha256", digests.sha_b64.as_str()),
+            ("x-amz-meta-flowarchive-sha256", digests.sha_hex.as_str()),
+        ] {
+            assert_eq!(put.header(name), Some(value), "{name}");
+        }
         assert!(
             !url.contains("wJalrXUtnFEMI"),
             "the secret never appears in a URL"
         );
+        // `checksum md5`: no x-amz-checksum-* header, signed or sent.
+        let md5 = Store::new(&S3Settings {
+            checksum: Checksum::Md5,
+            ..settings()
+        })
+        .unwrap();
+        let put = md5.put_request(&agent, &signing(&md5), "flows/x.jsonl.gz", &digests);
+        assert!(!put.url().contains("x-amz-checksum"), "{}", put.url());
+        assert_eq!(put.header("x-amz-checksum-sha256"), None);
+        assert_eq!(put.header("content-md5"), Some(digests.md5_b64.as_str()));
         assert_eq!(
             store.location("flows/x.jsonl.gz"),
             "s3://flows/flows/x.jsonl.gz"

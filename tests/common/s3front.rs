@@ -4,9 +4,10 @@
 //! answers `aws:kms` PUTs with 500, so temporary credentials and SSE cannot be tested against it
 //! directly. This front checks each presigned request as S3 would ([`super::sigv4::verify`]): a known
 //! key id, the session token issued with it, the credential not expired (403 `ExpiredToken`), the URL
-//! not expired, and the signature. Then it records the SSE and storage-class headers, strips the SSE
-//! ones, re-signs the request with SeaweedFS's own key and forwards it. Like S3, it echoes the object's
-//! encryption on PUT, HEAD and GET answers, and under `aws:kms` the ETag is no MD5 of the object.
+//! not expired, and the signature, recomputed by AWS's own signer (`aws-sigv4`). Then it records the
+//! SSE and storage-class headers, strips the SSE ones, re-signs the request with SeaweedFS's own key
+//! and forwards it. Like S3, it echoes the object's encryption on PUT, HEAD and GET answers, and under
+//! `aws:kms` the ETag is no MD5 of the object.
 //! The underlying [`HttpServer`] keeps connections alive and counts them (for the pool test).
 
 use std::collections::HashMap;
@@ -252,8 +253,10 @@ impl State {
             token: None,
             region: "us-east-1",
         };
-        let query = signer.presign(&r.method, r.path(), &extra, &headers, now_unix(), 300);
-        let url = format!("{}{}?{query}", self.upstream, r.path());
+        // Sent as signed: encoded as S3 reads it (the check above decoded it without fault).
+        let path = sigv4::canonical_path(r.path()).unwrap_or_else(|| r.path().to_string());
+        let query = signer.presign(&r.method, &path, &extra, &headers, now_unix(), 300);
+        let url = format!("{}{path}?{query}", self.upstream);
         let mut request = self.agent.request(&r.method, &url);
         for (k, v) in headers.iter().filter(|(k, _)| k != "host") {
             request = request.set(k, v);

@@ -1,139 +1,61 @@
-//! AWS Signature Version 4 for presigned (query-string) S3 requests, written from the specification
-//! so the test bed checks the module's signatures as S3 would, independently of the signer the module
-//! uses: the canonical request, the string to sign, the HMAC key chain, verification of a request and
-//! presigning one (the S3 front proxy re-signs with SeaweedFS's key). Payloads are `UNSIGNED-PAYLOAD`,
-//! as in every presigned S3 request.
+//! AWS Signature Version 4 of presigned (query-string) S3 requests, computed by AWS's own signer, the
+//! `aws-sigv4` crate, for the S3 front proxy ([`super::s3front`]): it verifies every request the module
+//! sends and presigns what it forwards to SeaweedFS.
+//!
+//! Why AWS's signer: the module signs with rusty-s3, and a verifier written here from the
+//! specification could share the signer's misreading of it (an encoding, an order, a header left out)
+//! and accept what S3 refuses. What is written here is only what a server does around the signature:
+//! reading the authentication parameters of the query, refusing an expired URL or a missing signed
+//! header, and handing the request as received to `aws-sigv4` to recompute the signature it must carry.
+//!
+//! How a received request is recomputed: S3 checks a presigned request with the parameters it
+//! carries, so its canonical request is that of the request as received, whose query holds every
+//! `X-Amz-*` parameter but the signature, with exactly the headers its `X-Amz-SignedHeaders` names.
+//! `aws-sigv4`'s presigning picks its own signed headers (it never signs `x-amz-checksum-mode`, which
+//! the module signs on its HEADs), so the verifier asks it instead for the header-form signature of
+//! that very request, adding nothing to it: both forms sign the same string. AWS's published presigned
+//! examples, and `aws-sigv4`'s own presigning where it signs the same headers, prove that this gives
+//! AWS's signatures (tests/s3_production.rs). The front presigns what it forwards the same way, every
+//! forwarded header signed. The path is canonical as S3 reads it:
+//! decoded, then every byte but `A-Za-z0-9-._~/` encoded. Payloads are `UNSIGNED-PAYLOAD`, as in
+//! every presigned S3 request.
 
-use hmac::{Hmac, Mac};
-use sha2::{Digest, Sha256};
+use std::borrow::Cow;
+use std::time::{Duration, UNIX_EPOCH};
+
+use aws_credential_types::Credentials;
+use aws_sigv4::http_request::{
+    sign, PercentEncodingMode, SessionTokenMode, SignableBody, SignableRequest, SignatureLocation,
+    SigningSettings, UriPathNormalizationMode,
+};
+use aws_sigv4::sign::v4;
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 pub const ALGORITHM: &str = "AWS4-HMAC-SHA256";
-const UNSIGNED: &str = "UNSIGNED-PAYLOAD";
+
+/// What SigV4 encodes in a path: every byte but its unreserved characters and the separator.
+const PATH_ENCODED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'/');
 
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn hmac(key: &[u8], data: &str) -> [u8; 32] {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
-    mac.update(data.as_bytes());
-    mac.finalize().into_bytes().into()
-}
-
-/// URI-encodes as SigV4 asks: everything but `A-Za-z0-9-._~` (and `/` when `keep_slash`).
-pub fn uri_encode(s: &str, keep_slash: bool) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                out.push(b as char)
-            }
-            b'/' if keep_slash => out.push('/'),
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
-}
-
-pub fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex_at = |j: usize| {
-            bytes
-                .get(j..j + 2)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        };
-        match (bytes[i], hex_at(i + 1)) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (b'+', _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The decoded `name=value` pairs of a query string.
+/// The decoded `name=value` pairs of a query string (or of a form body).
 pub fn query_pairs(query: &str) -> Vec<(String, String)> {
-    query
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (percent_decode(k), percent_decode(v))
-        })
+    url::form_urlencoded::parse(query.as_bytes())
+        .into_owned()
         .collect()
 }
 
-/// The canonical query string: every pair but `X-Amz-Signature`, encoded, sorted.
-pub fn canonical_query(pairs: &[(String, String)]) -> String {
-    let mut encoded: Vec<(String, String)> = pairs
-        .iter()
-        .filter(|(k, _)| k != "X-Amz-Signature")
-        .map(|(k, v)| (uri_encode(k, false), uri_encode(v, false)))
-        .collect();
-    encoded.sort();
-    encoded
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join("&")
-}
-
-/// The canonical request of a presigned S3 request. `path` is as sent (it is decoded and re-encoded
-/// segment by segment, as S3 does); `headers` are the signed ones, names lowercase, in any order.
-pub fn canonical_request(
-    method: &str,
-    path: &str,
-    pairs: &[(String, String)],
-    headers: &[(String, String)],
-) -> String {
-    let uri = uri_encode(&percent_decode(path), true);
-    let mut headers: Vec<(String, String)> = headers
-        .iter()
-        .map(|(k, v)| {
-            let v = v.split_whitespace().collect::<Vec<_>>().join(" ");
-            (k.to_ascii_lowercase(), v)
-        })
-        .collect();
-    headers.sort();
-    let canonical_headers: String = headers.iter().map(|(k, v)| format!("{k}:{v}\n")).collect();
-    let signed: Vec<&str> = headers.iter().map(|(k, _)| k.as_str()).collect();
-    format!(
-        "{method}\n{uri}\n{}\n{canonical_headers}\n{}\n{UNSIGNED}",
-        canonical_query(pairs),
-        signed.join(";")
-    )
-}
-
-pub fn string_to_sign(amz_date: &str, scope: &str, canonical_request: &str) -> String {
-    format!(
-        "{ALGORITHM}\n{amz_date}\n{scope}\n{}",
-        hex(&Sha256::digest(canonical_request.as_bytes()))
-    )
-}
-
-/// The HMAC chain: `AWS4<secret>` → date → region → service → `aws4_request`.
-pub fn signing_key(secret: &str, date: &str, region: &str, service: &str) -> [u8; 32] {
-    let k = hmac(format!("AWS4{secret}").as_bytes(), date);
-    let k = hmac(&k, region);
-    let k = hmac(&k, service);
-    hmac(&k, "aws4_request")
-}
-
-pub fn signature(secret: &str, date: &str, region: &str, service: &str, to_sign: &str) -> String {
-    hex(&hmac(&signing_key(secret, date, region, service), to_sign))
+/// The path as S3 signs it: decoded, then encoded once as SigV4 asks. `None` if it is no UTF-8.
+pub fn canonical_path(path: &str) -> Option<String> {
+    let decoded = percent_decode_str(path).decode_utf8().ok()?;
+    Some(utf8_percent_encode(&decoded, PATH_ENCODED).to_string())
 }
 
 /// `YYYYMMDDTHHMMSSZ` of a Unix time.
@@ -260,18 +182,11 @@ impl QueryAuth {
             token: get("X-Amz-Security-Token"),
         })
     }
-
-    pub fn scope(&self) -> String {
-        format!(
-            "{}/{}/{}/aws4_request",
-            self.date, self.region, self.service
-        )
-    }
 }
 
-/// Checks a presigned request as S3 does: `host` must be signed, every signed header present, the
-/// signature right for `secret`, and the URL not expired at `now`. The token, key id and the
-/// credential's own expiry are the caller's to check against what it issued.
+/// Checks a presigned S3 request as S3 does: `host` must be signed, every signed header present, the
+/// URL not expired at `now`, and the signature the one `aws-sigv4` computes for `secret`. The token,
+/// key id and the credential's own expiry are the caller's to check against what it issued.
 pub fn verify(
     method: &str,
     path: &str,
@@ -280,24 +195,49 @@ pub fn verify(
     secret: &str,
     now: i64,
 ) -> Result<QueryAuth, Refusal> {
-    let pairs = query_pairs(query);
-    let auth = QueryAuth::parse(&pairs)?;
+    verify_payload(
+        method,
+        path,
+        query,
+        headers,
+        secret,
+        now,
+        SignableBody::UnsignedPayload,
+    )
+}
+
+/// [`verify`] for a request whose payload is signed as `body` (AWS's generic examples sign the empty
+/// body's hash; S3's presigned requests `UNSIGNED-PAYLOAD`).
+pub fn verify_payload(
+    method: &str,
+    path: &str,
+    query: &str,
+    headers: &[(String, String)],
+    secret: &str,
+    now: i64,
+    body: SignableBody<'_>,
+) -> Result<QueryAuth, Refusal> {
+    let auth = QueryAuth::parse(&query_pairs(query))?;
     if !auth.signed_headers.iter().any(|h| h == "host") {
         return Err(refuse(403, "AccessDenied", "host is not signed"));
     }
+    // Every value of every signed header, in the order sent (SigV4 joins repeated ones).
     let mut signed = Vec::new();
     for name in &auth.signed_headers {
-        let value = headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .ok_or_else(|| {
-                refuse(
-                    403,
-                    "AccessDenied",
-                    format!("signed header {name} is missing"),
-                )
-            })?;
-        signed.push((name.clone(), value.1.clone()));
+        let before = signed.len();
+        signed.extend(
+            headers
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| (name.as_str(), v.as_str())),
+        );
+        if signed.len() == before {
+            return Err(refuse(
+                403,
+                "AccessDenied",
+                format!("signed header {name} is missing"),
+            ));
+        }
     }
     if now > auth.signed_at + auth.expires {
         return Err(refuse(403, "AccessDenied", "Request has expired"));
@@ -305,17 +245,107 @@ pub fn verify(
     if auth.signed_at > now + 900 {
         return Err(refuse(403, "RequestTimeTooSkewed", "signed in the future"));
     }
-    let canonical = canonical_request(method, path, &pairs, &signed);
-    let to_sign = string_to_sign(&auth.amz_date, &auth.scope(), &canonical);
-    let expected = signature(secret, &auth.date, &auth.region, &auth.service, &to_sign);
+    let path = canonical_path(path)
+        .ok_or_else(|| refuse(400, "InvalidURI", "the path decodes to no UTF-8"))?;
+    // The query as received, but for the signature: the signed parameters themselves.
+    let query = query
+        .split('&')
+        .filter(|p| !p.starts_with("X-Amz-Signature="))
+        .collect::<Vec<_>>()
+        .join("&");
+    let scope = Scope {
+        key_id: &auth.key_id,
+        secret,
+        region: &auth.region,
+        service: &auth.service,
+        signed_at: auth.signed_at,
+    };
+    let (expected, signed_by_aws) = signature(method, &path, &query, &signed, &scope, body)?;
+    let listed = auth.signed_headers.join(";");
+    if signed_by_aws != listed {
+        return Err(refuse(
+            403,
+            "SignatureDoesNotMatch",
+            format!("X-Amz-SignedHeaders {listed}, but aws-sigv4 signed {signed_by_aws}"),
+        ));
+    }
     if expected != auth.signature {
         return Err(refuse(
             403,
             "SignatureDoesNotMatch",
-            format!("canonical request was:\n{canonical}"),
+            format!(
+                "signature {} is not {expected}, aws-sigv4's for {method} {path}?{query}",
+                auth.signature
+            ),
         ));
     }
     Ok(auth)
+}
+
+/// Who signs, for what, and when.
+struct Scope<'a> {
+    key_id: &'a str,
+    secret: &'a str,
+    region: &'a str,
+    service: &'a str,
+    signed_at: i64,
+}
+
+/// The signature `aws-sigv4` gives `method path?query` (the query holding the request's own
+/// authentication parameters, but for the signature) with exactly `headers` signed and nothing added,
+/// and the signed-headers list it used.
+fn signature(
+    method: &str,
+    path: &str,
+    query: &str,
+    headers: &[(&str, &str)],
+    scope: &Scope,
+    body: SignableBody<'_>,
+) -> Result<(String, String), Refusal> {
+    let identity = Credentials::new(scope.key_id, scope.secret, None, None, "s3-front").into();
+    let mut settings = SigningSettings::default();
+    settings.signature_location = SignatureLocation::Headers;
+    settings.percent_encoding_mode = PercentEncodingMode::Single;
+    settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
+    // The token, if any, is signed where the request carries it: in its query.
+    settings.session_token_mode = SessionTokenMode::Exclude;
+    // The header form adds x-amz-date; only the request's own signed headers are given, and none of
+    // them is left out.
+    settings.excluded_headers = Some(
+        ["x-amz-date", "x-amz-security-token"]
+            .into_iter()
+            .filter(|h| !headers.iter().any(|(k, _)| k == h))
+            .map(Cow::Borrowed)
+            .collect(),
+    );
+    let params = v4::SigningParams::builder()
+        .identity(&identity)
+        .region(scope.region)
+        .name(scope.service)
+        .time(UNIX_EPOCH + Duration::from_secs(scope.signed_at.max(0) as u64))
+        .settings(settings)
+        .build()
+        .expect("every signing parameter is set")
+        .into();
+    let unsignable = |e: aws_sigv4::http_request::SigningError| {
+        refuse(
+            400,
+            "InvalidRequest",
+            format!("aws-sigv4 cannot sign it: {e}"),
+        )
+    };
+    let uri = format!("{path}?{query}");
+    let request =
+        SignableRequest::new(method, uri, headers.iter().copied(), body).map_err(unsignable)?;
+    let (instructions, signature) = sign(request, &params).map_err(unsignable)?.into_parts();
+    let signed = instructions
+        .headers()
+        .find(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+        .and_then(|(_, v)| v.split("SignedHeaders=").nth(1))
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or_default()
+        .to_string();
+    Ok((signature, signed))
 }
 
 /// What a presigned URL is signed with.
@@ -327,8 +357,11 @@ pub struct Signer<'a> {
 }
 
 impl Signer<'_> {
-    /// The query string (with `extra` pairs kept) that presigns `method path` with the `headers`
-    /// given (they must include `host`) at Unix time `now`.
+    /// The query string (the `extra` pairs, then the authentication parameters) that presigns
+    /// `method path` (`path` already encoded, as sent) for S3 at Unix time `now`, signing every one
+    /// of `headers` (they must include `host`). Not `aws-sigv4`'s own presigning: that never signs
+    /// `x-amz-checksum-mode`, and SeaweedFS refuses an `x-amz-*` header it finds unsigned. The
+    /// signature is `aws-sigv4`'s, computed as [`verify`] recomputes it.
     pub fn presign(
         &self,
         method: &str,
@@ -336,35 +369,55 @@ impl Signer<'_> {
         extra: &[(String, String)],
         headers: &[(String, String)],
         now: i64,
-        expires: i64,
+        expires: u64,
     ) -> String {
         let date = amz_date(now);
-        let scope = format!("{}/{}/s3/aws4_request", &date[..8], self.region);
         let mut names: Vec<String> = headers
             .iter()
             .map(|(k, _)| k.to_ascii_lowercase())
             .collect();
         names.sort();
-        let mut pairs: Vec<(String, String)> = extra.to_vec();
-        pairs.push(("X-Amz-Algorithm".into(), ALGORITHM.into()));
-        pairs.push((
-            "X-Amz-Credential".into(),
-            format!("{}/{scope}", self.key_id),
-        ));
-        pairs.push(("X-Amz-Date".into(), date.clone()));
-        pairs.push(("X-Amz-Expires".into(), expires.to_string()));
-        pairs.push(("X-Amz-SignedHeaders".into(), names.join(";")));
+        names.dedup();
+        let mut query = url::form_urlencoded::Serializer::new(String::new());
+        query
+            .extend_pairs(extra)
+            .append_pair("X-Amz-Algorithm", ALGORITHM)
+            .append_pair(
+                "X-Amz-Credential",
+                &format!(
+                    "{}/{}/{}/s3/aws4_request",
+                    self.key_id,
+                    &date[..8],
+                    self.region
+                ),
+            )
+            .append_pair("X-Amz-Date", &date)
+            .append_pair("X-Amz-Expires", &expires.to_string())
+            .append_pair("X-Amz-SignedHeaders", &names.join(";"));
         if let Some(token) = self.token {
-            pairs.push(("X-Amz-Security-Token".into(), token.into()));
+            query.append_pair("X-Amz-Security-Token", token);
         }
-        let canonical = canonical_request(method, path, &pairs, headers);
-        let to_sign = string_to_sign(&date, &scope, &canonical);
-        let sig = signature(self.secret, &date[..8], self.region, "s3", &to_sign);
-        pairs.push(("X-Amz-Signature".into(), sig));
-        pairs
+        let query = query.finish();
+        let signed: Vec<(&str, &str)> = headers
             .iter()
-            .map(|(k, v)| format!("{}={}", uri_encode(k, false), uri_encode(v, false)))
-            .collect::<Vec<_>>()
-            .join("&")
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let scope = Scope {
+            key_id: self.key_id,
+            secret: self.secret,
+            region: self.region,
+            service: "s3",
+            signed_at: now,
+        };
+        let (signature, _) = signature(
+            method,
+            path,
+            &query,
+            &signed,
+            &scope,
+            SignableBody::UnsignedPayload,
+        )
+        .expect("a request the front forwards is signable");
+        format!("{query}&X-Amz-Signature={signature}")
     }
 }
