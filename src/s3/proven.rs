@@ -33,9 +33,9 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use rusty_s3::S3Action;
 
+use super::errors::{error_code, request_error, status_error, success};
 use super::{
-    error_code, fail, request_error, retry, status_error, success, Checksum, Digests, FailureKind,
-    S3Settings, Store, StoreError, VerifyMode,
+    fail, retry, Checksum, Digests, FailureKind, S3Settings, Store, StoreError, VerifyMode,
 };
 use crate::digest::{hex, md5, sha256};
 use crate::sync::lock;
