@@ -186,6 +186,28 @@ impl Layout {
         }
     }
 
+    /// The engine's layout with the default configs, for tests.
+    #[cfg(test)]
+    pub fn argyll() -> Layout {
+        Layout {
+            prefix: "argyll".into(),
+            events: "$prefix:flow:$id:events".into(),
+            snapshot: "$prefix:flow:$id:snapshot:val".into(),
+            seq: Some("$prefix:flow:$id:snapshot:seq".into()),
+            labels: Some("$prefix:flow:$id:idx:labels".into()),
+            status_hash: Some("$prefix:idx:status".into()),
+            status_set: Some("$prefix:idx:status:$status".into()),
+            label_set: Some("$prefix:idx:label:$label:$value".into()),
+            label_values: Some("$prefix:idx:label:$label".into()),
+            member: "flow:$id".into(),
+            lease: Some("$prefix:archive:lease:$id".into()),
+            index: "archived:flows".into(),
+            earlier_indexes: Vec::new(),
+            terminal: vec!["completed".into(), "failed".into()],
+            state: StateSource::Fold,
+        }
+    }
+
     pub fn flow_keys(&self, id: &str) -> FlowKeys {
         let v = self.vars(id);
         let opt = |t: &Option<String>| t.as_deref().map(|t| render(t, &v));

@@ -147,7 +147,7 @@ mod tests {
 
     use super::*;
     use crate::format::reader::tests::proptest_config;
-    use crate::layout::FlowKeys;
+    use crate::layout::{FlowKeys, Layout};
 
     /// What a flow's own keys hold; the rest of a `Captured` is fixed.
     #[derive(Clone, Debug, PartialEq)]
@@ -164,15 +164,8 @@ mod tests {
             id: "abc".into(),
             db: 0,
             keys: FlowKeys {
-                events: "argyll:flow:abc:events".into(),
-                snapshot: "argyll:flow:abc:snapshot:val".into(),
-                seq: Some("argyll:flow:abc:snapshot:seq".into()),
-                labels: Some("argyll:flow:abc:idx:labels".into()),
-                status_hash: Some("argyll:idx:status".into()),
-                member: "flow:abc".into(),
                 lease: None,
-                index: "archived:flows".into(),
-                earlier_indexes: Vec::new(),
+                ..Layout::argyll().flow_keys("abc")
             },
             events: c.events.clone(),
             snapshot: c.snapshot.clone(),

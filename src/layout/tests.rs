@@ -18,26 +18,6 @@ fn unescape_id(escaped: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-fn argyll() -> Layout {
-    Layout {
-        prefix: "argyll".into(),
-        events: "$prefix:flow:$id:events".into(),
-        snapshot: "$prefix:flow:$id:snapshot:val".into(),
-        seq: Some("$prefix:flow:$id:snapshot:seq".into()),
-        labels: Some("$prefix:flow:$id:idx:labels".into()),
-        status_hash: Some("$prefix:idx:status".into()),
-        status_set: Some("$prefix:idx:status:$status".into()),
-        label_set: Some("$prefix:idx:label:$label:$value".into()),
-        label_values: Some("$prefix:idx:label:$label".into()),
-        member: "flow:$id".into(),
-        lease: Some("$prefix:archive:lease:$id".into()),
-        index: "archived:flows".into(),
-        earlier_indexes: Vec::new(),
-        terminal: vec!["completed".into(), "failed".into()],
-        state: StateSource::Fold,
-    }
-}
-
 #[test]
 fn keys_of_different_kinds_can_meet_or_not() {
     let meet = |a: &str, b: &str| can_meet(&pattern(a, "p"), &pattern(b, "p"));
@@ -68,7 +48,7 @@ fn keys_of_different_kinds_can_meet_or_not() {
 
 #[test]
 fn the_default_layout_is_sound_and_collisions_are_refused() {
-    assert_eq!(argyll().check_keys(), Ok(()));
+    assert_eq!(Layout::argyll().check_keys(), Ok(()));
     for (index, clash) in [
         ("argyll:flow:$id:idx:labels", "labels-key"),
         ("argyll:idx:status", "status-key"),
@@ -77,32 +57,32 @@ fn the_default_layout_is_sound_and_collisions_are_refused() {
     ] {
         let l = Layout {
             index: index.into(),
-            ..argyll()
+            ..Layout::argyll()
         };
         let e = l.check_keys().unwrap_err();
         assert!(e.contains(clash) && e.contains("index-key"), "{index}: {e}");
     }
     let l = Layout {
         earlier_indexes: vec!["argyll:idx:status".into()],
-        ..argyll()
+        ..Layout::argyll()
     };
     assert!(l.check_keys().unwrap_err().contains("index-read-keys"));
     let l = Layout {
         events: "$prefix:idx:status:$id".into(),
-        ..argyll()
+        ..Layout::argyll()
     };
     assert!(l.check_keys().unwrap_err().contains("status-set-key"));
     let l = Layout {
         events: "$prefix:flow:$id".into(),
         snapshot: "$prefix:flow:$id:snapshot".into(),
-        ..argyll()
+        ..Layout::argyll()
     };
     assert!(l.check_keys().unwrap_err().contains("snapshot-key"));
 }
 
 #[test]
 fn renders_the_default_layout() {
-    let l = argyll();
+    let l = Layout::argyll();
     let k = l.flow_keys("abc:step-1:tok");
     assert_eq!(k.events, "argyll:flow:abc:step-1:tok:events");
     assert_eq!(k.snapshot, "argyll:flow:abc:step-1:tok:snapshot:val");
@@ -138,7 +118,7 @@ fn renders_the_default_layout() {
 
 #[test]
 fn inverts_member_and_snapshot_templates() {
-    let mut l = argyll();
+    let mut l = Layout::argyll();
     assert_eq!(
         l.id_of_member("flow:abc:step:tok").as_deref(),
         Some("abc:step:tok")

@@ -1,5 +1,5 @@
 use super::*;
-use crate::layout::FlowKeys;
+use crate::layout::{FlowKeys, Layout};
 use flate2::read::GzDecoder;
 use sha2::{Digest, Sha256};
 use std::io::Read;
@@ -24,15 +24,8 @@ fn flow(events: Vec<&str>, snapshot: &str) -> Captured {
         id: "abc".into(),
         db: 0,
         keys: FlowKeys {
-            events: "argyll:flow:abc:events".into(),
-            snapshot: "argyll:flow:abc:snapshot:val".into(),
-            seq: Some("argyll:flow:abc:snapshot:seq".into()),
-            labels: Some("argyll:flow:abc:idx:labels".into()),
-            status_hash: Some("argyll:idx:status".into()),
-            member: "flow:abc".into(),
             lease: None,
-            index: "archived:flows".into(),
-            earlier_indexes: Vec::new(),
+            ..Layout::argyll().flow_keys("abc")
         },
         events: events.into_iter().map(|e| e.as_bytes().to_vec()).collect(),
         snapshot: Some(snapshot.as_bytes().to_vec()),
