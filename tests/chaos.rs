@@ -1087,6 +1087,14 @@ fn j_a_store_that_echoes_unchecked_mid_sweep_loses_nothing() {
         let archived = info_field(&mut c, "flows_archived");
         proxy.set(vec![echo.clone()]);
         std::thread::sleep(Duration::from_millis(400 + rng.below(400) as u64));
+        // On a loaded machine the uploads in flight may not have reached the store yet: the lie
+        // lasts until one has met it (or the sweep has ended, which the assertion below reports).
+        let met = || proxy.requests().iter().any(|r| r.starts_with("DELETE "));
+        wait_for(
+            &format!("{what}: an upload to meet the lie"),
+            SETTLE,
+            || met() || info_field(&mut c, "sweep_running") == 0,
+        );
         proxy.set(vec![slow.clone()]);
         wait_sweep_end(&mut c, &what);
         assert!(
