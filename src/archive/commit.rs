@@ -188,7 +188,7 @@ pub fn commit_many<T: Sync>(
         // A step that could not run (no event loop) or panicked fails every flow still waiting (one
         // the panicking step had committed already is found archived by the next sweep).
         let results = ran.unwrap_or_else(|e| {
-            let failed = |_| Err(FlowError::Internal(e.clone()));
+            let failed = |_| Err(FlowError::from(e.clone()));
             (0..waiting.len()).map(failed).collect()
         });
         let mut paused = Vec::new();

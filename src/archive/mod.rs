@@ -192,7 +192,7 @@ pub fn begin_many(
                     other => other,
                 })
             })),
-            Err(e) => out.extend(rest.iter().map(|_| Err(FlowError::Internal(e.clone())))),
+            Err(e) => out.extend(rest.iter().map(|_| Err(FlowError::from(e.clone())))),
         }
     }
     out

@@ -28,6 +28,8 @@ pub const PANIC: &str = "ERR flowarchive internal error; nothing was deleted (se
 // Reasons, inside a flow's `ERR flow <id>: <reason>; nothing was deleted`:
 pub const NO_EVENT_LOOP: &str = "the server's event loop does not accept module work";
 pub const MAIN_THREAD_PANIC: &str = "internal error on the main thread (see the server log)";
+/// The server's answer to a command on a key of another type.
+pub const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
 
 /// Longest error text a command answers or logs: every message passes through `bounded`.
 pub const MAX_MESSAGE: usize = 600;
@@ -135,10 +137,46 @@ pub enum FlowError {
     Internal(String),
 }
 
-/// A server-side failure outside the flow's own data (a DB that cannot be selected, a failed call).
-impl From<String> for FlowError {
-    fn from(why: String) -> Self {
-        FlowError::Internal(why)
+/// A failure of the server around a flow rather than of the flow's data: a command it answered with an
+/// error, a DB it could not select, an API it lacks, its event loop refusing module work. A flow that
+/// meets one stays live (`FlowError::Internal`); a sweep that meets one outside any flow stops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerError {
+    /// A command answered with an error: the server's reply.
+    Refused(String),
+    /// The job's DB could not be selected.
+    NoDb(i32),
+    /// A key read element by element holds another type.
+    WrongType,
+    /// The server lacks a module API the module needs.
+    NoApi(&'static str),
+    /// An answer of another shape than the command's, or a read the layout cannot make.
+    Unexpected(&'static str),
+    /// The node cannot take writes (`NOT_PRIMARY`, `WRITES_PAUSED`).
+    NotWritable(&'static str),
+    /// The event loop does not accept module work (shutting down, or the module unloading).
+    NoEventLoop,
+    /// A job on the main thread panicked.
+    MainThreadPanic,
+}
+
+impl std::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServerError::Refused(reply) => f.write_str(reply),
+            ServerError::NoDb(db) => write!(f, "cannot select DB {db}"),
+            ServerError::WrongType => f.write_str(WRONGTYPE),
+            ServerError::NoApi(name) => write!(f, "the server has no {name}"),
+            ServerError::Unexpected(what) | ServerError::NotWritable(what) => f.write_str(what),
+            ServerError::NoEventLoop => f.write_str(NO_EVENT_LOOP),
+            ServerError::MainThreadPanic => f.write_str(MAIN_THREAD_PANIC),
+        }
+    }
+}
+
+impl From<ServerError> for FlowError {
+    fn from(e: ServerError) -> Self {
+        FlowError::Internal(e.to_string())
     }
 }
 

@@ -15,7 +15,7 @@ use redis_module::{Context, KeyType, RedisError, RedisResult, RedisValue};
 
 use crate::format::engine;
 use crate::layout::FlowKeys;
-use crate::ops::errors::{self, show_id, FlowError};
+use crate::ops::errors::{self, show_id, FlowError, ServerError};
 use crate::ops::metrics::{self, Stage};
 use crate::runtime::blocking::{answer_later, can_block, this_client};
 use crate::runtime::mainthread::{self, read_log, ByteCap, LogRead, EVENTS_PER_STEP};
@@ -163,7 +163,7 @@ pub fn events(
     snapshot: Vec<u8>,
     max_bytes: u64,
 ) -> RedisResult {
-    let fail = |e: String| RedisError::String(FlowError::from(e).read_message(&id));
+    let fail = |e: ServerError| RedisError::String(FlowError::from(e).read_message(&id));
     let total = list_len(ctx, &keys.events).map_err(fail)?;
     if total <= EVENTS_PER_STEP {
         let mut log = Vec::with_capacity(total);

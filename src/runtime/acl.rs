@@ -396,7 +396,7 @@ pub fn init(ctx: &Context) -> Result<(), String> {
         let args = standin_args(&keys).map_err(|_| mismatch())?;
         let mut getkeys: Vec<&[u8]> = vec![b"GETKEYS"];
         getkeys.extend(args.iter().map(Vec::as_slice));
-        let found = strings(&call(ctx, "COMMAND", &getkeys)?);
+        let found = strings(&call(ctx, "COMMAND", &getkeys).map_err(|e| e.to_string())?);
         // The server lists keys spec by spec: the groups in keyword order.
         let expected: Vec<Vec<u8>> = Access::ALL
             .iter()

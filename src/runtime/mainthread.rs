@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use redis_module::{raw, Context};
 
+use crate::ops::errors::ServerError;
 use crate::ops::metrics::{self, Stage};
-use crate::ops::{configs, errors, log};
+use crate::ops::{configs, log};
 use crate::runtime::server::{list_range_each, select_db};
 
 /// The module's detached context, used only on the main thread to start timers.
@@ -89,7 +90,7 @@ pub fn read_log(
     total: usize,
     out: &mut Vec<Vec<u8>>,
     cap: &mut ByteCap,
-) -> Result<LogRead, String> {
+) -> Result<LogRead, ServerError> {
     let from = out.len();
     let to = (from + EVENTS_PER_STEP).min(total);
     let deadline = (total > EVENTS_PER_STEP).then(|| Instant::now() + step_budget());
@@ -118,7 +119,7 @@ pub fn read_log(
 
 /// Runs `f` on the event loop in `db` and returns its result, timing the main-thread stretch into the
 /// stage's maximum and into `held`. From worker threads only.
-pub fn step<T: Send, E: From<String> + Send>(
+pub fn step<T: Send, E: From<ServerError> + Send>(
     db: i32,
     stage: Stage,
     held: &mut u64,
@@ -150,7 +151,7 @@ pub fn step_batch<I: Sync, T: Send>(
     held: &mut u64,
     items: &[I],
     mut f: impl FnMut(&Context, &I) -> T + Send,
-) -> Result<Vec<T>, String> {
+) -> Result<Vec<T>, ServerError> {
     step(db, stage, held, |ctx| {
         let (started, budget) = (Instant::now(), step_budget());
         let mut out = Vec::new();
@@ -165,9 +166,9 @@ pub fn step_batch<I: Sync, T: Send>(
 }
 
 /// Runs `work` on the event loop and returns its result. Never call it from the main thread.
-fn run<T: Send>(work: impl FnOnce(&Context) -> T + Send) -> Result<T, String> {
+fn run<T: Send>(work: impl FnOnce(&Context) -> T + Send) -> Result<T, ServerError> {
     if CONTEXT.load(Ordering::Acquire).is_null() {
-        return Err(errors::NO_EVENT_LOOP.into());
+        return Err(ServerError::NoEventLoop);
     }
     let (done, result) = sync_channel(1);
     let job: Box<dyn FnOnce(&Context) + Send + '_> = Box::new(move |ctx| {
@@ -185,9 +186,9 @@ fn run<T: Send>(work: impl FnOnce(&Context) -> T + Send) -> Result<T, String> {
     if queued != raw::REDISMODULE_OK as i32 {
         // SAFETY: the server refused `data`, so it is still ours.
         drop(unsafe { Box::from_raw(data as *mut Job) });
-        return Err(errors::NO_EVENT_LOOP.into());
+        return Err(ServerError::NoEventLoop);
     }
-    result.recv().map_err(|_| errors::MAIN_THREAD_PANIC.into())
+    result.recv().map_err(|_| ServerError::MainThreadPanic)
 }
 
 /// On the event loop: starts a timer for the job. A timer's context is one execution unit, so the job's

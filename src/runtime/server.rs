@@ -1,6 +1,6 @@
 //! Thin helpers over the module API: DB selection, in-server command calls and key types.
 
-use crate::ops::errors::FlowError;
+use crate::ops::errors::{FlowError, ServerError};
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
@@ -10,9 +10,6 @@ use redis_module::{
     raw, CallOptionsBuilder, CallReply, CallResult, Context, KeyType, RedisString, ScanKeyCursor,
 };
 
-/// The server's answer to a command on a key of another type.
-const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
-
 /// The DB the calling client has selected.
 pub fn selected_db(ctx: &Context) -> i32 {
     // SAFETY: ctx is the live context of the current command or lock.
@@ -20,17 +17,17 @@ pub fn selected_db(ctx: &Context) -> i32 {
 }
 
 /// A main-thread step's context starts in DB 0: move it to the job's DB.
-pub fn select_db(ctx: &Context, db: i32) -> Result<(), String> {
+pub fn select_db(ctx: &Context, db: i32) -> Result<(), ServerError> {
     // SAFETY: ctx is a live main-thread context.
     let ok = unsafe { raw::RedisModule_SelectDb.map(|f| f(ctx.ctx, db)) };
     match ok {
         Some(rc) if rc == raw::REDISMODULE_OK as i32 => Ok(()),
-        _ => Err(format!("cannot select DB {db}")),
+        _ => Err(ServerError::NoDb(db)),
     }
 }
 
-/// Runs a command inside the server, without replication. Errors become their text.
-pub fn call(ctx: &Context, cmd: &str, args: &[&[u8]]) -> Result<CallReply<'static>, String> {
+/// Runs a command inside the server, without replication. An error reply is `Refused` with its text.
+pub fn call(ctx: &Context, cmd: &str, args: &[&[u8]]) -> Result<CallReply<'static>, ServerError> {
     call_with(ctx, cmd, args, CallOptionsBuilder::new())
 }
 
@@ -39,7 +36,7 @@ pub fn call_replicated(
     ctx: &Context,
     cmd: &str,
     args: &[&[u8]],
-) -> Result<CallReply<'static>, String> {
+) -> Result<CallReply<'static>, ServerError> {
     call_with(ctx, cmd, args, CallOptionsBuilder::new().replicate())
 }
 
@@ -48,18 +45,20 @@ fn call_with(
     cmd: &str,
     args: &[&[u8]],
     opts: CallOptionsBuilder,
-) -> Result<CallReply<'static>, String> {
+) -> Result<CallReply<'static>, ServerError> {
     // Errors as replies: a call the server refuses before running it (e.g. a key another cluster node
     // serves) is then an error here, never an empty success.
     let res: CallResult<'static> = ctx.call_ext(cmd, &opts.errors_as_replies().build(), args);
     res.map_err(|e| {
-        e.to_utf8_string()
-            .unwrap_or_else(|| format!("{cmd} failed"))
+        ServerError::Refused(
+            e.to_utf8_string()
+                .unwrap_or_else(|| format!("{cmd} failed")),
+        )
     })
 }
 
 /// The length of the list at `key` (0 when absent).
-pub fn list_len(ctx: &Context, key: &str) -> Result<usize, String> {
+pub fn list_len(ctx: &Context, key: &str) -> Result<usize, ServerError> {
     let reply = call(ctx, "LLEN", &[key.as_bytes()])?;
     Ok(integer(&reply).unwrap_or(0).max(0) as usize)
 }
@@ -75,7 +74,7 @@ pub fn list_range_each(
     from: usize,
     to: usize,
     mut f: impl FnMut(&[u8]) -> ControlFlow<()>,
-) -> Result<(), String> {
+) -> Result<(), ServerError> {
     if from >= to {
         return Ok(());
     }
@@ -85,12 +84,12 @@ pub fn list_range_each(
     match KeyType::from(unsafe { raw::RedisModule_KeyType.map_or(0, |t| t(list.0)) }) {
         KeyType::Empty => return Ok(()),
         KeyType::List => {}
-        _ => return Err(WRONGTYPE.into()),
+        _ => return Err(ServerError::WrongType),
     }
     // SAFETY: reading a function pointer the module API filled in at load, before any command ran,
     // and never writes again: no write races this read.
     let Some(list_get) = (unsafe { raw::RedisModule_ListGet }) else {
-        return Err("the server has no RedisModule_ListGet".into());
+        return Err(ServerError::NoApi("RedisModule_ListGet"));
     };
     for index in from..to {
         let Ok(index) = c_long::try_from(index) else {

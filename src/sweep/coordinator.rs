@@ -26,14 +26,14 @@ use crate::archive::capture::{self, Capture, Inspected, Start};
 use crate::archive::eligible::Window;
 use crate::archive::{self, Uploaded};
 use crate::ops::configs::Settings;
-use crate::ops::errors::{self, FlowError};
+use crate::ops::errors::{self, FlowError, ServerError};
 use crate::ops::metrics::{self, Stage};
 use crate::runtime::mainthread;
 use crate::sweep::flow::{Flow, Outcome, State};
 use crate::sweep::ledger::Ledger;
 use crate::sweep::select::{Recent, Selector};
 use crate::sweep::uploaders::{self, Done};
-use crate::sweep::Job;
+use crate::sweep::{Job, Stopped};
 
 /// Where the coordinator is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,7 +109,7 @@ impl<'a> Coordinator<'a> {
         job: &'a Job,
         settings: &'a Arc<Settings>,
         ledger: &'a mut Ledger,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, Stopped> {
         let window = Window::now(settings.retention_ms, false);
         let selector = Selector::new(
             &settings.layout,
@@ -145,7 +145,7 @@ impl<'a> Coordinator<'a> {
 
     /// Runs the phases to `Done`. Selects in bounded steps and archives (or, DRYRUN, inspects) each
     /// candidate once.
-    pub fn run(mut self) -> Result<(), String> {
+    pub fn run(mut self) -> Result<(), Stopped> {
         let mut phase = Phase::Selecting;
         while phase != Phase::Done {
             phase = match phase {
@@ -157,7 +157,7 @@ impl<'a> Coordinator<'a> {
         Ok(())
     }
 
-    fn select_round(&mut self) -> Result<Phase, String> {
+    fn select_round(&mut self) -> Result<Phase, Stopped> {
         self.take_returned();
         let free = self
             .settings
@@ -208,7 +208,7 @@ impl<'a> Coordinator<'a> {
 
     /// Up to `n` new candidates to begin now, each once and within LIMIT, selecting (one step per
     /// batch) when none is queued. Empty when `n` is 0 or no candidate is left.
-    fn next_candidates(&mut self, n: usize) -> Result<Vec<Flow>, String> {
+    fn next_candidates(&mut self, n: usize) -> Result<Vec<Flow>, Stopped> {
         let n = match self.job.limit {
             Some(limit) => n.min(limit.saturating_sub(self.started)),
             None => n,
@@ -233,15 +233,15 @@ impl<'a> Coordinator<'a> {
         Ok(flows)
     }
 
-    fn select(&mut self) -> Result<Option<Vec<String>>, String> {
+    fn select(&mut self) -> Result<Option<Vec<String>>, Stopped> {
         let (layout, batch) = (&self.settings.layout, self.settings.batch_size);
         let selector = &mut self.selector;
         mainthread::step(self.job.db, Stage::Select, &mut self.select_us, |ctx| {
             // A node demoted mid-sweep captures and uploads nothing more (it could not commit).
             if ctx.get_flags().contains(ContextFlags::SLAVE) {
-                return Err(errors::NOT_PRIMARY.to_string());
+                return Err(ServerError::NotWritable(errors::NOT_PRIMARY).into());
             }
-            selector.next(ctx, layout, batch)
+            Ok(selector.next(ctx, layout, batch)?)
         })
     }
 

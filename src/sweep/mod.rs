@@ -29,14 +29,14 @@ use redis_module::{
 
 use crate::clock;
 use crate::ops::configs::{self, Settings};
-use crate::ops::errors;
+use crate::ops::errors::{self, ServerError};
 use crate::ops::info::named;
 use crate::ops::log;
 use crate::runtime::acl::Caller;
 use crate::runtime::blocking::{answer_later, refuse_where_it_cannot_run, this_client};
 use crate::runtime::pool::Pool;
 use crate::runtime::server::{eviction_risk, selected_db};
-use crate::s3::Store;
+use crate::s3::{Store, StoreError};
 use crate::sweep::coordinator::Coordinator;
 use crate::sweep::ledger::Ledger;
 use crate::sweep::progress::Progress;
@@ -48,6 +48,40 @@ pub struct Request {
     pub limit: Option<usize>,
     pub dry_run: bool,
     pub asynchronous: bool,
+}
+
+/// Why a sweep stopped before its end. Its flows are as the sweep left them: each live, or archived
+/// whole (those at the uploaders end `InFlight`).
+#[derive(Debug)]
+pub enum Stopped {
+    /// The server failed a selection step, or the node stopped taking writes.
+    Server(ServerError),
+    /// The S3 settings name no usable store.
+    Store(StoreError),
+    /// No upload worker could be started.
+    NoWorker,
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stopped::Server(e) => e.fmt(f),
+            Stopped::Store(e) => e.fmt(f),
+            Stopped::NoWorker => f.write_str("no upload worker could be started"),
+        }
+    }
+}
+
+impl From<ServerError> for Stopped {
+    fn from(e: ServerError) -> Self {
+        Stopped::Server(e)
+    }
+}
+
+impl From<StoreError> for Stopped {
+    fn from(e: StoreError) -> Self {
+        Stopped::Store(e)
+    }
 }
 
 static RUNNING: AtomicBool = AtomicBool::new(false);

@@ -16,7 +16,7 @@ use redis_module::{CallReply, Context, RedisError};
 use crate::archive::capture;
 use crate::archive::eligible::{SnapshotFacts, Window};
 use crate::layout::{Layout, StateSource};
-use crate::ops::errors;
+use crate::ops::errors::{self, ServerError};
 use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::cluster;
 use crate::runtime::server::{bytes, call, integer, strings, with_string};
@@ -114,7 +114,7 @@ impl Selector {
         ctx: &Context,
         layout: &Layout,
         batch: usize,
-    ) -> Result<Option<Vec<String>>, String> {
+    ) -> Result<Option<Vec<String>>, ServerError> {
         let want = self.want;
         match &mut self.source {
             Source::StatusSets {
@@ -164,7 +164,7 @@ pub fn check_readable(ctx: &Context, caller: &Caller, layout: &Layout) -> Result
     Ok(())
 }
 
-fn zcount(ctx: &Context, key: &str, min: &str, max: &str) -> Result<usize, String> {
+fn zcount(ctx: &Context, key: &str, min: &str, max: &str) -> Result<usize, ServerError> {
     let reply = call(
         ctx,
         "ZCOUNT",
@@ -179,7 +179,7 @@ fn by_rank(
     key: &str,
     from: usize,
     to: usize,
-) -> Result<Vec<(Vec<u8>, String)>, String> {
+) -> Result<Vec<(Vec<u8>, String)>, ServerError> {
     let (from, to) = (from.to_string(), to.to_string());
     let reply = call(
         ctx,
@@ -198,7 +198,7 @@ fn by_rank(
 }
 
 /// The rank of the first member after `(score, member)`: members order by score, then by their bytes.
-fn rank_after(ctx: &Context, key: &str, score: &str, member: &[u8]) -> Result<usize, String> {
+fn rank_after(ctx: &Context, key: &str, score: &str, member: &[u8]) -> Result<usize, ServerError> {
     let mut lo = zcount(ctx, key, "-inf", &format!("({score}"))?;
     let mut hi = lo + zcount(ctx, key, score, score)?;
     while lo < hi {
@@ -221,7 +221,7 @@ fn status_page(
     cutoff: i64,
     batch: usize,
     layout: &Layout,
-) -> Result<(Vec<String>, bool), String> {
+) -> Result<(Vec<String>, bool), ServerError> {
     let start = match after {
         Some((score, member)) => rank_after(ctx, key, score, member)?,
         None => 0,
@@ -245,10 +245,10 @@ fn scan(
     layout: &Layout,
     cursor: &mut String,
     batch: usize,
-) -> Result<Vec<Vec<u8>>, String> {
-    let pattern = layout
-        .scan_pattern()
-        .ok_or("the key template a sweep walks cannot be scanned")?;
+) -> Result<Vec<Vec<u8>>, ServerError> {
+    let pattern = layout.scan_pattern().ok_or(ServerError::Unexpected(
+        "the key template a sweep walks cannot be scanned",
+    ))?;
     let count = batch.to_string();
     let kind: &[u8] = match layout.state {
         StateSource::Fold => b"list",
@@ -265,7 +265,7 @@ fn scan(
     ];
     let reply = call(ctx, "SCAN", &args)?;
     let CallReply::Array(parts) = &reply else {
-        return Err("SCAN answered no array".into());
+        return Err(ServerError::Unexpected("SCAN answered no array"));
     };
     let next_cursor = parts
         .get(0)
@@ -287,7 +287,7 @@ fn scan_step(
     cursor: &mut String,
     batch: usize,
     want: &Want,
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<String>, ServerError> {
     let keys = scan(ctx, layout, cursor, batch)?;
     let mut ids = Vec::new();
     for key in keys {

@@ -12,6 +12,7 @@ use crate::ops::errors::FlowError;
 use crate::ops::log;
 use crate::runtime::pool::{enter_idle_class, Pool};
 use crate::s3::Store;
+use crate::sweep::Stopped;
 use crate::sync::lock;
 
 /// The config's maximum bounds the threads; a sweep keeps at most `concurrency` flows in flight.
@@ -25,12 +26,12 @@ pub static UPLOAD_POOL: Pool = Pool::new(
 pub type Done = (String, Result<Uploaded, FlowError>);
 
 /// Starts the uploaders; send them captured flows on the returned channel, close it when done.
-pub fn start(settings: &Arc<Settings>, done: Sender<Done>) -> Result<SyncSender<Capture>, String> {
+pub fn start(settings: &Arc<Settings>, done: Sender<Done>) -> Result<SyncSender<Capture>, Stopped> {
     let (job_tx, job_rx) = sync_channel::<Capture>(settings.concurrency);
     let job_rx = Arc::new(Mutex::new(job_rx));
     for _ in 0..settings.concurrency {
         let (job_rx, done, settings) = (job_rx.clone(), done.clone(), settings.clone());
-        let s3 = Store::new(&settings.s3).map_err(|e| e.to_string())?;
+        let s3 = Store::new(&settings.s3)?;
         let uploader = Box::new(move || {
             enter_idle_class();
             loop {
@@ -49,7 +50,7 @@ pub fn start(settings: &Arc<Settings>, done: Sender<Done>) -> Result<SyncSender<
             }
         });
         if UPLOAD_POOL.submit(uploader).is_err() {
-            return Err("no upload worker could be started".into());
+            return Err(Stopped::NoWorker);
         }
     }
     Ok(job_tx)
