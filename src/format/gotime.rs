@@ -57,6 +57,23 @@ fn days_in(month: u8, year: i32) -> u8 {
     }
 }
 
+/// A zone as RFC 3339 writes it at the end of a time (`Z`, `+hh:mm`, `-hh:mm`), in seconds east of
+/// UTC; hours and minutes up to `max_h` and `max_m` (Go's fast path is strict, its layout parser lax).
+fn zone_offset(rest: &[u8], max_h: u32, max_m: u32) -> Option<i32> {
+    match rest {
+        [b'Z'] => Some(0),
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
+            let (h, m) = (digits(&[*h1, *h2])?, digits(&[*m1, *m2])?);
+            if h > max_h || m > max_m {
+                return None;
+            }
+            let off = (h * 3600 + m * 60) as i32;
+            Some(if *sign == b'-' { -off } else { off })
+        }
+        _ => None,
+    }
+}
+
 fn digits(b: &[u8]) -> Option<u32> {
     if b.is_empty() || !b.iter().all(u8::is_ascii_digit) {
         return None;
@@ -102,22 +119,7 @@ impl GoTime {
             nanos = fraction_nanos(&rest[1..n]);
             rest = &rest[n..];
         }
-        let offset = match rest {
-            [b'Z'] => 0,
-            [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
-                let (h, m) = (digits(&[*h1, *h2])?, digits(&[*m1, *m2])?);
-                if h > 23 || m > 59 {
-                    return None;
-                }
-                let off = (h * 3600 + m * 60) as i32;
-                if *sign == b'-' {
-                    -off
-                } else {
-                    off
-                }
-            }
-            _ => return None,
-        };
+        let offset = zone_offset(rest, 23, 59)?;
         Some(GoTime {
             year,
             month,
@@ -164,22 +166,7 @@ impl GoTime {
             nanos = fraction_nanos(&s[at + 1..at + 1 + n]);
             at += 1 + n;
         }
-        let offset = match &s[at..] {
-            [b'Z'] => 0,
-            [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
-                let (h, m) = (digits(&[*h1, *h2])?, digits(&[*m1, *m2])?);
-                if h > 24 || m > 60 {
-                    return None;
-                }
-                let off = (h * 3600 + m * 60) as i32;
-                if *sign == b'-' {
-                    -off
-                } else {
-                    off
-                }
-            }
-            _ => return None,
-        };
+        let offset = zone_offset(&s[at..], 24, 60)?;
         let (year, month) = (year as i32, month as u8);
         if !(1..=12).contains(&month) || hour > 23 || minute > 59 || second > 59 {
             return None;
