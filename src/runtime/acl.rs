@@ -41,6 +41,7 @@ use std::sync::{Mutex, OnceLock};
 use redis_module::{raw, AclPermissions, CallReply, Context, RedisString};
 
 use crate::ops::errors::{show_key, FlowError};
+use crate::runtime::keyspec;
 use crate::runtime::server::{bytes, call, selected_db, string, strings};
 use crate::sync::lock;
 
@@ -373,14 +374,6 @@ fn has_selectors(ctx: &Context, user: &str) -> bool {
     true
 }
 
-const COMMAND_INFO_VERSION: raw::RedisModuleCommandInfoVersion =
-    raw::RedisModuleCommandInfoVersion {
-        version: 1,
-        sizeof_historyentry: std::mem::size_of::<raw::RedisModuleCommandHistoryEntry>(),
-        sizeof_keyspec: std::mem::size_of::<raw::RedisModuleCommandKeySpec>(),
-        sizeof_arg: std::mem::size_of::<raw::RedisModuleCommandArg>(),
-    };
-
 /// At load: finds `ACLCheckPermissions`, declares the stand-in's key specs, one per access (keyword,
 /// then `<n>` keys), and proves that the server finds exactly the keys `standin_args` lays out. A
 /// stand-in whose keys the server did not find would pass every check with no key checked, so
@@ -419,50 +412,29 @@ pub fn init(ctx: &Context) -> Result<(), String> {
 
 fn declare_key_specs(ctx: &Context) -> Result<(), String> {
     let failed = || format!("cannot declare the key specs of {STANDIN}; the module does not load");
-    let name = CString::new(STANDIN).map_err(|_| failed())?;
     let keywords: Vec<CString> = Access::ALL
         .iter()
         .map(|a| CString::new(a.keyword()))
         .collect::<Result<_, _>>()
         .map_err(|_| failed())?;
-    let summary = CString::new(
-        "Not for clients: flowarchive checks an archive's keys against the caller's ACL as this one command's keys; a call answers an error.",
-    )
-    .map_err(|_| failed())?;
-    // SAFETY: OnLoad, after the command was created. All zeros is a valid key spec (integers and null
-    // pointers), so the array is zeroed and then filled; it ends with a zeroed entry, as the server's
-    // reader requires. It, the keywords and the summary outlive the call, and the server copies what
-    // it keeps.
-    unsafe {
-        let (Some(get), Some(set)) = (raw::RedisModule_GetCommand, raw::RedisModule_SetCommandInfo)
-        else {
-            return Err(failed());
-        };
-        let command = get(ctx.ctx, name.as_ptr());
-        if command.is_null() {
-            return Err(failed());
-        }
-        let mut specs: [raw::RedisModuleCommandKeySpec; 4] = std::mem::zeroed();
-        for ((spec, access), keyword) in specs.iter_mut().zip(Access::ALL).zip(&keywords) {
-            spec.flags = access.key_spec_flags();
-            spec.begin_search_type =
-                raw::RedisModuleKeySpecBeginSearchType_REDISMODULE_KSPEC_BS_KEYWORD;
-            spec.bs.keyword.keyword = keyword.as_ptr();
-            spec.bs.keyword.startfrom = 1;
-            spec.find_keys_type = raw::RedisModuleKeySpecFindKeysType_REDISMODULE_KSPEC_FK_KEYNUM;
-            spec.fk.keynum.keynumidx = 0;
-            spec.fk.keynum.firstkey = 1;
-            spec.fk.keynum.keystep = 1;
-        }
-        let mut info: raw::RedisModuleCommandInfo = std::mem::zeroed();
-        info.version = &COMMAND_INFO_VERSION;
-        info.summary = summary.as_ptr();
-        info.key_specs = specs.as_mut_ptr();
-        if set(command, std::ptr::addr_of_mut!(info)) != raw::REDISMODULE_OK as c_int {
-            return Err(failed());
-        }
+    let summary = c"Not for clients: flowarchive checks an archive's keys against the caller's ACL as this one command's keys; a call answers an error.";
+    // One spec per access, then the blank end.
+    let mut specs = [keyspec::blank(); 4];
+    for ((spec, access), keyword) in specs.iter_mut().zip(Access::ALL).zip(&keywords) {
+        spec.flags = access.key_spec_flags();
+        spec.begin_search_type =
+            raw::RedisModuleKeySpecBeginSearchType_REDISMODULE_KSPEC_BS_KEYWORD;
+        spec.bs.keyword.keyword = keyword.as_ptr();
+        spec.bs.keyword.startfrom = 1;
+        spec.find_keys_type = raw::RedisModuleKeySpecFindKeysType_REDISMODULE_KSPEC_FK_KEYNUM;
+        spec.fk.keynum.keynumidx = 0;
+        spec.fk.keynum.firstkey = 1;
+        spec.fk.keynum.keystep = 1;
     }
-    Ok(())
+    match keyspec::declare(ctx, STANDIN, &mut specs, Some(summary)) {
+        true => Ok(()),
+        false => Err(failed()),
+    }
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use std::sync::Mutex;
 use redis_module::{raw, CallReply, Context, ContextFlags};
 
 use crate::ops::errors::{show_key, FlowError};
+use crate::runtime::keyspec;
 use crate::runtime::server::call;
 use crate::slot::{self, tags, SLOTS};
 pub use crate::slot::{enabled, key_slot};
@@ -266,49 +267,22 @@ pub fn check_commit(
 
 // ------------------------------------------------------------------ routing
 
-const COMMAND_INFO_VERSION: raw::RedisModuleCommandInfoVersion =
-    raw::RedisModuleCommandInfoVersion {
-        version: 1,
-        sizeof_historyentry: std::mem::size_of::<raw::RedisModuleCommandHistoryEntry>(),
-        sizeof_keyspec: std::mem::size_of::<raw::RedisModuleCommandKeySpec>(),
-        sizeof_arg: std::mem::size_of::<raw::RedisModuleCommandArg>(),
-    };
-
 /// Declares argument 1 (the flow id) of `name` as a routing-only key: `NOT_KEY` (the id names no key;
 /// ACL key patterns and `COMMAND GETKEYS` ignore it), read-only, begin at index 1, one key. The server
 /// derives first/last/step 1/1/1 from it, which is what cluster routing (its own and clients') reads.
 fn declare_id_key(ctx: &Context, name: &str) {
-    let Ok(cname) = std::ffi::CString::new(name) else {
-        return;
-    };
-    // SAFETY: OnLoad, after the command was created. All zeros is a valid key spec (integers and a
-    // null pointer), so the array is zeroed and then filled; it ends with a zeroed entry, as the
-    // server's reader requires, and outlives the call (the server copies it).
-    unsafe {
-        let (Some(get), Some(set)) = (raw::RedisModule_GetCommand, raw::RedisModule_SetCommandInfo)
-        else {
-            return;
-        };
-        let command = get(ctx.ctx, cname.as_ptr());
-        if command.is_null() {
-            return;
-        }
-        let mut specs: [raw::RedisModuleCommandKeySpec; 2] = std::mem::zeroed();
-        specs[0].flags = (raw::REDISMODULE_CMD_KEY_RO | raw::REDISMODULE_CMD_KEY_NOT_KEY) as u64;
-        specs[0].begin_search_type =
-            raw::RedisModuleKeySpecBeginSearchType_REDISMODULE_KSPEC_BS_INDEX;
-        specs[0].bs.index.pos = 1;
-        specs[0].find_keys_type = raw::RedisModuleKeySpecFindKeysType_REDISMODULE_KSPEC_FK_RANGE;
-        specs[0].fk.range.lastkey = 0;
-        specs[0].fk.range.keystep = 1;
-        specs[0].fk.range.limit = 0;
-        let mut info: raw::RedisModuleCommandInfo = std::mem::zeroed();
-        info.version = &COMMAND_INFO_VERSION;
-        info.key_specs = specs.as_mut_ptr();
-        if set(command, std::ptr::addr_of_mut!(info)) != raw::REDISMODULE_OK as c_int {
-            crate::ops::log::warning(&format!(
-                "flowarchive: cannot declare the flow id of {name} for cluster routing"
-            ));
-        }
+    // The id's spec, then the blank end.
+    let mut specs = [keyspec::blank(); 2];
+    specs[0].flags = (raw::REDISMODULE_CMD_KEY_RO | raw::REDISMODULE_CMD_KEY_NOT_KEY) as u64;
+    specs[0].begin_search_type = raw::RedisModuleKeySpecBeginSearchType_REDISMODULE_KSPEC_BS_INDEX;
+    specs[0].bs.index.pos = 1;
+    specs[0].find_keys_type = raw::RedisModuleKeySpecFindKeysType_REDISMODULE_KSPEC_FK_RANGE;
+    specs[0].fk.range.lastkey = 0;
+    specs[0].fk.range.keystep = 1;
+    specs[0].fk.range.limit = 0;
+    if !keyspec::declare(ctx, name, &mut specs, None) {
+        crate::ops::log::warning(&format!(
+            "flowarchive: cannot declare the flow id of {name} for cluster routing"
+        ));
     }
 }

@@ -5,6 +5,7 @@ pub mod acl;
 pub mod blocking;
 pub mod cluster;
 pub mod heap;
+mod keyspec;
 pub mod mainthread;
 pub mod pool;
 pub mod reply;
