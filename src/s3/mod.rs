@@ -20,7 +20,7 @@ pub mod retry;
 pub mod tls;
 
 use std::io::Read;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -252,6 +252,9 @@ pub struct S3Settings {
 
 static UPLOAD_LINK: Mutex<TokenBucket> = Mutex::new(TokenBucket::new());
 
+/// HTTP requests sent to S3 since load, every attempt of every request (INFO `s3_requests`).
+static REQUESTS: AtomicU64 = AtomicU64::new(0);
+
 /// Waits until `bytes` fit under the upload rate cap, re-reading the cap every slice.
 fn throttle(bytes: usize, cap: &AtomicI64) {
     loop {
@@ -337,6 +340,7 @@ impl Store {
             let timeout = self.timeout.min(CREDENTIALS_TIMEOUT);
             let creds = credentials::current(&self.credentials, timeout)?;
             let agent = http::agent(&self.endpoint, &self.credentials.tls_ca_file)?;
+            REQUESTS.fetch_add(1, Ordering::Relaxed);
             attempt(&agent, &creds.signing())
         })
     }
@@ -710,7 +714,7 @@ impl Proof<'_> {
 /// in use), seconds to its expiry (-1: long-term keys or none yet), refresh failures, retries,
 /// requests that failed after retrying, connection pools built; whether the store of the latest
 /// upload validates checksums (1, 0: not proven, -1: no verdict), checksum probes sent, and uploads
-/// proven by their PUT's answer without a HEAD ([`proven`]).
+/// proven by their PUT's answer without a HEAD ([`proven`]); HTTP requests sent, every attempt.
 pub fn info_fields() -> Vec<(String, i64)> {
     let (source, expires_in, refresh_failures) = credentials::status();
     let (retries, exhausted) = retry::counts();
@@ -727,6 +731,10 @@ pub fn info_fields() -> Vec<(String, i64)> {
         (
             "credentials_refresh_failures".into(),
             refresh_failures as i64,
+        ),
+        (
+            "s3_requests".into(),
+            REQUESTS.load(Ordering::Relaxed) as i64,
         ),
         ("s3_retries".into(), retries as i64),
         ("s3_retries_exhausted".into(), exhausted as i64),
