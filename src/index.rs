@@ -27,7 +27,7 @@ use crate::layout::{self, FlowKeys, GENERATIONS};
 use crate::ops::configs::{IndexFormat, INDEX_BUCKETS, INDEX_FORMAT, OBJECT_NAME_MAX};
 use crate::ops::errors::{show_key, FlowError};
 use crate::runtime::acl::{self, Access, Caller};
-use crate::runtime::server::{bytes, call, expect_type, hash_pairs, type_of};
+use crate::runtime::server::{expect_type, hash_get, hash_pairs, type_of};
 use crate::slot;
 use crate::sync::lock;
 
@@ -293,7 +293,7 @@ fn new_buckets() -> u64 {
 }
 
 fn hget(ctx: &Context, key: &str, field: &[u8]) -> Result<Option<Vec<u8>>, FlowError> {
-    Ok(bytes(&call(ctx, "HGET", &[key.as_bytes(), field])?))
+    Ok(hash_get(ctx, key, field)?)
 }
 
 fn lossy(b: Vec<u8>) -> String {

@@ -25,8 +25,8 @@ use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::cluster;
 use crate::runtime::mainthread::{read_log, ByteCap, LogRead, EVENTS_PER_STEP};
 use crate::runtime::server::{
-    bytes, call, expect_type, hash_pairs, list_len, list_range_each, read_string, type_of,
-    with_string,
+    bytes, call, expect_type, hash_get, hash_pairs, list_len, list_range_each, read_string,
+    type_of, with_string,
 };
 use crate::runtime::watch::Watch;
 
@@ -358,8 +358,9 @@ fn indexed_status(ctx: &Context, keys: &FlowKeys) -> Result<Option<String>, Flow
         return Ok(None);
     };
     expect_type(ctx, hash, &KeyType::Hash)?;
-    let reply = call(ctx, "HGET", &[hash.as_bytes(), keys.member.as_bytes()])?;
-    bytes(&reply).map(|s| utf8(s, "status")).transpose()
+    hash_get(ctx, hash, keys.member.as_bytes())?
+        .map(|s| utf8(s, "status"))
+        .transpose()
 }
 
 /// The flow's score in the status ZSET of `status`, as stored, if the layout has one.

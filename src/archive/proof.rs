@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use crate::archive::capture::{read_labels, read_seq};
 use crate::format::captured::Captured;
 use crate::ops::errors::FlowError;
-use crate::runtime::server::{call, expect_type, integer, list_len, list_range_each, with_string};
+use crate::runtime::server::{expect_type, hash_len, list_len, list_range_each, with_string};
 
 /// A hash of a flow's own keys as the archive holds them, or as Valkey holds them now.
 #[derive(PartialEq, Eq, Clone, Copy)]
@@ -99,10 +99,10 @@ pub fn current(
     let keys = &flow.keys;
     if let Some(hash) = &keys.labels {
         let fields = match expect_type(ctx, hash, &KeyType::Hash)? {
-            true => integer(&call(ctx, "HLEN", &[hash.as_bytes()])?).unwrap_or(0),
+            true => hash_len(ctx, hash)?,
             false => 0,
         };
-        if fields != flow.labels.len() as i64 {
+        if fields != flow.labels.len() {
             return Ok(None);
         }
     }
