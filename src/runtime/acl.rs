@@ -185,7 +185,11 @@ pub fn check_all<'k>(
 }
 
 /// `check` for each of `keys`, each with its access; inside one command, the server is asked once
-/// whether they join the keys checked before them.
+/// whether they join the keys checked before them. A key that joins them is allowed alone too (the
+/// selector that allows them all allows it), so each key alone is asked only outside one command,
+/// once keys are checked alone (`Together::root_only`), or to name the key refused when the keys do
+/// not join; a key already held with the same or a wider access in the same command is not asked
+/// again (a command's checks run in one main-thread step, where no ACL changes).
 pub fn check_keys<'k>(
     ctx: &Context,
     caller: &Caller,
@@ -195,8 +199,45 @@ pub fn check_keys<'k>(
         return Ok(());
     };
     let keys: Vec<(&str, Access)> = keys.into_iter().collect();
-    let handle = UserHandle::of(ctx, &user.name);
+    let Some(command) = &user.command else {
+        return each_alone(ctx, &user.name, &keys);
+    };
+    let mut together = lock(command);
+    if together.root_only {
+        return each_alone(ctx, &user.name, &keys);
+    }
+    let before = together.keys.len();
     for (key, access) in &keys {
+        if !together
+            .keys
+            .iter()
+            .any(|(k, a)| k == key && a.implies(*access))
+        {
+            together.keys.push((key.to_string(), *access));
+        }
+    }
+    if together.keys.len() == before {
+        return Ok(());
+    }
+    match joins(ctx, &user.name, &mut together, before) {
+        Ok(()) if together.root_only => each_alone(ctx, &user.name, &keys),
+        Ok(()) => Ok(()),
+        Err(refused) => {
+            let new: Vec<(&str, Access)> = together.keys[before..]
+                .iter()
+                .map(|(k, a)| (k.as_str(), *a))
+                .collect();
+            let alone = each_alone(ctx, &user.name, &new);
+            together.keys.truncate(before);
+            alone.and(Err(refused))
+        }
+    }
+}
+
+/// Refuses with `NOPERM`, naming the first of `keys` the user may not touch alone, if any.
+fn each_alone(ctx: &Context, user: &str, keys: &[(&str, Access)]) -> Result<(), FlowError> {
+    let handle = UserHandle::of(ctx, user);
+    for (key, access) in keys {
         if !handle.as_ref().is_some_and(|h| h.may(ctx, key, *access)) {
             return Err(FlowError::NoPerm(format!(
                 "this user has no permissions to access the {} key",
@@ -204,31 +245,7 @@ pub fn check_keys<'k>(
             )));
         }
     }
-    let Some(command) = &user.command else {
-        return Ok(());
-    };
-    let mut together = lock(command);
-    if together.root_only {
-        return Ok(());
-    }
-    let before = together.keys.len();
-    for (key, access) in keys {
-        if !together
-            .keys
-            .iter()
-            .any(|(k, a)| k == key && a.implies(access))
-        {
-            together.keys.push((key.to_string(), access));
-        }
-    }
-    if together.keys.len() == before {
-        return Ok(());
-    }
-    let verdict = joins(ctx, &user.name, &mut together, before);
-    if verdict.is_err() {
-        together.keys.truncate(before);
-    }
-    verdict
+    Ok(())
 }
 
 /// The server's handle of an ACL user, freed when dropped.
