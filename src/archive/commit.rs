@@ -86,7 +86,7 @@ fn write(ctx: &Context, cmd: &str, args: &[&[u8]]) -> Result<i64, FlowError> {
 fn commit(
     ctx: &Context,
     capture: &Capture,
-    archived: Fingerprint,
+    archived: &Fingerprint,
     layout: &Layout,
     location: &str,
 ) -> Result<(), FlowError> {
@@ -99,9 +99,7 @@ fn commit(
         ..
     } = capture;
     writable(ctx)?;
-    if watch.changed()
-        || !unchanged(ctx, flow, layout)?
-        || proof::current(ctx, flow, capture.events_total, !watch.follows())? != Some(archived)
+    if watch.changed() || !unchanged(ctx, flow, layout)? || !proof::unchanged(ctx, flow, archived)?
     {
         return Err(FlowError::Changed);
     }
@@ -184,7 +182,7 @@ pub fn commit_many<T: Sync>(
         let batch = waiting.make_contiguous();
         let ran = mainthread::step_batch(db, Stage::Commit, &mut held, batch, |ctx, flow| {
             let (_, capture, archived, location) = flow;
-            commit(ctx, capture, *archived, layout, location)
+            commit(ctx, capture, archived, layout, location)
         });
         // A step that could not run (no event loop) or panicked fails every flow still waiting (one
         // the panicking step had committed already is found archived by the next sweep).

@@ -265,10 +265,11 @@ pub fn upload(
         .map_err(FlowError::Unreadable)?;
         encoded
     };
-    // The commit needs only the count and the fingerprint: free the log now, not after the upload.
+    // The commit needs only the count and the fingerprint, which keeps a short log to compare and
+    // hashes a long one, freed now rather than after the upload.
     capture.events_total = capture.flow.events.len();
-    let archived = proof::archived(&capture.flow, capture.events_total, capture.whole_log());
-    capture.flow.events = Vec::new();
+    let events = std::mem::take(&mut capture.flow.events);
+    let archived = proof::archived(&capture.flow, events, capture.whole_log());
     let _encoded = Buffered::hold(encoded.body.len() as u64);
     UPLOADS_IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
     let stored = store::store_once(s3, &settings.s3, &capture.flow, &encoded);
