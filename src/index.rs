@@ -27,7 +27,7 @@ use crate::layout::{self, FlowKeys, GENERATIONS};
 use crate::ops::configs::{IndexFormat, INDEX_BUCKETS, INDEX_FORMAT, OBJECT_NAME_MAX};
 use crate::ops::errors::{show_key, FlowError};
 use crate::runtime::acl::{self, Access, Caller};
-use crate::runtime::server::{bytes, call, expect_type, hash_pairs, type_of};
+use crate::runtime::server::{expect_type, hash_get, hash_pairs, type_of};
 use crate::slot;
 use crate::sync::lock;
 
@@ -203,6 +203,12 @@ pub fn written_in_place(entry: &Entry, keys: &FlowKeys, location: &str, id: &str
     entry.format == target(location, id) && entry.index == keys.index
 }
 
+/// The keys an entry is written to, where they are known without reading the index: in the hash
+/// format (the compact format reads its meta hash to find its bucket: `written_keys`).
+pub fn written_keys_unread(keys: &FlowKeys) -> Option<Vec<String>> {
+    (configured() == IndexFormat::Hash).then(|| vec![keys.index.clone()])
+}
+
 /// The keys an entry of `id` is written to in the configured format: the commit checks the caller's
 /// ACL, their types and (on a cluster) their slot before writing. The compact bucket depends on the
 /// meta hash, which is read only once the caller may write it.
@@ -212,8 +218,8 @@ pub fn written_keys(
     keys: &FlowKeys,
     id: &str,
 ) -> Result<Vec<String>, FlowError> {
-    if configured() == IndexFormat::Hash {
-        return Ok(vec![keys.index.clone()]);
+    if let Some(unread) = written_keys_unread(keys) {
+        return Ok(unread);
     }
     let compact = Compact::of(&keys.index, id);
     acl::check(ctx, caller, &compact.meta, Access::Add)?;
@@ -293,7 +299,7 @@ fn new_buckets() -> u64 {
 }
 
 fn hget(ctx: &Context, key: &str, field: &[u8]) -> Result<Option<Vec<u8>>, FlowError> {
-    Ok(bytes(&call(ctx, "HGET", &[key.as_bytes(), field])?))
+    Ok(hash_get(ctx, key, field)?)
 }
 
 fn lossy(b: Vec<u8>) -> String {

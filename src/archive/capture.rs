@@ -25,8 +25,8 @@ use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::cluster;
 use crate::runtime::mainthread::{read_log, ByteCap, LogRead, EVENTS_PER_STEP};
 use crate::runtime::server::{
-    bytes, call, expect_type, hash_pairs, list_len, list_range_each, read_string, type_of,
-    with_string,
+    bytes, call, expect_type, hash_get, hash_pairs, list_len, list_range_each, read_string,
+    type_of, with_string,
 };
 use crate::runtime::watch::Watch;
 
@@ -164,11 +164,22 @@ pub fn inspect(
 }
 
 /// The caller may remove the flow's own keys and its status entry and add its index entry.
+/// All in one check where the index keys are known without reading (the hash format), else the own
+/// keys before the compact index's meta hash is read to find its keys.
 fn rights(ctx: &Context, caller: &Caller, keys: &FlowKeys, id: &str) -> Result<(), FlowError> {
-    acl::check_all(ctx, caller, keys.own(), Access::Remove)?;
-    let index_keys = index::written_keys(ctx, caller, keys, id)?;
-    let index = index_keys.iter().map(|k| (k.as_str(), Access::Add));
+    let own = keys.own().map(|k| (k, Access::Remove));
     let status = keys.status_hash.as_deref().map(|k| (k, Access::Remove));
+    let index_keys = match index::written_keys_unread(keys) {
+        Some(index_keys) => {
+            let index = index_keys.iter().map(|k| (k.as_str(), Access::Add));
+            return acl::check_keys(ctx, caller, own.chain(index).chain(status));
+        }
+        None => {
+            acl::check_keys(ctx, caller, own)?;
+            index::written_keys(ctx, caller, keys, id)?
+        }
+    };
+    let index = index_keys.iter().map(|k| (k.as_str(), Access::Add));
     acl::check_keys(ctx, caller, index.chain(status))
 }
 
@@ -358,8 +369,9 @@ fn indexed_status(ctx: &Context, keys: &FlowKeys) -> Result<Option<String>, Flow
         return Ok(None);
     };
     expect_type(ctx, hash, &KeyType::Hash)?;
-    let reply = call(ctx, "HGET", &[hash.as_bytes(), keys.member.as_bytes()])?;
-    bytes(&reply).map(|s| utf8(s, "status")).transpose()
+    hash_get(ctx, hash, keys.member.as_bytes())?
+        .map(|s| utf8(s, "status"))
+        .transpose()
 }
 
 /// The flow's score in the status ZSET of `status`, as stored, if the layout has one.

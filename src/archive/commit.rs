@@ -28,7 +28,7 @@ use crate::ops::metrics::Stage;
 use crate::runtime::acl::Caller;
 use crate::runtime::cluster;
 use crate::runtime::mainthread;
-use crate::runtime::server::{bytes, call, call_replicated, integer, type_of};
+use crate::runtime::server::{call_replicated, hash_get, integer, type_of, zset_score};
 
 /// How long a commit waits for paused writes to resume, and how often it looks.
 const PAUSE_WAIT: Duration = Duration::from_secs(10);
@@ -52,23 +52,24 @@ fn writable(ctx: &Context) -> Result<(), FlowError> {
 
 /// Re-reads the flow's entries in engine-wide indexes (shared keys, touched by every flow).
 fn unchanged(ctx: &Context, flow: &Captured, layout: &Layout) -> Result<bool, FlowError> {
+    let member = flow.keys.member.as_bytes();
     if let Some(hash) = &flow.keys.status_hash {
-        let reply = call(ctx, "HGET", &[hash.as_bytes(), flow.keys.member.as_bytes()])?;
         // A status hash without this flow's entry was accepted at capture through the snapshot.
-        if let Some(now) = bytes(&reply) {
+        if let Some(now) = hash_get(ctx, hash, member)? {
             if now != flow.status.as_bytes() {
                 return Ok(false);
             }
         }
     }
     if let Some(set) = layout.status_set_key(&flow.id, &flow.status) {
-        let reply = call(
-            ctx,
-            "ZSCORE",
-            &[set.as_bytes(), flow.keys.member.as_bytes()],
-        )?;
-        let now = bytes(&reply).map(|b| String::from_utf8_lossy(&b).into_owned());
-        if now != flow.status_score {
+        // The score as the server formatted it at capture names exactly one double (the server's
+        // formatting round-trips), so the scores are compared bit for bit.
+        let captured = match flow.status_score.as_deref().map(str::parse::<f64>) {
+            Some(Ok(score)) => Some(score.to_bits()),
+            Some(Err(_)) => return Ok(false),
+            None => None,
+        };
+        if zset_score(ctx, &set, member)?.map(f64::to_bits) != captured {
             return Ok(false);
         }
     }
@@ -85,7 +86,7 @@ fn write(ctx: &Context, cmd: &str, args: &[&[u8]]) -> Result<i64, FlowError> {
 fn commit(
     ctx: &Context,
     capture: &Capture,
-    archived: Fingerprint,
+    archived: &Fingerprint,
     layout: &Layout,
     location: &str,
 ) -> Result<(), FlowError> {
@@ -98,9 +99,7 @@ fn commit(
         ..
     } = capture;
     writable(ctx)?;
-    if watch.changed()
-        || !unchanged(ctx, flow, layout)?
-        || proof::current(ctx, flow, capture.events_total, !watch.follows())? != Some(archived)
+    if watch.changed() || !unchanged(ctx, flow, layout)? || !proof::unchanged(ctx, flow, archived)?
     {
         return Err(FlowError::Changed);
     }
@@ -183,7 +182,7 @@ pub fn commit_many<T: Sync>(
         let batch = waiting.make_contiguous();
         let ran = mainthread::step_batch(db, Stage::Commit, &mut held, batch, |ctx, flow| {
             let (_, capture, archived, location) = flow;
-            commit(ctx, capture, *archived, layout, location)
+            commit(ctx, capture, archived, layout, location)
         });
         // A step that could not run (no event loop) or panicked fails every flow still waiting (one
         // the panicking step had committed already is found archived by the next sweep).

@@ -103,8 +103,8 @@ fn refused(id: &str, e: &FlowError) -> RedisError {
     RedisError::String(e.message(id))
 }
 
-/// Begins archiving `id` in `db` for `caller`, on the main thread: every eligibility check, the change
-/// watch and the first chunk of the event log. FLOW and the sweep both start here.
+/// Begins archiving `id` in `db` for `caller`, on the main thread (FLOWARCHIVE.FLOW, in its command):
+/// `begin_untimed`, its stretch timed into the capture stage and the flow's `held_us`.
 pub fn begin(
     ctx: &Context,
     caller: &Caller,
@@ -115,45 +115,7 @@ pub fn begin(
 ) -> Result<Start, FlowError> {
     let mut held = 0;
     metrics::timed(Stage::Capture, &mut held, || {
-        let (flow, events_total, previous) = match capture::inspect(
-            ctx,
-            caller,
-            db,
-            id,
-            &settings.layout,
-            window,
-            settings.read_max_bytes,
-        )? {
-            Inspected::AlreadyArchived(location) => return Ok(Start::AlreadyArchived(location)),
-            Inspected::Eligible {
-                flow,
-                events_total,
-                previous,
-            } => (*flow, events_total, previous),
-        };
-        // On a cluster, the slot's migration generation now: the commit refuses if it changed.
-        let motion = cluster::motion(cluster::placement(id, flow.keys.named())?);
-        let watch = Watch::claim(db, id).ok_or(FlowError::Busy)?;
-        let mut capture = Capture {
-            cap: ByteCap {
-                used: flow.snapshot.as_ref().map_or(0, Vec::len) as u64,
-                max: settings.read_max_bytes,
-            },
-            flow,
-            previous,
-            caller: caller.clone(),
-            events_total,
-            watch,
-            held_us: 0,
-            motion,
-        };
-        capture::read_more(ctx, &mut capture)?;
-        if !capture.complete() {
-            // Read over several steps: follow the log's writes from this step on.
-            let own: Vec<&str> = capture.flow.keys.own().collect();
-            capture.watch.follow(ctx, &own)?;
-        }
-        Ok(Start::Capture(Box::new(capture)))
+        begin_untimed(ctx, caller, db, id, settings, window)
     })
     .map(|started| match started {
         Start::Capture(mut c) => {
@@ -162,6 +124,57 @@ pub fn begin(
         }
         other => other,
     })
+}
+
+/// Every eligibility check, the change watch and the first chunk of the event log: how FLOW and the
+/// sweep both begin. Main thread, in a stretch its caller times (`begin`, or the sweep's step).
+fn begin_untimed(
+    ctx: &Context,
+    caller: &Caller,
+    db: i32,
+    id: &str,
+    settings: &Settings,
+    window: &Window,
+) -> Result<Start, FlowError> {
+    let (flow, events_total, previous) = match capture::inspect(
+        ctx,
+        caller,
+        db,
+        id,
+        &settings.layout,
+        window,
+        settings.read_max_bytes,
+    )? {
+        Inspected::AlreadyArchived(location) => return Ok(Start::AlreadyArchived(location)),
+        Inspected::Eligible {
+            flow,
+            events_total,
+            previous,
+        } => (*flow, events_total, previous),
+    };
+    // On a cluster, the slot's migration generation now: the commit refuses if it changed.
+    let motion = cluster::motion(cluster::placement(id, flow.keys.named())?);
+    let watch = Watch::claim(db, id).ok_or(FlowError::Busy)?;
+    let mut capture = Capture {
+        cap: ByteCap {
+            used: flow.snapshot.as_ref().map_or(0, Vec::len) as u64,
+            max: settings.read_max_bytes,
+        },
+        flow,
+        previous,
+        caller: caller.clone(),
+        events_total,
+        watch,
+        held_us: 0,
+        motion,
+    };
+    capture::read_more(ctx, &mut capture)?;
+    if !capture.complete() {
+        // Read over several steps: follow the log's writes from this step on.
+        let own: Vec<&str> = capture.flow.keys.own().collect();
+        capture.watch.follow(ctx, &own)?;
+    }
+    Ok(Start::Capture(Box::new(capture)))
 }
 
 /// Begins archiving several flows of `db` (the sweep), as many per main-thread step as
@@ -179,7 +192,7 @@ pub fn begin_many(
         let rest = &ids[out.len()..];
         let mut held = 0;
         let ran = mainthread::step_batch(db, Stage::Capture, &mut held, rest, |ctx, id| {
-            begin(ctx, caller, db, id, settings, window)
+            begin_untimed(ctx, caller, db, id, settings, window)
         });
         match ran {
             Ok(started) => out.extend(started.into_iter().map(|started| {
@@ -265,10 +278,11 @@ pub fn upload(
         .map_err(FlowError::Unreadable)?;
         encoded
     };
-    // The commit needs only the count and the fingerprint: free the log now, not after the upload.
+    // The commit needs only the count and the fingerprint, which keeps a short log to compare and
+    // hashes a long one, freed now rather than after the upload.
     capture.events_total = capture.flow.events.len();
-    let archived = proof::archived(&capture.flow, capture.events_total, capture.whole_log());
-    capture.flow.events = Vec::new();
+    let events = std::mem::take(&mut capture.flow.events);
+    let archived = proof::archived(&capture.flow, events, capture.whole_log());
     let _encoded = Buffered::hold(encoded.body.len() as u64);
     UPLOADS_IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
     let stored = store::store_once(s3, &settings.s3, &capture.flow, &encoded);

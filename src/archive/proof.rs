@@ -1,15 +1,18 @@
 //! The commit's proof that the flow in Valkey is still the flow in the archive.
 //!
-//! What the archive holds of the flow's own keys (snapshot, sequence, labels, event log) is hashed
-//! once the object is encoded, off the main thread. The commit reads the same keys again in its own
-//! main-thread step, hashes them the same way and deletes only on equality. A late event, an edited or
-//! trimmed log, a new snapshot or label, a rename over a key, an expiry, an eviction, a flush or a swap
-//! each change what the keys hold, so each stops the delete; a rewrite to the very same content does
-//! not, and loses nothing: what is deleted is exactly what the archive holds. No hook on the server's
-//! writes is needed, so the server's own writes pay nothing for it (see `runtime::watch`).
+//! What the archive holds of the flow's own keys (snapshot, sequence, labels, event log) is kept once
+//! the object is encoded, off the main thread: the small keys hashed, and the event log as it was read
+//! (up to `KEEP_BYTES`; a larger log hashed too). The commit reads the same keys again in its own
+//! main-thread step and deletes only on equality: the small keys hashed the same way, the log compared
+//! byte for byte with the one kept (or hashed the same way), stopping at its first difference. A late
+//! event, an edited or trimmed log, a new snapshot or label, a rename over a key, an expiry, an
+//! eviction, a flush or a swap each change what the keys hold, so each stops the delete; a rewrite to
+//! the very same content does not, and loses nothing: what is deleted is exactly what the archive
+//! holds. No hook on the server's writes is needed, so the server's own writes pay nothing for it (see
+//! `runtime::watch`).
 //!
-//! An event log read over several steps is too long to read again in one: it is hashed by its length
-//! only, and its watch follows every write to it from the capture's first step to the commit.
+//! An event log read over several steps is too long to read again in one: it is compared by its
+//! length only, and its watch follows every write to it from the capture's first step to the commit.
 
 use std::ops::ControlFlow;
 
@@ -19,11 +22,33 @@ use sha2::{Digest, Sha256};
 use crate::archive::capture::{read_labels, read_seq};
 use crate::format::captured::Captured;
 use crate::ops::errors::FlowError;
-use crate::runtime::server::{call, expect_type, integer, list_len, list_range_each, with_string};
+use crate::ops::metrics::Buffered;
+use crate::runtime::server::{expect_type, hash_len, list_len, list_range_each, with_string};
 
-/// A hash of a flow's own keys as the archive holds them, or as Valkey holds them now.
-#[derive(PartialEq, Eq, Clone, Copy)]
-pub struct Fingerprint([u8; 32]);
+/// A whole log of at most this many bytes is kept for the commit to compare byte for byte (cheaper
+/// on the main thread than hashing it again); a larger one is hashed, so that an upload does not hold
+/// two copies of a large flow.
+const KEEP_BYTES: u64 = 1 << 20;
+
+/// What the archive holds of a flow's own keys, for the commit to compare with what Valkey holds.
+pub struct Fingerprint {
+    /// The small keys (snapshot, sequence, labels), hashed as `Parts::new` frames them.
+    small: [u8; 32],
+    log: Log,
+}
+
+/// What the archive holds of the event log.
+enum Log {
+    /// A log followed by its watch: its length.
+    Length(usize),
+    /// A whole log as read, counted as buffered while kept.
+    Events {
+        events: Vec<Vec<u8>>,
+        _held: Buffered,
+    },
+    /// A whole log too large to keep: its length and hash (`Parts::events`).
+    Hash(usize, [u8; 32]),
+}
 
 /// A fingerprint being computed: every part length-prefixed and every optional part tagged, so no two
 /// contents hash alike by framing.
@@ -50,96 +75,123 @@ impl Parts {
         p
     }
 
+    /// A log: its length, then `n` calls to `part`.
+    fn events(n: usize) -> Parts {
+        let mut p = Parts(Sha256::new());
+        p.part(b"events");
+        p.part(&(n as u64).to_le_bytes());
+        p
+    }
+
     fn part(&mut self, b: &[u8]) {
         self.0.update((b.len() as u64).to_le_bytes());
         self.0.update(b);
     }
 
-    /// The log is covered event by event: its length, then `n` calls to `part`.
-    fn events(mut self, n: usize) -> Parts {
-        self.part(b"events");
-        self.part(&(n as u64).to_le_bytes());
-        self
-    }
-
-    /// The log is covered by its length only.
-    fn length(mut self, n: usize) -> Fingerprint {
-        self.part(b"length");
-        self.part(&(n as u64).to_le_bytes());
-        self.finish()
-    }
-
-    fn finish(self) -> Fingerprint {
-        Fingerprint(self.0.finalize().into())
+    fn finish(self) -> [u8; 32] {
+        self.0.finalize().into()
     }
 }
 
-/// What the archive holds of `flow`, whose log was read whole (`whole_log`) or followed.
-pub fn archived(flow: &Captured, events_total: usize, whole_log: bool) -> Fingerprint {
-    let parts = Parts::new(flow.snapshot.as_deref(), flow.seq, &flow.labels);
-    if !whole_log {
-        return parts.length(events_total);
-    }
-    let mut parts = parts.events(flow.events.len());
-    flow.events.iter().for_each(|e| parts.part(e));
-    parts.finish()
+/// What the archive holds of `flow`, whose log (`events`, taken from the capture once it is encoded)
+/// was read whole (`whole_log`) or followed.
+pub fn archived(flow: &Captured, events: Vec<Vec<u8>>, whole_log: bool) -> Fingerprint {
+    archived_keeping(flow, events, whole_log, Some(KEEP_BYTES))
 }
 
-/// What Valkey holds of `flow`, archived with `events_total` events, now; `None` when a part differs
-/// in size already. Main thread, in the flow's DB. Nothing grown since the capture is read: a label
-/// hash or snapshot of another size, or a whole log of another length, differs without being read (a
-/// flood of writes cannot make the commit step long), and a log followed by a watch is measured. So the
-/// step reads at most what the capture read in its one step, hashing it where the server holds it.
-pub fn current(
+/// `archived`, keeping a whole log of at most `keep_bytes` (`None`: hashing every log; the tests reach
+/// both forms with it).
+fn archived_keeping(
+    flow: &Captured,
+    events: Vec<Vec<u8>>,
+    whole_log: bool,
+    keep_bytes: Option<u64>,
+) -> Fingerprint {
+    let small = Parts::new(flow.snapshot.as_deref(), flow.seq, &flow.labels).finish();
+    let bytes: u64 = events.iter().map(|e| e.len() as u64).sum();
+    let log = match whole_log {
+        false => Log::Length(events.len()),
+        true if keep_bytes.is_some_and(|keep| bytes <= keep) => Log::Events {
+            _held: Buffered::hold(bytes),
+            events,
+        },
+        true => {
+            let mut parts = Parts::events(events.len());
+            events.iter().for_each(|e| parts.part(e));
+            Log::Hash(events.len(), parts.finish())
+        }
+    };
+    Fingerprint { small, log }
+}
+
+/// Whether Valkey holds now what the archive holds of `flow` (`archived`). Main thread, in the flow's
+/// DB. Nothing grown since the capture is read: a label hash or snapshot of another size, or a whole
+/// log of another length, differs without being read (a flood of writes cannot make the commit step
+/// long), and a log followed by a watch is measured. So the step reads at most what the capture read
+/// in its one step, comparing it where the server holds it.
+pub fn unchanged(
     ctx: &Context,
     flow: &Captured,
-    events_total: usize,
-    whole_log: bool,
-) -> Result<Option<Fingerprint>, FlowError> {
+    archived: &Fingerprint,
+) -> Result<bool, FlowError> {
     let keys = &flow.keys;
     if let Some(hash) = &keys.labels {
         let fields = match expect_type(ctx, hash, &KeyType::Hash)? {
-            true => integer(&call(ctx, "HLEN", &[hash.as_bytes()])?).unwrap_or(0),
+            true => hash_len(ctx, hash)?,
             false => 0,
         };
-        if fields != flow.labels.len() as i64 {
-            return Ok(None);
+        if fields != flow.labels.len() {
+            return Ok(false);
         }
     }
     // Labels grown past the captured ones' bytes differ, and are not read further.
     let captured: usize = flow.labels.iter().map(|(k, v)| k.len() + v.len()).sum();
     let Some(labels) = read_labels(ctx, keys, captured as u64)? else {
-        return Ok(None);
+        return Ok(false);
     };
     let seq = read_seq(ctx, keys)?;
-    let parts = with_string(ctx, &keys.snapshot, |snapshot| {
+    let small = with_string(ctx, &keys.snapshot, |snapshot| {
         (snapshot.map(<[u8]>::len) == flow.snapshot.as_ref().map(Vec::len))
-            .then(|| Parts::new(snapshot, seq, &labels))
+            .then(|| Parts::new(snapshot, seq, &labels).finish())
     });
-    let Some(parts) = parts else {
-        return Ok(None);
-    };
+    if small != Some(archived.small) {
+        return Ok(false);
+    }
     let length = list_len(ctx, &keys.events)?;
-    if !whole_log {
-        return Ok(Some(parts.length(length)));
+    match &archived.log {
+        Log::Length(n) => Ok(length == *n),
+        Log::Events { events: kept, .. } if length == kept.len() => {
+            let mut kept = kept.iter();
+            let mut same = true;
+            list_range_each(ctx, &keys.events, 0, length, |e| {
+                same = kept.next().is_some_and(|k| k.as_slice() == e);
+                if same {
+                    ControlFlow::Continue(())
+                } else {
+                    ControlFlow::Break(())
+                }
+            })?;
+            Ok(same && kept.next().is_none())
+        }
+        Log::Hash(n, digest) if length == *n => {
+            let mut parts = Parts::events(length);
+            list_range_each(ctx, &keys.events, 0, length, |e| {
+                parts.part(e);
+                ControlFlow::Continue(())
+            })?;
+            Ok(parts.finish() == *digest)
+        }
+        Log::Events { .. } | Log::Hash(..) => Ok(false),
     }
-    if length != events_total {
-        return Ok(None);
-    }
-    let mut parts = parts.events(length);
-    list_range_each(ctx, &keys.events, 0, length, |e| {
-        parts.part(e);
-        ControlFlow::Continue(())
-    })?;
-    Ok(Some(parts.finish()))
 }
 
 #[cfg(test)]
 mod tests {
     //! What the commit relies on, stated of [`archived`] from the outside: equal content gives equal
     //! fingerprints, every change the commit must see gives another one, and no two contents hash
-    //! alike by how their parts are framed. [`current`] computes the same parts from the server's keys
-    //! (it needs a server): tests/change_proof.rs holds the two against each other there.
+    //! alike by how their parts are framed, whether the log is kept or hashed. [`unchanged`] computes
+    //! the same parts from the server's keys (it needs a server): tests/change_proof.rs holds the two
+    //! against each other there.
 
     use std::collections::BTreeMap;
 
@@ -177,15 +229,36 @@ mod tests {
         }
     }
 
-    /// The fingerprint of `c` with its log read whole.
-    fn whole(c: &Content) -> Fingerprint {
-        archived(&captured(c), c.events.len(), true)
+    /// What the commit compares of two fingerprints: the small keys' hash and the log, kept or hashed.
+    impl PartialEq for Fingerprint {
+        fn eq(&self, other: &Fingerprint) -> bool {
+            let log = match (&self.log, &other.log) {
+                (Log::Length(a), Log::Length(b)) => a == b,
+                (Log::Events { events: a, .. }, Log::Events { events: b, .. }) => a == b,
+                (Log::Hash(n, a), Log::Hash(m, b)) => n == m && a == b,
+                _ => false,
+            };
+            self.small == other.small && log
+        }
     }
 
-    /// The fingerprint of `c` with its log followed by a watch, `c.events` its first chunk and
-    /// `total` events archived.
+    /// The fingerprint of `c` with its log read whole and hashed, as a log too large to keep is; a
+    /// log kept whole compares its events themselves.
+    fn whole(c: &Content) -> Fingerprint {
+        let kept = archived_keeping(&captured(c), c.events.clone(), true, Some(u64::MAX));
+        let hashed = archived_keeping(&captured(c), c.events.clone(), true, None);
+        assert!(matches!(kept.log, Log::Events { .. }) && matches!(hashed.log, Log::Hash(..)));
+        hashed
+    }
+
+    /// The fingerprint of `c` with its log read whole and kept for the commit.
+    fn kept(c: &Content) -> Fingerprint {
+        archived(&captured(c), c.events.clone(), true)
+    }
+
+    /// The fingerprint of `c` with its log followed by a watch: `total` events archived.
     fn followed(c: &Content, total: usize) -> Fingerprint {
-        archived(&captured(c), total, false)
+        archived(&captured(c), vec![Vec::new(); total], false)
     }
 
     fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -235,7 +308,8 @@ mod tests {
         elsewhere.status = "failed".into();
         elsewhere.status_score = Some("1".into());
         elsewhere.previous = Some("s3://b/flows/abc.jsonl.gz".into());
-        assert!(archived(&elsewhere, 3, true) == whole(&base()));
+        assert!(archived_keeping(&elsewhere, base().events, true, None) == whole(&base()));
+        assert!(kept(&base()) == kept(&base()));
     }
 
     #[test]
@@ -274,6 +348,7 @@ mod tests {
             let mut after = base();
             change(&mut after);
             assert!(whole(&after) != before, "{what}: the same fingerprint");
+            assert!(kept(&after) != kept(&base()), "{what}: the same kept log");
         }
         let mut renamed = base();
         renamed.labels[0].0 = "owner".into();
@@ -299,6 +374,7 @@ mod tests {
         // Never the fingerprint of a log read whole, whatever it holds.
         let empty = content(&[], None, None, &[]);
         assert!(followed(&empty, 0) != whole(&empty));
+        assert!(followed(&empty, 0) != kept(&empty));
     }
 
     #[test]
@@ -453,6 +529,7 @@ mod tests {
         #[test]
         fn fingerprints_are_equal_exactly_when_contents_are((a, b) in two_contents()) {
             prop_assert_eq!(a == b, whole(&a) == whole(&b), "{:?} / {:?}", a, b);
+            prop_assert_eq!(a == b, kept(&a) == kept(&b), "{:?} / {:?}", a, b);
         }
     }
 }

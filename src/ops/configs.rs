@@ -119,6 +119,15 @@ pub fn follow_changes(ctx: &Context) {
 /// Whether the server tells the module of every CONFIG SET (`follow_changes`).
 static FOLLOWED: AtomicBool = AtomicBool::new(false);
 
+/// While the server tells the module of every CONFIG SET: a number that changes with every one, so
+/// what is read from the server's configs holds while it stays the same. `None` otherwise (read
+/// them afresh at every use).
+pub fn followed_generation() -> Option<u64> {
+    FOLLOWED
+        .load(Ordering::SeqCst)
+        .then(|| GENERATION.load(Ordering::SeqCst))
+}
+
 /// Called at the end of OnLoad: configs set from now on are changes.
 pub fn loaded() {
     *lock(&LAST_INDEX_KEY) = INDEX_KEY.get();

@@ -78,7 +78,8 @@ pub fn folding<T>(fold: impl FnOnce() -> T) -> T {
     out
 }
 
-/// Bytes the module holds for flows in flight (captured events and encoded objects).
+/// Bytes the module holds for flows in flight (captured events, encoded objects, and the event logs kept
+/// for the commit to compare).
 pub static BUFFERED_BYTES: AtomicU64 = AtomicU64::new(0);
 pub static BUFFERED_BYTES_PEAK: AtomicU64 = AtomicU64::new(0);
 

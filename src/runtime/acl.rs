@@ -126,6 +126,12 @@ pub enum Access {
 impl Access {
     const ALL: [Access; 3] = [Access::Read, Access::Remove, Access::Add];
 
+    /// Whether a selector allowing a key with this access allows it with `other` too: the same
+    /// access, or reading a key it may read and write (its key spec asks read and write rights).
+    fn implies(self, other: Access) -> bool {
+        self == other || other == Access::Read
+    }
+
     fn permissions(self) -> AclPermissions {
         match self {
             Access::Read => AclPermissions::ACCESS,
@@ -180,7 +186,11 @@ pub fn check_all<'k>(
 }
 
 /// `check` for each of `keys`, each with its access; inside one command, the server is asked once
-/// whether they join the keys checked before them.
+/// whether they join the keys checked before them. A key that joins them is allowed alone too (the
+/// selector that allows them all allows it), so each key alone is asked only outside one command,
+/// once keys are checked alone (`Together::root_only`), or to name the key refused when the keys do
+/// not join; a key already held with the same or a wider access in the same command is not asked
+/// again (a command's checks run in one main-thread step, where no ACL changes).
 pub fn check_keys<'k>(
     ctx: &Context,
     caller: &Caller,
@@ -190,41 +200,88 @@ pub fn check_keys<'k>(
         return Ok(());
     };
     let keys: Vec<(&str, Access)> = keys.into_iter().collect();
-    let name = string(ctx, user.name.as_bytes());
-    for (key, access) in &keys {
-        let allowed = ctx.acl_check_key_permission(
-            &name,
-            &string(ctx, key.as_bytes()),
-            &access.permissions(),
-        );
-        allowed.map_err(|_| {
-            FlowError::NoPerm(format!(
-                "this user has no permissions to access the {} key",
-                show_key(key)
-            ))
-        })?;
-    }
     let Some(command) = &user.command else {
-        return Ok(());
+        return each_alone(ctx, &user.name, &keys);
     };
     let mut together = lock(command);
     if together.root_only {
-        return Ok(());
+        return each_alone(ctx, &user.name, &keys);
     }
     let before = together.keys.len();
-    for (key, access) in keys {
-        if !together.keys.iter().any(|(k, a)| k == key && *a == access) {
-            together.keys.push((key.to_string(), access));
+    for (key, access) in &keys {
+        if !together
+            .keys
+            .iter()
+            .any(|(k, a)| k == key && a.implies(*access))
+        {
+            together.keys.push((key.to_string(), *access));
         }
     }
     if together.keys.len() == before {
         return Ok(());
     }
-    let verdict = joins(ctx, &user.name, &mut together, before);
-    if verdict.is_err() {
-        together.keys.truncate(before);
+    match joins(ctx, &user.name, &mut together, before) {
+        Ok(()) if together.root_only => each_alone(ctx, &user.name, &keys),
+        Ok(()) => Ok(()),
+        Err(refused) => {
+            let new: Vec<(&str, Access)> = together.keys[before..]
+                .iter()
+                .map(|(k, a)| (k.as_str(), *a))
+                .collect();
+            let alone = each_alone(ctx, &user.name, &new);
+            together.keys.truncate(before);
+            alone.and(Err(refused))
+        }
     }
-    verdict
+}
+
+/// Refuses with `NOPERM`, naming the first of `keys` the user may not touch alone, if any.
+fn each_alone(ctx: &Context, user: &str, keys: &[(&str, Access)]) -> Result<(), FlowError> {
+    let handle = UserHandle::of(ctx, user);
+    for (key, access) in keys {
+        if !handle.as_ref().is_some_and(|h| h.may(ctx, key, *access)) {
+            return Err(FlowError::NoPerm(format!(
+                "this user has no permissions to access the {} key",
+                show_key(key)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The server's handle of an ACL user, freed when dropped.
+struct UserHandle(*mut raw::RedisModuleUser);
+
+impl UserHandle {
+    /// `None` when no such user exists or it is disabled.
+    fn of(ctx: &Context, user: &str) -> Option<UserHandle> {
+        let name = string(ctx, user.as_bytes());
+        // SAFETY: main thread; the name is a live server string; the handle is freed on drop.
+        let handle = unsafe { raw::RedisModule_GetModuleUserFromUserName.map(|f| f(name.inner)) }?;
+        (!handle.is_null()).then_some(UserHandle(handle))
+    }
+
+    /// Whether the user may do `access` to `key`, the key alone.
+    fn may(&self, ctx: &Context, key: &str, access: Access) -> bool {
+        let key = string(ctx, key.as_bytes());
+        // SAFETY: a live user handle and server string, on the main thread.
+        let rc = unsafe {
+            raw::RedisModule_ACLCheckKeyPermissions
+                .map(|f| f(self.0, key.inner, access.permissions().bits()))
+        };
+        rc == Some(raw::REDISMODULE_OK as c_int)
+    }
+}
+
+impl Drop for UserHandle {
+    fn drop(&mut self) {
+        // SAFETY: a handle GetModuleUserFromUserName returned, freed once.
+        unsafe {
+            if let Some(free) = raw::RedisModule_FreeModuleUser {
+                free(self.0);
+            }
+        }
+    }
 }
 
 /// Whether the keys of `together` from `new` on, each allowed alone, join the ones before them under
@@ -260,7 +317,7 @@ fn joins(ctx: &Context, user: &str, together: &mut Together, new: usize) -> Resu
 /// with no key left out). The server finds each group by the first argument equal to its keyword
 /// (compared as C strings, ignoring ASCII case), searching from the first argument: a key that could
 /// be taken for a keyword would move a group, so it is refused.
-fn standin_args(keys: &[(String, Access)]) -> Result<Vec<Vec<u8>>, FlowError> {
+fn standin_args(keys: &[(String, Access)]) -> Result<Vec<Cow<'_, [u8]>>, FlowError> {
     if let Some((key, _)) = keys.iter().find(|(k, _)| {
         let c_string = k.split('\0').next().unwrap_or_default();
         Access::ALL
@@ -272,19 +329,17 @@ fn standin_args(keys: &[(String, Access)]) -> Result<Vec<Vec<u8>>, FlowError> {
             show_key(key)
         )));
     }
-    let mut args = vec![STANDIN.as_bytes().to_vec()];
+    let mut args = Vec::with_capacity(keys.len() + 7);
+    args.push(Cow::Borrowed(STANDIN.as_bytes()));
     for access in Access::ALL {
-        let group: Vec<&str> = keys
-            .iter()
-            .filter(|(_, a)| *a == access)
-            .map(|(k, _)| k.as_str())
-            .collect();
-        if group.is_empty() {
+        let group = keys.iter().filter(|(_, a)| *a == access);
+        let n = group.clone().count();
+        if n == 0 {
             continue;
         }
-        args.push(access.keyword().as_bytes().to_vec());
-        args.push(group.len().to_string().into_bytes());
-        args.extend(group.iter().map(|k| k.as_bytes().to_vec()));
+        args.push(Cow::Borrowed(access.keyword().as_bytes()));
+        args.push(Cow::Owned(n.to_string().into_bytes()));
+        args.extend(group.map(|(k, _)| Cow::Borrowed(k.as_bytes())));
     }
     Ok(args)
 }
@@ -328,31 +383,24 @@ fn standin_allows(ctx: &Context, user: &str, keys: &[(String, Access)]) -> Resul
         .collect();
     let mut argv: Vec<*mut raw::RedisModuleString> = strings.iter().map(|s| s.inner).collect();
     let argc = argv.len() as c_int;
-    let name = string(ctx, user.as_bytes());
     let db = selected_db(ctx);
-    // SAFETY: main thread (every caller holds a context); the user handle is freed before return and
-    // `argv` points at strings that outlive the call. Every argument is created from bytes, so the
-    // server reads each as the string it parses keywords and counts from.
+    let Some(handle) = UserHandle::of(ctx, user) else {
+        return Ok(false);
+    };
+    // SAFETY: main thread (every caller holds a context); the user handle lives until the end of this
+    // function and `argv` points at strings that outlive the call. Every argument is created from
+    // bytes, so the server reads each as the string it parses keywords and counts from.
     let allowed = unsafe {
-        let (Some(get_user), Some(check_command), Some(free_user)) = (
-            raw::RedisModule_GetModuleUserFromUserName,
-            raw::RedisModule_ACLCheckCommandPermissions,
-            raw::RedisModule_FreeModuleUser,
-        ) else {
+        let Some(check_command) = raw::RedisModule_ACLCheckCommandPermissions else {
             return Ok(false);
         };
-        let handle = get_user(name.inner);
-        if handle.is_null() {
-            return Ok(false);
-        }
         let rc = match CHECK_IN_DB.get().copied().flatten() {
             Some(check_in_db) => {
                 let mut reason: c_int = 0;
-                check_in_db(handle, argv.as_mut_ptr(), argc, db, &mut reason)
+                check_in_db(handle.0, argv.as_mut_ptr(), argc, db, &mut reason)
             }
-            None => check_command(handle, argv.as_mut_ptr(), argc),
+            None => check_command(handle.0, argv.as_mut_ptr(), argc),
         };
-        free_user(handle);
         rc == raw::REDISMODULE_OK as c_int
     };
     Ok(allowed)
@@ -388,7 +436,7 @@ pub fn init(ctx: &Context) -> Result<(), String> {
         let keys: Vec<(String, Access)> = keys.iter().map(|(k, a)| (k.to_string(), *a)).collect();
         let args = standin_args(&keys).map_err(|_| mismatch())?;
         let mut getkeys: Vec<&[u8]> = vec![b"GETKEYS"];
-        getkeys.extend(args.iter().map(Vec::as_slice));
+        getkeys.extend(args.iter().map(|a| a.as_ref()));
         let found = strings(&call(ctx, "COMMAND", &getkeys).map_err(|e| e.to_string())?);
         // The server lists keys spec by spec: the groups in keyword order.
         let expected: Vec<Vec<u8>> = Access::ALL
@@ -445,21 +493,21 @@ mod tests {
         list.iter().map(|(k, a)| (k.to_string(), *a)).collect()
     }
 
-    fn text(args: Vec<Vec<u8>>) -> Vec<String> {
+    fn text(args: Vec<Cow<[u8]>>) -> Vec<String> {
         args.into_iter()
-            .map(|a| String::from_utf8(a).unwrap())
+            .map(|a| String::from_utf8(a.into_owned()).unwrap())
             .collect()
     }
 
     #[test]
     fn keys_are_grouped_by_access_in_keyword_order() {
-        let args = standin_args(&keys(&[
+        let keys = keys(&[
             ("idx", Access::Add),
             ("ev", Access::Remove),
             ("lease", Access::Read),
             ("snap", Access::Remove),
-        ]))
-        .unwrap();
+        ]);
+        let args = standin_args(&keys).unwrap();
         assert_eq!(
             text(args),
             [STANDIN, "READ", "1", "lease", "REMOVE", "2", "ev", "snap", "ADD", "1", "idx"]
@@ -469,7 +517,8 @@ mod tests {
     #[test]
     fn groups_without_keys_are_left_out() {
         assert_eq!(text(standin_args(&[]).unwrap()), [STANDIN]);
-        let read = standin_args(&keys(&[("a", Access::Read), ("b", Access::Read)])).unwrap();
+        let both = keys(&[("a", Access::Read), ("b", Access::Read)]);
+        let read = standin_args(&both).unwrap();
         assert_eq!(text(read), [STANDIN, "READ", "2", "a", "b"]);
     }
 

@@ -1,10 +1,12 @@
 //! Thin helpers over the module API: DB selection, in-server command calls and key types.
 
+use crate::ops::configs;
 use crate::ops::errors::{FlowError, ServerError};
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
-use std::os::raw::c_long;
+use std::os::raw::{c_int, c_long, c_void};
 
 use redis_module::{
     raw, CallOptionsBuilder, CallReply, CallResult, Context, KeyType, RedisString, ScanKeyCursor,
@@ -57,10 +59,102 @@ fn call_with(
     })
 }
 
-/// The length of the list at `key` (0 when absent).
+/// The length of the list at `key` (0 when absent), read where the server holds it (as `LLEN`: an
+/// error for a key of another type).
 pub fn list_len(ctx: &Context, key: &str) -> Result<usize, ServerError> {
-    let reply = call(ctx, "LLEN", &[key.as_bytes()])?;
-    Ok(integer(&reply).unwrap_or(0).max(0) as usize)
+    value_len(ctx, key, KeyType::List)
+}
+
+/// The number of fields of the hash at `key` (0 when absent; as `HLEN`).
+pub fn hash_len(ctx: &Context, key: &str) -> Result<usize, ServerError> {
+    value_len(ctx, key, KeyType::Hash)
+}
+
+/// The length of the value of type `expected` at `key`, 0 when absent, `WRONGTYPE` for another type.
+fn value_len(ctx: &Context, key: &str, expected: KeyType) -> Result<usize, ServerError> {
+    let (opened, present) = open_typed(ctx, key.as_bytes(), expected)?;
+    if !present {
+        return Ok(0);
+    }
+    // SAFETY: `opened.0` is a key this context opened, holding a value.
+    Ok(unsafe { raw::RedisModule_ValueLength.map_or(0, |f| f(opened.0)) })
+}
+
+/// Opens `key` for reading: its handle and whether it holds a value, which must be of type
+/// `expected` (else the server's `WRONGTYPE` error, as a command on it would answer).
+fn open_typed(
+    ctx: &Context,
+    key: &[u8],
+    expected: KeyType,
+) -> Result<(ReadKey, bool), ServerError> {
+    let name = string(ctx, key);
+    let opened = ReadKey(raw::open_key(ctx.ctx, name.inner, raw::KeyMode::READ));
+    // SAFETY: `opened.0` is a key this context opened (NULL for a missing key, which KeyType accepts).
+    match KeyType::from(unsafe { raw::RedisModule_KeyType.map_or(0, |t| t(opened.0)) }) {
+        KeyType::Empty => Ok((opened, false)),
+        t if t == expected => Ok((opened, true)),
+        _ => Err(ServerError::WrongType),
+    }
+}
+
+/// The value of `field` in the hash at `key` (as `HGET`, read where the server holds it: no reply is
+/// built for it).
+pub fn hash_get(ctx: &Context, key: &str, field: &[u8]) -> Result<Option<Vec<u8>>, ServerError> {
+    let (opened, present) = open_typed(ctx, key.as_bytes(), KeyType::Hash)?;
+    if !present {
+        return Ok(None);
+    }
+    let field = string(ctx, field);
+    let mut value: *mut raw::RedisModuleString = std::ptr::null_mut();
+    // SAFETY: a hash key opened for reading; one field (a server string) with its out-pointer, then
+    // the NULL that ends the list. A value found is a new string this code owns.
+    let rc = unsafe {
+        let get = raw::RedisModule_HashGet.ok_or(ServerError::NoApi("RedisModule_HashGet"))?;
+        get(
+            opened.0,
+            raw::REDISMODULE_HASH_NONE as c_int,
+            field.inner,
+            std::ptr::addr_of_mut!(value),
+            std::ptr::null_mut::<c_void>(),
+        )
+    };
+    if rc != raw::REDISMODULE_OK as c_int || value.is_null() {
+        return Ok(None);
+    }
+    let value = RedisString::from_redis_module_string(ctx.ctx, value);
+    Ok(Some(value.as_slice().to_vec()))
+}
+
+/// The score of `member` in the sorted set at `key` (as `ZSCORE`, without formatting it).
+pub fn zset_score(ctx: &Context, key: &str, member: &[u8]) -> Result<Option<f64>, ServerError> {
+    let (opened, present) = open_typed(ctx, key.as_bytes(), KeyType::ZSet)?;
+    if !present {
+        return Ok(None);
+    }
+    let member = string(ctx, member);
+    let mut score = 0f64;
+    // SAFETY: a sorted-set key opened for reading; the member a server string; `score` is written
+    // only when the member is found.
+    let rc = unsafe {
+        raw::RedisModule_ZsetScore.map_or(raw::REDISMODULE_ERR as c_int, |f| {
+            f(opened.0, member.inner, std::ptr::addr_of_mut!(score))
+        })
+    };
+    Ok((rc == raw::REDISMODULE_OK as c_int).then_some(score))
+}
+
+/// Whether `key` exists with a TTL (as `PTTL` answering 0 or more).
+pub fn has_ttl(ctx: &Context, key: &str) -> bool {
+    let name = string(ctx, key.as_bytes());
+    let opened = ReadKey(raw::open_key(ctx.ctx, name.inner, raw::KeyMode::READ));
+    if opened.0.is_null() {
+        return false;
+    }
+    // SAFETY: a key this context opened, holding a value.
+    let ttl = unsafe {
+        raw::RedisModule_GetExpire.map_or(raw::REDISMODULE_NO_EXPIRE as i64, |f| f(opened.0))
+    };
+    ttl != raw::REDISMODULE_NO_EXPIRE as i64
 }
 
 /// Hands the elements `from..to` of the list at `key` to `f` one at a time (fewer if the list is
@@ -78,13 +172,9 @@ pub fn list_range_each(
     if from >= to {
         return Ok(());
     }
-    let name = string(ctx, key.as_bytes());
-    let list = ReadKey(raw::open_key(ctx.ctx, name.inner, raw::KeyMode::READ));
-    // SAFETY: `list.0` is a key this context opened (NULL for a missing key, which KeyType accepts).
-    match KeyType::from(unsafe { raw::RedisModule_KeyType.map_or(0, |t| t(list.0)) }) {
-        KeyType::Empty => return Ok(()),
-        KeyType::List => {}
-        _ => return Err(ServerError::WrongType),
+    let (list, present) = open_typed(ctx, key.as_bytes(), KeyType::List)?;
+    if !present {
+        return Ok(());
     }
     // SAFETY: reading a function pointer the module API filled in at load, before any command ran,
     // and never writes again: no write races this read.
@@ -229,8 +319,7 @@ pub fn index_kept<'k>(
         return Err(FlowError::Unsafe(why));
     }
     for key in index_keys {
-        let ttl = call(ctx, "PTTL", &[key.as_bytes()]).map_or(-1, |r| integer(&r).unwrap_or(-1));
-        if ttl >= 0 {
+        if has_ttl(ctx, key) {
             return Err(FlowError::Unsafe(format!(
                 "the archive index key {} has a TTL and would expire, and every flow it names with it; PERSIST it",
                 crate::ops::errors::show_key(key)
@@ -240,8 +329,32 @@ pub fn index_kept<'k>(
     Ok(())
 }
 
-/// Why the eviction policy may take the archive index (it evicts keys without a TTL), if it may.
+thread_local! {
+    /// The last verdict of `eviction_risk` (the main thread's, in practice), with the config
+    /// generation it was read at.
+    static EVICTION_RISK: RefCell<Option<(u64, Option<String>)>> = const { RefCell::new(None) };
+}
+
+/// Why the eviction policy may take the archive index (it evicts keys without a TTL), if it may. Read
+/// again after every CONFIG SET (`configs::followed_generation`), else at every call.
 pub fn eviction_risk(ctx: &Context) -> Option<String> {
+    let generation = configs::followed_generation();
+    let cached = EVICTION_RISK.with(|cell| match (cell.borrow().as_ref(), generation) {
+        (Some((seen, risk)), Some(now)) if *seen == now => Some(risk.clone()),
+        _ => None,
+    });
+    if let Some(risk) = cached {
+        return risk;
+    }
+    let risk = policy_risk(ctx);
+    if let Some(now) = generation {
+        EVICTION_RISK.with(|cell| *cell.borrow_mut() = Some((now, risk.clone())));
+    }
+    risk
+}
+
+/// `eviction_risk`, asking the server.
+fn policy_risk(ctx: &Context) -> Option<String> {
     let reply = call(ctx, "CONFIG", &[b"GET", b"maxmemory-policy"]).ok()?;
     let policy = String::from_utf8(strings(&reply).into_iter().nth(1)?).ok()?;
     policy.starts_with("allkeys-").then(|| format!(

@@ -24,7 +24,7 @@ mod throttle;
 pub mod tls;
 mod verify;
 
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -41,6 +41,9 @@ pub use settings::{Checksum, S3Settings, Sse, VerifyMode};
 use errors::{request_error, shown_key, success};
 use throttle::throttle;
 use verify::Answer;
+
+/// HTTP requests sent to S3 since load, every attempt of every request (INFO `s3_requests`).
+static REQUESTS: AtomicU64 = AtomicU64::new(0);
 
 /// Largest archive object the read path fetches (a flow of millions of events compresses far below).
 #[cfg(test)]
@@ -154,6 +157,7 @@ impl Store {
             let timeout = self.timeout.min(CREDENTIALS_TIMEOUT);
             let creds = credentials::current(&self.credentials, timeout)?;
             let agent = http::agent(&self.endpoint, &self.credentials.tls_ca_file)?;
+            REQUESTS.fetch_add(1, Ordering::Relaxed);
             attempt(&agent, &creds.signing())
         })
     }
@@ -340,7 +344,7 @@ impl Store {
 /// in use), seconds to its expiry (-1: long-term keys or none yet), refresh failures, retries,
 /// requests that failed after retrying, connection pools built; whether the store of the latest
 /// upload validates checksums (1, 0: not proven, -1: no verdict), checksum probes sent, and uploads
-/// proven by their PUT's answer without a HEAD ([`proven`]).
+/// proven by their PUT's answer without a HEAD ([`proven`]); HTTP requests sent, every attempt.
 pub fn info_fields() -> Vec<(String, i64)> {
     let (source, expires_in, refresh_failures) = credentials::status();
     let (retries, exhausted) = retry::counts();
@@ -357,6 +361,10 @@ pub fn info_fields() -> Vec<(String, i64)> {
         (
             "credentials_refresh_failures".into(),
             refresh_failures as i64,
+        ),
+        (
+            "s3_requests".into(),
+            REQUESTS.load(Ordering::Relaxed) as i64,
         ),
         ("s3_retries".into(), retries as i64),
         ("s3_retries_exhausted".into(), exhausted as i64),
