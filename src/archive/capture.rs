@@ -62,12 +62,14 @@ impl Capture {
 
 /// What `inspect` found.
 pub enum Inspected {
-    /// Eligible now: everything but the event log is read (`events_total` events to read), and the
-    /// index entry of its earlier incarnation, if any.
+    /// Eligible now: everything but the event log is read (`events_total` events to read), the
+    /// index entry of its earlier incarnation, if any, and on a cluster the slot of every key the
+    /// archive touches.
     Eligible {
         flow: Box<Captured>,
         events_total: usize,
         previous: Option<Entry>,
+        slot: Option<u16>,
     },
     /// Not live and already in the index: its location.
     AlreadyArchived(String),
@@ -155,11 +157,12 @@ pub fn inspect(
         status_score,
         previous: previous.as_ref().map(|e| e.location.clone()),
     };
-    guard::check(ctx, caller, &flow, previous.as_ref(), layout)?;
+    let slot = guard::check(ctx, caller, &flow, previous.as_ref(), layout)?;
     Ok(Inspected::Eligible {
         flow: Box::new(flow),
         events_total,
         previous,
+        slot,
     })
 }
 

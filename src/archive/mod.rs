@@ -136,7 +136,7 @@ fn begin_untimed(
     settings: &Settings,
     window: &Window,
 ) -> Result<Start, FlowError> {
-    let (flow, events_total, previous) = match capture::inspect(
+    let (flow, events_total, previous, slot) = match capture::inspect(
         ctx,
         caller,
         db,
@@ -150,10 +150,11 @@ fn begin_untimed(
             flow,
             events_total,
             previous,
-        } => (*flow, events_total, previous),
+            slot,
+        } => (*flow, events_total, previous, slot),
     };
     // On a cluster, the slot's migration generation now: the commit refuses if it changed.
-    let motion = cluster::motion(cluster::placement(id, flow.keys.named())?);
+    let motion = cluster::motion(slot);
     let watch = Watch::claim(db, id).ok_or(FlowError::Busy)?;
     let mut capture = Capture {
         cap: ByteCap {
