@@ -81,6 +81,19 @@ pub enum Start {
     AlreadyArchived(String),
 }
 
+impl Start {
+    /// A capture that held the main thread for `us`: the stretch of the step that began it.
+    pub fn held_for(self, us: u64) -> Start {
+        match self {
+            Start::Capture(mut c) => {
+                c.held_us = us;
+                Start::Capture(c)
+            }
+            other => other,
+        }
+    }
+}
+
 fn utf8(b: Vec<u8>, what: &str) -> Result<String, FlowError> {
     String::from_utf8(b).map_err(|_| FlowError::Unreadable(format!("{what} is not UTF-8")))
 }

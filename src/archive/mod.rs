@@ -117,13 +117,7 @@ pub fn begin(
     metrics::timed(Stage::Capture, &mut held, || {
         begin_untimed(ctx, caller, db, id, settings, window)
     })
-    .map(|started| match started {
-        Start::Capture(mut c) => {
-            c.held_us = held;
-            Start::Capture(c)
-        }
-        other => other,
-    })
+    .map(|started| started.held_for(held))
 }
 
 /// Every eligibility check, the change watch and the first chunk of the event log: how FLOW and the
@@ -196,16 +190,12 @@ pub fn begin_many(
             begin_untimed(ctx, caller, db, id, settings, window)
         });
         match ran {
-            Ok(started) => out.extend(started.into_iter().map(|started| {
-                started.map(|start| match start {
-                    // The flow held the main thread for the whole step it shared.
-                    Start::Capture(mut c) => {
-                        c.held_us = c.held_us.max(held);
-                        Start::Capture(c)
-                    }
-                    other => other,
-                })
-            })),
+            // Each flow held the main thread for the whole step it shared.
+            Ok(started) => out.extend(
+                started
+                    .into_iter()
+                    .map(|started| started.map(|start| start.held_for(held))),
+            ),
             Err(e) => out.extend(rest.iter().map(|_| Err(FlowError::from(e.clone())))),
         }
     }
