@@ -466,8 +466,8 @@ fn declare_key_specs(ctx: &Context) -> Result<(), String> {
         .collect::<Result<_, _>>()
         .map_err(|_| failed())?;
     let summary = c"Not for clients: flowarchive checks an archive's keys against the caller's ACL as this one command's keys; a call answers an error.";
-    // One spec per access, then the blank end.
-    let mut specs = [keyspec::blank(); 4];
+    // One spec per access.
+    let mut specs = [keyspec::blank(); 3];
     for ((spec, access), keyword) in specs.iter_mut().zip(Access::ALL).zip(&keywords) {
         spec.flags = access.key_spec_flags();
         spec.begin_search_type =
@@ -479,7 +479,7 @@ fn declare_key_specs(ctx: &Context) -> Result<(), String> {
         spec.fk.keynum.firstkey = 1;
         spec.fk.keynum.keystep = 1;
     }
-    match keyspec::declare(ctx, STANDIN, &mut specs, Some(summary)) {
+    match keyspec::declare(ctx, STANDIN, &specs, Some(summary)) {
         true => Ok(()),
         false => Err(failed()),
     }

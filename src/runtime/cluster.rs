@@ -271,16 +271,15 @@ pub fn check_commit(
 /// ACL key patterns and `COMMAND GETKEYS` ignore it), read-only, begin at index 1, one key. The server
 /// derives first/last/step 1/1/1 from it, which is what cluster routing (its own and clients') reads.
 fn declare_id_key(ctx: &Context, name: &str) {
-    // The id's spec, then the blank end.
-    let mut specs = [keyspec::blank(); 2];
-    specs[0].flags = (raw::REDISMODULE_CMD_KEY_RO | raw::REDISMODULE_CMD_KEY_NOT_KEY) as u64;
-    specs[0].begin_search_type = raw::RedisModuleKeySpecBeginSearchType_REDISMODULE_KSPEC_BS_INDEX;
-    specs[0].bs.index.pos = 1;
-    specs[0].find_keys_type = raw::RedisModuleKeySpecFindKeysType_REDISMODULE_KSPEC_FK_RANGE;
-    specs[0].fk.range.lastkey = 0;
-    specs[0].fk.range.keystep = 1;
-    specs[0].fk.range.limit = 0;
-    if !keyspec::declare(ctx, name, &mut specs, None) {
+    let mut spec = keyspec::blank();
+    spec.flags = (raw::REDISMODULE_CMD_KEY_RO | raw::REDISMODULE_CMD_KEY_NOT_KEY) as u64;
+    spec.begin_search_type = raw::RedisModuleKeySpecBeginSearchType_REDISMODULE_KSPEC_BS_INDEX;
+    spec.bs.index.pos = 1;
+    spec.find_keys_type = raw::RedisModuleKeySpecFindKeysType_REDISMODULE_KSPEC_FK_RANGE;
+    spec.fk.range.lastkey = 0;
+    spec.fk.range.keystep = 1;
+    spec.fk.range.limit = 0;
+    if !keyspec::declare(ctx, name, &[spec], None) {
         crate::ops::log::warning(&format!(
             "flowarchive: cannot declare the flow id of {name} for cluster routing"
         ));

@@ -17,27 +17,31 @@ const COMMAND_INFO_VERSION: raw::RedisModuleCommandInfoVersion =
         sizeof_arg: std::mem::size_of::<raw::RedisModuleCommandArg>(),
     };
 
-/// A key spec with every field zero: the start of each spec declared here, and the end of the array.
+/// A key spec with every field zero: the start of each spec declared here (`declare` ends the array
+/// with one).
 pub fn blank() -> raw::RedisModuleCommandKeySpec {
     // SAFETY: all zeros is a valid key spec: its fields are integers, null pointers and unions of
     // those.
     unsafe { std::mem::zeroed() }
 }
 
-/// Declares `specs` (the last one `blank`, as the server's reader requires) and `summary` as the key
-/// specs of the command `name`, created before. Whether the server took them.
+/// Declares `specs` and `summary` as the key specs of the command `name`, created before. Whether the
+/// server took them.
 pub fn declare(
     ctx: &Context,
     name: &str,
-    specs: &mut [raw::RedisModuleCommandKeySpec],
+    specs: &[raw::RedisModuleCommandKeySpec],
     summary: Option<&CStr>,
 ) -> bool {
     let Ok(name) = CString::new(name) else {
         return false;
     };
-    // SAFETY: OnLoad, after the command was created; `specs` ends with a zeroed entry (checked by the
-    // callers' construction); it, `name` and `summary` outlive the call, and the server copies what it
-    // keeps. All zeros is a valid command info, filled below.
+    // The server reads specs up to a zeroed one.
+    let mut specs: Vec<raw::RedisModuleCommandKeySpec> = specs.to_vec();
+    specs.push(blank());
+    // SAFETY: OnLoad, after the command was created; `specs` ends with a zeroed entry; it, `name` and
+    // `summary` outlive the call, and the server copies what it keeps. All zeros is a valid command
+    // info, filled below.
     unsafe {
         let (Some(get), Some(set)) = (raw::RedisModule_GetCommand, raw::RedisModule_SetCommandInfo)
         else {
