@@ -956,3 +956,43 @@ fn a_sweep_stopped_with_flows_out_counts_them_in_flight() {
     assert_eq!(indexed(&mut c).len(), 31, "every flow archived once");
     no_count_errors(&srv, &mut c);
 }
+
+/// Each round of a sweep commits the flows whose upload returned and begins the next ones in one
+/// main-thread step: at concurrency 1, each further flow costs one step (its begin shared with the
+/// commit before it), not one for its begin and another for its commit. Measured as the difference
+/// between a sweep of n flows and one of 2n, so the selection's own steps cancel out. The step budget
+/// is raised so that no commit of this test build, slower than a release one, spends it alone.
+#[test]
+fn a_round_commits_and_begins_in_one_step() {
+    let extra = [
+        "concurrency",
+        "1",
+        "batch-size",
+        "100",
+        "step-budget-us",
+        "100000",
+    ];
+    let (_s3, srv) = bed_with(&extra, None);
+    let mut c = srv.conn();
+    let n = 12;
+    let mut sweep = |count: i64, tag: &str| {
+        let ids: BTreeSet<String> = (0..count).map(|i| format!("{tag}-{i:02}")).collect();
+        for id in &ids {
+            write_flow(&mut c, &FlowSpec::done(id));
+        }
+        let before = info_field(&mut c, "main_thread_steps");
+        let summary: std::collections::HashMap<String, redis::Value> =
+            cmd(&mut c, &["FLOWARCHIVE.SWEEP"]).unwrap();
+        let archived: i64 = redis::from_redis_value(&summary["archived"]).unwrap();
+        assert_eq!(archived, count, "{summary:?}");
+        assert!(ids.is_subset(&indexed(&mut c)));
+        info_field(&mut c, "main_thread_steps") - before
+    };
+    let (one, two) = (sweep(n, "first"), sweep(2 * n, "second"));
+    assert!(
+        (n..=n + 2).contains(&(two - one)),
+        "{one} main-thread steps for {n} flows, {two} for {}: each further flow should cost one",
+        2 * n
+    );
+    no_count_errors(&srv, &mut c);
+}

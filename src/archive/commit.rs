@@ -162,6 +162,20 @@ fn commit(
     Ok(())
 }
 
+/// A flow waiting for its commit: the caller's tag for it, its capture, what the object holds of its
+/// keys, and the object's location.
+pub type Pending<T> = (T, Capture, Fingerprint, String);
+
+/// `commit` of one pending flow, in a main-thread step in its DB.
+pub fn commit_pending<T>(
+    ctx: &Context,
+    flow: &Pending<T>,
+    layout: &Layout,
+) -> Result<(), FlowError> {
+    let (_, capture, archived, location) = flow;
+    commit(ctx, capture, archived, layout, location)
+}
+
 /// Commits several captured, stored flows of one DB from a worker thread, as many per main-thread step
 /// as the step budget (`step-budget-us`) allows. Each flow runs the whole of `commit` on its own: its checks
 /// before any of its writes, all or nothing for that flow, and a flow that fails (changed, not allowed,
@@ -170,19 +184,18 @@ fn commit(
 /// to `PAUSE_WAIT`, then given up with the flow live. Returns every flow's tag with its outcome (one
 /// per flow): the longest main-thread stretch spent on it, or why it stays live.
 pub fn commit_many<T: Sync>(
-    flows: Vec<(T, Capture, Fingerprint, String)>,
+    flows: Vec<Pending<T>>,
     layout: &Layout,
 ) -> Vec<(T, Result<u64, FlowError>)> {
     let paused_until = Instant::now() + PAUSE_WAIT;
-    let mut waiting: VecDeque<(T, Capture, Fingerprint, String)> = flows.into();
+    let mut waiting: VecDeque<Pending<T>> = flows.into();
     let mut out = Vec::with_capacity(waiting.len());
     while let Some((_, first, ..)) = waiting.front() {
         let db = first.flow.db;
         let mut held = 0;
         let batch = waiting.make_contiguous();
         let ran = mainthread::step_batch(db, Stage::Commit, &mut held, batch, |ctx, flow| {
-            let (_, capture, archived, location) = flow;
-            commit(ctx, capture, archived, layout, location)
+            commit_pending(ctx, flow, layout)
         });
         // A step that could not run (no event loop) or panicked fails every flow still waiting (one
         // the panicking step had committed already is found archived by the next sweep).

@@ -11,6 +11,7 @@ pub mod proof;
 pub mod store;
 
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use redis_module::{Context, RedisError, RedisResult, RedisValue};
 
@@ -22,7 +23,7 @@ use crate::format::captured::Captured;
 use crate::format::{engine, writer};
 use crate::layout::StateSource;
 use crate::ops::configs::Settings;
-use crate::ops::errors::{self, FlowError};
+use crate::ops::errors::{self, FlowError, ServerError};
 use crate::ops::metrics::{self, Buffered, Stage, UPLOADS_IN_FLIGHT};
 use crate::runtime::acl::Caller;
 use crate::runtime::blocking::{answer_later, refuse_where_it_cannot_run, this_client};
@@ -233,7 +234,23 @@ struct Stored {
     sha256: String,
 }
 
+impl Uploaded {
+    /// The flow as the commit takes it: what it stored, its capture, its fingerprint and location.
+    fn pending(self) -> commit::Pending<Stored> {
+        let location = self.stored.location.clone();
+        (self.stored, self.capture, self.archived, location)
+    }
+}
+
 impl Stored {
+    /// A commit's outcome for the flow's id: counted and answered when it committed after holding the
+    /// main thread for `held` µs at most.
+    fn outcome(
+        (stored, result): (Stored, Result<u64, FlowError>),
+    ) -> (String, Result<Archived, FlowError>) {
+        (stored.id.clone(), result.map(|held| stored.archived(held)))
+    }
+
     /// Counts the committed flow; its answer.
     fn archived(self, main_thread_us: u64) -> Archived {
         metrics::archived(&self.id, &self.location, self.raw_bytes, self.stored_bytes);
@@ -326,15 +343,106 @@ pub fn commit_many(
     ups: Vec<Uploaded>,
     settings: &Settings,
 ) -> Vec<(String, Result<Archived, FlowError>)> {
-    let flows = ups.into_iter().map(|up| {
-        let location = up.stored.location.clone();
-        (up.stored, up.capture, up.archived, location)
-    });
-    let committed = commit::commit_many(flows.collect(), &settings.layout);
-    let outcome = |(stored, result): (Stored, Result<u64, FlowError>)| {
-        (stored.id.clone(), result.map(|held| stored.archived(held)))
+    let committed = commit::commit_many(
+        ups.into_iter().map(Uploaded::pending).collect(),
+        &settings.layout,
+    );
+    committed.into_iter().map(Stored::outcome).collect()
+}
+
+/// What one round of the sweep did: each committed flow's id with its outcome, and each begun flow's
+/// outcome in the order of its id.
+pub struct Round {
+    pub committed: Vec<(String, Result<Archived, FlowError>)>,
+    pub begun: Vec<Result<Start, FlowError>>,
+}
+
+/// One round of the sweep in `db`: commits `ups` and begins `ids` in one main-thread step, each flow
+/// exactly as `commit_many` and `begin_many` do it, so a round costs the event loop one wake-up rather
+/// than two. The step stops taking flows once the step budget is spent (at least one is taken); what it
+/// did not reach, and commits that met paused writes, go on through `commit_many` and `begin_many`.
+pub fn commit_then_begin(
+    ups: Vec<Uploaded>,
+    caller: &Caller,
+    db: i32,
+    ids: &[String],
+    settings: &Settings,
+    window: &Window,
+) -> Round {
+    let mut pending: Vec<commit::Pending<Stored>> =
+        ups.into_iter().map(Uploaded::pending).collect();
+    let stage = if pending.is_empty() {
+        Stage::Capture
+    } else {
+        Stage::Commit
     };
-    committed.into_iter().map(outcome).collect()
+    let mut held = 0;
+    let layout = &settings.layout;
+    let ran = mainthread::step(db, stage, &mut held, |ctx| {
+        let (started, budget) = (Instant::now(), mainthread::step_budget());
+        let spent = |done: usize| done > 0 && started.elapsed() >= budget;
+        let mut committed = Vec::with_capacity(pending.len());
+        for flow in &pending {
+            if spent(committed.len()) {
+                break;
+            }
+            committed.push(commit::commit_pending(ctx, flow, layout));
+        }
+        let mut begun = Vec::with_capacity(ids.len());
+        for id in ids {
+            if spent(committed.len() + begun.len()) {
+                break;
+            }
+            begun.push(begin_untimed(ctx, caller, db, id, settings, window));
+        }
+        Ok::<_, ServerError>((committed, begun))
+    });
+    let (committed, begun) = match ran {
+        Ok(done) => done,
+        // A step that could not run (no event loop) or panicked fails every flow of the round.
+        Err(e) => {
+            let failed = || FlowError::from(e.clone());
+            let committed = pending.drain(..).map(|flow| (flow.0, Err(failed())));
+            let begun = ids.iter().map(|_| Err(failed()));
+            return Round {
+                committed: committed.map(Stored::outcome).collect(),
+                begun: begun.collect(),
+            };
+        }
+    };
+    let mut round = Round {
+        committed: Vec::with_capacity(pending.len()),
+        begun: Vec::with_capacity(ids.len()),
+    };
+    let mut again = Vec::new();
+    let mut rest = pending.drain(..);
+    for result in committed {
+        let Some(flow) = rest.next() else { break };
+        match result {
+            Err(FlowError::NotWritable(errors::WRITES_PAUSED)) => again.push(flow),
+            other => {
+                let held = flow.1.held_us.max(held);
+                round
+                    .committed
+                    .push(Stored::outcome((flow.0, other.map(|()| held))));
+            }
+        }
+    }
+    again.extend(rest);
+    let again = commit::commit_many(again, layout);
+    round
+        .committed
+        .extend(again.into_iter().map(Stored::outcome));
+    let reached = begun.len();
+    round.begun.extend(
+        begun
+            .into_iter()
+            .map(|started| started.map(|s| s.held_for(held))),
+    );
+    round
+        .begun
+        .extend(begin_many(caller, db, &ids[reached..], settings, window));
+    round
 }
 
 /// One flow after `begin`, end to end on the calling thread.

@@ -138,7 +138,7 @@ pub fn step<T: Send, E: From<ServerError> + Send>(
 /// default): each hand-off to the event loop costs a wake-up of the loop and of the waiting worker (on
 /// busy cores, a scheduler slice each), so one step does several short pieces of work, yet stays short
 /// enough for clients' tail latency.
-fn step_budget() -> Duration {
+pub fn step_budget() -> Duration {
     Duration::from_micros(configs::STEP_BUDGET_US.get().max(0) as u64)
 }
 

@@ -4,9 +4,9 @@
 //!
 //! Why a state machine: the coordinator is in one of three phases, and each round of work is one
 //! function that says which phase comes next, instead of nested loops whose flags decide when to stop.
-//! - `Selecting`: take the uploads that returned, begin as many candidates as uploaders are free (one
-//!   batched step), commit every returned upload (one batched step); wait for an upload only when there
-//!   was nothing to do. It ends when selection is exhausted, LIMIT is reached or the uploaders are gone.
+//! - `Selecting`: take the uploads that returned, commit them and begin as many candidates as uploaders
+//!   are free, in one batched step (each step is a wake-up of the event loop and of this thread, so a
+//!   round costs one); wait for an upload only when there was nothing to do. It ends when selection is exhausted, LIMIT is reached or the uploaders are gone.
 //! - `Draining`: the job channel is closed, so the uploaders end once the flows out are done; commit
 //!   each batch as it returns until the results channel closes (no uploader outlives its sweep).
 //! - `Done`.
@@ -24,7 +24,7 @@ use redis_module::ContextFlags;
 
 use crate::archive::capture::{self, Capture, Inspected, Start};
 use crate::archive::eligible::Window;
-use crate::archive::{self, Uploaded};
+use crate::archive::{self, Archived, Uploaded};
 use crate::ops::configs::Settings;
 use crate::ops::errors::{self, FlowError, ServerError};
 use crate::ops::metrics::{self, Stage};
@@ -165,12 +165,12 @@ impl<'a> Coordinator<'a> {
             .saturating_sub(self.uploading.len());
         let flows = self.next_candidates(free)?;
         let began = !flows.is_empty();
+        let committed = !self.returned.is_empty();
         if self.job.dry_run {
             flows.into_iter().for_each(|flow| self.dry_run(flow));
         } else {
-            self.archive(flows);
+            self.commit_then_begin(flows);
         }
-        let committed = self.commit_returned();
         let round = Round {
             selection_over: self.selection_over(),
             uploaders_there: self.job.dry_run || self.uploads.is_some(),
@@ -270,18 +270,27 @@ impl<'a> Coordinator<'a> {
         self.ledger.finish(flow, outcome);
     }
 
-    /// Begins and captures `flows` (their first steps shared, within the step budget) and hands each
-    /// to the uploaders: complete captures first, then long event logs read in their own chunk steps.
-    fn archive(&mut self, flows: Vec<Flow>) {
-        if flows.is_empty() {
+    /// Commits the flows whose upload returned and begins `flows`, in one main-thread step where the
+    /// step budget allows (`archive::commit_then_begin`); hands each capture to the uploaders.
+    fn commit_then_begin(&mut self, flows: Vec<Flow>) {
+        let (committing, uploaded) = self.take_uploaded();
+        if committing.is_empty() && flows.is_empty() {
             return;
         }
         let (job, settings, window) = (self.job, self.settings, &self.window);
         let ids: Vec<String> = flows.iter().map(|f| f.id().to_string()).collect();
-        let began = archive::begin_many(&job.caller, job.db, &ids, settings, window);
+        let round =
+            archive::commit_then_begin(uploaded, &job.caller, job.db, &ids, settings, window);
+        self.settle_commits(committing, round.committed);
+        self.hand_begun(flows, round.begun);
+    }
+
+    /// Hands each begun flow's capture to the uploaders: complete captures first, then long event logs
+    /// read in their own chunk steps.
+    fn hand_begun(&mut self, flows: Vec<Flow>, began: Vec<Result<Start, FlowError>>) {
         let mut long = Vec::new();
-        // `begin_many` answers every id in order; a flow it left unanswered would stay without an
-        // outcome, and the ledger's check would say so.
+        // Every id is answered in order; a flow left unanswered would stay without an outcome, and the
+        // ledger's check would say so.
         for (mut flow, started) in flows.into_iter().zip(began) {
             match started {
                 Ok(Start::Capture(capture)) => {
@@ -355,12 +364,18 @@ impl<'a> Coordinator<'a> {
         self.returned.push((flow, result));
     }
 
-    /// Commits the flows whose upload returned (several per main-thread step) and ends each; `false`
-    /// when none had returned.
-    fn commit_returned(&mut self) -> bool {
-        if self.returned.is_empty() {
-            return false;
+    /// Commits the flows whose upload returned (several per main-thread step) and ends each.
+    fn commit_returned(&mut self) {
+        let (committing, uploaded) = self.take_uploaded();
+        if !committing.is_empty() {
+            let committed = archive::commit_many(uploaded, self.settings);
+            self.settle_commits(committing, committed);
         }
+    }
+
+    /// Takes the returned flows: those whose upload failed end here; the others, with their uploads,
+    /// go on to their commit.
+    fn take_uploaded(&mut self) -> (Vec<Flow>, Vec<Uploaded>) {
         let mut committing = Vec::with_capacity(self.returned.len());
         let mut uploaded = Vec::with_capacity(self.returned.len());
         for (flow, result) in std::mem::take(&mut self.returned) {
@@ -372,7 +387,16 @@ impl<'a> Coordinator<'a> {
                 Err(e) => self.not_archived(flow, &e),
             }
         }
-        for (id, outcome) in archive::commit_many(uploaded, self.settings) {
+        (committing, uploaded)
+    }
+
+    /// Ends each committing flow with its commit's outcome.
+    fn settle_commits(
+        &mut self,
+        mut committing: Vec<Flow>,
+        committed: Vec<(String, Result<Archived, FlowError>)>,
+    ) {
+        for (id, outcome) in committed {
             let Some(i) = committing.iter().position(|f| f.id() == id) else {
                 let what = format!("a commit answered for {id:?}, which was not committing");
                 self.ledger.anomaly(what);
@@ -390,7 +414,6 @@ impl<'a> Coordinator<'a> {
             let unanswered = FlowError::Internal("its commit step answered nothing".into());
             self.not_archived(flow, &unanswered);
         }
-        true
     }
 
     /// Logs and counts a flow that stays live.
