@@ -21,7 +21,7 @@ use crate::archive::proof::Fingerprint;
 use crate::digest::hex;
 use crate::format::captured::Captured;
 use crate::format::{engine, writer};
-use crate::layout::StateSource;
+use crate::layout::{Layout, StateSource};
 use crate::ops::configs::Settings;
 use crate::ops::errors::{self, FlowError, ServerError};
 use crate::ops::metrics::{self, Buffered, Stage, UPLOADS_IN_FLIGHT};
@@ -380,21 +380,20 @@ pub fn commit_then_begin(
     let layout = &settings.layout;
     let ran = mainthread::step(db, stage, &mut held, |ctx| {
         let (started, budget) = (Instant::now(), mainthread::step_budget());
-        let spent = |done: usize| done > 0 && started.elapsed() >= budget;
-        let mut committed = Vec::with_capacity(pending.len());
-        for flow in &pending {
-            if spent(committed.len()) {
-                break;
-            }
-            committed.push(commit::commit_pending(ctx, flow, layout));
-        }
-        let mut begun = Vec::with_capacity(ids.len());
-        for id in ids {
-            if spent(committed.len() + begun.len()) {
-                break;
-            }
-            begun.push(begin_untimed(ctx, caller, db, id, settings, window));
-        }
+        // At least one flow, then only while the budget lasts.
+        let mut taken = 0;
+        let mut go_on = || {
+            taken += 1;
+            taken == 1 || started.elapsed() < budget
+        };
+        let committed: Vec<_> = (pending.iter())
+            .take_while(|_| go_on())
+            .map(|flow| commit::commit_pending(ctx, flow, layout))
+            .collect();
+        let begun: Vec<_> = (ids.iter())
+            .take_while(|_| go_on())
+            .map(|id| begin_untimed(ctx, caller, db, id, settings, window))
+            .collect();
         Ok::<_, ServerError>((committed, begun))
     });
     let (committed, begun) = match ran {
@@ -410,10 +409,28 @@ pub fn commit_then_begin(
             };
         }
     };
-    let mut round = Round {
-        committed: Vec::with_capacity(pending.len()),
-        begun: Vec::with_capacity(ids.len()),
-    };
+    let reached = begun.len();
+    let begun = begun
+        .into_iter()
+        .map(|started| started.map(|s| s.held_for(held)));
+    Round {
+        committed: settle(pending, committed, held, layout),
+        begun: begun
+            .chain(begin_many(caller, db, &ids[reached..], settings, window))
+            .collect(),
+    }
+}
+
+/// The outcomes of `pending`, whose first ones a step committed (`committed`, in order, in a step of
+/// `held` µs): a commit that met paused writes, and every flow the step did not reach, go on through
+/// `commit::commit_many`.
+fn settle(
+    mut pending: Vec<commit::Pending<Stored>>,
+    committed: Vec<Result<(), FlowError>>,
+    held: u64,
+    layout: &Layout,
+) -> Vec<(String, Result<Archived, FlowError>)> {
+    let mut out = Vec::with_capacity(pending.len());
     let mut again = Vec::new();
     let mut rest = pending.drain(..);
     for result in committed {
@@ -422,27 +439,17 @@ pub fn commit_then_begin(
             Err(FlowError::NotWritable(errors::WRITES_PAUSED)) => again.push(flow),
             other => {
                 let held = flow.1.held_us.max(held);
-                round
-                    .committed
-                    .push(Stored::outcome((flow.0, other.map(|()| held))));
+                out.push(Stored::outcome((flow.0, other.map(|()| held))));
             }
         }
     }
     again.extend(rest);
-    let again = commit::commit_many(again, layout);
-    round
-        .committed
-        .extend(again.into_iter().map(Stored::outcome));
-    let reached = begun.len();
-    round.begun.extend(
-        begun
+    out.extend(
+        commit::commit_many(again, layout)
             .into_iter()
-            .map(|started| started.map(|s| s.held_for(held))),
+            .map(Stored::outcome),
     );
-    round
-        .begun
-        .extend(begin_many(caller, db, &ids[reached..], settings, window));
-    round
+    out
 }
 
 /// One flow after `begin`, end to end on the calling thread.
