@@ -110,6 +110,7 @@ redis_module! {
             ["cache-bytes", &configs::CACHE_BYTES.value, configs::CACHE_BYTES.default, configs::CACHE_BYTES.min, configs::CACHE_BYTES.max, ConfigurationFlags::MEMORY, Some(Box::new(fetch::on_cache_budget))],
             ["object-name-max", &configs::OBJECT_NAME_MAX.value, configs::OBJECT_NAME_MAX.default, configs::OBJECT_NAME_MAX.min, configs::OBJECT_NAME_MAX.max, ConfigurationFlags::DEFAULT, None],
             ["read-max-bytes", &configs::READ_MAX_BYTES.value, configs::READ_MAX_BYTES.default, configs::READ_MAX_BYTES.min, configs::READ_MAX_BYTES.max, ConfigurationFlags::MEMORY, None],
+            ["buffer-max-bytes", &configs::BUFFER_MAX_BYTES.value, configs::BUFFER_MAX_BYTES.default, configs::BUFFER_MAX_BYTES.min, configs::BUFFER_MAX_BYTES.max, ConfigurationFlags::MEMORY, None],
             ["retry-attempts", &configs::RETRY_ATTEMPTS.value, configs::RETRY_ATTEMPTS.default, configs::RETRY_ATTEMPTS.min, configs::RETRY_ATTEMPTS.max, ConfigurationFlags::DEFAULT, None],
             ["index-buckets", &configs::INDEX_BUCKETS.value, configs::INDEX_BUCKETS.default, configs::INDEX_BUCKETS.min, configs::INDEX_BUCKETS.max, ConfigurationFlags::DEFAULT, None],
             ["retry-max-ms", &configs::RETRY_MAX_MS.value, configs::RETRY_MAX_MS.default, configs::RETRY_MAX_MS.min, configs::RETRY_MAX_MS.max, ConfigurationFlags::DEFAULT, None],

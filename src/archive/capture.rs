@@ -459,6 +459,7 @@ pub fn read_more(ctx: &Context, capture: &mut Capture) -> Result<(), FlowError> 
     match read {
         LogRead::Read => Ok(()),
         LogRead::OverCap => Err(too_large(capture.cap.max)),
+        LogRead::Full(max) => Err(FlowError::Full(max)),
         // Fewer elements than LLEN said: the list shrank since.
         LogRead::Shrunk => Err(FlowError::Changed),
     }

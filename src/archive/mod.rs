@@ -152,10 +152,10 @@ fn begin_untimed(
     let motion = cluster::motion(slot);
     let watch = Watch::claim(db, id).ok_or(FlowError::Busy)?;
     let mut capture = Capture {
-        cap: ByteCap {
-            used: flow.snapshot.as_ref().map_or(0, Vec::len) as u64,
-            max: settings.read_max_bytes,
-        },
+        cap: ByteCap::new(
+            flow.snapshot.as_ref().map_or(0, Vec::len) as u64,
+            settings.read_max_bytes,
+        ),
         flow,
         previous,
         caller: caller.clone(),
@@ -273,7 +273,6 @@ pub fn upload(
     s3: &Store,
 ) -> Result<Uploaded, FlowError> {
     let encoded = {
-        let _captured = Buffered::hold(capture.cap.used);
         let state = served_state(&capture.flow, settings.layout.state)?;
         let encoded = writer::encode(&capture.flow, state.as_deref())
             .map_err(|e| FlowError::Unreadable(e.to_string()))?;
@@ -291,6 +290,8 @@ pub fn upload(
     capture.events_total = capture.flow.events.len();
     let events = std::mem::take(&mut capture.flow.events);
     let archived = proof::archived(&capture.flow, events, capture.whole_log());
+    // The copy is encoded and freed (what the commit compares is counted by the fingerprint).
+    capture.cap.release();
     let _encoded = Buffered::hold(encoded.body.len() as u64);
     UPLOADS_IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
     let stored = store::store_once(s3, &settings.s3, &capture.flow, &encoded);

@@ -155,6 +155,11 @@ pub static BATCH_SIZE: Int = Int::new(100, 1, 100_000);
 pub static STEP_BUDGET_US: Int = Int::new(250, 50, 100_000);
 pub static CACHE_BYTES: Int = Int::new(64 << 20, 0, 1 << 40);
 pub static READ_MAX_BYTES: Int = Int::new(64 << 20, 64 << 10, 1 << 40);
+/// The most the module holds of flows in flight at once, over every capture and live read
+/// (`mainthread::ByteCap`): a copy that would pass it while others hold bytes is refused (the flow
+/// stays live), and a sweep begins no flow while it is reached. One read alone may pass it, up to
+/// `read-max-bytes`, so no flow is too large for it.
+pub static BUFFER_MAX_BYTES: Int = Int::new(256 << 20, 1 << 20, 1 << 40);
 pub static OBJECT_NAME_MAX: Int = Int::new(
     layout::OBJECT_NAME_MAX as i64,
     layout::SHA_NAME_LEN as i64,

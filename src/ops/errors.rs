@@ -86,6 +86,7 @@ kinds! {
         Conflict => "conflict",
         Leased => "leased",
         Busy => "busy",
+        Full => "buffers_full",
         Changed => "changed",
         NoPerm => "noperm",
         NotWritable => "not_writable",
@@ -115,6 +116,9 @@ pub enum FlowError {
     /// The engine's own archiver holds the flow (its lease key, named here, exists).
     Leased(String),
     Busy,
+    /// Copying the flow would take what the module holds of flows in flight past
+    /// `buffer-max-bytes` (named here) while other flows hold some: it stays live, for later.
+    Full(u64),
     Changed,
     /// The caller's ACL user may not touch a key, or not together with the flow's other keys: why,
     /// naming the key (`runtime::acl`).
@@ -192,6 +196,7 @@ impl FlowError {
             FlowError::Conflict(_) => FlowKind::Conflict,
             FlowError::Leased(_) => FlowKind::Leased,
             FlowError::Busy => FlowKind::Busy,
+            FlowError::Full(_) => FlowKind::Full,
             FlowError::Changed => FlowKind::Changed,
             FlowError::NoPerm(_) => FlowKind::NoPerm,
             FlowError::NotWritable(_) => FlowKind::NotWritable,
@@ -229,6 +234,9 @@ impl FlowError {
             FlowError::Changed => {
                 format!("ERR flow {shown} changed during every read attempt; retry")
             }
+            FlowError::Full(max) => format!(
+                "ERR flow {shown} cannot be read now: the module holds as much of other flows as flowarchive.buffer-max-bytes ({max} bytes) allows; retry"
+            ),
             FlowError::Internal(why) => format!("ERR flow {shown}: {why}"),
             other => other.full_message(id),
         })
@@ -259,6 +267,9 @@ impl FlowError {
                 show_key(lease)
             ),
             FlowError::Busy => format!("ERR flow {id} is already being archived"),
+            FlowError::Full(max) => format!(
+                "ERR flow {id} was not archived now: the module holds as much of other flows in flight as flowarchive.buffer-max-bytes ({max} bytes) allows; it stays live, nothing was deleted"
+            ),
             FlowError::Changed => {
                 format!("ERR flow {id} changed while it was being archived; nothing was deleted")
             }

@@ -78,20 +78,43 @@ pub fn folding<T>(fold: impl FnOnce() -> T) -> T {
     out
 }
 
-/// Bytes the module holds for flows in flight (captured events, encoded objects, and the event logs kept
-/// for the commit to compare).
+/// Bytes the module holds for flows in flight (captured events and live reads' copies, encoded objects,
+/// and the event logs kept for the commit to compare), bounded by `buffer-max-bytes`.
 pub static BUFFERED_BYTES: AtomicU64 = AtomicU64::new(0);
 pub static BUFFERED_BYTES_PEAK: AtomicU64 = AtomicU64::new(0);
 
 /// Counts `bytes` as buffered until dropped.
+#[derive(Debug)]
 pub struct Buffered(u64);
 
 impl Buffered {
     pub fn hold(bytes: u64) -> Self {
+        let mut held = Buffered(0);
+        held.grow(bytes);
+        held
+    }
+
+    /// Counts `bytes` more.
+    pub fn grow(&mut self, bytes: u64) {
         let now = BUFFERED_BYTES.fetch_add(bytes, Ordering::Relaxed) + bytes;
         BUFFERED_BYTES_PEAK.fetch_max(now, Ordering::Relaxed);
-        Buffered(bytes)
+        self.0 += bytes;
     }
+
+    /// The bytes this counts.
+    pub fn bytes(&self) -> u64 {
+        self.0
+    }
+
+    /// Counts nothing any more (what it counted was freed).
+    pub fn release(&mut self) {
+        BUFFERED_BYTES.fetch_sub(std::mem::take(&mut self.0), Ordering::Relaxed);
+    }
+}
+
+/// The bytes the module holds for flows in flight now, over all of them.
+pub fn buffered_now() -> u64 {
+    BUFFERED_BYTES.load(Ordering::Relaxed)
 }
 
 impl Drop for Buffered {

@@ -29,11 +29,13 @@ pub static READ_POOL: Pool = Pool::new("flowarchive-read", 4, 1024);
 /// Reads restarted by a concurrent change before the client gets an error.
 const ATTEMPTS: usize = 3;
 
-/// What a live read took from Valkey: the flow's keys as one state.
+/// What a live read took from Valkey: the flow's keys as one state, counted against the caps until
+/// it is answered.
 struct Read {
     snapshot: Option<Vec<u8>>,
     seq: Option<i64>,
     log: Vec<Vec<u8>>,
+    _cap: ByteCap,
 }
 
 fn reply(state: Vec<u8>, events: Option<Vec<Vec<u8>>>) -> RedisValue {
@@ -50,6 +52,17 @@ fn reply(state: Vec<u8>, events: Option<Vec<Vec<u8>>>) -> RedisValue {
 /// A live read over the cap (`read-max-bytes`), like an archived one.
 fn too_large(max_bytes: u64) -> String {
     format!("the flow is larger than read-max-bytes ({max_bytes} bytes)")
+}
+
+/// Why a chunk's read stops the live read, if it does: the flow over the read's cap, the module's
+/// buffers full, or the log shrunk since it was measured (a change).
+fn stopped(read: LogRead, max_bytes: u64) -> Result<(), FlowError> {
+    match read {
+        LogRead::Read => Ok(()),
+        LogRead::OverCap => Err(FlowError::Unreadable(too_large(max_bytes))),
+        LogRead::Full(max) => Err(FlowError::Full(max)),
+        LogRead::Shrunk => Err(FlowError::Changed),
+    }
 }
 
 /// A live flow's stored snapshot, as stored; `None` when it has none.
@@ -142,14 +155,17 @@ fn read_short(
     let snapshot = snapshot(ctx, keys)?;
     let seq = seq(ctx, keys)?;
     let mut log = Vec::with_capacity(total);
-    let mut cap = ByteCap {
-        used: snapshot.as_ref().map_or(0, Vec::len) as u64,
-        max: max_bytes,
-    };
-    match read_log(ctx, &keys.events, total, &mut log, &mut cap)? {
-        LogRead::OverCap => Err(FlowError::Unreadable(too_large(max_bytes))),
-        _ => Ok(Read { snapshot, seq, log }),
-    }
+    let mut cap = ByteCap::new(snapshot.as_ref().map_or(0, Vec::len) as u64, max_bytes);
+    stopped(
+        read_log(ctx, &keys.events, total, &mut log, &mut cap)?,
+        max_bytes,
+    )?;
+    Ok(Read {
+        snapshot,
+        seq,
+        log,
+        _cap: cap,
+    })
 }
 
 /// Answers `[snapshot, events]` of a live flow of a layout served from its snapshot, whose snapshot the
@@ -167,16 +183,12 @@ pub fn events(
     let total = list_len(ctx, &keys.events).map_err(fail)?;
     if total <= EVENTS_PER_STEP {
         let mut log = Vec::with_capacity(total);
-        let mut cap = ByteCap {
-            used: snapshot.len() as u64,
-            max: max_bytes,
-        };
+        let mut cap = ByteCap::new(snapshot.len() as u64, max_bytes);
         // One step reads a short log whole: it cannot shrink meanwhile.
-        return match read_log(ctx, &keys.events, total, &mut log, &mut cap).map_err(fail)? {
-            LogRead::OverCap => Err(RedisError::String(
-                FlowError::Unreadable(too_large(max_bytes)).read_message(&id),
-            )),
-            _ => Ok(reply(snapshot, Some(log))),
+        let read = read_log(ctx, &keys.events, total, &mut log, &mut cap).map_err(fail)?;
+        return match stopped(read, max_bytes) {
+            Err(e) => Err(RedisError::String(e.read_message(&id))),
+            Ok(()) => Ok(reply(snapshot, Some(log))),
         };
     }
     if !can_block(ctx) {
@@ -219,10 +231,7 @@ fn read_once(db: i32, keys: &FlowKeys, max_bytes: u64) -> Result<Read, FlowError
         Ok::<_, FlowError>((watch, snapshot(ctx, keys)?, seq(ctx, keys)?, total))
     })?;
     let mut log = Vec::with_capacity(total.min(EVENTS_PER_STEP));
-    let mut cap = ByteCap {
-        used: snapshot.as_ref().map_or(0, Vec::len) as u64,
-        max: max_bytes,
-    };
+    let mut cap = ByteCap::new(snapshot.as_ref().map_or(0, Vec::len) as u64, max_bytes);
     while log.len() < total {
         let read = mainthread::step(db, Stage::Capture, &mut held, |ctx| {
             if watch.changed() {
@@ -230,14 +239,15 @@ fn read_once(db: i32, keys: &FlowKeys, max_bytes: u64) -> Result<Read, FlowError
             }
             Ok(read_log(ctx, &keys.events, total, &mut log, &mut cap)?)
         })?;
-        match read {
-            LogRead::Read => {}
-            LogRead::OverCap => return Err(FlowError::Unreadable(too_large(max_bytes))),
-            LogRead::Shrunk => return Err(FlowError::Changed),
-        }
+        stopped(read, max_bytes)?;
     }
     if watch.changed() {
         return Err(FlowError::Changed);
     }
-    Ok(Read { snapshot, seq, log })
+    Ok(Read {
+        snapshot,
+        seq,
+        log,
+        _cap: cap,
+    })
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use redis_module::{raw, Context};
 
 use crate::ops::errors::ServerError;
-use crate::ops::metrics::{self, Stage};
+use crate::ops::metrics::{self, Buffered, Stage};
 use crate::ops::{configs, log};
 use crate::runtime::server::{list_range_each, select_db};
 
@@ -61,11 +61,59 @@ pub const EVENTS_PER_STEP: usize = 1024;
 const MIN_CHUNK: usize = 64;
 const MIN_CHUNK_BYTES: u64 = 256 << 10;
 
-/// Bytes read so far against a cap (`read-max-bytes`).
-#[derive(Clone, Copy, Debug)]
+/// Bytes one read (a capture, a live read) has copied out of the server, against its own cap
+/// (`read-max-bytes`) and, with every other read's, against `buffer-max-bytes`: counted in INFO
+/// `buffered_bytes` until released or dropped.
+#[derive(Debug)]
 pub struct ByteCap {
-    pub used: u64,
+    held: Buffered,
     pub max: u64,
+}
+
+impl ByteCap {
+    /// A read capped at `max` bytes that holds `first` bytes already (a snapshot it has copied).
+    pub fn new(first: u64, max: u64) -> ByteCap {
+        ByteCap {
+            held: Buffered::hold(first),
+            max,
+        }
+    }
+
+    pub fn used(&self) -> u64 {
+        self.held.bytes()
+    }
+
+    /// Counts `bytes` more, unless they would pass this read's cap, or take every read's together past
+    /// `buffer-max-bytes` while other reads hold bytes.
+    fn take(&mut self, bytes: u64) -> Result<(), LogRead> {
+        if self.used() + bytes > self.max {
+            return Err(LogRead::OverCap);
+        }
+        let now = metrics::buffered_now();
+        let others = now.saturating_sub(self.used());
+        let max = buffer_max();
+        if others > 0 && now + bytes > max {
+            return Err(LogRead::Full(max));
+        }
+        self.held.grow(bytes);
+        Ok(())
+    }
+
+    /// What this read copied is freed: it counts no more.
+    pub fn release(&mut self) {
+        self.held.release();
+    }
+}
+
+/// `buffer-max-bytes`.
+fn buffer_max() -> u64 {
+    configs::BUFFER_MAX_BYTES.get().max(0) as u64
+}
+
+/// Whether the module holds `buffer-max-bytes` or more for flows in flight: a sweep begins no flow
+/// then.
+pub fn buffers_full() -> bool {
+    metrics::buffered_now() >= buffer_max()
 }
 
 /// How a `read_log` call ended.
@@ -75,6 +123,9 @@ pub enum LogRead {
     Read,
     /// The next event would pass the cap; it was measured where the server holds it, not copied.
     OverCap,
+    /// The next event would take the module past `buffer-max-bytes` (this many bytes) while other
+    /// reads hold bytes; measured, not copied.
+    Full(u64),
     /// The list ended before `total`: it shrank since it was measured.
     Shrunk,
 }
@@ -94,15 +145,14 @@ pub fn read_log(
     let from = out.len();
     let to = (from + EVENTS_PER_STEP).min(total);
     let deadline = (total > EVENTS_PER_STEP).then(|| Instant::now() + step_budget());
-    let (mut over, mut paused, chunk_start) = (false, false, cap.used);
+    let (mut refused, mut paused, chunk_start) = (None, false, cap.used());
     list_range_each(ctx, key, from, to, |event| {
-        cap.used += event.len() as u64 + 1;
-        if cap.used > cap.max {
-            over = true;
+        if let Err(why) = cap.take(event.len() as u64 + 1) {
+            refused = Some(why);
             return ControlFlow::Break(());
         }
         out.push(event.to_vec());
-        let moved_on = out.len() - from >= MIN_CHUNK || cap.used - chunk_start >= MIN_CHUNK_BYTES;
+        let moved_on = out.len() - from >= MIN_CHUNK || cap.used() - chunk_start >= MIN_CHUNK_BYTES;
         paused = deadline.is_some_and(|d| moved_on && Instant::now() >= d);
         if paused {
             ControlFlow::Break(())
@@ -110,9 +160,9 @@ pub fn read_log(
             ControlFlow::Continue(())
         }
     })?;
-    Ok(match (over, paused) {
-        (true, _) => LogRead::OverCap,
-        (false, false) if out.len() != to => LogRead::Shrunk,
+    Ok(match (refused, paused) {
+        (Some(why), _) => why,
+        (None, false) if out.len() != to => LogRead::Shrunk,
         _ => LogRead::Read,
     })
 }

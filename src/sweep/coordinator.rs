@@ -5,8 +5,10 @@
 //! Why a state machine: the coordinator is in one of three phases, and each round of work is one
 //! function that says which phase comes next, instead of nested loops whose flags decide when to stop.
 //! - `Selecting`: take the uploads that returned, commit them and begin as many candidates as uploaders
-//!   are free, in one batched step (each step is a wake-up of the event loop and of this thread, so a
-//!   round costs one); wait for an upload only when there was nothing to do. It ends when selection is exhausted, LIMIT is reached or the uploaders are gone.
+//!   are free (none while the module holds `buffer-max-bytes` for flows in flight), in one batched
+//!   step (each step is a wake-up of the event loop and of this thread, so a round costs one); wait
+//!   for an upload only when there was nothing to do. It ends when selection is exhausted, LIMIT is
+//!   reached or the uploaders are gone.
 //! - `Draining`: the job channel is closed, so the uploaders end once the flows out are done; commit
 //!   each batch as it returns until the results channel closes (no uploader outlives its sweep).
 //! - `Done`.
@@ -159,10 +161,14 @@ impl<'a> Coordinator<'a> {
 
     fn select_round(&mut self) -> Result<Phase, Stopped> {
         self.take_returned();
-        let free = self
-            .settings
-            .concurrency
-            .saturating_sub(self.uploading.len());
+        let free = match mainthread::buffers_full() && !self.uploading.is_empty() {
+            // The module holds `buffer-max-bytes` for flows in flight: begin more once some are done.
+            true => 0,
+            false => self
+                .settings
+                .concurrency
+                .saturating_sub(self.uploading.len()),
+        };
         let flows = self.next_candidates(free)?;
         let began = !flows.is_empty();
         let committed = !self.returned.is_empty();

@@ -62,7 +62,8 @@ impl Outcome {
             | FlowError::TooRecent { .. }
             | FlowError::Conflict(_)
             | FlowError::Leased(_)
-            | FlowError::Busy => Outcome::SkippedIneligible,
+            | FlowError::Busy
+            | FlowError::Full(_) => Outcome::SkippedIneligible,
             _ => Outcome::Failed(err.kind()),
         }
     }
@@ -207,6 +208,7 @@ mod tests {
             (FlowError::Conflict("x".into()), SkippedIneligible),
             (FlowError::Leased("lease".into()), SkippedIneligible),
             (FlowError::Busy, SkippedIneligible),
+            (FlowError::Full(1), SkippedIneligible),
             (FlowError::Unreadable("x".into()), Failed("unreadable")),
             (FlowError::Internal("x".into()), Failed("internal")),
             (FlowError::Unsafe("x".into()), Failed("unsafe")),
