@@ -1,7 +1,15 @@
-//! Command handlers: each parses its arguments and calls one function. A panic never crosses into the
-//! server: it becomes an error reply and a log line.
+//! The module's commands: each declared with the redis-module crate's `#[command]` (flags, key specs,
+//! ACL category, docs), and its handler, which parses the arguments and calls one function. A panic
+//! never crosses into the server: it becomes an error reply and a log line.
+//!
+//! Key specs: `FLOW` and `GET` declare the flow id as a routing-only key (`NotKey`: the server and
+//! cluster clients route by it; ACL key patterns and `COMMAND GETKEYS` see no key; `runtime::cluster`).
+//! The ACL stand-in's key specs are one keyword-led group per access (`runtime::acl`). The arity stays
+//! -1: each handler answers a wrong argument count itself. On a server without per-command ACL
+//! categories (Redis 7.0) the category is not set (`runtime::registration`).
 
 use redis_module::{Context, NextArg, RedisError, RedisResult, RedisString};
+use redis_module_macros::command;
 
 use crate::archive;
 use crate::ops::errors;
@@ -43,12 +51,61 @@ fn id_and_flag(args: Vec<RedisString>, flag: &str) -> Result<(String, bool), Red
 }
 
 /// FLOWARCHIVE.ACLCHECK: the stand-in `runtime::acl` hands the server's ACL check; a client's call
-/// touches nothing.
+/// touches nothing. Its key specs are the keys of `READ <n> <key>...`, `REMOVE <n> <key>...` and
+/// `ADD <n> <key>...`, each group found by its keyword (from the first argument on), with the flags
+/// the server's ACL asks of that access (`acl::Access`: read; read and write, delete; read and write,
+/// insert). `acl::init` proves at load that the server finds exactly the keys `acl` lays out.
+#[command(
+    {
+        name: "flowarchive.aclcheck",
+        flags: [NoMandatoryKeys],
+        summary: "Not for clients: flowarchive checks an archive's keys against the caller's ACL as this one command's keys; a call answers an error.",
+        arity: -1,
+        key_spec: [
+            {
+                flags: [ReadOnly, Access],
+                begin_search: Keyword({ keyword: "READ", startfrom: 1 }),
+                find_keys: Keynum({ key_num_idx: 0, first_key: 1, key_step: 1 }),
+            },
+            {
+                flags: [ReadWrite, Access, Delete],
+                begin_search: Keyword({ keyword: "REMOVE", startfrom: 1 }),
+                find_keys: Keynum({ key_num_idx: 0, first_key: 1, key_step: 1 }),
+            },
+            {
+                flags: [ReadWrite, Access, Insert],
+                begin_search: Keyword({ keyword: "ADD", startfrom: 1 }),
+                find_keys: Keynum({ key_num_idx: 0, first_key: 1, key_step: 1 }),
+            },
+        ],
+        acl_categories: [Single("flowarchive")],
+    }
+)]
 pub fn aclcheck(_ctx: &Context, _args: Vec<RedisString>) -> RedisResult {
     Err(RedisError::Str(acl::STANDIN_CALLED))
 }
 
 /// FLOWARCHIVE.FLOW <flow_id> [FORCE]
+#[command(
+    {
+        name: "flowarchive.flow",
+        flags: [Write, DenyScript],
+        summary: "Archives one terminal flow to S3 now and removes its live keys; only the calling client waits.",
+        arity: -1,
+        key_spec: [
+            {
+                flags: [ReadOnly, NotKey],
+                begin_search: Index({ index: 1 }),
+                find_keys: Range({ last_key: 0, steps: 1, limit: 0 }),
+            },
+        ],
+        args: [
+            { name: "flow_id", arg_type: String },
+            { name: "force", arg_type: PureToken, token: "FORCE", flags: [Optional] },
+        ],
+        acl_categories: [Single("flowarchive")],
+    }
+)]
 pub fn flow(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     guarded("FLOWARCHIVE.FLOW", || {
         let (id, force) = id_and_flag(args, "FORCE")?;
@@ -57,6 +114,27 @@ pub fn flow(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
 }
 
 /// FLOWARCHIVE.GET <flow_id> [EVENTS] [PREVIOUS n]
+#[command(
+    {
+        name: "flowarchive.get",
+        flags: [ReadOnly],
+        summary: "Answers a flow's state: from its live keys, else from its verified archive.",
+        arity: -1,
+        key_spec: [
+            {
+                flags: [ReadOnly, NotKey],
+                begin_search: Index({ index: 1 }),
+                find_keys: Range({ last_key: 0, steps: 1, limit: 0 }),
+            },
+        ],
+        args: [
+            { name: "flow_id", arg_type: String },
+            { name: "events", arg_type: PureToken, token: "EVENTS", flags: [Optional] },
+            { name: "previous", arg_type: Integer, token: "PREVIOUS", display_text: "n", flags: [Optional] },
+        ],
+        acl_categories: [Single("flowarchive")],
+    }
+)]
 pub fn get(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     guarded("FLOWARCHIVE.GET", || {
         if args.len() < 2 {
@@ -92,6 +170,21 @@ pub fn get(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
 }
 
 /// FLOWARCHIVE.SWEEP [LIMIT n] [DRYRUN] [ASYNC]
+#[command(
+    {
+        name: "flowarchive.sweep",
+        flags: [Write, DenyScript],
+        summary: "Runs one retention sweep of the caller's DB: archives the terminal flows idle longer than the retention.",
+        arity: -1,
+        key_spec: [],
+        args: [
+            { name: "limit", arg_type: Integer, token: "LIMIT", display_text: "n", flags: [Optional] },
+            { name: "dryrun", arg_type: PureToken, token: "DRYRUN", flags: [Optional] },
+            { name: "async", arg_type: PureToken, token: "ASYNC", flags: [Optional] },
+        ],
+        acl_categories: [Single("flowarchive")],
+    }
+)]
 pub fn sweep(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     guarded("FLOWARCHIVE.SWEEP", || {
         let mut request = sweep::Request::default();

@@ -3,8 +3,9 @@
 //! The rooms follow the data: `archive` (begin → capture → encode → store → commit), `read` (live keys,
 //! else fetch → decode → cache), `sweep` (select → uploaders → progress), `s3` (presigned requests),
 //! `runtime` (the module inside the server: main-thread steps, change watch, server calls, pools, ACL,
-//! cluster guard) and `ops` (configs, INFO, errors, logs). This file registers commands, configs and
-//! events, and guards load and unload.
+//! cluster guard) and `ops` (configs, INFO, errors, logs). The commands are declared where they are
+//! handled (`commands`, with the crate's `#[command]`, registered by `redis_module!` below); this file
+//! registers configs and events, and guards load and unload.
 
 mod archive;
 mod capped;
@@ -29,7 +30,7 @@ use redis_module::{raw, redis_module, AclCategory, Context, RedisString, Status}
 
 use crate::ops::{configs, errors, log};
 use crate::read::fetch;
-use crate::runtime::{cluster, heap, mainthread, pool, watch};
+use crate::runtime::{cluster, heap, mainthread, pool, registration, watch};
 
 /// Valkey turns a replica's async (`swapdb`) diskless load into a blocking disk load unless every
 /// module declares it handles it: the module treats the swap at its end as a change to every flow in
@@ -42,6 +43,9 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
     if let Some(why) = configs::refused_load_args(args) {
         log::warning(&why);
         return Status::Err;
+    }
+    if registration::lacking() {
+        log::warning(errors::NO_COMMAND_CATEGORIES);
     }
     if let Err(why) = runtime::acl::init(ctx) {
         log::warning(&format!("flowarchive: {why}"));
@@ -92,14 +96,6 @@ redis_module! {
     acl_categories: ["flowarchive",],
     init: init,
     deinit: deinit,
-    commands: [
-        ["flowarchive.flow", commands::flow, "write deny-script", 0, 0, 0, "", "flowarchive"],
-        ["flowarchive.get", commands::get, "readonly", 0, 0, 0, "", "flowarchive"],
-        ["flowarchive.sweep", commands::sweep, "write deny-script", 0, 0, 0, "", "flowarchive"],
-        // The stand-in through which the server's ACL checks an archive's keys as one command
-        // (`runtime::acl`); its key specs are declared in `init`.
-        ["flowarchive.aclcheck", commands::aclcheck, "no-mandatory-keys", 0, 0, 0, "", "flowarchive"],
-    ],
     configurations: [
         i64: [
             ["request-timeout-ms", &configs::REQUEST_TIMEOUT_MS.value, configs::REQUEST_TIMEOUT_MS.default, configs::REQUEST_TIMEOUT_MS.min, configs::REQUEST_TIMEOUT_MS.max, ConfigurationFlags::DEFAULT, None],

@@ -41,7 +41,6 @@ use std::sync::{Mutex, OnceLock};
 use redis_module::{raw, AclPermissions, CallReply, Context, RedisString};
 
 use crate::ops::errors::{show_key, FlowError};
-use crate::runtime::keyspec;
 use crate::runtime::server::{bytes, call, selected_db, string, strings};
 use crate::sync::lock;
 
@@ -132,6 +131,9 @@ impl Access {
         self == other || other == Access::Read
     }
 
+    /// What the server's ACL asks of a key with this access, alone (`ACLCheckKeyPermissions`); the
+    /// stand-in's key spec for the access asks the same of its group (`commands::aclcheck`: read;
+    /// write for delete and insert).
     fn permissions(self) -> AclPermissions {
         match self {
             Access::Read => AclPermissions::ACCESS,
@@ -147,25 +149,6 @@ impl Access {
             Access::Remove => "REMOVE",
             Access::Add => "ADD",
         }
-    }
-
-    /// The flags of the stand-in's key spec for this access: what the server's ACL requires of such
-    /// a key (read for ACCESS, write for DELETE and INSERT).
-    fn key_spec_flags(self) -> u64 {
-        let flags = match self {
-            Access::Read => raw::REDISMODULE_CMD_KEY_RO | raw::REDISMODULE_CMD_KEY_ACCESS,
-            Access::Remove => {
-                raw::REDISMODULE_CMD_KEY_RW
-                    | raw::REDISMODULE_CMD_KEY_ACCESS
-                    | raw::REDISMODULE_CMD_KEY_DELETE
-            }
-            Access::Add => {
-                raw::REDISMODULE_CMD_KEY_RW
-                    | raw::REDISMODULE_CMD_KEY_ACCESS
-                    | raw::REDISMODULE_CMD_KEY_INSERT
-            }
-        };
-        u64::from(flags)
     }
 }
 
@@ -422,13 +405,12 @@ fn has_selectors(ctx: &Context, user: &str) -> bool {
     true
 }
 
-/// At load: finds `ACLCheckPermissions`, declares the stand-in's key specs, one per access (keyword,
-/// then `<n>` keys), and proves that the server finds exactly the keys `standin_args` lays out. A
-/// stand-in whose keys the server did not find would pass every check with no key checked, so
-/// without that the module does not load.
+/// At load: finds `ACLCheckPermissions` and proves that the server finds, by the stand-in's key specs
+/// (declared with the command, `commands::aclcheck`: one per access, its keyword, then `<n>` keys),
+/// exactly the keys `standin_args` lays out. A stand-in whose keys the server did not find would pass
+/// every check with no key checked, so without that the module does not load.
 pub fn init(ctx: &Context) -> Result<(), String> {
     CHECK_IN_DB.get_or_init(check_in_db);
-    declare_key_specs(ctx)?;
     let mismatch = || {
         format!("the server finds other keys in {STANDIN}'s arguments than flowarchive lays out; ACL checks would be wrong, so the module does not load")
     };
@@ -456,33 +438,6 @@ pub fn init(ctx: &Context) -> Result<(), String> {
         ("a", Access::Add),
     ])?;
     sample(&[("d", Access::Remove), ("a", Access::Add)])
-}
-
-fn declare_key_specs(ctx: &Context) -> Result<(), String> {
-    let failed = || format!("cannot declare the key specs of {STANDIN}; the module does not load");
-    let keywords: Vec<CString> = Access::ALL
-        .iter()
-        .map(|a| CString::new(a.keyword()))
-        .collect::<Result<_, _>>()
-        .map_err(|_| failed())?;
-    let summary = c"Not for clients: flowarchive checks an archive's keys against the caller's ACL as this one command's keys; a call answers an error.";
-    // One spec per access.
-    let mut specs = [keyspec::blank(); 3];
-    for ((spec, access), keyword) in specs.iter_mut().zip(Access::ALL).zip(&keywords) {
-        spec.flags = access.key_spec_flags();
-        spec.begin_search_type =
-            raw::RedisModuleKeySpecBeginSearchType_REDISMODULE_KSPEC_BS_KEYWORD;
-        spec.bs.keyword.keyword = keyword.as_ptr();
-        spec.bs.keyword.startfrom = 1;
-        spec.find_keys_type = raw::RedisModuleKeySpecFindKeysType_REDISMODULE_KSPEC_FK_KEYNUM;
-        spec.fk.keynum.keynumidx = 0;
-        spec.fk.keynum.firstkey = 1;
-        spec.fk.keynum.keystep = 1;
-    }
-    match keyspec::declare(ctx, STANDIN, &specs, Some(summary)) {
-        true => Ok(()),
-        false => Err(failed()),
-    }
 }
 
 #[cfg(test)]

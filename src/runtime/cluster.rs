@@ -3,9 +3,9 @@
 //! smallest non-negative integer whose decimal text hashes to that slot, so the index entry is
 //! written by the commit that deletes the flow, in one slot, on the node that owns it.
 //!
-//! The commands declare the flow id as a routing-only key (key spec flag `NOT_KEY`: cluster clients
-//! and the server route by it, ACL checks and `COMMAND GETKEYS` see no key), so a wrong node answers
-//! `-MOVED`. A commit proves, in the same main-thread step as its writes, that this node still serves
+//! `FLOWARCHIVE.FLOW` and `GET` declare the flow id as a routing-only key (`commands`: key spec flag
+//! `NOT_KEY`, read-only, argument 1; cluster clients and the server route by it, ACL checks and
+//! `COMMAND GETKEYS` see no key), so a wrong node answers `-MOVED`. A commit proves, in the same main-thread step as its writes, that this node still serves
 //! the flow's slot as primary, that the slot is not being migrated (classic `MIGRATING`/`IMPORTING`
 //! or a Valkey 9 atomic slot migration), and that no atomic migration of that slot began or ended
 //! since the capture; anything else abandons the archive with the flow live. (A classic migration
@@ -20,19 +20,14 @@ use std::sync::Mutex;
 use redis_module::{raw, CallReply, Context, ContextFlags};
 
 use crate::ops::errors::{show_key, FlowError};
-use crate::runtime::keyspec;
 use crate::runtime::server::call;
 use crate::slot::{self, tags, SLOTS};
 pub use crate::slot::{enabled, key_slot};
 use crate::sync::lock;
 
-/// At load: remembers cluster mode, builds the slot tag table, declares the routing key of the
-/// commands and follows atomic slot migrations.
+/// At load: remembers cluster mode, builds the slot tag table and follows atomic slot migrations.
 pub fn init(ctx: &Context) {
     slot::set_enabled(ctx.get_flags().contains(ContextFlags::CLUSTER));
-    for name in ["flowarchive.flow", "flowarchive.get"] {
-        declare_id_key(ctx, name);
-    }
     if enabled() {
         slot::build_tags();
         subscribe_slot_migrations(ctx);
@@ -263,25 +258,4 @@ pub fn check_commit(
         )));
     }
     Ok(())
-}
-
-// ------------------------------------------------------------------ routing
-
-/// Declares argument 1 (the flow id) of `name` as a routing-only key: `NOT_KEY` (the id names no key;
-/// ACL key patterns and `COMMAND GETKEYS` ignore it), read-only, begin at index 1, one key. The server
-/// derives first/last/step 1/1/1 from it, which is what cluster routing (its own and clients') reads.
-fn declare_id_key(ctx: &Context, name: &str) {
-    let mut spec = keyspec::blank();
-    spec.flags = (raw::REDISMODULE_CMD_KEY_RO | raw::REDISMODULE_CMD_KEY_NOT_KEY) as u64;
-    spec.begin_search_type = raw::RedisModuleKeySpecBeginSearchType_REDISMODULE_KSPEC_BS_INDEX;
-    spec.bs.index.pos = 1;
-    spec.find_keys_type = raw::RedisModuleKeySpecFindKeysType_REDISMODULE_KSPEC_FK_RANGE;
-    spec.fk.range.lastkey = 0;
-    spec.fk.range.keystep = 1;
-    spec.fk.range.limit = 0;
-    if !keyspec::declare(ctx, name, &[spec], None) {
-        crate::ops::log::warning(&format!(
-            "flowarchive: cannot declare the flow id of {name} for cluster routing"
-        ));
-    }
 }

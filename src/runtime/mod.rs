@@ -1,13 +1,13 @@
 //! The module inside the server: main-thread hand-off, change watch, server calls, pools, its own
-//! heap, ACL and cluster checks.
+//! heap, ACL and cluster checks, and the commands' registration.
 
 pub mod acl;
 pub mod blocking;
 pub mod cluster;
 pub mod heap;
-mod keyspec;
 pub mod mainthread;
 pub mod pool;
+pub mod registration;
 pub mod reply;
 pub mod server;
 pub mod watch;
