@@ -103,6 +103,10 @@ fn commit(
     {
         return Err(FlowError::Changed);
     }
+    // Every key the commit reads or writes is checked as the keys of one command, as at capture: the
+    // index and lease reads below are then implied by the guard's joined check, not asked again.
+    let caller = caller.one_command();
+    let caller: &Caller = &caller;
     let slot = guard::check(ctx, caller, flow, previous.as_ref(), layout)?;
     // On a cluster: still this node's slot, not moving, and no migration of it since the capture.
     cluster::check_commit(ctx, slot, *motion)?;
