@@ -481,3 +481,65 @@ fn flows_in_flight_hold_no_more_than_buffer_max_bytes() {
     );
     assert_eq!(tally.archived, ids.len());
 }
+
+/// A flood of GETs of unknown ids while no index exists for the DB (every one searched in the
+/// bucket): each is answered, nil or the busy error, never more than two HEADs per id asked, and the
+/// server answers other clients throughout. 16 clients of a read-only user ask 100 distinct ids each.
+#[test]
+fn a_flood_of_unknown_ids_without_an_index_costs_two_heads_each_at_most() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &["cache-bytes", "0"]);
+    let mut c = srv.conn();
+    cmd::<()>(
+        &mut c,
+        &[
+            "ACL",
+            "SETUSER",
+            "reader",
+            "on",
+            "nopass",
+            "+@flowarchive",
+            "~*",
+        ],
+    )
+    .unwrap();
+    let before = proxy.requests().len();
+    let clients: Vec<_> = (0..16)
+        .map(|n| {
+            let mut r = srv.conn();
+            std::thread::spawn(move || {
+                cmd::<()>(&mut r, &["AUTH", "reader", "x"]).unwrap();
+                let (mut nil, mut busy) = (0, 0);
+                for i in 0..100 {
+                    match get(&mut r, &format!("unknown-{n}-{i}")) {
+                        Ok(None) => nil += 1,
+                        Err(e) if e.to_string().contains("busy") => busy += 1,
+                        other => panic!("unknown-{n}-{i}: {other:?}"),
+                    }
+                }
+                (nil, busy)
+            })
+        })
+        .collect();
+    // Other clients are served while the flood runs.
+    for _ in 0..20 {
+        assert_eq!(cmd::<String>(&mut c, &["PING"]).unwrap(), "PONG");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (mut nil, mut busy) = (0, 0);
+    for client in clients {
+        let (n, b) = client.join().unwrap();
+        nil += n;
+        busy += b;
+    }
+    assert_eq!(nil + busy, 1600);
+    let asked = &proxy.requests()[before..];
+    assert!(asked.iter().all(|r| r.starts_with("HEAD ")), "only HEADs");
+    assert!(
+        asked.len() <= 2 * nil,
+        "{} requests for {nil} ids searched",
+        asked.len()
+    );
+    assert!(nil > 0, "every GET refused busy");
+}
