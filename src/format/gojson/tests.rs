@@ -290,3 +290,26 @@ fn structs_decode_and_encode_as_go_does() {
         assert!(probe(refused).is_err(), "{refused}");
     }
 }
+
+#[test]
+fn strings_escape_only_what_go_escapes_around_multibyte_characters() {
+    let written = |s: &str| {
+        let mut out = Vec::new();
+        super::write::write_str(&mut out, s);
+        String::from_utf8(out).unwrap()
+    };
+    // U+2027, U+2068 and U+20AC share bytes with U+2028/2029 and are written as they are; U+2028 and
+    // U+2029 are escaped wherever they stand, next to other multibyte characters too.
+    assert_eq!(written("\u{2027}\u{2068}€"), "\"\u{2027}\u{2068}€\"");
+    assert_eq!(written("\u{2028}"), "\"\\u2028\"");
+    assert_eq!(written("é\u{2029}😀\u{2028}x"), "\"é\\u2029😀\\u2028x\"");
+    assert_eq!(
+        written("a<b>&\u{1}\u{1f}\u{7f}"),
+        "\"a\\u003cb\\u003e\\u0026\\u0001\\u001f\u{7f}\""
+    );
+    assert_eq!(written(""), "\"\"");
+    assert_eq!(
+        written("plain text, no escape"),
+        "\"plain text, no escape\""
+    );
+}

@@ -2,35 +2,53 @@
 
 /// Appends `s` as Go writes a string: `"`, `\` and control characters escaped (`\b \f \n \r \t`, the
 /// rest `\u00XX`), and `<`, `>`, `&`, U+2028 and U+2029 as `\u` escapes.
+///
+/// Byte by byte, runs without an escape copied whole: every character escaped but two is ASCII, and
+/// U+2028 and U+2029 are the only ones encoded `E2 80 A8` and `E2 80 A9` (a lead byte `E2` is never
+/// part of another character).
 pub fn write_str(out: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.push(b'"');
     let bytes = s.as_bytes();
-    let mut start = 0;
-    for (i, c) in s.char_indices() {
-        let escaped: Option<&[u8]> = match c {
-            '"' => Some(b"\\\""),
-            '\\' => Some(b"\\\\"),
-            '\u{8}' => Some(b"\\b"),
-            '\u{c}' => Some(b"\\f"),
-            '\n' => Some(b"\\n"),
-            '\r' => Some(b"\\r"),
-            '\t' => Some(b"\\t"),
-            '<' | '>' | '&' | '\u{0}'..='\u{1f}' | '\u{2028}' | '\u{2029}' => None,
-            _ => continue,
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
+    let (mut start, mut i) = (0, 0);
+    while i < bytes.len() {
+        let b = bytes[i];
+        let (escaped, code, len): (Option<&[u8]>, u32, usize) = match b {
+            b'"' => (Some(b"\\\""), 0, 1),
+            b'\\' => (Some(b"\\\\"), 0, 1),
+            0x08 => (Some(b"\\b"), 0, 1),
+            0x0c => (Some(b"\\f"), 0, 1),
+            b'\n' => (Some(b"\\n"), 0, 1),
+            b'\r' => (Some(b"\\r"), 0, 1),
+            b'\t' => (Some(b"\\t"), 0, 1),
+            b'<' | b'>' | b'&' | 0x00..=0x1f => (None, u32::from(b), 1),
+            0xe2 => match (bytes.get(i + 1), bytes.get(i + 2)) {
+                (Some(0x80), Some(&last @ (0xa8 | 0xa9))) => {
+                    (None, 0x2028 + u32::from(last - 0xa8), 3)
+                }
+                _ => {
+                    i += 1;
+                    continue;
+                }
+            },
+            _ => {
+                i += 1;
+                continue;
+            }
         };
         out.extend_from_slice(&bytes[start..i]);
         match escaped {
             Some(e) => out.extend_from_slice(e),
             None => {
-                let n = c as u32;
                 out.extend_from_slice(b"\\u");
                 for shift in [12, 8, 4, 0] {
-                    out.push(HEX[((n >> shift) & 0xF) as usize]);
+                    out.push(HEX[((code >> shift) & 0xF) as usize]);
                 }
             }
         }
-        start = i + c.len_utf8();
+        i += len;
+        start = i;
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
