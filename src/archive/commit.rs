@@ -17,7 +17,7 @@ use redis_module::{Context, ContextFlags, KeyType};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::archive::capture::{self, Capture};
+use crate::archive::capture::Capture;
 use crate::archive::guard;
 use crate::archive::proof::{self, Fingerprint};
 use crate::format::captured::Captured;
@@ -25,7 +25,7 @@ use crate::index;
 use crate::layout::Layout;
 use crate::ops::errors::{self, FlowError};
 use crate::ops::metrics::Stage;
-use crate::runtime::acl::Caller;
+use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::cluster;
 use crate::runtime::mainthread;
 use crate::runtime::server::{call_replicated, hash_get, integer, type_of, zset_score};
@@ -76,6 +76,18 @@ fn unchanged(ctx: &Context, flow: &Captured, layout: &Layout) -> Result<bool, Fl
     Ok(true)
 }
 
+/// Refuses a flow the engine's own archiver holds (its lease key exists): it is left to that archiver.
+fn unleased(ctx: &Context, caller: &Caller, flow: &Captured) -> Result<(), FlowError> {
+    let Some(lease) = &flow.keys.lease else {
+        return Ok(());
+    };
+    acl::check(ctx, caller, lease, Access::Read)?;
+    if type_of(ctx, lease) != KeyType::Empty {
+        return Err(FlowError::Leased(lease.clone()));
+    }
+    Ok(())
+}
+
 fn write(ctx: &Context, cmd: &str, args: &[&[u8]]) -> Result<i64, FlowError> {
     let reply = call_replicated(ctx, cmd, args)
         .map_err(|e| FlowError::Internal(format!("{cmd} failed during commit: {e}")))?;
@@ -113,7 +125,7 @@ fn commit(
         return Err(indexed.map_or(FlowError::Changed, |e| FlowError::Conflict(e.location)));
     }
     // The engine's own archiver may have taken the flow meanwhile.
-    capture::unleased(ctx, caller, &flow.keys)?;
+    unleased(ctx, caller, flow)?;
     // From here every write is certain to succeed. Our own deletes may raise keyspace events on
     // followed keys; the watch is dropped by the caller afterwards.
     let member = flow.keys.member.as_bytes();

@@ -97,7 +97,7 @@ kinds! {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum FlowError {
     NotFound,
     NotTerminal(String),

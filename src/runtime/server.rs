@@ -275,6 +275,26 @@ pub fn expect_type(ctx: &Context, key: &str, expected: &KeyType) -> Result<bool,
     holds(key, &type_of(ctx, key), expected)
 }
 
+/// The type of `key` (`Empty` where there is none), and what `value_of` reads of it where it holds
+/// `expected`.
+pub fn read_typed<T>(
+    ctx: &Context,
+    key: Option<&str>,
+    expected: KeyType,
+    value_of: impl FnOnce(&str) -> Option<T>,
+) -> (KeyType, Option<T>) {
+    let Some(key) = key else {
+        return (KeyType::Empty, None);
+    };
+    let kind = type_of(ctx, key);
+    let value = if kind == expected {
+        value_of(key)
+    } else {
+        None
+    };
+    (kind, value)
+}
+
 /// A string value's bytes, if the key holds a string.
 pub fn read_string(ctx: &Context, key: &str) -> Option<Vec<u8>> {
     with_string(ctx, key, |v| v.map(<[u8]>::to_vec))
