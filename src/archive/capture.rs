@@ -3,9 +3,9 @@
 //! `inspect` decides whether a flow is archived now, in three phases: the caller's rights on every key
 //! known without reading (`rights`), so nothing is read before they are; every fact the decision needs
 //! read in one go (`read_facts`: types, lengths, the index entry, the status entries, the log's end,
-//! the small keys); then the judgement on those facts, without the server (`judge`). The commit's
-//! preconditions are checked last (`guard::check`), so an archive that could not commit is refused
-//! before anything is uploaded.
+//! the small keys); then the judgement on those facts, without the server (`judge`). What the commit
+//! will touch beyond what the capture checked is checked last (`guard::check_rest`), so an archive
+//! that could not commit is refused before anything is uploaded.
 //!
 //! `read_more` reads the log in bounded chunks, each in its own short main-thread step, so a flow of
 //! 100,000 events never stalls the server in one go. A log longer than one chunk is followed by the
@@ -99,7 +99,8 @@ impl Start {
 }
 
 /// Every check an archive begins with (`archive::begin`), reading no events but the last and watching
-/// nothing (also DRYRUN's test): rights, facts, judgement, then the commit's preconditions.
+/// nothing (also DRYRUN's test): rights, facts, judgement, then the commit's preconditions the
+/// capture has not checked itself.
 pub fn inspect(
     ctx: &Context,
     caller: &Caller,
@@ -117,7 +118,7 @@ pub fn inspect(
     // every key of the archive allowed together with the others, as the keys of one command.
     let caller = caller.one_command();
     let caller: &Caller = &caller;
-    rights(ctx, caller, &keys, id)?;
+    let index_keys = rights(ctx, caller, &keys, id)?;
     let facts = read_facts(ctx, caller, &keys, id, layout, max_bytes)?;
     let judged = match judge::judge(facts, &keys, layout, window, max_bytes)? {
         Verdict::Archived(location) => return Ok(Inspected::AlreadyArchived(location)),
@@ -136,7 +137,7 @@ pub fn inspect(
         previous: judged.previous.as_ref().map(|e| e.location.clone()),
     };
     let previous = judged.previous;
-    guard::check(ctx, caller, &flow, previous.as_ref(), layout)?;
+    guard::check_rest(ctx, caller, &flow, previous.as_ref(), layout, &index_keys)?;
     Ok(Inspected::Eligible {
         flow: Box::new(flow),
         events_total: judged.events_total,

@@ -25,7 +25,7 @@ use crate::index;
 use crate::layout::Layout;
 use crate::ops::errors::{self, FlowError};
 use crate::ops::metrics::Stage;
-use crate::runtime::acl::{self, Access, Caller};
+use crate::runtime::acl::Caller;
 use crate::runtime::cluster;
 use crate::runtime::mainthread;
 use crate::runtime::server::{call_replicated, hash_get, integer, type_of, zset_score};
@@ -77,15 +77,12 @@ fn unchanged(ctx: &Context, flow: &Captured, layout: &Layout) -> Result<bool, Fl
 }
 
 /// Refuses a flow the engine's own archiver holds (its lease key exists): it is left to that archiver.
-fn unleased(ctx: &Context, caller: &Caller, flow: &Captured) -> Result<(), FlowError> {
-    let Some(lease) = &flow.keys.lease else {
-        return Ok(());
-    };
-    acl::check(ctx, caller, lease, Access::Read)?;
-    if type_of(ctx, lease) != KeyType::Empty {
-        return Err(FlowError::Leased(lease.clone()));
+/// The guard checked, in the same step, that the caller may read the lease.
+fn unleased(ctx: &Context, flow: &Captured) -> Result<(), FlowError> {
+    match (flow.keys.lease.as_ref()).filter(|k| type_of(ctx, k) != KeyType::Empty) {
+        Some(lease) => Err(FlowError::Leased(lease.clone())),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 fn write(ctx: &Context, cmd: &str, args: &[&[u8]]) -> Result<i64, FlowError> {
@@ -125,7 +122,7 @@ fn commit(
         return Err(indexed.map_or(FlowError::Changed, |e| FlowError::Conflict(e.location)));
     }
     // The engine's own archiver may have taken the flow meanwhile.
-    unleased(ctx, caller, flow)?;
+    unleased(ctx, flow)?;
     // From here every write is certain to succeed. Our own deletes may raise keyspace events on
     // followed keys; the watch is dropped by the caller afterwards.
     let member = flow.keys.member.as_bytes();
