@@ -58,6 +58,21 @@ impl Entry {
     }
 }
 
+#[cfg(test)]
+impl Entry {
+    /// An entry in the hash format at `location`, for tests that judge without a server.
+    pub fn at(location: &str) -> Entry {
+        Entry {
+            location: location.to_string(),
+            format: IndexFormat::Hash,
+            index: String::new(),
+            hash: String::new(),
+            field: Vec::new(),
+            meta: None,
+        }
+    }
+}
+
 /// The location a flow is archived at, if any: the configured format first, then the other.
 pub fn location(
     ctx: &Context,

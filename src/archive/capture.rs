@@ -1,23 +1,27 @@
 //! Capture: reads one flow's keys natively inside the server, on the main thread.
 //!
-//! `inspect` checks eligibility and reads everything but the event log; `read_more` reads the log in
-//! bounded chunks, each in its own short main-thread step, so a flow of 100,000 events never stalls the
-//! server in one go. A log longer than one chunk is followed by the flow's watch from its first chunk
-//! on, so a write between two chunks is seen (`runtime::watch`).
+//! `inspect` decides whether a flow is archived now, in three phases: the caller's rights on every key
+//! known without reading (`rights`), so nothing is read before they are; every fact the decision needs
+//! read in one go (`read_facts`: types, lengths, the index entry, the status entries, the log's end,
+//! the small keys); then the judgement on those facts, without the server (`judge`). What the commit
+//! will touch beyond what the capture checked is checked last (`guard::check_rest`), so an archive
+//! that could not commit is refused before anything is uploaded.
+//!
+//! `read_more` reads the log in bounded chunks, each in its own short main-thread step, so a flow of
+//! 100,000 events never stalls the server in one go. A log longer than one chunk is followed by the
+//! flow's watch from its first chunk on, so a write between two chunks is seen (`runtime::watch`).
 //!
 //! A flow is its event log: it is live while its log exists, whether or not it has a snapshot (most of
 //! the engine's flows have none). A snapshot without a log is no flow. A live flow that is also in the
 //! archive index is a new incarnation of an archived id (the engine started the id again): it is
 //! archived as such, and its archive records the earlier one (`Captured::previous`, `Capture::previous`).
 
-use std::ops::ControlFlow;
-
 use redis_module::{Context, KeyType};
 
-use crate::archive::eligible::{self, SnapshotFacts, Window};
+use crate::archive::eligible::Window;
 use crate::archive::guard;
+use crate::archive::judge::{self, Facts, Found, Live, LogEnd, Scored, Snapshot, Verdict};
 use crate::format::captured::Captured;
-use crate::format::engine;
 use crate::index::{self, Entry};
 use crate::layout::{FlowKeys, Layout, StateSource};
 use crate::ops::errors::FlowError;
@@ -25,8 +29,8 @@ use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::cluster;
 use crate::runtime::mainthread::{read_log, ByteCap, LogRead, EVENTS_PER_STEP};
 use crate::runtime::server::{
-    bytes, call, expect_type, hash_get, hash_pairs, list_len, list_range_each, read_string,
-    type_of, with_string,
+    bytes, call, hash_get, hash_pairs, list_len, list_range_each, read_string, read_typed, type_of,
+    with_string,
 };
 use crate::runtime::watch::Watch;
 
@@ -94,16 +98,9 @@ impl Start {
     }
 }
 
-fn utf8(b: Vec<u8>, what: &str) -> Result<String, FlowError> {
-    String::from_utf8(b).map_err(|_| FlowError::Unreadable(format!("{what} is not UTF-8")))
-}
-
-/// How far back from the end of a log the status is looked for when no status index names it: the
-/// engine's terminal batch ends the log, and only a few late events can follow it.
-const STATUS_LOOKBACK: usize = 64;
-
 /// Every check an archive begins with (`archive::begin`), reading no events but the last and watching
-/// nothing (also DRYRUN's test).
+/// nothing (also DRYRUN's test): rights, facts, judgement, then the commit's preconditions the
+/// capture has not checked itself.
 pub fn inspect(
     ctx: &Context,
     caller: &Caller,
@@ -115,251 +112,154 @@ pub fn inspect(
 ) -> Result<Inspected, FlowError> {
     let keys = layout.flow_keys(id);
     // On a cluster: the flow's keys all in its id's slot, and that slot archivable here now.
-    cluster::archivable(ctx, cluster::placement(id, keys.named())?)?;
+    let slot = cluster::placement(id, keys.named())?;
+    cluster::archivable(ctx, slot)?;
     // Nothing is read before the caller is known to have the rights an archive needs on these keys,
     // every key of the archive allowed together with the others, as the keys of one command.
     let caller = caller.one_command();
     let caller: &Caller = &caller;
-    rights(ctx, caller, &keys, id)?;
-    let previous = match presence(ctx, caller, &keys, id, layout.state)? {
-        Presence::Archived(location) => return Ok(Inspected::AlreadyArchived(location)),
-        Presence::Live(previous) => previous,
+    let index_keys = rights(ctx, caller, &keys, id)?;
+    let facts = read_facts(ctx, caller, &keys, id, layout, max_bytes)?;
+    let judged = match judge::judge(facts, &keys, layout, window, max_bytes)? {
+        Verdict::Archived(location) => return Ok(Inspected::AlreadyArchived(location)),
+        Verdict::Eligible(judged) => *judged,
     };
-    unleased(ctx, caller, &keys)?;
-    let events_total = list_len(ctx, &keys.events)?;
-    // Measured where the server holds it: a snapshot no read could take back is never copied.
-    let snapshot = Snapshot {
-        key: &keys.snapshot,
-        len: with_string(ctx, &keys.snapshot, |v| v.map_or(0, <[u8]>::len)) as u64,
-        max_bytes,
-    };
-    let indexed = indexed_status(ctx, &keys)?;
-    // Folded flows are judged by their log's end, the others by their snapshot.
-    let tail = match layout.state {
-        StateSource::Fold => Some(tail(
-            ctx,
-            &keys.events,
-            events_total,
-            indexed.is_none(),
-            max_bytes,
-        )?),
-        StateSource::Snapshot => None,
-    };
-    let mut facts: Option<SnapshotFacts> = None;
-    let status = status_of(ctx, indexed, tail.as_ref(), &mut facts, &snapshot)?;
-    let status_score = status_score(ctx, caller, layout, id, &status, &keys.member)?;
-    let score_ms = status_score.as_deref().and_then(eligible::score_ms);
-    // Idle since the later of the status change and the last event: a late event restarts the clock.
-    let last_update_ms = match (&tail, score_ms) {
-        (Some(tail), score) => score.map_or(tail.last_ms, |s| s.max(tail.last_ms)),
-        (None, Some(score)) => score,
-        (None, None) => parsed(&mut facts, ctx, &snapshot)?.last_update_ms()?,
-    };
-    eligible::check(layout, &status, last_update_ms, window)?;
-    snapshot.fits()?;
     let flow = Captured {
         id: id.to_string(),
         db,
-        seq: read_seq(ctx, &keys)?,
-        // Labels no read could take back (they are part of the object) are not read whole either.
-        labels: read_labels(ctx, &keys, max_bytes)?.ok_or_else(|| too_large(max_bytes))?,
-        snapshot: read_string(ctx, &keys.snapshot),
+        seq: judged.seq,
+        labels: judged.labels,
+        snapshot: judged.snapshot,
         keys,
-        events: Vec::with_capacity(events_total.min(EVENTS_PER_STEP)),
-        status,
-        status_score,
-        previous: previous.as_ref().map(|e| e.location.clone()),
+        events: Vec::with_capacity(judged.events_total.min(EVENTS_PER_STEP)),
+        status: judged.status,
+        status_score: judged.status_score,
+        previous: judged.previous.as_ref().map(|e| e.location.clone()),
     };
-    let slot = guard::check(ctx, caller, &flow, previous.as_ref(), layout)?;
+    let previous = judged.previous;
+    guard::check_rest(ctx, caller, &flow, previous.as_ref(), layout, &index_keys)?;
     Ok(Inspected::Eligible {
         flow: Box::new(flow),
-        events_total,
+        events_total: judged.events_total,
         previous,
         slot,
     })
 }
 
-/// The caller may remove the flow's own keys and its status entry and add its index entry.
-/// All in one check where the index keys are known without reading (the hash format), else the own
-/// keys before the compact index's meta hash is read to find its keys.
-fn rights(ctx: &Context, caller: &Caller, keys: &FlowKeys, id: &str) -> Result<(), FlowError> {
-    let own = keys.own().map(|k| (k, Access::Remove));
-    let status = keys.status_hash.as_deref().map(|k| (k, Access::Remove));
-    let index_keys = match index::written_keys_unread(keys) {
-        Some(index_keys) => {
-            let index = index_keys.iter().map(|k| (k.as_str(), Access::Add));
-            return acl::check_keys(ctx, caller, own.chain(index).chain(status));
-        }
-        None => {
-            acl::check_keys(ctx, caller, own)?;
-            index::written_keys(ctx, caller, keys, id)?
-        }
-    };
-    let index = index_keys.iter().map(|k| (k.as_str(), Access::Add));
-    acl::check_keys(ctx, caller, index.chain(status))
-}
-
-/// The flow's status: its status index entry, else the status its log's end records (folded flows)
-/// or its snapshot's.
-fn status_of(
-    ctx: &Context,
-    indexed: Option<String>,
-    tail: Option<&Tail>,
-    facts: &mut Option<SnapshotFacts>,
-    snapshot: &Snapshot,
-) -> Result<String, FlowError> {
-    match (indexed, tail) {
-        (Some(status), _) => Ok(status),
-        (None, Some(tail)) => tail.status.clone().ok_or_else(|| {
-            FlowError::NotTerminal("none: no status index entry and no status event".into())
-        }),
-        (None, None) => parsed(facts, ctx, snapshot)?
-            .status()
-            .map(str::to_string)
-            .ok_or_else(|| FlowError::Unreadable("no status in the index or the snapshot".into())),
-    }
-}
-
-/// The flow's snapshot key, its length where the server holds it, and the capture's cap.
-struct Snapshot<'k> {
-    key: &'k str,
-    len: u64,
-    max_bytes: u64,
-}
-
-impl Snapshot<'_> {
-    /// A snapshot over the cap could never be read back: the flow is refused before it is copied.
-    fn fits(&self) -> Result<(), FlowError> {
-        if self.len > self.max_bytes {
-            return Err(too_large(self.max_bytes));
-        }
-        Ok(())
-    }
-}
-
-/// The snapshot's facts, parsed on first use where the server holds the snapshot.
-fn parsed<'f>(
-    facts: &'f mut Option<SnapshotFacts>,
-    ctx: &Context,
-    snapshot: &Snapshot,
-) -> Result<&'f SnapshotFacts, FlowError> {
-    match facts {
-        Some(f) => Ok(f),
-        None => {
-            snapshot.fits()?;
-            let read = with_string(ctx, snapshot.key, |v| {
-                SnapshotFacts::parse(v.unwrap_or_default())
-            })?;
-            Ok(facts.insert(read))
-        }
-    }
-}
-
-/// Whether a flow is live (with the index entry of an earlier incarnation, if any) or archived.
-enum Presence {
-    Live(Option<Entry>),
-    Archived(String),
-}
-
-/// A flow is live while its event log exists; without one it is archived if the index names it, else
-/// unknown (a snapshot alone is no flow). A layout whose state is its snapshot needs that too.
-fn presence(
+/// The caller may remove the flow's own keys and its status entry, add its index entry and read the
+/// lease: all in one check where the index keys are known without reading (the hash format), else the
+/// own keys before the compact index's meta hash is read to find its keys. The keys the index entry
+/// is written to.
+fn rights(
     ctx: &Context,
     caller: &Caller,
     keys: &FlowKeys,
     id: &str,
-    state: StateSource,
-) -> Result<Presence, FlowError> {
-    let has_events = expect_type(ctx, &keys.events, &KeyType::List)?;
-    let has_snapshot = expect_type(ctx, &keys.snapshot, &KeyType::String)?;
-    let entry = index::find(ctx, caller, keys, id)?;
-    match entry {
-        _ if has_events => {
-            if state == StateSource::Snapshot && !has_snapshot {
-                return Err(FlowError::Unreadable(format!(
-                    "snapshot {} is missing",
-                    crate::ops::errors::show_key(&keys.snapshot)
-                )));
-            }
-            Ok(Presence::Live(entry))
+) -> Result<Vec<String>, FlowError> {
+    let own = keys.own().map(|k| (k, Access::Remove));
+    let status = keys.status_hash.as_deref().map(|k| (k, Access::Remove));
+    let lease = keys.lease.as_deref().map(|k| (k, Access::Read));
+    match index::written_keys_unread(keys) {
+        Some(index_keys) => {
+            let index = index_keys.iter().map(|k| (k.as_str(), Access::Add));
+            acl::check_keys(ctx, caller, own.chain(index).chain(status).chain(lease))?;
+            Ok(index_keys)
         }
-        Some(entry) => Ok(Presence::Archived(entry.location)),
-        None => Err(FlowError::NotFound),
+        None => {
+            acl::check_keys(ctx, caller, own)?;
+            let index_keys = index::written_keys(ctx, caller, keys, id)?;
+            let index = index_keys.iter().map(|k| (k.as_str(), Access::Add));
+            acl::check_keys(ctx, caller, index.chain(status).chain(lease))?;
+            Ok(index_keys)
+        }
     }
 }
 
-/// Refuses a flow the engine's own archiver holds (its lease key exists): it is left to that archiver.
-pub fn unleased(ctx: &Context, caller: &Caller, keys: &FlowKeys) -> Result<(), FlowError> {
-    let Some(lease) = &keys.lease else {
-        return Ok(());
-    };
-    acl::check(ctx, caller, lease, Access::Read)?;
-    if type_of(ctx, lease) != KeyType::Empty {
-        return Err(FlowError::Leased(lease.clone()));
-    }
-    Ok(())
-}
-
-/// What the end of an event log says: when its last event happened, and the status the engine's
-/// indexer last set (looked for only when `want_status`).
-struct Tail {
-    last_ms: i64,
-    status: Option<String>,
-}
-
-/// Reads the last event of a log of `len` events (and, for the status, up to `STATUS_LOOKBACK` before
-/// it, newest first). An element the engine could not read as an event makes the flow unreadable.
-///
-/// Main thread: each element is measured before it is read, and once those measured pass `max_bytes`
-/// (`read-max-bytes`, each with its line end, as a capture counts them) the flow is too large to
-/// archive and nothing more is read: a huge late event costs the server a copy, not a parse. The
-/// others take `event_facts` a bounded amount of work per byte.
-fn tail(
+/// Every fact the judgement needs, read in one go once the caller's rights are checked. Nothing here
+/// refuses the flow: each key is read as far as its type allows, and a lookup that fails is recorded
+/// as such, for the judge to rank. A key holding no event log ends the read (no flow, or an archived
+/// one). The one key named by what is read, the status ZSET of the flow's status, is read last, once
+/// the caller may remove from it.
+fn read_facts(
     ctx: &Context,
-    key: &str,
-    len: usize,
-    want_status: bool,
+    caller: &Caller,
+    keys: &FlowKeys,
+    id: &str,
+    layout: &Layout,
     max_bytes: u64,
-) -> Result<Tail, FlowError> {
-    let from = len.saturating_sub(if want_status { STATUS_LOOKBACK } else { 1 });
-    let mut facts = Vec::with_capacity(len - from);
-    let mut failed = None;
-    let mut used = 0u64;
-    list_range_each(ctx, key, from, len, |element| {
-        used += element.len() as u64 + 1;
-        if used > max_bytes {
-            failed = Some(too_large(max_bytes));
-            return ControlFlow::Break(());
-        }
-        match engine::event_facts(element) {
-            Ok(f) => facts.push(f),
-            Err(e) => {
-                let at = from + facts.len();
-                failed = Some(FlowError::Unreadable(format!("event {at}: {e}")));
-            }
-        }
-        if failed.is_some() {
-            ControlFlow::Break(())
-        } else {
-            ControlFlow::Continue(())
-        }
-    })?;
-    if let Some(error) = failed {
-        return Err(error);
+) -> Result<Facts, FlowError> {
+    let mut facts = Facts {
+        entry: index::find(ctx, caller, keys, id),
+        events: type_of(ctx, &keys.events),
+        snapshot: type_of(ctx, &keys.snapshot),
+        live: None,
+    };
+    if facts.events != KeyType::List {
+        return Ok(facts);
     }
-    let last = facts
-        .last()
-        .ok_or_else(|| FlowError::Unreadable("the event log is empty".into()))?;
-    let status = facts.iter().rev().find_map(|f| f.sets_status.clone());
-    Ok(Tail {
-        last_ms: last.unix_ms,
-        status,
+    let len = list_len(ctx, &keys.events)?;
+    let leased = (keys.lease.as_deref()).is_some_and(|k| type_of(ctx, k) != KeyType::Empty);
+    // Measured where the server holds it: a snapshot no read could take back is never copied.
+    let (snapshot_len, snapshot_bytes) = with_string(ctx, &keys.snapshot, |v| {
+        let len = v.map_or(0, <[u8]>::len) as u64;
+        (len, v.filter(|_| len <= max_bytes).map(<[u8]>::to_vec))
+    });
+    let member = keys.member.as_bytes();
+    let (indexed_kind, indexed) =
+        read_typed(ctx, keys.status_hash.as_deref(), KeyType::Hash, |k| {
+            hash_get(ctx, k, member).transpose()
+        });
+    let indexed = indexed.transpose()?;
+    let seq = read_typed(ctx, keys.seq.as_deref(), KeyType::String, |k| {
+        read_string(ctx, k)
+    });
+    // Labels no read could take back (they are part of the object) are not read whole either.
+    let labels = read_typed(ctx, keys.labels.as_deref(), KeyType::Hash, |k| {
+        hash_pairs(ctx, k, max_bytes)
+    });
+    // Folded flows are judged by their log's end, the others by their snapshot.
+    let mut end = LogEnd::new(len, indexed.is_none(), max_bytes);
+    let tail = (layout.state == StateSource::Fold).then(|| {
+        list_range_each(ctx, &keys.events, end.from(), len, |e| end.take(e))?;
+        end.finish()
+    });
+    let mut live = Live {
+        leased,
+        len,
+        snapshot: Snapshot::new(snapshot_len, snapshot_bytes),
+        indexed: Found::from((indexed_kind, indexed)),
+        tail,
+        score: None,
+        seq: Found::from(seq),
+        labels: Found::from(labels),
+    };
+    let status = judge::status(&live, keys, max_bytes).ok();
+    if let Some(set) = status.and_then(|status| layout.status_set_key(id, &status)) {
+        live.score = Some(scored(ctx, caller, set, member));
+    }
+    facts.live = Some(live);
+    Ok(facts)
+}
+
+/// The status ZSET `set` as read once the caller may remove from it: its type, and the flow's score in
+/// it as the server formats it.
+fn scored(ctx: &Context, caller: &Caller, set: String, member: &[u8]) -> Result<Scored, FlowError> {
+    acl::check(ctx, caller, &set, Access::Remove)?;
+    let kind = type_of(ctx, &set);
+    // Asked even where the key is absent: on a cluster, the server refuses a key of another slot.
+    let reply = matches!(kind, KeyType::ZSet | KeyType::Empty)
+        .then(|| call(ctx, "ZSCORE", &[set.as_bytes(), member]))
+        .transpose()?;
+    let score = reply.as_ref().and_then(bytes);
+    Ok(Scored {
+        key: set,
+        kind,
+        score: score.map(|b| String::from_utf8_lossy(&b).into_owned()),
     })
 }
 
-/// The selection's test of a flow a sweep found by SCAN (no status ZSET to read): terminal by the
-/// status index or its log's end, and idle long enough since its last event. A log whose end cannot be
-/// read, or passes `max_bytes` (`read-max-bytes`), is a candidate, so its capture reports why.
+/// The selection's test of a flow a sweep found by SCAN (`judge::looks_eligible`), reading the status
+/// hash and the log's end only.
 pub fn looks_eligible(
     ctx: &Context,
     layout: &Layout,
@@ -368,56 +268,28 @@ pub fn looks_eligible(
     max_bytes: u64,
 ) -> bool {
     let keys = layout.flow_keys(id);
-    let (Ok(len), Ok(indexed)) = (list_len(ctx, &keys.events), indexed_status(ctx, &keys)) else {
+    if type_of(ctx, &keys.events) != KeyType::List {
         return true;
-    };
-    let Ok(tail) = tail(ctx, &keys.events, len, indexed.is_none(), max_bytes) else {
-        return true;
-    };
-    indexed
-        .or(tail.status)
-        .is_some_and(|status| eligible::check(layout, &status, tail.last_ms, window).is_ok())
-}
-
-/// The status the engine-wide status hash records for the flow, if the layout has one and it does.
-fn indexed_status(ctx: &Context, keys: &FlowKeys) -> Result<Option<String>, FlowError> {
-    let Some(hash) = &keys.status_hash else {
-        return Ok(None);
-    };
-    expect_type(ctx, hash, &KeyType::Hash)?;
-    hash_get(ctx, hash, keys.member.as_bytes())?
-        .map(|s| utf8(s, "status"))
-        .transpose()
-}
-
-/// The flow's score in the status ZSET of `status`, as stored, if the layout has one.
-fn status_score(
-    ctx: &Context,
-    caller: &Caller,
-    layout: &Layout,
-    id: &str,
-    status: &str,
-    member: &str,
-) -> Result<Option<String>, FlowError> {
-    let Some(set) = layout.status_set_key(id, status) else {
-        return Ok(None);
-    };
-    acl::check(ctx, caller, &set, Access::Remove)?;
-    expect_type(ctx, &set, &KeyType::ZSet)?;
-    let reply = call(ctx, "ZSCORE", &[set.as_bytes(), member.as_bytes()])?;
-    Ok(bytes(&reply).map(|b| String::from_utf8_lossy(&b).into_owned()))
-}
-
-/// `snapshot:seq` if the key exists (`engine::parse_seq`).
-pub(super) fn read_seq(ctx: &Context, keys: &FlowKeys) -> Result<Option<i64>, FlowError> {
-    let Some(k) = &keys.seq else { return Ok(None) };
-    if !expect_type(ctx, k, &KeyType::String)? {
-        return Ok(None);
     }
-    let raw = read_string(ctx, k).unwrap_or_default();
-    engine::parse_seq(&raw)
-        .map(Some)
-        .map_err(FlowError::Unreadable)
+    let member = keys.member.as_bytes();
+    let (kind, indexed) = read_typed(ctx, keys.status_hash.as_deref(), KeyType::Hash, |k| {
+        hash_get(ctx, k, member).transpose()
+    });
+    let (Ok(len), Ok(indexed)) = (list_len(ctx, &keys.events), indexed.transpose()) else {
+        return true;
+    };
+    let mut end = LogEnd::new(len, indexed.is_none(), max_bytes);
+    let read = list_range_each(ctx, &keys.events, end.from(), len, |e| end.take(e));
+    let tail = read.map_err(FlowError::from).and_then(|()| end.finish());
+    judge::looks_eligible(&Found::from((kind, indexed)), tail, &keys, layout, window)
+}
+
+/// `snapshot:seq` if the key exists (the commit's proof reads it again).
+pub(super) fn read_seq(ctx: &Context, keys: &FlowKeys) -> Result<Option<i64>, FlowError> {
+    let (kind, value) = read_typed(ctx, keys.seq.as_deref(), KeyType::String, |k| {
+        read_string(ctx, k)
+    });
+    judge::seq(&Found::from((kind, value)), keys)
 }
 
 /// The flow's labels; `None` when their names and values pass `budget` bytes (read no further).
@@ -426,20 +298,10 @@ pub(super) fn read_labels(
     keys: &FlowKeys,
     budget: u64,
 ) -> Result<Option<Vec<(String, String)>>, FlowError> {
-    let Some(k) = &keys.labels else {
-        return Ok(Some(Vec::new()));
-    };
-    if !expect_type(ctx, k, &KeyType::Hash)? {
-        return Ok(Some(Vec::new()));
-    }
-    let Some(pairs) = hash_pairs(ctx, k, budget) else {
-        return Ok(None);
-    };
-    pairs
-        .into_iter()
-        .map(|(name, value)| Ok((utf8(name, "a label name")?, utf8(value, "a label value")?)))
-        .collect::<Result<_, _>>()
-        .map(Some)
+    let (kind, value) = read_typed(ctx, keys.labels.as_deref(), KeyType::Hash, |k| {
+        hash_pairs(ctx, k, budget)
+    });
+    judge::labels(Found::from((kind, value)), keys)
 }
 
 /// Reads the next chunk of the event log (`mainthread::read_log`). Call on the main thread with the
@@ -458,16 +320,9 @@ pub fn read_more(ctx: &Context, capture: &mut Capture) -> Result<(), FlowError> 
     )?;
     match read {
         LogRead::Read => Ok(()),
-        LogRead::OverCap => Err(too_large(capture.cap.max)),
+        LogRead::OverCap => Err(judge::too_large(capture.cap.max)),
         LogRead::Full(max) => Err(FlowError::Full(max)),
         // Fewer elements than LLEN said: the list shrank since.
         LogRead::Shrunk => Err(FlowError::Changed),
     }
-}
-
-/// A flow larger than reads accept (`read-max-bytes`) could never be read back, so it is not archived.
-fn too_large(max_bytes: u64) -> FlowError {
-    FlowError::Unreadable(format!(
-        "the flow is larger than flowarchive.read-max-bytes ({max_bytes} bytes), so it could not be read back; raise it to archive this flow"
-    ))
 }

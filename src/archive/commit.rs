@@ -17,7 +17,7 @@ use redis_module::{Context, ContextFlags, KeyType};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::archive::capture::{self, Capture};
+use crate::archive::capture::Capture;
 use crate::archive::guard;
 use crate::archive::proof::{self, Fingerprint};
 use crate::format::captured::Captured;
@@ -76,6 +76,15 @@ fn unchanged(ctx: &Context, flow: &Captured, layout: &Layout) -> Result<bool, Fl
     Ok(true)
 }
 
+/// Refuses a flow the engine's own archiver holds (its lease key exists): it is left to that archiver.
+/// The guard checked, in the same step, that the caller may read the lease.
+fn unleased(ctx: &Context, flow: &Captured) -> Result<(), FlowError> {
+    match (flow.keys.lease.as_ref()).filter(|k| type_of(ctx, k) != KeyType::Empty) {
+        Some(lease) => Err(FlowError::Leased(lease.clone())),
+        None => Ok(()),
+    }
+}
+
 fn write(ctx: &Context, cmd: &str, args: &[&[u8]]) -> Result<i64, FlowError> {
     let reply = call_replicated(ctx, cmd, args)
         .map_err(|e| FlowError::Internal(format!("{cmd} failed during commit: {e}")))?;
@@ -117,7 +126,7 @@ fn commit(
         return Err(indexed.map_or(FlowError::Changed, |e| FlowError::Conflict(e.location)));
     }
     // The engine's own archiver may have taken the flow meanwhile.
-    capture::unleased(ctx, caller, &flow.keys)?;
+    unleased(ctx, flow)?;
     // From here every write is certain to succeed. Our own deletes may raise keyspace events on
     // followed keys; the watch is dropped by the caller afterwards.
     let member = flow.keys.member.as_bytes();

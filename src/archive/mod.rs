@@ -7,6 +7,7 @@ pub mod capture;
 pub mod commit;
 pub mod eligible;
 pub mod guard;
+pub mod judge;
 pub mod proof;
 pub mod store;
 

@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 
-use redis_module::{RedisError, RedisResult};
+use redis_module::{KeyType, RedisError, RedisResult};
 
 use crate::clock::human_ms;
 use crate::kinds::kinds;
@@ -100,7 +100,7 @@ kinds! {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum FlowError {
     NotFound,
     NotTerminal(String),
@@ -183,6 +183,33 @@ impl std::fmt::Display for ServerError {
 impl From<ServerError> for FlowError {
     fn from(e: ServerError) -> Self {
         FlowError::Internal(e.to_string())
+    }
+}
+
+/// Whether `key`, found holding a value of type `found`, holds one: `false` when it is empty, an
+/// error naming the key when it holds another type than `expected`.
+pub fn holds(key: &str, found: &KeyType, expected: &KeyType) -> Result<bool, FlowError> {
+    match found {
+        KeyType::Empty => Ok(false),
+        t if t == expected => Ok(true),
+        t => Err(FlowError::WrongType {
+            key: key.to_string(),
+            found: type_name(t),
+            expected: type_name(expected),
+        }),
+    }
+}
+
+fn type_name(t: &KeyType) -> &'static str {
+    match t {
+        KeyType::Empty => "nothing",
+        KeyType::String => "string",
+        KeyType::List => "list",
+        KeyType::Hash => "hash",
+        KeyType::Set => "set",
+        KeyType::ZSet => "sorted set",
+        KeyType::Module => "module value",
+        KeyType::Stream => "stream",
     }
 }
 

@@ -1,7 +1,7 @@
 //! Thin helpers over the module API: DB selection, in-server command calls and key types.
 
 use crate::ops::configs;
-use crate::ops::errors::{FlowError, ServerError};
+use crate::ops::errors::{holds, FlowError, ServerError};
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -272,15 +272,27 @@ pub fn type_of(ctx: &Context, key: &str) -> KeyType {
 
 /// Whether `key` holds a value: `false` when empty, an error naming the key when it holds another type.
 pub fn expect_type(ctx: &Context, key: &str, expected: &KeyType) -> Result<bool, FlowError> {
-    match type_of(ctx, key) {
-        KeyType::Empty => Ok(false),
-        t if &t == expected => Ok(true),
-        t => Err(FlowError::WrongType {
-            key: key.to_string(),
-            found: type_name(&t),
-            expected: type_name(expected),
-        }),
-    }
+    holds(key, &type_of(ctx, key), expected)
+}
+
+/// The type of `key` (`Empty` where there is none), and what `value_of` reads of it where it holds
+/// `expected`.
+pub fn read_typed<T>(
+    ctx: &Context,
+    key: Option<&str>,
+    expected: KeyType,
+    value_of: impl FnOnce(&str) -> Option<T>,
+) -> (KeyType, Option<T>) {
+    let Some(key) = key else {
+        return (KeyType::Empty, None);
+    };
+    let kind = type_of(ctx, key);
+    let value = if kind == expected {
+        value_of(key)
+    } else {
+        None
+    };
+    (kind, value)
 }
 
 /// A string value's bytes, if the key holds a string.
@@ -292,19 +304,6 @@ pub fn read_string(ctx: &Context, key: &str) -> Option<Vec<u8>> {
 pub fn with_string<T>(ctx: &Context, key: &str, f: impl FnOnce(Option<&[u8]>) -> T) -> T {
     let k = ctx.open_key(&string(ctx, key.as_bytes()));
     f(k.read().ok().flatten())
-}
-
-fn type_name(t: &KeyType) -> &'static str {
-    match t {
-        KeyType::Empty => "nothing",
-        KeyType::String => "string",
-        KeyType::List => "list",
-        KeyType::Hash => "hash",
-        KeyType::Set => "set",
-        KeyType::ZSet => "sorted set",
-        KeyType::Module => "module value",
-        KeyType::Stream => "stream",
-    }
 }
 
 /// Refuses while the server could drop an archive index key: an eviction policy that takes keys

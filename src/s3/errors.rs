@@ -37,7 +37,7 @@ kinds! {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct StoreError {
     pub kind: FailureKind,
     pub message: String,
