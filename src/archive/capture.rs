@@ -29,8 +29,8 @@ use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::cluster;
 use crate::runtime::mainthread::{read_log, ByteCap, LogRead, EVENTS_PER_STEP};
 use crate::runtime::server::{
-    bytes, call, hash_get, hash_pairs, list_len, list_range_each, read_string, read_typed, type_of,
-    with_string,
+    hash_get, hash_pairs, list_len, list_range_each, read_string, read_typed, type_of, with_string,
+    zset_score,
 };
 use crate::runtime::watch::Watch;
 
@@ -242,19 +242,18 @@ fn read_facts(
 }
 
 /// The status ZSET `set` as read once the caller may remove from it: its type, and the flow's score in
-/// it as the server formats it.
+/// it (read where the server holds it; on a cluster the guard places the key in the flow's slot).
 fn scored(ctx: &Context, caller: &Caller, set: String, member: &[u8]) -> Result<Scored, FlowError> {
     acl::check(ctx, caller, &set, Access::Remove)?;
     let kind = type_of(ctx, &set);
-    // Asked even where the key is absent: on a cluster, the server refuses a key of another slot.
-    let reply = matches!(kind, KeyType::ZSet | KeyType::Empty)
-        .then(|| call(ctx, "ZSCORE", &[set.as_bytes(), member]))
-        .transpose()?;
-    let score = reply.as_ref().and_then(bytes);
+    let score = match kind {
+        KeyType::ZSet => zset_score(ctx, &set, member)?,
+        _ => None,
+    };
     Ok(Scored {
         key: set,
         kind,
-        score: score.map(|b| String::from_utf8_lossy(&b).into_owned()),
+        score,
     })
 }
 

@@ -62,14 +62,8 @@ fn unchanged(ctx: &Context, flow: &Captured, layout: &Layout) -> Result<bool, Fl
         }
     }
     if let Some(set) = layout.status_set_key(&flow.id, &flow.status) {
-        // The score as the server formatted it at capture names exactly one double (the server's
-        // formatting round-trips), so the scores are compared bit for bit.
-        let captured = match flow.status_score.as_deref().map(str::parse::<f64>) {
-            Some(Ok(score)) => Some(score.to_bits()),
-            Some(Err(_)) => return Ok(false),
-            None => None,
-        };
-        if zset_score(ctx, &set, member)?.map(f64::to_bits) != captured {
+        // The scores are compared bit for bit.
+        if zset_score(ctx, &set, member)?.map(f64::to_bits) != flow.status_score.map(f64::to_bits) {
             return Ok(false);
         }
     }

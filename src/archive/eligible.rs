@@ -57,9 +57,8 @@ pub fn check(
 const FAR_MS: i64 = 1 << 62;
 
 /// A status ZSET score (unix ms, as the server stores it: any double, `inf` and `-inf` included) as
-/// unix ms, clamped to `±FAR_MS`; `None` for text that is no number.
-pub fn score_ms(score: &str) -> Option<i64> {
-    let ms: f64 = score.trim().parse().ok()?;
+/// unix ms, clamped to `±FAR_MS`; `None` for NaN, which no ZSET holds.
+pub fn score_ms(ms: f64) -> Option<i64> {
     if ms.is_nan() {
         return None;
     }

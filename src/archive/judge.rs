@@ -176,11 +176,11 @@ impl LogEnd {
     }
 }
 
-/// A status ZSET as read: its key and type, and the flow's score in it as stored.
+/// A status ZSET as read: its key and type, and the flow's score in it.
 pub struct Scored {
     pub key: String,
     pub kind: KeyType,
-    pub score: Option<String>,
+    pub score: Option<f64>,
 }
 
 /// The judgement.
@@ -196,7 +196,7 @@ pub struct Judged {
     pub previous: Option<Entry>,
     pub events_total: usize,
     pub status: String,
-    pub status_score: Option<String>,
+    pub status_score: Option<f64>,
     pub seq: Option<i64>,
     pub labels: Vec<(String, String)>,
     pub snapshot: Option<Vec<u8>>,
@@ -219,7 +219,7 @@ pub fn judge(
     }
     let status = status(&live, keys, max_bytes)?;
     let status_score = score(&live)?;
-    let last_update_ms = last_update(&live, status_score.as_deref(), max_bytes)?;
+    let last_update_ms = last_update(&live, status_score, max_bytes)?;
     eligible::check(layout, &status, last_update_ms, window)?;
     fits(live.snapshot.len, max_bytes)?;
     let seq = seq(&live.seq, keys)?;
@@ -285,21 +285,21 @@ pub fn status(live: &Live, keys: &FlowKeys, max_bytes: u64) -> Result<String, Fl
     }
 }
 
-/// The flow's score in its status ZSET, as stored, if the layout has one.
-fn score(live: &Live) -> Result<Option<String>, FlowError> {
+/// The flow's score in its status ZSET, if the layout has one.
+fn score(live: &Live) -> Result<Option<f64>, FlowError> {
     match &live.score {
         None => Ok(None),
         Some(Err(e)) => Err(e.clone()),
         Some(Ok(set)) => {
             holds(&set.key, &set.kind, &KeyType::ZSet)?;
-            Ok(set.score.clone())
+            Ok(set.score)
         }
     }
 }
 
 /// When the flow was last updated: the later of its status change (its score) and its last event (a
 /// late event restarts the clock), else the snapshot's own `last_updated`.
-fn last_update(live: &Live, score: Option<&str>, max_bytes: u64) -> Result<i64, FlowError> {
+fn last_update(live: &Live, score: Option<f64>, max_bytes: u64) -> Result<i64, FlowError> {
     let tail = live.tail.as_ref().and_then(|t| t.as_ref().ok());
     Ok(match (tail, score.and_then(eligible::score_ms)) {
         (Some(tail), score) => score.map_or(tail.last_ms, |s| s.max(tail.last_ms)),

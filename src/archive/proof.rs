@@ -306,7 +306,7 @@ mod tests {
         // entry itself).
         let mut elsewhere = captured(&base());
         elsewhere.status = "failed".into();
-        elsewhere.status_score = Some("1".into());
+        elsewhere.status_score = Some(1.0);
         elsewhere.previous = Some("s3://b/flows/abc.jsonl.gz".into());
         assert!(archived_keeping(&elsewhere, base().events, true, None) == whole(&base()));
         assert!(kept(&base()) == kept(&base()));

@@ -14,7 +14,7 @@ pub struct Captured {
     pub labels: Vec<(String, String)>,
     pub status: String,
     /// The status ZSET score as stored (the last event's unix ms), if the layout has that index.
-    pub status_score: Option<String>,
+    pub status_score: Option<f64>,
     /// The location of an earlier incarnation of this id (the engine started the id again after it was
     /// archived): this archive records it as its predecessor, and the commit replaces its index entry.
     pub previous: Option<String>,

@@ -39,7 +39,7 @@ fn done() -> Facts {
             score: Some(Ok(Scored {
                 key: "argyll:idx:status:completed".into(),
                 kind: KeyType::ZSet,
-                score: Some(DAY.to_string()),
+                score: Some(DAY as f64),
             })),
             seq: found(KeyType::Empty, None),
             labels: found(
@@ -78,7 +78,7 @@ fn a_terminal_idle_flow_is_eligible_with_what_the_capture_keeps() {
         panic!("{}", refusal(done()));
     };
     assert_eq!(j.status, "completed");
-    assert_eq!(j.status_score.as_deref(), Some("86400000"));
+    assert_eq!(j.status_score, Some(86_400_000.0));
     assert_eq!(j.labels, [("tenant".to_string(), "acme".to_string())]);
     assert_eq!((j.events_total, j.seq, j.snapshot), (3, None, None));
     assert!(j.previous.is_none());
@@ -198,7 +198,7 @@ fn the_idle_time_runs_from_the_later_of_the_score_and_the_last_event() {
     assert!(refusal(late_event()).contains("not idle long enough"));
     let late_score = live(|l| {
         if let Some(Ok(set)) = &mut l.score {
-            set.score = Some((9 * DAY + 1).to_string());
+            set.score = Some((9 * DAY + 1) as f64);
         }
     });
     assert!(refusal(late_score).contains("not idle long enough"));
