@@ -517,7 +517,7 @@ fn c_replicaof_swap_mid_sweep_loses_nothing() {
 
 /// Another valid value for each module config (`$P` is replaced by the test's own prefix, so an
 /// object written under the changed prefix is found; `$F` by a file holding a wrong secret).
-const ALTERNATES: [(&str, &str); 45] = [
+const ALTERNATES: [(&str, &str); 46] = [
     ("endpoint", "http://127.0.0.1:9"),
     ("index-format", "compact"),
     ("index-buckets", "16"),
@@ -553,6 +553,7 @@ const ALTERNATES: [(&str, &str); 45] = [
     ("state", "snapshot"),
     ("terminal-statuses", "failed"),
     ("read-max-bytes", "1048576"),
+    ("buffer-max-bytes", "1048576"),
     ("object-name-max", "80"),
     ("read-allow", "s3://chaos-other-bucket/old"),
     ("credentials", "imds"),

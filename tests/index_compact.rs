@@ -503,13 +503,19 @@ fn the_commit_refuses_a_flow_indexed_meanwhile_in_either_format() {
         config_set(&mut other, "flowarchive.index-format", configured).unwrap();
         write_flow(&mut other, &FlowSpec::done(id));
         proxy.delay("PUT", std::time::Duration::from_millis(800));
+        // The proxy keeps the requests of earlier rounds: this round's PUT is the one after them.
+        let earlier = proxy.requests().len();
         let mut c = srv.conn();
         let flow = id.to_string();
         let handle = std::thread::spawn(move || archive(&mut c, &flow));
         wait_for(
             "the PUT to reach the proxy",
             std::time::Duration::from_secs(10),
-            || !proxy.requests().is_empty(),
+            || {
+                proxy.requests()[earlier..]
+                    .iter()
+                    .any(|r| r.starts_with("PUT "))
+            },
         );
         // Another writer indexes the flow in the format the commit does not write.
         let planted = format!("{head}flows/elsewhere.jsonl.gz");
