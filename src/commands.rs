@@ -1,12 +1,13 @@
 //! The module's commands: each declared with the redis-module crate's `#[command]` (flags, key specs,
-//! ACL category, docs), and its handler, which parses the arguments and calls one function. A panic
-//! never crosses into the server: it becomes an error reply and a log line.
+//! docs), and its handler, which parses the arguments and calls one function. A panic never crosses
+//! into the server: it becomes an error reply and a log line. Their ACL category, `@flowarchive`, is
+//! not declared here: `runtime::registration` puts every command of the module in it at load, so that
+//! the module loads again after `MODULE UNLOAD`.
 //!
 //! Key specs: `FLOW` and `GET` declare the flow id as a routing-only key (`NotKey`: the server and
 //! cluster clients route by it; ACL key patterns and `COMMAND GETKEYS` see no key; `runtime::cluster`).
 //! The ACL stand-in's key specs are one keyword-led group per access (`runtime::acl`). The arity stays
-//! -1: each handler answers a wrong argument count itself. On a server without per-command ACL
-//! categories (Redis 7.0) the category is not set (`runtime::registration`).
+//! -1: each handler answers a wrong argument count itself.
 
 use redis_module::{Context, NextArg, RedisError, RedisResult, RedisString};
 use redis_module_macros::command;
@@ -78,7 +79,6 @@ fn id_and_flag(args: Vec<RedisString>, flag: &str) -> Result<(String, bool), Red
                 find_keys: Keynum({ key_num_idx: 0, first_key: 1, key_step: 1 }),
             },
         ],
-        acl_categories: [Single("flowarchive")],
     }
 )]
 pub fn aclcheck(_ctx: &Context, _args: Vec<RedisString>) -> RedisResult {
@@ -103,7 +103,6 @@ pub fn aclcheck(_ctx: &Context, _args: Vec<RedisString>) -> RedisResult {
             { name: "flow_id", arg_type: String },
             { name: "force", arg_type: PureToken, token: "FORCE", flags: [Optional] },
         ],
-        acl_categories: [Single("flowarchive")],
     }
 )]
 pub fn flow(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
@@ -132,7 +131,6 @@ pub fn flow(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
             { name: "events", arg_type: PureToken, token: "EVENTS", flags: [Optional] },
             { name: "previous", arg_type: Integer, token: "PREVIOUS", display_text: "n", flags: [Optional] },
         ],
-        acl_categories: [Single("flowarchive")],
     }
 )]
 pub fn get(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
@@ -182,7 +180,6 @@ pub fn get(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
             { name: "dryrun", arg_type: PureToken, token: "DRYRUN", flags: [Optional] },
             { name: "async", arg_type: PureToken, token: "ASYNC", flags: [Optional] },
         ],
-        acl_categories: [Single("flowarchive")],
     }
 )]
 pub fn sweep(ctx: &Context, args: Vec<RedisString>) -> RedisResult {

@@ -4,8 +4,9 @@
 //! else fetch → decode → cache), `sweep` (select → uploaders → progress), `s3` (presigned requests),
 //! `runtime` (the module inside the server: main-thread steps, change watch, server calls, pools, ACL,
 //! cluster guard) and `ops` (configs, INFO, errors, logs). The commands are declared where they are
-//! handled (`commands`, with the crate's `#[command]`, registered by `redis_module!` below); this file
-//! registers configs and events, and guards load and unload.
+//! handled (`commands`, with the crate's `#[command]`, registered by `redis_module!` below) and put in
+//! their ACL category by `init` (`runtime::registration`); this file registers configs and events, and
+//! guards load and unload.
 
 mod archive;
 mod capped;
@@ -26,7 +27,7 @@ mod sync;
 mod text;
 
 use redis_module::configuration::ConfigurationFlags;
-use redis_module::{raw, redis_module, AclCategory, Context, RedisString, Status};
+use redis_module::{raw, redis_module, Context, RedisString, Status};
 
 use crate::ops::{configs, errors, log};
 use crate::read::fetch;
@@ -44,10 +45,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         log::warning(&why);
         return Status::Err;
     }
-    if registration::lacking() {
-        log::warning(errors::NO_COMMAND_CATEGORIES);
-    }
-    if let Err(why) = runtime::acl::init(ctx) {
+    if let Err(why) = registration::categorize(ctx).and_then(|()| runtime::acl::init(ctx)) {
         log::warning(&format!("flowarchive: {why}"));
         return Status::Err;
     }
@@ -93,7 +91,6 @@ redis_module! {
     version: 1,
     allocator: (heap::ModuleHeap, heap::ModuleHeap),
     data_types: [],
-    acl_categories: ["flowarchive",],
     init: init,
     deinit: deinit,
     configurations: [

@@ -16,7 +16,7 @@ pub const ID_NOT_UTF8: &str = "ERR flow id must be valid UTF-8";
 pub const FLOW_BUSY: &str =
     "ERR flowarchive is busy: too many FLOWARCHIVE.FLOW calls waiting; retry later, nothing was deleted";
 pub const NO_COMMAND_CATEGORIES: &str =
-    "flowarchive: this server puts no module command in an ACL category (it has no RedisModule_SetCommandACLCategories): the FLOWARCHIVE commands and FLOWARCHIVE.ACLCHECK are not in @flowarchive; grant them by name (or with +@all)";
+    "flowarchive: this server puts no module command in a module's own ACL category (it has no RedisModule_AddACLCategory): the FLOWARCHIVE commands and FLOWARCHIVE.ACLCHECK are not in @flowarchive; grant them by name (or with +@all)";
 pub const UNLOAD_BUSY: &str =
     "flowarchive: MODULE UNLOAD refused: archives, reads or a sweep are in flight; retry once INFO flowarchive shows none";
 // Reasons a commit cannot write now (FlowError::NotWritable):
