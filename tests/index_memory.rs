@@ -543,3 +543,65 @@ fn a_flood_of_unknown_ids_without_an_index_costs_two_heads_each_at_most() {
     );
     assert!(nil > 0, "every GET refused busy");
 }
+
+/// Writes `spec` with every event past the first five carrying `pad` bytes more in its value (an
+/// `attribute_set` the engine folds like any other), and answers the events as written.
+fn write_padded(c: &mut redis::Connection, spec: &FlowSpec, pad: usize) -> Vec<String> {
+    write_flow(c, spec);
+    let events: Vec<String> = (0..spec.events)
+        .map(|i| {
+            let mut event: serde_json::Value = serde_json::from_str(&event_json(spec, i)).unwrap();
+            if i >= 5 {
+                event["data"]["value"]["note"] = "p".repeat(pad).into();
+            }
+            event.to_string()
+        })
+        .collect();
+    let key = format!("argyll:flow:{}:events", spec.id);
+    cmd::<()>(c, &["DEL", &key]).unwrap();
+    let mut rpush = vec!["RPUSH", key.as_str()];
+    rpush.extend(events.iter().map(String::as_str));
+    cmd::<()>(c, &rpush).unwrap();
+    events
+}
+
+/// A live read is held to `buffer-max-bytes` like a capture: while an archive's upload holds most of
+/// the budget (its log kept for the commit to compare), a GET of another live flow that would pass
+/// it is refused with a retry, copying nothing more; once the archive is done the same GET answers
+/// the flow, every event as written.
+#[test]
+fn a_live_read_is_refused_with_a_retry_while_the_buffers_are_full() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &["buffer-max-bytes", "1048576"]);
+    let mut c = srv.conn();
+    // 800 events of about 1 kB: a whole log, kept until the commit.
+    let big = FlowSpec {
+        events: 800,
+        ..FlowSpec::done("big")
+    };
+    write_padded(&mut c, &big, 1000);
+    let other = FlowSpec {
+        events: 400,
+        ..FlowSpec::done("other")
+    };
+    let other_events = write_padded(&mut c, &other, 1000);
+    proxy.delay("PUT", Duration::from_millis(1500));
+    let mut a = srv.conn();
+    let archiving = std::thread::spawn(move || archive(&mut a, "big"));
+    wait_for(
+        "the upload to hold the log",
+        Duration::from_secs(10),
+        || info_field(&mut c, "buffered_bytes") > 700_000,
+    );
+    let refused = err_text(get_events(&mut c, "other"));
+    assert!(
+        refused.contains("buffer-max-bytes") && refused.contains("retry"),
+        "{refused}"
+    );
+    archiving.join().unwrap().unwrap();
+    proxy.clear();
+    let (_, events) = get_events(&mut c, "other").unwrap();
+    assert_eq!(events, other_events);
+    assert_eq!(info_field(&mut c, "buffered_bytes"), 0);
+}
