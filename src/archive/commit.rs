@@ -79,6 +79,31 @@ fn unleased(ctx: &Context, flow: &Captured) -> Result<(), FlowError> {
     }
 }
 
+/// Takes the flow out of the engine's status and label indexes, as the engine does when it removes a
+/// flow (part of the commit, after its checks).
+fn unindex(ctx: &Context, flow: &Captured, layout: &Layout) -> Result<(), FlowError> {
+    let member = flow.keys.member.as_bytes();
+    if let Some(set) = layout.status_set_key(&flow.id, &flow.status) {
+        write(ctx, "ZREM", &[set.as_bytes(), member])?;
+    }
+    if let Some(hash) = &flow.keys.status_hash {
+        write(ctx, "HDEL", &[hash.as_bytes(), member])?;
+    }
+    for (label, value) in &flow.labels {
+        let Some(set) = layout.label_set_key(&flow.id, label, value) else {
+            continue;
+        };
+        write(ctx, "SREM", &[set.as_bytes(), member])?;
+        if let Some(values) = layout.label_values_key(&flow.id, label) {
+            // The engine drops a label value once no flow carries it.
+            if type_of(ctx, &set) == KeyType::Empty {
+                write(ctx, "SREM", &[values.as_bytes(), value.as_bytes()])?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn write(ctx: &Context, cmd: &str, args: &[&[u8]]) -> Result<i64, FlowError> {
     let reply = call_replicated(ctx, cmd, args)
         .map_err(|e| FlowError::Internal(format!("{cmd} failed during commit: {e}")))?;
@@ -123,7 +148,6 @@ fn commit(
     unleased(ctx, flow)?;
     // From here every write is certain to succeed. Our own deletes may raise keyspace events on
     // followed keys; the watch is dropped by the caller afterwards.
-    let member = flow.keys.member.as_bytes();
     // An earlier incarnation's entry is replaced: in place in the configured format, else removed from
     // the other one, so no conversion can bring it back over this one.
     let replacing = previous
@@ -140,24 +164,7 @@ fn commit(
         replacing,
         |cmd, args| write(ctx, cmd, args),
     )?;
-    if let Some(set) = layout.status_set_key(&flow.id, &flow.status) {
-        write(ctx, "ZREM", &[set.as_bytes(), member])?;
-    }
-    if let Some(hash) = &flow.keys.status_hash {
-        write(ctx, "HDEL", &[hash.as_bytes(), member])?;
-    }
-    for (label, value) in &flow.labels {
-        let Some(set) = layout.label_set_key(&flow.id, label, value) else {
-            continue;
-        };
-        write(ctx, "SREM", &[set.as_bytes(), member])?;
-        if let Some(values) = layout.label_values_key(&flow.id, label) {
-            // The engine drops a label value once no flow carries it.
-            if type_of(ctx, &set) == KeyType::Empty {
-                write(ctx, "SREM", &[values.as_bytes(), value.as_bytes()])?;
-            }
-        }
-    }
+    unindex(ctx, flow, layout)?;
     let own: Vec<&[u8]> = flow.keys.own().map(str::as_bytes).collect();
     // UNLINK frees a long event log off the main thread.
     write(ctx, "UNLINK", &own)?;
