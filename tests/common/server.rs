@@ -268,7 +268,9 @@ impl Server {
                 return Err(self.log());
             }
             if let Ok(mut c) = self.try_conn() {
-                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                // The server answering must be this one: a port another test's server took between
+                // `free_port` and this one's bind answers too, while this one is still failing to bind.
+                if self.answers_as_itself(&mut c) {
                     return Ok(());
                 }
             }
@@ -276,6 +278,18 @@ impl Server {
         }
         self.kill();
         Err(self.log())
+    }
+
+    /// Whether the server behind `c` is this one's process (`INFO server`'s `process_id`).
+    fn answers_as_itself(&self, c: &mut redis::Connection) -> bool {
+        let Ok(info) = redis::cmd("INFO").arg("server").query::<String>(c) else {
+            return false;
+        };
+        let pid = info
+            .lines()
+            .find_map(|l| l.strip_prefix("process_id:"))
+            .and_then(|p| p.trim().parse::<u32>().ok());
+        pid == Some(self.child.id())
     }
 
     fn try_conn(&self) -> redis::RedisResult<redis::Connection> {
