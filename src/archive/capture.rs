@@ -27,7 +27,7 @@ use crate::layout::{FlowKeys, Layout, StateSource};
 use crate::ops::errors::FlowError;
 use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::cluster;
-use crate::runtime::mainthread::{read_log, ByteCap, LogRead, EVENTS_PER_STEP};
+use crate::runtime::mainthread::{read_log, ByteCap, EVENTS_PER_STEP};
 use crate::runtime::server::{
     hash_get, hash_pairs, list_len, list_range_each, read_string, read_typed, type_of, with_string,
     zset_score,
@@ -317,11 +317,5 @@ pub fn read_more(ctx: &Context, capture: &mut Capture) -> Result<(), FlowError> 
         &mut capture.flow.events,
         &mut capture.cap,
     )?;
-    match read {
-        LogRead::Read => Ok(()),
-        LogRead::OverCap => Err(judge::too_large(capture.cap.max)),
-        LogRead::Full(max) => Err(FlowError::Full(max)),
-        // Fewer elements than LLEN said: the list shrank since.
-        LogRead::Shrunk => Err(FlowError::Changed),
-    }
+    read.stopped(|| judge::too_large(capture.cap.max))
 }

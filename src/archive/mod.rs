@@ -12,7 +12,6 @@ pub mod proof;
 pub mod store;
 
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 use redis_module::{Context, RedisError, RedisResult, RedisValue};
 
@@ -24,7 +23,7 @@ use crate::format::captured::Captured;
 use crate::format::{engine, writer};
 use crate::layout::{Layout, StateSource};
 use crate::ops::configs::Settings;
-use crate::ops::errors::{self, FlowError, ServerError};
+use crate::ops::errors::{self, FlowError};
 use crate::ops::metrics::{self, Buffered, Stage, UPLOADS_IN_FLIGHT};
 use crate::runtime::acl::Caller;
 use crate::runtime::blocking::{answer_later, refuse_where_it_cannot_run, this_client};
@@ -380,26 +379,20 @@ pub fn commit_then_begin(
     };
     let mut held = 0;
     let layout = &settings.layout;
-    let ran = mainthread::step(db, stage, &mut held, |ctx| {
-        let (started, budget) = (Instant::now(), mainthread::step_budget());
-        // At least one flow, then only while the budget lasts.
-        let mut taken = 0;
-        let mut go_on = || {
-            taken += 1;
-            taken == 1 || started.elapsed() < budget
-        };
-        let committed: Vec<_> = (pending.iter())
-            .take_while(|_| go_on())
-            .map(|flow| commit::commit_pending(ctx, flow, layout))
-            .collect();
-        let begun: Vec<_> = (ids.iter())
-            .take_while(|_| go_on())
-            .map(|id| begin_untimed(ctx, caller, db, id, settings, window))
-            .collect();
-        Ok::<_, ServerError>((committed, begun))
+    // The commits first, then the begins: one batch, cut where the step's budget is spent.
+    let work: Vec<Work> = (pending.iter().map(Work::Commit))
+        .chain(ids.iter().map(|id| Work::Begin(id)))
+        .collect();
+    let ran = mainthread::step_batch(db, stage, &mut held, &work, |ctx, work| match work {
+        Work::Commit(flow) => Done::Committed(commit::commit_pending(ctx, flow, layout)),
+        Work::Begin(id) => Done::Begun(begin_untimed(ctx, caller, db, id, settings, window)),
     });
-    let (committed, begun) = match ran {
-        Ok(done) => done,
+    let (mut committed, mut begun) = (Vec::new(), Vec::new());
+    match ran {
+        Ok(done) => done.into_iter().for_each(|done| match done {
+            Done::Committed(result) => committed.push(result),
+            Done::Begun(result) => begun.push(result),
+        }),
         // A step that could not run (no event loop) or panicked fails every flow of the round.
         Err(e) => {
             let failed = || FlowError::from(e.clone());
@@ -410,7 +403,7 @@ pub fn commit_then_begin(
                 begun: begun.collect(),
             };
         }
-    };
+    }
     let reached = begun.len();
     let begun = begun
         .into_iter()
@@ -421,6 +414,18 @@ pub fn commit_then_begin(
             .chain(begin_many(caller, db, &ids[reached..], settings, window))
             .collect(),
     }
+}
+
+/// A round's work for its one step, in order.
+enum Work<'a> {
+    Commit(&'a commit::Pending<Stored>),
+    Begin(&'a str),
+}
+
+/// What the step did of a piece of `Work`.
+enum Done {
+    Committed(Result<(), FlowError>),
+    Begun(Result<Start, FlowError>),
 }
 
 /// The outcomes of `pending`, whose first ones a step committed (`committed`, in order, in a step of

@@ -54,15 +54,9 @@ fn too_large(max_bytes: u64) -> String {
     format!("the flow is larger than read-max-bytes ({max_bytes} bytes)")
 }
 
-/// Why a chunk's read stops the live read, if it does: the flow over the read's cap, the module's
-/// buffers full, or the log shrunk since it was measured (a change).
+/// Why a chunk's read stops the live read, if it does (`LogRead::stopped`).
 fn stopped(read: LogRead, max_bytes: u64) -> Result<(), FlowError> {
-    match read {
-        LogRead::Read => Ok(()),
-        LogRead::OverCap => Err(FlowError::Unreadable(too_large(max_bytes))),
-        LogRead::Full(max) => Err(FlowError::Full(max)),
-        LogRead::Shrunk => Err(FlowError::Changed),
-    }
+    read.stopped(|| FlowError::Unreadable(too_large(max_bytes)))
 }
 
 /// A live flow's stored snapshot, as stored; `None` when it has none.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use redis_module::{raw, Context};
 
-use crate::ops::errors::ServerError;
+use crate::ops::errors::{FlowError, ServerError};
 use crate::ops::metrics::{self, Buffered, Stage};
 use crate::ops::{configs, log};
 use crate::runtime::server::{list_range_each, select_db};
@@ -130,6 +130,19 @@ pub enum LogRead {
     Shrunk,
 }
 
+impl LogRead {
+    /// Why the read of a flow stops, if it does: `over_cap` for the flow past its read's cap, the
+    /// module's buffers full, or a change (fewer elements than LLEN said).
+    pub fn stopped(self, over_cap: impl FnOnce() -> FlowError) -> Result<(), FlowError> {
+        match self {
+            LogRead::Read => Ok(()),
+            LogRead::OverCap => Err(over_cap()),
+            LogRead::Full(max) => Err(FlowError::Full(max)),
+            LogRead::Shrunk => Err(FlowError::Changed),
+        }
+    }
+}
+
 /// Appends the next events of the list at `key` to `out` (from `out.len()` on, towards `total`), each
 /// measured into `cap` (with one byte for its line end) before it is copied. A log of at most
 /// `EVENTS_PER_STEP` events is read whole; a longer one at most `EVENTS_PER_STEP` per call and, past
@@ -188,7 +201,7 @@ pub fn step<T: Send, E: From<ServerError> + Send>(
 /// default): each hand-off to the event loop costs a wake-up of the loop and of the waiting worker (on
 /// busy cores, a scheduler slice each), so one step does several short pieces of work, yet stays short
 /// enough for clients' tail latency.
-pub fn step_budget() -> Duration {
+fn step_budget() -> Duration {
     Duration::from_micros(configs::STEP_BUDGET_US.get().max(0) as u64)
 }
 
