@@ -268,9 +268,11 @@ impl Server {
                 return Err(self.log());
             }
             if let Ok(mut c) = self.try_conn() {
-                // The server answering must be this one: a port another test's server took between
-                // `free_port` and this one's bind answers too, while this one is still failing to bind.
-                if self.answers_as_itself(&mut c) {
+                // Ready once it answers PING (not while it loads its data), and the server answering
+                // must be this one: a port another test's server took between `free_port` and this
+                // one's bind answers too, while this one is still failing to bind.
+                let ready = redis::cmd("PING").query::<String>(&mut c).is_ok();
+                if ready && self.answers_as_itself(&mut c) {
                     return Ok(());
                 }
             }
