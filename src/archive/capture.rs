@@ -22,6 +22,7 @@ use crate::archive::eligible::Window;
 use crate::archive::guard;
 use crate::archive::judge::{self, Facts, Found, Live, LogEnd, Scored, Snapshot, Verdict};
 use crate::format::captured::Captured;
+use crate::format::event_log::EventLog;
 use crate::index::{self, Entry};
 use crate::layout::{FlowKeys, Layout, StateSource};
 use crate::ops::errors::FlowError;
@@ -131,7 +132,7 @@ pub fn inspect(
         labels: judged.labels,
         snapshot: judged.snapshot,
         keys,
-        events: Vec::with_capacity(judged.events_total.min(EVENTS_PER_STEP)),
+        events: EventLog::with_capacity(judged.events_total.min(EVENTS_PER_STEP)),
         status: judged.status,
         status_score: judged.status_score,
         previous: judged.previous.as_ref().map(|e| e.location.clone()),

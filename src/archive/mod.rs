@@ -319,7 +319,7 @@ fn served_state(flow: &Captured, source: StateSource) -> Result<Option<Vec<u8>>,
         return Ok(None);
     }
     let skip = flow.seq.unwrap_or(0).max(0) as usize;
-    metrics::folding(|| engine::fold(flow.snapshot.as_deref(), skip, &flow.events))
+    metrics::folding(|| engine::fold(flow.snapshot.as_deref(), skip, flow.events.iter()))
         .map_err(|e| FlowError::Unreadable(e.to_string()))?
         .map(Some)
         .ok_or_else(|| {

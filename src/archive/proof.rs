@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 
 use crate::archive::capture::{read_labels, read_seq};
 use crate::format::captured::Captured;
+use crate::format::event_log::EventLog;
 use crate::ops::errors::FlowError;
 use crate::ops::metrics::Buffered;
 use crate::runtime::server::{expect_type, hash_len, list_len, list_range_each, with_string};
@@ -42,45 +43,9 @@ enum Log {
     /// A log followed by its watch: its length.
     Length(usize),
     /// A whole log as read, counted as buffered while kept.
-    Events { events: Joined, _held: Buffered },
+    Events { events: EventLog, _held: Buffered },
     /// A whole log too large to keep: its length and hash (`Parts::events`).
     Hash(usize, [u8; 32]),
-}
-
-/// A log's events end to end in one buffer, joined on the worker that encoded them: the commit's
-/// comparison then reads one run of memory the processor can fetch ahead, not one allocation per event
-/// written on another core.
-#[derive(Debug, PartialEq)]
-struct Joined {
-    bytes: Vec<u8>,
-    /// Where each event ends in `bytes`.
-    ends: Vec<usize>,
-}
-
-impl Joined {
-    fn new(events: &[Vec<u8>], bytes: usize) -> Joined {
-        let mut joined = Joined {
-            bytes: Vec::with_capacity(bytes),
-            ends: Vec::with_capacity(events.len()),
-        };
-        for event in events {
-            joined.bytes.extend_from_slice(event);
-            joined.ends.push(joined.bytes.len());
-        }
-        joined
-    }
-
-    fn len(&self) -> usize {
-        self.ends.len()
-    }
-
-    /// The events in order.
-    fn iter(&self) -> impl Iterator<Item = &[u8]> {
-        let starts = std::iter::once(0).chain(self.ends.iter().copied());
-        starts
-            .zip(&self.ends)
-            .map(|(from, &to)| &self.bytes[from..to])
-    }
 }
 
 /// A fingerprint being computed: every part length-prefixed and every optional part tagged, so no two
@@ -128,7 +93,7 @@ impl Parts {
 
 /// What the archive holds of `flow`, whose log (`events`, taken from the capture once it is encoded)
 /// was read whole (`whole_log`) or followed.
-pub fn archived(flow: &Captured, events: Vec<Vec<u8>>, whole_log: bool) -> Fingerprint {
+pub fn archived(flow: &Captured, events: EventLog, whole_log: bool) -> Fingerprint {
     archived_keeping(flow, events, whole_log, Some(KEEP_BYTES))
 }
 
@@ -136,17 +101,17 @@ pub fn archived(flow: &Captured, events: Vec<Vec<u8>>, whole_log: bool) -> Finge
 /// both forms with it).
 fn archived_keeping(
     flow: &Captured,
-    events: Vec<Vec<u8>>,
+    events: EventLog,
     whole_log: bool,
     keep_bytes: Option<u64>,
 ) -> Fingerprint {
     let small = Parts::new(flow.snapshot.as_deref(), flow.seq, &flow.labels).finish();
-    let bytes: u64 = events.iter().map(|e| e.len() as u64).sum();
+    let bytes = events.bytes() as u64;
     let log = match whole_log {
         false => Log::Length(events.len()),
         true if keep_bytes.is_some_and(|keep| bytes <= keep) => Log::Events {
             _held: Buffered::hold(bytes),
-            events: Joined::new(&events, bytes as usize),
+            events,
         },
         true => {
             let mut parts = Parts::events(events.len());
@@ -232,22 +197,6 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn joined_events_read_back_as_they_were_empty_ones_too() {
-        for events in [
-            vec![],
-            vec![vec![]],
-            vec![b"".to_vec(), b"ab".to_vec(), b"".to_vec(), b"c".to_vec()],
-        ] {
-            let bytes = events.iter().map(Vec::len).sum();
-            let joined = Joined::new(&events, bytes);
-            assert_eq!(joined.len(), events.len());
-            assert_eq!(
-                joined.iter().collect::<Vec<_>>(),
-                events.iter().map(Vec::as_slice).collect::<Vec<_>>()
-            );
-        }
-    }
     use crate::format::reader::tests::proptest_config;
     use crate::layout::{FlowKeys, Layout};
 
@@ -269,7 +218,7 @@ mod tests {
                 lease: None,
                 ..Layout::argyll().flow_keys("abc")
             },
-            events: c.events.clone(),
+            events: c.events.iter().collect(),
             snapshot: c.snapshot.clone(),
             seq: c.seq,
             labels: c.labels.clone(),
@@ -292,23 +241,31 @@ mod tests {
         }
     }
 
+    fn log(c: &Content) -> EventLog {
+        c.events.iter().collect()
+    }
+
     /// The fingerprint of `c` with its log read whole and hashed, as a log too large to keep is; a
     /// log kept whole compares its events themselves.
     fn whole(c: &Content) -> Fingerprint {
-        let kept = archived_keeping(&captured(c), c.events.clone(), true, Some(u64::MAX));
-        let hashed = archived_keeping(&captured(c), c.events.clone(), true, None);
+        let kept = archived_keeping(&captured(c), log(c), true, Some(u64::MAX));
+        let hashed = archived_keeping(&captured(c), log(c), true, None);
         assert!(matches!(kept.log, Log::Events { .. }) && matches!(hashed.log, Log::Hash(..)));
         hashed
     }
 
     /// The fingerprint of `c` with its log read whole and kept for the commit.
     fn kept(c: &Content) -> Fingerprint {
-        archived(&captured(c), c.events.clone(), true)
+        archived(&captured(c), log(c), true)
     }
 
     /// The fingerprint of `c` with its log followed by a watch: `total` events archived.
     fn followed(c: &Content, total: usize) -> Fingerprint {
-        archived(&captured(c), vec![Vec::new(); total], false)
+        archived(
+            &captured(c),
+            std::iter::repeat_n(b"", total).collect(),
+            false,
+        )
     }
 
     fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -358,7 +315,7 @@ mod tests {
         elsewhere.status = "failed".into();
         elsewhere.status_score = Some(1.0);
         elsewhere.previous = Some("s3://b/flows/abc.jsonl.gz".into());
-        assert!(archived_keeping(&elsewhere, base().events, true, None) == whole(&base()));
+        assert!(archived_keeping(&elsewhere, log(&base()), true, None) == whole(&base()));
         assert!(kept(&base()) == kept(&base()));
     }
 

@@ -1,12 +1,13 @@
 //! The flow as read from Valkey: what capture produces, the writer encodes and the commit removes.
 
+use crate::format::event_log::EventLog;
 use crate::layout::FlowKeys;
 
 pub struct Captured {
     pub id: String,
     pub db: i32,
     pub keys: FlowKeys,
-    pub events: Vec<Vec<u8>>,
+    pub events: EventLog,
     /// The stored snapshot, if the flow has one (most flows of the engine do not).
     pub snapshot: Option<Vec<u8>>,
     /// `snapshot:seq`: how many events the snapshot folded in, if the key exists.

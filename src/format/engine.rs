@@ -161,7 +161,7 @@ pub fn event_facts(element: &[u8]) -> Result<EventFacts, FoldError> {
 pub fn fold<E: AsRef<[u8]>>(
     snapshot: Option<&[u8]>,
     skip: usize,
-    events: &[E],
+    events: impl IntoIterator<Item = E>,
 ) -> Result<Option<Vec<u8>>, FoldError> {
     let mut state = Some(Box::new(FlowState {
         attributes: GoMap::empty(),
@@ -175,7 +175,7 @@ pub fn fold<E: AsRef<[u8]>>(
             .decode(&mut doc)
             .map_err(|e| FoldError(format!("the snapshot is unreadable: {e}")))?;
     }
-    for (i, element) in events.iter().enumerate().skip(skip) {
+    for (i, element) in events.into_iter().enumerate().skip(skip) {
         let doc = gojson::check(element.as_ref())
             .map_err(|e| FoldError(format!("event {i} is not JSON: {e}")))?;
         let mut event =

@@ -1,11 +1,12 @@
-//! The archive object's format (docs/FORMAT.md), pure code: the flow as captured (`captured`), its
-//! writer and the read-back proof (`writer`), its reader (`reader`), the names they agree on, the object
-//! as it travels to S3, and the engine's state folded from a flow's events (`engine`, with Go's JSON and
-//! time rules in `gojson` and `gotime`). Archiving and reading both build on this room; it calls
-//! neither, nor the server.
+//! The archive object's format (docs/FORMAT.md), pure code: the flow as captured (`captured`, its
+//! event log in one buffer: `event_log`), its writer and the read-back proof (`writer`), its reader
+//! (`reader`), the names they agree on, the object as it travels to S3, and the engine's state folded
+//! from a flow's events (`engine`, with Go's JSON and time rules in `gojson` and `gotime`). Archiving
+//! and reading both build on this room; it calls neither, nor the server.
 
 pub mod captured;
 pub mod engine;
+pub mod event_log;
 pub mod gojson;
 pub mod gotime;
 pub mod reader;

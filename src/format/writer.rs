@@ -159,7 +159,7 @@ pub fn encode(flow: &Captured, state: Option<&[u8]>) -> Result<Encoded, EncodeEr
 
 /// The content's size: the events, their newlines and room for the trailer.
 fn content_capacity(flow: &Captured) -> usize {
-    let events: usize = flow.events.iter().map(|e| e.len() + 1).sum();
+    let events = flow.events.bytes() + flow.events.len();
     events + flow.snapshot.as_ref().map_or(0, Vec::len) + 256
 }
 
@@ -302,9 +302,9 @@ pub fn read_back(
     if object.event_count() != flow.events.len() {
         return fail("the event count");
     }
-    for (i, (line, event)) in object.events().zip(&flow.events).enumerate() {
+    for (i, (line, event)) in object.events().zip(flow.events.iter()).enumerate() {
         // An event stored as one line (nearly all) is compared without scanning it again.
-        if line.as_bytes() != event.as_slice() && line.as_bytes() != &*single_line(event) {
+        if line.as_bytes() != event && line.as_bytes() != &*single_line(event) {
             return fail(&format!("event {i}"));
         }
     }

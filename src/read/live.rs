@@ -14,6 +14,7 @@
 use redis_module::{Context, KeyType, RedisError, RedisResult, RedisValue};
 
 use crate::format::engine;
+use crate::format::event_log::EventLog;
 use crate::layout::FlowKeys;
 use crate::ops::errors::{self, show_id, FlowError, ServerError};
 use crate::ops::metrics::{self, Stage};
@@ -34,17 +35,21 @@ const ATTEMPTS: usize = 3;
 struct Read {
     snapshot: Option<Vec<u8>>,
     seq: Option<i64>,
-    log: Vec<Vec<u8>>,
+    log: EventLog,
     _cap: ByteCap,
 }
 
-fn reply(state: Vec<u8>, events: Option<Vec<Vec<u8>>>) -> RedisValue {
+fn reply(state: Vec<u8>, events: Option<EventLog>) -> RedisValue {
     let state = RedisValue::StringBuffer(state);
     match events {
         None => state,
         Some(log) => RedisValue::Array(vec![
             state,
-            RedisValue::Array(log.into_iter().map(RedisValue::StringBuffer).collect()),
+            RedisValue::Array(
+                log.iter()
+                    .map(|e| RedisValue::StringBuffer(e.to_vec()))
+                    .collect(),
+            ),
         ]),
     }
 }
@@ -129,7 +134,7 @@ pub fn fold(
 /// The engine's answer for what was read: its state (nil where the engine knows no such flow).
 fn answer(id: &str, read: Read, events: bool) -> RedisResult {
     let skip = read.seq.unwrap_or(0).max(0) as usize;
-    match metrics::folding(|| engine::fold(read.snapshot.as_deref(), skip, &read.log)) {
+    match metrics::folding(|| engine::fold(read.snapshot.as_deref(), skip, read.log.iter())) {
         Ok(Some(state)) => Ok(reply(state, events.then_some(read.log))),
         Ok(None) => Ok(RedisValue::Null),
         Err(e) => Err(RedisError::String(errors::bounded(format!(
@@ -148,7 +153,7 @@ fn read_short(
 ) -> Result<Read, FlowError> {
     let snapshot = snapshot(ctx, keys)?;
     let seq = seq(ctx, keys)?;
-    let mut log = Vec::with_capacity(total);
+    let mut log = EventLog::with_capacity(total);
     let mut cap = ByteCap::new(snapshot.as_ref().map_or(0, Vec::len) as u64, max_bytes);
     stopped(
         read_log(ctx, &keys.events, total, &mut log, &mut cap)?,
@@ -176,7 +181,7 @@ pub fn events(
     let fail = |e: ServerError| RedisError::String(FlowError::from(e).read_message(&id));
     let total = list_len(ctx, &keys.events).map_err(fail)?;
     if total <= EVENTS_PER_STEP {
-        let mut log = Vec::with_capacity(total);
+        let mut log = EventLog::with_capacity(total);
         let mut cap = ByteCap::new(snapshot.len() as u64, max_bytes);
         // One step reads a short log whole: it cannot shrink meanwhile.
         let read = read_log(ctx, &keys.events, total, &mut log, &mut cap).map_err(fail)?;
@@ -224,7 +229,7 @@ fn read_once(db: i32, keys: &FlowKeys, max_bytes: u64) -> Result<Read, FlowError
         let total = list_len(ctx, &keys.events)?;
         Ok::<_, FlowError>((watch, snapshot(ctx, keys)?, seq(ctx, keys)?, total))
     })?;
-    let mut log = Vec::with_capacity(total.min(EVENTS_PER_STEP));
+    let mut log = EventLog::with_capacity(total.min(EVENTS_PER_STEP));
     let mut cap = ByteCap::new(snapshot.as_ref().map_or(0, Vec::len) as u64, max_bytes);
     while log.len() < total {
         let read = mainthread::step(db, Stage::Capture, &mut held, |ctx| {

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use redis_module::{raw, Context};
 
+use crate::format::event_log::EventLog;
 use crate::ops::errors::{FlowError, ServerError};
 use crate::ops::metrics::{self, Buffered, Stage};
 use crate::ops::{configs, log};
@@ -152,7 +153,7 @@ pub fn read_log(
     ctx: &Context,
     key: &str,
     total: usize,
-    out: &mut Vec<Vec<u8>>,
+    out: &mut EventLog,
     cap: &mut ByteCap,
 ) -> Result<LogRead, ServerError> {
     let from = out.len();

@@ -40,14 +40,14 @@ fn event(kind: &str, data: &str) -> String {
 fn errors_say_why_the_engine_cannot_answer() {
     let started = event("flow_started", r#"{"flow_id":"f","plan":{"steps":{}}}"#);
     let unknown = event("step_completed", r#"{"flow_id":"f","step_id":"zz"}"#);
-    let e = fold(None, 0, &[&started, &unknown]).unwrap_err();
+    let e = fold(None, 0, [&started, &unknown]).unwrap_err();
     assert!(
         e.0.contains("event 1 (step_completed)") && e.0.contains("\"zz\""),
         "{e}"
     );
-    let e = fold(None, 0, &[&started, "{\"timestamp\":"]).unwrap_err();
+    let e = fold(None, 0, [&started, "{\"timestamp\":"]).unwrap_err();
     assert!(e.0.starts_with("event 1 is not JSON"), "{e}");
-    let e = fold(Some(b"[]"), 0, &[&started]).unwrap_err();
+    let e = fold(Some(b"[]"), 0, [&started]).unwrap_err();
     assert!(e.0.contains("snapshot is unreadable"), "{e}");
 }
 

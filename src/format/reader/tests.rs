@@ -32,10 +32,12 @@ fn flow(id: &str, db: i32, snapshot: &str, labels: &[(&str, &str)]) -> Captured 
             index: "archived:flows".into(),
             earlier_indexes: Vec::new(),
         },
-        events: vec![
-            br#"{"type":"flow_started"}"#.to_vec(),
-            br#"{"type":"flow_completed","n":2.50}"#.to_vec(),
-        ],
+        events: [
+            br#"{"type":"flow_started"}"#.as_slice(),
+            br#"{"type":"flow_completed","n":2.50}"#,
+        ]
+        .into_iter()
+        .collect(),
         snapshot: Some(snapshot.as_bytes().to_vec()),
         seq: Some(1),
         labels: labels
@@ -268,7 +270,7 @@ fn gzip_bombs_stop_at_the_declared_size_or_the_cap() {
 #[test]
 fn many_tiny_lines_are_charged_against_the_cap() {
     let mut f = flow("abc", 0, "{}", &[]);
-    f.events = vec![b"1".to_vec(); 10_000];
+    f.events = std::iter::repeat_n(b"1", 10_000).collect();
     let body = encode(&f).unwrap().body;
     assert!(decode(&body, "abc", 0, 1 << 20).is_ok());
     let e = decode(&body, "abc", 0, 100_000).err().unwrap();

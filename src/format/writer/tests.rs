@@ -1,4 +1,5 @@
 use super::*;
+use crate::format::event_log::EventLog;
 use crate::layout::{FlowKeys, Layout};
 use flate2::read::GzDecoder;
 use sha2::{Digest, Sha256};
@@ -35,6 +36,12 @@ fn flow(events: Vec<&str>, snapshot: &str) -> Captured {
         status_score: None,
         previous: None,
     }
+}
+
+/// `log` with its event `at` replaced by `with`.
+fn replaced(log: &EventLog, at: usize, with: &[u8]) -> EventLog {
+    let pick = |(i, e)| if i == at { with } else { e };
+    log.iter().enumerate().map(pick).collect()
 }
 
 fn gunzip(b: &[u8]) -> String {
@@ -168,7 +175,7 @@ fn line_breaks_anywhere_in_an_event_read_back() {
             // The flow's event replaced by its one-line form (what the object holds) reads back
             // too; one with another value does not.
             let mut other = flow(vec![&event, r#"{"b":2}"#], "{}");
-            other.events[0] = line.replace('v', "w").into_bytes();
+            other.events = replaced(&other.events, 0, line.replace('v', "w").as_bytes());
             assert!(read_back(&enc.body, &other, 1 << 20).is_err());
         }
     }
@@ -235,7 +242,7 @@ fn gzip_is_one_standard_member_whatever_the_ratio() {
 #[test]
 fn refuses_events_that_are_not_utf8() {
     let mut f = flow(vec![], "{}");
-    f.events = vec![b"\"\xff\"".to_vec()];
+    f.events = [b"\"\xff\"".as_slice()].into_iter().collect();
     let err = encode(&f).err().unwrap();
     assert!(err.to_string().contains("not UTF-8"), "{err}");
 }
@@ -264,9 +271,11 @@ fn read_back_accepts_the_encoding_and_nothing_else() {
     let changes: [(&str, Change); 9] = [
         ("another flow", |f| f.id = "abd".into()),
         ("another DB", |f| f.db = 1),
-        ("an event", |f| f.events[1] = br#"{"type":"z"}"#.to_vec()),
+        ("an event", |f| {
+            f.events = replaced(&f.events, 1, br#"{"type":"z"}"#)
+        }),
         ("a missing event", |f| {
-            f.events.pop();
+            f.events = f.events.iter().take(f.events.len() - 1).collect()
         }),
         ("the snapshot", |f| {
             f.snapshot = Some(br#"{"id":"abd","seq":"s"}"#.to_vec())
@@ -369,7 +378,7 @@ mod props {
             let mut f = flow(vec![], "{}");
             f.id = self.id.clone();
             f.db = self.db;
-            f.events = self.events.clone();
+            f.events = self.events.iter().collect();
             f.snapshot = Some(self.snapshot.clone());
             f.labels = self.labels.clone();
             f.seq = self.seq;
