@@ -112,6 +112,43 @@ fn acl_users_touch_only_the_keys_they_may() {
     assert!(get(&mut admin, "other-1").unwrap().is_some());
 }
 
+/// A user allowed every key is recognised as such for one main-thread step at a time, never longer:
+/// rights taken away while its flow uploads refuse the commit, and nothing is deleted.
+#[test]
+fn rights_taken_away_during_the_upload_refuse_the_commit() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &[]);
+    let mut admin = srv.conn();
+    write_flow(&mut admin, &FlowSpec::done("wide-1"));
+    set_user(&mut admin, "wide", &["+@all", "~*"]);
+    let before = dump_all(&mut admin);
+    proxy.delay("PUT", Duration::from_millis(800));
+    let mut wide = conn_as(&srv, "wide");
+    let sweeping = std::thread::spawn(move || sweep(&mut wide, &[]));
+    wait_for(
+        "the PUT to reach the proxy",
+        Duration::from_secs(10),
+        || !proxy.requests().is_empty(),
+    );
+    // The flow's own keys and the engine's indexes stay allowed; the archive index no longer is.
+    set_user(&mut admin, "wide", &["resetkeys", "~argyll:*"]);
+    let done = sweeping.join().unwrap().unwrap();
+    assert_eq!(int(&done["archived"]), 0, "{done:?}");
+    assert_eq!(int(&done["skipped_noperm"]), 1, "{done:?}");
+    assert_same(&before, &dump_all(&mut admin), "nothing deleted");
+
+    // Given every key again, the same user archives it.
+    proxy.clear();
+    set_user(&mut admin, "wide", &["~*"]);
+    let done = sweep(&mut conn_as(&srv, "wide"), &[]).unwrap();
+    assert_eq!(int(&done["archived"]), 1, "{done:?}");
+    assert_eq!(
+        cmd::<i64>(&mut admin, &["EXISTS", "argyll:flow:wide-1:events"]).unwrap(),
+        0
+    );
+}
+
 /// `conn_as` in DB `db`.
 fn conn_in(srv: &Server, user: &str, db: u8) -> redis::Connection {
     let url = format!("redis://{user}:pw@127.0.0.1:{}/{db}", srv.port);
