@@ -112,8 +112,8 @@ fn acl_users_touch_only_the_keys_they_may() {
     assert!(get(&mut admin, "other-1").unwrap().is_some());
 }
 
-/// A user allowed every key is recognised as such for one main-thread step at a time, never longer:
-/// rights taken away while its flow uploads refuse the commit, and nothing is deleted.
+/// The commit asks the caller's rights again: rights taken away while its flow uploads refuse the
+/// commit, and nothing is deleted.
 #[test]
 fn rights_taken_away_during_the_upload_refuse_the_commit() {
     let s3 = S3::new_bucket();

@@ -22,12 +22,6 @@
 //! selector allow this command with all these keys" (on Valkey 9.1, whose selectors grant databases
 //! too: "in this DB"). A client calling the stand-in gets an error and nothing else.
 //!
-//! A user with one selector that allows every key (`~*`, and no `( ... )` selectors) and grants the
-//! stand-in passes every such check, as it passes the server's own: inside a main-thread step such a
-//! user is recognised once (`ACL GETUSER` and the stand-in asked with no keys) and its keys are not
-//! asked one by one. A step runs no client command, so no ACL changes within it; the next step asks
-//! again.
-//!
 //! The stand-in counts for the command being run where a selector grants both or neither. It is in
 //! the category `@flowarchive` with FLOW, GET and SWEEP, and module commands are in no other
 //! category, so `+@all`, `allcommands` and `+@flowarchive` grant all four alike. Rules that name
@@ -40,7 +34,6 @@
 //!   still grants the stand-in, so the keys it allows count for that command too (docs/SAFETY.md).
 
 use std::borrow::Cow;
-use std::cell::RefCell;
 use std::ffi::CString;
 use std::os::raw::{c_int, c_void};
 use std::sync::{Mutex, OnceLock};
@@ -48,7 +41,6 @@ use std::sync::{Mutex, OnceLock};
 use redis_module::{raw, AclPermissions, CallReply, Context, RedisString};
 
 use crate::ops::errors::{show_key, FlowError};
-use crate::runtime::mainthread;
 use crate::runtime::server::{bytes, call, selected_db, string, strings};
 use crate::sync::lock;
 
@@ -190,9 +182,6 @@ pub fn check_keys<'k>(
     let Caller::User(user) = caller else {
         return Ok(());
     };
-    if every_key_allowed(ctx, &user.name) {
-        return Ok(());
-    }
     let keys: Vec<(&str, Access)> = keys.into_iter().collect();
     let Some(command) = &user.command else {
         return each_alone(ctx, &user.name, &keys);
@@ -400,77 +389,20 @@ fn standin_allows(ctx: &Context, user: &str, keys: &[(String, Access)]) -> Resul
     Ok(allowed)
 }
 
-/// What `ACL GETUSER` says of a user's key permissions.
-#[derive(Default)]
-struct Rules {
-    /// The root selector's key patterns as the server describes them (`~*` exactly when it allows
-    /// every key, to read and write: the server then keeps no other pattern).
-    keys: Option<Vec<u8>>,
-    /// Whether it has `( ... )` selectors besides its root; unknown counts as yes.
-    selectors: bool,
-}
-
-impl Rules {
-    fn of(ctx: &Context, user: &str) -> Rules {
-        let mut rules = Rules {
-            keys: None,
-            selectors: true,
-        };
-        let Ok(CallReply::Array(fields)) = call(ctx, "ACL", &[b"GETUSER", user.as_bytes()]) else {
-            return rules;
-        };
-        let mut fields = fields.iter();
-        while let Some(field) = fields.next() {
-            let value = fields.next();
-            match field.ok().as_ref().and_then(bytes).as_deref() {
-                Some(b"selectors") => {
-                    rules.selectors =
-                        !matches!(value, Some(Ok(CallReply::Array(s))) if s.len() == 0);
-                }
-                Some(b"keys") => rules.keys = value.and_then(|v| v.ok()).as_ref().and_then(bytes),
-                _ => {}
-            }
-        }
-        rules
-    }
-
-    /// One selector, allowing every key.
-    fn every_key(&self) -> bool {
-        !self.selectors && self.keys.as_deref() == Some(b"~*".as_slice())
-    }
-}
-
-/// Whether `user` has `( ... )` selectors besides its root.
+/// Whether `user` has `( ... )` selectors besides its root (`ACL GETUSER`; an answer that cannot be
+/// read counts as yes).
 fn has_selectors(ctx: &Context, user: &str) -> bool {
-    Rules::of(ctx, user).selectors
-}
-
-thread_local! {
-    /// `every_key_allowed` as last answered: the step, the user, the DB and the answer.
-    static EVERY_KEY: RefCell<Option<(u64, String, i32, bool)>> = const { RefCell::new(None) };
-}
-
-/// Whether `user` may touch any keys at all through the stand-in in the context's DB: it has one
-/// selector, its root, which allows every key (`~*`) and grants the stand-in here. Then every check
-/// of `check_keys` passes, as the server's own check of a command passes every key for such a user,
-/// so none is asked key by key. Answered once per main-thread step (no ACL changes within one);
-/// outside a step `false`, and the keys are checked one by one.
-fn every_key_allowed(ctx: &Context, user: &str) -> bool {
-    let Some(step) = mainthread::current_step() else {
-        return false;
+    let Ok(CallReply::Array(fields)) = call(ctx, "ACL", &[b"GETUSER", user.as_bytes()]) else {
+        return true;
     };
-    let db = selected_db(ctx);
-    let known = EVERY_KEY.with(|cell| match cell.borrow().as_ref() {
-        Some((s, u, d, answer)) if *s == step && u == user && *d == db => Some(*answer),
-        _ => None,
-    });
-    if let Some(answer) = known {
-        return answer;
+    let mut fields = fields.iter();
+    while let Some(field) = fields.next() {
+        let value = fields.next();
+        if field.ok().as_ref().and_then(bytes).as_deref() == Some(b"selectors".as_slice()) {
+            return !matches!(value, Some(Ok(CallReply::Array(selectors))) if selectors.len() == 0);
+        }
     }
-    let answer =
-        Rules::of(ctx, user).every_key() && matches!(standin_allows(ctx, user, &[]), Ok(true));
-    EVERY_KEY.with(|cell| *cell.borrow_mut() = Some((step, user.to_string(), db, answer)));
-    answer
+    true
 }
 
 /// At load: finds `ACLCheckPermissions` and proves that the server finds, by the stand-in's key specs

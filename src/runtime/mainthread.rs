@@ -4,10 +4,9 @@
 //! every client waits for milliseconds on a few microseconds of work. Work run by the event loop holds
 //! the server only for its own CPU time.
 
-use std::cell::Cell;
 use std::ops::ControlFlow;
 use std::os::raw::c_void;
-use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::time::{Duration, Instant};
 
@@ -274,22 +273,6 @@ extern "C" fn run_job(ctx: *mut raw::RedisModuleCtx, data: *mut c_void) {
     // SAFETY: `data` is the box `run` leaked for this one call.
     let job = unsafe { Box::from_raw(data as *mut Job) };
     let ctx = Context::new(ctx);
-    STEP.set(STEPS_RUN.fetch_add(1, Ordering::Relaxed) + 1);
     // A panic is logged; the waiting worker sees its result channel close, and the flow stays live.
     let _ = log::contained("a main-thread step", || job(&ctx));
-    STEP.set(0);
-}
-
-/// Steps run so far; each step is known by its number.
-static STEPS_RUN: AtomicU64 = AtomicU64::new(0);
-
-thread_local! {
-    /// The number of the step the event loop is running, 0 between steps.
-    static STEP: Cell<u64> = const { Cell::new(0) };
-}
-
-/// The step running now, if the caller is inside one: no client command runs while it lasts, so
-/// what the server answered earlier in the same step (an ACL, say) still holds.
-pub fn current_step() -> Option<u64> {
-    Some(STEP.get()).filter(|&step| step != 0)
 }
