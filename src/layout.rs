@@ -22,32 +22,47 @@ enum Piece<'t> {
 }
 
 fn pieces(template: &str) -> Result<Vec<Piece<'_>>, String> {
-    let mut out = Vec::new();
-    let mut rest = template;
-    while let Some(pos) = rest.find('$') {
-        if pos > 0 {
-            out.push(Piece::Text(&rest[..pos]));
+    Pieces(template).collect()
+}
+
+/// A template's pieces in order, read as they are asked for: `render` runs for every key of every
+/// flow, and builds nothing but the key.
+struct Pieces<'t>(&'t str);
+
+impl<'t> Iterator for Pieces<'t> {
+    type Item = Result<Piece<'t>, String>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let rest = self.0;
+        match rest.find('$') {
+            None if rest.is_empty() => None,
+            None => {
+                self.0 = "";
+                Some(Ok(Piece::Text(rest)))
+            }
+            Some(pos) if pos > 0 => {
+                self.0 = &rest[pos..];
+                Some(Ok(Piece::Text(&rest[..pos])))
+            }
+            Some(_) => {
+                let after = &rest[1..];
+                if let Some(stripped) = after.strip_prefix('$') {
+                    self.0 = stripped;
+                    return Some(Ok(Piece::Text("$")));
+                }
+                let len = after.bytes().take_while(|c| c.is_ascii_lowercase()).count();
+                let name = &after[..len];
+                if !VARS.contains(&name) {
+                    self.0 = "";
+                    return Some(Err(format!(
+                        "unknown placeholder '${name}' (known: $prefix $id $status $label $value, $$ for '$')"
+                    )));
+                }
+                self.0 = &after[len..];
+                Some(Ok(Piece::Var(name)))
+            }
         }
-        let after = &rest[pos + 1..];
-        if let Some(stripped) = after.strip_prefix('$') {
-            out.push(Piece::Text("$"));
-            rest = stripped;
-            continue;
-        }
-        let len = after.bytes().take_while(|c| c.is_ascii_lowercase()).count();
-        let name = &after[..len];
-        if !VARS.contains(&name) {
-            return Err(format!(
-                "unknown placeholder '${name}' (known: $prefix $id $status $label $value, $$ for '$')"
-            ));
-        }
-        out.push(Piece::Var(name));
-        rest = &after[len..];
     }
-    if !rest.is_empty() {
-        out.push(Piece::Text(rest));
-    }
-    Ok(out)
 }
 
 /// The longest template (or key prefix) accepted: key names are short, and `Layout::check_keys`
@@ -80,11 +95,11 @@ pub fn validate(template: &str, allowed: &[&str], required: &[&str]) -> Result<(
 
 /// Fills a template that `validate` accepted; an invalid one renders its text verbatim.
 pub fn render(template: &str, vars: &Vars) -> String {
-    let Ok(parts) = pieces(template) else {
-        return template.to_string();
-    };
     let mut out = String::with_capacity(template.len() + vars.id.len());
-    for p in parts {
+    for p in Pieces(template) {
+        let Ok(p) = p else {
+            return template.to_string();
+        };
         match p {
             Piece::Text(t) => out.push_str(t),
             Piece::Var("prefix") => out.push_str(vars.prefix),

@@ -163,6 +163,11 @@ fn keeps_hash_tags_and_dollars() {
     };
     assert_eq!(render("$prefix:{flow:$id}:events", &v), "p:{flow:x}:events");
     assert_eq!(render("a$$b:$id", &v), "a$b:x");
+    assert_eq!(render("$id$$$$:$prefix", &v), "x$$:p");
+    assert_eq!(render("$id:$", &v), "$id:$", "a lone $ names nothing");
+    // A template `validate` refuses renders as written.
+    assert_eq!(render("$id:$nope:x", &v), "$id:$nope:x");
+    assert_eq!(render("", &v), "");
 }
 
 #[test]
