@@ -73,10 +73,8 @@ impl Registry {
         {
             return;
         }
-        let (ended, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.all)
-            .into_iter()
-            .partition(|e| e.flags.released.load(Ordering::SeqCst));
-        self.all = kept;
+        let released = |e: &mut Entry| e.flags.released.load(Ordering::SeqCst);
+        let ended: Vec<Entry> = self.all.extract_if(.., released).collect();
         for entry in ended {
             self.forget(entry);
         }
