@@ -10,6 +10,8 @@
 //! keys, so it leaves the label indexes, an earlier incarnation's entry (for its removal) and the
 //! index entry's keys' types to the guard.
 
+use std::borrow::Cow;
+
 use redis_module::{Context, KeyType};
 
 use crate::format::captured::Captured;
@@ -22,15 +24,16 @@ use crate::runtime::server::{self, expect_type};
 
 /// One key the commit touches: the template it comes from, what it must hold, what is done to it,
 /// and what it is to the flow.
-struct Touched {
+struct Touched<'k> {
     template: &'static str,
-    key: String,
+    /// Borrowed from the flow's keys, or rendered for it (its indexes).
+    key: Cow<'k, str>,
     expected: KeyType,
     access: Access,
     role: Role,
 }
 
-impl Touched {
+impl Touched<'_> {
     fn named(&self) -> (&'static str, &str) {
         (self.template, &self.key)
     }
@@ -69,23 +72,25 @@ impl Role {
 }
 
 /// Every key the commit of `flow` reads or writes, in one list for the ACL, type and slot checks.
-fn touched(
-    flow: &Captured,
-    previous: Option<&Entry>,
+fn touched<'k>(
+    flow: &'k Captured,
+    previous: Option<&'k Entry>,
     layout: &Layout,
-    index_keys: &[String],
-) -> Vec<Touched> {
+    index_keys: &'k [String],
+) -> Vec<Touched<'k>> {
     let keys = &flow.keys;
-    let entry = |template, key: &str, expected, access, role| Touched {
+    let entry = |template, key: Cow<'k, str>, expected, access, role| Touched {
         template,
-        key: key.to_string(),
+        key,
         expected,
         access,
         role,
     };
-    let own =
-        |template, key: &str, expected| entry(template, key, expected, Access::Remove, Role::Flow);
-    let index = |key: &str, access, role| entry("index-key", key, KeyType::Hash, access, role);
+    let own = |template, key: &'k str, expected| {
+        entry(template, key.into(), expected, Access::Remove, Role::Flow)
+    };
+    let index =
+        |key: &'k str, access, role| entry("index-key", key.into(), KeyType::Hash, access, role);
     let mut out = vec![
         own("events-key", &keys.events, KeyType::List),
         own("snapshot-key", &keys.snapshot, KeyType::String),
@@ -113,20 +118,27 @@ fn touched(
         let role = Role::StatusSet;
         out.push(entry(
             "status-set-key",
-            &set,
+            set.into(),
             KeyType::ZSet,
             Access::Remove,
             role,
         ));
     }
-    let label =
-        |template, key: &str| entry(template, key, KeyType::Set, Access::Remove, Role::Label);
+    let label = |template, key: String| {
+        entry(
+            template,
+            key.into(),
+            KeyType::Set,
+            Access::Remove,
+            Role::Label,
+        )
+    };
     for (name, value) in &flow.labels {
         if let Some(set) = layout.label_set_key(&flow.id, name, value) {
-            out.push(label("label-set-key", &set));
+            out.push(label("label-set-key", set));
         }
         if let Some(values) = layout.label_values_key(&flow.id, name) {
-            out.push(label("label-values-key", &values));
+            out.push(label("label-values-key", values));
         }
     }
     out
@@ -173,7 +185,7 @@ pub fn check_rest(
 ) -> Result<(), FlowError> {
     let touched = touched(flow, previous, layout, index_keys);
     let placed: Vec<&str> = flow.keys.named().map(|(_, key)| key).collect();
-    let unplaced = touched.iter().filter(|t| !placed.contains(&t.key.as_str()));
+    let unplaced = touched.iter().filter(|t| !placed.contains(&t.key.as_ref()));
     cluster::placement(&flow.id, unplaced.map(Touched::named))?;
     let unallowed = touched.iter().filter(|t| !t.role.allowed_at_capture());
     acl::check_keys(ctx, caller, unallowed.map(Touched::access))?;
@@ -201,5 +213,5 @@ fn kept(ctx: &Context, touched: &[Touched]) -> Result<(), FlowError> {
             )));
         }
     }
-    server::index_kept(ctx, written.iter().map(|t| t.key.as_str()))
+    server::index_kept(ctx, written.iter().map(|t| t.key.as_ref()))
 }
