@@ -132,7 +132,7 @@ pub fn inspect(
         labels: judged.labels,
         snapshot: judged.snapshot,
         keys,
-        events: EventLog::with_capacity(judged.events_total.min(EVENTS_PER_STEP)),
+        events: EventLog::new(judged.events_total.min(EVENTS_PER_STEP), max_bytes as usize),
         status: judged.status,
         status_score: judged.status_score,
         previous: judged.previous.as_ref().map(|e| e.location.clone()),

@@ -109,10 +109,14 @@ fn archived_keeping(
     let bytes = events.bytes() as u64;
     let log = match whole_log {
         false => Log::Length(events.len()),
-        true if keep_bytes.is_some_and(|keep| bytes <= keep) => Log::Events {
-            _held: Buffered::hold(bytes),
-            events,
-        },
+        true if keep_bytes.is_some_and(|keep| bytes <= keep) => {
+            let mut events = events;
+            events.shrink_to_fit();
+            Log::Events {
+                _held: Buffered::hold(events.memory() as u64),
+                events,
+            }
+        }
         true => {
             let mut parts = Parts::events(events.len());
             events.iter().for_each(|e| parts.part(e));

@@ -153,7 +153,7 @@ fn read_short(
 ) -> Result<Read, FlowError> {
     let snapshot = snapshot(ctx, keys)?;
     let seq = seq(ctx, keys)?;
-    let mut log = EventLog::with_capacity(total);
+    let mut log = EventLog::new(total, max_bytes as usize);
     let mut cap = ByteCap::new(snapshot.as_ref().map_or(0, Vec::len) as u64, max_bytes);
     stopped(
         read_log(ctx, &keys.events, total, &mut log, &mut cap)?,
@@ -181,7 +181,7 @@ pub fn events(
     let fail = |e: ServerError| RedisError::String(FlowError::from(e).read_message(&id));
     let total = list_len(ctx, &keys.events).map_err(fail)?;
     if total <= EVENTS_PER_STEP {
-        let mut log = EventLog::with_capacity(total);
+        let mut log = EventLog::new(total, max_bytes as usize);
         let mut cap = ByteCap::new(snapshot.len() as u64, max_bytes);
         // One step reads a short log whole: it cannot shrink meanwhile.
         let read = read_log(ctx, &keys.events, total, &mut log, &mut cap).map_err(fail)?;
@@ -229,7 +229,7 @@ fn read_once(db: i32, keys: &FlowKeys, max_bytes: u64) -> Result<Read, FlowError
         let total = list_len(ctx, &keys.events)?;
         Ok::<_, FlowError>((watch, snapshot(ctx, keys)?, seq(ctx, keys)?, total))
     })?;
-    let mut log = EventLog::with_capacity(total.min(EVENTS_PER_STEP));
+    let mut log = EventLog::new(total.min(EVENTS_PER_STEP), max_bytes as usize);
     let mut cap = ByteCap::new(snapshot.as_ref().map_or(0, Vec::len) as u64, max_bytes);
     while log.len() < total {
         let read = mainthread::step(db, Stage::Capture, &mut held, |ctx| {

@@ -62,11 +62,14 @@ pub const EVENTS_PER_STEP: usize = 1024;
 const MIN_CHUNK: usize = 64;
 const MIN_CHUNK_BYTES: u64 = 256 << 10;
 
-/// Bytes one read (a capture, a live read) has copied out of the server, against its own cap
-/// (`read-max-bytes`) and, with every other read's, against `buffer-max-bytes`: counted in INFO
-/// `buffered_bytes` until released or dropped.
+/// What one read (a capture, a live read) has copied out of the server: its bytes against its own cap
+/// (`read-max-bytes`), and the memory holding them, with every other read's, against
+/// `buffer-max-bytes`, counted in INFO `buffered_bytes` until released or dropped.
 #[derive(Debug)]
 pub struct ByteCap {
+    /// The bytes copied, each event with one byte for its line end.
+    copied: u64,
+    /// The memory they take.
     held: Buffered,
     pub max: u64,
 }
@@ -75,28 +78,30 @@ impl ByteCap {
     /// A read capped at `max` bytes that holds `first` bytes already (a snapshot it has copied).
     pub fn new(first: u64, max: u64) -> ByteCap {
         ByteCap {
+            copied: first,
             held: Buffered::hold(first),
             max,
         }
     }
 
     pub fn used(&self) -> u64 {
-        self.held.bytes()
+        self.copied
     }
 
-    /// Counts `bytes` more, unless they would pass this read's cap, or take every read's together past
-    /// `buffer-max-bytes` while other reads hold bytes.
-    fn take(&mut self, bytes: u64) -> Result<(), LogRead> {
-        if self.used() + bytes > self.max {
+    /// Counts `bytes` more copied, taking `memory` more, unless the bytes would pass this read's cap,
+    /// or the memory take every read's together past `buffer-max-bytes` while other reads hold some.
+    fn take(&mut self, bytes: u64, memory: u64) -> Result<(), LogRead> {
+        if self.copied + bytes > self.max {
             return Err(LogRead::OverCap);
         }
         let now = metrics::buffered_now();
-        let others = now.saturating_sub(self.used());
+        let others = now.saturating_sub(self.held.bytes());
         let max = buffer_max();
-        if others > 0 && now + bytes > max {
+        if others > 0 && now + memory > max {
             return Err(LogRead::Full(max));
         }
-        self.held.grow(bytes);
+        self.copied += bytes;
+        self.held.grow(memory);
         Ok(())
     }
 
@@ -161,7 +166,7 @@ pub fn read_log(
     let deadline = (total > EVENTS_PER_STEP).then(|| Instant::now() + step_budget());
     let (mut refused, mut paused, chunk_start) = (None, false, cap.used());
     list_range_each(ctx, key, from, to, |event| {
-        if let Err(why) = cap.take(event.len() as u64 + 1) {
+        if let Err(why) = cap.take(event.len() as u64 + 1, out.growth(event.len()) as u64) {
             refused = Some(why);
             return ControlFlow::Break(());
         }
