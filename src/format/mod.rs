@@ -16,17 +16,22 @@ pub const FORMAT_NAME: &str = "flowarchive";
 /// still read version 1.
 pub const FORMAT_VERSION: u64 = 2;
 
-/// How many leading bytes of `bytes` lie in whole blocks of 32 that hold no byte `marked` answers for.
-/// Each block is tested with no early exit inside it, which the compiler turns into vector compares:
-/// the loops that look at every byte of an event (the writer's line-break scan, Go's string writer)
-/// pass the long runs with nothing in them this way, then look at the rest byte by byte.
-pub(crate) fn unmarked_blocks(bytes: &[u8], marked: impl Fn(u8) -> bool) -> usize {
+/// Where the first byte `marked` answers for is in `bytes`. The loops that look at every byte of an
+/// event (the writer's line-break scan; Go's JSON checker, reader and string writer) pass the long runs
+/// with none in blocks of 32 bytes, each tested with no early exit inside it, which the compiler turns
+/// into vector compares when `marked` compares without branches (`|`, not `||` or `matches!`); the
+/// block that holds one is then looked at byte by byte.
+pub(crate) fn find_marked(bytes: &[u8], marked: impl Fn(u8) -> bool) -> Option<usize> {
     let (blocks, _) = bytes.as_chunks::<32>();
-    let clean = blocks
+    let clean = 32
+        * blocks
+            .iter()
+            .position(|block| block.iter().fold(false, |found, &c| found | marked(c)))
+            .unwrap_or(blocks.len());
+    bytes[clean..]
         .iter()
-        .position(|block| block.iter().fold(false, |found, &c| found | marked(c)))
-        .unwrap_or(blocks.len());
-    clean * 32
+        .position(|&c| marked(c))
+        .map(|n| clean + n)
 }
 
 /// The encoded object, ready for upload.

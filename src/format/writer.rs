@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 use crate::digest::{hex, md5, sha256};
 use crate::format::captured::Captured;
 use crate::format::reader;
-use crate::format::{unmarked_blocks, Encoded, FORMAT_NAME, FORMAT_VERSION};
+use crate::format::{find_marked, Encoded, FORMAT_NAME, FORMAT_VERSION};
 use crate::layout::StateSource;
 
 /// Level 1 keeps compression off the critical path; event JSON still shrinks about 8x.
@@ -70,12 +70,9 @@ pub fn single_line(json: &[u8]) -> Cow<'_, [u8]> {
 }
 
 /// Whether `json` holds a CR or LF. Every event is scanned, so this is one pass in blocks of 32 bytes
-/// (`unmarked_blocks`; two `memchr` passes took a few percent of a worker's CPU).
+/// (`find_marked`; two `memchr` passes took a few percent of a worker's CPU).
 fn has_line_break(json: &[u8]) -> bool {
-    let is_break = |c: u8| c == b'\n' || c == b'\r';
-    json[unmarked_blocks(json, is_break)..]
-        .iter()
-        .any(|&c| is_break(c))
+    find_marked(json, |c| (c == b'\n') | (c == b'\r')).is_some()
 }
 
 fn is_json_space(b: u8) -> bool {
