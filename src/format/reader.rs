@@ -375,7 +375,7 @@ fn split(content: Vec<u8>, header: &Header, room: u64) -> Result<Object, DecodeE
     if !text.ends_with('\n') {
         return Err(corrupt("last line is cut short"));
     }
-    let lines = text.bytes().filter(|&b| b == b'\n').count() as u64;
+    let lines = count_lines(text.as_bytes());
     if lines != header.events.saturating_add(1) {
         return Err(corrupt(format!(
             "{lines} lines for {} events and a trailer",
@@ -425,6 +425,18 @@ fn split(content: Vec<u8>, header: &Header, room: u64) -> Result<Object, DecodeE
         status,
         previous: header.previous.clone(),
     })
+}
+
+/// The `\n`s in `text`, counted in blocks of 32 bytes with a byte-wide count per block, which the
+/// compiler turns into vector compares and adds (a count kept in a `usize` took 4 bytes at a time).
+fn count_lines(text: &[u8]) -> u64 {
+    let newline = |n: u8, c: &u8| n + u8::from(*c == b'\n');
+    let (blocks, rest) = text.as_chunks::<32>();
+    let in_blocks: u64 = blocks
+        .iter()
+        .map(|block| u64::from(block.iter().fold(0, newline)))
+        .sum();
+    in_blocks + u64::from(rest.iter().fold(0, newline))
 }
 
 /// What FLOWARCHIVE.GET answers from an object: `parse`, then the reply form.

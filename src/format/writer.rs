@@ -9,12 +9,12 @@ use std::borrow::Cow;
 use std::cell::RefCell;
 
 use flate2::{Compress, Compression, Crc, FlushCompress, Status};
-use serde_json::{json, Map, Value};
+use serde::{Serialize, Serializer};
 
 use crate::digest::{hex, md5, sha256};
 use crate::format::captured::Captured;
 use crate::format::reader;
-use crate::format::{Encoded, FORMAT_NAME, FORMAT_VERSION};
+use crate::format::{find_marked, Encoded, FORMAT_NAME, FORMAT_VERSION};
 use crate::layout::StateSource;
 
 /// Level 1 keeps compression off the critical path; event JSON still shrinks about 8x.
@@ -70,15 +70,9 @@ pub fn single_line(json: &[u8]) -> Cow<'_, [u8]> {
 }
 
 /// Whether `json` holds a CR or LF. Every event is scanned, so this is one pass in blocks of 32 bytes
-/// with no early exit inside a block, which the compiler turns into vector compares (two `memchr`
-/// passes took a few percent of a worker's CPU).
+/// (`find_marked`; two `memchr` passes took a few percent of a worker's CPU).
 fn has_line_break(json: &[u8]) -> bool {
-    let is_break = |c: &u8| *c == b'\n' || *c == b'\r';
-    let (blocks, rest) = json.as_chunks::<32>();
-    blocks
-        .iter()
-        .any(|block| block.iter().fold(false, |found, c| found | is_break(c)))
-        || rest.iter().any(is_break)
+    find_marked(json, |c| (c == b'\n') | (c == b'\r')).is_some()
 }
 
 fn is_json_space(b: u8) -> bool {
@@ -130,23 +124,22 @@ pub fn encode(flow: &Captured, state: Option<&[u8]>) -> Result<Encoded, EncodeEr
     }
     content.extend_from_slice(&trailer(flow, state)?);
     content.push(b'\n');
-    let header = json!({
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "flow_id": flow.id,
-        "db": flow.db,
-        "events": flow.events.len(),
-        "raw_bytes": content.len(),
-        "sha256": hex(&sha256(&content)),
-        "keys": {
-            "events": flow.keys.events,
-            "snapshot": flow.keys.snapshot,
-            "seq": flow.keys.seq,
-            "labels": flow.keys.labels,
+    let header = json_line(&Header {
+        format: FORMAT_NAME,
+        version: FORMAT_VERSION,
+        flow_id: &flow.id,
+        db: flow.db,
+        events: flow.events.len(),
+        raw_bytes: content.len(),
+        sha256: hex(&sha256(&content)),
+        keys: HeaderKeys {
+            events: &flow.keys.events,
+            snapshot: &flow.keys.snapshot,
+            seq: flow.keys.seq.as_deref(),
+            labels: flow.keys.labels.as_deref(),
         },
-        "previous": flow.previous,
-    })
-    .to_string();
+        previous: flow.previous.as_deref(),
+    });
     let raw_bytes = (header.len() + 1 + content.len()) as u64;
     let body = gzip(&[header.as_bytes(), b"\n", &content]).map_err(EncodeError::Compress)?;
     Ok(Encoded {
@@ -155,6 +148,53 @@ pub fn encode(flow: &Captured, state: Option<&[u8]>) -> Result<Encoded, EncodeEr
         body,
         raw_bytes,
     })
+}
+
+/// The header line, its fields in the order they are written. It and the trailer's last fields are
+/// written straight from the flow (`json_line`), not through a tree of `serde_json::Value`s built to be
+/// printed once.
+#[derive(Serialize)]
+struct Header<'a> {
+    format: &'a str,
+    version: u64,
+    flow_id: &'a str,
+    db: i32,
+    events: usize,
+    raw_bytes: usize,
+    sha256: String,
+    keys: HeaderKeys<'a>,
+    previous: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct HeaderKeys<'a> {
+    events: &'a str,
+    snapshot: &'a str,
+    seq: Option<&'a str>,
+    labels: Option<&'a str>,
+}
+
+/// The trailer's fields after the state and the snapshot.
+#[derive(Serialize)]
+struct TrailerEnd<'a> {
+    seq: Option<i64>,
+    labels: Labels<'a>,
+    status: &'a str,
+}
+
+/// The labels as a JSON object, in the flow's order.
+struct Labels<'a>(&'a [(String, String)]);
+
+impl Serialize for Labels<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+    }
+}
+
+/// A header or trailer record as one line of JSON. Strings, integers and options of them always
+/// serialize, so there is no error to pass on.
+fn json_line(record: &impl Serialize) -> String {
+    serde_json::to_string(record).expect("a record of strings and integers serializes")
 }
 
 /// The content's size: the events, their newlines and room for the trailer.
@@ -186,12 +226,11 @@ fn trailer(flow: &Captured, state: Option<&[u8]>) -> Result<Vec<u8>, EncodeError
         None if state.is_some() => trailer.extend_from_slice(b"null"),
         None => return Err(EncodeError::Snapshot("there is none".into())),
     }
-    let labels: Map<String, Value> = flow
-        .labels
-        .iter()
-        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-        .collect();
-    let rest = json!({"seq": flow.seq, "labels": labels, "status": flow.status}).to_string();
+    let rest = json_line(&TrailerEnd {
+        seq: flow.seq,
+        labels: Labels(&flow.labels),
+        status: &flow.status,
+    });
     trailer.push(b',');
     trailer.extend_from_slice(&rest.as_bytes()[1..]);
     Ok(trailer)

@@ -37,6 +37,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
+use crate::format::find_marked;
 use crate::format::gotime::GoTime;
 
 /// Go's scanner refuses deeper nesting.
@@ -64,27 +65,15 @@ fn is_scalar(c: u8) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, b'-' | b'+' | b'.')
 }
 
-/// A table of the bytes below `below` and those in `marked`, for loops that look at every byte.
-const fn byte_table(below: u8, marked: &[u8]) -> [bool; 256] {
-    let mut table = [false; 256];
-    let mut n = 0;
-    while n < below as usize {
-        table[n] = true;
-        n += 1;
-    }
-    n = 0;
-    while n < marked.len() {
-        table[marked[n] as usize] = true;
-        n += 1;
-    }
-    table
+/// The bytes that end a run of a string's text: its closing quote, an escape, a control character.
+fn string_stop(c: u8) -> bool {
+    (c < 0x20) | (c == b'"') | (c == b'\\')
 }
 
-/// The bytes that end a run of a string's text: its closing quote, an escape, a control character.
-static STRING_STOP: [bool; 256] = byte_table(0x20, b"\"\\");
-
 /// The bytes that matter when a container is passed over: quotes and brackets.
-static STRUCTURAL: [bool; 256] = byte_table(0, b"\"{[}]");
+fn structural(c: u8) -> bool {
+    (c == b'"') | (c == b'{') | (c == b'[') | (c == b'}') | (c == b']')
+}
 
 mod any;
 mod check;

@@ -317,7 +317,7 @@ impl<'a> Reader<'a> {
     pub(super) fn skip_string(&mut self) {
         let mut i = self.i + 1;
         while let Some(rest) = self.b.get(i..) {
-            let Some(n) = rest.iter().position(|&c| STRING_STOP[c as usize]) else {
+            let Some(n) = find_marked(rest, string_stop) else {
                 break;
             };
             i += n;
@@ -354,7 +354,7 @@ impl<'a> Reader<'a> {
                 let mut depth = 0usize;
                 loop {
                     let rest = self.b.get(self.i..).unwrap_or_default();
-                    let Some(n) = rest.iter().position(|&c| STRUCTURAL[c as usize]) else {
+                    let Some(n) = find_marked(rest, structural) else {
                         return Err(malformed());
                     };
                     self.i += n;

@@ -313,3 +313,55 @@ fn strings_escape_only_what_go_escapes_around_multibyte_characters() {
         "\"plain text, no escape\""
     );
 }
+
+#[test]
+fn long_strings_escape_as_their_characters_do_one_by_one() {
+    let written = |s: &str| {
+        let mut out = Vec::new();
+        super::write::write_str(&mut out, s);
+        String::from_utf8(out).unwrap()
+    };
+    // Each character alone takes the byte-by-byte path; in a long text most of it is passed in
+    // blocks, wherever the escapes fall relative to them.
+    let one_by_one = |s: &str| {
+        let inner: String = s
+            .chars()
+            .map(|c| {
+                let w = written(&c.to_string());
+                w[1..w.len() - 1].to_string()
+            })
+            .collect();
+        format!("\"{inner}\"")
+    };
+    for special in [
+        "\"", "\\", "\n", "\u{1}", "<", "&", "\u{2028}", "\u{2029}", "\u{2027}", "é",
+    ] {
+        for at in 0..80 {
+            let s = format!(
+                "{}{special}{}{special}x",
+                "a".repeat(at),
+                "b".repeat(90 - at)
+            );
+            assert_eq!(written(&s), one_by_one(&s), "{special:?} at {at}");
+        }
+    }
+}
+
+/// Long texts are passed in blocks (`find_marked`): wherever a quote, an escape, a bracket or a
+/// control character falls in a block, checking and skipping see it.
+#[test]
+fn long_texts_are_checked_and_skipped_wherever_their_marks_fall() {
+    for at in 0..80 {
+        let (before, after) = ("a".repeat(at), "b".repeat(90 - at));
+        let value = format!(r#"["{before}\"{after}", {{"k":"{before}"}}, "{after}\\"]"#);
+        let doc = format!(r#"{{"a":{value},"b":1}}"#);
+        let mut r = check(doc.as_bytes()).unwrap_or_else(|e| panic!("{at}: {e}"));
+        assert!(r.object());
+        assert_eq!(r.key().unwrap().unwrap().text(), "a");
+        assert_eq!(r.skip().unwrap().0, value.as_bytes(), "{at}");
+        assert_eq!(r.key().unwrap().unwrap().text(), "b");
+        let control = format!("[\"{before}\u{1}{after}\"]");
+        let refused = check(control.as_bytes()).err().map(|e| (e.at, e.what));
+        assert_eq!(refused, Some((2 + at, "control character in string")));
+    }
+}

@@ -1,18 +1,31 @@
 //! Writing strings and numbers as Go's `Marshal` does.
 
+use crate::format::find_marked;
+
 /// Appends `s` as Go writes a string: `"`, `\` and control characters escaped (`\b \f \n \r \t`, the
 /// rest `\u00XX`), and `<`, `>`, `&`, U+2028 and U+2029 as `\u` escapes.
 ///
 /// Byte by byte, runs without an escape copied whole: every character escaped but two is ASCII, and
 /// U+2028 and U+2029 are the only ones encoded `E2 80 A8` and `E2 80 A9` (a lead byte `E2` is never
-/// part of another character).
+/// part of another character). The bytes between them are passed in blocks (`find_marked`): the long
+/// texts of an event (notes, payloads) hold few or none.
 pub fn write_str(out: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
+    let may_escape = |c: u8| {
+        (c < 0x20)
+            | (c == b'"')
+            | (c == b'\\')
+            | (c == b'<')
+            | (c == b'>')
+            | (c == b'&')
+            | (c == 0xe2)
+    };
     let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);
     out.push(b'"');
     let (mut start, mut i) = (0, 0);
-    while i < bytes.len() {
+    while let Some(n) = find_marked(&bytes[i..], may_escape) {
+        i += n;
         let b = bytes[i];
         let (escaped, code, len): (Option<&[u8]>, u32, usize) = match b {
             b'"' => (Some(b"\\\""), 0, 1),

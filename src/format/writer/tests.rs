@@ -2,6 +2,7 @@ use super::*;
 use crate::format::event_log::EventLog;
 use crate::layout::{FlowKeys, Layout};
 use flate2::read::GzDecoder;
+use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::io::Read;
 
