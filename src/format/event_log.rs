@@ -1,24 +1,36 @@
-//! A flow's event log as copied out of the server: every event end to end in one buffer, with where
-//! each ends.
+//! A flow's event log as copied out of the server: every event end to end in a few large blocks, with
+//! where each ends.
 //!
 //! The capture copies a log on the server's main thread, where one allocation per event is the
 //! largest part of the copy's cost, and every one of them is later freed on another thread (which
-//! the allocator makes dearer still). One buffer that grows by doubling costs a handful of
-//! allocations per flow, and the commit's comparison, the writer and the fold then read one run of
-//! memory.
+//! the allocator makes dearer still). A handful of blocks per flow costs a handful of allocations, and
+//! the commit's comparison, the writer and the fold then read long runs of memory.
 //!
-//! What the buffer holds beyond its events is memory too: `growth` says, before an event is copied,
-//! how much more memory its copy takes (the buffer doubles when full, as a `Vec` does, but by this
-//! type's own rule so the figure is exact), so the module's budget for copies counts the memory held,
-//! not only the bytes of the events.
+//! Blocks never move: a full block is followed by a new one as large as all before it together (at
+//! least `FIRST_BLOCK`, at least the event, at most what `max_bytes` leaves), so the main thread never
+//! copies a large log again to grow it, as one doubling buffer would (tens of milliseconds for a log
+//! of tens of megabytes). What the blocks hold beyond their events is memory too: `growth` says,
+//! before an event is copied, how much more memory its copy takes, so the module's budget for copies
+//! counts the memory held, not only the bytes of the events.
+
+use std::mem::size_of;
+
+/// The first block's size, unless the first event is larger or `max_bytes` smaller: most logs fit.
+const FIRST_BLOCK: usize = 4096;
 
 /// The events of a log, in order.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct EventLog {
-    bytes: Vec<u8>,
-    /// Where each event ends in `bytes`.
+    /// Filled in order; each holds whole events and is never grown past its capacity.
+    blocks: Vec<Vec<u8>>,
+    /// Where each event ends in its block.
     ends: Vec<usize>,
-    /// The buffer doubles no further than this (what the read copying into it may copy at most).
+    /// The index of each block's first event.
+    firsts: Vec<usize>,
+    /// The bytes of every block together.
+    capacity: usize,
+    /// The blocks together grow no further than this unless an event needs more (what the read
+    /// copying into the log may copy at most).
     max_bytes: usize,
 }
 
@@ -28,61 +40,56 @@ impl Default for EventLog {
     }
 }
 
+impl PartialEq for EventLog {
+    /// The same events in the same order, however they are laid out in blocks.
+    fn eq(&self, other: &EventLog) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for EventLog {}
+
 impl EventLog {
-    /// An empty log with room for `events` events, whose buffer grows to `max_bytes` at most unless
-    /// its events need more.
+    /// An empty log with room for `events` events, whose blocks take `max_bytes` at most unless its
+    /// events need more.
     pub fn new(events: usize, max_bytes: usize) -> EventLog {
         EventLog {
-            bytes: Vec::new(),
+            blocks: Vec::new(),
             ends: Vec::with_capacity(events),
+            firsts: Vec::new(),
+            capacity: 0,
             max_bytes,
         }
     }
 
     /// Appends one event, growing the log by `growth(event.len())` bytes of memory.
     pub fn push(&mut self, event: &[u8]) {
-        let (bytes, ends) = self.capacities_for(event.len());
-        self.bytes.reserve_exact(bytes - self.bytes.len());
-        self.ends.reserve_exact(ends - self.ends.len());
-        self.bytes.extend_from_slice(event);
-        self.ends.push(self.bytes.len());
+        if let Some(size) = self.new_block(event.len()) {
+            if self.blocks.len() == self.blocks.capacity() {
+                self.blocks.reserve_exact(self.blocks.len().max(4));
+                self.firsts.reserve_exact(self.firsts.len().max(4));
+            }
+            self.blocks.push(Vec::with_capacity(size));
+            self.firsts.push(self.ends.len());
+            self.capacity += size;
+        }
+        if self.ends.len() == self.ends.capacity() {
+            self.ends.reserve_exact(self.ends.len().max(4));
+        }
+        // `new_block` made room: the last block holds the event within its capacity.
+        let block = self.blocks.last_mut().expect("a block holds the event");
+        block.extend_from_slice(event);
+        self.ends.push(block.len());
     }
 
-    /// The capacities of the buffer and of the ends once an event of `len` bytes is added: unchanged
-    /// while it fits, else doubled (at least to fit; the buffer to `max_bytes` at most).
-    fn capacities_for(&self, len: usize) -> (usize, usize) {
-        let grown = |used: usize, capacity: usize, min: usize, max: usize| match used <= capacity {
-            true => capacity,
-            false => used.max(capacity.saturating_mul(2).max(min).min(max)),
-        };
-        let bytes = grown(
-            self.bytes.len() + len,
-            self.bytes.capacity(),
-            64,
-            self.max_bytes,
-        );
-        (
-            bytes,
-            grown(self.ends.len() + 1, self.ends.capacity(), 4, usize::MAX),
-        )
-    }
-
-    /// The memory the log holds: its buffer and its ends, as allocated.
-    pub fn memory(&self) -> usize {
-        self.bytes.capacity() + self.ends.capacity() * std::mem::size_of::<usize>()
-    }
-
-    /// How much more memory `push` of an event of `len` bytes takes.
-    pub fn growth(&self, len: usize) -> usize {
-        let (bytes, ends) = self.capacities_for(len);
-        (bytes - self.bytes.capacity())
-            + (ends - self.ends.capacity()) * std::mem::size_of::<usize>()
-    }
-
-    /// Gives back what the buffer holds beyond its events (a log kept, not grown any more).
-    pub fn shrink_to_fit(&mut self) {
-        self.bytes.shrink_to_fit();
-        self.ends.shrink_to_fit();
+    /// The size of the block an event of `len` bytes needs, if the last one has no room for it.
+    fn new_block(&self, len: usize) -> Option<usize> {
+        let room = self.blocks.last().map_or(0, |b| b.capacity() - b.len());
+        if len <= room && !self.blocks.is_empty() {
+            return None;
+        }
+        let left = self.max_bytes.saturating_sub(self.capacity);
+        Some(self.capacity.max(FIRST_BLOCK).min(left).max(len))
     }
 
     /// How many events it holds.
@@ -96,14 +103,53 @@ impl EventLog {
 
     /// The events' bytes together (no separators).
     pub fn bytes(&self) -> usize {
-        self.bytes.len()
+        self.blocks.iter().map(Vec::len).sum()
+    }
+
+    /// The memory the log holds: its blocks and its bookkeeping, as allocated.
+    pub fn memory(&self) -> usize {
+        self.capacity
+            + self.ends.capacity() * size_of::<usize>()
+            + self.firsts.capacity() * size_of::<usize>()
+            + self.blocks.capacity() * size_of::<Vec<u8>>()
+    }
+
+    /// How much more memory `push` of an event of `len` bytes takes.
+    pub fn growth(&self, len: usize) -> usize {
+        let grown = |n: usize, capacity: usize| match n < capacity {
+            true => 0,
+            false => n.max(4),
+        };
+        let ends = grown(self.ends.len(), self.ends.capacity()) * size_of::<usize>();
+        let Some(block) = self.new_block(len) else {
+            return ends;
+        };
+        let n = self.blocks.len();
+        let lists = grown(n, self.blocks.capacity()) * size_of::<Vec<u8>>()
+            + grown(n, self.firsts.capacity()) * size_of::<usize>();
+        block + ends + lists
+    }
+
+    /// Gives back what the blocks hold beyond their events (a log kept, not grown any more). Not on
+    /// the main thread: a block may be copied to shrink it.
+    pub fn shrink_to_fit(&mut self) {
+        self.blocks.iter_mut().for_each(Vec::shrink_to_fit);
+        self.capacity = self.blocks.iter().map(Vec::capacity).sum();
+        self.ends.shrink_to_fit();
+        self.firsts.shrink_to_fit();
+        self.blocks.shrink_to_fit();
     }
 
     /// The events in order.
-    pub fn iter(&self) -> impl ExactSizeIterator<Item = &[u8]> + Clone + '_ {
-        (0..self.ends.len()).map(|i| {
-            let from = i.checked_sub(1).map_or(0, |before| self.ends[before]);
-            &self.bytes[from..self.ends[i]]
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> + Clone + '_ {
+        self.blocks.iter().enumerate().flat_map(move |(b, block)| {
+            let first = self.firsts[b];
+            let last = self.firsts.get(b + 1).copied().unwrap_or(self.ends.len());
+            let ends = &self.ends[first..last];
+            (0..ends.len()).map(move |i| {
+                let from = i.checked_sub(1).map_or(0, |before| ends[before]);
+                &block[from..ends[i]]
+            })
         })
     }
 }
@@ -137,27 +183,57 @@ mod tests {
         }
     }
 
-    #[test]
-    fn growth_is_the_memory_a_push_adds_and_stays_within_twice_the_events() {
-        let max = 1 << 22;
-        let mut log = EventLog::new(3, max);
+    /// 2,000 events of mixed sizes (some larger than a block, some empty), from a fixed seed.
+    fn mixed() -> Vec<Vec<u8>> {
         let mut seed = 7u64;
-        for _ in 0..2_000 {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let len = (seed >> 33) as usize % if seed.is_multiple_of(17) { 70_000 } else { 300 };
-            let (before, growth) = (log.memory(), log.growth(len));
-            log.push(&vec![b'x'; len]);
+        (0..2_000u32)
+            .map(|n| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let len =
+                    (seed >> 33) as usize % if seed.is_multiple_of(17) { 70_000 } else { 300 };
+                vec![(n % 251) as u8; len]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn growth_is_the_memory_a_push_adds_and_blocks_stay_within_the_bounds() {
+        let max = 1 << 22;
+        let events = mixed();
+        let mut log = EventLog::new(3, max);
+        let mut placed: Vec<*const u8> = Vec::new();
+        for event in &events {
+            let (before, growth) = (log.memory(), log.growth(event.len()));
+            log.push(event);
+            // No block moves once placed: growing never copies what the log holds.
+            let now: Vec<*const u8> = log.blocks.iter().map(|b| b.as_ptr()).collect();
+            assert_eq!(now[..placed.len()], placed[..]);
+            placed = now;
             assert_eq!(log.memory(), before + growth, "after {} events", log.len());
-            let ends = log.len() * std::mem::size_of::<usize>();
-            assert!(log.memory() <= 2 * (log.bytes() + ends) + 64 + 32);
-            assert!(log.bytes.capacity() <= max || log.bytes.capacity() == log.bytes());
+            // Each block is as large as all before it (or the event, or the rest of `max_bytes`),
+            // and a block is left behind only for an event it cannot hold.
+            assert!(log.capacity <= 3 * log.bytes() + FIRST_BLOCK);
+            let last = log.blocks.last().unwrap();
+            assert!(log.capacity <= max || last.capacity() == last.len());
         }
+        assert!(log.blocks.len() > 3, "the events span several blocks");
+        assert!(log.iter().eq(events.iter().map(Vec::as_slice)));
+        assert_eq!(log.bytes(), events.iter().map(Vec::len).sum::<usize>());
         log.shrink_to_fit();
-        assert_eq!(
-            log.memory(),
-            log.bytes() + log.len() * std::mem::size_of::<usize>()
-        );
+        assert!(log.iter().eq(events.iter().map(Vec::as_slice)));
+        assert_eq!(log.capacity, log.bytes());
+    }
+
+    #[test]
+    fn logs_compare_by_their_events_not_their_blocks() {
+        let events = mixed();
+        let mut small = EventLog::new(0, 1 << 16);
+        events.iter().for_each(|e| small.push(e));
+        let large: EventLog = events.iter().collect();
+        assert_eq!(small, large);
+        let fewer: EventLog = events.iter().skip(1).collect();
+        assert_ne!(fewer, large);
     }
 }

@@ -1,5 +1,5 @@
 //! The archive object's format (docs/FORMAT.md), pure code: the flow as captured (`captured`, its
-//! event log in one buffer: `event_log`), its writer and the read-back proof (`writer`), its reader
+//! event log in a few blocks: `event_log`), its writer and the read-back proof (`writer`), its reader
 //! (`reader`), the names they agree on, the object as it travels to S3, and the engine's state folded
 //! from a flow's events (`engine`, with Go's JSON and time rules in `gojson` and `gotime`). Archiving
 //! and reading both build on this room; it calls neither, nor the server.
