@@ -27,8 +27,6 @@ pub struct EventLog {
     ends: Vec<usize>,
     /// The index of each block's first event.
     firsts: Vec<usize>,
-    /// The bytes of every block together.
-    capacity: usize,
     /// The blocks together grow no further than this unless an event needs more (what the read
     /// copying into the log may copy at most).
     max_bytes: usize,
@@ -57,7 +55,6 @@ impl EventLog {
             blocks: Vec::new(),
             ends: Vec::with_capacity(events),
             firsts: Vec::new(),
-            capacity: 0,
             max_bytes,
         }
     }
@@ -71,7 +68,6 @@ impl EventLog {
             }
             self.blocks.push(Vec::with_capacity(size));
             self.firsts.push(self.ends.len());
-            self.capacity += size;
         }
         if self.ends.len() == self.ends.capacity() {
             self.ends.reserve_exact(self.ends.len().max(4));
@@ -88,8 +84,14 @@ impl EventLog {
         if len <= room && !self.blocks.is_empty() {
             return None;
         }
-        let left = self.max_bytes.saturating_sub(self.capacity);
-        Some(self.capacity.max(FIRST_BLOCK).min(left).max(len))
+        let capacity = self.capacity();
+        let left = self.max_bytes.saturating_sub(capacity);
+        Some(capacity.max(FIRST_BLOCK).min(left).max(len))
+    }
+
+    /// The bytes of every block together.
+    fn capacity(&self) -> usize {
+        self.blocks.iter().map(Vec::capacity).sum()
     }
 
     /// How many events it holds.
@@ -108,7 +110,7 @@ impl EventLog {
 
     /// The memory the log holds: its blocks and its bookkeeping, as allocated.
     pub fn memory(&self) -> usize {
-        self.capacity
+        self.capacity()
             + self.ends.capacity() * size_of::<usize>()
             + self.firsts.capacity() * size_of::<usize>()
             + self.blocks.capacity() * size_of::<Vec<u8>>()
@@ -134,7 +136,6 @@ impl EventLog {
     /// the main thread: a block may be copied to shrink it.
     pub fn shrink_to_fit(&mut self) {
         self.blocks.iter_mut().for_each(Vec::shrink_to_fit);
-        self.capacity = self.blocks.iter().map(Vec::capacity).sum();
         self.ends.shrink_to_fit();
         self.firsts.shrink_to_fit();
         self.blocks.shrink_to_fit();
@@ -214,16 +215,16 @@ mod tests {
             assert_eq!(log.memory(), before + growth, "after {} events", log.len());
             // Each block is as large as all before it (or the event, or the rest of `max_bytes`),
             // and a block is left behind only for an event it cannot hold.
-            assert!(log.capacity <= 3 * log.bytes() + FIRST_BLOCK);
+            assert!(log.capacity() <= 3 * log.bytes() + FIRST_BLOCK);
             let last = log.blocks.last().unwrap();
-            assert!(log.capacity <= max || last.capacity() == last.len());
+            assert!(log.capacity() <= max || last.capacity() == last.len());
         }
         assert!(log.blocks.len() > 3, "the events span several blocks");
         assert!(log.iter().eq(events.iter().map(Vec::as_slice)));
         assert_eq!(log.bytes(), events.iter().map(Vec::len).sum::<usize>());
         log.shrink_to_fit();
         assert!(log.iter().eq(events.iter().map(Vec::as_slice)));
-        assert_eq!(log.capacity, log.bytes());
+        assert_eq!(log.capacity(), log.bytes());
     }
 
     #[test]
@@ -235,5 +236,14 @@ mod tests {
         assert_eq!(small, large);
         let fewer: EventLog = events.iter().skip(1).collect();
         assert_ne!(fewer, large);
+        // A copy counts the memory it holds (its blocks as large as their events), and grows by what
+        // it says it takes.
+        let mut copy = small.clone();
+        assert_eq!(copy, small);
+        assert_eq!(copy.capacity(), copy.bytes());
+        let growth = copy.growth(10);
+        let before = copy.memory();
+        copy.push(b"0123456789");
+        assert_eq!(copy.memory(), before + growth);
     }
 }
