@@ -365,3 +365,85 @@ fn long_texts_are_checked_and_skipped_wherever_their_marks_fall() {
         assert_eq!(refused, Some((2 + at, "control character in string")));
     }
 }
+
+/// Go's checker against serde_json's, on JSON texts with long strings and runs of text (which the
+/// checker passes in blocks) and on the same texts cut, spliced or with one byte changed: where the
+/// bytes are UTF-8 (the checker, as Go, does not look at UTF-8 inside strings) the two agree on every
+/// text, valid or not.
+mod against_serde {
+    use proptest::prelude::*;
+
+    use super::check;
+    use crate::format::reader::tests::proptest_config;
+
+    fn value() -> impl Strategy<Value = serde_json::Value> {
+        let text = "[ -~\u{e9}\u{2713}\n\t\"\\\\]{0,80}";
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(serde_json::Value::from),
+            text.prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(6, 64, 8, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(serde_json::Value::from),
+                prop::collection::btree_map(text, inner, 0..8)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// One change to `json`: a byte replaced, removed or inserted, the text cut, or a piece of it
+    /// repeated.
+    fn changed(json: Vec<u8>, how: u8, at: usize, with: u8) -> Vec<u8> {
+        let at = at % (json.len() + 1);
+        let mut out = json.clone();
+        match how % 5 {
+            0 if at < json.len() => out[at] = with,
+            1 if at < json.len() => {
+                out.remove(at);
+            }
+            2 => out.insert(at, with),
+            3 => out.truncate(at),
+            _ => out.extend_from_slice(&json[at..]),
+        }
+        out
+    }
+
+    fn agree(bytes: &[u8]) -> Result<(), TestCaseError> {
+        if std::str::from_utf8(bytes).is_err() {
+            return Ok(());
+        }
+        let serde = serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok();
+        let go = check(bytes).is_ok();
+        prop_assert_eq!(go, serde, "{:?}", String::from_utf8_lossy(bytes));
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(proptest_config())]
+
+        #[test]
+        fn the_checker_agrees_with_serde_json(
+            v in value(),
+            pretty in any::<bool>(),
+            how in any::<u8>(),
+            at in any::<usize>(),
+            with in prop_oneof![
+                Just(b'"'), Just(b'\\'), Just(b'{'), Just(b'}'), Just(b'['), Just(b']'),
+                Just(b','), Just(b':'), Just(b' '), Just(0x01), Just(b'x'), Just(b'0'),
+            ],
+        ) {
+            let json = match pretty {
+                true => serde_json::to_vec_pretty(&v).unwrap(),
+                false => serde_json::to_vec(&v).unwrap(),
+            };
+            agree(&json)?;
+            prop_assert!(check(&json).is_ok());
+            agree(&changed(json, how, at, with))?;
+        }
+    }
+}
