@@ -27,8 +27,9 @@ pub enum EncodeError {
         reason: String,
     },
     Snapshot(String),
-    /// The compressor failed (not expected with in-memory buffers; the flow stays live).
-    Compress(String),
+    /// The object could not be written: the compressor or a record's serializer failed (neither is
+    /// expected with in-memory buffers; the flow stays live).
+    Write(String),
 }
 
 impl std::fmt::Display for EncodeError {
@@ -38,7 +39,7 @@ impl std::fmt::Display for EncodeError {
                 write!(f, "event {index} is not JSON: {reason}")
             }
             EncodeError::Snapshot(reason) => write!(f, "snapshot is not a JSON object: {reason}"),
-            EncodeError::Compress(reason) => write!(f, "{reason}"),
+            EncodeError::Write(reason) => write!(f, "{reason}"),
         }
     }
 }
@@ -139,9 +140,9 @@ pub fn encode(flow: &Captured, state: Option<&[u8]>) -> Result<Encoded, EncodeEr
             labels: flow.keys.labels.as_deref(),
         },
         previous: flow.previous.as_deref(),
-    });
+    })?;
     let raw_bytes = (header.len() + 1 + content.len()) as u64;
-    let body = gzip(&[header.as_bytes(), b"\n", &content]).map_err(EncodeError::Compress)?;
+    let body = gzip(&[header.as_bytes(), b"\n", &content]).map_err(EncodeError::Write)?;
     Ok(Encoded {
         object_sha256: sha256(&body),
         object_md5: md5(&body),
@@ -191,10 +192,10 @@ impl Serialize for Labels<'_> {
     }
 }
 
-/// A header or trailer record as one line of JSON. Strings, integers and options of them always
-/// serialize, so there is no error to pass on.
-fn json_line(record: &impl Serialize) -> String {
-    serde_json::to_string(record).expect("a record of strings and integers serializes")
+/// A header or trailer record as one line of JSON (records of strings, integers and options of them,
+/// which serialize; an error is passed on all the same, and the flow stays live).
+fn json_line(record: &impl Serialize) -> Result<String, EncodeError> {
+    serde_json::to_string(record).map_err(|e| EncodeError::Write(format!("a record: {e}")))
 }
 
 /// The content's size: the events, their newlines and room for the trailer.
@@ -230,7 +231,7 @@ fn trailer(flow: &Captured, state: Option<&[u8]>) -> Result<Vec<u8>, EncodeError
         seq: flow.seq,
         labels: Labels(&flow.labels),
         status: &flow.status,
-    });
+    })?;
     trailer.push(b',');
     trailer.extend_from_slice(&rest.as_bytes()[1..]);
     Ok(trailer)
