@@ -291,13 +291,15 @@ fn structs_decode_and_encode_as_go_does() {
     }
 }
 
+/// `s` as Go's string writer writes it.
+fn written(s: &str) -> String {
+    let mut out = Vec::new();
+    super::write::write_str(&mut out, s);
+    String::from_utf8(out).unwrap()
+}
+
 #[test]
 fn strings_escape_only_what_go_escapes_around_multibyte_characters() {
-    let written = |s: &str| {
-        let mut out = Vec::new();
-        super::write::write_str(&mut out, s);
-        String::from_utf8(out).unwrap()
-    };
     // U+2027, U+2068 and U+20AC share bytes with U+2028/2029 and are written as they are; U+2028 and
     // U+2029 are escaped wherever they stand, next to other multibyte characters too.
     assert_eq!(written("\u{2027}\u{2068}€"), "\"\u{2027}\u{2068}€\"");
@@ -316,11 +318,6 @@ fn strings_escape_only_what_go_escapes_around_multibyte_characters() {
 
 #[test]
 fn long_strings_escape_as_their_characters_do_one_by_one() {
-    let written = |s: &str| {
-        let mut out = Vec::new();
-        super::write::write_str(&mut out, s);
-        String::from_utf8(out).unwrap()
-    };
     // Each character alone takes the byte-by-byte path; in a long text most of it is passed in
     // blocks, wherever the escapes fall relative to them.
     let one_by_one = |s: &str| {
