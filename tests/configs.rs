@@ -420,6 +420,138 @@ fn the_module_loads_again_after_unload_with_its_commands_in_their_category() {
 
 /// README, Configuration: a size takes the server's units in the config file and by CONFIG SET; as a load
 /// argument it is a plain integer, and a unit stops the load instead of loading another value.
+/// The second module of examples/foreign_category.rs (`FOREIGN.HELLO` in `@flowarchive`), built by
+/// `cargo test` beside the test binaries: `<target>/<profile>/examples`, next to this binary's `deps`.
+fn foreign_module() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile = exe.parent().and_then(|deps| deps.parent()).unwrap();
+    let path = profile.join("examples/libforeign_category.so");
+    assert!(
+        path.exists(),
+        "{} missing: `cargo test` builds it (a run limited by --test does not: `cargo build --examples`)",
+        path.display()
+    );
+    path
+}
+
+/// The commands in `@flowarchive`, sorted (`ACL CAT flowarchive` lists no module command on Valkey
+/// 8.0).
+fn category(c: &mut redis::Connection) -> Vec<String> {
+    let mut listed: Vec<String> =
+        cmd(c, &["COMMAND", "LIST", "FILTERBY", "ACLCAT", "flowarchive"]).unwrap();
+    listed.sort();
+    listed
+}
+
+const OWN_COMMANDS: [&str; 4] = [
+    "flowarchive.aclcheck",
+    "flowarchive.flow",
+    "flowarchive.get",
+    "flowarchive.sweep",
+];
+
+/// The refusal flowarchive logs when another module's command holds its category.
+const SHARED_CATEGORY: &str = "flowarchive: the ACL category flowarchive exists and holds commands of another module (foreign.hello)";
+
+/// `+@flowarchive` must grant the module's commands and nothing else, so the module does not load
+/// where another module's command is in that category: loaded after such a module at startup, the
+/// server does not start and the log says why; loaded at runtime (`MODULE LOAD`) into a server
+/// where a module joined the category an earlier load left, the load is refused with the same line
+/// and the server keeps serving, the other module's command alone in the category. Once that module
+/// is gone the module loads, takes its category back and archives. In the reverse order (flowarchive
+/// first) the other module cannot add the category, and flowarchive's commands stay its only ones.
+fn a_foreign_command_in_the_category_refuses_the_load(flavor: Flavor) {
+    let foreign = foreign_module();
+    let foreign = foreign.to_str().unwrap();
+    let s3 = S3::new_bucket();
+    let mut opts = ServerOpts::new(&s3);
+    opts.flavor = flavor;
+    opts.extra = vec!["--enable-module-command".into(), "yes".into()];
+
+    // At startup, the other module first (from the config file, read before the command line).
+    let dir = root().join("target/test-servers").join(unique("conf"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("foreign-first.conf");
+    std::fs::write(&conf, format!("loadmodule {foreign}\n")).unwrap();
+    let log = Server::start_failing_with_config_file(opts.clone(), &conf);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(log.contains(SHARED_CATEGORY), "{flavor:?}: {log}");
+
+    // At runtime: the category an earlier load left, joined by the other module.
+    let srv = Server::start(opts.clone());
+    let mut c = srv.conn();
+    let path = module_path();
+    let mut load = vec!["MODULE", "LOAD", path.to_str().unwrap()];
+    load.extend(opts.module_args.iter().map(String::as_str));
+    cmd::<()>(&mut c, &["MODULE", "UNLOAD", "flowarchive"]).unwrap();
+    cmd::<()>(&mut c, &["MODULE", "LOAD", foreign, "join"]).unwrap();
+    assert_eq!(category(&mut c), ["foreign.hello"], "{flavor:?}");
+    let refused = err_text(cmd::<()>(&mut c, &load));
+    assert!(refused.contains("Error loading"), "{flavor:?}: {refused}");
+    assert!(srv.log().contains(SHARED_CATEGORY), "{flavor:?}");
+    assert_eq!(cmd::<String>(&mut c, &["PING"]).unwrap(), "PONG");
+    assert_eq!(
+        cmd::<String>(&mut c, &["FOREIGN.HELLO"]).unwrap(),
+        "hello",
+        "{flavor:?}"
+    );
+    let gone = err_text(cmd::<String>(&mut c, &["FLOWARCHIVE.GET", "x"]));
+    assert!(gone.to_lowercase().contains("unknown command"), "{gone}");
+    assert_eq!(category(&mut c), ["foreign.hello"], "{flavor:?}");
+
+    // The other module gone, the category is empty again: the module loads and works.
+    cmd::<()>(&mut c, &["MODULE", "UNLOAD", "foreigncat"]).unwrap();
+    cmd::<()>(&mut c, &load).unwrap_or_else(|e| panic!("{flavor:?}: {e}\n{}", srv.log()));
+    assert_eq!(category(&mut c), OWN_COMMANDS, "{flavor:?}");
+    write_flow(&mut c, &FlowSpec::done("after"));
+    assert_eq!(int(&archive(&mut c, "after").unwrap()["events"]), 5);
+
+    // The reverse order: the category is flowarchive's, the other module cannot add it.
+    let refused = err_text(cmd::<()>(&mut c, &["MODULE", "LOAD", foreign]));
+    assert!(refused.contains("Error loading"), "{flavor:?}: {refused}");
+    assert!(
+        srv.log()
+            .contains("foreign_category: could not put FOREIGN.HELLO in @flowarchive"),
+        "{flavor:?}"
+    );
+    assert_eq!(category(&mut c), OWN_COMMANDS, "{flavor:?}");
+    assert!(get(&mut c, "after").unwrap().is_some());
+}
+
+#[test]
+fn a_foreign_command_in_the_category_refuses_the_load_on_valkey_9_1() {
+    a_foreign_command_in_the_category_refuses_the_load(Flavor::Valkey9);
+}
+
+#[test]
+fn a_foreign_command_in_the_category_refuses_the_load_on_valkey_8_0() {
+    a_foreign_command_in_the_category_refuses_the_load(Flavor::Valkey8);
+}
+
+/// Redis 7.0 has no `RedisModule_AddACLCategory`: no module can have a category of its own there, so
+/// the attack cannot be made (the other module does not load) and flowarchive, whose commands are in
+/// no category there, loads beside it.
+#[test]
+fn no_module_can_take_the_category_on_redis_7_0() {
+    let foreign = foreign_module();
+    let s3 = S3::new_bucket();
+    let mut opts = ServerOpts::new(&s3);
+    opts.flavor = Flavor::Redis7;
+    opts.extra = vec!["--enable-module-command".into(), "yes".into()];
+    let srv = Server::start(opts);
+    let mut c = srv.conn();
+    let refused = err_text(cmd::<()>(
+        &mut c,
+        &["MODULE", "LOAD", foreign.to_str().unwrap()],
+    ));
+    assert!(refused.contains("Error loading"), "{refused}");
+    assert!(srv
+        .log()
+        .contains("foreign_category: this server has no module ACL categories"));
+    write_flow(&mut c, &FlowSpec::done("beside"));
+    assert_eq!(int(&archive(&mut c, "beside").unwrap()["events"]), 5);
+}
+
 #[test]
 fn sizes_take_units_in_the_config_file_and_plain_integers_as_load_arguments() {
     for flavor in [Flavor::Valkey9, Flavor::Valkey8, Flavor::Redis7] {

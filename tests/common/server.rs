@@ -160,9 +160,19 @@ impl Server {
 
     /// Starts a server that must fail to start (e.g. the module refuses to load); its log.
     pub fn start_failing(opts: ServerOpts) -> String {
+        Self::start_failing_with(opts, None)
+    }
+
+    /// `start_failing` with the config file `conf` as the first argument: what it loads (a
+    /// `loadmodule` line) comes before the module.
+    pub fn start_failing_with_config_file(opts: ServerOpts, conf: &Path) -> String {
+        Self::start_failing_with(opts, Some(conf))
+    }
+
+    fn start_failing_with(opts: ServerOpts, conf: Option<&Path>) -> String {
         let dir = root().join("target/test-servers").join(unique("srv"));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut child = Self::spawn(&opts, free_port(), &dir, None);
+        let mut child = Self::spawn(&opts, free_port(), &dir, conf);
         let deadline = Instant::now() + Duration::from_secs(20);
         while child.try_wait().unwrap().is_none() {
             if Instant::now() > deadline {
