@@ -28,14 +28,24 @@ fn change_during_upload(
     events: usize,
     change: impl FnOnce(&mut redis::Connection),
 ) {
-    let mut c = srv.conn();
     write_flow(
-        &mut c,
+        &mut srv.conn(),
         &FlowSpec {
             events,
             ..FlowSpec::done(id)
         },
     );
+    change_written_during_upload(srv, proxy, id, change);
+}
+
+/// `change_during_upload` of a flow written already.
+fn change_written_during_upload(
+    srv: &Server,
+    proxy: &Proxy,
+    id: &str,
+    change: impl FnOnce(&mut redis::Connection),
+) {
+    let mut c = srv.conn();
     proxy.delay("PUT", Duration::from_millis(700));
     let seen = proxy.requests().len();
     let mut other = srv.conn();
@@ -284,6 +294,120 @@ fn a_flush_or_swap_during_the_upload_deletes_nothing() {
         5
     );
     change_during_upload(&srv, &proxy, "flushed", 5, |c| run(c, &["FLUSHDB"]));
+}
+
+/// The first block of a captured event log (`FIRST_BLOCK` in src/format/event_log.rs): the capture
+/// copies a log into blocks that never move, the first this large, and the commit compares the
+/// server's log with that copy.
+const FIRST_BLOCK: usize = 4096;
+
+/// `event` (an `attribute_set`) with its value's note set to `note`.
+fn with_note(event: &str, note: &str) -> String {
+    let mut e: serde_json::Value = serde_json::from_str(event).unwrap();
+    e["data"]["value"]["note"] = note.into();
+    e.to_string()
+}
+
+/// The nine events of the finished flow `spec` with the first eight holding `bytes` bytes together:
+/// the eighth (index 7, an `attribute_set`) ends at `bytes`, its note padded to make them up.
+fn events_ending_at(spec: &FlowSpec, bytes: usize) -> Vec<String> {
+    let mut events: Vec<String> = (0..9).map(|i| event_json(spec, i)).collect();
+    events[7] = with_note(&events[7], "");
+    let before: usize = events[..8].iter().map(String::len).sum();
+    events[7] = with_note(&events[7], &"p".repeat(bytes - before));
+    events
+}
+
+/// Holds: the event at the end of the capture's first block, replaced between capture and commit,
+/// keeps the flow. Logs whose first eight events fill the block exactly, end one byte short of it or
+/// one byte past it (the eighth then starts the second block), each with that eighth event replaced
+/// (LSET) during the upload by one a byte longer, a byte shorter, or as long with other bytes: every
+/// commit is refused, the flow live and untouched and not indexed (the attempt's object stays in the
+/// bucket, unreferenced). A later sweep archives each with its new content, at another key than the
+/// attempt's, every event compared.
+#[test]
+fn an_event_replaced_at_the_end_of_the_first_block_keeps_the_flow() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &[]);
+    let mut c = srv.conn();
+    let mut model = checker::Model::new(0);
+    let mut ids = Vec::new();
+    for fill in [FIRST_BLOCK - 1, FIRST_BLOCK, FIRST_BLOCK + 1] {
+        for how in ["longer", "shorter", "other"] {
+            let id = format!("fill-{fill}-{how}");
+            let spec = FlowSpec {
+                events: 9,
+                ..FlowSpec::done(&id)
+            };
+            model.write(&mut c, &spec);
+            let events = events_ending_at(&spec, fill);
+            assert_eq!(events[..8].iter().map(String::len).sum::<usize>(), fill);
+            let mut rpush = vec!["RPUSH".to_string(), events_key(&id)];
+            rpush.extend(events.iter().cloned());
+            redis::pipe()
+                .atomic()
+                .cmd("DEL")
+                .arg(events_key(&id))
+                .cmd(&rpush[0])
+                .arg(&rpush[1..])
+                .query::<()>(&mut c)
+                .unwrap();
+            let note = serde_json::from_str::<serde_json::Value>(&events[7]).unwrap()["data"]
+                ["value"]["note"]
+                .as_str()
+                .unwrap()
+                .len();
+            let replaced = with_note(
+                &events[7],
+                &match how {
+                    "longer" => "p".repeat(note + 1),
+                    "shorter" => "p".repeat(note - 1),
+                    _ => "q".repeat(note),
+                },
+            );
+            assert_eq!(
+                replaced.len() as i64 - events[7].len() as i64,
+                match how {
+                    "longer" => 1,
+                    "shorter" => -1,
+                    _ => 0,
+                }
+            );
+            change_written_during_upload(&srv, &proxy, &id, |c| {
+                run(c, &["LSET", &events_key(&id), "7", &replaced])
+            });
+            let flow = model.flows.get_mut(&id).unwrap();
+            flow.events = events;
+            flow.events[7] = replaced;
+            ids.push(id);
+        }
+    }
+    let stale = s3.list();
+    assert_eq!(
+        stale.len(),
+        ids.len(),
+        "one attempt's object each: {stale:?}"
+    );
+    let summary = sweep(&mut c, &[]).unwrap();
+    assert_eq!(int(&summary["archived"]), ids.len() as i64);
+    let tally = checker::check(
+        "after the sweep",
+        &srv,
+        &s3,
+        &model,
+        checker::Expect::Settled { retention_ms: 0 },
+    );
+    assert_eq!(tally.archived, ids.len());
+    for id in &ids {
+        let attempt = format!("flows/{id}.jsonl.gz");
+        assert!(stale.contains(&attempt), "{id}: {stale:?}");
+        assert_ne!(
+            common::index::location(&mut c, id),
+            Some(s3.location(&attempt)),
+            "{id}: indexed at the attempt's object"
+        );
+    }
 }
 
 /// The comparison and the keyspace-event subscription at first need, on every server the module
