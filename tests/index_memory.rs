@@ -605,3 +605,123 @@ fn a_live_read_is_refused_with_a_retry_while_the_buffers_are_full() {
     assert_eq!(events, other_events);
     assert_eq!(info_field(&mut c, "buffered_bytes"), 0);
 }
+
+/// Whether the last of `lens` (event sizes) starts a new block of a captured event log: a block is
+/// as large as all before it together, at least 4096 bytes and at least the event
+/// (`format::event_log`), and an event that does not fit the last block's room starts the next.
+fn last_starts_a_block(lens: &[usize]) -> bool {
+    let (mut capacity, mut room, mut started) = (0, 0, false);
+    for (i, &len) in lens.iter().enumerate() {
+        started = i == 0 || len > room;
+        if started {
+            let block = capacity.max(4096).max(len);
+            capacity += block;
+            room = block;
+        }
+        room -= len;
+    }
+    started
+}
+
+/// A large live `GET … EVENTS` (a log of 1,100 events, read in chunks) while a sweep's upload holds
+/// most of `buffer-max-bytes`, at the very point of refusal. Alone, the read takes `M` bytes of the
+/// budget at its peak, its last event starting a new block of the log (the largest growth, the one
+/// refused). With the sweep holding `H`, a budget of `H + M - 1` refuses the read at that block with
+/// a retry, nothing copied past the budget and all of it released; a budget of `H + M` answers it
+/// whole. The sweep loses nothing (every event of both flows checked), and once it is done the read
+/// answers under the budget that refused it.
+#[test]
+fn a_long_live_read_is_refused_at_the_block_that_would_pass_the_budget() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &["concurrency", "1"]);
+    let mut c = srv.conn();
+    let mut model = checker::Model::new(0);
+    // 700 events of about 1 kB: kept whole for the commit while the upload waits.
+    let big = FlowSpec {
+        events: 700,
+        ..FlowSpec::done("big")
+    };
+    model.write(&mut c, &big);
+    model.flows.get_mut("big").unwrap().events = write_padded(&mut c, &big, 1000);
+    // 1,100 events of about 300 bytes, still running (no sweep takes it), the last one grown until
+    // it starts a new block.
+    let reader = FlowSpec {
+        events: 1100,
+        status: "active",
+        ..FlowSpec::done("reader")
+    };
+    model.write(&mut c, &reader);
+    let mut events = write_padded(&mut c, &reader, 100);
+    let last = events.len() - 1;
+    let mut pad = 100;
+    while !last_starts_a_block(&events.iter().map(String::len).collect::<Vec<_>>()) {
+        pad += 64;
+        let mut event: serde_json::Value = serde_json::from_str(&events[last]).unwrap();
+        event["data"]["value"]["note"] = "p".repeat(pad).into();
+        events[last] = event.to_string();
+    }
+    let key = "argyll:flow:reader:events";
+    cmd::<()>(&mut c, &["LSET", key, &last.to_string(), &events[last]]).unwrap();
+    model.flows.get_mut("reader").unwrap().events = events.clone();
+
+    // Alone: answered whole, its peak the only bytes ever held so far.
+    assert_eq!(get_events(&mut c, "reader").unwrap().1, events);
+    let alone = info_field(&mut c, "buffered_bytes_peak");
+    assert_eq!(info_field(&mut c, "buffered_bytes"), 0);
+    assert!(alone > 300_000, "{alone}");
+
+    proxy.delay("PUT", Duration::from_secs(4));
+    let mut s = srv.conn();
+    let sweeping = std::thread::spawn(move || sweep(&mut s, &[]));
+    wait_for(
+        "the upload to hold the log",
+        Duration::from_secs(10),
+        || !proxy.requests().is_empty(),
+    );
+    let held = info_field(&mut c, "buffered_bytes");
+    assert!(held > 700_000, "{held}: the sweep holds most of the budget");
+
+    let budget = held + alone - 1;
+    config_set(&mut c, "flowarchive.buffer-max-bytes", &budget.to_string()).unwrap();
+    let refused = match get_events(&mut c, "reader") {
+        Ok((_, answered)) => panic!("{} events answered past the budget", answered.len()),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        refused.contains("buffer-max-bytes") && refused.contains("retry"),
+        "{refused}"
+    );
+    assert!(refused.len() < 300, "{refused}");
+    assert_eq!(info_field(&mut c, "buffered_bytes"), held, "all released");
+    let peak = info_field(&mut c, "buffered_bytes_peak");
+    assert!(peak <= budget, "{peak} held at once, over {budget}");
+
+    config_set(
+        &mut c,
+        "flowarchive.buffer-max-bytes",
+        &(budget + 1).to_string(),
+    )
+    .unwrap();
+    assert_eq!(get_events(&mut c, "reader").unwrap().1, events);
+    assert_eq!(
+        info_field(&mut c, "buffered_bytes"),
+        held,
+        "the sweep held on"
+    );
+    assert_eq!(info_field(&mut c, "buffered_bytes_peak"), budget + 1);
+
+    assert_eq!(int(&sweeping.join().unwrap().unwrap()["archived"]), 1);
+    proxy.clear();
+    config_set(&mut c, "flowarchive.buffer-max-bytes", &budget.to_string()).unwrap();
+    assert_eq!(get_events(&mut c, "reader").unwrap().1, events);
+    assert_eq!(info_field(&mut c, "buffered_bytes"), 0);
+    checker::check(
+        "after the sweep",
+        &srv,
+        &s3,
+        &model,
+        checker::Expect::Settled { retention_ms: 0 },
+    );
+    assert!(srv.log().lines().all(|l| !l.contains("panic")));
+}
