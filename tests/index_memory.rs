@@ -671,12 +671,13 @@ fn a_long_live_read_is_refused_at_the_block_that_would_pass_the_budget() {
     assert_eq!(info_field(&mut c, "buffered_bytes"), 0);
     assert!(alone > 300_000, "{alone}");
 
-    proxy.delay("PUT", Duration::from_secs(4));
+    // Long enough for the reads below on a loaded machine; the sweep holds its log until then.
+    proxy.delay("PUT", Duration::from_secs(8));
     let mut s = srv.conn();
     let sweeping = std::thread::spawn(move || sweep(&mut s, &[]));
     wait_for(
         "the upload to hold the log",
-        Duration::from_secs(10),
+        Duration::from_secs(60),
         || !proxy.requests().is_empty(),
     );
     let held = info_field(&mut c, "buffered_bytes");
