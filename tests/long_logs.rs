@@ -448,3 +448,76 @@ fn a_chunk_of_large_events_pauses_by_bytes() {
     // 64 events a step would be 18 chunks; 256 KiB a step is about 8 events, so over 100.
     assert!(steps > 60, "{steps} steps");
 }
+
+/// The module's heap rise (INFO `heap_bytes_peak`, which only rises) while `read` runs.
+fn heap_rise(c: &mut redis::Connection, read: impl FnOnce(&mut redis::Connection)) -> i64 {
+    let before = info_field(c, "heap_bytes_peak");
+    read(c);
+    info_field(c, "heap_bytes_peak") - before
+}
+
+/// A long log answered with `EVENTS` is written to the client from what was read, never copied into
+/// reply values first (a copy took as much again as the log, uncounted). A layout served from its
+/// snapshot answers a small stored snapshot, so nothing is folded and the reads hold only the log:
+/// live, the module's heap rises by what the read counted against `buffer-max-bytes` and little
+/// more; archived, by the object and its content and little more. The answers are the log, event for
+/// event.
+#[test]
+fn a_long_log_is_answered_from_what_was_read_not_a_copy() {
+    let s3 = S3::new_bucket();
+    let mut opts = ServerOpts::new(&s3);
+    opts.module_args
+        .extend(["state", "snapshot"].map(String::from));
+    let srv = Server::start(opts.clone());
+    let mut c = srv.conn();
+    let id = "long";
+    write_flow(
+        &mut c,
+        &FlowSpec {
+            events: 20_000,
+            ..FlowSpec::done(id)
+        },
+    );
+    let snapshot = format!("{{\"id\":\"{id}\",\"status\":\"completed\"}}");
+    cmd::<()>(
+        &mut c,
+        &["SET", &format!("argyll:flow:{id}:snapshot:val"), &snapshot],
+    )
+    .unwrap();
+    let log = lrange(&mut c, &events_key(id));
+    let bytes = live_bytes(&mut c, id) as i64;
+    assert!(bytes > 2 << 20, "{bytes}");
+    // Room for the threads' small buffers; a second copy of the log does not fit in it.
+    let slack = bytes / 4;
+
+    let mut answered = (String::new(), Vec::new());
+    let rise = heap_rise(&mut c, |c| answered = get_events(c, id).unwrap());
+    assert_eq!(answered, (snapshot.clone(), log.clone()), "live");
+    let counted = info_field(&mut c, "buffered_bytes_peak");
+    assert!(counted >= bytes, "{counted} < {bytes}");
+    assert!(
+        rise <= counted + slack,
+        "live: the heap rose by {rise} bytes, the read counted {counted}"
+    );
+
+    archive(&mut c, id).unwrap();
+    let location = common::index::location(&mut c, id).expect("indexed");
+    // A second server over the same bucket, whose heap has held nothing of the flow, reads it with no
+    // cache (the cache would hold a third copy on purpose).
+    let reader = Server::start(opts);
+    let mut r = reader.conn();
+    config_set(&mut r, "flowarchive.cache-bytes", "0").unwrap();
+    cmd::<()>(&mut r, &["HSET", common::index::INDEX, id, &location]).unwrap();
+    let rel = location
+        .strip_prefix(&s3.location(""))
+        .expect("under the test's prefix");
+    let object = s3.get(rel).expect("the object");
+    let rise = heap_rise(&mut r, |r| answered = get_events(r, id).unwrap());
+    assert_eq!(answered.1, log, "archived");
+    let held = object.len() as i64 + bytes;
+    assert!(
+        rise <= held + slack,
+        "archived: the heap rose by {rise} bytes for an object of {} bytes and {bytes} of content",
+        object.len()
+    );
+}

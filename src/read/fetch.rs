@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redis_module::configuration::ConfigurationContext;
-use redis_module::{BlockedClient, RedisError, RedisValue, ThreadSafeContext};
+use redis_module::{Context, RedisError, RedisValue};
 
 use crate::digest::{hex, sha256};
 use crate::format::reader::{self, DecodeError, Decoded};
@@ -24,7 +24,9 @@ use crate::ops::errors::show_id;
 use crate::ops::info::named;
 use crate::ops::log;
 use crate::read::cache::{CacheKey, Lru};
+use crate::runtime::blocking::Client;
 use crate::runtime::pool::Pool;
+use crate::runtime::reply;
 use crate::s3::{FailureKind, Store, StoreError};
 use crate::sync::lock;
 
@@ -120,24 +122,18 @@ pub struct Want {
 
 /// A client waiting for a fetch.
 pub struct Waiter {
-    pub client: ThreadSafeContext<BlockedClient>,
+    pub client: Client,
     pub want: Want,
 }
 
 static CACHE: Mutex<Option<Lru>> = Mutex::new(None);
 static IN_FLIGHT: Mutex<Option<HashMap<CacheKey, Vec<Waiter>>>> = Mutex::new(None);
 
-/// The reply for a decoded flow: the FlowState, or `[FlowState, [events...]]`.
-pub fn reply(flow: &Decoded, events: bool) -> RedisValue {
-    let state = RedisValue::BulkString(flow.flow_state.clone());
-    if !events {
-        return state;
-    }
-    let list = flow
-        .events()
-        .map(|e| RedisValue::BulkString(e.to_string()))
-        .collect();
-    RedisValue::Array(vec![state, RedisValue::Array(list)])
+/// Writes the reply for a decoded flow, the FlowState or `[FlowState, [events...]]`, straight from
+/// it (`reply::state_and_events`).
+pub fn reply(ctx: &Context, flow: &Decoded, events: bool) {
+    let list = events.then(|| flow.events().map(str::as_bytes));
+    reply::state_and_events(ctx, flow.flow_state.as_bytes(), list);
 }
 
 pub fn cached(key: &CacheKey) -> Option<Arc<Decoded>> {
@@ -334,7 +330,10 @@ fn finish(
     let (_, id, location) = key;
     for mut w in waiters {
         let answer = match &outcome {
-            Ok(flow) if w.want.hops == 0 => Ok(reply(flow, w.want.events)),
+            Ok(flow) if w.want.hops == 0 => {
+                w.client.write(|ctx| reply(ctx, flow, w.want.events));
+                continue;
+            }
             Ok(flow) => match &flow.previous {
                 Some(previous) => {
                     w.want.key.2 = previous.clone();

@@ -18,9 +18,10 @@ use crate::format::event_log::EventLog;
 use crate::layout::FlowKeys;
 use crate::ops::errors::{self, show_id, FlowError, ServerError};
 use crate::ops::metrics::{self, Stage};
-use crate::runtime::blocking::{answer_later, can_block, this_client};
+use crate::runtime::blocking::{answer_later, can_block, this_client, Answer};
 use crate::runtime::mainthread::{self, read_log, ByteCap, LogRead, EVENTS_PER_STEP};
 use crate::runtime::pool::Pool;
+use crate::runtime::reply;
 use crate::runtime::server::{expect_type, list_len, read_string};
 use crate::runtime::watch::Watch;
 
@@ -39,19 +40,12 @@ struct Read {
     _cap: ByteCap,
 }
 
-fn reply(state: Vec<u8>, events: Option<EventLog>) -> RedisValue {
-    let state = RedisValue::StringBuffer(state);
-    match events {
-        None => state,
-        Some(log) => RedisValue::Array(vec![
-            state,
-            RedisValue::Array(
-                log.iter()
-                    .map(|e| RedisValue::StringBuffer(e.to_vec()))
-                    .collect(),
-            ),
-        ]),
-    }
+/// The reply, written from the read itself: its log stays counted against the caps until the
+/// client's reply holds it.
+fn reply(state: Vec<u8>, read: Read, events: bool) -> Answer {
+    Answer::Write(Box::new(move |ctx: &Context| {
+        reply::state_and_events(ctx, &state, events.then(|| read.log.iter()));
+    }))
 }
 
 /// A live read over the cap (`read-max-bytes`), like an archived one.
@@ -122,9 +116,10 @@ pub fn fold(
             Ok(read) if total > 0 && read.log.is_empty() => Err(RedisError::String(format!(
                 "ERR flow {} was archived or removed while it was read; retry",
                 show_id(&id)
-            ))),
+            )))
+            .into(),
             Ok(read) => answer(&id, read, events),
-            Err(e) => Err(RedisError::String(e.read_message(&id))),
+            Err(e) => Err(RedisError::String(e.read_message(&id))).into(),
         }
     };
     answer_later(&READ_POOL, errors::READ_BUSY, || this_client(ctx), work)?;
@@ -132,15 +127,16 @@ pub fn fold(
 }
 
 /// The engine's answer for what was read: its state (nil where the engine knows no such flow).
-fn answer(id: &str, read: Read, events: bool) -> RedisResult {
+fn answer(id: &str, read: Read, events: bool) -> Answer {
     let skip = read.seq.unwrap_or(0).max(0) as usize;
     match metrics::folding(|| engine::fold(read.snapshot.as_deref(), skip, read.log.iter())) {
-        Ok(Some(state)) => Ok(reply(state, events.then_some(read.log))),
-        Ok(None) => Ok(RedisValue::Null),
+        Ok(Some(state)) => reply(state, read, events),
+        Ok(None) => Ok(RedisValue::Null).into(),
         Err(e) => Err(RedisError::String(errors::bounded(format!(
             "ERR flow {} cannot be answered: {e}",
             show_id(id)
-        )))),
+        ))))
+        .into(),
     }
 }
 
@@ -185,10 +181,9 @@ pub fn events(
         let mut cap = ByteCap::new(snapshot.len() as u64, max_bytes);
         // One step reads a short log whole: it cannot shrink meanwhile.
         let read = read_log(ctx, &keys.events, total, &mut log, &mut cap).map_err(fail)?;
-        return match stopped(read, max_bytes) {
-            Err(e) => Err(RedisError::String(e.read_message(&id))),
-            Ok(()) => Ok(reply(snapshot, Some(log))),
-        };
+        stopped(read, max_bytes).map_err(|e| RedisError::String(e.read_message(&id)))?;
+        reply::state_and_events(ctx, &snapshot, Some(log.iter()));
+        return Ok(RedisValue::NoReply);
     }
     if !can_block(ctx) {
         return Err(RedisError::String(format!(
@@ -199,11 +194,20 @@ pub fn events(
     let read = move || match read_consistent(db, &keys, max_bytes) {
         Ok(Read {
             snapshot: Some(snapshot),
+            seq,
             log,
-            ..
-        }) => Ok(reply(snapshot, Some(log))),
-        Ok(_) => Err(RedisError::String(FlowError::Changed.read_message(&id))),
-        Err(e) => Err(RedisError::String(e.read_message(&id))),
+            _cap,
+        }) => {
+            let read = Read {
+                snapshot: None,
+                seq,
+                log,
+                _cap,
+            };
+            reply(snapshot, read, true)
+        }
+        Ok(_) => Err(RedisError::String(FlowError::Changed.read_message(&id))).into(),
+        Err(e) => Err(RedisError::String(e.read_message(&id))).into(),
     };
     answer_later(&READ_POOL, errors::READ_BUSY, || this_client(ctx), read)?;
     Ok(RedisValue::NoReply)

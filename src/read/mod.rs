@@ -146,7 +146,8 @@ fn archived(
     while let Some(flow) = fresh(&want.key) {
         if want.hops == 0 {
             GET_CACHE_HITS.fetch_add(1, Ordering::Relaxed);
-            return Ok(fetch::reply(&flow, want.events));
+            fetch::reply(ctx, &flow, want.events);
+            return Ok(RedisValue::NoReply);
         }
         let Some(previous) = flow.previous.clone() else {
             return Ok(RedisValue::Null);

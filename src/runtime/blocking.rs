@@ -4,17 +4,70 @@
 //! queued on a bounded pool first and receives the blocked client after, so a client is never blocked
 //! without a thread that will answer it, and a full pool answers a busy error at once. A panic in the
 //! work still answers the client.
+//!
+//! An answer is a reply value, or a reply written straight from buffers the work still holds (a long
+//! event log): the client's reply takes its own copy, and the module never holds a second one.
 
+use std::ptr;
 use std::sync::mpsc::channel;
 
-use redis_module::{
-    BlockedClient, Context, ContextFlags, RedisError, RedisResult, ThreadSafeContext,
-};
+use redis_module::{raw, Context, ContextFlags, RedisError, RedisResult};
 
 use crate::ops::{errors, log};
 use crate::runtime::pool::Pool;
 
-type Client = ThreadSafeContext<BlockedClient>;
+/// A blocked client and the context its reply is written through, from any thread (the module API
+/// asks no lock of reply calls on a blocked client's context). Dropping it answers the client: the
+/// context is freed, then the client unblocked.
+pub struct Client {
+    blocked: *mut raw::RedisModuleBlockedClient,
+    ctx: *mut raw::RedisModuleCtx,
+}
+
+// SAFETY: the server hands a blocked client and its thread-safe context to another thread by design;
+// each `Client` is used by one thread at a time (it is moved, never shared).
+unsafe impl Send for Client {}
+
+impl Client {
+    /// Replies with `answer`.
+    pub fn reply(&self, answer: RedisResult) {
+        self.write(|ctx| {
+            ctx.reply(answer);
+        });
+    }
+
+    /// Writes the reply through `write`.
+    pub fn write(&self, write: impl FnOnce(&Context)) {
+        write(&Context::new(self.ctx));
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        // SAFETY: both were made by `this_client` and are released once, context first.
+        unsafe {
+            if let Some(free) = raw::RedisModule_FreeThreadSafeContext {
+                free(self.ctx);
+            }
+            if let Some(unblock) = raw::RedisModule_UnblockClient {
+                unblock(self.blocked, ptr::null_mut());
+            }
+        }
+    }
+}
+
+/// What a command's work answers the client.
+pub enum Answer {
+    Value(RedisResult),
+    /// A reply written straight from what the closure holds, which is freed once it is written.
+    Write(Box<dyn FnOnce(&Context) + Send>),
+}
+
+impl From<RedisResult> for Answer {
+    fn from(value: RedisResult) -> Answer {
+        Answer::Value(value)
+    }
+}
 
 /// Whether the calling context may block its client (not inside MULTI, a script or the like).
 pub fn can_block(ctx: &Context) -> bool {
@@ -42,26 +95,52 @@ pub fn refuse_where_it_cannot_run(
     Ok(())
 }
 
-/// The calling command's client, blocked until the work answers it.
+/// The calling command's client, blocked until the work answers it (`None` where the server does not
+/// block it).
 pub fn this_client(ctx: &Context) -> Option<Client> {
-    Some(ThreadSafeContext::with_blocked_client(ctx.block_client()))
+    // SAFETY: on the main thread, inside the command; both functions are found before the client is
+    // blocked, and the pointers are released by `Client::drop`.
+    unsafe {
+        let (Some(block), Some(context)) = (
+            raw::RedisModule_BlockClient,
+            raw::RedisModule_GetThreadSafeContext,
+        ) else {
+            return None;
+        };
+        let blocked = block(ctx.ctx, None, None, None, 0);
+        if blocked.is_null() {
+            return None;
+        }
+        Some(Client {
+            blocked,
+            ctx: context(blocked),
+        })
+    }
 }
 
 /// Runs `work` on `pool` and answers the client that `block` blocks (if it blocks one) with its result;
 /// `busy` (an error text) when the pool is full.
-pub fn answer_later(
+pub fn answer_later<A>(
     pool: &'static Pool,
     busy: &'static str,
     block: impl FnOnce() -> Option<Client>,
-    work: impl FnOnce() -> RedisResult + Send + 'static,
-) -> Result<(), RedisError> {
+    work: impl FnOnce() -> A + Send + 'static,
+) -> Result<(), RedisError>
+where
+    A: Into<Answer>,
+{
     let (hand_over, client) = channel::<Option<Client>>();
     let job = Box::new(move || {
         let client = client.recv().ok().flatten();
-        let answer =
-            log::contained("a command's work", work).unwrap_or(Err(RedisError::Str(errors::PANIC)));
-        if let Some(client) = client {
-            client.reply(errors::ascii_errors(answer));
+        let answer = log::contained("a command's work", || work().into())
+            .unwrap_or(Answer::Value(Err(RedisError::Str(errors::PANIC))));
+        match (client, answer) {
+            (Some(client), Answer::Value(answer)) => client.reply(errors::ascii_errors(answer)),
+            // A writer that panicked has left a reply cut short; the server goes on.
+            (Some(client), Answer::Write(write)) => {
+                log::contained("a command's reply", || client.write(write));
+            }
+            (None, _) => {}
         }
     });
     pool.submit(job).map_err(|_| RedisError::Str(busy))?;

@@ -23,9 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use redis_module::{
-    BlockedClient, Context, ContextFlags, RedisError, RedisResult, RedisValue, ThreadSafeContext,
-};
+use redis_module::{Context, ContextFlags, RedisError, RedisResult, RedisValue};
 
 use crate::clock;
 use crate::ops::configs::{self, Settings};
@@ -33,7 +31,7 @@ use crate::ops::errors::{self, ServerError};
 use crate::ops::info::named;
 use crate::ops::log;
 use crate::runtime::acl::Caller;
-use crate::runtime::blocking::{answer_later, refuse_where_it_cannot_run, this_client};
+use crate::runtime::blocking::{answer_later, refuse_where_it_cannot_run, this_client, Client};
 use crate::runtime::pool::Pool;
 use crate::runtime::server::{eviction_risk, selected_db};
 use crate::s3::{Store, StoreError};
@@ -181,7 +179,7 @@ struct Job {
 fn start(
     ctx: &Context,
     job: Job,
-    block: impl FnOnce() -> Option<ThreadSafeContext<BlockedClient>>,
+    block: impl FnOnce() -> Option<Client>,
 ) -> Result<(), RedisError> {
     let settings = Settings::current();
     settings
