@@ -14,7 +14,7 @@ use serde::{Serialize, Serializer};
 use crate::digest::{hex, md5, sha256};
 use crate::format::captured::Captured;
 use crate::format::reader;
-use crate::format::{find_marked, Encoded, FORMAT_NAME, FORMAT_VERSION};
+use crate::format::{find_marked, Encoded, Marks, FORMAT_NAME, FORMAT_VERSION};
 use crate::layout::StateSource;
 
 /// Level 1 keeps compression off the critical path; event JSON still shrinks about 8x.
@@ -70,10 +70,14 @@ pub fn single_line(json: &[u8]) -> Cow<'_, [u8]> {
     Cow::Owned(out)
 }
 
-/// Whether `json` holds a CR or LF. Every event is scanned, so this is one pass in blocks of 32 bytes
+/// Whether `json` holds a CR or LF. Every event is scanned, so this is one pass in blocks of 16 bytes
 /// (`find_marked`; two `memchr` passes took a few percent of a worker's CPU).
 fn has_line_break(json: &[u8]) -> bool {
-    find_marked(json, |c| (c == b'\n') | (c == b'\r')).is_some()
+    const LINE_BREAK: Marks<2> = Marks {
+        bytes: *b"\n\r",
+        below: 0,
+    };
+    find_marked(json, &LINE_BREAK).is_some()
 }
 
 fn is_json_space(b: u8) -> bool {

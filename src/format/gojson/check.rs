@@ -105,7 +105,7 @@ impl Checker<'_> {
         self.i += 1;
         loop {
             let rest = &self.b[self.i..];
-            self.i += find_marked(rest, string_stop).unwrap_or(rest.len());
+            self.i += find_marked(rest, &STRING_STOP).unwrap_or(rest.len());
             match self.b.get(self.i) {
                 None => return Err(self.error("unterminated string")),
                 Some(b'"') => {

@@ -37,8 +37,8 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
-use crate::format::find_marked;
 use crate::format::gotime::GoTime;
+use crate::format::{find_marked, Marks};
 
 /// Go's scanner refuses deeper nesting.
 pub const MAX_DEPTH: usize = 10_000;
@@ -66,14 +66,16 @@ fn is_scalar(c: u8) -> bool {
 }
 
 /// The bytes that end a run of a string's text: its closing quote, an escape, a control character.
-fn string_stop(c: u8) -> bool {
-    (c < 0x20) | (c == b'"') | (c == b'\\')
-}
+const STRING_STOP: Marks<2> = Marks {
+    bytes: *b"\"\\",
+    below: 0x20,
+};
 
 /// The bytes that matter when a container is passed over: quotes and brackets.
-fn structural(c: u8) -> bool {
-    (c == b'"') | (c == b'{') | (c == b'[') | (c == b'}') | (c == b']')
-}
+const STRUCTURAL: Marks<5> = Marks {
+    bytes: *b"\"{[}]",
+    below: 0,
+};
 
 mod any;
 mod check;

@@ -317,7 +317,7 @@ impl<'a> Reader<'a> {
     pub(super) fn skip_string(&mut self) {
         let mut i = self.i + 1;
         while let Some(rest) = self.b.get(i..) {
-            let Some(n) = find_marked(rest, string_stop) else {
+            let Some(n) = find_marked(rest, &STRING_STOP) else {
                 break;
             };
             i += n;
@@ -354,7 +354,7 @@ impl<'a> Reader<'a> {
                 let mut depth = 0usize;
                 loop {
                     let rest = self.b.get(self.i..).unwrap_or_default();
-                    let Some(n) = find_marked(rest, structural) else {
+                    let Some(n) = find_marked(rest, &STRUCTURAL) else {
                         return Err(malformed());
                     };
                     self.i += n;

@@ -1,6 +1,6 @@
 //! Writing strings and numbers as Go's `Marshal` does.
 
-use crate::format::find_marked;
+use crate::format::{find_marked, Marks};
 
 /// Appends `s` as Go writes a string: `"`, `\` and control characters escaped (`\b \f \n \r \t`, the
 /// rest `\u00XX`), and `<`, `>`, `&`, U+2028 and U+2029 as `\u` escapes.
@@ -11,20 +11,15 @@ use crate::format::find_marked;
 /// texts of an event (notes, payloads) hold few or none.
 pub fn write_str(out: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let may_escape = |c: u8| {
-        (c < 0x20)
-            | (c == b'"')
-            | (c == b'\\')
-            | (c == b'<')
-            | (c == b'>')
-            | (c == b'&')
-            | (c == 0xe2)
+    const MAY_ESCAPE: Marks<6> = Marks {
+        bytes: [b'"', b'\\', b'<', b'>', b'&', 0xe2],
+        below: 0x20,
     };
     let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);
     out.push(b'"');
     let (mut start, mut i) = (0, 0);
-    while let Some(n) = find_marked(&bytes[i..], may_escape) {
+    while let Some(n) = find_marked(&bytes[i..], &MAY_ESCAPE) {
         i += n;
         let b = bytes[i];
         let (escaped, code, len): (Option<&[u8]>, u32, usize) = match b {
