@@ -40,11 +40,14 @@ struct Read {
     _cap: ByteCap,
 }
 
-/// The reply, written from the read itself: its log stays counted against the caps until the
-/// client's reply holds it.
+/// The reply: the state alone, or with `events` written from the read itself, whose log stays
+/// counted against the caps until the client's reply holds it.
 fn reply(state: Vec<u8>, read: Read, events: bool) -> Answer {
+    if !events {
+        return Ok(RedisValue::StringBuffer(state)).into();
+    }
     Answer::Write(Box::new(move |ctx: &Context| {
-        reply::state_and_events(ctx, &state, events.then(|| read.log.iter()));
+        reply::state_and_events(ctx, &state, Some(read.log.iter()));
     }))
 }
 
