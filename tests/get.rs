@@ -4,7 +4,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::checker;
 use common::proxy::{Fault, Proxy, Rule};
+use common::resp;
 use common::*;
 
 /// A server behind a proxy, with flow `id` written and archived.
@@ -375,4 +377,153 @@ fn a_stale_or_missing_snapshot_answers_the_engines_state() {
         let (_, events) = get_events(&mut c, spec.id).unwrap();
         assert_eq!(events, events_of(spec));
     }
+}
+
+/// `flowarchive.state` as a module argument, with the server's other arguments for `s3`.
+fn layout_server(s3: &S3, state: &str) -> Server {
+    let mut opts = ServerOpts::new(s3);
+    opts.module_args.extend(["state", state].map(String::from));
+    Server::start(opts)
+}
+
+fn log_bytes(c: &mut redis::Connection, id: &str) -> Vec<Vec<u8>> {
+    cmd(
+        c,
+        &["LRANGE", &format!("argyll:flow:{id}:events"), "0", "-1"],
+    )
+    .unwrap()
+}
+
+/// `GET … EVENTS` is written by the module from its own buffers, by whichever thread holds them: a
+/// short live log in the command, a long one (over 1024 events) by a read worker on the blocked
+/// client's context, an archived flow by the fetch worker or, cached, in the command. Whichever writes
+/// it, a RESP2 and a RESP3 client get the same bytes: an array of the state and an array of every
+/// event as a bulk string, event for event as LRANGE showed them before archiving; under a folding
+/// layout and one served from its snapshot. A nil written by the fetch worker (no incarnation before
+/// the archived one) is RESP3's null on a RESP3 connection.
+#[test]
+fn get_events_is_the_same_bulk_strings_in_resp2_and_resp3() {
+    for layout in ["fold", "snapshot"] {
+        let s3 = S3::new_bucket();
+        let srv = layout_server(&s3, layout);
+        let mut c = srv.conn();
+        config_set(&mut c, "flowarchive.cache-bytes", "0").unwrap();
+        let (mut raw2, mut raw3) = (
+            resp::RawConn::open(srv.port, false),
+            resp::RawConn::open(srv.port, true),
+        );
+        let ids = [("short", 7usize), ("long", 1500)];
+        let mut logs = Vec::new();
+        for (id, events) in ids {
+            write_flow(
+                &mut c,
+                &FlowSpec {
+                    events,
+                    snapshot: Snapshot::Current,
+                    ..FlowSpec::done(id)
+                },
+            );
+            let log = log_bytes(&mut c, id);
+            let (state, events) = get_events(&mut c, id).unwrap();
+            assert_eq!(events.len(), log.len(), "{layout} {id}");
+            let want = resp::state_and_events(state.as_bytes(), &log);
+            let ask = [b"FLOWARCHIVE.GET".as_slice(), id.as_bytes(), b"EVENTS"];
+            assert!(raw2.call(&ask) == want, "{layout} {id} live, RESP2");
+            assert!(raw3.call(&ask) == want, "{layout} {id} live, RESP3");
+            logs.push(log);
+        }
+        for ((id, _), log) in ids.iter().zip(&logs) {
+            archive(&mut c, id).unwrap();
+            let state = get(&mut c, id).unwrap().expect("archived");
+            let want = resp::state_and_events(state.as_bytes(), log);
+            let ask = [b"FLOWARCHIVE.GET".as_slice(), id.as_bytes(), b"EVENTS"];
+            let fetches = info_field(&mut c, "get_archive_fetches");
+            assert!(raw2.call(&ask) == want, "{layout} {id} fetched, RESP2");
+            assert!(raw3.call(&ask) == want, "{layout} {id} fetched, RESP3");
+            assert_eq!(info_field(&mut c, "get_archive_fetches"), fetches + 2);
+            let previous = [
+                b"FLOWARCHIVE.GET".as_slice(),
+                id.as_bytes(),
+                b"PREVIOUS",
+                b"1",
+            ];
+            assert_eq!(raw2.call(&previous), b"$-1\r\n", "{layout} {id}");
+            assert_eq!(raw3.call(&previous), b"_\r\n", "{layout} {id}");
+            assert_eq!(info_field(&mut c, "get_archive_fetches"), fetches + 4);
+
+            config_set(&mut c, "flowarchive.cache-bytes", "64mb").unwrap();
+            get(&mut c, id).unwrap();
+            let hits = info_field(&mut c, "get_cache_hits");
+            assert!(raw2.call(&ask) == want, "{layout} {id} cached, RESP2");
+            assert!(raw3.call(&ask) == want, "{layout} {id} cached, RESP3");
+            assert_eq!(info_field(&mut c, "get_cache_hits"), hits + 2);
+            config_set(&mut c, "flowarchive.cache-bytes", "0").unwrap();
+        }
+        let unknown = [b"FLOWARCHIVE.GET".as_slice(), b"never-was", b"EVENTS"];
+        assert_eq!(raw2.call(&unknown), b"$-1\r\n");
+        assert_eq!(raw3.call(&unknown), b"_\r\n");
+        checker::assert_alive(&mut { srv }, layout);
+    }
+}
+
+/// A layout served from its snapshot answers a live log as stored, without reading its events: an
+/// event may hold any bytes (CR and LF, RESP's own markers, NUL, bytes that are not UTF-8), be empty,
+/// or be larger than a log block. `GET … EVENTS` answers each exactly, a short log (written in the
+/// command) and a long one (by a read worker), to RESP2 and RESP3 clients; a flow with a snapshot and
+/// no log (an empty list is no key) answers its snapshot and no events.
+#[test]
+fn live_events_are_answered_byte_for_byte() {
+    let s3 = S3::new_bucket();
+    let srv = layout_server(&s3, "snapshot");
+    let mut c = srv.conn();
+    let mut raw3 = resp::RawConn::open(srv.port, true);
+    let odd: Vec<Vec<u8>> = vec![
+        b"{\"a\":\"x\r\ny\"}".to_vec(),
+        b"\r\n*1\r\n$4\r\nPING\r\n".to_vec(),
+        b"-ERR not an error\r\n".to_vec(),
+        b"$-1\r\n".to_vec(),
+        b"_\r\n".to_vec(),
+        Vec::new(),
+        b"\0".to_vec(),
+        b"a\0b\xff\xfe\xc3(\r".to_vec(),
+        vec![b'\n'; 70_000],
+    ];
+    let snapshot = b"{\"id\":\"s\",\r\n\"status\":\"completed\"}\0".to_vec();
+    for (id, fill) in [("short", 10usize), ("long", 1100)] {
+        let key = format!("argyll:flow:{id}:events");
+        let mut log = odd.clone();
+        log.extend((0..fill).map(|i| format!("{{\"n\":{i}}}\r\n").into_bytes()));
+        log.extend(odd.iter().rev().cloned());
+        let mut push = redis::cmd("RPUSH");
+        push.arg(&key).arg(&log);
+        push.query::<()>(&mut c).unwrap();
+        let mut set = redis::cmd("SET");
+        set.arg(format!("argyll:flow:{id}:snapshot:val"))
+            .arg(&snapshot);
+        set.query::<()>(&mut c).unwrap();
+        assert_eq!(log_bytes(&mut c, id), log, "stored as written");
+        let answer: (Vec<u8>, Vec<Vec<u8>>) = redis::cmd("FLOWARCHIVE.GET")
+            .arg(id)
+            .arg("EVENTS")
+            .query(&mut c)
+            .unwrap();
+        assert!(answer == (snapshot.clone(), log.clone()), "{id}, RESP2");
+        let want = resp::state_and_events(&snapshot, &log);
+        let ask = [b"FLOWARCHIVE.GET".as_slice(), id.as_bytes(), b"EVENTS"];
+        assert!(raw3.call(&ask) == want, "{id}, RESP3");
+    }
+    let mut set = redis::cmd("SET");
+    set.arg("argyll:flow:bare:snapshot:val").arg(&snapshot);
+    set.query::<()>(&mut c).unwrap();
+    let answer: (Vec<u8>, Vec<Vec<u8>>) = redis::cmd("FLOWARCHIVE.GET")
+        .arg("bare")
+        .arg("EVENTS")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(answer, (snapshot.clone(), Vec::new()));
+    let ask = [b"FLOWARCHIVE.GET".as_slice(), b"bare", b"EVENTS"];
+    let none: [&[u8]; 0] = [];
+    assert_eq!(raw3.call(&ask), resp::state_and_events(&snapshot, &none));
+    assert_eq!(cmd::<String>(&mut c, &["PING"]).unwrap(), "PONG");
+    checker::assert_alive(&mut { srv }, "after the odd events");
 }

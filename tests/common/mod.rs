@@ -9,6 +9,7 @@ pub mod fixtures;
 pub mod http;
 pub mod index;
 pub mod proxy;
+pub mod resp;
 pub mod s3;
 pub mod s3front;
 pub mod server;
