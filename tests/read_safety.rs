@@ -6,7 +6,9 @@ mod common;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use common::checker;
 use common::proxy::Proxy;
+use common::resp;
 use common::*;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -611,4 +613,128 @@ fn bytes_after_the_gzip_member_are_never_answered() {
     }
     s3.put_as_archive(rel, &good);
     assert_eq!(get_events(&mut c, "tail").unwrap().1, events);
+}
+
+/// Sends `GET <id> EVENTS` on a connection of its own, reads nothing.
+fn pending_get_events(port: u16, id: &str) -> resp::RawConn {
+    let mut conn = resp::RawConn::open(port, false);
+    conn.send(&[b"FLOWARCHIVE.GET", id.as_bytes(), b"EVENTS"]);
+    conn
+}
+
+/// A blocked client can leave while its `GET … EVENTS` of a long log (12,000 events, about 1.5 MB)
+/// waits or is being sent: its connection closed at once, killed by CLIENT KILL while the read or
+/// the fetch runs (CLIENT UNBLOCK cannot end it: the module answers every client it blocks), or
+/// closed while the server sends it the reply it does not read. A live read (in chunks, at the
+/// smallest step budget) and an archived one (not cached, S3 slowed so the fetch is pending) alike:
+/// the server lives on, a client that stays gets every event, the reads' bytes leave
+/// `buffered_bytes` (0 again) and the module's heap comes back to where it was, and the server's
+/// clients are only the ones that stayed.
+#[test]
+fn clients_that_leave_a_long_get_events_harm_nothing() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let mut srv = server_via(&s3, Some(&proxy), &[]);
+    let mut c = srv.conn();
+    config_set(&mut c, "flowarchive.step-budget-us", "50").unwrap();
+    config_set(&mut c, "flowarchive.cache-bytes", "0").unwrap();
+    for (id, status) in [("live", "active"), ("gone", "completed")] {
+        write_flow(
+            &mut c,
+            &FlowSpec {
+                events: 12_000,
+                status,
+                ..FlowSpec::done(id)
+            },
+        );
+    }
+    let (live_state, live_log) = stored(&mut c, "live");
+    let (_, gone_log) = stored(&mut c, "gone");
+    archive(&mut c, "gone").unwrap();
+    let gone_state = get(&mut c, "gone").unwrap().expect("archived");
+    proxy.delay("GET", Duration::from_millis(700));
+    let expected = [
+        ("live", live_state, live_log),
+        ("gone", gone_state, gone_log),
+    ];
+    // Every pool thread started and every buffer the server keeps made, before the heap is measured.
+    for (id, state, log) in &expected {
+        assert_eq!(
+            &get_events(&mut c, id).unwrap(),
+            &(state.clone(), log.clone())
+        );
+    }
+    let heap = info_field(&mut c, "heap_bytes");
+    let clients = |c: &mut redis::Connection| -> usize {
+        let list: String = cmd(c, &["CLIENT", "LIST"]).unwrap();
+        list.lines().count()
+    };
+    let stayed = clients(&mut c);
+    let port = srv.port;
+    for (id, state, log) in &expected {
+        let fetches = info_field(&mut c, "get_archive_fetches");
+        // Gone at once.
+        for _ in 0..3 {
+            drop(pending_get_events(port, id));
+        }
+        // Killed while the read or the fetch runs.
+        let mut killed = Vec::new();
+        for _ in 0..3 {
+            let mut conn = resp::RawConn::open(port, false);
+            let reply = conn.call(&[b"CLIENT", b"ID"]);
+            let client_id = String::from_utf8(reply[1..reply.len() - 2].to_vec()).unwrap();
+            conn.send(&[b"FLOWARCHIVE.GET", id.as_bytes(), b"EVENTS"]);
+            killed.push((client_id, conn));
+        }
+        // Closed while the reply is being sent: it reads the reply's first bytes only.
+        let stalled: Vec<_> = (0..2).map(|_| pending_get_events(port, id)).collect();
+        let stays = {
+            let id = id.to_string();
+            std::thread::spawn(move || {
+                let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
+                let mut c = client.get_connection().unwrap();
+                get_events(&mut c, &id).unwrap()
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        for (client_id, _) in &killed {
+            let unblocked: i64 = cmd(&mut c, &["CLIENT", "UNBLOCK", client_id]).unwrap();
+            assert_eq!(unblocked, 0, "{id}: CLIENT UNBLOCK ended a read");
+            let gone: i64 = cmd(&mut c, &["CLIENT", "KILL", "ID", client_id]).unwrap();
+            assert_eq!(gone, 1, "{id}: client {client_id} had left");
+        }
+        drop(killed);
+        for mut conn in stalled {
+            let mut first = [0u8; 64];
+            std::io::Read::read_exact(&mut conn.stream, &mut first).unwrap();
+            assert!(first.starts_with(b"*2\r\n$"), "{id}");
+        }
+        assert_eq!(stays.join().unwrap(), (state.clone(), log.clone()), "{id}");
+        if *id == "gone" {
+            let fetched = info_field(&mut c, "get_archive_fetches") - fetches;
+            assert!(fetched < 9, "{id}: {fetched} fetches, none shared");
+        }
+        wait_for("the reads' bytes released", Duration::from_secs(20), || {
+            info_field(&mut c, "buffered_bytes") == 0
+        });
+        wait_for(
+            "only the clients that stayed",
+            Duration::from_secs(10),
+            || clients(&mut c) == stayed,
+        );
+        assert_eq!(cmd::<String>(&mut c, &["PING"]).unwrap(), "PONG");
+        checker::assert_alive(&mut srv, id);
+    }
+    // Room for a worker's small buffers; one read's log (1.5 MB) does not fit in it.
+    let now = info_field(&mut c, "heap_bytes");
+    assert!(
+        now <= heap + (256 << 10),
+        "the heap held {heap} bytes before the clients left, {now} after"
+    );
+    for (id, state, log) in &expected {
+        assert_eq!(
+            &get_events(&mut c, id).unwrap(),
+            &(state.clone(), log.clone())
+        );
+    }
 }
