@@ -738,3 +738,83 @@ fn clients_that_leave_a_long_get_events_harm_nothing() {
         );
     }
 }
+
+/// One long archived flow (3,000 events) read with `EVENTS` by many clients at once: each waiter of
+/// the one shared fetch is written from the same decoded flow, then, cached, every read is written in
+/// its command; some clients pipeline several reads and a PING on one connection. Every answer is the
+/// whole flow, byte for byte, in its connection's order; the first wave shares one S3 read, the cached
+/// ones make none; the server lives on.
+#[test]
+fn many_clients_reading_one_long_archived_flow_each_get_it_whole() {
+    const READS: usize = 4;
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let mut srv = server_via(&s3, Some(&proxy), &[]);
+    let mut c = srv.conn();
+    config_set(&mut c, "flowarchive.cache-bytes", "0").unwrap();
+    write_flow(
+        &mut c,
+        &FlowSpec {
+            events: 3_000,
+            ..FlowSpec::done("shared")
+        },
+    );
+    let (_, log) = stored(&mut c, "shared");
+    archive(&mut c, "shared").unwrap();
+    let state = get(&mut c, "shared").unwrap().expect("archived");
+    let whole = std::sync::Arc::new(resp::state_and_events(state.as_bytes(), &log));
+    let port = srv.port;
+    // Each client pipelines `reads` GETs with a PING between the first two; the answers in order.
+    let wave = |clients: usize, reads: usize| {
+        let threads: Vec<_> = (0..clients)
+            .map(|_| {
+                let whole = whole.clone();
+                std::thread::spawn(move || {
+                    let mut conn = resp::RawConn::open(port, false);
+                    let ask: [&[u8]; 3] = [b"FLOWARCHIVE.GET", b"shared", b"EVENTS"];
+                    let mut sent = resp::command(&ask).repeat(reads);
+                    if reads > 1 {
+                        let at = resp::command(&ask).len();
+                        sent.splice(at..at, resp::command(&[b"PING"]));
+                    }
+                    std::io::Write::write_all(&mut conn.stream, &sent).unwrap();
+                    for i in 0..reads {
+                        assert!(conn.reply() == *whole, "read {i}");
+                        if i == 0 && reads > 1 {
+                            assert_eq!(conn.reply(), b"+PONG\r\n");
+                        }
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+    };
+    proxy.delay("GET", Duration::from_millis(600));
+    let fetches = info_field(&mut c, "get_archive_fetches");
+    wave(10, 1);
+    assert_eq!(info_field(&mut c, "get_archive_fetches"), fetches + 1);
+    proxy.clear();
+    wave(3, READS);
+    // Not cached: a connection's reads follow one another, each fetched (or sharing another
+    // connection's fetch).
+    let fetched = info_field(&mut c, "get_archive_fetches") - fetches - 1;
+    assert!(
+        (READS as i64..=3 * READS as i64).contains(&fetched),
+        "{fetched} fetches"
+    );
+
+    config_set(&mut c, "flowarchive.cache-bytes", "64mb").unwrap();
+    get(&mut c, "shared").unwrap();
+    let (fetches, hits) = (
+        info_field(&mut c, "get_archive_fetches"),
+        info_field(&mut c, "get_cache_hits"),
+    );
+    wave(6, READS);
+    assert_eq!(info_field(&mut c, "get_archive_fetches"), fetches);
+    assert_eq!(
+        info_field(&mut c, "get_cache_hits"),
+        hits + 6 * READS as i64
+    );
+    assert_eq!(info_field(&mut c, "buffered_bytes"), 0);
+    checker::assert_alive(&mut srv, "after the waves");
+}
