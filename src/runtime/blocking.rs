@@ -136,7 +136,7 @@ where
             .unwrap_or(Answer::Value(Err(RedisError::Str(errors::PANIC))));
         match (client, answer) {
             (Some(client), Answer::Value(answer)) => client.reply(errors::ascii_errors(answer)),
-            // A writer that panicked has left a reply cut short; the server goes on.
+            // A writer ends its reply itself even when its events panic (`reply::state_and_events`).
             (Some(client), Answer::Write(write)) => {
                 log::contained("a command's reply", || client.write(write));
             }
