@@ -8,6 +8,7 @@
 //! An answer is a reply value, or a reply written straight from buffers the work still holds (a long
 //! event log): the client's reply takes its own copy, and the module never holds a second one.
 
+use std::cell::Cell;
 use std::ptr;
 use std::sync::mpsc::channel;
 
@@ -18,10 +19,12 @@ use crate::runtime::pool::Pool;
 
 /// A blocked client and the context its reply is written through, from any thread (the module API
 /// asks no lock of reply calls on a blocked client's context). Dropping it answers the client: the
-/// context is freed, then the client unblocked.
+/// context is freed, then the client unblocked; a client dropped before anything was written to it (a
+/// panic on the way) is answered the internal error, never left waiting for a reply that never comes.
 pub struct Client {
     blocked: *mut raw::RedisModuleBlockedClient,
     ctx: *mut raw::RedisModuleCtx,
+    answered: Cell<bool>,
 }
 
 // SAFETY: the server hands a blocked client and its thread-safe context to another thread by design;
@@ -38,12 +41,16 @@ impl Client {
 
     /// Writes the reply through `write`.
     pub fn write(&self, write: impl FnOnce(&Context)) {
+        self.answered.set(true);
         write(&Context::new(self.ctx));
     }
 }
 
 impl Drop for Client {
     fn drop(&mut self) {
+        if !self.answered.get() {
+            self.reply(Err(RedisError::Str(errors::PANIC)));
+        }
         // SAFETY: both were made by `this_client` and are released once, context first.
         unsafe {
             if let Some(free) = raw::RedisModule_FreeThreadSafeContext {
@@ -114,6 +121,7 @@ pub fn this_client(ctx: &Context) -> Option<Client> {
         Some(Client {
             blocked,
             ctx: context(blocked),
+            answered: Cell::new(false),
         })
     }
 }
