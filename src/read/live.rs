@@ -195,21 +195,10 @@ pub fn events(
         )));
     }
     let read = move || match read_consistent(db, &keys, max_bytes) {
-        Ok(Read {
-            snapshot: Some(snapshot),
-            seq,
-            log,
-            _cap,
-        }) => {
-            let read = Read {
-                snapshot: None,
-                seq,
-                log,
-                _cap,
-            };
-            reply(snapshot, read, true)
-        }
-        Ok(_) => Err(RedisError::String(FlowError::Changed.read_message(&id))).into(),
+        Ok(mut read) => match read.snapshot.take() {
+            Some(snapshot) => reply(snapshot, read, true),
+            None => Err(RedisError::String(FlowError::Changed.read_message(&id))).into(),
+        },
         Err(e) => Err(RedisError::String(e.read_message(&id))).into(),
     };
     answer_later(&READ_POOL, errors::READ_BUSY, || this_client(ctx), read)?;
