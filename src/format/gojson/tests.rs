@@ -444,3 +444,11 @@ mod against_serde {
         }
     }
 }
+
+/// The block scan finds what a byte-by-byte scan finds, for every set Go's JSON code scans for.
+#[test]
+fn the_scans_find_every_mark_a_byte_by_byte_scan_finds() {
+    crate::format::assert_scan_agrees(&STRING_STOP);
+    crate::format::assert_scan_agrees(&STRUCTURAL);
+    crate::format::assert_scan_agrees(&write::MAY_ESCAPE);
+}

@@ -2,6 +2,12 @@
 
 use crate::format::{find_marked, Marks};
 
+/// The bytes `write_str` may escape: every escaped character's first byte.
+pub(super) const MAY_ESCAPE: Marks<6> = Marks {
+    bytes: [b'"', b'\\', b'<', b'>', b'&', 0xe2],
+    below: 0x20,
+};
+
 /// Appends `s` as Go writes a string: `"`, `\` and control characters escaped (`\b \f \n \r \t`, the
 /// rest `\u00XX`), and `<`, `>`, `&`, U+2028 and U+2029 as `\u` escapes.
 ///
@@ -11,10 +17,6 @@ use crate::format::{find_marked, Marks};
 /// texts of an event (notes, payloads) hold few or none.
 pub fn write_str(out: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    const MAY_ESCAPE: Marks<6> = Marks {
-        bytes: [b'"', b'\\', b'<', b'>', b'&', 0xe2],
-        below: 0x20,
-    };
     let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);
     out.push(b'"');

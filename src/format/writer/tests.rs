@@ -436,3 +436,9 @@ mod props {
         }
     }
 }
+
+/// The block scan finds every line break a byte-by-byte scan finds.
+#[test]
+fn the_line_break_scan_finds_every_break() {
+    crate::format::assert_scan_agrees(&LINE_BREAK);
+}
