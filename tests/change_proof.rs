@@ -221,6 +221,40 @@ fn a_rewrite_to_the_same_content_is_archived_with_that_content() {
     assert_eq!(events, before, "the archive holds every event as it was");
 }
 
+/// Small keys framed into more bytes than the commit keeps (1 MiB) are compared by their hash: a
+/// snapshot of 1.1 MB edited to the same size keeps the flow, and the same flow unchanged is archived.
+#[test]
+fn small_keys_too_large_to_keep_are_compared_by_their_hash() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &[]);
+    let mut c = srv.conn();
+    let padded = |c: &mut redis::Connection, id: &str| {
+        write_flow(
+            c,
+            &FlowSpec {
+                snapshot: Snapshot::Current,
+                ..FlowSpec::done(id)
+            },
+        );
+        let key = format!("argyll:flow:{id}:snapshot:val");
+        let snapshot: String = cmd(c, &["GET", &key]).unwrap();
+        let body = snapshot.strip_suffix('}').expect("a JSON object");
+        let pad = "p".repeat(1_100_000);
+        run(c, &["SET", &key, &format!("{body},\"pad\":\"{pad}\"}}")]);
+    };
+    padded(&mut c, "big-same");
+    let r = archive(&mut c, "big-same").unwrap();
+    assert_eq!(int(&r["events"]), 5);
+    padded(&mut c, "big-edited");
+    change_written_during_upload(&srv, &proxy, "big-edited", |c| {
+        let key = "argyll:flow:big-edited:snapshot:val";
+        let len: i64 = cmd(c, &["STRLEN", key]).unwrap();
+        // One byte of the padding, the size unchanged.
+        run(c, &["SETRANGE", key, &(len - 100).to_string(), "q"]);
+    });
+}
+
 #[test]
 fn every_write_to_a_long_flow_between_its_steps_and_the_commit_keeps_it() {
     let s3 = S3::new_bucket();

@@ -1,10 +1,10 @@
 //! The commit's proof that the flow in Valkey is still the flow in the archive.
 //!
 //! What the archive holds of the flow's own keys (snapshot, sequence, labels, event log) is kept once
-//! the object is encoded, off the main thread: the small keys hashed, and the event log as it was read
-//! (up to `KEEP_BYTES`; a larger log hashed too). The commit reads the same keys again in its own
-//! main-thread step and deletes only on equality: the small keys hashed the same way, the log compared
-//! byte for byte with the one kept (or hashed the same way), stopping at its first difference. A late
+//! the object is encoded, off the main thread: the small keys framed as one run of bytes, and the
+//! event log as it was read, each up to `KEEP_BYTES` (a larger one hashed). The commit reads the same
+//! keys again in its own main-thread step and deletes only on equality: each compared byte for byte
+//! with what was kept (or hashed the same way), stopping at its first difference. A late
 //! event, an edited or trimmed log, a new snapshot or label, a rename over a key, an expiry, an
 //! eviction, a flush or a swap each change what the keys hold, so each stops the delete; a rewrite to
 //! the very same content does not, and loses nothing: what is deleted is exactly what the archive
@@ -26,16 +26,67 @@ use crate::ops::errors::FlowError;
 use crate::ops::metrics::Buffered;
 use crate::runtime::server::{expect_type, hash_len, list_len, list_range_each, with_string};
 
-/// A whole log of at most this many bytes is kept for the commit to compare byte for byte (cheaper
-/// on the main thread than hashing it again); a larger one is hashed, so that an upload does not hold
-/// two copies of a large flow.
+/// A whole log, or the small keys' framed bytes, of at most this many bytes is kept for the commit to
+/// compare byte for byte (cheaper on the main thread than hashing it again); a larger one is hashed,
+/// so that an upload does not hold two copies of a large flow.
 const KEEP_BYTES: u64 = 1 << 20;
 
 /// What the archive holds of a flow's own keys, for the commit to compare with what Valkey holds.
 pub struct Fingerprint {
-    /// The small keys (snapshot, sequence, labels), hashed as `Parts::new` frames them.
-    small: [u8; 32],
+    /// The small keys (snapshot, sequence, labels), as `Parts::small` frames them.
+    small: Small,
     log: Log,
+}
+
+/// What the archive holds of the small keys.
+enum Small {
+    /// Their framed bytes, counted as buffered while kept.
+    Kept { bytes: Vec<u8>, _held: Buffered },
+    /// Their framed bytes' hash, when there are more than `KEEP_BYTES`.
+    Hash([u8; 32]),
+}
+
+impl Small {
+    /// Frames the small keys with `frame`, keeping the bytes if there are at most `keep_bytes`.
+    fn of(frame: impl Fn(&mut Parts), keep_bytes: Option<u64>) -> Small {
+        let mut count = Parts(Sink::Count(0));
+        frame(&mut count);
+        let Sink::Count(bytes) = count.0 else {
+            unreachable!("a count stays a count")
+        };
+        if keep_bytes.is_some_and(|keep| bytes <= keep) {
+            let mut kept = Parts(Sink::Keep(Vec::with_capacity(bytes as usize)));
+            frame(&mut kept);
+            let Sink::Keep(bytes) = kept.0 else {
+                unreachable!("kept bytes stay kept")
+            };
+            let _held = Buffered::hold(bytes.capacity() as u64);
+            return Small::Kept { bytes, _held };
+        }
+        let mut hashed = Parts(Sink::Hash(Sha256::new()));
+        frame(&mut hashed);
+        Small::Hash(hashed.finish())
+    }
+
+    /// Whether `frame` frames exactly what this holds.
+    fn matches(&self, frame: impl FnOnce(&mut Parts)) -> bool {
+        match self {
+            Small::Kept { bytes, .. } => {
+                let mut compared = Parts(Sink::Compare {
+                    kept: bytes,
+                    at: 0,
+                    same: true,
+                });
+                frame(&mut compared);
+                matches!(compared.0, Sink::Compare { at, same: true, .. } if at == bytes.len())
+            }
+            Small::Hash(digest) => {
+                let mut hashed = Parts(Sink::Hash(Sha256::new()));
+                frame(&mut hashed);
+                hashed.finish() == *digest
+            }
+        }
+    }
 }
 
 /// What the archive holds of the event log.
@@ -48,46 +99,75 @@ enum Log {
     Hash(usize, [u8; 32]),
 }
 
-/// A fingerprint being computed: every part length-prefixed and every optional part tagged, so no two
-/// contents hash alike by framing.
-struct Parts(Sha256);
+/// A fingerprint being framed: every part length-prefixed and every optional part tagged, so no two
+/// contents frame alike.
+struct Parts<'k>(Sink<'k>);
 
-impl Parts {
-    /// Starts with the flow's small keys.
-    fn new(snapshot: Option<&[u8]>, seq: Option<i64>, labels: &[(String, String)]) -> Parts {
-        let mut p = Parts(Sha256::new());
-        p.part(snapshot.map_or(b"-", |_| b"+"));
-        p.part(snapshot.unwrap_or_default());
-        p.part(
+/// Where `Parts` puts the framed bytes.
+enum Sink<'k> {
+    /// Counts them.
+    Count(u64),
+    /// Keeps them.
+    Keep(Vec<u8>),
+    /// Compares them with bytes kept before: `same` while every byte so far equals the one at its place.
+    Compare {
+        kept: &'k [u8],
+        at: usize,
+        same: bool,
+    },
+    Hash(Sha256),
+}
+
+impl Parts<'_> {
+    /// The flow's small keys.
+    fn small(&mut self, snapshot: Option<&[u8]>, seq: Option<i64>, labels: &[(String, String)]) {
+        self.part(snapshot.map_or(b"-", |_| b"+"));
+        self.part(snapshot.unwrap_or_default());
+        self.part(
             seq.map_or_else(|| "-".to_string(), |s| s.to_string())
                 .as_bytes(),
         );
         // Compared as a set, whatever order they were read in.
         let mut labels: Vec<&(String, String)> = labels.iter().collect();
         labels.sort();
-        p.part(&(labels.len() as u64).to_le_bytes());
+        self.part(&(labels.len() as u64).to_le_bytes());
         for (name, value) in labels {
-            p.part(name.as_bytes());
-            p.part(value.as_bytes());
+            self.part(name.as_bytes());
+            self.part(value.as_bytes());
         }
-        p
     }
 
-    /// A log: its length, then `n` calls to `part`.
-    fn events(n: usize) -> Parts {
-        let mut p = Parts(Sha256::new());
+    /// A log hashed: its length, then `n` calls to `part`.
+    fn events(n: usize) -> Parts<'static> {
+        let mut p = Parts(Sink::Hash(Sha256::new()));
         p.part(b"events");
         p.part(&(n as u64).to_le_bytes());
         p
     }
 
     fn part(&mut self, b: &[u8]) {
-        self.0.update((b.len() as u64).to_le_bytes());
-        self.0.update(b);
+        self.put(&(b.len() as u64).to_le_bytes());
+        self.put(b);
     }
 
+    fn put(&mut self, b: &[u8]) {
+        match &mut self.0 {
+            Sink::Count(n) => *n += b.len() as u64,
+            Sink::Keep(bytes) => bytes.extend_from_slice(b),
+            Sink::Compare { kept, at, same } => {
+                *same = *same && kept.get(*at..*at + b.len()) == Some(b);
+                *at += b.len();
+            }
+            Sink::Hash(h) => h.update(b),
+        }
+    }
+
+    /// The hash of what was framed into a hashing sink (none for the others).
     fn finish(self) -> [u8; 32] {
-        self.0.finalize().into()
+        match self.0 {
+            Sink::Hash(h) => h.finalize().into(),
+            _ => [0; 32],
+        }
     }
 }
 
@@ -105,7 +185,10 @@ fn archived_keeping(
     whole_log: bool,
     keep_bytes: Option<u64>,
 ) -> Fingerprint {
-    let small = Parts::new(flow.snapshot.as_deref(), flow.seq, &flow.labels).finish();
+    let small = Small::of(
+        |p| p.small(flow.snapshot.as_deref(), flow.seq, &flow.labels),
+        keep_bytes,
+    );
     let bytes = events.bytes() as u64;
     let log = match whole_log {
         false => Log::Length(events.len()),
@@ -153,10 +236,10 @@ pub fn unchanged(
     };
     let seq = read_seq(ctx, keys)?;
     let small = with_string(ctx, &keys.snapshot, |snapshot| {
-        (snapshot.map(<[u8]>::len) == flow.snapshot.as_ref().map(Vec::len))
-            .then(|| Parts::new(snapshot, seq, &labels).finish())
+        snapshot.map(<[u8]>::len) == flow.snapshot.as_ref().map(Vec::len)
+            && archived.small.matches(|p| p.small(snapshot, seq, &labels))
     });
-    if small != Some(archived.small) {
+    if !small {
         return Ok(false);
     }
     let length = list_len(ctx, &keys.events)?;
@@ -241,7 +324,12 @@ mod tests {
                 (Log::Hash(n, a), Log::Hash(m, b)) => n == m && a == b,
                 _ => false,
             };
-            self.small == other.small && log
+            let small = match (&self.small, &other.small) {
+                (Small::Kept { bytes: a, .. }, Small::Kept { bytes: b, .. }) => a == b,
+                (Small::Hash(a), Small::Hash(b)) => a == b,
+                _ => false,
+            };
+            small && log
         }
     }
 
@@ -249,13 +337,22 @@ mod tests {
         c.events.iter().collect()
     }
 
-    /// The fingerprint of `c` with its log read whole and hashed, as a log too large to keep is; a
-    /// log kept whole compares its events themselves.
+    /// The fingerprint of `c` with its log read whole and everything hashed, as parts too large to
+    /// keep are; parts kept whole compare their bytes themselves.
     fn whole(c: &Content) -> Fingerprint {
         let kept = archived_keeping(&captured(c), log(c), true, Some(u64::MAX));
         let hashed = archived_keeping(&captured(c), log(c), true, None);
         assert!(matches!(kept.log, Log::Events { .. }) && matches!(hashed.log, Log::Hash(..)));
+        assert!(
+            matches!(kept.small, Small::Kept { .. }) && matches!(hashed.small, Small::Hash(..))
+        );
         hashed
+    }
+
+    /// What the commit answers for `now` against the fingerprint `then`, through `Small::matches`.
+    fn small_matches(then: &Fingerprint, now: &Content) -> bool {
+        then.small
+            .matches(|p| p.small(now.snapshot.as_deref(), now.seq, &now.labels))
     }
 
     /// The fingerprint of `c` with its log read whole and kept for the commit.
@@ -541,6 +638,20 @@ mod tests {
         fn fingerprints_are_equal_exactly_when_contents_are((a, b) in two_contents()) {
             prop_assert_eq!(a == b, whole(&a) == whole(&b), "{:?} / {:?}", a, b);
             prop_assert_eq!(a == b, kept(&a) == kept(&b), "{:?} / {:?}", a, b);
+        }
+
+        /// The commit's comparison of the small keys, kept or hashed, holds exactly when they are the
+        /// same.
+        #[test]
+        fn the_small_keys_match_exactly_when_they_are_the_same((a, b) in two_contents()) {
+            let same = a.snapshot == b.snapshot && a.seq == b.seq && {
+                let (mut x, mut y) = (a.labels.clone(), b.labels.clone());
+                x.sort();
+                y.sort();
+                x == y
+            };
+            prop_assert_eq!(same, small_matches(&kept(&a), &b), "{:?} / {:?}", a, b);
+            prop_assert_eq!(same, small_matches(&whole(&a), &b), "{:?} / {:?}", a, b);
         }
     }
 }
