@@ -81,9 +81,63 @@ impl Clone for User {
 #[derive(Clone, Debug, Default)]
 struct Together {
     keys: Vec<(String, Access)>,
+    /// The stand-in's arguments made for them so far.
+    made: Made,
     /// No selector grants the stand-in and the user has no `( ... )` selectors: its root is its one
     /// selector, and keys are checked alone.
     root_only: bool,
+}
+
+/// The stand-in's arguments as server strings, made once per command: its name and keywords, and
+/// one string for each of the command's keys in order (`Together::keys`), so that checking the keys
+/// again with more of them makes strings only for the new ones and the counts.
+#[derive(Debug, Default)]
+struct Made {
+    fixed: Vec<RedisString>,
+    keys: Vec<RedisString>,
+    /// A group's key count `n` at place `n`, made when first needed.
+    counts: Vec<Option<RedisString>>,
+}
+
+/// A copy makes its own strings when it first checks.
+impl Clone for Made {
+    fn clone(&self) -> Self {
+        Made::default()
+    }
+}
+
+// SAFETY: the strings are made with no context (`arg`), so they belong to no client or call, and only
+// this value uses them: the checks of one command, in one main-thread step (`Caller::one_command`
+// is held by the step's own code). Dropping them elsewhere only releases memory through the server's
+// thread-safe allocator.
+unsafe impl Send for Made {}
+
+impl Made {
+    /// Makes the strings not made yet: the fixed ones, and those of `keys` past the ones made.
+    fn extend(&mut self, keys: &[(String, Access)]) {
+        if self.fixed.is_empty() {
+            let fixed = std::iter::once(STANDIN).chain(Access::ALL.map(Access::keyword));
+            self.fixed = fixed.map(|a| arg(a.as_bytes())).collect();
+        }
+        let new = keys.get(self.keys.len()..).unwrap_or_default();
+        self.keys
+            .extend(new.iter().map(|(key, _)| arg(key.as_bytes())));
+    }
+
+    /// The string of the count `n`.
+    fn count(&mut self, n: usize) -> *mut raw::RedisModuleString {
+        if self.counts.len() <= n {
+            self.counts.resize_with(n + 1, || None);
+        }
+        self.counts[n]
+            .get_or_insert_with(|| arg(n.to_string().as_bytes()))
+            .inner
+    }
+}
+
+/// A server string made with no context: it outlives the call that makes it.
+fn arg(bytes: &[u8]) -> RedisString {
+    RedisString::create_from_slice(std::ptr::null_mut(), bytes)
 }
 
 impl Caller {
@@ -140,6 +194,11 @@ impl Access {
             Access::Remove => AclPermissions::ACCESS | AclPermissions::DELETE,
             Access::Add => AclPermissions::ACCESS | AclPermissions::INSERT,
         }
+    }
+
+    /// Its place in `ALL`.
+    fn index(self) -> usize {
+        Access::ALL.iter().position(|a| *a == self).unwrap_or(0)
     }
 
     /// The keyword that introduces keys with this access in the stand-in's arguments.
@@ -270,14 +329,15 @@ impl Drop for UserHandle {
 /// Whether the keys of `together` from `new` on, each allowed alone, join the ones before them under
 /// one selector that grants the stand-in.
 fn joins(ctx: &Context, user: &str, together: &mut Together, new: usize) -> Result<(), FlowError> {
-    if standin_allows(ctx, user, &together.keys)? {
+    let all = together.keys.len();
+    if standin_allows(ctx, user, together, all)? {
         return Ok(());
     }
-    if standin_allows(ctx, user, &[])? {
+    if standin_allows(ctx, user, together, 0)? {
         // The keys before `new` were allowed together: name the first that cannot join them.
-        let mut refused = together.keys.len();
-        for n in new + 1..together.keys.len() {
-            if !standin_allows(ctx, user, &together.keys[..n])? {
+        let mut refused = all;
+        for n in new + 1..all {
+            if !standin_allows(ctx, user, together, n)? {
                 refused = n;
                 break;
             }
@@ -296,16 +356,39 @@ fn joins(ctx: &Context, user: &str, together: &mut Together, new: usize) -> Resu
     Ok(())
 }
 
-/// The stand-in's arguments for `keys`: its name, then per access `<KEYWORD> <n> <key>...` (groups
-/// with no key left out). The server finds each group by the first argument equal to its keyword
-/// (compared as C strings, ignoring ASCII case), searching from the first argument: a key that could
-/// be taken for a keyword would move a group, so it is refused.
+/// One piece of the stand-in's arguments (`standin_layout`).
+enum Piece {
+    Name,
+    Keyword(Access),
+    /// The number of keys in a group.
+    Count(usize),
+    /// The key at this place in the keys checked.
+    Key(usize),
+}
+
+/// The stand-in's arguments for `keys`, as bytes.
 fn standin_args(keys: &[(String, Access)]) -> Result<Vec<Cow<'_, [u8]>>, FlowError> {
+    standin_layout(keys, |piece| match piece {
+        Piece::Name => Cow::Borrowed(STANDIN.as_bytes()),
+        Piece::Keyword(access) => Cow::Borrowed(access.keyword().as_bytes()),
+        Piece::Count(n) => Cow::Owned(n.to_string().into_bytes()),
+        Piece::Key(i) => Cow::Borrowed(keys[i].0.as_bytes()),
+    })
+}
+
+/// The stand-in's arguments for `keys`, each made by `make`: its name, then per access
+/// `<KEYWORD> <n> <key>...` (groups with no key left out). The server finds each group by the first
+/// argument equal to its keyword (compared as C strings, ignoring ASCII case), searching from the
+/// first argument: a key that could be taken for a keyword would move a group, so it is refused.
+fn standin_layout<T>(
+    keys: &[(String, Access)],
+    mut make: impl FnMut(Piece) -> T,
+) -> Result<Vec<T>, FlowError> {
     if let Some((key, _)) = keys.iter().find(|(k, _)| {
-        let c_string = k.split('\0').next().unwrap_or_default();
+        let c_string = k.as_bytes().split(|&b| b == 0).next().unwrap_or_default();
         Access::ALL
             .iter()
-            .any(|a| c_string.eq_ignore_ascii_case(a.keyword()))
+            .any(|a| c_string.eq_ignore_ascii_case(a.keyword().as_bytes()))
     }) {
         return Err(FlowError::NoPerm(format!(
             "the {} key cannot be checked together with the others: its name is a keyword of {STANDIN}",
@@ -313,16 +396,16 @@ fn standin_args(keys: &[(String, Access)]) -> Result<Vec<Cow<'_, [u8]>>, FlowErr
         )));
     }
     let mut args = Vec::with_capacity(keys.len() + 7);
-    args.push(Cow::Borrowed(STANDIN.as_bytes()));
+    args.push(make(Piece::Name));
     for access in Access::ALL {
-        let group = keys.iter().filter(|(_, a)| *a == access);
+        let group = (0..keys.len()).filter(|&i| keys[i].1 == access);
         let n = group.clone().count();
         if n == 0 {
             continue;
         }
-        args.push(Cow::Borrowed(access.keyword().as_bytes()));
-        args.push(Cow::Owned(n.to_string().into_bytes()));
-        args.extend(group.map(|(k, _)| Cow::Borrowed(k.as_bytes())));
+        args.push(make(Piece::Keyword(access)));
+        args.push(make(Piece::Count(n)));
+        args.extend(group.map(|i| make(Piece::Key(i))));
     }
     Ok(args)
 }
@@ -357,14 +440,23 @@ fn check_in_db() -> Option<CheckInDb> {
     }
 }
 
-/// Whether one selector of `user` grants the stand-in, in the DB of `ctx`, with every one of `keys`
-/// (with no keys: whether one grants the stand-in there at all).
-fn standin_allows(ctx: &Context, user: &str, keys: &[(String, Access)]) -> Result<bool, FlowError> {
-    let strings: Vec<RedisString> = standin_args(keys)?
-        .iter()
-        .map(|arg| string(ctx, arg))
-        .collect();
-    let mut argv: Vec<*mut raw::RedisModuleString> = strings.iter().map(|s| s.inner).collect();
+/// Whether one selector of `user` grants the stand-in, in the DB of `ctx`, with every one of the
+/// first `n` keys of `together` (with none: whether one grants the stand-in there at all).
+fn standin_allows(
+    ctx: &Context,
+    user: &str,
+    together: &mut Together,
+    n: usize,
+) -> Result<bool, FlowError> {
+    let keys = &together.keys[..n];
+    let made = &mut together.made;
+    made.extend(keys);
+    let mut argv = standin_layout(keys, |piece| match piece {
+        Piece::Name => made.fixed[0].inner,
+        Piece::Keyword(access) => made.fixed[1 + access.index()].inner,
+        Piece::Count(n) => made.count(n),
+        Piece::Key(i) => made.keys[i].inner,
+    })?;
     let argc = argv.len() as c_int;
     let db = selected_db(ctx);
     let Some(handle) = UserHandle::of(ctx, user) else {
