@@ -80,65 +80,82 @@ impl Clone for User {
 /// The keys of one command checked so far.
 #[derive(Clone, Debug, Default)]
 struct Together {
-    keys: Vec<(String, Access)>,
-    /// The stand-in's arguments made for them so far.
-    made: Made,
+    keys: Vec<Checked>,
+    /// The stand-in's name, keywords and counts as server strings.
+    fixed: Fixed,
     /// No selector grants the stand-in and the user has no `( ... )` selectors: its root is its one
     /// selector, and keys are checked alone.
     root_only: bool,
 }
 
-/// The stand-in's arguments as server strings, made once per command: its name and keywords, and
-/// one string for each of the command's keys in order (`Together::keys`), so that checking the keys
-/// again with more of them makes strings only for the new ones and the counts.
+/// A key checked in a command, with its server string for the stand-in's arguments once made: a
+/// later check of the command with more keys makes strings only for the new ones.
+#[derive(Clone, Debug)]
+struct Checked {
+    key: String,
+    access: Access,
+    arg: Arg,
+}
+
+impl Checked {
+    fn new(key: &str, access: Access) -> Checked {
+        Checked {
+            key: key.to_string(),
+            access,
+            arg: Arg::default(),
+        }
+    }
+}
+
+/// The stand-in's other arguments as server strings, each made when first needed, once per command,
+/// by place: its name at 0, the keywords of `Access::ALL` next, then the groups' key counts (the count
+/// `n` at `COUNTS + n`).
+#[derive(Clone, Debug, Default)]
+struct Fixed(Vec<Arg>);
+
+/// Where the counts' strings begin in `Fixed`.
+const COUNTS: usize = 1 + Access::ALL.len();
+
+impl Fixed {
+    /// The string at `place`, made of `bytes()` if not made yet.
+    fn string<'b>(
+        &mut self,
+        place: usize,
+        bytes: impl FnOnce() -> Cow<'b, [u8]>,
+    ) -> *mut raw::RedisModuleString {
+        if self.0.len() <= place {
+            self.0.resize_with(place + 1, Arg::default);
+        }
+        self.0[place].ptr(bytes)
+    }
+}
+
+/// A server string made with no context, when first needed: it outlives the call that makes it. A
+/// copy makes its own.
 #[derive(Debug, Default)]
-struct Made {
-    fixed: Vec<RedisString>,
-    keys: Vec<RedisString>,
-    /// A group's key count `n` at place `n`, made when first needed.
-    counts: Vec<Option<RedisString>>,
+struct Arg(Option<RedisString>);
+
+impl Arg {
+    /// The string, made of `bytes()` if not made yet.
+    fn ptr<'b>(&mut self, bytes: impl FnOnce() -> Cow<'b, [u8]>) -> *mut raw::RedisModuleString {
+        let made = self
+            .0
+            .get_or_insert_with(|| RedisString::create_from_slice(std::ptr::null_mut(), &bytes()));
+        made.inner
+    }
 }
 
-/// A copy makes its own strings when it first checks.
-impl Clone for Made {
+impl Clone for Arg {
     fn clone(&self) -> Self {
-        Made::default()
+        Arg(None)
     }
 }
 
-// SAFETY: the strings are made with no context (`arg`), so they belong to no client or call, and only
-// this value uses them: the checks of one command, in one main-thread step (`Caller::one_command`
-// is held by the step's own code). Dropping them elsewhere only releases memory through the server's
-// thread-safe allocator.
-unsafe impl Send for Made {}
-
-impl Made {
-    /// Makes the strings not made yet: the fixed ones, and those of `keys` past the ones made.
-    fn extend(&mut self, keys: &[(String, Access)]) {
-        if self.fixed.is_empty() {
-            let fixed = std::iter::once(STANDIN).chain(Access::ALL.map(Access::keyword));
-            self.fixed = fixed.map(|a| arg(a.as_bytes())).collect();
-        }
-        let new = keys.get(self.keys.len()..).unwrap_or_default();
-        self.keys
-            .extend(new.iter().map(|(key, _)| arg(key.as_bytes())));
-    }
-
-    /// The string of the count `n`.
-    fn count(&mut self, n: usize) -> *mut raw::RedisModuleString {
-        if self.counts.len() <= n {
-            self.counts.resize_with(n + 1, || None);
-        }
-        self.counts[n]
-            .get_or_insert_with(|| arg(n.to_string().as_bytes()))
-            .inner
-    }
-}
-
-/// A server string made with no context: it outlives the call that makes it.
-fn arg(bytes: &[u8]) -> RedisString {
-    RedisString::create_from_slice(std::ptr::null_mut(), bytes)
-}
+// SAFETY: the string is made with no context, so it belongs to no client or call, and only this value
+// uses it: the checks of one command, in one main-thread step (`Caller::one_command` is held by the
+// step's own code). Dropping it elsewhere only releases memory through the server's thread-safe
+// allocator.
+unsafe impl Send for Arg {}
 
 impl Caller {
     /// The user of the client running the current command.
@@ -254,9 +271,9 @@ pub fn check_keys<'k>(
         if !together
             .keys
             .iter()
-            .any(|(k, a)| k == key && a.implies(*access))
+            .any(|k| k.key == *key && k.access.implies(*access))
         {
-            together.keys.push((key.to_string(), *access));
+            together.keys.push(Checked::new(key, *access));
         }
     }
     if together.keys.len() == before {
@@ -268,7 +285,7 @@ pub fn check_keys<'k>(
         Err(refused) => {
             let new: Vec<(&str, Access)> = together.keys[before..]
                 .iter()
-                .map(|(k, a)| (k.as_str(), *a))
+                .map(|k| (k.key.as_str(), k.access))
                 .collect();
             let alone = each_alone(ctx, &user.name, &new);
             together.keys.truncate(before);
@@ -344,7 +361,7 @@ fn joins(ctx: &Context, user: &str, together: &mut Together, new: usize) -> Resu
         }
         return Err(FlowError::NoPerm(format!(
             "no single ACL selector of this user allows FLOWARCHIVE commands on the {} key together with the other keys this flow needs (the server, too, runs a command only if one selector allows it with all its keys)",
-            show_key(&together.keys[refused - 1].0)
+            show_key(&together.keys[refused - 1].key)
         )));
     }
     if has_selectors(ctx, user) {
@@ -367,7 +384,7 @@ enum Piece {
 }
 
 /// The stand-in's arguments for `keys`, as bytes.
-fn standin_args(keys: &[(String, Access)]) -> Result<Vec<Cow<'_, [u8]>>, FlowError> {
+fn standin_args<'k>(keys: &[(&'k str, Access)]) -> Result<Vec<Cow<'k, [u8]>>, FlowError> {
     standin_layout(keys, |piece| match piece {
         Piece::Name => Cow::Borrowed(STANDIN.as_bytes()),
         Piece::Keyword(access) => Cow::Borrowed(access.keyword().as_bytes()),
@@ -381,7 +398,7 @@ fn standin_args(keys: &[(String, Access)]) -> Result<Vec<Cow<'_, [u8]>>, FlowErr
 /// argument equal to its keyword (compared as C strings, ignoring ASCII case), searching from the
 /// first argument: a key that could be taken for a keyword would move a group, so it is refused.
 fn standin_layout<T>(
-    keys: &[(String, Access)],
+    keys: &[(&str, Access)],
     mut make: impl FnMut(Piece) -> T,
 ) -> Result<Vec<T>, FlowError> {
     if let Some((key, _)) = keys.iter().find(|(k, _)| {
@@ -448,14 +465,20 @@ fn standin_allows(
     together: &mut Together,
     n: usize,
 ) -> Result<bool, FlowError> {
-    let keys = &together.keys[..n];
-    let made = &mut together.made;
-    made.extend(keys);
-    let mut argv = standin_layout(keys, |piece| match piece {
-        Piece::Name => made.fixed[0].inner,
-        Piece::Keyword(access) => made.fixed[1 + access.index()].inner,
-        Piece::Count(n) => made.count(n),
-        Piece::Key(i) => made.keys[i].inner,
+    let Together { keys, fixed, .. } = together;
+    let keys = &mut keys[..n];
+    let strings: Vec<_> = keys
+        .iter_mut()
+        .map(|k| k.arg.ptr(|| Cow::Borrowed(k.key.as_bytes())))
+        .collect();
+    let layout: Vec<(&str, Access)> = keys.iter().map(|k| (k.key.as_str(), k.access)).collect();
+    let mut argv = standin_layout(&layout, |piece| match piece {
+        Piece::Key(i) => strings[i],
+        Piece::Name => fixed.string(0, || Cow::Borrowed(STANDIN.as_bytes())),
+        Piece::Keyword(access) => fixed.string(1 + access.index(), || {
+            Cow::Borrowed(access.keyword().as_bytes())
+        }),
+        Piece::Count(n) => fixed.string(COUNTS + n, || Cow::Owned(n.to_string().into_bytes())),
     })?;
     let argc = argv.len() as c_int;
     let db = selected_db(ctx);
@@ -507,8 +530,7 @@ pub fn init(ctx: &Context) -> Result<(), String> {
         format!("the server finds other keys in {STANDIN}'s arguments than flowarchive lays out; ACL checks would be wrong, so the module does not load")
     };
     let sample = |keys: &[(&str, Access)]| -> Result<(), String> {
-        let keys: Vec<(String, Access)> = keys.iter().map(|(k, a)| (k.to_string(), *a)).collect();
-        let args = standin_args(&keys).map_err(|_| mismatch())?;
+        let args = standin_args(keys).map_err(|_| mismatch())?;
         let mut getkeys: Vec<&[u8]> = vec![b"GETKEYS"];
         getkeys.extend(args.iter().map(|a| a.as_ref()));
         let found = strings(&call(ctx, "COMMAND", &getkeys).map_err(|e| e.to_string())?);
@@ -536,10 +558,6 @@ pub fn init(ctx: &Context) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    fn keys(list: &[(&str, Access)]) -> Vec<(String, Access)> {
-        list.iter().map(|(k, a)| (k.to_string(), *a)).collect()
-    }
-
     fn text(args: Vec<Cow<[u8]>>) -> Vec<String> {
         args.into_iter()
             .map(|a| String::from_utf8(a.into_owned()).unwrap())
@@ -548,12 +566,12 @@ mod tests {
 
     #[test]
     fn keys_are_grouped_by_access_in_keyword_order() {
-        let keys = keys(&[
+        let keys = [
             ("idx", Access::Add),
             ("ev", Access::Remove),
             ("lease", Access::Read),
             ("snap", Access::Remove),
-        ]);
+        ];
         let args = standin_args(&keys).unwrap();
         assert_eq!(
             text(args),
@@ -564,7 +582,7 @@ mod tests {
     #[test]
     fn groups_without_keys_are_left_out() {
         assert_eq!(text(standin_args(&[]).unwrap()), [STANDIN]);
-        let both = keys(&[("a", Access::Read), ("b", Access::Read)]);
+        let both = [("a", Access::Read), ("b", Access::Read)];
         let read = standin_args(&both).unwrap();
         assert_eq!(text(read), [STANDIN, "READ", "2", "a", "b"]);
     }
@@ -572,11 +590,11 @@ mod tests {
     #[test]
     fn a_key_the_server_could_take_for_a_keyword_is_refused() {
         for key in ["add", "Remove", "READ", "read\0tail"] {
-            let e = standin_args(&keys(&[("x", Access::Remove), (key, Access::Read)]))
+            let e = standin_args(&[("x", Access::Remove), (key, Access::Read)])
                 .unwrap_err()
                 .message("f");
             assert!(e.starts_with("NOPERM") && e.contains("keyword"), "{e}");
         }
-        assert!(standin_args(&keys(&[("add:1", Access::Add), ("readme", Access::Read)])).is_ok());
+        assert!(standin_args(&[("add:1", Access::Add), ("readme", Access::Read)]).is_ok());
     }
 }
