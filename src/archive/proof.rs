@@ -485,6 +485,92 @@ mod tests {
         assert!(followed(&empty, 0) != kept(&empty));
     }
 
+    /// The bytes `Parts::small` frames for `c`'s small keys.
+    fn framed(c: &Content) -> Vec<u8> {
+        let mut p = Parts(Sink::Keep(Vec::new()));
+        p.small(c.snapshot.as_deref(), c.seq, &c.labels);
+        let Sink::Keep(bytes) = p.0 else {
+            unreachable!("kept bytes stay kept")
+        };
+        bytes
+    }
+
+    /// Kept small keys match only a framing of exactly the kept bytes: not one that stops short of
+    /// them, nor one that runs on past their end (which reads nothing out of bounds), nor one that
+    /// differs early and agrees after; the hashed form neither.
+    #[test]
+    fn small_keys_match_neither_a_prefix_nor_a_longer_framing() {
+        let bytes = framed(&base());
+        for then in [kept(&base()), whole(&base())] {
+            assert!(then.small.matches(|p| p.put(&bytes)), "the very bytes");
+            for cut in [0, 1, 8, bytes.len() / 2, bytes.len() - 1] {
+                assert!(
+                    !then.small.matches(|p| p.put(&bytes[..cut])),
+                    "a prefix of {cut} bytes"
+                );
+            }
+            assert!(!then.small.matches(|p| {
+                p.put(&bytes);
+                p.put(b"x");
+            }));
+            assert!(!then.small.matches(|p| {
+                p.put(&bytes);
+                p.part(b"");
+            }));
+            assert!(!then.small.matches(|p| {
+                p.put(&bytes[..bytes.len() - 1]);
+                p.put(b"ab");
+            }));
+            assert!(!then.small.matches(|p| p.put(&vec![0; bytes.len() * 3])));
+            let mut early = bytes.clone();
+            early[0] ^= 1;
+            assert!(
+                !then.small.matches(|p| {
+                    p.put(&early[..1]);
+                    p.put(&early[1..]);
+                }),
+                "the first byte"
+            );
+            let mut last = bytes.clone();
+            *last.last_mut().unwrap() ^= 1;
+            assert!(!then.small.matches(|p| p.put(&last)), "the last byte");
+        }
+    }
+
+    /// Small keys framed into exactly `KEEP_BYTES` are kept, one byte more are hashed; either way the
+    /// comparison holds for the same keys and fails for a snapshot edited at its last byte, or grown or
+    /// shrunk by a byte across the boundary.
+    #[test]
+    fn small_keys_of_exactly_keep_bytes_are_kept_and_one_byte_more_hashed() {
+        let sized = |size: usize| {
+            let mut c = base();
+            c.snapshot = Some(Vec::new());
+            let framing = framed(&c).len();
+            c.snapshot = Some(vec![b'a'; size - framing]);
+            assert_eq!(framed(&c).len(), size);
+            c
+        };
+        let keep = KEEP_BYTES as usize;
+        let (under, at, over) = (sized(keep - 1), sized(keep), sized(keep + 1));
+        assert!(matches!(kept(&under).small, Small::Kept { .. }));
+        assert!(matches!(kept(&at).small, Small::Kept { .. }), "exactly");
+        assert!(matches!(kept(&over).small, Small::Hash(..)), "one more");
+        for c in [&under, &at, &over] {
+            let then = kept(c);
+            let size = framed(c).len();
+            assert!(small_matches(&then, c), "{size}: the same");
+            let mut edited = c.clone();
+            *edited.snapshot.as_mut().unwrap().last_mut().unwrap() = b'b';
+            assert!(!small_matches(&then, &edited), "{size}: edited");
+            let mut grown = c.clone();
+            grown.snapshot.as_mut().unwrap().push(b'a');
+            assert!(!small_matches(&then, &grown), "{size}: grown");
+            let mut shrunk = c.clone();
+            shrunk.snapshot.as_mut().unwrap().pop();
+            assert!(!small_matches(&then, &shrunk), "{size}: shrunk");
+        }
+    }
+
     #[test]
     fn framing_cannot_make_two_contents_alike() {
         let none: &[(&str, &str)] = &[];
