@@ -149,6 +149,118 @@ fn rights_taken_away_during_the_upload_refuse_the_commit() {
     );
 }
 
+/// A flow with many labels checks dozens of keys with one access (its own keys, its status entries and
+/// two label index keys per label) and one key each with the others, so the stand-in's counts run
+/// from 1 to past 10 (3 labels) and past 100 (50 labels) in one command. Every key of such a group is
+/// checked with the others: a selector that allows all but one label index key (which the root allows
+/// alone) refuses the archive naming that key, whether it is the last key checked or one in the
+/// middle, at capture and, taken away during the upload, at commit; allowed every key, the user
+/// archives both flows.
+#[test]
+fn every_key_of_a_group_of_many_is_checked_with_the_others() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &[]);
+    let mut admin = srv.conn();
+    let names: Vec<(String, String)> = (0..50)
+        .map(|i| (format!("k{i:02}"), format!("v{i:02}")))
+        .collect();
+    let labels: Vec<(&str, &str)> = names.iter().map(|(l, v)| (&l[..], &v[..])).collect();
+    for (id, n) in [("few", 3), ("many", 50)] {
+        let spec = FlowSpec {
+            labels: &labels[..n],
+            ..FlowSpec::done(id)
+        };
+        write_flow(&mut admin, &spec);
+    }
+    // Every key the archives touch under one selector, but the set of label `forbidden`'s value.
+    let selector = |forbidden: Option<usize>| {
+        let mut rules: Vec<String> = [
+            "+@all",
+            FLOW_KEYS,
+            "~argyll:idx:status*",
+            ENGINE_KEYS[1],
+            INDEX_KEYS,
+        ]
+        .map(String::from)
+        .to_vec();
+        for i in 0..labels.len() {
+            rules.push(format!("~argyll:idx:label:k{i:02}"));
+            if Some(i) != forbidden {
+                rules.push(format!("~argyll:idx:label:k{i:02}:*"));
+            }
+        }
+        format!("({})", rules.join(" "))
+    };
+    let allow = |admin: &mut redis::Connection, forbidden: Option<usize>| {
+        cmd::<()>(
+            admin,
+            &[
+                "ACL",
+                "SETUSER",
+                "labels",
+                "clearselectors",
+                &selector(forbidden),
+            ],
+        )
+        .unwrap();
+    };
+    set_user(
+        &mut admin,
+        "labels",
+        &[
+            "+@all",
+            "~argyll:idx:label:k02:*",
+            "~argyll:idx:label:k49:*",
+        ],
+    );
+    let mut c = conn_as(&srv, "labels");
+    let refused = |c: &mut redis::Connection, id: &str, key: &str| {
+        let e = err_text(archive(c, id));
+        assert!(
+            e.starts_with("NOPERM") && e.contains("no single ACL selector") && e.contains(key),
+            "{id}, {key}: {e}"
+        );
+    };
+    let before = dump_all(&mut admin);
+    // The last label of the few, the last key checked of them and one in the middle of the many.
+    allow(&mut admin, Some(2));
+    refused(&mut c, "few", "argyll:idx:label:k02:v02");
+    refused(&mut c, "many", "argyll:idx:label:k02:v02");
+    // The last label of the many, the last key checked of them.
+    allow(&mut admin, Some(49));
+    refused(&mut c, "many", "argyll:idx:label:k49:v49");
+    assert_same(&before, &dump_all(&mut admin), "nothing deleted");
+    archive(&mut c, "few").unwrap();
+
+    // Allowed at capture, taken away during the upload: refused by the commit's check.
+    allow(&mut admin, None);
+    let before = dump_all(&mut admin);
+    proxy.delay("PUT", Duration::from_millis(800));
+    let seen = proxy.requests().len();
+    let mut uploading = conn_as(&srv, "labels");
+    let flow = std::thread::spawn(move || archive(&mut uploading, "many"));
+    wait_for("the PUT", Duration::from_secs(10), || {
+        proxy.requests().len() > seen
+    });
+    allow(&mut admin, Some(49));
+    let e = err_text(flow.join().unwrap());
+    assert!(
+        e.starts_with("NOPERM") && e.contains("argyll:idx:label:k49:v49"),
+        "{e}"
+    );
+    assert_same(&before, &dump_all(&mut admin), "nothing deleted");
+    proxy.clear();
+
+    allow(&mut admin, None);
+    archive(&mut c, "many").unwrap();
+    for id in ["few", "many"] {
+        let events = format!("argyll:flow:{id}:events");
+        assert_eq!(cmd::<i64>(&mut admin, &["EXISTS", &events]).unwrap(), 0);
+        assert!(get(&mut c, id).unwrap().is_some(), "{id}");
+    }
+}
+
 /// `conn_as` in DB `db`.
 fn conn_in(srv: &Server, user: &str, db: u8) -> redis::Connection {
     let url = format!("redis://{user}:pw@127.0.0.1:{}/{db}", srv.port);
