@@ -255,6 +255,195 @@ fn small_keys_too_large_to_keep_are_compared_by_their_hash() {
     });
 }
 
+/// Archives `id` with its PUT held back, applies `change` while the object is on its way: INFO
+/// `buffered_bytes` in the upload and the archive's answer.
+fn held_upload(
+    srv: &Server,
+    proxy: &Proxy,
+    id: &str,
+    change: impl FnOnce(&mut redis::Connection),
+) -> (
+    i64,
+    redis::RedisResult<std::collections::HashMap<String, redis::Value>>,
+) {
+    let mut c = srv.conn();
+    proxy.delay("PUT", Duration::from_millis(700));
+    let seen = proxy.requests().len();
+    let mut other = srv.conn();
+    let owned = id.to_string();
+    let flow = std::thread::spawn(move || archive(&mut other, &owned));
+    wait_for("the PUT", Duration::from_secs(20), || {
+        proxy.requests().len() > seen
+    });
+    let held = info_field(&mut c, "buffered_bytes");
+    change(&mut c);
+    let answer = flow.join().unwrap();
+    proxy.clear();
+    (held, answer)
+}
+
+/// The commit keeps the small keys framed into exactly 1 MiB and hashes one byte more, so that an
+/// upload holds no second copy of a larger snapshot (INFO `buffered_bytes` in the upload shows which).
+/// Either way an unchanged flow is archived, and one whose snapshot is edited at its last padding byte,
+/// or grown or shrunk by a byte to the other side of the boundary, during the upload is kept. Every
+/// byte held for them is released, also when the upload fails.
+#[test]
+fn small_keys_of_exactly_one_mib_are_kept_and_one_byte_more_hashed() {
+    const KEEP: usize = 1 << 20;
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &[]);
+    let mut c = srv.conn();
+    let key = |id: &str| format!("argyll:flow:{id}:snapshot:val");
+    // The flow's snapshot, a JSON object, padded to `len` bytes.
+    let padded = |c: &mut redis::Connection, id: &str, len: usize| -> String {
+        let snapshot: String = cmd(c, &["GET", &key(id)]).unwrap();
+        let body = snapshot.strip_suffix('}').expect("a JSON object");
+        let body = body.split(",\"pad\":").next().unwrap();
+        let head = format!("{body},\"pad\":\"");
+        format!("{head}{}\"}}", "p".repeat(len - head.len() - 2))
+    };
+    // A flow whose small keys frame into `framed` bytes: six parts of an 8-byte length each, the
+    // snapshot's mark (1 byte), the snapshot, its sequence ("5"), the label count (8) and the label
+    // `tenant` = `acme` (10): the snapshot and 68 bytes.
+    let flow = |c: &mut redis::Connection, id: &str, framed: usize| {
+        let spec = FlowSpec {
+            snapshot: Snapshot::Current,
+            ..FlowSpec::done(id)
+        };
+        write_flow(c, &spec);
+        let snapshot = padded(c, id, framed - 68);
+        run(c, &["SET", &key(id), &snapshot]);
+    };
+    for (form, framed, other) in [("kept", KEEP, KEEP + 1), ("hashed", KEEP + 1, KEEP)] {
+        let holds = |held: i64| match form {
+            "kept" => held >= KEEP as i64,
+            _ => held < (KEEP / 4) as i64,
+        };
+        let same = format!("{form}-same");
+        flow(&mut c, &same, framed);
+        let (held, answer) = held_upload(&srv, &proxy, &same, |_| {});
+        assert!(holds(held), "{same}: {held} bytes held in the upload");
+        assert_eq!(int(&answer.unwrap()["events"]), 5, "{same}");
+
+        let edited = format!("{form}-edited");
+        flow(&mut c, &edited, framed);
+        let (held, answer) = held_upload(&srv, &proxy, &edited, |c| {
+            let at = framed - 68 - 3;
+            run(c, &["SETRANGE", &key(&edited), &at.to_string(), "q"]);
+        });
+        assert!(holds(held), "{edited}: {held} bytes held in the upload");
+        let e = err_text(answer);
+        assert!(
+            e.contains("changed while it was being archived"),
+            "{edited}: {e}"
+        );
+
+        let across = format!("{form}-across");
+        flow(&mut c, &across, framed);
+        change_written_during_upload(&srv, &proxy, &across, |c| {
+            let snapshot = padded(c, &across, other - 68);
+            run(c, &["SET", &key(&across), &snapshot]);
+        });
+    }
+    for id in [
+        "kept-edited",
+        "hashed-edited",
+        "kept-across",
+        "hashed-across",
+    ] {
+        assert_eq!(
+            cmd::<i64>(&mut c, &["EXISTS", &key(id)]).unwrap(),
+            1,
+            "{id}"
+        );
+        assert_eq!(
+            cmd::<i64>(&mut c, &["HEXISTS", "archived:flows", id]).unwrap(),
+            0,
+            "{id}"
+        );
+    }
+    wait_for("every byte released", Duration::from_secs(10), || {
+        info_field(&mut c, "buffered_bytes") == 0
+    });
+
+    // An upload that fails once the small keys are kept releases them too.
+    flow(&mut c, "kept-failed", KEEP);
+    proxy.set(vec![common::proxy::Rule {
+        method: "PUT",
+        path: "kept-failed".into(),
+        fault: common::proxy::Fault::Status(403),
+    }]);
+    let e = err_text(archive(&mut c, "kept-failed"));
+    assert!(e.contains("nothing was deleted"), "{e}");
+    assert_eq!(
+        cmd::<i64>(&mut c, &["EXISTS", &key("kept-failed")]).unwrap(),
+        1
+    );
+    wait_for("every byte released", Duration::from_secs(10), || {
+        info_field(&mut c, "buffered_bytes") == 0
+    });
+}
+
+/// Labels are a hash: rewritten in another order during the upload they are the same labels, and the
+/// flow is archived; two labels' values swapped, or a label renamed to a name of the same size (the
+/// same count and bytes, so only the comparison itself sees it), keep the flow.
+#[test]
+fn labels_compare_as_a_set_whatever_order_they_are_read_in() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &[]);
+    let mut c = srv.conn();
+    let labels = [("tenant", "acme"), ("team", "core"), ("zone", "euro")];
+    let hash = |id: &str| format!("argyll:flow:{id}:idx:labels");
+    let rewrite = |c: &mut redis::Connection, id: &str, pairs: &[(&str, &str)]| {
+        let mut pipe = redis::pipe();
+        pipe.atomic().cmd("DEL").arg(hash(id));
+        for (name, value) in pairs {
+            pipe.cmd("HSET").arg(hash(id)).arg(name).arg(value);
+        }
+        pipe.query::<()>(c).unwrap();
+    };
+    for id in ["reordered", "swapped", "renamed"] {
+        let spec = FlowSpec {
+            labels: &labels,
+            ..FlowSpec::done(id)
+        };
+        write_flow(&mut c, &spec);
+    }
+    let read = |c: &mut redis::Connection| -> Vec<String> {
+        cmd(c, &["HGETALL", &hash("reordered")]).unwrap()
+    };
+    let before = read(&mut c);
+    let (_, answer) = held_upload(&srv, &proxy, "reordered", |c| {
+        let mut reversed = labels;
+        reversed.reverse();
+        rewrite(c, "reordered", &reversed);
+        let after = read(c);
+        assert!(after != before, "read in another order: {after:?}");
+    });
+    assert_eq!(int(&answer.unwrap()["events"]), 5);
+    assert_eq!(
+        cmd::<i64>(&mut c, &["EXISTS", &hash("reordered")]).unwrap(),
+        0
+    );
+
+    change_written_during_upload(&srv, &proxy, "swapped", |c| {
+        rewrite(
+            c,
+            "swapped",
+            &[("tenant", "core"), ("team", "acme"), ("zone", "euro")],
+        );
+    });
+    change_written_during_upload(&srv, &proxy, "renamed", |c| {
+        rewrite(
+            c,
+            "renamed",
+            &[("tenant", "acme"), ("team", "core"), ("zonf", "euro")],
+        );
+    });
+}
+
 #[test]
 fn every_write_to_a_long_flow_between_its_steps_and_the_commit_keeps_it() {
     let s3 = S3::new_bucket();
