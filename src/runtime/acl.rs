@@ -457,6 +457,28 @@ fn check_in_db() -> Option<CheckInDb> {
     }
 }
 
+/// The stand-in's arguments for the first `n` keys of `together`, as the server strings made for them.
+fn standin_argv(
+    together: &mut Together,
+    n: usize,
+) -> Result<Vec<*mut raw::RedisModuleString>, FlowError> {
+    let Together { keys, fixed, .. } = together;
+    let keys = &mut keys[..n];
+    let strings: Vec<_> = keys
+        .iter_mut()
+        .map(|k| k.arg.ptr(|| Cow::Borrowed(k.key.as_bytes())))
+        .collect();
+    let layout: Vec<(&str, Access)> = keys.iter().map(|k| (k.key.as_str(), k.access)).collect();
+    standin_layout(&layout, |piece| match piece {
+        Piece::Key(i) => strings[i],
+        Piece::Name => fixed.string(0, || Cow::Borrowed(STANDIN.as_bytes())),
+        Piece::Keyword(access) => fixed.string(1 + access.index(), || {
+            Cow::Borrowed(access.keyword().as_bytes())
+        }),
+        Piece::Count(n) => fixed.string(COUNTS + n, || Cow::Owned(n.to_string().into_bytes())),
+    })
+}
+
 /// Whether one selector of `user` grants the stand-in, in the DB of `ctx`, with every one of the
 /// first `n` keys of `together` (with none: whether one grants the stand-in there at all).
 fn standin_allows(
@@ -465,21 +487,7 @@ fn standin_allows(
     together: &mut Together,
     n: usize,
 ) -> Result<bool, FlowError> {
-    let Together { keys, fixed, .. } = together;
-    let keys = &mut keys[..n];
-    let strings: Vec<_> = keys
-        .iter_mut()
-        .map(|k| k.arg.ptr(|| Cow::Borrowed(k.key.as_bytes())))
-        .collect();
-    let layout: Vec<(&str, Access)> = keys.iter().map(|k| (k.key.as_str(), k.access)).collect();
-    let mut argv = standin_layout(&layout, |piece| match piece {
-        Piece::Key(i) => strings[i],
-        Piece::Name => fixed.string(0, || Cow::Borrowed(STANDIN.as_bytes())),
-        Piece::Keyword(access) => fixed.string(1 + access.index(), || {
-            Cow::Borrowed(access.keyword().as_bytes())
-        }),
-        Piece::Count(n) => fixed.string(COUNTS + n, || Cow::Owned(n.to_string().into_bytes())),
-    })?;
+    let mut argv = standin_argv(together, n)?;
     let argc = argv.len() as c_int;
     let db = selected_db(ctx);
     let Some(handle) = UserHandle::of(ctx, user) else {
@@ -585,6 +593,87 @@ mod tests {
         let both = [("a", Access::Read), ("b", Access::Read)];
         let read = standin_args(&both).unwrap();
         assert_eq!(text(read), [STANDIN, "READ", "2", "a", "b"]);
+    }
+
+    /// Server strings without a server: each a box of the bytes it was made from.
+    fn fake_strings() {
+        unsafe extern "C" fn create(
+            _: *mut raw::RedisModuleCtx,
+            ptr: *const std::os::raw::c_char,
+            len: usize,
+        ) -> *mut raw::RedisModuleString {
+            // SAFETY: the caller passes `len` bytes at `ptr`.
+            let bytes = unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), len) }.to_vec();
+            Box::into_raw(Box::new(bytes)).cast()
+        }
+        unsafe extern "C" fn free(_: *mut raw::RedisModuleCtx, s: *mut raw::RedisModuleString) {
+            // SAFETY: a box `create` made, freed once.
+            drop(unsafe { Box::from_raw(s.cast::<Vec<u8>>()) });
+        }
+        static FAKED: std::sync::Once = std::sync::Once::new();
+        // SAFETY: set once, before any string is made; no other unit test makes server strings.
+        FAKED.call_once(|| unsafe {
+            raw::RedisModule_CreateString = Some(create);
+            raw::RedisModule_FreeString = Some(free);
+        });
+    }
+
+    /// The stand-in's arguments for the first `n` keys of `together`, as the strings made for them say.
+    fn argv(together: &mut Together, n: usize) -> Vec<String> {
+        let argv = standin_argv(together, n).unwrap();
+        argv.into_iter()
+            // SAFETY: each a live string `fake_strings` made.
+            .map(|s| String::from_utf8(unsafe { (*s.cast::<Vec<u8>>()).clone() }).unwrap())
+            .collect()
+    }
+
+    fn check(together: &mut Together, keys: &[(&str, Access)]) {
+        together
+            .keys
+            .extend(keys.iter().map(|(k, a)| Checked::new(k, *a)));
+    }
+
+    /// The strings made once per command lay out exactly what `standin_args` does, for every prefix
+    /// (the refusal's search for the key to name), after keys added by several checks, after keys
+    /// refused and forgotten (a key checked later must not take a refused key's string), with counts
+    /// of one, ten and more in one command, and in a copy of the command's keys.
+    #[test]
+    fn the_strings_made_once_per_command_lay_out_the_keys_checked() {
+        fake_strings();
+        let mut together = Together::default();
+        let same = |together: &mut Together| {
+            for n in 0..=together.keys.len() {
+                let keys: Vec<(&str, Access)> = together.keys[..n]
+                    .iter()
+                    .map(|k| (k.key.as_str(), k.access))
+                    .collect();
+                let bytes = text(standin_args(&keys).unwrap());
+                assert_eq!(argv(together, n), bytes, "{n} keys");
+            }
+        };
+        check(&mut together, &[("a", Access::Remove), ("b", Access::Read)]);
+        same(&mut together);
+        // Refused, forgotten, and a key checked in their place.
+        check(&mut together, &[("c", Access::Read), ("d", Access::Remove)]);
+        same(&mut together);
+        together.keys.truncate(2);
+        check(&mut together, &[("e", Access::Read)]);
+        same(&mut together);
+        assert_eq!(
+            argv(&mut together, 3),
+            [STANDIN, "READ", "2", "b", "e", "REMOVE", "1", "a"]
+        );
+        // Groups of 1, 10, 11 and 101 keys.
+        let many: Vec<String> = (0..110).map(|i| format!("k{i}")).collect();
+        let many: Vec<(&str, Access)> = many
+            .iter()
+            .map(|k| (k.as_str(), Access::Remove))
+            .chain([("x", Access::Add)])
+            .collect();
+        check(&mut together, &many);
+        same(&mut together);
+        let mut copy = together.clone();
+        same(&mut copy);
     }
 
     #[test]
