@@ -367,6 +367,36 @@ fn small_keys_of_exactly_one_mib_are_kept_and_one_byte_more_hashed() {
         info_field(&mut c, "buffered_bytes") == 0
     });
 
+    // A sweep commits the one it finds unchanged (and the four above, with their changes), keeps the
+    // one edited, and releases them all.
+    for id in ["swept-same", "swept-edited"] {
+        flow(&mut c, id, KEEP);
+    }
+    proxy.delay("PUT", Duration::from_millis(700));
+    let mut other = srv.conn();
+    let sweeping = std::thread::spawn(move || sweep(&mut other, &[]));
+    wait_for("both PUTs", Duration::from_secs(20), || {
+        let puts = proxy.requests();
+        let put = |id: &str| puts.iter().any(|r| r.starts_with("PUT") && r.contains(id));
+        put("swept-same.") && put("swept-edited.")
+    });
+    run(&mut c, &["SETRANGE", &key("swept-edited"), "100", "q"]);
+    let swept = sweeping.join().unwrap().unwrap();
+    proxy.clear();
+    assert_eq!(int(&swept["archived"]), 5, "{swept:?}");
+    assert_eq!(int(&swept["skipped_changed"]), 1, "{swept:?}");
+    assert_eq!(
+        cmd::<i64>(&mut c, &["EXISTS", &key("swept-same")]).unwrap(),
+        0
+    );
+    assert_eq!(
+        cmd::<i64>(&mut c, &["EXISTS", &key("swept-edited")]).unwrap(),
+        1
+    );
+    wait_for("every byte released", Duration::from_secs(10), || {
+        info_field(&mut c, "buffered_bytes") == 0
+    });
+
     // An upload that fails once the small keys are kept releases them too.
     flow(&mut c, "kept-failed", KEEP);
     proxy.set(vec![common::proxy::Rule {
