@@ -415,6 +415,42 @@ fn small_keys_of_exactly_one_mib_are_kept_and_one_byte_more_hashed() {
     });
 }
 
+/// What an upload holds of a flow is counted in INFO `buffered_bytes`: with a snapshot of 16 MB (too
+/// large to keep for the commit, so hashed, and encoded into a few kB), the module's heap during the
+/// upload rises by what `buffered_bytes` counts and little more, not by the snapshot again.
+#[test]
+fn an_upload_holds_no_uncounted_copy_of_the_snapshot() {
+    const SNAPSHOT: usize = 16 << 20;
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &[]);
+    let mut c = srv.conn();
+    let key = "argyll:flow:large:snapshot:val";
+    let spec = FlowSpec {
+        snapshot: Snapshot::Current,
+        ..FlowSpec::done("large")
+    };
+    write_flow(&mut c, &spec);
+    let snapshot: String = cmd(&mut c, &["GET", key]).unwrap();
+    let head = format!("{},\"pad\":\"", snapshot.strip_suffix('}').unwrap());
+    let padded = format!("{head}{}\"}}", "p".repeat(SNAPSHOT - head.len() - 2));
+    run(&mut c, &["SET", key, &padded]);
+    let before = info_field(&mut c, "heap_bytes");
+    let mut heap = 0;
+    let (held, answer) = held_upload(&srv, &proxy, "large", |c| {
+        heap = info_field(c, "heap_bytes");
+    });
+    assert_eq!(int(&answer.unwrap()["events"]), 5);
+    let rise = heap - before;
+    assert!(
+        rise <= held + (2 << 20),
+        "the heap rose by {rise} bytes in the upload, {held} of them counted"
+    );
+    wait_for("every byte released", Duration::from_secs(10), || {
+        info_field(&mut c, "buffered_bytes") == 0
+    });
+}
+
 /// Labels are a hash: rewritten in another order during the upload they are the same labels, and the
 /// flow is archived; two labels' values swapped, or a label renamed to a name of the same size (the
 /// same count and bytes, so only the comparison itself sees it), keep the flow.

@@ -290,7 +290,10 @@ pub fn upload(
     capture.events_total = capture.flow.events.len();
     let events = std::mem::take(&mut capture.flow.events);
     let archived = proof::archived(&capture.flow, events, capture.whole_log());
-    // The copy is encoded and freed (what the commit compares is counted by the fingerprint).
+    // The copy is encoded and freed (what the commit compares is counted by the fingerprint), the
+    // snapshot too: the fingerprint holds what the commit compares of it. The labels stay (the commit
+    // removes the flow from their indexes).
+    capture.flow.snapshot = None;
     capture.cap.release();
     let _encoded = Buffered::hold(encoded.body.len() as u64);
     UPLOADS_IN_FLIGHT.fetch_add(1, Ordering::Relaxed);

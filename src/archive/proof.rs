@@ -35,6 +35,9 @@ const KEEP_BYTES: u64 = 1 << 20;
 pub struct Fingerprint {
     /// The small keys (snapshot, sequence, labels), as `Parts::small` frames them.
     small: Small,
+    /// The snapshot's length, if the flow has one: compared before its bytes (the upload frees the
+    /// captured snapshot once this is taken).
+    snapshot: Option<usize>,
     log: Log,
 }
 
@@ -206,7 +209,11 @@ fn archived_keeping(
             Log::Hash(events.len(), parts.finish())
         }
     };
-    Fingerprint { small, log }
+    Fingerprint {
+        small,
+        snapshot: flow.snapshot.as_ref().map(Vec::len),
+        log,
+    }
 }
 
 /// Whether Valkey holds now what the archive holds of `flow` (`archived`). Main thread, in the flow's
@@ -236,7 +243,7 @@ pub fn unchanged(
     };
     let seq = read_seq(ctx, keys)?;
     let small = with_string(ctx, &keys.snapshot, |snapshot| {
-        snapshot.map(<[u8]>::len) == flow.snapshot.as_ref().map(Vec::len)
+        snapshot.map(<[u8]>::len) == archived.snapshot
             && archived.small.matches(|p| p.small(snapshot, seq, &labels))
     });
     if !small {
