@@ -8,7 +8,9 @@ pub struct Captured {
     pub db: i32,
     pub keys: FlowKeys,
     pub events: EventLog,
-    /// The stored snapshot, if the flow has one (most flows of the engine do not).
+    /// The stored snapshot, if the flow has one (most flows of the engine do not). Freed, like the
+    /// events, once the object is encoded (`archive::upload`): the commit compares what the
+    /// fingerprint holds of it.
     pub snapshot: Option<Vec<u8>>,
     /// `snapshot:seq`: how many events the snapshot folded in, if the key exists.
     pub seq: Option<i64>,
