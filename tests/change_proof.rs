@@ -415,11 +415,11 @@ fn small_keys_of_exactly_one_mib_are_kept_and_one_byte_more_hashed() {
     });
 }
 
-/// What an upload holds of a flow is counted in INFO `buffered_bytes`: with a snapshot of 16 MB (too
-/// large to keep for the commit, so hashed, and encoded into a few kB), the module's heap during the
-/// upload rises by what `buffered_bytes` counts and little more, not by the snapshot again.
+/// What an upload holds of a flow is counted in INFO `buffered_bytes`: with a snapshot of 16 MB, or
+/// labels of 4.5 MB (each too large to keep for the commit, so hashed, and encoded into a few kB), the
+/// module's heap during the upload rises by what `buffered_bytes` counts and little more.
 #[test]
-fn an_upload_holds_no_uncounted_copy_of_the_snapshot() {
+fn an_upload_counts_what_it_holds_of_the_snapshot_and_the_labels() {
     const SNAPSHOT: usize = 16 << 20;
     let s3 = S3::new_bucket();
     let proxy = Proxy::start(s3_port());
@@ -435,20 +435,34 @@ fn an_upload_holds_no_uncounted_copy_of_the_snapshot() {
     let head = format!("{},\"pad\":\"", snapshot.strip_suffix('}').unwrap());
     let padded = format!("{head}{}\"}}", "p".repeat(SNAPSHOT - head.len() - 2));
     run(&mut c, &["SET", key, &padded]);
-    let before = info_field(&mut c, "heap_bytes");
-    let mut heap = 0;
-    let (held, answer) = held_upload(&srv, &proxy, "large", |c| {
-        heap = info_field(c, "heap_bytes");
-    });
-    assert_eq!(int(&answer.unwrap()["events"]), 5);
-    let rise = heap - before;
-    assert!(
-        rise <= held + (2 << 20),
-        "the heap rose by {rise} bytes in the upload, {held} of them counted"
-    );
-    wait_for("every byte released", Duration::from_secs(10), || {
-        info_field(&mut c, "buffered_bytes") == 0
-    });
+    let values: Vec<String> = (0..3)
+        .map(|i| format!("{i}{}", "l".repeat(1_500_000)))
+        .collect();
+    let labels: Vec<(&str, &str)> = ["a", "b", "c"]
+        .into_iter()
+        .zip(values.iter().map(String::as_str))
+        .collect();
+    let spec = FlowSpec {
+        labels: &labels,
+        ..FlowSpec::done("labelled")
+    };
+    write_flow(&mut c, &spec);
+    for id in ["large", "labelled"] {
+        let before = info_field(&mut c, "heap_bytes");
+        let mut heap = 0;
+        let (held, answer) = held_upload(&srv, &proxy, id, |c| {
+            heap = info_field(c, "heap_bytes");
+        });
+        assert_eq!(int(&answer.unwrap()["events"]), 5, "{id}");
+        let rise = heap - before;
+        assert!(
+            rise <= held + (2 << 20),
+            "{id}: the heap rose by {rise} bytes in the upload, {held} of them counted"
+        );
+        wait_for("every byte released", Duration::from_secs(10), || {
+            info_field(&mut c, "buffered_bytes") == 0
+        });
+    }
 }
 
 /// Labels are a hash: rewritten in another order during the upload they are the same labels, and the

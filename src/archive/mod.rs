@@ -291,10 +291,14 @@ pub fn upload(
     let events = std::mem::take(&mut capture.flow.events);
     let archived = proof::archived(&capture.flow, events, capture.whole_log());
     // The copy is encoded and freed (what the commit compares is counted by the fingerprint), the
-    // snapshot too: the fingerprint holds what the commit compares of it. The labels stay (the commit
-    // removes the flow from their indexes).
+    // snapshot too: the fingerprint holds what the commit compares of it. The labels stay, counted
+    // while they do (the commit removes the flow from their indexes).
     capture.flow.snapshot = None;
-    capture.cap.release();
+    let labels = capture.flow.labels.iter();
+    let labels: usize = labels
+        .map(|(name, value)| name.capacity() + value.capacity())
+        .sum();
+    capture.cap.keep_only(labels as u64);
     let _encoded = Buffered::hold(encoded.body.len() as u64);
     UPLOADS_IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
     let stored = store::store_once(s3, &settings.s3, &capture.flow, &encoded);

@@ -105,9 +105,10 @@ impl ByteCap {
         Ok(())
     }
 
-    /// What this read copied is freed: it counts no more.
-    pub fn release(&mut self) {
+    /// What this read copied is freed but `memory` of it, held on: it counts that only.
+    pub fn keep_only(&mut self, memory: u64) {
         self.held.release();
+        self.held.grow(memory);
     }
 }
 
