@@ -1,6 +1,7 @@
 //! Event logs read by `mainthread::read_log` against a real server: the archive's capture and live
-//! `FLOWARCHIVE.GET … EVENTS`. A log of at most 1024 events is read in one step; a longer one in
-//! chunks that stop at `step-budget-us` once 64 events (or 256 KiB) are in. These tests attack the edges: logs of
+//! `FLOWARCHIVE.GET … EVENTS`. A log of at most 1024 events is read in one step unless 256 KiB of it
+//! are in before the step budget is spent; a longer one in chunks that stop at `step-budget-us` once
+//! 64 events (or 256 KiB) are in. These tests attack the edges: logs of
 //! 1023 to 1025 and 2048 to 2049 events at the smallest and largest budget and with the budget changed
 //! during the sweep; every list write between two chunks of a capture (nothing is deleted unless the
 //! archive holds what was live at commit, checked event by event by the checker); a live read while
@@ -447,6 +448,85 @@ fn a_chunk_of_large_events_pauses_by_bytes() {
     assert!(events[1..].iter().all(|e| *e == event));
     // 64 events a step would be 18 chunks; 256 KiB a step is about 8 events, so over 100.
     assert!(steps > 60, "{steps} steps");
+}
+
+/// A short log (under 1024 events) of large events is read in steps too, once 256 KiB are in, live and
+/// at capture: 40 events of 32 KiB are not copied in one stretch of the main thread (1,000 of 60 KB took
+/// 115 ms in one). Every event is answered; the capture follows the log from its first chunk, so a
+/// write while the flow is uploaded keeps it, and without one it is archived whole.
+#[test]
+fn a_short_log_of_large_events_is_read_in_steps() {
+    let s3 = S3::new_bucket();
+    let proxy = common::proxy::Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &[]);
+    let mut c = srv.conn();
+    config_set(&mut c, BUDGET, "50").unwrap();
+    let blob = format!("{{\"blob\":\"{}\"}}", "x".repeat(32 << 10));
+    let wide = |c: &mut redis::Connection, id: &str| -> (FlowSpec<'static>, Vec<String>) {
+        let spec = FlowSpec {
+            events: 3,
+            ..FlowSpec::done(Box::leak(id.to_string().into_boxed_str()))
+        };
+        write_flow(c, &spec);
+        let key = events_key(id);
+        let first: String = cmd(c, &["LINDEX", &key, "0"]).unwrap();
+        for _ in 0..40 {
+            run(c, &["LINSERT", &key, "AFTER", &first, &blob]);
+        }
+        (spec, lrange(c, &key))
+    };
+
+    // Live: every event answered, over many steps.
+    let (spec, events) = wide(&mut c, "wide-live");
+    assert_eq!(events.len(), 43);
+    let before = info_field(&mut c, "main_thread_steps");
+    let (state, answered) = get_events(&mut c, "wide-live").unwrap();
+    let steps = info_field(&mut c, "main_thread_steps") - before;
+    // Blobs are events of no type: the engine's state is that of the flow's own events.
+    assert_eq!(state, state_json(&spec));
+    assert_eq!(answered, events);
+    assert!(steps >= 3, "{steps} steps for 1.3 MB of events");
+
+    // Archived: the capture reads it in steps (and follows it, below).
+    let before = info_field(&mut c, "main_thread_steps");
+    let r = archive(&mut c, "wide-live").unwrap();
+    let steps = info_field(&mut c, "main_thread_steps") - before;
+    assert_eq!(int(&r["events"]), 43);
+    assert!(
+        steps >= 4,
+        "{steps} steps to capture and commit 1.3 MB of events"
+    );
+    let (archived_state, archived_events) = get_events(&mut c, "wide-live").unwrap();
+    assert_eq!(archived_events, events);
+    assert!(
+        archived_state.contains("\"archived\":true"),
+        "{archived_state}"
+    );
+
+    // A blob rewritten to the same size while the object is on its way: followed, so kept.
+    let (_, before_change) = wide(&mut c, "wide-changed");
+    proxy.delay("PUT", Duration::from_millis(700));
+    let seen = proxy.requests().len();
+    let mut other = srv.conn();
+    let flow = std::thread::spawn(move || archive(&mut other, "wide-changed"));
+    wait_for("the PUT", Duration::from_secs(20), || {
+        proxy.requests().len() > seen
+    });
+    let edited = blob.replacen('x', "y", 1);
+    run(
+        &mut c,
+        &["LSET", &events_key("wide-changed"), "20", &edited],
+    );
+    let e = err_text(flow.join().unwrap());
+    assert!(e.contains("changed while it was being archived"), "{e}");
+    proxy.clear();
+    let mut now = before_change;
+    now[20] = edited;
+    assert_eq!(lrange(&mut c, &events_key("wide-changed")), now);
+    assert_eq!(
+        cmd::<i64>(&mut c, &["HEXISTS", "archived:flows", "wide-changed"]).unwrap(),
+        0
+    );
 }
 
 /// The module's heap rise (INFO `heap_bytes_peak`, which only rises) while `read` runs.

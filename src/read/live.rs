@@ -2,9 +2,10 @@
 //!
 //! A folded layout (the engine's) answers the state the engine would: the flow's snapshot, sequence and
 //! event log are read on the main thread, and folded (`format::engine`) on a read worker while only the
-//! calling client waits. A short event log is read in the command itself; a long one is read like a
-//! capture, in chunks (`mainthread::read_log`), each a main-thread step handed over by the read worker
-//! that stops at the step budget, so a log of 300,000 events never holds the server in one stretch. A
+//! calling client waits. A short event log of small events is read in the command itself; a long one,
+//! or one of large events, is read like a capture, in chunks (`mainthread::read_log`), each a
+//! main-thread step handed over by the read worker that stops at the step budget, so neither a log of
+//! 300,000 events nor one of 1,000 events of 60 KB holds the server in one stretch. A
 //! watch follows the flow's keys from the first step on, so the chunks and the keys read with the first
 //! form one state; a change restarts the read. The bytes read, short log or long, are capped like an
 //! archived read: each event is measured before it is copied.
@@ -102,11 +103,11 @@ pub fn fold(
         )));
     }
     let total = list_len(ctx, &keys.events).map_err(|e| fail(e.into()))?;
-    let short = if total <= EVENTS_PER_STEP {
-        // One step reads a short log whole: nothing can change it meanwhile.
-        Some(read_short(ctx, &keys, total, max_bytes).map_err(fail)?)
-    } else {
-        None
+    // One step reads a short log of small events whole: nothing can change it meanwhile. One of large
+    // events is read again in steps.
+    let short = match total <= EVENTS_PER_STEP {
+        true => read_short(ctx, &keys, total, max_bytes).map_err(fail)?,
+        false => None,
     };
     let work = move || {
         let read = match short {
@@ -143,13 +144,14 @@ fn answer(id: &str, read: Read, events: bool) -> Answer {
     }
 }
 
-/// A short log and the flow's other keys, in the command's own step.
+/// A short log and the flow's other keys, in the command's own step; `None` when its events are too
+/// large to read in one (`read_log` stopped at the step budget).
 fn read_short(
     ctx: &Context,
     keys: &FlowKeys,
     total: usize,
     max_bytes: u64,
-) -> Result<Read, FlowError> {
+) -> Result<Option<Read>, FlowError> {
     let snapshot = snapshot(ctx, keys)?;
     let seq = seq(ctx, keys)?;
     let mut log = EventLog::new(total, max_bytes as usize);
@@ -158,12 +160,12 @@ fn read_short(
         read_log(ctx, &keys.events, total, &mut log, &mut cap)?,
         max_bytes,
     )?;
-    Ok(Read {
+    Ok((log.len() == total).then_some(Read {
         snapshot,
         seq,
         log,
         _cap: cap,
-    })
+    }))
 }
 
 /// Answers `[snapshot, events]` of a live flow of a layout served from its snapshot, whose snapshot the
@@ -182,15 +184,18 @@ pub fn events(
     if total <= EVENTS_PER_STEP {
         let mut log = EventLog::new(total, max_bytes as usize);
         let mut cap = ByteCap::new(snapshot.len() as u64, max_bytes);
-        // One step reads a short log whole: it cannot shrink meanwhile.
+        // One step reads a short log of small events whole: it cannot shrink meanwhile. One of large
+        // events is read again in steps.
         let read = read_log(ctx, &keys.events, total, &mut log, &mut cap).map_err(fail)?;
         stopped(read, max_bytes).map_err(|e| RedisError::String(e.read_message(&id)))?;
-        reply::state_and_events(ctx, &snapshot, Some(log.iter()));
-        return Ok(RedisValue::NoReply);
+        if log.len() == total {
+            reply::state_and_events(ctx, &snapshot, Some(log.iter()));
+            return Ok(RedisValue::NoReply);
+        }
     }
     if !can_block(ctx) {
         return Err(RedisError::String(format!(
-            "ERR flow {} has {total} events, too many to read inside MULTI or a script; call FLOWARCHIVE.GET outside",
+            "ERR flow {} has {total} events, too many or too large to read in one step inside MULTI or a script; call FLOWARCHIVE.GET outside",
             show_id(&id)
         )));
     }
