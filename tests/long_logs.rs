@@ -186,7 +186,12 @@ fn every_list_write_during_a_chunked_capture_is_kept() {
     for change in &CHANGES {
         write(&mut c, &mut model, change.name, EVENTS);
     }
+    // A sweep of these logs at the smallest budget takes thousands of steps: on loaded cores it can
+    // run past the connections' usual 60 s read timeout.
+    let patient = Some(Duration::from_secs(600));
+    c.set_read_timeout(patient).unwrap();
     let mut other = srv.conn();
+    other.set_read_timeout(patient).unwrap();
     let swept = std::thread::spawn(move || sweep(&mut other, &[]));
     // The first long capture subscribes to keyspace events: the sweep is reading chunks now.
     wait_for("a chunked capture", Duration::from_secs(30), || {
