@@ -52,16 +52,18 @@ pub fn deinit() {
     }
 }
 
-/// A log of at most this many events is read in one main-thread step (capture, live reads), so its
-/// commit can read it again whole and nothing needs to follow its writes, unless its events are
-/// large: past `MIN_CHUNK_BYTES` the step budget stops any read. A longer log is read in chunks of at
-/// most this many, each stopped at the step budget (`read_log`).
+/// A log of at most this many events and `WHOLE_BYTES` is read in one main-thread step (capture, live
+/// reads), so its commit can read it again whole and nothing needs to follow its writes. A longer one
+/// is read in chunks of at most this many events, each stopped at the step budget (`read_log`).
 pub const EVENTS_PER_STEP: usize = 1024;
 
-/// What a chunk of a long log reads before the step budget can stop it, so every step moves on: this
-/// many events, or this many bytes of large ones, whichever comes first. A short log's read is
-/// stopped only past the bytes: a log of a few large events is read over several steps like a long
-/// one (1,000 events of 60 KB took 115 ms of the main thread in one step).
+/// A log of few events is read whole up to this many bytes, whatever the time it takes (so whether
+/// it is read whole depends on its bytes, not on the machine's speed); past them it goes on in chunks
+/// like a long log (1,000 events of 60 KB took 115 ms of the main thread when read whole).
+const WHOLE_BYTES: u64 = 1 << 20;
+
+/// What a chunk (past a short log's first) reads before the step budget can stop it, so every step
+/// moves on: this many events, or this many bytes of large ones, whichever comes first.
 const MIN_CHUNK: usize = 64;
 const MIN_CHUNK_BYTES: u64 = 256 << 10;
 
@@ -154,11 +156,12 @@ impl LogRead {
 }
 
 /// Appends the next events of the list at `key` to `out` (from `out.len()` on, towards `total`), each
-/// measured into `cap` (with one byte for its line end) before it is copied. At most
-/// `EVENTS_PER_STEP` events per call and, past `MIN_CHUNK_BYTES` (or, of a log longer than
-/// `EVENTS_PER_STEP`, past `MIN_CHUNK` events), only until the step budget is spent, so a chunk of
-/// large events holds the server about as long as a batched step: a short log of small events is read
-/// whole, any other may need more calls (`LogRead::Read` with `out` short of `total`). Main thread.
+/// measured into `cap` (with one byte for its line end) before it is copied. A log of at most
+/// `EVENTS_PER_STEP` events is read whole up to `WHOLE_BYTES`; any other read takes at most
+/// `EVENTS_PER_STEP` events per call and, past `MIN_CHUNK_BYTES` (or, of a longer log, past
+/// `MIN_CHUNK` events), only until the step budget is spent, so a chunk of large events holds the
+/// server about as long as a batched step. A read may need more calls (`LogRead::Read` with `out`
+/// short of `total`). Main thread.
 pub fn read_log(
     ctx: &Context,
     key: &str,
@@ -170,6 +173,7 @@ pub fn read_log(
     let to = (from + EVENTS_PER_STEP).min(total);
     let deadline = Instant::now() + step_budget();
     let long = total > EVENTS_PER_STEP;
+    let first_of_short = !long && from == 0;
     let (mut refused, mut paused, chunk_start) = (None, false, cap.used());
     list_range_each(ctx, key, from, to, |event| {
         if let Err(why) = cap.take(event.len() as u64 + 1, out.growth(event.len()) as u64) {
@@ -177,9 +181,14 @@ pub fn read_log(
             return ControlFlow::Break(());
         }
         out.push(event);
-        let moved_on =
-            (long && out.len() - from >= MIN_CHUNK) || cap.used() - chunk_start >= MIN_CHUNK_BYTES;
-        paused = moved_on && Instant::now() >= deadline;
+        let bytes = cap.used() - chunk_start;
+        paused = match first_of_short {
+            true => bytes >= WHOLE_BYTES,
+            false => {
+                let moved_on = (long && out.len() - from >= MIN_CHUNK) || bytes >= MIN_CHUNK_BYTES;
+                moved_on && Instant::now() >= deadline
+            }
+        };
         if paused {
             ControlFlow::Break(())
         } else {
