@@ -383,14 +383,21 @@ enum Piece {
     Key(usize),
 }
 
+impl Piece {
+    /// Its bytes, a key's taken from `keys`.
+    fn bytes<'k>(&self, keys: &[(&'k str, Access)]) -> Cow<'k, [u8]> {
+        match *self {
+            Piece::Name => Cow::Borrowed(STANDIN.as_bytes()),
+            Piece::Keyword(access) => Cow::Borrowed(access.keyword().as_bytes()),
+            Piece::Count(n) => Cow::Owned(n.to_string().into_bytes()),
+            Piece::Key(i) => Cow::Borrowed(keys[i].0.as_bytes()),
+        }
+    }
+}
+
 /// The stand-in's arguments for `keys`, as bytes.
 fn standin_args<'k>(keys: &[(&'k str, Access)]) -> Result<Vec<Cow<'k, [u8]>>, FlowError> {
-    standin_layout(keys, |piece| match piece {
-        Piece::Name => Cow::Borrowed(STANDIN.as_bytes()),
-        Piece::Keyword(access) => Cow::Borrowed(access.keyword().as_bytes()),
-        Piece::Count(n) => Cow::Owned(n.to_string().into_bytes()),
-        Piece::Key(i) => Cow::Borrowed(keys[i].0.as_bytes()),
-    })
+    standin_layout(keys, |piece| piece.bytes(keys))
 }
 
 /// The stand-in's arguments for `keys`, each made by `make`: its name, then per access
@@ -469,13 +476,14 @@ fn standin_argv(
         .map(|k| k.arg.ptr(|| Cow::Borrowed(k.key.as_bytes())))
         .collect();
     let layout: Vec<(&str, Access)> = keys.iter().map(|k| (k.key.as_str(), k.access)).collect();
-    standin_layout(&layout, |piece| match piece {
-        Piece::Key(i) => strings[i],
-        Piece::Name => fixed.string(0, || Cow::Borrowed(STANDIN.as_bytes())),
-        Piece::Keyword(access) => fixed.string(1 + access.index(), || {
-            Cow::Borrowed(access.keyword().as_bytes())
-        }),
-        Piece::Count(n) => fixed.string(COUNTS + n, || Cow::Owned(n.to_string().into_bytes())),
+    standin_layout(&layout, |piece| {
+        let place = match piece {
+            Piece::Key(i) => return strings[i],
+            Piece::Name => 0,
+            Piece::Keyword(access) => 1 + access.index(),
+            Piece::Count(n) => COUNTS + n,
+        };
+        fixed.string(place, || piece.bytes(&layout))
     })
 }
 
