@@ -45,29 +45,23 @@ fn change_written_during_upload(
     id: &str,
     change: impl FnOnce(&mut redis::Connection),
 ) {
-    let mut c = srv.conn();
-    proxy.delay("PUT", Duration::from_millis(700));
-    let seen = proxy.requests().len();
-    let mut other = srv.conn();
-    let owned = id.to_string();
-    let flow = std::thread::spawn(move || archive(&mut other, &owned));
-    wait_for("the PUT", Duration::from_secs(20), || {
-        proxy.requests().len() > seen
+    let mut expected = None;
+    let (_, answer) = held_upload(srv, proxy, id, |c| {
+        change(c);
+        expected = Some(dump_all(c));
     });
-    change(&mut c);
-    let expected = dump_all(&mut c);
-    let e = err_text(flow.join().unwrap());
+    let e = err_text(answer);
     assert!(
         e.contains("changed while it was being archived") && e.contains("nothing was deleted"),
         "{id}: {e}"
     );
-    assert_same(&expected, &dump_all(&mut c), id);
+    let mut c = srv.conn();
+    assert_same(&expected.unwrap(), &dump_all(&mut c), id);
     assert_eq!(
         cmd::<i64>(&mut c, &["HEXISTS", "archived:flows", id]).unwrap(),
         0,
         "{id}"
     );
-    proxy.clear();
 }
 
 fn run(c: &mut redis::Connection, args: &[&str]) {
