@@ -54,15 +54,11 @@ impl Small {
     fn of(frame: impl Fn(&mut Parts), keep_bytes: Option<u64>) -> Small {
         let mut count = Parts(Sink::Count(0));
         frame(&mut count);
-        let Sink::Count(bytes) = count.0 else {
-            unreachable!("a count stays a count")
-        };
+        let bytes = count.counted();
         if keep_bytes.is_some_and(|keep| bytes <= keep) {
             let mut kept = Parts(Sink::Keep(Vec::with_capacity(bytes as usize)));
             frame(&mut kept);
-            let Sink::Keep(bytes) = kept.0 else {
-                unreachable!("kept bytes stay kept")
-            };
+            let bytes = kept.kept();
             let _held = Buffered::hold(bytes.capacity() as u64);
             return Small::Kept { bytes, _held };
         }
@@ -162,6 +158,22 @@ impl Parts<'_> {
                 *at += b.len();
             }
             Sink::Hash(h) => h.update(b),
+        }
+    }
+
+    /// The bytes a counting sink counted (none for the others).
+    fn counted(&self) -> u64 {
+        match self.0 {
+            Sink::Count(n) => n,
+            _ => 0,
+        }
+    }
+
+    /// The bytes a keeping sink kept (none for the others).
+    fn kept(self) -> Vec<u8> {
+        match self.0 {
+            Sink::Keep(bytes) => bytes,
+            _ => Vec::new(),
         }
     }
 
@@ -496,10 +508,7 @@ mod tests {
     fn framed(c: &Content) -> Vec<u8> {
         let mut p = Parts(Sink::Keep(Vec::new()));
         p.small(c.snapshot.as_deref(), c.seq, &c.labels);
-        let Sink::Keep(bytes) = p.0 else {
-            unreachable!("kept bytes stay kept")
-        };
-        bytes
+        p.kept()
     }
 
     /// Kept small keys match only a framing of exactly the kept bytes: not one that stops short of
