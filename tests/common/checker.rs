@@ -323,13 +323,36 @@ pub fn try_check(
         tally.live,
         tally.archived,
         model.db,
-        problems[..problems.len().min(SHOWN)].join("\n  "),
+        problems[..problems.len().min(SHOWN)]
+            .iter()
+            .map(|p| clipped(p))
+            .collect::<Vec<_>>()
+            .join("\n  "),
         if more > 0 {
             format!("\n  ... and {more} more")
         } else {
             String::new()
         }
     ))
+}
+
+/// Bytes of one problem shown: a flow of megabytes would otherwise print all of them, twice.
+const SHOWN_BYTES: usize = 4000;
+
+/// `problem`, its middle cut out past `SHOWN_BYTES` (where it differs is usually at either end).
+fn clipped(problem: &str) -> String {
+    if problem.len() <= SHOWN_BYTES {
+        return problem.to_string();
+    }
+    let half = SHOWN_BYTES / 2;
+    let head = problem.floor_char_boundary(half);
+    let tail = problem.ceil_char_boundary(problem.len() - half);
+    let cut = tail - head;
+    format!(
+        "{} ...({cut} bytes)... {}",
+        &problem[..head],
+        &problem[tail..]
+    )
 }
 
 enum State {
