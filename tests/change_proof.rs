@@ -216,14 +216,15 @@ fn a_rewrite_to_the_same_content_is_archived_with_that_content() {
 }
 
 /// Small keys framed into more bytes than the commit keeps (1 MiB) are compared by their hash: a
-/// snapshot of 1.1 MB edited to the same size keeps the flow, and the same flow unchanged is archived.
+/// snapshot of 1 MB (read in one step, so not followed) with a label of 100 kB, edited to the same
+/// size, keeps the flow, and the same flow unchanged is archived; no keyspace event was needed.
 #[test]
 fn small_keys_too_large_to_keep_are_compared_by_their_hash() {
     let s3 = S3::new_bucket();
     let proxy = Proxy::start(s3_port());
     let srv = server_via(&s3, Some(&proxy), &[]);
     let mut c = srv.conn();
-    let padded = |c: &mut redis::Connection, id: &str| {
+    let large = |c: &mut redis::Connection, id: &str| {
         write_flow(
             c,
             &FlowSpec {
@@ -231,22 +232,33 @@ fn small_keys_too_large_to_keep_are_compared_by_their_hash() {
                 ..FlowSpec::done(id)
             },
         );
-        let key = format!("argyll:flow:{id}:snapshot:val");
-        let snapshot: String = cmd(c, &["GET", &key]).unwrap();
-        let body = snapshot.strip_suffix('}').expect("a JSON object");
-        let pad = "p".repeat(1_100_000);
-        run(c, &["SET", &key, &format!("{body},\"pad\":\"{pad}\"}}")]);
+        let snapshot = padded_snapshot(c, id, 1_000_000);
+        run(
+            c,
+            &["SET", &format!("argyll:flow:{id}:snapshot:val"), &snapshot],
+        );
+        let label = "l".repeat(100_000);
+        run(
+            c,
+            &[
+                "HSET",
+                &format!("argyll:flow:{id}:idx:labels"),
+                "note",
+                &label,
+            ],
+        );
     };
-    padded(&mut c, "big-same");
+    large(&mut c, "big-same");
     let r = archive(&mut c, "big-same").unwrap();
     assert_eq!(int(&r["events"]), 5);
-    padded(&mut c, "big-edited");
+    large(&mut c, "big-edited");
     change_written_during_upload(&srv, &proxy, "big-edited", |c| {
         let key = "argyll:flow:big-edited:snapshot:val";
         let len: i64 = cmd(c, &["STRLEN", key]).unwrap();
         // One byte of the padding, the size unchanged.
         run(c, &["SETRANGE", key, &(len - 100).to_string(), "q"]);
     });
+    assert_eq!(info_field(&mut c, "keyspace_events_subscribed"), 0);
 }
 
 /// Archives `id` with its PUT held back, applies `change` while the object is on its way: INFO
@@ -289,14 +301,6 @@ fn small_keys_of_exactly_one_mib_are_kept_and_one_byte_more_hashed() {
     let srv = server_via(&s3, Some(&proxy), &[]);
     let mut c = srv.conn();
     let key = |id: &str| format!("argyll:flow:{id}:snapshot:val");
-    // The flow's snapshot, a JSON object, padded to `len` bytes.
-    let padded = |c: &mut redis::Connection, id: &str, len: usize| -> String {
-        let snapshot: String = cmd(c, &["GET", &key(id)]).unwrap();
-        let body = snapshot.strip_suffix('}').expect("a JSON object");
-        let body = body.split(",\"pad\":").next().unwrap();
-        let head = format!("{body},\"pad\":\"");
-        format!("{head}{}\"}}", "p".repeat(len - head.len() - 2))
-    };
     // A flow whose small keys frame into `framed` bytes: six parts of an 8-byte length each, the
     // snapshot's mark (1 byte), the snapshot, its sequence ("5"), the label count (8) and the label
     // `tenant` = `acme` (10): the snapshot and 68 bytes.
@@ -306,7 +310,7 @@ fn small_keys_of_exactly_one_mib_are_kept_and_one_byte_more_hashed() {
             ..FlowSpec::done(id)
         };
         write_flow(c, &spec);
-        let snapshot = padded(c, id, framed - 68);
+        let snapshot = padded_snapshot(c, id, framed - 68);
         run(c, &["SET", &key(id), &snapshot]);
     };
     for (form, framed, other) in [("kept", KEEP, KEEP + 1), ("hashed", KEEP + 1, KEEP)] {
@@ -336,7 +340,7 @@ fn small_keys_of_exactly_one_mib_are_kept_and_one_byte_more_hashed() {
         let across = format!("{form}-across");
         flow(&mut c, &across, framed);
         change_written_during_upload(&srv, &proxy, &across, |c| {
-            let snapshot = padded(c, &across, other - 68);
+            let snapshot = padded_snapshot(c, &across, other - 68);
             run(c, &["SET", &key(&across), &snapshot]);
         });
     }
@@ -409,9 +413,10 @@ fn small_keys_of_exactly_one_mib_are_kept_and_one_byte_more_hashed() {
     });
 }
 
-/// What an upload holds of a flow is counted in INFO `buffered_bytes`: with a snapshot of 16 MB, or
-/// labels of 4.5 MB (each too large to keep for the commit, so hashed, and encoded into a few kB), the
-/// module's heap during the upload rises by what `buffered_bytes` counts and little more.
+/// What an upload holds of a flow is counted in INFO `buffered_bytes`: with a snapshot of 16 MB
+/// (followed, so measured at commit) or labels of 4.5 MB (too large to keep for the commit, so
+/// hashed), each encoded into a few kB, the module's heap during the upload rises by what
+/// `buffered_bytes` counts and little more.
 #[test]
 fn an_upload_counts_what_it_holds_of_the_snapshot_and_the_labels() {
     const SNAPSHOT: usize = 16 << 20;
@@ -425,9 +430,7 @@ fn an_upload_counts_what_it_holds_of_the_snapshot_and_the_labels() {
         ..FlowSpec::done("large")
     };
     write_flow(&mut c, &spec);
-    let snapshot: String = cmd(&mut c, &["GET", key]).unwrap();
-    let head = format!("{},\"pad\":\"", snapshot.strip_suffix('}').unwrap());
-    let padded = format!("{head}{}\"}}", "p".repeat(SNAPSHOT - head.len() - 2));
+    let padded = padded_snapshot(&mut c, "large", SNAPSHOT);
     run(&mut c, &["SET", key, &padded]);
     let values: Vec<String> = (0..3)
         .map(|i| format!("{i}{}", "l".repeat(1_500_000)))
@@ -573,6 +576,153 @@ fn every_write_to_a_long_flow_between_its_steps_and_the_commit_keeps_it() {
     // Quiet again: archived whole.
     let r = archive(&mut c, "long-edited").unwrap();
     assert_eq!(int(&r["events"]), LONG as i64);
+}
+
+/// A snapshot larger than one read step (1 MiB) is followed from the capture's first step, string
+/// writes included, and measured at commit instead of compared: every kind of write to it while the
+/// object is on its way keeps the flow live and intact, among them a rewrite to the very same bytes
+/// (a watch cannot tell it apart), a set command's store over it and back to a string, and writes in
+/// a transaction or a script. String writes are subscribed to only then: a long log alone does not.
+#[test]
+fn every_write_to_a_large_snapshot_during_the_upload_keeps_the_flow() {
+    const SNAPSHOT: usize = 3 << 20;
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &[]);
+    let mut c = srv.conn();
+    let snap = |id: &str| format!("argyll:flow:{id}:snapshot:val");
+    let large = |c: &mut redis::Connection, id: &str| -> String {
+        write_flow(
+            c,
+            &FlowSpec {
+                snapshot: Snapshot::Current,
+                ..FlowSpec::done(id)
+            },
+        );
+        let snapshot = padded_snapshot(c, id, SNAPSHOT);
+        run(c, &["SET", &snap(id), &snapshot]);
+        snapshot
+    };
+    change_during_upload(&srv, &proxy, "long", LONG, |c| {
+        run(c, &["LSET", &events_key("long"), "700", "{}"])
+    });
+    assert_eq!(info_field(&mut c, "keyspace_events_subscribed"), 1);
+    assert_eq!(info_field(&mut c, "string_events_subscribed"), 0);
+
+    type Change = Box<dyn Fn(&mut redis::Connection, &str, &str)>;
+    let cases: Vec<(&str, Change)> = vec![
+        (
+            "ranged",
+            Box::new(|c, key, _| run(c, &["SETRANGE", key, "2000000", "q"])),
+        ),
+        (
+            "same-bytes",
+            Box::new(|c, key, snapshot| run(c, &["SET", key, snapshot])),
+        ),
+        (
+            "appended",
+            Box::new(|c, key, _| run(c, &["APPEND", key, " "])),
+        ),
+        (
+            "bit-set",
+            Box::new(|c, key, _| run(c, &["SETBIT", key, "9", "1"])),
+        ),
+        (
+            "bitfield",
+            Box::new(|c, key, _| run(c, &["BITFIELD", key, "SET", "u8", "#700000", "65"])),
+        ),
+        ("deleted", Box::new(|c, key, _| run(c, &["DEL", key]))),
+        (
+            "got-deleted",
+            Box::new(|c, key, _| run(c, &["GETDEL", key])),
+        ),
+        (
+            "renamed-over",
+            Box::new(|c, key, snapshot| {
+                run(c, &["SET", "elsewhere", &snapshot.replacen('0', "1", 1)]);
+                run(c, &["RENAME", "elsewhere", key]);
+            }),
+        ),
+        (
+            "copied-over",
+            Box::new(|c, key, snapshot| {
+                run(c, &["SET", "elsewhere", &snapshot.replacen('0', "1", 1)]);
+                run(c, &["COPY", "elsewhere", key, "REPLACE"]);
+                run(c, &["DEL", "elsewhere"]);
+            }),
+        ),
+        (
+            "restored",
+            Box::new(|c, key, snapshot| {
+                run(c, &["SET", "elsewhere", &snapshot.replacen('0', "1", 1)]);
+                let dump: Vec<u8> = cmd(c, &["DUMP", "elsewhere"]).unwrap();
+                run(c, &["DEL", "elsewhere"]);
+                redis::cmd("RESTORE")
+                    .arg(key)
+                    .arg(0)
+                    .arg(dump)
+                    .arg("REPLACE")
+                    .query::<()>(c)
+                    .unwrap();
+            }),
+        ),
+        (
+            "stored-over-and-back",
+            // A set command's store raises a set event, not followed; the SET back to a string is.
+            Box::new(|c, key, snapshot| {
+                run(c, &["SADD", "members", "m"]);
+                run(c, &["SUNIONSTORE", key, "members"]);
+                run(c, &["DEL", "members"]);
+                run(c, &["SET", key, snapshot]);
+            }),
+        ),
+        (
+            "expired",
+            Box::new(|c, key, _| {
+                run(c, &["PEXPIRE", key, "1"]);
+                std::thread::sleep(Duration::from_millis(20));
+                run(c, &["EXISTS", key]);
+            }),
+        ),
+        (
+            "in-a-transaction",
+            Box::new(|c, key, _| {
+                redis::pipe()
+                    .atomic()
+                    .cmd("SETRANGE")
+                    .arg(key)
+                    .arg(100)
+                    .arg("q")
+                    .query::<()>(c)
+                    .unwrap();
+            }),
+        ),
+        (
+            "by-a-script",
+            Box::new(|c, key, _| {
+                let script = "return redis.call('SETRANGE', KEYS[1], 3000000, 'q')";
+                run(c, &["EVAL", script, "1", key]);
+            }),
+        ),
+    ];
+    for (id, change) in &cases {
+        let snapshot = large(&mut c, id);
+        change_written_during_upload(&srv, &proxy, id, |c| change(c, &snap(id), &snapshot));
+    }
+    assert_eq!(info_field(&mut c, "string_events_subscribed"), 1);
+    // Unchanged, the same flow is archived, and its object holds the snapshot exactly.
+    let snapshot = large(&mut c, "unchanged");
+    let (_, answer) = held_upload(&srv, &proxy, "unchanged", |_| {});
+    assert_eq!(int(&answer.unwrap()["events"]), 5);
+    assert_eq!(
+        cmd::<i64>(&mut c, &["EXISTS", &snap("unchanged")]).unwrap(),
+        0
+    );
+    let object = gunzip(&s3.get("flows/unchanged.jsonl.gz").expect("the object"));
+    assert!(
+        object.contains(&format!("\"snapshot\":{snapshot},")),
+        "the snapshot as stored"
+    );
 }
 
 #[test]

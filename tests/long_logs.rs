@@ -533,6 +533,64 @@ fn a_short_log_of_large_events_is_read_in_steps() {
     );
 }
 
+/// A snapshot larger than one read step (1 MiB) is copied in steps, live and at capture, followed by
+/// a watch that takes string writes too: 3 MiB at the smallest budget take several steps, the state
+/// and events are answered exactly, and the archive holds the snapshot byte for byte (the checker
+/// compares it). A snapshot of exactly 1 MiB is still read in one step, and follows nothing.
+#[test]
+fn a_large_snapshot_is_read_in_steps() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    config_set(&mut c, BUDGET, "50").unwrap();
+    let mut model = Model::new(0);
+    for (id, len) in [("one-step", 1 << 20), ("large", 3 << 20)] {
+        let spec = FlowSpec {
+            events: 8,
+            snapshot: Snapshot::Current,
+            ..FlowSpec::done(id)
+        };
+        model.write(&mut c, &spec);
+        let snapshot = padded_snapshot(&mut c, id, len);
+        run(
+            &mut c,
+            &["SET", &format!("argyll:flow:{id}:snapshot:val"), &snapshot],
+        );
+        model.flows.get_mut(id).unwrap().snapshot = Some(snapshot);
+    }
+    let live = |c: &mut redis::Connection, id: &str| -> i64 {
+        let before = info_field(c, "main_thread_steps");
+        let (state, events) = get_events(c, id).unwrap();
+        assert_eq!(Some(state), model.flows[id].state(), "{id}");
+        assert_eq!(events, model.flows[id].events, "{id}");
+        info_field(c, "main_thread_steps") - before
+    };
+    assert_eq!(
+        live(&mut c, "one-step"),
+        0,
+        "read in the command's own step"
+    );
+    assert_eq!(info_field(&mut c, "string_events_subscribed"), 0);
+    let steps = live(&mut c, "large");
+    assert!(steps >= 4, "{steps} steps for a snapshot of 3 MiB");
+    assert_eq!(info_field(&mut c, "string_events_subscribed"), 1);
+
+    let before = info_field(&mut c, "main_thread_steps");
+    let r = archive(&mut c, "large").unwrap();
+    let steps = info_field(&mut c, "main_thread_steps") - before;
+    assert!(steps >= 4, "{steps} steps to capture and commit it");
+    assert_eq!(int(&r["events"]), 8);
+    archive(&mut c, "one-step").unwrap();
+    let tally = checker::check(
+        "archived",
+        &srv,
+        &s3,
+        &model,
+        Expect::Settled { retention_ms: 0 },
+    );
+    assert_eq!(tally.archived, 2);
+}
+
 /// The module's heap rise (INFO `heap_bytes_peak`, which only rises) while `read` runs.
 fn heap_rise(c: &mut redis::Connection, read: impl FnOnce(&mut redis::Connection)) -> i64 {
     let before = info_field(c, "heap_bytes_peak");

@@ -28,12 +28,14 @@ use crate::layout::{FlowKeys, Layout, StateSource};
 use crate::ops::errors::FlowError;
 use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::cluster;
-use crate::runtime::mainthread::{read_log, ByteCap, EVENTS_PER_STEP};
+use crate::runtime::mainthread::{
+    read_log, read_string_step, ByteCap, EVENTS_PER_STEP, WHOLE_BYTES,
+};
 use crate::runtime::server::{
     hash_get, hash_pairs, list_len, list_range_each, read_string, read_typed, type_of, with_string,
     zset_score,
 };
-use crate::runtime::watch::Watch;
+use crate::runtime::watch::{Watch, Writes};
 
 /// A capture in progress: the flow, how long its event log is, and the watch that claims it.
 pub struct Capture {
@@ -52,11 +54,27 @@ pub struct Capture {
     pub cap: ByteCap,
     /// On a cluster, the migration generation of the flow's slot when it was read (see `cluster`).
     pub motion: u32,
+    /// The length of a snapshot larger than one step reads (`WHOLE_BYTES`): followed by the watch
+    /// from the capture's first step and measured, not read again, at commit; copied into
+    /// `flow.snapshot` in steps (`read_more`) unless the judgement read it at once.
+    pub large_snapshot: Option<usize>,
 }
 
 impl Capture {
     pub fn complete(&self) -> bool {
-        self.flow.events.len() >= self.events_total
+        self.flow.events.len() >= self.events_total && self.snapshot_left() == 0
+    }
+
+    /// From now on, any of `writes` to the flow's own keys marks it changed (`Watch::follow`).
+    pub fn follow(&mut self, ctx: &Context, writes: Writes) -> Result<(), FlowError> {
+        let own: Vec<&str> = self.flow.keys.own().collect();
+        self.watch.follow(ctx, &own, writes)
+    }
+
+    /// The bytes of a large snapshot still to copy.
+    fn snapshot_left(&self) -> usize {
+        let copied = self.flow.snapshot.as_ref().map_or(0, Vec::len);
+        self.large_snapshot.unwrap_or(0).saturating_sub(copied)
     }
 
     /// Whether the event log was read in one step, so the commit can read it again whole.
@@ -67,12 +85,13 @@ impl Capture {
 
 /// What `inspect` found.
 pub enum Inspected {
-    /// Eligible now: everything but the event log is read (`events_total` events to read), the
-    /// index entry of its earlier incarnation, if any, and on a cluster the slot of every key the
-    /// archive touches.
+    /// Eligible now: everything but the event log is read (`events_total` events to read) and a
+    /// large snapshot measured (`large_snapshot`), the index entry of its earlier incarnation, if any,
+    /// and on a cluster the slot of every key the archive touches.
     Eligible {
         flow: Box<Captured>,
         events_total: usize,
+        large_snapshot: Option<usize>,
         previous: Option<Entry>,
         slot: Option<u16>,
     },
@@ -142,6 +161,7 @@ pub fn inspect(
     Ok(Inspected::Eligible {
         flow: Box::new(flow),
         events_total: judged.events_total,
+        large_snapshot: (judged.snapshot_len > WHOLE_BYTES).then_some(judged.snapshot_len as usize),
         previous,
         slot,
     })
@@ -200,10 +220,19 @@ fn read_facts(
     }
     let len = list_len(ctx, &keys.events)?;
     let leased = (keys.lease.as_deref()).is_some_and(|k| type_of(ctx, k) != KeyType::Empty);
-    // Measured where the server holds it: a snapshot no read could take back is never copied.
+    // Measured where the server holds it: a snapshot no read could take back is never copied, and a
+    // folded layout's large one is copied in steps once the flow is judged (its rules never read it).
+    let at_once = match layout.state {
+        StateSource::Fold => WHOLE_BYTES,
+        StateSource::Snapshot => max_bytes,
+    };
     let (snapshot_len, snapshot_bytes) = with_string(ctx, &keys.snapshot, |v| {
         let len = v.map_or(0, <[u8]>::len) as u64;
-        (len, v.filter(|_| len <= max_bytes).map(<[u8]>::to_vec))
+        (
+            len,
+            v.filter(|_| len <= at_once.min(max_bytes))
+                .map(<[u8]>::to_vec),
+        )
     });
     let member = keys.member.as_bytes();
     let (indexed_kind, indexed) =
@@ -304,11 +333,16 @@ pub(super) fn read_labels(
     judge::labels(Found::from((kind, value)), keys)
 }
 
-/// Reads the next chunk of the event log (`mainthread::read_log`). Call on the main thread with the
-/// flow's DB selected.
+/// Reads the next chunk of a large snapshot (`mainthread::read_string_step`), else of the event log
+/// (`mainthread::read_log`). Call on the main thread with the flow's DB selected.
 pub fn read_more(ctx: &Context, capture: &mut Capture) -> Result<(), FlowError> {
     if capture.watch.changed() {
         return Err(FlowError::Changed);
+    }
+    if let (Some(total), true) = (capture.large_snapshot, capture.snapshot_left() > 0) {
+        let copied = capture.flow.snapshot.get_or_insert_with(Vec::new);
+        let read = read_string_step(ctx, &capture.flow.keys.snapshot, total, copied);
+        return read.stopped(|| judge::too_large(capture.cap.max));
     }
     // Each event is measured before it is copied: a capture never holds more than the cap.
     let read = read_log(

@@ -69,8 +69,10 @@ impl<T> From<(KeyType, Option<T>)> for Found<T> {
     }
 }
 
-/// The snapshot: its length where the server holds it (0 when absent) and, if that fits the cap, its
-/// bytes, with its own status and last update parsed from them once, where a rule needs them.
+/// The snapshot: its length where the server holds it (0 when absent) and, if that fits the cap and
+/// the capture reads it at once, its bytes, with its own status and last update parsed from them once,
+/// where a rule needs them (a folded layout's rules never do: its capture reads a large snapshot in
+/// steps, after the judgement).
 pub struct Snapshot {
     pub len: u64,
     pub bytes: Option<Vec<u8>>,
@@ -199,7 +201,10 @@ pub struct Judged {
     pub status_score: Option<f64>,
     pub seq: Option<i64>,
     pub labels: Vec<(String, String)>,
+    /// The snapshot's bytes, if the capture has read them (see `Snapshot`).
     pub snapshot: Option<Vec<u8>>,
+    /// Its length where the server holds it, 0 when absent.
+    pub snapshot_len: u64,
 }
 
 /// Judges a flow by its facts: archived, eligible now (with what the capture keeps), or why not.
@@ -231,6 +236,7 @@ pub fn judge(
         status_score,
         seq,
         labels,
+        snapshot_len: live.snapshot.len,
         snapshot: live.snapshot.bytes,
     })))
 }

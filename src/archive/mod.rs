@@ -32,7 +32,7 @@ use crate::runtime::mainthread::{self, ByteCap};
 use crate::runtime::pool::Pool;
 use crate::runtime::reply::map;
 use crate::runtime::server::selected_db;
-use crate::runtime::watch::Watch;
+use crate::runtime::watch::{Watch, Writes};
 use crate::s3::Store;
 
 /// What an archive answers: FLOWARCHIVE.FLOW's reply, the sweep's counters.
@@ -131,7 +131,7 @@ fn begin_untimed(
     settings: &Settings,
     window: &Window,
 ) -> Result<Start, FlowError> {
-    let (flow, events_total, previous, slot) = match capture::inspect(
+    let (flow, events_total, large_snapshot, previous, slot) = match capture::inspect(
         ctx,
         caller,
         db,
@@ -144,18 +144,17 @@ fn begin_untimed(
         Inspected::Eligible {
             flow,
             events_total,
+            large_snapshot,
             previous,
             slot,
-        } => (*flow, events_total, previous, slot),
+        } => (*flow, events_total, large_snapshot, previous, slot),
     };
     // On a cluster, the slot's migration generation now: the commit refuses if it changed.
     let motion = cluster::motion(slot);
     let watch = Watch::claim(db, id).ok_or(FlowError::Busy)?;
+    let snapshot = large_snapshot.or(flow.snapshot.as_ref().map(Vec::len));
     let mut capture = Capture {
-        cap: ByteCap::new(
-            flow.snapshot.as_ref().map_or(0, Vec::len) as u64,
-            settings.read_max_bytes,
-        ),
+        cap: ByteCap::new(snapshot.unwrap_or(0) as u64, settings.read_max_bytes),
         flow,
         previous,
         caller: caller.clone(),
@@ -163,12 +162,16 @@ fn begin_untimed(
         watch,
         held_us: 0,
         motion,
+        large_snapshot,
     };
+    // A snapshot too large to compare at commit: followed from the step that measured it on.
+    if large_snapshot.is_some() {
+        capture.follow(ctx, Writes::ToListsAndStrings)?;
+    }
     capture::read_more(ctx, &mut capture)?;
     if !capture.complete() {
         // Read over several steps: follow the log's writes from this step on.
-        let own: Vec<&str> = capture.flow.keys.own().collect();
-        capture.watch.follow(ctx, &own)?;
+        capture.follow(ctx, Writes::ToLists)?;
     }
     Ok(Start::Capture(Box::new(capture)))
 }
@@ -289,7 +292,12 @@ pub fn upload(
     // hashes a long one, freed now rather than after the upload.
     capture.events_total = capture.flow.events.len();
     let events = std::mem::take(&mut capture.flow.events);
-    let archived = proof::archived(&capture.flow, events, capture.whole_log());
+    let archived = proof::archived(
+        &capture.flow,
+        events,
+        capture.whole_log(),
+        capture.large_snapshot.is_some(),
+    );
     // The copy is encoded and freed (what the commit compares is counted by the fingerprint), the
     // snapshot too: the fingerprint holds what the commit compares of it. The labels stay, counted
     // while they do (the commit removes the flow from their indexes).

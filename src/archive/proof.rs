@@ -13,6 +13,8 @@
 //!
 //! An event log read over several steps is too long to read again in one: it is compared by its
 //! length only, and its watch follows every write to it from the capture's first step to the commit.
+//! So is a snapshot larger than one step reads (`mainthread::WHOLE_BYTES`), whose watch also follows
+//! string writes: it is measured at commit, and framed with the small keys as if absent.
 
 use std::ops::ControlFlow;
 
@@ -38,7 +40,14 @@ pub struct Fingerprint {
     /// The snapshot's length, if the flow has one: compared before its bytes (the upload frees the
     /// captured snapshot once this is taken).
     snapshot: Option<usize>,
+    /// Whether the snapshot is followed by the watch: compared by its length only, its bytes not framed.
+    snapshot_followed: bool,
     log: Log,
+}
+
+/// The bytes of `snapshot` the small keys frame: none of a followed one (its watch and length prove it).
+fn framed(snapshot: Option<&[u8]>, followed: bool) -> Option<&[u8]> {
+    snapshot.filter(|_| !followed)
 }
 
 /// What the archive holds of the small keys.
@@ -187,9 +196,15 @@ impl Parts<'_> {
 }
 
 /// What the archive holds of `flow`, whose log (`events`, taken from the capture once it is encoded)
-/// was read whole (`whole_log`) or followed.
-pub fn archived(flow: &Captured, events: EventLog, whole_log: bool) -> Fingerprint {
-    archived_keeping(flow, events, whole_log, Some(KEEP_BYTES))
+/// was read whole (`whole_log`) or followed, and whose snapshot is followed (`snapshot_followed`) or
+/// compared.
+pub fn archived(
+    flow: &Captured,
+    events: EventLog,
+    whole_log: bool,
+    snapshot_followed: bool,
+) -> Fingerprint {
+    archived_keeping(flow, events, whole_log, snapshot_followed, Some(KEEP_BYTES))
 }
 
 /// `archived`, keeping a whole log of at most `keep_bytes` (`None`: hashing every log; the tests reach
@@ -198,12 +213,11 @@ fn archived_keeping(
     flow: &Captured,
     events: EventLog,
     whole_log: bool,
+    snapshot_followed: bool,
     keep_bytes: Option<u64>,
 ) -> Fingerprint {
-    let small = Small::of(
-        |p| p.small(flow.snapshot.as_deref(), flow.seq, &flow.labels),
-        keep_bytes,
-    );
+    let snapshot = framed(flow.snapshot.as_deref(), snapshot_followed);
+    let small = Small::of(|p| p.small(snapshot, flow.seq, &flow.labels), keep_bytes);
     let bytes = events.bytes() as u64;
     let log = match whole_log {
         false => Log::Length(events.len()),
@@ -224,6 +238,7 @@ fn archived_keeping(
     Fingerprint {
         small,
         snapshot: flow.snapshot.as_ref().map(Vec::len),
+        snapshot_followed,
         log,
     }
 }
@@ -256,7 +271,8 @@ pub fn unchanged(
     let seq = read_seq(ctx, keys)?;
     let small = with_string(ctx, &keys.snapshot, |snapshot| {
         snapshot.map(<[u8]>::len) == archived.snapshot
-            && archived.small.matches(|p| p.small(snapshot, seq, &labels))
+            && (archived.small)
+                .matches(|p| p.small(framed(snapshot, archived.snapshot_followed), seq, &labels))
     });
     if !small {
         return Ok(false);
@@ -359,8 +375,8 @@ mod tests {
     /// The fingerprint of `c` with its log read whole and everything hashed, as parts too large to
     /// keep are; parts kept whole compare their bytes themselves.
     fn whole(c: &Content) -> Fingerprint {
-        let kept = archived_keeping(&captured(c), log(c), true, Some(u64::MAX));
-        let hashed = archived_keeping(&captured(c), log(c), true, None);
+        let kept = archived_keeping(&captured(c), log(c), true, false, Some(u64::MAX));
+        let hashed = archived_keeping(&captured(c), log(c), true, false, None);
         assert!(matches!(kept.log, Log::Events { .. }) && matches!(hashed.log, Log::Hash(..)));
         assert!(
             matches!(kept.small, Small::Kept { .. }) && matches!(hashed.small, Small::Hash(..))
@@ -368,15 +384,23 @@ mod tests {
         hashed
     }
 
-    /// What the commit answers for `now` against the fingerprint `then`, through `Small::matches`.
+    /// What the commit answers for `now` against the fingerprint `then`: the snapshot's length, then
+    /// `Small::matches`.
     fn small_matches(then: &Fingerprint, now: &Content) -> bool {
-        then.small
-            .matches(|p| p.small(now.snapshot.as_deref(), now.seq, &now.labels))
+        let snapshot = now.snapshot.as_deref();
+        snapshot.map(<[u8]>::len) == then.snapshot
+            && then.small.matches(|p| {
+                p.small(
+                    super::framed(snapshot, then.snapshot_followed),
+                    now.seq,
+                    &now.labels,
+                )
+            })
     }
 
     /// The fingerprint of `c` with its log read whole and kept for the commit.
     fn kept(c: &Content) -> Fingerprint {
-        archived(&captured(c), log(c), true)
+        archived(&captured(c), log(c), true, false)
     }
 
     /// The fingerprint of `c` with its log followed by a watch: `total` events archived.
@@ -384,6 +408,7 @@ mod tests {
         archived(
             &captured(c),
             std::iter::repeat_n(b"", total).collect(),
+            false,
             false,
         )
     }
@@ -435,7 +460,7 @@ mod tests {
         elsewhere.status = "failed".into();
         elsewhere.status_score = Some(1.0);
         elsewhere.previous = Some("s3://b/flows/abc.jsonl.gz".into());
-        assert!(archived_keeping(&elsewhere, log(&base()), true, None) == whole(&base()));
+        assert!(archived_keeping(&elsewhere, log(&base()), true, false, None) == whole(&base()));
         assert!(kept(&base()) == kept(&base()));
     }
 
@@ -755,5 +780,36 @@ mod tests {
             prop_assert_eq!(same, small_matches(&kept(&a), &b), "{:?} / {:?}", a, b);
             prop_assert_eq!(same, small_matches(&whole(&a), &b), "{:?} / {:?}", a, b);
         }
+    }
+
+    /// A snapshot followed by the watch is measured, not framed: any bytes of its length match (the
+    /// watch proves them), another length or no snapshot does not; compared, the same bytes differ.
+    #[test]
+    fn a_followed_snapshot_is_measured_not_framed() {
+        let c = base();
+        let followed = archived(&captured(&c), log(&c), true, true);
+        let compared = kept(&c);
+        let len = c.snapshot.as_ref().unwrap().len();
+        let same_length = Content {
+            snapshot: Some(vec![b'x'; len]),
+            ..c.clone()
+        };
+        assert!(small_matches(&followed, &c) && small_matches(&followed, &same_length));
+        assert!(small_matches(&compared, &c) && !small_matches(&compared, &same_length));
+        for other in [Some(vec![b'x'; len + 1]), Some(Vec::new()), None] {
+            let now = Content {
+                snapshot: other,
+                ..c.clone()
+            };
+            assert!(!small_matches(&followed, &now), "{:?}", now.snapshot);
+        }
+        let reseq = Content {
+            seq: Some(3),
+            ..c.clone()
+        };
+        assert!(
+            !small_matches(&followed, &reseq),
+            "the other small keys are still compared"
+        );
     }
 }

@@ -20,11 +20,13 @@ use crate::layout::FlowKeys;
 use crate::ops::errors::{self, show_id, FlowError, ServerError};
 use crate::ops::metrics::{self, Stage};
 use crate::runtime::blocking::{answer_later, can_block, this_client, Answer};
-use crate::runtime::mainthread::{self, read_log, ByteCap, LogRead, EVENTS_PER_STEP};
+use crate::runtime::mainthread::{
+    self, read_log, read_string_step, ByteCap, LogRead, EVENTS_PER_STEP, WHOLE_BYTES,
+};
 use crate::runtime::pool::Pool;
 use crate::runtime::reply;
-use crate::runtime::server::{expect_type, list_len, read_string};
-use crate::runtime::watch::Watch;
+use crate::runtime::server::{expect_type, list_len, read_string, with_string};
+use crate::runtime::watch::{Watch, Writes};
 
 /// Workers for folds and long live reads; reads beyond the queue get a busy error.
 pub static READ_POOL: Pool = Pool::new("flowarchive-read", 4, 1024);
@@ -68,6 +70,29 @@ pub fn snapshot(ctx: &Context, keys: &FlowKeys) -> Result<Option<Vec<u8>>, FlowE
         return Ok(None);
     }
     Ok(read_string(ctx, &keys.snapshot))
+}
+
+/// What a live read of a folded flow finds of its snapshot, measured before it is copied: its bytes,
+/// read in this step, or the length of one larger than a step reads (`WHOLE_BYTES`), to copy in steps
+/// under a watch.
+enum Stored {
+    Bytes(Option<Vec<u8>>),
+    Large(usize),
+}
+
+/// The flow's snapshot as `Stored`; refused, without a copy, when it alone passes the read cap.
+fn stored(ctx: &Context, keys: &FlowKeys, max_bytes: u64) -> Result<Stored, FlowError> {
+    if !expect_type(ctx, &keys.snapshot, &KeyType::String)? {
+        return Ok(Stored::Bytes(None));
+    }
+    with_string(ctx, &keys.snapshot, |v| {
+        let v = v.unwrap_or_default();
+        match v.len() as u64 {
+            len if len > max_bytes => Err(FlowError::Unreadable(too_large(max_bytes))),
+            len if len > WHOLE_BYTES => Ok(Stored::Large(v.len())),
+            _ => Ok(Stored::Bytes(Some(v.to_vec()))),
+        }
+    })
 }
 
 /// `snapshot:seq` of a live flow, if the key exists.
@@ -144,15 +169,17 @@ fn answer(id: &str, read: Read, events: bool) -> Answer {
     }
 }
 
-/// A short log and the flow's other keys, in the command's own step; `None` when its events are too
-/// large to read in one (`read_log` stopped at the step budget).
+/// A short log and the flow's other keys, in the command's own step; `None` when its snapshot or its
+/// events are too large to read in one (`WHOLE_BYTES`).
 fn read_short(
     ctx: &Context,
     keys: &FlowKeys,
     total: usize,
     max_bytes: u64,
 ) -> Result<Option<Read>, FlowError> {
-    let snapshot = snapshot(ctx, keys)?;
+    let Stored::Bytes(snapshot) = stored(ctx, keys, max_bytes)? else {
+        return Ok(None);
+    };
     let seq = seq(ctx, keys)?;
     let mut log = EventLog::new(total, max_bytes as usize);
     let mut cap = ByteCap::new(snapshot.as_ref().map_or(0, Vec::len) as u64, max_bytes);
@@ -224,14 +251,32 @@ fn read_consistent(db: i32, keys: &FlowKeys, max_bytes: u64) -> Result<Read, Flo
 
 fn read_once(db: i32, keys: &FlowKeys, max_bytes: u64) -> Result<Read, FlowError> {
     let mut held = 0;
-    let (watch, snapshot, seq, total) = mainthread::step(db, Stage::Capture, &mut held, |ctx| {
+    let (watch, stored, seq, total) = mainthread::step(db, Stage::Capture, &mut held, |ctx| {
+        let stored = stored(ctx, keys, max_bytes)?;
+        let writes = match stored {
+            Stored::Large(_) => Writes::ToListsAndStrings,
+            Stored::Bytes(_) => Writes::ToLists,
+        };
         let watched: Vec<&str> = keys.state().collect();
-        let watch = Watch::observe(ctx, db, &watched)?;
+        let watch = Watch::observe(ctx, db, &watched, writes)?;
         let total = list_len(ctx, &keys.events)?;
-        Ok::<_, FlowError>((watch, snapshot(ctx, keys)?, seq(ctx, keys)?, total))
+        Ok::<_, FlowError>((watch, stored, seq(ctx, keys)?, total))
     })?;
+    let (mut snapshot, large) = match stored {
+        Stored::Bytes(bytes) => (bytes, 0),
+        Stored::Large(len) => (Some(Vec::new()), len),
+    };
+    let mut cap = ByteCap::new(snapshot.as_ref().map_or(large, Vec::len) as u64, max_bytes);
+    while let Some(copied) = snapshot.as_mut().filter(|s| s.len() < large) {
+        let read = mainthread::step(db, Stage::Capture, &mut held, |ctx| {
+            if watch.changed() {
+                return Err(FlowError::Changed);
+            }
+            Ok(read_string_step(ctx, &keys.snapshot, large, copied))
+        })?;
+        stopped(read, max_bytes)?;
+    }
     let mut log = EventLog::new(total.min(EVENTS_PER_STEP), max_bytes as usize);
-    let mut cap = ByteCap::new(snapshot.as_ref().map_or(0, Vec::len) as u64, max_bytes);
     while log.len() < total {
         let read = mainthread::step(db, Stage::Capture, &mut held, |ctx| {
             if watch.changed() {

@@ -16,7 +16,7 @@ use crate::format::event_log::EventLog;
 use crate::ops::errors::{FlowError, ServerError};
 use crate::ops::metrics::{self, Buffered, Stage};
 use crate::ops::{configs, log};
-use crate::runtime::server::{list_range_each, select_db};
+use crate::runtime::server::{list_range_each, select_db, with_string};
 
 /// The module's detached context, used only on the main thread to start timers.
 static CONTEXT: AtomicPtr<raw::RedisModuleCtx> = AtomicPtr::new(std::ptr::null_mut());
@@ -59,8 +59,9 @@ pub const EVENTS_PER_STEP: usize = 1024;
 
 /// A log of few events is read whole up to this many bytes, whatever the time it takes (so whether
 /// it is read whole depends on its bytes, not on the machine's speed); past them it goes on in chunks
-/// like a long log (1,000 events of 60 KB took 115 ms of the main thread when read whole).
-const WHOLE_BYTES: u64 = 1 << 20;
+/// like a long log (1,000 events of 60 KB took 115 ms of the main thread when read whole). A snapshot
+/// of more bytes is copied in chunks too (`read_string_step`), and followed instead of compared.
+pub const WHOLE_BYTES: u64 = 1 << 20;
 
 /// What a chunk (past a short log's first) reads before the step budget can stop it, so every step
 /// moves on: this many events, or this many bytes of large ones, whichever comes first.
@@ -199,6 +200,31 @@ pub fn read_log(
         (Some(why), _) => why,
         (None, false) if out.len() != to => LogRead::Shrunk,
         _ => LogRead::Read,
+    })
+}
+
+/// Copies the next bytes of the string at `key` into `out`, which holds its first `out.len()`
+/// bytes: `MIN_CHUNK_BYTES`, then on in pieces as long as the step budget lasts, up to `total`, the
+/// length it had when its read began. `LogRead::Shrunk` when the key no longer holds a string of
+/// `total` bytes (a write its watch also saw). The bytes were counted when the read began. Main
+/// thread.
+pub fn read_string_step(ctx: &Context, key: &str, total: usize, out: &mut Vec<u8>) -> LogRead {
+    let deadline = Instant::now() + step_budget();
+    with_string(ctx, key, |value| {
+        let Some(value) = value.filter(|v| v.len() == total && out.len() <= total) else {
+            return LogRead::Shrunk;
+        };
+        // Room for all of it at once: no later piece moves what is copied already.
+        out.reserve_exact(total - out.len());
+        let piece = MIN_CHUNK_BYTES as usize;
+        let mut end = (out.len() + piece).min(total);
+        loop {
+            out.extend_from_slice(&value[out.len()..end]);
+            if end == total || Instant::now() >= deadline {
+                return LogRead::Read;
+            }
+            end = (end + piece).min(total);
+        }
     })
 }
 

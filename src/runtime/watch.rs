@@ -11,9 +11,14 @@
 //! does `follow` subscribe to keyspace events: list writes and the events any key raises (del, rename,
 //! expire, restore, copy, move), expiries and evictions. A list key that turns into another type was
 //! first deleted or renamed over (seen), or fails the commit's type check; the flow's small keys are
-//! compared at commit. No server this module supports (Valkey 8.0 to 9.1, Redis 7.0) lets a module
-//! unsubscribe, so the subscription stays until the module unloads: from the first long flow on, list
-//! writes pay for one notification each, and the hook returns at once while nothing is followed.
+//! compared at commit. A snapshot too large to copy or compare in one step (`mainthread::WHOLE_BYTES`)
+//! is followed the same way, and string writes are subscribed to as well, only then: a string key
+//! written by another type's command (a `…STORE` over it) fails the type check or is written again
+//! by a string or generic command to turn back into a string, and either is seen. No server this
+//! module supports (Valkey 8.0 to 9.1, Redis 7.0) lets a module unsubscribe, so each subscription
+//! stays until the module unloads: from the first long flow on, list writes pay for one notification
+//! each, from the first large snapshot on, string writes too, and the hook returns at once while
+//! nothing is followed.
 //!
 //! Only the main thread takes the registry's lock. A watch ends wherever its archive ends, often on an
 //! uploader thread in the idle scheduling class, which the kernel may leave unscheduled while it holds
@@ -22,7 +27,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::os::raw::{c_char, c_int, c_void};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use linkme::distributed_slice;
@@ -101,14 +106,31 @@ impl Registry {
 static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
 /// Followed watches: lets the notification hook skip the lock when none is (the common case).
 static FOLLOWED: AtomicUsize = AtomicUsize::new(0);
-/// Whether the keyspace-event hook is subscribed (once, at the first `follow`).
-static SUBSCRIBED: AtomicBool = AtomicBool::new(false);
+/// The keyspace-event classes the hook is subscribed to (each at the first `follow` that needs it).
+static SUBSCRIBED: AtomicI32 = AtomicI32::new(0);
 
-/// What the hook is told about: writes to lists, events of any key type, expiries and evictions.
-const FOLLOWED_EVENTS: c_int = raw::REDISMODULE_NOTIFY_LIST
-    | raw::REDISMODULE_NOTIFY_GENERIC
-    | raw::REDISMODULE_NOTIFY_EXPIRED
-    | raw::REDISMODULE_NOTIFY_EVICTED;
+/// The writes a watch follows to its keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Writes {
+    /// Writes to lists, the events any key type raises, expiries and evictions: an event log.
+    ToLists,
+    /// Those and writes to strings: also a snapshot too large to compare at commit.
+    ToListsAndStrings,
+}
+
+impl Writes {
+    /// The keyspace-event classes the hook must be subscribed to.
+    fn events(self) -> c_int {
+        let lists = raw::REDISMODULE_NOTIFY_LIST
+            | raw::REDISMODULE_NOTIFY_GENERIC
+            | raw::REDISMODULE_NOTIFY_EXPIRED
+            | raw::REDISMODULE_NOTIFY_EVICTED;
+        match self {
+            Writes::ToLists => lists,
+            Writes::ToListsAndStrings => lists | raw::REDISMODULE_NOTIFY_STRING,
+        }
+    }
+}
 
 /// The registry, released watches cleared. Main thread only (see the module's notes).
 fn registry() -> MutexGuard<'static, Option<Registry>> {
@@ -121,7 +143,7 @@ fn registry() -> MutexGuard<'static, Option<Registry>> {
 /// (at once on the main thread, else at the main thread's next use of the registry).
 pub struct Watch {
     flags: Arc<Flags>,
-    /// Whether it follows keys (its log was not read in one step).
+    /// Whether it follows keys (its log or snapshot was not read in one step).
     follows: bool,
 }
 
@@ -136,13 +158,19 @@ impl Watch {
         Some(Self::register(reg, db, Some(id.to_string())))
     }
 
-    /// A reader's watch of `keys` in `db`, claiming nothing. Main thread, before the first read.
-    pub fn observe(ctx: &Context, db: i32, keys: &[&str]) -> Result<Watch, FlowError> {
+    /// A reader's watch of `keys` in `db`, following `writes`, claiming nothing. Main thread, before
+    /// the first read.
+    pub fn observe(
+        ctx: &Context,
+        db: i32,
+        keys: &[&str],
+        writes: Writes,
+    ) -> Result<Watch, FlowError> {
         let mut watch = {
             let mut guard = registry();
             Self::register(guard.get_or_insert_with(Registry::default), db, None)
         };
-        watch.follow(ctx, keys)?;
+        watch.follow(ctx, keys, writes)?;
         Ok(watch)
     }
 
@@ -160,10 +188,16 @@ impl Watch {
         }
     }
 
-    /// From now on, any write to `keys` marks this watch changed. Main thread, in the same step as the
-    /// read it must guard (no write can come between).
-    pub fn follow(&mut self, ctx: &Context, keys: &[&str]) -> Result<(), FlowError> {
-        subscribe(ctx)?;
+    /// From now on, any of `writes` to `keys` marks this watch changed. Main thread, in the same step as
+    /// the read it must guard (no write can come between). A watch follows one set of keys; following
+    /// again adds writes to follow, not keys.
+    pub fn follow(
+        &mut self,
+        ctx: &Context,
+        keys: &[&str],
+        writes: Writes,
+    ) -> Result<(), FlowError> {
+        subscribe(ctx, writes)?;
         self.follow_keys(keys);
         Ok(())
     }
@@ -211,26 +245,30 @@ impl Drop for Watch {
     }
 }
 
-/// Subscribes the hook to keyspace events, once. Main thread.
-fn subscribe(ctx: &Context) -> Result<(), FlowError> {
-    if SUBSCRIBED.load(Ordering::SeqCst) {
+/// Subscribes the hook to the keyspace-event classes `writes` needs and it lacks. Main thread.
+fn subscribe(ctx: &Context, writes: Writes) -> Result<(), FlowError> {
+    let missing = writes.events() & !SUBSCRIBED.load(Ordering::SeqCst);
+    if missing == 0 {
         return Ok(());
     }
     // SAFETY: on the main thread with a live context; the callback is a plain function that lives as
     // long as the module.
     let status = unsafe {
         raw::RedisModule_SubscribeToKeyspaceEvents.map_or(raw::REDISMODULE_ERR as c_int, |f| {
-            f(ctx.ctx, FOLLOWED_EVENTS, Some(on_key_event))
+            f(ctx.ctx, missing, Some(on_key_event))
         })
     };
     if status != raw::REDISMODULE_OK as c_int {
         return Err(FlowError::Internal(
-            "the server refused a keyspace-event subscription, so a long flow cannot be watched"
+            "the server refused a keyspace-event subscription, so a flow read in steps cannot be watched"
                 .into(),
         ));
     }
-    SUBSCRIBED.store(true, Ordering::SeqCst);
-    log::notice("flowarchive: following list writes from now on (a flow longer than one read step is in flight)");
+    SUBSCRIBED.fetch_or(missing, Ordering::SeqCst);
+    log::notice(match missing & raw::REDISMODULE_NOTIFY_STRING {
+        0 => "flowarchive: following list writes from now on (a flow longer than one read step is in flight)",
+        _ => "flowarchive: following list and string writes from now on (a snapshot larger than one read step is in flight)",
+    });
     Ok(())
 }
 
@@ -321,10 +359,17 @@ pub fn everything_touched() {
 }
 
 fn info_fields() -> Vec<(String, i64)> {
-    named([(
-        "keyspace_events_subscribed",
-        SUBSCRIBED.load(Ordering::SeqCst) as i64,
-    )])
+    let subscribed = |writes: Writes| {
+        let events = writes.events();
+        (SUBSCRIBED.load(Ordering::SeqCst) & events == events) as i64
+    };
+    named([
+        ("keyspace_events_subscribed", subscribed(Writes::ToLists)),
+        (
+            "string_events_subscribed",
+            subscribed(Writes::ToListsAndStrings),
+        ),
+    ])
 }
 
 #[distributed_slice(INFO_FIELDS)]

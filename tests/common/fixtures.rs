@@ -282,6 +282,18 @@ pub fn snapshot_of(spec: &FlowSpec) -> Option<(String, usize)> {
     Some((state_of(&events[..folded])?, folded))
 }
 
+/// Flow `id`'s stored snapshot (a JSON object) made exactly `len` bytes long by a field `pad` of
+/// varied digits, which the engine's state does not know and drops (so the flow's state is unchanged).
+/// Not written: the caller sets it.
+pub fn padded_snapshot(c: &mut redis::Connection, id: &str, len: usize) -> String {
+    let snapshot: String = cmd(c, &["GET", &format!("argyll:flow:{id}:snapshot:val")]).unwrap();
+    let body = snapshot.strip_suffix('}').expect("a JSON object");
+    let body = body.split(",\"pad\":").next().unwrap();
+    let head = format!("{body},\"pad\":\"");
+    let digits = (0..len - head.len() - 2).map(|i| char::from(b'0' + (i * 7 % 10) as u8));
+    format!("{head}{}\"}}", digits.collect::<String>())
+}
+
 /// Unix ms of an RFC 3339 timestamp in UTC (`2026-03-18T09:14:03.120Z`), for the fixtures' own times.
 pub fn parse_ms(t: &str) -> i64 {
     let num = |a: usize, b: usize| t[a..b].parse::<i64>().unwrap();
