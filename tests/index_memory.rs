@@ -482,6 +482,58 @@ fn flows_in_flight_hold_no_more_than_buffer_max_bytes() {
     assert_eq!(tally.archived, ids.len());
 }
 
+/// The same holds of snapshots: at concurrency 8 with flows whose snapshots are 2 MiB each (copied
+/// in steps, after the judgement) and a 4 MiB budget, a snapshot that would take the module past the
+/// budget while other flows hold bytes is measured, not copied (the flow stays live for the next
+/// sweep). Every flow ends archived, its snapshot as written.
+#[test]
+fn snapshots_in_flight_hold_no_more_than_buffer_max_bytes() {
+    let budget: i64 = 4 << 20;
+    let s3 = S3::new_bucket();
+    let srv = server_via(
+        &s3,
+        None,
+        &["concurrency", "8", "buffer-max-bytes", &budget.to_string()],
+    );
+    let mut c = srv.conn();
+    let mut model = checker::Model::new(0);
+    let ids: Vec<String> = (0..8).map(|i| format!("large-{i:02}")).collect();
+    for id in &ids {
+        let spec = FlowSpec {
+            snapshot: Snapshot::Current,
+            ..FlowSpec::done(id)
+        };
+        model.write(&mut c, &spec);
+        let snapshot = padded_snapshot(&mut c, id, 2 << 20);
+        let key = format!("argyll:flow:{id}:snapshot:val");
+        cmd::<()>(&mut c, &["SET", &key, &snapshot]).unwrap();
+        model.flows.get_mut(id.as_str()).unwrap().snapshot = Some(snapshot);
+    }
+    let mut archived = 0;
+    for _ in 0..ids.len() {
+        let summary = sweep(&mut c, &[]).unwrap();
+        archived += int(&summary["archived"]);
+        if archived == ids.len() as i64 {
+            break;
+        }
+    }
+    assert_eq!(archived, ids.len() as i64);
+    let peak = info_field(&mut c, "buffered_bytes_peak");
+    assert!(
+        peak <= budget + budget / 4,
+        "{peak} bytes held at once, over buffer-max-bytes {budget}"
+    );
+    assert_eq!(info_field(&mut c, "buffered_bytes"), 0, "all released");
+    let tally = checker::check(
+        "after the sweeps",
+        &srv,
+        &s3,
+        &model,
+        checker::Expect::Settled { retention_ms: 0 },
+    );
+    assert_eq!(tally.archived, ids.len());
+}
+
 /// A flood of GETs of unknown ids while no index exists for the DB (every one searched in the
 /// bucket): each is answered, nil or the busy error, never more than two HEADs per id asked, and the
 /// server answers other clients throughout. 16 clients of a read-only user ask 100 distinct ids each.
@@ -567,8 +619,9 @@ fn write_padded(c: &mut redis::Connection, spec: &FlowSpec, pad: usize) -> Vec<S
 
 /// A live read is held to `buffer-max-bytes` like a capture: while an archive's upload holds most of
 /// the budget (its log kept for the commit to compare), a GET of another live flow that would pass
-/// it is refused with a retry, copying nothing more; once the archive is done the same GET answers
-/// the flow, every event as written.
+/// it, by its events or by its snapshot (one read in the command, one in steps), is refused with a
+/// retry, copying nothing more; once the archive is done the same GETs answer the flows, every event
+/// as written.
 #[test]
 fn a_live_read_is_refused_with_a_retry_while_the_buffers_are_full() {
     let s3 = S3::new_bucket();
@@ -586,6 +639,22 @@ fn a_live_read_is_refused_with_a_retry_while_the_buffers_are_full() {
         ..FlowSpec::done("other")
     };
     let other_events = write_padded(&mut c, &other, 1000);
+    let snapshotted = [("half", 600_000), ("large", 1_500_000)];
+    for (id, len) in snapshotted {
+        write_flow(
+            &mut c,
+            &FlowSpec {
+                snapshot: Snapshot::Current,
+                ..FlowSpec::done(id)
+            },
+        );
+        let snapshot = padded_snapshot(&mut c, id, len);
+        cmd::<()>(
+            &mut c,
+            &["SET", &format!("argyll:flow:{id}:snapshot:val"), &snapshot],
+        )
+        .unwrap();
+    }
     proxy.delay("PUT", Duration::from_millis(1500));
     let mut a = srv.conn();
     let archiving = std::thread::spawn(move || archive(&mut a, "big"));
@@ -594,15 +663,32 @@ fn a_live_read_is_refused_with_a_retry_while_the_buffers_are_full() {
         Duration::from_secs(10),
         || info_field(&mut c, "buffered_bytes") > 700_000,
     );
-    let refused = err_text(get_events(&mut c, "other"));
-    assert!(
-        refused.contains("buffer-max-bytes") && refused.contains("retry"),
-        "{refused}"
-    );
+    let peak = info_field(&mut c, "heap_bytes_peak");
+    for id in ["other", "half", "large"] {
+        let refused = err_text(get_events(&mut c, id));
+        assert!(
+            refused.contains("buffer-max-bytes") && refused.contains("retry"),
+            "{id}: {refused}"
+        );
+    }
+    let rise = info_field(&mut c, "heap_bytes_peak") - peak;
+    assert!(rise < 300_000, "the refused reads copied {rise} bytes");
     archiving.join().unwrap().unwrap();
     proxy.clear();
     let (_, events) = get_events(&mut c, "other").unwrap();
     assert_eq!(events, other_events);
+    for (id, _) in snapshotted {
+        let spec = FlowSpec {
+            snapshot: Snapshot::Current,
+            ..FlowSpec::done(id)
+        };
+        let (state, events) = get_events(&mut c, id).unwrap();
+        assert_eq!(
+            (state, events),
+            (state_json(&spec), events_of(&spec)),
+            "{id}"
+        );
+    }
     assert_eq!(info_field(&mut c, "buffered_bytes"), 0);
 }
 

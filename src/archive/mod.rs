@@ -154,7 +154,11 @@ fn begin_untimed(
     let watch = Watch::claim(db, id).ok_or(FlowError::Busy)?;
     let snapshot = large_snapshot.or(flow.snapshot.as_ref().map(Vec::len));
     let mut capture = Capture {
-        cap: ByteCap::new(snapshot.unwrap_or(0) as u64, settings.read_max_bytes),
+        cap: ByteCap::new(
+            snapshot.unwrap_or(0) as u64,
+            settings.read_max_bytes,
+            || judge::too_large(settings.read_max_bytes),
+        )?,
         flow,
         previous,
         caller: caller.clone(),

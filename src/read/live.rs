@@ -72,26 +72,28 @@ pub fn snapshot(ctx: &Context, keys: &FlowKeys) -> Result<Option<Vec<u8>>, FlowE
     Ok(read_string(ctx, &keys.snapshot))
 }
 
-/// What a live read of a folded flow finds of its snapshot, measured before it is copied: its bytes,
-/// read in this step, or the length of one larger than a step reads (`WHOLE_BYTES`), to copy in steps
-/// under a watch.
+/// What a live read of a folded flow finds of its snapshot: its bytes, read in this step, or the
+/// length of one larger than a step reads (`WHOLE_BYTES`), to copy in steps under a watch.
 enum Stored {
     Bytes(Option<Vec<u8>>),
     Large(usize),
 }
 
-/// The flow's snapshot as `Stored`; refused, without a copy, when it alone passes the read cap.
-fn stored(ctx: &Context, keys: &FlowKeys, max_bytes: u64) -> Result<Stored, FlowError> {
+/// The flow's snapshot as `Stored`, and the read's cap holding it: measured before it is copied, and
+/// refused without a copy past the read cap or the module's buffers (`ByteCap::new`).
+fn stored(ctx: &Context, keys: &FlowKeys, max_bytes: u64) -> Result<(Stored, ByteCap), FlowError> {
+    let over_cap = || FlowError::Unreadable(too_large(max_bytes));
     if !expect_type(ctx, &keys.snapshot, &KeyType::String)? {
-        return Ok(Stored::Bytes(None));
+        return Ok((Stored::Bytes(None), ByteCap::new(0, max_bytes, over_cap)?));
     }
     with_string(ctx, &keys.snapshot, |v| {
         let v = v.unwrap_or_default();
-        match v.len() as u64 {
-            len if len > max_bytes => Err(FlowError::Unreadable(too_large(max_bytes))),
-            len if len > WHOLE_BYTES => Ok(Stored::Large(v.len())),
-            _ => Ok(Stored::Bytes(Some(v.to_vec()))),
-        }
+        let cap = ByteCap::new(v.len() as u64, max_bytes, over_cap)?;
+        let stored = match v.len() as u64 > WHOLE_BYTES {
+            true => Stored::Large(v.len()),
+            false => Stored::Bytes(Some(v.to_vec())),
+        };
+        Ok((stored, cap))
     })
 }
 
@@ -177,12 +179,11 @@ fn read_short(
     total: usize,
     max_bytes: u64,
 ) -> Result<Option<Read>, FlowError> {
-    let Stored::Bytes(snapshot) = stored(ctx, keys, max_bytes)? else {
+    let (Stored::Bytes(snapshot), mut cap) = stored(ctx, keys, max_bytes)? else {
         return Ok(None);
     };
     let seq = seq(ctx, keys)?;
     let mut log = EventLog::new(total, max_bytes as usize);
-    let mut cap = ByteCap::new(snapshot.as_ref().map_or(0, Vec::len) as u64, max_bytes);
     stopped(
         read_log(ctx, &keys.events, total, &mut log, &mut cap)?,
         max_bytes,
@@ -210,7 +211,9 @@ pub fn events(
     let total = list_len(ctx, &keys.events).map_err(fail)?;
     if total <= EVENTS_PER_STEP {
         let mut log = EventLog::new(total, max_bytes as usize);
-        let mut cap = ByteCap::new(snapshot.len() as u64, max_bytes);
+        let over_cap = || FlowError::Unreadable(too_large(max_bytes));
+        let mut cap = ByteCap::new(snapshot.len() as u64, max_bytes, over_cap)
+            .map_err(|e| RedisError::String(e.read_message(&id)))?;
         // One step reads a short log of small events whole: it cannot shrink meanwhile. One of large
         // events is read again in steps.
         let read = read_log(ctx, &keys.events, total, &mut log, &mut cap).map_err(fail)?;
@@ -251,22 +254,22 @@ fn read_consistent(db: i32, keys: &FlowKeys, max_bytes: u64) -> Result<Read, Flo
 
 fn read_once(db: i32, keys: &FlowKeys, max_bytes: u64) -> Result<Read, FlowError> {
     let mut held = 0;
-    let (watch, stored, seq, total) = mainthread::step(db, Stage::Capture, &mut held, |ctx| {
-        let stored = stored(ctx, keys, max_bytes)?;
-        let writes = match stored {
-            Stored::Large(_) => Writes::ToListsAndStrings,
-            Stored::Bytes(_) => Writes::ToLists,
-        };
-        let watched: Vec<&str> = keys.state().collect();
-        let watch = Watch::observe(ctx, db, &watched, writes)?;
-        let total = list_len(ctx, &keys.events)?;
-        Ok::<_, FlowError>((watch, stored, seq(ctx, keys)?, total))
-    })?;
+    let (watch, (stored, mut cap), seq, total) =
+        mainthread::step(db, Stage::Capture, &mut held, |ctx| {
+            let stored = stored(ctx, keys, max_bytes)?;
+            let writes = match stored.0 {
+                Stored::Large(_) => Writes::ToListsAndStrings,
+                Stored::Bytes(_) => Writes::ToLists,
+            };
+            let watched: Vec<&str> = keys.state().collect();
+            let watch = Watch::observe(ctx, db, &watched, writes)?;
+            let total = list_len(ctx, &keys.events)?;
+            Ok::<_, FlowError>((watch, stored, seq(ctx, keys)?, total))
+        })?;
     let (mut snapshot, large) = match stored {
         Stored::Bytes(bytes) => (bytes, 0),
         Stored::Large(len) => (Some(Vec::new()), len),
     };
-    let mut cap = ByteCap::new(snapshot.as_ref().map_or(large, Vec::len) as u64, max_bytes);
     while let Some(copied) = snapshot.as_mut().filter(|s| s.len() < large) {
         let read = mainthread::step(db, Stage::Capture, &mut held, |ctx| {
             if watch.changed() {

@@ -81,12 +81,24 @@ pub struct ByteCap {
 }
 
 impl ByteCap {
-    /// A read capped at `max` bytes that holds `first` bytes already (a snapshot it has copied).
-    pub fn new(first: u64, max: u64) -> ByteCap {
-        ByteCap {
-            copied: first,
-            held: Buffered::hold(first),
+    /// A read capped at `max` bytes that copies `first` bytes first (a snapshot), refused as any copy
+    /// is (`take`): past `max` (`over_cap`), or past `buffer-max-bytes` while other reads hold bytes.
+    pub fn new(
+        first: u64,
+        max: u64,
+        over_cap: impl FnOnce() -> FlowError,
+    ) -> Result<ByteCap, FlowError> {
+        let mut cap = ByteCap {
+            copied: 0,
+            held: Buffered::hold(0),
             max,
+        };
+        match first {
+            0 => Ok(cap),
+            _ => match cap.take(first, first) {
+                Ok(()) => Ok(cap),
+                Err(why) => why.stopped(over_cap).map(|()| cap),
+            },
         }
     }
 
