@@ -27,6 +27,7 @@ use crate::layout::{self, FlowKeys, GENERATIONS};
 use crate::ops::configs::{IndexFormat, INDEX_BUCKETS, INDEX_FORMAT, OBJECT_NAME_MAX};
 use crate::ops::errors::{show_key, FlowError};
 use crate::runtime::acl::{self, Access, Caller};
+use crate::runtime::key::Key;
 use crate::runtime::server::{expect_type, hash_get, hash_pairs, type_of};
 use crate::slot;
 use crate::sync::lock;
@@ -144,8 +145,11 @@ fn lookup(
         expect_type(ctx, key, &KeyType::Hash)
     };
     if format == IndexFormat::Hash {
-        read(index)?;
-        return Ok(hget(ctx, index, id.as_bytes())?.map(|location| Entry {
+        acl::check(ctx, caller, index, Access::Read)?;
+        // Opened once for its type and the entry.
+        let opened = Key::open(ctx, index);
+        opened.holds(&KeyType::Hash)?;
+        return Ok(opened.hash_get(id.as_bytes())?.map(|location| Entry {
             location: lossy(location),
             format,
             index: index.to_string(),

@@ -20,7 +20,7 @@ use redis_module::{Context, KeyType};
 
 use crate::archive::eligible::Window;
 use crate::archive::guard;
-use crate::archive::judge::{self, Facts, Found, Live, LogEnd, Scored, Snapshot, Verdict};
+use crate::archive::judge::{self, Facts, Found, Live, LogEnd, Pairs, Scored, Snapshot, Verdict};
 use crate::format::captured::Captured;
 use crate::format::event_log::EventLog;
 use crate::index::{self, Entry};
@@ -28,13 +28,11 @@ use crate::layout::{FlowKeys, Layout, StateSource};
 use crate::ops::errors::FlowError;
 use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::cluster;
+use crate::runtime::key::Key;
 use crate::runtime::mainthread::{
     read_log, read_string_step, ByteCap, EVENTS_PER_STEP, WHOLE_BYTES,
 };
-use crate::runtime::server::{
-    hash_get, hash_pairs, list_len, list_range_each, read_string, read_typed, type_of, with_string,
-    zset_score,
-};
+use crate::runtime::server::{read_typed, type_of};
 use crate::runtime::watch::{Watch, Writes};
 
 /// A capture in progress: the flow, how long its event log is, and the watch that claims it.
@@ -209,16 +207,19 @@ fn read_facts(
     layout: &Layout,
     max_bytes: u64,
 ) -> Result<Facts, FlowError> {
+    let entry = index::find(ctx, caller, keys, id);
+    // Each key opened once for its type and its value.
+    let (events, snapshot) = (Key::open(ctx, &keys.events), Key::open(ctx, &keys.snapshot));
     let mut facts = Facts {
-        entry: index::find(ctx, caller, keys, id),
-        events: type_of(ctx, &keys.events),
-        snapshot: type_of(ctx, &keys.snapshot),
+        entry,
+        events: events.kind(),
+        snapshot: snapshot.kind(),
         live: None,
     };
     if facts.events != KeyType::List {
         return Ok(facts);
     }
-    let len = list_len(ctx, &keys.events)?;
+    let len = events.len(KeyType::List)?;
     let leased = (keys.lease.as_deref()).is_some_and(|k| type_of(ctx, k) != KeyType::Empty);
     // Measured where the server holds it: a snapshot no read could take back is never copied, and a
     // folded layout's large one is copied in steps once the flow is judged (its rules never read it).
@@ -226,31 +227,25 @@ fn read_facts(
         StateSource::Fold => WHOLE_BYTES,
         StateSource::Snapshot => max_bytes,
     };
-    let (snapshot_len, snapshot_bytes) = with_string(ctx, &keys.snapshot, |v| {
-        let len = v.map_or(0, <[u8]>::len) as u64;
-        (
-            len,
-            v.filter(|_| len <= at_once.min(max_bytes))
-                .map(<[u8]>::to_vec),
-        )
-    });
+    let value = snapshot.string();
+    let snapshot_len = value.map_or(0, <[u8]>::len) as u64;
+    let snapshot_bytes = value
+        .filter(|_| snapshot_len <= at_once.min(max_bytes))
+        .map(<[u8]>::to_vec);
     let member = keys.member.as_bytes();
     let (indexed_kind, indexed) =
         read_typed(ctx, keys.status_hash.as_deref(), KeyType::Hash, |k| {
-            hash_get(ctx, k, member).transpose()
+            k.hash_get(member).transpose()
         });
     let indexed = indexed.transpose()?;
-    let seq = read_typed(ctx, keys.seq.as_deref(), KeyType::String, |k| {
-        read_string(ctx, k)
-    });
+    let seq = found_seq(ctx, keys);
     // Labels no read could take back (they are part of the object) are not read whole either.
-    let labels = read_typed(ctx, keys.labels.as_deref(), KeyType::Hash, |k| {
-        hash_pairs(ctx, k, max_bytes)
-    });
+    let labels = keys.labels.as_deref().map(|k| Key::open(ctx, k));
+    let labels = found_labels(labels.as_ref(), max_bytes);
     // Folded flows are judged by their log's end, the others by their snapshot.
     let mut end = LogEnd::new(len, indexed.is_none(), max_bytes);
     let tail = (layout.state == StateSource::Fold).then(|| {
-        list_range_each(ctx, &keys.events, end.from(), len, |e| end.take(e))?;
+        events.list_each(end.from(), len, |e| end.take(e))?;
         end.finish()
     });
     let mut live = Live {
@@ -275,11 +270,13 @@ fn read_facts(
 /// it (read where the server holds it; on a cluster the guard places the key in the flow's slot).
 fn scored(ctx: &Context, caller: &Caller, set: String, member: &[u8]) -> Result<Scored, FlowError> {
     acl::check(ctx, caller, &set, Access::Remove)?;
-    let kind = type_of(ctx, &set);
+    let opened = Key::open(ctx, &set);
+    let kind = opened.kind();
     let score = match kind {
-        KeyType::ZSet => zset_score(ctx, &set, member)?,
+        KeyType::ZSet => opened.zset_score(member)?,
         _ => None,
     };
+    drop(opened);
     Ok(Scored {
         key: set,
         kind,
@@ -297,40 +294,41 @@ pub fn looks_eligible(
     max_bytes: u64,
 ) -> bool {
     let keys = layout.flow_keys(id);
-    if type_of(ctx, &keys.events) != KeyType::List {
+    let events = Key::open(ctx, &keys.events);
+    if events.kind() != KeyType::List {
         return true;
     }
     let member = keys.member.as_bytes();
     let (kind, indexed) = read_typed(ctx, keys.status_hash.as_deref(), KeyType::Hash, |k| {
-        hash_get(ctx, k, member).transpose()
+        k.hash_get(member).transpose()
     });
-    let (Ok(len), Ok(indexed)) = (list_len(ctx, &keys.events), indexed.transpose()) else {
+    let (Ok(len), Ok(indexed)) = (events.len(KeyType::List), indexed.transpose()) else {
         return true;
     };
     let mut end = LogEnd::new(len, indexed.is_none(), max_bytes);
-    let read = list_range_each(ctx, &keys.events, end.from(), len, |e| end.take(e));
+    let read = events.list_each(end.from(), len, |e| end.take(e));
     let tail = read.map_err(FlowError::from).and_then(|()| end.finish());
     judge::looks_eligible(&Found::from((kind, indexed)), tail, &keys, layout, window)
 }
 
-/// `snapshot:seq` if the key exists (the commit's proof reads it again).
-pub(super) fn read_seq(ctx: &Context, keys: &FlowKeys) -> Result<Option<i64>, FlowError> {
-    let (kind, value) = read_typed(ctx, keys.seq.as_deref(), KeyType::String, |k| {
-        read_string(ctx, k)
-    });
-    judge::seq(&Found::from((kind, value)), keys)
+/// The sequence key's type and value, for the judge (`judge::seq`).
+fn found_seq(ctx: &Context, keys: &FlowKeys) -> (KeyType, Option<Vec<u8>>) {
+    read_typed(ctx, keys.seq.as_deref(), KeyType::String, |k| {
+        k.string().map(<[u8]>::to_vec)
+    })
 }
 
-/// The flow's labels; `None` when their names and values pass `budget` bytes (read no further).
-pub(super) fn read_labels(
-    ctx: &Context,
-    keys: &FlowKeys,
-    budget: u64,
-) -> Result<Option<Vec<(String, String)>>, FlowError> {
-    let (kind, value) = read_typed(ctx, keys.labels.as_deref(), KeyType::Hash, |k| {
-        hash_pairs(ctx, k, budget)
-    });
-    judge::labels(Found::from((kind, value)), keys)
+/// The labels hash's type and pairs up to `budget` bytes, read from it opened (`labels`), for the
+/// judge (`judge::labels`).
+pub(super) fn found_labels(labels: Option<&Key>, budget: u64) -> (KeyType, Option<Pairs>) {
+    labels.map_or((KeyType::Empty, None), |k| {
+        k.read_as(KeyType::Hash, |k| k.hash_pairs(budget))
+    })
+}
+
+/// `snapshot:seq` if the key exists (the commit's proof reads it again).
+pub(super) fn read_seq(ctx: &Context, keys: &FlowKeys) -> Result<Option<i64>, FlowError> {
+    judge::seq(&Found::from(found_seq(ctx, keys)), keys)
 }
 
 /// Reads the next chunk of a large snapshot (`mainthread::read_string_step`), else of the event log

@@ -21,12 +21,14 @@ use std::ops::ControlFlow;
 use redis_module::{Context, KeyType};
 use sha2::{Digest, Sha256};
 
-use crate::archive::capture::{read_labels, read_seq};
+use crate::archive::capture::{found_labels, read_seq};
+use crate::archive::judge::{self, Found};
 use crate::format::captured::Captured;
 use crate::format::event_log::EventLog;
 use crate::ops::errors::FlowError;
 use crate::ops::metrics::Buffered;
-use crate::runtime::server::{expect_type, hash_len, list_len, list_range_each, with_string};
+use crate::runtime::key::Key;
+use crate::runtime::server::with_string;
 
 /// A whole log, or the small keys' framed bytes, of at most this many bytes is kept for the commit to
 /// compare byte for byte (cheaper on the main thread than hashing it again); a larger one is hashed,
@@ -254,9 +256,10 @@ pub fn unchanged(
     archived: &Fingerprint,
 ) -> Result<bool, FlowError> {
     let keys = &flow.keys;
-    if let Some(hash) = &keys.labels {
-        let fields = match expect_type(ctx, hash, &KeyType::Hash)? {
-            true => hash_len(ctx, hash)?,
+    let hash = keys.labels.as_deref().map(|k| Key::open(ctx, k));
+    if let Some(hash) = &hash {
+        let fields = match hash.holds(&KeyType::Hash)? {
+            true => hash.len(KeyType::Hash)?,
             false => 0,
         };
         if fields != flow.labels.len() {
@@ -265,9 +268,11 @@ pub fn unchanged(
     }
     // Labels grown past the captured ones' bytes differ, and are not read further.
     let captured: usize = flow.labels.iter().map(|(k, v)| k.len() + v.len()).sum();
-    let Some(labels) = read_labels(ctx, keys, captured as u64)? else {
+    let found = found_labels(hash.as_ref(), captured as u64);
+    let Some(labels) = judge::labels(Found::from(found), keys)? else {
         return Ok(false);
     };
+    drop(hash);
     let seq = read_seq(ctx, keys)?;
     let small = with_string(ctx, &keys.snapshot, |snapshot| {
         snapshot.map(<[u8]>::len) == archived.snapshot
@@ -277,13 +282,14 @@ pub fn unchanged(
     if !small {
         return Ok(false);
     }
-    let length = list_len(ctx, &keys.events)?;
+    let events = Key::open(ctx, &keys.events);
+    let length = events.len(KeyType::List)?;
     match &archived.log {
         Log::Length(n) => Ok(length == *n),
         Log::Events { events: kept, .. } if length == kept.len() => {
             let mut kept = kept.iter();
             let mut same = true;
-            list_range_each(ctx, &keys.events, 0, length, |e| {
+            events.list_each(0, length, |e| {
                 same = kept.next().is_some_and(|k| k == e);
                 if same {
                     ControlFlow::Continue(())
@@ -295,7 +301,7 @@ pub fn unchanged(
         }
         Log::Hash(n, digest) if length == *n => {
             let mut parts = Parts::events(length);
-            list_range_each(ctx, &keys.events, 0, length, |e| {
+            events.list_each(0, length, |e| {
                 parts.part(e);
                 ControlFlow::Continue(())
             })?;
