@@ -31,7 +31,7 @@ use redis_module::{raw, redis_module, Context, RedisString, Status};
 
 use crate::ops::{configs, errors, log};
 use crate::read::fetch;
-use crate::runtime::{cluster, heap, mainthread, pool, registration, watch};
+use crate::runtime::{acl, cluster, heap, mainthread, pool, registration, watch};
 
 /// Valkey turns a replica's async (`swapdb`) diskless load into a blocking disk load unless every
 /// module declares it handles it: the module treats the swap at its end as a change to every flow in
@@ -83,6 +83,7 @@ fn deinit(_ctx: &Context) -> Status {
         return Status::Err;
     }
     mainthread::deinit();
+    acl::deinit();
     Status::Ok
 }
 

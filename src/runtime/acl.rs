@@ -81,8 +81,6 @@ impl Clone for User {
 #[derive(Clone, Debug, Default)]
 struct Together {
     keys: Vec<Checked>,
-    /// The stand-in's name, keywords and counts as server strings.
-    fixed: Fixed,
     /// No selector grants the stand-in and the user has no `( ... )` selectors: its root is its one
     /// selector, and keys are checked alone.
     root_only: bool,
@@ -107,11 +105,21 @@ impl Checked {
     }
 }
 
-/// The stand-in's other arguments as server strings, each made when first needed, once per command,
-/// by place: its name at 0, the keywords of `Access::ALL` next, then the groups' key counts (the count
-/// `n` at `COUNTS + n`).
-#[derive(Clone, Debug, Default)]
+/// The stand-in's other arguments as server strings, each made when first needed, by place: its name
+/// at 0, the keywords of `Access::ALL` next, then the groups' key counts (the count `n` at
+/// `COUNTS + n`).
+#[derive(Debug, Default)]
 struct Fixed(Vec<Arg>);
+
+/// The stand-in's fixed arguments, shared by every check: a few strings made once each and kept until
+/// the module unloads (`deinit`), instead of seven made and freed per command. Used on the main thread
+/// only; the server reads a check's arguments and never changes them.
+static FIXED: Mutex<Fixed> = Mutex::new(Fixed(Vec::new()));
+
+/// Frees the stand-in's fixed arguments at MODULE UNLOAD (no check runs then).
+pub fn deinit() {
+    lock(&FIXED).0.clear();
+}
 
 /// Where the counts' strings begin in `Fixed`.
 const COUNTS: usize = 1 + Access::ALL.len();
@@ -152,9 +160,9 @@ impl Clone for Arg {
 }
 
 // SAFETY: the string is made with no context, so it belongs to no client or call, and only this value
-// uses it: the checks of one command, in one main-thread step (`Caller::one_command` is held by the
-// step's own code). Dropping it elsewhere only releases memory through the server's thread-safe
-// allocator.
+// uses it: a key's in the checks of one command, in one main-thread step (`Caller::one_command` is
+// held by the step's own code), a fixed one (`FIXED`) in checks on the main thread only, read-only.
+// Dropping it elsewhere only releases memory through the server's thread-safe allocator.
 unsafe impl Send for Arg {}
 
 impl Caller {
@@ -469,7 +477,8 @@ fn standin_argv(
     together: &mut Together,
     n: usize,
 ) -> Result<Vec<*mut raw::RedisModuleString>, FlowError> {
-    let Together { keys, fixed, .. } = together;
+    let keys = &mut together.keys;
+    let mut fixed = lock(&FIXED);
     let keys = &mut keys[..n];
     let strings: Vec<_> = keys
         .iter_mut()
