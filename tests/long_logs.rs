@@ -37,6 +37,58 @@ fn write(c: &mut redis::Connection, model: &mut Model, id: &str, events: usize) 
     );
 }
 
+/// A completed flow `id` of three events with `blobs` events of `bytes` bytes (`widen`) after its
+/// first: a short log past 1 MiB, read in steps. The engine's state of it (the blobs have no type),
+/// and its log.
+fn wide(c: &mut redis::Connection, id: &str, blobs: usize, bytes: usize) -> (String, Vec<String>) {
+    let spec = FlowSpec {
+        events: 3,
+        ..FlowSpec::done(id)
+    };
+    write_flow(c, &spec);
+    (state_json(&spec), widen(c, id, blobs, bytes))
+}
+
+fn steps(c: &mut redis::Connection) -> i64 {
+    info_field(c, "main_thread_steps")
+}
+
+/// A connection of ACL user `name` (password `pw`).
+fn conn_as(srv: &Server, name: &str) -> redis::Connection {
+    let mut c = srv.conn();
+    cmd::<()>(&mut c, &["AUTH", name, "pw"]).unwrap();
+    c
+}
+
+/// Whether an error reply carries any of a blob's bytes.
+fn leaks(e: &str) -> bool {
+    e.contains("xxxxxxxx")
+}
+
+type Read = (String, Vec<String>);
+
+/// The error of a read that must be refused (when it was answered, how many events it got: a log of
+/// megabytes is not shown).
+fn refusal(r: redis::RedisResult<Read>) -> String {
+    match r {
+        Ok((_, events)) => panic!("answered {} events instead of an error", events.len()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Asserts a read answered `want`, naming the first difference (a log of megabytes is not shown).
+fn assert_read(got: &Read, want: &Read, what: &str) {
+    assert!(got.0 == want.0, "{what}: another state");
+    let (got, want) = (&got.1, &want.1);
+    let first = (0..got.len().min(want.len())).find(|&i| got[i] != want[i]);
+    assert!(
+        first.is_none() && got.len() == want.len(),
+        "{what}: {} events, want {}; first differing: {first:?}",
+        got.len(),
+        want.len()
+    );
+}
+
 /// Logs around one step (1024) and the smallest chunk (64), each read live and archived, under `budget`
 /// (or with the budget flipping between its bounds during the sweep when `None`); checked event by
 /// event live, then archived.
@@ -465,20 +517,7 @@ fn a_short_log_of_large_events_is_read_in_steps() {
     let srv = server_via(&s3, Some(&proxy), &[]);
     let mut c = srv.conn();
     config_set(&mut c, BUDGET, "50").unwrap();
-    let blob = format!("{{\"blob\":\"{}\"}}", "x".repeat(32 << 10));
-    let wide = |c: &mut redis::Connection, id: &str| -> (FlowSpec<'static>, Vec<String>) {
-        let spec = FlowSpec {
-            events: 3,
-            ..FlowSpec::done(Box::leak(id.to_string().into_boxed_str()))
-        };
-        write_flow(c, &spec);
-        let key = events_key(id);
-        let first: String = cmd(c, &["LINDEX", &key, "0"]).unwrap();
-        for _ in 0..40 {
-            run(c, &["LINSERT", &key, "AFTER", &first, &blob]);
-        }
-        (spec, lrange(c, &key))
-    };
+    let wide = |c: &mut redis::Connection, id: &str| wide(c, id, 40, 32 << 10);
 
     // Live: every event answered, over many steps.
     let (spec, events) = wide(&mut c, "wide-live");
@@ -487,7 +526,7 @@ fn a_short_log_of_large_events_is_read_in_steps() {
     let (state, answered) = get_events(&mut c, "wide-live").unwrap();
     let steps = info_field(&mut c, "main_thread_steps") - before;
     // Blobs are events of no type: the engine's state is that of the flow's own events.
-    assert_eq!(state, state_json(&spec));
+    assert_eq!(state, spec);
     assert_eq!(answered, events);
     assert!(steps >= 3, "{steps} steps for 1.3 MB of events");
 
@@ -516,7 +555,7 @@ fn a_short_log_of_large_events_is_read_in_steps() {
     wait_for("the PUT", Duration::from_secs(20), || {
         proxy.requests().len() > seen
     });
-    let edited = blob.replacen('x', "y", 1);
+    let edited = before_change[20].replacen('x', "y", 1);
     run(
         &mut c,
         &["LSET", &events_key("wide-changed"), "20", &edited],
@@ -662,4 +701,123 @@ fn a_long_log_is_answered_from_what_was_read_not_a_copy() {
         "archived: the heap rose by {rise} bytes for an object of {} bytes and {bytes} of content",
         object.len()
     );
+}
+
+/// ACL users for the reads below: each may read the keys named by `rules` (read-only) and run every
+/// command.
+fn readers(admin: &mut redis::Connection, users: &[(&str, &str)]) {
+    for (name, rules) in users {
+        let mut args = vec!["ACL", "SETUSER", name, "reset", "on", ">pw", "+@all"];
+        args.extend(rules.split_whitespace());
+        cmd::<()>(admin, &args).unwrap();
+    }
+}
+
+/// A live `GET … EVENTS` of a short log of large events, read by a read worker in steps, is allowed
+/// exactly as one the command reads itself (a small flow): a user who may not read the flow's keys, or
+/// may read its log but not its snapshot or sequence (the fold reads all three), is refused with
+/// NOPERM naming the key and gets no event; a user who may read exactly those keys gets every event.
+/// Under `state snapshot` (the stored snapshot answered, and the log) alike, where the sequence is not
+/// read: the snapshot and the log are needed.
+#[test]
+fn a_stepped_live_read_checks_rights_as_one_in_the_command() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    config_set(&mut c, BUDGET, "50").unwrap();
+    let (wide_state, wide_log) = wide(&mut c, "wide", 40, 32 << 10);
+    let small = FlowSpec::done("small");
+    write_flow(&mut c, &small);
+    let key = |part: &str| format!("%R~argyll:flow:*:{part}");
+    let (events, val, seq) = (key("events"), key("snapshot:val"), key("snapshot:seq"));
+    readers(
+        &mut c,
+        &[
+            ("outsider", "~other:*"),
+            ("log-only", &events),
+            ("no-snapshot", &format!("{events} {seq}")),
+            ("no-seq", &format!("{events} {val}")),
+            ("exact", &format!("{events} {val} {seq}")),
+        ],
+    );
+    let refused = [
+        ("outsider", "events"),
+        ("log-only", "snapshot:val"),
+        ("no-snapshot", "snapshot:val"),
+        ("no-seq", "snapshot:seq"),
+    ];
+    for (user, missing) in refused {
+        let mut r = conn_as(&srv, user);
+        for id in ["small", "wide"] {
+            let e = refusal(get_events(&mut r, id));
+            assert!(
+                e.starts_with("NOPERM") && e.contains(&format!("argyll:flow:{id}:{missing}")),
+                "{user} reading {id}: {e}"
+            );
+            assert!(!leaks(&e), "{user} reading {id}: event bytes in {e}");
+        }
+    }
+    let mut r = conn_as(&srv, "exact");
+    assert_eq!(
+        get_events(&mut r, "small").unwrap(),
+        (state_json(&small), events_of(&small))
+    );
+    let before = steps(&mut c);
+    let read = get_events(&mut r, "wide").unwrap();
+    assert_read(&read, &(wide_state, wide_log), "exact reading wide");
+    assert!(
+        steps(&mut c) - before >= 3,
+        "the wide log was not read in steps"
+    );
+
+    let mut opts = ServerOpts::new(&s3);
+    opts.module_args
+        .extend(["state", "snapshot"].map(String::from));
+    let srv = Server::start(opts);
+    let mut c = srv.conn();
+    config_set(&mut c, BUDGET, "50").unwrap();
+    let mut logs = std::collections::HashMap::new();
+    for id in ["small", "wide"] {
+        let spec = FlowSpec {
+            snapshot: Snapshot::Current,
+            ..FlowSpec::done(id)
+        };
+        write_flow(&mut c, &spec);
+        let log = match id {
+            "wide" => widen(&mut c, id, 40, 32 << 10),
+            _ => events_of(&spec),
+        };
+        logs.insert(id, (snapshot_of(&spec).unwrap().0, log));
+    }
+    readers(
+        &mut c,
+        &[
+            ("log-only", &events),
+            ("snapshot-only", &val),
+            ("exact", &format!("{events} {val}")),
+        ],
+    );
+    for (user, missing) in [("log-only", "snapshot:val"), ("snapshot-only", "events")] {
+        let mut r = conn_as(&srv, user);
+        for id in ["small", "wide"] {
+            let e = refusal(get_events(&mut r, id));
+            assert!(
+                e.starts_with("NOPERM") && e.contains(&format!("argyll:flow:{id}:{missing}")),
+                "{user} reading {id} (state snapshot): {e}"
+            );
+            assert!(!leaks(&e), "{user} reading {id}: event bytes in {e}");
+        }
+    }
+    let mut r = conn_as(&srv, "exact");
+    for id in ["small", "wide"] {
+        let before = steps(&mut c);
+        let read = get_events(&mut r, id).unwrap();
+        assert_read(
+            &read,
+            &logs[id],
+            &format!("exact reading {id} (state snapshot)"),
+        );
+        let stepped = steps(&mut c) - before >= 3;
+        assert_eq!(stepped, id == "wide", "{id} read in steps: {stepped}");
+    }
 }

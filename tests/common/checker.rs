@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use super::index::{self, INDEX};
 use super::{
-    assert_same, cmd, dump_all, escape_label, event_json, events_of, gunzip, parse_ms, snapshot_of,
-    state_of, wait_for, write_flow, FlowSpec, Server, Snapshot, S3,
+    assert_same, blob, cmd, dump_all, escape_label, event_json, events_of, gunzip, parse_ms,
+    snapshot_of, state_of, wait_for, widen, write_flow, FlowSpec, Server, Snapshot, S3,
 };
 
 const P: &str = "argyll";
@@ -198,6 +198,18 @@ impl Model {
             flow.last_ms = last_ms;
         }
         done == 1
+    }
+
+    /// Widens a written flow with `n` events of `bytes` bytes after its first (`widen`), and records
+    /// them.
+    pub fn widen(&mut self, c: &mut redis::Connection, id: &str, n: usize, bytes: usize) {
+        let flow = self.flows.get_mut(id).expect("model flow");
+        let wide = std::iter::repeat_n(blob(bytes), n);
+        flow.events.splice(1..1, wide);
+        assert!(
+            widen(c, id, n, bytes) == flow.events,
+            "model: flow {id} widened to another log"
+        );
     }
 
     pub fn ids(&self) -> Vec<String> {

@@ -392,6 +392,30 @@ pub fn write_flow(c: &mut redis::Connection, spec: &FlowSpec) {
     pipe.query::<()>(c).unwrap();
 }
 
+/// An event of `bytes` bytes of no type (`{"blob":"xx…"}`): the engine's fold skips it.
+pub fn blob(bytes: usize) -> String {
+    format!("{{\"blob\":\"{}\"}}", "x".repeat(bytes.saturating_sub(11)))
+}
+
+/// Inserts `n` events of `bytes` bytes (`blob`) after the first event of flow `id`'s log, so a log of
+/// few events passes 1 MiB (read in main-thread steps); the log as it is then.
+pub fn widen(c: &mut redis::Connection, id: &str, n: usize, bytes: usize) -> Vec<String> {
+    let key = format!("argyll:flow:{id}:events");
+    let first: String = cmd(c, &["LINDEX", &key, "0"]).unwrap();
+    let event = blob(bytes);
+    let mut pipe = redis::pipe();
+    for _ in 0..n {
+        pipe.cmd("LINSERT")
+            .arg(&key)
+            .arg("AFTER")
+            .arg(&first)
+            .arg(&event)
+            .ignore();
+    }
+    pipe.query::<()>(c).unwrap();
+    cmd(c, &["LRANGE", &key, "0", "-1"]).unwrap()
+}
+
 pub fn flow_keys(id: &str) -> Vec<String> {
     ["events", "snapshot:val", "snapshot:seq", "idx:labels"]
         .iter()
