@@ -49,8 +49,34 @@ fn wide(c: &mut redis::Connection, id: &str, blobs: usize, bytes: usize) -> (Str
     (state_json(&spec), widen(c, id, blobs, bytes))
 }
 
+/// A short log whose read takes some hundred steps at the smallest budget (12 MB of events).
+const MANY_STEPS: (usize, usize) = (300, 40 << 10);
+
 fn steps(c: &mut redis::Connection) -> i64 {
     info_field(c, "main_thread_steps")
+}
+
+/// Runs `slow` (a stepped read or archive) on `conn` in a thread of its own and, once it has taken two
+/// main-thread steps, `fault` on `c`: `slow`'s outcome, and whether it took a step after the fault
+/// (else the fault may have come after its last step, not in its middle; a step is counted when it is
+/// handed to the event loop, so one counted before the fault may still run after it).
+fn amid<T: Send + 'static>(
+    c: &mut redis::Connection,
+    mut conn: redis::Connection,
+    slow: impl FnOnce(&mut redis::Connection) -> T + Send + 'static,
+    fault: impl FnOnce(&mut redis::Connection),
+) -> (T, bool) {
+    let base = steps(c);
+    let running = std::thread::spawn(move || slow(&mut conn));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while steps(c) < base + 2 && !running.is_finished() {
+        assert!(std::time::Instant::now() < deadline, "no step was taken");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    fault(c);
+    let at = steps(c);
+    let out = running.join().unwrap();
+    (out, steps(c) > at)
 }
 
 /// A connection of ACL user `name` (password `pw`).
@@ -819,5 +845,56 @@ fn a_stepped_live_read_checks_rights_as_one_in_the_command() {
         );
         let stepped = steps(&mut c) - before >= 3;
         assert_eq!(stepped, id == "wide", "{id} read in steps: {stepped}");
+    }
+}
+
+/// Rights taken away while a stepped live read is under way refuse it: the read checks them again in
+/// every step that reads the flow's keys, as a read in the command checks them in the step that reads
+/// them. A read that met them gone after its first chunks answers NOPERM and no event (it once answered
+/// every event). Under `state fold` and `state snapshot` alike.
+#[test]
+fn rights_taken_away_during_a_stepped_live_read_refuse_it() {
+    let s3 = S3::new_bucket();
+    for state in ["fold", "snapshot"] {
+        let mut opts = ServerOpts::new(&s3);
+        opts.module_args.extend(["state", state].map(String::from));
+        let srv = Server::start(opts);
+        let mut c = srv.conn();
+        config_set(&mut c, BUDGET, "50").unwrap();
+        let spec = FlowSpec {
+            snapshot: Snapshot::Current,
+            ..FlowSpec::done("guarded")
+        };
+        write_flow(&mut c, &spec);
+        widen(&mut c, "guarded", MANY_STEPS.0, MANY_STEPS.1);
+        let mut landed = 0;
+        for _ in 0..5 {
+            readers(&mut c, &[("reader", "%R~argyll:flow:guarded:*")]);
+            let mut r = conn_as(&srv, "reader");
+            let calm = get_events(&mut r, "guarded").unwrap();
+            assert_eq!(calm.1.len(), MANY_STEPS.0 + 5, "{state}");
+            let (answer, stepped_after) = amid(
+                &mut c,
+                r,
+                |r| get_events(r, "guarded"),
+                |c| cmd::<()>(c, &["ACL", "SETUSER", "reader", "resetkeys"]).unwrap(),
+            );
+            // Refused, the read met the change: it had its rights before. Answered, it read on after
+            // the change if it took another step.
+            if answer.is_ok() && !stepped_after {
+                continue;
+            }
+            landed += 1;
+            let e = refusal(answer);
+            assert!(
+                e.starts_with("NOPERM") && e.contains("argyll:flow:guarded:"),
+                "{state}: {e}"
+            );
+            assert!(!leaks(&e), "{state}: event bytes in {e}");
+        }
+        assert!(
+            landed > 0,
+            "{state}: the rights were never taken away mid-read"
+        );
     }
 }

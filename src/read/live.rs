@@ -11,6 +11,10 @@
 //! archived read: each event is measured before it is copied.
 //!
 //! A layout served from its snapshot answers the stored snapshot as it is.
+//!
+//! The command checks the caller's rights on the keys it reads; a read worker's steps check them again
+//! each time they read the keys (`Rights`), as the command's own step does, so rights taken away while
+//! a read is under way refuse it: no byte is read for the client past them.
 
 use redis_module::{Context, KeyType, RedisError, RedisResult, RedisValue};
 
@@ -19,6 +23,7 @@ use crate::format::event_log::EventLog;
 use crate::layout::FlowKeys;
 use crate::ops::errors::{self, show_id, FlowError, ServerError};
 use crate::ops::metrics::{self, Stage};
+use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::blocking::{answer_later, can_block, this_client, Answer};
 use crate::runtime::mainthread::{
     self, read_log, read_string_step, ByteCap, LogRead, EVENTS_PER_STEP, WHOLE_BYTES,
@@ -33,6 +38,26 @@ pub static READ_POOL: Pool = Pool::new("flowarchive-read", 4, 1024);
 
 /// Reads restarted by a concurrent change before the client gets an error.
 const ATTEMPTS: usize = 3;
+
+/// The caller of a live read and the keys it reads for the answer, which it must be allowed to read
+/// together in every step that reads them.
+pub struct Rights {
+    caller: Caller,
+    keys: Vec<String>,
+}
+
+impl Rights {
+    pub fn new<'k>(caller: Caller, keys: impl IntoIterator<Item = &'k str>) -> Rights {
+        let keys = keys.into_iter().map(str::to_string).collect();
+        Rights { caller, keys }
+    }
+
+    /// Refuses with `NOPERM` unless the caller may still read the keys, as the keys of one command.
+    fn check(&self, ctx: &Context) -> Result<(), FlowError> {
+        let keys = self.keys.iter().map(String::as_str);
+        acl::check_all(ctx, &self.caller.one_command(), keys, Access::Read)
+    }
+}
 
 /// What a live read took from Valkey: the flow's keys as one state, counted against the caps until
 /// it is answered.
@@ -112,8 +137,8 @@ fn seq(ctx: &Context, keys: &FlowKeys) -> Result<Option<i64>, FlowError> {
 }
 
 /// Answers the engine's state of a live flow (and, with `events`, its log): the keys are read now (a
-/// short log) or by a read worker in steps (a long one), and folded on the read worker. Inside MULTI or
-/// a script, where the client cannot wait, it is refused.
+/// short log) or by a read worker in steps (a long one, checking the caller's `rights` in each), and
+/// folded on the read worker. Inside MULTI or a script, where the client cannot wait, it is refused.
 pub fn fold(
     ctx: &Context,
     db: i32,
@@ -121,6 +146,7 @@ pub fn fold(
     keys: FlowKeys,
     events: bool,
     max_bytes: u64,
+    rights: Rights,
 ) -> RedisResult {
     let fail = |e: FlowError| RedisError::String(e.read_message(&id));
     if !can_block(ctx) {
@@ -139,7 +165,7 @@ pub fn fold(
     let work = move || {
         let read = match short {
             Some(read) => Ok(read),
-            None => read_consistent(db, &keys, max_bytes),
+            None => read_consistent(db, &keys, max_bytes, &rights),
         };
         match read {
             // The log the command saw is gone: archived (or removed) before its turn to be read.
@@ -197,8 +223,8 @@ fn read_short(
 }
 
 /// Answers `[snapshot, events]` of a live flow of a layout served from its snapshot, whose snapshot the
-/// command has just read: at once for a short log, else through a read worker (the client is blocked
-/// until it answers).
+/// command has just read: at once for a short log, else through a read worker checking the caller's
+/// `rights` in each step (the client is blocked until it answers).
 pub fn events(
     ctx: &Context,
     db: i32,
@@ -206,6 +232,7 @@ pub fn events(
     keys: FlowKeys,
     snapshot: Vec<u8>,
     max_bytes: u64,
+    rights: Rights,
 ) -> RedisResult {
     let fail = |e: ServerError| RedisError::String(FlowError::from(e).read_message(&id));
     let total = list_len(ctx, &keys.events).map_err(fail)?;
@@ -229,7 +256,7 @@ pub fn events(
             show_id(&id)
         )));
     }
-    let read = move || match read_consistent(db, &keys, max_bytes) {
+    let read = move || match read_consistent(db, &keys, max_bytes, &rights) {
         Ok(mut read) => match read.snapshot.take() {
             Some(snapshot) => reply(snapshot, read, true),
             None => Err(RedisError::String(FlowError::Changed.read_message(&id))).into(),
@@ -240,11 +267,17 @@ pub fn events(
     Ok(RedisValue::NoReply)
 }
 
-/// The flow's keys and whole log as one state, in chunks; retried when the flow changes meanwhile.
-fn read_consistent(db: i32, keys: &FlowKeys, max_bytes: u64) -> Result<Read, FlowError> {
+/// The flow's keys and whole log as one state, in chunks, each step allowed by `rights`; retried when
+/// the flow changes meanwhile.
+fn read_consistent(
+    db: i32,
+    keys: &FlowKeys,
+    max_bytes: u64,
+    rights: &Rights,
+) -> Result<Read, FlowError> {
     let mut outcome = Err(FlowError::Changed);
     for _ in 0..ATTEMPTS {
-        outcome = read_once(db, keys, max_bytes);
+        outcome = read_once(db, keys, max_bytes, rights);
         if !matches!(outcome, Err(FlowError::Changed)) {
             break;
         }
@@ -252,10 +285,11 @@ fn read_consistent(db: i32, keys: &FlowKeys, max_bytes: u64) -> Result<Read, Flo
     outcome
 }
 
-fn read_once(db: i32, keys: &FlowKeys, max_bytes: u64) -> Result<Read, FlowError> {
+fn read_once(db: i32, keys: &FlowKeys, max_bytes: u64, rights: &Rights) -> Result<Read, FlowError> {
     let mut held = 0;
     let (watch, (stored, mut cap), seq, total) =
         mainthread::step(db, Stage::Capture, &mut held, |ctx| {
+            rights.check(ctx)?;
             let stored = stored(ctx, keys, max_bytes)?;
             let writes = match stored.0 {
                 Stored::Large(_) => Writes::ToListsAndStrings,
@@ -275,6 +309,7 @@ fn read_once(db: i32, keys: &FlowKeys, max_bytes: u64) -> Result<Read, FlowError
             if watch.changed() {
                 return Err(FlowError::Changed);
             }
+            rights.check(ctx)?;
             Ok(read_string_step(ctx, &keys.snapshot, large, copied))
         })?;
         stopped(read, max_bytes)?;
@@ -285,6 +320,7 @@ fn read_once(db: i32, keys: &FlowKeys, max_bytes: u64) -> Result<Read, FlowError
             if watch.changed() {
                 return Err(FlowError::Changed);
             }
+            rights.check(ctx)?;
             Ok(read_log(ctx, &keys.events, total, &mut log, &mut cap)?)
         })?;
         stopped(read, max_bytes)?;

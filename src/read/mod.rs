@@ -74,8 +74,8 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
         .map_err(|why| fail(FlowError::Unsafe(why)))?;
     let keys = settings.layout.flow_keys(&id);
     // Every key read for the answer allowed together with the others, as the keys of one command.
-    let caller = Caller::of(ctx);
-    let caller: &Caller = &caller.one_command();
+    let user = Caller::of(ctx);
+    let caller: &Caller = &user.one_command();
     let slot = cluster::placement(&id, keys.named()).map_err(fail)?;
     let db = selected_db(ctx);
     let live = match settings.layout.state {
@@ -93,7 +93,16 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
                     }
                     acl::check(ctx, caller, &keys.events, Access::Read).map_err(fail)?;
                     expect_type(ctx, &keys.events, &KeyType::List).map_err(fail)?;
-                    return live::events(ctx, db, id, keys, snapshot, settings.read_max_bytes);
+                    let rights = live::Rights::new(user, [keys.snapshot.as_str(), &keys.events]);
+                    return live::events(
+                        ctx,
+                        db,
+                        id,
+                        keys,
+                        snapshot,
+                        settings.read_max_bytes,
+                        rights,
+                    );
                 }
                 snapshot => snapshot.is_some(),
             }
@@ -101,7 +110,8 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
     };
     if live && previous == 0 {
         GET_LIVE.fetch_add(1, Ordering::Relaxed);
-        return live::fold(ctx, db, id, keys, events, settings.read_max_bytes);
+        let rights = live::Rights::new(user, keys.state());
+        return live::fold(ctx, db, id, keys, events, settings.read_max_bytes, rights);
     }
     // Counted from the newest archive: a live flow is the newest incarnation itself.
     let hops = previous - usize::from(live && previous > 0);
