@@ -898,3 +898,133 @@ fn rights_taken_away_during_a_stepped_live_read_refuse_it() {
         );
     }
 }
+
+/// A write to a short log of large events while a live read of it is under way.
+struct Write {
+    name: &'static str,
+    /// Applies it to the log at the key given, which holds the log given.
+    apply: fn(&mut redis::Connection, &str, &[String]),
+    /// What it makes of the log; `None` when the log is gone.
+    then: fn(&[String]) -> Option<Vec<String>>,
+}
+
+/// Another event of the same size as the blob `e`.
+fn edited(e: &str, by: &str) -> String {
+    e.replacen('x', by, 1)
+}
+
+const WRITES: [Write; 4] = [
+    Write {
+        name: "rpush",
+        apply: |c, key, _| run(c, &["RPUSH", key, "{\"late\":1}"]),
+        then: |l| Some([l, &["{\"late\":1}".to_string()]].concat()),
+    },
+    Write {
+        // An event the read has taken and one it has not, in one transaction.
+        name: "lset-read-and-unread",
+        apply: |c, key, l| {
+            let last = MANY_STEPS.0;
+            let mut tx = redis::pipe();
+            tx.atomic();
+            tx.cmd("LSET").arg(key).arg(1).arg(edited(&l[1], "a"));
+            tx.cmd("LSET").arg(key).arg(last).arg(edited(&l[last], "b"));
+            tx.query::<()>(c).unwrap();
+        },
+        then: |l| {
+            let mut l = l.to_vec();
+            l[1] = edited(&l[1], "a");
+            l[MANY_STEPS.0] = edited(&l[MANY_STEPS.0], "b");
+            Some(l)
+        },
+    },
+    Write {
+        name: "del",
+        apply: |c, key, _| run(c, &["DEL", key]),
+        then: |_| None,
+    },
+    Write {
+        // Deleted and written again at once, as many events, every blob another.
+        name: "replaced",
+        apply: |c, key, l| {
+            let mut tx = redis::pipe();
+            tx.atomic();
+            tx.cmd("DEL").arg(key);
+            tx.cmd("RPUSH").arg(key).arg(replaced(l));
+            tx.query::<()>(c).unwrap();
+        },
+        then: |l| Some(replaced(l)),
+    },
+];
+
+/// The log with every blob replaced by a small one (as many events, quick to write).
+fn replaced(l: &[String]) -> Vec<String> {
+    l.iter()
+        .map(|e| match e.starts_with("{\"blob\"") {
+            true => blob(16),
+            false => e.clone(),
+        })
+        .collect()
+}
+
+/// A write during a stepped live read of a short log of large events (an event appended; one event the
+/// read has taken and one it has not rewritten in one transaction; the log deleted; the log deleted and
+/// written again as long): the read follows the log from its first step, so one that meets the write
+/// starts again and answers the log as written, whole, or, the log gone, says so; never the first
+/// chunks of one log with the later ones of another. Each write lands once the read has taken its
+/// first chunk (its first MiB, where the event rewritten first lies); an attempt where it came after
+/// the read's last step must answer the log before or after it, whole, and is made again.
+#[test]
+fn a_write_during_a_stepped_live_read_restarts_it_or_fails_it() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    config_set(&mut c, BUDGET, "50").unwrap();
+    for write in &WRITES {
+        let id = format!("written-{}", write.name);
+        let key = events_key(&id);
+        let mut met = false;
+        for _ in 0..5 {
+            run(&mut c, &["DEL", &key]);
+            let (state, log) = wide(&mut c, &id, MANY_STEPS.0, MANY_STEPS.1);
+            let then = (write.then)(&log).map(|l| (state_of(&l).unwrap(), l));
+            let before = (state, log);
+            let (answer, stepped_after) = amid(
+                &mut c,
+                srv.conn(),
+                {
+                    let id = id.clone();
+                    move |r| get_events(r, &id)
+                },
+                |c| (write.apply)(c, &key, &before.1),
+            );
+            let what = format!(
+                "{} ({})",
+                write.name,
+                if stepped_after { "mid-read" } else { "late" }
+            );
+            let read = match answer {
+                Ok(read) => read,
+                Err(e) => {
+                    let e = e.to_string();
+                    let gone = e.contains("was archived or removed while it was read; retry");
+                    assert!(then.is_none() && gone, "{what}: {e}");
+                    // The read began with the log there: it met the write.
+                    met = true;
+                    break;
+                }
+            };
+            // Begun before the write, a read that answers the log as written met it.
+            if then.as_ref() == Some(&read) {
+                met = true;
+                break;
+            }
+            match (&then, stepped_after) {
+                (Some(then), true) => assert_read(&read, then, &what),
+                (None, true) => panic!("{what}: answered {} events of a deleted log", read.1.len()),
+                // Came after the read's last step: the log before the write, whole.
+                (_, false) => assert_read(&read, &before, &what),
+            }
+        }
+        assert!(met, "{}: never written mid-read", write.name);
+    }
+}
