@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::checker::{self, Expect, Model};
+use common::checker::{self, assert_alive, Expect, Model};
 use common::*;
 
 const BUDGET: &str = "flowarchive.step-budget-us";
@@ -1027,4 +1027,120 @@ fn a_write_during_a_stepped_live_read_restarts_it_or_fails_it() {
         }
         assert!(met, "{}: never written mid-read", write.name);
     }
+}
+
+/// Writes a completed flow `id` into `model`, widened to a short log of large events read in many steps
+/// (`MANY_STEPS`).
+fn write_wide(c: &mut redis::Connection, model: &mut Model, id: &str) {
+    write(c, model, id, 5);
+    model.widen(c, id, MANY_STEPS.0, MANY_STEPS.1);
+}
+
+fn repl_offset(c: &mut redis::Connection) -> String {
+    checker::repl_field(c, "master_repl_offset")
+}
+
+/// `CLIENT PAUSE WRITE` and `CLIENT PAUSE ALL` in the middle of a stepped live read of a short log of
+/// large events, and of a stepped capture of one. Under a write pause the server answers at once and
+/// the read answers every event before the pause ends (a read writes nothing); under a pause of all
+/// clients the read answers every event once it may. A capture's commit waits for either pause to end,
+/// writing nothing meanwhile, and then archives its flow; the checker finds every flow live or
+/// archived with exactly its events.
+#[test]
+fn client_pause_during_a_stepped_read_or_capture_loses_nothing() {
+    use std::time::Instant;
+    let s3 = S3::new_bucket();
+    let mut srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    config_set(&mut c, BUDGET, "50").unwrap();
+    let mut model = Model::new(0);
+    for id in ["read-write", "read-all", "flow-write", "flow-all"] {
+        write_wide(&mut c, &mut model, id);
+    }
+    let whole = |id: &str| {
+        let flow = &model.flows[id];
+        (flow.state().unwrap(), flow.events.clone())
+    };
+    let pause = |c: &mut redis::Connection, ms: u64, what: &str| {
+        cmd::<()>(c, &["CLIENT", "PAUSE", &ms.to_string(), what]).unwrap();
+        Instant::now()
+    };
+
+    // Reads. A write pause: the read goes on and answers before the pause ends.
+    let mut paused = None;
+    let ((read, answered), _) = amid(
+        &mut c,
+        srv.conn(),
+        |r| (get_events(r, "read-write"), Instant::now()),
+        |c| {
+            paused = Some(pause(c, 3000, "WRITE"));
+            assert_eq!(cmd::<String>(c, &["PING"]).unwrap(), "PONG");
+        },
+    );
+    let paused = paused.unwrap();
+    assert_read(
+        &read.unwrap(),
+        &whole("read-write"),
+        "read during a write pause",
+    );
+    assert!(
+        answered.duration_since(paused) < Duration::from_millis(2500),
+        "the read waited {:?} for the write pause to end",
+        answered.duration_since(paused)
+    );
+    cmd::<()>(&mut c, &["CLIENT", "UNPAUSE"]).unwrap();
+    // A pause of all clients, the read still under way when it began.
+    let mut paused = None;
+    let ((read, answered), _) = amid(
+        &mut c,
+        srv.conn(),
+        |r| (get_events(r, "read-all"), Instant::now()),
+        |c| paused = Some(pause(c, 800, "ALL")),
+    );
+    assert!(
+        answered > paused.unwrap(),
+        "the read ended before the pause"
+    );
+    assert_read(
+        &read.unwrap(),
+        &whole("read-all"),
+        "read during a pause of all",
+    );
+    assert_alive(&mut srv, "after the reads");
+
+    // Captures: each uploads during the pause; its commit waits for the pause to end, writing
+    // nothing meanwhile (ended at once for writes, after its 5 s for all clients).
+    for (id, what) in [("flow-write", "WRITE"), ("flow-all", "ALL")] {
+        let object = format!("flows/{id}.jsonl.gz");
+        let mut resumed = None;
+        let ((archived, done), _) = amid(
+            &mut c,
+            srv.conn(),
+            move |r| (archive(r, id), Instant::now()),
+            |c| {
+                let (offset, committed) = (repl_offset(c), info_field(c, "flows_archived"));
+                let paused = pause(c, 5000, what);
+                wait_for("the upload", Duration::from_millis(4500), || {
+                    s3.get(&object).is_some()
+                });
+                // The commit is tried meanwhile.
+                std::thread::sleep(Duration::from_millis(200));
+                resumed = Some(match what {
+                    "WRITE" => {
+                        assert_eq!(repl_offset(c), offset, "{id}: written while paused");
+                        assert_eq!(info_field(c, "flows_archived"), committed, "{id}");
+                        cmd::<()>(c, &["CLIENT", "UNPAUSE"]).unwrap();
+                        Instant::now()
+                    }
+                    _ => paused + Duration::from_millis(5000),
+                });
+            },
+        );
+        let archived = archived.unwrap_or_else(|e| panic!("{id}: {e}"));
+        assert_eq!(int(&archived["events"]), MANY_STEPS.0 as i64 + 5, "{id}");
+        assert!(done >= resumed.unwrap(), "{id}: committed during the pause");
+        assert_alive(&mut srv, id);
+    }
+    let tally = checker::check("after the pauses", &srv, &s3, &model, Expect::Either);
+    assert_eq!((tally.live, tally.archived), (2, 2));
 }
