@@ -1144,3 +1144,114 @@ fn client_pause_during_a_stepped_read_or_capture_loses_nothing() {
     let tally = checker::check("after the pauses", &srv, &s3, &model, Expect::Either);
     assert_eq!((tally.live, tally.archived), (2, 2));
 }
+
+/// `MODULE UNLOAD`'s answer when the server refuses it for the module's blocked clients (a GET or
+/// FLOW waiting for its worker), before the module is asked.
+const BLOCKED_CLIENTS: &str = "the module has blocked clients";
+
+/// `MODULE UNLOAD` while a stepped live read of a short log of large events is under way, while a
+/// FLOW's stepped capture of one is and while its upload is held back, and while a sweep captures and
+/// uploads such flows: refused each time (for a GET or FLOW by the server, whose clients wait on the
+/// module; for the sweep, which no client waits on, by the module itself). The read answers every
+/// event, each archive commits; the checker finds every flow archived with exactly its events. Idle
+/// again, the module unloads.
+#[test]
+fn module_unload_is_refused_during_a_stepped_read_or_capture() {
+    let s3 = S3::new_bucket();
+    let proxy = common::proxy::Proxy::start(s3_port());
+    let mut opts = ServerOpts::new(&s3);
+    opts.module_args = s3.module_args(&proxy.endpoint());
+    opts.extra = ["--enable-module-command", "yes"]
+        .map(String::from)
+        .to_vec();
+    let mut srv = Server::start(opts);
+    let mut c = srv.conn();
+    config_set(&mut c, BUDGET, "50").unwrap();
+    let mut model = Model::new(0);
+    let swept = ["swept-0", "swept-1", "swept-2"];
+    for id in ["read", "captured", "held"].iter().chain(&swept) {
+        write_wide(&mut c, &mut model, id);
+    }
+    let refused = |c: &mut redis::Connection, what: &str, why: &str| {
+        let e = err_text(cmd::<()>(c, &["MODULE", "UNLOAD", "flowarchive"]));
+        assert!(
+            e.contains("Error unloading module") && e.contains(why),
+            "{what}: {e}"
+        );
+    };
+
+    let flow = &model.flows["read"];
+    let whole = (flow.state().unwrap(), flow.events.clone());
+    let mut met = false;
+    for _ in 0..5 {
+        let (read, stepped_after) = amid(
+            &mut c,
+            srv.conn(),
+            |r| get_events(r, "read"),
+            |c| refused(c, "a stepped read", BLOCKED_CLIENTS),
+        );
+        assert_read(&read.unwrap(), &whole, "the read");
+        if stepped_after {
+            met = true;
+            break;
+        }
+    }
+    assert!(met, "every unload came after the read's last step");
+
+    let (archived, _) = amid(
+        &mut c,
+        srv.conn(),
+        |r| archive(r, "captured"),
+        |c| refused(c, "a stepped capture", BLOCKED_CLIENTS),
+    );
+    assert_eq!(int(&archived.unwrap()["events"]), MANY_STEPS.0 as i64 + 5);
+
+    proxy.delay("PUT", Duration::from_millis(700));
+    let seen = proxy.requests().len();
+    let mut other = srv.conn();
+    let held = std::thread::spawn(move || archive(&mut other, "held"));
+    wait_for("the PUT", Duration::from_secs(20), || {
+        proxy.requests().len() > seen
+    });
+    refused(&mut c, "an upload held back", BLOCKED_CLIENTS);
+    let archived = held.join().unwrap();
+    assert_eq!(int(&archived.unwrap()["events"]), MANY_STEPS.0 as i64 + 5);
+
+    // A sweep: its captures in steps, then its uploads held back.
+    let before = steps(&mut c);
+    assert_eq!(sweep_async(&mut c).unwrap(), "STARTED");
+    wait_for("the sweep's capture steps", Duration::from_secs(20), || {
+        steps(&mut c) >= before + 2
+    });
+    let refusals = |srv: &Server| srv.log().matches("MODULE UNLOAD refused").count();
+    let puts = || {
+        proxy
+            .requests()
+            .iter()
+            .filter(|r| r.starts_with("PUT"))
+            .count()
+    };
+    let put = puts();
+    for what in ["the sweep's captures", "the sweep's uploads"] {
+        if what.ends_with("uploads") {
+            wait_for("a PUT of the sweep", Duration::from_secs(20), || {
+                puts() > put
+            });
+        }
+        let running = info_field(&mut c, "sweep_running") == 1;
+        assert!(running, "{what}: the sweep ended");
+        let logged = refusals(&srv);
+        refused(&mut c, what, "");
+        assert!(refusals(&srv) > logged, "{what}: not refused by the module");
+    }
+    wait_for("the sweep to end", Duration::from_secs(60), || {
+        info_field(&mut c, "sweep_running") == 0
+    });
+    proxy.clear();
+    assert_alive(&mut srv, "after the unloads");
+    let tally = checker::check("after the unloads", &srv, &s3, &model, Expect::Either);
+    assert_eq!(tally.archived, model.flows.len());
+    wait_for("the unload, idle", Duration::from_secs(10), || {
+        cmd::<()>(&mut c, &["MODULE", "UNLOAD", "flowarchive"]).is_ok()
+    });
+}
