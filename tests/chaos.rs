@@ -1,5 +1,5 @@
 //! Chaos: a sweep over a few hundred flows with a fault injected mid-sweep (kill -9, S3 going away,
-//! CLIENT PAUSE, role changes, CONFIG SET, SWAPDB/FLUSHDB, MODULE UNLOAD, late writes, memory
+//! CLIENT PAUSE, role changes (also over short logs of large events, captured in steps), CONFIG SET, SWAPDB/FLUSHDB, MODULE UNLOAD, late writes, memory
 //! pressure under every kind of eviction policy, a store that checks nothing), then a
 //! fault-free sweep and the checker (tests/common/checker.rs), which proves flow by flow and event by
 //! event that nothing was lost, that replicas equal their primary and that the bucket holds only flow
@@ -75,11 +75,11 @@ fn opts(s3: &S3, proxy: &Proxy, module_extra: &[&str], server_extra: &[&str]) ->
     o
 }
 
-fn replica_of(primary: &Server, s3: &S3, proxy: &Proxy) -> Server {
+fn replica_of(primary: &Server, s3: &S3, proxy: &Proxy, module_extra: &[&str]) -> Server {
     let port = primary.port.to_string();
     let mut args = vec!["--replicaof", "127.0.0.1", &port];
     args.extend(ASYNC_LOAD);
-    let r = Server::start(opts(s3, proxy, &[], &args));
+    let r = Server::start(opts(s3, proxy, module_extra, &args));
     wait_for("the replica link", Duration::from_secs(20), || {
         repl_field(&mut r.conn(), "master_link_status") == "up"
     });
@@ -131,6 +131,58 @@ fn populate(c: &mut redis::Connection, model: &mut Model, rng: &mut Rng, n: usiz
                 },
             },
         );
+    }
+}
+
+/// `n` flows whose logs are short (the engine's five events) but pass 1 MiB with 30 to 45 events of 40
+/// to 56 KiB after the first (`Model::widen`), so each is captured in main-thread steps and followed by
+/// keyspace events up to its commit; most terminal long ago (eligible), some active, some recently
+/// terminal.
+fn populate_wide(c: &mut redis::Connection, model: &mut Model, rng: &mut Rng, n: usize, tag: &str) {
+    let recent = now_ms() - 60_000;
+    for i in 0..n {
+        let id = format!("{tag}{i:03}");
+        let (status, last_ms) = match rng.below(20) {
+            0 => ("active", recent),
+            1 => ("completed", recent),
+            2..=5 => ("failed", LONG_AGO + i as i64),
+            _ => ("completed", LONG_AGO + i as i64),
+        };
+        let spec = FlowSpec {
+            id: &id,
+            status,
+            last_ms,
+            labels: LABELS[rng.below(LABELS.len())],
+            ..FlowSpec::done(&id)
+        };
+        model.write(c, &spec);
+        model.widen(c, &id, 30 + rng.below(16), (40 + rng.below(17)) << 10);
+    }
+}
+
+/// What a bed's flows are.
+#[derive(Clone, Copy)]
+enum Flows {
+    /// `populate`'s mix.
+    Mixed,
+    /// `populate_wide`'s short logs of large events (a sixth as many), at the smallest step budget.
+    Wide,
+}
+
+impl Flows {
+    /// Module args both nodes of a bed load with.
+    fn module_args(self) -> &'static [&'static str] {
+        match self {
+            Flows::Mixed => &[],
+            Flows::Wide => &["step-budget-us", "50"],
+        }
+    }
+
+    fn write(self, c: &mut redis::Connection, model: &mut Model, rng: &mut Rng, tag: &str) {
+        match self {
+            Flows::Mixed => populate(c, model, rng, plan().flows, tag),
+            Flows::Wide => populate_wide(c, model, rng, plan().flows / 6, tag),
+        }
     }
 }
 
@@ -365,14 +417,15 @@ fn b_s3_going_away_mid_sweep_loses_nothing() {
 
 /// Primary and one replica, both with the module and both loading asynchronously as replicas
 /// (`swapdb`, so a role change swaps a whole dataset in without keyspace events); the primary holds
-/// the model in DB 0.
-fn replicated_bed(tag: &str, rng: &mut Rng) -> (S3, Proxy, Server, Server, Model) {
+/// the model of `flows` in DB 0.
+fn replicated_bed(tag: &str, rng: &mut Rng, flows: Flows) -> (S3, Proxy, Server, Server, Model) {
     let proxy = Proxy::start(s3_port());
     let s3 = S3::new_bucket();
-    let primary = Server::start(opts(&s3, &proxy, &[], &ASYNC_LOAD));
-    let replica = replica_of(&primary, &s3, &proxy);
+    let module_args = flows.module_args();
+    let primary = Server::start(opts(&s3, &proxy, module_args, &ASYNC_LOAD));
+    let replica = replica_of(&primary, &s3, &proxy, module_args);
     let mut model = Model::new(0);
-    populate(&mut primary.conn(), &mut model, rng, plan().flows, tag);
+    flows.write(&mut primary.conn(), &mut model, rng, tag);
     proxy.delay("PUT", PUT_DELAY);
     (s3, proxy, primary, replica, model)
 }
@@ -381,7 +434,7 @@ fn replicated_bed(tag: &str, rng: &mut Rng) -> (S3, Proxy, Server, Server, Model
 fn c_client_pause_write_mid_sweep_keeps_the_server_alive() {
     let plan = plan();
     let mut rng = Rng::new(SEED ^ 0xC);
-    let (s3, proxy, mut primary, mut replica, model) = replicated_bed("cp", &mut rng);
+    let (s3, proxy, mut primary, mut replica, model) = replicated_bed("cp", &mut rng, Flows::Mixed);
     let mut c = primary.conn();
     for round in 0..plan.rounds {
         let left = eligible_left(&mut c, &model);
@@ -433,12 +486,12 @@ fn log_tail(s: &Server, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// Swaps the roles of the primary (sweeping) and its replica mid-sweep with `swap(primary, replica)`,
-/// once per round (the long variant swaps back and forth), then settles on whichever node is primary
-/// and checks it, with the other as its replica.
-fn role_change_mid_sweep(what: &str, seed: u64, swap: fn(&Server, &Server)) {
+/// Swaps the roles of the primary (sweeping `flows`) and its replica mid-sweep with
+/// `swap(primary, replica)`, once per round (the long variant swaps back and forth), then settles on
+/// whichever node is primary and checks it, with the other as its replica.
+fn role_change_mid_sweep(what: &str, seed: u64, flows: Flows, swap: fn(&Server, &Server)) {
     let mut rng = Rng::new(seed);
-    let (s3, proxy, a, b, model) = replicated_bed("r", &mut rng);
+    let (s3, proxy, a, b, model) = replicated_bed("r", &mut rng, flows);
     let mut nodes = [a, b];
     let mut p = 0; // index of the current primary
     for round in 0..plan().rounds {
@@ -500,20 +553,53 @@ fn role_change_mid_sweep(what: &str, seed: u64, swap: fn(&Server, &Server)) {
     }
 }
 
+fn failover(primary: &Server, _: &Server) {
+    cmd::<()>(&mut primary.conn(), &["FAILOVER", "TIMEOUT", "10000"]).unwrap();
+}
+
+fn replicaof_swap(primary: &Server, replica: &Server) {
+    cmd::<()>(&mut replica.conn(), &["REPLICAOF", "NO", "ONE"]).unwrap();
+    let port = replica.port.to_string();
+    cmd::<()>(&mut primary.conn(), &["REPLICAOF", "127.0.0.1", &port]).unwrap();
+}
+
 #[test]
 fn c_failover_mid_sweep_loses_nothing() {
-    role_change_mid_sweep("c (FAILOVER)", SEED ^ 0xC1, |primary, _| {
-        cmd::<()>(&mut primary.conn(), &["FAILOVER", "TIMEOUT", "10000"]).unwrap();
-    });
+    role_change_mid_sweep("c (FAILOVER)", SEED ^ 0xC1, Flows::Mixed, failover);
 }
 
 #[test]
 fn c_replicaof_swap_mid_sweep_loses_nothing() {
-    role_change_mid_sweep("c (REPLICAOF swap)", SEED ^ 0xC2, |primary, replica| {
-        cmd::<()>(&mut replica.conn(), &["REPLICAOF", "NO", "ONE"]).unwrap();
-        let port = replica.port.to_string();
-        cmd::<()>(&mut primary.conn(), &["REPLICAOF", "127.0.0.1", &port]).unwrap();
-    });
+    role_change_mid_sweep(
+        "c (REPLICAOF swap)",
+        SEED ^ 0xC2,
+        Flows::Mixed,
+        replicaof_swap,
+    );
+}
+
+/// A failover in the middle of a sweep of short logs of large events, each captured in steps and
+/// followed up to its commit: every event of every flow live or archived, the replica equal to the
+/// primary.
+#[test]
+fn c_failover_mid_sweep_of_large_events_loses_nothing() {
+    role_change_mid_sweep(
+        "c (FAILOVER, large events)",
+        SEED ^ 0xC3,
+        Flows::Wide,
+        failover,
+    );
+}
+
+/// `c_failover_mid_sweep_of_large_events_loses_nothing` with the roles swapped by REPLICAOF.
+#[test]
+fn c_replicaof_swap_mid_sweep_of_large_events_loses_nothing() {
+    role_change_mid_sweep(
+        "c (REPLICAOF swap, large events)",
+        SEED ^ 0xC4,
+        Flows::Wide,
+        replicaof_swap,
+    );
 }
 
 // ---------------------------------------------------------------- d. CONFIG SET mid-sweep
