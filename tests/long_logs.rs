@@ -5,7 +5,9 @@
 //! during the sweep; every list write between two chunks of a capture (nothing is deleted unless the
 //! archive holds what was live at commit, checked event by event by the checker); a live read while
 //! the log rotates (never a mixture of two states); `read-max-bytes` hit at exactly its byte; events
-//! of 0 bytes; and the main-thread CPU figure in INFO.
+//! of 0 bytes; the main-thread CPU figure in INFO; and, on short logs of large events read in steps
+//! (past their first 1 MiB), the caller's rights (asked in every step, also when taken away mid-read),
+//! writes, `CLIENT PAUSE` and `MODULE UNLOAD` in the middle of a live read or a capture.
 
 mod common;
 
