@@ -1054,3 +1054,62 @@ fn an_expired_label_not_yet_reclaimed_keeps_the_flow_until_it_is() {
     let tally = checker::check("once reclaimed", &srv, &s3, &model, checker::Expect::Either);
     assert_eq!(tally.archived, 1);
 }
+
+/// The server drops a module's keyspace-event subscriptions when it unloads it, but the library stays
+/// mapped (the server's thread-local destructors keep it loaded), so the module's statics outlive the
+/// unload. Loaded again, the module once thought itself subscribed and followed no write: a write to a
+/// long log or to a large snapshot while the object was on its way was lost with the flow. After
+/// `MODULE UNLOAD` and `MODULE LOAD`, both keep their flow again.
+#[test]
+fn writes_are_followed_again_after_the_module_is_reloaded() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let mut opts = ServerOpts::new(&s3);
+    opts.module_args = s3.module_args(&proxy.endpoint());
+    opts.extra = vec!["--enable-module-command".into(), "yes".into()];
+    let srv = Server::start(opts.clone());
+    let mut c = srv.conn();
+    let large = |c: &mut redis::Connection, id: &str| {
+        write_flow(
+            c,
+            &FlowSpec {
+                snapshot: Snapshot::Current,
+                ..FlowSpec::done(id)
+            },
+        );
+        let snapshot = padded_snapshot(c, id, 3 << 20);
+        run(
+            c,
+            &["SET", &format!("argyll:flow:{id}:snapshot:val"), &snapshot],
+        );
+    };
+    let changes = |round: &str| {
+        let long = format!("long-{round}");
+        change_during_upload(&srv, &proxy, &long, LONG, |c| {
+            run(c, &["LSET", &events_key(&long), "700", "{}"])
+        });
+        let id = format!("large-{round}");
+        large(&mut srv.conn(), &id);
+        change_written_during_upload(&srv, &proxy, &id, |c| {
+            let key = format!("argyll:flow:{id}:snapshot:val");
+            run(c, &["SETRANGE", &key, "2000000", "q"]);
+        });
+    };
+    changes("first");
+    assert_eq!(info_field(&mut c, "string_events_subscribed"), 1);
+
+    // Idle once the archives have answered: the unload goes through.
+    wait_for("the unload", Duration::from_secs(10), || {
+        cmd::<()>(&mut c, &["MODULE", "UNLOAD", "flowarchive"]).is_ok()
+    });
+    let path = module_path();
+    let mut load = vec!["MODULE", "LOAD", path.to_str().unwrap()];
+    load.extend(opts.module_args.iter().map(String::as_str));
+    run(&mut c, &load);
+    // The server dropped the subscriptions with the unload: the new load has none yet.
+    assert_eq!(info_field(&mut c, "keyspace_events_subscribed"), 0);
+    assert_eq!(info_field(&mut c, "string_events_subscribed"), 0);
+    changes("reloaded");
+    assert_eq!(info_field(&mut c, "keyspace_events_subscribed"), 1);
+    assert_eq!(info_field(&mut c, "string_events_subscribed"), 1);
+}

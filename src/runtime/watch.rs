@@ -16,9 +16,9 @@
 //! written by another type's command (a `…STORE` over it) fails the type check or is written again
 //! by a string or generic command to turn back into a string, and either is seen. No server this
 //! module supports (Valkey 8.0 to 9.1, Redis 7.0) lets a module unsubscribe, so each subscription
-//! stays until the module unloads: from the first long flow on, list writes pay for one notification
-//! each, from the first large snapshot on, string writes too, and the hook returns at once while
-//! nothing is followed.
+//! stays until the module unloads (the server then drops it, and a new load subscribes again): from
+//! the first long flow on, list writes pay for one notification each, from the first large snapshot
+//! on, string writes too, and the hook returns at once while nothing is followed.
 //!
 //! Only the main thread takes the registry's lock. A watch ends wherever its archive ends, often on an
 //! uploader thread in the idle scheduling class, which the kernel may leave unscheduled while it holds
@@ -275,6 +275,10 @@ fn subscribe(ctx: &Context, writes: Writes) -> Result<(), FlowError> {
 /// Subscribes to SWAPDB and to a replica's async load (FLUSHDB/FLUSHALL come through `on_flush`).
 /// Called once from OnLoad.
 pub fn init(ctx: &Context) {
+    // A load starts with no keyspace-event subscription: the server dropped the last load's at its
+    // MODULE UNLOAD, while the library, and so this static, stayed mapped (thread-local destructors
+    // keep it loaded). Left set, the first long flow would not subscribe again, and follow nothing.
+    SUBSCRIBED.store(0, Ordering::SeqCst);
     for id in [raw::REDISMODULE_EVENT_SWAPDB, EVENT_REPL_ASYNC_LOAD] {
         let event = raw::RedisModuleEvent { id, dataver: 1 };
         // SAFETY: called once from OnLoad with the module's context; the callback has the
