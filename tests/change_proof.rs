@@ -7,8 +7,11 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use common::checker;
 use common::proxy::Proxy;
 use common::*;
 
@@ -723,6 +726,250 @@ fn every_write_to_a_large_snapshot_during_the_upload_keeps_the_flow() {
         object.contains(&format!("\"snapshot\":{snapshot},")),
         "the snapshot as stored"
     );
+}
+
+/// `snapshot` (made by `padded_snapshot`) with every digit of its padding moved on by one: as long, as
+/// valid, the same state, other bytes from the padding's first on.
+fn repadded(snapshot: &str) -> String {
+    let start = snapshot.find("\"pad\":\"").expect("a padded snapshot") + 7;
+    let (head, pad) = snapshot.split_at(start);
+    let pad = pad
+        .strip_suffix("\"}")
+        .expect("the padding ends the object");
+    let moved = pad.bytes().map(|d| char::from(b'0' + (d - b'0' + 1) % 10));
+    format!("{head}{}\"}}", moved.collect::<String>())
+}
+
+/// The byte of a padded snapshot the tests below write: in its padding, within the first piece a
+/// capture copies (256 KiB), so it is copied in the capture's first step.
+fn early_pad_byte(snapshot: &str) -> usize {
+    snapshot.find("\"pad\":\"").expect("a padded snapshot") + 7 + 10
+}
+
+/// A snapshot larger than one step (1 MiB) is copied over many steps: a write to it between two of
+/// them, even one that leaves its length as it was (a watch must see it: the commit measures the
+/// snapshot, it does not compare it), keeps the flow live and intact. A sweep begins every flow of
+/// its round, each copying the first piece of its snapshot in the step that judges it, then finishes
+/// them one after another: the flows that follow a long log wait between their first and second step
+/// while it is read (at most 1,024 events a step, so for at least 30 steps, each made to wait behind a
+/// busy script), and that is where the writes land, all at once. Among them a write to the piece
+/// already copied, rewrites of the same length by every command that can make one, a snapshot grown
+/// from under 1 MiB (read whole and compared), shrunk under it, or deleted. A quiet sweep then archives
+/// each as it was left, byte for byte (the checker compares every key and object).
+#[test]
+fn every_write_to_a_large_snapshot_between_capture_steps_keeps_the_flow() {
+    const LEAD_EVENTS: usize = 30 * 1024;
+    const LARGE: usize = 3 << 20;
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    config_set(&mut c, "flowarchive.step-budget-us", "50").unwrap();
+    config_set(&mut c, "flowarchive.concurrency", "16").unwrap();
+    let snap = |id: &str| format!("argyll:flow:{id}:snapshot:val");
+    let mut model = checker::Model::new(0);
+    // No snapshot: a long log alone (its fold, stored as a snapshot, would pass 1 MiB).
+    let lead = FlowSpec {
+        events: LEAD_EVENTS,
+        ..FlowSpec::done("a-lead")
+    };
+    model.write(&mut c, &lead);
+    // Flow `id` with a snapshot padded to `len` bytes (and `events` events); its snapshot.
+    let mut flow = |c: &mut redis::Connection, id: &str, len: Option<usize>, events: usize| {
+        let spec = FlowSpec {
+            events,
+            snapshot: Snapshot::Current,
+            ..FlowSpec::done(id)
+        };
+        model.write(c, &spec);
+        if let Some(len) = len {
+            let snapshot = padded_snapshot(c, id, len);
+            run(c, &["SET", &snap(id), &snapshot]);
+            model.flows.get_mut(id).unwrap().snapshot = Some(snapshot);
+        }
+        model.flows[id].snapshot.clone().unwrap()
+    };
+    // The ids sort after the lead's, so the sweep finishes them after it.
+    let large = [
+        "b-ranged",
+        "b-rewritten",
+        "b-same-bytes",
+        "b-stored-over-and-back",
+        "b-renamed-over",
+        "b-copied-over",
+        "b-restored",
+        "b-moved-out-and-back",
+        "b-appended",
+        "b-shrunk",
+        "b-deleted",
+        "b-quiet",
+    ];
+    let mut before = std::collections::HashMap::new();
+    for id in large {
+        before.insert(id, flow(&mut c, id, Some(LARGE), 5));
+    }
+    // Under 1 MiB when judged (read whole, compared at commit), and a long log to read in steps.
+    flow(&mut c, "b-grown", None, LONG);
+
+    // What each write leaves, and the writes: small commands in one transaction, whatever bytes they
+    // write staged beforehand (a transaction carrying megabytes is read over many event-loop turns,
+    // and the capture would go on meanwhile).
+    let ranged = |s: &str| {
+        let mut b = s.as_bytes().to_vec();
+        b[early_pad_byte(s)] = b'x';
+        String::from_utf8(b).unwrap()
+    };
+    let offset = |s: &str| early_pad_byte(s).to_string();
+    let staged = |id: &str| format!("staged:{id}");
+    let mut after: Vec<(&str, Option<String>)> = Vec::new();
+    let mut stage = |c: &mut redis::Connection, id: &'static str, content: String| {
+        run(c, &["SET", &staged(id), &content]);
+        after.push((id, Some(content)));
+    };
+    for id in [
+        "b-rewritten",
+        "b-stored-over-and-back",
+        "b-renamed-over",
+        "b-copied-over",
+        "b-restored",
+    ] {
+        stage(&mut c, id, repadded(&before[id]));
+    }
+    let shrunk = padded_snapshot(&mut c, "b-shrunk", 512 << 10);
+    stage(&mut c, "b-shrunk", shrunk);
+    let grown = padded_snapshot(&mut c, "b-grown", LARGE);
+    stage(&mut c, "b-grown", grown);
+    // A string command's write of a staged value, and a restore of its dump.
+    const SET_FROM: &str = "return redis.call('SET', KEYS[1], redis.call('GET', KEYS[2]))";
+    const RESTORE_FROM: &str =
+        "return redis.call('RESTORE', KEYS[1], 0, redis.call('DUMP', KEYS[2]), 'REPLACE')";
+    let mut tx = redis::pipe();
+    tx.atomic();
+    let mut add = |args: &[&str]| {
+        tx.cmd(args[0]);
+        args[1..].iter().for_each(|a| {
+            tx.arg(*a);
+        });
+    };
+    let s = &before["b-ranged"];
+    add(&["SETRANGE", &snap("b-ranged"), &offset(s), "x"]);
+    after.push(("b-ranged", Some(ranged(s))));
+    for id in ["b-rewritten", "b-shrunk", "b-grown"] {
+        add(&["EVAL", SET_FROM, "2", &snap(id), &staged(id)]);
+    }
+    let s = &before["b-same-bytes"];
+    add(&[
+        "EVAL",
+        SET_FROM,
+        "2",
+        &snap("b-same-bytes"),
+        &snap("b-same-bytes"),
+    ]);
+    after.push(("b-same-bytes", Some(s.clone())));
+    let (id, key) = ("b-stored-over-and-back", snap("b-stored-over-and-back"));
+    add(&["SADD", "members", "m"]);
+    add(&["SUNIONSTORE", &key, "members"]);
+    add(&["DEL", "members"]);
+    add(&["EVAL", SET_FROM, "2", &key, &staged(id)]);
+    add(&["RENAME", &staged("b-renamed-over"), &snap("b-renamed-over")]);
+    add(&[
+        "COPY",
+        &staged("b-copied-over"),
+        &snap("b-copied-over"),
+        "REPLACE",
+    ]);
+    let (id, key) = ("b-restored", snap("b-restored"));
+    add(&["EVAL", RESTORE_FROM, "2", &key, &staged(id)]);
+    let s = &before["b-moved-out-and-back"];
+    let key = snap("b-moved-out-and-back");
+    add(&["MOVE", &key, "1"]);
+    add(&["SELECT", "1"]);
+    add(&["SETRANGE", &key, &offset(s), "x"]);
+    add(&["MOVE", &key, "0"]);
+    add(&["SELECT", "0"]);
+    after.push(("b-moved-out-and-back", Some(ranged(s))));
+    add(&["APPEND", &snap("b-appended"), " "]);
+    after.push(("b-appended", Some(format!("{} ", before["b-appended"]))));
+    // With its sequence, so the log alone is the flow again.
+    add(&[
+        "DEL",
+        &snap("b-deleted"),
+        "argyll:flow:b-deleted:snapshot:seq",
+    ]);
+    after.push(("b-deleted", None));
+    let stages: Vec<String> = after.iter().map(|(id, _)| staged(id)).collect();
+    let mut del = vec!["DEL"];
+    del.extend(stages.iter().map(String::as_str));
+    add(&del);
+    add(&["INFO", "flowarchive"]);
+
+    // A script that keeps the main thread busy for a few milliseconds at a time, so each step waits.
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = {
+        let (stop, mut c) = (stop.clone(), srv.conn());
+        std::thread::spawn(move || {
+            let script = "local t = 0 for i = 1, 200000 do t = t + i end return t";
+            while !stop.load(Ordering::Relaxed) {
+                cmd::<i64>(&mut c, &["EVAL", script, "0"]).unwrap();
+            }
+        })
+    };
+    let mut other = srv.conn();
+    other
+        .set_read_timeout(Some(Duration::from_secs(300)))
+        .unwrap();
+    let start = info_field(&mut c, "main_thread_steps");
+    let swept = std::thread::spawn(move || sweep(&mut other, &[]));
+    // Every flow begun (each counts its snapshot from its first step): the lead is being read, the
+    // others wait for their second step.
+    let begun = (large.len() * LARGE) as i64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while info_field(&mut c, "buffered_bytes") < begun {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flows were not begun"
+        );
+    }
+    let replies: Vec<redis::Value> = tx.query(&mut c).unwrap();
+    stop.store(true, Ordering::Relaxed);
+    busy.join().unwrap();
+    let info = text(replies.last().unwrap());
+    let steps = info
+        .lines()
+        .find_map(|l| l.strip_prefix("flowarchive_main_thread_steps:"));
+    let steps = steps.unwrap().trim().parse::<i64>().unwrap() - start;
+    // The lead alone takes a step per 1,024 events at least: within its first 30, it was still being
+    // read, and the others had had only their first step.
+    assert!(
+        steps <= (LEAD_EVENTS / 1024) as i64,
+        "the writes came after {steps} steps: the lead may have been read whole"
+    );
+    for (id, snapshot) in after {
+        model.flows.get_mut(id).unwrap().snapshot = snapshot;
+    }
+    model.flows.get_mut("b-deleted").unwrap().seq = None;
+    let summary = swept.join().unwrap().unwrap();
+    assert_eq!(int(&summary["archived"]), 2, "{summary:?}");
+    // Every large one but the quiet one, and the grown one.
+    assert_eq!(
+        int(&summary["skipped_changed"]),
+        large.len() as i64,
+        "{summary:?}"
+    );
+    let tally = checker::check(
+        "after the writes",
+        &srv,
+        &s3,
+        &model,
+        checker::Expect::Either,
+    );
+    assert_eq!(tally.archived, 2, "the lead and the quiet flow");
+
+    // Quiet, each is archived as the writes left it.
+    let summary = sweep(&mut c, &[]).unwrap();
+    assert_eq!(int(&summary["archived"]), 12, "{summary:?}");
+    let settled = checker::Expect::Settled { retention_ms: 0 };
+    let tally = checker::check("after a quiet sweep", &srv, &s3, &model, settled);
+    assert_eq!(tally.archived, model.flows.len());
 }
 
 #[test]
