@@ -4,10 +4,11 @@
 //! 1023 to 1025 and 2048 to 2049 events at the smallest and largest budget and with the budget changed
 //! during the sweep; every list write between two chunks of a capture (nothing is deleted unless the
 //! archive holds what was live at commit, checked event by event by the checker); a live read while
-//! the log rotates (never a mixture of two states); `read-max-bytes` hit at exactly its byte; events
-//! of 0 bytes; the main-thread CPU figure in INFO; and, on short logs of large events read in steps
-//! (past their first 1 MiB), the caller's rights (asked in every step, also when taken away mid-read),
-//! writes, `CLIENT PAUSE` and `MODULE UNLOAD` in the middle of a live read or a capture.
+//! the log rotates, or while a large snapshot is rewritten (never a mixture of two states);
+//! `read-max-bytes` hit at exactly its byte; events of 0 bytes; the main-thread CPU figure in INFO;
+//! and, on short logs of large events read in steps (past their first 1 MiB), the caller's rights
+//! (asked in every step, also when taken away mid-read), writes, `CLIENT PAUSE` and `MODULE UNLOAD`
+//! in the middle of a live read or a capture.
 
 mod common;
 
@@ -379,6 +380,89 @@ fn a_live_read_of_a_rotating_log_is_never_a_mixture() {
     rotator.join().unwrap();
     assert!(rotations.load(Ordering::Relaxed) > 60, "hardly rotated");
     assert!(whole > 0, "no read succeeded ({refused} refused)");
+}
+
+/// A live read of a flow whose 3 MiB snapshot another client keeps rewriting, each time with other
+/// bytes of the same length (its `metadata`, which the engine's state keeps): the read copies the
+/// snapshot over several steps, and every answer is the state of one of the two snapshots, never of
+/// pieces of both; a read that kept meeting rewrites says so.
+#[test]
+fn a_live_read_of_a_large_snapshot_being_rewritten_is_never_torn() {
+    const LEN: usize = 3 << 20;
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    config_set(&mut c, BUDGET, "50").unwrap();
+    let id = "rewritten";
+    write_flow(
+        &mut c,
+        &FlowSpec {
+            snapshot: Snapshot::Current,
+            ..FlowSpec::done(id)
+        },
+    );
+    let key = format!("argyll:flow:{id}:snapshot:val");
+    let stored: String = cmd(&mut c, &["GET", &key]).unwrap();
+    let body = stored.strip_suffix('}').expect("a JSON object");
+    // The snapshot with a metadata value of `LEN` bytes in all, its digits counted on from `first`.
+    let with_metadata = |first: usize| {
+        let head = format!("{body},\"metadata\":{{\"pad\":\"");
+        let digits = (0..LEN - head.len() - 3).map(|i| char::from(b'0' + ((first + i) % 10) as u8));
+        format!("{head}{}\"}}}}", digits.collect::<String>())
+    };
+    let mut states = Vec::new();
+    for (staged, first) in [("staged:a", 0), ("staged:b", 1)] {
+        let snapshot = with_metadata(first);
+        assert_eq!(snapshot.len(), LEN);
+        run(&mut c, &["SET", staged, &snapshot]);
+        run(&mut c, &["SET", &key, &snapshot]);
+        states.push(get(&mut c, id).unwrap().expect("the state"));
+    }
+    assert_ne!(states[0], states[1]);
+    assert!(states[0].contains("\"metadata\":{\"pad\":\"0123"));
+
+    const SET_FROM: &str = "return redis.call('SET', KEYS[1], redis.call('GET', KEYS[2]))";
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (stop, writes, mut c, key) = (stop.clone(), writes.clone(), srv.conn(), key.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let n = writes.fetch_add(1, Ordering::Relaxed);
+                let staged = ["staged:a", "staged:b"][n % 2];
+                cmd::<redis::Value>(&mut c, &["EVAL", SET_FROM, "2", &key, staged]).unwrap();
+                // Now and then quiet long enough for a whole read.
+                let pause = if n % 20 == 0 { 40 } else { 1 };
+                std::thread::sleep(Duration::from_millis(pause));
+            }
+        })
+    };
+    let (mut whole, mut refused) = (0, 0);
+    for _ in 0..60 {
+        match get(&mut c, id) {
+            Ok(state) => {
+                whole += 1;
+                let state = state.expect("the state");
+                assert!(
+                    states.contains(&state),
+                    "an answer that is neither snapshot's state ({} bytes)",
+                    state.len()
+                );
+            }
+            Err(e) => {
+                assert!(
+                    e.to_string().contains("changed during every read attempt"),
+                    "{e}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert!(writes.load(Ordering::Relaxed) > 60, "hardly rewritten");
+    assert!(whole > 0, "no read succeeded ({refused} refused)");
+    assert_eq!(info_field(&mut c, "buffered_bytes"), 0);
 }
 
 /// Bytes a live read counts: the snapshot (if any), and each event with its line end.
