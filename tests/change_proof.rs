@@ -972,6 +972,54 @@ fn every_write_to_a_large_snapshot_between_capture_steps_keeps_the_flow() {
     assert_eq!(tally.archived, model.flows.len());
 }
 
+/// A layout served from its snapshot reads a large one whole where the judgement does, and still
+/// follows it from that step on, string writes included, since the commit measures it instead of
+/// comparing it: a write of the same length during the upload keeps the flow, a rewrite to the same
+/// bytes too, and unchanged it is archived with the snapshot exactly as stored, which GET then answers
+/// (flagged archived).
+#[test]
+fn a_large_snapshot_served_as_the_state_is_followed_too() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &["state", "snapshot"]);
+    let mut c = srv.conn();
+    let snap = |id: &str| format!("argyll:flow:{id}:snapshot:val");
+    let large = |c: &mut redis::Connection, id: &str| -> String {
+        write_flow(
+            c,
+            &FlowSpec {
+                snapshot: Snapshot::Current,
+                ..FlowSpec::done(id)
+            },
+        );
+        let snapshot = padded_snapshot(c, id, 3 << 20);
+        run(c, &["SET", &snap(id), &snapshot]);
+        snapshot
+    };
+    large(&mut c, "ranged");
+    change_written_during_upload(&srv, &proxy, "ranged", |c| {
+        run(c, &["SETRANGE", &snap("ranged"), "2000000", "q"])
+    });
+    let snapshot = large(&mut c, "same-bytes");
+    change_written_during_upload(&srv, &proxy, "same-bytes", |c| {
+        run(c, &["SET", &snap("same-bytes"), &snapshot])
+    });
+    assert_eq!(info_field(&mut c, "string_events_subscribed"), 1);
+
+    let snapshot = large(&mut c, "unchanged");
+    let (_, answer) = held_upload(&srv, &proxy, "unchanged", |_| {});
+    assert_eq!(int(&answer.unwrap()["events"]), 5);
+    assert_eq!(
+        cmd::<i64>(&mut c, &["EXISTS", &snap("unchanged")]).unwrap(),
+        0
+    );
+    let archived = get(&mut c, "unchanged").unwrap();
+    assert!(
+        archived == Some(archived_state(&snapshot)),
+        "the snapshot as stored"
+    );
+}
+
 #[test]
 fn a_flush_or_swap_during_the_upload_deletes_nothing() {
     let s3 = S3::new_bucket();
