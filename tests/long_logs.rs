@@ -5,7 +5,8 @@
 //! during the sweep; every list write between two chunks of a capture (nothing is deleted unless the
 //! archive holds what was live at commit, checked event by event by the checker); a live read while
 //! the log rotates, or while a large snapshot is rewritten (never a mixture of two states);
-//! `read-max-bytes` hit at exactly its byte; events of 0 bytes; the main-thread CPU figure in INFO;
+//! `read-max-bytes` hit at exactly its byte; what never reads a large snapshot (a refused read, a
+//! DRYRUN) copies and follows nothing of it; events of 0 bytes; the main-thread CPU figure in INFO;
 //! and, on short logs of large events read in steps (past their first 1 MiB), the caller's rights
 //! (asked in every step, also when taken away mid-read), writes, `CLIENT PAUSE` and `MODULE UNLOAD`
 //! in the middle of a live read or a capture.
@@ -740,6 +741,76 @@ fn a_large_snapshot_is_read_in_steps() {
         Expect::Settled { retention_ms: 0 },
     );
     assert_eq!(tally.archived, 2);
+}
+
+/// What reads nothing of a large snapshot copies nothing of it and follows nothing: a live GET or a
+/// FLOWARCHIVE.FLOW by a user who may not read the snapshot key is refused before anything is read,
+/// and a DRYRUN sweep judges the flow without copying its snapshot (a folded layout's rules never read
+/// it); neither subscribes to a keyspace event nor counts a byte, and the module's heap stays far
+/// below the snapshot. Nor do a live read and an archive of a snapshot of exactly 1 MiB, read whole.
+/// The first live read of the large one does subscribe (the test can see it).
+#[test]
+fn what_does_not_read_a_large_snapshot_copies_and_follows_nothing() {
+    const LEN: usize = 16 << 20;
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    for (id, len) in [("large", LEN), ("one-step", 1 << 20)] {
+        write_flow(
+            &mut c,
+            &FlowSpec {
+                snapshot: Snapshot::Current,
+                ..FlowSpec::done(id)
+            },
+        );
+        let snapshot = padded_snapshot(&mut c, id, len);
+        run(
+            &mut c,
+            &["SET", &format!("argyll:flow:{id}:snapshot:val"), &snapshot],
+        );
+    }
+    // Every key of the flow but the snapshot.
+    let rules = "on >pw +@all ~argyll:idx:* ~archived:* %R~argyll:flow:*:events \
+                 %R~argyll:flow:*:snapshot:seq %R~argyll:flow:*:idx:labels";
+    let mut setuser = vec!["ACL", "SETUSER", "nosnap"];
+    setuser.extend(rules.split_whitespace());
+    run(&mut c, &setuser);
+    let mut nosnap = srv.conn();
+    run(&mut nosnap, &["AUTH", "nosnap", "pw"]);
+
+    let rise = heap_rise(&mut c, |_| {
+        let e = err_text(get(&mut nosnap, "large"));
+        assert!(e.contains("NOPERM") && e.contains("snapshot:val"), "{e}");
+        let e = err_text(archive(&mut nosnap, "large"));
+        assert!(e.contains("NOPERM"), "{e}");
+    });
+    assert!(
+        rise < (1 << 20),
+        "a refused read raised the heap by {rise} bytes"
+    );
+    let mut dry = Vec::new();
+    let rise = heap_rise(&mut c, |c| {
+        let summary = sweep(c, &["DRYRUN"]).unwrap();
+        dry = match &summary["flows"] {
+            redis::Value::Array(flows) => flows.iter().map(text).collect(),
+            other => panic!("{other:?}"),
+        };
+    });
+    assert_eq!(dry, ["large", "one-step"]);
+    assert!(rise < (1 << 20), "DRYRUN raised the heap by {rise} bytes");
+    assert!(get(&mut c, "one-step").unwrap().is_some());
+    archive(&mut c, "one-step").unwrap();
+    assert_eq!(info_field(&mut c, "keyspace_events_subscribed"), 0);
+    assert_eq!(info_field(&mut c, "string_events_subscribed"), 0);
+    // Only the reads of the 1 MiB one counted bytes.
+    assert!(info_field(&mut c, "buffered_bytes_peak") < (LEN / 4) as i64);
+    assert_eq!(
+        cmd::<i64>(&mut c, &["LLEN", &events_key("large")]).unwrap(),
+        5
+    );
+
+    assert!(get(&mut c, "large").unwrap().is_some());
+    assert_eq!(info_field(&mut c, "string_events_subscribed"), 1);
 }
 
 /// The module's heap rise (INFO `heap_bytes_peak`, which only rises) while `read` runs.
