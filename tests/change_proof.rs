@@ -1351,8 +1351,7 @@ fn an_expired_label_not_yet_reclaimed_keeps_the_flow_until_it_is() {
 }
 
 /// The server drops a module's keyspace-event subscriptions when it unloads it, but the library stays
-/// mapped (the server's thread-local destructors keep it loaded), so the module's statics outlive the
-/// unload. Loaded again, the module once thought itself subscribed and followed no write: a write to a
+/// mapped (dlclose leaves it loaded), so the module's statics outlive the unload. Loaded again, the module once thought itself subscribed and followed no write: a write to a
 /// long log or to a large snapshot while the object was on its way was lost with the flow. After
 /// `MODULE UNLOAD` and `MODULE LOAD`, both keep their flow again.
 #[test]

@@ -276,8 +276,9 @@ fn subscribe(ctx: &Context, writes: Writes) -> Result<(), FlowError> {
 /// Called once from OnLoad.
 pub fn init(ctx: &Context) {
     // A load starts with no keyspace-event subscription: the server dropped the last load's at its
-    // MODULE UNLOAD, while the library, and so this static, stayed mapped (thread-local destructors
-    // keep it loaded). Left set, the first long flow would not subscribe again, and follow nothing.
+    // MODULE UNLOAD, while the library, and so this static, can stay mapped (it does on Valkey 9:
+    // dlclose leaves it loaded). Left set, the first long flow would not subscribe again, and follow
+    // nothing.
     SUBSCRIBED.store(0, Ordering::SeqCst);
     for id in [raw::REDISMODULE_EVENT_SWAPDB, EVENT_REPL_ASYNC_LOAD] {
         let event = raw::RedisModuleEvent { id, dataver: 1 };
