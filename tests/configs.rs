@@ -369,6 +369,19 @@ fn the_module_loads_again_after_unload_with_its_commands_in_their_category() {
             get(&mut c, "reloaded").unwrap().as_deref(),
             Some(state.as_str())
         );
+        // A load after an unload is a first load: its index-key is no change of the last load's.
+        cmd::<()>(&mut c, &["MODULE", "UNLOAD", "flowarchive"]).unwrap();
+        let mut other = load.clone();
+        other.extend(["index-key", "other:flows"]);
+        cmd::<()>(&mut c, &other).unwrap();
+        assert_eq!(config(&mut c, "flowarchive.index-key"), "other:flows");
+        assert_eq!(
+            config(&mut c, "flowarchive.index-read-keys"),
+            "",
+            "{flavor:?}"
+        );
+        cmd::<()>(&mut c, &["MODULE", "UNLOAD", "flowarchive"]).unwrap();
+        cmd::<()>(&mut c, &load).unwrap();
 
         let log = srv.log();
         if !categories {
