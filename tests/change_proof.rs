@@ -972,11 +972,12 @@ fn every_write_to_a_large_snapshot_between_capture_steps_keeps_the_flow() {
     assert_eq!(tally.archived, model.flows.len());
 }
 
-/// A layout served from its snapshot reads a large one whole where the judgement does, and still
-/// follows it from that step on, string writes included, since the commit measures it instead of
+/// A layout served from its snapshot reads a large one whole only where the judgement needs it (no
+/// status index entry, or no score), else in steps as the folded layout does, and follows it from
+/// the capture's first step on, string writes included, since the commit measures it instead of
 /// comparing it: a write of the same length during the upload keeps the flow, a rewrite to the same
 /// bytes too, and unchanged it is archived with the snapshot exactly as stored, which GET then answers
-/// (flagged archived).
+/// (flagged archived), whether it was read in steps or whole.
 #[test]
 fn a_large_snapshot_served_as_the_state_is_followed_too() {
     let s3 = S3::new_bucket();
@@ -1018,6 +1019,27 @@ fn a_large_snapshot_served_as_the_state_is_followed_too() {
         archived == Some(archived_state(&snapshot)),
         "the snapshot as stored"
     );
+
+    // Indexed and scored, it is copied in steps; without its status entry, whole at the judgement.
+    config_set(&mut c, "flowarchive.step-budget-us", "50").unwrap();
+    for (id, unindexed) in [("stepped", false), ("judged-by-it", true)] {
+        let snapshot = large(&mut c, id);
+        if unindexed {
+            run(
+                &mut c,
+                &["HDEL", "argyll:idx:status", &format!("flow:{id}")],
+            );
+        }
+        let before = info_field(&mut c, "main_thread_steps");
+        assert_eq!(int(&archive(&mut c, id).unwrap()["events"]), 5, "{id}");
+        let steps = info_field(&mut c, "main_thread_steps") - before;
+        match unindexed {
+            false => assert!(steps >= 6, "{id}: {steps} steps for 3 MiB"),
+            true => assert!(steps <= 3, "{id}: {steps} steps, read whole"),
+        }
+        let archived = get(&mut c, id).unwrap();
+        assert!(archived == Some(archived_state(&snapshot)), "{id}");
+    }
 }
 
 #[test]

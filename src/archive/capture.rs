@@ -222,16 +222,14 @@ fn read_facts(
     let len = events.len(KeyType::List)?;
     let leased = (keys.lease.as_deref()).is_some_and(|k| type_of(ctx, k) != KeyType::Empty);
     // Measured where the server holds it: a snapshot no read could take back is never copied, and a
-    // folded layout's large one is copied in steps once the flow is judged (its rules never read it).
-    let at_once = match layout.state {
-        StateSource::Fold => WHOLE_BYTES,
-        StateSource::Snapshot => max_bytes,
+    // large one is copied in steps once the flow is judged, unless its own status or last update
+    // judges it (below).
+    let snapshot_len = snapshot.string().map_or(0, <[u8]>::len) as u64;
+    let whole = |at_most: u64| {
+        let value = snapshot.string().filter(|v| v.len() as u64 <= at_most);
+        value.map(<[u8]>::to_vec)
     };
-    let value = snapshot.string();
-    let snapshot_len = value.map_or(0, <[u8]>::len) as u64;
-    let snapshot_bytes = value
-        .filter(|_| snapshot_len <= at_once.min(max_bytes))
-        .map(<[u8]>::to_vec);
+    let snapshot_bytes = whole(WHOLE_BYTES.min(max_bytes));
     let member = keys.member.as_bytes();
     let (indexed_kind, indexed) =
         read_typed(ctx, keys.status_hash.as_deref(), KeyType::Hash, |k| {
@@ -258,9 +256,20 @@ fn read_facts(
         seq: Found::from(seq),
         labels: Found::from(labels),
     };
+    // A snapshot served as the state gives its own status where the index has none, and its own last
+    // update where the status ZSET has no score: then it is read whole now (the folded layout's rules
+    // never read it).
+    let own_facts = layout.state == StateSource::Snapshot && snapshot_len > WHOLE_BYTES;
+    if own_facts && live.indexed.value.is_none() {
+        live.snapshot = Snapshot::new(snapshot_len, whole(max_bytes));
+    }
     let status = judge::status(&live, keys, max_bytes).ok();
     if let Some(set) = status.and_then(|status| layout.status_set_key(id, &status)) {
         live.score = Some(scored(ctx, caller, set, member));
+    }
+    let scored = matches!(&live.score, Some(Ok(Scored { score: Some(_), .. })));
+    if own_facts && !scored && live.snapshot.bytes.is_none() {
+        live.snapshot = Snapshot::new(snapshot_len, whole(max_bytes));
     }
     facts.live = Some(live);
     Ok(facts)
