@@ -21,7 +21,7 @@ use redis_module::{Context, KeyType, RedisError, RedisResult, RedisValue};
 use crate::format::engine;
 use crate::format::event_log::EventLog;
 use crate::layout::FlowKeys;
-use crate::ops::errors::{self, show_id, FlowError, ServerError};
+use crate::ops::errors::{self, show_id, FlowError};
 use crate::ops::metrics::{self, Stage};
 use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::blocking::{answer_later, can_block, this_client, Answer};
@@ -89,12 +89,12 @@ fn stopped(read: LogRead, max_bytes: u64) -> Result<(), FlowError> {
     read.stopped(|| FlowError::Unreadable(too_large(max_bytes)))
 }
 
-/// A live flow's stored snapshot, as stored; `None` when it has none.
-pub fn snapshot(ctx: &Context, keys: &FlowKeys) -> Result<Option<Vec<u8>>, FlowError> {
-    if !expect_type(ctx, &keys.snapshot, &KeyType::String)? {
-        return Ok(None);
-    }
-    Ok(read_string(ctx, &keys.snapshot))
+/// Answers the stored snapshot of a live flow of a layout served from its snapshot, written to the
+/// client from where the server holds it (one copy, the reply's).
+pub fn answer_snapshot(ctx: &Context, keys: &FlowKeys) {
+    with_string(ctx, &keys.snapshot, |v| {
+        reply::state_and_events(ctx, v.unwrap_or_default(), None::<std::iter::Empty<&[u8]>>)
+    });
 }
 
 /// What a live read of a folded flow finds of its snapshot: its bytes, read in this step, or the
@@ -230,23 +230,17 @@ pub fn events(
     db: i32,
     id: String,
     keys: FlowKeys,
-    snapshot: Vec<u8>,
     max_bytes: u64,
     rights: Rights,
 ) -> RedisResult {
-    let fail = |e: ServerError| RedisError::String(FlowError::from(e).read_message(&id));
-    let total = list_len(ctx, &keys.events).map_err(fail)?;
+    let refused = |e: FlowError| RedisError::String(e.read_message(&id));
+    let total = list_len(ctx, &keys.events).map_err(|e| refused(e.into()))?;
+    // One step reads a snapshot of up to `WHOLE_BYTES` and a short log of small events whole: they
+    // cannot change meanwhile. Larger ones are read again in steps.
     if total <= EVENTS_PER_STEP {
-        let mut log = EventLog::new(total, max_bytes as usize);
-        let over_cap = || FlowError::Unreadable(too_large(max_bytes));
-        let mut cap = ByteCap::new(snapshot.len() as u64, max_bytes, over_cap)
-            .map_err(|e| RedisError::String(e.read_message(&id)))?;
-        // One step reads a short log of small events whole: it cannot shrink meanwhile. One of large
-        // events is read again in steps.
-        let read = read_log(ctx, &keys.events, total, &mut log, &mut cap).map_err(fail)?;
-        stopped(read, max_bytes).map_err(|e| RedisError::String(e.read_message(&id)))?;
-        if log.len() == total {
-            reply::state_and_events(ctx, &snapshot, Some(log.iter()));
+        if let Some(read) = read_short(ctx, &keys, total, max_bytes).map_err(refused)? {
+            let snapshot = read.snapshot.unwrap_or_default();
+            reply::state_and_events(ctx, &snapshot, Some(read.log.iter()));
             return Ok(RedisValue::NoReply);
         }
     }

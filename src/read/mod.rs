@@ -85,27 +85,19 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
         }
         StateSource::Snapshot => {
             acl::check(ctx, caller, &keys.snapshot, Access::Read).map_err(fail)?;
-            match live::snapshot(ctx, &keys).map_err(fail)? {
-                Some(snapshot) if previous == 0 => {
-                    GET_LIVE.fetch_add(1, Ordering::Relaxed);
-                    if !events {
-                        return Ok(RedisValue::StringBuffer(snapshot));
-                    }
-                    acl::check(ctx, caller, &keys.events, Access::Read).map_err(fail)?;
-                    expect_type(ctx, &keys.events, &KeyType::List).map_err(fail)?;
-                    let rights = live::Rights::new(user, [keys.snapshot.as_str(), &keys.events]);
-                    return live::events(
-                        ctx,
-                        db,
-                        id,
-                        keys,
-                        snapshot,
-                        settings.read_max_bytes,
-                        rights,
-                    );
+            let stored = expect_type(ctx, &keys.snapshot, &KeyType::String).map_err(fail)?;
+            if stored && previous == 0 {
+                GET_LIVE.fetch_add(1, Ordering::Relaxed);
+                if !events {
+                    live::answer_snapshot(ctx, &keys);
+                    return Ok(RedisValue::NoReply);
                 }
-                snapshot => snapshot.is_some(),
+                acl::check(ctx, caller, &keys.events, Access::Read).map_err(fail)?;
+                expect_type(ctx, &keys.events, &KeyType::List).map_err(fail)?;
+                let rights = live::Rights::new(user, [keys.snapshot.as_str(), &keys.events]);
+                return live::events(ctx, db, id, keys, settings.read_max_bytes, rights);
             }
+            stored
         }
     };
     if live && previous == 0 {
