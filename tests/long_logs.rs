@@ -1005,6 +1005,60 @@ fn a_stepped_live_read_checks_rights_as_one_in_the_command() {
     }
 }
 
+/// Under `state snapshot` a live `GET … EVENTS` reads the snapshot and the log, nothing else: a
+/// sequence key the reader may not read, holding no sequence (no number, or another type), neither
+/// refuses the read nor shows in its answer, whether the command reads the log itself (a small flow)
+/// or a read worker reads it in steps.
+#[test]
+fn a_live_read_under_state_snapshot_reads_no_sequence() {
+    let s3 = S3::new_bucket();
+    let mut opts = ServerOpts::new(&s3);
+    opts.module_args
+        .extend(["state", "snapshot"].map(String::from));
+    let srv = Server::start(opts);
+    let mut c = srv.conn();
+    config_set(&mut c, BUDGET, "50").unwrap();
+    let mut logs = std::collections::HashMap::new();
+    for id in ["small", "wide"] {
+        let spec = FlowSpec {
+            snapshot: Snapshot::Current,
+            ..FlowSpec::done(id)
+        };
+        write_flow(&mut c, &spec);
+        let log = match id {
+            "wide" => widen(&mut c, id, 40, 32 << 10),
+            _ => events_of(&spec),
+        };
+        logs.insert(id, (snapshot_of(&spec).unwrap().0, log));
+    }
+    let key = |part: &str| format!("%R~argyll:flow:*:{part}");
+    readers(
+        &mut c,
+        &[(
+            "exact",
+            &format!("{} {}", key("events"), key("snapshot:val")),
+        )],
+    );
+    let mut r = conn_as(&srv, "exact");
+    for (what, write) in [
+        ("no number", &["SET", "not-a-sequence"][..]),
+        ("a list", &["RPUSH", "not-a-sequence"][..]),
+    ] {
+        for id in ["small", "wide"] {
+            let seq = format!("argyll:flow:{id}:snapshot:seq");
+            cmd::<()>(&mut c, &["DEL", &seq]).unwrap();
+            cmd::<()>(&mut c, &[write[0], &seq, write[1]]).unwrap();
+            let read = get_events(&mut r, id);
+            let read = read.unwrap_or_else(|e| panic!("{id} with a sequence key of {what}: {e}"));
+            assert_read(
+                &read,
+                &logs[id],
+                &format!("{id} with a sequence key of {what}"),
+            );
+        }
+    }
+}
+
 /// Rights taken away while a stepped live read is under way refuse it: the read checks them again in
 /// every step that reads the flow's keys, as a read in the command checks them in the step that reads
 /// them. A read that met them gone after its first chunks answers NOPERM and no event (it once answered

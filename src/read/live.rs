@@ -229,10 +229,13 @@ pub fn events(
     ctx: &Context,
     db: i32,
     id: String,
-    keys: FlowKeys,
+    mut keys: FlowKeys,
     max_bytes: u64,
     rights: Rights,
 ) -> RedisResult {
+    // The answer is the snapshot and the log: the sequence, which `rights` does not name, is neither
+    // read nor followed (it would refuse the read, and show what it holds, to one who may not read it).
+    keys.seq = None;
     let refused = |e: FlowError| RedisError::String(e.read_message(&id));
     let total = list_len(ctx, &keys.events).map_err(|e| refused(e.into()))?;
     // One step reads a snapshot of up to `WHOLE_BYTES` and a short log of small events whole: they
