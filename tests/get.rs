@@ -340,6 +340,45 @@ fn a_live_read_over_the_cap_is_refused_short_or_long() {
     }
 }
 
+/// Under `state snapshot` a live read is capped too (`read-max-bytes`): a stored snapshot over the cap
+/// is refused with or without its events, copying nothing into the reply, and the flow is left as it
+/// is; under the cap it is answered as stored.
+#[test]
+fn a_live_read_of_a_snapshot_over_the_cap_is_refused() {
+    let s3 = S3::new_bucket();
+    let mut opts = ServerOpts::new(&s3);
+    opts.module_args
+        .extend(["state", "snapshot"].map(String::from));
+    let srv = Server::start(opts);
+    let mut c = srv.conn();
+    let spec = FlowSpec {
+        snapshot: Snapshot::Current,
+        ..FlowSpec::done("big")
+    };
+    write_flow(&mut c, &spec);
+    let big = format!(
+        "{{\"status\":\"done\",\"pad\":\"{}\"}}",
+        "x".repeat(100 << 10)
+    );
+    cmd::<()>(&mut c, &["SET", "argyll:flow:big:snapshot:val", &big]).unwrap();
+    let before = dump_all(&mut c);
+    config_set(&mut c, "flowarchive.read-max-bytes", "64kb").unwrap();
+    let e = err_text(get(&mut c, "big"));
+    assert!(
+        e.contains("flow \"big\" cannot be read")
+            && e.contains("larger than read-max-bytes (65536 bytes)"),
+        "{e}"
+    );
+    let e = err_text(get_events(&mut c, "big"));
+    assert!(
+        e.contains("larger than read-max-bytes (65536 bytes)"),
+        "{e}"
+    );
+    assert_same(&before, &dump_all(&mut c), "nothing changed");
+    config_set(&mut c, "flowarchive.read-max-bytes", "1mb").unwrap();
+    assert_eq!(get(&mut c, "big").unwrap().as_deref(), Some(big.as_str()));
+}
+
 /// Most of the engine's flows have no snapshot, and one it has may be stale (it folded the first 3 of
 /// 8 events while the flow still ran): GET folds the events as the engine loads a flow, live and
 /// archived alike, and never answers a stale snapshot as the flow's final state.

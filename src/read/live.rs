@@ -90,11 +90,17 @@ fn stopped(read: LogRead, max_bytes: u64) -> Result<(), FlowError> {
 }
 
 /// Answers the stored snapshot of a live flow of a layout served from its snapshot, written to the
-/// client from where the server holds it (one copy, the reply's).
-pub fn answer_snapshot(ctx: &Context, keys: &FlowKeys) {
+/// client from where the server holds it (one copy, the reply's); one over the cap (`read-max-bytes`)
+/// is refused, measured and not copied, like any live read.
+pub fn answer_snapshot(ctx: &Context, keys: &FlowKeys, max_bytes: u64) -> Result<(), FlowError> {
     with_string(ctx, &keys.snapshot, |v| {
-        reply::state_and_events(ctx, v.unwrap_or_default(), None::<std::iter::Empty<&[u8]>>)
-    });
+        let v = v.unwrap_or_default();
+        if v.len() as u64 > max_bytes {
+            return Err(FlowError::Unreadable(too_large(max_bytes)));
+        }
+        reply::state_and_events(ctx, v, None::<std::iter::Empty<&[u8]>>);
+        Ok(())
+    })
 }
 
 /// What a live read of a folded flow finds of its snapshot: its bytes, read in this step, or the

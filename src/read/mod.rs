@@ -89,7 +89,7 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
             if stored && previous == 0 {
                 GET_LIVE.fetch_add(1, Ordering::Relaxed);
                 if !events {
-                    live::answer_snapshot(ctx, &keys);
+                    live::answer_snapshot(ctx, &keys, settings.read_max_bytes).map_err(fail)?;
                     return Ok(RedisValue::NoReply);
                 }
                 acl::check(ctx, caller, &keys.events, Access::Read).map_err(fail)?;
