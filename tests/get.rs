@@ -379,6 +379,59 @@ fn a_live_read_of_a_snapshot_over_the_cap_is_refused() {
     assert_eq!(get(&mut c, "big").unwrap().as_deref(), Some(big.as_str()));
 }
 
+/// Under `state snapshot`, inside MULTI or a script (where the client cannot wait for a read worker):
+/// a snapshot alone is answered, and with its events when one step reads both; a snapshot over 1 MiB
+/// with its events is read in steps, so it is refused there, with an error that says the snapshot is
+/// part of what is too large (not only the events), and nothing is left half answered.
+#[test]
+fn a_large_snapshot_with_its_events_is_refused_inside_multi_naming_the_snapshot() {
+    let s3 = S3::new_bucket();
+    let mut opts = ServerOpts::new(&s3);
+    opts.module_args
+        .extend(["state", "snapshot"].map(String::from));
+    let srv = Server::start(opts);
+    let mut c = srv.conn();
+    for id in ["big", "small"] {
+        let spec = FlowSpec {
+            snapshot: Snapshot::Current,
+            ..FlowSpec::done(id)
+        };
+        write_flow(&mut c, &spec);
+    }
+    let big = format!(
+        "{{\"status\":\"done\",\"pad\":\"{}\"}}",
+        "x".repeat(2 << 20)
+    );
+    cmd::<()>(&mut c, &["SET", "argyll:flow:big:snapshot:val", &big]).unwrap();
+    let eval = |c: &mut redis::Connection, id: &str, events: bool| {
+        let script = match events {
+            true => "return redis.call('FLOWARCHIVE.GET', ARGV[1], 'EVENTS')",
+            false => "return redis.call('FLOWARCHIVE.GET', ARGV[1])",
+        };
+        redis::cmd("EVAL")
+            .arg(script)
+            .arg(0)
+            .arg(id)
+            .query::<redis::Value>(c)
+    };
+    let e = err_text(eval(&mut c, "big", true));
+    assert!(
+        e.contains("flow \"big\"") && e.contains("snapshot") && e.contains("MULTI or a script"),
+        "{e}"
+    );
+    assert!(eval(&mut c, "big", false).is_ok());
+    assert!(eval(&mut c, "small", true).is_ok());
+    cmd::<()>(&mut c, &["MULTI"]).unwrap();
+    cmd::<String>(&mut c, &["FLOWARCHIVE.GET", "big", "EVENTS"]).unwrap();
+    cmd::<String>(&mut c, &["PING"]).unwrap();
+    let exec = format!("{:?}", cmd::<redis::Value>(&mut c, &["EXEC"]));
+    assert!(
+        exec.contains("snapshot") && exec.contains("MULTI"),
+        "{exec}"
+    );
+    assert_eq!(get(&mut c, "big").unwrap().as_deref(), Some(big.as_str()));
+}
+
 /// Most of the engine's flows have no snapshot, and one it has may be stale (it folded the first 3 of
 /// 8 events while the flow still ran): GET folds the events as the engine loads a flow, live and
 /// archived alike, and never answers a stale snapshot as the flow's final state.

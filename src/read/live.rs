@@ -255,7 +255,7 @@ pub fn events(
     }
     if !can_block(ctx) {
         return Err(RedisError::String(format!(
-            "ERR flow {} has {total} events, too many or too large to read in one step inside MULTI or a script; call FLOWARCHIVE.GET outside",
+            "ERR flow {} has {total} events and a snapshot, too many or too large together to read in one step inside MULTI or a script; call FLOWARCHIVE.GET outside",
             show_id(&id)
         )));
     }
