@@ -25,6 +25,7 @@ use crate::ops::errors::{self, show_id, FlowError};
 use crate::ops::metrics::{self, Stage};
 use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::blocking::{answer_later, can_block, this_client, Answer};
+use crate::runtime::key::Key;
 use crate::runtime::mainthread::{
     self, read_log, read_string_step, ByteCap, LogRead, EVENTS_PER_STEP, WHOLE_BYTES,
 };
@@ -114,18 +115,18 @@ enum Stored {
 /// refused without a copy past the read cap or the module's buffers (`ByteCap::new`).
 fn stored(ctx: &Context, keys: &FlowKeys, max_bytes: u64) -> Result<(Stored, ByteCap), FlowError> {
     let over_cap = || FlowError::Unreadable(too_large(max_bytes));
-    if !expect_type(ctx, &keys.snapshot, &KeyType::String)? {
+    // Opened once for its type and its bytes.
+    let snapshot = Key::open(ctx, &keys.snapshot);
+    if !snapshot.holds(&KeyType::String)? {
         return Ok((Stored::Bytes(None), ByteCap::new(0, max_bytes, over_cap)?));
     }
-    with_string(ctx, &keys.snapshot, |v| {
-        let v = v.unwrap_or_default();
-        let cap = ByteCap::new(v.len() as u64, max_bytes, over_cap)?;
-        let stored = match v.len() as u64 > WHOLE_BYTES {
-            true => Stored::Large(v.len()),
-            false => Stored::Bytes(Some(v.to_vec())),
-        };
-        Ok((stored, cap))
-    })
+    let v = snapshot.string().unwrap_or_default();
+    let cap = ByteCap::new(v.len() as u64, max_bytes, over_cap)?;
+    let stored = match v.len() as u64 > WHOLE_BYTES {
+        true => Stored::Large(v.len()),
+        false => Stored::Bytes(Some(v.to_vec())),
+    };
+    Ok((stored, cap))
 }
 
 /// `snapshot:seq` of a live flow, if the key exists.
@@ -307,26 +308,23 @@ fn read_once(db: i32, keys: &FlowKeys, max_bytes: u64, rights: &Rights) -> Resul
         Stored::Bytes(bytes) => (bytes, 0),
         Stored::Large(len) => (Some(Vec::new()), len),
     };
-    while let Some(copied) = snapshot.as_mut().filter(|s| s.len() < large) {
+    // Each later step reads on only while the flow is unchanged and the caller still allowed.
+    let mut step = |read: &mut (dyn FnMut(&Context) -> Result<LogRead, FlowError> + Send)| {
         let read = mainthread::step(db, Stage::Capture, &mut held, |ctx| {
             if watch.changed() {
                 return Err(FlowError::Changed);
             }
             rights.check(ctx)?;
-            Ok(read_string_step(ctx, &keys.snapshot, large, copied))
+            read(ctx)
         })?;
-        stopped(read, max_bytes)?;
+        stopped(read, max_bytes)
+    };
+    while let Some(copied) = snapshot.as_mut().filter(|s| s.len() < large) {
+        step(&mut |ctx| Ok(read_string_step(ctx, &keys.snapshot, large, copied)))?;
     }
     let mut log = EventLog::new(total.min(EVENTS_PER_STEP), max_bytes as usize);
     while log.len() < total {
-        let read = mainthread::step(db, Stage::Capture, &mut held, |ctx| {
-            if watch.changed() {
-                return Err(FlowError::Changed);
-            }
-            rights.check(ctx)?;
-            Ok(read_log(ctx, &keys.events, total, &mut log, &mut cap)?)
-        })?;
-        stopped(read, max_bytes)?;
+        step(&mut |ctx| Ok(read_log(ctx, &keys.events, total, &mut log, &mut cap)?))?;
     }
     if watch.changed() {
         return Err(FlowError::Changed);
