@@ -228,18 +228,7 @@ fn small_keys_too_large_to_keep_are_compared_by_their_hash() {
     let srv = server_via(&s3, Some(&proxy), &[]);
     let mut c = srv.conn();
     let large = |c: &mut redis::Connection, id: &str| {
-        write_flow(
-            c,
-            &FlowSpec {
-                snapshot: Snapshot::Current,
-                ..FlowSpec::done(id)
-            },
-        );
-        let snapshot = padded_snapshot(c, id, 1_000_000);
-        run(
-            c,
-            &["SET", &format!("argyll:flow:{id}:snapshot:val"), &snapshot],
-        );
+        write_padded_flow(c, id, 1_000_000);
         let label = "l".repeat(100_000);
         run(
             c,
@@ -308,13 +297,7 @@ fn small_keys_of_exactly_one_mib_are_kept_and_one_byte_more_hashed() {
     // snapshot's mark (1 byte), the snapshot, its sequence ("5"), the label count (8) and the label
     // `tenant` = `acme` (10): the snapshot and 68 bytes.
     let flow = |c: &mut redis::Connection, id: &str, framed: usize| {
-        let spec = FlowSpec {
-            snapshot: Snapshot::Current,
-            ..FlowSpec::done(id)
-        };
-        write_flow(c, &spec);
-        let snapshot = padded_snapshot(c, id, framed - 68);
-        run(c, &["SET", &key(id), &snapshot]);
+        write_padded_flow(c, id, framed - 68);
     };
     for (form, framed, other) in [("kept", KEEP, KEEP + 1), ("hashed", KEEP + 1, KEEP)] {
         let holds = |held: i64| match form {
@@ -594,18 +577,7 @@ fn every_write_to_a_large_snapshot_during_the_upload_keeps_the_flow() {
     let srv = server_via(&s3, Some(&proxy), &[]);
     let mut c = srv.conn();
     let snap = |id: &str| format!("argyll:flow:{id}:snapshot:val");
-    let large = |c: &mut redis::Connection, id: &str| -> String {
-        write_flow(
-            c,
-            &FlowSpec {
-                snapshot: Snapshot::Current,
-                ..FlowSpec::done(id)
-            },
-        );
-        let snapshot = padded_snapshot(c, id, SNAPSHOT);
-        run(c, &["SET", &snap(id), &snapshot]);
-        snapshot
-    };
+    let large = |c: &mut redis::Connection, id: &str| write_padded_flow(c, id, SNAPSHOT);
     change_during_upload(&srv, &proxy, "long", LONG, |c| {
         run(c, &["LSET", &events_key("long"), "700", "{}"])
     });
@@ -780,11 +752,9 @@ fn every_write_to_a_large_snapshot_between_capture_steps_keeps_the_flow() {
             snapshot: Snapshot::Current,
             ..FlowSpec::done(id)
         };
-        model.write(c, &spec);
-        if let Some(len) = len {
-            let snapshot = padded_snapshot(c, id, len);
-            run(c, &["SET", &snap(id), &snapshot]);
-            model.flows.get_mut(id).unwrap().snapshot = Some(snapshot);
+        match len {
+            Some(len) => _ = model.write_padded(c, &spec, len),
+            None => model.write(c, &spec),
         }
         model.flows[id].snapshot.clone().unwrap()
     };
@@ -985,18 +955,7 @@ fn a_large_snapshot_served_as_the_state_is_followed_too() {
     let srv = server_via(&s3, Some(&proxy), &["state", "snapshot"]);
     let mut c = srv.conn();
     let snap = |id: &str| format!("argyll:flow:{id}:snapshot:val");
-    let large = |c: &mut redis::Connection, id: &str| -> String {
-        write_flow(
-            c,
-            &FlowSpec {
-                snapshot: Snapshot::Current,
-                ..FlowSpec::done(id)
-            },
-        );
-        let snapshot = padded_snapshot(c, id, 3 << 20);
-        run(c, &["SET", &snap(id), &snapshot]);
-        snapshot
-    };
+    let large = |c: &mut redis::Connection, id: &str| write_padded_flow(c, id, 3 << 20);
     let snapshot = large(&mut c, "ranged");
     // Live, it is answered from where the server holds it: the module copies none of it (the peak
     // of its heap, before any capture copied a snapshot).
@@ -1392,18 +1351,7 @@ fn writes_are_followed_again_after_the_module_is_reloaded() {
     let srv = Server::start(opts.clone());
     let mut c = srv.conn();
     let large = |c: &mut redis::Connection, id: &str| {
-        write_flow(
-            c,
-            &FlowSpec {
-                snapshot: Snapshot::Current,
-                ..FlowSpec::done(id)
-            },
-        );
-        let snapshot = padded_snapshot(c, id, 3 << 20);
-        run(
-            c,
-            &["SET", &format!("argyll:flow:{id}:snapshot:val"), &snapshot],
-        );
+        write_padded_flow(c, id, 3 << 20);
     };
     let changes = |round: &str| {
         let long = format!("long-{round}");

@@ -503,11 +503,7 @@ fn snapshots_in_flight_hold_no_more_than_buffer_max_bytes() {
             snapshot: Snapshot::Current,
             ..FlowSpec::done(id)
         };
-        model.write(&mut c, &spec);
-        let snapshot = padded_snapshot(&mut c, id, 2 << 20);
-        let key = format!("argyll:flow:{id}:snapshot:val");
-        cmd::<()>(&mut c, &["SET", &key, &snapshot]).unwrap();
-        model.flows.get_mut(id.as_str()).unwrap().snapshot = Some(snapshot);
+        model.write_padded(&mut c, &spec, 2 << 20);
     }
     let mut archived = 0;
     for _ in 0..ids.len() {
@@ -641,19 +637,7 @@ fn a_live_read_is_refused_with_a_retry_while_the_buffers_are_full() {
     let other_events = write_padded(&mut c, &other, 1000);
     let snapshotted = [("half", 600_000), ("large", 1_500_000)];
     for (id, len) in snapshotted {
-        write_flow(
-            &mut c,
-            &FlowSpec {
-                snapshot: Snapshot::Current,
-                ..FlowSpec::done(id)
-            },
-        );
-        let snapshot = padded_snapshot(&mut c, id, len);
-        cmd::<()>(
-            &mut c,
-            &["SET", &format!("argyll:flow:{id}:snapshot:val"), &snapshot],
-        )
-        .unwrap();
+        write_padded_flow(&mut c, id, len);
     }
     proxy.delay("PUT", Duration::from_millis(1500));
     let mut a = srv.conn();

@@ -702,13 +702,7 @@ fn a_large_snapshot_is_read_in_steps() {
             snapshot: Snapshot::Current,
             ..FlowSpec::done(id)
         };
-        model.write(&mut c, &spec);
-        let snapshot = padded_snapshot(&mut c, id, len);
-        run(
-            &mut c,
-            &["SET", &format!("argyll:flow:{id}:snapshot:val"), &snapshot],
-        );
-        model.flows.get_mut(id).unwrap().snapshot = Some(snapshot);
+        model.write_padded(&mut c, &spec, len);
     }
     let live = |c: &mut redis::Connection, id: &str| -> i64 {
         let before = info_field(c, "main_thread_steps");
@@ -756,18 +750,7 @@ fn what_does_not_read_a_large_snapshot_copies_and_follows_nothing() {
     let srv = Server::start(ServerOpts::new(&s3));
     let mut c = srv.conn();
     for (id, len) in [("large", LEN), ("one-step", 1 << 20)] {
-        write_flow(
-            &mut c,
-            &FlowSpec {
-                snapshot: Snapshot::Current,
-                ..FlowSpec::done(id)
-            },
-        );
-        let snapshot = padded_snapshot(&mut c, id, len);
-        run(
-            &mut c,
-            &["SET", &format!("argyll:flow:{id}:snapshot:val"), &snapshot],
-        );
+        write_padded_flow(&mut c, id, len);
     }
     // Every key of the flow but the snapshot.
     let rules = "on >pw +@all ~argyll:idx:* ~archived:* %R~argyll:flow:*:events \

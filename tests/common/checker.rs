@@ -16,7 +16,8 @@ use std::time::Duration;
 use super::index::{self, INDEX};
 use super::{
     assert_same, blob, cmd, dump_all, escape_label, event_json, events_of, gunzip, parse_ms,
-    snapshot_of, state_of, wait_for, widen, write_flow, FlowSpec, Server, Snapshot, S3,
+    set_padded_snapshot, snapshot_of, state_of, wait_for, widen, write_flow, FlowSpec, Server,
+    Snapshot, S3,
 };
 
 const P: &str = "argyll";
@@ -117,6 +118,22 @@ impl Model {
             db,
             flows: BTreeMap::new(),
         }
+    }
+
+    /// `write`s `spec` (a flow with a snapshot), then pads its snapshot to exactly `len` bytes
+    /// (`set_padded_snapshot`) and records it; the snapshot.
+    pub fn write_padded(
+        &mut self,
+        c: &mut redis::Connection,
+        spec: &FlowSpec,
+        len: usize,
+    ) -> String {
+        self.write(c, spec);
+        let snapshot = set_padded_snapshot(c, spec.id, len);
+        if let Some(flow) = self.flows.get_mut(spec.id) {
+            flow.snapshot = Some(snapshot.clone());
+        }
+        snapshot
     }
 
     /// Writes the flow with `write_flow` and records exactly what that wrote.

@@ -294,6 +294,25 @@ pub fn padded_snapshot(c: &mut redis::Connection, id: &str, len: usize) -> Strin
     format!("{head}{}\"}}", digits.collect::<String>())
 }
 
+/// `padded_snapshot`, written as flow `id`'s snapshot; the snapshot.
+pub fn set_padded_snapshot(c: &mut redis::Connection, id: &str, len: usize) -> String {
+    let snapshot = padded_snapshot(c, id, len);
+    let key = format!("argyll:flow:{id}:snapshot:val");
+    cmd::<()>(c, &["SET", &key, &snapshot]).unwrap();
+    snapshot
+}
+
+/// The finished fixture flow `id` with a current snapshot padded to exactly `len` bytes
+/// (`set_padded_snapshot`); its snapshot.
+pub fn write_padded_flow(c: &mut redis::Connection, id: &str, len: usize) -> String {
+    let spec = FlowSpec {
+        snapshot: Snapshot::Current,
+        ..FlowSpec::done(id)
+    };
+    write_flow(c, &spec);
+    set_padded_snapshot(c, id, len)
+}
+
 /// Unix ms of an RFC 3339 timestamp in UTC (`2026-03-18T09:14:03.120Z`), for the fixtures' own times.
 pub fn parse_ms(t: &str) -> i64 {
     let num = |a: usize, b: usize| t[a..b].parse::<i64>().unwrap();
