@@ -346,10 +346,7 @@ fn a_live_read_over_the_cap_is_refused_short_or_long() {
 #[test]
 fn a_live_read_of_a_snapshot_over_the_cap_is_refused() {
     let s3 = S3::new_bucket();
-    let mut opts = ServerOpts::new(&s3);
-    opts.module_args
-        .extend(["state", "snapshot"].map(String::from));
-    let srv = Server::start(opts);
+    let srv = server_via(&s3, None, &["state", "snapshot"]);
     let mut c = srv.conn();
     let spec = FlowSpec {
         snapshot: Snapshot::Current,
@@ -386,10 +383,7 @@ fn a_live_read_of_a_snapshot_over_the_cap_is_refused() {
 #[test]
 fn a_large_snapshot_with_its_events_is_refused_inside_multi_naming_the_snapshot() {
     let s3 = S3::new_bucket();
-    let mut opts = ServerOpts::new(&s3);
-    opts.module_args
-        .extend(["state", "snapshot"].map(String::from));
-    let srv = Server::start(opts);
+    let srv = server_via(&s3, None, &["state", "snapshot"]);
     let mut c = srv.conn();
     for id in ["big", "small"] {
         let spec = FlowSpec {

@@ -936,25 +936,10 @@ fn a_stepped_live_read_checks_rights_as_one_in_the_command() {
         "the wide log was not read in steps"
     );
 
-    let mut opts = ServerOpts::new(&s3);
-    opts.module_args
-        .extend(["state", "snapshot"].map(String::from));
-    let srv = Server::start(opts);
+    let srv = server_via(&s3, None, &["state", "snapshot"]);
     let mut c = srv.conn();
     config_set(&mut c, BUDGET, "50").unwrap();
-    let mut logs = std::collections::HashMap::new();
-    for id in ["small", "wide"] {
-        let spec = FlowSpec {
-            snapshot: Snapshot::Current,
-            ..FlowSpec::done(id)
-        };
-        write_flow(&mut c, &spec);
-        let log = match id {
-            "wide" => widen(&mut c, id, 40, 32 << 10),
-            _ => events_of(&spec),
-        };
-        logs.insert(id, (snapshot_of(&spec).unwrap().0, log));
-    }
+    let logs = small_and_wide(&mut c);
     readers(
         &mut c,
         &[
@@ -988,6 +973,27 @@ fn a_stepped_live_read_checks_rights_as_one_in_the_command() {
     }
 }
 
+/// Two finished flows with a current snapshot: `small` as written, `wide` with 40 events of 32 KiB
+/// more (read in steps); each id's snapshot and event log.
+fn small_and_wide(
+    c: &mut redis::Connection,
+) -> std::collections::HashMap<&'static str, (String, Vec<String>)> {
+    let mut logs = std::collections::HashMap::new();
+    for id in ["small", "wide"] {
+        let spec = FlowSpec {
+            snapshot: Snapshot::Current,
+            ..FlowSpec::done(id)
+        };
+        write_flow(c, &spec);
+        let log = match id {
+            "wide" => widen(c, id, 40, 32 << 10),
+            _ => events_of(&spec),
+        };
+        logs.insert(id, (snapshot_of(&spec).unwrap().0, log));
+    }
+    logs
+}
+
 /// Under `state snapshot` a live `GET … EVENTS` reads the snapshot and the log, nothing else: a
 /// sequence key the reader may not read, holding no sequence (no number, or another type), neither
 /// refuses the read nor shows in its answer, whether the command reads the log itself (a small flow)
@@ -995,25 +1001,10 @@ fn a_stepped_live_read_checks_rights_as_one_in_the_command() {
 #[test]
 fn a_live_read_under_state_snapshot_reads_no_sequence() {
     let s3 = S3::new_bucket();
-    let mut opts = ServerOpts::new(&s3);
-    opts.module_args
-        .extend(["state", "snapshot"].map(String::from));
-    let srv = Server::start(opts);
+    let srv = server_via(&s3, None, &["state", "snapshot"]);
     let mut c = srv.conn();
     config_set(&mut c, BUDGET, "50").unwrap();
-    let mut logs = std::collections::HashMap::new();
-    for id in ["small", "wide"] {
-        let spec = FlowSpec {
-            snapshot: Snapshot::Current,
-            ..FlowSpec::done(id)
-        };
-        write_flow(&mut c, &spec);
-        let log = match id {
-            "wide" => widen(&mut c, id, 40, 32 << 10),
-            _ => events_of(&spec),
-        };
-        logs.insert(id, (snapshot_of(&spec).unwrap().0, log));
-    }
+    let logs = small_and_wide(&mut c);
     let key = |part: &str| format!("%R~argyll:flow:*:{part}");
     readers(
         &mut c,
