@@ -334,53 +334,23 @@ fn a_live_read_of_a_rotating_log_is_never_a_mixture() {
         .enumerate()
         .map(|(i, e)| (e.as_str(), i))
         .collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let rotations = Arc::new(AtomicUsize::new(0));
-    let rotator = {
-        let (stop, rotations, mut c) = (stop.clone(), rotations.clone(), srv.conn());
-        std::thread::spawn(move || {
-            let key = events_key(id);
-            while !stop.load(Ordering::Relaxed) {
-                cmd::<redis::Value>(&mut c, &["LMOVE", &key, &key, "RIGHT", "LEFT"]).unwrap();
-                rotations.fetch_add(1, Ordering::Relaxed);
-                // Now and then quiet long enough for a whole read.
-                let pause = if rotations.load(Ordering::Relaxed) % 20 == 0 {
-                    40
-                } else {
-                    1
-                };
-                std::thread::sleep(Duration::from_millis(pause));
-            }
-        })
-    };
-    let (mut whole, mut refused) = (0, 0);
-    for _ in 0..60 {
-        match get_events(&mut c, id) {
-            Ok((_, events)) => {
-                whole += 1;
-                assert_eq!(events.len(), EVENTS);
-                let first = position[events[0].as_str()];
-                for (j, e) in events.iter().enumerate() {
-                    assert_eq!(
-                        position[e.as_str()],
-                        (first + j) % EVENTS,
-                        "a mixture of two states at event {j}"
-                    );
-                }
-            }
-            Err(e) => {
-                assert!(
-                    e.to_string().contains("changed during every read attempt"),
-                    "{e}"
+    let key = events_key(id);
+    read_while_written(
+        &srv,
+        move |c, _| cmd::<redis::Value>(c, &["LMOVE", &key, &key, "RIGHT", "LEFT"]).map(drop),
+        || get_events(&mut c, id),
+        |(_, events)| {
+            assert_eq!(events.len(), EVENTS);
+            let first = position[events[0].as_str()];
+            for (j, e) in events.iter().enumerate() {
+                assert_eq!(
+                    position[e.as_str()],
+                    (first + j) % EVENTS,
+                    "a mixture of two states at event {j}"
                 );
-                refused += 1;
             }
-        }
-    }
-    stop.store(true, Ordering::Relaxed);
-    rotator.join().unwrap();
-    assert!(rotations.load(Ordering::Relaxed) > 60, "hardly rotated");
-    assert!(whole > 0, "no read succeeded ({refused} refused)");
+        },
+    );
 }
 
 /// A live read of a flow whose 3 MiB snapshot another client keeps rewriting, each time with other
@@ -423,16 +393,43 @@ fn a_live_read_of_a_large_snapshot_being_rewritten_is_never_torn() {
     assert!(states[0].contains("\"metadata\":{\"pad\":\"0123"));
 
     const SET_FROM: &str = "return redis.call('SET', KEYS[1], redis.call('GET', KEYS[2]))";
+    read_while_written(
+        &srv,
+        move |c, n| {
+            let staged = ["staged:a", "staged:b"][n % 2];
+            cmd::<redis::Value>(c, &["EVAL", SET_FROM, "2", &key, staged]).map(drop)
+        },
+        || get(&mut c, id),
+        |state| {
+            let state = state.expect("the state");
+            assert!(
+                states.contains(&state),
+                "an answer that is neither snapshot's state ({} bytes)",
+                state.len()
+            );
+        },
+    );
+    assert_eq!(info_field(&mut c, "buffered_bytes"), 0);
+}
+
+/// Reads 60 times (`read`) while another connection writes (`write`, given how many writes came
+/// before it) in a loop, quiet now and then for long enough for a whole read: every answer passes
+/// `check`, every other read says it kept meeting changes, at least one read answers, and the writer
+/// wrote throughout.
+fn read_while_written<T>(
+    srv: &Server,
+    mut write: impl FnMut(&mut redis::Connection, usize) -> redis::RedisResult<()> + Send + 'static,
+    mut read: impl FnMut() -> redis::RedisResult<T>,
+    check: impl Fn(T),
+) {
     let stop = Arc::new(AtomicBool::new(false));
     let writes = Arc::new(AtomicUsize::new(0));
     let writer = {
-        let (stop, writes, mut c, key) = (stop.clone(), writes.clone(), srv.conn(), key.clone());
+        let (stop, writes, mut c) = (stop.clone(), writes.clone(), srv.conn());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 let n = writes.fetch_add(1, Ordering::Relaxed);
-                let staged = ["staged:a", "staged:b"][n % 2];
-                cmd::<redis::Value>(&mut c, &["EVAL", SET_FROM, "2", &key, staged]).unwrap();
-                // Now and then quiet long enough for a whole read.
+                write(&mut c, n).unwrap();
                 let pause = if n % 20 == 0 { 40 } else { 1 };
                 std::thread::sleep(Duration::from_millis(pause));
             }
@@ -440,15 +437,10 @@ fn a_live_read_of_a_large_snapshot_being_rewritten_is_never_torn() {
     };
     let (mut whole, mut refused) = (0, 0);
     for _ in 0..60 {
-        match get(&mut c, id) {
-            Ok(state) => {
+        match read() {
+            Ok(answer) => {
                 whole += 1;
-                let state = state.expect("the state");
-                assert!(
-                    states.contains(&state),
-                    "an answer that is neither snapshot's state ({} bytes)",
-                    state.len()
-                );
+                check(answer);
             }
             Err(e) => {
                 assert!(
@@ -461,9 +453,8 @@ fn a_live_read_of_a_large_snapshot_being_rewritten_is_never_torn() {
     }
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
-    assert!(writes.load(Ordering::Relaxed) > 60, "hardly rewritten");
+    assert!(writes.load(Ordering::Relaxed) > 60, "hardly written");
     assert!(whole > 0, "no read succeeded ({refused} refused)");
-    assert_eq!(info_field(&mut c, "buffered_bytes"), 0);
 }
 
 /// Bytes a live read counts: the snapshot (if any), and each event with its line end.
