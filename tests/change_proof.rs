@@ -18,10 +18,6 @@ use common::*;
 /// More events than one read step (`EVENTS_PER_STEP` = 1024): read over several steps, followed.
 const LONG: usize = 1024 + 300;
 
-fn events_key(id: &str) -> String {
-    format!("argyll:flow:{id}:events")
-}
-
 /// Archives `id` with its PUT held back, applies `change` while the object is on its way, and checks
 /// the archive was refused and every key of the DB is as the change left it.
 fn change_during_upload(
@@ -76,7 +72,6 @@ fn every_write_between_capture_and_commit_keeps_a_short_flow() {
     let s3 = S3::new_bucket();
     let proxy = Proxy::start(s3_port());
     let srv = server_via(&s3, Some(&proxy), &[]);
-    let snap = |id: &str| format!("argyll:flow:{id}:snapshot:val");
     type Change = Box<dyn Fn(&mut redis::Connection, &str)>;
     let cases: Vec<(&str, Change)> = vec![
         (
@@ -117,7 +112,7 @@ fn every_write_between_capture_and_commit_keeps_a_short_flow() {
         ),
         (
             "resnapshot",
-            Box::new(move |c, id| run(c, &["SET", &snap(id), "{}"])),
+            Box::new(move |c, id| run(c, &["SET", &snapshot_key(id), "{}"])),
         ),
         (
             "reseq",
@@ -292,7 +287,6 @@ fn small_keys_of_exactly_one_mib_are_kept_and_one_byte_more_hashed() {
     let proxy = Proxy::start(s3_port());
     let srv = server_via(&s3, Some(&proxy), &[]);
     let mut c = srv.conn();
-    let key = |id: &str| format!("argyll:flow:{id}:snapshot:val");
     // A flow whose small keys frame into `framed` bytes: six parts of an 8-byte length each, the
     // snapshot's mark (1 byte), the snapshot, its sequence ("5"), the label count (8) and the label
     // `tenant` = `acme` (10): the snapshot and 68 bytes.
@@ -314,7 +308,10 @@ fn small_keys_of_exactly_one_mib_are_kept_and_one_byte_more_hashed() {
         flow(&mut c, &edited, framed);
         let (held, answer) = held_upload(&srv, &proxy, &edited, |c| {
             let at = framed - 68 - 3;
-            run(c, &["SETRANGE", &key(&edited), &at.to_string(), "q"]);
+            run(
+                c,
+                &["SETRANGE", &snapshot_key(&edited), &at.to_string(), "q"],
+            );
         });
         assert!(holds(held), "{edited}: {held} bytes held in the upload");
         let e = err_text(answer);
@@ -327,7 +324,7 @@ fn small_keys_of_exactly_one_mib_are_kept_and_one_byte_more_hashed() {
         flow(&mut c, &across, framed);
         change_written_during_upload(&srv, &proxy, &across, |c| {
             let snapshot = padded_snapshot(c, &across, other - 68);
-            run(c, &["SET", &key(&across), &snapshot]);
+            run(c, &["SET", &snapshot_key(&across), &snapshot]);
         });
     }
     for id in [
@@ -337,7 +334,7 @@ fn small_keys_of_exactly_one_mib_are_kept_and_one_byte_more_hashed() {
         "hashed-across",
     ] {
         assert_eq!(
-            cmd::<i64>(&mut c, &["EXISTS", &key(id)]).unwrap(),
+            cmd::<i64>(&mut c, &["EXISTS", &snapshot_key(id)]).unwrap(),
             1,
             "{id}"
         );
@@ -364,17 +361,20 @@ fn small_keys_of_exactly_one_mib_are_kept_and_one_byte_more_hashed() {
         let put = |id: &str| puts.iter().any(|r| r.starts_with("PUT") && r.contains(id));
         put("swept-same.") && put("swept-edited.")
     });
-    run(&mut c, &["SETRANGE", &key("swept-edited"), "100", "q"]);
+    run(
+        &mut c,
+        &["SETRANGE", &snapshot_key("swept-edited"), "100", "q"],
+    );
     let swept = sweeping.join().unwrap().unwrap();
     proxy.clear();
     assert_eq!(int(&swept["archived"]), 5, "{swept:?}");
     assert_eq!(int(&swept["skipped_changed"]), 1, "{swept:?}");
     assert_eq!(
-        cmd::<i64>(&mut c, &["EXISTS", &key("swept-same")]).unwrap(),
+        cmd::<i64>(&mut c, &["EXISTS", &snapshot_key("swept-same")]).unwrap(),
         0
     );
     assert_eq!(
-        cmd::<i64>(&mut c, &["EXISTS", &key("swept-edited")]).unwrap(),
+        cmd::<i64>(&mut c, &["EXISTS", &snapshot_key("swept-edited")]).unwrap(),
         1
     );
     wait_for("every byte released", Duration::from_secs(10), || {
@@ -391,7 +391,7 @@ fn small_keys_of_exactly_one_mib_are_kept_and_one_byte_more_hashed() {
     let e = err_text(archive(&mut c, "kept-failed"));
     assert!(e.contains("nothing was deleted"), "{e}");
     assert_eq!(
-        cmd::<i64>(&mut c, &["EXISTS", &key("kept-failed")]).unwrap(),
+        cmd::<i64>(&mut c, &["EXISTS", &snapshot_key("kept-failed")]).unwrap(),
         1
     );
     wait_for("every byte released", Duration::from_secs(10), || {
@@ -576,7 +576,6 @@ fn every_write_to_a_large_snapshot_during_the_upload_keeps_the_flow() {
     let proxy = Proxy::start(s3_port());
     let srv = server_via(&s3, Some(&proxy), &[]);
     let mut c = srv.conn();
-    let snap = |id: &str| format!("argyll:flow:{id}:snapshot:val");
     let large = |c: &mut redis::Connection, id: &str| write_padded_flow(c, id, SNAPSHOT);
     change_during_upload(&srv, &proxy, "long", LONG, |c| {
         run(c, &["LSET", &events_key("long"), "700", "{}"])
@@ -682,7 +681,9 @@ fn every_write_to_a_large_snapshot_during_the_upload_keeps_the_flow() {
     ];
     for (id, change) in &cases {
         let snapshot = large(&mut c, id);
-        change_written_during_upload(&srv, &proxy, id, |c| change(c, &snap(id), &snapshot));
+        change_written_during_upload(&srv, &proxy, id, |c| {
+            change(c, &snapshot_key(id), &snapshot)
+        });
     }
     assert_eq!(info_field(&mut c, "string_events_subscribed"), 1);
     // Unchanged, the same flow is archived, and its object holds the snapshot exactly.
@@ -690,7 +691,7 @@ fn every_write_to_a_large_snapshot_during_the_upload_keeps_the_flow() {
     let (_, answer) = held_upload(&srv, &proxy, "unchanged", |_| {});
     assert_eq!(int(&answer.unwrap()["events"]), 5);
     assert_eq!(
-        cmd::<i64>(&mut c, &["EXISTS", &snap("unchanged")]).unwrap(),
+        cmd::<i64>(&mut c, &["EXISTS", &snapshot_key("unchanged")]).unwrap(),
         0
     );
     let object = gunzip(&s3.get("flows/unchanged.jsonl.gz").expect("the object"));
@@ -737,7 +738,6 @@ fn every_write_to_a_large_snapshot_between_capture_steps_keeps_the_flow() {
     let mut c = srv.conn();
     config_set(&mut c, "flowarchive.step-budget-us", "50").unwrap();
     config_set(&mut c, "flowarchive.concurrency", "16").unwrap();
-    let snap = |id: &str| format!("argyll:flow:{id}:snapshot:val");
     let mut model = checker::Model::new(0);
     // No snapshot: a long log alone (its fold, stored as a snapshot, would pass 1 MiB).
     let lead = FlowSpec {
@@ -821,48 +821,55 @@ fn every_write_to_a_large_snapshot_between_capture_steps_keeps_the_flow() {
         });
     };
     let s = &before["b-ranged"];
-    add(&["SETRANGE", &snap("b-ranged"), &offset(s), "x"]);
+    add(&["SETRANGE", &snapshot_key("b-ranged"), &offset(s), "x"]);
     after.push(("b-ranged", Some(ranged(s))));
     for id in ["b-rewritten", "b-shrunk", "b-grown"] {
-        add(&["EVAL", SET_FROM, "2", &snap(id), &staged(id)]);
+        add(&["EVAL", SET_FROM, "2", &snapshot_key(id), &staged(id)]);
     }
     let s = &before["b-same-bytes"];
     add(&[
         "EVAL",
         SET_FROM,
         "2",
-        &snap("b-same-bytes"),
-        &snap("b-same-bytes"),
+        &snapshot_key("b-same-bytes"),
+        &snapshot_key("b-same-bytes"),
     ]);
     after.push(("b-same-bytes", Some(s.clone())));
-    let (id, key) = ("b-stored-over-and-back", snap("b-stored-over-and-back"));
+    let (id, key) = (
+        "b-stored-over-and-back",
+        snapshot_key("b-stored-over-and-back"),
+    );
     add(&["SADD", "members", "m"]);
     add(&["SUNIONSTORE", &key, "members"]);
     add(&["DEL", "members"]);
     add(&["EVAL", SET_FROM, "2", &key, &staged(id)]);
-    add(&["RENAME", &staged("b-renamed-over"), &snap("b-renamed-over")]);
+    add(&[
+        "RENAME",
+        &staged("b-renamed-over"),
+        &snapshot_key("b-renamed-over"),
+    ]);
     add(&[
         "COPY",
         &staged("b-copied-over"),
-        &snap("b-copied-over"),
+        &snapshot_key("b-copied-over"),
         "REPLACE",
     ]);
-    let (id, key) = ("b-restored", snap("b-restored"));
+    let (id, key) = ("b-restored", snapshot_key("b-restored"));
     add(&["EVAL", RESTORE_FROM, "2", &key, &staged(id)]);
     let s = &before["b-moved-out-and-back"];
-    let key = snap("b-moved-out-and-back");
+    let key = snapshot_key("b-moved-out-and-back");
     add(&["MOVE", &key, "1"]);
     add(&["SELECT", "1"]);
     add(&["SETRANGE", &key, &offset(s), "x"]);
     add(&["MOVE", &key, "0"]);
     add(&["SELECT", "0"]);
     after.push(("b-moved-out-and-back", Some(ranged(s))));
-    add(&["APPEND", &snap("b-appended"), " "]);
+    add(&["APPEND", &snapshot_key("b-appended"), " "]);
     after.push(("b-appended", Some(format!("{} ", before["b-appended"]))));
     // With its sequence, so the log alone is the flow again.
     add(&[
         "DEL",
-        &snap("b-deleted"),
+        &snapshot_key("b-deleted"),
         "argyll:flow:b-deleted:snapshot:seq",
     ]);
     after.push(("b-deleted", None));
@@ -954,7 +961,6 @@ fn a_large_snapshot_served_as_the_state_is_followed_too() {
     let proxy = Proxy::start(s3_port());
     let srv = server_via(&s3, Some(&proxy), &["state", "snapshot"]);
     let mut c = srv.conn();
-    let snap = |id: &str| format!("argyll:flow:{id}:snapshot:val");
     let large = |c: &mut redis::Connection, id: &str| write_padded_flow(c, id, 3 << 20);
     let snapshot = large(&mut c, "ranged");
     // Live, it is answered from where the server holds it: the module copies none of it (the peak
@@ -964,11 +970,11 @@ fn a_large_snapshot_served_as_the_state_is_followed_too() {
     let rise = info_field(&mut c, "heap_bytes_peak") - peak;
     assert!(rise < 1 << 20, "a live GET copied {rise} bytes");
     change_written_during_upload(&srv, &proxy, "ranged", |c| {
-        run(c, &["SETRANGE", &snap("ranged"), "2000000", "q"])
+        run(c, &["SETRANGE", &snapshot_key("ranged"), "2000000", "q"])
     });
     let snapshot = large(&mut c, "same-bytes");
     change_written_during_upload(&srv, &proxy, "same-bytes", |c| {
-        run(c, &["SET", &snap("same-bytes"), &snapshot])
+        run(c, &["SET", &snapshot_key("same-bytes"), &snapshot])
     });
     assert_eq!(info_field(&mut c, "string_events_subscribed"), 1);
 
@@ -976,7 +982,7 @@ fn a_large_snapshot_served_as_the_state_is_followed_too() {
     let (_, answer) = held_upload(&srv, &proxy, "unchanged", |_| {});
     assert_eq!(int(&answer.unwrap()["events"]), 5);
     assert_eq!(
-        cmd::<i64>(&mut c, &["EXISTS", &snap("unchanged")]).unwrap(),
+        cmd::<i64>(&mut c, &["EXISTS", &snapshot_key("unchanged")]).unwrap(),
         0
     );
     let archived = get(&mut c, "unchanged").unwrap();
@@ -1361,7 +1367,7 @@ fn writes_are_followed_again_after_the_module_is_reloaded() {
         let id = format!("large-{round}");
         large(&mut srv.conn(), &id);
         change_written_during_upload(&srv, &proxy, &id, |c| {
-            let key = format!("argyll:flow:{id}:snapshot:val");
+            let key = snapshot_key(&id);
             run(c, &["SETRANGE", &key, "2000000", "q"]);
         });
     };

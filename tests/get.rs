@@ -584,8 +584,7 @@ fn live_events_are_answered_byte_for_byte() {
         push.arg(&key).arg(&log);
         push.query::<()>(&mut c).unwrap();
         let mut set = redis::cmd("SET");
-        set.arg(format!("argyll:flow:{id}:snapshot:val"))
-            .arg(&snapshot);
+        set.arg(snapshot_key(id)).arg(&snapshot);
         set.query::<()>(&mut c).unwrap();
         assert_eq!(log_bytes(&mut c, id), log, "stored as written");
         let answer: (Vec<u8>, Vec<Vec<u8>>) = redis::cmd("FLOWARCHIVE.GET")

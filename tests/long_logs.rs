@@ -22,10 +22,6 @@ use common::*;
 
 const BUDGET: &str = "flowarchive.step-budget-us";
 
-fn events_key(id: &str) -> String {
-    format!("argyll:flow:{id}:events")
-}
-
 fn lrange(c: &mut redis::Connection, key: &str) -> Vec<String> {
     cmd(c, &["LRANGE", key, "0", "-1"]).unwrap()
 }
@@ -372,7 +368,7 @@ fn a_live_read_of_a_large_snapshot_being_rewritten_is_never_torn() {
             ..FlowSpec::done(id)
         },
     );
-    let key = format!("argyll:flow:{id}:snapshot:val");
+    let key = snapshot_key(id);
     let stored: String = cmd(&mut c, &["GET", &key]).unwrap();
     let body = stored.strip_suffix('}').expect("a JSON object");
     // The snapshot with a metadata value of `LEN` bytes in all, its digits counted on from `first`.
@@ -459,8 +455,7 @@ fn read_while_written<T>(
 
 /// Bytes a live read counts: the snapshot (if any), and each event with its line end.
 fn live_bytes(c: &mut redis::Connection, id: &str) -> u64 {
-    let snapshot: Option<String> =
-        cmd(c, &["GET", &format!("argyll:flow:{id}:snapshot:val")]).unwrap();
+    let snapshot: Option<String> = cmd(c, &["GET", &snapshot_key(id)]).unwrap();
     let events = lrange(c, &events_key(id));
     snapshot.map_or(0, |s| s.len() as u64) + events.iter().map(|e| e.len() as u64 + 1).sum::<u64>()
 }
@@ -817,11 +812,7 @@ fn a_long_log_is_answered_from_what_was_read_not_a_copy() {
         },
     );
     let snapshot = format!("{{\"id\":\"{id}\",\"status\":\"completed\"}}");
-    cmd::<()>(
-        &mut c,
-        &["SET", &format!("argyll:flow:{id}:snapshot:val"), &snapshot],
-    )
-    .unwrap();
+    cmd::<()>(&mut c, &["SET", &snapshot_key(id), &snapshot]).unwrap();
     let log = lrange(&mut c, &events_key(id));
     let bytes = live_bytes(&mut c, id) as i64;
     assert!(bytes > 2 << 20, "{bytes}");

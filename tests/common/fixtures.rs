@@ -282,11 +282,21 @@ pub fn snapshot_of(spec: &FlowSpec) -> Option<(String, usize)> {
     Some((state_of(&events[..folded])?, folded))
 }
 
+/// Flow `id`'s event log key under the engine's default layout.
+pub fn events_key(id: &str) -> String {
+    format!("argyll:flow:{id}:events")
+}
+
+/// Flow `id`'s snapshot key under the engine's default layout.
+pub fn snapshot_key(id: &str) -> String {
+    format!("argyll:flow:{id}:snapshot:val")
+}
+
 /// Flow `id`'s stored snapshot (a JSON object) made exactly `len` bytes long by a field `pad` of
 /// varied digits, which the engine's state does not know and drops (so the flow's state is unchanged).
 /// Not written: the caller sets it.
 pub fn padded_snapshot(c: &mut redis::Connection, id: &str, len: usize) -> String {
-    let snapshot: String = cmd(c, &["GET", &format!("argyll:flow:{id}:snapshot:val")]).unwrap();
+    let snapshot: String = cmd(c, &["GET", &snapshot_key(id)]).unwrap();
     let body = snapshot.strip_suffix('}').expect("a JSON object");
     let body = body.split(",\"pad\":").next().unwrap();
     let head = format!("{body},\"pad\":\"");
@@ -297,7 +307,7 @@ pub fn padded_snapshot(c: &mut redis::Connection, id: &str, len: usize) -> Strin
 /// `padded_snapshot`, written as flow `id`'s snapshot; the snapshot.
 pub fn set_padded_snapshot(c: &mut redis::Connection, id: &str, len: usize) -> String {
     let snapshot = padded_snapshot(c, id, len);
-    let key = format!("argyll:flow:{id}:snapshot:val");
+    let key = snapshot_key(id);
     cmd::<()>(c, &["SET", &key, &snapshot]).unwrap();
     snapshot
 }
