@@ -259,10 +259,25 @@ fn held_upload(
     i64,
     redis::RedisResult<std::collections::HashMap<String, redis::Value>>,
 ) {
+    held_upload_in(srv, proxy, 0, id, change)
+}
+
+/// `held_upload` of flow `id` in DB `db`; `change` is given a connection to DB 0.
+fn held_upload_in(
+    srv: &Server,
+    proxy: &Proxy,
+    db: i64,
+    id: &str,
+    change: impl FnOnce(&mut redis::Connection),
+) -> (
+    i64,
+    redis::RedisResult<std::collections::HashMap<String, redis::Value>>,
+) {
     let mut c = srv.conn();
     proxy.delay("PUT", Duration::from_millis(700));
     let seen = proxy.requests().len();
     let mut other = srv.conn();
+    run(&mut other, &["SELECT", &db.to_string()]);
     let owned = id.to_string();
     let flow = std::thread::spawn(move || archive(&mut other, &owned));
     wait_for("the PUT", Duration::from_secs(20), || {
@@ -947,6 +962,230 @@ fn every_write_to_a_large_snapshot_between_capture_steps_keeps_the_flow() {
     let settled = checker::Expect::Settled { retention_ms: 0 };
     let tally = checker::check("after a quiet sweep", &srv, &s3, &model, settled);
     assert_eq!(tally.archived, model.flows.len());
+}
+
+/// The same ids in DB 0 and DB 1, each with a 3 MiB snapshot or a log over 1 MiB: writes to one DB's
+/// copy between the capture steps of DB 0's sweep (by SELECT inside a transaction and a script, by a
+/// MOVE out and back) keep exactly the flows written, whichever DB the write came from; the other
+/// DB's copy of the same id is archived as it was. During the upload of one DB's copy, a write to the
+/// other's keeps nothing, and a `COPY … DB 1 REPLACE` over its snapshot or its log, at the same
+/// length, from a transaction in DB 0 keeps it (that event reached the keyspace hook in DB 0, and the
+/// flow was deleted, its archive holding what the copy replaced). Then every flow is archived as
+/// left, each in its own DB's objects, every event checked.
+#[test]
+fn a_write_to_one_dbs_copy_of_an_id_keeps_only_that_dbs_flow() {
+    const LEAD_EVENTS: usize = 30 * 1024;
+    const LARGE: usize = 3 << 20;
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &[]);
+    let (mut c0, mut c1) = (srv.conn(), srv.conn());
+    run(&mut c1, &["SELECT", "1"]);
+    config_set(&mut c0, "flowarchive.step-budget-us", "50").unwrap();
+    config_set(&mut c0, "flowarchive.concurrency", "16").unwrap();
+    let snap = |id: &str| format!("argyll:flow:{id}:snapshot:val");
+    let (mut m0, mut m1) = (checker::Model::new(0), checker::Model::new(1));
+    m0.write(
+        &mut c0,
+        &FlowSpec {
+            events: LEAD_EVENTS,
+            ..FlowSpec::done("a-lead")
+        },
+    );
+    // Each id in both DBs; the DB whose copy is written is in its name.
+    let large = [
+        "b-0-ranged",
+        "b-1-ranged",
+        "b-1-by-a-script",
+        "b-1-moved-out-and-back",
+        "b-1-copied-over",
+        "b-quiet",
+    ];
+    let spec = |id| FlowSpec {
+        events: 5,
+        snapshot: Snapshot::Current,
+        ..FlowSpec::done(id)
+    };
+    for id in large {
+        m0.write_padded(&mut c0, &spec(id), LARGE);
+        m1.write_padded(&mut c1, &spec(id), LARGE);
+    }
+    // Logs over 1 MiB of few large events, read in steps.
+    for id in ["c-0-long", "c-1-long"] {
+        for (model, c) in [(&mut m0, &mut c0), (&mut m1, &mut c1)] {
+            model.write(
+                c,
+                &FlowSpec {
+                    events: 5,
+                    ..FlowSpec::done(id)
+                },
+            );
+            model.widen(c, id, 24, 60_000);
+        }
+    }
+    let ranged = |model: &checker::Model, id: &str| {
+        let s = model.flows[id].snapshot.clone().unwrap();
+        let at = early_pad_byte(&s);
+        let mut b = s.into_bytes();
+        b[at] = b'x';
+        (at.to_string(), String::from_utf8(b).unwrap())
+    };
+    let (at0, after0) = ranged(&m0, "b-0-ranged");
+    let (at1, after1) = ranged(&m1, "b-1-ranged");
+    let (at_script, after_script) = ranged(&m1, "b-1-by-a-script");
+    let (at_moved, after_moved) = ranged(&m1, "b-1-moved-out-and-back");
+    // Blobs of another length, in the first MiB of a log.
+    let wider = blob(61_000);
+
+    // The writes, in one transaction sent from DB 0.
+    let mut tx = redis::pipe();
+    tx.atomic();
+    let mut add = |args: &[&str]| {
+        tx.cmd(args[0]);
+        args[1..].iter().for_each(|a| {
+            tx.arg(*a);
+        });
+    };
+    add(&["SETRANGE", &snap("b-0-ranged"), &at0, "x"]);
+    add(&["SELECT", "1"]);
+    add(&["SETRANGE", &snap("b-1-ranged"), &at1, "x"]);
+    add(&["SELECT", "0"]);
+    const IN_DB_1: &str = "redis.call('SELECT', 1) \
+        return redis.call('SETRANGE', KEYS[1], ARGV[1], 'x')";
+    add(&["EVAL", IN_DB_1, "1", &snap("b-1-by-a-script"), &at_script]);
+    add(&["SELECT", "1"]);
+    let key = snap("b-1-moved-out-and-back");
+    add(&["MOVE", &key, "2"]);
+    add(&["SELECT", "2"]);
+    add(&["SETRANGE", &key, &at_moved, "x"]);
+    add(&["MOVE", &key, "1"]);
+    add(&["SELECT", "1"]);
+    add(&["LSET", &events_key("c-1-long"), "1", &wider]);
+    add(&["SELECT", "0"]);
+    add(&["LSET", &events_key("c-0-long"), "1", &wider]);
+    add(&["INFO", "flowarchive"]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = {
+        let (stop, mut c) = (stop.clone(), srv.conn());
+        std::thread::spawn(move || {
+            let script = "local t = 0 for i = 1, 200000 do t = t + i end return t";
+            while !stop.load(Ordering::Relaxed) {
+                cmd::<i64>(&mut c, &["EVAL", script, "0"]).unwrap();
+            }
+        })
+    };
+    let mut other = srv.conn();
+    other
+        .set_read_timeout(Some(Duration::from_secs(300)))
+        .unwrap();
+    let start = info_field(&mut c0, "main_thread_steps");
+    let swept = std::thread::spawn(move || sweep(&mut other, &[]));
+    let begun = (large.len() * LARGE) as i64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while info_field(&mut c0, "buffered_bytes") < begun {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flows were not begun"
+        );
+    }
+    let replies: Vec<redis::Value> = tx.query(&mut c0).unwrap();
+    stop.store(true, Ordering::Relaxed);
+    busy.join().unwrap();
+    let info = text(replies.last().unwrap());
+    let steps = info
+        .lines()
+        .find_map(|l| l.strip_prefix("flowarchive_main_thread_steps:"));
+    let steps = steps.unwrap().trim().parse::<i64>().unwrap() - start;
+    assert!(
+        steps <= (LEAD_EVENTS / 1024) as i64,
+        "the writes came after {steps} steps: the lead may have been read whole"
+    );
+    let record = |model: &mut checker::Model, id: &str, snapshot: String| {
+        model.flows.get_mut(id).unwrap().snapshot = Some(snapshot);
+    };
+    record(&mut m0, "b-0-ranged", after0);
+    record(&mut m1, "b-1-ranged", after1);
+    record(&mut m1, "b-1-by-a-script", after_script);
+    record(&mut m1, "b-1-moved-out-and-back", after_moved);
+    m1.flows.get_mut("c-1-long").unwrap().events[1] = wider.clone();
+    m0.flows.get_mut("c-0-long").unwrap().events[1] = wider.clone();
+    let summary = swept.join().unwrap().unwrap();
+    // In DB 0: the lead, the quiet flow and every flow written in DB 1 only.
+    assert_eq!(int(&summary["archived"]), 7, "{summary:?}");
+    assert_eq!(int(&summary["skipped_changed"]), 2, "{summary:?}");
+    for id in ["b-0-ranged", "c-0-long"] {
+        assert_eq!(
+            cmd::<i64>(&mut c0, &["EXISTS", &events_key(id)]).unwrap(),
+            1,
+            "{id} was written in DB 0"
+        );
+    }
+    checker::check("DB 0", &srv, &s3, &m0, checker::Expect::Either);
+    let tally = checker::check("DB 1", &srv, &s3, &m1, checker::Expect::Either);
+    assert_eq!(tally.archived, 0, "DB 1 was not swept");
+
+    // During the upload of one DB's copy, a write to the other DB's copy of the same id, and writes
+    // into it from a client in the other DB: a COPY over its snapshot, and over its log, each as long
+    // as what it replaces (the commit measures them).
+    let flow = m0.flows.get_mut("b-0-ranged").unwrap();
+    let s = flow.snapshot.as_mut().unwrap();
+    let at = early_pad_byte(s) + 1;
+    s.replace_range(at..at + 1, "y");
+    let (_, answer) = held_upload_in(&srv, &proxy, 1, "b-0-ranged", |c| {
+        run(c, &["SETRANGE", &snap("b-0-ranged"), &at.to_string(), "y"]);
+    });
+    assert_eq!(int(&answer.unwrap()["events"]), 5, "DB 1's copy archived");
+    let (_, answer) = held_upload_in(&srv, &proxy, 0, "c-0-long", |c| {
+        run(c, &["SELECT", "1"]);
+        run(c, &["LSET", &events_key("c-0-long"), "2", &wider]);
+    });
+    assert_eq!(int(&answer.unwrap()["events"]), 29, "DB 0's copy archived");
+    m1.flows.get_mut("c-0-long").unwrap().events[2] = wider.clone();
+    let copied = repadded(m1.flows["b-1-copied-over"].snapshot.as_ref().unwrap());
+    run(&mut c0, &["SET", "staged", &copied]);
+    let mut log = m1.flows["c-1-long"].events.clone();
+    log[3] = blob(61_000);
+    let mut push = vec!["RPUSH", "staged-log"];
+    push.extend(log.iter().map(String::as_str));
+    run(&mut c0, &push);
+    for (id, key, staged) in [
+        ("b-1-copied-over", snap("b-1-copied-over"), "staged"),
+        ("c-1-long", events_key("c-1-long"), "staged-log"),
+    ] {
+        let (_, answer) = held_upload_in(&srv, &proxy, 1, id, |c| {
+            // In a transaction, whose commands reached the hook in the client's DB.
+            redis::pipe()
+                .atomic()
+                .cmd("COPY")
+                .arg(staged)
+                .arg(&key)
+                .arg("DB")
+                .arg(1)
+                .arg("REPLACE")
+                .cmd("DEL")
+                .arg(staged)
+                .query::<()>(c)
+                .unwrap();
+        });
+        let e = err_text(answer);
+        assert!(
+            e.contains("changed while it was being archived"),
+            "{id}: {e}"
+        );
+    }
+    record(&mut m1, "b-1-copied-over", copied);
+    m1.flows.get_mut("c-1-long").unwrap().events = log;
+
+    // Quiet, each DB's sweep archives every flow as the writes left it.
+    for (c, model) in [(&mut c0, &m0), (&mut c1, &m1)] {
+        let summary = sweep(c, &[]).unwrap();
+        assert_eq!(int(&summary["failed"]), 0, "{summary:?}");
+        let settled = checker::Expect::Settled { retention_ms: 0 };
+        let what = format!("DB {} after a quiet sweep", model.db);
+        let tally = checker::check(&what, &srv, &s3, model, settled);
+        assert_eq!(tally.archived, model.flows.len());
+    }
 }
 
 /// A layout served from its snapshot reads a large one whole only where the judgement needs it (no

@@ -298,11 +298,24 @@ pub fn init(ctx: &Context) {
 const EVENT_REPL_ASYNC_LOAD: u64 = 14;
 const SUBEVENT_ASYNC_LOAD_COMPLETED: u64 = 2;
 
-/// Keyspace notification hook: a write touched `key` in the context's DB.
+/// Events that can touch a key in another DB than the one the hook's context has selected, which
+/// such an event touches in every DB. A client running a command hands the hook its own context, in
+/// the DB the client has selected, whatever DB the event names (Valkey 9.1: `COPY … DB 1 REPLACE` in
+/// a transaction of a client in DB 0 reached the hook in DB 0, and a same-length copy over a large
+/// snapshot or a long log in flight in DB 1 went unseen: the flow was deleted, its archive holding
+/// the bytes copied over). `COPY … DB` writes a key of another DB (`copy_to`), and an
+/// eviction, or an expiry met while a command looks a key up there, removes one (`evicted`,
+/// `expired`). A `MOVE` into another DB (`move_to`) needs no more: the key was absent there, so its
+/// removal was seen, or it was absent at capture, which the commit's own reading sees. Every other
+/// event is raised by a command on the DB its client has selected.
+const ANY_DB_EVENTS: [&[u8]; 3] = [b"copy_to", b"evicted", b"expired"];
+
+/// Keyspace notification hook: a write touched `key` in the context's DB, or in any DB for
+/// `ANY_DB_EVENTS`.
 extern "C" fn on_key_event(
     ctx: *mut raw::RedisModuleCtx,
     _type: c_int,
-    _event: *const c_char,
+    event: *const c_char,
     key: *mut raw::RedisModuleString,
 ) -> c_int {
     if FOLLOWED.load(Ordering::SeqCst) == 0 {
@@ -310,15 +323,22 @@ extern "C" fn on_key_event(
     }
     log::contained("the keyspace-event hook", || {
         let mut len = 0;
-        // SAFETY: the server passes its live context and the key's name for this call; the name's
-        // `len` bytes stay valid while the call lasts, and are not kept past it.
-        let (db, name) = unsafe {
+        // SAFETY: the server passes its live context, the event's name (a C string) and the key's
+        // name for this call; the key's `len` bytes and the event's name stay valid while the call
+        // lasts, and are not kept past it.
+        let (db, event, name) = unsafe {
             let db = raw::RedisModule_GetSelectedDb.map_or(0, |f| f(ctx));
             let ptr = raw::RedisModule_StringPtrLen.map_or(std::ptr::null(), |f| f(key, &mut len));
             if ptr.is_null() {
                 return;
             }
-            (db, std::slice::from_raw_parts(ptr as *const u8, len))
+            let event = (!event.is_null()).then(|| std::ffi::CStr::from_ptr(event).to_bytes());
+            (db, event, std::slice::from_raw_parts(ptr as *const u8, len))
+        };
+        // An event the server does not name could be any of them.
+        let db = match event {
+            Some(event) if !ANY_DB_EVENTS.contains(&event) => Some(db),
+            _ => None,
         };
         key_touched(db, name);
     });
@@ -343,13 +363,21 @@ extern "C" fn on_dataset_swapped(
     }
 }
 
-/// A write touched `key` in `db`.
-fn key_touched(db: i32, key: &[u8]) {
-    if let Some(reg) = registry().as_ref() {
-        if let Some(list) = reg.keys.get(&(db, key.to_vec())) {
-            list.iter()
-                .for_each(|f| f.changed.store(true, Ordering::SeqCst));
-        }
+/// A write touched `key` in `db`, or in whichever DB holds it (`None`).
+fn key_touched(db: Option<i32>, key: &[u8]) {
+    let guard = registry();
+    let Some(reg) = guard.as_ref() else {
+        return;
+    };
+    let mark = |list: &Vec<Arc<Flags>>| {
+        list.iter()
+            .for_each(|f| f.changed.store(true, Ordering::SeqCst))
+    };
+    match db {
+        Some(db) => reg.keys.get(&(db, key.to_vec())).into_iter().for_each(mark),
+        None => (reg.keys.iter())
+            .filter(|((_, followed), _)| followed == key)
+            .for_each(|(_, list)| mark(list)),
     }
 }
 
@@ -399,10 +427,10 @@ mod tests {
             Watch::claim(0, "a").is_none(),
             "one archive per flow at a time"
         );
-        key_touched(1, b"p:flow:a:events");
-        key_touched(0, b"p:flow:c:events");
+        key_touched(Some(1), b"p:flow:a:events");
+        key_touched(Some(0), b"p:flow:c:events");
         assert!(!a.changed() && !b.changed() && !c.changed());
-        key_touched(0, b"p:flow:a:events");
+        key_touched(Some(0), b"p:flow:a:events");
         assert!(a.changed() && !b.changed());
         everything_touched();
         assert!(
@@ -415,12 +443,21 @@ mod tests {
     }
 
     #[test]
+    fn a_write_placed_in_no_db_touches_the_key_in_every_db() {
+        let near = followed(5, "twin", &["p:flow:twin:snapshot:val"]);
+        let far = followed(6, "twin", &["p:flow:twin:snapshot:val"]);
+        let other = followed(6, "other", &["p:flow:other:snapshot:val"]);
+        key_touched(None, b"p:flow:twin:snapshot:val");
+        assert!(near.changed() && far.changed() && !other.changed());
+    }
+
+    #[test]
     fn a_watch_ended_off_the_main_thread_is_cleared_by_the_main_thread() {
         let w = followed(3, "far", &["p:flow:far:events"]);
         std::thread::spawn(move || drop(w)).join().unwrap();
         // The worker took no lock; the next use of the registry frees the claim and the key.
         let again = Watch::claim(3, "far").expect("the claim was released");
-        key_touched(3, b"p:flow:far:events");
+        key_touched(Some(3), b"p:flow:far:events");
         assert!(
             !again.changed(),
             "the ended watch no longer follows the key"
