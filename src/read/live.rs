@@ -31,7 +31,7 @@ use crate::runtime::mainthread::{
 };
 use crate::runtime::pool::Pool;
 use crate::runtime::reply;
-use crate::runtime::server::{expect_type, list_len, read_string, with_string};
+use crate::runtime::server::{expect_type, list_len, read_string};
 use crate::runtime::watch::{Watch, Writes};
 
 /// Workers for folds and long live reads; reads beyond the queue get a busy error.
@@ -90,18 +90,16 @@ fn stopped(read: LogRead, max_bytes: u64) -> Result<(), FlowError> {
     read.stopped(|| FlowError::Unreadable(too_large(max_bytes)))
 }
 
-/// Answers the stored snapshot of a live flow of a layout served from its snapshot, written to the
-/// client from where the server holds it (one copy, the reply's); one over the cap (`read-max-bytes`)
-/// is refused, measured and not copied, like any live read.
-pub fn answer_snapshot(ctx: &Context, keys: &FlowKeys, max_bytes: u64) -> Result<(), FlowError> {
-    with_string(ctx, &keys.snapshot, |v| {
-        let v = v.unwrap_or_default();
-        if v.len() as u64 > max_bytes {
-            return Err(FlowError::Unreadable(too_large(max_bytes)));
-        }
-        reply::state_and_events(ctx, v, None::<std::iter::Empty<&[u8]>>);
-        Ok(())
-    })
+/// Answers the stored snapshot of a live flow of a layout served from its snapshot, opened by the
+/// command, written to the client from where the server holds it (one copy, the reply's); one over
+/// the cap (`read-max-bytes`) is refused, measured and not copied, like any live read.
+pub fn answer_snapshot(ctx: &Context, snapshot: &Key, max_bytes: u64) -> Result<(), FlowError> {
+    let v = snapshot.string().unwrap_or_default();
+    if v.len() as u64 > max_bytes {
+        return Err(FlowError::Unreadable(too_large(max_bytes)));
+    }
+    reply::state_and_events(ctx, v, None::<std::iter::Empty<&[u8]>>);
+    Ok(())
 }
 
 /// What a live read of a folded flow finds of its snapshot: its bytes, read in this step, or the

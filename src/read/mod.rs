@@ -20,6 +20,7 @@ use crate::read::fetch::Waiter;
 use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::blocking::{can_block, this_client};
 use crate::runtime::cluster;
+use crate::runtime::key::Key;
 use crate::runtime::server::{self, expect_type, selected_db};
 
 static GET_LIVE: AtomicU64 = AtomicU64::new(0);
@@ -85,13 +86,16 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
         }
         StateSource::Snapshot => {
             acl::check(ctx, caller, &keys.snapshot, Access::Read).map_err(fail)?;
-            let stored = expect_type(ctx, &keys.snapshot, &KeyType::String).map_err(fail)?;
+            // Opened once for its type and the answer, in this command: nothing runs between them.
+            let snapshot = Key::open(ctx, &keys.snapshot);
+            let stored = snapshot.holds(&KeyType::String).map_err(fail)?;
             if stored && previous == 0 {
                 GET_LIVE.fetch_add(1, Ordering::Relaxed);
                 if !events {
-                    live::answer_snapshot(ctx, &keys, settings.read_max_bytes).map_err(fail)?;
+                    live::answer_snapshot(ctx, &snapshot, settings.read_max_bytes).map_err(fail)?;
                     return Ok(RedisValue::NoReply);
                 }
+                drop(snapshot);
                 acl::check(ctx, caller, &keys.events, Access::Read).map_err(fail)?;
                 expect_type(ctx, &keys.events, &KeyType::List).map_err(fail)?;
                 let rights = live::Rights::new(user, [keys.snapshot.as_str(), &keys.events]);
