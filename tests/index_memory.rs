@@ -796,3 +796,60 @@ fn a_long_live_read_is_refused_at_the_block_that_would_pass_the_budget() {
     );
     assert!(srv.log().lines().all(|l| !l.contains("panic")));
 }
+
+/// The index lookups that probe which index keys exist (the other format's, earlier names') ask the
+/// caller's rights on every key they then read, and a read searches the bucket only when no index key
+/// exists at all: a user who may read the flow's keys but not the index is refused before any probe,
+/// with no request to the bucket, whether the index exists or not; one who may read the index but not
+/// an earlier name that holds entries is refused too; one who may read the index, in a DB with none,
+/// gets nil after at most two HEADs.
+#[test]
+fn a_user_who_may_not_read_the_index_causes_no_bucket_lookup() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &["cache-bytes", "0"]);
+    let mut c = srv.conn();
+    for (user, keys) in [
+        ("flows-only", &["~argyll:*"][..]),
+        ("index-too", &["~argyll:*", "~archived:flows"][..]),
+    ] {
+        let mut args = vec!["ACL", "SETUSER", user, "on", "nopass", "+@all"];
+        args.extend(keys);
+        cmd::<()>(&mut c, &args).unwrap();
+    }
+    let as_user = |user: &str, db: &str| {
+        let mut u = srv.conn();
+        cmd::<()>(&mut u, &["AUTH", user, "x"]).unwrap();
+        cmd::<()>(&mut u, &["SELECT", db]).unwrap();
+        u
+    };
+    // DB 1 holds no index key; DB 0 an index and, under an earlier name, another.
+    write_flow(&mut c, &FlowSpec::done("archived-one"));
+    archive(&mut c, "archived-one").unwrap();
+    let requests = || proxy.requests().len();
+    for db in ["0", "1"] {
+        let before = requests();
+        let mut flows_only = as_user("flows-only", db);
+        for id in ["archived-one", "unknown"] {
+            let e = err_text(get(&mut flows_only, id));
+            assert!(
+                e.starts_with("NOPERM") && e.contains("archived:flows"),
+                "DB {db}, {id}: {e}"
+            );
+        }
+        assert_eq!(requests(), before, "DB {db}: no request to the bucket");
+    }
+    let before = requests();
+    let mut index_too = as_user("index-too", "1");
+    assert_eq!(get(&mut index_too, "unknown").unwrap(), None);
+    let asked = requests() - before;
+    assert!((1..=2).contains(&asked), "{asked} requests");
+
+    cmd::<()>(&mut c, &["HSET", "old:flows", "elsewhere", "s3://x/y"]).unwrap();
+    config_set(&mut c, "flowarchive.index-read-keys", "old:flows").unwrap();
+    let before = requests();
+    let mut index_too = as_user("index-too", "0");
+    let e = err_text(get(&mut index_too, "unknown"));
+    assert!(e.starts_with("NOPERM") && e.contains("old:flows"), "{e}");
+    assert_eq!(requests(), before, "no request to the bucket");
+}
