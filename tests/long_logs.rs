@@ -723,6 +723,100 @@ fn a_large_snapshot_is_read_in_steps() {
     assert_eq!(tally.archived, 2);
 }
 
+/// `read-max-bytes`, `buffer-max-bytes` and `step-budget-us` lowered, or raised, between the steps of
+/// a capture and of a live `GET … EVENTS` (of a 12 MiB snapshot, copied in steps, and of a short log of
+/// 12 MB of large events): each read keeps the cap it began with (it counted its whole snapshot at
+/// its first step), so each archive and each answer is whole, and the new settings hold for the reads
+/// that begin after them; every byte counted is released, and every flow is live as written or
+/// archived with exactly its events.
+#[test]
+fn settings_changed_between_the_steps_of_a_read_leave_it_its_own() {
+    let s3 = S3::new_bucket();
+    let mut srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    config_set(&mut c, BUDGET, "200").unwrap();
+    let mut model = Model::new(0);
+    for id in ["snap-a", "snap-b", "snap-c"] {
+        let spec = FlowSpec {
+            snapshot: Snapshot::Current,
+            ..FlowSpec::done(id)
+        };
+        model.write_padded(&mut c, &spec, 12 << 20);
+    }
+    for id in ["wide-a", "wide-b", "wide-c"] {
+        write(&mut c, &mut model, id, 3);
+        model.widen(&mut c, id, MANY_STEPS.0, MANY_STEPS.1);
+    }
+    let settings = |c: &mut redis::Connection, read_max: &str, buffer_max: &str, budget: &str| {
+        config_set(c, "flowarchive.read-max-bytes", read_max).unwrap();
+        config_set(c, "flowarchive.buffer-max-bytes", buffer_max).unwrap();
+        config_set(c, BUDGET, budget).unwrap();
+    };
+    let lowered = |c: &mut redis::Connection| settings(c, "1mb", "1mb", "50");
+    let raised = |c: &mut redis::Connection| settings(c, "64mb", "256mb", "200");
+    let flows: &std::collections::BTreeMap<_, _> = &model.flows;
+    let want = |id: &str| (flows[id].state().unwrap(), flows[id].events.clone());
+    // A script that keeps the main thread busy for a few milliseconds at a time, so each step waits.
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = {
+        let (stop, mut c) = (stop.clone(), srv.conn());
+        std::thread::spawn(move || {
+            let script = "local t = 0 for i = 1, 200000 do t = t + i end return t";
+            while !stop.load(Ordering::Relaxed) {
+                cmd::<i64>(&mut c, &["EVAL", script, "0"]).unwrap();
+            }
+        })
+    };
+    // Begun under the defaults, the settings lowered after two steps, then raised again.
+    for id in ["snap-a", "wide-a"] {
+        let owned = id.to_string();
+        let (answer, mid) = amid(&mut c, srv.conn(), move |c| archive(c, &owned), lowered);
+        assert!(mid, "{id}: the settings changed after the last step");
+        let events = model.flows[id].events.len() as i64;
+        assert_eq!(int(&answer.unwrap()["events"]), events, "{id}");
+        assert_eq!(info_field(&mut c, "buffered_bytes"), 0, "{id}: released");
+        raised(&mut c);
+    }
+    for id in ["snap-b", "wide-b"] {
+        let owned = id.to_string();
+        let (answer, mid) = amid(&mut c, srv.conn(), move |c| get_events(c, &owned), lowered);
+        assert!(mid, "{id}: the settings changed after the last step");
+        assert_read(&answer.unwrap(), &want(id), id);
+        assert_eq!(info_field(&mut c, "buffered_bytes"), 0, "{id}: released");
+        // A read begun under the lowered cap is refused by it.
+        let e = refusal(get_events(&mut c, id));
+        assert!(
+            e.contains("larger than read-max-bytes (1048576 bytes)"),
+            "{e}"
+        );
+        raised(&mut c);
+    }
+    // Begun under a small buffer budget and the smallest step, then given the defaults and the
+    // largest step.
+    let unbounded = |c: &mut redis::Connection| settings(c, "64mb", "256mb", "100000");
+    for id in ["snap-c", "wide-c"] {
+        settings(&mut c, "64mb", "1mb", "50");
+        let owned = id.to_string();
+        let (answer, _) = amid(
+            &mut c,
+            srv.conn(),
+            move |c| get_events(c, &owned),
+            unbounded,
+        );
+        assert_read(&answer.unwrap(), &want(id), id);
+        settings(&mut c, "64mb", "1mb", "50");
+        let owned = id.to_string();
+        let (answer, _) = amid(&mut c, srv.conn(), move |c| archive(c, &owned), unbounded);
+        answer.unwrap();
+        assert_eq!(info_field(&mut c, "buffered_bytes"), 0, "{id}: released");
+    }
+    stop.store(true, Ordering::Relaxed);
+    busy.join().unwrap();
+    assert_alive(&mut srv, "after the changes");
+    let tally = checker::check("after the changes", &srv, &s3, &model, Expect::Either);
+    assert_eq!((tally.archived, tally.live), (4, 2));
+}
+
 /// What reads nothing of a large snapshot copies nothing of it and follows nothing: a live GET or a
 /// FLOWARCHIVE.FLOW by a user who may not read the snapshot key is refused before anything is read,
 /// and a DRYRUN sweep judges the flow without copying its snapshot (a folded layout's rules never read
