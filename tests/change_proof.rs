@@ -1270,6 +1270,75 @@ fn a_flush_or_swap_during_the_upload_deletes_nothing() {
     change_during_upload(&srv, &proxy, "flushed", 5, |c| run(c, &["FLUSHDB"]));
 }
 
+/// A 3 MiB snapshot in flight (followed, measured at commit) whose server reloads its data, evicts it
+/// or is flushed asynchronously during the upload keeps its flow: `DEBUG RELOAD NOSAVE` bringing back
+/// an older snapshot of the same length, `DEBUG RELOAD`, an eviction under `volatile-lru` of the
+/// snapshot (which has a TTL) and `FLUSHALL ASYNC`, each refused with nothing deleted by the module.
+#[test]
+fn a_reload_an_eviction_or_an_async_flush_during_the_upload_keeps_a_large_flow() {
+    const LARGE: usize = 3 << 20;
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let mut opts = ServerOpts::new(&s3);
+    opts.module_args = s3.module_args(&proxy.endpoint());
+    opts.extra = vec!["--enable-debug-command".into(), "yes".into()];
+    let srv = Server::start(opts);
+    let mut c = srv.conn();
+    let snap = |id: &str| format!("argyll:flow:{id}:snapshot:val");
+    let refused = |id: &str, answer| {
+        let e = err_text(answer);
+        assert!(
+            e.contains("changed while it was being archived"),
+            "{id}: {e}"
+        );
+    };
+    // Saved with one snapshot, rewritten to another of the same length, archived while the older is
+    // loaded back.
+    let older = write_padded_flow(&mut c, "reloaded-older", LARGE);
+    run(&mut c, &["SAVE"]);
+    run(&mut c, &["SET", &snap("reloaded-older"), &repadded(&older)]);
+    let (_, answer) = held_upload(&srv, &proxy, "reloaded-older", |c| {
+        run(c, &["DEBUG", "RELOAD", "NOSAVE"])
+    });
+    refused("reloaded-older", answer);
+    let now: String = cmd(&mut c, &["GET", &snap("reloaded-older")]).unwrap();
+    assert!(now == older, "the older snapshot, loaded back");
+
+    write_padded_flow(&mut c, "reloaded", LARGE);
+    let (_, answer) = held_upload(&srv, &proxy, "reloaded", |c| run(c, &["DEBUG", "RELOAD"]));
+    refused("reloaded", answer);
+
+    write_padded_flow(&mut c, "evicted", LARGE);
+    run(&mut c, &["PEXPIRE", &snap("evicted"), "3600000"]);
+    config_set(&mut c, "maxmemory-policy", "volatile-lru").unwrap();
+    let (_, answer) = held_upload(&srv, &proxy, "evicted", |c| {
+        let used = info_field_of(c, "memory", "used_memory");
+        config_set(c, "maxmemory", &(used - (1 << 20)).to_string()).unwrap();
+        cmd::<redis::Value>(c, &["SET", "filler", "x"]).ok();
+        config_set(c, "maxmemory", "0").unwrap();
+    });
+    refused("evicted", answer);
+    assert_eq!(
+        cmd::<i64>(&mut c, &["EXISTS", &snap("evicted")]).unwrap(),
+        0
+    );
+    config_set(&mut c, "maxmemory-policy", "noeviction").unwrap();
+
+    write_padded_flow(&mut c, "flushed", LARGE);
+    let (_, answer) = held_upload(&srv, &proxy, "flushed", |c| run(c, &["FLUSHALL", "ASYNC"]));
+    refused("flushed", answer);
+    assert_eq!(cmd::<i64>(&mut c, &["DBSIZE"]).unwrap(), 0);
+    assert_eq!(info_field(&mut c, "buffered_bytes"), 0);
+}
+
+/// A numeric field of INFO `section`.
+fn info_field_of(c: &mut redis::Connection, section: &str, name: &str) -> i64 {
+    let info: String = cmd(c, &["INFO", section]).unwrap();
+    let prefix = format!("{name}:");
+    let value = info.lines().find_map(|l| l.strip_prefix(prefix.as_str()));
+    value.unwrap().trim().parse().unwrap()
+}
+
 /// The first block of a captured event log (`FIRST_BLOCK` in src/format/event_log.rs): the capture
 /// copies a log into blocks that never move, the first this large, and the commit compares the
 /// server's log with that copy.
