@@ -44,6 +44,25 @@ pub struct S3 {
 }
 
 const TEST_BUCKET: &str = "flowarchive-tests";
+
+/// When this test process first asked for a prefix (seconds since the epoch, base 36): the bucket
+/// outlives test processes, whose ids the system reuses, so a prefix of the process id alone can name
+/// an earlier run's objects.
+fn process_stamp() -> &'static str {
+    static STAMP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    STAMP.get_or_init(|| {
+        let mut secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let mut digits = Vec::new();
+        while secs > 0 {
+            digits.push(char::from_digit((secs % 36) as u32, 36).unwrap());
+            secs /= 36;
+        }
+        digits.iter().rev().collect()
+    })
+}
 static BUCKET_READY: std::sync::Once = std::sync::Once::new();
 
 impl S3 {
@@ -67,7 +86,7 @@ impl S3 {
             agent: ureq::AgentBuilder::new()
                 .timeout(Duration::from_secs(20))
                 .build(),
-            prefix: unique("t"),
+            prefix: format!("{}-{}", unique("t"), process_stamp()),
         };
         BUCKET_READY.call_once(|| s3.create_bucket());
         s3
