@@ -1252,6 +1252,8 @@ fn a_large_snapshot_served_as_the_state_is_followed_too() {
     }
 }
 
+/// A SWAPDB or a FLUSHDB during the upload deletes nothing, also of a 3 MiB snapshot (measured at
+/// commit) when the other DB holds the same id with a snapshot of the same length.
 #[test]
 fn a_flush_or_swap_during_the_upload_deletes_nothing() {
     let s3 = S3::new_bucket();
@@ -1268,6 +1270,36 @@ fn a_flush_or_swap_during_the_upload_deletes_nothing() {
         5
     );
     change_during_upload(&srv, &proxy, "flushed", 5, |c| run(c, &["FLUSHDB"]));
+
+    // The same id in DB 0 and DB 1, with 3 MiB snapshots of the same length and other bytes (followed,
+    // measured at commit): swapped during the upload, DB 0 holds the other copy, which is kept; the
+    // other DB flushed, the flow is kept too (a flush keeps every flow in flight), then archived.
+    let mut c = srv.conn();
+    let mut c1 = srv.conn();
+    run(&mut c1, &["SELECT", "1"]);
+    run(&mut c1, &["FLUSHDB"]);
+    let ours = write_padded_flow(&mut c, "twin", 3 << 20);
+    write_padded_flow(&mut c1, "twin", 3 << 20);
+    let theirs = repadded(&ours);
+    run(&mut c1, &["SET", "argyll:flow:twin:snapshot:val", &theirs]);
+    change_written_during_upload(&srv, &proxy, "twin", |c| run(c, &["SWAPDB", "0", "1"]));
+    let snapshot = |c: &mut redis::Connection| -> String {
+        cmd(c, &["GET", "argyll:flow:twin:snapshot:val"]).unwrap()
+    };
+    assert!(
+        snapshot(&mut c) == theirs && snapshot(&mut c1) == ours,
+        "swapped"
+    );
+    change_written_during_upload(&srv, &proxy, "twin", |c| {
+        run(c, &["SELECT", "1"]);
+        run(c, &["FLUSHDB"]);
+        run(c, &["SELECT", "0"]);
+    });
+    let answer = archive(&mut c, "twin").unwrap();
+    let location = text(&answer["location"]);
+    let rel = location.split(&format!("{}/", s3.prefix)).nth(1).unwrap();
+    let object = gunzip(&s3.get(rel).expect("the object"));
+    assert!(object.contains(&format!("\"snapshot\":{theirs},")));
 }
 
 /// A 3 MiB snapshot in flight (followed, measured at commit) whose server reloads its data, evicts it
