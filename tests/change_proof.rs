@@ -983,7 +983,6 @@ fn a_write_to_one_dbs_copy_of_an_id_keeps_only_that_dbs_flow() {
     run(&mut c1, &["SELECT", "1"]);
     config_set(&mut c0, "flowarchive.step-budget-us", "50").unwrap();
     config_set(&mut c0, "flowarchive.concurrency", "16").unwrap();
-    let snap = |id: &str| format!("argyll:flow:{id}:snapshot:val");
     let (mut m0, mut m1) = (checker::Model::new(0), checker::Model::new(1));
     m0.write(
         &mut c0,
@@ -1046,15 +1045,21 @@ fn a_write_to_one_dbs_copy_of_an_id_keeps_only_that_dbs_flow() {
             tx.arg(*a);
         });
     };
-    add(&["SETRANGE", &snap("b-0-ranged"), &at0, "x"]);
+    add(&["SETRANGE", &snapshot_key("b-0-ranged"), &at0, "x"]);
     add(&["SELECT", "1"]);
-    add(&["SETRANGE", &snap("b-1-ranged"), &at1, "x"]);
+    add(&["SETRANGE", &snapshot_key("b-1-ranged"), &at1, "x"]);
     add(&["SELECT", "0"]);
     const IN_DB_1: &str = "redis.call('SELECT', 1) \
         return redis.call('SETRANGE', KEYS[1], ARGV[1], 'x')";
-    add(&["EVAL", IN_DB_1, "1", &snap("b-1-by-a-script"), &at_script]);
+    add(&[
+        "EVAL",
+        IN_DB_1,
+        "1",
+        &snapshot_key("b-1-by-a-script"),
+        &at_script,
+    ]);
     add(&["SELECT", "1"]);
-    let key = snap("b-1-moved-out-and-back");
+    let key = snapshot_key("b-1-moved-out-and-back");
     add(&["MOVE", &key, "2"]);
     add(&["SELECT", "2"]);
     add(&["SETRANGE", &key, &at_moved, "x"]);
@@ -1133,7 +1138,15 @@ fn a_write_to_one_dbs_copy_of_an_id_keeps_only_that_dbs_flow() {
     let at = early_pad_byte(s) + 1;
     s.replace_range(at..at + 1, "y");
     let (_, answer) = held_upload_in(&srv, &proxy, 1, "b-0-ranged", |c| {
-        run(c, &["SETRANGE", &snap("b-0-ranged"), &at.to_string(), "y"]);
+        run(
+            c,
+            &[
+                "SETRANGE",
+                &snapshot_key("b-0-ranged"),
+                &at.to_string(),
+                "y",
+            ],
+        );
     });
     assert_eq!(int(&answer.unwrap()["events"]), 5, "DB 1's copy archived");
     let (_, answer) = held_upload_in(&srv, &proxy, 0, "c-0-long", |c| {
@@ -1150,7 +1163,7 @@ fn a_write_to_one_dbs_copy_of_an_id_keeps_only_that_dbs_flow() {
     push.extend(log.iter().map(String::as_str));
     run(&mut c0, &push);
     for (id, key, staged) in [
-        ("b-1-copied-over", snap("b-1-copied-over"), "staged"),
+        ("b-1-copied-over", snapshot_key("b-1-copied-over"), "staged"),
         ("c-1-long", events_key("c-1-long"), "staged-log"),
     ] {
         let (_, answer) = held_upload_in(&srv, &proxy, 1, id, |c| {
@@ -1281,11 +1294,10 @@ fn a_flush_or_swap_during_the_upload_deletes_nothing() {
     let ours = write_padded_flow(&mut c, "twin", 3 << 20);
     write_padded_flow(&mut c1, "twin", 3 << 20);
     let theirs = repadded(&ours);
-    run(&mut c1, &["SET", "argyll:flow:twin:snapshot:val", &theirs]);
+    run(&mut c1, &["SET", &snapshot_key("twin"), &theirs]);
     change_written_during_upload(&srv, &proxy, "twin", |c| run(c, &["SWAPDB", "0", "1"]));
-    let snapshot = |c: &mut redis::Connection| -> String {
-        cmd(c, &["GET", "argyll:flow:twin:snapshot:val"]).unwrap()
-    };
+    let snapshot =
+        |c: &mut redis::Connection| -> String { cmd(c, &["GET", &snapshot_key("twin")]).unwrap() };
     assert!(
         snapshot(&mut c) == theirs && snapshot(&mut c1) == ours,
         "swapped"
@@ -1316,7 +1328,6 @@ fn a_reload_an_eviction_or_an_async_flush_during_the_upload_keeps_a_large_flow()
     opts.extra = vec!["--enable-debug-command".into(), "yes".into()];
     let srv = Server::start(opts);
     let mut c = srv.conn();
-    let snap = |id: &str| format!("argyll:flow:{id}:snapshot:val");
     let refused = |id: &str, answer| {
         let e = err_text(answer);
         assert!(
@@ -1328,12 +1339,15 @@ fn a_reload_an_eviction_or_an_async_flush_during_the_upload_keeps_a_large_flow()
     // loaded back.
     let older = write_padded_flow(&mut c, "reloaded-older", LARGE);
     run(&mut c, &["SAVE"]);
-    run(&mut c, &["SET", &snap("reloaded-older"), &repadded(&older)]);
+    run(
+        &mut c,
+        &["SET", &snapshot_key("reloaded-older"), &repadded(&older)],
+    );
     let (_, answer) = held_upload(&srv, &proxy, "reloaded-older", |c| {
         run(c, &["DEBUG", "RELOAD", "NOSAVE"])
     });
     refused("reloaded-older", answer);
-    let now: String = cmd(&mut c, &["GET", &snap("reloaded-older")]).unwrap();
+    let now: String = cmd(&mut c, &["GET", &snapshot_key("reloaded-older")]).unwrap();
     assert!(now == older, "the older snapshot, loaded back");
 
     write_padded_flow(&mut c, "reloaded", LARGE);
@@ -1341,7 +1355,7 @@ fn a_reload_an_eviction_or_an_async_flush_during_the_upload_keeps_a_large_flow()
     refused("reloaded", answer);
 
     write_padded_flow(&mut c, "evicted", LARGE);
-    run(&mut c, &["PEXPIRE", &snap("evicted"), "3600000"]);
+    run(&mut c, &["PEXPIRE", &snapshot_key("evicted"), "3600000"]);
     config_set(&mut c, "maxmemory-policy", "volatile-lru").unwrap();
     let (_, answer) = held_upload(&srv, &proxy, "evicted", |c| {
         let used = info_field_of(c, "memory", "used_memory");
@@ -1351,7 +1365,7 @@ fn a_reload_an_eviction_or_an_async_flush_during_the_upload_keeps_a_large_flow()
     });
     refused("evicted", answer);
     assert_eq!(
-        cmd::<i64>(&mut c, &["EXISTS", &snap("evicted")]).unwrap(),
+        cmd::<i64>(&mut c, &["EXISTS", &snapshot_key("evicted")]).unwrap(),
         0
     );
     config_set(&mut c, "maxmemory-policy", "noeviction").unwrap();
