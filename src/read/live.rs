@@ -294,8 +294,8 @@ fn read_once(db: i32, keys: &FlowKeys, max_bytes: u64, rights: &Rights) -> Resul
             rights.check(ctx)?;
             let stored = stored(ctx, keys, max_bytes)?;
             let writes = match stored.0 {
-                Stored::Large(_) => Writes::ToListsAndStrings,
-                Stored::Bytes(_) => Writes::ToLists,
+                Stored::Large(_) => Writes::ListsAndStrings,
+                Stored::Bytes(_) => Writes::Lists,
             };
             let watched: Vec<&str> = keys.state().collect();
             let watch = Watch::observe(ctx, db, &watched, writes)?;

@@ -202,25 +202,113 @@ impl<'a> Key<'a> {
     /// fields and values read pass `budget` bytes (the scan stops there, so a hash far larger than the
     /// budget is never read whole).
     pub fn hash_pairs(&self, budget: u64) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
-        let mut pairs = BTreeMap::new();
-        if self.kind() != KeyType::Hash {
-            return Some(Vec::new());
+        let mut pairs = HashPairs::default();
+        let within = self.hash_pairs_on(&mut HashScan::new(), &mut pairs, budget, |_| true);
+        within.then(|| pairs.into_vec())
+    }
+
+    /// Reads on `scan` of its hash into `pairs`: whole calls of the scan (see `hash_scan`) while
+    /// `go_on` allows the bytes `pairs` holds, so a read may stop between two calls and go on in a later
+    /// step. `false` once the pairs would pass `budget` bytes (the scan stops there).
+    pub fn hash_pairs_on(
+        &self,
+        scan: &mut HashScan,
+        pairs: &mut HashPairs,
+        budget: u64,
+        go_on: impl Fn(u64) -> bool,
+    ) -> bool {
+        let mut within = true;
+        while within && !scan.done() && go_on(pairs.bytes) {
+            self.hash_scan(scan, &mut |field, value| {
+                within = pairs.take(field, value, budget);
+                match within {
+                    true => ControlFlow::Continue(()),
+                    false => ControlFlow::Break(()),
+                }
+            });
         }
-        let mut bytes = 0u64;
-        let mut take = |field: &[u8], value: &[u8]| {
-            bytes += (field.len() + value.len()) as u64;
-            if bytes <= budget {
-                // A scan may return a field twice (a table resized between its calls): the first
-                // counts.
-                pairs
-                    .entry(field.to_vec())
-                    .or_insert_with(|| value.to_vec());
-            }
-            bytes <= budget
-        };
-        let cursor = Cursor::new();
-        while cursor.scan(self.handle, &mut take) {}
-        (bytes <= budget).then(|| pairs.into_iter().collect())
+        within
+    }
+
+    /// One call of `RM_ScanKey` on its hash, going on from where `scan` stopped: one bucket of the
+    /// server's table (a hash small enough for a listpack: all of it), each (field, value) handed to
+    /// `take` until it breaks. A field may come twice over a whole scan (the table resized between
+    /// calls, or a probe chain wrapping around), never not at all while the hash is unchanged. The scan
+    /// ends when the key holds no hash.
+    pub fn hash_scan(&self, scan: &mut HashScan, take: &mut TakePair) {
+        scan.done =
+            scan.done || self.kind() != KeyType::Hash || !scan.cursor.scan(self.handle, take);
+    }
+}
+
+/// What takes each (field, value) a scan hands over, until it breaks.
+type TakePair<'t> = dyn FnMut(&[u8], &[u8]) -> ControlFlow<()> + 't;
+
+/// A hash's pairs as read, each field once (the first time the scan hands it), with their bytes.
+#[derive(Default)]
+pub struct HashPairs {
+    pairs: BTreeMap<Vec<u8>, Vec<u8>>,
+    bytes: u64,
+}
+
+impl HashPairs {
+    /// Takes a pair not taken before, unless it would take the pairs past `budget` bytes.
+    fn take(&mut self, field: &[u8], value: &[u8], budget: u64) -> bool {
+        if self.pairs.contains_key(field) {
+            return true;
+        }
+        let bytes = self.bytes + (field.len() + value.len()) as u64;
+        if bytes > budget {
+            return false;
+        }
+        self.bytes = bytes;
+        self.pairs.insert(field.to_vec(), value.to_vec());
+        true
+    }
+
+    /// The bytes of the fields and values taken.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The pairs in field order.
+    pub fn into_vec(self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.pairs.into_iter().collect()
+    }
+}
+
+/// A scan of one hash that may go on in a later step, with the key opened again: the server's cursor,
+/// and whether the scan has ended.
+pub struct HashScan {
+    cursor: Cursor,
+    done: bool,
+}
+
+// SAFETY: the cursor is the server's allocation of two integers (where the scan is, whether it has
+// ended), touched only by `RM_ScanKey` through `&mut HashScan` on the main thread; between steps no
+// thread reads or writes it, and it is destroyed once, when dropped (`RM_ScanCursorDestroy` only
+// frees it, which any thread may do: a capture that fails may end on a worker).
+unsafe impl Send for HashScan {}
+// SAFETY: as above: a shared `&HashScan` reads only `done`.
+unsafe impl Sync for HashScan {}
+
+impl HashScan {
+    pub fn new() -> HashScan {
+        HashScan {
+            cursor: Cursor::new(),
+            done: false,
+        }
+    }
+
+    /// Whether the scan has handed over every field of the hash.
+    pub fn done(&self) -> bool {
+        self.done
+    }
+}
+
+impl Default for HashScan {
+    fn default() -> HashScan {
+        HashScan::new()
     }
 }
 
@@ -233,16 +321,12 @@ impl Cursor {
         Cursor(unsafe { raw::RedisModule_ScanCursorCreate.map_or(std::ptr::null_mut(), |f| f()) })
     }
 
-    /// One call of `RM_ScanKey` on the key `handle`, handing each (field, value) to `take`; whether
-    /// to call again (the scan has more, and `take` wants more).
-    fn scan(
-        &self,
-        handle: *mut raw::RedisModuleKey,
-        take: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-    ) -> bool {
+    /// One call of `RM_ScanKey` on the key `handle`, handing each (field, value) to `take` until it
+    /// breaks; whether the scan has more.
+    fn scan(&self, handle: *mut raw::RedisModuleKey, take: &mut TakePair) -> bool {
         struct State<'t> {
-            take: &'t mut dyn FnMut(&[u8], &[u8]) -> bool,
-            more: bool,
+            take: &'t mut TakePair<'t>,
+            taking: bool,
         }
         unsafe extern "C" fn each(
             _key: *mut raw::RedisModuleKey,
@@ -254,14 +338,14 @@ impl Cursor {
             let state = unsafe { &mut *data.cast::<State>() };
             // SAFETY: the field and value are the server's live strings for this call.
             let (field, value) = unsafe { (bytes_of(field), bytes_of(value)) };
-            if state.more {
-                state.more = (state.take)(field, value);
+            if state.taking {
+                state.taking = (state.take)(field, value).is_continue();
             }
         }
         if self.0.is_null() || handle.is_null() {
             return false;
         }
-        let mut state = State { take, more: true };
+        let mut state = State { take, taking: true };
         // SAFETY: a hash key opened for reading and a live cursor; `state` outlives the call.
         let more = unsafe {
             raw::RedisModule_ScanKey.map_or(0, |scan| {
@@ -273,7 +357,7 @@ impl Cursor {
                 )
             })
         };
-        more != 0 && state.more
+        more != 0
     }
 }
 

@@ -95,11 +95,19 @@ impl ByteCap {
         };
         match first {
             0 => Ok(cap),
-            _ => match cap.take(first, first) {
-                Ok(()) => Ok(cap),
-                Err(why) => why.stopped(over_cap).map(|()| cap),
-            },
+            _ => cap.take_bytes(first, over_cap).map(|()| cap),
         }
+    }
+
+    /// Counts `bytes` more copied, taking as much memory (a string's, or a hash's fields and values),
+    /// refused as any copy is (`take`): past `max` (`over_cap`), or past `buffer-max-bytes` while other
+    /// reads hold bytes.
+    pub fn take_bytes(
+        &mut self,
+        bytes: u64,
+        over_cap: impl FnOnce() -> FlowError,
+    ) -> Result<(), FlowError> {
+        self.take(bytes, bytes).or_else(|why| why.stopped(over_cap))
     }
 
     pub fn used(&self) -> u64 {
@@ -221,23 +229,31 @@ pub fn read_log(
 /// `total` bytes (a write its watch also saw). The bytes were counted when the read began. Main
 /// thread.
 pub fn read_string_step(ctx: &Context, key: &str, total: usize, out: &mut Vec<u8>) -> LogRead {
-    let deadline = Instant::now() + step_budget();
+    let go_on = pieces();
     with_string(ctx, key, |value| {
         let Some(value) = value.filter(|v| v.len() == total && out.len() <= total) else {
             return LogRead::Shrunk;
         };
         // Room for all of it at once: no later piece moves what is copied already.
         out.reserve_exact(total - out.len());
-        let piece = MIN_CHUNK_BYTES as usize;
+        let (piece, from) = (MIN_CHUNK_BYTES as usize, out.len());
         let mut end = (out.len() + piece).min(total);
         loop {
             out.extend_from_slice(&value[out.len()..end]);
-            if end == total || Instant::now() >= deadline {
+            if end == total || !go_on((out.len() - from) as u64) {
                 return LogRead::Read;
             }
             end = (end + piece).min(total);
         }
     })
+}
+
+/// How far a step that copies a large value in pieces goes, from now: on while it has copied less than
+/// `MIN_CHUNK_BYTES` (so every step moves on), then while the step budget lasts. It stops between two
+/// pieces, never inside one.
+pub fn pieces() -> impl Fn(u64) -> bool {
+    let deadline = Instant::now() + step_budget();
+    move |copied| copied < MIN_CHUNK_BYTES || Instant::now() < deadline
 }
 
 /// Runs `f` on the event loop in `db` and returns its result, timing the main-thread stretch into the

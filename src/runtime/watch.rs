@@ -14,11 +14,13 @@
 //! compared at commit. A snapshot too large to copy or compare in one step (`mainthread::WHOLE_BYTES`)
 //! is followed the same way, and string writes are subscribed to as well, only then: a string key
 //! written by another type's command (a `…STORE` over it) fails the type check or is written again
-//! by a string or generic command to turn back into a string, and either is seen. No server this
+//! by a string or generic command to turn back into a string, and either is seen. A labels hash too
+//! large to read in one step is followed likewise, with hash writes subscribed to only then (a field
+//! that expires raises an expiry, which lists already subscribe to). No server this
 //! module supports (Valkey 8.0 to 9.1, Redis 7.0) lets a module unsubscribe, so each subscription
 //! stays until the module unloads (the server then drops it, and a new load subscribes again): from
 //! the first long flow on, list writes pay for one notification each, from the first large snapshot
-//! on, string writes too, and the hook returns at once while nothing is followed.
+//! on, string writes too, from the first large labels hash on, hash writes too, and the hook returns at once while nothing is followed.
 //!
 //! Only the main thread takes the registry's lock. A watch ends wherever its archive ends, often on an
 //! uploader thread in the idle scheduling class, which the kernel may leave unscheduled while it holds
@@ -113,9 +115,12 @@ static SUBSCRIBED: AtomicI32 = AtomicI32::new(0);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Writes {
     /// Writes to lists, the events any key type raises, expiries and evictions: an event log.
-    ToLists,
+    Lists,
     /// Those and writes to strings: also a snapshot too large to compare at commit.
-    ToListsAndStrings,
+    ListsAndStrings,
+    /// Those of lists and writes to hashes: also a labels hash too large to compare at commit (a
+    /// field's expiry comes as an expiry).
+    ListsAndHashes,
 }
 
 impl Writes {
@@ -126,8 +131,9 @@ impl Writes {
             | raw::REDISMODULE_NOTIFY_EXPIRED
             | raw::REDISMODULE_NOTIFY_EVICTED;
         match self {
-            Writes::ToLists => lists,
-            Writes::ToListsAndStrings => lists | raw::REDISMODULE_NOTIFY_STRING,
+            Writes::Lists => lists,
+            Writes::ListsAndStrings => lists | raw::REDISMODULE_NOTIFY_STRING,
+            Writes::ListsAndHashes => lists | raw::REDISMODULE_NOTIFY_HASH,
         }
     }
 }
@@ -265,10 +271,17 @@ fn subscribe(ctx: &Context, writes: Writes) -> Result<(), FlowError> {
         ));
     }
     SUBSCRIBED.fetch_or(missing, Ordering::SeqCst);
-    log::notice(match missing & raw::REDISMODULE_NOTIFY_STRING {
-        0 => "flowarchive: following list writes from now on (a flow longer than one read step is in flight)",
-        _ => "flowarchive: following list and string writes from now on (a snapshot larger than one read step is in flight)",
-    });
+    let lists = missing & Writes::Lists.events();
+    let more = missing & !Writes::Lists.events();
+    if lists != 0 {
+        log::notice("flowarchive: following list writes from now on (a flow longer than one read step is in flight)");
+    }
+    if more & raw::REDISMODULE_NOTIFY_STRING != 0 {
+        log::notice("flowarchive: following string writes from now on (a snapshot larger than one read step is in flight)");
+    }
+    if more & raw::REDISMODULE_NOTIFY_HASH != 0 {
+        log::notice("flowarchive: following hash writes from now on (a labels hash larger than one read step is in flight)");
+    }
     Ok(())
 }
 
@@ -397,11 +410,12 @@ fn info_fields() -> Vec<(String, i64)> {
         (SUBSCRIBED.load(Ordering::SeqCst) & events == events) as i64
     };
     named([
-        ("keyspace_events_subscribed", subscribed(Writes::ToLists)),
+        ("keyspace_events_subscribed", subscribed(Writes::Lists)),
         (
             "string_events_subscribed",
-            subscribed(Writes::ToListsAndStrings),
+            subscribed(Writes::ListsAndStrings),
         ),
+        ("hash_events_subscribed", subscribed(Writes::ListsAndHashes)),
     ])
 }
 
