@@ -10,11 +10,18 @@
 //! `read_more` reads the log in bounded chunks, each in its own short main-thread step, so a flow of
 //! 100,000 events never stalls the server in one go. A log longer than one chunk is followed by the
 //! flow's watch from its first chunk on, so a write between two chunks is seen (`runtime::watch`).
+//! So are a snapshot and a labels hash larger than one step reads (`WHOLE_BYTES`), read on in steps
+//! too. The label indexes a flow's labels name are checked (the caller's rights on them, then their
+//! types) once the labels are whole: by `inspect` for labels read in its step, else in the step after
+//! the last of them is read.
 //!
 //! A flow is its event log: it is live while its log exists, whether or not it has a snapshot (most of
 //! the engine's flows have none). A snapshot without a log is no flow. A live flow that is also in the
 //! archive index is a new incarnation of an archived id (the engine started the id again): it is
 //! archived as such, and its archive records the earlier one (`Captured::previous`, `Capture::previous`).
+
+use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 
 use redis_module::{Context, KeyType};
 
@@ -28,9 +35,9 @@ use crate::layout::{FlowKeys, Layout, StateSource};
 use crate::ops::errors::FlowError;
 use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::cluster;
-use crate::runtime::key::Key;
+use crate::runtime::key::{HashPairs, HashScan, Key};
 use crate::runtime::mainthread::{
-    read_log, read_string_step, ByteCap, EVENTS_PER_STEP, WHOLE_BYTES,
+    pieces, read_log, read_string_step, ByteCap, EVENTS_PER_STEP, WHOLE_BYTES,
 };
 use crate::runtime::server::{read_typed, type_of};
 use crate::runtime::watch::{Watch, Writes};
@@ -56,11 +63,66 @@ pub struct Capture {
     /// from the capture's first step and measured, not read again, at commit; copied into
     /// `flow.snapshot` in steps (`read_more`) unless the judgement read it at once.
     pub large_snapshot: Option<usize>,
+    /// A labels hash larger than one step reads (`WHOLE_BYTES`), while it is read on in steps
+    /// (`read_more`): `flow.labels` is empty until it is whole.
+    pub labels_left: Option<LabelSteps>,
+    /// Whether the labels hash is larger than one step reads: followed by the watch from the capture's
+    /// first step and counted, not read again, at commit.
+    pub labels_followed: bool,
+}
+
+/// A labels hash read on in steps: where its scan goes on, and the labels read so far.
+pub struct LabelSteps {
+    scan: HashScan,
+    labels: LabelsRead,
+}
+
+impl LabelSteps {
+    fn new(scan: HashScan, first: Vec<(String, String)>) -> LabelSteps {
+        let bytes = first.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum();
+        LabelSteps {
+            scan,
+            labels: LabelsRead {
+                labels: first.into_iter().collect(),
+                bytes,
+            },
+        }
+    }
+
+    /// The bytes of the labels read so far.
+    pub fn bytes(&self) -> u64 {
+        self.labels.bytes
+    }
+}
+
+/// Labels read so far, each name once (a scan may hand a field twice), with their bytes.
+struct LabelsRead {
+    labels: BTreeMap<String, String>,
+    bytes: u64,
+}
+
+impl LabelsRead {
+    /// Takes a label not taken before, counted into `cap` before it is copied.
+    fn take(&mut self, name: &[u8], value: &[u8], cap: &mut ByteCap) -> Result<(), FlowError> {
+        let name = judge::text(name, "a label name")?;
+        if self.labels.contains_key(name) {
+            return Ok(());
+        }
+        let value = judge::text(value, "a label value")?;
+        let bytes = (name.len() + value.len()) as u64;
+        let max = cap.max;
+        cap.take_bytes(bytes, || judge::too_large(max))?;
+        self.bytes += bytes;
+        self.labels.insert(name.to_string(), value.to_string());
+        Ok(())
+    }
 }
 
 impl Capture {
     pub fn complete(&self) -> bool {
-        self.flow.events.len() >= self.events_total && self.snapshot_left() == 0
+        self.flow.events.len() >= self.events_total
+            && self.snapshot_left() == 0
+            && self.labels_left.is_none()
     }
 
     /// From now on, any of `writes` to the flow's own keys marks it changed (`Watch::follow`).
@@ -83,13 +145,15 @@ impl Capture {
 
 /// What `inspect` found.
 pub enum Inspected {
-    /// Eligible now: everything but the event log is read (`events_total` events to read) and a
-    /// large snapshot measured (`large_snapshot`), the index entry of its earlier incarnation, if any,
-    /// and on a cluster the slot of every key the archive touches.
+    /// Eligible now: everything but the event log is read (`events_total` events to read), a
+    /// large snapshot measured (`large_snapshot`) and a large labels hash begun (`labels_left`), the
+    /// index entry of its earlier incarnation, if any, and on a cluster the slot of every key the
+    /// archive touches.
     Eligible {
         flow: Box<Captured>,
         events_total: usize,
         large_snapshot: Option<usize>,
+        labels_left: Option<LabelSteps>,
         previous: Option<Entry>,
         slot: Option<u16>,
     },
@@ -142,11 +206,16 @@ pub fn inspect(
         Verdict::Archived(location) => return Ok(Inspected::AlreadyArchived(location)),
         Verdict::Eligible(judged) => *judged,
     };
+    // Labels read on in steps are empty until whole, and their label indexes unchecked till then.
+    let (labels, labels_left) = match judged.labels_left {
+        Some(scan) => (Vec::new(), Some(LabelSteps::new(scan, judged.labels))),
+        None => (judged.labels, None),
+    };
     let flow = Captured {
         id: id.to_string(),
         db,
         seq: judged.seq,
-        labels: judged.labels,
+        labels,
         snapshot: judged.snapshot,
         keys,
         events: EventLog::new(judged.events_total.min(EVENTS_PER_STEP), max_bytes as usize),
@@ -160,6 +229,7 @@ pub fn inspect(
         flow: Box::new(flow),
         events_total: judged.events_total,
         large_snapshot: (judged.snapshot_len > WHOLE_BYTES).then_some(judged.snapshot_len as usize),
+        labels_left,
         previous,
         slot,
     })
@@ -237,9 +307,10 @@ fn read_facts(
         });
     let indexed = indexed.transpose()?;
     let seq = found_seq(ctx, keys);
-    // Labels no read could take back (they are part of the object) are not read whole either.
+    // Labels no read could take back (they are part of the object) are not read whole either, nor
+    // in this step more than `WHOLE_BYTES` of them: a larger hash is read on in steps.
     let labels = keys.labels.as_deref().map(|k| Key::open(ctx, k));
-    let labels = found_labels(labels.as_ref(), max_bytes);
+    let (labels, labels_left) = first_labels(labels.as_ref(), max_bytes);
     // Folded flows are judged by their log's end, the others by their snapshot.
     let mut end = LogEnd::new(len, indexed.is_none(), max_bytes);
     let tail = (layout.state == StateSource::Fold).then(|| {
@@ -255,6 +326,7 @@ fn read_facts(
         score: None,
         seq: Found::from(seq),
         labels: Found::from(labels),
+        labels_left,
     };
     // A snapshot served as the state gives its own status where the index has none, and its own last
     // update where the status ZSET has no score: then it is read whole now (the folded layout's rules
@@ -327,6 +399,29 @@ fn found_seq(ctx: &Context, keys: &FlowKeys) -> (KeyType, Option<Vec<u8>>) {
     })
 }
 
+/// The labels hash's first pairs for the judge (`judge::labels`), read from it opened (`labels`): up to
+/// `WHOLE_BYTES` (and the rest of the scan call that passes them), never past `max_bytes`; with the
+/// scan to go on from where they are more (or, as one bucket can be, more than `WHOLE_BYTES` already).
+fn first_labels(
+    labels: Option<&Key>,
+    max_bytes: u64,
+) -> ((KeyType, Option<Pairs>), Option<HashScan>) {
+    let Some(hash) = labels.filter(|k| k.kind() == KeyType::Hash) else {
+        return (found_labels(labels, max_bytes), None);
+    };
+    let (mut scan, mut pairs) = (HashScan::new(), HashPairs::default());
+    if !hash.hash_pairs_on(&mut scan, &mut pairs, max_bytes, |bytes| {
+        bytes <= WHOLE_BYTES
+    }) {
+        return ((KeyType::Hash, None), None);
+    }
+    let large = !scan.done() || pairs.bytes() > WHOLE_BYTES;
+    (
+        (KeyType::Hash, Some(pairs.into_vec())),
+        large.then_some(scan),
+    )
+}
+
 /// The labels hash's type and pairs up to `budget` bytes, read from it opened (`labels`), for the
 /// judge (`judge::labels`).
 pub(super) fn found_labels(labels: Option<&Key>, budget: u64) -> (KeyType, Option<Pairs>) {
@@ -340,9 +435,10 @@ pub(super) fn read_seq(ctx: &Context, keys: &FlowKeys) -> Result<Option<i64>, Fl
     judge::seq(&Found::from(found_seq(ctx, keys)), keys)
 }
 
-/// Reads the next chunk of a large snapshot (`mainthread::read_string_step`), else of the event log
-/// (`mainthread::read_log`). Call on the main thread with the flow's DB selected.
-pub fn read_more(ctx: &Context, capture: &mut Capture) -> Result<(), FlowError> {
+/// Reads the next chunk of a large snapshot (`mainthread::read_string_step`), else of a large labels
+/// hash (`read_labels`), else of the event log (`mainthread::read_log`). Call on the main thread with
+/// the flow's DB selected.
+pub fn read_more(ctx: &Context, capture: &mut Capture, layout: &Layout) -> Result<(), FlowError> {
     if capture.watch.changed() {
         return Err(FlowError::Changed);
     }
@@ -350,6 +446,18 @@ pub fn read_more(ctx: &Context, capture: &mut Capture) -> Result<(), FlowError> 
         let copied = capture.flow.snapshot.get_or_insert_with(Vec::new);
         let read = read_string_step(ctx, &capture.flow.keys.snapshot, total, copied);
         return read.stopped(|| judge::too_large(capture.cap.max));
+    }
+    if let Some(steps) = capture.labels_left.take_if(|steps| steps.scan.done()) {
+        // The labels are whole: in a step of its own, the commit's checks, which `inspect` made of
+        // every key but the label indexes they name (rights before any of them is looked at).
+        capture.flow.labels = steps.labels.labels.into_iter().collect();
+        let previous = capture.previous.as_ref();
+        return guard::check(ctx, &capture.caller, &capture.flow, previous, layout).map(drop);
+    }
+    if let Some(steps) = &mut capture.labels_left {
+        // Only a layout with a labels key has labels to read on (no key reads as a change).
+        let key = capture.flow.keys.labels.as_deref().unwrap_or_default();
+        return read_labels(ctx, key, steps, &mut capture.cap);
     }
     // Each event is measured before it is copied: a capture never holds more than the cap.
     let read = read_log(
@@ -360,4 +468,32 @@ pub fn read_more(ctx: &Context, capture: &mut Capture) -> Result<(), FlowError> 
         &mut capture.cap,
     )?;
     read.stopped(|| judge::too_large(capture.cap.max))
+}
+
+/// Reads on a large labels hash (`key`) into `steps`, each label measured into `cap` before it is
+/// copied: whole scan calls, for as long as `mainthread::pieces` allows. A key that no longer holds a
+/// hash is a change (its watch saw it too). Main thread.
+fn read_labels(
+    ctx: &Context,
+    key: &str,
+    steps: &mut LabelSteps,
+    cap: &mut ByteCap,
+) -> Result<(), FlowError> {
+    let hash = Key::open(ctx, key);
+    if hash.kind() != KeyType::Hash {
+        return Err(FlowError::Changed);
+    }
+    let (go_on, from) = (pieces(), steps.labels.bytes);
+    let mut refused = Ok(());
+    while !steps.scan.done() && go_on(steps.labels.bytes - from) {
+        hash.hash_scan(&mut steps.scan, &mut |name, value| {
+            refused = steps.labels.take(name, value, cap);
+            match refused {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(_) => ControlFlow::Break(()),
+            }
+        });
+        refused.clone()?;
+    }
+    Ok(())
 }

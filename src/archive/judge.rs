@@ -20,6 +20,7 @@ use crate::format::engine;
 use crate::index::Entry;
 use crate::layout::{FlowKeys, Layout, StateSource};
 use crate::ops::errors::{holds, show_key, FlowError};
+use crate::runtime::key::HashScan;
 
 /// Everything the capture read of one flow.
 pub struct Facts {
@@ -49,8 +50,10 @@ pub struct Live {
     pub score: Option<Result<Scored, FlowError>>,
     /// The sequence key and its bytes.
     pub seq: Found<Vec<u8>>,
-    /// The labels hash and its fields.
+    /// The labels hash and its fields: all of them, or the first `WHOLE_BYTES` or so of a larger one.
     pub labels: Found<Pairs>,
+    /// Where the read of a labels hash larger than one step reads goes on (`capture::read_more`).
+    pub labels_left: Option<HashScan>,
 }
 
 /// A hash's fields and values as read.
@@ -200,7 +203,10 @@ pub struct Judged {
     pub status: String,
     pub status_score: Option<f64>,
     pub seq: Option<i64>,
+    /// Its labels: all of them, or the first read of a labels hash the capture reads on in steps
+    /// from `labels_left`.
     pub labels: Vec<(String, String)>,
+    pub labels_left: Option<HashScan>,
     /// The snapshot's bytes, if the capture has read them (see `Snapshot`).
     pub snapshot: Option<Vec<u8>>,
     /// Its length where the server holds it, 0 when absent.
@@ -236,6 +242,7 @@ pub fn judge(
         status_score,
         seq,
         labels,
+        labels_left: live.labels_left,
         snapshot_len: live.snapshot.len,
         snapshot: live.snapshot.bytes,
     })))
@@ -349,7 +356,12 @@ pub fn labels(
 }
 
 fn utf8(b: &[u8], what: &str) -> Result<String, FlowError> {
-    String::from_utf8(b.to_vec()).map_err(|_| FlowError::Unreadable(format!("{what} is not UTF-8")))
+    text(b, what).map(str::to_string)
+}
+
+/// `b` as text, or why `what` is unreadable.
+pub fn text<'b>(b: &'b [u8], what: &str) -> Result<&'b str, FlowError> {
+    std::str::from_utf8(b).map_err(|_| FlowError::Unreadable(format!("{what} is not UTF-8")))
 }
 
 /// A snapshot over the cap could never be read back: the flow is refused before it is copied.

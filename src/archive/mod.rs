@@ -131,7 +131,7 @@ fn begin_untimed(
     settings: &Settings,
     window: &Window,
 ) -> Result<Start, FlowError> {
-    let (flow, events_total, large_snapshot, previous, slot) = match capture::inspect(
+    let (flow, events_total, large_snapshot, labels_left, previous, slot) = match capture::inspect(
         ctx,
         caller,
         db,
@@ -145,17 +145,27 @@ fn begin_untimed(
             flow,
             events_total,
             large_snapshot,
+            labels_left,
             previous,
             slot,
-        } => (*flow, events_total, large_snapshot, previous, slot),
+        } => (
+            *flow,
+            events_total,
+            large_snapshot,
+            labels_left,
+            previous,
+            slot,
+        ),
     };
     // On a cluster, the slot's migration generation now: the commit refuses if it changed.
     let motion = cluster::motion(slot);
     let watch = Watch::claim(db, id).ok_or(FlowError::Busy)?;
     let snapshot = large_snapshot.or(flow.snapshot.as_ref().map(Vec::len));
+    // What a large labels hash's first step read counts with the snapshot, and its later steps on.
+    let labels = labels_left.as_ref().map_or(0, capture::LabelSteps::bytes);
     let mut capture = Capture {
         cap: ByteCap::new(
-            snapshot.unwrap_or(0) as u64,
+            snapshot.unwrap_or(0) as u64 + labels,
             settings.read_max_bytes,
             || judge::too_large(settings.read_max_bytes),
         )?,
@@ -167,15 +177,21 @@ fn begin_untimed(
         held_us: 0,
         motion,
         large_snapshot,
+        labels_followed: labels_left.is_some(),
+        labels_left,
     };
-    // A snapshot too large to compare at commit: followed from the step that measured it on.
+    // A snapshot or labels hash too large to compare at commit: followed from the step that measured
+    // it, or read its first part, on.
     if large_snapshot.is_some() {
-        capture.follow(ctx, Writes::ToListsAndStrings)?;
+        capture.follow(ctx, Writes::ListsAndStrings)?;
     }
-    capture::read_more(ctx, &mut capture)?;
+    if capture.labels_followed {
+        capture.follow(ctx, Writes::ListsAndHashes)?;
+    }
+    capture::read_more(ctx, &mut capture, &settings.layout)?;
     if !capture.complete() {
         // Read over several steps: follow the log's writes from this step on.
-        capture.follow(ctx, Writes::ToLists)?;
+        capture.follow(ctx, Writes::Lists)?;
     }
     Ok(Start::Capture(Box::new(capture)))
 }
@@ -210,13 +226,14 @@ pub fn begin_many(
     out
 }
 
-/// Reads the rest of a long event log, one chunk per main-thread step.
-pub fn finish_capture(capture: &mut Capture) -> Result<(), FlowError> {
+/// Reads the rest of a large snapshot, a large labels hash and a long event log, one chunk per
+/// main-thread step.
+pub fn finish_capture(capture: &mut Capture, layout: &Layout) -> Result<(), FlowError> {
     let db = capture.flow.db;
     let mut held = capture.held_us;
     while !capture.complete() {
         mainthread::step(db, Stage::Capture, &mut held, |ctx| {
-            capture::read_more(ctx, capture)
+            capture::read_more(ctx, capture, layout)
         })?;
     }
     capture.held_us = held;
@@ -301,6 +318,7 @@ pub fn upload(
         events,
         capture.whole_log(),
         capture.large_snapshot.is_some(),
+        capture.labels_followed,
     );
     // The copy is encoded and freed (what the commit compares is counted by the fingerprint), the
     // snapshot too: the fingerprint holds what the commit compares of it. The labels stay, counted
@@ -480,7 +498,7 @@ fn settle(
 
 /// One flow after `begin`, end to end on the calling thread.
 pub fn run(mut capture: Capture, settings: &Settings, s3: &Store) -> Result<Archived, FlowError> {
-    finish_capture(&mut capture)?;
+    finish_capture(&mut capture, &settings.layout)?;
     let uploaded = upload(capture, settings, s3)?;
     commit(uploaded, settings)
 }

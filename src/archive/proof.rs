@@ -14,7 +14,9 @@
 //! An event log read over several steps is too long to read again in one: it is compared by its
 //! length only, and its watch follows every write to it from the capture's first step to the commit.
 //! So is a snapshot larger than one step reads (`mainthread::WHOLE_BYTES`), whose watch also follows
-//! string writes: it is measured at commit, and framed with the small keys as if absent.
+//! string writes: it is measured at commit, and framed with the small keys as if absent. And a labels
+//! hash larger than one step reads, whose watch also follows hash writes: its fields are counted at
+//! commit, and framed as none.
 
 use std::ops::ControlFlow;
 
@@ -44,12 +46,24 @@ pub struct Fingerprint {
     snapshot: Option<usize>,
     /// Whether the snapshot is followed by the watch: compared by its length only, its bytes not framed.
     snapshot_followed: bool,
+    /// Whether the labels hash is followed by the watch: compared by its field count only, its labels
+    /// not framed.
+    labels_followed: bool,
     log: Log,
 }
 
 /// The bytes of `snapshot` the small keys frame: none of a followed one (its watch and length prove it).
 fn framed(snapshot: Option<&[u8]>, followed: bool) -> Option<&[u8]> {
     snapshot.filter(|_| !followed)
+}
+
+/// The labels the small keys frame: none of a followed hash (its watch and field count prove it).
+fn framed_labels(labels: &[(String, String)], followed: bool) -> &[(String, String)] {
+    if followed {
+        &[]
+    } else {
+        labels
+    }
 }
 
 /// What the archive holds of the small keys.
@@ -198,15 +212,17 @@ impl Parts<'_> {
 }
 
 /// What the archive holds of `flow`, whose log (`events`, taken from the capture once it is encoded)
-/// was read whole (`whole_log`) or followed, and whose snapshot is followed (`snapshot_followed`) or
-/// compared.
+/// was read whole (`whole_log`) or followed, and whose snapshot (`snapshot_followed`) and labels hash
+/// (`labels_followed`) are followed or compared.
 pub fn archived(
     flow: &Captured,
     events: EventLog,
     whole_log: bool,
     snapshot_followed: bool,
+    labels_followed: bool,
 ) -> Fingerprint {
-    archived_keeping(flow, events, whole_log, snapshot_followed, Some(KEEP_BYTES))
+    let followed = (snapshot_followed, labels_followed);
+    archived_keeping(flow, events, whole_log, followed, Some(KEEP_BYTES))
 }
 
 /// `archived`, keeping a whole log of at most `keep_bytes` (`None`: hashing every log; the tests reach
@@ -215,11 +231,12 @@ fn archived_keeping(
     flow: &Captured,
     events: EventLog,
     whole_log: bool,
-    snapshot_followed: bool,
+    (snapshot_followed, labels_followed): (bool, bool),
     keep_bytes: Option<u64>,
 ) -> Fingerprint {
     let snapshot = framed(flow.snapshot.as_deref(), snapshot_followed);
-    let small = Small::of(|p| p.small(snapshot, flow.seq, &flow.labels), keep_bytes);
+    let labels = framed_labels(&flow.labels, labels_followed);
+    let small = Small::of(|p| p.small(snapshot, flow.seq, labels), keep_bytes);
     let bytes = events.bytes() as u64;
     let log = match whole_log {
         false => Log::Length(events.len()),
@@ -241,6 +258,7 @@ fn archived_keeping(
         small,
         snapshot: flow.snapshot.as_ref().map(Vec::len),
         snapshot_followed,
+        labels_followed,
         log,
     }
 }
@@ -248,8 +266,8 @@ fn archived_keeping(
 /// Whether Valkey holds now what the archive holds of `flow` (`archived`). Main thread, in the flow's
 /// DB. Nothing grown since the capture is read: a label hash or snapshot of another size, or a whole
 /// log of another length, differs without being read (a flood of writes cannot make the commit step
-/// long), and a log followed by a watch is measured. So the step reads at most what the capture read
-/// in its one step, comparing it where the server holds it.
+/// long), and a log, snapshot or labels hash followed by a watch is measured. So the step reads at
+/// most what the capture read in its one step, comparing it where the server holds it.
 pub fn unchanged(
     ctx: &Context,
     flow: &Captured,
@@ -266,11 +284,18 @@ pub fn unchanged(
             return Ok(false);
         }
     }
-    // Labels grown past the captured ones' bytes differ, and are not read further.
-    let captured: usize = flow.labels.iter().map(|(k, v)| k.len() + v.len()).sum();
-    let found = found_labels(hash.as_ref(), captured as u64);
-    let Some(labels) = judge::labels(Found::from(found), keys)? else {
-        return Ok(false);
+    // Labels grown past the captured ones' bytes differ, and are not read further; followed ones are
+    // not read at all.
+    let labels = match archived.labels_followed {
+        true => Vec::new(),
+        false => {
+            let captured: usize = flow.labels.iter().map(|(k, v)| k.len() + v.len()).sum();
+            let found = found_labels(hash.as_ref(), captured as u64);
+            let Some(labels) = judge::labels(Found::from(found), keys)? else {
+                return Ok(false);
+            };
+            labels
+        }
     };
     drop(hash);
     let seq = read_seq(ctx, keys)?;
@@ -381,8 +406,8 @@ mod tests {
     /// The fingerprint of `c` with its log read whole and everything hashed, as parts too large to
     /// keep are; parts kept whole compare their bytes themselves.
     fn whole(c: &Content) -> Fingerprint {
-        let kept = archived_keeping(&captured(c), log(c), true, false, Some(u64::MAX));
-        let hashed = archived_keeping(&captured(c), log(c), true, false, None);
+        let kept = archived_keeping(&captured(c), log(c), true, (false, false), Some(u64::MAX));
+        let hashed = archived_keeping(&captured(c), log(c), true, (false, false), None);
         assert!(matches!(kept.log, Log::Events { .. }) && matches!(hashed.log, Log::Hash(..)));
         assert!(
             matches!(kept.small, Small::Kept { .. }) && matches!(hashed.small, Small::Hash(..))
@@ -399,14 +424,14 @@ mod tests {
                 p.small(
                     super::framed(snapshot, then.snapshot_followed),
                     now.seq,
-                    &now.labels,
+                    super::framed_labels(&now.labels, then.labels_followed),
                 )
             })
     }
 
     /// The fingerprint of `c` with its log read whole and kept for the commit.
     fn kept(c: &Content) -> Fingerprint {
-        archived(&captured(c), log(c), true, false)
+        archived(&captured(c), log(c), true, false, false)
     }
 
     /// The fingerprint of `c` with its log followed by a watch: `total` events archived.
@@ -414,6 +439,7 @@ mod tests {
         archived(
             &captured(c),
             std::iter::repeat_n(b"", total).collect(),
+            false,
             false,
             false,
         )
@@ -466,7 +492,10 @@ mod tests {
         elsewhere.status = "failed".into();
         elsewhere.status_score = Some(1.0);
         elsewhere.previous = Some("s3://b/flows/abc.jsonl.gz".into());
-        assert!(archived_keeping(&elsewhere, log(&base()), true, false, None) == whole(&base()));
+        assert!(
+            archived_keeping(&elsewhere, log(&base()), true, (false, false), None)
+                == whole(&base())
+        );
         assert!(kept(&base()) == kept(&base()));
     }
 
@@ -793,7 +822,7 @@ mod tests {
     #[test]
     fn a_followed_snapshot_is_measured_not_framed() {
         let c = base();
-        let followed = archived(&captured(&c), log(&c), true, true);
+        let followed = archived(&captured(&c), log(&c), true, true, false);
         let compared = kept(&c);
         let len = c.snapshot.as_ref().unwrap().len();
         let same_length = Content {
@@ -817,5 +846,24 @@ mod tests {
             !small_matches(&followed, &reseq),
             "the other small keys are still compared"
         );
+    }
+
+    /// A labels hash followed by the watch is not framed: any labels match (the watch and the commit's
+    /// field count prove them); compared, other labels differ, and the other small keys still count.
+    #[test]
+    fn followed_labels_are_not_framed() {
+        let c = base();
+        let followed = archived(&captured(&c), log(&c), true, false, true);
+        let other = Content {
+            labels: pairs(&[("x", "y")]),
+            ..c.clone()
+        };
+        assert!(small_matches(&followed, &c) && small_matches(&followed, &other));
+        assert!(small_matches(&kept(&c), &c) && !small_matches(&kept(&c), &other));
+        let reseq = Content {
+            seq: Some(3),
+            ..c.clone()
+        };
+        assert!(!small_matches(&followed, &reseq));
     }
 }

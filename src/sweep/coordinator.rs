@@ -314,7 +314,7 @@ impl<'a> Coordinator<'a> {
             }
         }
         for (flow, mut capture) in long {
-            match archive::finish_capture(&mut capture) {
+            match archive::finish_capture(&mut capture, &self.settings.layout) {
                 Ok(()) => self.hand_over(flow, *capture),
                 Err(e) => self.not_archived(flow, &e),
             }

@@ -46,6 +46,7 @@ fn done() -> Facts {
                 KeyType::Hash,
                 Some(vec![(b"tenant".to_vec(), b"acme".to_vec())]),
             ),
+            labels_left: None,
         }),
     }
 }
