@@ -247,7 +247,6 @@ fn small_keys_too_large_to_keep_are_compared_by_their_hash() {
     });
     assert_eq!(info_field(&mut c, "keyspace_events_subscribed"), 0);
 }
-
 /// Archives `id` with its PUT held back, applies `change` while the object is on its way: INFO
 /// `buffered_bytes` in the upload and the archive's answer.
 fn held_upload(
@@ -259,22 +258,24 @@ fn held_upload(
     i64,
     redis::RedisResult<std::collections::HashMap<String, redis::Value>>,
 ) {
-    held_upload_in(srv, proxy, 0, id, change)
+    held_upload_in(srv, proxy, 0, id, Duration::from_millis(700), change)
 }
 
-/// `held_upload` of flow `id` in DB `db`; `change` is given a connection to DB 0.
+/// `held_upload` of flow `id` in DB `db`, its PUT held back for `hold`; `change` is given a
+/// connection to DB 0.
 fn held_upload_in(
     srv: &Server,
     proxy: &Proxy,
     db: i64,
     id: &str,
+    hold: Duration,
     change: impl FnOnce(&mut redis::Connection),
 ) -> (
     i64,
     redis::RedisResult<std::collections::HashMap<String, redis::Value>>,
 ) {
     let mut c = srv.conn();
-    proxy.delay("PUT", Duration::from_millis(700));
+    proxy.delay("PUT", hold);
     let seen = proxy.requests().len();
     let mut other = srv.conn();
     run(&mut other, &["SELECT", &db.to_string()]);
@@ -1137,22 +1138,36 @@ fn a_write_to_one_dbs_copy_of_an_id_keeps_only_that_dbs_flow() {
     let s = flow.snapshot.as_mut().unwrap();
     let at = early_pad_byte(s) + 1;
     s.replace_range(at..at + 1, "y");
-    let (_, answer) = held_upload_in(&srv, &proxy, 1, "b-0-ranged", |c| {
-        run(
-            c,
-            &[
-                "SETRANGE",
-                &snapshot_key("b-0-ranged"),
-                &at.to_string(),
-                "y",
-            ],
-        );
-    });
+    let (_, answer) = held_upload_in(
+        &srv,
+        &proxy,
+        1,
+        "b-0-ranged",
+        Duration::from_millis(700),
+        |c| {
+            run(
+                c,
+                &[
+                    "SETRANGE",
+                    &snapshot_key("b-0-ranged"),
+                    &at.to_string(),
+                    "y",
+                ],
+            );
+        },
+    );
     assert_eq!(int(&answer.unwrap()["events"]), 5, "DB 1's copy archived");
-    let (_, answer) = held_upload_in(&srv, &proxy, 0, "c-0-long", |c| {
-        run(c, &["SELECT", "1"]);
-        run(c, &["LSET", &events_key("c-0-long"), "2", &wider]);
-    });
+    let (_, answer) = held_upload_in(
+        &srv,
+        &proxy,
+        0,
+        "c-0-long",
+        Duration::from_millis(700),
+        |c| {
+            run(c, &["SELECT", "1"]);
+            run(c, &["LSET", &events_key("c-0-long"), "2", &wider]);
+        },
+    );
     assert_eq!(int(&answer.unwrap()["events"]), 29, "DB 0's copy archived");
     m1.flows.get_mut("c-0-long").unwrap().events[2] = wider.clone();
     let copied = repadded(m1.flows["b-1-copied-over"].snapshot.as_ref().unwrap());
@@ -1166,7 +1181,7 @@ fn a_write_to_one_dbs_copy_of_an_id_keeps_only_that_dbs_flow() {
         ("b-1-copied-over", snapshot_key("b-1-copied-over"), "staged"),
         ("c-1-long", events_key("c-1-long"), "staged-log"),
     ] {
-        let (_, answer) = held_upload_in(&srv, &proxy, 1, id, |c| {
+        let (_, answer) = held_upload_in(&srv, &proxy, 1, id, Duration::from_millis(700), |c| {
             // In a transaction, whose commands reached the hook in the client's DB.
             redis::pipe()
                 .atomic()
@@ -1742,4 +1757,362 @@ fn writes_are_followed_again_after_the_module_is_reloaded() {
     changes("reloaded");
     assert_eq!(info_field(&mut c, "keyspace_events_subscribed"), 1);
     assert_eq!(info_field(&mut c, "string_events_subscribed"), 1);
+}
+
+/// The labels hash of flow `id`.
+fn labels_key(id: &str) -> String {
+    format!("argyll:flow:{id}:idx:labels")
+}
+
+/// A labels hash larger than one step (1 MiB) is followed by its watch, hash writes included, from the
+/// capture's first step on, and its fields counted at commit instead of compared: every kind of write
+/// to one of 3 MiB during the upload keeps the flow, a rewrite to the same value, a field's expiry set
+/// or taking effect and a TTL on the key too; unchanged, it is archived with every label as stored.
+/// Hash events are subscribed to only then. (An eviction raises the evicted event a long log's watch
+/// has followed all along, as an expiry does.)
+#[test]
+fn every_write_to_a_large_labels_hash_during_the_upload_keeps_the_flow() {
+    const LABELS: usize = 3 << 20;
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &[]);
+    let mut c = srv.conn();
+    let mut model = checker::Model::new(0);
+    let mut large = |c: &mut redis::Connection, id: &str| {
+        model.write_labeled(c, &FlowSpec::done(id), LABELS);
+        model.flows[id].labels.clone()
+    };
+    change_during_upload(&srv, &proxy, "long", LONG, |c| {
+        run(c, &["LSET", &events_key("long"), "700", "{}"])
+    });
+    assert_eq!(info_field(&mut c, "keyspace_events_subscribed"), 1);
+    assert_eq!(info_field(&mut c, "hash_events_subscribed"), 0);
+
+    type Change = Box<dyn Fn(&mut redis::Connection, &str, &[(String, String)])>;
+    // A hash of one other label, at `elsewhere`.
+    let other = |c: &mut redis::Connection| run(c, &["HSET", "elsewhere", "x", "y"]);
+    let cases: Vec<(&str, Change)> = vec![
+        (
+            "field-added",
+            Box::new(|c, key, _| run(c, &["HSET", key, "x", "y"])),
+        ),
+        (
+            "same-value",
+            Box::new(|c, key, labels| run(c, &["HSET", key, &labels[1].0, &labels[1].1])),
+        ),
+        (
+            "field-deleted",
+            Box::new(|c, key, labels| run(c, &["HDEL", key, &labels[2].0])),
+        ),
+        (
+            "incremented",
+            Box::new(|c, key, _| run(c, &["HINCRBY", key, "count", "1"])),
+        ),
+        (
+            "field-expiry-set",
+            Box::new(|c, key, labels| {
+                run(c, &["HEXPIRE", key, "100000", "FIELDS", "1", &labels[3].0])
+            }),
+        ),
+        ("deleted", Box::new(|c, key, _| run(c, &["DEL", key]))),
+        (
+            "renamed-over",
+            Box::new(move |c, key, _| {
+                other(c);
+                run(c, &["RENAME", "elsewhere", key]);
+            }),
+        ),
+        (
+            "copied-over",
+            Box::new(move |c, key, _| {
+                other(c);
+                run(c, &["COPY", "elsewhere", key, "REPLACE"]);
+                run(c, &["DEL", "elsewhere"]);
+            }),
+        ),
+        (
+            "restored",
+            Box::new(move |c, key, _| {
+                other(c);
+                let dump: Vec<u8> = cmd(c, &["DUMP", "elsewhere"]).unwrap();
+                run(c, &["DEL", "elsewhere"]);
+                redis::cmd("RESTORE")
+                    .arg(key)
+                    .arg(0)
+                    .arg(dump)
+                    .arg("REPLACE")
+                    .query::<()>(c)
+                    .unwrap();
+            }),
+        ),
+        (
+            "ttl-set",
+            Box::new(|c, key, _| run(c, &["EXPIRE", key, "100000"])),
+        ),
+        (
+            "expired",
+            Box::new(|c, key, _| {
+                run(c, &["PEXPIRE", key, "1"]);
+                std::thread::sleep(Duration::from_millis(20));
+                run(c, &["EXISTS", key]);
+            }),
+        ),
+        (
+            "in-a-transaction",
+            Box::new(|c, key, labels| {
+                redis::pipe()
+                    .atomic()
+                    .cmd("HSET")
+                    .arg(key)
+                    .arg(&labels[0].0)
+                    .arg("other")
+                    .query::<()>(c)
+                    .unwrap();
+            }),
+        ),
+        (
+            "by-a-script",
+            Box::new(|c, key, labels| {
+                let script = "return redis.call('HDEL', KEYS[1], ARGV[1])";
+                run(c, &["EVAL", script, "1", key, &labels[4].0]);
+            }),
+        ),
+    ];
+    for (id, change) in &cases {
+        let labels = large(&mut c, id);
+        change_written_during_upload(&srv, &proxy, id, |c| change(c, &labels_key(id), &labels));
+        // What the checks compare is every key of the DB: each case's are dropped once checked.
+        run(&mut c, &["FLUSHDB"]);
+    }
+    assert_eq!(info_field(&mut c, "hash_events_subscribed"), 1);
+    // A field set to expire before the capture, gone during the upload (taken by the server's own
+    // expiry, or by the read that finds it expired): the expiry keeps the flow.
+    let labels = large(&mut c, "field-expired");
+    let (key, field) = (labels_key("field-expired"), &labels[5].0);
+    // Long enough for a capture on a busy machine, and the PUT held past it.
+    run(&mut c, &["HPEXPIRE", &key, "5000", "FIELDS", "1", field]);
+    let set = std::time::Instant::now();
+    let hold = Duration::from_secs(10);
+    let (_, answer) = held_upload_in(&srv, &proxy, 0, "field-expired", hold, |c| {
+        let ttl: Vec<i64> = cmd(c, &["HPTTL", &key, "FIELDS", "1", field]).unwrap();
+        assert!(ttl[0] > 0, "the field expired before the capture ended");
+        std::thread::sleep(Duration::from_millis(5500).saturating_sub(set.elapsed()));
+        run(c, &["HEXISTS", &key, field]);
+    });
+    let e = err_text(answer);
+    assert!(e.contains("changed while it was being archived"), "{e}");
+    let left = cmd::<i64>(&mut c, &["HLEN", &key]).unwrap() as usize;
+    assert_eq!(left, labels.len() - 1);
+    assert_eq!(
+        cmd::<i64>(&mut c, &["LLEN", &events_key("field-expired")]).unwrap(),
+        5
+    );
+
+    // Unchanged, the same flow is archived, and its object holds every label exactly.
+    let labels = large(&mut c, "unchanged");
+    let (_, answer) = held_upload(&srv, &proxy, "unchanged", |_| {});
+    assert_eq!(int(&answer.unwrap()["events"]), 5);
+    assert_eq!(
+        cmd::<i64>(&mut c, &["EXISTS", &labels_key("unchanged")]).unwrap(),
+        0
+    );
+    let object = gunzip(&s3.get("flows/unchanged.jsonl.gz").expect("the object"));
+    let stored: std::collections::BTreeMap<_, _> = labels.into_iter().collect();
+    let stored = serde_json::to_string(&stored).unwrap();
+    assert!(
+        object.contains(&format!("\"labels\":{stored},")),
+        "the labels as stored"
+    );
+}
+
+/// A labels hash larger than one step (1 MiB) is read over several steps: a write to it between two
+/// of them keeps the flow live and intact, even one that leaves its field count or its bytes as they
+/// were (the watch must see it: the commit counts the fields, it does not compare them). As for large
+/// snapshots, a sweep begins every flow of its round, each reading the first MiB of its labels in the
+/// step that judges it, then finishes them one after another behind a long log read in at least 30
+/// steps, each made to wait behind a busy script; the writes land there, all at once: a label added
+/// (also by HINCRBY), one rewritten with the same value, the first and the last label written
+/// rewritten to other bytes of the same length (wherever the scan has reached), one deleted, a field's expiry set, the hash renamed
+/// over or deleted, a TTL set on it. A quiet sweep then archives each as it was left, label for label
+/// (the checker compares every key and object).
+#[test]
+fn every_write_to_a_large_labels_hash_between_capture_steps_keeps_the_flow() {
+    const LEAD_EVENTS: usize = 30 * 1024;
+    const LABELS: usize = 3 << 20;
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    config_set(&mut c, "flowarchive.step-budget-us", "50").unwrap();
+    config_set(&mut c, "flowarchive.concurrency", "16").unwrap();
+    let mut model = checker::Model::new(0);
+    let lead = FlowSpec {
+        events: LEAD_EVENTS,
+        ..FlowSpec::done("a-lead")
+    };
+    model.write(&mut c, &lead);
+    // The ids sort after the lead's, so the sweep finishes them after it.
+    let large = [
+        "c-added",
+        "c-same-value",
+        "c-early-rewritten",
+        "c-late-rewritten",
+        "c-field-deleted",
+        "c-incremented",
+        "c-expiry-set",
+        "c-renamed-over",
+        "c-deleted",
+        "c-ttl-set",
+        "c-quiet",
+    ];
+    for id in large {
+        model.write_labeled(&mut c, &FlowSpec::done(id), LABELS);
+    }
+    let label = |id: &str, at: usize| model.flows[id].labels[at].clone();
+    let other_bytes = |v: &str| v.chars().rev().collect::<String>();
+
+    // The writes in one transaction, and what each leaves of the flow's labels. A label added is
+    // indexed as the engine indexes it (the checker compares the indexes of every live flow's labels).
+    let mut tx = redis::pipe();
+    tx.atomic();
+    let mut add = |args: &[&str]| {
+        tx.cmd(args[0]);
+        args[1..].iter().for_each(|a| {
+            tx.arg(*a);
+        });
+    };
+    let labeled = |add: &mut dyn FnMut(&[&str]), id: &str, name: &str, value: &str| {
+        add(&[
+            "SADD",
+            &format!("argyll:idx:label:{name}:{value}"),
+            &format!("flow:{id}"),
+        ]);
+        add(&["SADD", &format!("argyll:idx:label:{name}"), value]);
+    };
+    let mut after: Vec<(&str, Vec<(String, String)>)> = Vec::new();
+    let labels_now = |id: &str| model.flows[id].labels.clone();
+
+    let name = "c-added-x".to_string();
+    add(&["HSET", &labels_key("c-added"), &name, "y"]);
+    labeled(&mut add, "c-added", &name, "y");
+    let mut now = labels_now("c-added");
+    now.push((name, "y".into()));
+    after.push(("c-added", now));
+
+    let (name, value) = label("c-same-value", 1);
+    add(&["HSET", &labels_key("c-same-value"), &name, &value]);
+    let last = model.flows["c-late-rewritten"].labels.len() - 1;
+    for (id, at) in [("c-early-rewritten", 0), ("c-late-rewritten", last)] {
+        let (name, value) = label(id, at);
+        let value = other_bytes(&value);
+        add(&["HSET", &labels_key(id), &name, &value]);
+        labeled(&mut add, id, &name, &value);
+        let mut now = labels_now(id);
+        now[at].1 = value;
+        after.push((id, now));
+    }
+    let (name, _) = label("c-field-deleted", 2);
+    add(&["HDEL", &labels_key("c-field-deleted"), &name]);
+    let mut now = labels_now("c-field-deleted");
+    now.remove(2);
+    after.push(("c-field-deleted", now));
+
+    let name = "c-incremented-n".to_string();
+    add(&["HINCRBY", &labels_key("c-incremented"), &name, "7"]);
+    labeled(&mut add, "c-incremented", &name, "7");
+    let mut now = labels_now("c-incremented");
+    now.push((name, "7".into()));
+    after.push(("c-incremented", now));
+
+    let (name, _) = label("c-expiry-set", 3);
+    add(&[
+        "HEXPIRE",
+        &labels_key("c-expiry-set"),
+        "100000",
+        "FIELDS",
+        "1",
+        &name,
+    ]);
+
+    let (staged, name) = ("staged:c-renamed-over", "c-renamed-over-x");
+    add(&["HSET", staged, name, "y"]);
+    add(&["RENAME", staged, &labels_key("c-renamed-over")]);
+    labeled(&mut add, "c-renamed-over", name, "y");
+    after.push(("c-renamed-over", vec![(name.into(), "y".into())]));
+
+    add(&["DEL", &labels_key("c-deleted")]);
+    after.push(("c-deleted", Vec::new()));
+    add(&["EXPIRE", &labels_key("c-ttl-set"), "100000"]);
+    add(&["INFO", "flowarchive"]);
+
+    // A script that keeps the main thread busy for a few milliseconds at a time, so each step waits.
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = {
+        let (stop, mut c) = (stop.clone(), srv.conn());
+        std::thread::spawn(move || {
+            let script = "local t = 0 for i = 1, 200000 do t = t + i end return t";
+            while !stop.load(Ordering::Relaxed) {
+                cmd::<i64>(&mut c, &["EVAL", script, "0"]).unwrap();
+            }
+        })
+    };
+    let mut other = srv.conn();
+    other
+        .set_read_timeout(Some(Duration::from_secs(300)))
+        .unwrap();
+    let start = info_field(&mut c, "main_thread_steps");
+    let swept = std::thread::spawn(move || sweep(&mut other, &[]));
+    // Every flow begun: each counts what it read of its labels in its first step, more than 1 MiB
+    // and a piece of 256 KiB (the lead counts its first chunk only until every other flow is begun,
+    // less than one of theirs): the lead is being read, the others wait for their next step.
+    let begun = (large.len() * (1280 << 10)) as i64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while info_field(&mut c, "buffered_bytes") < begun {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flows were not begun"
+        );
+    }
+    let replies: Vec<redis::Value> = tx.query(&mut c).unwrap();
+    stop.store(true, Ordering::Relaxed);
+    busy.join().unwrap();
+    let info = text(replies.last().unwrap());
+    let steps = info
+        .lines()
+        .find_map(|l| l.strip_prefix("flowarchive_main_thread_steps:"));
+    let steps = steps.unwrap().trim().parse::<i64>().unwrap() - start;
+    // A step begins each flow at most, and the lead alone takes a step per 1,024 events at least:
+    // within these, it was still being read, and the others had had only their first step.
+    assert!(
+        steps <= (LEAD_EVENTS / 1024 + large.len()) as i64,
+        "the writes came after {steps} steps: the lead may have been read whole"
+    );
+    for (id, labels) in after {
+        model.flows.get_mut(id).unwrap().labels = labels;
+    }
+    let summary = swept.join().unwrap().unwrap();
+    assert_eq!(int(&summary["archived"]), 2, "{summary:?}");
+    assert_eq!(
+        int(&summary["skipped_changed"]),
+        large.len() as i64 - 1,
+        "{summary:?}"
+    );
+    let tally = checker::check(
+        "after the writes",
+        &srv,
+        &s3,
+        &model,
+        checker::Expect::Either,
+    );
+    assert_eq!(tally.archived, 2, "the lead and the quiet flow");
+
+    // Quiet, each is archived as the writes left it.
+    let summary = sweep(&mut c, &[]).unwrap();
+    assert_eq!(
+        int(&summary["archived"]),
+        large.len() as i64 - 1,
+        "{summary:?}"
+    );
+    let settled = checker::Expect::Settled { retention_ms: 0 };
+    let tally = checker::check("after a quiet sweep", &srv, &s3, &model, settled);
+    assert_eq!(tally.archived, model.flows.len());
 }

@@ -817,6 +817,51 @@ fn settings_changed_between_the_steps_of_a_read_leave_it_its_own() {
     assert_eq!((tally.archived, tally.live), (4, 2));
 }
 
+/// A labels hash larger than one read step (1 MiB) is copied in steps at capture, followed by a watch
+/// that takes hash writes too, and counted, not read again, at commit: 3 MiB at the smallest budget
+/// take several steps, and the archive holds every label (the checker compares them, and the
+/// archived flow's state). One of exactly 1 MiB is still read in the command's own step and compared
+/// at commit, and follows nothing.
+#[test]
+fn a_large_labels_hash_is_read_in_steps() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    config_set(&mut c, BUDGET, "50").unwrap();
+    let mut model = Model::new(0);
+    for (id, bytes) in [("one-step", 1 << 20), ("large", 3 << 20)] {
+        model.write_labeled(&mut c, &FlowSpec::done(id), bytes);
+    }
+    let steps = |c: &mut redis::Connection, id: &str| {
+        let before = info_field(c, "main_thread_steps");
+        let r = archive(c, id).unwrap();
+        assert_eq!(int(&r["events"]), 5);
+        info_field(c, "main_thread_steps") - before
+    };
+    assert_eq!(steps(&mut c, "one-step"), 1, "the commit's step alone");
+    assert_eq!(info_field(&mut c, "keyspace_events_subscribed"), 0);
+    assert_eq!(info_field(&mut c, "hash_events_subscribed"), 0);
+    let taken = steps(&mut c, "large");
+    assert!(
+        taken >= 5,
+        "{taken} steps to capture and commit labels of 3 MiB"
+    );
+    assert_eq!(info_field(&mut c, "hash_events_subscribed"), 1);
+    assert_eq!(info_field(&mut c, "string_events_subscribed"), 0);
+    for id in ["one-step", "large"] {
+        let want = archived_state(&model.flows[id].state().unwrap());
+        assert_eq!(get(&mut c, id).unwrap(), Some(want), "{id}");
+    }
+    let tally = checker::check(
+        "archived",
+        &srv,
+        &s3,
+        &model,
+        Expect::Settled { retention_ms: 0 },
+    );
+    assert_eq!(tally.archived, 2);
+}
+
 /// What reads nothing of a large snapshot copies nothing of it and follows nothing: a live GET or a
 /// FLOWARCHIVE.FLOW by a user who may not read the snapshot key is refused before anything is read,
 /// and a DRYRUN sweep judges the flow without copying its snapshot (a folded layout's rules never read

@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use super::index::{self, INDEX};
 use super::{
-    assert_same, blob, cmd, dump_all, escape_label, event_json, events_of, gunzip, parse_ms,
-    set_padded_snapshot, snapshot_of, state_of, wait_for, widen, write_flow, FlowSpec, Server,
-    Snapshot, S3,
+    add_labels, assert_same, blob, cmd, dump_all, escape_label, event_json, events_of, gunzip,
+    labels_of, parse_ms, set_padded_snapshot, snapshot_of, state_of, wait_for, widen, write_flow,
+    FlowSpec, Server, Snapshot, S3,
 };
 
 const P: &str = "argyll";
@@ -134,6 +134,26 @@ impl Model {
             flow.snapshot = Some(snapshot.clone());
         }
         snapshot
+    }
+
+    /// `write`s `spec` without labels, then gives it a labels hash of exactly `bytes` bytes
+    /// (`labels_of`, named after the flow: no two flows share a label), indexed as the engine indexes
+    /// labels, and records it. Its events carry none of them, so its log stays short whatever `bytes`
+    /// is.
+    pub fn write_labeled(&mut self, c: &mut redis::Connection, spec: &FlowSpec, bytes: usize) {
+        self.write(
+            c,
+            &FlowSpec {
+                labels: &[],
+                ..spec.clone()
+            },
+        );
+        let labels = labels_of(&format!("{}-", spec.id), bytes);
+        let pairs: Vec<(&str, &str)> = labels.iter().map(|(l, v)| (&l[..], &v[..])).collect();
+        let mut pipe = redis::pipe();
+        add_labels(&mut pipe, spec.id, &pairs);
+        pipe.query::<()>(c).unwrap();
+        self.flows.get_mut(spec.id).expect("written").labels = labels;
     }
 
     /// Writes the flow with `write_flow` and records exactly what that wrote.

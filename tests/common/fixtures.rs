@@ -323,6 +323,26 @@ pub fn write_padded_flow(c: &mut redis::Connection, id: &str, len: usize) -> Str
     set_padded_snapshot(c, id, len)
 }
 
+/// Labels whose names and values take exactly `bytes` bytes together (as a capture counts them, and
+/// more than a few names' worth): names `<tag>00000`, `<tag>00001`…, values of 1,000 varied letters,
+/// the last one what is left. Nothing in them needs escaping if `tag` needs none.
+pub fn labels_of(tag: &str, bytes: usize) -> Vec<(String, String)> {
+    const VALUE: usize = 1000;
+    let mut labels = Vec::new();
+    let mut left = bytes;
+    while left > 0 {
+        let i = labels.len();
+        let name = format!("{tag}{i:05}");
+        assert!(left > name.len(), "{bytes} bytes cannot end in a label");
+        let rest = left - name.len();
+        let len = if rest >= 2 * VALUE { VALUE } else { rest };
+        let value = (0..len).map(|j| char::from(b'a' + ((i * 7 + j) % 26) as u8));
+        left -= name.len() + len;
+        labels.push((name, value.collect()));
+    }
+    labels
+}
+
 /// Unix ms of an RFC 3339 timestamp in UTC (`2026-03-18T09:14:03.120Z`), for the fixtures' own times.
 pub fn parse_ms(t: &str) -> i64 {
     let num = |a: usize, b: usize| t[a..b].parse::<i64>().unwrap();
@@ -391,8 +411,25 @@ pub fn write_flow(c: &mut redis::Connection, spec: &FlowSpec) {
             .arg(seq)
             .ignore();
     }
-    // The engine does not index a label with an empty value.
-    for (l, v) in spec.labels.iter().filter(|(_, v)| !v.is_empty()) {
+    add_labels(&mut pipe, id, spec.labels);
+    pipe.cmd("HSET")
+        .arg(format!("{p}:idx:status"))
+        .arg(&member)
+        .arg(spec.status)
+        .ignore();
+    pipe.cmd("ZADD")
+        .arg(format!("{p}:idx:status:{}", spec.status))
+        .arg(spec.last_ms)
+        .arg(&member)
+        .ignore();
+    pipe.query::<()>(c).unwrap();
+}
+
+/// Adds `labels` to flow `id`'s labels hash and to the engine's label indexes, as the engine writes
+/// them (escaped; a label with an empty value is not indexed).
+pub fn add_labels(pipe: &mut redis::Pipeline, id: &str, labels: &[(&str, &str)]) {
+    let (p, member) = ("argyll", format!("flow:{id}"));
+    for (l, v) in labels.iter().filter(|(_, v)| !v.is_empty()) {
         let (l, v) = (escape_label(l), escape_label(v));
         pipe.cmd("HSET")
             .arg(format!("{p}:flow:{id}:idx:labels"))
@@ -408,17 +445,6 @@ pub fn write_flow(c: &mut redis::Connection, spec: &FlowSpec) {
             .arg(&v)
             .ignore();
     }
-    pipe.cmd("HSET")
-        .arg(format!("{p}:idx:status"))
-        .arg(&member)
-        .arg(spec.status)
-        .ignore();
-    pipe.cmd("ZADD")
-        .arg(format!("{p}:idx:status:{}", spec.status))
-        .arg(spec.last_ms)
-        .arg(&member)
-        .ignore();
-    pipe.query::<()>(c).unwrap();
 }
 
 /// An event of `bytes` bytes of no type (`{"blob":"xx…"}`): the engine's fold skips it.
