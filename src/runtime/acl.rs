@@ -34,6 +34,7 @@
 //!   still grants the stand-in, so the keys it allows count for that command too (docs/SAFETY.md).
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::os::raw::{c_int, c_void};
 use std::sync::{Mutex, OnceLock};
@@ -275,15 +276,23 @@ pub fn check_keys<'k>(
         return each_alone(ctx, &user.name, &keys);
     }
     let before = together.keys.len();
-    for (key, access) in &keys {
-        if !together
-            .keys
-            .iter()
-            .any(|k| k.key == *key && k.access.implies(*access))
-        {
-            together.keys.push(Checked::new(key, *access));
+    // Looked up by name, so that a command of many keys (a flow of many labels) costs each key one
+    // lookup, not a pass over all the others; ordered, so that a lookup compares names only up to
+    // where they differ (a label index is named after its value, which may be megabytes long).
+    let mut held: BTreeMap<&str, Vec<Access>> = BTreeMap::new();
+    for k in &together.keys {
+        held.entry(&k.key).or_default().push(k.access);
+    }
+    let mut new = Vec::new();
+    for &(key, access) in &keys {
+        let accesses = held.entry(key).or_default();
+        if !accesses.iter().any(|held| held.implies(access)) {
+            accesses.push(access);
+            new.push(Checked::new(key, access));
         }
     }
+    drop(held);
+    together.keys.extend(new);
     if together.keys.len() == before {
         return Ok(());
     }
@@ -359,12 +368,15 @@ fn joins(ctx: &Context, user: &str, together: &mut Together, new: usize) -> Resu
         return Ok(());
     }
     if standin_allows(ctx, user, together, 0)? {
-        // The keys before `new` were allowed together: name the first that cannot join them.
-        let mut refused = all;
-        for n in new + 1..all {
-            if !standin_allows(ctx, user, together, n)? {
-                refused = n;
-                break;
+        // The keys before `new` were allowed together: name the first that cannot join them. A
+        // selector that allows some keys allows fewer, so the first `n` keys stop being allowed
+        // together at one place, found by halving (a flow of many labels is not asked once per key).
+        let (mut allowed, mut refused) = (new, all);
+        while refused - allowed > 1 {
+            let n = allowed + (refused - allowed) / 2;
+            match standin_allows(ctx, user, together, n)? {
+                true => allowed = n,
+                false => refused = n,
             }
         }
         return Err(FlowError::NoPerm(format!(
