@@ -7,8 +7,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::checker;
@@ -247,6 +245,45 @@ fn small_keys_too_large_to_keep_are_compared_by_their_hash() {
     });
     assert_eq!(info_field(&mut c, "keyspace_events_subscribed"), 0);
 }
+/// Sweeps on another connection, each of its steps held back by a busy script, and runs `tx` (its
+/// last command INFO) as soon as every flow of the round is begun (INFO `buffered_bytes` at `begun`),
+/// all of it between two steps: that it came within the sweep's first `most_steps` steps is
+/// checked. The sweep, still going.
+fn between_capture_steps(
+    srv: &Server,
+    c: &mut redis::Connection,
+    tx: &redis::Pipeline,
+    begun: i64,
+    most_steps: i64,
+) -> std::thread::JoinHandle<redis::RedisResult<std::collections::HashMap<String, redis::Value>>> {
+    let busy = Busy::start(srv);
+    let mut other = srv.conn();
+    other
+        .set_read_timeout(Some(Duration::from_secs(300)))
+        .unwrap();
+    let start = info_field(c, "main_thread_steps");
+    let swept = std::thread::spawn(move || sweep(&mut other, &[]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while info_field(c, "buffered_bytes") < begun {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flows were not begun"
+        );
+    }
+    let replies: Vec<redis::Value> = tx.query(c).unwrap();
+    busy.stop();
+    let info = text(replies.last().unwrap());
+    let steps = info
+        .lines()
+        .find_map(|l| l.strip_prefix("flowarchive_main_thread_steps:"));
+    let steps = steps.unwrap().trim().parse::<i64>().unwrap() - start;
+    assert!(
+        steps <= most_steps,
+        "the writes came after {steps} steps: the lead may have been read whole"
+    );
+    swept
+}
+
 /// Archives `id` with its PUT held back, applies `change` while the object is on its way: INFO
 /// `buffered_bytes` in the upload and the archive's answer.
 fn held_upload(
@@ -895,47 +932,12 @@ fn every_write_to_a_large_snapshot_between_capture_steps_keeps_the_flow() {
     add(&del);
     add(&["INFO", "flowarchive"]);
 
-    // A script that keeps the main thread busy for a few milliseconds at a time, so each step waits.
-    let stop = Arc::new(AtomicBool::new(false));
-    let busy = {
-        let (stop, mut c) = (stop.clone(), srv.conn());
-        std::thread::spawn(move || {
-            let script = "local t = 0 for i = 1, 200000 do t = t + i end return t";
-            while !stop.load(Ordering::Relaxed) {
-                cmd::<i64>(&mut c, &["EVAL", script, "0"]).unwrap();
-            }
-        })
-    };
-    let mut other = srv.conn();
-    other
-        .set_read_timeout(Some(Duration::from_secs(300)))
-        .unwrap();
-    let start = info_field(&mut c, "main_thread_steps");
-    let swept = std::thread::spawn(move || sweep(&mut other, &[]));
     // Every flow begun (each counts its snapshot from its first step): the lead is being read, the
     // others wait for their second step.
     let begun = (large.len() * LARGE) as i64;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while info_field(&mut c, "buffered_bytes") < begun {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the flows were not begun"
-        );
-    }
-    let replies: Vec<redis::Value> = tx.query(&mut c).unwrap();
-    stop.store(true, Ordering::Relaxed);
-    busy.join().unwrap();
-    let info = text(replies.last().unwrap());
-    let steps = info
-        .lines()
-        .find_map(|l| l.strip_prefix("flowarchive_main_thread_steps:"));
-    let steps = steps.unwrap().trim().parse::<i64>().unwrap() - start;
     // The lead alone takes a step per 1,024 events at least: within its first 30, it was still being
     // read, and the others had had only their first step.
-    assert!(
-        steps <= (LEAD_EVENTS / 1024) as i64,
-        "the writes came after {steps} steps: the lead may have been read whole"
-    );
+    let swept = between_capture_steps(&srv, &mut c, &tx, begun, (LEAD_EVENTS / 1024) as i64);
     for (id, snapshot) in after {
         model.flows.get_mut(id).unwrap().snapshot = snapshot;
     }
@@ -1071,42 +1073,8 @@ fn a_write_to_one_dbs_copy_of_an_id_keeps_only_that_dbs_flow() {
     add(&["LSET", &events_key("c-0-long"), "1", &wider]);
     add(&["INFO", "flowarchive"]);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let busy = {
-        let (stop, mut c) = (stop.clone(), srv.conn());
-        std::thread::spawn(move || {
-            let script = "local t = 0 for i = 1, 200000 do t = t + i end return t";
-            while !stop.load(Ordering::Relaxed) {
-                cmd::<i64>(&mut c, &["EVAL", script, "0"]).unwrap();
-            }
-        })
-    };
-    let mut other = srv.conn();
-    other
-        .set_read_timeout(Some(Duration::from_secs(300)))
-        .unwrap();
-    let start = info_field(&mut c0, "main_thread_steps");
-    let swept = std::thread::spawn(move || sweep(&mut other, &[]));
     let begun = (large.len() * LARGE) as i64;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while info_field(&mut c0, "buffered_bytes") < begun {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the flows were not begun"
-        );
-    }
-    let replies: Vec<redis::Value> = tx.query(&mut c0).unwrap();
-    stop.store(true, Ordering::Relaxed);
-    busy.join().unwrap();
-    let info = text(replies.last().unwrap());
-    let steps = info
-        .lines()
-        .find_map(|l| l.strip_prefix("flowarchive_main_thread_steps:"));
-    let steps = steps.unwrap().trim().parse::<i64>().unwrap() - start;
-    assert!(
-        steps <= (LEAD_EVENTS / 1024) as i64,
-        "the writes came after {steps} steps: the lead may have been read whole"
-    );
+    let swept = between_capture_steps(&srv, &mut c0, &tx, begun, (LEAD_EVENTS / 1024) as i64);
     let record = |model: &mut checker::Model, id: &str, snapshot: String| {
         model.flows.get_mut(id).unwrap().snapshot = Some(snapshot);
     };
@@ -2044,47 +2012,18 @@ fn every_write_to_a_large_labels_hash_between_capture_steps_keeps_the_flow() {
     add(&["EXPIRE", &labels_key("c-ttl-set"), "100000"]);
     add(&["INFO", "flowarchive"]);
 
-    // A script that keeps the main thread busy for a few milliseconds at a time, so each step waits.
-    let stop = Arc::new(AtomicBool::new(false));
-    let busy = {
-        let (stop, mut c) = (stop.clone(), srv.conn());
-        std::thread::spawn(move || {
-            let script = "local t = 0 for i = 1, 200000 do t = t + i end return t";
-            while !stop.load(Ordering::Relaxed) {
-                cmd::<i64>(&mut c, &["EVAL", script, "0"]).unwrap();
-            }
-        })
-    };
-    let mut other = srv.conn();
-    other
-        .set_read_timeout(Some(Duration::from_secs(300)))
-        .unwrap();
-    let start = info_field(&mut c, "main_thread_steps");
-    let swept = std::thread::spawn(move || sweep(&mut other, &[]));
     // Every flow begun: each counts what it read of its labels in its first step, more than 1 MiB
     // and a piece of 256 KiB (the lead counts its first chunk only until every other flow is begun,
     // less than one of theirs): the lead is being read, the others wait for their next step.
     let begun = (large.len() * (1280 << 10)) as i64;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while info_field(&mut c, "buffered_bytes") < begun {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the flows were not begun"
-        );
-    }
-    let replies: Vec<redis::Value> = tx.query(&mut c).unwrap();
-    stop.store(true, Ordering::Relaxed);
-    busy.join().unwrap();
-    let info = text(replies.last().unwrap());
-    let steps = info
-        .lines()
-        .find_map(|l| l.strip_prefix("flowarchive_main_thread_steps:"));
-    let steps = steps.unwrap().trim().parse::<i64>().unwrap() - start;
     // A step begins each flow at most, and the lead alone takes a step per 1,024 events at least:
     // within these, it was still being read, and the others had had only their first step.
-    assert!(
-        steps <= (LEAD_EVENTS / 1024 + large.len()) as i64,
-        "the writes came after {steps} steps: the lead may have been read whole"
+    let swept = between_capture_steps(
+        &srv,
+        &mut c,
+        &tx,
+        begun,
+        (LEAD_EVENTS / 1024 + large.len()) as i64,
     );
     for (id, labels) in after {
         model.flows.get_mut(id).unwrap().labels = labels;

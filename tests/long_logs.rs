@@ -756,17 +756,7 @@ fn settings_changed_between_the_steps_of_a_read_leave_it_its_own() {
     let raised = |c: &mut redis::Connection| settings(c, "64mb", "256mb", "200");
     let flows: &std::collections::BTreeMap<_, _> = &model.flows;
     let want = |id: &str| (flows[id].state().unwrap(), flows[id].events.clone());
-    // A script that keeps the main thread busy for a few milliseconds at a time, so each step waits.
-    let stop = Arc::new(AtomicBool::new(false));
-    let busy = {
-        let (stop, mut c) = (stop.clone(), srv.conn());
-        std::thread::spawn(move || {
-            let script = "local t = 0 for i = 1, 200000 do t = t + i end return t";
-            while !stop.load(Ordering::Relaxed) {
-                cmd::<i64>(&mut c, &["EVAL", script, "0"]).unwrap();
-            }
-        })
-    };
+    let busy = Busy::start(&srv);
     // Begun under the defaults, the settings lowered after two steps, then raised again.
     for id in ["snap-a", "wide-a"] {
         let owned = id.to_string();
@@ -810,8 +800,7 @@ fn settings_changed_between_the_steps_of_a_read_leave_it_its_own() {
         answer.unwrap();
         assert_eq!(info_field(&mut c, "buffered_bytes"), 0, "{id}: released");
     }
-    stop.store(true, Ordering::Relaxed);
-    busy.join().unwrap();
+    busy.stop();
     assert_alive(&mut srv, "after the changes");
     let tally = checker::check("after the changes", &srv, &s3, &model, Expect::Either);
     assert_eq!((tally.archived, tally.live), (4, 2));

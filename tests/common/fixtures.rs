@@ -721,6 +721,33 @@ pub fn sweep(
     cmd.query::<redis::Value>(c).map(reply_map)
 }
 
+/// A client that keeps the server's main thread busy for a few milliseconds at a time (a Lua loop,
+/// again and again), so that each module step waits behind it, until `stop`.
+pub struct Busy {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Busy {
+    pub fn start(srv: &super::server::Server) -> Busy {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, mut c) = (stop.clone(), srv.conn());
+        let thread = std::thread::spawn(move || {
+            let script = "local t = 0 for i = 1, 200000 do t = t + i end return t";
+            while !flag.load(Ordering::Relaxed) {
+                cmd::<i64>(&mut c, &["EVAL", script, "0"]).unwrap();
+            }
+        });
+        Busy { stop, thread }
+    }
+
+    pub fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap();
+    }
+}
+
 /// FLOWARCHIVE.SWEEP ASYNC: its answer, or the error text.
 pub fn sweep_async(c: &mut redis::Connection) -> Result<String, String> {
     redis::cmd("FLOWARCHIVE.SWEEP")
