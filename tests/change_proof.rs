@@ -1590,8 +1590,10 @@ fn a_label_grown_between_capture_and_commit_is_not_copied_by_the_commit() {
     assert_same(&expected, &dump_all(&mut c), id);
     assert!(index::location(&mut c, id).is_none());
 
-    // Quiet again: archived with its new label, read back whole.
+    // Quiet again: archived with its new label, read back whole (encoding, uploading and reading
+    // back 48 MB in a debug build, with the suite's other tests on the same cores, can take minutes).
     proxy.clear();
+    c.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
     let summary = sweep(&mut c, &[]).unwrap();
     assert_eq!(int(&summary["archived"]), 1, "{summary:?}");
     let left: Vec<String> = cmd(&mut c, &["KEYS", &format!("argyll:flow:{id}:*")]).unwrap();
