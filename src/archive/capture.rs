@@ -224,6 +224,9 @@ pub fn inspect(
         previous: judged.previous.as_ref().map(|e| e.location.clone()),
     };
     let previous = judged.previous;
+    // A large snapshot copied whole for its own facts stays counted until the capture counts it
+    // (`archive::begin`), or DRYRUN's test is done with it.
+    let _counted = judged.snapshot_cap;
     guard::check_rest(ctx, caller, &flow, previous.as_ref(), layout, &index_keys)?;
     Ok(Inspected::Eligible {
         flow: Box::new(flow),
@@ -330,18 +333,24 @@ fn read_facts(
     };
     // A snapshot served as the state gives its own status where the index has none, and its own last
     // update where the status ZSET has no score: then it is read whole now (the folded layout's rules
-    // never read it).
+    // never read it), counted before it is copied as the capture's cap counts any copy, until the
+    // capture counts it. A copy that cap refuses (past `max_bytes`, or past `buffer-max-bytes` while
+    // other reads hold bytes) is measured, not made, and refuses the flow.
     let own_facts = layout.state == StateSource::Snapshot && snapshot_len > WHOLE_BYTES;
+    let copied_whole = || {
+        let cap = ByteCap::new(snapshot_len, max_bytes, || judge::too_large(max_bytes));
+        Snapshot::counted(snapshot_len, cap, || whole(max_bytes))
+    };
     if own_facts && live.indexed.value.is_none() {
-        live.snapshot = Snapshot::new(snapshot_len, whole(max_bytes));
+        live.snapshot = copied_whole();
     }
     let status = judge::status(&live, keys, max_bytes).ok();
     if let Some(set) = status.and_then(|status| layout.status_set_key(id, &status)) {
         live.score = Some(scored(ctx, caller, set, member));
     }
     let scored = matches!(&live.score, Some(Ok(Scored { score: Some(_), .. })));
-    if own_facts && !scored && live.snapshot.bytes.is_none() {
-        live.snapshot = Snapshot::new(snapshot_len, whole(max_bytes));
+    if own_facts && !scored && live.snapshot.cap.is_none() {
+        live.snapshot = copied_whole();
     }
     facts.live = Some(live);
     Ok(facts)

@@ -21,6 +21,7 @@ use crate::index::Entry;
 use crate::layout::{FlowKeys, Layout, StateSource};
 use crate::ops::errors::{holds, show_key, FlowError};
 use crate::runtime::key::HashScan;
+use crate::runtime::mainthread::ByteCap;
 
 /// Everything the capture read of one flow.
 pub struct Facts {
@@ -79,6 +80,9 @@ impl<T> From<(KeyType, Option<T>)> for Found<T> {
 pub struct Snapshot {
     pub len: u64,
     pub bytes: Option<Vec<u8>>,
+    /// A large snapshot copied whole for its own facts (`Snapshot::counted`): the read's cap that
+    /// counts it from before it was copied, or why it was measured and not copied.
+    pub cap: Option<Result<ByteCap, FlowError>>,
     parsed: OnceCell<Result<SnapshotFacts, FlowError>>,
 }
 
@@ -87,13 +91,32 @@ impl Snapshot {
         Snapshot {
             len,
             bytes,
+            cap: None,
             parsed: OnceCell::new(),
         }
     }
 
-    /// Its status and last update: a snapshot no read could take back is refused before it is parsed.
+    /// A snapshot of `len` bytes copied by `copy` once `cap` counts them, else measured only: its
+    /// facts are then refused as `cap` was.
+    pub fn counted(
+        len: u64,
+        cap: Result<ByteCap, FlowError>,
+        copy: impl FnOnce() -> Option<Vec<u8>>,
+    ) -> Snapshot {
+        Snapshot {
+            bytes: cap.as_ref().ok().and_then(|_| copy()),
+            cap: Some(cap),
+            ..Snapshot::new(len, None)
+        }
+    }
+
+    /// Its status and last update: a snapshot no read could take back is refused before it is parsed,
+    /// and one whose copy was refused is not parsed either.
     fn facts(&self, max_bytes: u64) -> Result<&SnapshotFacts, FlowError> {
         fits(self.len, max_bytes)?;
+        if let Some(Err(refused)) = &self.cap {
+            return Err(refused.clone());
+        }
         self.parsed
             .get_or_init(|| SnapshotFacts::parse(self.bytes.as_deref().unwrap_or_default()))
             .as_ref()
@@ -209,6 +232,8 @@ pub struct Judged {
     pub labels_left: Option<HashScan>,
     /// The snapshot's bytes, if the capture has read them (see `Snapshot`).
     pub snapshot: Option<Vec<u8>>,
+    /// What counts them, where they were copied whole for the snapshot's own facts.
+    pub snapshot_cap: Option<ByteCap>,
     /// Its length where the server holds it, 0 when absent.
     pub snapshot_len: u64,
 }
@@ -245,6 +270,7 @@ pub fn judge(
         labels_left: live.labels_left,
         snapshot_len: live.snapshot.len,
         snapshot: live.snapshot.bytes,
+        snapshot_cap: live.snapshot.cap.and_then(Result::ok),
     })))
 }
 
