@@ -530,6 +530,127 @@ fn snapshots_in_flight_hold_no_more_than_buffer_max_bytes() {
     assert_eq!(tally.archived, ids.len());
 }
 
+/// And of snapshots copied whole for their own status or last update: under `state snapshot`, flows
+/// with snapshots of 2 MiB and no status entry (one with an entry but no score) are judged by their
+/// snapshot, which the step that judges them copies whole. While another flow's upload holds bytes
+/// and a copy would take the module past `buffer-max-bytes`, each is measured, not copied, and stays
+/// live (the module's heap does not rise by a snapshot), under a sweep and a DRYRUN alike; a DRYRUN
+/// with nothing else in flight counts each copy while it holds it. Swept at concurrency 8 under a 4
+/// MiB budget, every flow ends archived as written, with no more held at once than the budget allows.
+#[test]
+fn snapshots_judged_whole_are_measured_before_they_are_copied() {
+    let budget: i64 = 4 << 20;
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(
+        &s3,
+        Some(&proxy),
+        &["state", "snapshot", "concurrency", "8"],
+    );
+    let mut c = srv.conn();
+    let mut model = checker::Model::new(0);
+    let ids: Vec<String> = (0..8).map(|i| format!("judged-{i:02}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let spec = FlowSpec {
+            snapshot: Snapshot::Current,
+            ..FlowSpec::done(id)
+        };
+        model.write_padded(&mut c, &spec, 2 << 20);
+        let member = format!("flow:{id}");
+        match i {
+            0 => cmd::<()>(&mut c, &["ZREM", "argyll:idx:status:completed", &member]),
+            _ => cmd::<()>(&mut c, &["HDEL", "argyll:idx:status", &member]),
+        }
+        .unwrap();
+    }
+    let holder = FlowSpec {
+        snapshot: Snapshot::Current,
+        ..FlowSpec::done("holder")
+    };
+    model.write(&mut c, &holder);
+
+    // A small flow's upload holds a few kB while its PUT waits; under a 1 MiB budget no other flow
+    // may copy a snapshot of 2 MiB meanwhile.
+    config_set(
+        &mut c,
+        "flowarchive.buffer-max-bytes",
+        &(1 << 20).to_string(),
+    )
+    .unwrap();
+    proxy.delay("PUT", Duration::from_millis(3000));
+    let mut a = srv.conn();
+    let archiving = std::thread::spawn(move || archive(&mut a, "holder"));
+    wait_for("the upload to hold bytes", Duration::from_secs(10), || {
+        info_field(&mut c, "buffered_bytes") > 0
+            && proxy.requests().iter().any(|r| r.starts_with("PUT"))
+    });
+    let peak = info_field(&mut c, "heap_bytes_peak");
+    for id in &ids {
+        let refused = err_text(archive(&mut c, id));
+        assert!(refused.contains("buffer-max-bytes"), "{id}: {refused}");
+    }
+    // A sweep selects the flows by their score (all but the first) and the holder, which it finds
+    // in flight.
+    let summary = sweep(&mut c, &[]).unwrap();
+    assert_eq!(int(&summary["candidates"]), ids.len() as i64, "{summary:?}");
+    assert_eq!(
+        int(&summary["skipped_ineligible"]),
+        ids.len() as i64,
+        "{summary:?}"
+    );
+    let rise = info_field(&mut c, "heap_bytes_peak") - peak;
+    assert!(rise < 512 << 10, "the refused flows copied {rise} bytes");
+    // A DRYRUN refuses them alike (it would archive the holder only).
+    let dry = sweep(&mut c, &["DRYRUN"]).unwrap();
+    let listed: Vec<String> = redis::from_redis_value(&dry["flows"]).unwrap();
+    assert_eq!(listed, ["holder"], "{dry:?}");
+    let rise = info_field(&mut c, "heap_bytes_peak") - peak;
+    assert!(rise < 512 << 10, "the DRYRUN copied {rise} bytes");
+    archiving.join().unwrap().unwrap();
+    proxy.clear();
+    assert_eq!(info_field(&mut c, "buffered_bytes"), 0, "all released");
+
+    // Nothing else in flight: a DRYRUN copies each alone, counted while it holds it.
+    config_set(&mut c, "flowarchive.buffer-max-bytes", &budget.to_string()).unwrap();
+    let dry = sweep(&mut c, &["DRYRUN"]).unwrap();
+    let listed: Vec<String> = redis::from_redis_value(&dry["flows"]).unwrap();
+    assert_eq!(listed.len(), ids.len() - 1, "{dry:?}");
+    let peak = info_field(&mut c, "buffered_bytes_peak");
+    assert!(
+        peak >= 2 << 20,
+        "{peak}: the DRYRUN's copies were not counted"
+    );
+    assert_eq!(info_field(&mut c, "buffered_bytes"), 0, "all released");
+
+    // No sweep selects a flow without a score: it is archived by its id.
+    archive(&mut c, &ids[0]).unwrap();
+    let mut archived = 1;
+    for _ in 0..ids.len() {
+        let summary = sweep(&mut c, &[]).unwrap();
+        archived += int(&summary["archived"]);
+        if archived == ids.len() as i64 {
+            break;
+        }
+    }
+    assert_eq!(archived, ids.len() as i64);
+    let peak = info_field(&mut c, "buffered_bytes_peak");
+    assert!(
+        peak <= budget + budget / 4,
+        "{peak} bytes held at once, over buffer-max-bytes {budget}"
+    );
+    assert_eq!(info_field(&mut c, "buffered_bytes"), 0, "all released");
+    // The checker reads each flow's state as the engine folds it, its snapshot in the object.
+    config_set(&mut c, "flowarchive.state", "fold").unwrap();
+    let tally = checker::check(
+        "after the sweeps",
+        &srv,
+        &s3,
+        &model,
+        checker::Expect::Settled { retention_ms: 0 },
+    );
+    assert_eq!(tally.archived, ids.len() + 1);
+}
+
 /// And of labels: at concurrency 8 with flows whose labels hashes hold 2 MiB each (read in steps,
 /// the first MiB in the step that judges the flow) and a 4 MiB budget, a label that would take the
 /// module past the budget while other flows hold bytes is measured, not copied (the flow stays live
