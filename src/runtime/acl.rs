@@ -253,6 +253,39 @@ pub fn check_all<'k>(
     check_keys(ctx, caller, keys.into_iter().map(|k| (k, access)))
 }
 
+/// Of `keys`, each one `held` does not hold with the same or a wider access, once. A few are compared
+/// with the held keys directly, which allocates nothing (a short flow's command checks a handful at a
+/// time); many are looked up by name, so that a command of many keys (a flow of many labels) costs
+/// each key one lookup, not a pass over all the others, and ordered, so that a lookup compares names
+/// only up to where they differ (a label index is named after its value, which may be megabytes long).
+fn unheld<'k>(held: &[Checked], keys: &[(&'k str, Access)]) -> Vec<(&'k str, Access)> {
+    const FEW: usize = 16;
+    let mut new: Vec<(&str, Access)> = Vec::new();
+    if keys.len() <= FEW {
+        for &(key, access) in keys {
+            let covers = |k: &str, a: Access| k == key && a.implies(access);
+            let known = held.iter().any(|c| covers(&c.key, c.access))
+                || new.iter().any(|&(k, a)| covers(k, a));
+            if !known {
+                new.push((key, access));
+            }
+        }
+        return new;
+    }
+    let mut by_name: BTreeMap<&str, Vec<Access>> = BTreeMap::new();
+    for c in held {
+        by_name.entry(&c.key).or_default().push(c.access);
+    }
+    for &(key, access) in keys {
+        let accesses = by_name.entry(key).or_default();
+        if !accesses.iter().any(|a| a.implies(access)) {
+            accesses.push(access);
+            new.push((key, access));
+        }
+    }
+    new
+}
+
 /// `check` for each of `keys`, each with its access; inside one command, the server is asked once
 /// whether they join the keys checked before them. A key that joins them is allowed alone too (the
 /// selector that allows them all allows it), so each key alone is asked only outside one command,
@@ -276,23 +309,11 @@ pub fn check_keys<'k>(
         return each_alone(ctx, &user.name, &keys);
     }
     let before = together.keys.len();
-    // Looked up by name, so that a command of many keys (a flow of many labels) costs each key one
-    // lookup, not a pass over all the others; ordered, so that a lookup compares names only up to
-    // where they differ (a label index is named after its value, which may be megabytes long).
-    let mut held: BTreeMap<&str, Vec<Access>> = BTreeMap::new();
-    for k in &together.keys {
-        held.entry(&k.key).or_default().push(k.access);
-    }
-    let mut new = Vec::new();
-    for &(key, access) in &keys {
-        let accesses = held.entry(key).or_default();
-        if !accesses.iter().any(|held| held.implies(access)) {
-            accesses.push(access);
-            new.push(Checked::new(key, access));
-        }
-    }
-    drop(held);
-    together.keys.extend(new);
+    let new = unheld(&together.keys, &keys);
+    together.keys.extend(
+        new.into_iter()
+            .map(|(key, access)| Checked::new(key, access)),
+    );
     if together.keys.len() == before {
         return Ok(());
     }
@@ -599,6 +620,33 @@ mod tests {
         args.into_iter()
             .map(|a| String::from_utf8(a.into_owned()).unwrap())
             .collect()
+    }
+
+    /// Whether few keys are compared directly or many looked up by name, the keys a command has not
+    /// yet checked are the same: each once, unless held with the same or a wider access.
+    #[test]
+    fn unheld_keys_are_the_same_compared_or_looked_up() {
+        let accesses = [Access::Read, Access::Remove, Access::Add];
+        let names: Vec<String> = (0..7).map(|i| format!("k{i}")).collect();
+        let all: Vec<(&str, Access)> = (0..60)
+            .map(|i| (names[i * 5 % 7].as_str(), accesses[i * 3 % 4 % 3]))
+            .collect();
+        for (held_len, len) in [(0, 5), (3, 16), (3, 17), (10, 40), (40, 16), (0, 60)] {
+            let held: Vec<Checked> = (all.iter().take(held_len))
+                .map(|&(k, a)| Checked::new(k, a))
+                .collect();
+            let keys = &all[held_len..(held_len + len).min(all.len())];
+            let mut want: Vec<(&str, Access)> = Vec::new();
+            for &(key, access) in keys {
+                let holds = |k: &str, a: Access| k == key && a.implies(access);
+                if !held.iter().any(|c| holds(&c.key, c.access))
+                    && !want.iter().any(|&(k, a)| holds(k, a))
+                {
+                    want.push((key, access));
+                }
+            }
+            assert_eq!(unheld(&held, keys), want, "{held_len} held, {len} new");
+        }
     }
 
     #[test]
