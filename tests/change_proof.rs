@@ -248,14 +248,17 @@ fn small_keys_too_large_to_keep_are_compared_by_their_hash() {
 /// Sweeps on another connection, each of its steps held back by a busy script, and runs `tx` (its
 /// last command INFO) as soon as every flow of the round is begun (INFO `buffered_bytes` at `begun`),
 /// all of it between two steps: that it came within the sweep's first `most_steps` steps is
-/// checked. The sweep, still going.
+/// checked. The sweep, still going, and the transaction's replies.
 fn between_capture_steps(
     srv: &Server,
     c: &mut redis::Connection,
     tx: &redis::Pipeline,
     begun: i64,
     most_steps: i64,
-) -> std::thread::JoinHandle<redis::RedisResult<std::collections::HashMap<String, redis::Value>>> {
+) -> (
+    std::thread::JoinHandle<redis::RedisResult<std::collections::HashMap<String, redis::Value>>>,
+    Vec<redis::Value>,
+) {
     let busy = Busy::start(srv);
     let mut other = srv.conn();
     other
@@ -281,7 +284,7 @@ fn between_capture_steps(
         steps <= most_steps,
         "the writes came after {steps} steps: the lead may have been read whole"
     );
-    swept
+    (swept, replies)
 }
 
 /// Archives `id` with its PUT held back, applies `change` while the object is on its way: INFO
@@ -937,7 +940,7 @@ fn every_write_to_a_large_snapshot_between_capture_steps_keeps_the_flow() {
     let begun = (large.len() * LARGE) as i64;
     // The lead alone takes a step per 1,024 events at least: within its first 30, it was still being
     // read, and the others had had only their first step.
-    let swept = between_capture_steps(&srv, &mut c, &tx, begun, (LEAD_EVENTS / 1024) as i64);
+    let (swept, _) = between_capture_steps(&srv, &mut c, &tx, begun, (LEAD_EVENTS / 1024) as i64);
     for (id, snapshot) in after {
         model.flows.get_mut(id).unwrap().snapshot = snapshot;
     }
@@ -1074,7 +1077,7 @@ fn a_write_to_one_dbs_copy_of_an_id_keeps_only_that_dbs_flow() {
     add(&["INFO", "flowarchive"]);
 
     let begun = (large.len() * LARGE) as i64;
-    let swept = between_capture_steps(&srv, &mut c0, &tx, begun, (LEAD_EVENTS / 1024) as i64);
+    let (swept, _) = between_capture_steps(&srv, &mut c0, &tx, begun, (LEAD_EVENTS / 1024) as i64);
     let record = |model: &mut checker::Model, id: &str, snapshot: String| {
         model.flows.get_mut(id).unwrap().snapshot = Some(snapshot);
     };
@@ -2020,7 +2023,7 @@ fn every_write_to_a_large_labels_hash_between_capture_steps_keeps_the_flow() {
     let begun = (large.len() * (1280 << 10)) as i64;
     // A step begins each flow at most, and the lead alone takes a step per 1,024 events at least:
     // within these, it was still being read, and the others had had only their first step.
-    let swept = between_capture_steps(
+    let (swept, _) = between_capture_steps(
         &srv,
         &mut c,
         &tx,
@@ -2056,4 +2059,85 @@ fn every_write_to_a_large_labels_hash_between_capture_steps_keeps_the_flow() {
     let settled = checker::Expect::Settled { retention_ms: 0 };
     let tally = checker::check("after a quiet sweep", &srv, &s3, &model, settled);
     assert_eq!(tally.archived, model.flows.len());
+}
+
+/// Where the server is in rehashing the hash `key` (`DEBUG HTSTATS-KEY`'s answer `stats`): the index
+/// of the next bucket it moves, or -1 when it is not rehashing.
+fn rehash_index(stats: &str) -> i64 {
+    let index = stats
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("rehashing index: "));
+    index.map_or(-1, |i| i.parse().unwrap())
+}
+
+/// Labels hashes the server is rehashing when their capture begins (a label written past a full table
+/// grew each), read between the capture's first and later steps (an HGET moves a rehash one bucket
+/// on; a scan call pauses it), which writes nothing: one's rehash moved part of the way, the other's
+/// finished, so each scan goes on across two tables, or from two tables into the one they became.
+/// Each is read whole, every label once, and archived with every label as stored (the commit counts
+/// them, the checker compares them).
+#[test]
+fn labels_rehashed_between_capture_steps_are_read_whole() {
+    const LEAD_EVENTS: usize = 30 * 1024;
+    let s3 = S3::new_bucket();
+    let mut opts = ServerOpts::new(&s3);
+    opts.extra = vec!["--enable-debug-command".into(), "yes".into()];
+    let srv = Server::start(opts);
+    let mut c = srv.conn();
+    config_set(&mut c, "flowarchive.step-budget-us", "50").unwrap();
+    let mut model = checker::Model::new(0);
+    let lead = FlowSpec {
+        events: LEAD_EVENTS,
+        ..FlowSpec::done("a-lead")
+    };
+    model.write(&mut c, &lead);
+    let stats = |c: &mut redis::Connection, id: &str| -> String {
+        cmd(c, &["DEBUG", "HTSTATS-KEY", &labels_key(id)]).unwrap()
+    };
+    let (part, whole) = ("c-rehash-moved", "c-rehash-finished");
+    for id in [part, whole] {
+        model.write_labeled(&mut c, &FlowSpec::done(id), 3500 * (id.len() + 6 + 1000));
+        assert_eq!(rehash_index(&stats(&mut c, id)), -1);
+        // Labels added one at a time until one grows the table: its rehash has just begun.
+        while rehash_index(&stats(&mut c, id)) < 0 {
+            let labels = &mut model.flows.get_mut(id).unwrap().labels;
+            assert!(labels.len() < 8000, "no rehash");
+            let (name, value) = (format!("{id}-{:05}", labels.len()), "v".to_string());
+            let mut pipe = redis::pipe();
+            add_labels(&mut pipe, id, &[(&name, &value)]);
+            pipe.query::<()>(&mut c).unwrap();
+            labels.push((name, value));
+        }
+        assert_eq!(rehash_index(&stats(&mut c, id)), 0);
+    }
+
+    let mut tx = redis::pipe();
+    tx.atomic();
+    for (id, reads) in [(part, 100), (whole, 2000)] {
+        for _ in 0..reads {
+            tx.cmd("HGET")
+                .arg(labels_key(id))
+                .arg(format!("{id}-00000"));
+        }
+        tx.cmd("DEBUG").arg("HTSTATS-KEY").arg(labels_key(id));
+    }
+    tx.cmd("INFO").arg("flowarchive");
+    // Both begun (more than 1 MiB and a piece of 256 KiB of labels each): the lead is being read,
+    // they wait for their next step.
+    let (swept, replies) = between_capture_steps(
+        &srv,
+        &mut c,
+        &tx,
+        2 * (1280 << 10),
+        2 + (LEAD_EVENTS / 1024) as i64,
+    );
+    let rehash = |at: usize| rehash_index(&text(&replies[at]));
+    let (moved, finished) = (rehash(100), rehash(100 + 1 + 2000));
+    assert!(moved > 0, "part of the way: at {moved}");
+    assert_eq!(finished, -1, "finished");
+    let summary = swept.join().unwrap().unwrap();
+    assert_eq!(int(&summary["archived"]), 3, "{summary:?}");
+    let settled = checker::Expect::Settled { retention_ms: 0 };
+    let tally = checker::check("archived", &srv, &s3, &model, settled);
+    assert_eq!(tally.archived, 3);
 }
