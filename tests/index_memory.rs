@@ -695,6 +695,68 @@ fn labels_in_flight_hold_no_more_than_buffer_max_bytes() {
     assert_eq!(tally.archived, ids.len());
 }
 
+/// And of a labels hash's first step: a label of 8 MiB, more than that step reads of any labels
+/// hash (1 MiB), is measured before it is copied too. While another flow's upload holds bytes and it
+/// would take the module past `buffer-max-bytes`, a FLOW, a sweep and a DRYRUN each refuse its flow,
+/// the module's heap not rising by the label; with nothing else in flight it is archived as written.
+#[test]
+fn a_large_label_is_measured_before_the_first_step_copies_it() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &[]);
+    let mut c = srv.conn();
+    let mut model = checker::Model::new(0);
+    let id = "one-large-label";
+    model.write(&mut c, &FlowSpec::done(id));
+    let value: String = (0..8 << 20)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let mut pipe = redis::pipe();
+    add_labels(&mut pipe, id, &[("large", &value)]);
+    pipe.query::<()>(&mut c).unwrap();
+    model
+        .flows
+        .get_mut(id)
+        .unwrap()
+        .labels
+        .push(("large".into(), value));
+    let holder = FlowSpec::done("holder");
+    model.write(&mut c, &holder);
+
+    config_set(
+        &mut c,
+        "flowarchive.buffer-max-bytes",
+        &(1 << 20).to_string(),
+    )
+    .unwrap();
+    proxy.delay("PUT", Duration::from_millis(3000));
+    let mut a = srv.conn();
+    let archiving = std::thread::spawn(move || archive(&mut a, "holder"));
+    wait_for("the upload to hold bytes", Duration::from_secs(10), || {
+        info_field(&mut c, "buffered_bytes") > 0
+            && proxy.requests().iter().any(|r| r.starts_with("PUT"))
+    });
+    let peak = info_field(&mut c, "heap_bytes_peak");
+    let refused = err_text(archive(&mut c, id));
+    assert!(refused.contains("buffer-max-bytes"), "{refused}");
+    let summary = sweep(&mut c, &[]).unwrap();
+    assert_eq!(int(&summary["archived"]), 0, "{summary:?}");
+    let dry = sweep(&mut c, &["DRYRUN"]).unwrap();
+    let listed: Vec<String> = redis::from_redis_value(&dry["flows"]).unwrap();
+    assert_eq!(listed, ["holder"], "{dry:?}");
+    let rise = info_field(&mut c, "heap_bytes_peak") - peak;
+    assert!(rise < 512 << 10, "the refused flow copied {rise} bytes");
+    archiving.join().unwrap().unwrap();
+    proxy.clear();
+    assert_eq!(info_field(&mut c, "buffered_bytes"), 0, "all released");
+
+    let summary = sweep(&mut c, &[]).unwrap();
+    assert_eq!(int(&summary["archived"]), 1, "{summary:?}");
+    let settled = checker::Expect::Settled { retention_ms: 0 };
+    let tally = checker::check("archived", &srv, &s3, &model, settled);
+    assert_eq!(tally.archived, 2);
+}
+
 /// A flood of GETs of unknown ids while no index exists for the DB (every one searched in the
 /// bucket): each is answered, nil or the busy error, never more than two HEADs per id asked, and the
 /// server answers other clients throughout. 16 clients of a read-only user ask 100 distinct ids each.

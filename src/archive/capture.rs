@@ -226,7 +226,7 @@ pub fn inspect(
     let previous = judged.previous;
     // A large snapshot copied whole for its own facts stays counted until the capture counts it
     // (`archive::begin`), or DRYRUN's test is done with it.
-    let _counted = judged.snapshot_cap;
+    let _counted = (judged.snapshot_cap, judged.labels_cap);
     guard::check_rest(ctx, caller, &flow, previous.as_ref(), layout, &index_keys)?;
     Ok(Inspected::Eligible {
         flow: Box::new(flow),
@@ -313,7 +313,7 @@ fn read_facts(
     // Labels no read could take back (they are part of the object) are not read whole either, nor
     // in this step more than `WHOLE_BYTES` of them: a larger hash is read on in steps.
     let labels = keys.labels.as_deref().map(|k| Key::open(ctx, k));
-    let (labels, labels_left) = first_labels(labels.as_ref(), max_bytes);
+    let (labels, labels_left, labels_cap) = first_labels(labels.as_ref(), max_bytes);
     // Folded flows are judged by their log's end, the others by their snapshot.
     let mut end = LogEnd::new(len, indexed.is_none(), max_bytes);
     let tail = (layout.state == StateSource::Fold).then(|| {
@@ -330,6 +330,7 @@ fn read_facts(
         seq: Found::from(seq),
         labels: Found::from(labels),
         labels_left,
+        labels_cap,
     };
     // A snapshot served as the state gives its own status where the index has none, and its own last
     // update where the status ZSET has no score: then it is read whole now (the folded layout's rules
@@ -408,26 +409,54 @@ fn found_seq(ctx: &Context, keys: &FlowKeys) -> (KeyType, Option<Vec<u8>>) {
     })
 }
 
+/// What counts a copy from before it was made, or why it was measured and not made; `None` if none
+/// was counted.
+type Counted = Option<Result<ByteCap, FlowError>>;
+
 /// The labels hash's first pairs for the judge (`judge::labels`), read from it opened (`labels`): up to
 /// `WHOLE_BYTES` (and the rest of the scan call that passes them), never past `max_bytes`; with the
 /// scan to go on from where they are more (or, as one bucket can be, more than `WHOLE_BYTES` already).
+/// Pairs past `WHOLE_BYTES` (one label can be as large as `max_bytes`) are each counted before they
+/// are copied, as any copy is, with all read before them: the cap that counts them until the capture
+/// does, or why they were measured and not copied (the pairs are then `None`).
 fn first_labels(
     labels: Option<&Key>,
     max_bytes: u64,
-) -> ((KeyType, Option<Pairs>), Option<HashScan>) {
+) -> ((KeyType, Option<Pairs>), Option<HashScan>, Counted) {
     let Some(hash) = labels.filter(|k| k.kind() == KeyType::Hash) else {
-        return (found_labels(labels, max_bytes), None);
+        return (found_labels(labels, max_bytes), None, None);
     };
     let (mut scan, mut pairs) = (HashScan::new(), HashPairs::default());
-    if !hash.hash_pairs_on(&mut scan, &mut pairs, max_bytes, |bytes| {
-        bytes <= WHOLE_BYTES
-    }) {
-        return ((KeyType::Hash, None), None);
+    let mut counted: Counted = None;
+    let over_cap = || judge::too_large(max_bytes);
+    let within = hash.hash_pairs_on(
+        &mut scan,
+        &mut pairs,
+        |bytes| bytes <= WHOLE_BYTES,
+        |after, pair| {
+            if after <= WHOLE_BYTES.min(max_bytes) {
+                return true;
+            }
+            let taken = match counted.as_mut() {
+                Some(Ok(cap)) => cap.take_bytes(pair, over_cap),
+                Some(Err(_)) => return false,
+                None => ByteCap::new(after, max_bytes, over_cap).map(|cap| {
+                    counted = Some(Ok(cap));
+                }),
+            };
+            taken
+                .map_err(|refused| counted = Some(Err(refused)))
+                .is_ok()
+        },
+    );
+    if !within {
+        return ((KeyType::Hash, None), None, counted);
     }
     let large = !scan.done() || pairs.bytes() > WHOLE_BYTES;
     (
         (KeyType::Hash, Some(pairs.into_vec())),
         large.then_some(scan),
+        counted,
     )
 }
 

@@ -55,6 +55,9 @@ pub struct Live {
     pub labels: Found<Pairs>,
     /// Where the read of a labels hash larger than one step reads goes on (`capture::read_more`).
     pub labels_left: Option<HashScan>,
+    /// What counts the labels read past `WHOLE_BYTES`, from before they were copied, or why they
+    /// were measured and not copied.
+    pub labels_cap: Option<Result<ByteCap, FlowError>>,
 }
 
 /// A hash's fields and values as read.
@@ -230,6 +233,8 @@ pub struct Judged {
     /// from `labels_left`.
     pub labels: Vec<(String, String)>,
     pub labels_left: Option<HashScan>,
+    /// What counts the labels read past `WHOLE_BYTES`, until the capture counts them.
+    pub labels_cap: Option<ByteCap>,
     /// The snapshot's bytes, if the capture has read them (see `Snapshot`).
     pub snapshot: Option<Vec<u8>>,
     /// What counts them, where they were copied whole for the snapshot's own facts.
@@ -259,6 +264,7 @@ pub fn judge(
     eligible::check(layout, &status, last_update_ms, window)?;
     fits(live.snapshot.len, max_bytes)?;
     let seq = seq(&live.seq, keys)?;
+    let labels_cap = live.labels_cap.transpose()?;
     let labels = labels(live.labels, keys)?.ok_or_else(|| too_large(max_bytes))?;
     Ok(Verdict::Eligible(Box::new(Judged {
         previous,
@@ -268,6 +274,7 @@ pub fn judge(
         seq,
         labels,
         labels_left: live.labels_left,
+        labels_cap,
         snapshot_len: live.snapshot.len,
         snapshot: live.snapshot.bytes,
         snapshot_cap: live.snapshot.cap.and_then(Result::ok),

@@ -203,24 +203,30 @@ impl<'a> Key<'a> {
     /// budget is never read whole).
     pub fn hash_pairs(&self, budget: u64) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut pairs = HashPairs::default();
-        let within = self.hash_pairs_on(&mut HashScan::new(), &mut pairs, budget, |_| true);
+        let within = self.hash_pairs_on(
+            &mut HashScan::new(),
+            &mut pairs,
+            |_| true,
+            |after, _| after <= budget,
+        );
         within.then(|| pairs.into_vec())
     }
 
     /// Reads on `scan` of its hash into `pairs`: whole calls of the scan (see `hash_scan`) while
     /// `go_on` allows the bytes `pairs` holds, so a read may stop between two calls and go on in a later
-    /// step. `false` once the pairs would pass `budget` bytes (the scan stops there).
+    /// step. Each pair not taken before is copied once `admit` allows the bytes the pairs would then
+    /// hold and the pair's own; `false` once it does not (the scan stops there).
     pub fn hash_pairs_on(
         &self,
         scan: &mut HashScan,
         pairs: &mut HashPairs,
-        budget: u64,
         go_on: impl Fn(u64) -> bool,
+        mut admit: impl FnMut(u64, u64) -> bool,
     ) -> bool {
         let mut within = true;
         while within && !scan.done() && go_on(pairs.bytes) {
             self.hash_scan(scan, &mut |field, value| {
-                within = pairs.take(field, value, budget);
+                within = pairs.take(field, value, &mut admit);
                 match within {
                     true => ControlFlow::Continue(()),
                     false => ControlFlow::Break(()),
@@ -252,13 +258,15 @@ pub struct HashPairs {
 }
 
 impl HashPairs {
-    /// Takes a pair not taken before, unless it would take the pairs past `budget` bytes.
-    fn take(&mut self, field: &[u8], value: &[u8], budget: u64) -> bool {
+    /// Takes a pair not taken before, unless `admit` refuses the bytes the pairs would then hold and
+    /// the pair's own.
+    fn take(&mut self, field: &[u8], value: &[u8], admit: impl FnOnce(u64, u64) -> bool) -> bool {
         if self.pairs.contains_key(field) {
             return true;
         }
-        let bytes = self.bytes + (field.len() + value.len()) as u64;
-        if bytes > budget {
+        let pair = (field.len() + value.len()) as u64;
+        let bytes = self.bytes + pair;
+        if !admit(bytes, pair) {
             return false;
         }
         self.bytes = bytes;

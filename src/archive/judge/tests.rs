@@ -47,6 +47,7 @@ fn done() -> Facts {
                 Some(vec![(b"tenant".to_vec(), b"acme".to_vec())]),
             ),
             labels_left: None,
+            labels_cap: None,
         }),
     }
 }
