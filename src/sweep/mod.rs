@@ -236,26 +236,6 @@ fn coordinate(job: &Job, settings: &Arc<Settings>, progress: &Arc<Progress>) -> 
 /// and counted in INFO (`sweep_count_errors`); its summary is answered as counted.
 fn check_counts(ledger: &Ledger) {
     let wrong = ledger.check();
-    {
-        // TEMPORARY-INSTRUMENT
-        use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open("/tmp/flowarchive-sweep-checks.log")
-        {
-            let _ = writeln!(
-                f,
-                "{} {}",
-                std::process::id(),
-                if wrong.is_empty() {
-                    "ok".to_string()
-                } else {
-                    wrong.join("; ")
-                }
-            );
-        }
-    }
     if wrong.is_empty() {
         return;
     }
