@@ -32,6 +32,7 @@ use redis_module::{raw, redis_module, Context, RedisString, Status};
 use crate::ops::{configs, errors, log};
 use crate::read::fetch;
 use crate::runtime::{acl, cluster, heap, mainthread, pool, registration, watch};
+use std::time::Duration;
 
 /// Valkey turns a replica's async (`swapdb`) diskless load into a blocking disk load unless every
 /// module declares it handles it: the module treats the swap at its end as a change to every flow in
@@ -74,11 +75,14 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
     Status::Ok
 }
 
+/// How long MODULE UNLOAD waits for the module's threads to end jobs that have answered their clients.
+const UNLOAD_SETTLE: Duration = Duration::from_millis(200);
+
 /// MODULE UNLOAD: refused while anything is in flight (an archive between capture and commit would lose
 /// its change watch); otherwise every module thread is joined first, so no module code runs once the
-/// server unmaps the library.
+/// server unmaps the library. The server itself refuses it while a client waits on the module.
 fn deinit(_ctx: &Context) -> Status {
-    if sweep::running() || !pool::all_idle() || !pool::shutdown_all() {
+    if sweep::running() || !pool::settle(UNLOAD_SETTLE) || !pool::shutdown_all() {
         log::warning(errors::UNLOAD_BUSY);
         return Status::Err;
     }

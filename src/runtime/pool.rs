@@ -44,8 +44,25 @@ static POOLS: Mutex<Vec<&'static Pool>> = Mutex::new(Vec::new());
 /// True when no pool has a job queued or running. Called on the main thread (MODULE UNLOAD): a pool
 /// whose state another thread holds right now (one of the upload pool's may be in the idle scheduling
 /// class, and unscheduled) counts as busy rather than be waited for.
-pub fn all_idle() -> bool {
+fn all_idle() -> bool {
     lock(&POOLS).iter().all(|p| p.busy_now() == Some(0))
+}
+
+/// Waits up to `within` for every pool to be idle; `false` if one is still busy then. MODULE UNLOAD
+/// asks this: a job that has answered its client still ends on its thread after the client has read
+/// the answer (and may send the unload), a few microseconds of work that a loaded machine may not
+/// schedule at once. Work still in flight keeps its pool busy past `within`, and the unload is refused.
+pub fn settle(within: Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if all_idle() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// Joins the threads of every pool; `false` if one of them got work meanwhile.
@@ -228,5 +245,29 @@ mod tests {
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 7);
         settle();
         assert!(POOL.shutdown());
+    }
+
+    /// `settle` waits for a job that ends within its time, and not for one that does not.
+    #[test]
+    fn settle_waits_only_for_jobs_that_end_in_time() {
+        static SETTLING: Pool = Pool::new("test-settle", 1, 1);
+        let (release_tx, release_rx) = channel::<()>();
+        SETTLING
+            .submit(Box::new(move || {
+                let _ = release_rx.recv();
+            }))
+            .ok()
+            .unwrap();
+        assert!(
+            !super::settle(Duration::from_millis(50)),
+            "a job still runs"
+        );
+        let ender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            release_tx.send(()).unwrap();
+        });
+        assert!(super::settle(Duration::from_secs(10)), "the job ended");
+        ender.join().unwrap();
+        assert!(SETTLING.shutdown());
     }
 }
