@@ -118,16 +118,11 @@ fn every_write_between_capture_and_commit_keeps_a_short_flow() {
         ),
         (
             "relabelled",
-            Box::new(|c, id| {
-                run(
-                    c,
-                    &["HSET", &format!("argyll:flow:{id}:idx:labels"), "x", "y"],
-                )
-            }),
+            Box::new(|c, id| run(c, &["HSET", &labels_key(id), "x", "y"])),
         ),
         (
             "unlabelled",
-            Box::new(|c, id| run(c, &["DEL", &format!("argyll:flow:{id}:idx:labels")])),
+            Box::new(|c, id| run(c, &["DEL", &labels_key(id)])),
         ),
         (
             "renamed-over",
@@ -223,15 +218,7 @@ fn small_keys_too_large_to_keep_are_compared_by_their_hash() {
     let large = |c: &mut redis::Connection, id: &str| {
         write_padded_flow(c, id, 1_000_000);
         let label = "l".repeat(100_000);
-        run(
-            c,
-            &[
-                "HSET",
-                &format!("argyll:flow:{id}:idx:labels"),
-                "note",
-                &label,
-            ],
-        );
+        run(c, &["HSET", &labels_key(id), "note", &label]);
     };
     large(&mut c, "big-same");
     let r = archive(&mut c, "big-same").unwrap();
@@ -514,12 +501,11 @@ fn labels_compare_as_a_set_whatever_order_they_are_read_in() {
     let srv = server_via(&s3, Some(&proxy), &[]);
     let mut c = srv.conn();
     let labels = [("tenant", "acme"), ("team", "core"), ("zone", "euro")];
-    let hash = |id: &str| format!("argyll:flow:{id}:idx:labels");
     let rewrite = |c: &mut redis::Connection, id: &str, pairs: &[(&str, &str)]| {
         let mut pipe = redis::pipe();
-        pipe.atomic().cmd("DEL").arg(hash(id));
+        pipe.atomic().cmd("DEL").arg(labels_key(id));
         for (name, value) in pairs {
-            pipe.cmd("HSET").arg(hash(id)).arg(name).arg(value);
+            pipe.cmd("HSET").arg(labels_key(id)).arg(name).arg(value);
         }
         pipe.query::<()>(c).unwrap();
     };
@@ -531,7 +517,7 @@ fn labels_compare_as_a_set_whatever_order_they_are_read_in() {
         write_flow(&mut c, &spec);
     }
     let read = |c: &mut redis::Connection| -> Vec<String> {
-        cmd(c, &["HGETALL", &hash("reordered")]).unwrap()
+        cmd(c, &["HGETALL", &labels_key("reordered")]).unwrap()
     };
     let before = read(&mut c);
     let (_, answer) = held_upload(&srv, &proxy, "reordered", |c| {
@@ -543,7 +529,7 @@ fn labels_compare_as_a_set_whatever_order_they_are_read_in() {
     });
     assert_eq!(int(&answer.unwrap()["events"]), 5);
     assert_eq!(
-        cmd::<i64>(&mut c, &["EXISTS", &hash("reordered")]).unwrap(),
+        cmd::<i64>(&mut c, &["EXISTS", &labels_key("reordered")]).unwrap(),
         0
     );
 
@@ -1554,7 +1540,7 @@ fn a_label_grown_between_capture_and_commit_is_not_copied_by_the_commit() {
     let id = "big-label";
     let spec = FlowSpec::done(id);
     write_flow(&mut c, &spec);
-    let labels = format!("argyll:flow:{id}:idx:labels");
+    let labels = labels_key(id);
     let mut expected = dump_all(&mut c);
     let events: Vec<String> = cmd(&mut c, &["LRANGE", &events_key(id), "0", "-1"]).unwrap();
     let big = "L".repeat(BIG_LABEL);
@@ -1643,7 +1629,7 @@ fn an_expired_label_not_yet_reclaimed_keeps_the_flow_until_it_is() {
     let mut model = checker::Model::new(0);
     let id = "expiring-label";
     model.write(&mut c, &FlowSpec::done(id));
-    let labels = format!("argyll:flow:{id}:idx:labels");
+    let labels = labels_key(id);
     run(&mut c, &["DEBUG", "SET-ACTIVE-EXPIRE", "0"]);
     run(&mut c, &["HSET", &labels, "ephemeral", "soon-gone"]);
     run(
@@ -1730,11 +1716,6 @@ fn writes_are_followed_again_after_the_module_is_reloaded() {
     changes("reloaded");
     assert_eq!(info_field(&mut c, "keyspace_events_subscribed"), 1);
     assert_eq!(info_field(&mut c, "string_events_subscribed"), 1);
-}
-
-/// The labels hash of flow `id`.
-fn labels_key(id: &str) -> String {
-    format!("argyll:flow:{id}:idx:labels")
 }
 
 /// A labels hash larger than one step (1 MiB) is followed by its watch, hash writes included, from the

@@ -851,6 +851,89 @@ fn a_large_labels_hash_is_read_in_steps() {
     assert_eq!(tally.archived, 2);
 }
 
+/// A label that is not text (UTF-8) has no place in the object's JSON: the archive is refused saying
+/// so, the flow stays exactly as it was and nothing stays held, whether the label is judged in the
+/// command's first step (a small hash: a name that is not text) or read in the last step of a hash
+/// of 3 MiB (a value that is not text, in the bucket the scan reaches last). Mended, each archives.
+#[test]
+fn labels_that_are_not_text_refuse_the_archive_in_any_step() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    config_set(&mut c, BUDGET, "50").unwrap();
+    let mut model = Model::new(0);
+    model.write_labeled(&mut c, &FlowSpec::done("small"), 1 << 10);
+    model.write_labeled(&mut c, &FlowSpec::done("large"), 3 << 20);
+    let (small, large) = (labels_key("small"), labels_key("large"));
+    redis::cmd("HSET")
+        .arg(&small)
+        .arg(&b"\xffname"[..])
+        .arg("v")
+        .query::<()>(&mut c)
+        .unwrap();
+    // The field the server's scan hands over last, as the capture's last step reads it.
+    let mut cursor = 0u64;
+    let mut last = String::new();
+    loop {
+        let (next, pairs): (u64, Vec<String>) = redis::cmd("HSCAN")
+            .arg(&large)
+            .arg(cursor)
+            .query(&mut c)
+            .unwrap();
+        last = pairs.chunks(2).last().map_or(last, |p| p[0].clone());
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    let value: Vec<u8> = cmd(&mut c, &["HGET", &large, &last]).unwrap();
+    let mut bad = value.clone();
+    bad[0] = 0xff;
+    redis::cmd("HSET")
+        .arg(&large)
+        .arg(&last)
+        .arg(&bad)
+        .query::<()>(&mut c)
+        .unwrap();
+
+    let before = dump_all(&mut c);
+    for (id, what, steps) in [
+        ("small", "a label name is not UTF-8", 0..=0),
+        ("large", "a label value is not UTF-8", 2..=i64::MAX),
+    ] {
+        let from = info_field(&mut c, "main_thread_steps");
+        let e = err_text(archive(&mut c, id));
+        assert!(e.contains(what), "{id}: {e}");
+        let taken = info_field(&mut c, "main_thread_steps") - from;
+        assert!(steps.contains(&taken), "{id}: refused after {taken} steps");
+        assert_eq!(info_field(&mut c, "buffered_bytes"), 0, "{id}");
+    }
+    assert_same(&before, &dump_all(&mut c), "refused labels");
+
+    redis::cmd("HDEL")
+        .arg(&small)
+        .arg(&b"\xffname"[..])
+        .query::<()>(&mut c)
+        .unwrap();
+    redis::cmd("HSET")
+        .arg(&large)
+        .arg(&last)
+        .arg(&value)
+        .query::<()>(&mut c)
+        .unwrap();
+    for id in ["small", "large"] {
+        assert_eq!(int(&archive(&mut c, id).unwrap()["events"]), 5, "{id}");
+    }
+    let tally = checker::check(
+        "mended",
+        &srv,
+        &s3,
+        &model,
+        Expect::Settled { retention_ms: 0 },
+    );
+    assert_eq!(tally.archived, 2);
+}
+
 /// The label indexes a labels hash read in steps names are checked once it is whole, in a step of
 /// their own, as the capture checks those of smaller labels: the caller's rights on them all first,
 /// then their types. A user without rights on the indexes of the last labels written (read in a later

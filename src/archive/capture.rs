@@ -20,9 +20,6 @@
 //! archive index is a new incarnation of an archived id (the engine started the id again): it is
 //! archived as such, and its archive records the earlier one (`Captured::previous`, `Capture::previous`).
 
-use std::collections::BTreeMap;
-use std::ops::ControlFlow;
-
 use redis_module::{Context, KeyType};
 
 use crate::archive::eligible::Window;
@@ -74,47 +71,23 @@ pub struct Capture {
 /// A labels hash read on in steps: where its scan goes on, and the labels read so far.
 pub struct LabelSteps {
     scan: HashScan,
-    labels: LabelsRead,
+    pairs: HashPairs,
 }
 
 impl LabelSteps {
     fn new(scan: HashScan, first: Vec<(String, String)>) -> LabelSteps {
-        let bytes = first.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum();
+        let first = first.into_iter();
         LabelSteps {
             scan,
-            labels: LabelsRead {
-                labels: first.into_iter().collect(),
-                bytes,
-            },
+            pairs: first
+                .map(|(k, v)| (k.into_bytes(), v.into_bytes()))
+                .collect(),
         }
     }
 
     /// The bytes of the labels read so far.
     pub fn bytes(&self) -> u64 {
-        self.labels.bytes
-    }
-}
-
-/// Labels read so far, each name once (a scan may hand a field twice), with their bytes.
-struct LabelsRead {
-    labels: BTreeMap<String, String>,
-    bytes: u64,
-}
-
-impl LabelsRead {
-    /// Takes a label not taken before, counted into `cap` before it is copied.
-    fn take(&mut self, name: &[u8], value: &[u8], cap: &mut ByteCap) -> Result<(), FlowError> {
-        let name = judge::text(name, "a label name")?;
-        if self.labels.contains_key(name) {
-            return Ok(());
-        }
-        let value = judge::text(value, "a label value")?;
-        let bytes = (name.len() + value.len()) as u64;
-        let max = cap.max;
-        cap.take_bytes(bytes, || judge::too_large(max))?;
-        self.bytes += bytes;
-        self.labels.insert(name.to_string(), value.to_string());
-        Ok(())
+        self.pairs.bytes()
     }
 }
 
@@ -488,7 +461,7 @@ pub fn read_more(ctx: &Context, capture: &mut Capture, layout: &Layout) -> Resul
     if let Some(steps) = capture.labels_left.take_if(|steps| steps.scan.done()) {
         // The labels are whole: in a step of its own, the commit's checks, which `inspect` made of
         // every key but the label indexes they name (rights before any of them is looked at).
-        capture.flow.labels = steps.labels.labels.into_iter().collect();
+        capture.flow.labels = judge::label_texts(steps.pairs.into_vec())?;
         let previous = capture.previous.as_ref();
         return guard::check(ctx, &capture.caller, &capture.flow, previous, layout).map(drop);
     }
@@ -521,17 +494,16 @@ fn read_labels(
     if hash.kind() != KeyType::Hash {
         return Err(FlowError::Changed);
     }
-    let (go_on, from) = (pieces(), steps.labels.bytes);
-    let mut refused = Ok(());
-    while !steps.scan.done() && go_on(steps.labels.bytes - from) {
-        hash.hash_scan(&mut steps.scan, &mut |name, value| {
-            refused = steps.labels.take(name, value, cap);
-            match refused {
-                Ok(()) => ControlFlow::Continue(()),
-                Err(_) => ControlFlow::Break(()),
-            }
-        });
-        refused.clone()?;
-    }
-    Ok(())
+    let (go_on, from) = (pieces(), steps.pairs.bytes());
+    let (mut refused, max) = (Ok(()), cap.max);
+    hash.hash_pairs_on(
+        &mut steps.scan,
+        &mut steps.pairs,
+        |bytes| go_on(bytes - from),
+        |_, pair| {
+            refused = cap.take_bytes(pair, || judge::too_large(max));
+            refused.is_ok()
+        },
+    );
+    refused
 }

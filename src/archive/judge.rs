@@ -381,11 +381,18 @@ pub fn labels(
     let Some(pairs) = found.value else {
         return Ok(None);
     };
+    label_texts(pairs).map(Some)
+}
+
+/// Labels as read (name, value) as text, taken over without a copy; refused if one is not UTF-8.
+pub fn label_texts(
+    pairs: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
+) -> Result<Vec<(String, String)>, FlowError> {
+    let text = |b: Vec<u8>, what: &str| String::from_utf8(b).map_err(|_| not_utf8(what));
     pairs
-        .iter()
-        .map(|(name, value)| Ok((utf8(name, "a label name")?, utf8(value, "a label value")?)))
-        .collect::<Result<_, _>>()
-        .map(Some)
+        .into_iter()
+        .map(|(name, value)| Ok((text(name, "a label name")?, text(value, "a label value")?)))
+        .collect()
 }
 
 fn utf8(b: &[u8], what: &str) -> Result<String, FlowError> {
@@ -394,7 +401,11 @@ fn utf8(b: &[u8], what: &str) -> Result<String, FlowError> {
 
 /// `b` as text, or why `what` is unreadable.
 pub fn text<'b>(b: &'b [u8], what: &str) -> Result<&'b str, FlowError> {
-    std::str::from_utf8(b).map_err(|_| FlowError::Unreadable(format!("{what} is not UTF-8")))
+    std::str::from_utf8(b).map_err(|_| not_utf8(what))
+}
+
+fn not_utf8(what: &str) -> FlowError {
+    FlowError::Unreadable(format!("{what} is not UTF-8"))
 }
 
 /// A snapshot over the cap could never be read back: the flow is refused before it is copied.

@@ -241,7 +241,7 @@ impl<'a> Key<'a> {
     /// `take` until it breaks. A field may come twice over a whole scan (the table resized between
     /// calls, or a probe chain wrapping around), never not at all while the hash is unchanged. The scan
     /// ends when the key holds no hash.
-    pub fn hash_scan(&self, scan: &mut HashScan, take: &mut TakePair) {
+    fn hash_scan(&self, scan: &mut HashScan, take: &mut TakePair) {
         scan.done =
             scan.done || self.kind() != KeyType::Hash || !scan.cursor.scan(self.handle, take);
     }
@@ -282,6 +282,20 @@ impl HashPairs {
     /// The pairs in field order.
     pub fn into_vec(self) -> Vec<(Vec<u8>, Vec<u8>)> {
         self.pairs.into_iter().collect()
+    }
+}
+
+/// Pairs read before, to read on from (each field once, the first kept).
+impl FromIterator<(Vec<u8>, Vec<u8>)> for HashPairs {
+    fn from_iter<I: IntoIterator<Item = (Vec<u8>, Vec<u8>)>>(pairs: I) -> HashPairs {
+        let mut read = HashPairs::default();
+        for (field, value) in pairs {
+            if !read.pairs.contains_key(&field) {
+                read.bytes += (field.len() + value.len()) as u64;
+                read.pairs.insert(field, value);
+            }
+        }
+        read
     }
 }
 

@@ -292,6 +292,11 @@ pub fn snapshot_key(id: &str) -> String {
     format!("argyll:flow:{id}:snapshot:val")
 }
 
+/// The labels hash of flow `id` in the engine's layout.
+pub fn labels_key(id: &str) -> String {
+    format!("argyll:flow:{id}:idx:labels")
+}
+
 /// Flow `id`'s stored snapshot (a JSON object) made exactly `len` bytes long by a field `pad` of
 /// varied digits, which the engine's state does not know and drops (so the flow's state is unchanged).
 /// Not written: the caller sets it.
