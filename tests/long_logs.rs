@@ -594,9 +594,8 @@ fn a_chunk_of_large_events_pauses_by_bytes() {
         push.query::<()>(&mut c).unwrap();
     }
     config_set(&mut c, BUDGET, "50").unwrap();
-    let before = info_field(&mut c, "main_thread_steps");
-    let (state, events) = get_events(&mut c, "wide").unwrap();
-    let steps = info_field(&mut c, "main_thread_steps") - before;
+    let (read, steps) = stepped(&mut c, |c| get_events(c, "wide"));
+    let (state, events) = read.unwrap();
     // Blobs are events of no type: the engine's state is that of the flow_started alone.
     assert_eq!(state, state_json(&started));
     assert_eq!(events.len(), 1101);
@@ -621,18 +620,16 @@ fn a_short_log_of_large_events_is_read_in_steps() {
     // Live: every event answered, over many steps.
     let (spec, events) = wide(&mut c, "wide-live");
     assert_eq!(events.len(), 43);
-    let before = info_field(&mut c, "main_thread_steps");
-    let (state, answered) = get_events(&mut c, "wide-live").unwrap();
-    let steps = info_field(&mut c, "main_thread_steps") - before;
+    let (read, steps) = stepped(&mut c, |c| get_events(c, "wide-live"));
+    let (state, answered) = read.unwrap();
     // Blobs are events of no type: the engine's state is that of the flow's own events.
     assert_eq!(state, spec);
     assert_eq!(answered, events);
     assert!(steps >= 3, "{steps} steps for 1.3 MB of events");
 
     // Archived: the capture reads it in steps (and follows it, below).
-    let before = info_field(&mut c, "main_thread_steps");
-    let r = archive(&mut c, "wide-live").unwrap();
-    let steps = info_field(&mut c, "main_thread_steps") - before;
+    let (archived, steps) = stepped(&mut c, |c| archive(c, "wide-live"));
+    let r = archived.unwrap();
     assert_eq!(int(&r["events"]), 43);
     assert!(
         steps >= 3,
@@ -691,11 +688,11 @@ fn a_large_snapshot_is_read_in_steps() {
         model.write_padded(&mut c, &spec, len);
     }
     let live = |c: &mut redis::Connection, id: &str| -> i64 {
-        let before = info_field(c, "main_thread_steps");
-        let (state, events) = get_events(c, id).unwrap();
+        let (read, steps) = stepped(c, |c| get_events(c, id));
+        let (state, events) = read.unwrap();
         assert_eq!(Some(state), model.flows[id].state(), "{id}");
         assert_eq!(events, model.flows[id].events, "{id}");
-        info_field(c, "main_thread_steps") - before
+        steps
     };
     assert_eq!(
         live(&mut c, "one-step"),
@@ -707,9 +704,8 @@ fn a_large_snapshot_is_read_in_steps() {
     assert!(steps >= 4, "{steps} steps for a snapshot of 3 MiB");
     assert_eq!(info_field(&mut c, "string_events_subscribed"), 1);
 
-    let before = info_field(&mut c, "main_thread_steps");
-    let r = archive(&mut c, "large").unwrap();
-    let steps = info_field(&mut c, "main_thread_steps") - before;
+    let (archived, steps) = stepped(&mut c, |c| archive(c, "large"));
+    let r = archived.unwrap();
     assert!(steps >= 4, "{steps} steps to capture and commit it");
     assert_eq!(int(&r["events"]), 8);
     archive(&mut c, "one-step").unwrap();
@@ -822,10 +818,9 @@ fn a_large_labels_hash_is_read_in_steps() {
         model.write_labeled(&mut c, &FlowSpec::done(id), bytes);
     }
     let steps = |c: &mut redis::Connection, id: &str| {
-        let before = info_field(c, "main_thread_steps");
-        let r = archive(c, id).unwrap();
-        assert_eq!(int(&r["events"]), 5);
-        info_field(c, "main_thread_steps") - before
+        let (archived, steps) = stepped(c, |c| archive(c, id));
+        assert_eq!(int(&archived.unwrap()["events"]), 5);
+        steps
     };
     assert_eq!(steps(&mut c, "one-step"), 1, "the commit's step alone");
     assert_eq!(info_field(&mut c, "keyspace_events_subscribed"), 0);
@@ -901,10 +896,9 @@ fn labels_that_are_not_text_refuse_the_archive_in_any_step() {
         ("small", "a label name is not UTF-8", 0..=0),
         ("large", "a label value is not UTF-8", 2..=i64::MAX),
     ] {
-        let from = info_field(&mut c, "main_thread_steps");
-        let e = err_text(archive(&mut c, id));
+        let (refused, taken) = stepped(&mut c, |c| archive(c, id));
+        let e = err_text(refused);
         assert!(e.contains(what), "{id}: {e}");
-        let taken = info_field(&mut c, "main_thread_steps") - from;
         assert!(steps.contains(&taken), "{id}: refused after {taken} steps");
         assert_eq!(info_field(&mut c, "buffered_bytes"), 0, "{id}");
     }

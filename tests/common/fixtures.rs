@@ -609,6 +609,17 @@ pub fn info_field(c: &mut redis::Connection, name: &str) -> i64 {
         .unwrap()
 }
 
+/// What `op` answers on `c`, and how many main-thread steps the module took meanwhile (INFO
+/// `main_thread_steps`: the steps after a command's own, of every read, archive and sweep).
+pub fn stepped<T>(
+    c: &mut redis::Connection,
+    op: impl FnOnce(&mut redis::Connection) -> T,
+) -> (T, i64) {
+    let before = info_field(c, "main_thread_steps");
+    let answer = op(c);
+    (answer, info_field(c, "main_thread_steps") - before)
+}
+
 pub fn gunzip(b: &[u8]) -> String {
     let mut s = String::new();
     flate2::read::GzDecoder::new(b)
