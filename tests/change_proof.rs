@@ -65,6 +65,65 @@ fn run(c: &mut redis::Connection, args: &[&str]) {
     cmd::<redis::Value>(c, args).unwrap();
 }
 
+/// Queues the command `args` in `tx`.
+fn queue(tx: &mut redis::Pipeline, args: &[&str]) {
+    tx.cmd(args[0]);
+    for a in &args[1..] {
+        tx.arg(*a);
+    }
+}
+
+/// The events of the lead flow `a-lead`, which a sweep reads over at least 30 steps (1,024 events a
+/// step at most), before the flows whose ids sort after it.
+const LEAD_EVENTS: usize = 30 * 1024;
+
+/// A snapshot or labels hash read over several steps (3 MiB; one step reads 1 MiB).
+const LARGE: usize = 3 << 20;
+
+/// The smallest step budget and 16 flows in flight, and the lead flow (`LEAD_EVENTS`) written into
+/// `model`: a sweep then begins every flow whose id sorts after the lead's, and finishes them only
+/// once the lead is read.
+fn behind_a_lead(c: &mut redis::Connection, model: &mut checker::Model) {
+    config_set(c, "flowarchive.step-budget-us", "50").unwrap();
+    config_set(c, "flowarchive.concurrency", "16").unwrap();
+    let lead = FlowSpec {
+        events: LEAD_EVENTS,
+        ..FlowSpec::done("a-lead")
+    };
+    model.write(c, &lead);
+}
+
+/// The end of a sweep whose writes, between its capture steps, changed `changed` flows: it archived
+/// the lead and the quiet flow alone (the checker finds every other flow live as the writes left
+/// it), and a quiet sweep then archives each changed flow as it was left (every flow checked).
+fn archived_as_left(
+    srv: &Server,
+    s3: &S3,
+    c: &mut redis::Connection,
+    model: &checker::Model,
+    swept: SweepThread,
+    changed: usize,
+) {
+    let summary = swept.join().unwrap().unwrap();
+    assert_eq!(int(&summary["archived"]), 2, "{summary:?}");
+    assert_eq!(
+        int(&summary["skipped_changed"]),
+        changed as i64,
+        "{summary:?}"
+    );
+    let tally = checker::check("after the writes", srv, s3, model, checker::Expect::Either);
+    assert_eq!(tally.archived, 2, "the lead and the quiet flow");
+    let summary = sweep(c, &[]).unwrap();
+    assert_eq!(int(&summary["archived"]), changed as i64, "{summary:?}");
+    let settled = checker::Expect::Settled { retention_ms: 0 };
+    let tally = checker::check("after a quiet sweep", srv, s3, model, settled);
+    assert_eq!(tally.archived, model.flows.len());
+}
+
+/// A sweep running on a thread of its own: its summary.
+type SweepThread =
+    std::thread::JoinHandle<redis::RedisResult<std::collections::HashMap<String, redis::Value>>>;
+
 #[test]
 fn every_write_between_capture_and_commit_keeps_a_short_flow() {
     let s3 = S3::new_bucket();
@@ -242,10 +301,7 @@ fn between_capture_steps(
     tx: &redis::Pipeline,
     begun: i64,
     most_steps: i64,
-) -> (
-    std::thread::JoinHandle<redis::RedisResult<std::collections::HashMap<String, redis::Value>>>,
-    Vec<redis::Value>,
-) {
+) -> (SweepThread, Vec<redis::Value>) {
     let busy = Busy::start(srv);
     let mut other = srv.conn();
     other
@@ -773,20 +829,12 @@ fn early_pad_byte(snapshot: &str) -> usize {
 /// each as it was left, byte for byte (the checker compares every key and object).
 #[test]
 fn every_write_to_a_large_snapshot_between_capture_steps_keeps_the_flow() {
-    const LEAD_EVENTS: usize = 30 * 1024;
-    const LARGE: usize = 3 << 20;
     let s3 = S3::new_bucket();
     let srv = Server::start(ServerOpts::new(&s3));
     let mut c = srv.conn();
-    config_set(&mut c, "flowarchive.step-budget-us", "50").unwrap();
-    config_set(&mut c, "flowarchive.concurrency", "16").unwrap();
     let mut model = checker::Model::new(0);
     // No snapshot: a long log alone (its fold, stored as a snapshot, would pass 1 MiB).
-    let lead = FlowSpec {
-        events: LEAD_EVENTS,
-        ..FlowSpec::done("a-lead")
-    };
-    model.write(&mut c, &lead);
+    behind_a_lead(&mut c, &mut model);
     // Flow `id` with a snapshot padded to `len` bytes (and `events` events); its snapshot.
     let mut flow = |c: &mut redis::Connection, id: &str, len: Option<usize>, events: usize| {
         let spec = FlowSpec {
@@ -856,12 +904,7 @@ fn every_write_to_a_large_snapshot_between_capture_steps_keeps_the_flow() {
         "return redis.call('RESTORE', KEYS[1], 0, redis.call('DUMP', KEYS[2]), 'REPLACE')";
     let mut tx = redis::pipe();
     tx.atomic();
-    let mut add = |args: &[&str]| {
-        tx.cmd(args[0]);
-        args[1..].iter().for_each(|a| {
-            tx.arg(*a);
-        });
-    };
+    let mut add = |args: &[&str]| queue(&mut tx, args);
     let s = &before["b-ranged"];
     add(&["SETRANGE", &snapshot_key("b-ranged"), &offset(s), "x"]);
     after.push(("b-ranged", Some(ranged(s))));
@@ -931,29 +974,8 @@ fn every_write_to_a_large_snapshot_between_capture_steps_keeps_the_flow() {
         model.flows.get_mut(id).unwrap().snapshot = snapshot;
     }
     model.flows.get_mut("b-deleted").unwrap().seq = None;
-    let summary = swept.join().unwrap().unwrap();
-    assert_eq!(int(&summary["archived"]), 2, "{summary:?}");
     // Every large one but the quiet one, and the grown one.
-    assert_eq!(
-        int(&summary["skipped_changed"]),
-        large.len() as i64,
-        "{summary:?}"
-    );
-    let tally = checker::check(
-        "after the writes",
-        &srv,
-        &s3,
-        &model,
-        checker::Expect::Either,
-    );
-    assert_eq!(tally.archived, 2, "the lead and the quiet flow");
-
-    // Quiet, each is archived as the writes left it.
-    let summary = sweep(&mut c, &[]).unwrap();
-    assert_eq!(int(&summary["archived"]), 12, "{summary:?}");
-    let settled = checker::Expect::Settled { retention_ms: 0 };
-    let tally = checker::check("after a quiet sweep", &srv, &s3, &model, settled);
-    assert_eq!(tally.archived, model.flows.len());
+    archived_as_left(&srv, &s3, &mut c, &model, swept, large.len());
 }
 
 /// The same ids in DB 0 and DB 1, each with a 3 MiB snapshot or a log over 1 MiB: writes to one DB's
@@ -966,23 +988,13 @@ fn every_write_to_a_large_snapshot_between_capture_steps_keeps_the_flow() {
 /// left, each in its own DB's objects, every event checked.
 #[test]
 fn a_write_to_one_dbs_copy_of_an_id_keeps_only_that_dbs_flow() {
-    const LEAD_EVENTS: usize = 30 * 1024;
-    const LARGE: usize = 3 << 20;
     let s3 = S3::new_bucket();
     let proxy = Proxy::start(s3_port());
     let srv = server_via(&s3, Some(&proxy), &[]);
     let (mut c0, mut c1) = (srv.conn(), srv.conn());
     run(&mut c1, &["SELECT", "1"]);
-    config_set(&mut c0, "flowarchive.step-budget-us", "50").unwrap();
-    config_set(&mut c0, "flowarchive.concurrency", "16").unwrap();
     let (mut m0, mut m1) = (checker::Model::new(0), checker::Model::new(1));
-    m0.write(
-        &mut c0,
-        &FlowSpec {
-            events: LEAD_EVENTS,
-            ..FlowSpec::done("a-lead")
-        },
-    );
+    behind_a_lead(&mut c0, &mut m0);
     // Each id in both DBs; the DB whose copy is written is in its name.
     let large = [
         "b-0-ranged",
@@ -1031,12 +1043,7 @@ fn a_write_to_one_dbs_copy_of_an_id_keeps_only_that_dbs_flow() {
     // The writes, in one transaction sent from DB 0.
     let mut tx = redis::pipe();
     tx.atomic();
-    let mut add = |args: &[&str]| {
-        tx.cmd(args[0]);
-        args[1..].iter().for_each(|a| {
-            tx.arg(*a);
-        });
-    };
+    let mut add = |args: &[&str]| queue(&mut tx, args);
     add(&["SETRANGE", &snapshot_key("b-0-ranged"), &at0, "x"]);
     add(&["SELECT", "1"]);
     add(&["SETRANGE", &snapshot_key("b-1-ranged"), &at1, "x"]);
@@ -1291,7 +1298,6 @@ fn a_flush_or_swap_during_the_upload_deletes_nothing() {
 /// snapshot (which has a TTL) and `FLUSHALL ASYNC`, each refused with nothing deleted by the module.
 #[test]
 fn a_reload_an_eviction_or_an_async_flush_during_the_upload_keeps_a_large_flow() {
-    const LARGE: usize = 3 << 20;
     let s3 = S3::new_bucket();
     let proxy = Proxy::start(s3_port());
     let mut opts = ServerOpts::new(&s3);
@@ -1890,19 +1896,11 @@ fn every_write_to_a_large_labels_hash_during_the_upload_keeps_the_flow() {
 /// (the checker compares every key and object).
 #[test]
 fn every_write_to_a_large_labels_hash_between_capture_steps_keeps_the_flow() {
-    const LEAD_EVENTS: usize = 30 * 1024;
-    const LABELS: usize = 3 << 20;
     let s3 = S3::new_bucket();
     let srv = Server::start(ServerOpts::new(&s3));
     let mut c = srv.conn();
-    config_set(&mut c, "flowarchive.step-budget-us", "50").unwrap();
-    config_set(&mut c, "flowarchive.concurrency", "16").unwrap();
     let mut model = checker::Model::new(0);
-    let lead = FlowSpec {
-        events: LEAD_EVENTS,
-        ..FlowSpec::done("a-lead")
-    };
-    model.write(&mut c, &lead);
+    behind_a_lead(&mut c, &mut model);
     // The ids sort after the lead's, so the sweep finishes them after it.
     let large = [
         "c-added",
@@ -1918,7 +1916,7 @@ fn every_write_to_a_large_labels_hash_between_capture_steps_keeps_the_flow() {
         "c-quiet",
     ];
     for id in large {
-        model.write_labeled(&mut c, &FlowSpec::done(id), LABELS);
+        model.write_labeled(&mut c, &FlowSpec::done(id), LARGE);
     }
     let label = |id: &str, at: usize| model.flows[id].labels[at].clone();
     let other_bytes = |v: &str| v.chars().rev().collect::<String>();
@@ -1927,12 +1925,7 @@ fn every_write_to_a_large_labels_hash_between_capture_steps_keeps_the_flow() {
     // indexed as the engine indexes it (the checker compares the indexes of every live flow's labels).
     let mut tx = redis::pipe();
     tx.atomic();
-    let mut add = |args: &[&str]| {
-        tx.cmd(args[0]);
-        args[1..].iter().for_each(|a| {
-            tx.arg(*a);
-        });
-    };
+    let mut add = |args: &[&str]| queue(&mut tx, args);
     let labeled = |add: &mut dyn FnMut(&[&str]), id: &str, name: &str, value: &str| {
         add(&[
             "SADD",
@@ -2013,32 +2006,7 @@ fn every_write_to_a_large_labels_hash_between_capture_steps_keeps_the_flow() {
     for (id, labels) in after {
         model.flows.get_mut(id).unwrap().labels = labels;
     }
-    let summary = swept.join().unwrap().unwrap();
-    assert_eq!(int(&summary["archived"]), 2, "{summary:?}");
-    assert_eq!(
-        int(&summary["skipped_changed"]),
-        large.len() as i64 - 1,
-        "{summary:?}"
-    );
-    let tally = checker::check(
-        "after the writes",
-        &srv,
-        &s3,
-        &model,
-        checker::Expect::Either,
-    );
-    assert_eq!(tally.archived, 2, "the lead and the quiet flow");
-
-    // Quiet, each is archived as the writes left it.
-    let summary = sweep(&mut c, &[]).unwrap();
-    assert_eq!(
-        int(&summary["archived"]),
-        large.len() as i64 - 1,
-        "{summary:?}"
-    );
-    let settled = checker::Expect::Settled { retention_ms: 0 };
-    let tally = checker::check("after a quiet sweep", &srv, &s3, &model, settled);
-    assert_eq!(tally.archived, model.flows.len());
+    archived_as_left(&srv, &s3, &mut c, &model, swept, large.len() - 1);
 }
 
 /// Where the server is in rehashing the hash `key` (`DEBUG HTSTATS-KEY`'s answer `stats`): the index
@@ -2058,19 +2026,13 @@ fn rehash_index(stats: &str) -> i64 {
 /// them, the checker compares them).
 #[test]
 fn labels_rehashed_between_capture_steps_are_read_whole() {
-    const LEAD_EVENTS: usize = 30 * 1024;
     let s3 = S3::new_bucket();
     let mut opts = ServerOpts::new(&s3);
     opts.extra = vec!["--enable-debug-command".into(), "yes".into()];
     let srv = Server::start(opts);
     let mut c = srv.conn();
-    config_set(&mut c, "flowarchive.step-budget-us", "50").unwrap();
     let mut model = checker::Model::new(0);
-    let lead = FlowSpec {
-        events: LEAD_EVENTS,
-        ..FlowSpec::done("a-lead")
-    };
-    model.write(&mut c, &lead);
+    behind_a_lead(&mut c, &mut model);
     let stats = |c: &mut redis::Connection, id: &str| -> String {
         cmd(c, &["DEBUG", "HTSTATS-KEY", &labels_key(id)]).unwrap()
     };
