@@ -149,11 +149,24 @@ impl Model {
             },
         );
         let labels = labels_of(&format!("{}-", spec.id), bytes);
+        self.add_labels(c, spec.id, &labels);
+    }
+
+    /// Adds `labels` (names and values as the engine is given them) to the written flow `id`'s labels
+    /// hash and label indexes (`add_labels`), and records them as stored (escaped).
+    pub fn add_labels(&mut self, c: &mut redis::Connection, id: &str, labels: &[(String, String)]) {
         let pairs: Vec<(&str, &str)> = labels.iter().map(|(l, v)| (&l[..], &v[..])).collect();
         let mut pipe = redis::pipe();
-        add_labels(&mut pipe, spec.id, &pairs);
+        add_labels(&mut pipe, id, &pairs);
         pipe.query::<()>(c).unwrap();
-        self.flows.get_mut(spec.id).expect("written").labels = labels;
+        let stored = &mut self.flows.get_mut(id).expect("written").labels;
+        for (l, v) in labels.iter().filter(|(_, v)| !v.is_empty()) {
+            let (l, v) = (escape_label(l), escape_label(v));
+            match stored.iter_mut().find(|(name, _)| *name == l) {
+                Some(label) => label.1 = v,
+                None => stored.push((l, v)),
+            }
+        }
     }
 
     /// Writes the flow with `write_flow` and records exactly what that wrote.

@@ -764,6 +764,37 @@ impl Busy {
     }
 }
 
+/// Archives flow `id` of DB `db` (FLOWARCHIVE.FLOW on another connection) with its PUT held back
+/// for `hold`, and applies `change` (given a connection to DB 0) while the object is on its way:
+/// INFO `buffered_bytes` in the upload and the archive's answer.
+pub fn held_upload_in(
+    srv: &super::server::Server,
+    proxy: &super::proxy::Proxy,
+    db: i64,
+    id: &str,
+    hold: Duration,
+    change: impl FnOnce(&mut redis::Connection),
+) -> (
+    i64,
+    redis::RedisResult<std::collections::HashMap<String, redis::Value>>,
+) {
+    let mut c = srv.conn();
+    proxy.delay("PUT", hold);
+    let seen = proxy.requests().len();
+    let mut other = srv.conn();
+    cmd::<()>(&mut other, &["SELECT", &db.to_string()]).unwrap();
+    let owned = id.to_string();
+    let flow = std::thread::spawn(move || archive(&mut other, &owned));
+    wait_for("the PUT", Duration::from_secs(20), || {
+        proxy.requests().len() > seen
+    });
+    let held = info_field(&mut c, "buffered_bytes");
+    change(&mut c);
+    let answer = flow.join().unwrap();
+    proxy.clear();
+    (held, answer)
+}
+
 /// FLOWARCHIVE.SWEEP ASYNC: its answer, or the error text.
 pub fn sweep_async(c: &mut redis::Connection) -> Result<String, String> {
     redis::cmd("FLOWARCHIVE.SWEEP")

@@ -90,6 +90,15 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// Sends `sig` (e.g. `-STOP`, `-CONT`) to a server process.
+pub fn signal(sig: &str, pid: u32) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
 /// A server process with the module loaded; killed when dropped.
 pub struct Server {
     pub port: u16,
