@@ -4,8 +4,9 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use common::checker::{self, repl_field};
 use common::proxy::Proxy;
 use common::*;
 
@@ -632,6 +633,220 @@ fn commits_wait_out_client_pause_and_never_write_on_a_demoted_primary() {
     );
     assert!(primary.log().find("ASSERTION").is_none());
     assert!(replica.log().find("ASSERTION").is_none());
+}
+
+/// Waits until the upload on `c`'s server has ended and its commit, finding writes paused, has tried
+/// again (every 50 ms, a main-thread step each time) three times.
+fn commit_waits(c: &mut redis::Connection) {
+    wait_for("the upload to end", Duration::from_secs(10), || {
+        info_field(c, "uploads_in_flight") == 0
+    });
+    let steps = info_field(c, "main_thread_steps");
+    wait_for(
+        "the commit to wait in the pause",
+        Duration::from_secs(10),
+        || info_field(c, "main_thread_steps") >= steps + 3,
+    );
+}
+
+/// A flow whose labels hash holds 3 MiB (read in steps, followed by hash events, counted at commit)
+/// and whose upload ends while writes are paused (`CLIENT PAUSE WRITE` for 4 s) is committed only
+/// once the pause is over: its commit is seen trying again in the pause, its answer comes after the
+/// pause, the server asserts nothing, and the flow is archived with every event and label, deleted
+/// on the replica as on the primary. Paused longer than a commit waits, such a flow stays live with
+/// every event and label, on the replica too.
+#[test]
+fn a_large_labels_hash_waits_out_a_client_pause_and_its_replica_follows_the_commit() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let mut primary = server_via(&s3, Some(&proxy), &[]);
+    let replica = server_via(&s3, Some(&proxy), &[]);
+    let (mut p, mut r) = (primary.conn(), replica.conn());
+    let mut model = checker::Model::new(0);
+    for id in ["paused", "long-pause"] {
+        model.write_labeled(&mut p, &FlowSpec::done(id), 3 << 20);
+    }
+    replicate(&mut r, primary.port, "argyll:flow:long-pause:idx:labels");
+
+    let hold = Duration::from_millis(600);
+    let mut paused_at = None;
+    let (_, answer) = held_upload_in(&primary, &proxy, 0, "paused", hold, |c| {
+        cmd::<()>(c, &["CLIENT", "PAUSE", "4000", "WRITE"]).unwrap();
+        paused_at = Some(Instant::now());
+        commit_waits(c);
+        assert!(paused_at.unwrap().elapsed() < Duration::from_millis(3500));
+    });
+    let done = answer.expect("archived once the pause ended");
+    assert_eq!(int(&done["events"]), 5);
+    let answered = paused_at.unwrap().elapsed();
+    assert!(
+        answered >= Duration::from_millis(3900),
+        "committed {answered:?} into a pause of 4 s"
+    );
+    assert_eq!(info_field(&mut p, "hash_events_subscribed"), 1);
+
+    let (_, answer) = held_upload_in(&primary, &proxy, 0, "long-pause", hold, |c| {
+        cmd::<()>(c, &["CLIENT", "PAUSE", "14000", "WRITE"]).unwrap();
+    });
+    let e = err_text(answer);
+    assert!(
+        e.contains("paused") && e.contains("nothing was deleted"),
+        "{e}"
+    );
+    cmd::<()>(&mut p, &["CLIENT", "UNPAUSE"]).unwrap();
+    assert_eq!(info_field(&mut p, "buffered_bytes"), 0, "all released");
+    checker::assert_alive(&mut primary, "after the pauses");
+    let tally = checker::check(
+        "after the pauses",
+        &primary,
+        &s3,
+        &model,
+        checker::Expect::Either,
+    );
+    assert_eq!((tally.archived, tally.live), (1, 1));
+    assert!(model.flows["long-pause"].labels.len() > 3000);
+    checker::assert_replicas_match(&primary, &[&replica], &[0]);
+}
+
+/// A FAILOVER while a flow whose labels hash holds 3 MiB uploads, its replica stopped: the primary
+/// pauses writes until the replica has caught up, the commit waits in that pause, then the replica
+/// resumes, takes over, and the old primary becomes its replica. The commit refuses on the demoted
+/// node, deleting nothing there: the new primary and the old one, now its replica, hold the flow key
+/// for key, with every event and label. A sweep on the new primary then archives it, and it is gone
+/// from both.
+#[test]
+fn a_large_labels_hash_is_never_deleted_on_a_primary_demoted_by_a_failover_during_its_commit() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let mut old = server_via(&s3, Some(&proxy), &[]);
+    let mut new = server_via(&s3, Some(&proxy), &[]);
+    let (mut o, mut n) = (old.conn(), new.conn());
+    let mut model = checker::Model::new(0);
+    model.write_labeled(&mut o, &FlowSpec::done("failover"), 3 << 20);
+    replicate(&mut n, old.port, "argyll:flow:failover:idx:labels");
+
+    let hold = Duration::from_millis(800);
+    let (_, answer) = held_upload_in(&old, &proxy, 0, "failover", hold, |o| {
+        // A write the stopped replica cannot acknowledge: the failover waits for it, writes paused.
+        signal("-STOP", new.pid());
+        cmd::<()>(o, &["SET", "unacknowledged", "1"]).unwrap();
+        cmd::<()>(o, &["FAILOVER"]).unwrap();
+        assert_eq!(repl_field(o, "master_failover_state"), "waiting-for-sync");
+        commit_waits(o);
+        assert_eq!(repl_field(o, "master_failover_state"), "waiting-for-sync");
+        signal("-CONT", new.pid());
+    });
+    // The server itself unblocks the waiting client when the role changes; either way it gets an error.
+    let e = err_text(answer);
+    assert!(
+        e.contains("no longer a writable primary") || e.contains("UNBLOCKED"),
+        "{e}"
+    );
+    wait_for("the commit to give up", Duration::from_secs(15), || {
+        info_field(&mut o, "failures_not_writable") == 1
+    });
+    assert_eq!(repl_field(&mut n, "role"), "master");
+    assert_eq!(repl_field(&mut o, "role"), "slave");
+    assert_eq!(info_field(&mut o, "buffered_bytes"), 0, "all released");
+    checker::assert_alive(&mut old, "the demoted primary");
+    checker::assert_alive(&mut new, "the new primary");
+    let either = checker::Expect::Either;
+    let tally = checker::check("after the failover", &new, &s3, &model, either);
+    assert_eq!(tally.live, 1);
+    checker::assert_replicas_match(&new, &[&old], &[0]);
+
+    let summary = sweep(&mut n, &[]).unwrap();
+    assert_eq!(int(&summary["archived"]), 1, "{summary:?}");
+    let settled = checker::Expect::Settled { retention_ms: 0 };
+    let tally = checker::check("swept on the new primary", &new, &s3, &model, settled);
+    assert_eq!(tally.archived, 1);
+    checker::assert_replicas_match(&new, &[&old], &[0]);
+}
+
+/// A FAILOVER that times out while a flow whose labels hash holds 3 MiB uploads, its replica stopped:
+/// the primary pauses writes for the failover's 4 s, the commit waits in that pause, and once the
+/// failover is given up the primary, a primary still, commits: the flow is archived with every event
+/// and label, and deleted on the replica too once it resumes.
+#[test]
+fn a_large_labels_hash_waits_out_a_failover_that_times_out_then_commits() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let mut primary = server_via(&s3, Some(&proxy), &[]);
+    let replica = server_via(&s3, Some(&proxy), &[]);
+    let (mut p, mut r) = (primary.conn(), replica.conn());
+    let mut model = checker::Model::new(0);
+    model.write_labeled(&mut p, &FlowSpec::done("aborted"), 3 << 20);
+    replicate(&mut r, primary.port, "argyll:flow:aborted:idx:labels");
+
+    let hold = Duration::from_millis(800);
+    let (_, answer) = held_upload_in(&primary, &proxy, 0, "aborted", hold, |c| {
+        signal("-STOP", replica.pid());
+        cmd::<()>(c, &["SET", "unacknowledged", "1"]).unwrap();
+        cmd::<()>(c, &["FAILOVER", "TIMEOUT", "4000"]).unwrap();
+        commit_waits(c);
+        assert_eq!(repl_field(c, "master_failover_state"), "waiting-for-sync");
+        wait_for(
+            "the failover to be given up",
+            Duration::from_secs(10),
+            || repl_field(c, "master_failover_state") == "no-failover",
+        );
+        signal("-CONT", replica.pid());
+    });
+    let done = answer.expect("archived once the failover was given up");
+    assert_eq!(int(&done["events"]), 5);
+    assert_eq!(repl_field(&mut p, "role"), "master");
+    checker::assert_alive(&mut primary, "after the failover");
+    let settled = checker::Expect::Settled { retention_ms: 0 };
+    let tally = checker::check("archived", &primary, &s3, &model, settled);
+    assert_eq!(tally.archived, 1);
+    checker::assert_replicas_match(&primary, &[&replica], &[0]);
+}
+
+/// A primary demoted during the upload of a flow whose labels hash holds 3 MiB (followed, counted at
+/// commit), loaded by a full sync (from disk, the default) with another node's version of the flow
+/// (the same labels but one, rewritten to the same length: the same field count), and promoted again
+/// before its commit, keeps that version live: the load is a change to every flow in flight.
+#[test]
+fn a_large_labels_hash_loaded_over_by_a_full_sync_during_its_upload_is_not_deleted() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let a = server_via(&s3, Some(&proxy), &[]);
+    let b = server_via(&s3, Some(&proxy), &[]);
+    let (mut ca, mut cb) = (a.conn(), b.conn());
+    let mut model = checker::Model::new(0);
+    model.write_labeled(&mut ca, &FlowSpec::done("loaded-over"), 3 << 20);
+    let mut theirs = checker::Model::new(0);
+    theirs.write_labeled(&mut cb, &FlowSpec::done("loaded-over"), 3 << 20);
+    let key = "argyll:flow:loaded-over:idx:labels";
+    let (name, value) = theirs.flows["loaded-over"].labels[7].clone();
+    let other: String = value.chars().rev().collect();
+    cmd::<()>(&mut cb, &["HSET", key, &name, &other]).unwrap();
+    cmd::<()>(&mut cb, &["SET", "only-on-b", "1"]).unwrap();
+    let labels = |c: &mut redis::Connection| -> std::collections::BTreeMap<String, String> {
+        cmd(c, &["HGETALL", key]).unwrap()
+    };
+    let want = labels(&mut cb);
+    assert_ne!(labels(&mut ca), want);
+
+    let hold = Duration::from_secs(4);
+    let (_, _unblocked) = held_upload_in(&a, &proxy, 0, "loaded-over", hold, |c| {
+        replicate(c, b.port, "only-on-b");
+        cmd::<()>(c, &["REPLICAOF", "NO", "ONE"]).unwrap();
+    });
+    wait_for("the commit's decision", Duration::from_secs(20), || {
+        let info: String = cmd(&mut ca, &["INFO", "flowarchive"]).unwrap();
+        info.lines()
+            .filter(|l| l.contains("flowarchive_failures_") || l.contains("flows_archived:"))
+            .any(|l| !l.ends_with(":0"))
+    });
+    assert_eq!(info_field(&mut ca, "flows_archived"), 0);
+    assert!(labels(&mut ca) == want, "the loaded version stays live");
+    assert_eq!(
+        cmd::<i64>(&mut ca, &["HEXISTS", "archived:flows", "loaded-over"]).unwrap(),
+        0
+    );
+    let log = a.log();
+    assert!(!log.contains("ASSERTION"), "{log}");
 }
 
 #[test]
