@@ -846,6 +846,208 @@ fn a_large_labels_hash_is_read_in_steps() {
     assert_eq!(tally.archived, 2);
 }
 
+/// Every field name of the object's header and trailer (docs/FORMAT.md), and GET's `archived`.
+const OBJECT_FIELDS: [&str; 16] = [
+    "format",
+    "version",
+    "flow_id",
+    "db",
+    "events",
+    "raw_bytes",
+    "sha256",
+    "keys",
+    "previous",
+    "archived_at",
+    "state",
+    "snapshot",
+    "seq",
+    "labels",
+    "status",
+    "archived",
+];
+
+/// Labels named after the object's own fields, and after them with a quote, a brace or a newline
+/// around them, whose values look like the object's lines (a header, a trailer, an event, a bare
+/// `null`, a line break and a closing brace), in a labels hash of 3 MiB read in steps, beside labels
+/// holding a NUL, a line separator, a character outside the BMP and what the engine escapes in its
+/// label indexes, are plain data: the flow is archived in steps, its object's trailer holds every
+/// label as stored (the checker compares each), and FLOWARCHIVE.GET answers exactly the state it
+/// answered live (the labels its first event carries among them), marked archived.
+#[test]
+fn labels_named_like_the_objects_own_fields_are_read_back_label_for_label() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    let values = [
+        r#"{"format":"flowarchive","version":2,"flow_id":"other","db":0,"events":0}"#,
+        "\"}\n{\"state\":null,\"snapshot\":null,\"seq\":null,\"labels\":{},\"status\":\"failed\"}",
+        r#"{"timestamp":"2026-01-01T00:00:00Z","type":"flow_failed","data":{}}"#,
+        "null",
+        "\n}",
+    ];
+    let mut labels: Vec<(String, String)> = Vec::new();
+    for (i, field) in OBJECT_FIELDS.iter().enumerate() {
+        let value = values[i % values.len()];
+        labels.push((field.to_string(), value.to_string()));
+        for name in [
+            format!("\"{field}\""),
+            format!("{field}\"}}"),
+            format!("\n{field}"),
+        ] {
+            labels.push((name, values[(i + 1) % values.len()].to_string()));
+        }
+    }
+    let pairs: Vec<(&str, &str)> = labels.iter().map(|(l, v)| (&l[..], &v[..])).collect();
+    let spec = FlowSpec {
+        labels: &pairs,
+        ..FlowSpec::done("lookalike")
+    };
+    let mut model = Model::new(0);
+    model.write(&mut c, &spec);
+    // In the labels hash only (the engine's state would encode them as Go does): a NUL, a line
+    // separator, a character outside the BMP, and what the engine escapes in its label indexes.
+    let odd = [
+        ("nul\u{0}", "\u{0}{\"state\":null}"),
+        ("line\u{2028}separator", "\u{2029}"),
+        ("emoji\u{1F600}", "\u{1F600}\n"),
+        ("status:seq", "%{\"labels\":{}}\\"),
+    ];
+    let odd: Vec<(String, String)> = (odd.iter())
+        .map(|(l, v)| (l.to_string(), v.to_string()))
+        .collect();
+    model.add_labels(&mut c, "lookalike", &odd);
+    model.add_labels(&mut c, "lookalike", &labels_of("pad-", 3 << 20));
+    let live = get(&mut c, "lookalike").unwrap().expect("live");
+    assert_eq!(Some(&live), model.flows["lookalike"].state().as_ref());
+    assert!(
+        live.contains(r#""labels":{"\n"#),
+        "the first event's labels: {live}"
+    );
+
+    let r = archive(&mut c, "lookalike").unwrap();
+    assert_eq!(int(&r["events"]), 5);
+    assert_eq!(
+        info_field(&mut c, "hash_events_subscribed"),
+        1,
+        "read in steps"
+    );
+    assert_eq!(
+        get(&mut c, "lookalike").unwrap(),
+        Some(archived_state(&live))
+    );
+    let settled = Expect::Settled { retention_ms: 0 };
+    let tally = checker::check("archived", &srv, &s3, &model, settled);
+    assert_eq!(tally.archived, 1);
+}
+
+/// One label of 6 MiB among 2 MiB of others, in a labels hash read in steps (the large label taken
+/// whole in the step that reaches it), while another client writes to other keys all along, hashes
+/// among them (so the hash watch sees writes that are not the flow's): the flow is archived with
+/// every label whole, the other client's writes keep nothing, and every byte the capture and the
+/// upload held is released after.
+#[test]
+fn a_label_of_several_mib_is_read_whole_in_steps_while_other_keys_are_written() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    let mut model = Model::new(0);
+    let id = "one-large-label";
+    model.write_labeled(&mut c, &FlowSpec::done(id), 2 << 20);
+    let value: String = (0..6 << 20)
+        .map(|i| char::from(b'a' + (i * 7 % 26) as u8))
+        .collect();
+    model.add_labels(&mut c, id, &[("large".to_string(), value)]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicUsize::new(0));
+    let (flag, count, mut w) = (stop.clone(), written.clone(), srv.conn());
+    let writer = std::thread::spawn(move || {
+        while !flag.load(Ordering::Relaxed) {
+            let i = count.fetch_add(1, Ordering::Relaxed).to_string();
+            redis::pipe()
+                .cmd("HSET")
+                .arg("other:labels")
+                .arg(&i)
+                .arg("x".repeat(1000))
+                .cmd("HDEL")
+                .arg("other:labels")
+                .arg(i.clone() + "0")
+                .cmd("SET")
+                .arg("other:string")
+                .arg(&i)
+                .cmd("RPUSH")
+                .arg("other:list")
+                .arg(&i)
+                .query::<()>(&mut w)
+                .unwrap();
+        }
+    });
+    wait_for("the writer to start", Duration::from_secs(10), || {
+        written.load(Ordering::Relaxed) > 10
+    });
+    let before = written.load(Ordering::Relaxed);
+    let r = archive(&mut c, id);
+    let during = written.load(Ordering::Relaxed) - before;
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert_eq!(int(&r.unwrap()["events"]), 5);
+    assert!(during > 0, "no write came during the archive");
+    assert_eq!(
+        info_field(&mut c, "hash_events_subscribed"),
+        1,
+        "read in steps"
+    );
+    wait_for("every byte released", Duration::from_secs(10), || {
+        info_field(&mut c, "buffered_bytes") == 0
+    });
+    let settled = Expect::Settled { retention_ms: 0 };
+    let tally = checker::check("archived", &srv, &s3, &model, settled);
+    assert_eq!(tally.archived, 1);
+}
+
+/// The same id in DB 1 and DB 0, each with a labels hash of 3 MiB read in steps, the same names with
+/// other values: each archive reads its own DB's hash in every step, so each object holds its own
+/// DB's labels, label for label, and the other DB's flow stays live and whole until its own archive.
+#[test]
+fn the_same_id_in_two_dbs_is_archived_with_each_dbs_own_large_labels() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let (mut c0, mut c1) = (srv.conn(), srv.conn());
+    run(&mut c1, &["SELECT", "1"]);
+    let (mut m0, mut m1) = (Model::new(0), Model::new(1));
+    let spec = FlowSpec::done("twin");
+    m0.write_labeled(&mut c0, &spec, 3 << 20);
+    let theirs: Vec<(String, String)> = (m0.flows["twin"].labels.iter())
+        .map(|(l, v)| (l.clone(), v.chars().rev().collect()))
+        .collect();
+    m1.write(
+        &mut c1,
+        &FlowSpec {
+            labels: &[],
+            ..spec.clone()
+        },
+    );
+    m1.add_labels(&mut c1, "twin", &theirs);
+
+    assert_eq!(int(&archive(&mut c1, "twin").unwrap()["events"]), 5);
+    assert_eq!(
+        info_field(&mut c0, "hash_events_subscribed"),
+        1,
+        "read in steps"
+    );
+    let either = Expect::Either;
+    assert_eq!(
+        checker::check("DB 1 archived", &srv, &s3, &m1, either).archived,
+        1
+    );
+    assert_eq!(checker::check("DB 0 live", &srv, &s3, &m0, either).live, 1);
+    assert_eq!(int(&archive(&mut c0, "twin").unwrap()["events"]), 5);
+    let settled = Expect::Settled { retention_ms: 0 };
+    for (what, model) in [("DB 0", &m0), ("DB 1", &m1)] {
+        assert_eq!(checker::check(what, &srv, &s3, model, settled).archived, 1);
+    }
+}
+
 /// A label that is not text (UTF-8) has no place in the object's JSON: the archive is refused saying
 /// so, the flow stays exactly as it was and nothing stays held, whether the label is judged in the
 /// command's first step (a small hash: a name that is not text) or read in the last step of a hash
