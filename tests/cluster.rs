@@ -12,15 +12,6 @@ use common::cluster::*;
 use common::proxy::Proxy;
 use common::*;
 
-/// Sends `sig` (e.g. `-STOP`, `-CONT`) to a server process.
-fn signal(sig: &str, pid: u32) {
-    let status = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 /// A cluster of `flavor` whose nodes reach S3 through `proxy` when given.
 fn bed(flavor: Flavor, proxy: Option<&Proxy>) -> (S3, Cluster) {
     let s3 = S3::new_bucket();
@@ -594,5 +585,167 @@ fn the_timer_sweeps_on_every_primary_and_no_replica() {
         );
     }
     assert_eq!(cluster.check(&flows), eligible);
+    cluster.assert_replicas_equal();
+}
+
+/// The labels of one of `flows` as its node holds them, by name.
+fn labels_on(c: &mut redis::Connection, f: &TFlow) -> std::collections::BTreeMap<String, String> {
+    let [_, _, _, labels] = tagged_keys(&f.id);
+    cmd(c, &["HGETALL", &labels]).unwrap()
+}
+
+/// The labels the object its index entry on `c` names for `f` holds in its trailer, by name.
+fn archived_labels(
+    c: &mut redis::Connection,
+    s3: &S3,
+    f: &TFlow,
+) -> std::collections::BTreeMap<String, String> {
+    let index = slot_index_key(slot_of(&f.id));
+    let location: String = cmd(c, &["HGET", &index, &f.id]).unwrap();
+    let base = format!("s3://{}/{}/", s3.name(), s3.prefix);
+    let rel = location
+        .strip_prefix(&base)
+        .expect("an object of this bucket");
+    let object = gunzip(&s3.get(rel).expect("the object"));
+    let trailer: serde_json::Value = serde_json::from_str(object.lines().last().unwrap()).unwrap();
+    serde_json::from_value(trailer["labels"].clone()).unwrap()
+}
+
+/// Two flows whose labels hashes hold 3 MiB each (read in steps, followed by hash events) in one
+/// node's slots: a sweep on that node archives the one left alone, which reads back with every
+/// event and every label, and keeps the other, whose first label by name is rewritten to other
+/// bytes of the same length during its upload (only the watch can see that: the commit counts the
+/// fields), live with every label as written. The next sweep archives it with the rewritten label.
+/// The replicas follow.
+#[test]
+fn large_labels_hashes_are_swept_on_their_node_and_a_write_during_the_upload_keeps_the_flow() {
+    let proxy = Proxy::start(s3_port());
+    let (s3, mut cluster) = bed(Flavor::Valkey9, Some(&proxy));
+    let quiet = TFlow::done(format!("quiet-{}", unique("l")), 5);
+    let node = cluster.owner(slot_of(&quiet.id));
+    let written = (0..)
+        .map(|i| TFlow::done(format!("written-{}-{i}", unique("l")), 5))
+        .find(|f| cluster.owner(slot_of(&f.id)) == node)
+        .unwrap();
+    let flows = [quiet.clone(), written.clone()];
+    let mut c = cluster.conn(node);
+    for f in &flows {
+        f.write(&mut c);
+        let [_, _, _, key] = tagged_keys(&f.id);
+        let mut hset = redis::cmd("HSET");
+        hset.arg(&key);
+        for (l, v) in labels_of(&format!("{}-", f.id), 3 << 20) {
+            hset.arg(l).arg(v);
+        }
+        hset.query::<()>(&mut c).unwrap();
+    }
+    let before = labels_on(&mut c, &quiet);
+    let mut want = labels_on(&mut c, &written);
+    let (first, value) = want.pop_first().unwrap();
+    let other: String = value.chars().rev().collect();
+    assert_ne!(other, value);
+    want.insert(first.clone(), other.clone());
+
+    proxy.delay("PUT", Duration::from_millis(1500));
+    let mut sweeper = cluster.conn(node);
+    let swept = std::thread::spawn(move || sweep(&mut sweeper, &[]));
+    wait_for("both uploads", Duration::from_secs(60), || {
+        let puts = proxy.requests();
+        let put = |f: &TFlow| {
+            puts.iter()
+                .any(|r| r.starts_with("PUT") && r.contains(&f.id))
+        };
+        put(&quiet) && put(&written)
+    });
+    let [_, _, _, key] = tagged_keys(&written.id);
+    cmd::<()>(&mut c, &["HSET", &key, &first, &other]).unwrap();
+    let summary = swept.join().unwrap().unwrap();
+    proxy.clear();
+    assert_eq!(int(&summary["archived"]), 1, "{summary:?}");
+    assert_eq!(info_field(&mut c, "hash_events_subscribed"), 1);
+    let archived = cluster.check(&flows);
+    assert_eq!(archived, BTreeSet::from([quiet.id.clone()]));
+    assert!(
+        archived_labels(&mut c, &s3, &quiet) == before,
+        "archived as written"
+    );
+    assert!(labels_on(&mut c, &written) == want, "kept as written");
+
+    let summary = sweep(&mut c, &[]).unwrap();
+    assert_eq!(int(&summary["archived"]), 1, "{summary:?}");
+    assert_eq!(cluster.check(&flows).len(), 2);
+    assert!(
+        archived_labels(&mut c, &s3, &written) == want,
+        "archived as rewritten"
+    );
+    cluster.assert_replicas_equal();
+}
+
+/// A coordinated failover (CLUSTER FAILOVER on its replica) while a flow whose labels hash holds
+/// 3 MiB uploads from its primary: the old primary, now a replica, deletes nothing (its commit is
+/// refused by its role, or by the slot it no longer serves), and the new one holds the flow with
+/// every event and label, its replica (the old primary) the same. A sweep on the new primary
+/// archives it, read back label for label, and it is gone from both.
+#[test]
+fn a_large_labels_hash_uploading_through_a_failover_is_archived_by_the_new_primary_alone() {
+    let proxy = Proxy::start(s3_port());
+    let (s3, mut cluster) = bed(Flavor::Valkey9, Some(&proxy));
+    let flow = TFlow::done(format!("failover-{}", unique("l")), 5);
+    let slot = slot_of(&flow.id);
+    let old = cluster.owner(slot);
+    let mut c = cluster.conn(old);
+    flow.write(&mut c);
+    let [_, _, _, key] = tagged_keys(&flow.id);
+    let mut hset = redis::cmd("HSET");
+    hset.arg(&key);
+    for (l, v) in labels_of(&format!("{}-", flow.id), 3 << 20) {
+        hset.arg(l).arg(v);
+    }
+    hset.query::<()>(&mut c).unwrap();
+    let labels = labels_on(&mut c, &flow);
+    let replica = (cluster.slot_map(old).into_iter())
+        .find(|((a, b), _, _)| (*a..=*b).contains(&slot))
+        .map(|(_, _, replicas)| replicas[0])
+        .unwrap();
+    cluster.assert_replicas_equal();
+
+    proxy.delay("PUT", Duration::from_secs(3));
+    let mut archiver = cluster.conn(old);
+    let id = flow.id.clone();
+    let archiving = std::thread::spawn(move || archive(&mut archiver, &id));
+    wait_for("the upload", Duration::from_secs(30), || {
+        proxy.requests().iter().any(|r| r.starts_with("PUT"))
+    });
+    cluster.on::<()>(replica, &["CLUSTER", "FAILOVER"]).unwrap();
+    wait_for("the failover", Duration::from_secs(30), || {
+        cluster.owner(slot) == replica
+    });
+    let answer = archiving.join().unwrap();
+    assert!(answer.is_err(), "{answer:?}");
+    // Refused by its role, or by the slot it no longer serves.
+    wait_for("the commit's decision", Duration::from_secs(20), || {
+        let info: String = cmd(&mut c, &["INFO", "flowarchive"]).unwrap();
+        info.lines()
+            .filter(|l| l.contains("flowarchive_failures_") || l.contains("flows_archived:"))
+            .any(|l| !l.ends_with(":0"))
+    });
+    proxy.clear();
+    assert_eq!(info_field(&mut c, "flows_archived"), 0);
+    assert!(
+        cluster.check(std::slice::from_ref(&flow)).is_empty(),
+        "kept live"
+    );
+    let mut n = cluster.conn(replica);
+    assert!(labels_on(&mut n, &flow) == labels, "every label kept");
+    cluster.wait_healthy(Duration::from_secs(60));
+    cluster.assert_replicas_equal();
+
+    let summary = sweep(&mut n, &[]).unwrap();
+    assert_eq!(int(&summary["archived"]), 1, "{summary:?}");
+    assert_eq!(cluster.check(std::slice::from_ref(&flow)).len(), 1);
+    assert!(
+        archived_labels(&mut n, &s3, &flow) == labels,
+        "archived as written"
+    );
     cluster.assert_replicas_equal();
 }
