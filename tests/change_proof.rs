@@ -95,7 +95,8 @@ fn behind_a_lead(c: &mut redis::Connection, model: &mut checker::Model) {
 
 /// The end of a sweep whose writes, between its capture steps, changed `changed` flows: it archived
 /// the lead and the quiet flow alone (the checker finds every other flow live as the writes left
-/// it), and a quiet sweep then archives each changed flow as it was left (every flow checked).
+/// it) and holds no byte of those it refused, and a quiet sweep then archives each changed flow as
+/// it was left (every flow checked).
 fn archived_as_left(
     srv: &Server,
     s3: &S3,
@@ -113,6 +114,11 @@ fn archived_as_left(
     );
     let tally = checker::check("after the writes", srv, s3, model, checker::Expect::Either);
     assert_eq!(tally.archived, 2, "the lead and the quiet flow");
+    let held = info_field(c, "buffered_bytes");
+    assert_eq!(
+        held, 0,
+        "every byte of the flows refused mid-capture released"
+    );
     let summary = sweep(c, &[]).unwrap();
     assert_eq!(int(&summary["archived"]), changed as i64, "{summary:?}");
     let settled = checker::Expect::Settled { retention_ms: 0 };
@@ -342,36 +348,6 @@ fn held_upload(
     redis::RedisResult<std::collections::HashMap<String, redis::Value>>,
 ) {
     held_upload_in(srv, proxy, 0, id, Duration::from_millis(700), change)
-}
-
-/// `held_upload` of flow `id` in DB `db`, its PUT held back for `hold`; `change` is given a
-/// connection to DB 0.
-fn held_upload_in(
-    srv: &Server,
-    proxy: &Proxy,
-    db: i64,
-    id: &str,
-    hold: Duration,
-    change: impl FnOnce(&mut redis::Connection),
-) -> (
-    i64,
-    redis::RedisResult<std::collections::HashMap<String, redis::Value>>,
-) {
-    let mut c = srv.conn();
-    proxy.delay("PUT", hold);
-    let seen = proxy.requests().len();
-    let mut other = srv.conn();
-    run(&mut other, &["SELECT", &db.to_string()]);
-    let owned = id.to_string();
-    let flow = std::thread::spawn(move || archive(&mut other, &owned));
-    wait_for("the PUT", Duration::from_secs(20), || {
-        proxy.requests().len() > seen
-    });
-    let held = info_field(&mut c, "buffered_bytes");
-    change(&mut c);
-    let answer = flow.join().unwrap();
-    proxy.clear();
-    (held, answer)
 }
 
 /// The commit keeps the small keys framed into exactly 1 MiB and hashes one byte more, so that an
@@ -1516,6 +1492,72 @@ fn late_writes_are_kept_on_redis_7_0() {
     short_and_long_flows_keep_late_writes(Flavor::Redis7);
 }
 
+/// A labels hash of 3 MiB read in steps and followed by hash events on `flavor`: a label rewritten to
+/// other bytes of the same length during the upload (the commit counts the fields, so only the watch
+/// sees it) keeps the flow live and whole; left alone, the same hash is archived label for label.
+fn a_large_labels_hash_keeps_late_writes(flavor: Flavor) {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let mut opts = ServerOpts::new(&s3);
+    opts.flavor = flavor;
+    opts.module_args = s3.module_args(&proxy.endpoint());
+    let srv = Server::start(opts);
+    let mut c = srv.conn();
+    let mut model = checker::Model::new(0);
+    for id in ["rewritten", "unchanged"] {
+        model.write_labeled(&mut c, &FlowSpec::done(id), 3 << 20);
+    }
+    let (name, value) = model.flows["rewritten"].labels[7].clone();
+    let other: String = value.chars().rev().collect();
+    assert_ne!(other, value);
+    // As the engine relabels a flow: its labels hash and the label's indexes, in one transaction.
+    let (member, set) = ("flow:rewritten", format!("argyll:idx:label:{name}"));
+    change_written_during_upload(&srv, &proxy, "rewritten", |c| {
+        redis::pipe()
+            .atomic()
+            .cmd("HSET")
+            .arg(labels_key("rewritten"))
+            .arg(&name)
+            .arg(&other)
+            .cmd("SREM")
+            .arg(format!("{set}:{value}"))
+            .arg(member)
+            .cmd("SADD")
+            .arg(format!("{set}:{other}"))
+            .arg(member)
+            .cmd("SREM")
+            .arg(&set)
+            .arg(&value)
+            .cmd("SADD")
+            .arg(&set)
+            .arg(&other)
+            .query::<()>(c)
+            .unwrap();
+    });
+    let flow = model.flows.get_mut("rewritten").unwrap();
+    flow.labels[7].1 = other;
+    assert_eq!(
+        info_field(&mut c, "hash_events_subscribed"),
+        1,
+        "{flavor:?}"
+    );
+    let r = archive(&mut c, "unchanged").unwrap();
+    assert_eq!(int(&r["events"]), 5, "{flavor:?}");
+    let either = checker::Expect::Either;
+    let tally = checker::check(&format!("{flavor:?}"), &srv, &s3, &model, either);
+    assert_eq!((tally.archived, tally.live), (1, 1), "{flavor:?}");
+}
+
+#[test]
+fn a_large_labels_hash_keeps_late_writes_on_valkey_8_0() {
+    a_large_labels_hash_keeps_late_writes(Flavor::Valkey8);
+}
+
+#[test]
+fn a_large_labels_hash_keeps_late_writes_on_redis_7_0() {
+    a_large_labels_hash_keeps_late_writes(Flavor::Redis7);
+}
+
 /// The label value written between capture and commit: far more than the flow's captured labels.
 const BIG_LABEL: usize = 48 << 20;
 
@@ -1892,8 +1934,8 @@ fn every_write_to_a_large_labels_hash_during_the_upload_keeps_the_flow() {
 /// steps, each made to wait behind a busy script; the writes land there, all at once: a label added
 /// (also by HINCRBY), one rewritten with the same value, the first and the last label written
 /// rewritten to other bytes of the same length (wherever the scan has reached), one deleted, a field's expiry set, the hash renamed
-/// over or deleted, a TTL set on it. A quiet sweep then archives each as it was left, label for label
-/// (the checker compares every key and object).
+/// over or deleted, a TTL set on it. Every byte the refused captures held is released. A quiet sweep
+/// then archives each as it was left, label for label (the checker compares every key and object).
 #[test]
 fn every_write_to_a_large_labels_hash_between_capture_steps_keeps_the_flow() {
     let s3 = S3::new_bucket();
