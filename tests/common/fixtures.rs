@@ -609,6 +609,17 @@ pub fn info_field(c: &mut redis::Connection, name: &str) -> i64 {
         .unwrap()
 }
 
+/// INFO `blocked_clients`: the clients the server holds for a module's answer.
+pub fn blocked_clients(c: &mut redis::Connection) -> i64 {
+    let info: String = cmd(c, &["INFO", "clients"]).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("blocked_clients:"))
+        .unwrap_or_else(|| panic!("no blocked_clients in INFO:\n{info}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// What `op` answers on `c`, and how many main-thread steps the module took meanwhile (INFO
 /// `main_thread_steps`: the steps after a command's own, of every read, archive and sweep).
 pub fn stepped<T>(
@@ -764,34 +775,33 @@ impl Busy {
     }
 }
 
-/// Archives flow `id` of DB `db` (FLOWARCHIVE.FLOW on another connection) with its PUT held back
-/// for `hold`, and applies `change` (given a connection to DB 0) while the object is on its way:
-/// INFO `buffered_bytes` in the upload and the archive's answer.
+/// Archives flow `id` of DB `db` (FLOWARCHIVE.FLOW on another connection) with its PUT held at the
+/// proxy's gate, and applies `change` (given a connection to DB 0) while it is held, then lets it go
+/// (`change` may let it go sooner, to act while the commit runs): INFO `buffered_bytes` in the upload
+/// and the archive's answer.
 pub fn held_upload_in(
     srv: &super::server::Server,
     proxy: &super::proxy::Proxy,
     db: i64,
     id: &str,
-    hold: Duration,
     change: impl FnOnce(&mut redis::Connection),
 ) -> (
     i64,
     redis::RedisResult<std::collections::HashMap<String, redis::Value>>,
 ) {
     let mut c = srv.conn();
-    proxy.delay("PUT", hold);
-    let seen = proxy.requests().len();
+    proxy.hold("PUT");
     let mut other = srv.conn();
     cmd::<()>(&mut other, &["SELECT", &db.to_string()]).unwrap();
     let owned = id.to_string();
     let flow = std::thread::spawn(move || archive(&mut other, &owned));
-    wait_for("the PUT", Duration::from_secs(20), || {
-        proxy.requests().len() > seen
+    wait_for("the PUT held", Duration::from_secs(20), || {
+        proxy.gated() > 0
     });
     let held = info_field(&mut c, "buffered_bytes");
     change(&mut c);
+    proxy.release();
     let answer = flow.join().unwrap();
-    proxy.clear();
     (held, answer)
 }
 

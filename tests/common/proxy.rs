@@ -24,6 +24,10 @@ pub enum Fault {
     Reset,
     /// Forward after this long.
     Delay(Duration),
+    /// Hold the request, reading no timeout, until the rules next change ([`Proxy::release`],
+    /// [`Proxy::clear`], [`Proxy::set`]), then forward it as it is; a held request ends unanswered
+    /// if the proxy stops first. A test acts while an upload is held with it, however late it runs.
+    Gate,
     /// Forward, then cut the response body to half.
     Truncate,
     /// Answer `200 OK` with the ETag S3 gives the request body (its MD5), never reaching S3: a store
@@ -71,6 +75,10 @@ struct Shared {
     faulted: AtomicUsize,
     /// Requests matched by [`Fault::EveryOther`] so far.
     alternated: AtomicUsize,
+    /// Bumped by every change of the rules: a request held by [`Fault::Gate`] goes on once it moves.
+    generation: AtomicUsize,
+    /// Requests held by [`Fault::Gate`] now.
+    gated: AtomicUsize,
 }
 
 pub struct Proxy {
@@ -91,6 +99,8 @@ impl Proxy {
             heads: Mutex::new(Vec::new()),
             faulted: AtomicUsize::new(0),
             alternated: AtomicUsize::new(0),
+            generation: AtomicUsize::new(0),
+            gated: AtomicUsize::new(0),
         });
         let s = shared.clone();
         std::thread::spawn(move || {
@@ -112,7 +122,9 @@ impl Proxy {
     }
 
     pub fn set(&self, rules: Vec<Rule>) {
-        *self.shared.rules.lock().unwrap() = rules;
+        let mut current = self.shared.rules.lock().unwrap();
+        *current = rules;
+        self.shared.generation.fetch_add(1, Ordering::SeqCst);
     }
 
     pub fn all(&self, fault: Fault) {
@@ -132,6 +144,20 @@ impl Proxy {
         }]);
     }
 
+    /// Holds every `method` request ([`Fault::Gate`]) until [`Proxy::release`].
+    pub fn hold(&self, method: &'static str) {
+        self.set(vec![Rule {
+            method,
+            path: String::new(),
+            fault: Fault::Gate,
+        }]);
+    }
+
+    /// Forwards the requests held by [`Proxy::hold`] and lets later ones through unfaulted.
+    pub fn release(&self) {
+        self.clear();
+    }
+
     pub fn clear(&self) {
         self.set(Vec::new());
     }
@@ -144,6 +170,11 @@ impl Proxy {
     /// The head (request line and headers, lowercased) of every request seen.
     pub fn heads(&self) -> Vec<String> {
         self.shared.heads.lock().unwrap().clone()
+    }
+
+    /// How many requests [`Fault::Gate`] holds now.
+    pub fn gated(&self) -> usize {
+        self.shared.gated.load(Ordering::SeqCst)
     }
 
     pub fn faulted(&self) -> usize {
@@ -302,10 +333,10 @@ fn handle(mut conn: TcpStream, s: &Shared) {
         .lock()
         .unwrap()
         .push(String::from_utf8_lossy(&request[..head_end]).to_lowercase());
-    let fault = s
-        .rules
-        .lock()
-        .unwrap()
+    let rules = s.rules.lock().unwrap();
+    // Read under the rules' lock: a change after this match moves it.
+    let generation = s.generation.load(Ordering::SeqCst);
+    let fault = rules
         .iter()
         .find(|r| (r.method.is_empty() || r.method == method) && path.contains(&r.path))
         .map(|r| r.fault.clone())
@@ -317,6 +348,7 @@ fn handle(mut conn: TcpStream, s: &Shared) {
                 .then_some(*inner),
             f => Some(f),
         });
+    drop(rules);
     if fault.is_some() {
         s.faulted.fetch_add(1, Ordering::SeqCst);
     }
@@ -385,6 +417,18 @@ fn handle(mut conn: TcpStream, s: &Shared) {
             return;
         }
         Some(Fault::Delay(d)) => std::thread::sleep(d),
+        Some(Fault::Gate) => {
+            s.gated.fetch_add(1, Ordering::SeqCst);
+            while s.generation.load(Ordering::SeqCst) == generation
+                && !s.stop.load(Ordering::SeqCst)
+            {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            s.gated.fetch_sub(1, Ordering::SeqCst);
+            if s.stop.load(Ordering::SeqCst) {
+                return;
+            }
+        }
         _ => {}
     }
     let Ok(mut up) = TcpStream::connect(&s.upstream) else {
