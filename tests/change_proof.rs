@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::checker;
-use common::proxy::Proxy;
+use common::proxy::{Fault, Proxy, Rule};
 use common::*;
 
 /// More events than one read step (`EVENTS_PER_STEP` = 1024): read over several steps, followed.
@@ -248,11 +248,11 @@ fn a_rewrite_to_the_same_content_is_archived_with_that_content() {
     let mut c = srv.conn();
     write_flow(&mut c, &FlowSpec::done("same"));
     let before: Vec<String> = cmd(&mut c, &["LRANGE", &events_key("same"), "0", "-1"]).unwrap();
-    proxy.delay("PUT", Duration::from_millis(500));
+    proxy.hold("PUT");
     let mut other = srv.conn();
     let flow = std::thread::spawn(move || archive(&mut other, "same"));
-    wait_for("the PUT", Duration::from_secs(10), || {
-        !proxy.requests().is_empty()
+    wait_for("the PUT held", Duration::from_secs(10), || {
+        proxy.gated() > 0
     });
     // Deleted and written again, event for event: what the archive holds is what Valkey holds.
     let mut rewrite = vec!["RPUSH".to_string(), events_key("same")];
@@ -265,6 +265,7 @@ fn a_rewrite_to_the_same_content_is_archived_with_that_content() {
         .arg(&rewrite[1..])
         .query::<()>(&mut c)
         .unwrap();
+    proxy.release();
     let r = flow.join().unwrap().unwrap();
     assert_eq!(int(&r["events"]), 5);
     let (_, events) = get_events(&mut c, "same").unwrap();
@@ -336,8 +337,8 @@ fn between_capture_steps(
     (swept, replies)
 }
 
-/// Archives `id` with its PUT held back, applies `change` while the object is on its way: INFO
-/// `buffered_bytes` in the upload and the archive's answer.
+/// Archives `id` with its PUT held at the proxy's gate, applies `change` while the object is held:
+/// INFO `buffered_bytes` in the upload and the archive's answer.
 fn held_upload(
     srv: &Server,
     proxy: &Proxy,
@@ -347,7 +348,7 @@ fn held_upload(
     i64,
     redis::RedisResult<std::collections::HashMap<String, redis::Value>>,
 ) {
-    held_upload_in(srv, proxy, 0, id, Duration::from_millis(700), change)
+    held_upload_in(srv, proxy, 0, id, change)
 }
 
 /// The commit keeps the small keys framed into exactly 1 MiB and hashes one byte more, so that an
@@ -428,20 +429,32 @@ fn small_keys_of_exactly_one_mib_are_kept_and_one_byte_more_hashed() {
     for id in ["swept-same", "swept-edited"] {
         flow(&mut c, id, KEEP);
     }
-    proxy.delay("PUT", Duration::from_millis(700));
+    // Only these two are held: the other four go on and leave them a place among the uploads.
+    proxy.set(
+        ["swept-same.", "swept-edited."]
+            .map(|id| Rule {
+                method: "PUT",
+                path: id.to_string(),
+                fault: Fault::Gate,
+            })
+            .to_vec(),
+    );
+    // The sweep's uploads run in the idle scheduling class: on a machine whose cores are all busy
+    // they reach the store only slowly (over a minute with three busy loops on two cores).
     let mut other = srv.conn();
+    other
+        .set_read_timeout(Some(Duration::from_secs(300)))
+        .unwrap();
     let sweeping = std::thread::spawn(move || sweep(&mut other, &[]));
-    wait_for("both PUTs", Duration::from_secs(20), || {
-        let puts = proxy.requests();
-        let put = |id: &str| puts.iter().any(|r| r.starts_with("PUT") && r.contains(id));
-        put("swept-same.") && put("swept-edited.")
+    wait_for("both PUTs held", Duration::from_secs(180), || {
+        proxy.gated() == 2
     });
     run(
         &mut c,
         &["SETRANGE", &snapshot_key("swept-edited"), "100", "q"],
     );
+    proxy.release();
     let swept = sweeping.join().unwrap().unwrap();
-    proxy.clear();
     assert_eq!(int(&swept["archived"]), 5, "{swept:?}");
     assert_eq!(int(&swept["skipped_changed"]), 1, "{swept:?}");
     assert_eq!(
@@ -458,10 +471,10 @@ fn small_keys_of_exactly_one_mib_are_kept_and_one_byte_more_hashed() {
 
     // An upload that fails once the small keys are kept releases them too.
     flow(&mut c, "kept-failed", KEEP);
-    proxy.set(vec![common::proxy::Rule {
+    proxy.set(vec![Rule {
         method: "PUT",
         path: "kept-failed".into(),
-        fault: common::proxy::Fault::Status(403),
+        fault: Fault::Status(403),
     }]);
     let e = err_text(archive(&mut c, "kept-failed"));
     assert!(e.contains("nothing was deleted"), "{e}");
@@ -619,19 +632,18 @@ fn every_write_to_a_long_flow_between_its_steps_and_the_commit_keeps_it() {
     let mut tx = srv.conn();
     run(&mut tx, &["MULTI"]);
     run(&mut tx, &["LSET", &events_key(id), "3", "{}"]);
-    proxy.delay("PUT", Duration::from_millis(700));
-    let seen = proxy.requests().len();
+    proxy.hold("PUT");
     let mut other = srv.conn();
     let flow = std::thread::spawn(move || archive(&mut other, id));
-    wait_for("the PUT", Duration::from_secs(20), || {
-        proxy.requests().len() > seen
+    wait_for("the PUT held", Duration::from_secs(20), || {
+        proxy.gated() > 0
     });
     run(&mut tx, &["EXEC"]);
     let expected = dump_all(&mut c);
+    proxy.release();
     let e = err_text(flow.join().unwrap());
     assert!(e.contains("changed while it was being archived"), "{e}");
     assert_same(&expected, &dump_all(&mut c), id);
-    proxy.clear();
 
     // Quiet again: archived whole.
     let r = archive(&mut c, "long-edited").unwrap();
@@ -1078,36 +1090,22 @@ fn a_write_to_one_dbs_copy_of_an_id_keeps_only_that_dbs_flow() {
     let s = flow.snapshot.as_mut().unwrap();
     let at = early_pad_byte(s) + 1;
     s.replace_range(at..at + 1, "y");
-    let (_, answer) = held_upload_in(
-        &srv,
-        &proxy,
-        1,
-        "b-0-ranged",
-        Duration::from_millis(700),
-        |c| {
-            run(
-                c,
-                &[
-                    "SETRANGE",
-                    &snapshot_key("b-0-ranged"),
-                    &at.to_string(),
-                    "y",
-                ],
-            );
-        },
-    );
+    let (_, answer) = held_upload_in(&srv, &proxy, 1, "b-0-ranged", |c| {
+        run(
+            c,
+            &[
+                "SETRANGE",
+                &snapshot_key("b-0-ranged"),
+                &at.to_string(),
+                "y",
+            ],
+        );
+    });
     assert_eq!(int(&answer.unwrap()["events"]), 5, "DB 1's copy archived");
-    let (_, answer) = held_upload_in(
-        &srv,
-        &proxy,
-        0,
-        "c-0-long",
-        Duration::from_millis(700),
-        |c| {
-            run(c, &["SELECT", "1"]);
-            run(c, &["LSET", &events_key("c-0-long"), "2", &wider]);
-        },
-    );
+    let (_, answer) = held_upload_in(&srv, &proxy, 0, "c-0-long", |c| {
+        run(c, &["SELECT", "1"]);
+        run(c, &["LSET", &events_key("c-0-long"), "2", &wider]);
+    });
     assert_eq!(int(&answer.unwrap()["events"]), 29, "DB 0's copy archived");
     m1.flows.get_mut("c-0-long").unwrap().events[2] = wider.clone();
     let copied = repadded(m1.flows["b-1-copied-over"].snapshot.as_ref().unwrap());
@@ -1121,7 +1119,7 @@ fn a_write_to_one_dbs_copy_of_an_id_keeps_only_that_dbs_flow() {
         ("b-1-copied-over", snapshot_key("b-1-copied-over"), "staged"),
         ("c-1-long", events_key("c-1-long"), "staged-log"),
     ] {
-        let (_, answer) = held_upload_in(&srv, &proxy, 1, id, Duration::from_millis(700), |c| {
+        let (_, answer) = held_upload_in(&srv, &proxy, 1, id, |c| {
             // In a transaction, whose commands reached the hook in the client's DB.
             redis::pipe()
                 .atomic()
@@ -1592,11 +1590,11 @@ fn a_label_grown_between_capture_and_commit_is_not_copied_by_the_commit() {
     let events: Vec<String> = cmd(&mut c, &["LRANGE", &events_key(id), "0", "-1"]).unwrap();
     let big = "L".repeat(BIG_LABEL);
 
-    proxy.delay("PUT", Duration::from_secs(4));
+    proxy.hold("PUT");
     let mut other = srv.conn();
     let swept = std::thread::spawn(move || sweep(&mut other, &[]));
-    wait_for("the PUT", Duration::from_secs(20), || {
-        !proxy.requests().is_empty()
+    wait_for("the PUT held", Duration::from_secs(20), || {
+        proxy.gated() > 0
     });
     run(&mut c, &["HSET", &labels, "tenant", &big]);
     // A server may hand the commit's scan each value as a new string, a transient copy that is the
@@ -1604,10 +1602,7 @@ fn a_label_grown_between_capture_and_commit_is_not_copied_by_the_commit() {
     run(&mut c, &["SET", "transient", &big]);
     run(&mut c, &["DEL", "transient"]);
     let peak = srv.peak_rss();
-    assert!(
-        !swept.is_finished(),
-        "the commit ran before the change was in place: hold the PUT longer"
-    );
+    proxy.release();
     let summary = swept.join().unwrap().unwrap();
     let grew = srv.peak_rss().saturating_sub(peak);
     assert!(
@@ -1890,11 +1885,10 @@ fn every_write_to_a_large_labels_hash_during_the_upload_keeps_the_flow() {
     // expiry, or by the read that finds it expired): the expiry keeps the flow.
     let labels = large(&mut c, "field-expired");
     let (key, field) = (labels_key("field-expired"), &labels[5].0);
-    // Long enough for a capture on a busy machine, and the PUT held past it.
+    // Long enough for a capture on a busy machine; the PUT is held until the field is gone.
     run(&mut c, &["HPEXPIRE", &key, "5000", "FIELDS", "1", field]);
     let set = std::time::Instant::now();
-    let hold = Duration::from_secs(10);
-    let (_, answer) = held_upload_in(&srv, &proxy, 0, "field-expired", hold, |c| {
+    let (_, answer) = held_upload_in(&srv, &proxy, 0, "field-expired", |c| {
         let ttl: Vec<i64> = cmd(c, &["HPTTL", &key, "FIELDS", "1", field]).unwrap();
         assert!(ttl[0] > 0, "the field expired before the capture ended");
         std::thread::sleep(Duration::from_millis(5500).saturating_sub(set.elapsed()));
