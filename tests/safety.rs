@@ -124,23 +124,21 @@ fn rights_taken_away_during_the_upload_refuse_the_commit() {
     write_flow(&mut admin, &FlowSpec::done("wide-1"));
     set_user(&mut admin, "wide", &["+@all", "~*"]);
     let before = dump_all(&mut admin);
-    proxy.delay("PUT", Duration::from_millis(800));
+    proxy.hold("PUT");
     let mut wide = conn_as(&srv, "wide");
     let sweeping = std::thread::spawn(move || sweep(&mut wide, &[]));
-    wait_for(
-        "the PUT to reach the proxy",
-        Duration::from_secs(10),
-        || !proxy.requests().is_empty(),
-    );
+    wait_for("the PUT held", Duration::from_secs(10), || {
+        proxy.gated() > 0
+    });
     // The flow's own keys and the engine's indexes stay allowed; the archive index no longer is.
     set_user(&mut admin, "wide", &["resetkeys", "~argyll:*"]);
+    proxy.release();
     let done = sweeping.join().unwrap().unwrap();
     assert_eq!(int(&done["archived"]), 0, "{done:?}");
     assert_eq!(int(&done["skipped_noperm"]), 1, "{done:?}");
     assert_same(&before, &dump_all(&mut admin), "nothing deleted");
 
     // Given every key again, the same user archives it.
-    proxy.clear();
     set_user(&mut admin, "wide", &["~*"]);
     let done = sweep(&mut conn_as(&srv, "wide"), &[]).unwrap();
     assert_eq!(int(&done["archived"]), 1, "{done:?}");
@@ -237,21 +235,20 @@ fn every_key_of_a_group_of_many_is_checked_with_the_others() {
     // Allowed at capture, taken away during the upload: refused by the commit's check.
     allow(&mut admin, None);
     let before = dump_all(&mut admin);
-    proxy.delay("PUT", Duration::from_millis(800));
-    let seen = proxy.requests().len();
+    proxy.hold("PUT");
     let mut uploading = conn_as(&srv, "labels");
     let flow = std::thread::spawn(move || archive(&mut uploading, "many"));
-    wait_for("the PUT", Duration::from_secs(10), || {
-        proxy.requests().len() > seen
+    wait_for("the PUT held", Duration::from_secs(10), || {
+        proxy.gated() > 0
     });
     allow(&mut admin, Some(49));
+    proxy.release();
     let e = err_text(flow.join().unwrap());
     assert!(
         e.starts_with("NOPERM") && e.contains("argyll:idx:label:k49:v49"),
         "{e}"
     );
     assert_same(&before, &dump_all(&mut admin), "nothing deleted");
-    proxy.clear();
 
     allow(&mut admin, None);
     archive(&mut c, "many").unwrap();
@@ -521,11 +518,11 @@ fn module_unload_waits_for_work_in_flight_and_leaves_no_thread() {
     for i in 0..20 {
         write_flow(&mut c, &FlowSpec::done(&format!("u{i}")));
     }
-    proxy.delay("PUT", Duration::from_millis(300));
+    proxy.hold("PUT");
     let started: String = cmd(&mut c, &["FLOWARCHIVE.SWEEP", "ASYNC"]).unwrap();
     assert_eq!(started, "STARTED");
-    wait_for("an upload in flight", Duration::from_secs(10), || {
-        !proxy.requests().is_empty()
+    wait_for("an upload held", Duration::from_secs(10), || {
+        proxy.gated() > 0
     });
     let e = err_text(cmd::<()>(&mut c, &["MODULE", "UNLOAD", "flowarchive"]));
     assert!(e.to_lowercase().contains("unload"), "{e}");
@@ -536,6 +533,7 @@ fn module_unload_waits_for_work_in_flight_and_leaves_no_thread() {
         &["RPUSH", "argyll:flow:u19:events", "{\"type\":\"late\"}"],
     )
     .unwrap();
+    proxy.release();
     wait_for("the sweep to end", Duration::from_secs(60), || {
         info_field(&mut c, "sweep_running") == 0
     });
@@ -569,13 +567,14 @@ fn commits_wait_out_client_pause_and_never_write_on_a_demoted_primary() {
     replicate(&mut r, primary.port, "argyll:flow:paused:events");
 
     // A commit that lands while writes are paused waits for the pause to end, then commits.
-    proxy.delay("PUT", Duration::from_millis(600));
+    proxy.hold("PUT");
     let mut c = primary.conn();
     let flow = std::thread::spawn(move || archive(&mut c, "paused"));
-    wait_for("the PUT", Duration::from_secs(10), || {
-        !proxy.requests().is_empty()
+    wait_for("the PUT held", Duration::from_secs(10), || {
+        proxy.gated() > 0
     });
     cmd::<()>(&mut p, &["CLIENT", "PAUSE", "2500", "WRITE"]).unwrap();
+    proxy.release();
     let done = flow.join().unwrap().expect("archived once the pause ended");
     assert!(done.contains_key("location"));
     assert!(
@@ -584,10 +583,14 @@ fn commits_wait_out_client_pause_and_never_write_on_a_demoted_primary() {
     );
 
     // A pause longer than the commit waits: the flow stays live and the client gets an error.
+    proxy.hold("PUT");
     let mut c = primary.conn();
     let flow = std::thread::spawn(move || archive(&mut c, "long-pause"));
-    std::thread::sleep(Duration::from_millis(100));
+    wait_for("the PUT held", Duration::from_secs(10), || {
+        proxy.gated() > 0
+    });
     cmd::<()>(&mut p, &["CLIENT", "PAUSE", "14000", "WRITE"]).unwrap();
+    proxy.release();
     let e = err_text(flow.join().unwrap());
     assert!(
         e.contains("paused") && e.contains("nothing was deleted"),
@@ -600,12 +603,11 @@ fn commits_wait_out_client_pause_and_never_write_on_a_demoted_primary() {
     );
 
     // Demoted during the upload: the old primary refuses to commit; the new primary has the flow.
-    proxy.clear();
-    proxy.delay("PUT", Duration::from_millis(800));
+    proxy.hold("PUT");
     let mut c = primary.conn();
     let flow = std::thread::spawn(move || archive(&mut c, "demoted"));
-    wait_for("the PUT", Duration::from_secs(10), || {
-        proxy.requests().iter().any(|r| r.contains("demoted"))
+    wait_for("the PUT held", Duration::from_secs(10), || {
+        proxy.gated() > 0
     });
     cmd::<()>(&mut r, &["REPLICAOF", "NO", "ONE"]).unwrap();
     cmd::<()>(
@@ -613,6 +615,7 @@ fn commits_wait_out_client_pause_and_never_write_on_a_demoted_primary() {
         &["REPLICAOF", "127.0.0.1", &replica.port.to_string()],
     )
     .unwrap();
+    proxy.release();
     // The server itself unblocks the waiting client when the role changes; either way it gets an error.
     let e = err_text(flow.join().unwrap());
     assert!(
@@ -668,11 +671,11 @@ fn a_large_labels_hash_waits_out_a_client_pause_and_its_replica_follows_the_comm
     }
     replicate(&mut r, primary.port, "argyll:flow:long-pause:idx:labels");
 
-    let hold = Duration::from_millis(600);
     let mut paused_at = None;
-    let (_, answer) = held_upload_in(&primary, &proxy, 0, "paused", hold, |c| {
+    let (_, answer) = held_upload_in(&primary, &proxy, 0, "paused", |c| {
         cmd::<()>(c, &["CLIENT", "PAUSE", "4000", "WRITE"]).unwrap();
         paused_at = Some(Instant::now());
+        proxy.release();
         commit_waits(c);
         assert!(paused_at.unwrap().elapsed() < Duration::from_millis(3500));
     });
@@ -685,7 +688,7 @@ fn a_large_labels_hash_waits_out_a_client_pause_and_its_replica_follows_the_comm
     );
     assert_eq!(info_field(&mut p, "hash_events_subscribed"), 1);
 
-    let (_, answer) = held_upload_in(&primary, &proxy, 0, "long-pause", hold, |c| {
+    let (_, answer) = held_upload_in(&primary, &proxy, 0, "long-pause", |c| {
         cmd::<()>(c, &["CLIENT", "PAUSE", "14000", "WRITE"]).unwrap();
     });
     let e = err_text(answer);
@@ -725,13 +728,13 @@ fn a_large_labels_hash_is_never_deleted_on_a_primary_demoted_by_a_failover_durin
     model.write_labeled(&mut o, &FlowSpec::done("failover"), 3 << 20);
     replicate(&mut n, old.port, "argyll:flow:failover:idx:labels");
 
-    let hold = Duration::from_millis(800);
-    let (_, answer) = held_upload_in(&old, &proxy, 0, "failover", hold, |o| {
+    let (_, answer) = held_upload_in(&old, &proxy, 0, "failover", |o| {
         // A write the stopped replica cannot acknowledge: the failover waits for it, writes paused.
         signal("-STOP", new.pid());
         cmd::<()>(o, &["SET", "unacknowledged", "1"]).unwrap();
         cmd::<()>(o, &["FAILOVER"]).unwrap();
         assert_eq!(repl_field(o, "master_failover_state"), "waiting-for-sync");
+        proxy.release();
         commit_waits(o);
         assert_eq!(repl_field(o, "master_failover_state"), "waiting-for-sync");
         signal("-CONT", new.pid());
@@ -778,11 +781,11 @@ fn a_large_labels_hash_waits_out_a_failover_that_times_out_then_commits() {
     model.write_labeled(&mut p, &FlowSpec::done("aborted"), 3 << 20);
     replicate(&mut r, primary.port, "argyll:flow:aborted:idx:labels");
 
-    let hold = Duration::from_millis(800);
-    let (_, answer) = held_upload_in(&primary, &proxy, 0, "aborted", hold, |c| {
+    let (_, answer) = held_upload_in(&primary, &proxy, 0, "aborted", |c| {
         signal("-STOP", replica.pid());
         cmd::<()>(c, &["SET", "unacknowledged", "1"]).unwrap();
         cmd::<()>(c, &["FAILOVER", "TIMEOUT", "4000"]).unwrap();
+        proxy.release();
         commit_waits(c);
         assert_eq!(repl_field(c, "master_failover_state"), "waiting-for-sync");
         wait_for(
@@ -828,8 +831,7 @@ fn a_large_labels_hash_loaded_over_by_a_full_sync_during_its_upload_is_not_delet
     let want = labels(&mut cb);
     assert_ne!(labels(&mut ca), want);
 
-    let hold = Duration::from_secs(4);
-    let (_, _unblocked) = held_upload_in(&a, &proxy, 0, "loaded-over", hold, |c| {
+    let (_, _unblocked) = held_upload_in(&a, &proxy, 0, "loaded-over", |c| {
         replicate(c, b.port, "only-on-b");
         cmd::<()>(c, &["REPLICAOF", "NO", "ONE"]).unwrap();
     });
@@ -856,23 +858,23 @@ fn a_commit_checks_every_key_before_its_first_write() {
     let srv = server_via(&s3, Some(&proxy), &[]);
     let mut c = srv.conn();
     write_flow(&mut c, &FlowSpec::done("partial"));
-    proxy.delay("PUT", Duration::from_millis(600));
+    proxy.hold("PUT");
     let mut other = srv.conn();
     let flow = std::thread::spawn(move || archive(&mut other, "partial"));
-    wait_for("the PUT", Duration::from_secs(10), || {
-        !proxy.requests().is_empty()
+    wait_for("the PUT held", Duration::from_secs(10), || {
+        proxy.gated() > 0
     });
     // The label-values set the commit would edit last turns into a string during the upload.
     cmd::<()>(&mut c, &["DEL", "argyll:idx:label:tenant"]).unwrap();
     cmd::<()>(&mut c, &["SET", "argyll:idx:label:tenant", "oops"]).unwrap();
     let before = dump_all(&mut c);
+    proxy.release();
     let e = err_text(flow.join().unwrap());
     assert!(e.contains("holds a string, expected a set"), "{e}");
     assert_same(&before, &dump_all(&mut c), "no write of the commit landed");
     // Repaired, the next attempt archives (it is not refused as already archived).
     cmd::<()>(&mut c, &["DEL", "argyll:idx:label:tenant"]).unwrap();
     cmd::<()>(&mut c, &["SADD", "argyll:idx:label:tenant", "acme"]).unwrap();
-    proxy.clear();
     archive(&mut c, "partial").unwrap();
     assert_eq!(
         cmd::<i64>(&mut c, &["EXISTS", "argyll:flow:partial:events"]).unwrap(),
@@ -955,7 +957,8 @@ fn flow_calls_beyond_the_pool_get_a_busy_error() {
     for id in &ids {
         write_flow(&mut c, &FlowSpec::done(id));
     }
-    proxy.delay("PUT", Duration::from_millis(400));
+    // Held until the pool has turned calls away: none can finish before then but with a busy error.
+    proxy.hold("PUT");
     let port = srv.port;
     let calls: Vec<_> = ids
         .iter()
@@ -968,9 +971,12 @@ fn flow_calls_beyond_the_pool_get_a_busy_error() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for("a call turned away", Duration::from_secs(60), || {
+        calls.iter().any(|h| h.is_finished())
+    });
     let threads = module_threads(srv.pid());
     assert!(threads.len() <= 8, "{} module threads", threads.len());
+    proxy.release();
     let results: Vec<_> = calls.into_iter().map(|h| h.join().unwrap()).collect();
     let busy = results
         .iter()
@@ -1181,14 +1187,15 @@ fn a_key_of_the_flow_created_as_another_type_during_the_upload_is_never_deleted(
             ..FlowSpec::done("retyped")
         },
     );
-    proxy.delay("PUT", Duration::from_millis(600));
+    proxy.hold("PUT");
     let mut other = srv.conn();
     let flow = std::thread::spawn(move || archive(&mut other, "retyped"));
-    wait_for("the PUT", Duration::from_secs(10), || {
-        !proxy.requests().is_empty()
+    wait_for("the PUT held", Duration::from_secs(10), || {
+        proxy.gated() > 0
     });
     // The labels key was absent at capture; a set appears under its name.
     cmd::<()>(&mut c, &["SADD", "argyll:flow:retyped:idx:labels", "x"]).unwrap();
+    proxy.release();
     // Seen as a change, or refused by the commit's type check: either way nothing is deleted.
     let e = err_text(flow.join().unwrap());
     assert!(
@@ -1418,7 +1425,7 @@ fn replicas_keep_async_diskless_loading_and_a_swapped_in_flow_is_not_deleted() {
     let theirs = events(&mut b.conn());
     assert_ne!(events(&mut a.conn()), theirs);
 
-    proxy.delay("PUT", Duration::from_secs(4));
+    proxy.hold("PUT");
     let port = a.port;
     let flow = std::thread::spawn(move || {
         let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
@@ -1427,8 +1434,8 @@ fn replicas_keep_async_diskless_loading_and_a_swapped_in_flow_is_not_deleted() {
             .unwrap();
         archive(&mut c, "swapped")
     });
-    wait_for("the upload starts", Duration::from_secs(10), || {
-        proxy.requests().iter().any(|r| r.starts_with("PUT"))
+    wait_for("the upload held", Duration::from_secs(10), || {
+        proxy.gated() > 0
     });
     let mut ca = a.conn();
     replicate(&mut ca, b.port, "argyll:flow:swapped:events");
@@ -1436,6 +1443,7 @@ fn replicas_keep_async_diskless_loading_and_a_swapped_in_flow_is_not_deleted() {
         events(&mut ca) == theirs
     });
     cmd::<()>(&mut ca, &["REPLICAOF", "NO", "ONE"]).unwrap();
+    proxy.release();
     // The client was unblocked by the role change; the archive itself goes on to its commit.
     let _ = flow.join().unwrap();
     wait_for("the commit's decision", Duration::from_secs(20), || {
