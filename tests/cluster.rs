@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::cluster::*;
-use common::proxy::Proxy;
+use common::proxy::{Fault, Proxy, Rule};
 use common::*;
 
 /// A cluster of `flavor` whose nodes reach S3 through `proxy` when given.
@@ -443,14 +443,18 @@ fn in_flight(flavor: Flavor) {
     let slot = slot_of(&flow.id);
     let from = cluster.owner(slot);
     let to = cluster.other_than(from);
-    proxy.delay("PUT", Duration::from_secs(3));
+    proxy.set(vec![Rule {
+        method: "PUT",
+        path: "flows/moving".into(),
+        fault: Fault::Gate,
+    }]);
     let port = cluster.nodes[from].port;
     let archiving = std::thread::spawn(move || {
         let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
         archive(&mut client.get_connection().unwrap(), "moving").map(|_| ())
     });
-    wait_for("the upload to start", Duration::from_secs(10), || {
-        info_field(&mut cluster.conn(from), "uploads_in_flight") == 1
+    wait_for("the upload held", Duration::from_secs(10), || {
+        proxy.gated() > 0
     });
     let s = slot.to_string();
     let atomic = cluster.has_migrateslots(from);
@@ -488,6 +492,7 @@ fn in_flight(flavor: Flavor) {
             .on::<()>(from, &["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id])
             .unwrap();
     }
+    proxy.release();
     let e = err_text(archiving.join().unwrap());
     assert!(e.contains("slot"), "abandoned by the slot check: {e}");
     assert_eq!(info_field(&mut cluster.conn(from), "flows_archived"), 0);
@@ -646,21 +651,21 @@ fn large_labels_hashes_are_swept_on_their_node_and_a_write_during_the_upload_kee
     assert_ne!(other, value);
     want.insert(first.clone(), other.clone());
 
-    proxy.delay("PUT", Duration::from_millis(1500));
+    let gate = |f: &TFlow| Rule {
+        method: "PUT",
+        path: f.id.clone(),
+        fault: Fault::Gate,
+    };
+    proxy.set(vec![gate(&quiet), gate(&written)]);
     let mut sweeper = cluster.conn(node);
     let swept = std::thread::spawn(move || sweep(&mut sweeper, &[]));
-    wait_for("both uploads", Duration::from_secs(60), || {
-        let puts = proxy.requests();
-        let put = |f: &TFlow| {
-            puts.iter()
-                .any(|r| r.starts_with("PUT") && r.contains(&f.id))
-        };
-        put(&quiet) && put(&written)
+    wait_for("both uploads held", Duration::from_secs(60), || {
+        proxy.gated() == 2
     });
     let [_, _, _, key] = tagged_keys(&written.id);
     cmd::<()>(&mut c, &["HSET", &key, &first, &other]).unwrap();
+    proxy.release();
     let summary = swept.join().unwrap().unwrap();
-    proxy.clear();
     assert_eq!(int(&summary["archived"]), 1, "{summary:?}");
     assert_eq!(info_field(&mut c, "hash_events_subscribed"), 1);
     let archived = cluster.check(&flows);
@@ -709,17 +714,22 @@ fn a_large_labels_hash_uploading_through_a_failover_is_archived_by_the_new_prima
         .unwrap();
     cluster.assert_replicas_equal();
 
-    proxy.delay("PUT", Duration::from_secs(3));
+    proxy.set(vec![Rule {
+        method: "PUT",
+        path: flow.id.clone(),
+        fault: Fault::Gate,
+    }]);
     let mut archiver = cluster.conn(old);
     let id = flow.id.clone();
     let archiving = std::thread::spawn(move || archive(&mut archiver, &id));
-    wait_for("the upload", Duration::from_secs(30), || {
-        proxy.requests().iter().any(|r| r.starts_with("PUT"))
+    wait_for("the upload held", Duration::from_secs(30), || {
+        proxy.gated() == 1
     });
     cluster.on::<()>(replica, &["CLUSTER", "FAILOVER"]).unwrap();
     wait_for("the failover", Duration::from_secs(30), || {
         cluster.owner(slot) == replica
     });
+    proxy.release();
     let answer = archiving.join().unwrap();
     assert!(answer.is_err(), "{answer:?}");
     // Refused by its role, or by the slot it no longer serves.
