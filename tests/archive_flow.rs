@@ -381,14 +381,12 @@ fn late_event_during_upload_deletes_nothing() {
     let srv = server_via(&s3, Some(&proxy), &[]);
     let mut c = srv.conn();
     write_flow(&mut c, &FlowSpec::done("late"));
-    proxy.delay("PUT", Duration::from_millis(800));
+    proxy.hold("PUT");
     let handle = std::thread::spawn(move || archive(&mut c, "late"));
     let mut other = srv.conn();
-    wait_for(
-        "the PUT to reach the proxy",
-        Duration::from_secs(10),
-        || !proxy.requests().is_empty(),
-    );
+    wait_for("the PUT held", Duration::from_secs(10), || {
+        proxy.gated() > 0
+    });
     cmd::<()>(
         &mut other,
         &[
@@ -398,6 +396,7 @@ fn late_event_during_upload_deletes_nothing() {
         ],
     )
     .unwrap();
+    proxy.release();
     let msg = err_text(handle.join().unwrap());
     assert!(
         msg.contains("changed while it was being archived") && msg.contains("nothing was deleted"),
@@ -416,7 +415,6 @@ fn late_event_during_upload_deletes_nothing() {
         "completed"
     );
     // Once the flow is quiet again, a new attempt archives all six events.
-    proxy.clear();
     let r = archive(&mut other, "late").unwrap();
     assert_eq!(int(&r["events"]), 6);
 }
@@ -428,11 +426,11 @@ fn status_change_during_upload_deletes_nothing() {
     let srv = server_via(&s3, Some(&proxy), &[]);
     let mut c = srv.conn();
     write_flow(&mut c, &FlowSpec::done("revived"));
-    proxy.delay("PUT", Duration::from_millis(800));
+    proxy.hold("PUT");
     let handle = std::thread::spawn(move || archive(&mut c, "revived"));
     let mut other = srv.conn();
-    wait_for("the PUT", Duration::from_secs(10), || {
-        !proxy.requests().is_empty()
+    wait_for("the PUT held", Duration::from_secs(10), || {
+        proxy.gated() > 0
     });
     cmd::<()>(
         &mut other,
@@ -444,6 +442,7 @@ fn status_change_during_upload_deletes_nothing() {
         ],
     )
     .unwrap();
+    proxy.release();
     let msg = err_text(handle.join().unwrap());
     assert!(msg.contains("changed while it was being archived"), "{msg}");
     assert_eq!(

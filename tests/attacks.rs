@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::proxy::Proxy;
+use common::proxy::{Fault, Proxy, Rule};
 use common::*;
 
 const PLAN0: &str = r#"{"goals":[],"required":[],"steps":{},"attributes":{},"excluded":{}}"#;
@@ -550,20 +550,22 @@ fn reused_id_races_keep_every_incarnation() {
         ..FlowSpec::done("again")
     };
     write_flow(&mut c, &second);
-    proxy.delay("PUT", Duration::from_millis(3000));
-    let sent = proxy.requests().len();
+    // This archive's own PUT is held; the sweep's requests are not.
+    proxy.set(vec![Rule {
+        method: "PUT",
+        path: "flows/again".into(),
+        fault: Fault::Gate,
+    }]);
     let mut other = srv.conn();
     let flow = std::thread::spawn(move || archive(&mut other, "again"));
-    // This archive's own PUT: the first archive's requests are in the log already.
-    wait_for("the PUT", Duration::from_secs(10), || {
-        proxy.requests()[sent..]
-            .iter()
-            .any(|r| r.starts_with("PUT"))
+    wait_for("the PUT held", Duration::from_secs(10), || {
+        proxy.gated() > 0
     });
     let s = sweep(&mut c, &[]).unwrap();
     assert_eq!(int(&s["archived"]), 0, "{s:?}");
     let planted = s3.location("flows/again.g9.jsonl.gz");
     cmd::<()>(&mut c, &["HSET", "archived:flows", "again", &planted]).unwrap();
+    proxy.release();
     let e = err_text(flow.join().unwrap());
     assert!(e.contains("by another archive meanwhile"), "{e}");
     assert!(live(&mut c, "again"));
@@ -571,7 +573,6 @@ fn reused_id_races_keep_every_incarnation() {
         cmd::<String>(&mut c, &["HGET", "archived:flows", "again"]).unwrap(),
         planted
     );
-    proxy.clear();
     cmd::<()>(&mut c, &["HSET", "archived:flows", "again", &loc1]).unwrap();
     let loc2 = text(&archive(&mut c, "again").unwrap()["location"]);
     assert_ne!(loc1, loc2);

@@ -257,11 +257,11 @@ fn a_flow_leased_by_the_engines_archiver_is_left_to_it() {
     );
     assert_same(&before, &dump_all(&mut c), "a leased flow is not touched");
 
-    proxy.delay("PUT", Duration::from_millis(800));
+    proxy.hold("PUT");
     let mut other = srv.conn();
     let flow = std::thread::spawn(move || archive(&mut other, "taken-later"));
-    wait_for("the PUT", Duration::from_secs(10), || {
-        !proxy.requests().is_empty()
+    wait_for("the PUT held", Duration::from_secs(10), || {
+        proxy.gated() > 0
     });
     cmd::<()>(
         &mut c,
@@ -274,13 +274,13 @@ fn a_flow_leased_by_the_engines_archiver_is_left_to_it() {
         ],
     )
     .unwrap();
+    proxy.release();
     let e = err_text(flow.join().unwrap());
     assert!(e.contains("engine's own archiver"), "{e}");
     assert_eq!(
         cmd::<i64>(&mut c, &["EXISTS", "argyll:flow:taken-later:events"]).unwrap(),
         1
     );
-    proxy.clear();
 
     let summary = sweep(&mut c, &[]).unwrap();
     assert_eq!(int(&summary["archived"]), 0, "{summary:?}");

@@ -126,7 +126,8 @@ fn repeat_reads_come_from_the_cache() {
 #[test]
 fn fifty_concurrent_reads_share_one_fetch() {
     let (_s3, proxy, srv, state, _) = archived_bed("popular", &[]);
-    proxy.delay("GET", Duration::from_millis(600));
+    // The fetch is held until all fifty reads wait on it.
+    proxy.hold("GET");
     let before = proxy.requests().len();
     let port = srv.port;
     let handles: Vec<_> = (0..50)
@@ -138,11 +139,17 @@ fn fifty_concurrent_reads_share_one_fetch() {
             })
         })
         .collect();
+    let mut c = srv.conn();
+    wait_for(
+        "fifty reads waiting on the held fetch",
+        Duration::from_secs(60),
+        || proxy.gated() == 1 && blocked_clients(&mut c) == 50,
+    );
+    proxy.release();
     let expected = archived_state(&state);
     for h in handles {
         assert_eq!(h.join().unwrap(), expected);
     }
-    let mut c = srv.conn();
     assert_eq!(info_field(&mut c, "get_archive_fetches"), 1);
     assert_eq!(
         proxy.requests()[before..]

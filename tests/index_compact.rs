@@ -502,21 +502,13 @@ fn the_commit_refuses_a_flow_indexed_meanwhile_in_either_format() {
     ] {
         config_set(&mut other, "flowarchive.index-format", configured).unwrap();
         write_flow(&mut other, &FlowSpec::done(id));
-        proxy.delay("PUT", std::time::Duration::from_millis(800));
-        // The proxy keeps the requests of earlier rounds: this round's PUT is the one after them.
-        let earlier = proxy.requests().len();
+        proxy.hold("PUT");
         let mut c = srv.conn();
         let flow = id.to_string();
         let handle = std::thread::spawn(move || archive(&mut c, &flow));
-        wait_for(
-            "the PUT to reach the proxy",
-            std::time::Duration::from_secs(10),
-            || {
-                proxy.requests()[earlier..]
-                    .iter()
-                    .any(|r| r.starts_with("PUT "))
-            },
-        );
+        wait_for("the PUT held", std::time::Duration::from_secs(10), || {
+            proxy.gated() > 0
+        });
         // Another writer indexes the flow in the format the commit does not write.
         let planted = format!("{head}flows/elsewhere.jsonl.gz");
         if configured == "compact" {
@@ -536,6 +528,7 @@ fn the_commit_refuses_a_flow_indexed_meanwhile_in_either_format() {
                 .query::<i64>(&mut other)
                 .unwrap();
         }
+        proxy.release();
         let e = err_text(handle.join().unwrap());
         assert!(
             e.contains("by another archive meanwhile"),
@@ -543,6 +536,5 @@ fn the_commit_refuses_a_flow_indexed_meanwhile_in_either_format() {
         );
         let events = format!("argyll:flow:{id}:events");
         assert!(exists(&mut other, &events), "{configured}: nothing deleted");
-        proxy.clear();
     }
 }

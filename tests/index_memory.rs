@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::proxy::Proxy;
+use common::proxy::{Fault, Proxy, Rule};
 use common::*;
 
 /// The flow's state and events as GET answers them, archived: equal to what was written.
@@ -91,6 +91,30 @@ fn eviction_policies_that_can_take_the_index_refuse_archiving_loudly() {
     assert_archived(&mut c, &FlowSpec::done("kept"));
 }
 
+/// Starts a sweep (at concurrency 1) whose flow uploads the proxy lets through one at a time until
+/// it has archived `n` flows, and returns with the next one's upload held.
+fn sweep_until_archived(c: &mut redis::Connection, proxy: &Proxy, n: i64) {
+    // Each change of the rules lets the upload held go on and holds the next.
+    let gate = || {
+        proxy.set(vec![Rule {
+            method: "PUT",
+            path: "/flows/".into(),
+            fault: Fault::Gate,
+        }])
+    };
+    gate();
+    let base = info_field(c, "flows_archived");
+    assert_eq!(sweep_async(c).unwrap(), "STARTED");
+    for archived in 0..=n {
+        wait_for("the next upload held", Duration::from_secs(30), || {
+            proxy.gated() == 1 && info_field(c, "flows_archived") >= base + archived
+        });
+        if archived < n {
+            gate();
+        }
+    }
+}
+
 /// A policy that can take the index set mid-sweep: the commits still to come refuse, and every flow
 /// is archived and readable or live and intact.
 #[test]
@@ -104,12 +128,9 @@ fn an_evicting_policy_set_mid_sweep_stops_its_commits() {
         write_flow(&mut c, &FlowSpec::done(id));
     }
     let before = dump_all(&mut c);
-    proxy.delay("PUT", Duration::from_millis(250));
-    assert_eq!(sweep_async(&mut c).unwrap(), "STARTED");
-    wait_for("a first archive", Duration::from_secs(30), || {
-        info_field(&mut c, "flows_archived") >= 2
-    });
+    sweep_until_archived(&mut c, &proxy, 2);
     config_set(&mut c, "maxmemory-policy", "allkeys-lru").unwrap();
+    proxy.release();
     wait_for("the sweep's end", Duration::from_secs(60), || {
         info_field(&mut c, "sweep_running") == 0
     });
@@ -309,16 +330,12 @@ fn index_key_changes_keep_every_archive_readable() {
     for id in &ids {
         write_flow(&mut c, &FlowSpec::done(id));
     }
-    proxy.delay("PUT", Duration::from_millis(200));
-    assert_eq!(sweep_async(&mut c).unwrap(), "STARTED");
-    wait_for("a first archive", Duration::from_secs(30), || {
-        info_field(&mut c, "flows_archived") >= 4
-    });
+    sweep_until_archived(&mut c, &proxy, 4);
     config_set(&mut c, "flowarchive.index-key", "archived:v3").unwrap();
+    proxy.release();
     wait_for("the sweep's end", Duration::from_secs(60), || {
         info_field(&mut c, "sweep_running") == 0
     });
-    proxy.clear();
     sweep(&mut c, &[]).unwrap();
     for id in &ids {
         assert_archived(&mut c, &FlowSpec::done(id));
@@ -429,6 +446,15 @@ fn reads_find_archives_when_the_whole_index_is_lost() {
     assert_eq!(proxy.requests().len(), before);
 }
 
+/// Holds the PUT of flow `holder` at the proxy's gate, and no other request.
+fn hold_holder(proxy: &Proxy) {
+    proxy.set(vec![Rule {
+        method: "PUT",
+        path: "flows/holder".into(),
+        fault: Fault::Gate,
+    }]);
+}
+
 /// However many flows a sweep has in flight, the module holds at most `buffer-max-bytes` of them
 /// (captured logs, encoded objects and the logs kept for the commit, INFO `buffered_bytes`) while
 /// more than one flow holds bytes: at concurrency 8 with flows of about 400 kB and a 1 MB budget, the
@@ -532,12 +558,11 @@ fn snapshots_judged_whole_are_measured_before_they_are_copied() {
         &(1 << 20).to_string(),
     )
     .unwrap();
-    proxy.delay("PUT", Duration::from_millis(3000));
+    hold_holder(&proxy);
     let mut a = srv.conn();
     let archiving = std::thread::spawn(move || archive(&mut a, "holder"));
     wait_for("the upload to hold bytes", Duration::from_secs(10), || {
-        info_field(&mut c, "buffered_bytes") > 0
-            && proxy.requests().iter().any(|r| r.starts_with("PUT"))
+        info_field(&mut c, "buffered_bytes") > 0 && proxy.gated() > 0
     });
     let peak = info_field(&mut c, "heap_bytes_peak");
     for id in &ids {
@@ -561,8 +586,8 @@ fn snapshots_judged_whole_are_measured_before_they_are_copied() {
     assert_eq!(listed, ["holder"], "{dry:?}");
     let rise = info_field(&mut c, "heap_bytes_peak") - peak;
     assert!(rise < 512 << 10, "the DRYRUN copied {rise} bytes");
+    proxy.release();
     archiving.join().unwrap().unwrap();
-    proxy.clear();
     assert_eq!(info_field(&mut c, "buffered_bytes"), 0, "all released");
 
     // Nothing else in flight: a DRYRUN copies each alone, counted while it holds it.
@@ -662,12 +687,11 @@ fn a_large_label_is_measured_before_the_first_step_copies_it() {
         &(1 << 20).to_string(),
     )
     .unwrap();
-    proxy.delay("PUT", Duration::from_millis(3000));
+    hold_holder(&proxy);
     let mut a = srv.conn();
     let archiving = std::thread::spawn(move || archive(&mut a, "holder"));
     wait_for("the upload to hold bytes", Duration::from_secs(10), || {
-        info_field(&mut c, "buffered_bytes") > 0
-            && proxy.requests().iter().any(|r| r.starts_with("PUT"))
+        info_field(&mut c, "buffered_bytes") > 0 && proxy.gated() > 0
     });
     let peak = info_field(&mut c, "heap_bytes_peak");
     let refused = err_text(archive(&mut c, id));
@@ -679,8 +703,8 @@ fn a_large_label_is_measured_before_the_first_step_copies_it() {
     assert_eq!(listed, ["holder"], "{dry:?}");
     let rise = info_field(&mut c, "heap_bytes_peak") - peak;
     assert!(rise < 512 << 10, "the refused flow copied {rise} bytes");
+    proxy.release();
     archiving.join().unwrap().unwrap();
-    proxy.clear();
     assert_eq!(info_field(&mut c, "buffered_bytes"), 0, "all released");
 
     let summary = sweep(&mut c, &[]).unwrap();
@@ -799,13 +823,13 @@ fn a_live_read_is_refused_with_a_retry_while_the_buffers_are_full() {
     for (id, len) in snapshotted {
         write_padded_flow(&mut c, id, len);
     }
-    proxy.delay("PUT", Duration::from_millis(1500));
+    proxy.hold("PUT");
     let mut a = srv.conn();
     let archiving = std::thread::spawn(move || archive(&mut a, "big"));
     wait_for(
         "the upload to hold the log",
         Duration::from_secs(10),
-        || info_field(&mut c, "buffered_bytes") > 700_000,
+        || info_field(&mut c, "buffered_bytes") > 700_000 && proxy.gated() > 0,
     );
     let peak = info_field(&mut c, "heap_bytes_peak");
     for id in ["other", "half", "large"] {
@@ -817,8 +841,8 @@ fn a_live_read_is_refused_with_a_retry_while_the_buffers_are_full() {
     }
     let rise = info_field(&mut c, "heap_bytes_peak") - peak;
     assert!(rise < 300_000, "the refused reads copied {rise} bytes");
+    proxy.release();
     archiving.join().unwrap().unwrap();
-    proxy.clear();
     let (_, events) = get_events(&mut c, "other").unwrap();
     assert_eq!(events, other_events);
     for (id, _) in snapshotted {
@@ -901,14 +925,14 @@ fn a_long_live_read_is_refused_at_the_block_that_would_pass_the_budget() {
     assert_eq!(info_field(&mut c, "buffered_bytes"), 0);
     assert!(alone > 300_000, "{alone}");
 
-    // Long enough for the reads below on a loaded machine; the sweep holds its log until then.
-    proxy.delay("PUT", Duration::from_secs(8));
+    // The sweep holds its log until the reads below are done.
+    proxy.hold("PUT");
     let mut s = srv.conn();
     let sweeping = std::thread::spawn(move || sweep(&mut s, &[]));
     wait_for(
         "the upload to hold the log",
         Duration::from_secs(60),
-        || !proxy.requests().is_empty(),
+        || proxy.gated() > 0,
     );
     let held = info_field(&mut c, "buffered_bytes");
     assert!(held > 700_000, "{held}: the sweep holds most of the budget");
@@ -942,8 +966,8 @@ fn a_long_live_read_is_refused_at_the_block_that_would_pass_the_budget() {
     );
     assert_eq!(info_field(&mut c, "buffered_bytes_peak"), budget + 1);
 
+    proxy.release();
     assert_eq!(int(&sweeping.join().unwrap().unwrap()["archived"]), 1);
-    proxy.clear();
     config_set(&mut c, "flowarchive.buffer-max-bytes", &budget.to_string()).unwrap();
     assert_eq!(get_events(&mut c, "reader").unwrap().1, events);
     assert_eq!(info_field(&mut c, "buffered_bytes"), 0);

@@ -644,21 +644,20 @@ fn a_short_log_of_large_events_is_read_in_steps() {
 
     // A blob rewritten to the same size while the object is on its way: followed, so kept.
     let (_, before_change) = wide(&mut c, "wide-changed");
-    proxy.delay("PUT", Duration::from_millis(700));
-    let seen = proxy.requests().len();
+    proxy.hold("PUT");
     let mut other = srv.conn();
     let flow = std::thread::spawn(move || archive(&mut other, "wide-changed"));
-    wait_for("the PUT", Duration::from_secs(20), || {
-        proxy.requests().len() > seen
+    wait_for("the PUT held", Duration::from_secs(20), || {
+        proxy.gated() > 0
     });
     let edited = before_change[20].replacen('x', "y", 1);
     run(
         &mut c,
         &["LSET", &events_key("wide-changed"), "20", &edited],
     );
+    proxy.release();
     let e = err_text(flow.join().unwrap());
     assert!(e.contains("changed while it was being archived"), "{e}");
-    proxy.clear();
     let mut now = before_change;
     now[20] = edited;
     assert_eq!(lrange(&mut c, &events_key("wide-changed")), now);
@@ -1876,36 +1875,29 @@ fn module_unload_is_refused_during_a_stepped_read_or_capture() {
     );
     assert_eq!(int(&archived.unwrap()["events"]), FEW as i64 + 5);
 
-    proxy.delay("PUT", Duration::from_millis(700));
-    let seen = proxy.requests().len();
+    proxy.hold("PUT");
     let mut other = srv.conn();
     let held = std::thread::spawn(move || archive(&mut other, "held"));
-    wait_for("the PUT", Duration::from_secs(20), || {
-        proxy.requests().len() > seen
+    wait_for("the PUT held", Duration::from_secs(20), || {
+        proxy.gated() > 0
     });
     refused(&mut c, "an upload held back", BLOCKED_CLIENTS);
+    proxy.release();
     let archived = held.join().unwrap();
     assert_eq!(int(&archived.unwrap()["events"]), FEW as i64 + 5);
 
-    // A sweep: its captures in steps, then its uploads held back.
+    // A sweep: its captures in steps, then its uploads held back until the unloads are done.
+    proxy.hold("PUT");
     let before = steps(&mut c);
     assert_eq!(sweep_async(&mut c).unwrap(), "STARTED");
     wait_for("the sweep's capture steps", Duration::from_secs(20), || {
         steps(&mut c) >= before + 2
     });
     let refusals = |srv: &Server| srv.log().matches("MODULE UNLOAD refused").count();
-    let puts = || {
-        proxy
-            .requests()
-            .iter()
-            .filter(|r| r.starts_with("PUT"))
-            .count()
-    };
-    let put = puts();
     for what in ["the sweep's captures", "the sweep's uploads"] {
         if what.ends_with("uploads") {
-            wait_for("a PUT of the sweep", Duration::from_secs(20), || {
-                puts() > put
+            wait_for("a PUT of the sweep held", Duration::from_secs(20), || {
+                proxy.gated() > 0
             });
         }
         let running = info_field(&mut c, "sweep_running") == 1;
@@ -1921,10 +1913,10 @@ fn module_unload_is_refused_during_a_stepped_read_or_capture() {
             assert!(e.contains("Error unloading module"), "{what}: {e}");
         }
     }
+    proxy.release();
     wait_for("the sweep to end", Duration::from_secs(60), || {
         info_field(&mut c, "sweep_running") == 0
     });
-    proxy.clear();
     assert_alive(&mut srv, "after the unloads");
     let tally = checker::check("after the unloads", &srv, &s3, &model, Expect::Either);
     assert_eq!(tally.archived, model.flows.len());

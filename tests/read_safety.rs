@@ -789,11 +789,20 @@ fn many_clients_reading_one_long_archived_flow_each_get_it_whole() {
             .collect();
         threads.into_iter().for_each(|t| t.join().unwrap());
     };
-    proxy.delay("GET", Duration::from_millis(600));
+    // The first wave's fetch is held until all ten reads wait on it.
+    proxy.hold("GET");
     let fetches = info_field(&mut c, "get_archive_fetches");
-    wave(10, 1);
+    std::thread::scope(|scope| {
+        let first = scope.spawn(|| wave(10, 1));
+        wait_for(
+            "ten reads waiting on the held fetch",
+            Duration::from_secs(60),
+            || proxy.gated() == 1 && blocked_clients(&mut c) == 10,
+        );
+        proxy.release();
+        first.join().unwrap();
+    });
     assert_eq!(info_field(&mut c, "get_archive_fetches"), fetches + 1);
-    proxy.clear();
     wave(3, READS);
     // Not cached: a connection's reads follow one another, each fetched (or sharing another
     // connection's fetch).

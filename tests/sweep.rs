@@ -195,16 +195,15 @@ fn events_appended_during_a_sweep_skip_those_flows() {
     for id in &ids {
         write_flow(&mut c, &FlowSpec::done(id));
     }
-    proxy.delay("PUT", Duration::from_millis(700));
+    // Flows' uploads held (the store's checksum probe is a PUT too, not of a flow).
+    proxy.set(vec![Rule {
+        method: "PUT",
+        path: "/flows/".into(),
+        fault: Fault::Gate,
+    }]);
     assert_eq!(sweep_async(&mut c).unwrap(), "STARTED");
-    // Two flows' uploads (the store's checksum probe is a PUT too, not of a flow).
-    wait_for("the first uploads", Duration::from_secs(10), || {
-        proxy
-            .requests()
-            .iter()
-            .filter(|r| r.starts_with("PUT") && r.contains("/flows/"))
-            .count()
-            >= 2
+    wait_for("the first uploads held", Duration::from_secs(10), || {
+        proxy.gated() >= 2
     });
     let in_upload: Vec<String> = proxy
         .requests()
@@ -228,6 +227,7 @@ fn events_appended_during_a_sweep_skip_those_flows() {
         )
         .unwrap();
     }
+    proxy.release();
     wait_for("the sweep to end", Duration::from_secs(30), || {
         info_field(&mut c, "sweep_running") == 0
     });
@@ -628,11 +628,11 @@ fn a_batched_commit_is_one_transaction_per_step_and_failed_flows_stay_live() {
     }
     replicate(&mut r, primary.port, "argyll:flow:b7:events");
 
-    // Every upload takes a second: all eight flows are begun and uploading at once.
-    proxy.delay("PUT", Duration::from_secs(1));
+    // Every upload held: all eight flows are begun and uploading at once.
+    proxy.hold("PUT");
     sweep_async(&mut c).unwrap();
     wait_for("all flows uploading", Duration::from_secs(20), || {
-        info_field(&mut c, "sweep_current_in_flight") == 8
+        info_field(&mut c, "sweep_current_in_flight") == 8 && proxy.gated() == 8
     });
     // During the uploads b3 gets a late event (its commit finds it changed) and b5's label set turns
     // into a string (its commit's type check refuses it); writes then pause until every upload has
@@ -641,6 +641,7 @@ fn a_batched_commit_is_one_transaction_per_step_and_failed_flows_stay_live() {
     cmd::<()>(&mut c, &["DEL", "argyll:idx:label:tenant:solo"]).unwrap();
     cmd::<()>(&mut c, &["SET", "argyll:idx:label:tenant:solo", "x"]).unwrap();
     cmd::<()>(&mut c, &["CLIENT", "PAUSE", "20000", "WRITE"]).unwrap();
+    proxy.release();
     // Each upload's HEAD follows its PUT; the upload has returned once none is in the store stage.
     wait_for("every upload back", Duration::from_secs(9), || {
         let heads = proxy
@@ -833,16 +834,17 @@ fn every_candidate_has_one_outcome_and_the_counts_add_up() {
         &["ZADD", "argyll:idx:status:completed", &score, "flow:ghost"],
     )
     .unwrap();
+    let refused = Rule {
+        method: "PUT",
+        path: "bad-".into(),
+        fault: Fault::Status(403),
+    };
     proxy.set(vec![
-        Rule {
-            method: "PUT",
-            path: "bad-".into(),
-            fault: Fault::Status(403),
-        },
+        refused.clone(),
         Rule {
             method: "PUT",
             path: "/late.".into(),
-            fault: Fault::Delay(Duration::from_millis(1500)),
+            fault: Fault::Gate,
         },
     ]);
 
@@ -861,12 +863,11 @@ fn every_candidate_has_one_outcome_and_the_counts_add_up() {
     info_adds_up("LIMIT", &mut c, 0);
 
     assert_eq!(sweep_async(&mut c).unwrap(), "STARTED");
-    wait_for("the late flow's upload", Duration::from_secs(20), || {
-        proxy
-            .requests()
-            .iter()
-            .any(|r| r.starts_with("PUT") && r.contains("/late.jsonl.gz"))
-    });
+    wait_for(
+        "the late flow's upload held",
+        Duration::from_secs(20),
+        || proxy.gated() > 0,
+    );
     cmd::<()>(
         &mut c,
         &[
@@ -876,6 +877,8 @@ fn every_candidate_has_one_outcome_and_the_counts_add_up() {
         ],
     )
     .unwrap();
+    // The late flow's upload goes on; the bad ones are still refused.
+    proxy.set(vec![refused]);
     wait_for("the sweep to end", Duration::from_secs(60), || {
         info_field(&mut c, "sweep_running") == 0
     });
@@ -910,7 +913,7 @@ fn a_sweep_stopped_with_flows_out_counts_them_in_flight() {
         Rule {
             method: "PUT",
             path: "/a-slow.".into(),
-            fault: Fault::Delay(Duration::from_secs(4)),
+            fault: Fault::Gate,
         },
         Rule {
             method: "PUT",
@@ -943,7 +946,7 @@ fn a_sweep_stopped_with_flows_out_counts_them_in_flight() {
     no_count_errors(&srv, &mut c);
     // The flow left out is archived by a later sweep, once its abandoned upload has ended (until then
     // it is claimed: being archived); nothing was lost.
-    proxy.clear();
+    proxy.release();
     wait_for(
         "a later sweep to archive it",
         Duration::from_secs(30),
