@@ -1132,12 +1132,11 @@ fn a_sweep_on_a_demoted_primary_stops_uploading() {
         write_flow(&mut p, &FlowSpec::done(&format!("d{i:03}")));
     }
     replicate(&mut r, primary.port, "argyll:flow:d119:events");
-    proxy.delay("PUT", Duration::from_millis(150));
+    // A few flows archived, then the demotion lands while the next uploads are held.
+    proxy.hold("PUT");
     let started: String = cmd(&mut p, &["FLOWARCHIVE.SWEEP", "ASYNC"]).unwrap();
     assert_eq!(started, "STARTED");
-    wait_for("uploads", Duration::from_secs(10), || {
-        proxy.requests().len() >= 4
-    });
+    hold_sweep_at(&mut p, &proxy, &|| proxy.hold("PUT"), 2, "the first flows");
     cmd::<()>(&mut r, &["REPLICAOF", "NO", "ONE"]).unwrap();
     cmd::<()>(
         &mut p,
@@ -1149,6 +1148,7 @@ fn a_sweep_on_a_demoted_primary_stops_uploading() {
         .iter()
         .filter(|q| q.starts_with("PUT"))
         .count();
+    proxy.delay("PUT", Duration::from_millis(150));
     wait_for("the sweep to stop", Duration::from_secs(30), || {
         info_field(&mut p, "sweep_running") == 0
     });

@@ -356,11 +356,16 @@ fn a_crash_mid_sweep_loses_nothing() {
     for id in &ids {
         write_flow(&mut c, &FlowSpec::done(id));
     }
-    proxy.delay("PUT", Duration::from_millis(25));
+    // 20 flows archived, then the kill lands while the next uploads are held.
+    proxy.hold("PUT");
     sweep_async(&mut c).unwrap();
-    wait_for("some flows archived", Duration::from_secs(20), || {
-        info_field(&mut c, "flows_archived") >= 20
-    });
+    hold_sweep_at(
+        &mut c,
+        &proxy,
+        &|| proxy.hold("PUT"),
+        20,
+        "20 flows archived",
+    );
     srv.crash_and_restart();
     let mut c = srv.conn();
     let after_crash = indexed(&mut c).len();
@@ -909,27 +914,36 @@ fn a_sweep_stopped_with_flows_out_counts_them_in_flight() {
     for i in 0..30 {
         write_flow(&mut c, &FlowSpec::done(&format!("b-{i:02}")));
     }
-    proxy.set(vec![
-        Rule {
-            method: "PUT",
-            path: "/a-slow.".into(),
-            fault: Fault::Gate,
-        },
-        Rule {
-            method: "PUT",
-            path: "/b-".into(),
-            fault: Fault::Delay(Duration::from_millis(150)),
-        },
-    ]);
+    // The slow flow held throughout; the quick ones let through a step at a time.
+    let slow = Rule {
+        method: "PUT",
+        path: "/a-slow.".into(),
+        fault: Fault::Latch,
+    };
+    let quick = |fault: Fault| {
+        proxy.set(vec![
+            slow.clone(),
+            Rule {
+                method: "PUT",
+                path: "/b-".into(),
+                fault,
+            },
+        ])
+    };
+    quick(Fault::Gate);
     assert_eq!(sweep_async(&mut c).unwrap(), "STARTED");
-    wait_for(
+    hold_sweep_at(
+        &mut c,
+        &proxy,
+        &|| quick(Fault::Gate),
+        2,
         "a few quick flows archived",
-        Duration::from_secs(20),
-        || info_field(&mut c, "sweep_current_archived") >= 2,
     );
-    // A replica of nothing: the role changes, the data stays.
+    // A replica of nothing: the role changes, the data stays. The quick flow held goes on; the
+    // sweep's next selection step finds the node demoted.
     let nowhere = free_port().to_string();
     cmd::<()>(&mut c, &["REPLICAOF", "127.0.0.1", &nowhere]).unwrap();
+    quick(Fault::Delay(Duration::from_millis(150)));
     wait_for("the sweep to stop", Duration::from_secs(30), || {
         info_field(&mut c, "sweep_running") == 0
     });

@@ -650,6 +650,44 @@ pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
+/// Lets a sweep's uploads, held at `proxy`'s gate ([`Fault::Gate`](super::proxy::Fault::Gate) set
+/// by `gate` before the sweep began), through one change of the rules (`gate` again) at a time until
+/// `flows_archived` reaches `target`, and returns with an upload held at the gate: nothing more passes
+/// it until the test changes the rules, so what the test does next lands while the sweep is in flight
+/// however slowly this machine runs. Fails if the sweep ends first.
+pub fn hold_sweep_at(
+    c: &mut redis::Connection,
+    proxy: &super::proxy::Proxy,
+    gate: &dyn Fn(),
+    target: i64,
+    what: &str,
+) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        while proxy.gated() == 0 {
+            assert_eq!(
+                info_field(c, "sweep_running"),
+                1,
+                "{what}: the sweep ended before {target} flows were archived"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "{what}: timed out waiting for an upload at the gate"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if info_field(c, "flows_archived") >= target {
+            assert_eq!(
+                info_field(c, "sweep_running"),
+                1,
+                "{what}: the sweep ended with an upload held"
+            );
+            return;
+        }
+        gate();
+    }
+}
+
 /// Server args of a node that replicates diskless and, as a replica, loads asynchronously (`swapdb`):
 /// the old data is served until the new is loaded, then swapped in at once, with no keyspace event.
 pub const ASYNC_LOAD: [&str; 6] = [

@@ -28,6 +28,10 @@ pub enum Fault {
     /// [`Proxy::clear`], [`Proxy::set`]), then forward it as it is; a held request ends unanswered
     /// if the proxy stops first. A test acts while an upload is held with it, however late it runs.
     Gate,
+    /// Hold the request, like [`Fault::Gate`], for as long as the first rule it matches is a `Latch`:
+    /// a change of the other rules (a [`Fault::Gate`] stepped on) leaves it held; one that drops its
+    /// rule lets it go on.
+    Latch,
     /// Forward, then cut the response body to half.
     Truncate,
     /// Answer `200 OK` with the ETag S3 gives the request body (its MD5), never reaching S3: a store
@@ -77,8 +81,8 @@ struct Shared {
     alternated: AtomicUsize,
     /// Bumped by every change of the rules: a request held by [`Fault::Gate`] goes on once it moves.
     generation: AtomicUsize,
-    /// Requests held by [`Fault::Gate`] now.
-    gated: AtomicUsize,
+    /// The generation each request held by [`Fault::Gate`] waits to see move.
+    gated: Mutex<Vec<usize>>,
 }
 
 pub struct Proxy {
@@ -100,7 +104,7 @@ impl Proxy {
             faulted: AtomicUsize::new(0),
             alternated: AtomicUsize::new(0),
             generation: AtomicUsize::new(0),
-            gated: AtomicUsize::new(0),
+            gated: Mutex::new(Vec::new()),
         });
         let s = shared.clone();
         std::thread::spawn(move || {
@@ -172,9 +176,12 @@ impl Proxy {
         self.shared.heads.lock().unwrap().clone()
     }
 
-    /// How many requests [`Fault::Gate`] holds now.
+    /// How many requests [`Fault::Gate`] holds now: not counting one that a change of the rules has
+    /// let go but that has not left the gate yet, so a request counted stays held until the next change.
     pub fn gated(&self) -> usize {
-        self.shared.gated.load(Ordering::SeqCst)
+        let gated = self.shared.gated.lock().unwrap();
+        let generation = self.shared.generation.load(Ordering::SeqCst);
+        gated.iter().filter(|&&g| g == generation).count()
     }
 
     pub fn faulted(&self) -> usize {
@@ -417,14 +424,34 @@ fn handle(mut conn: TcpStream, s: &Shared) {
             return;
         }
         Some(Fault::Delay(d)) => std::thread::sleep(d),
+        Some(Fault::Latch) => loop {
+            if s.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let latched = s
+                .rules
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|r| (r.method.is_empty() || r.method == method) && path.contains(&r.path))
+                .is_some_and(|r| r.fault == Fault::Latch);
+            if !latched {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        },
         Some(Fault::Gate) => {
-            s.gated.fetch_add(1, Ordering::SeqCst);
+            s.gated.lock().unwrap().push(generation);
             while s.generation.load(Ordering::SeqCst) == generation
                 && !s.stop.load(Ordering::SeqCst)
             {
                 std::thread::sleep(Duration::from_millis(2));
             }
-            s.gated.fetch_sub(1, Ordering::SeqCst);
+            let mut gated = s.gated.lock().unwrap();
+            if let Some(i) = gated.iter().position(|&g| g == generation) {
+                gated.swap_remove(i);
+            }
+            drop(gated);
             if s.stop.load(Ordering::SeqCst) {
                 return;
             }
