@@ -289,7 +289,8 @@ fn one_sweep_at_a_time_limit_and_responsiveness() {
     assert_eq!(int(&limited["archived"]), 5);
     assert_eq!(indexed(&mut c).len(), 5);
 
-    proxy.delay("PUT", Duration::from_millis(20));
+    // The uploads held: the sweep is running until they are let go, however slowly this machine runs.
+    proxy.hold("PUT");
     assert_eq!(sweep_async(&mut c).unwrap(), "STARTED");
     let e = sweep(&mut c, &[]).unwrap_err().to_string();
     assert!(e.contains("already running"), "{e}");
@@ -302,7 +303,7 @@ fn one_sweep_at_a_time_limit_and_responsiveness() {
     // its class.)
     wait_for(
         "the two upload workers, and every upload thread, in SCHED_IDLE",
-        Duration::from_secs(2),
+        Duration::from_secs(20),
         || {
             let policies = thread_policies(srv.pid(), "flowarchive-upload");
             policies.len() >= 2 && policies.iter().all(|&p| p == SCHED_IDLE)
@@ -313,6 +314,8 @@ fn one_sweep_at_a_time_limit_and_responsiveness() {
         !coordinators.is_empty() && coordinators.iter().all(|&p| p == SCHED_OTHER),
         "coordinators: {coordinators:?}"
     );
+    // Then slowed, at least 296 × 20 ms over two workers: long enough to be probed.
+    proxy.delay("PUT", Duration::from_millis(20));
     let mut pings = 0;
     let mut slowest = Duration::ZERO;
     while info_field(&mut c, "sweep_running") == 1 {
