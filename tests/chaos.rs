@@ -34,7 +34,7 @@ use common::*;
 const SEED: u64 = 0x5EED_F10A_2026_1130;
 const RETENTION: &str = "1h";
 const RETENTION_MS: i64 = 3_600_000;
-/// Slows every upload so the sweep is long enough for a fault to land in its middle.
+/// Slows every upload once a fault has landed, so the sweep goes on under it for a while.
 const PUT_DELAY: Duration = Duration::from_millis(25);
 const SETTLE: Duration = Duration::from_secs(120);
 
@@ -201,18 +201,19 @@ fn start_sweep(c: &mut redis::Connection) {
     assert_eq!(r, "STARTED");
 }
 
-/// Waits until `more` flows beyond the current count are archived, then asserts the sweep is still
-/// running, so the fault that follows really lands mid-sweep.
-fn wait_mid_sweep(c: &mut redis::Connection, more: usize, what: &str) {
+/// Holds every upload at the proxy's gate: a held upload goes on at the next change of the rules.
+fn gate_uploads(proxy: &Proxy) {
+    proxy.hold("PUT");
+}
+
+/// With the uploads gated ([`gate_uploads`]) since before the sweep began, lets them through until
+/// `more` flows beyond the current count are archived, and returns with an upload held at the gate.
+/// The sweep is then certainly running, and stays so while the gate holds (short of failing every
+/// flow still to archive through its request timeouts), so the fault that follows really lands
+/// mid-sweep, however slowly this machine runs.
+fn hold_mid_sweep(c: &mut redis::Connection, proxy: &Proxy, more: usize, what: &str) {
     let target = info_field(c, "flows_archived") + more as i64;
-    wait_for(&format!("{what}: {more} flows archived"), SETTLE, || {
-        info_field(c, "flows_archived") >= target || info_field(c, "sweep_running") == 0
-    });
-    assert_eq!(
-        info_field(c, "sweep_running"),
-        1,
-        "{what}: the sweep ended before the fault; it would not be mid-sweep"
-    );
+    hold_sweep_at(c, proxy, &|| gate_uploads(proxy), target, what);
 }
 
 /// A fault point: between 1/8 and 5/8 of the flows still to archive.
@@ -308,15 +309,15 @@ fn a_kill_9_mid_sweep_with_aof_loses_nothing() {
     let mut c = srv.conn();
     let mut model = Model::new(0);
     populate(&mut c, &mut model, &mut rng, plan.flows, "a");
-    proxy.delay("PUT", PUT_DELAY);
     for round in 0..plan.rounds {
         let left = eligible_left(&mut c, &model);
         if left < 20 {
             break;
         }
         let what = format!("a round {round}");
+        gate_uploads(&proxy);
         start_sweep(&mut c);
-        wait_mid_sweep(&mut c, fault_point(&mut rng, left), &what);
+        hold_mid_sweep(&mut c, &proxy, fault_point(&mut rng, left), &what);
         srv.crash_and_restart();
         c = srv.conn();
         check(
@@ -380,15 +381,24 @@ fn b_s3_going_away_mid_sweep_loses_nothing() {
             break;
         }
         let what = format!("b round {round}");
-        proxy.set(vec![slow.clone()]);
+        gate_uploads(&proxy);
         start_sweep(&mut c);
         // Single-flow archives race the sweep through the same outage.
         let callers = FlowCallers::start(&srv, &ids, 2, SEED + round as u64);
-        wait_mid_sweep(&mut c, fault_point(&mut rng, left) / 2, &what);
+        hold_mid_sweep(&mut c, &proxy, fault_point(&mut rng, left) / 2, &what);
         let faulted_before = proxy.faulted();
-        for rule in &faults {
+        for (i, rule) in faults.iter().enumerate() {
+            // The uploads held go on as they are; what the sweep sends next meets the outage.
             proxy.set(vec![rule.clone()]);
             std::thread::sleep(Duration::from_millis(250 + rng.below(500) as u64));
+            if i == 0 {
+                // The sweep has flows left to send, however late it runs.
+                wait_for(
+                    &format!("{what}: a request to meet the outage"),
+                    SETTLE,
+                    || proxy.faulted() > faulted_before,
+                );
+            }
             proxy.set(vec![slow.clone()]);
             std::thread::sleep(Duration::from_millis(rng.below(200) as u64));
         }
@@ -426,7 +436,6 @@ fn replicated_bed(tag: &str, rng: &mut Rng, flows: Flows) -> (S3, Proxy, Server,
     let replica = replica_of(&primary, &s3, &proxy, module_args);
     let mut model = Model::new(0);
     flows.write(&mut primary.conn(), &mut model, rng, tag);
-    proxy.delay("PUT", PUT_DELAY);
     (s3, proxy, primary, replica, model)
 }
 
@@ -442,20 +451,23 @@ fn c_client_pause_write_mid_sweep_keeps_the_server_alive() {
             break;
         }
         let what = format!("c (CLIENT PAUSE WRITE) round {round}");
+        gate_uploads(&proxy);
         start_sweep(&mut c);
-        wait_mid_sweep(&mut c, fault_point(&mut rng, left), &what);
+        hold_mid_sweep(&mut c, &proxy, fault_point(&mut rng, left), &what);
         let pause_ms = 300 + rng.below(700);
-        cmd::<()>(&mut c, &["CLIENT", "PAUSE", &pause_ms.to_string(), "WRITE"]).unwrap();
-        // Uploads finish during the pause; their commits must wait for it (or be skipped), not crash,
-        // and not write: the replication stream stands still while writes are paused.
+        // Paused until the UNPAUSE below, however late this thread runs.
+        cmd::<()>(&mut c, &["CLIENT", "PAUSE", "60000", "WRITE"]).unwrap();
+        // The uploads held finish during the pause; their commits must wait for it (or be skipped),
+        // not crash, and not write: the replication stream stands still while writes are paused.
         let paused_at = repl_field(&mut c, "master_repl_offset");
-        std::thread::sleep(Duration::from_millis(pause_ms as u64 - 150));
+        proxy.delay("PUT", PUT_DELAY);
+        std::thread::sleep(Duration::from_millis(pause_ms as u64));
         assert_eq!(
             repl_field(&mut c, "master_repl_offset"),
             paused_at,
             "{what}: the primary wrote while writes were paused"
         );
-        std::thread::sleep(Duration::from_millis(350));
+        cmd::<()>(&mut c, &["CLIENT", "UNPAUSE"]).unwrap();
         assert_alive(&mut primary, &format!("{what}: after the pause"));
         wait_sweep_end(&mut c, &what);
         assert_alive(&mut primary, &what);
@@ -501,10 +513,12 @@ fn role_change_mid_sweep(what: &str, seed: u64, flows: Flows, swap: fn(&Server, 
         if left < 20 {
             break;
         }
-        proxy.delay("PUT", PUT_DELAY);
+        gate_uploads(&proxy);
         start_sweep(&mut c);
-        wait_mid_sweep(&mut c, fault_point(&mut rng, left), &what);
+        hold_mid_sweep(&mut c, &proxy, fault_point(&mut rng, left), &what);
         swap(&nodes[p], &nodes[1 - p]);
+        // The uploads held go on while the roles change.
+        proxy.delay("PUT", PUT_DELAY);
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while !(role(&nodes[1 - p]) == "master" && role(&nodes[p]) == "slave") {
             for n in nodes.iter_mut() {
@@ -698,15 +712,19 @@ fn d_config_set_of_every_config_mid_sweep_loses_nothing() {
         unknown.is_empty(),
         "d: configs without an alternate value in ALTERNATES: {unknown:?}"
     );
-    proxy.delay("PUT", PUT_DELAY * 2);
     for round in 0..plan.rounds {
         let left = eligible_left(&mut c, &model);
         if left < 20 {
             break;
         }
         let what = format!("d round {round}");
+        gate_uploads(&proxy);
         start_sweep(&mut c);
-        wait_mid_sweep(&mut c, fault_point(&mut rng, left) / 2, &what);
+        hold_mid_sweep(&mut c, &proxy, fault_point(&mut rng, left) / 2, &what);
+        // While an alternate is set, the uploads held go on (their commits, and the flows begun next,
+        // meet it) and the next are held: at most one per upload worker (3) a step, so the sweep still
+        // has flows to archive once the steps are spent.
+        let mut steps = eligible_left(&mut c, &model).saturating_sub(10) / 3;
         let mut refused = Vec::new();
         for (name, original) in &current {
             let short = name.trim_start_matches("flowarchive.");
@@ -723,6 +741,10 @@ fn d_config_set_of_every_config_mid_sweep_loses_nothing() {
             if let Err(e) = cmd::<()>(&mut c, &["CONFIG", "SET", name, &alternate]) {
                 refused.push(format!("{short}={alternate:?}: {e}"));
             }
+            if steps > 0 {
+                steps -= 1;
+                gate_uploads(&proxy);
+            }
             std::thread::sleep(Duration::from_millis(rng.below(30) as u64));
             cmd::<()>(&mut c, &["CONFIG", "SET", back_name, &back])
                 .unwrap_or_else(|e| panic!("{what}: setting {back_name} back to {back:?}: {e}"));
@@ -733,6 +755,7 @@ fn d_config_set_of_every_config_mid_sweep_loses_nothing() {
             1,
             "{what}: the sweep ended during the CONFIG SETs; they were not all mid-sweep"
         );
+        proxy.release();
         let mut after: Vec<(String, String)> =
             cmd(&mut c, &["CONFIG", "GET", "flowarchive.*"]).unwrap();
         after.sort();
@@ -784,7 +807,6 @@ fn e_swapdb_and_flushdb_mid_sweep_lose_nothing() {
     let mut m1 = Model::new(1);
     populate(&mut c0, &mut m0, &mut rng, plan.flows * 2 / 3, "e0-");
     populate(&mut c1, &mut m1, &mut rng, plan.flows / 3, "e1-");
-    proxy.delay("PUT", PUT_DELAY);
     for round in 0..plan.rounds {
         let left = eligible_left(&mut c0, &m0);
         if left < 20 {
@@ -794,11 +816,16 @@ fn e_swapdb_and_flushdb_mid_sweep_lose_nothing() {
         for i in 0..50 {
             cmd::<()>(&mut c2, &["SET", &format!("junk:{i}"), "x"]).unwrap();
         }
+        gate_uploads(&proxy);
         start_sweep(&mut c0);
-        wait_mid_sweep(&mut c0, fault_point(&mut rng, left) / 2, &what);
-        // Swapped long enough for the sweep to take steps on the other DB's data, twice.
-        for _ in 0..2 {
+        hold_mid_sweep(&mut c0, &proxy, fault_point(&mut rng, left) / 2, &what);
+        // Swapped long enough for the sweep to take steps on the other DB's data, twice; the uploads
+        // held go on once the first swap is in.
+        for swap in 0..2 {
             cmd::<()>(&mut c0, &["SWAPDB", "0", "1"]).unwrap();
+            if swap == 0 {
+                proxy.delay("PUT", PUT_DELAY);
+            }
             std::thread::sleep(Duration::from_millis(300 + rng.below(400) as u64));
             cmd::<()>(&mut c0, &["SWAPDB", "0", "1"]).unwrap();
             std::thread::sleep(Duration::from_millis(rng.below(200) as u64));
@@ -878,20 +905,21 @@ fn f_module_unload_is_refused_while_work_is_in_flight() {
     assert!(r.is_err(), "f: the hung archive of {held} must fail: {r:?}");
     assert_alive(&mut srv, "f (FLOWARCHIVE.FLOW in flight)");
 
-    proxy.delay("PUT", PUT_DELAY);
     for round in 0..plan.rounds {
         let left = eligible_left(&mut c, &model);
         if left < 20 {
             break;
         }
         let what = format!("f (sweep in flight) round {round}");
+        gate_uploads(&proxy);
         start_sweep(&mut c);
-        wait_mid_sweep(&mut c, fault_point(&mut rng, left), &what);
+        hold_mid_sweep(&mut c, &proxy, fault_point(&mut rng, left), &what);
         for _ in 0..3 {
             assert_unload_refused(&mut c, &what);
             assert_alive(&mut srv, &what);
             std::thread::sleep(Duration::from_millis(rng.below(100) as u64));
         }
+        proxy.release();
         wait_sweep_end(&mut c, &what);
         assert_alive(&mut srv, &what);
     }
@@ -913,7 +941,6 @@ fn g_late_events_and_status_changes_mid_sweep_are_kept() {
     let mut c = srv.conn();
     let mut model = Model::new(0);
     populate(&mut c, &mut model, &mut rng, plan.flows, "g");
-    proxy.delay("PUT", PUT_DELAY);
     let ids = model.ids();
     for round in 0..plan.rounds {
         let left = eligible_left(&mut c, &model);
@@ -921,9 +948,11 @@ fn g_late_events_and_status_changes_mid_sweep_are_kept() {
             break;
         }
         let what = format!("g round {round}");
+        gate_uploads(&proxy);
         start_sweep(&mut c);
         let callers = FlowCallers::start(&srv, &ids, 2, SEED ^ round as u64);
-        wait_mid_sweep(&mut c, fault_point(&mut rng, left) / 2, &what);
+        // The late writes land while the uploads they race are held.
+        hold_mid_sweep(&mut c, &proxy, fault_point(&mut rng, left) / 2, &what);
         let (mut late, mut moved) = (0, 0);
         let mut w = srv.conn();
         for id in &ids {
@@ -962,6 +991,7 @@ fn g_late_events_and_status_changes_mid_sweep_are_kept() {
             1,
             "{what}: the sweep ended during the late writes; they were not all mid-sweep"
         );
+        proxy.release();
         wait_sweep_end(&mut c, &what);
         let (ok, refused) = callers.stop();
         eprintln!("{what}: FLOWARCHIVE.FLOW callers: {ok} archived, {refused} refused");
@@ -1085,13 +1115,15 @@ fn i_memory_pressure_mid_sweep_loses_nothing() {
             break;
         }
         let what = format!("i round {round}");
-        proxy.delay("PUT", PUT_DELAY);
+        gate_uploads(&proxy);
         start_sweep(&mut c);
-        wait_mid_sweep(&mut c, fault_point(&mut rng, left) / 3, &what);
+        hold_mid_sweep(&mut c, &proxy, fault_point(&mut rng, left) / 3, &what);
         // At the limit: only keys with a TTL may go.
         let limit = memory_used(&mut c) + (2 << 20);
         config_set(&mut c, "maxmemory-policy", "volatile-lru").unwrap();
         config_set(&mut c, "maxmemory", &limit.to_string()).unwrap();
+        // The uploads held go on under the pressure.
+        proxy.delay("PUT", PUT_DELAY);
         for i in 0..400 {
             let key = format!("fill:{round}:{i}");
             cmd::<()>(&mut c, &["SET", &key, &filler, "EX", "3600"]).unwrap();
@@ -1181,10 +1213,11 @@ fn j_a_store_that_echoes_unchecked_mid_sweep_loses_nothing() {
         }
         let what = format!("j round {round} (verify {mode})");
         config_set(&mut c, "flowarchive.verify", mode).unwrap();
-        proxy.set(vec![slow.clone()]);
+        gate_uploads(&proxy);
         start_sweep(&mut c);
-        wait_mid_sweep(&mut c, fault_point(&mut rng, left) / 2, &what);
+        hold_mid_sweep(&mut c, &proxy, fault_point(&mut rng, left) / 2, &what);
         let archived = info_field(&mut c, "flows_archived");
+        // The uploads held go on to the honest store; the flows begun next meet the lie.
         proxy.set(vec![echo.clone()]);
         std::thread::sleep(Duration::from_millis(400 + rng.below(400) as u64));
         // On a loaded machine the uploads in flight may not have reached the store yet: the lie
