@@ -732,7 +732,9 @@ fn commit_is_one_transaction(flavor: Flavor) {
         Duration::from_secs(10),
         || cmd::<i64>(&mut r, &["HEXISTS", "archived:flows", "rep"]).unwrap_or(0) == 1,
     );
-    std::thread::sleep(Duration::from_millis(200));
+    // Everything the primary wrote is applied on the replica, not only the commits.
+    let acked: i64 = cmd(&mut m, &["WAIT", "1", "10000"]).unwrap();
+    assert_eq!(acked, 1, "the replica acknowledges the primary's writes");
     assert_same(
         &dump_all(&mut m),
         &dump_all(&mut r),

@@ -683,7 +683,9 @@ fn a_batched_commit_is_one_transaction_per_step_and_failed_flows_stay_live() {
         Duration::from_secs(10),
         || cmd::<i64>(&mut r, &["HLEN", "archived:flows"]).unwrap_or(0) == 6,
     );
-    std::thread::sleep(Duration::from_millis(200));
+    // Everything the primary wrote is applied on the replica, not only the commits.
+    let acked: i64 = cmd(&mut c, &["WAIT", "1", "10000"]).unwrap();
+    assert_eq!(acked, 1, "the replica acknowledges the primary's writes");
     assert_same(
         &dump_all(&mut c),
         &dump_all(&mut r),
