@@ -136,7 +136,10 @@ impl TFlow {
     }
 }
 
-/// The node options of a cluster member whose cluster bus listens on `bus`.
+/// The node options of a cluster member whose cluster bus listens on `bus`. Its node timeout is long
+/// enough that a node the test leaves running is not taken for failed on a busy machine (at 1.5 s, a
+/// primary was failed over in the middle of a sweep while two test runs shared the two cores); a
+/// node the test kills is still replaced within seconds.
 fn node_opts(flavor: Flavor, module_args: &[String], bus: u16) -> ServerOpts {
     let bus = bus.to_string();
     let extra = [
@@ -147,7 +150,7 @@ fn node_opts(flavor: Flavor, module_args: &[String], bus: u16) -> ServerOpts {
         "--cluster-port",
         &bus,
         "--cluster-node-timeout",
-        "1500",
+        "5000",
         "--cluster-replica-validity-factor",
         "0",
         "--cluster-allow-replica-migration",
