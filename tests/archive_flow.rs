@@ -384,7 +384,7 @@ fn late_event_during_upload_deletes_nothing() {
     proxy.hold("PUT");
     let handle = std::thread::spawn(move || archive(&mut c, "late"));
     let mut other = srv.conn();
-    wait_for("the PUT held", Duration::from_secs(10), || {
+    wait_for("the PUT held", Duration::from_secs(120), || {
         proxy.gated() > 0
     });
     cmd::<()>(
@@ -429,7 +429,7 @@ fn status_change_during_upload_deletes_nothing() {
     proxy.hold("PUT");
     let handle = std::thread::spawn(move || archive(&mut c, "revived"));
     let mut other = srv.conn();
-    wait_for("the PUT held", Duration::from_secs(10), || {
+    wait_for("the PUT held", Duration::from_secs(120), || {
         proxy.gated() > 0
     });
     cmd::<()>(

@@ -558,7 +558,7 @@ fn reused_id_races_keep_every_incarnation() {
     }]);
     let mut other = srv.conn();
     let flow = std::thread::spawn(move || archive(&mut other, "again"));
-    wait_for("the PUT held", Duration::from_secs(10), || {
+    wait_for("the PUT held", Duration::from_secs(120), || {
         proxy.gated() > 0
     });
     let s = sweep(&mut c, &[]).unwrap();

@@ -251,7 +251,7 @@ fn a_rewrite_to_the_same_content_is_archived_with_that_content() {
     proxy.hold("PUT");
     let mut other = srv.conn();
     let flow = std::thread::spawn(move || archive(&mut other, "same"));
-    wait_for("the PUT held", Duration::from_secs(10), || {
+    wait_for("the PUT held", Duration::from_secs(120), || {
         proxy.gated() > 0
     });
     // Deleted and written again, event for event: what the archive holds is what Valkey holds.
@@ -635,7 +635,7 @@ fn every_write_to_a_long_flow_between_its_steps_and_the_commit_keeps_it() {
     proxy.hold("PUT");
     let mut other = srv.conn();
     let flow = std::thread::spawn(move || archive(&mut other, id));
-    wait_for("the PUT held", Duration::from_secs(20), || {
+    wait_for("the PUT held", Duration::from_secs(120), || {
         proxy.gated() > 0
     });
     run(&mut tx, &["EXEC"]);
@@ -1593,7 +1593,7 @@ fn a_label_grown_between_capture_and_commit_is_not_copied_by_the_commit() {
     proxy.hold("PUT");
     let mut other = srv.conn();
     let swept = std::thread::spawn(move || sweep(&mut other, &[]));
-    wait_for("the PUT held", Duration::from_secs(20), || {
+    wait_for("the PUT held", Duration::from_secs(120), || {
         proxy.gated() > 0
     });
     run(&mut c, &["HSET", &labels, "tenant", &big]);

@@ -453,7 +453,7 @@ fn in_flight(flavor: Flavor) {
         let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
         archive(&mut client.get_connection().unwrap(), "moving").map(|_| ())
     });
-    wait_for("the upload held", Duration::from_secs(10), || {
+    wait_for("the upload held", Duration::from_secs(120), || {
         proxy.gated() > 0
     });
     let s = slot.to_string();
@@ -659,7 +659,7 @@ fn large_labels_hashes_are_swept_on_their_node_and_a_write_during_the_upload_kee
     proxy.set(vec![gate(&quiet), gate(&written)]);
     let mut sweeper = cluster.conn(node);
     let swept = std::thread::spawn(move || sweep(&mut sweeper, &[]));
-    wait_for("both uploads held", Duration::from_secs(60), || {
+    wait_for("both uploads held", Duration::from_secs(120), || {
         proxy.gated() == 2
     });
     let [_, _, _, key] = tagged_keys(&written.id);
@@ -722,7 +722,7 @@ fn a_large_labels_hash_uploading_through_a_failover_is_archived_by_the_new_prima
     let mut archiver = cluster.conn(old);
     let id = flow.id.clone();
     let archiving = std::thread::spawn(move || archive(&mut archiver, &id));
-    wait_for("the upload held", Duration::from_secs(30), || {
+    wait_for("the upload held", Duration::from_secs(120), || {
         proxy.gated() == 1
     });
     cluster.on::<()>(replica, &["CLUSTER", "FAILOVER"]).unwrap();

@@ -260,7 +260,7 @@ fn a_flow_leased_by_the_engines_archiver_is_left_to_it() {
     proxy.hold("PUT");
     let mut other = srv.conn();
     let flow = std::thread::spawn(move || archive(&mut other, "taken-later"));
-    wait_for("the PUT held", Duration::from_secs(10), || {
+    wait_for("the PUT held", Duration::from_secs(120), || {
         proxy.gated() > 0
     });
     cmd::<()>(

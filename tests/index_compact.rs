@@ -506,7 +506,7 @@ fn the_commit_refuses_a_flow_indexed_meanwhile_in_either_format() {
         let mut c = srv.conn();
         let flow = id.to_string();
         let handle = std::thread::spawn(move || archive(&mut c, &flow));
-        wait_for("the PUT held", std::time::Duration::from_secs(10), || {
+        wait_for("the PUT held", std::time::Duration::from_secs(120), || {
             proxy.gated() > 0
         });
         // Another writer indexes the flow in the format the commit does not write.

@@ -106,7 +106,7 @@ fn sweep_until_archived(c: &mut redis::Connection, proxy: &Proxy, n: i64) {
     let base = info_field(c, "flows_archived");
     assert_eq!(sweep_async(c).unwrap(), "STARTED");
     for archived in 0..=n {
-        wait_for("the next upload held", Duration::from_secs(30), || {
+        wait_for("the next upload held", Duration::from_secs(120), || {
             proxy.gated() == 1 && info_field(c, "flows_archived") >= base + archived
         });
         if archived < n {
@@ -561,7 +561,7 @@ fn snapshots_judged_whole_are_measured_before_they_are_copied() {
     hold_holder(&proxy);
     let mut a = srv.conn();
     let archiving = std::thread::spawn(move || archive(&mut a, "holder"));
-    wait_for("the upload to hold bytes", Duration::from_secs(10), || {
+    wait_for("the upload to hold bytes", Duration::from_secs(120), || {
         info_field(&mut c, "buffered_bytes") > 0 && proxy.gated() > 0
     });
     let peak = info_field(&mut c, "heap_bytes_peak");
@@ -690,7 +690,7 @@ fn a_large_label_is_measured_before_the_first_step_copies_it() {
     hold_holder(&proxy);
     let mut a = srv.conn();
     let archiving = std::thread::spawn(move || archive(&mut a, "holder"));
-    wait_for("the upload to hold bytes", Duration::from_secs(10), || {
+    wait_for("the upload to hold bytes", Duration::from_secs(120), || {
         info_field(&mut c, "buffered_bytes") > 0 && proxy.gated() > 0
     });
     let peak = info_field(&mut c, "heap_bytes_peak");

@@ -647,7 +647,7 @@ fn a_short_log_of_large_events_is_read_in_steps() {
     proxy.hold("PUT");
     let mut other = srv.conn();
     let flow = std::thread::spawn(move || archive(&mut other, "wide-changed"));
-    wait_for("the PUT held", Duration::from_secs(20), || {
+    wait_for("the PUT held", Duration::from_secs(120), || {
         proxy.gated() > 0
     });
     let edited = before_change[20].replacen('x', "y", 1);
@@ -1884,7 +1884,7 @@ fn module_unload_is_refused_during_a_stepped_read_or_capture() {
     proxy.hold("PUT");
     let mut other = srv.conn();
     let held = std::thread::spawn(move || archive(&mut other, "held"));
-    wait_for("the PUT held", Duration::from_secs(20), || {
+    wait_for("the PUT held", Duration::from_secs(120), || {
         proxy.gated() > 0
     });
     refused(&mut c, "an upload held back", BLOCKED_CLIENTS);
@@ -1902,7 +1902,7 @@ fn module_unload_is_refused_during_a_stepped_read_or_capture() {
     let refusals = |srv: &Server| srv.log().matches("MODULE UNLOAD refused").count();
     for what in ["the sweep's captures", "the sweep's uploads"] {
         if what.ends_with("uploads") {
-            wait_for("a PUT of the sweep held", Duration::from_secs(20), || {
+            wait_for("a PUT of the sweep held", Duration::from_secs(120), || {
                 proxy.gated() > 0
             });
         }

@@ -127,7 +127,7 @@ fn rights_taken_away_during_the_upload_refuse_the_commit() {
     proxy.hold("PUT");
     let mut wide = conn_as(&srv, "wide");
     let sweeping = std::thread::spawn(move || sweep(&mut wide, &[]));
-    wait_for("the PUT held", Duration::from_secs(10), || {
+    wait_for("the PUT held", Duration::from_secs(120), || {
         proxy.gated() > 0
     });
     // The flow's own keys and the engine's indexes stay allowed; the archive index no longer is.
@@ -238,7 +238,7 @@ fn every_key_of_a_group_of_many_is_checked_with_the_others() {
     proxy.hold("PUT");
     let mut uploading = conn_as(&srv, "labels");
     let flow = std::thread::spawn(move || archive(&mut uploading, "many"));
-    wait_for("the PUT held", Duration::from_secs(10), || {
+    wait_for("the PUT held", Duration::from_secs(120), || {
         proxy.gated() > 0
     });
     allow(&mut admin, Some(49));
@@ -521,7 +521,7 @@ fn module_unload_waits_for_work_in_flight_and_leaves_no_thread() {
     proxy.hold("PUT");
     let started: String = cmd(&mut c, &["FLOWARCHIVE.SWEEP", "ASYNC"]).unwrap();
     assert_eq!(started, "STARTED");
-    wait_for("an upload held", Duration::from_secs(10), || {
+    wait_for("an upload held", Duration::from_secs(120), || {
         proxy.gated() > 0
     });
     let e = err_text(cmd::<()>(&mut c, &["MODULE", "UNLOAD", "flowarchive"]));
@@ -570,7 +570,7 @@ fn commits_wait_out_client_pause_and_never_write_on_a_demoted_primary() {
     proxy.hold("PUT");
     let mut c = primary.conn();
     let flow = std::thread::spawn(move || archive(&mut c, "paused"));
-    wait_for("the PUT held", Duration::from_secs(10), || {
+    wait_for("the PUT held", Duration::from_secs(120), || {
         proxy.gated() > 0
     });
     cmd::<()>(&mut p, &["CLIENT", "PAUSE", "2500", "WRITE"]).unwrap();
@@ -586,7 +586,7 @@ fn commits_wait_out_client_pause_and_never_write_on_a_demoted_primary() {
     proxy.hold("PUT");
     let mut c = primary.conn();
     let flow = std::thread::spawn(move || archive(&mut c, "long-pause"));
-    wait_for("the PUT held", Duration::from_secs(10), || {
+    wait_for("the PUT held", Duration::from_secs(120), || {
         proxy.gated() > 0
     });
     cmd::<()>(&mut p, &["CLIENT", "PAUSE", "14000", "WRITE"]).unwrap();
@@ -606,7 +606,7 @@ fn commits_wait_out_client_pause_and_never_write_on_a_demoted_primary() {
     proxy.hold("PUT");
     let mut c = primary.conn();
     let flow = std::thread::spawn(move || archive(&mut c, "demoted"));
-    wait_for("the PUT held", Duration::from_secs(10), || {
+    wait_for("the PUT held", Duration::from_secs(120), || {
         proxy.gated() > 0
     });
     cmd::<()>(&mut r, &["REPLICAOF", "NO", "ONE"]).unwrap();
@@ -861,7 +861,7 @@ fn a_commit_checks_every_key_before_its_first_write() {
     proxy.hold("PUT");
     let mut other = srv.conn();
     let flow = std::thread::spawn(move || archive(&mut other, "partial"));
-    wait_for("the PUT held", Duration::from_secs(10), || {
+    wait_for("the PUT held", Duration::from_secs(120), || {
         proxy.gated() > 0
     });
     // The label-values set the commit would edit last turns into a string during the upload.
@@ -1190,7 +1190,7 @@ fn a_key_of_the_flow_created_as_another_type_during_the_upload_is_never_deleted(
     proxy.hold("PUT");
     let mut other = srv.conn();
     let flow = std::thread::spawn(move || archive(&mut other, "retyped"));
-    wait_for("the PUT held", Duration::from_secs(10), || {
+    wait_for("the PUT held", Duration::from_secs(120), || {
         proxy.gated() > 0
     });
     // The labels key was absent at capture; a set appears under its name.
@@ -1434,7 +1434,7 @@ fn replicas_keep_async_diskless_loading_and_a_swapped_in_flow_is_not_deleted() {
             .unwrap();
         archive(&mut c, "swapped")
     });
-    wait_for("the upload held", Duration::from_secs(10), || {
+    wait_for("the upload held", Duration::from_secs(120), || {
         proxy.gated() > 0
     });
     let mut ca = a.conn();

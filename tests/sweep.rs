@@ -202,7 +202,7 @@ fn events_appended_during_a_sweep_skip_those_flows() {
         fault: Fault::Gate,
     }]);
     assert_eq!(sweep_async(&mut c).unwrap(), "STARTED");
-    wait_for("the first uploads held", Duration::from_secs(10), || {
+    wait_for("the first uploads held", Duration::from_secs(120), || {
         proxy.gated() >= 2
     });
     let in_upload: Vec<String> = proxy
@@ -639,7 +639,7 @@ fn a_batched_commit_is_one_transaction_per_step_and_failed_flows_stay_live() {
     // Every upload held: all eight flows are begun and uploading at once.
     proxy.hold("PUT");
     sweep_async(&mut c).unwrap();
-    wait_for("all flows uploading", Duration::from_secs(20), || {
+    wait_for("all flows uploading", Duration::from_secs(120), || {
         info_field(&mut c, "sweep_current_in_flight") == 8 && proxy.gated() == 8
     });
     // During the uploads b3 gets a late event (its commit finds it changed) and b5's label set turns
