@@ -34,7 +34,7 @@ use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::cluster;
 use crate::runtime::key::{HashPairs, HashScan, Key};
 use crate::runtime::mainthread::{
-    pieces, read_log, read_string_step, ByteCap, EVENTS_PER_STEP, WHOLE_BYTES,
+    pieces, read_log, read_string_step, ByteCap, Counted, EVENTS_PER_STEP, WHOLE_BYTES,
 };
 use crate::runtime::server::{read_typed, type_of};
 use crate::runtime::watch::{Watch, Writes};
@@ -381,10 +381,6 @@ fn found_seq(ctx: &Context, keys: &FlowKeys) -> (KeyType, Option<Vec<u8>>) {
         k.string().map(<[u8]>::to_vec)
     })
 }
-
-/// What counts a copy from before it was made, or why it was measured and not made; `None` if none
-/// was counted.
-type Counted = Option<Result<ByteCap, FlowError>>;
 
 /// The labels hash's first pairs for the judge (`judge::labels`), read from it opened (`labels`): up to
 /// `WHOLE_BYTES` (and the rest of the scan call that passes them), never past `max_bytes`; with the

@@ -21,7 +21,7 @@ use crate::index::Entry;
 use crate::layout::{FlowKeys, Layout, StateSource};
 use crate::ops::errors::{holds, show_key, FlowError};
 use crate::runtime::key::HashScan;
-use crate::runtime::mainthread::ByteCap;
+use crate::runtime::mainthread::{ByteCap, Counted};
 
 /// Everything the capture read of one flow.
 pub struct Facts {
@@ -57,7 +57,7 @@ pub struct Live {
     pub labels_left: Option<HashScan>,
     /// What counts the labels read past `WHOLE_BYTES`, from before they were copied, or why they
     /// were measured and not copied.
-    pub labels_cap: Option<Result<ByteCap, FlowError>>,
+    pub labels_cap: Counted,
 }
 
 /// A hash's fields and values as read.
@@ -85,7 +85,7 @@ pub struct Snapshot {
     pub bytes: Option<Vec<u8>>,
     /// A large snapshot copied whole for its own facts (`Snapshot::counted`): the read's cap that
     /// counts it from before it was copied, or why it was measured and not copied.
-    pub cap: Option<Result<ByteCap, FlowError>>,
+    pub cap: Counted,
     parsed: OnceCell<Result<SnapshotFacts, FlowError>>,
 }
 
