@@ -121,9 +121,7 @@ fn archived_as_left(
     );
     let summary = sweep(c, &[]).unwrap();
     assert_eq!(int(&summary["archived"]), changed as i64, "{summary:?}");
-    let settled = checker::Expect::Settled { retention_ms: 0 };
-    let tally = checker::check("after a quiet sweep", srv, s3, model, settled);
-    assert_eq!(tally.archived, model.flows.len());
+    checker::check_swept("after a quiet sweep", srv, s3, model, model.flows.len());
 }
 
 /// A sweep running on a thread of its own: its summary.
@@ -1147,10 +1145,8 @@ fn a_write_to_one_dbs_copy_of_an_id_keeps_only_that_dbs_flow() {
     for (c, model) in [(&mut c0, &m0), (&mut c1, &m1)] {
         let summary = sweep(c, &[]).unwrap();
         assert_eq!(int(&summary["failed"]), 0, "{summary:?}");
-        let settled = checker::Expect::Settled { retention_ms: 0 };
         let what = format!("DB {} after a quiet sweep", model.db);
-        let tally = checker::check(&what, &srv, &s3, model, settled);
-        assert_eq!(tally.archived, model.flows.len());
+        checker::check_swept(&what, &srv, &s3, model, model.flows.len());
     }
 }
 
@@ -1431,14 +1427,7 @@ fn an_event_replaced_at_the_end_of_the_first_block_keeps_the_flow() {
     );
     let summary = sweep(&mut c, &[]).unwrap();
     assert_eq!(int(&summary["archived"]), ids.len() as i64);
-    let tally = checker::check(
-        "after the sweep",
-        &srv,
-        &s3,
-        &model,
-        checker::Expect::Settled { retention_ms: 0 },
-    );
-    assert_eq!(tally.archived, ids.len());
+    checker::check_swept("after the sweep", &srv, &s3, &model, ids.len());
     for id in &ids {
         let attempt = format!("flows/{id}.jsonl.gz");
         assert!(stale.contains(&attempt), "{id}: {stale:?}");
@@ -2115,7 +2104,5 @@ fn labels_rehashed_between_capture_steps_are_read_whole() {
     assert_eq!(finished, -1, "finished");
     let summary = swept.join().unwrap().unwrap();
     assert_eq!(int(&summary["archived"]), 3, "{summary:?}");
-    let settled = checker::Expect::Settled { retention_ms: 0 };
-    let tally = checker::check("archived", &srv, &s3, &model, settled);
-    assert_eq!(tally.archived, 3);
+    checker::check_swept("archived", &srv, &s3, &model, 3);
 }

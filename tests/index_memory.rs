@@ -621,14 +621,7 @@ fn snapshots_judged_whole_are_measured_before_they_are_copied() {
     assert_eq!(info_field(&mut c, "buffered_bytes"), 0, "all released");
     // The checker reads each flow's state as the engine folds it, its snapshot in the object.
     config_set(&mut c, "flowarchive.state", "fold").unwrap();
-    let tally = checker::check(
-        "after the sweeps",
-        &srv,
-        &s3,
-        &model,
-        checker::Expect::Settled { retention_ms: 0 },
-    );
-    assert_eq!(tally.archived, ids.len() + 1);
+    checker::check_swept("after the sweeps", &srv, &s3, &model, ids.len() + 1);
 }
 
 /// And of labels: at concurrency 8 with flows whose labels hashes hold 2 MiB each (read in steps,
@@ -709,9 +702,7 @@ fn a_large_label_is_measured_before_the_first_step_copies_it() {
 
     let summary = sweep(&mut c, &[]).unwrap();
     assert_eq!(int(&summary["archived"]), 1, "{summary:?}");
-    let settled = checker::Expect::Settled { retention_ms: 0 };
-    let tally = checker::check("archived", &srv, &s3, &model, settled);
-    assert_eq!(tally.archived, 2);
+    checker::check_swept("archived", &srv, &s3, &model, 2);
 }
 
 /// A flood of GETs of unknown ids while no index exists for the DB (every one searched in the
@@ -1059,13 +1050,6 @@ fn swept_within(srv: &Server, s3: &S3, model: &checker::Model, ids: &[String], b
         "{peak} bytes held at once, over buffer-max-bytes {budget}"
     );
     assert_eq!(info_field(&mut c, "buffered_bytes"), 0, "all released");
-    let tally = checker::check(
-        "after the sweeps",
-        srv,
-        s3,
-        model,
-        checker::Expect::Settled { retention_ms: 0 },
-    );
-    assert_eq!(tally.archived, ids.len());
+    checker::check_swept("after the sweeps", srv, s3, model, ids.len());
     peak
 }

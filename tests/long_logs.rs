@@ -153,14 +153,7 @@ fn boundaries(budget: Option<&str>) {
         assert!(f.join().unwrap() > 1, "the budget never changed");
     }
     assert_eq!(int(&summary["archived"]), sizes.len() as i64, "{summary:?}");
-    let tally = checker::check(
-        "after the sweep",
-        &srv,
-        &s3,
-        &model,
-        Expect::Settled { retention_ms: 0 },
-    );
-    assert_eq!(tally.archived, sizes.len());
+    checker::check_swept("after the sweep", &srv, &s3, &model, sizes.len());
     for n in sizes {
         let id = format!("n{n}");
         let (_, events) = get_events(&mut c, &id).unwrap();
@@ -708,14 +701,7 @@ fn a_large_snapshot_is_read_in_steps() {
     assert!(steps >= 4, "{steps} steps to capture and commit it");
     assert_eq!(int(&r["events"]), 8);
     archive(&mut c, "one-step").unwrap();
-    let tally = checker::check(
-        "archived",
-        &srv,
-        &s3,
-        &model,
-        Expect::Settled { retention_ms: 0 },
-    );
-    assert_eq!(tally.archived, 2);
+    checker::check_swept("archived", &srv, &s3, &model, 2);
 }
 
 /// `read-max-bytes`, `buffer-max-bytes` and `step-budget-us` lowered, or raised, between the steps of
@@ -835,14 +821,7 @@ fn a_large_labels_hash_is_read_in_steps() {
         let want = archived_state(&model.flows[id].state().unwrap());
         assert_eq!(get(&mut c, id).unwrap(), Some(want), "{id}");
     }
-    let tally = checker::check(
-        "archived",
-        &srv,
-        &s3,
-        &model,
-        Expect::Settled { retention_ms: 0 },
-    );
-    assert_eq!(tally.archived, 2);
+    checker::check_swept("archived", &srv, &s3, &model, 2);
 }
 
 /// Every field name of the object's header and trailer (docs/FORMAT.md), and GET's `archived`.
@@ -934,9 +913,7 @@ fn labels_named_like_the_objects_own_fields_are_read_back_label_for_label() {
         get(&mut c, "lookalike").unwrap(),
         Some(archived_state(&live))
     );
-    let settled = Expect::Settled { retention_ms: 0 };
-    let tally = checker::check("archived", &srv, &s3, &model, settled);
-    assert_eq!(tally.archived, 1);
+    checker::check_swept("archived", &srv, &s3, &model, 1);
 }
 
 /// One label of 6 MiB among 2 MiB of others, in a labels hash read in steps (the large label taken
@@ -999,9 +976,7 @@ fn a_label_of_several_mib_is_read_whole_in_steps_while_other_keys_are_written() 
     wait_for("every byte released", Duration::from_secs(10), || {
         info_field(&mut c, "buffered_bytes") == 0
     });
-    let settled = Expect::Settled { retention_ms: 0 };
-    let tally = checker::check("archived", &srv, &s3, &model, settled);
-    assert_eq!(tally.archived, 1);
+    checker::check_swept("archived", &srv, &s3, &model, 1);
 }
 
 /// The same id in DB 1 and DB 0, each with a labels hash of 3 MiB read in steps, the same names with
@@ -1041,9 +1016,8 @@ fn the_same_id_in_two_dbs_is_archived_with_each_dbs_own_large_labels() {
     );
     assert_eq!(checker::check("DB 0 live", &srv, &s3, &m0, either).live, 1);
     assert_eq!(int(&archive(&mut c0, "twin").unwrap()["events"]), 5);
-    let settled = Expect::Settled { retention_ms: 0 };
     for (what, model) in [("DB 0", &m0), ("DB 1", &m1)] {
-        assert_eq!(checker::check(what, &srv, &s3, model, settled).archived, 1);
+        checker::check_swept(what, &srv, &s3, model, 1);
     }
 }
 
@@ -1119,14 +1093,7 @@ fn labels_that_are_not_text_refuse_the_archive_in_any_step() {
     for id in ["small", "large"] {
         assert_eq!(int(&archive(&mut c, id).unwrap()["events"]), 5, "{id}");
     }
-    let tally = checker::check(
-        "mended",
-        &srv,
-        &s3,
-        &model,
-        Expect::Settled { retention_ms: 0 },
-    );
-    assert_eq!(tally.archived, 2);
+    checker::check_swept("mended", &srv, &s3, &model, 2);
 }
 
 /// The label indexes a labels hash read in steps names are checked once it is whole, in a step of
@@ -1173,11 +1140,7 @@ fn the_label_indexes_of_a_large_labels_hash_are_checked_once_it_is_whole() {
     run(&mut c, &["DEL", &set]);
     run(&mut c, &["SADD", &set, "flow:large"]);
     archive(&mut c, "large").unwrap();
-    let settled = Expect::Settled { retention_ms: 0 };
-    assert_eq!(
-        checker::check("archived", &srv, &s3, &model, settled).archived,
-        1
-    );
+    checker::check_swept("archived", &srv, &s3, &model, 1);
 }
 
 /// DRYRUN checks each flow in one step, as an archive's capture begins it: the label indexes of labels

@@ -297,6 +297,13 @@ pub fn check(what: &str, srv: &Server, s3: &S3, model: &Model, expect: Expect) -
     try_check(what, srv, s3, model, expect).unwrap_or_else(|findings| panic!("{findings}"))
 }
 
+/// [`check`] after a fault-free sweep with no retention window (every terminal flow eligible, so
+/// archived, and every other one live), asserting that `archived` flows were found archived.
+pub fn check_swept(what: &str, srv: &Server, s3: &S3, model: &Model, archived: usize) {
+    let tally = check(what, srv, s3, model, Expect::Settled { retention_ms: 0 });
+    assert_eq!(tally.archived, archived, "{what}: flows archived");
+}
+
 /// [`check`], answering the findings instead of panicking.
 pub fn try_check(
     what: &str,
