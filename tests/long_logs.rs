@@ -86,6 +86,21 @@ fn conn_as(srv: &Server, name: &str) -> redis::Connection {
     c
 }
 
+/// A connection of a new ACL user `name` (password `pw`) who may run every command on the keys
+/// `rules` name, made through `admin`.
+fn user(admin: &mut redis::Connection, srv: &Server, name: &str, rules: &str) -> redis::Connection {
+    let mut setuser = vec!["ACL", "SETUSER", name, "on", ">pw", "+@all"];
+    setuser.extend(rules.split_whitespace());
+    run(admin, &setuser);
+    conn_as(srv, name)
+}
+
+/// Every key of the flows but the label indexes of the labels from `large-03000` on.
+const FEW_LABELS: &str =
+    "~argyll:flow:* ~archived:* ~argyll:idx:status* %R~argyll:archive:lease:* \
+                          ~argyll:idx:label:large-00* ~argyll:idx:label:large-01* \
+                          ~argyll:idx:label:large-02*";
+
 /// Whether an error reply carries any of a blob's bytes.
 fn leaks(e: &str) -> bool {
     e.contains("xxxxxxxx")
@@ -1113,15 +1128,7 @@ fn the_label_indexes_of_a_large_labels_hash_are_checked_once_it_is_whole() {
     let labels = model.flows["large"].labels.clone();
     let (last, value) = labels.last().unwrap();
     assert!(last.starts_with("large-03"), "{last}");
-    // Every key but the label indexes of the labels from `large-03000` on.
-    let rules = "on >pw +@all ~argyll:flow:* ~archived:* ~argyll:idx:status* \
-                 %R~argyll:archive:lease:* ~argyll:idx:label:large-00* \
-                 ~argyll:idx:label:large-01* ~argyll:idx:label:large-02*";
-    let mut setuser = vec!["ACL", "SETUSER", "fewlabels"];
-    setuser.extend(rules.split_whitespace());
-    run(&mut c, &setuser);
-    let mut few = srv.conn();
-    run(&mut few, &["AUTH", "fewlabels", "pw"]);
+    let mut few = user(&mut c, &srv, "fewlabels", FEW_LABELS);
     let before = dump_all(&mut c);
     let e = err_text(archive(&mut few, "large"));
     assert!(e.contains("NOPERM") && e.contains("large-03"), "{e}");
@@ -1157,14 +1164,7 @@ fn dryrun_does_not_check_the_label_indexes_of_a_large_labels_hash() {
     model.write_labeled(&mut c, &FlowSpec::done("small"), 64 << 10);
     // Every key but the label indexes of the large flow's labels from `large-03000` on, and of every
     // label of the small flow.
-    let rules = "on >pw +@all ~argyll:flow:* ~archived:* ~argyll:idx:status* \
-                 %R~argyll:archive:lease:* ~argyll:idx:label:large-00* \
-                 ~argyll:idx:label:large-01* ~argyll:idx:label:large-02*";
-    let mut setuser = vec!["ACL", "SETUSER", "fewlabels"];
-    setuser.extend(rules.split_whitespace());
-    run(&mut c, &setuser);
-    let mut few = srv.conn();
-    run(&mut few, &["AUTH", "fewlabels", "pw"]);
+    let mut few = user(&mut c, &srv, "fewlabels", FEW_LABELS);
     let before = dump_all(&mut c);
     let dry = sweep(&mut few, &["DRYRUN"]).unwrap();
     let listed: Vec<String> = redis::from_redis_value(&dry["flows"]).unwrap();
@@ -1197,13 +1197,9 @@ fn what_does_not_read_a_large_snapshot_copies_and_follows_nothing() {
         write_padded_flow(&mut c, id, len);
     }
     // Every key of the flow but the snapshot.
-    let rules = "on >pw +@all ~argyll:idx:* ~archived:* %R~argyll:flow:*:events \
+    let rules = "~argyll:idx:* ~archived:* %R~argyll:flow:*:events \
                  %R~argyll:flow:*:snapshot:seq %R~argyll:flow:*:idx:labels";
-    let mut setuser = vec!["ACL", "SETUSER", "nosnap"];
-    setuser.extend(rules.split_whitespace());
-    run(&mut c, &setuser);
-    let mut nosnap = srv.conn();
-    run(&mut nosnap, &["AUTH", "nosnap", "pw"]);
+    let mut nosnap = user(&mut c, &srv, "nosnap", rules);
 
     let rise = heap_rise(&mut c, |_| {
         let e = err_text(get(&mut nosnap, "large"));
