@@ -446,13 +446,41 @@ fn reads_find_archives_when_the_whole_index_is_lost() {
     assert_eq!(proxy.requests().len(), before);
 }
 
-/// Holds the PUT of flow `holder` at the proxy's gate, and no other request.
-fn hold_holder(proxy: &Proxy) {
+/// An archive of flow `holder` in flight, its PUT held at the proxy's gate.
+type Held =
+    std::thread::JoinHandle<redis::RedisResult<std::collections::HashMap<String, redis::Value>>>;
+
+/// Writes flow `holder` (`spec`), lowers `buffer-max-bytes` to 1 MiB and archives it with its PUT held
+/// at the proxy's gate (and no other request), answering once the upload holds its bytes: while it
+/// is held, no copy may take the module past the budget. With the module's heap peak at that moment.
+fn hold_holder(
+    srv: &Server,
+    c: &mut redis::Connection,
+    proxy: &Proxy,
+    model: &mut checker::Model,
+    spec: FlowSpec,
+) -> (Held, i64) {
+    assert_eq!(spec.id, "holder");
+    model.write(c, &spec);
+    config_set(c, "flowarchive.buffer-max-bytes", &(1 << 20).to_string()).unwrap();
     proxy.set(vec![Rule {
         method: "PUT",
         path: "flows/holder".into(),
         fault: Fault::Gate,
     }]);
+    let mut a = srv.conn();
+    let archiving = std::thread::spawn(move || archive(&mut a, "holder"));
+    wait_for("the upload to hold bytes", Duration::from_secs(120), || {
+        info_field(c, "buffered_bytes") > 0 && proxy.gated() > 0
+    });
+    (archiving, info_field(c, "heap_bytes_peak"))
+}
+
+/// Lets the held upload of `holder` through; its archive ends and every byte is released.
+fn release_holder(c: &mut redis::Connection, proxy: &Proxy, archiving: Held) {
+    proxy.release();
+    archiving.join().unwrap().unwrap();
+    assert_eq!(info_field(c, "buffered_bytes"), 0, "all released");
 }
 
 /// However many flows a sweep has in flight, the module holds at most `buffer-max-bytes` of them
@@ -544,27 +572,13 @@ fn snapshots_judged_whole_are_measured_before_they_are_copied() {
         }
         .unwrap();
     }
+    // A small flow's upload holds a few kB while its PUT waits; under a 1 MiB budget no other flow
+    // may copy a snapshot of 2 MiB meanwhile.
     let holder = FlowSpec {
         snapshot: Snapshot::Current,
         ..FlowSpec::done("holder")
     };
-    model.write(&mut c, &holder);
-
-    // A small flow's upload holds a few kB while its PUT waits; under a 1 MiB budget no other flow
-    // may copy a snapshot of 2 MiB meanwhile.
-    config_set(
-        &mut c,
-        "flowarchive.buffer-max-bytes",
-        &(1 << 20).to_string(),
-    )
-    .unwrap();
-    hold_holder(&proxy);
-    let mut a = srv.conn();
-    let archiving = std::thread::spawn(move || archive(&mut a, "holder"));
-    wait_for("the upload to hold bytes", Duration::from_secs(120), || {
-        info_field(&mut c, "buffered_bytes") > 0 && proxy.gated() > 0
-    });
-    let peak = info_field(&mut c, "heap_bytes_peak");
+    let (archiving, peak) = hold_holder(&srv, &mut c, &proxy, &mut model, holder);
     for id in &ids {
         let refused = err_text(archive(&mut c, id));
         assert!(refused.contains("buffer-max-bytes"), "{id}: {refused}");
@@ -586,9 +600,7 @@ fn snapshots_judged_whole_are_measured_before_they_are_copied() {
     assert_eq!(listed, ["holder"], "{dry:?}");
     let rise = info_field(&mut c, "heap_bytes_peak") - peak;
     assert!(rise < 512 << 10, "the DRYRUN copied {rise} bytes");
-    proxy.release();
-    archiving.join().unwrap().unwrap();
-    assert_eq!(info_field(&mut c, "buffered_bytes"), 0, "all released");
+    release_holder(&mut c, &proxy, archiving);
 
     // Nothing else in flight: a DRYRUN copies each alone, counted while it holds it.
     config_set(&mut c, "flowarchive.buffer-max-bytes", &budget.to_string()).unwrap();
@@ -672,21 +684,7 @@ fn a_large_label_is_measured_before_the_first_step_copies_it() {
         .labels
         .push(("large".into(), value));
     let holder = FlowSpec::done("holder");
-    model.write(&mut c, &holder);
-
-    config_set(
-        &mut c,
-        "flowarchive.buffer-max-bytes",
-        &(1 << 20).to_string(),
-    )
-    .unwrap();
-    hold_holder(&proxy);
-    let mut a = srv.conn();
-    let archiving = std::thread::spawn(move || archive(&mut a, "holder"));
-    wait_for("the upload to hold bytes", Duration::from_secs(120), || {
-        info_field(&mut c, "buffered_bytes") > 0 && proxy.gated() > 0
-    });
-    let peak = info_field(&mut c, "heap_bytes_peak");
+    let (archiving, peak) = hold_holder(&srv, &mut c, &proxy, &mut model, holder);
     let refused = err_text(archive(&mut c, id));
     assert!(refused.contains("buffer-max-bytes"), "{refused}");
     let summary = sweep(&mut c, &[]).unwrap();
@@ -696,9 +694,7 @@ fn a_large_label_is_measured_before_the_first_step_copies_it() {
     assert_eq!(listed, ["holder"], "{dry:?}");
     let rise = info_field(&mut c, "heap_bytes_peak") - peak;
     assert!(rise < 512 << 10, "the refused flow copied {rise} bytes");
-    proxy.release();
-    archiving.join().unwrap().unwrap();
-    assert_eq!(info_field(&mut c, "buffered_bytes"), 0, "all released");
+    release_holder(&mut c, &proxy, archiving);
 
     let summary = sweep(&mut c, &[]).unwrap();
     assert_eq!(int(&summary["archived"]), 1, "{summary:?}");
