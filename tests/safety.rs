@@ -652,6 +652,38 @@ fn commit_waits(c: &mut redis::Connection) {
     );
 }
 
+/// A primary and its replica, both uploading through one proxy, the primary holding flows whose
+/// labels hashes hold 3 MiB each (read in steps, followed by hash events, counted at commit), all
+/// replicated.
+struct LargeLabels {
+    s3: S3,
+    proxy: Proxy,
+    primary: Server,
+    replica: Server,
+    model: checker::Model,
+}
+
+fn replicated_large_labels(ids: &[&str]) -> LargeLabels {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let primary = server_via(&s3, Some(&proxy), &[]);
+    let replica = server_via(&s3, Some(&proxy), &[]);
+    let mut p = primary.conn();
+    let mut model = checker::Model::new(0);
+    for id in ids {
+        model.write_labeled(&mut p, &FlowSpec::done(id), 3 << 20);
+    }
+    let last = ids.last().expect("a flow");
+    replicate(&mut replica.conn(), primary.port, &labels_key(last));
+    LargeLabels {
+        s3,
+        proxy,
+        primary,
+        replica,
+        model,
+    }
+}
+
 /// A flow whose labels hash holds 3 MiB (read in steps, followed by hash events, counted at commit)
 /// and whose upload ends while writes are paused (`CLIENT PAUSE WRITE` for 4 s) is committed only
 /// once the pause is over: its commit is seen trying again in the pause, its answer comes after the
@@ -660,16 +692,14 @@ fn commit_waits(c: &mut redis::Connection) {
 /// every event and label, on the replica too.
 #[test]
 fn a_large_labels_hash_waits_out_a_client_pause_and_its_replica_follows_the_commit() {
-    let s3 = S3::new_bucket();
-    let proxy = Proxy::start(s3_port());
-    let mut primary = server_via(&s3, Some(&proxy), &[]);
-    let replica = server_via(&s3, Some(&proxy), &[]);
-    let (mut p, mut r) = (primary.conn(), replica.conn());
-    let mut model = checker::Model::new(0);
-    for id in ["paused", "long-pause"] {
-        model.write_labeled(&mut p, &FlowSpec::done(id), 3 << 20);
-    }
-    replicate(&mut r, primary.port, "argyll:flow:long-pause:idx:labels");
+    let LargeLabels {
+        s3,
+        proxy,
+        mut primary,
+        replica,
+        model,
+    } = replicated_large_labels(&["paused", "long-pause"]);
+    let mut p = primary.conn();
 
     let mut paused_at = None;
     let (_, answer) = held_upload_in(&primary, &proxy, 0, "paused", |c| {
@@ -719,14 +749,14 @@ fn a_large_labels_hash_waits_out_a_client_pause_and_its_replica_follows_the_comm
 /// from both.
 #[test]
 fn a_large_labels_hash_is_never_deleted_on_a_primary_demoted_by_a_failover_during_its_commit() {
-    let s3 = S3::new_bucket();
-    let proxy = Proxy::start(s3_port());
-    let mut old = server_via(&s3, Some(&proxy), &[]);
-    let mut new = server_via(&s3, Some(&proxy), &[]);
+    let LargeLabels {
+        s3,
+        proxy,
+        primary: mut old,
+        replica: mut new,
+        model,
+    } = replicated_large_labels(&["failover"]);
     let (mut o, mut n) = (old.conn(), new.conn());
-    let mut model = checker::Model::new(0);
-    model.write_labeled(&mut o, &FlowSpec::done("failover"), 3 << 20);
-    replicate(&mut n, old.port, "argyll:flow:failover:idx:labels");
 
     let (_, answer) = held_upload_in(&old, &proxy, 0, "failover", |o| {
         // A write the stopped replica cannot acknowledge: the failover waits for it, writes paused.
@@ -770,14 +800,14 @@ fn a_large_labels_hash_is_never_deleted_on_a_primary_demoted_by_a_failover_durin
 /// and label, and deleted on the replica too once it resumes.
 #[test]
 fn a_large_labels_hash_waits_out_a_failover_that_times_out_then_commits() {
-    let s3 = S3::new_bucket();
-    let proxy = Proxy::start(s3_port());
-    let mut primary = server_via(&s3, Some(&proxy), &[]);
-    let replica = server_via(&s3, Some(&proxy), &[]);
-    let (mut p, mut r) = (primary.conn(), replica.conn());
-    let mut model = checker::Model::new(0);
-    model.write_labeled(&mut p, &FlowSpec::done("aborted"), 3 << 20);
-    replicate(&mut r, primary.port, "argyll:flow:aborted:idx:labels");
+    let LargeLabels {
+        s3,
+        proxy,
+        mut primary,
+        replica,
+        model,
+    } = replicated_large_labels(&["aborted"]);
+    let mut p = primary.conn();
 
     let (_, answer) = held_upload_in(&primary, &proxy, 0, "aborted", |c| {
         signal("-STOP", replica.pid());
