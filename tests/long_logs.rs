@@ -1889,3 +1889,73 @@ fn module_unload_is_refused_during_a_stepped_read_or_capture() {
         cmd::<()>(&mut c, &["MODULE", "UNLOAD", "flowarchive"]).is_ok()
     });
 }
+
+/// `read-max-bytes` lowered below a labels hash of 4 MiB between the later steps of reading it, with
+/// `step-budget-us` set to its largest value in the middle of a FLOWARCHIVE.FLOW and to its smallest
+/// in the middle of a sweep: each capture keeps the cap it began with, so each archive holds every
+/// label (the checker compares them label for label with the live ones) and every byte is released;
+/// a capture begun under the lowered cap is refused by it, the flow kept whole.
+#[test]
+fn settings_changed_between_the_steps_of_reading_a_large_labels_hash_leave_it_its_own() {
+    let s3 = S3::new_bucket();
+    let mut srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    let mut model = Model::new(0);
+    for id in ["flowed", "refused", "swept"] {
+        model.write_labeled(&mut c, &FlowSpec::done(id), 4 << 20);
+    }
+    let settings = |c: &mut redis::Connection, read_max: &str, budget: &str| {
+        config_set(c, "flowarchive.read-max-bytes", read_max).unwrap();
+        config_set(c, BUDGET, budget).unwrap();
+    };
+
+    // FLOW, begun at the smallest budget, given a cap of 1 MiB and the largest budget.
+    settings(&mut c, "64mb", "50");
+    let (answer, mid) = amid(
+        &mut c,
+        srv.conn(),
+        |c| archive(c, "flowed"),
+        |c| settings(c, "1mb", "100000"),
+    );
+    assert_eq!(int(&answer.unwrap()["events"]), 5);
+    assert!(mid, "the settings changed after the last step");
+    assert_eq!(info_field(&mut c, "hash_events_subscribed"), 1, "in steps");
+    assert_eq!(info_field(&mut c, "buffered_bytes"), 0, "released");
+
+    // Begun under the lowered cap: refused by it, nothing touched.
+    let before = dump_all(&mut c);
+    let e = err_text(archive(&mut c, "refused"));
+    assert!(
+        e.contains("larger than flowarchive.read-max-bytes (1048576 bytes)"),
+        "{e}"
+    );
+    assert_same(
+        &before,
+        &dump_all(&mut c),
+        "refused by the cap it began with",
+    );
+    assert_eq!(info_field(&mut c, "buffered_bytes"), 0, "released");
+
+    // A sweep, begun under the default cap and a middling budget, given a cap of 1 MiB and the
+    // smallest budget.
+    settings(&mut c, "64mb", "200");
+    let (summary, mid) = amid(
+        &mut c,
+        srv.conn(),
+        |c| sweep(c, &[]),
+        |c| settings(c, "1mb", "50"),
+    );
+    let summary = summary.unwrap();
+    assert_eq!(int(&summary["archived"]), 2, "{summary:?}");
+    assert_eq!(int(&summary["failed"]), 0, "{summary:?}");
+    assert!(mid, "the settings changed after the sweep's last step");
+    wait_for("every byte released", Duration::from_secs(10), || {
+        info_field(&mut c, "buffered_bytes") == 0
+    });
+    assert_alive(&mut srv, "after the changes");
+    // Read back under a cap that takes them (the 1 MiB one refuses each archive's read).
+    settings(&mut c, "64mb", "250");
+    let settled = Expect::Settled { retention_ms: 0 };
+    let tally = checker::check("archived", &srv, &s3, &model, settled);
+    assert_eq!(tally.archived, 3);
+}
