@@ -1959,3 +1959,111 @@ fn settings_changed_between_the_steps_of_reading_a_large_labels_hash_leave_it_it
     let tally = checker::check("archived", &srv, &s3, &model, settled);
     assert_eq!(tally.archived, 3);
 }
+
+/// A labels hash that alone passes `read-max-bytes` (4 MiB under a cap of 3 MiB; its events, snapshot
+/// and sequence a few hundred bytes) is refused by FLOWARCHIVE.FLOW and by a sweep in a later step of
+/// its read, with a short error naming the cap, the module's heap rising by the cap and a little;
+/// one of 2 MiB passes the capture's cap but not the read
+/// back's (which counts the trailer, where the labels are, once more: the state answered), so it is
+/// refused before its upload. Nothing is uploaded or deleted of either, every byte is released, while a
+/// flow whose labels hash of 1.25 MiB is read in steps is archived beside them. A live GET reads no
+/// labels, so it answers the refused flows' state as the engine would.
+#[test]
+fn labels_that_alone_pass_read_max_bytes_refuse_the_archive_and_keep_the_flow_whole() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    config_set(&mut c, BUDGET, "50").unwrap();
+    config_set(&mut c, "flowarchive.read-max-bytes", "3mb").unwrap();
+    let mut model = Model::new(0);
+    model.write_labeled(&mut c, &FlowSpec::done("over"), 4 << 20);
+    model.write_labeled(&mut c, &FlowSpec::done("read-back"), 2 << 20);
+    model.write_labeled(&mut c, &FlowSpec::done("within"), 5 << 18);
+    let before = dump_all(&mut c);
+    let peak = info_field(&mut c, "heap_bytes_peak");
+    let (refused, taken) = stepped(&mut c, |c| archive(c, "over"));
+    let rise = info_field(&mut c, "heap_bytes_peak") - peak;
+    assert!(
+        rise < (4 << 20),
+        "the module's heap rose {rise} bytes, past the cap"
+    );
+    let e = err_text(refused);
+    assert!(
+        e.contains("larger than flowarchive.read-max-bytes (3145728 bytes)") && e.contains("over"),
+        "{e}"
+    );
+    assert!(e.len() <= 600, "{} bytes: {e}", e.len());
+    assert!(
+        taken >= 2,
+        "refused after {taken} steps, not in a later one"
+    );
+    let e = err_text(archive(&mut c, "read-back"));
+    assert!(
+        e.contains("does not read back") && e.contains("exceed the read cap"),
+        "{e}"
+    );
+    assert!(e.len() <= 600, "{} bytes: {e}", e.len());
+    assert_eq!(info_field(&mut c, "buffered_bytes"), 0, "released");
+    assert_same(&before, &dump_all(&mut c), "refused by the cap");
+    for id in ["over", "read-back"] {
+        let live = get(&mut c, id).unwrap();
+        assert_eq!(live.as_ref(), model.flows[id].state().as_ref(), "{id}");
+    }
+
+    let summary = sweep(&mut c, &[]).unwrap();
+    assert_eq!(int(&summary["archived"]), 1, "{summary:?}");
+    assert_eq!(int(&summary["failed"]), 2, "{summary:?}");
+    let reasons = reply_map(summary["failed_by_reason"].clone());
+    assert_eq!(int(&reasons["unreadable"]), 2, "{summary:?}");
+    assert_eq!(info_field(&mut c, "buffered_bytes"), 0, "released");
+    for id in ["over", "read-back"] {
+        let object = format!("flows/{id}.jsonl.gz");
+        assert!(s3.get(&object).is_none(), "{id}: nothing uploaded");
+    }
+    let tally = checker::check("two refused", &srv, &s3, &model, Expect::Either);
+    assert_eq!((tally.archived, tally.live), (1, 2));
+}
+
+/// An archived flow whose labels (3 MiB, in the object's trailer) pass `read-max-bytes` once it is
+/// lowered to 2 MiB after the archive: a GET, with or without EVENTS, read by a server that never held
+/// the flow (the bucket's object through a copy of its index entry), is refused with a short error
+/// naming the cap and the flow, never a partial state, and the module's heap rises by no more than
+/// the cap and a little; raised again, the same object is answered whole.
+#[test]
+fn an_archived_trailer_past_a_lowered_read_max_bytes_is_refused_in_bounded_memory() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    let mut model = Model::new(0);
+    model.write_labeled(&mut c, &FlowSpec::done("trailer"), 3 << 20);
+    let live = model.flows["trailer"].state().unwrap();
+    assert_eq!(int(&archive(&mut c, "trailer").unwrap()["events"]), 5);
+    let entry: String = cmd(&mut c, &["HGET", "archived:flows", "trailer"]).unwrap();
+    let object = s3.get("flows/trailer.jsonl.gz").unwrap();
+    assert!(
+        gunzip(&object).len() > 3 << 20,
+        "the labels are in the object"
+    );
+
+    let reader = Server::start(ServerOpts::new(&s3));
+    let mut r = reader.conn();
+    run(&mut r, &["HSET", "archived:flows", "trailer", &entry]);
+    config_set(&mut r, "flowarchive.read-max-bytes", "2mb").unwrap();
+    let rise = heap_rise(&mut r, |r| {
+        let e = err_text(get(r, "trailer"));
+        assert!(
+            e.contains("read cap of 2097152 bytes") && e.contains("trailer"),
+            "{e}"
+        );
+        assert!(e.len() <= 600, "{} bytes: {e}", e.len());
+        let e = refusal(get_events(r, "trailer"));
+        assert!(e.contains("read cap of 2097152 bytes"), "{e}");
+    });
+    assert!(rise < (2 << 20) + (1 << 20), "the heap rose {rise} bytes");
+    assert_eq!(info_field(&mut r, "buffered_bytes"), 0, "released");
+
+    config_set(&mut r, "flowarchive.read-max-bytes", "64mb").unwrap();
+    assert_eq!(get(&mut r, "trailer").unwrap(), Some(archived_state(&live)));
+    let (_, events) = get_events(&mut r, "trailer").unwrap();
+    assert_eq!(events, model.flows["trailer"].events);
+}
