@@ -2067,3 +2067,67 @@ fn an_archived_trailer_past_a_lowered_read_max_bytes_is_refused_in_bounded_memor
     let (_, events) = get_events(&mut r, "trailer").unwrap();
     assert_eq!(events, model.flows["trailer"].events);
 }
+
+/// A user who may read and write a flow's own keys, its labels hash among them, its status entries and
+/// the archive index, but may only read (or only write) its label indexes, cannot archive a flow whose
+/// labels hash of 3 MiB is read in steps, nor one whose labels are read at once: the commit would
+/// remove the flow from indexes it may not remove from. FLOWARCHIVE.FLOW answers NOPERM naming a label
+/// index and the sweep counts each under `skipped_noperm`; nothing is uploaded or deleted. With full
+/// rights on the label indexes the same user archives both.
+#[test]
+fn label_indexes_the_caller_may_only_read_or_only_write_refuse_the_archive() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    let mut model = Model::new(0);
+    model.write_labeled(&mut c, &FlowSpec::done("large"), 3 << 20);
+    model.write_labeled(&mut c, &FlowSpec::done("small"), 64 << 10);
+    let rest = "on >pw +@all ~argyll:flow:* ~archived:* ~argyll:idx:status* \
+                %R~argyll:archive:lease:*";
+    for (user, labels) in [
+        ("readlabels", "%R~argyll:idx:label:*"),
+        ("writelabels", "%W~argyll:idx:label:*"),
+    ] {
+        let mut setuser = vec!["ACL", "SETUSER", user];
+        setuser.extend(rest.split_whitespace());
+        setuser.push(labels);
+        run(&mut c, &setuser);
+        let mut few = srv.conn();
+        run(&mut few, &["AUTH", user, "pw"]);
+        let before = dump_all(&mut c);
+        for id in ["large", "small"] {
+            let e = err_text(archive(&mut few, id));
+            assert!(
+                e.contains("NOPERM") && e.contains(&format!("argyll:idx:label:{id}-")),
+                "{user} {id}: {e}"
+            );
+        }
+        let summary = sweep(&mut few, &[]).unwrap();
+        assert_eq!(int(&summary["archived"]), 0, "{user}: {summary:?}");
+        assert_eq!(int(&summary["skipped_noperm"]), 2, "{user}: {summary:?}");
+        assert_same(&before, &dump_all(&mut c), user);
+        assert_eq!(info_field(&mut c, "buffered_bytes"), 0, "{user}");
+        for id in ["large", "small"] {
+            assert!(
+                s3.get(&format!("flows/{id}.jsonl.gz")).is_none(),
+                "{user} {id}"
+            );
+        }
+    }
+    let tally = checker::check("refused", &srv, &s3, &model, Expect::Either);
+    assert_eq!(tally.live, 2);
+
+    run(
+        &mut c,
+        &["ACL", "SETUSER", "readlabels", "~argyll:idx:label:*"],
+    );
+    let mut full = srv.conn();
+    run(&mut full, &["AUTH", "readlabels", "pw"]);
+    let summary = sweep(&mut full, &[]).unwrap();
+    assert_eq!(int(&summary["archived"]), 2, "{summary:?}");
+    let settled = Expect::Settled { retention_ms: 0 };
+    assert_eq!(
+        checker::check("archived", &srv, &s3, &model, settled).archived,
+        2
+    );
+}
