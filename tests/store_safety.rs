@@ -487,6 +487,69 @@ fn a_missing_bucket_is_never_created_and_refuses_every_archive() {
     archive(&mut c, "misdirected").unwrap();
 }
 
+/// Flows whose labels hashes of 3 MiB are read in steps, uploaded to stores that lie about them: one
+/// that answers 200 to the PUT and stores nothing, one that echoes our checksum while it keeps
+/// corrupted bytes (under `verify auto`, with the store proven to validate checksums), and, under
+/// `verify head`, one that checks no checksum and corrupts what it keeps after answering as a good
+/// store would. Each sweep counts every lie as a failed verification and deletes none of those
+/// flows: the checker finds every event and label of each live, while the flow that reached the
+/// honest store beside them is archived label for label. Told the truth again, every flow is archived.
+#[test]
+fn stores_that_lie_about_uploads_of_large_labels_delete_nothing() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &[]);
+    let mut c = srv.conn();
+    let mut model = checker::Model::new(0);
+    for id in ["honest", "fake", "echoed"] {
+        model.write_labeled(&mut c, &FlowSpec::done(id), 3 << 20);
+    }
+    let rule = |method, id: &str, fault| Rule {
+        method,
+        path: format!("/flows/{id}."),
+        fault,
+    };
+    let lies = |ignored: Fault| {
+        vec![
+            rule("PUT", "fake", Fault::FakeStored),
+            rule("", "echoed", Fault::EchoUnchecked),
+            rule("", "ignored", ignored),
+        ]
+    };
+    proxy.set(lies(Fault::Status(403)));
+    let failed = |summary: &HashMap<String, redis::Value>, n: i64| {
+        assert_eq!(int(&summary["failed"]), n, "{summary:?}");
+        let reasons = reply_map(summary["failed_by_reason"].clone());
+        assert_eq!(int(&reasons["s3_verify"]), n, "{summary:?}");
+    };
+    let summary = sweep(&mut c, &[]).unwrap();
+    assert_eq!(int(&summary["archived"]), 1, "{summary:?}");
+    failed(&summary, 2);
+    assert_eq!(info_field(&mut c, "s3_store_validates_checksums"), 1);
+    assert_eq!(info_field(&mut c, "hash_events_subscribed"), 1, "in steps");
+    let tally = checker::check("auto lied to", &srv, &s3, &model, checker::Expect::Either);
+    assert_eq!((tally.archived, tally.live), (1, 2));
+
+    model.write_labeled(&mut c, &FlowSpec::done("ignored"), 3 << 20);
+    config_set(&mut c, "flowarchive.verify", "head").unwrap();
+    proxy.set(lies(Fault::ChecksumIgnored));
+    let summary = sweep(&mut c, &[]).unwrap();
+    assert_eq!(int(&summary["archived"]), 0, "{summary:?}");
+    failed(&summary, 3);
+    let tally = checker::check("head lied to", &srv, &s3, &model, checker::Expect::Either);
+    assert_eq!((tally.archived, tally.live), (1, 3));
+    wait_for("every byte released", Duration::from_secs(10), || {
+        info_field(&mut c, "buffered_bytes") == 0
+    });
+
+    proxy.clear();
+    let summary = sweep(&mut c, &[]).unwrap();
+    assert_eq!(int(&summary["archived"]), 3, "{summary:?}");
+    let settled = checker::Expect::Settled { retention_ms: 0 };
+    let tally = checker::check("told the truth", &srv, &s3, &model, settled);
+    assert_eq!(tally.archived, 4);
+}
+
 // ---------------------------------------------------------------- rate cap
 
 /// Object names the store would refuse (MinIO and SeaweedFS take at most 255 bytes per key segment)
