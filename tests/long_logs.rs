@@ -1967,7 +1967,8 @@ fn settings_changed_between_the_steps_of_reading_a_large_labels_hash_leave_it_it
 /// back's (which counts the trailer, where the labels are, once more: the state answered), so it is
 /// refused before its upload. Nothing is uploaded or deleted of either, every byte is released, while a
 /// flow whose labels hash of 1.25 MiB is read in steps is archived beside them. A live GET reads no
-/// labels, so it answers the refused flows' state as the engine would.
+/// labels, so it answers the refused flows' state as the engine would. DRYRUN, which reads 1 MiB of a
+/// labels hash, lists all three.
 #[test]
 fn labels_that_alone_pass_read_max_bytes_refuse_the_archive_and_keep_the_flow_whole() {
     let s3 = S3::new_bucket();
@@ -2010,6 +2011,12 @@ fn labels_that_alone_pass_read_max_bytes_refuse_the_archive_and_keep_the_flow_wh
         assert_eq!(live.as_ref(), model.flows[id].state().as_ref(), "{id}");
     }
 
+    // DRYRUN judges each flow in the one step a capture begins with, which reads 1 MiB of labels:
+    // it lists all three, and the sweep refuses two.
+    let dry = sweep(&mut c, &["DRYRUN"]).unwrap();
+    let mut listed: Vec<String> = redis::from_redis_value(&dry["flows"]).unwrap();
+    listed.sort();
+    assert_eq!(listed, ["over", "read-back", "within"], "{dry:?}");
     let summary = sweep(&mut c, &[]).unwrap();
     assert_eq!(int(&summary["archived"]), 1, "{summary:?}");
     assert_eq!(int(&summary["failed"]), 2, "{summary:?}");
