@@ -1955,9 +1955,7 @@ fn settings_changed_between_the_steps_of_reading_a_large_labels_hash_leave_it_it
     assert_alive(&mut srv, "after the changes");
     // Read back under a cap that takes them (the 1 MiB one refuses each archive's read).
     settings(&mut c, "64mb", "250");
-    let settled = Expect::Settled { retention_ms: 0 };
-    let tally = checker::check("archived", &srv, &s3, &model, settled);
-    assert_eq!(tally.archived, 3);
+    checker::check_swept("archived", &srv, &s3, &model, 3);
 }
 
 /// A labels hash that alone passes `read-max-bytes` (4 MiB under a cap of 3 MiB; its events, snapshot
@@ -2089,35 +2087,29 @@ fn label_indexes_the_caller_may_only_read_or_only_write_refuse_the_archive() {
     let mut model = Model::new(0);
     model.write_labeled(&mut c, &FlowSpec::done("large"), 3 << 20);
     model.write_labeled(&mut c, &FlowSpec::done("small"), 64 << 10);
-    let rest = "on >pw +@all ~argyll:flow:* ~archived:* ~argyll:idx:status* \
-                %R~argyll:archive:lease:*";
-    for (user, labels) in [
+    let rest = "~argyll:flow:* ~archived:* ~argyll:idx:status* %R~argyll:archive:lease:*";
+    for (name, labels) in [
         ("readlabels", "%R~argyll:idx:label:*"),
         ("writelabels", "%W~argyll:idx:label:*"),
     ] {
-        let mut setuser = vec!["ACL", "SETUSER", user];
-        setuser.extend(rest.split_whitespace());
-        setuser.push(labels);
-        run(&mut c, &setuser);
-        let mut few = srv.conn();
-        run(&mut few, &["AUTH", user, "pw"]);
+        let mut few = user(&mut c, &srv, name, &format!("{rest} {labels}"));
         let before = dump_all(&mut c);
         for id in ["large", "small"] {
             let e = err_text(archive(&mut few, id));
             assert!(
                 e.contains("NOPERM") && e.contains(&format!("argyll:idx:label:{id}-")),
-                "{user} {id}: {e}"
+                "{name} {id}: {e}"
             );
         }
         let summary = sweep(&mut few, &[]).unwrap();
-        assert_eq!(int(&summary["archived"]), 0, "{user}: {summary:?}");
-        assert_eq!(int(&summary["skipped_noperm"]), 2, "{user}: {summary:?}");
-        assert_same(&before, &dump_all(&mut c), user);
-        assert_eq!(info_field(&mut c, "buffered_bytes"), 0, "{user}");
+        assert_eq!(int(&summary["archived"]), 0, "{name}: {summary:?}");
+        assert_eq!(int(&summary["skipped_noperm"]), 2, "{name}: {summary:?}");
+        assert_same(&before, &dump_all(&mut c), name);
+        assert_eq!(info_field(&mut c, "buffered_bytes"), 0, "{name}");
         for id in ["large", "small"] {
             assert!(
                 s3.get(&format!("flows/{id}.jsonl.gz")).is_none(),
-                "{user} {id}"
+                "{name} {id}"
             );
         }
     }
@@ -2128,13 +2120,8 @@ fn label_indexes_the_caller_may_only_read_or_only_write_refuse_the_archive() {
         &mut c,
         &["ACL", "SETUSER", "readlabels", "~argyll:idx:label:*"],
     );
-    let mut full = srv.conn();
-    run(&mut full, &["AUTH", "readlabels", "pw"]);
+    let mut full = conn_as(&srv, "readlabels");
     let summary = sweep(&mut full, &[]).unwrap();
     assert_eq!(int(&summary["archived"]), 2, "{summary:?}");
-    let settled = Expect::Settled { retention_ms: 0 };
-    assert_eq!(
-        checker::check("archived", &srv, &s3, &model, settled).archived,
-        2
-    );
+    checker::check_swept("archived", &srv, &s3, &model, 2);
 }
