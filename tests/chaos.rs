@@ -435,7 +435,16 @@ fn replicated_bed(tag: &str, rng: &mut Rng, flows: Flows) -> (S3, Proxy, Server,
     let primary = Server::start(opts(&s3, &proxy, module_args, &ASYNC_LOAD));
     let replica = replica_of(&primary, &s3, &proxy, module_args);
     let mut model = Model::new(0);
-    flows.write(&mut primary.conn(), &mut model, rng, tag);
+    let mut c = primary.conn();
+    flows.write(&mut c, &mut model, rng, tag);
+    // Every flow on the replica before any fault: replication is asynchronous, so a replica promoted
+    // (REPLICAOF NO ONE) before it has them all would lose writes the module never saw. Megabytes of
+    // large events take a moment to reach it.
+    let acked: i64 = cmd(&mut c, &["WAIT", "1", "60000"]).unwrap();
+    assert_eq!(
+        acked, 1,
+        "the replica did not acknowledge every flow in 60 s"
+    );
     (s3, proxy, primary, replica, model)
 }
 

@@ -55,6 +55,8 @@ fn write_all(cluster: &mut Cluster, flows: &[TFlow]) {
     for f in flows {
         f.write(&mut client);
     }
+    // On every replica before any fault: a killed primary takes the writes it has not sent with it.
+    cluster.wait_replicated();
 }
 
 /// `COMMAND INFO` declares the id as a routing-only key (key spec flag `not_key`), so `COMMAND

@@ -457,6 +457,17 @@ impl Cluster {
         )
     }
 
+    /// Waits until every primary's replicas have acknowledged all it has written (replication is
+    /// asynchronous: a primary killed before would take its last writes with it).
+    pub fn wait_replicated(&mut self) {
+        let asker = self.any_live();
+        for (_, p, replicas) in self.slot_map(asker) {
+            let wanted = replicas.len().to_string();
+            let acked: i64 = cmd(&mut self.conn(p), &["WAIT", &wanted, "60000"]).unwrap();
+            assert_eq!(acked, replicas.len() as i64, "node {p}'s replicas in 60 s");
+        }
+    }
+
     /// Every primary's replicas hold exactly its data (after WAIT).
     pub fn assert_replicas_equal(&mut self) {
         let asker = self.any_live();
