@@ -96,10 +96,9 @@ fn user(admin: &mut redis::Connection, srv: &Server, name: &str, rules: &str) ->
 }
 
 /// Every key of the flows but the label indexes of the labels from `large-03000` on.
-const FEW_LABELS: &str =
-    "~argyll:flow:* ~archived:* ~argyll:idx:status* %R~argyll:archive:lease:* \
-                          ~argyll:idx:label:large-00* ~argyll:idx:label:large-01* \
-                          ~argyll:idx:label:large-02*";
+const FEW_LABELS: &str = "~argyll:flow:* ~archived:* ~argyll:idx:status* \
+    %R~argyll:archive:lease:* ~argyll:idx:label:large-00* ~argyll:idx:label:large-01* \
+    ~argyll:idx:label:large-02*";
 
 /// Whether an error reply carries any of a blob's bytes.
 fn leaks(e: &str) -> bool {
@@ -1961,10 +1960,10 @@ fn settings_changed_between_the_steps_of_reading_a_large_labels_hash_leave_it_it
 /// A labels hash that alone passes `read-max-bytes` (4 MiB under a cap of 3 MiB; its events, snapshot
 /// and sequence a few hundred bytes) is refused by FLOWARCHIVE.FLOW and by a sweep in a later step of
 /// its read, with a short error naming the cap, the module's heap rising by the cap and a little;
-/// one of 2 MiB passes the capture's cap but not the read
-/// back's (which counts the trailer, where the labels are, once more: the state answered), so it is
-/// refused before its upload. Nothing is uploaded or deleted of either, every byte is released, while a
-/// flow whose labels hash of 1.25 MiB is read in steps is archived beside them. A live GET reads no
+/// one of 2 MiB passes the capture's cap but not the read-back's (which counts the trailer, where the
+/// labels are, once more: the state answered), so it is refused before its upload. Nothing is
+/// uploaded or deleted of either, every byte is released, while a flow whose labels hash of 1.25 MiB
+/// is read in steps is archived beside them. A live GET reads no
 /// labels, so it answers the refused flows' state as the engine would. DRYRUN, which reads 1 MiB of a
 /// labels hash, lists all three.
 #[test]
