@@ -68,13 +68,13 @@ pub const WHOLE_BYTES: u64 = 1 << 20;
 const MIN_CHUNK: usize = 64;
 const MIN_CHUNK_BYTES: u64 = 256 << 10;
 
-/// What one read (a capture, a live read) has copied out of the server: its bytes against its own cap
-/// (`read-max-bytes`), and the memory holding them, with every other read's, against
-/// `buffer-max-bytes`, counted in INFO `buffered_bytes` until released or dropped.
 /// What counts a copy from before it was made, or why it was measured and not made; `None` if none
 /// was counted.
 pub type Counted = Option<Result<ByteCap, FlowError>>;
 
+/// What one read (a capture, a live read) has copied out of the server: its bytes against its own cap
+/// (`read-max-bytes`), and the memory holding them, with every other read's, against
+/// `buffer-max-bytes`, counted in INFO `buffered_bytes` until released or dropped.
 #[derive(Debug)]
 pub struct ByteCap {
     /// The bytes copied, each event with one byte for its line end.
