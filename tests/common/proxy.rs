@@ -63,6 +63,13 @@ pub struct Rule {
     pub fault: Fault,
 }
 
+impl Rule {
+    /// Whether this rule applies to a request of `method` for `path`.
+    fn matches(&self, method: &str, path: &str) -> bool {
+        (self.method.is_empty() || self.method == method) && path.contains(&self.path)
+    }
+}
+
 /// An object the proxy holds itself (`Fault::EchoUnchecked`): its bytes and the headers it answers.
 struct Held {
     body: Vec<u8>,
@@ -345,7 +352,7 @@ fn handle(mut conn: TcpStream, s: &Shared) {
     let generation = s.generation.load(Ordering::SeqCst);
     let fault = rules
         .iter()
-        .find(|r| (r.method.is_empty() || r.method == method) && path.contains(&r.path))
+        .find(|r| r.matches(&method, &path))
         .map(|r| r.fault.clone())
         .and_then(|f| match f {
             Fault::EveryOther(inner) => s
@@ -433,7 +440,7 @@ fn handle(mut conn: TcpStream, s: &Shared) {
                 .lock()
                 .unwrap()
                 .iter()
-                .find(|r| (r.method.is_empty() || r.method == method) && path.contains(&r.path))
+                .find(|r| r.matches(&method, &path))
                 .is_some_and(|r| r.fault == Fault::Latch);
             if !latched {
                 break;
