@@ -1963,9 +1963,8 @@ fn settings_changed_between_the_steps_of_reading_a_large_labels_hash_leave_it_it
 /// one of 2 MiB passes the capture's cap but not the read-back's (which counts the trailer, where the
 /// labels are, once more: the state answered), so it is refused before its upload. Nothing is
 /// uploaded or deleted of either, every byte is released, while a flow whose labels hash of 1.25 MiB
-/// is read in steps is archived beside them. A live GET reads no
-/// labels, so it answers the refused flows' state as the engine would. DRYRUN, which reads 1 MiB of a
-/// labels hash, lists all three.
+/// is read in steps is archived beside them. A live GET reads no labels, so it answers the refused
+/// flows' state as the engine would. DRYRUN, which reads 1 MiB of a labels hash, lists all three.
 #[test]
 fn labels_that_alone_pass_read_max_bytes_refuse_the_archive_and_keep_the_flow_whole() {
     let s3 = S3::new_bucket();
