@@ -63,8 +63,10 @@ struct Entry {
 
 #[derive(Default)]
 struct Registry {
-    /// Followed keys and the watches that follow each.
-    keys: HashMap<DbKey, Vec<Arc<Flags>>>,
+    /// Followed key names, each with the watches that follow it and their DBs: the hook looks a
+    /// written key up by its name as the server hands it, with no copy (it runs on every write of a
+    /// followed class while any watch follows), and finds a key of any DB in the same lookup.
+    keys: HashMap<Vec<u8>, Vec<(i32, Arc<Flags>)>>,
     /// Every live watch (a flush or swap changes them all).
     all: Vec<Entry>,
     flows: HashSet<(i32, String)>,
@@ -88,9 +90,9 @@ impl Registry {
     }
 
     fn forget(&mut self, entry: Entry) {
-        for k in &entry.keys {
+        for (_, k) in &entry.keys {
             if let Some(list) = self.keys.get_mut(k) {
-                list.retain(|f| !Arc::ptr_eq(f, &entry.flags));
+                list.retain(|(_, f)| !Arc::ptr_eq(f, &entry.flags));
                 if list.is_empty() {
                     self.keys.remove(k);
                 }
@@ -223,9 +225,8 @@ impl Watch {
         };
         let db = entry.db;
         for k in keys {
-            let key = (db, k.as_bytes().to_vec());
-            entry.keys.push(key.clone());
-            reg.keys.entry(key).or_default().push(self.flags.clone());
+            entry.keys.push((db, k.as_bytes().to_vec()));
+            (reg.keys.entry(k.as_bytes().to_vec()).or_default()).push((db, self.flags.clone()));
         }
         self.follows = true;
         FOLLOWED.fetch_add(1, Ordering::SeqCst);
@@ -382,16 +383,12 @@ fn key_touched(db: Option<i32>, key: &[u8]) {
     let Some(reg) = guard.as_ref() else {
         return;
     };
-    let mark = |list: &Vec<Arc<Flags>>| {
-        list.iter()
-            .for_each(|f| f.changed.store(true, Ordering::SeqCst))
+    let Some(list) = reg.keys.get(key) else {
+        return;
     };
-    match db {
-        Some(db) => reg.keys.get(&(db, key.to_vec())).into_iter().for_each(mark),
-        None => (reg.keys.iter())
-            .filter(|((_, followed), _)| followed == key)
-            .for_each(|(_, list)| mark(list)),
-    }
+    list.iter()
+        .filter(|(followed, _)| db.is_none_or(|db| db == *followed))
+        .for_each(|(_, f)| f.changed.store(true, Ordering::SeqCst));
 }
 
 /// FLUSHDB, FLUSHALL, SWAPDB and a dataset swapped in by a replica's async load raise no per-key
@@ -476,10 +473,9 @@ mod tests {
             !again.changed(),
             "the ended watch no longer follows the key"
         );
-        let key = (3, b"p:flow:far:events".to_vec());
         let left = lock(&REGISTRY)
             .as_ref()
-            .is_some_and(|r| r.keys.contains_key(&key));
+            .is_some_and(|r| r.keys.contains_key(&b"p:flow:far:events"[..]));
         assert!(!left);
     }
 }
