@@ -24,7 +24,7 @@ use redis_module::{Context, KeyType};
 
 use crate::digest::sha256;
 use crate::layout::{self, FlowKeys, GENERATIONS};
-use crate::ops::configs::{IndexFormat, INDEX_BUCKETS, INDEX_FORMAT, OBJECT_NAME_MAX};
+use crate::ops::configs::{IndexFormat, INDEX_BUCKETS, INDEX_FORMAT};
 use crate::ops::errors::{show_key, FlowError};
 use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::key::Key;
@@ -228,28 +228,45 @@ pub fn written_keys_unread(keys: &FlowKeys) -> Option<Vec<String>> {
     (configured() == IndexFormat::Hash).then(|| vec![keys.index.clone()])
 }
 
-/// The keys an entry of `id` is written to in the configured format: the commit checks the caller's
-/// ACL, their types and (on a cluster) their slot before writing. The compact bucket depends on the
-/// meta hash, which is read only once the caller may write it.
+/// The object an index entry is written for, as far as the keys it is written to depend on it.
+#[derive(Clone, Copy)]
+pub enum Object<'l> {
+    /// Stored at this location (the commit): written exactly where `record` writes it.
+    At(&'l str),
+    /// To be stored under this name limit (the `object-name-max` of the settings its upload uses):
+    /// a name that may pass it may be stored under its `_sha256` name, recorded in the hash format.
+    Named(usize),
+}
+
+/// The keys an entry of `id` for `object` is written to in the configured format: the commit checks
+/// the caller's ACL, their types and (on a cluster) their slot before writing. The compact bucket
+/// depends on the meta hash, which is read only once the caller may write it.
 pub fn written_keys(
     ctx: &Context,
     caller: &Caller,
     keys: &FlowKeys,
     id: &str,
+    object: Object,
 ) -> Result<Vec<String>, FlowError> {
     if let Some(unread) = written_keys_unread(keys) {
         return Ok(unread);
     }
+    // An object stored under its `_sha256` name is recorded in the hash format alone (`target`); one
+    // whose name may pass the upload's limit may be, so the hash is checked with the compact keys.
+    let hash_too = match object {
+        Object::At(location) if target(location, id) == IndexFormat::Hash => {
+            return Ok(vec![keys.index.clone()])
+        }
+        Object::At(_) => false,
+        Object::Named(max_name) => layout::escape_id(id).len() + ".g15.jsonl.gz".len() > max_name,
+    };
     let compact = Compact::of(&keys.index, id);
     acl::check(ctx, caller, &compact.meta, Access::Add)?;
     expect_type(ctx, &compact.meta, &KeyType::Hash)?;
     let buckets = compact.recorded_buckets(ctx)?.unwrap_or_else(new_buckets);
     let bucket = compact.bucket(buckets);
     let mut written = vec![compact.meta, bucket];
-    // An object whose name may pass the store's limit may be stored under its `_sha256` name, which
-    // only the hash format records (`target`): its key is checked too.
-    let name = layout::escape_id(id).len() + ".g15.jsonl.gz".len();
-    if name > OBJECT_NAME_MAX.get().max(0) as usize {
+    if hash_too {
         written.push(keys.index.clone());
     }
     Ok(written)

@@ -538,3 +538,43 @@ fn the_commit_refuses_a_flow_indexed_meanwhile_in_either_format() {
         assert!(exists(&mut other, &events), "{configured}: nothing deleted");
     }
 }
+
+/// The commit checks the index key its object is recorded in, whatever `object-name-max` says by
+/// then: a flow whose name passed the limit is stored under its `_sha256` name, which the compact
+/// index records in the hash; the limit raised during its upload, the hash is still checked at
+/// commit (here for the TTL it was given meanwhile), and the flow is kept whole.
+#[test]
+fn the_commit_checks_where_its_object_is_recorded_after_the_name_limit_changes() {
+    let s3 = S3::new_bucket();
+    let proxy = common::proxy::Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &COMPACT);
+    let mut c = srv.conn();
+    write_flow(&mut c, &FlowSpec::done("first"));
+    archive(&mut c, "first").unwrap();
+    let long = "a".repeat(250);
+    write_flow(&mut c, &FlowSpec::done(&long));
+    cmd::<i64>(
+        &mut c,
+        &["HSET", INDEX, "other", "s3://elsewhere/other.jsonl.gz"],
+    )
+    .unwrap();
+    let before = dump_all(&mut c);
+    let (_, answer) = held_upload_in(&srv, &proxy, 0, &long, |c| {
+        cmd::<i64>(c, &["EXPIRE", INDEX, "3600"]).unwrap();
+        config_set(c, "flowarchive.object-name-max", "1024").unwrap();
+    });
+    let e = err_text(answer);
+    assert!(
+        e.contains("TTL") && e.contains("nothing was deleted"),
+        "{e}"
+    );
+    assert_same(&before, &dump_all(&mut c), "the flow and the index");
+    // Without the TTL, and under a limit the store takes, the same flow is archived under its
+    // `_sha256` name, recorded in the hash.
+    cmd::<i64>(&mut c, &["PERSIST", INDEX]).unwrap();
+    config_set(&mut c, "flowarchive.object-name-max", "255").unwrap();
+    let location = location_of(&archive(&mut c, &long).unwrap());
+    assert!(location.contains("/_sha256/"), "{location}");
+    let recorded: Option<String> = cmd(&mut c, &["HGET", INDEX, &long]).unwrap();
+    assert_eq!(recorded.as_deref(), Some(location.as_str()));
+}

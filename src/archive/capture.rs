@@ -27,8 +27,9 @@ use crate::archive::guard;
 use crate::archive::judge::{self, Facts, Found, Live, LogEnd, Pairs, Scored, Snapshot, Verdict};
 use crate::format::captured::Captured;
 use crate::format::event_log::EventLog;
-use crate::index::{self, Entry};
+use crate::index::{self, Entry, Object};
 use crate::layout::{FlowKeys, Layout, StateSource};
+use crate::ops::configs::Settings;
 use crate::ops::errors::FlowError;
 use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::cluster;
@@ -161,10 +162,10 @@ pub fn inspect(
     caller: &Caller,
     db: i32,
     id: &str,
-    layout: &Layout,
+    settings: &Settings,
     window: &Window,
-    max_bytes: u64,
 ) -> Result<Inspected, FlowError> {
+    let (layout, max_bytes) = (&settings.layout, settings.read_max_bytes);
     let keys = layout.flow_keys(id);
     // On a cluster: the flow's keys all in its id's slot, and that slot archivable here now.
     let slot = cluster::placement(id, keys.named())?;
@@ -173,7 +174,8 @@ pub fn inspect(
     // every key of the archive allowed together with the others, as the keys of one command.
     let caller = caller.one_command();
     let caller: &Caller = &caller;
-    let index_keys = rights(ctx, caller, &keys, id)?;
+    let object = Object::Named(settings.s3.object_name_max);
+    let index_keys = rights(ctx, caller, &keys, id, object)?;
     let facts = read_facts(ctx, caller, &keys, id, layout, max_bytes)?;
     let judged = match judge::judge(facts, &keys, layout, window, max_bytes)? {
         Verdict::Archived(location) => return Ok(Inspected::AlreadyArchived(location)),
@@ -220,6 +222,7 @@ fn rights(
     caller: &Caller,
     keys: &FlowKeys,
     id: &str,
+    object: Object,
 ) -> Result<Vec<String>, FlowError> {
     let own = keys.own().map(|k| (k, Access::Remove));
     let status = keys.status_hash.as_deref().map(|k| (k, Access::Remove));
@@ -232,7 +235,7 @@ fn rights(
         }
         None => {
             acl::check_keys(ctx, caller, own)?;
-            let index_keys = index::written_keys(ctx, caller, keys, id)?;
+            let index_keys = index::written_keys(ctx, caller, keys, id, object)?;
             let index = index_keys.iter().map(|k| (k.as_str(), Access::Add));
             acl::check_keys(ctx, caller, index.chain(status).chain(lease))?;
             Ok(index_keys)
@@ -445,7 +448,11 @@ pub(super) fn read_seq(ctx: &Context, keys: &FlowKeys) -> Result<Option<i64>, Fl
 /// Reads the next chunk of a large snapshot (`mainthread::read_string_step`), else of a large labels
 /// hash (`read_labels`), else of the event log (`mainthread::read_log`). Call on the main thread with
 /// the flow's DB selected.
-pub fn read_more(ctx: &Context, capture: &mut Capture, layout: &Layout) -> Result<(), FlowError> {
+pub fn read_more(
+    ctx: &Context,
+    capture: &mut Capture,
+    settings: &Settings,
+) -> Result<(), FlowError> {
     if capture.watch.changed() {
         return Err(FlowError::Changed);
     }
@@ -459,7 +466,16 @@ pub fn read_more(ctx: &Context, capture: &mut Capture, layout: &Layout) -> Resul
         // every key but the label indexes they name (rights before any of them is looked at).
         capture.flow.labels = judge::label_texts(steps.pairs.into_vec())?;
         let previous = capture.previous.as_ref();
-        return guard::check(ctx, &capture.caller, &capture.flow, previous, layout).map(drop);
+        let (layout, object) = (&settings.layout, Object::Named(settings.s3.object_name_max));
+        return guard::check(
+            ctx,
+            &capture.caller,
+            &capture.flow,
+            previous,
+            layout,
+            object,
+        )
+        .map(drop);
     }
     if let Some(steps) = &mut capture.labels_left {
         // Only a layout with a labels key has labels to read on (no key reads as a change).

@@ -21,7 +21,7 @@ use crate::archive::capture::Capture;
 use crate::archive::guard;
 use crate::archive::proof::{self, Fingerprint};
 use crate::format::captured::Captured;
-use crate::index;
+use crate::index::{self, Object};
 use crate::layout::Layout;
 use crate::ops::errors::{self, FlowError};
 use crate::ops::metrics::Stage;
@@ -135,7 +135,8 @@ fn commit(
     // index and lease reads below are then implied by the guard's joined check, not asked again.
     let caller = caller.one_command();
     let caller: &Caller = &caller;
-    let slot = guard::check(ctx, caller, flow, previous.as_ref(), layout)?;
+    let object = Object::At(location);
+    let slot = guard::check(ctx, caller, flow, previous.as_ref(), layout, object)?;
     // On a cluster: still this node's slot, not moving, and no migration of it since the capture.
     cluster::check_commit(ctx, slot, *motion)?;
     // The index still names what it named at capture: nothing, or the earlier incarnation this

@@ -15,7 +15,7 @@ use std::borrow::Cow;
 use redis_module::{Context, KeyType};
 
 use crate::format::captured::Captured;
-use crate::index::{self, Entry};
+use crate::index::{self, Entry, Object};
 use crate::layout::Layout;
 use crate::ops::errors::{show_key, FlowError};
 use crate::runtime::acl::{self, Access, Caller};
@@ -154,9 +154,10 @@ pub fn check(
     flow: &Captured,
     previous: Option<&Entry>,
     layout: &Layout,
+    object: Object,
 ) -> Result<Option<u16>, FlowError> {
     let caller = caller.one_command();
-    let index_keys = index::written_keys(ctx, &caller, &flow.keys, &flow.id)?;
+    let index_keys = index::written_keys(ctx, &caller, &flow.keys, &flow.id, object)?;
     let touched = touched(flow, previous, layout, &index_keys);
     let slot = cluster::placement(&flow.id, touched.iter().map(Touched::named))?;
     let lease = flow.keys.lease.as_deref().map(|k| (k, Access::Read));

@@ -131,32 +131,25 @@ fn begin_untimed(
     settings: &Settings,
     window: &Window,
 ) -> Result<Start, FlowError> {
-    let (flow, events_total, large_snapshot, labels_left, previous, slot) = match capture::inspect(
-        ctx,
-        caller,
-        db,
-        id,
-        &settings.layout,
-        window,
-        settings.read_max_bytes,
-    )? {
-        Inspected::AlreadyArchived(location) => return Ok(Start::AlreadyArchived(location)),
-        Inspected::Eligible {
-            flow,
-            events_total,
-            large_snapshot,
-            labels_left,
-            previous,
-            slot,
-        } => (
-            *flow,
-            events_total,
-            large_snapshot,
-            labels_left,
-            previous,
-            slot,
-        ),
-    };
+    let (flow, events_total, large_snapshot, labels_left, previous, slot) =
+        match capture::inspect(ctx, caller, db, id, settings, window)? {
+            Inspected::AlreadyArchived(location) => return Ok(Start::AlreadyArchived(location)),
+            Inspected::Eligible {
+                flow,
+                events_total,
+                large_snapshot,
+                labels_left,
+                previous,
+                slot,
+            } => (
+                *flow,
+                events_total,
+                large_snapshot,
+                labels_left,
+                previous,
+                slot,
+            ),
+        };
     // On a cluster, the slot's migration generation now: the commit refuses if it changed.
     let motion = cluster::motion(slot);
     let watch = Watch::claim(db, id).ok_or(FlowError::Busy)?;
@@ -188,7 +181,7 @@ fn begin_untimed(
     if capture.labels_followed {
         capture.follow(ctx, Writes::ListsAndHashes)?;
     }
-    capture::read_more(ctx, &mut capture, &settings.layout)?;
+    capture::read_more(ctx, &mut capture, settings)?;
     if !capture.complete() {
         // Read over several steps: follow the log's writes from this step on.
         capture.follow(ctx, Writes::Lists)?;
@@ -228,12 +221,12 @@ pub fn begin_many(
 
 /// Reads the rest of a large snapshot, a large labels hash and a long event log, one chunk per
 /// main-thread step.
-pub fn finish_capture(capture: &mut Capture, layout: &Layout) -> Result<(), FlowError> {
+pub fn finish_capture(capture: &mut Capture, settings: &Settings) -> Result<(), FlowError> {
     let db = capture.flow.db;
     let mut held = capture.held_us;
     while !capture.complete() {
         mainthread::step(db, Stage::Capture, &mut held, |ctx| {
-            capture::read_more(ctx, capture, layout)
+            capture::read_more(ctx, capture, settings)
         })?;
     }
     capture.held_us = held;
@@ -498,7 +491,7 @@ fn settle(
 
 /// One flow after `begin`, end to end on the calling thread.
 pub fn run(mut capture: Capture, settings: &Settings, s3: &Store) -> Result<Archived, FlowError> {
-    finish_capture(&mut capture, &settings.layout)?;
+    finish_capture(&mut capture, settings)?;
     let uploaded = upload(capture, settings, s3)?;
     commit(uploaded, settings)
 }

@@ -255,15 +255,7 @@ impl<'a> Coordinator<'a> {
     fn dry_run(&mut self, flow: Flow) {
         let (job, settings, window) = (self.job, self.settings, &self.window);
         let inspected = mainthread::step(job.db, Stage::Select, &mut self.select_us, |ctx| {
-            capture::inspect(
-                ctx,
-                &job.caller,
-                job.db,
-                flow.id(),
-                &settings.layout,
-                window,
-                settings.read_max_bytes,
-            )
+            capture::inspect(ctx, &job.caller, job.db, flow.id(), settings, window)
         });
         let outcome = match inspected {
             Ok(Inspected::Eligible { .. }) => {
@@ -314,7 +306,7 @@ impl<'a> Coordinator<'a> {
             }
         }
         for (flow, mut capture) in long {
-            match archive::finish_capture(&mut capture, &self.settings.layout) {
+            match archive::finish_capture(&mut capture, self.settings) {
                 Ok(()) => self.hand_over(flow, *capture),
                 Err(e) => self.not_archived(flow, &e),
             }
