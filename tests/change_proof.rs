@@ -2106,3 +2106,44 @@ fn labels_rehashed_between_capture_steps_are_read_whole() {
     assert_eq!(int(&summary["archived"]), 3, "{summary:?}");
     checker::check_swept("archived", &srv, &s3, &model, 3);
 }
+
+/// A log read whole in one step that the commit could not compare byte for byte (past 1 MiB, here
+/// through a 3 MiB last event: one step reads on to the end of the event it is in) is followed from
+/// its capture, as a log read in steps is, and measured at commit instead of read and hashed again
+/// in the commit's one step. An edit that keeps its length during the upload keeps the flow; left
+/// alone, it is archived whole.
+#[test]
+fn a_log_read_in_one_step_too_large_to_compare_at_commit_is_followed() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &[]);
+    let mut c = srv.conn();
+    let mut model = checker::Model::new(0);
+    for id in ["edited", "whole"] {
+        let spec = FlowSpec {
+            events: 6,
+            ..FlowSpec::done(id)
+        };
+        model.write(&mut c, &spec);
+        let last = model.flows.get_mut(id).unwrap().events.last_mut().unwrap();
+        let mut event: serde_json::Value = serde_json::from_str(last).unwrap();
+        event["pad"] = "p".repeat(3 << 20).into();
+        *last = event.to_string();
+        run(&mut c, &["LSET", &events_key(id), "-1", last]);
+    }
+    assert_eq!(info_field(&mut c, "keyspace_events_subscribed"), 0);
+    let first = &mut model.flows.get_mut("edited").unwrap().events[0];
+    *first = first.replacen('{', r#"{"edited":true,"#, 1);
+    let edit = first.clone();
+    change_written_during_upload(&srv, &proxy, "edited", |c| {
+        run(c, &["LSET", &events_key("edited"), "0", &edit])
+    });
+    assert_eq!(
+        info_field(&mut c, "keyspace_events_subscribed"),
+        1,
+        "a log of one step past 1 MiB is followed"
+    );
+    archive(&mut c, "whole").unwrap();
+    let tally = checker::check("whole archived", &srv, &s3, &model, checker::Expect::Either);
+    assert_eq!((tally.live, tally.archived), (1, 1));
+}

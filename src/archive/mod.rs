@@ -182,8 +182,9 @@ fn begin_untimed(
         capture.follow(ctx, Writes::ListsAndHashes)?;
     }
     capture::read_more(ctx, &mut capture, settings)?;
-    if !capture.complete() {
-        // Read over several steps: follow the log's writes from this step on.
+    if !capture.complete() || !proof::comparable(capture.flow.events.bytes()) {
+        // Read over several steps, or too large for the commit to compare in its one step: follow
+        // the log's writes from this step on.
         capture.follow(ctx, Writes::Lists)?;
     }
     Ok(Start::Capture(Box::new(capture)))

@@ -11,8 +11,9 @@
 //! holds. No hook on the server's writes is needed, so the server's own writes pay nothing for it (see
 //! `runtime::watch`).
 //!
-//! An event log read over several steps is too long to read again in one: it is compared by its
-//! length only, and its watch follows every write to it from the capture's first step to the commit.
+//! An event log read over several steps is too long to read again in one, and so is one read in one
+//! step past `KEEP_BYTES` (`comparable`): it is compared by its length only, and its watch follows
+//! every write to it from the capture's first step to the commit.
 //! So is a snapshot larger than one step reads (`mainthread::WHOLE_BYTES`), whose watch also follows
 //! string writes: it is measured at commit, and framed with the small keys as if absent. And a labels
 //! hash larger than one step reads, whose watch also follows hash writes: its fields are counted at
@@ -33,9 +34,18 @@ use crate::runtime::key::Key;
 use crate::runtime::server::with_string;
 
 /// A whole log, or the small keys' framed bytes, of at most this many bytes is kept for the commit to
-/// compare byte for byte (cheaper on the main thread than hashing it again); a larger one is hashed,
-/// so that an upload does not hold two copies of a large flow.
+/// compare byte for byte (cheaper on the main thread than hashing it again). Larger small keys are
+/// hashed, so that an upload does not hold two copies of a large flow; a larger log is followed
+/// instead (`comparable`).
 const KEEP_BYTES: u64 = 1 << 20;
+
+/// Whether the commit compares a log of `bytes` read whole in one step byte for byte. A larger one
+/// (one step reads on past its last MiB to the end of the event it is in, which may be far larger)
+/// is followed by the watch from the step that read it, as a log read in steps is, and measured at
+/// commit: reading and hashing it again would hold the commit's one step for as long as the capture.
+pub fn comparable(bytes: usize) -> bool {
+    bytes as u64 <= KEEP_BYTES
+}
 
 /// What the archive holds of a flow's own keys, for the commit to compare with what Valkey holds.
 pub struct Fingerprint {
