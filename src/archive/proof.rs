@@ -129,7 +129,9 @@ enum Log {
     Length(usize),
     /// A whole log as read, counted as buffered while kept.
     Events { events: EventLog, _held: Buffered },
-    /// A whole log too large to keep: its length and hash (`Parts::events`).
+    /// A whole log too large to keep: its length and hash (`Parts::events`). The capture follows a
+    /// log read whole past `KEEP_BYTES` instead (`comparable`), so only a smaller limit (the tests'
+    /// `archived_keeping`) gives this form; it stays the sound answer should one ever come unfollowed.
     Hash(usize, [u8; 32]),
 }
 
