@@ -26,6 +26,39 @@ fn module_threads(pid: u32) -> Vec<String> {
         .collect()
 }
 
+/// A sweep that selects by SCAN (no status ZSET) judges a flow by its status hash only for a caller who
+/// may read that hash: for one who may not, every flow it finds is a candidate its capture refuses, so
+/// what a flow is counted as tells nothing of what the hash holds.
+#[test]
+fn a_scan_selection_reads_no_status_hash_its_caller_may_not_read() {
+    let s3 = S3::new_bucket();
+    let srv = server_via(&s3, None, &[]);
+    let mut admin = srv.conn();
+    config_set(&mut admin, "flowarchive.status-set-key", "").unwrap();
+    write_flow(&mut admin, &FlowSpec::done("done"));
+    let running = FlowSpec {
+        status: "active",
+        ..FlowSpec::done("running")
+    };
+    write_flow(&mut admin, &running);
+    let rule =
+        "ACL SETUSER blind on >pw +@all ~argyll:flow:* ~archived:* %R~argyll:archive:lease:*";
+    cmd::<()>(&mut admin, &rule.split(' ').collect::<Vec<_>>()).unwrap();
+    let before = dump_all(&mut admin);
+    let swept = sweep(&mut conn_as(&srv, "blind"), &[]).unwrap();
+    assert_eq!(int(&swept["archived"]), 0, "{swept:?}");
+    assert_eq!(int(&swept["skipped_noperm"]), 2, "{swept:?}");
+    assert_same(
+        &before,
+        &dump_all(&mut admin),
+        "nothing touched for `blind`",
+    );
+    // Judged by its status hash, the running flow is not a candidate at all.
+    let swept = sweep(&mut admin, &[]).unwrap();
+    assert_eq!(int(&swept["archived"]), 1, "{swept:?}");
+    assert_eq!(int(&swept["skipped_noperm"]), 0, "{swept:?}");
+}
+
 #[test]
 fn acl_users_touch_only_the_keys_they_may() {
     let s3 = S3::new_bucket();

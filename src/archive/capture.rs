@@ -352,15 +352,22 @@ fn scored(ctx: &Context, caller: &Caller, set: String, member: &[u8]) -> Result<
 }
 
 /// The selection's test of a flow a sweep found by SCAN (`judge::looks_eligible`), reading the status
-/// hash and the log's end only.
+/// hash and the log's end only. A status hash the caller may not read is not read: the flow is a
+/// candidate, which its capture refuses (`skipped_noperm`), so whether a flow is counted does not
+/// tell the caller what that hash holds.
 pub fn looks_eligible(
     ctx: &Context,
+    caller: &Caller,
     layout: &Layout,
     id: &str,
     window: &Window,
     max_bytes: u64,
 ) -> bool {
     let keys = layout.flow_keys(id);
+    let status = keys.status_hash.as_deref();
+    if status.is_some_and(|k| acl::check(ctx, caller, k, Access::Read).is_err()) {
+        return true;
+    }
     let events = Key::open(ctx, &keys.events);
     if events.kind() != KeyType::List {
         return true;

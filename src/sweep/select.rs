@@ -308,7 +308,7 @@ fn scan_step(
         }
         let eligible = match layout.state {
             StateSource::Fold => {
-                capture::looks_eligible(ctx, layout, &id, &want.window, want.max_bytes)
+                capture::looks_eligible(ctx, caller, layout, &id, &want.window, want.max_bytes)
             }
             StateSource::Snapshot => with_string(ctx, &key, |snapshot| match snapshot {
                 Some(s) if s.len() as u64 > want.max_bytes => true,
