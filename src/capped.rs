@@ -16,7 +16,9 @@ pub fn read(reader: &mut impl Read, cap: u64, first: usize) -> io::Result<Vec<u8
             return Ok(buf);
         }
         let next = buf.capacity().saturating_mul(2).min(most);
-        buf.reserve_exact(next - buf.len());
+        // Bytes that arrived ask for the growth, yet memory may still run out: an error, not an abort.
+        buf.try_reserve_exact(next - buf.len())
+            .map_err(|e| io::Error::new(io::ErrorKind::OutOfMemory, e))?;
     }
 }
 

@@ -249,6 +249,32 @@ fn the_same_id_in_two_dbs_archives_to_two_objects() {
 }
 
 /// A 1 MB gzip that inflates to 1 GB once took the server's memory with it.
+/// A store that announces a body larger than the machine holds, under a read cap as large as the
+/// config allows, gets an error: the first buffer takes the announced length only up to 1 MiB.
+/// Taken at its word, the allocation of 100 GB aborted the server.
+#[test]
+fn an_announced_length_past_memory_is_an_error_not_an_abort() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &["cache-bytes", "0"]);
+    let mut c = srv.conn();
+    write_flow(&mut c, &FlowSpec::done("big"));
+    archive(&mut c, "big").unwrap();
+    config_set(&mut c, "flowarchive.read-max-bytes", "1000gb").unwrap();
+    proxy.set(vec![common::proxy::Rule {
+        method: "GET",
+        path: "/flows/big".into(),
+        fault: common::proxy::Fault::HugeLength,
+    }]);
+    assert!(get(&mut c, "big").is_err());
+    proxy.set(Vec::new());
+    assert_eq!(cmd::<String>(&mut srv.conn(), &["PING"]).unwrap(), "PONG");
+    assert!(
+        get(&mut c, "big").unwrap().is_some(),
+        "read again once the store is honest"
+    );
+}
+
 #[test]
 fn gzip_bombs_and_oversized_objects_are_refused_in_bounded_memory() {
     let s3 = S3::new_bucket();

@@ -50,6 +50,9 @@ static REQUESTS: AtomicU64 = AtomicU64::new(0);
 pub const MAX_OBJECT: u64 = 4 << 30;
 /// Longest a credential service may take to answer.
 const CREDENTIALS_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most a GET's first buffer takes on the word of its announced length; a larger body grows it by
+/// doubling as its bytes arrive (`capped::read`).
+const FIRST_READ_BYTES: u64 = 1 << 20;
 
 /// The digests a PUT signs: `Content-MD5`, `x-amz-checksum-sha256` (under `checksum sha256`), and the
 /// hex sha256 recorded in the object's metadata.
@@ -319,8 +322,11 @@ impl Store {
         let recorded = response
             .header("x-amz-meta-flowarchive-sha256")
             .map(|s| s.trim().to_string());
-        // The announced length is trusted for the first allocation only up to the cap.
-        let first = announced.map_or(64 << 10, |len| len.saturating_add(1) as usize);
+        // The announced length is trusted for the first allocation only up to `FIRST_READ_BYTES`:
+        // a store may announce more than the machine holds, under a cap as large as it allows.
+        let first = announced.map_or(64 << 10, |len| {
+            len.saturating_add(1).min(FIRST_READ_BYTES) as usize
+        });
         let body =
             crate::capped::read(&mut response.into_reader(), max_bytes, first).map_err(|e| {
                 let kind = if e.kind() == std::io::ErrorKind::TimedOut {

@@ -52,6 +52,8 @@ pub enum Fault {
     ChecksumIgnored,
     /// Answer this redirect status (301, 307...) with a `Location`, never reaching S3.
     Redirect(u16),
+    /// Answer 200 announcing a body of 100 GB and send five bytes, never reaching S3.
+    HugeLength,
 }
 
 #[derive(Clone, Debug)]
@@ -413,6 +415,12 @@ fn handle(mut conn: TcpStream, s: &Shared) {
         }
         Some(Fault::Reset) => {
             let _ = conn.shutdown(Shutdown::Both);
+            return;
+        }
+        Some(Fault::HugeLength) => {
+            let _ = conn.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000\r\nConnection: close\r\n\r\nshort",
+            );
             return;
         }
         Some(Fault::Redirect(code)) => {
