@@ -548,6 +548,32 @@ fn stores_that_lie_about_uploads_of_large_labels_delete_nothing() {
     checker::check_swept("told the truth", &srv, &s3, &model, 4);
 }
 
+/// Under `sse aws:kms` an object's ETag is no MD5 of its bytes, so a HEAD proves the upload only by
+/// the checksum it echoes, which a store that checks nothing echoes for corrupted bytes too. Where the
+/// store is not proven to check what it is sent (`verify auto` after its probe failed, `verify
+/// head`), the object is read back and hashed before anything is deleted: the corrupted upload is
+/// refused and removed, the flow kept; under `verify put-response`, which trusts the echo by
+/// choice, the store is taken at its word (docs/S3.md). Taking the echo as proof, both modes
+/// deleted the flow under an object that no read could verify.
+#[test]
+fn an_encrypted_upload_to_a_store_that_checks_nothing_is_read_back_before_a_delete() {
+    for mode in ["auto", "head"] {
+        let s3 = S3::new_bucket();
+        let proxy = Proxy::start(s3_port());
+        let srv = server_via(&s3, Some(&proxy), &["verify", mode, "sse", "aws:kms"]);
+        let mut c = srv.conn();
+        let mut model = checker::Model::new(0);
+        model.write(&mut c, &FlowSpec::done("sealed"));
+        let before = dump_all(&mut c);
+        proxy.set(checksums_ignored(&s3));
+        let e = err_text(archive(&mut c, "sealed"));
+        assert!(e.contains("nothing was deleted"), "{mode}: {e}");
+        assert_same(&before, &dump_all(&mut c), mode);
+        let tally = checker::check(mode, &srv, &s3, &model, checker::Expect::Either);
+        assert_eq!((tally.archived, tally.live), (0, 1), "{mode}");
+    }
+}
+
 // ---------------------------------------------------------------- rate cap
 
 /// Object names the store would refuse (MinIO and SeaweedFS take at most 255 bytes per key segment)

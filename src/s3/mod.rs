@@ -40,7 +40,7 @@ pub use settings::{Checksum, S3Settings, Sse, VerifyMode};
 
 use errors::{request_error, shown_key, success};
 use throttle::throttle;
-use verify::Answer;
+use verify::{Answer, Proven};
 
 /// HTTP requests sent to S3 since load, every attempt of every request (INFO `s3_requests`).
 static REQUESTS: AtomicU64 = AtomicU64::new(0);
@@ -201,11 +201,11 @@ impl Store {
         let verified = proof
             .check("PUT", key, &echoed)
             .and_then(|proven| match proven {
-                true if echo_proves && echoed.sha.is_some() => {
+                Proven::ByStore | Proven::ByEcho if echo_proves && echoed.sha.is_some() => {
                     proven::head_saved();
                     Ok(())
                 }
-                _ => self.verify_stored(key, &proof),
+                _ => self.verify_stored(key, &proof, obj, echo_proves),
             });
         if let Err(e) = &verified {
             if e.kind == FailureKind::Verify {

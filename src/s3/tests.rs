@@ -1,7 +1,7 @@
 use std::time::{Duration, Instant};
 
 use super::throttle::{throttle, TokenBucket, THROTTLE_SLICE};
-use super::verify::{Answer, Proof};
+use super::verify::{Answer, Proof, Proven};
 use super::*;
 
 pub(super) fn settings() -> S3Settings {
@@ -184,11 +184,19 @@ fn every_proof_must_agree_and_one_contradiction_fails() {
         kms: false,
     };
     let ok = |a: &Answer| proof.check("HEAD", "k", a).unwrap();
-    assert!(ok(&answer(Some(md5), None, None)));
-    assert!(ok(&answer(Some(md5), Some("c2hh"), Some("ab12"))));
-    assert!(ok(&answer(Some("opaque-etag"), Some("c2hh"), None)));
-    assert!(
-        !ok(&answer(Some("opaque-etag"), None, Some("ab12"))),
+    assert_eq!(ok(&answer(Some(md5), None, None)), Proven::ByStore);
+    assert_eq!(
+        ok(&answer(Some(md5), Some("c2hh"), Some("ab12"))),
+        Proven::ByStore
+    );
+    assert_eq!(
+        ok(&answer(Some("opaque-etag"), Some("c2hh"), None)),
+        Proven::ByEcho,
+        "a checksum only as the upload sent it"
+    );
+    assert_eq!(
+        ok(&answer(Some("opaque-etag"), None, Some("ab12"))),
+        Proven::Not,
         "metadata alone proves nothing"
     );
     for (what, a) in [
@@ -213,16 +221,18 @@ fn every_proof_must_agree_and_one_contradiction_fails() {
     short.size = Some(2);
     assert!(proof.check("HEAD", "k", &short).is_err(), "size");
     short.size = None;
-    assert!(
+    assert_eq!(
         proof.check("PUT", "k", &short).unwrap(),
+        Proven::ByStore,
         "a PUT's answer states no object size"
     );
-    // An object encrypted with a KMS or customer key has an ETag that is no MD5: not counted.
+    // An object encrypted with a KMS or customer key has an ETag that is no MD5: not counted, so
+    // only the echoed checksum speaks for it.
     let mut kms = answer(Some(other), Some("c2hh"), None);
     kms.encrypted_by_key = true;
-    assert!(ok(&kms));
+    assert_eq!(ok(&kms), Proven::ByEcho);
     kms.sha = None;
-    assert!(!ok(&kms));
+    assert_eq!(ok(&kms), Proven::Not);
 }
 
 #[test]

@@ -51,8 +51,17 @@ impl Store {
         }
     }
 
-    /// A presigned HEAD must show the uploaded size and prove the content, every proof agreeing.
-    pub(super) fn verify_stored(&self, key: &str, proof: &Proof) -> Result<(), StoreError> {
+    /// A presigned HEAD must show the uploaded size and prove the content, every proof agreeing. A
+    /// HEAD that proves it only by what the upload sent (`Proven::ByEcho`: an encrypted object has no
+    /// MD5 ETag) proves it where `echo_proves` (the store is proven to check what it is sent, or
+    /// `verify put-response` trusts it); elsewhere the object is read back and hashed.
+    pub(super) fn verify_stored(
+        &self,
+        key: &str,
+        proof: &Proof,
+        obj: &Encoded,
+        echo_proves: bool,
+    ) -> Result<(), StoreError> {
         // Keys are cut in messages, so a long one cannot push the reason past the bound.
         let shown = shown_key(key);
         let checksum_mode = self.checksum == Checksum::Sha256;
@@ -76,8 +85,10 @@ impl Store {
             success("HEAD", key, response).map(|r| Answer::of(&r))
         })?;
         match proof.check("HEAD", key, &stored)? {
-            true => Ok(()),
-            false => Err(fail(
+            Proven::ByStore => Ok(()),
+            Proven::ByEcho if echo_proves => Ok(()),
+            Proven::ByEcho => self.verify_existing(key, obj),
+            Proven::Not => Err(fail(
                 FailureKind::Verify,
                 format!(
                     "HEAD {shown}: nothing proves the stored object is the upload (etag {}, sha256 {})",
@@ -115,6 +126,18 @@ impl Answer {
     }
 }
 
+/// How a store's answer proves that an object it holds is the upload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Proven {
+    /// By what the store computed of the bytes it holds: an ETag that is their MD5.
+    ByStore,
+    /// Only by what the upload sent, which a store may echo without checking the bytes: the
+    /// checksum, our recorded sha256.
+    ByEcho,
+    /// By nothing (nor does anything contradict it).
+    Not,
+}
+
 /// What proves a stored object is the one uploaded.
 pub(super) struct Proof<'a> {
     pub(super) size: u64,
@@ -131,10 +154,9 @@ impl Proof<'_> {
     /// Every proof `a` gives must agree with the upload: its size (when it states one for the object),
     /// an ETag that is an MD5 (32 hex digits, the object not encrypted with a KMS or customer key),
     /// its sha256 checksum, our recorded sha256. Any contradiction is a failed verification, whatever
-    /// else agrees (a store can record a client's checksum without checking the bytes). `Ok(true)`
-    /// when something positively proves the content, `Ok(false)` when nothing contradicts it but
-    /// nothing proves it either.
-    pub(super) fn check(&self, op: &str, key: &str, a: &Answer) -> Result<bool, StoreError> {
+    /// else agrees (a store can record a client's checksum without checking the bytes). What proves
+    /// the content, if nothing contradicts it: `Proven`.
+    pub(super) fn check(&self, op: &str, key: &str, a: &Answer) -> Result<Proven, StoreError> {
         // Keys are cut in messages, so a long one cannot push the reason past the bound.
         let shown = shown_key(key);
         let contradiction = |what: String| {
@@ -171,6 +193,12 @@ impl Proof<'_> {
                 self.sha_hex
             ));
         }
-        Ok(md5_etag.is_some() || a.sha.is_some() || (self.metadata_proves && a.recorded.is_some()))
+        Ok(if md5_etag.is_some() {
+            Proven::ByStore
+        } else if a.sha.is_some() || (self.metadata_proves && a.recorded.is_some()) {
+            Proven::ByEcho
+        } else {
+            Proven::Not
+        })
     }
 }
