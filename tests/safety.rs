@@ -59,6 +59,42 @@ fn a_scan_selection_reads_no_status_hash_its_caller_may_not_read() {
     assert_eq!(int(&swept["skipped_noperm"]), 0, "{swept:?}");
 }
 
+/// An index entry naming another DB's object (as SWAPDB leaves them, or as anyone who may write the
+/// index can plant one) is answered only to a caller who may read the flow's keys in that DB too: on
+/// Valkey 9.1 a user confined to DB 0 who plants DB 3's location for an id is refused, where it read
+/// DB 3's flow; a user of every DB reads it.
+#[test]
+fn an_entry_naming_another_db_is_answered_only_to_a_caller_allowed_there() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut admin = srv.conn();
+    let mut db3 = srv.conn();
+    cmd::<()>(&mut db3, &["SELECT", "3"]).unwrap();
+    write_flow(&mut db3, &FlowSpec::done("secret"));
+    archive(&mut db3, "secret").unwrap();
+    let location: String = cmd(&mut db3, &["HGET", "archived:flows", "secret"]).unwrap();
+    let rule = "ACL SETUSER confined on >pw +@all ~* resetdbs db=0";
+    cmd::<()>(&mut admin, &rule.split(' ').collect::<Vec<_>>()).unwrap();
+    let mut confined = conn_as(&srv, "confined");
+    assert!(cmd::<()>(&mut confined, &["SELECT", "3"]).is_err());
+    cmd::<()>(
+        &mut confined,
+        &["HSET", "archived:flows", "secret", &location],
+    )
+    .unwrap();
+    let e = err_text(get(&mut confined, "secret"));
+    assert!(e.starts_with("NOPERM"), "{e}");
+    assert_eq!(
+        cmd::<i32>(&mut confined, &["HLEN", "archived:flows"]).unwrap(),
+        1,
+        "still in DB 0"
+    );
+    assert!(
+        get(&mut admin, "secret").unwrap().is_some(),
+        "a user of every DB"
+    );
+}
+
 #[test]
 fn acl_users_touch_only_the_keys_they_may() {
     let s3 = S3::new_bucket();

@@ -398,14 +398,24 @@ fn named_db(key: &str, prefix: &str) -> Option<i32> {
     folder.split_once('/')?.0.parse().ok()
 }
 
-fn fetch(settings: &Settings, (_, id, location): &CacheKey) -> Result<Arc<Decoded>, FetchError> {
+/// The DB an index entry of `id` names, if it is a location this module would read
+/// (`resolve`, under `settings`' roots).
+pub fn location_db(settings: &Settings, location: &str, id: &str) -> Option<i32> {
+    resolved(settings, location, id).map(|(_, _, db)| db)
+}
+
+/// `resolve` under the configured root and those `read-allow` names.
+fn resolved(settings: &Settings, location: &str, id: &str) -> Option<(String, String, i32)> {
     let configured = Root {
         bucket: settings.s3.bucket.clone(),
         prefix: settings.s3.prefix.clone(),
     };
     let allowed = parse_roots(&settings.read_allow).unwrap_or_default();
-    let (bucket, key, db) =
-        resolve(location, &configured, &allowed, id).ok_or(FetchError::BadLocation)?;
+    resolve(location, &configured, &allowed, id)
+}
+
+fn fetch(settings: &Settings, (_, id, location): &CacheKey) -> Result<Arc<Decoded>, FetchError> {
+    let (bucket, key, db) = resolved(settings, location, id).ok_or(FetchError::BadLocation)?;
     let store = Store::for_bucket(&settings.s3, &bucket).map_err(FetchError::Store)?;
     let max = settings.read_max_bytes;
     let (body, recorded) = store.get(&key, max).map_err(FetchError::Store)?;

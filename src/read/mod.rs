@@ -132,6 +132,11 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
         GET_NOT_FOUND.fetch_add(1, Ordering::Relaxed);
         return Ok(RedisValue::Null);
     };
+    // An entry naming another DB's object (SWAPDB moves entries with their DB, and anyone who may
+    // write the index can plant one) is answered only to a caller who may read the flow's keys there.
+    if let Some(named) = fetch::location_db(&settings, &location, &id).filter(|n| *n != db) {
+        acl::check_all_in(ctx, &user, named, keys.state(), Access::Read).map_err(fail)?;
+    }
     let want = fetch::Want {
         key: (db, id, location),
         events,

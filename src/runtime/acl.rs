@@ -253,6 +253,31 @@ pub fn check_all<'k>(
     check_keys(ctx, caller, keys.into_iter().map(|k| (k, access)))
 }
 
+/// Whether the caller may touch `keys` with `access` in `db` as one command, as if its client had
+/// selected `db` (Valkey 9.1 grants databases per selector): the stand-in with those keys asked of the
+/// server in that DB. A user the stand-in is not granted to is refused. On a server without per-DB
+/// rights a key's rights are the same in every DB, so `check_all` in the context's DB answers it.
+pub fn check_all_in<'k>(
+    ctx: &Context,
+    caller: &Caller,
+    db: i32,
+    keys: impl IntoIterator<Item = &'k str>,
+    access: Access,
+) -> Result<(), FlowError> {
+    let Caller::User(user) = caller else {
+        return Ok(());
+    };
+    let keys: Vec<(&str, Access)> = keys.into_iter().map(|k| (k, access)).collect();
+    let args = standin_args(&keys)?;
+    match may_run_in(ctx, &user.name, &args, db) {
+        Some(false) => Err(FlowError::NoPerm(format!(
+            "this user has no permissions to read the flow's keys in database {db}"
+        ))),
+        Some(true) => Ok(()),
+        None => check_keys(ctx, caller, keys),
+    }
+}
+
 /// Of `keys`, each one `held` does not hold with the same or a wider access, once. A few are compared
 /// with the held keys directly, which allocates nothing (a short flow's command checks a handful at a
 /// time); many are looked up by name, so that a command of many keys (a flow of many labels) costs
@@ -330,6 +355,29 @@ pub fn check_keys<'k>(
             alone.and(Err(refused))
         }
     }
+}
+
+/// Whether `user` may run `argv` in `db`, as the server checks it there (`ACLCheckPermissions`, Valkey
+/// 9.1); `None` on a server without per-DB rights.
+fn may_run_in(ctx: &Context, user: &str, argv: &[Cow<[u8]>], db: i32) -> Option<bool> {
+    let check_in_db = CHECK_IN_DB.get().copied().flatten()?;
+    let Some(handle) = UserHandle::of(ctx, user) else {
+        return Some(false);
+    };
+    let strings: Vec<RedisString> = argv.iter().map(|a| string(ctx, a)).collect();
+    let mut argv: Vec<*mut raw::RedisModuleString> = strings.iter().map(|s| s.inner).collect();
+    let mut reason: c_int = 0;
+    // SAFETY: main thread; the user handle and the strings `argv` points at outlive the call.
+    let rc = unsafe {
+        check_in_db(
+            handle.0,
+            argv.as_mut_ptr(),
+            argv.len() as c_int,
+            db,
+            &mut reason,
+        )
+    };
+    Some(rc == raw::REDISMODULE_OK as c_int)
 }
 
 /// Refuses with `NOPERM`, naming the first of `keys` the user may not touch alone, if any.
