@@ -275,6 +275,59 @@ fn an_announced_length_past_memory_is_an_error_not_an_abort() {
     );
 }
 
+/// A version-2 object of no events whose trailer holds `state`, written independently of the module.
+fn state_object(id: &str, state: &str) -> Vec<u8> {
+    let content = format!(
+        "{{\"state\":{state},\"snapshot\":null,\"seq\":null,\"labels\":{{}},\"status\":\"completed\"}}\n"
+    );
+    let header = json!({
+        "format": "flowarchive", "version": 2, "flow_id": id, "db": 0, "events": 0,
+        "raw_bytes": content.len(), "sha256": hex(&Sha256::digest(content.as_bytes())),
+    });
+    gzip(&format!("{header}\n{content}"))
+}
+
+/// A crafted state that names `archived` at its top level is answered marked with a few copies of its
+/// own size at most: its members are copied one at a time, with no tree and no list of names. Built
+/// whole, a state of 15 MiB of small numbers took the module's heap peak 622 MiB up under a 32 MiB
+/// read cap (60 MiB now), and one of 13 MiB of names 111 MiB.
+#[test]
+fn a_state_that_names_archived_is_marked_in_about_its_own_size() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    config_set(&mut c, "flowarchive.read-max-bytes", "32mb").unwrap();
+    config_set(&mut c, "flowarchive.cache-bytes", "0").unwrap();
+    let mut names = String::from("{\"id\":\"names\",\"archived\":false");
+    for i in 0.. {
+        if names.len() >= 13 << 20 {
+            break;
+        }
+        names.push_str(&format!(",\"{i:x}\":0"));
+    }
+    names.push('}');
+    let mut tree = String::from("{\"id\":\"tree\",\"archived\":false,\"x\":[0");
+    tree.push_str(&",0".repeat(15 << 19));
+    tree.push_str("]}");
+    for (id, state) in [("tree", &tree), ("names", &names)] {
+        let rel = format!("flows/{id}.jsonl.gz");
+        s3.put_as_archive(&rel, &state_object(id, state));
+        cmd::<()>(&mut c, &["HSET", "archived:flows", id, &s3.location(&rel)]).unwrap();
+        let base = info_field(&mut c, "heap_bytes_peak");
+        let answer = get(&mut c, id).unwrap().expect("answered");
+        let marked: Value = serde_json::from_str(&answer).unwrap();
+        assert_eq!(marked["archived"], true, "{id}");
+        assert_eq!(marked["id"], id);
+        let rose = info_field(&mut c, "heap_bytes_peak") - base;
+        println!("{id}: the heap peak rose {} MiB", rose >> 20);
+        assert!(
+            rose < 96 << 20,
+            "{id}: the heap peak rose {} MiB",
+            rose >> 20
+        );
+    }
+}
+
 #[test]
 fn gzip_bombs_and_oversized_objects_are_refused_in_bounded_memory() {
     let s3 = S3::new_bucket();

@@ -9,7 +9,6 @@
 //! stream, hashed as it arrives, and refused as soon as it passes the declared `raw_bytes` or the
 //! caller's cap. A gzip bomb costs at most the cap, never what it would expand to.
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 
 use flate2::bufread::GzDecoder;
@@ -209,27 +208,90 @@ struct Trailer<'a> {
     status: String,
 }
 
-/// Adds `"archived":true` to a FlowState object without re-serializing it.
+/// Adds `"archived":true` to a FlowState object without re-serializing it. A state that names
+/// `archived` at its top level already (no engine writes one) has that member left out and ours put
+/// last, its other members copied as they are. Both passes read the members one at a time, holding
+/// no tree and no list of names: about the state's own size, whatever its shape.
 fn mark_archived(snapshot: &str) -> Result<String, DecodeError> {
     let inner = snapshot
         .strip_prefix('{')
         .and_then(|b| b.strip_suffix('}'))
         .ok_or_else(|| corrupt("trailer snapshot is not an object"))?;
-    // Only the top-level names are collected: a tree of the whole state would cost several times
-    // its size.
-    let names: HashMap<String, IgnoredAny> =
-        serde_json::from_str(snapshot).map_err(|e| corrupt(format!("trailer snapshot: {e}")))?;
-    if names.contains_key("archived") {
-        let mut obj: Map<String, Value> = serde_json::from_str(snapshot)
-            .map_err(|e| corrupt(format!("trailer snapshot: {e}")))?;
-        obj.insert("archived".into(), Value::Bool(true));
-        return Ok(Value::Object(obj).to_string());
+    let trailer = |e: serde_json::Error| corrupt(format!("trailer snapshot: {e}"));
+    let mut find = serde_json::Deserializer::from_str(snapshot);
+    let Members(named) = Members::deserialize(&mut find).map_err(trailer)?;
+    if named {
+        let mut copy = serde_json::Deserializer::from_str(snapshot);
+        let Unmarked(mut out) = Unmarked::deserialize(&mut copy).map_err(trailer)?;
+        out.push_str("\"archived\":true}");
+        return Ok(out);
     }
     Ok(if inner.trim().is_empty() {
         r#"{"archived":true}"#.to_string()
     } else {
         format!("{{{inner},\"archived\":true}}")
     })
+}
+
+/// Whether an object has a member named `archived` (its members skipped one at a time).
+struct Members(bool);
+
+/// An object's members but one named `archived`, written out as `{"name":value,` pieces (values as
+/// they are), open for one more member.
+struct Unmarked(String);
+
+/// Visits an object's members one at a time: `Members` or `Unmarked`.
+struct MemberVisitor<T>(std::marker::PhantomData<T>);
+
+impl<'de> Deserialize<'de> for Members {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(MemberVisitor::<Members>(std::marker::PhantomData))
+    }
+}
+
+impl<'de> Deserialize<'de> for Unmarked {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(MemberVisitor::<Unmarked>(std::marker::PhantomData))
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for MemberVisitor<Members> {
+    type Value = Members;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Members, A::Error> {
+        let mut named = false;
+        while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            named |= name == "archived";
+            map.next_value::<IgnoredAny>()?;
+        }
+        Ok(Members(named))
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for MemberVisitor<Unmarked> {
+    type Value = Unmarked;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Unmarked, A::Error> {
+        let mut out = String::from("{");
+        while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            let value: &'de RawValue = map.next_value()?;
+            if name != "archived" {
+                out.push_str(&serde_json::to_string(&name).map_err(serde::de::Error::custom)?);
+                out.push(':');
+                out.push_str(value.get());
+                out.push(',');
+            }
+        }
+        Ok(Unmarked(out))
+    }
 }
 
 /// Feeds every byte read through sha256.

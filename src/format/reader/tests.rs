@@ -93,6 +93,13 @@ fn round_trips_with_the_archived_flag() {
         serde_json::from_str::<Value>(&d.flow_state).unwrap()["archived"],
         true
     );
+    // Its other members as they were, in their order, ours last.
+    let state = r#"{"z":{"archived":1,"n":[1.50,"\u00e9"]},"archived":[{}],"a\"b":null}"#;
+    let d = decode(&object("g", state), "g", 0, CAP).unwrap();
+    assert_eq!(
+        d.flow_state,
+        r#"{"z":{"archived":1,"n":[1.50,"\u00e9"]},"a\"b":null,"archived":true}"#
+    );
 }
 
 /// A label named `seq` once made every read of the flow fail.
