@@ -42,8 +42,6 @@ use crate::ops::log;
 use crate::runtime::mainthread;
 use crate::sync::lock;
 
-type DbKey = (i32, Vec<u8>);
-
 /// What a watch shares with the registry: whether its keys changed, and whether it has ended.
 #[derive(Default)]
 struct Flags {
@@ -57,8 +55,8 @@ struct Entry {
     db: i32,
     /// The flow it claims, if any.
     claimed: Option<String>,
-    /// The keys it follows.
-    keys: Vec<DbKey>,
+    /// The names of the keys it follows (in its `db`).
+    keys: Vec<Vec<u8>>,
 }
 
 #[derive(Default)]
@@ -90,7 +88,7 @@ impl Registry {
     }
 
     fn forget(&mut self, entry: Entry) {
-        for (_, k) in &entry.keys {
+        for k in &entry.keys {
             if let Some(list) = self.keys.get_mut(k) {
                 list.retain(|(_, f)| !Arc::ptr_eq(f, &entry.flags));
                 if list.is_empty() {
@@ -225,7 +223,7 @@ impl Watch {
         };
         let db = entry.db;
         for k in keys {
-            entry.keys.push((db, k.as_bytes().to_vec()));
+            entry.keys.push(k.as_bytes().to_vec());
             (reg.keys.entry(k.as_bytes().to_vec()).or_default()).push((db, self.flags.clone()));
         }
         self.follows = true;
