@@ -360,24 +360,13 @@ pub fn check_keys<'k>(
 /// Whether `user` may run `argv` in `db`, as the server checks it there (`ACLCheckPermissions`, Valkey
 /// 9.1); `None` on a server without per-DB rights.
 fn may_run_in(ctx: &Context, user: &str, argv: &[Cow<[u8]>], db: i32) -> Option<bool> {
-    let check_in_db = CHECK_IN_DB.get().copied().flatten()?;
+    CHECK_IN_DB.get().copied().flatten()?;
     let Some(handle) = UserHandle::of(ctx, user) else {
         return Some(false);
     };
     let strings: Vec<RedisString> = argv.iter().map(|a| string(ctx, a)).collect();
     let mut argv: Vec<*mut raw::RedisModuleString> = strings.iter().map(|s| s.inner).collect();
-    let mut reason: c_int = 0;
-    // SAFETY: main thread; the user handle and the strings `argv` points at outlive the call.
-    let rc = unsafe {
-        check_in_db(
-            handle.0,
-            argv.as_mut_ptr(),
-            argv.len() as c_int,
-            db,
-            &mut reason,
-        )
-    };
-    Some(rc == raw::REDISMODULE_OK as c_int)
+    handle.runs_in(&mut argv, db)
 }
 
 /// Refuses with `NOPERM`, naming the first of `keys` the user may not touch alone, if any.
@@ -415,6 +404,28 @@ impl UserHandle {
                 .map(|f| f(self.0, key.inner, access.permissions().bits()))
         };
         rc == Some(raw::REDISMODULE_OK as c_int)
+    }
+}
+
+impl UserHandle {
+    /// Whether the user may run the command `argv` (server strings that outlive the call) in `db`, as
+    /// the server checks it there (`ACLCheckPermissions`, Valkey 9.1); `None` on a server without
+    /// per-DB rights.
+    fn runs_in(&self, argv: &mut [*mut raw::RedisModuleString], db: i32) -> Option<bool> {
+        let check_in_db = CHECK_IN_DB.get().copied().flatten()?;
+        let mut reason: c_int = 0;
+        // SAFETY: main thread (every caller holds a context); a live user handle, and `argv` points
+        // at server strings the caller keeps alive across the call.
+        let rc = unsafe {
+            check_in_db(
+                self.0,
+                argv.as_mut_ptr(),
+                argv.len() as c_int,
+                db,
+                &mut reason,
+            )
+        };
+        Some(rc == raw::REDISMODULE_OK as c_int)
     }
 }
 
@@ -591,22 +602,17 @@ fn standin_allows(
     let Some(handle) = UserHandle::of(ctx, user) else {
         return Ok(false);
     };
-    // SAFETY: main thread (every caller holds a context); the user handle lives until the end of this
-    // function and `argv` points at strings that outlive the call. Every argument is created from
-    // bytes, so the server reads each as the string it parses keywords and counts from.
-    let allowed = unsafe {
-        let Some(check_command) = raw::RedisModule_ACLCheckCommandPermissions else {
-            return Ok(false);
+    // Every argument is created from bytes, so the server reads each as the string it parses keywords
+    // and counts from.
+    let allowed = handle.runs_in(&mut argv, db).unwrap_or_else(|| {
+        // SAFETY: main thread (every caller holds a context); the user handle lives until the end of
+        // this function and `argv` points at strings that outlive the call.
+        let rc = unsafe {
+            raw::RedisModule_ACLCheckCommandPermissions
+                .map(|check| check(handle.0, argv.as_mut_ptr(), argc))
         };
-        let rc = match CHECK_IN_DB.get().copied().flatten() {
-            Some(check_in_db) => {
-                let mut reason: c_int = 0;
-                check_in_db(handle.0, argv.as_mut_ptr(), argc, db, &mut reason)
-            }
-            None => check_command(handle.0, argv.as_mut_ptr(), argc),
-        };
-        rc == raw::REDISMODULE_OK as c_int
-    };
+        rc == Some(raw::REDISMODULE_OK as c_int)
+    });
     Ok(allowed)
 }
 
