@@ -14,7 +14,7 @@ use std::io::{BufRead, BufReader, Read};
 use flate2::bufread::GzDecoder;
 
 use serde::de::IgnoredAny;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer as _};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -218,11 +218,9 @@ fn mark_archived(snapshot: &str) -> Result<String, DecodeError> {
         .and_then(|b| b.strip_suffix('}'))
         .ok_or_else(|| corrupt("trailer snapshot is not an object"))?;
     let trailer = |e: serde_json::Error| corrupt(format!("trailer snapshot: {e}"));
-    let mut find = serde_json::Deserializer::from_str(snapshot);
-    let Members(named) = Members::deserialize(&mut find).map_err(trailer)?;
-    if named {
-        let mut copy = serde_json::Deserializer::from_str(snapshot);
-        let Unmarked(mut out) = Unmarked::deserialize(&mut copy).map_err(trailer)?;
+    let members = || serde_json::Deserializer::from_str(snapshot);
+    if members().deserialize_map(FindArchived).map_err(trailer)? {
+        let mut out = members().deserialize_map(CopyUnarchived).map_err(trailer)?;
         out.push_str("\"archived\":true}");
         return Ok(out);
     }
@@ -233,53 +231,38 @@ fn mark_archived(snapshot: &str) -> Result<String, DecodeError> {
     })
 }
 
-/// Whether an object has a member named `archived` (its members skipped one at a time).
-struct Members(bool);
+/// Whether an object has a member named `archived`, its members skipped one at a time.
+struct FindArchived;
 
-/// An object's members but one named `archived`, written out as `{"name":value,` pieces (values as
-/// they are), open for one more member.
-struct Unmarked(String);
-
-/// Visits an object's members one at a time: `Members` or `Unmarked`.
-struct MemberVisitor<T>(std::marker::PhantomData<T>);
-
-impl<'de> Deserialize<'de> for Members {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_map(MemberVisitor::<Members>(std::marker::PhantomData))
-    }
-}
-
-impl<'de> Deserialize<'de> for Unmarked {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_map(MemberVisitor::<Unmarked>(std::marker::PhantomData))
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for MemberVisitor<Members> {
-    type Value = Members;
+impl<'de> serde::de::Visitor<'de> for FindArchived {
+    type Value = bool;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("a JSON object")
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Members, A::Error> {
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
         let mut named = false;
         while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             named |= name == "archived";
             map.next_value::<IgnoredAny>()?;
         }
-        Ok(Members(named))
+        Ok(named)
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for MemberVisitor<Unmarked> {
-    type Value = Unmarked;
+/// An object's members but one named `archived`, written out one at a time as `{"name":value,`
+/// pieces (values as they are), open for one more member.
+struct CopyUnarchived;
+
+impl<'de> serde::de::Visitor<'de> for CopyUnarchived {
+    type Value = String;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("a JSON object")
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Unmarked, A::Error> {
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<String, A::Error> {
         let mut out = String::from("{");
         while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             let value: &'de RawValue = map.next_value()?;
@@ -290,7 +273,7 @@ impl<'de> serde::de::Visitor<'de> for MemberVisitor<Unmarked> {
                 out.push(',');
             }
         }
-        Ok(Unmarked(out))
+        Ok(out)
     }
 }
 
