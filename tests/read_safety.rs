@@ -275,6 +275,13 @@ fn an_announced_length_past_memory_is_an_error_not_an_abort() {
     );
 }
 
+/// Stores `body` as flow `id`'s object in DB 0 and points the index at it, as an archive would.
+fn plant(c: &mut redis::Connection, s3: &S3, id: &str, body: &[u8]) {
+    let rel = format!("flows/{id}.jsonl.gz");
+    s3.put_as_archive(&rel, body);
+    cmd::<()>(c, &["HSET", "archived:flows", id, &s3.location(&rel)]).unwrap();
+}
+
 /// A version-2 object of no events whose trailer holds `state`, written independently of the module.
 fn state_object(id: &str, state: &str) -> Vec<u8> {
     let content = format!(
@@ -310,9 +317,7 @@ fn a_state_that_names_archived_is_marked_in_about_its_own_size() {
     tree.push_str(&",0".repeat(15 << 19));
     tree.push_str("]}");
     for (id, state) in [("tree", &tree), ("names", &names)] {
-        let rel = format!("flows/{id}.jsonl.gz");
-        s3.put_as_archive(&rel, &state_object(id, state));
-        cmd::<()>(&mut c, &["HSET", "archived:flows", id, &s3.location(&rel)]).unwrap();
+        plant(&mut c, &s3, id, &state_object(id, state));
         let base = info_field(&mut c, "heap_bytes_peak");
         let answer = get(&mut c, id).unwrap().expect("answered");
         let marked: Value = serde_json::from_str(&answer).unwrap();
@@ -333,15 +338,15 @@ fn gzip_bombs_and_oversized_objects_are_refused_in_bounded_memory() {
     let s3 = S3::new_bucket();
     let srv = Server::start(ServerOpts::new(&s3));
     let mut c = srv.conn();
-    let plant = |c: &mut redis::Connection, id: &str, body: &[u8]| {
-        let rel = format!("flows/{id}.jsonl.gz");
-        s3.put_as_archive(&rel, body);
-        cmd::<()>(c, &["HSET", "archived:flows", id, &s3.location(&rel)]).unwrap();
-    };
     let declared = bomb("declared", 1 << 30, Some(1024));
     assert!(declared.len() < 2 << 20, "{}", declared.len());
-    plant(&mut c, "declared", &declared);
-    plant(&mut c, "undeclared", &bomb("undeclared", 256 << 20, None));
+    plant(&mut c, &s3, "declared", &declared);
+    plant(
+        &mut c,
+        &s3,
+        "undeclared",
+        &bomb("undeclared", 256 << 20, None),
+    );
     let before = rss(&mut c);
 
     let started = Instant::now();
@@ -376,7 +381,7 @@ fn gzip_bombs_and_oversized_objects_are_refused_in_bounded_memory() {
     gz.write_all(text.as_bytes()).unwrap();
     let big = gz.finish().unwrap();
     assert!(big.len() > 64 << 10 && text.len() < 1024, "{}", big.len());
-    plant(&mut c, "big", &big);
+    plant(&mut c, &s3, "big", &big);
     assert!(get(&mut c, "big").unwrap().is_some(), "readable under 32mb");
     cmd::<()>(&mut c, &["CONFIG", "SET", "flowarchive.cache-bytes", "0"]).unwrap();
     cmd::<()>(
