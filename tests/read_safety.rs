@@ -19,16 +19,21 @@ fn hex(bytes: &[u8]) -> String {
 
 /// A format-1 object written independently of the module's encoder (docs/FORMAT.md is the contract).
 fn object(id: &str, db: i32, events: &[String], snapshot: &str) -> Vec<u8> {
+    let trailer = format!(
+        "{{\"snapshot\":{snapshot},\"seq\":null,\"labels\":{{}},\"status\":\"completed\"}}"
+    );
+    object_of(id, db, 1, events, &trailer)
+}
+
+/// An object of format `version` with these event lines and this trailer, its header made for them.
+fn object_of(id: &str, db: i32, version: u32, events: &[String], trailer: &str) -> Vec<u8> {
     let mut content = String::new();
-    for e in events {
-        content.push_str(e);
+    for line in events.iter().map(String::as_str).chain([trailer]) {
+        content.push_str(line);
         content.push('\n');
     }
-    content.push_str(&format!(
-        "{{\"snapshot\":{snapshot},\"seq\":null,\"labels\":{{}},\"status\":\"completed\"}}\n"
-    ));
     let header = json!({
-        "format": "flowarchive", "version": 1, "flow_id": id, "db": db, "events": events.len(),
+        "format": "flowarchive", "version": version, "flow_id": id, "db": db, "events": events.len(),
         "raw_bytes": content.len(), "sha256": hex(&Sha256::digest(content.as_bytes())),
     });
     gzip(&format!("{header}\n{content}"))
@@ -284,14 +289,10 @@ fn plant(c: &mut redis::Connection, s3: &S3, id: &str, body: &[u8]) {
 
 /// A version-2 object of no events whose trailer holds `state`, written independently of the module.
 fn state_object(id: &str, state: &str) -> Vec<u8> {
-    let content = format!(
-        "{{\"state\":{state},\"snapshot\":null,\"seq\":null,\"labels\":{{}},\"status\":\"completed\"}}\n"
+    let trailer = format!(
+        "{{\"state\":{state},\"snapshot\":null,\"seq\":null,\"labels\":{{}},\"status\":\"completed\"}}"
     );
-    let header = json!({
-        "format": "flowarchive", "version": 2, "flow_id": id, "db": 0, "events": 0,
-        "raw_bytes": content.len(), "sha256": hex(&Sha256::digest(content.as_bytes())),
-    });
-    gzip(&format!("{header}\n{content}"))
+    object_of(id, 0, 2, &[], &trailer)
 }
 
 /// A crafted state that names `archived` at its top level is answered marked with a few copies of its
