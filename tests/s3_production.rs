@@ -990,8 +990,9 @@ fn slowdowns_are_retried_and_errors_that_would_repeat_are_not() {
     assert_eq!(r["failed"], redis::Value::Int(0), "{r:?}");
     let retries = info_field(&mut c, "s3_retries");
     assert_eq!(
-        retries, 41,
-        "each PUT and HEAD retried once, and the bucket's proof before the first"
+        retries, 44,
+        "each PUT and HEAD retried once, and before the first the bucket's proof and the \
+         write-once probe's three requests"
     );
     assert_eq!(info_field(&mut c, "failures_s3_throttled"), 0);
 

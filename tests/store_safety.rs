@@ -1,7 +1,8 @@
 //! The store's safety promises against a real Valkey with the module, a real SeaweedFS and the fault
-//! proxy: write-once objects, no trust in a bare ETag, a checksum echo trusted (`verify auto`) only
-//! from a store proven to validate checksums, a rate cap that follows CONFIG SET at once, and a secret
-//! that is never shown and survives CONFIG REWRITE.
+//! proxy: write-once objects (and no upload into a store found to replace them), no trust in a bare
+//! ETag, a checksum echo trusted (`verify auto`) only from a store proven to validate checksums, a
+//! rate cap that follows CONFIG SET at once, and a secret that is never shown and survives CONFIG
+//! REWRITE.
 
 mod common;
 
@@ -67,6 +68,163 @@ fn another_keyspace_with_the_same_flow_id_never_overwrites_the_archive() {
     }
 }
 
+/// A rule that puts a store that replaces objects whatever `If-None-Match` says (`Fault::Overwrites`)
+/// in place of SeaweedFS for every object of this test (not the bucket: its proof reaches SeaweedFS).
+fn overwrites(s3: &S3) -> Vec<Rule> {
+    vec![Rule {
+        method: "",
+        path: format!("/{}/", s3.prefix),
+        fault: Fault::Overwrites,
+    }]
+}
+
+/// A store that ignores `If-None-Match: *` would let another server's archive of an id replace this
+/// one's indexed object. The write-once probe finds it out before the first upload (its second PUT
+/// of a scratch object is taken, then the object removed) and nothing is uploaded into that store:
+/// every flow stays live, FLOW and SWEEP alike, with an error that says why. The verdict is the
+/// store's: another prefix is another store, probed again, and one that writes once gets uploads.
+#[test]
+fn a_store_that_replaces_objects_gets_no_upload() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    proxy.set(overwrites(&s3));
+    let srv = server_via(&s3, Some(&proxy), &[]);
+    let mut c = srv.conn();
+    let ids = ["over-1", "over-2", "over-3"];
+    for id in ids {
+        write_flow(&mut c, &FlowSpec::done(id));
+    }
+    let before = dump_all(&mut c);
+
+    let msg = err_text(archive(&mut c, "over-1"));
+    assert!(
+        msg.contains("replaced an object a PUT with If-None-Match: * must not replace"),
+        "{msg}"
+    );
+    assert!(msg.contains("nothing is uploaded into it"), "{msg}");
+    let sent = proxy.requests();
+    assert_eq!(
+        sent.len(),
+        4,
+        "bucket, the write-once probe, no upload: {sent:?}"
+    );
+    write_once_probe(&sent[1..4], &s3);
+    assert_eq!(info_field(&mut c, "s3_store_writes_once"), 0);
+    assert_eq!(info_field(&mut c, "failures_s3_not_write_once"), 1);
+    let said = "replaced an object under If-None-Match: *: it does not write once";
+    assert!(srv.log().contains(said), "{}", srv.log());
+
+    let summary = sweep(&mut c, &[]).unwrap();
+    assert_eq!(int(&summary["archived"]), 0, "{summary:?}");
+    assert_eq!(int(&summary["failed"]), 3, "{summary:?}");
+    assert_eq!(proxy.requests().len(), 4, "the verdict stands: no request");
+    assert_eq!(info_field(&mut c, "s3_write_once_probes"), 1);
+    assert_same(&before, &dump_all(&mut c), "every flow stays live");
+    assert_eq!(srv.log().matches(said).count(), 1, "said once");
+
+    // Another store (another prefix), which writes once: proven, and the flows go.
+    config_set(&mut c, "flowarchive.prefix", &format!("{}-next", s3.prefix)).unwrap();
+    let summary = sweep(&mut c, &[]).unwrap();
+    assert_eq!(int(&summary["archived"]), 3, "{summary:?}");
+    assert_eq!(info_field(&mut c, "s3_store_writes_once"), 1);
+    assert_eq!(info_field(&mut c, "s3_write_once_probes"), 2);
+    for id in ids {
+        assert_eq!(
+            get_events(&mut c, id).unwrap().1,
+            events_of(&FlowSpec::done(id)),
+            "{id}"
+        );
+    }
+}
+
+/// A write-once probe whose answer decides nothing (a 5xx) fails its upload and is not remembered:
+/// the next upload probes again. A store that refuses the probe itself (403) is not proven either
+/// way; uploads then go on relying on the header, as the log says.
+#[test]
+fn a_write_once_probe_that_decides_nothing_fails_its_upload() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &["retry-attempts", "1"]);
+    let mut c = srv.conn();
+    for id in ["d1", "d2"] {
+        write_flow(&mut c, &FlowSpec::done(id));
+    }
+    let before = dump_all(&mut c);
+    let probe_answers = |status| {
+        proxy.set(vec![Rule {
+            method: "PUT",
+            path: "/_flowarchive/write-once-probe-".into(),
+            fault: Fault::Status(status),
+        }])
+    };
+    probe_answers(500);
+    let msg = err_text(archive(&mut c, "d1"));
+    assert!(msg.contains("HTTP 500"), "{msg}");
+    assert_same(&before, &dump_all(&mut c), "the flow stays live");
+    assert!(s3.list().is_empty(), "nothing uploaded");
+    assert_eq!(info_field(&mut c, "s3_store_writes_once"), -1);
+
+    probe_answers(403);
+    archive(&mut c, "d1").unwrap();
+    assert_eq!(info_field(&mut c, "s3_write_once_probes"), 2);
+    assert_eq!(info_field(&mut c, "s3_store_writes_once"), -1);
+    assert!(
+        srv.log().contains("the write-once probe was refused")
+            && srv.log().contains("uploads rely on it unproven"),
+        "{}",
+        srv.log()
+    );
+    archive(&mut c, "d2").unwrap();
+    assert_eq!(
+        info_field(&mut c, "s3_write_once_probes"),
+        2,
+        "that verdict stands"
+    );
+}
+
+/// While one upload probes whether the store writes once, the others wait for its verdict: one probe
+/// for a sweep of many uploaders, and no upload before it.
+#[test]
+fn uploads_wait_for_the_one_write_once_probe() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &["concurrency", "4"]);
+    let mut c = srv.conn();
+    let ids: Vec<String> = (0..8).map(|i| format!("wait-{i}")).collect();
+    for id in &ids {
+        write_flow(&mut c, &FlowSpec::done(id));
+    }
+    proxy.set(vec![Rule {
+        method: "PUT",
+        path: "/_flowarchive/write-once-probe-".into(),
+        fault: Fault::Gate,
+    }]);
+    let mut other = srv.conn();
+    other
+        .set_read_timeout(Some(Duration::from_secs(300)))
+        .unwrap();
+    let sweeping = std::thread::spawn(move || sweep(&mut other, &[]));
+    // The sweep's uploads run in the idle scheduling class: slow on a busy machine.
+    wait_for("the probe held", Duration::from_secs(180), || {
+        proxy.gated() == 1
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(proxy.gated(), 1, "one probe");
+    let flow_puts = |proxy: &Proxy| {
+        let sent = proxy.requests();
+        let flow_put = |r: &&String| r.starts_with("PUT ") && r.contains("/flows/");
+        sent.iter().filter(flow_put).count()
+    };
+    assert_eq!(flow_puts(&proxy), 0, "no upload before the verdict");
+    assert_eq!(info_field(&mut c, "s3_write_once_probes"), 1);
+    proxy.release();
+    let swept = sweeping.join().unwrap().unwrap();
+    assert_eq!(int(&swept["archived"]), 8, "{swept:?}");
+    assert_eq!(info_field(&mut c, "s3_write_once_probes"), 1);
+    assert_eq!(info_field(&mut c, "s3_store_writes_once"), 1);
+    assert_eq!(flow_puts(&proxy), 8);
+}
+
 // ---------------------------------------------------------------- verify put-response
 
 #[test]
@@ -79,7 +237,7 @@ fn put_response_needs_the_checksum_echo_an_etag_alone_is_no_proof() {
     let before = dump_all(&mut c);
     proxy.set(vec![Rule {
         method: "PUT",
-        path: String::new(),
+        path: "/flows/lied".into(),
         fault: Fault::FakeStored,
     }]);
     let msg = err_text(archive(&mut c, "lied"));
@@ -164,6 +322,20 @@ fn is_probe(request: &str, method: &str, s3: &S3) -> bool {
     is(request, method, s3, "_flowarchive/checksum-probe-")
 }
 
+/// Asserts that `sent` are a write-once probe: two PUTs of one scratch object under this test's
+/// prefix, then its removal.
+fn write_once_probe(sent: &[String], s3: &S3) {
+    let scratch = |r: &String, method| is(r, method, s3, "_flowarchive/write-once-probe-");
+    assert!(
+        scratch(&sent[0], "PUT") && scratch(&sent[1], "PUT") && scratch(&sent[2], "DELETE"),
+        "the write-once probe: {sent:?}"
+    );
+    assert!(
+        path(&sent[0]) == path(&sent[1]) && path(&sent[1]) == path(&sent[2]),
+        "one scratch object: {sent:?}"
+    );
+}
+
 /// A rule that puts the store that checks no checksum (`Fault::ChecksumIgnored`) in place of
 /// SeaweedFS for every object of this test (not the bucket: its proof still reaches SeaweedFS).
 fn checksums_ignored(s3: &S3) -> Vec<Rule> {
@@ -194,16 +366,22 @@ fn auto_archives_with_one_request_per_flow_on_a_store_that_validates_checksums()
 
     archive(&mut c, &ids[0]).unwrap();
     let sent = sent_since(&proxy, 0);
-    assert_eq!(sent.len(), 3, "{sent:?}");
+    assert_eq!(sent.len(), 6, "{sent:?}");
     assert!(
         sent[0].starts_with(&format!("HEAD /{}", s3.name())) && !sent[0].contains(&s3.prefix),
         "the bucket's proof first: {sent:?}"
     );
-    assert!(is_probe(&sent[1], "PUT", &s3), "then the probe: {sent:?}");
+    write_once_probe(&sent[1..4], &s3);
     assert!(
-        is(&sent[2], "PUT", &s3, "flows/one-00.jsonl.gz"),
+        is_probe(&sent[4], "PUT", &s3),
+        "then the checksum probe: {sent:?}"
+    );
+    assert!(
+        is(&sent[5], "PUT", &s3, "flows/one-00.jsonl.gz"),
         "{sent:?}"
     );
+    assert_eq!(info_field(&mut c, "s3_store_writes_once"), 1);
+    assert_eq!(info_field(&mut c, "s3_write_once_probes"), 1);
     assert_eq!(info_field(&mut c, "s3_store_validates_checksums"), 1);
     assert_eq!(info_field(&mut c, "s3_checksum_probes"), 1);
     assert_eq!(info_field(&mut c, "s3_heads_saved"), 1);
@@ -227,7 +405,8 @@ fn auto_archives_with_one_request_per_flow_on_a_store_that_validates_checksums()
     assert_eq!(sent.len(), 10, "{sent:?}");
     assert!(sent.iter().all(|r| r.starts_with("PUT ")), "{sent:?}");
     println!(
-        "verify auto on SeaweedFS: {} S3 requests for {} flows (bucket proof 1, probe 1, one PUT per flow)",
+        "verify auto on SeaweedFS: {} S3 requests for {} flows (bucket proof 1, write-once probe 3, \
+         checksum probe 1, one PUT per flow)",
         proxy.requests().len(),
         ids.len()
     );
@@ -249,7 +428,7 @@ fn auto_archives_with_one_request_per_flow_on_a_store_that_validates_checksums()
         .iter()
         .map(|id| format!("flows/{id}.jsonl.gz"))
         .collect();
-    assert_eq!(stored, expected, "the probe stored nothing");
+    assert_eq!(stored, expected, "the probes left nothing");
     assert!(
         srv.log()
             .contains("refused a PUT whose x-amz-checksum-sha256 did not match its body"),
@@ -281,18 +460,19 @@ fn auto_finds_a_store_that_ignores_checksums_and_keeps_its_heads() {
     assert!(msg.contains("nothing was deleted"), "{msg}");
     assert_same(&before, &dump_all(&mut c), "the flow stays live");
     let sent = proxy.requests();
-    assert_eq!(sent.len(), 6, "{sent:?}");
+    assert_eq!(sent.len(), 9, "{sent:?}");
     assert!(
         sent[0].starts_with(&format!("HEAD /{}", s3.name())),
         "{sent:?}"
     );
-    assert!(is_probe(&sent[1], "PUT", &s3), "{sent:?}");
+    write_once_probe(&sent[1..4], &s3);
+    assert!(is_probe(&sent[4], "PUT", &s3), "{sent:?}");
     assert!(
-        is_probe(&sent[2], "DELETE", &s3) && path(&sent[2]) == path(&sent[1]),
+        is_probe(&sent[5], "DELETE", &s3) && path(&sent[5]) == path(&sent[4]),
         "the probe's object is removed: {sent:?}"
     );
     let flow = "flows/kept.jsonl.gz";
-    for (r, method) in sent[3..].iter().zip(["PUT", "HEAD", "DELETE"]) {
+    for (r, method) in sent[6..].iter().zip(["PUT", "HEAD", "DELETE"]) {
         assert!(is(r, method, &s3, flow), "{method}: {sent:?}");
     }
     assert_eq!(info_field(&mut c, "s3_store_validates_checksums"), 0);
@@ -342,7 +522,7 @@ fn a_changed_store_is_proven_again() {
         write_flow(&mut c, &FlowSpec::done(id));
     }
     archive(&mut c, "c1").unwrap();
-    assert_eq!(good.requests().len(), 3, "bucket, probe, PUT");
+    assert_eq!(good.requests().len(), 6, "bucket, probes (3 + 1), PUT");
     assert_eq!(info_field(&mut c, "s3_store_validates_checksums"), 1);
 
     // Another endpoint: another store, proven again, and found not to validate.
@@ -356,8 +536,10 @@ fn a_changed_store_is_proven_again() {
         sent[0].starts_with(&format!("HEAD /{}", s3.name())),
         "{sent:?}"
     );
-    assert!(is_probe(&sent[1], "PUT", &s3), "{sent:?}");
+    write_once_probe(&sent[1..4], &s3);
+    assert!(is_probe(&sent[4], "PUT", &s3), "{sent:?}");
     assert_eq!(info_field(&mut c, "s3_checksum_probes"), 2);
+    assert_eq!(info_field(&mut c, "s3_write_once_probes"), 2);
     assert_eq!(info_field(&mut c, "s3_store_validates_checksums"), 0);
 
     // Back to the first store: its proof stands, one PUT per flow.
@@ -369,18 +551,20 @@ fn a_changed_store_is_proven_again() {
     assert_eq!(info_field(&mut c, "s3_store_validates_checksums"), 1);
     assert_eq!(info_field(&mut c, "s3_checksum_probes"), 2);
 
-    // checksum md5: another store again (its bucket proven anew), no probe, a HEAD per upload.
+    // checksum md5: another store again (its bucket and writing once proven anew), no checksum
+    // probe, a HEAD per upload.
     config_set(&mut c, "flowarchive.checksum", "md5").unwrap();
     let from = good.requests().len();
     archive(&mut c, "c3").unwrap();
     let sent = sent_since(&good, from);
-    assert_eq!(sent.len(), 3, "{sent:?}");
+    assert_eq!(sent.len(), 6, "{sent:?}");
     assert!(
         sent[0].starts_with(&format!("HEAD /{}", s3.name())),
         "{sent:?}"
     );
-    assert!(is(&sent[1], "PUT", &s3, "flows/c3.jsonl.gz"), "{sent:?}");
-    assert!(is(&sent[2], "HEAD", &s3, "flows/c3.jsonl.gz"), "{sent:?}");
+    write_once_probe(&sent[1..4], &s3);
+    assert!(is(&sent[4], "PUT", &s3, "flows/c3.jsonl.gz"), "{sent:?}");
+    assert!(is(&sent[5], "HEAD", &s3, "flows/c3.jsonl.gz"), "{sent:?}");
     assert_eq!(info_field(&mut c, "s3_store_validates_checksums"), -1);
     assert_eq!(info_field(&mut c, "s3_checksum_probes"), 2);
     config_set(&mut c, "flowarchive.checksum", "sha256").unwrap();
@@ -405,14 +589,14 @@ fn a_probe_that_decides_nothing_is_tried_again() {
     }
     proxy.set(vec![Rule {
         method: "PUT",
-        path: "/_flowarchive/".into(),
+        path: "/_flowarchive/checksum-probe-".into(),
         fault: Fault::Status(500),
     }]);
     archive(&mut c, "u1").unwrap();
     let sent = proxy.requests();
-    assert_eq!(sent.len(), 4, "{sent:?}");
-    assert!(is_probe(&sent[1], "PUT", &s3), "{sent:?}");
-    assert!(is(&sent[3], "HEAD", &s3, "flows/u1.jsonl.gz"), "{sent:?}");
+    assert_eq!(sent.len(), 7, "{sent:?}");
+    assert!(is_probe(&sent[4], "PUT", &s3), "{sent:?}");
+    assert!(is(&sent[6], "HEAD", &s3, "flows/u1.jsonl.gz"), "{sent:?}");
     assert_eq!(info_field(&mut c, "s3_store_validates_checksums"), -1);
     proxy.clear();
     let from = proxy.requests().len();

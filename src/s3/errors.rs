@@ -24,6 +24,9 @@ kinds! {
         Truncated => "s3_truncated",
         /// A write-once PUT found an object already at the key (HTTP 412, or 409 ConditionalRequestConflict).
         Exists => "s3_exists",
+        /// The store was found to replace an object despite `If-None-Match: *`: nothing is uploaded
+        /// into it.
+        NotWriteOnce => "s3_not_write_once",
         /// A GET found an object larger than the caller's cap.
         TooLarge => "s3_too_large",
         /// 429, or 503 SlowDown: the store asks to slow down (retried).

@@ -31,7 +31,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use rusty_s3::{Bucket, S3Action, UrlStyle};
 
-use crate::digest::hex;
+use crate::digest::{hex, md5, sha256};
 use crate::format::Encoded;
 
 pub(crate) use errors::fail;
@@ -60,6 +60,17 @@ struct Digests {
     md5_b64: String,
     sha_b64: String,
     sha_hex: String,
+}
+
+impl Digests {
+    /// The digests of `body`.
+    fn of(body: &[u8]) -> Digests {
+        Digests {
+            md5_b64: B64.encode(md5(body)),
+            sha_b64: B64.encode(sha256(body)),
+            sha_hex: hex(&sha256(body)),
+        }
+    }
 }
 
 pub struct Store {
@@ -348,13 +359,11 @@ impl Store {
 
 /// INFO fields of the S3 client: the credential source in use (one gauge per source, 1 for the one
 /// in use), seconds to its expiry (-1: long-term keys or none yet), refresh failures, retries,
-/// requests that failed after retrying, connection pools built; whether the store of the latest
-/// upload validates checksums (1, 0: not proven, -1: no verdict), checksum probes sent, and uploads
-/// proven by their PUT's answer without a HEAD ([`proven`]); HTTP requests sent, every attempt.
+/// requests that failed after retrying, connection pools built; HTTP requests sent, every attempt;
+/// and what is proven of the store of the latest upload ([`proven`]).
 pub fn info_fields() -> Vec<(String, i64)> {
     let (source, expires_in, refresh_failures) = credentials::status();
     let (retries, exhausted) = retry::counts();
-    let (validates, probes, heads_saved) = proven::counts();
     let mut fields: Vec<(String, i64)> = credentials::Source::ALL
         .iter()
         .map(|s| {
@@ -375,10 +384,8 @@ pub fn info_fields() -> Vec<(String, i64)> {
         ("s3_retries".into(), retries as i64),
         ("s3_retries_exhausted".into(), exhausted as i64),
         ("s3_pools_built".into(), http::pools_built() as i64),
-        ("s3_store_validates_checksums".into(), validates),
-        ("s3_checksum_probes".into(), probes as i64),
-        ("s3_heads_saved".into(), heads_saved as i64),
     ]);
+    fields.extend(proven::info_fields().map(|(k, v)| (k.to_string(), v)));
     fields
 }
 

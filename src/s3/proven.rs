@@ -4,29 +4,40 @@
 //! addressing style, bucket, prefix, credentials, trusted CA, checksum mode, encryption and storage
 //! class ([`identity`]). The settings are rebuilt at every config change and a change of any of these
 //! gives another identity, so a changed store is proven again; timeouts, retries, the rate cap and the
-//! `verify` mode itself leave the store as it was. Two things are proven:
+//! `verify` mode itself leave the store as it was. Three things are proven, in this order:
 //!
 //! - **The bucket exists**, before the first upload into it. Some stores (SeaweedFS) create a missing
 //!   bucket on PUT, so a mistyped bucket would otherwise receive archives that reads then refuse. `200`
 //!   or `403` (the bucket exists, listing it is not allowed) prove it; `404` refuses every upload.
+//! - **The store writes once**, before every upload under any `verify` mode. Every upload carries
+//!   `If-None-Match: *`, and a store that ignores it lets one archive replace another at its key: one
+//!   another server sharing the bucket has indexed, or one written before a failover lost its commit.
+//!   The probe PUTs a scratch object twice with an upload's own headers. The second PUT refused as a
+//!   precondition failure (412, or 409 `ConditionalRequestConflict`) proves the store writes once.
+//!   Taken, it proves the store does not, and nothing is uploaded into it: every upload fails
+//!   `s3_not_write_once` and its flow stays live. A store that refuses the probe itself (403 for a key
+//!   its policy does not allow...) is not proven either way, and uploads go on relying on the header,
+//!   as they did before the probe. While one worker probes, the others wait for its verdict.
 //! - **The store validates checksums** (`verify auto` under `checksum sha256`). A PUT's echo of
 //!   `x-amz-checksum-sha256` proves an upload only when the store computed the checksum of the bytes it
 //!   received and compared it with ours; a store that records the client's value unchecked (moto does
 //!   when the SDK's checksum-algorithm header comes with the PUT) echoes it for any bytes. The probe
 //!   is a PUT of a scratch object with an upload's own headers, a correct `Content-MD5` and a wrong
-//!   sha256 checksum, sent only once the bucket is proven (it would create a missing one). Refused as
-//!   a checksum mismatch (400 `BadDigest` from AWS S3 and SeaweedFS, `XAmzContentChecksumMismatch`
-//!   from MinIO), it proves the store validates: the PUT's echo is then proof and the HEAD is saved.
-//!   Stored, it proves the store does not: the scratch object is removed and every upload is proven by
-//!   a HEAD. Any other refusal (403 for a key the policy does not allow...) proves nothing, so HEAD too.
-//!   An answer that decides nothing (no connection, 5xx after the retries) is not remembered: that
-//!   upload is proven by a HEAD and the next one probes again. A verdict stands for an hour, then the
-//!   store is probed again: the store behind an endpoint can change without any config changing.
+//!   sha256 checksum. Refused as a checksum mismatch (400 `BadDigest` from AWS S3 and SeaweedFS,
+//!   `XAmzContentChecksumMismatch` from MinIO), it proves the store validates: the PUT's echo is then
+//!   proof and the HEAD is saved. Stored, it proves the store does not: the scratch object is removed
+//!   and every upload is proven by a HEAD. Any other refusal (403 for a key the policy does not
+//!   allow...) proves nothing, so HEAD too. While one worker probes, the others' uploads take the HEAD.
 //!
-//! Each verdict that differs from the store's last one is said once in the log, at notice.
+//! Every probe runs only once the bucket is proven (a PUT would create a missing one), and its scratch
+//! object is removed. A probe whose answer decides nothing (no connection, 5xx after the retries) is
+//! not remembered: that upload fails (write-once) or takes the HEAD (checksums), and the next one
+//! probes again. A verdict stands for an hour, then the store is probed again: the store behind an
+//! endpoint can change without any config changing. Each verdict that differs from the store's last
+//! one is said once in the log, at notice.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -37,18 +48,21 @@ use super::errors::{error_code, request_error, status_error, success};
 use super::{
     fail, retry, Checksum, Digests, FailureKind, S3Settings, Store, StoreError, VerifyMode,
 };
-use crate::digest::{hex, md5, sha256};
+use crate::digest::{sha256, sha256_of_parts};
 use crate::sync::lock;
 
-/// How long a checksum verdict stands before the store is probed again.
+/// How long a verdict stands before the store is probed again.
 const VERDICT_TTL: Duration = Duration::from_secs(3600);
 /// Stores remembered at most; past it the list starts anew (and each store is proven again).
 const MAX_STORES: usize = 64;
-/// The scratch object's folder under the configured prefix. Flow objects live under `flows/` or
+/// The scratch objects' folder under the configured prefix. Flow objects live under `flows/` or
 /// `db<n>/flows/` of the prefix (`layout::object_key`), so no flow's key starts with it.
 const PROBE_FOLDER: &str = "_flowarchive/";
-/// The scratch object's body; its checksum is signed as the sha256 of other bytes.
-const PROBE_BODY: &[u8] = b"flowarchive checksum probe: x-amz-checksum-sha256 names other bytes\n";
+/// The checksum probe's body; its checksum is signed as the sha256 of other bytes.
+const CHECKSUM_BODY: &[u8] =
+    b"flowarchive checksum probe: x-amz-checksum-sha256 names other bytes\n";
+/// The write-once probe's body, sent twice to one key.
+const WRITE_ONCE_BODY: &[u8] = b"flowarchive write-once probe: a second PUT must be refused\n";
 /// The error codes with which stores refuse a body whose `x-amz-checksum-*` does not match it.
 const CHECKSUM_MISMATCH: [&str; 2] = ["BadDigest", "XAmzContentChecksumMismatch"];
 
@@ -78,50 +92,133 @@ pub(super) fn identity(s: &S3Settings, endpoint: &url::Url, bucket: &str) -> Ide
         &s.sse_kms_key_id,
         &s.storage_class,
     ];
-    // Each part length-prefixed, so no two lists of parts give the same bytes.
-    let mut bytes = Vec::new();
-    for part in parts {
-        bytes.extend_from_slice(&(part.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(part.as_bytes());
-    }
-    sha256(&bytes)
+    sha256_of_parts(parts)
 }
 
+/// Whether a store validates checksums.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Verdict {
+enum Checksums {
     /// The store refused a body whose checksum did not match it.
-    Validates,
+    Validated,
     /// The store stored it, or refused it for another reason.
     NotProven,
 }
 
-/// What is known of one store.
+/// Whether a store writes once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WriteOnce {
+    /// The store refused to replace the scratch object under `If-None-Match: *`.
+    Honoured,
+    /// The store replaced it: nothing is uploaded into this store.
+    Ignored,
+    /// The store refused the probe itself: uploads rely on the header, unproven.
+    Unproven,
+}
+
+/// One thing proven of a store: its verdict and when it was reached, and whether a worker is
+/// probing for it now.
+struct Fact<V> {
+    verdict: Option<(V, Instant)>,
+    probing: bool,
+}
+
+impl<V: Copy> Fact<V> {
+    const UNKNOWN: Fact<V> = Fact {
+        verdict: None,
+        probing: false,
+    };
+
+    /// The verdict while it stands (reached less than [`VERDICT_TTL`] ago).
+    fn standing(&self) -> Option<V> {
+        self.verdict
+            .filter(|(_, at)| at.elapsed() < VERDICT_TTL)
+            .map(|(v, _)| v)
+    }
+}
+
+/// What is known of one store whose bucket is proven.
 struct Known {
     store: Identity,
-    /// Its checksum verdict and when it was reached.
-    verdict: Option<(Verdict, Instant)>,
-    /// A worker is probing it now; uploads meanwhile are proven by a HEAD.
-    probing: bool,
+    checksums: Fact<Checksums>,
+    write_once: Fact<WriteOnce>,
+}
+
+/// A verdict kept per store: where [`Known`] keeps it, and its INFO gauge.
+trait Verdict: Copy + PartialEq + 'static {
+    /// The probe's name, in its scratch key and the log.
+    const PROBE: &'static str;
+    fn fact(k: &mut Known) -> &mut Fact<Self>;
+    /// The gauge of the store of the latest upload.
+    fn gauge() -> &'static AtomicI64;
+    /// The gauge's value for a verdict, or for none standing.
+    fn value(verdict: Option<Self>) -> i64;
+}
+
+impl Verdict for Checksums {
+    const PROBE: &'static str = "checksum";
+    fn fact(k: &mut Known) -> &mut Fact<Self> {
+        &mut k.checksums
+    }
+    fn gauge() -> &'static AtomicI64 {
+        &VALIDATES
+    }
+    fn value(verdict: Option<Self>) -> i64 {
+        match verdict {
+            Some(Checksums::Validated) => 1,
+            Some(Checksums::NotProven) => 0,
+            None => -1,
+        }
+    }
+}
+
+impl Verdict for WriteOnce {
+    const PROBE: &'static str = "write-once";
+    fn fact(k: &mut Known) -> &mut Fact<Self> {
+        &mut k.write_once
+    }
+    fn gauge() -> &'static AtomicI64 {
+        &WRITES_ONCE
+    }
+    fn value(verdict: Option<Self>) -> i64 {
+        match verdict {
+            Some(WriteOnce::Honoured) => 1,
+            Some(WriteOnce::Ignored) => 0,
+            Some(WriteOnce::Unproven) | None => -1,
+        }
+    }
 }
 
 /// Every store whose bucket is proven.
 static KNOWN: Mutex<Vec<Known>> = Mutex::new(Vec::new());
+/// Told whenever a probe ends, however: workers waiting for another's verdict look again.
+static PROBED: Condvar = Condvar::new();
 /// Checksum probes sent.
-static PROBES: AtomicU64 = AtomicU64::new(0);
+static CHECKSUM_PROBES: AtomicU64 = AtomicU64::new(0);
+/// Write-once probes sent.
+static WRITE_ONCE_PROBES: AtomicU64 = AtomicU64::new(0);
 /// Uploads proven by the PUT's own answer, without a HEAD.
 static HEADS_SAVED: AtomicU64 = AtomicU64::new(0);
 /// Whether the store of the latest upload validates checksums: 1, 0 (not proven), -1 (no verdict
 /// stands: not probed yet, or the probe decided nothing).
 static VALIDATES: AtomicI64 = AtomicI64::new(-1);
+/// Whether the store of the latest upload writes once: 1, 0 (it does not: uploads are refused), -1
+/// (no verdict stands, or the store refused the probe).
+static WRITES_ONCE: AtomicI64 = AtomicI64::new(-1);
 
-/// The INFO counters of this file: `s3_store_validates_checksums` (1, 0, -1), `s3_checksum_probes`
-/// and `s3_heads_saved`.
-pub(super) fn counts() -> (i64, u64, u64) {
-    (
-        VALIDATES.load(Ordering::Relaxed),
-        PROBES.load(Ordering::Relaxed),
-        HEADS_SAVED.load(Ordering::Relaxed),
-    )
+/// The INFO fields of this file: `s3_store_validates_checksums` (1, 0, -1), `s3_checksum_probes`,
+/// `s3_store_writes_once` (1, 0, -1), `s3_write_once_probes` and `s3_heads_saved`.
+pub(super) fn info_fields() -> [(&'static str, i64); 5] {
+    let count = |c: &AtomicU64| c.load(Ordering::Relaxed) as i64;
+    [
+        (
+            "s3_store_validates_checksums",
+            VALIDATES.load(Ordering::Relaxed),
+        ),
+        ("s3_checksum_probes", count(&CHECKSUM_PROBES)),
+        ("s3_store_writes_once", WRITES_ONCE.load(Ordering::Relaxed)),
+        ("s3_write_once_probes", count(&WRITE_ONCE_PROBES)),
+        ("s3_heads_saved", count(&HEADS_SAVED)),
+    ]
 }
 
 /// Counts an upload proven by its PUT's answer.
@@ -129,28 +226,30 @@ pub(super) fn head_saved() {
     HEADS_SAVED.fetch_add(1, Ordering::Relaxed);
 }
 
-/// What to do about a store's checksums, decided under the lock.
-enum Next {
+/// What to do about one fact of a store, decided under the lock.
+enum Next<V: Verdict> {
     /// A verdict that stands.
-    Known(Verdict),
-    /// Another worker is probing: this upload takes the HEAD.
+    Known(V),
+    /// Another worker is probing.
     Busy,
     /// This worker probes.
-    Probe,
+    Probe(Probing<V>),
 }
 
-/// Clears the store's `probing` flag however the probe ends.
-struct Probing(Identity);
+/// This worker probes a store for `V`: clears the `probing` flag and wakes the workers waiting for
+/// the verdict however the probe ends.
+struct Probing<V: Verdict>(Identity, std::marker::PhantomData<V>);
 
-impl Drop for Probing {
+impl<V: Verdict> Drop for Probing<V> {
     fn drop(&mut self) {
         if let Some(k) = lock(&KNOWN).iter_mut().find(|k| k.store == self.0) {
-            k.probing = false;
+            V::fact(k).probing = false;
         }
+        PROBED.notify_all();
     }
 }
 
-/// The entry of `store`, added (bucket not proven) when missing.
+/// The entry of `store`, added (nothing known of it yet) when missing.
 fn entry(known: &mut Vec<Known>, store: Identity) -> &mut Known {
     let at = match known.iter().position(|k| k.store == store) {
         Some(at) => at,
@@ -160,8 +259,8 @@ fn entry(known: &mut Vec<Known>, store: Identity) -> &mut Known {
             }
             known.push(Known {
                 store,
-                verdict: None,
-                probing: false,
+                checksums: Fact::UNKNOWN,
+                write_once: Fact::UNKNOWN,
             });
             known.len() - 1
         }
@@ -169,109 +268,204 @@ fn entry(known: &mut Vec<Known>, store: Identity) -> &mut Known {
     &mut known[at]
 }
 
-/// The store's verdict while it stands (reached less than [`VERDICT_TTL`] ago).
-fn standing_verdict(k: &Known) -> Option<Verdict> {
-    k.verdict
-        .filter(|(_, at)| at.elapsed() < VERDICT_TTL)
-        .map(|(v, _)| v)
-}
-
-/// The gauge value of a verdict.
-fn gauge(verdict: Option<Verdict>) -> i64 {
-    match verdict {
-        Some(Verdict::Validates) => 1,
-        Some(Verdict::NotProven) => 0,
-        None => -1,
-    }
-}
-
-/// What a probe's PUT got.
+/// How a probe's PUT was answered.
 enum Answer {
-    /// Refused as a checksum mismatch.
-    Refused,
     /// Stored.
     Stored,
+    /// Refused as a checksum mismatch (the checksum probe), or as a precondition failure (the
+    /// write-once probe's second PUT).
+    Refused,
 }
 
 impl Store {
-    /// Proves what an upload into this store needs before its PUT (the bucket exists; under
-    /// `verify auto`, whether the store validates checksums), and says whether the PUT's checksum
-    /// echo may prove the upload; otherwise a HEAD must.
+    /// Proves what an upload into this store needs before its PUT (the bucket exists; the store
+    /// writes once; under `verify auto`, whether the store validates checksums), and says whether the
+    /// PUT's checksum echo may prove the upload; otherwise a HEAD must.
     pub(super) fn prove(&self) -> Result<bool, StoreError> {
         let bucket_known = lock(&KNOWN).iter().any(|k| k.store == self.identity);
         if !bucket_known {
             self.prove_bucket()?;
         }
+        self.writes_once()?;
         Ok(match (self.verify, self.checksum) {
             (VerifyMode::Auto, Checksum::Sha256) => self.validates_checksums(),
             (mode, _) => {
-                let known = lock(&KNOWN);
-                let standing = known.iter().find(|k| k.store == self.identity);
-                VALIDATES.store(
-                    gauge(standing.and_then(standing_verdict)),
-                    Ordering::Relaxed,
-                );
+                let standing = lock(&KNOWN)
+                    .iter_mut()
+                    .find(|k| k.store == self.identity)
+                    .and_then(|k| k.checksums.standing());
+                VALIDATES.store(Checksums::value(standing), Ordering::Relaxed);
                 mode == VerifyMode::PutResponse
             }
         })
     }
 
-    /// Whether this store is proven to validate checksums, probing it first when no verdict stands.
-    fn validates_checksums(&self) -> bool {
-        let next = {
-            let mut known = lock(&KNOWN);
-            let k = entry(&mut known, self.identity);
-            let standing = standing_verdict(k);
-            VALIDATES.store(gauge(standing), Ordering::Relaxed);
-            match (standing, k.probing) {
-                (Some(v), _) => Next::Known(v),
-                (None, true) => Next::Busy,
-                (None, false) => {
-                    k.probing = true;
-                    Next::Probe
-                }
+    /// Proves the store writes once, probing it first when no verdict stands (or waiting for the
+    /// worker probing it); an error when it does not, or when no verdict could be had.
+    fn writes_once(&self) -> Result<(), StoreError> {
+        let verdict = match self.next::<WriteOnce>() {
+            Next::Known(v) => v,
+            Next::Busy => self.awaited::<WriteOnce>()?,
+            Next::Probe(_probing) => {
+                let (v, why) = self.probe_write_once()?;
+                self.settle(v, &why);
+                v
             }
         };
-        match next {
-            Next::Known(v) => v == Verdict::Validates,
-            Next::Busy => false,
-            Next::Probe => {
-                let _probing = Probing(self.identity);
-                let Some((verdict, why)) = self.probe_checksums() else {
+        match verdict {
+            WriteOnce::Ignored => Err(fail(
+                FailureKind::NotWriteOnce,
+                "the S3 store replaced an object a PUT with If-None-Match: * must not replace, so \
+                 an archive there could be replaced by another: nothing is uploaded into it (the \
+                 server log says when this was found)"
+                    .into(),
+            )),
+            WriteOnce::Honoured | WriteOnce::Unproven => Ok(()),
+        }
+    }
+
+    /// Whether this store is proven to validate checksums, probing it first when no verdict stands.
+    /// While another worker probes, not proven.
+    fn validates_checksums(&self) -> bool {
+        let verdict = match self.next::<Checksums>() {
+            Next::Known(v) => v,
+            Next::Busy => return false,
+            Next::Probe(_probing) => {
+                let Some((v, why)) = self.probe_checksums() else {
                     return false;
                 };
-                let mut known = lock(&KNOWN);
-                let k = entry(&mut known, self.identity);
-                let before = k.verdict.map(|v| v.0);
-                k.verdict = Some((verdict, Instant::now()));
-                VALIDATES.store(gauge(Some(verdict)), Ordering::Relaxed);
-                drop(known);
-                if before != Some(verdict) {
-                    (self.notice)(&format!(
-                        "flowarchive: S3 store {} bucket {}: {why}",
-                        self.endpoint.origin().ascii_serialization(),
-                        self.bucket.name()
-                    ));
-                }
-                verdict == Verdict::Validates
+                self.settle(v, &why);
+                v
             }
+        };
+        verdict == Checksums::Validated
+    }
+
+    /// The standing `V` of this store, or whether another worker is probing for it, or else the
+    /// probe this worker is to send. Sets the gauge to what stands.
+    fn next<V: Verdict>(&self) -> Next<V> {
+        let mut known = lock(&KNOWN);
+        let fact = V::fact(entry(&mut known, self.identity));
+        let standing = fact.standing();
+        V::gauge().store(V::value(standing), Ordering::Relaxed);
+        match (standing, fact.probing) {
+            (Some(v), _) => Next::Known(v),
+            (None, true) => Next::Busy,
+            (None, false) => {
+                fact.probing = true;
+                Next::Probe(Probing(self.identity, std::marker::PhantomData))
+            }
+        }
+    }
+
+    /// The `V` another worker's probe reached, once it ends: an error when it decided nothing, or
+    /// when it outlasts every request it may send.
+    fn awaited<V: Verdict>(&self) -> Result<V, StoreError> {
+        // Two PUTs and a DELETE, each with its retries.
+        let longest = 3 * (self.retry.total + self.timeout);
+        let known = lock(&KNOWN);
+        let (mut known, _) = PROBED
+            .wait_timeout_while(known, longest, |known| {
+                V::fact(entry(known, self.identity)).probing
+            })
+            .unwrap_or_else(PoisonError::into_inner);
+        let standing = V::fact(entry(&mut known, self.identity)).standing();
+        V::gauge().store(V::value(standing), Ordering::Relaxed);
+        standing.ok_or_else(|| {
+            fail(
+                FailureKind::Unreachable,
+                format!(
+                    "the S3 store's {} probe (another upload's) reached no verdict",
+                    V::PROBE
+                ),
+            )
+        })
+    }
+
+    /// Records a verdict this worker's probe reached, and says it in the log when it differs from
+    /// the store's last one.
+    fn settle<V: Verdict>(&self, verdict: V, why: &str) {
+        let mut known = lock(&KNOWN);
+        let fact = V::fact(entry(&mut known, self.identity));
+        let before = fact.verdict.map(|(v, _)| v);
+        fact.verdict = Some((verdict, Instant::now()));
+        V::gauge().store(V::value(Some(verdict)), Ordering::Relaxed);
+        drop(known);
+        if before != Some(verdict) {
+            (self.notice)(&format!(
+                "flowarchive: S3 store {} bucket {}: {why}",
+                self.endpoint.origin().ascii_serialization(),
+                self.bucket.name()
+            ));
+        }
+    }
+
+    /// Sends the write-once probe: its verdict and the reason said in the log, or the error of an
+    /// answer that decides nothing.
+    fn probe_write_once(&self) -> Result<(WriteOnce, String), StoreError> {
+        WRITE_ONCE_PROBES.fetch_add(1, Ordering::Relaxed);
+        let key = self.probe_key(WriteOnce::PROBE);
+        let digests = Digests::of(WRITE_ONCE_BODY);
+        let put = || {
+            super::throttle(WRITE_ONCE_BODY.len(), self.upload_bytes_per_sec);
+            self.request(|agent, creds| {
+                let put = self.put_request(agent, creds, &key, &digests);
+                match put.send_bytes(WRITE_ONCE_BODY) {
+                    Ok(r) => success("PUT", &key, r).map(|_| Answer::Stored),
+                    Err(e) => match request_error("PUT", &key, e) {
+                        e if e.kind == FailureKind::Exists => Ok(Answer::Refused),
+                        e => Err(e),
+                    },
+                }
+            })
+        };
+        let unproven = |e: StoreError| {
+            let why = format!(
+                "the write-once probe was refused ({e}): not proven to honour If-None-Match, so \
+                 uploads rely on it unproven"
+            );
+            Ok((WriteOnce::Unproven, why))
+        };
+        // The first PUT refused as a precondition failure: an attempt of it whose answer was lost
+        // stored it (the key is fresh), and the retry was refused as the second PUT must be.
+        match put() {
+            Ok(_) => {}
+            Err(e) if e.kind == FailureKind::Rejected => return unproven(e),
+            Err(e) => return Err(e),
+        }
+        let second = put();
+        let removed = self.remove_scratch(&key);
+        match second {
+            Ok(Answer::Refused) => Ok((
+                WriteOnce::Honoured,
+                "refused a second PUT of an object under If-None-Match: *: it writes once".into(),
+            )),
+            Ok(Answer::Stored) => Ok((
+                WriteOnce::Ignored,
+                format!(
+                    "replaced an object under If-None-Match: *: it does not write once, so an \
+                     archive there could be replaced by another, and nothing is uploaded into it \
+                     (scratch object {key} {removed})"
+                ),
+            )),
+            Err(e) if e.kind == FailureKind::Rejected => unproven(e),
+            Err(e) => Err(e),
         }
     }
 
     /// Sends the checksum probe: its verdict and the reason said in the log, or `None` when its answer
     /// decides nothing.
-    fn probe_checksums(&self) -> Option<(Verdict, String)> {
-        PROBES.fetch_add(1, Ordering::Relaxed);
-        let key = self.probe_key();
+    fn probe_checksums(&self) -> Option<(Checksums, String)> {
+        CHECKSUM_PROBES.fetch_add(1, Ordering::Relaxed);
+        let key = self.probe_key(Checksums::PROBE);
         let digests = Digests {
-            md5_b64: B64.encode(md5(PROBE_BODY)),
             sha_b64: B64.encode(sha256(b"not the probe body")),
-            sha_hex: hex(&sha256(PROBE_BODY)),
+            ..Digests::of(CHECKSUM_BODY)
         };
-        super::throttle(PROBE_BODY.len(), self.upload_bytes_per_sec);
+        super::throttle(CHECKSUM_BODY.len(), self.upload_bytes_per_sec);
         let answer = self.request(|agent, creds| {
             let put = self.put_request(agent, creds, &key, &digests);
-            match put.send_bytes(PROBE_BODY) {
+            match put.send_bytes(CHECKSUM_BODY) {
                 Ok(r) => success("PUT", &key, r).map(|_| Answer::Stored),
                 Err(ureq::Error::Status(400, r)) => {
                     let code = error_code(r);
@@ -286,40 +480,44 @@ impl Store {
         const HEAD: &str = "verify auto proves every upload with a HEAD";
         match answer {
             Ok(Answer::Refused) => Some((
-                Verdict::Validates,
+                Checksums::Validated,
                 "refused a PUT whose x-amz-checksum-sha256 did not match its body: it validates \
                  checksums, so verify auto takes the checksum a PUT's answer echoes as its proof"
                     .into(),
             )),
-            Ok(Answer::Stored) => {
-                let removed = match self.delete(&key) {
-                    Ok(()) => "removed".to_string(),
-                    Err(e) => format!("not removed: {e}"),
-                };
-                Some((
-                    Verdict::NotProven,
-                    format!(
-                        "stored a PUT whose x-amz-checksum-sha256 did not match its body: it does \
-                         not validate checksums, so {HEAD} (scratch object {key} {removed})"
-                    ),
-                ))
-            }
+            Ok(Answer::Stored) => Some((
+                Checksums::NotProven,
+                format!(
+                    "stored a PUT whose x-amz-checksum-sha256 did not match its body: it does \
+                     not validate checksums, so {HEAD} (scratch object {key} {})",
+                    self.remove_scratch(&key)
+                ),
+            )),
             Err(e) if e.kind == FailureKind::Rejected => Some((
-                Verdict::NotProven,
+                Checksums::NotProven,
                 format!("the checksum probe was refused ({e}): not proven to validate checksums, so {HEAD}"),
             )),
             Err(_) => None,
         }
     }
 
-    /// A fresh scratch key under the configured prefix, never a flow's (see [`PROBE_FOLDER`]).
-    fn probe_key(&self) -> String {
+    /// Removes a probe's scratch object: how it went, for the log.
+    fn remove_scratch(&self, key: &str) -> String {
+        match self.delete(key) {
+            Ok(()) => "removed".to_string(),
+            Err(e) => format!("not removed: {e}"),
+        }
+    }
+
+    /// A fresh scratch key for the `what` probe under the configured prefix, never a flow's (see
+    /// [`PROBE_FOLDER`]).
+    fn probe_key(&self, what: &str) -> String {
         let folder = match self.prefix.as_str() {
             "" => String::new(),
             p => format!("{p}/"),
         };
         format!(
-            "{folder}{PROBE_FOLDER}checksum-probe-{:016x}{:016x}",
+            "{folder}{PROBE_FOLDER}{what}-probe-{:016x}{:016x}",
             retry::random(),
             retry::random()
         )
@@ -356,15 +554,17 @@ mod tests {
     #[test]
     fn probe_keys_are_fresh_and_never_a_flows_key() {
         let store = Store::new(&crate::s3::tests::settings()).unwrap();
-        let (a, b) = (store.probe_key(), store.probe_key());
+        let (a, b) = (store.probe_key("checksum"), store.probe_key("checksum"));
         assert_ne!(a, b);
         assert!(a.starts_with("_flowarchive/checksum-probe-"), "{a}");
+        let c = store.probe_key(WriteOnce::PROBE);
+        assert!(c.starts_with("_flowarchive/write-once-probe-"), "{c}");
         for prefix in ["", "p", "p/q"] {
             let store = Store {
                 prefix: prefix.into(),
                 ..Store::new(&crate::s3::tests::settings()).unwrap()
             };
-            let key = store.probe_key();
+            let key = store.probe_key(WriteOnce::PROBE);
             for db in 0..16 {
                 let flows = layout::object_folder(prefix, db) + "flows/";
                 assert!(!key.starts_with(&flows), "{key} under {flows}");
@@ -420,17 +620,18 @@ mod tests {
     }
 
     /// SeaweedFS validates checksums: the probe is refused and stores nothing, `auto` then trusts the
-    /// PUT's echo, and `head`, `checksum md5` and `put-response` do as they say without a probe.
+    /// PUT's echo, and `head`, `checksum md5` and `put-response` do as they say without a probe. It
+    /// writes once, which the first upload's proof finds under every mode; both probes leave nothing.
     #[test]
     #[ignore = "needs the test bed's SeaweedFS; scripts/test.sh runs it"]
-    fn seaweedfs_refuses_the_probe_so_auto_trusts_its_echo() {
+    fn seaweedfs_refuses_the_probes_so_auto_trusts_its_echo() {
         let (mut s, prefix) = crate::s3::tests::seaweedfs_settings();
         s.prefix = prefix;
         let verdict = |s: &S3Settings| {
             let store = Store::new(s).unwrap();
             let known = lock(&KNOWN);
             let k = known.iter().find(|k| k.store == store.identity);
-            k.and_then(|k| k.verdict).map(|(v, _)| v)
+            k.and_then(|k| k.checksums.verdict).map(|(v, _)| v)
         };
         for (verify, checksum, echo_proves) in [
             (VerifyMode::Head, Checksum::Sha256, false),
@@ -441,15 +642,19 @@ mod tests {
             s.checksum = checksum;
             assert_eq!(Store::new(&s).unwrap().prove().unwrap(), echo_proves);
             assert_eq!(verdict(&s), None, "{verify:?} {checksum:?}: no probe");
+            let store = Store::new(&s).unwrap();
+            let known = lock(&KNOWN);
+            let k = known.iter().find(|k| k.store == store.identity).unwrap();
+            assert_eq!(k.write_once.standing(), Some(WriteOnce::Honoured));
         }
         s.verify = VerifyMode::Auto;
         s.checksum = Checksum::Sha256;
         let store = Store::new(&s).unwrap();
         let (verdict_found, why) = store.probe_checksums().expect("a verdict");
-        assert_eq!(verdict_found, Verdict::Validates, "{why}");
+        assert_eq!(verdict_found, Checksums::Validated, "{why}");
         assert!(store.prove().unwrap());
-        assert_eq!(verdict(&s), Some(Verdict::Validates));
-        // Nothing was stored: the probe's folder is empty.
+        assert_eq!(verdict(&s), Some(Checksums::Validated));
+        // Nothing stays: the probes' folder is empty.
         let url = {
             let creds = crate::s3::credentials::current(&store.credentials, Duration::from_secs(1))
                 .unwrap()

@@ -41,15 +41,20 @@ pub enum Fault {
     /// checksum-algorithm header comes with the PUT) and corrupts them: the proxy keeps the PUT's body
     /// with one byte flipped, answers it with the MD5 ETag of what it kept and the client's checksum
     /// echoed, and serves that object to HEAD and GET (with the client's metadata) and DELETE, never
-    /// reaching S3 for the matched paths.
+    /// reaching S3 for the matched paths. It honours `If-None-Match: *`.
     EchoUnchecked,
     /// A store that checks no `x-amz-checksum-*` header and corrupts what it keeps after answering:
     /// it takes any PUT (one whose checksum names other bytes too) and answers it as a good store
     /// would for the bytes sent (their MD5 as ETag, the client's checksum echoed), then keeps them
     /// with one byte flipped and serves that object to HEAD and GET (the MD5 ETag of what it kept,
     /// the client's checksum and metadata) and DELETE, never reaching S3 for the matched paths. The
-    /// PUT's answer cannot show the corruption; a HEAD does.
+    /// PUT's answer cannot show the corruption; a HEAD does. It honours `If-None-Match: *`.
     ChecksumIgnored,
+    /// A store that ignores `If-None-Match: *`: it keeps every PUT's body as sent, replacing any
+    /// object at the key, answers it as a good store would (its MD5 as ETag, the client's checksum
+    /// echoed), and serves it to HEAD and GET (with the client's metadata) and DELETE, never reaching
+    /// S3 for the matched paths.
+    Overwrites,
     /// Answer this redirect status (301, 307...) with a `Location`, never reaching S3.
     Redirect(u16),
     /// Answer 200 announcing a body of 100 GB and send five bytes, never reaching S3.
@@ -157,11 +162,12 @@ impl Proxy {
         }]);
     }
 
-    /// Holds every `method` request ([`Fault::Gate`]) until [`Proxy::release`].
+    /// Holds every `method` request of a flow's object ([`Fault::Gate`]) until [`Proxy::release`];
+    /// the module's probes of a store before its first upload go on.
     pub fn hold(&self, method: &'static str) {
         self.set(vec![Rule {
             method,
-            path: String::new(),
+            path: "/flows/".into(),
             fault: Fault::Gate,
         }]);
     }
@@ -249,8 +255,20 @@ fn read_request(conn: &mut TcpStream) -> Option<(String, String, Vec<u8>)> {
     Some((method, path, rewritten))
 }
 
-/// `Fault::EchoUnchecked` and `Fault::ChecksumIgnored`: the proxy is the store for the matched object.
-/// With `answer_as_sent` a PUT is answered with the ETag of the bytes sent rather than those kept.
+/// What a store the proxy plays keeps of a PUT, and how it answers it.
+#[derive(Clone, Copy, PartialEq)]
+enum Kept {
+    /// The bytes with one flipped, answered with their own ETag (`Fault::EchoUnchecked`).
+    Flipped,
+    /// The bytes with one flipped, answered with the ETag of those sent (`Fault::ChecksumIgnored`).
+    FlippedAnsweredAsSent,
+    /// The bytes as sent (`Fault::Overwrites`).
+    AsSent,
+}
+
+/// `Fault::EchoUnchecked`, `Fault::ChecksumIgnored` and `Fault::Overwrites`: the proxy is the store
+/// for the matched object, keeping what `kept` says. It checks no checksum; the first two honour
+/// `If-None-Match: *` (412 for a key they hold), as moto does, and `Overwrites` does not.
 fn echo_unchecked(
     conn: &mut TcpStream,
     s: &Shared,
@@ -258,7 +276,7 @@ fn echo_unchecked(
     path: &str,
     request: &[u8],
     head_end: usize,
-    answer_as_sent: bool,
+    kept: Kept,
 ) {
     use md5::Digest;
     let key = path.split('?').next().unwrap_or(path).to_string();
@@ -285,11 +303,19 @@ fn echo_unchecked(
         let _ = conn.write_all(body);
     };
     match method {
+        "PUT"
+            if kept != Kept::AsSent
+                && header("if-none-match").as_deref() == Some("*")
+                && held.contains_key(&key) =>
+        {
+            let refused = b"<Error><Code>PreconditionFailed</Code></Error>";
+            answer(conn, "412 Precondition Failed", &[], refused);
+        }
         "PUT" => {
             let sent = &request[head_end..];
             let mut body = sent.to_vec();
             let middle = body.len() / 2;
-            if let Some(b) = body.get_mut(middle) {
+            if let (Some(b), false) = (body.get_mut(middle), kept == Kept::AsSent) {
                 *b ^= 0x20;
             }
             let etag = |bytes: &[u8]| -> (String, String) {
@@ -304,7 +330,7 @@ fn echo_unchecked(
                 headers.push(("x-amz-checksum-sha256".into(), sha));
             }
             let mut answered = headers.clone();
-            if answer_as_sent {
+            if kept == Kept::FlippedAnsweredAsSent {
                 answered[0] = etag(sent);
             }
             answer(conn, "200 OK", &answered, b"");
@@ -431,11 +457,32 @@ fn handle(mut conn: TcpStream, s: &Shared) {
             return;
         }
         Some(Fault::EchoUnchecked) => {
-            echo_unchecked(&mut conn, s, &method, &path, &request, head_end, false);
+            echo_unchecked(
+                &mut conn,
+                s,
+                &method,
+                &path,
+                &request,
+                head_end,
+                Kept::Flipped,
+            );
             return;
         }
         Some(Fault::ChecksumIgnored) => {
-            echo_unchecked(&mut conn, s, &method, &path, &request, head_end, true);
+            let kept = Kept::FlippedAnsweredAsSent;
+            echo_unchecked(&mut conn, s, &method, &path, &request, head_end, kept);
+            return;
+        }
+        Some(Fault::Overwrites) => {
+            echo_unchecked(
+                &mut conn,
+                s,
+                &method,
+                &path,
+                &request,
+                head_end,
+                Kept::AsSent,
+            );
             return;
         }
         Some(Fault::Delay(d)) => std::thread::sleep(d),
