@@ -666,6 +666,50 @@ fn reads_follow_only_locations_the_module_writes() {
         format!("s3://some-old-bucket {root}"),
         "a refused value changes nothing"
     );
+
+    // What was read under a root is answered from the cache only while the root is allowed, and
+    // read again under another read cap.
+    let fetches = |proxy: &Proxy| {
+        let sent = proxy.requests();
+        sent.iter().filter(|r| r.starts_with("GET")).count()
+    };
+    let fetched = fetches(&proxy);
+    assert!(get(&mut c, "moved").unwrap().is_some());
+    assert_eq!(fetches(&proxy), fetched, "from the cache");
+    let allow = |c: &mut redis::Connection, roots: &str| {
+        cmd::<()>(c, &["CONFIG", "SET", "flowarchive.read-allow", roots]).unwrap()
+    };
+    allow(&mut c, "s3://some-old-bucket");
+    let e = get(&mut c, "moved").unwrap_err().to_string();
+    assert!(e.contains("not where flowarchive writes this flow"), "{e}");
+    allow(&mut c, &allowed[1]);
+    assert!(get(&mut c, "moved").unwrap().is_some());
+    assert_eq!(
+        fetches(&proxy),
+        fetched,
+        "the root allowed again: from the cache"
+    );
+    config_set(&mut c, "flowarchive.read-max-bytes", "128mb").unwrap();
+    assert!(get(&mut c, "moved").unwrap().is_some());
+    assert_eq!(fetches(&proxy), fetched + 1, "another cap: read again");
+
+    // A fetch in flight is shared only under the same settings: a read made once the root is dropped
+    // is refused, not answered by the fetch begun before.
+    config_set(&mut c, "flowarchive.cache-bytes", "0").unwrap();
+    proxy.hold("GET");
+    let mut early = srv.conn();
+    let reading = std::thread::spawn(move || get(&mut early, "moved"));
+    wait_for("the read held", Duration::from_secs(60), || {
+        proxy.gated() == 1
+    });
+    allow(&mut c, "s3://some-old-bucket");
+    let e = get(&mut c, "moved").unwrap_err().to_string();
+    assert!(e.contains("not where flowarchive writes this flow"), "{e}");
+    proxy.release();
+    assert!(
+        reading.join().unwrap().unwrap().is_some(),
+        "read as allowed when asked"
+    );
 }
 
 /// An object with anything after its one gzip member (zero padding, a second member whose content

@@ -47,8 +47,6 @@ pub struct Decoded {
     event_count: usize,
     /// The location of the incarnation of this id archived before this one, if any.
     pub previous: Option<String>,
-    /// The state source the answer was made for (`flowarchive.state` when it was read).
-    pub source: StateSource,
 }
 
 impl Decoded {
@@ -68,7 +66,6 @@ impl Decoded {
             events: events.iter().map(|e| format!("{e}\n")).collect(),
             event_count: events.len(),
             previous: None,
-            source: StateSource::Fold,
         }
     }
 }
@@ -127,7 +124,6 @@ impl Object {
             events: self.events,
             event_count: self.event_count,
             previous: self.previous,
-            source,
         })
     }
 }

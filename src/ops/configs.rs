@@ -18,6 +18,7 @@ use redis_module::configuration::ConfigurationContext;
 use redis_module::{raw, Context};
 
 use crate::layout::{self, Layout, StateSource};
+use crate::read::fetch::read_scope;
 use crate::s3::credentials::{CredentialConfig, Hidden, Source};
 /// How an upload is proven stored before anything is deleted (`flowarchive.verify`).
 pub use crate::s3::VerifyMode;
@@ -252,6 +253,8 @@ pub struct Settings {
     pub read_max_bytes: u64,
     /// Older `s3://bucket[/prefix]` roots archives may also be read from (flowarchive.read-allow).
     pub read_allow: String,
+    /// What an archived answer depends on besides its flow and location (`read::fetch::read_scope`).
+    pub read_scope: u64,
     pub concurrency: usize,
     pub batch_size: usize,
     /// Why nothing may run under these settings: key templates that can meet (`Layout::check_keys`).
@@ -336,13 +339,17 @@ impl Settings {
                 .err()
                 .map(|e| format!("flowarchive.retention: {e}"))
         });
+        let (s3, read_allow) = (s3_settings(), READ_ALLOW.get());
+        let read_max_bytes = READ_MAX_BYTES.get().max(0) as u64;
+        let read_scope = read_scope(&s3, &read_allow, read_max_bytes, layout.state);
         Settings {
-            s3: s3_settings(),
+            s3,
             layout,
             retention_ms: retention.unwrap_or(i64::MAX),
             cache_bytes: CACHE_BYTES.get().max(0) as usize,
-            read_max_bytes: READ_MAX_BYTES.get().max(0) as u64,
-            read_allow: READ_ALLOW.get(),
+            read_max_bytes,
+            read_allow,
+            read_scope,
             concurrency: CONCURRENCY.get().max(1) as usize,
             batch_size: BATCH_SIZE.get().max(1) as usize,
             refused,

@@ -1,12 +1,22 @@
 //! A byte-bounded LRU cache of decoded archived flows. Archive objects are immutable, so an entry keyed
-//! by (DB, flow id, location) stays valid until the flow's index entry points elsewhere.
+//! by (DB, flow id, location) stays valid until the flow's index entry points elsewhere, as long as
+//! the settings it was read under hold: the key carries their read scope, so after a change of the
+//! store, the roots, the read cap or the state, an earlier entry is never found (it ages out).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use crate::format::reader::Decoded;
 
-pub type CacheKey = (i32, String, String);
+/// An archived flow's place in the cache and among the fetches in flight: its DB, id and location,
+/// and the read scope it is fetched under (`Settings::read_scope`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    pub db: i32,
+    pub id: String,
+    pub location: String,
+    pub scope: u64,
+}
 
 #[derive(Default)]
 pub struct Lru {
@@ -79,7 +89,12 @@ mod tests {
     }
 
     fn key(id: &str) -> CacheKey {
-        (0, id.to_string(), format!("s3://b/flows/{id}.jsonl.gz"))
+        CacheKey {
+            db: 0,
+            id: id.to_string(),
+            location: format!("s3://b/flows/{id}.jsonl.gz"),
+            scope: 1,
+        }
     }
 
     #[test]
@@ -110,14 +125,23 @@ mod tests {
     }
 
     #[test]
-    fn a_new_location_is_a_new_entry() {
+    fn a_new_location_db_or_scope_is_a_new_entry() {
         let mut lru = Lru::default();
         lru.insert(key("a"), flow(1), 10_000);
-        assert!(lru
-            .get(&(0, "a".into(), "s3://b/other.jsonl.gz".into()))
-            .is_none());
-        assert!(lru
-            .get(&(1, "a".into(), "s3://b/flows/a.jsonl.gz".into()))
-            .is_none());
+        let other = [
+            CacheKey {
+                location: "s3://b/other.jsonl.gz".into(),
+                ..key("a")
+            },
+            CacheKey { db: 1, ..key("a") },
+            CacheKey {
+                scope: 2,
+                ..key("a")
+            },
+        ];
+        for k in other {
+            assert!(lru.get(&k).is_none(), "{k:?}");
+        }
+        assert!(lru.get(&key("a")).is_some());
     }
 }

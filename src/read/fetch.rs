@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 use redis_module::configuration::ConfigurationContext;
 use redis_module::{Context, RedisError, RedisValue};
 
-use crate::digest::{hex, sha256};
+use crate::digest::{hex, sha256, sha256_of_parts};
 use crate::format::reader::{self, DecodeError, Decoded};
 use crate::kinds::{kinds, Tally};
-use crate::layout;
+use crate::layout::{self, StateSource};
 use crate::ops::configs::{parse_roots, Root, Settings};
 use crate::ops::errors::show_id;
 use crate::ops::info::named;
@@ -27,7 +27,7 @@ use crate::read::cache::{CacheKey, Lru};
 use crate::runtime::blocking::Client;
 use crate::runtime::pool::Pool;
 use crate::runtime::reply;
-use crate::s3::{FailureKind, Store, StoreError};
+use crate::s3::{FailureKind, S3Settings, Store, StoreError};
 use crate::sync::lock;
 
 /// Fetch threads: each mostly waits on S3, so a few serve many reads.
@@ -110,6 +110,37 @@ impl std::fmt::Display for FetchError {
             FetchError::Panicked => f.write_str("internal error in the fetch worker"),
         }
     }
+}
+
+/// The read scope of these settings: every one an archived answer depends on besides its flow and
+/// location. The store it is read from (endpoint, region, addressing, trusted CA), the roots it may
+/// be read from (bucket and prefix, `read-allow`), the cap on a read and the state it answers. The
+/// cache answers, and a fetch in flight is shared, only within one scope: after a change of any of
+/// these, no read is answered from what was read under the earlier ones.
+pub fn read_scope(
+    s3: &S3Settings,
+    read_allow: &str,
+    read_max_bytes: u64,
+    state: StateSource,
+) -> u64 {
+    let (cap, state) = (read_max_bytes.to_string(), format!("{state:?}"));
+    let parts = [
+        s3.endpoint.as_str(),
+        &s3.region,
+        if s3.path_style {
+            "path"
+        } else {
+            "virtual-host"
+        },
+        &s3.credentials.tls_ca_file,
+        &s3.bucket,
+        &s3.prefix,
+        read_allow,
+        &cap,
+        &state,
+    ];
+    let digest = sha256_of_parts(parts);
+    u64::from_le_bytes(digest[..8].try_into().expect("eight bytes"))
 }
 
 /// What a read wants of the archive: the object at `key`'s location, or the incarnation `hops`
@@ -199,7 +230,7 @@ pub fn request(waiter: Waiter, settings: Arc<Settings>, cache: bool) {
 /// written): the bucket is asked where the flow's newest archive is (`locate`), and that is fetched
 /// as usual; nil when there is none.
 pub fn probe(waiter: Waiter, settings: Arc<Settings>, cache: bool) {
-    let (db, id) = (waiter.want.key.0, waiter.want.key.1.clone());
+    let (db, id) = (waiter.want.key.db, waiter.want.key.id.clone());
     // The waiter goes to the job, or back to be told the pool is busy.
     let slot = Arc::new(Mutex::new(Some(waiter)));
     let (job_slot, job_settings) = (slot.clone(), settings);
@@ -213,7 +244,7 @@ pub fn probe(waiter: Waiter, settings: Arc<Settings>, cache: bool) {
         let answer = match found {
             Ok(Some(location)) => {
                 PROBES_FOUND.fetch_add(1, Ordering::Relaxed);
-                waiter.want.key.2 = location;
+                waiter.want.key.location = location;
                 request(waiter, job_settings, cache);
                 return;
             }
@@ -327,7 +358,7 @@ fn finish(
             .and_then(|w| w.remove(key))
             .unwrap_or_default()
     };
-    let (_, id, location) = key;
+    let CacheKey { id, location, .. } = key;
     for mut w in waiters {
         let answer = match &outcome {
             Ok(flow) if w.want.hops == 0 => {
@@ -336,7 +367,7 @@ fn finish(
             }
             Ok(flow) => match &flow.previous {
                 Some(previous) => {
-                    w.want.key.2 = previous.clone();
+                    w.want.key.location = previous.clone();
                     w.want.hops -= 1;
                     request(w, settings.clone(), cache);
                     continue;
@@ -414,7 +445,8 @@ fn resolved(settings: &Settings, location: &str, id: &str) -> Option<(String, St
     resolve(location, &configured, &allowed, id)
 }
 
-fn fetch(settings: &Settings, (_, id, location): &CacheKey) -> Result<Arc<Decoded>, FetchError> {
+fn fetch(settings: &Settings, key: &CacheKey) -> Result<Arc<Decoded>, FetchError> {
+    let CacheKey { id, location, .. } = key;
     let (bucket, key, db) = resolved(settings, location, id).ok_or(FetchError::BadLocation)?;
     let store = Store::for_bucket(&settings.s3, &bucket).map_err(FetchError::Store)?;
     let max = settings.read_max_bytes;

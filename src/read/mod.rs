@@ -16,6 +16,7 @@ use crate::layout::{StateSource, GENERATIONS};
 use crate::ops::configs::Settings;
 use crate::ops::errors::{show_id, FlowError};
 use crate::ops::info::named;
+use crate::read::cache::CacheKey;
 use crate::read::fetch::Waiter;
 use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::blocking::{can_block, this_client};
@@ -121,7 +122,12 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
         if index::absent(ctx, &keys) && can_block(ctx) {
             if let Some(client) = this_client(ctx) {
                 let want = fetch::Want {
-                    key: (db, id, String::new()),
+                    key: CacheKey {
+                        db,
+                        id,
+                        location: String::new(),
+                        scope: settings.read_scope,
+                    },
                     events,
                     hops,
                 };
@@ -138,7 +144,12 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
         acl::check_all_in(ctx, &user, named, keys.state(), Access::Read).map_err(fail)?;
     }
     let want = fetch::Want {
-        key: (db, id, location),
+        key: CacheKey {
+            db,
+            id,
+            location,
+            scope: settings.read_scope,
+        },
         events,
         hops,
     };
@@ -146,15 +157,15 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
 }
 
 /// Answers an archived flow from the cache, following earlier incarnations cached there (an answer
-/// made under another `flowarchive.state` is fetched again), else by a fetch the client waits for.
+/// read under other settings is not found there: its key's read scope differs), else by a fetch the
+/// client waits for.
 fn archived(
     ctx: &Context,
     mut want: fetch::Want,
     settings: Arc<Settings>,
     cache: bool,
 ) -> RedisResult {
-    let fresh = |key: &_| fetch::cached(key).filter(|f| f.source == settings.layout.state);
-    while let Some(flow) = fresh(&want.key) {
+    while let Some(flow) = fetch::cached(&want.key) {
         if want.hops == 0 {
             GET_CACHE_HITS.fetch_add(1, Ordering::Relaxed);
             fetch::reply(ctx, &flow, want.events);
@@ -163,13 +174,13 @@ fn archived(
         let Some(previous) = flow.previous.clone() else {
             return Ok(RedisValue::Null);
         };
-        want.key.2 = previous;
+        want.key.location = previous;
         want.hops -= 1;
     }
     if !can_block(ctx) {
         return Err(RedisError::String(format!(
             "ERR flow {} is archived and not cached; FLOWARCHIVE.GET cannot fetch it inside MULTI or a script",
-            show_id(&want.key.1)
+            show_id(&want.key.id)
         )));
     }
     let Some(client) = this_client(ctx) else {
