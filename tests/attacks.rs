@@ -464,18 +464,10 @@ fn get_of_a_live_flow_in_multi_or_a_script_is_refused() {
 /// A version-1 object written independently of the module's encoder (docs/FORMAT.md), with the
 /// snapshot and sequence its flow had.
 fn v1_object(id: &str, events: &[String], snapshot: &str, seq: usize) -> Vec<u8> {
-    use sha2::Digest;
-    let content: String = events.iter().map(|e| format!("{e}\n")).collect::<String>()
-        + &format!(
-            "{{\"snapshot\":{snapshot},\"seq\":{seq},\"labels\":{{}},\"status\":\"completed\"}}\n"
-        );
-    let sha: String = sha2::Sha256::digest(content.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let header = serde_json::json!({"format": "flowarchive", "version": 1, "flow_id": id, "db": 0,
-        "events": events.len(), "raw_bytes": content.len(), "sha256": sha});
-    gzip(&format!("{header}\n{content}"))
+    let trailer = format!(
+        "{{\"snapshot\":{snapshot},\"seq\":{seq},\"labels\":{{}},\"status\":\"completed\"}}"
+    );
+    crafted_object(id, 0, 1, events, &trailer)
 }
 
 /// Holds: a version-1 object holding a stale snapshot is folded on read (snapshot, then the events

@@ -11,32 +11,13 @@ use common::proxy::Proxy;
 use common::resp;
 use common::*;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// A format-1 object written independently of the module's encoder (docs/FORMAT.md is the contract).
 fn object(id: &str, db: i32, events: &[String], snapshot: &str) -> Vec<u8> {
     let trailer = format!(
         "{{\"snapshot\":{snapshot},\"seq\":null,\"labels\":{{}},\"status\":\"completed\"}}"
     );
-    object_of(id, db, 1, events, &trailer)
-}
-
-/// An object of format `version` with these event lines and this trailer, its header made for them.
-fn object_of(id: &str, db: i32, version: u32, events: &[String], trailer: &str) -> Vec<u8> {
-    let mut content = String::new();
-    for line in events.iter().map(String::as_str).chain([trailer]) {
-        content.push_str(line);
-        content.push('\n');
-    }
-    let header = json!({
-        "format": "flowarchive", "version": version, "flow_id": id, "db": db, "events": events.len(),
-        "raw_bytes": content.len(), "sha256": hex(&Sha256::digest(content.as_bytes())),
-    });
-    gzip(&format!("{header}\n{content}"))
+    crafted_object(id, db, 1, events, &trailer)
 }
 
 /// A header followed by `zeros` zero bytes: a few hundred KB of gzip per hundreds of MB of content.
@@ -292,7 +273,7 @@ fn state_object(id: &str, state: &str) -> Vec<u8> {
     let trailer = format!(
         "{{\"state\":{state},\"snapshot\":null,\"seq\":null,\"labels\":{{}},\"status\":\"completed\"}}"
     );
-    object_of(id, 0, 2, &[], &trailer)
+    crafted_object(id, 0, 2, &[], &trailer)
 }
 
 /// A crafted state that names `archived` at its top level is answered marked with a few copies of its

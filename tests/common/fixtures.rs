@@ -591,6 +591,32 @@ pub fn archive(
         .map(reply_map)
 }
 
+/// An archive object of format `version` with these event lines and this trailer, its header made for
+/// them, written independently of the module's encoder (docs/FORMAT.md is the contract).
+pub fn crafted_object(
+    id: &str,
+    db: i32,
+    version: u32,
+    events: &[String],
+    trailer: &str,
+) -> Vec<u8> {
+    use sha2::Digest;
+    let mut content = String::new();
+    for line in events.iter().map(String::as_str).chain([trailer]) {
+        content.push_str(line);
+        content.push('\n');
+    }
+    let sha: String = sha2::Sha256::digest(content.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let header = serde_json::json!({
+        "format": "flowarchive", "version": version, "flow_id": id, "db": db, "events": events.len(),
+        "raw_bytes": content.len(), "sha256": sha,
+    });
+    gzip(&format!("{header}\n{content}"))
+}
+
 pub fn gzip(text: &str) -> Vec<u8> {
     use std::io::Write;
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
