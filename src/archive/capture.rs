@@ -174,8 +174,7 @@ pub fn inspect(
     // every key of the archive allowed together with the others, as the keys of one command.
     let caller = caller.one_command();
     let caller: &Caller = &caller;
-    let object = Object::Named(settings.s3.object_name_max);
-    let index_keys = rights(ctx, caller, &keys, id, object)?;
+    let index_keys = rights(ctx, caller, &keys, id, predicted(settings))?;
     let facts = read_facts(ctx, caller, &keys, id, layout, max_bytes)?;
     let judged = match judge::judge(facts, &keys, layout, window, max_bytes)? {
         Verdict::Archived(location) => return Ok(Inspected::AlreadyArchived(location)),
@@ -211,6 +210,12 @@ pub fn inspect(
         previous,
         slot,
     })
+}
+
+/// Where the capture predicts the flow's object is recorded in the index: under the name limit of the
+/// settings its upload uses, never the live config (the commit checks where it was stored).
+fn predicted(settings: &Settings) -> Object<'_> {
+    Object::Named(settings.s3.object_name_max)
 }
 
 /// The caller may remove the flow's own keys and its status entry, add its index entry and read the
@@ -473,7 +478,7 @@ pub fn read_more(
         // every key but the label indexes they name (rights before any of them is looked at).
         capture.flow.labels = judge::label_texts(steps.pairs.into_vec())?;
         let previous = capture.previous.as_ref();
-        let (layout, object) = (&settings.layout, Object::Named(settings.s3.object_name_max));
+        let (layout, object) = (&settings.layout, predicted(settings));
         return guard::check(
             ctx,
             &capture.caller,
