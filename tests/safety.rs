@@ -95,6 +95,51 @@ fn an_entry_naming_another_db_is_answered_only_to_a_caller_allowed_there() {
     );
 }
 
+/// The same holds along a chain of incarnations: an entry planted before an archive of the same id
+/// is recorded by that archive as its predecessor, and `PREVIOUS` reaches it only for a caller allowed
+/// in the DB it names, fetched or cached.
+#[test]
+fn an_earlier_incarnation_in_another_db_is_answered_only_to_a_caller_allowed_there() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut admin = srv.conn();
+    let mut db3 = srv.conn();
+    cmd::<()>(&mut db3, &["SELECT", "3"]).unwrap();
+    write_flow(&mut db3, &FlowSpec::done("secret"));
+    archive(&mut db3, "secret").unwrap();
+    let location: String = cmd(&mut db3, &["HGET", "archived:flows", "secret"]).unwrap();
+    let rule = "ACL SETUSER confined on >pw +@all ~* resetdbs db=0";
+    cmd::<()>(&mut admin, &rule.split(' ').collect::<Vec<_>>()).unwrap();
+    let mut confined = conn_as(&srv, "confined");
+    cmd::<()>(
+        &mut confined,
+        &["HSET", "archived:flows", "secret", &location],
+    )
+    .unwrap();
+    // Its own flow of that id, archived: the planted entry is recorded as its predecessor.
+    let own = FlowSpec {
+        events: 7,
+        ..FlowSpec::done("secret")
+    };
+    write_flow(&mut confined, &own);
+    archive(&mut confined, "secret").unwrap();
+    assert_eq!(
+        get_events(&mut confined, "secret").unwrap().1,
+        events_of(&own)
+    );
+    let previous = |c: &mut redis::Connection| {
+        cmd::<Option<String>>(c, &["FLOWARCHIVE.GET", "secret", "PREVIOUS", "1"])
+    };
+    let e = err_text(previous(&mut confined));
+    assert!(e.starts_with("NOPERM"), "fetched: {e}");
+    assert!(
+        previous(&mut admin).unwrap().is_some(),
+        "a user of every DB"
+    );
+    let e = err_text(previous(&mut confined));
+    assert!(e.starts_with("NOPERM"), "cached: {e}");
+}
+
 #[test]
 fn acl_users_touch_only_the_keys_they_may() {
     let s3 = S3::new_bucket();

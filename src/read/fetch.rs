@@ -20,11 +20,14 @@ use crate::format::reader::{self, DecodeError, Decoded};
 use crate::kinds::{kinds, Tally};
 use crate::layout::{self, StateSource};
 use crate::ops::configs::{parse_roots, Root, Settings};
-use crate::ops::errors::show_id;
+use crate::ops::errors::{show_id, FlowError};
 use crate::ops::info::named;
 use crate::ops::log;
+use crate::ops::metrics::Stage;
 use crate::read::cache::{CacheKey, Lru};
+use crate::read::rights::Rights;
 use crate::runtime::blocking::Client;
+use crate::runtime::mainthread;
 use crate::runtime::pool::Pool;
 use crate::runtime::reply;
 use crate::s3::{FailureKind, S3Settings, Store, StoreError};
@@ -144,11 +147,13 @@ pub fn read_scope(
 }
 
 /// What a read wants of the archive: the object at `key`'s location, or the incarnation `hops`
-/// predecessors before it (each object names the one archived before it), and whether the events too.
+/// predecessors before it (each object names the one archived before it), and whether the events too;
+/// and what its caller may read, asked where a location names another DB.
 pub struct Want {
     pub key: CacheKey,
     pub events: bool,
     pub hops: usize,
+    pub rights: Rights,
 }
 
 /// A client waiting for a fetch.
@@ -367,6 +372,11 @@ fn finish(
             }
             Ok(flow) => match &flow.previous {
                 Some(previous) => {
+                    if let Err(e) = may_follow(&w.want, settings, previous) {
+                        let refused = Err(RedisError::String(e.read_message(id)));
+                        w.client.reply(crate::ops::errors::ascii_errors(refused));
+                        continue;
+                    }
                     w.want.key.location = previous.clone();
                     w.want.hops -= 1;
                     request(w, settings.clone(), cache);
@@ -382,6 +392,19 @@ fn finish(
         };
         w.client.reply(crate::ops::errors::ascii_errors(answer));
     }
+}
+
+/// Whether a read may follow its flow to `previous`: asked of the server, in a main-thread step, only
+/// where that location names another DB than the one read from.
+fn may_follow(want: &Want, settings: &Settings, previous: &str) -> Result<(), FlowError> {
+    let CacheKey { db, id, .. } = &want.key;
+    let Some(named) = crossing(settings, *db, id, previous) else {
+        return Ok(());
+    };
+    let mut held = 0;
+    mainthread::step(*db, Stage::Capture, &mut held, |ctx| {
+        want.rights.check_in(ctx, named)
+    })
 }
 
 /// How an index entry appears in messages: as is when it is one sane line, else quoted and cut.
@@ -429,10 +452,13 @@ fn named_db(key: &str, prefix: &str) -> Option<i32> {
     folder.split_once('/')?.0.parse().ok()
 }
 
-/// The DB an index entry of `id` names, if it is a location this module would read
-/// (`resolve`, under `settings`' roots).
-pub fn location_db(settings: &Settings, location: &str, id: &str) -> Option<i32> {
-    resolved(settings, location, id).map(|(_, _, db)| db)
+/// The DB a location of `id` names when it is not `db`, the one read from, and is a location this
+/// module would read (`resolve`, under `settings`' roots): the read must be allowed there too
+/// (`Rights::check_in`).
+pub fn crossing(settings: &Settings, db: i32, id: &str, location: &str) -> Option<i32> {
+    resolved(settings, location, id)
+        .map(|(_, _, named)| named)
+        .filter(|named| *named != db)
 }
 
 /// `resolve` under the configured root and those `read-allow` names.

@@ -23,7 +23,7 @@ use crate::format::event_log::EventLog;
 use crate::layout::FlowKeys;
 use crate::ops::errors::{self, show_id, FlowError};
 use crate::ops::metrics::{self, Stage};
-use crate::runtime::acl::{self, Access, Caller};
+use crate::read::rights::Rights;
 use crate::runtime::blocking::{answer_later, can_block, this_client, Answer};
 use crate::runtime::key::Key;
 use crate::runtime::mainthread::{
@@ -39,26 +39,6 @@ pub static READ_POOL: Pool = Pool::new("flowarchive-read", 4, 1024);
 
 /// Reads restarted by a concurrent change before the client gets an error.
 const ATTEMPTS: usize = 3;
-
-/// The caller of a live read and the keys it reads for the answer, which it must be allowed to read
-/// together in every step that reads them.
-pub struct Rights {
-    caller: Caller,
-    keys: Vec<String>,
-}
-
-impl Rights {
-    pub fn new<'k>(caller: Caller, keys: impl IntoIterator<Item = &'k str>) -> Rights {
-        let keys = keys.into_iter().map(str::to_string).collect();
-        Rights { caller, keys }
-    }
-
-    /// Refuses with `NOPERM` unless the caller may still read the keys, as the keys of one command.
-    fn check(&self, ctx: &Context) -> Result<(), FlowError> {
-        let keys = self.keys.iter().map(String::as_str);
-        acl::check_all(ctx, &self.caller.one_command(), keys, Access::Read)
-    }
-}
 
 /// What a live read took from Valkey: the flow's keys as one state, counted against the caps until
 /// it is answered.

@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod fetch;
 pub mod live;
+pub mod rights;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use crate::ops::errors::{show_id, FlowError};
 use crate::ops::info::named;
 use crate::read::cache::CacheKey;
 use crate::read::fetch::Waiter;
+use crate::read::rights::Rights;
 use crate::runtime::acl::{self, Access, Caller};
 use crate::runtime::blocking::{can_block, this_client};
 use crate::runtime::cluster;
@@ -99,7 +101,7 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
                 drop(snapshot);
                 acl::check(ctx, caller, &keys.events, Access::Read).map_err(fail)?;
                 expect_type(ctx, &keys.events, &KeyType::List).map_err(fail)?;
-                let rights = live::Rights::new(user, [keys.snapshot.as_str(), &keys.events]);
+                let rights = Rights::new(user, [keys.snapshot.as_str(), &keys.events]);
                 return live::events(ctx, db, id, keys, settings.read_max_bytes, rights);
             }
             stored
@@ -107,12 +109,14 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
     };
     if live && previous == 0 {
         GET_LIVE.fetch_add(1, Ordering::Relaxed);
-        let rights = live::Rights::new(user, keys.state());
+        let rights = Rights::new(user, keys.state());
         return live::fold(ctx, db, id, keys, events, settings.read_max_bytes, rights);
     }
     // Counted from the newest archive: a live flow is the newest incarnation itself.
     let hops = previous - usize::from(live && previous > 0);
-    let Some(location) = index::location(ctx, caller, &keys, &id).map_err(fail)? else {
+    let found = index::location(ctx, caller, &keys, &id).map_err(fail)?;
+    let rights = Rights::new(user, keys.state());
+    let Some(location) = found else {
         // A classic resharding sends reads of the slot here (ASK) before the flow's keys arrive:
         // "not found" is only an answer in a slot this node serves.
         if cluster::archivable(ctx, slot).is_err() {
@@ -130,6 +134,7 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
                     },
                     events,
                     hops,
+                    rights,
                 };
                 fetch::probe(Waiter { client, want }, settings, cache);
                 return Ok(RedisValue::NoReply);
@@ -138,10 +143,8 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
         GET_NOT_FOUND.fetch_add(1, Ordering::Relaxed);
         return Ok(RedisValue::Null);
     };
-    // An entry naming another DB's object (SWAPDB moves entries with their DB, and anyone who may
-    // write the index can plant one) is answered only to a caller who may read the flow's keys there.
-    if let Some(named) = fetch::location_db(&settings, &location, &id).filter(|n| *n != db) {
-        acl::check_all_in(ctx, &user, named, keys.state(), Access::Read).map_err(fail)?;
+    if let Some(named) = fetch::crossing(&settings, db, &id, &location) {
+        rights.check_in(ctx, named).map_err(fail)?;
     }
     let want = fetch::Want {
         key: CacheKey {
@@ -152,6 +155,7 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
         },
         events,
         hops,
+        rights,
     };
     archived(ctx, want, settings, cache)
 }
@@ -174,6 +178,11 @@ fn archived(
         let Some(previous) = flow.previous.clone() else {
             return Ok(RedisValue::Null);
         };
+        let key = &want.key;
+        if let Some(named) = fetch::crossing(&settings, key.db, &key.id, &previous) {
+            let refused = |e: FlowError| RedisError::String(e.read_message(&key.id));
+            want.rights.check_in(ctx, named).map_err(refused)?;
+        }
         want.key.location = previous;
         want.hops -= 1;
     }
