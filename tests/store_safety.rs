@@ -137,9 +137,9 @@ fn a_store_that_replaces_objects_gets_no_upload() {
     }
 }
 
-/// A write-once probe whose answer decides nothing (a 5xx) fails its upload and is not remembered:
-/// the next upload probes again. A store that refuses the probe itself (403) is not proven either
-/// way; uploads then go on relying on the header, as the log says.
+/// A write-once probe whose answer decides nothing (a 5xx, a 4xx other than 403) fails its upload
+/// and is not remembered: the next upload probes again. A store that forbids the probe (403) is not
+/// proven either way; uploads then go on relying on the header, as the log says.
 #[test]
 fn a_write_once_probe_that_decides_nothing_fails_its_upload() {
     let s3 = S3::new_bucket();
@@ -157,19 +157,21 @@ fn a_write_once_probe_that_decides_nothing_fails_its_upload() {
             fault: Fault::Status(status),
         }])
     };
-    probe_answers(500);
-    let msg = err_text(archive(&mut c, "d1"));
-    assert!(msg.contains("HTTP 500"), "{msg}");
-    assert_same(&before, &dump_all(&mut c), "the flow stays live");
-    assert!(s3.list().is_empty(), "nothing uploaded");
-    assert_eq!(info_field(&mut c, "s3_store_writes_once"), -1);
+    for status in [500, 400] {
+        probe_answers(status);
+        let msg = err_text(archive(&mut c, "d1"));
+        assert!(msg.contains(&format!("HTTP {status}")), "{msg}");
+        assert_same(&before, &dump_all(&mut c), "the flow stays live");
+        assert!(s3.list().is_empty(), "nothing uploaded");
+        assert_eq!(info_field(&mut c, "s3_store_writes_once"), -1);
+    }
 
     probe_answers(403);
     archive(&mut c, "d1").unwrap();
-    assert_eq!(info_field(&mut c, "s3_write_once_probes"), 2);
+    assert_eq!(info_field(&mut c, "s3_write_once_probes"), 3);
     assert_eq!(info_field(&mut c, "s3_store_writes_once"), -1);
     assert!(
-        srv.log().contains("the write-once probe was refused")
+        srv.log().contains("the write-once probe was forbidden")
             && srv.log().contains("uploads rely on it unproven"),
         "{}",
         srv.log()
@@ -177,9 +179,90 @@ fn a_write_once_probe_that_decides_nothing_fails_its_upload() {
     archive(&mut c, "d2").unwrap();
     assert_eq!(
         info_field(&mut c, "s3_write_once_probes"),
-        2,
+        3,
         "that verdict stands"
     );
+}
+
+/// A probe's scratch object is removed however the probe ends: after a PUT that stored it and whose
+/// answer was lost (the probe decides nothing) as after a verdict. A removal the store refuses is
+/// said in the log.
+#[test]
+fn a_write_once_probe_leaves_no_scratch_object() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &["retry-attempts", "1"]);
+    let mut c = srv.conn();
+    write_flow(&mut c, &FlowSpec::done("l1"));
+    let scratch = |s3: &S3| {
+        let keys = s3.list();
+        keys.into_iter().filter(|k| k.contains("-probe-")).count()
+    };
+    proxy.set(vec![Rule {
+        method: "PUT",
+        path: "/_flowarchive/write-once-probe-".into(),
+        fault: Fault::LoseAnswer,
+    }]);
+    for _ in 0..3 {
+        err_text(archive(&mut c, "l1"));
+    }
+    assert_eq!(info_field(&mut c, "s3_write_once_probes"), 3);
+    assert_eq!(scratch(&s3), 0, "{:?}", s3.list());
+
+    proxy.set(vec![Rule {
+        method: "DELETE",
+        path: "/_flowarchive/write-once-probe-".into(),
+        fault: Fault::Status(403),
+    }]);
+    archive(&mut c, "l1").unwrap();
+    assert_eq!(scratch(&s3), 1, "the store refused its removal");
+    assert!(
+        srv.log().contains("a probe's scratch object") && srv.log().contains("was not removed"),
+        "{}",
+        srv.log()
+    );
+}
+
+/// The probes' few bytes are not held to the upload rate cap: uploads waiting for a probe are not
+/// failed while it would wait out a large upload's debt to the cap.
+#[test]
+fn a_probe_is_not_held_by_the_upload_rate_cap() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(
+        &s3,
+        Some(&proxy),
+        &[
+            "concurrency",
+            "4",
+            "retry-attempts",
+            "1",
+            "retry-max-ms",
+            "0",
+            "request-timeout-ms",
+            "1000",
+        ],
+    );
+    let mut c = srv.conn();
+    let ids: Vec<String> = (0..5).map(|i| format!("capped-{i}")).collect();
+    for id in &ids {
+        write_flow(&mut c, &FlowSpec::done(id));
+    }
+    // One upload of about 1 KB at 200 bytes a second leaves a debt of about four seconds, longer than
+    // waiting uploads give a probe (three requests of a second each, no retry).
+    config_set(&mut c, "flowarchive.upload-bytes-per-sec", "200").unwrap();
+    archive(&mut c, &ids[0]).unwrap();
+    config_set(&mut c, "flowarchive.prefix", &format!("{}-next", s3.prefix)).unwrap();
+    let mut other = srv.conn();
+    other
+        .set_read_timeout(Some(Duration::from_secs(300)))
+        .unwrap();
+    let sweeping = std::thread::spawn(move || sweep(&mut other, &[]));
+    std::thread::sleep(Duration::from_millis(3500));
+    config_set(&mut c, "flowarchive.upload-bytes-per-sec", "0").unwrap();
+    let swept = sweeping.join().unwrap().unwrap();
+    assert_eq!(int(&swept["failed"]), 0, "{swept:?}");
+    assert_eq!(int(&swept["archived"]), 4, "{swept:?}");
 }
 
 /// While one upload probes whether the store writes once, the others wait for its verdict: one probe
@@ -577,7 +660,7 @@ fn a_changed_store_is_proven_again() {
 }
 
 /// A probe whose answer decides nothing (a 5xx) is not remembered: that upload is proven by a HEAD,
-/// and the next upload probes again.
+/// and the next upload probes again. The scratch object it may have stored is removed.
 #[test]
 fn a_probe_that_decides_nothing_is_tried_again() {
     let s3 = S3::new_bucket();
@@ -594,9 +677,13 @@ fn a_probe_that_decides_nothing_is_tried_again() {
     }]);
     archive(&mut c, "u1").unwrap();
     let sent = proxy.requests();
-    assert_eq!(sent.len(), 7, "{sent:?}");
+    assert_eq!(sent.len(), 8, "{sent:?}");
     assert!(is_probe(&sent[4], "PUT", &s3), "{sent:?}");
-    assert!(is(&sent[6], "HEAD", &s3, "flows/u1.jsonl.gz"), "{sent:?}");
+    assert!(
+        is_probe(&sent[5], "DELETE", &s3),
+        "a scratch object it may have stored is removed: {sent:?}"
+    );
+    assert!(is(&sent[7], "HEAD", &s3, "flows/u1.jsonl.gz"), "{sent:?}");
     assert_eq!(info_field(&mut c, "s3_store_validates_checksums"), -1);
     proxy.clear();
     let from = proxy.requests().len();

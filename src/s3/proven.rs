@@ -15,9 +15,11 @@
 //!   The probe PUTs a scratch object twice with an upload's own headers. The second PUT refused as a
 //!   precondition failure (412, or 409 `ConditionalRequestConflict`) proves the store writes once.
 //!   Taken, it proves the store does not, and nothing is uploaded into it: every upload fails
-//!   `s3_not_write_once` and its flow stays live. A store that refuses the probe itself (403 for a key
-//!   its policy does not allow...) is not proven either way, and uploads go on relying on the header,
-//!   as they did before the probe. While one worker probes, the others wait for its verdict.
+//!   `s3_not_write_once` and its flow stays live. A store that forbids the probe (403 for a key its
+//!   policy does not allow) is not proven either way, and uploads go on relying on the header, as
+//!   they did before the probe; but a store once found to overwrite stays refused until a probe finds
+//!   it writing once. While one worker probes, the others wait for its verdict (and fail with the
+//!   probe when it decides nothing).
 //! - **The store validates checksums** (`verify auto` under `checksum sha256`). A PUT's echo of
 //!   `x-amz-checksum-sha256` proves an upload only when the store computed the checksum of the bytes it
 //!   received and compared it with ours; a store that records the client's value unchecked (moto does
@@ -29,8 +31,9 @@
 //!   and every upload is proven by a HEAD. Any other refusal (403 for a key the policy does not
 //!   allow...) proves nothing, so HEAD too. While one worker probes, the others' uploads take the HEAD.
 //!
-//! Every probe runs only once the bucket is proven (a PUT would create a missing one), and its scratch
-//! object is removed. A probe whose answer decides nothing (no connection, 5xx after the retries) is
+//! Every probe runs only once the bucket is proven (a PUT would create a missing one), its scratch
+//! object is removed once its verdict is recorded (a removal that fails is said in the log), and its
+//! few bytes are not held to the upload rate cap. A probe whose answer decides nothing (no connection, 5xx after the retries) is
 //! not remembered: that upload fails (write-once) or takes the HEAD (checksums), and the next one
 //! probes again. A verdict stands for an hour, then the store is probed again: the store behind an
 //! endpoint can change without any config changing. Each verdict that differs from the store's last
@@ -152,6 +155,10 @@ trait Verdict: Copy + PartialEq + 'static {
     fn gauge() -> &'static AtomicI64;
     /// The gauge's value for a verdict, or for none standing.
     fn value(verdict: Option<Self>) -> i64;
+    /// The verdict to record when a probe finds `self` after `before`.
+    fn after(self, _before: Option<Self>) -> Self {
+        self
+    }
 }
 
 impl Verdict for Checksums {
@@ -184,6 +191,14 @@ impl Verdict for WriteOnce {
             Some(WriteOnce::Honoured) => 1,
             Some(WriteOnce::Ignored) => 0,
             Some(WriteOnce::Unproven) | None => -1,
+        }
+    }
+    /// A store found to overwrite is refused until a probe finds it writing once: a probe it
+    /// forbids proves nothing either way.
+    fn after(self, before: Option<Self>) -> Self {
+        match (self, before) {
+            (WriteOnce::Unproven, Some(WriteOnce::Ignored)) => WriteOnce::Ignored,
+            _ => self,
         }
     }
 }
@@ -249,13 +264,27 @@ impl<V: Verdict> Drop for Probing<V> {
     }
 }
 
-/// The entry of `store`, added (nothing known of it yet) when missing.
+/// The entry of `store`, added (nothing known of it yet) when missing. Past [`MAX_STORES`] the
+/// oldest store no worker is probing is forgotten (and proven again at its next upload), the stores
+/// found to overwrite last: forgotten, one would be probed again, and a probe it forbids proves
+/// nothing.
 fn entry(known: &mut Vec<Known>, store: Identity) -> &mut Known {
     let at = match known.iter().position(|k| k.store == store) {
         Some(at) => at,
         None => {
+            let idle = |k: &&Known| !k.checksums.probing && !k.write_once.probing;
+            let overwrites =
+                |k: &&Known| k.write_once.verdict.map(|v| v.0) == Some(WriteOnce::Ignored);
             if known.len() >= MAX_STORES {
-                known.clear();
+                let mut idle = known.iter().enumerate().filter(|(_, k)| idle(k));
+                let forgotten = idle
+                    .clone()
+                    .find(|(_, k)| !overwrites(k))
+                    .or_else(|| idle.next())
+                    .map(|(at, _)| at);
+                if let Some(at) = forgotten {
+                    known.remove(at);
+                }
             }
             known.push(Known {
                 store,
@@ -275,6 +304,31 @@ enum Answer {
     /// Refused as a checksum mismatch (the checksum probe), or as a precondition failure (the
     /// write-once probe's second PUT).
     Refused,
+    /// Forbidden (403): the write-once probe proves nothing either way.
+    Forbidden(StoreError),
+}
+
+/// A probe's scratch object, removed (best effort) when dropped, however the probe ends; a removal
+/// that fails is said in the log. Its key is cleared where the store stored nothing.
+struct Scratch<'s> {
+    store: &'s Store,
+    key: String,
+}
+
+impl Drop for Scratch<'_> {
+    fn drop(&mut self) {
+        if self.key.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.delete(&self.key) {
+            (self.store.notice)(&format!(
+                "flowarchive: S3 store {} bucket {}: a probe's scratch object {} was not removed: {e}",
+                self.store.endpoint.origin().ascii_serialization(),
+                self.store.bucket.name(),
+                self.key
+            ));
+        }
+    }
 }
 
 impl Store {
@@ -306,9 +360,12 @@ impl Store {
         let verdict = match self.next::<WriteOnce>() {
             Next::Known(v) => v,
             Next::Busy => self.awaited::<WriteOnce>()?,
-            Next::Probe(_probing) => {
-                let (v, why) = self.probe_write_once()?;
-                self.settle(v, &why);
+            Next::Probe(probing) => {
+                let (found, why, scratch) = self.probe_write_once()?;
+                let v = self.settle(found, &why);
+                // The waiting uploads go on with the verdict; the scratch object is removed after.
+                drop(probing);
+                drop(scratch);
                 v
             }
         };
@@ -334,8 +391,7 @@ impl Store {
                 let Some((v, why)) = self.probe_checksums() else {
                     return false;
                 };
-                self.settle(v, &why);
-                v
+                self.settle(v, &why)
             }
         };
         verdict == Checksums::Validated
@@ -363,13 +419,16 @@ impl Store {
     fn awaited<V: Verdict>(&self) -> Result<V, StoreError> {
         // Two PUTs and a DELETE, each with its retries.
         let longest = 3 * (self.retry.total + self.timeout);
+        fn mine<V: Verdict>(known: &mut [Known], store: Identity) -> Option<&mut Fact<V>> {
+            known.iter_mut().find(|k| k.store == store).map(V::fact)
+        }
         let known = lock(&KNOWN);
         let (mut known, _) = PROBED
             .wait_timeout_while(known, longest, |known| {
-                V::fact(entry(known, self.identity)).probing
+                mine::<V>(known, self.identity).is_some_and(|fact| fact.probing)
             })
             .unwrap_or_else(PoisonError::into_inner);
-        let standing = V::fact(entry(&mut known, self.identity)).standing();
+        let standing = mine::<V>(&mut known, self.identity).and_then(|fact| fact.standing());
         V::gauge().store(V::value(standing), Ordering::Relaxed);
         standing.ok_or_else(|| {
             fail(
@@ -382,12 +441,13 @@ impl Store {
         })
     }
 
-    /// Records a verdict this worker's probe reached, and says it in the log when it differs from
-    /// the store's last one.
-    fn settle<V: Verdict>(&self, verdict: V, why: &str) {
+    /// Records the verdict a probe of this worker's leads to (`Verdict::after`), says the probe's
+    /// finding in the log when it differs from the store's last verdict, and returns the verdict.
+    fn settle<V: Verdict>(&self, found: V, why: &str) -> V {
         let mut known = lock(&KNOWN);
         let fact = V::fact(entry(&mut known, self.identity));
         let before = fact.verdict.map(|(v, _)| v);
+        let verdict = found.after(before);
         fact.verdict = Some((verdict, Instant::now()));
         V::gauge().store(V::value(Some(verdict)), Ordering::Relaxed);
         drop(known);
@@ -398,20 +458,31 @@ impl Store {
                 self.bucket.name()
             ));
         }
+        verdict
     }
 
-    /// Sends the write-once probe: its verdict and the reason said in the log, or the error of an
-    /// answer that decides nothing.
-    fn probe_write_once(&self) -> Result<(WriteOnce, String), StoreError> {
+    /// Sends the write-once probe: its finding, the reason said in the log, and its scratch object,
+    /// removed when dropped (after the verdict is recorded); or the error of an answer that decides
+    /// nothing.
+    fn probe_write_once(&self) -> Result<(WriteOnce, String, Scratch<'_>), StoreError> {
         WRITE_ONCE_PROBES.fetch_add(1, Ordering::Relaxed);
-        let key = self.probe_key(WriteOnce::PROBE);
+        let mut scratch = Scratch {
+            store: self,
+            key: self.probe_key(WriteOnce::PROBE),
+        };
+        let key = scratch.key.clone();
         let digests = Digests::of(WRITE_ONCE_BODY);
         let put = || {
-            super::throttle(WRITE_ONCE_BODY.len(), self.upload_bytes_per_sec);
             self.request(|agent, creds| {
                 let put = self.put_request(agent, creds, &key, &digests);
                 match put.send_bytes(WRITE_ONCE_BODY) {
                     Ok(r) => success("PUT", &key, r).map(|_| Answer::Stored),
+                    Err(ureq::Error::Status(403, r)) => Ok(Answer::Forbidden(status_error(
+                        "PUT",
+                        &key,
+                        403,
+                        &error_code(r),
+                    ))),
                     Err(e) => match request_error("PUT", &key, e) {
                         e if e.kind == FailureKind::Exists => Ok(Answer::Refused),
                         e => Err(e),
@@ -420,49 +491,49 @@ impl Store {
             })
         };
         let unproven = |e: StoreError| {
-            let why = format!(
-                "the write-once probe was refused ({e}): not proven to honour If-None-Match, so \
+            format!(
+                "the write-once probe was forbidden ({e}): not proven to honour If-None-Match, so \
                  uploads rely on it unproven"
-            );
-            Ok((WriteOnce::Unproven, why))
+            )
         };
         // The first PUT refused as a precondition failure: an attempt of it whose answer was lost
         // stored it (the key is fresh), and the retry was refused as the second PUT must be.
-        match put() {
-            Ok(_) => {}
-            Err(e) if e.kind == FailureKind::Rejected => return unproven(e),
-            Err(e) => return Err(e),
+        match put()? {
+            Answer::Stored | Answer::Refused => {}
+            Answer::Forbidden(e) => {
+                scratch.key.clear();
+                return Ok((WriteOnce::Unproven, unproven(e), scratch));
+            }
         }
-        let second = put();
-        let removed = self.remove_scratch(&key);
-        match second {
-            Ok(Answer::Refused) => Ok((
+        let (found, why) = match put()? {
+            Answer::Refused => (
                 WriteOnce::Honoured,
                 "refused a second PUT of an object under If-None-Match: *: it writes once".into(),
-            )),
-            Ok(Answer::Stored) => Ok((
+            ),
+            Answer::Stored => (
                 WriteOnce::Ignored,
-                format!(
-                    "replaced an object under If-None-Match: *: it does not write once, so an \
-                     archive there could be replaced by another, and nothing is uploaded into it \
-                     (scratch object {key} {removed})"
-                ),
-            )),
-            Err(e) if e.kind == FailureKind::Rejected => unproven(e),
-            Err(e) => Err(e),
-        }
+                "replaced an object under If-None-Match: *: it does not write once, so an archive \
+                 there could be replaced by another, and nothing is uploaded into it"
+                    .into(),
+            ),
+            Answer::Forbidden(e) => (WriteOnce::Unproven, unproven(e)),
+        };
+        Ok((found, why, scratch))
     }
 
     /// Sends the checksum probe: its verdict and the reason said in the log, or `None` when its answer
     /// decides nothing.
     fn probe_checksums(&self) -> Option<(Checksums, String)> {
         CHECKSUM_PROBES.fetch_add(1, Ordering::Relaxed);
-        let key = self.probe_key(Checksums::PROBE);
+        let mut scratch = Scratch {
+            store: self,
+            key: self.probe_key(Checksums::PROBE),
+        };
+        let key = scratch.key.clone();
         let digests = Digests {
             sha_b64: B64.encode(sha256(b"not the probe body")),
             ..Digests::of(CHECKSUM_BODY)
         };
-        super::throttle(CHECKSUM_BODY.len(), self.upload_bytes_per_sec);
         let answer = self.request(|agent, creds| {
             let put = self.put_request(agent, creds, &key, &digests);
             match put.send_bytes(CHECKSUM_BODY) {
@@ -479,33 +550,35 @@ impl Store {
         });
         const HEAD: &str = "verify auto proves every upload with a HEAD";
         match answer {
-            Ok(Answer::Refused) => Some((
-                Checksums::Validated,
-                "refused a PUT whose x-amz-checksum-sha256 did not match its body: it validates \
-                 checksums, so verify auto takes the checksum a PUT's answer echoes as its proof"
-                    .into(),
-            )),
+            Ok(Answer::Refused) => {
+                // Refused as a mismatch: nothing was stored.
+                scratch.key.clear();
+                Some((
+                    Checksums::Validated,
+                    "refused a PUT whose x-amz-checksum-sha256 did not match its body: it \
+                     validates checksums, so verify auto takes the checksum a PUT's answer echoes \
+                     as its proof"
+                        .into(),
+                ))
+            }
             Ok(Answer::Stored) => Some((
                 Checksums::NotProven,
                 format!(
                     "stored a PUT whose x-amz-checksum-sha256 did not match its body: it does \
-                     not validate checksums, so {HEAD} (scratch object {key} {})",
-                    self.remove_scratch(&key)
+                     not validate checksums, so {HEAD}"
                 ),
             )),
-            Err(e) if e.kind == FailureKind::Rejected => Some((
-                Checksums::NotProven,
-                format!("the checksum probe was refused ({e}): not proven to validate checksums, so {HEAD}"),
-            )),
-            Err(_) => None,
-        }
-    }
-
-    /// Removes a probe's scratch object: how it went, for the log.
-    fn remove_scratch(&self, key: &str) -> String {
-        match self.delete(key) {
-            Ok(()) => "removed".to_string(),
-            Err(e) => format!("not removed: {e}"),
+            Err(e) if e.kind == FailureKind::Rejected => {
+                scratch.key.clear();
+                Some((
+                    Checksums::NotProven,
+                    format!(
+                        "the checksum probe was refused ({e}): not proven to validate checksums, \
+                         so {HEAD}"
+                    ),
+                ))
+            }
+            Ok(Answer::Forbidden(_)) | Err(_) => None,
         }
     }
 
@@ -572,6 +645,52 @@ mod tests {
             let location = format!("s3://b/{key}");
             assert!(layout::split_location(&location, "x").is_none(), "{key}");
         }
+    }
+
+    /// Past the stores remembered, the oldest idle one is forgotten: never one being probed (its
+    /// waiters look for it), and one found to overwrite only when every other idle one is.
+    #[test]
+    fn stores_being_probed_or_found_to_overwrite_are_forgotten_last() {
+        let id = |n: u8| [n; 32];
+        let mut known = Vec::new();
+        for n in 0..MAX_STORES as u8 {
+            entry(&mut known, id(n));
+        }
+        entry(&mut known, id(0)).write_once.probing = true;
+        entry(&mut known, id(1)).write_once.verdict = Some((WriteOnce::Ignored, Instant::now()));
+        entry(&mut known, id(200));
+        let kept = |known: &Vec<Known>, n| known.iter().any(|k| k.store == id(n));
+        assert!(kept(&known, 0) && kept(&known, 1) && !kept(&known, 2));
+        assert_eq!(known.len(), MAX_STORES);
+        for n in 201..=255 {
+            entry(&mut known, id(n));
+        }
+        entry(&mut known, id(100));
+        assert!(kept(&known, 0) && kept(&known, 1));
+        // Every other store being probed, the overwriting one is the only idle one: it goes.
+        for k in known
+            .iter_mut()
+            .filter(|k| k.store != id(0) && k.store != id(1))
+        {
+            k.checksums.probing = true;
+        }
+        entry(&mut known, id(101));
+        assert!(
+            kept(&known, 0) && !kept(&known, 1),
+            "the overwriting one goes last"
+        );
+    }
+
+    /// A store found to overwrite stays refused when a later probe is forbidden; only a probe that
+    /// finds it writing once lifts it.
+    #[test]
+    fn only_a_store_found_writing_once_is_no_longer_refused() {
+        use WriteOnce::*;
+        assert_eq!(Unproven.after(Some(Ignored)), Ignored);
+        assert_eq!(Honoured.after(Some(Ignored)), Honoured);
+        assert_eq!(Unproven.after(Some(Honoured)), Unproven);
+        assert_eq!(Unproven.after(None), Unproven);
+        assert_eq!(Ignored.after(Some(Honoured)), Ignored);
     }
 
     #[test]
