@@ -317,11 +317,17 @@ fn s3_unreachable_deletes_nothing() {
     assert!(info.contains("failures_s3_unreachable:1"), "{info}");
 }
 
+/// A wrong secret: the upload is refused and nothing is deleted; a flow read and cached with the
+/// right one is not answered from the cache under it.
 #[test]
 fn wrong_secret_gets_403_and_deletes_nothing() {
     let s3 = S3::new_bucket();
     let srv = Server::start(ServerOpts::new(&s3));
     let mut c = srv.conn();
+    write_flow(&mut c, &FlowSpec::done("read"));
+    archive(&mut c, "read").unwrap();
+    assert!(get(&mut c, "read").unwrap().is_some());
+    assert_eq!(info_field(&mut c, "get_cache_flows"), 1);
     cmd::<()>(
         &mut c,
         &["CONFIG", "SET", "flowarchive.secret-key", "not-the-secret"],
@@ -336,7 +342,12 @@ fn wrong_secret_gets_403_and_deletes_nothing() {
     );
     assert!(!msg.contains("not-the-secret"));
     assert_same(&before, &dump_all(&mut c), "nothing deleted");
-    assert!(s3.list().is_empty());
+    assert_eq!(s3.list(), ["flows/read.jsonl.gz"]);
+    let msg = err_text(get(&mut c, "read"));
+    assert!(
+        msg.contains("HTTP 403"),
+        "read again, not from the cache: {msg}"
+    );
     assert!(!srv.log().contains("not-the-secret"));
 }
 

@@ -116,10 +116,11 @@ impl std::fmt::Display for FetchError {
 }
 
 /// The read scope of these settings: every one an archived answer depends on besides its flow and
-/// location. The store it is read from (endpoint, region, addressing, trusted CA), the roots it may
-/// be read from (bucket and prefix, `read-allow`), the cap on a read and the state it answers. The
-/// cache answers, and a fetch in flight is shared, only within one scope: after a change of any of
-/// these, no read is answered from what was read under the earlier ones.
+/// location. The store it is read from (endpoint, region, addressing, credentials, trusted CA), the
+/// roots it may be read from (bucket and prefix, `read-allow`), the cap on a read and the state it
+/// answers. The cache answers, and a fetch in flight is shared, only within one scope: after a change
+/// of any of these, no read is answered from what was read under the earlier ones. (The secret is
+/// hashed with the rest: a key that no longer signs is not answered for from the cache.)
 pub fn read_scope(
     s3: &S3Settings,
     read_allow: &str,
@@ -127,6 +128,7 @@ pub fn read_scope(
     state: StateSource,
 ) -> u64 {
     let (cap, state) = (read_max_bytes.to_string(), format!("{state:?}"));
+    let c = &s3.credentials;
     let parts = [
         s3.endpoint.as_str(),
         &s3.region,
@@ -135,7 +137,10 @@ pub fn read_scope(
         } else {
             "virtual-host"
         },
-        &s3.credentials.tls_ca_file,
+        c.pin.map_or("auto", |p| p.name()),
+        &c.access_key,
+        &c.secret_key.0,
+        &c.tls_ca_file,
         &s3.bucket,
         &s3.prefix,
         read_allow,
