@@ -140,6 +140,59 @@ fn an_earlier_incarnation_in_another_db_is_answered_only_to_a_caller_allowed_the
     assert!(e.starts_with("NOPERM"), "cached: {e}");
 }
 
+/// A client keeps the DB it selected when its user loses that DB (`ACL SETUSER … resetdbs`), or when
+/// it authenticates as a user confined elsewhere after a `SELECT`; the server refuses it every key
+/// command there, and the module too: no read, no archive, and a sweep skips every flow (Valkey 9.1).
+#[test]
+fn a_client_whose_user_may_not_use_its_selected_db_is_refused_there() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut admin = srv.conn();
+    let mut db3 = srv.conn();
+    cmd::<()>(&mut db3, &["SELECT", "3"]).unwrap();
+    for id in ["archived", "live", "victim"] {
+        write_flow(&mut db3, &FlowSpec::done(id));
+    }
+    archive(&mut db3, "archived").unwrap();
+    let set = |admin: &mut redis::Connection, rule: &str| {
+        cmd::<()>(admin, &rule.split(' ').collect::<Vec<_>>()).unwrap()
+    };
+    set(&mut admin, "ACL SETUSER moved on >pw +@all ~*");
+    let mut moved = conn_as(&srv, "moved");
+    cmd::<()>(&mut moved, &["SELECT", "3"]).unwrap();
+    assert!(
+        get(&mut moved, "archived").unwrap().is_some(),
+        "allowed in DB 3"
+    );
+    set(&mut admin, "ACL SETUSER moved resetdbs db=0");
+    let mut authed = srv.conn();
+    cmd::<()>(&mut authed, &["SELECT", "3"]).unwrap();
+    cmd::<()>(&mut authed, &["AUTH", "moved", "pw"]).unwrap();
+    let before = dump_all(&mut db3);
+    for c in [&mut moved, &mut authed] {
+        let e = err_text(cmd::<Option<String>>(
+            c,
+            &["HGET", "archived:flows", "archived"],
+        ));
+        assert!(e.contains("NOPERM"), "the server's own refusal: {e}");
+        for e in [
+            err_text(get(c, "archived")),
+            err_text(get(c, "live")),
+            err_text(archive(c, "victim")),
+        ] {
+            assert!(e.starts_with("NOPERM") && e.contains("database 3"), "{e}");
+        }
+        let swept = sweep(c, &[]).unwrap();
+        assert_eq!(int(&swept["archived"]), 0, "{swept:?}");
+        assert_eq!(int(&swept["skipped_noperm"]), 2, "{swept:?}");
+    }
+    assert_same(
+        &before,
+        &dump_all(&mut db3),
+        "nothing archived or deleted in DB 3",
+    );
+}
+
 #[test]
 fn acl_users_touch_only_the_keys_they_may() {
     let s3 = S3::new_bucket();

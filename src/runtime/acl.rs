@@ -383,6 +383,19 @@ fn each_alone(ctx: &Context, user: &str, keys: &[(&str, Access)]) -> Result<(), 
     Ok(())
 }
 
+/// How the server answers a command for a user in a DB (`UserHandle::run_in`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Ran {
+    Allowed,
+    /// Refused for the DB: no selector that grants the command may use it.
+    RefusedDb,
+    /// Refused for another reason (the command, a key).
+    Refused,
+}
+
+/// The reason `ACLCheckPermissions` gives for a refusal for the DB (`VALKEYMODULE_ACL_LOG_DB`).
+const ACL_DENIED_DB: c_int = 4;
+
 /// The server's handle of an ACL user, freed when dropped.
 struct UserHandle(*mut raw::RedisModuleUser);
 
@@ -412,6 +425,12 @@ impl UserHandle {
     /// the server checks it there (`ACLCheckPermissions`, Valkey 9.1); `None` on a server without
     /// per-DB rights.
     fn runs_in(&self, argv: &mut [*mut raw::RedisModuleString], db: i32) -> Option<bool> {
+        self.run_in(argv, db).map(|ran| ran == Ran::Allowed)
+    }
+
+    /// How the server answers the command `argv` in `db` for the user (`runs_in`), telling a refusal
+    /// for the DB from any other.
+    fn run_in(&self, argv: &mut [*mut raw::RedisModuleString], db: i32) -> Option<Ran> {
         let check_in_db = CHECK_IN_DB.get().copied().flatten()?;
         let mut reason: c_int = 0;
         // SAFETY: main thread (every caller holds a context); a live user handle, and `argv` points
@@ -425,7 +444,11 @@ impl UserHandle {
                 &mut reason,
             )
         };
-        Some(rc == raw::REDISMODULE_OK as c_int)
+        Some(match (rc == raw::REDISMODULE_OK as c_int, reason) {
+            (true, _) => Ran::Allowed,
+            (false, ACL_DENIED_DB) => Ran::RefusedDb,
+            (false, _) => Ran::Refused,
+        })
     }
 }
 
@@ -447,7 +470,8 @@ fn joins(ctx: &Context, user: &str, together: &mut Together, new: usize) -> Resu
     if standin_allows(ctx, user, together, all)? {
         return Ok(());
     }
-    if standin_allows(ctx, user, together, 0)? {
+    let without_keys = standin_ran(ctx, user, together, 0)?;
+    if without_keys == Ran::Allowed {
         // The keys before `new` were allowed together: name the first that cannot join them. A
         // selector that allows some keys allows fewer, so the first `n` keys stop being allowed
         // together at one place, found by halving (a flow of many labels is not asked once per key).
@@ -462,6 +486,14 @@ fn joins(ctx: &Context, user: &str, together: &mut Together, new: usize) -> Resu
         return Err(FlowError::NoPerm(format!(
             "no single ACL selector of this user allows FLOWARCHIVE commands on the {} key together with the other keys this flow needs (the server, too, runs a command only if one selector allows it with all its keys)",
             show_key(&together.keys[refused - 1].key)
+        )));
+    }
+    if without_keys == Ran::RefusedDb {
+        // The stand-in is granted but not in this DB: neither are the keys (the server refuses the
+        // client every key command here, though it may keep the DB selected after losing it).
+        return Err(FlowError::NoPerm(format!(
+            "this user has no permissions to access database {}",
+            selected_db(ctx)
         )));
     }
     if has_selectors(ctx, user) {
@@ -596,24 +628,38 @@ fn standin_allows(
     together: &mut Together,
     n: usize,
 ) -> Result<bool, FlowError> {
+    Ok(standin_ran(ctx, user, together, n)? == Ran::Allowed)
+}
+
+/// How the server answers the stand-in with the first `n` keys of `together` for `user` in the
+/// selected DB.
+fn standin_ran(
+    ctx: &Context,
+    user: &str,
+    together: &mut Together,
+    n: usize,
+) -> Result<Ran, FlowError> {
     let mut argv = standin_argv(together, n)?;
     let argc = argv.len() as c_int;
     let db = selected_db(ctx);
     let Some(handle) = UserHandle::of(ctx, user) else {
-        return Ok(false);
+        return Ok(Ran::Refused);
     };
     // Every argument is created from bytes, so the server reads each as the string it parses keywords
     // and counts from.
-    let allowed = handle.runs_in(&mut argv, db).unwrap_or_else(|| {
+    let ran = handle.run_in(&mut argv, db).unwrap_or_else(|| {
         // SAFETY: main thread (every caller holds a context); the user handle lives until the end of
         // this function and `argv` points at strings that outlive the call.
         let rc = unsafe {
             raw::RedisModule_ACLCheckCommandPermissions
                 .map(|check| check(handle.0, argv.as_mut_ptr(), argc))
         };
-        rc == Some(raw::REDISMODULE_OK as c_int)
+        match rc == Some(raw::REDISMODULE_OK as c_int) {
+            true => Ran::Allowed,
+            false => Ran::Refused,
+        }
     });
-    Ok(allowed)
+    Ok(ran)
 }
 
 /// Whether `user` has `( ... )` selectors besides its root (`ACL GETUSER`; an answer that cannot be
