@@ -193,6 +193,41 @@ fn a_client_whose_user_may_not_use_its_selected_db_is_refused_there() {
     );
 }
 
+/// Under `state snapshot` a read shows the snapshot, and the event log for `EVENTS`: a user who may
+/// read the snapshot and the index but not the log is refused `EVENTS` of an archived flow, as of a
+/// live one, and answered its state.
+#[test]
+fn under_state_snapshot_archived_events_need_the_right_to_read_the_log() {
+    let s3 = S3::new_bucket();
+    let mut opts = ServerOpts::new(&s3);
+    opts.module_args
+        .extend(["state".to_string(), "snapshot".to_string()]);
+    let srv = Server::start(opts);
+    let mut admin = srv.conn();
+    let spec = FlowSpec {
+        snapshot: Snapshot::Current,
+        ..FlowSpec::done("snap")
+    };
+    write_flow(&mut admin, &spec);
+    let rule = "ACL SETUSER snapper on >pw +@all %R~argyll:flow:*:snapshot:val %R~archived:*";
+    cmd::<()>(&mut admin, &rule.split(' ').collect::<Vec<_>>()).unwrap();
+    let mut snapper = conn_as(&srv, "snapper");
+    for archived in [false, true] {
+        if archived {
+            archive(&mut admin, "snap").unwrap();
+        }
+        let e = err_text(get_events(&mut snapper, "snap"));
+        assert!(
+            e.starts_with("NOPERM") && e.contains("events"),
+            "archived {archived}: {e}"
+        );
+        assert!(
+            get(&mut snapper, "snap").unwrap().is_some(),
+            "archived {archived}"
+        );
+    }
+}
+
 #[test]
 fn acl_users_touch_only_the_keys_they_may() {
     let s3 = S3::new_bucket();

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use redis_module::{Context, KeyType, RedisError, RedisResult, RedisValue};
 
 use crate::index;
-use crate::layout::{StateSource, GENERATIONS};
+use crate::layout::{FlowKeys, StateSource, GENERATIONS};
 use crate::ops::configs::Settings;
 use crate::ops::errors::{show_id, FlowError};
 use crate::ops::info::named;
@@ -88,7 +88,8 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
             expect_type(ctx, &keys.events, &KeyType::List).map_err(fail)?
         }
         StateSource::Snapshot => {
-            acl::check(ctx, caller, &keys.snapshot, Access::Read).map_err(fail)?;
+            // The keys the answer shows, live or archived: the snapshot, and the log for EVENTS.
+            acl::check_all(ctx, caller, revealed(&keys, events), Access::Read).map_err(fail)?;
             // Opened once for its type and the answer, in this command: nothing runs between them.
             let snapshot = Key::open(ctx, &keys.snapshot);
             let stored = snapshot.holds(&KeyType::String).map_err(fail)?;
@@ -99,9 +100,8 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
                     return Ok(RedisValue::NoReply);
                 }
                 drop(snapshot);
-                acl::check(ctx, caller, &keys.events, Access::Read).map_err(fail)?;
                 expect_type(ctx, &keys.events, &KeyType::List).map_err(fail)?;
-                let rights = Rights::new(user, [keys.snapshot.as_str(), &keys.events]);
+                let rights = Rights::new(user, revealed(&keys, events));
                 return live::events(ctx, db, id, keys, settings.read_max_bytes, rights);
             }
             stored
@@ -115,7 +115,11 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
     // Counted from the newest archive: a live flow is the newest incarnation itself.
     let hops = previous - usize::from(live && previous > 0);
     let found = index::location(ctx, caller, &keys, &id).map_err(fail)?;
-    let rights = Rights::new(user, keys.state());
+    let revealed: Vec<&str> = match settings.layout.state {
+        StateSource::Fold => keys.state().collect(),
+        StateSource::Snapshot => revealed(&keys, events).collect(),
+    };
+    let rights = Rights::new(user, revealed);
     let Some(location) = found else {
         // A classic resharding sends reads of the slot here (ASK) before the flow's keys arrive:
         // "not found" is only an answer in a slot this node serves.
@@ -158,6 +162,11 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
         rights,
     };
     archived(ctx, want, settings, cache)
+}
+
+/// The keys a read under `state snapshot` shows: the snapshot, and the event log for `EVENTS`.
+fn revealed(keys: &FlowKeys, events: bool) -> impl Iterator<Item = &str> {
+    std::iter::once(keys.snapshot.as_str()).chain(events.then_some(keys.events.as_str()))
 }
 
 /// Answers an archived flow from the cache, following earlier incarnations cached there (an answer
