@@ -240,7 +240,7 @@ fn a_probe_is_not_held_by_the_upload_rate_cap() {
             "retry-max-ms",
             "0",
             "request-timeout-ms",
-            "1000",
+            "2000",
         ],
     );
     let mut c = srv.conn();
@@ -248,9 +248,9 @@ fn a_probe_is_not_held_by_the_upload_rate_cap() {
     for id in &ids {
         write_flow(&mut c, &FlowSpec::done(id));
     }
-    // One upload of about 1 KB at 200 bytes a second leaves a debt of about four seconds, longer than
-    // waiting uploads give a probe (three requests of a second each, no retry).
-    config_set(&mut c, "flowarchive.upload-bytes-per-sec", "200").unwrap();
+    // One upload of about 1 KB at 100 bytes a second leaves a debt of about nine seconds, longer than
+    // waiting uploads give a probe (three requests of two seconds each, no retry).
+    config_set(&mut c, "flowarchive.upload-bytes-per-sec", "100").unwrap();
     archive(&mut c, &ids[0]).unwrap();
     config_set(&mut c, "flowarchive.prefix", &format!("{}-next", s3.prefix)).unwrap();
     let mut other = srv.conn();
@@ -258,7 +258,7 @@ fn a_probe_is_not_held_by_the_upload_rate_cap() {
         .set_read_timeout(Some(Duration::from_secs(300)))
         .unwrap();
     let sweeping = std::thread::spawn(move || sweep(&mut other, &[]));
-    std::thread::sleep(Duration::from_millis(3500));
+    std::thread::sleep(Duration::from_secs(8));
     config_set(&mut c, "flowarchive.upload-bytes-per-sec", "0").unwrap();
     let swept = sweeping.join().unwrap().unwrap();
     assert_eq!(int(&swept["failed"]), 0, "{swept:?}");
