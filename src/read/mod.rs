@@ -82,14 +82,11 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
     let caller: &Caller = &user.one_command();
     let slot = cluster::placement(&id, keys.named()).map_err(fail)?;
     let db = selected_db(ctx);
+    let shown = shown(&keys, settings.layout.state, events);
+    acl::check_all(ctx, caller, shown.iter().copied(), Access::Read).map_err(fail)?;
     let live = match settings.layout.state {
-        StateSource::Fold => {
-            acl::check_all(ctx, caller, keys.state(), Access::Read).map_err(fail)?;
-            expect_type(ctx, &keys.events, &KeyType::List).map_err(fail)?
-        }
+        StateSource::Fold => expect_type(ctx, &keys.events, &KeyType::List).map_err(fail)?,
         StateSource::Snapshot => {
-            // The keys the answer shows, live or archived: the snapshot, and the log for EVENTS.
-            acl::check_all(ctx, caller, revealed(&keys, events), Access::Read).map_err(fail)?;
             // Opened once for its type and the answer, in this command: nothing runs between them.
             let snapshot = Key::open(ctx, &keys.snapshot);
             let stored = snapshot.holds(&KeyType::String).map_err(fail)?;
@@ -101,7 +98,7 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
                 }
                 drop(snapshot);
                 expect_type(ctx, &keys.events, &KeyType::List).map_err(fail)?;
-                let rights = Rights::new(user, revealed(&keys, events));
+                let rights = Rights::new(user, shown.iter().copied());
                 return live::events(ctx, db, id, keys, settings.read_max_bytes, rights);
             }
             stored
@@ -109,17 +106,13 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
     };
     if live && previous == 0 {
         GET_LIVE.fetch_add(1, Ordering::Relaxed);
-        let rights = Rights::new(user, keys.state());
+        let rights = Rights::new(user, shown.iter().copied());
         return live::fold(ctx, db, id, keys, events, settings.read_max_bytes, rights);
     }
     // Counted from the newest archive: a live flow is the newest incarnation itself.
     let hops = previous - usize::from(live && previous > 0);
     let found = index::location(ctx, caller, &keys, &id).map_err(fail)?;
-    let revealed: Vec<&str> = match settings.layout.state {
-        StateSource::Fold => keys.state().collect(),
-        StateSource::Snapshot => revealed(&keys, events).collect(),
-    };
-    let rights = Rights::new(user, revealed);
+    let rights = Rights::new(user, shown.iter().copied());
     let Some(location) = found else {
         // A classic resharding sends reads of the slot here (ASK) before the flow's keys arrive:
         // "not found" is only an answer in a slot this node serves.
@@ -164,9 +157,16 @@ pub fn get(ctx: &Context, request: Request) -> RedisResult {
     archived(ctx, want, settings, cache)
 }
 
-/// The keys a read under `state snapshot` shows: the snapshot, and the event log for `EVENTS`.
-fn revealed(keys: &FlowKeys, events: bool) -> impl Iterator<Item = &str> {
-    std::iter::once(keys.snapshot.as_str()).chain(events.then_some(keys.events.as_str()))
+/// The keys an answer shows, live or archived, whose rights a read asks (as one command) and carries
+/// off the main thread: under `state fold` those the state is folded from; under `state snapshot`
+/// the snapshot, and the event log for `EVENTS`.
+fn shown(keys: &FlowKeys, state: StateSource, events: bool) -> Vec<&str> {
+    match state {
+        StateSource::Fold => keys.state().collect(),
+        StateSource::Snapshot => std::iter::once(keys.snapshot.as_str())
+            .chain(events.then_some(keys.events.as_str()))
+            .collect(),
+    }
 }
 
 /// Answers an archived flow from the cache, following earlier incarnations cached there (an answer
