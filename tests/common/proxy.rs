@@ -255,6 +255,18 @@ fn read_request(conn: &mut TcpStream) -> Option<(String, String, Vec<u8>)> {
     Some((method, path, rewritten))
 }
 
+impl Fault {
+    /// What the store this fault plays keeps of a PUT, for a fault that plays one.
+    fn kept(&self) -> Option<Kept> {
+        match self {
+            Fault::EchoUnchecked => Some(Kept::Flipped),
+            Fault::ChecksumIgnored => Some(Kept::FlippedAnsweredAsSent),
+            Fault::Overwrites => Some(Kept::AsSent),
+            _ => None,
+        }
+    }
+}
+
 /// What a store the proxy plays keeps of a PUT, and how it answers it.
 #[derive(Clone, Copy, PartialEq)]
 enum Kept {
@@ -394,6 +406,10 @@ fn handle(mut conn: TcpStream, s: &Shared) {
     if fault.is_some() {
         s.faulted.fetch_add(1, Ordering::SeqCst);
     }
+    if let Some(kept) = fault.as_ref().and_then(Fault::kept) {
+        echo_unchecked(&mut conn, s, &method, &path, &request, head_end, kept);
+        return;
+    }
     match fault {
         Some(Fault::Status(code)) => {
             let body = format!(
@@ -453,35 +469,6 @@ fn handle(mut conn: TcpStream, s: &Shared) {
             let _ = write!(
                 conn,
                 "HTTP/1.1 {code} Moved\r\nLocation: http://elsewhere.invalid{path}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            );
-            return;
-        }
-        Some(Fault::EchoUnchecked) => {
-            echo_unchecked(
-                &mut conn,
-                s,
-                &method,
-                &path,
-                &request,
-                head_end,
-                Kept::Flipped,
-            );
-            return;
-        }
-        Some(Fault::ChecksumIgnored) => {
-            let kept = Kept::FlippedAnsweredAsSent;
-            echo_unchecked(&mut conn, s, &method, &path, &request, head_end, kept);
-            return;
-        }
-        Some(Fault::Overwrites) => {
-            echo_unchecked(
-                &mut conn,
-                s,
-                &method,
-                &path,
-                &request,
-                head_end,
-                Kept::AsSent,
             );
             return;
         }
