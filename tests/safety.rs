@@ -15,6 +15,33 @@ fn conn_as(srv: &Server, user: &str) -> redis::Connection {
     client.get_connection().unwrap()
 }
 
+/// Runs an ACL command written as one line, its words split on spaces.
+fn acl(c: &mut redis::Connection, line: &str) {
+    cmd::<()>(c, &line.split(' ').collect::<Vec<_>>()).unwrap();
+}
+
+/// A server whose DB 3 holds the archived flow `secret`, and a user `confined` to DB 0 who has planted
+/// DB 3's location for `secret` in DB 0's index (anyone who may write the index can): the server, a
+/// connection of the default user (every DB) and one of `confined`.
+fn planted_from_db3(s3: &S3) -> (Server, redis::Connection, redis::Connection) {
+    let srv = Server::start(ServerOpts::new(s3));
+    let mut admin = srv.conn();
+    let mut db3 = srv.conn();
+    cmd::<()>(&mut db3, &["SELECT", "3"]).unwrap();
+    write_flow(&mut db3, &FlowSpec::done("secret"));
+    archive(&mut db3, "secret").unwrap();
+    let location: String = cmd(&mut db3, &["HGET", "archived:flows", "secret"]).unwrap();
+    acl(
+        &mut admin,
+        "ACL SETUSER confined on >pw +@all ~* resetdbs db=0",
+    );
+    let mut confined = conn_as(&srv, "confined");
+    assert!(cmd::<()>(&mut confined, &["SELECT", "3"]).is_err());
+    let plant = ["HSET", "archived:flows", "secret", &location];
+    cmd::<()>(&mut confined, &plant).unwrap();
+    (srv, admin, confined)
+}
+
 /// Names of the server's threads that belong to the module.
 fn module_threads(pid: u32) -> Vec<String> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -43,7 +70,7 @@ fn a_scan_selection_reads_no_status_hash_its_caller_may_not_read() {
     write_flow(&mut admin, &running);
     let rule =
         "ACL SETUSER blind on >pw +@all ~argyll:flow:* ~archived:* %R~argyll:archive:lease:*";
-    cmd::<()>(&mut admin, &rule.split(' ').collect::<Vec<_>>()).unwrap();
+    acl(&mut admin, rule);
     let before = dump_all(&mut admin);
     let swept = sweep(&mut conn_as(&srv, "blind"), &[]).unwrap();
     assert_eq!(int(&swept["archived"]), 0, "{swept:?}");
@@ -66,22 +93,7 @@ fn a_scan_selection_reads_no_status_hash_its_caller_may_not_read() {
 #[test]
 fn an_entry_naming_another_db_is_answered_only_to_a_caller_allowed_there() {
     let s3 = S3::new_bucket();
-    let srv = Server::start(ServerOpts::new(&s3));
-    let mut admin = srv.conn();
-    let mut db3 = srv.conn();
-    cmd::<()>(&mut db3, &["SELECT", "3"]).unwrap();
-    write_flow(&mut db3, &FlowSpec::done("secret"));
-    archive(&mut db3, "secret").unwrap();
-    let location: String = cmd(&mut db3, &["HGET", "archived:flows", "secret"]).unwrap();
-    let rule = "ACL SETUSER confined on >pw +@all ~* resetdbs db=0";
-    cmd::<()>(&mut admin, &rule.split(' ').collect::<Vec<_>>()).unwrap();
-    let mut confined = conn_as(&srv, "confined");
-    assert!(cmd::<()>(&mut confined, &["SELECT", "3"]).is_err());
-    cmd::<()>(
-        &mut confined,
-        &["HSET", "archived:flows", "secret", &location],
-    )
-    .unwrap();
+    let (_srv, mut admin, mut confined) = planted_from_db3(&s3);
     let e = err_text(get(&mut confined, "secret"));
     assert!(e.starts_with("NOPERM"), "{e}");
     assert_eq!(
@@ -101,21 +113,7 @@ fn an_entry_naming_another_db_is_answered_only_to_a_caller_allowed_there() {
 #[test]
 fn an_earlier_incarnation_in_another_db_is_answered_only_to_a_caller_allowed_there() {
     let s3 = S3::new_bucket();
-    let srv = Server::start(ServerOpts::new(&s3));
-    let mut admin = srv.conn();
-    let mut db3 = srv.conn();
-    cmd::<()>(&mut db3, &["SELECT", "3"]).unwrap();
-    write_flow(&mut db3, &FlowSpec::done("secret"));
-    archive(&mut db3, "secret").unwrap();
-    let location: String = cmd(&mut db3, &["HGET", "archived:flows", "secret"]).unwrap();
-    let rule = "ACL SETUSER confined on >pw +@all ~* resetdbs db=0";
-    cmd::<()>(&mut admin, &rule.split(' ').collect::<Vec<_>>()).unwrap();
-    let mut confined = conn_as(&srv, "confined");
-    cmd::<()>(
-        &mut confined,
-        &["HSET", "archived:flows", "secret", &location],
-    )
-    .unwrap();
+    let (_srv, mut admin, mut confined) = planted_from_db3(&s3);
     // Its own flow of that id, archived: the planted entry is recorded as its predecessor.
     let own = FlowSpec {
         events: 7,
@@ -154,17 +152,14 @@ fn a_client_whose_user_may_not_use_its_selected_db_is_refused_there() {
         write_flow(&mut db3, &FlowSpec::done(id));
     }
     archive(&mut db3, "archived").unwrap();
-    let set = |admin: &mut redis::Connection, rule: &str| {
-        cmd::<()>(admin, &rule.split(' ').collect::<Vec<_>>()).unwrap()
-    };
-    set(&mut admin, "ACL SETUSER moved on >pw +@all ~*");
+    acl(&mut admin, "ACL SETUSER moved on >pw +@all ~*");
     let mut moved = conn_as(&srv, "moved");
     cmd::<()>(&mut moved, &["SELECT", "3"]).unwrap();
     assert!(
         get(&mut moved, "archived").unwrap().is_some(),
         "allowed in DB 3"
     );
-    set(&mut admin, "ACL SETUSER moved resetdbs db=0");
+    acl(&mut admin, "ACL SETUSER moved resetdbs db=0");
     let mut authed = srv.conn();
     cmd::<()>(&mut authed, &["SELECT", "3"]).unwrap();
     cmd::<()>(&mut authed, &["AUTH", "moved", "pw"]).unwrap();
@@ -210,7 +205,7 @@ fn under_state_snapshot_archived_events_need_the_right_to_read_the_log() {
     };
     write_flow(&mut admin, &spec);
     let rule = "ACL SETUSER snapper on >pw +@all %R~argyll:flow:*:snapshot:val %R~archived:*";
-    cmd::<()>(&mut admin, &rule.split(' ').collect::<Vec<_>>()).unwrap();
+    acl(&mut admin, rule);
     let mut snapper = conn_as(&srv, "snapper");
     for archived in [false, true] {
         if archived {
