@@ -512,6 +512,7 @@ fn a_planted_predecessor_of_another_flow_is_refused() {
     let (header, rest) = body.split_once('\n').unwrap();
     let mut h: serde_json::Value = serde_json::from_str(header).unwrap();
     h["previous"] = s3.location("flows/victim.jsonl.gz").into();
+    h["generation"] = 1.into();
     s3.put_as_archive("flows/mine.g1.jsonl.gz", &gzip(&format!("{h}\n{rest}")));
     let loc = s3.location("flows/mine.g1.jsonl.gz");
     run(&mut c, &format!("HSET archived:flows mine {loc}"));

@@ -158,6 +158,10 @@ fn rebuild_restores_a_lost_index(format: &[&str]) {
     s3.put("flows/junk.jsonl.gz", b"not gzip at all");
     let foreign = format!("{}\n", header("someone-else", None));
     s3.put("flows/mismatch.jsonl.gz", &gzip(&foreign));
+    // And an object written for generation 0 of its flow, found at generation 2's key.
+    let mut shifted: serde_json::Value = serde_json::from_str(&header("shifted", None)).unwrap();
+    shifted["generation"] = 0.into();
+    s3.put("flows/shifted.g2.jsonl.gz", &gzip(&format!("{shifted}\n")));
 
     // A live flow with an archived object: the engine started the id again after its archive.
     let live = FlowSpec {
@@ -201,7 +205,7 @@ fn rebuild_restores_a_lost_index(format: &[&str]) {
         &["--dry-run", "--bucket", s3.name(), "--prefix", &prefix],
     );
     assert_eq!(code, 1, "{out}{err}");
-    let expect = "objects=13 flows=9 written=8 present=0 live=1 unreferenced=1 bad=2";
+    let expect = "objects=14 flows=9 written=8 present=0 live=1 unreferenced=1 bad=3";
     assert_eq!(summary(&out), expect, "{out}{err}");
     for (_, at) in want.values() {
         assert!(
@@ -219,12 +223,14 @@ fn rebuild_restores_a_lost_index(format: &[&str]) {
     assert!(!out.contains("would write"), "{out}");
     let unreferenced = format!("unreferenced {prefix}/flows/late%3A1.jsonl.gz");
     assert!(out.lines().any(|l| l == unreferenced), "{out}");
-    for bad in ["junk", "mismatch"] {
+    for bad in ["junk", "mismatch", "shifted.g2"] {
         let line = format!("bad {prefix}/flows/{bad}.jsonl.gz");
         assert!(out.lines().any(|l| l == line), "{line} in {out}");
     }
     assert!(
-        err.contains("whose object key this is not") && err.contains("not gzip"),
+        err.contains("whose object key this is not")
+            && err.contains("not gzip")
+            && err.contains("header names generation 0, the key is of generation 2"),
         "{err}"
     );
     for ((db, id), (spec, at)) in &want {
@@ -268,7 +274,7 @@ fn rebuild_restores_a_lost_index(format: &[&str]) {
     assert_eq!(live_after, live_before);
     assert_eq!(live_after, events_of(&live_again));
     // Nothing deleted from the bucket.
-    assert_eq!(s3.list().len(), 13);
+    assert_eq!(s3.list().len(), 14);
 
     // Idempotent: a second run finds every entry present and writes nothing.
     let before = (index_keys(&mut c), index_keys(&mut c3));
@@ -277,7 +283,7 @@ fn rebuild_restores_a_lost_index(format: &[&str]) {
     assert_eq!(code, 1, "{out}{err}");
     assert_eq!(
         summary(&out),
-        "objects=13 flows=9 written=0 present=8 live=1 unreferenced=1 bad=2",
+        "objects=14 flows=9 written=0 present=8 live=1 unreferenced=1 bad=3",
         "{out}{err}"
     );
     assert_eq!((index_keys(&mut c), index_keys(&mut c3)), before);

@@ -234,6 +234,73 @@ fn the_same_id_in_two_dbs_archives_to_two_objects() {
     );
 }
 
+/// An object is bound to the generation of the key it was written for: a store that answers an
+/// earlier incarnation's object at a later incarnation's key (a stale replica, a copy gone wrong)
+/// gets an error, never the earlier flow's state as the id's newest. Its checksum and header agree
+/// with its own bytes, so nothing but the generation tells the two apart.
+#[test]
+fn an_earlier_incarnation_answered_at_a_later_key_is_refused() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    write_flow(&mut c, &FlowSpec::done("again"));
+    let (snap1, _) = stored(&mut c, "again");
+    archive(&mut c, "again").unwrap();
+    write_flow(
+        &mut c,
+        &FlowSpec {
+            events: 9,
+            ..FlowSpec::done("again")
+        },
+    );
+    let (snap2, events2) = stored(&mut c, "again");
+    let second = archive(&mut c, "again").unwrap();
+    assert_eq!(
+        text(&second["location"]),
+        s3.location("flows/again.g1.jsonl.gz")
+    );
+    let header = |rel: &str| -> Value {
+        let text = gunzip(&s3.get(rel).unwrap());
+        serde_json::from_str(text.lines().next().unwrap()).unwrap()
+    };
+    assert_eq!(header("flows/again.jsonl.gz")["generation"], 0);
+    assert_eq!(header("flows/again.g1.jsonl.gz")["generation"], 1);
+    let (state, events) = get_events(&mut c, "again").unwrap();
+    assert_eq!(
+        (serde_json::from_str::<Value>(&state).unwrap(), events),
+        (archived_json(&snap2), events2)
+    );
+
+    let first_object = s3.get("flows/again.jsonl.gz").unwrap();
+    let second_object = s3.get("flows/again.g1.jsonl.gz").unwrap();
+    s3.put_as_archive("flows/again.g1.jsonl.gz", &first_object);
+    cmd::<()>(&mut c, &["CONFIG", "SET", "flowarchive.cache-bytes", "0"]).unwrap();
+    let previous = |c: &mut redis::Connection| -> redis::RedisResult<Option<String>> {
+        cmd(c, &["FLOWARCHIVE.GET", "again", "PREVIOUS", "1"])
+    };
+    // The predecessor is found through the newest object's header, so it is refused too.
+    for e in [
+        get(&mut c, "again").unwrap_err(),
+        previous(&mut c).unwrap_err(),
+    ] {
+        let e = e.to_string();
+        assert!(e.contains("written for generation 0"), "{e}");
+    }
+    assert_eq!(info_field(&mut c, "get_fetch_errors_other_generation"), 2);
+    s3.put_as_archive("flows/again.g1.jsonl.gz", &second_object);
+    assert_eq!(
+        get(&mut c, "again")
+            .unwrap()
+            .map(|s| serde_json::from_str::<Value>(&s).unwrap()),
+        Some(archived_json(&snap2))
+    );
+    let before = previous(&mut c).unwrap().unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&before).unwrap(),
+        archived_json(&snap1)
+    );
+}
+
 /// A 1 MB gzip that inflates to 1 GB once took the server's memory with it.
 /// A store that announces a body larger than the machine holds, under a read cap as large as the
 /// config allows, gets an error: the first buffer takes the announced length only up to 1 MiB.

@@ -292,12 +292,14 @@ pub fn upload(
 ) -> Result<Uploaded, FlowError> {
     let encoded = {
         let state = served_state(&capture.flow, settings.layout.state)?;
-        let encoded = writer::encode(&capture.flow, state.as_deref())
+        let generation = store::first_generation(&capture.flow);
+        let encoded = writer::encode(&capture.flow, state.as_deref(), generation)
             .map_err(|e| FlowError::Unreadable(e.to_string()))?;
         writer::read_back(
             &encoded.body,
             &capture.flow,
             state.as_deref(),
+            generation,
             settings.read_max_bytes,
         )
         .map_err(FlowError::Unreadable)?;
@@ -325,9 +327,15 @@ pub fn upload(
     capture.cap.keep_only(labels as u64);
     let _encoded = Buffered::hold(encoded.body.len() as u64);
     UPLOADS_IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
-    let stored = store::store_once(s3, &settings.s3, &capture.flow, &encoded);
+    let stored = store::store_once(
+        s3,
+        &settings.s3,
+        &capture.flow,
+        encoded,
+        settings.read_max_bytes,
+    );
     UPLOADS_IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
-    let key = stored?;
+    let (key, encoded) = stored?;
     let stored = Stored {
         id: capture.flow.id.clone(),
         events: capture.events_total,

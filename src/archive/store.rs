@@ -9,31 +9,52 @@
 //! forward, and a location, once indexed, never names other bytes.
 
 use crate::format::captured::Captured;
-use crate::format::Encoded;
+use crate::format::reader::Whose;
+use crate::format::{writer, Encoded};
 use crate::layout;
 use crate::ops::errors::FlowError;
+use crate::ops::metrics::Buffered;
 use crate::s3::{FailureKind, S3Settings, Store, StoreError};
 
-/// Stores `encoded` for `flow` and returns its key, once stored and verified.
+/// The first generation an archive of `flow` may take: the one after its predecessor's, else 0.
+pub fn first_generation(flow: &Captured) -> u32 {
+    flow.previous
+        .as_ref()
+        .and_then(|location| layout::split_location(location, &flow.id))
+        .map_or(0, |(_, generation)| generation + 1)
+}
+
+/// Stores `encoded`, written for `first_generation(flow)`, and returns its key and the object stored
+/// there, once stored and verified. A later generation's key gets the object written for it
+/// (`writer::regenerate`, proven to read back under the read cap `max_bytes`).
 pub fn store_once(
     s3: &Store,
     settings: &S3Settings,
     flow: &Captured,
-    encoded: &Encoded,
-) -> Result<String, FlowError> {
-    let first = flow
-        .previous
-        .as_ref()
-        .and_then(|location| layout::split_location(location, &flow.id))
-        .map_or(0, |(_, generation)| generation + 1);
+    mut encoded: Encoded,
+    max_bytes: u64,
+) -> Result<(String, Encoded), FlowError> {
+    let first = first_generation(flow);
     let (prefix, max_name) = (&settings.prefix, settings.object_name_max);
-    for key in layout::stored_keys_from(prefix, flow.db, &flow.id, first, max_name) {
-        let existing = match s3.put_verified(&key, encoded) {
-            Err(e) if e.kind == FailureKind::Exists => s3.verify_existing(&key, encoded),
-            stored => return stored.map(|()| key).map_err(FlowError::Upload),
+    let mut written_for = first;
+    for (generation, key) in layout::stored_keys_from(prefix, flow.db, &flow.id, first, max_name) {
+        if generation != written_for {
+            let whose = Whose {
+                id: &flow.id,
+                db: flow.db,
+                generation,
+            };
+            let _content = Buffered::hold(encoded.raw_bytes);
+            encoded = writer::regenerate(&encoded, written_for, &whose, max_bytes)
+                .map_err(FlowError::Unreadable)?;
+            written_for = generation;
+        }
+        let existing = match s3.put_verified(&key, &encoded) {
+            Err(e) if e.kind == FailureKind::Exists => s3.verify_existing(&key, &encoded),
+            stored => return stored.map(|()| (key, encoded)).map_err(FlowError::Upload),
         };
         match existing {
-            Ok(()) => return Ok(key),
+            Ok(()) => return Ok((key, encoded)),
             Err(e) if e.kind == FailureKind::Verify => continue,
             Err(e) => return Err(FlowError::Upload(e)),
         }

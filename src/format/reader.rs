@@ -138,6 +138,9 @@ pub enum DecodeError {
     OtherFlow(String),
     /// A well-formed object of this flow id, archived from another DB (keyspace).
     OtherKeyspace(i64),
+    /// A well-formed object of this flow and DB, written for another generation's key than the one
+    /// it was read from (another incarnation of the id).
+    OtherGeneration(u64),
     UnknownVersion(String),
     /// Larger than the read cap, or than its own declared `raw_bytes`.
     TooLarge(String),
@@ -155,6 +158,10 @@ impl std::fmt::Display for DecodeError {
             DecodeError::OtherKeyspace(db) => {
                 write!(f, "archived object belongs to DB {db}, not this one")
             }
+            DecodeError::OtherGeneration(g) => write!(
+                f,
+                "archived object was written for generation {g} of its flow, not for the key it was read from"
+            ),
             DecodeError::UnknownVersion(v) => {
                 write!(f, "archived object has an unknown format ({v})")
             }
@@ -182,6 +189,10 @@ struct Header {
     /// Objects written before the field existed all came from DB 0.
     #[serde(default)]
     db: i64,
+    /// The generation whose key the object was written for; objects written before the field
+    /// existed carry none and are not held to one.
+    #[serde(default)]
+    generation: Option<u64>,
     events: u64,
     sha256: String,
     /// Bytes after the header line; unknown in older objects.
@@ -343,27 +354,35 @@ fn read_content(
     Ok(Some((content, hex(&reader.sha.finalize()))))
 }
 
-/// Decompresses and checks an object: format, version, flow id and DB, sizes, line count and content
-/// sha256.
+/// The object a read expects at a key: the flow's id, its DB and the generation the key names
+/// (`layout::object_key`). An object that names another is not the one the key was written with.
+#[derive(Clone, Copy, Debug)]
+pub struct Whose<'a> {
+    pub id: &'a str,
+    pub db: i32,
+    pub generation: u32,
+}
+
+/// Decompresses and checks an object: format, version, the flow, DB and generation it was written for
+/// (`whose`), sizes, line count and content sha256.
 ///
 /// `max_bytes` (flowarchive.read-max-bytes) bounds the whole read: the object, its decompressed
 /// content, `LINE_COST` per line and one copy of the trailer (the state answered) together stay
 /// within it, so a read's peak is the cap plus a small constant, whatever the object claims.
-pub fn parse(
-    object: &[u8],
-    expected_id: &str,
-    expected_db: i32,
-    max_bytes: u64,
-) -> Result<Object, DecodeError> {
+pub fn parse(object: &[u8], whose: &Whose, max_bytes: u64) -> Result<Object, DecodeError> {
     // The object is decompressed straight from its bytes. The small buffer serves the header line;
     // the content passes it by, decompressed into its own buffer (`read_content`).
     let mut gz = BufReader::with_capacity(HEADER_BUFFER, GzDecoder::new(object));
     let header = read_header(&mut gz)?;
-    if header.flow_id != expected_id {
+    if header.flow_id != whose.id {
         return Err(DecodeError::OtherFlow(header.flow_id));
     }
-    if header.db != i64::from(expected_db) {
+    if header.db != i64::from(whose.db) {
         return Err(DecodeError::OtherKeyspace(header.db));
+    }
+    // Objects written before the field existed are not held to a generation.
+    if let Some(g) = (header.generation).filter(|&g| g != u64::from(whose.generation)) {
+        return Err(DecodeError::OtherGeneration(g));
     }
     let room = max_bytes.saturating_sub(object.len() as u64);
     let over_cap = |what: String| {
@@ -483,12 +502,11 @@ fn count_lines(text: &[u8]) -> u64 {
 /// What FLOWARCHIVE.GET answers from an object: `parse`, then the reply form.
 pub fn decode(
     object: &[u8],
-    expected_id: &str,
-    expected_db: i32,
+    whose: &Whose,
     max_bytes: u64,
     source: StateSource,
 ) -> Result<Decoded, DecodeError> {
-    parse(object, expected_id, expected_db, max_bytes)?.into_decoded(source)
+    parse(object, whose, max_bytes)?.into_decoded(source)
 }
 
 #[cfg(test)]

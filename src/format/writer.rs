@@ -7,13 +7,14 @@
 
 use std::borrow::Cow;
 use std::cell::RefCell;
+use std::io::Read;
 
 use flate2::{Compress, Compression, Crc, FlushCompress, Status};
 use serde::{Serialize, Serializer};
 
 use crate::digest::{hex, md5, sha256};
 use crate::format::captured::Captured;
-use crate::format::reader;
+use crate::format::reader::{self, Whose};
 use crate::format::{find_marked, Encoded, Marks, FORMAT_NAME, FORMAT_VERSION};
 use crate::layout::StateSource;
 
@@ -121,8 +122,13 @@ fn check_json(bytes: &[u8]) -> Result<(), String> {
 /// zero-fills its 32 KiB output buffer on every write.
 ///
 /// `state` is the engine's state folded from the flow (`format::engine`), which readers answer; `None`
-/// for a layout whose state is its snapshot, which readers then answer as stored.
-pub fn encode(flow: &Captured, state: Option<&[u8]>) -> Result<Encoded, EncodeError> {
+/// for a layout whose state is its snapshot, which readers then answer as stored. `generation` is the
+/// generation of the key the object is for (`layout::object_key`), which its header names.
+pub fn encode(
+    flow: &Captured,
+    state: Option<&[u8]>,
+    generation: u32,
+) -> Result<Encoded, EncodeError> {
     let mut content = Vec::with_capacity(content_capacity(flow));
     for (index, event) in flow.events.iter().enumerate() {
         check_json(event).map_err(|reason| EncodeError::Event { index, reason })?;
@@ -136,6 +142,7 @@ pub fn encode(flow: &Captured, state: Option<&[u8]>) -> Result<Encoded, EncodeEr
         version: FORMAT_VERSION,
         flow_id: &flow.id,
         db: flow.db,
+        generation,
         events: flow.events.len(),
         raw_bytes: content.len(),
         sha256: hex(&sha256(&content)),
@@ -166,6 +173,7 @@ struct Header<'a> {
     version: u64,
     flow_id: &'a str,
     db: i32,
+    generation: u32,
     events: usize,
     raw_bytes: usize,
     sha256: String,
@@ -324,9 +332,48 @@ fn deflate(d: &mut Compress, parts: &[&[u8]], out: &mut Vec<u8>) -> Result<(), S
     Ok(())
 }
 
+/// `encoded`, an object of `whose` flow and DB written for generation `from` and proven to read back
+/// as its flow, written for generation `whose.generation` instead: its header names that generation
+/// and every byte after the header is the same. For an upload whose key holds other content
+/// (`archive::store`), once the flow's copy is freed. Proven to read back under the read cap
+/// `max_bytes` as an object of `whose`.
+pub fn regenerate(
+    encoded: &Encoded,
+    from: u32,
+    whose: &Whose,
+    max_bytes: u64,
+) -> Result<Encoded, String> {
+    let mut raw = Vec::with_capacity(encoded.raw_bytes as usize);
+    let mut gz = flate2::read::GzDecoder::new(encoded.body.as_slice()).take(encoded.raw_bytes);
+    gz.read_to_end(&mut raw)
+        .map_err(|e| format!("the object could not be read again: {e}"))?;
+    let split = raw.iter().position(|&b| b == b'\n');
+    let split = split.ok_or("the object has no header line")?;
+    let (header, content) = (&raw[..split], &raw[split + 1..]);
+    // The generation follows the DB, outside any string (the id before it is a JSON string, in which
+    // a quote is escaped), so the first match is the field.
+    let (old, new) = (
+        format!(",\"generation\":{from},"),
+        format!(",\"generation\":{},", whose.generation),
+    );
+    let header = std::str::from_utf8(header).map_err(|e| format!("header: {e}"))?;
+    let at = header.find(&old).ok_or("the header names no generation")?;
+    let header = format!("{}{new}{}", &header[..at], &header[at + old.len()..]);
+    // Fed in the parts `encode` feeds, so the deflate bits are the same as well.
+    let body = gzip(&[header.as_bytes(), b"\n", content])?;
+    reader::parse(&body, whose, max_bytes)
+        .map_err(|e| format!("the object does not read back: {e}"))?;
+    Ok(Encoded {
+        object_sha256: sha256(&body),
+        object_md5: md5(&body),
+        raw_bytes: (header.len() + 1 + content.len()) as u64,
+        body,
+    })
+}
+
 /// The gate before any delete, "never delete what you cannot read back": decodes `body` with exactly
 /// the code FLOWARCHIVE.GET uses, under the read cap `max_bytes` (flowarchive.read-max-bytes), and
-/// checks that it reproduces `flow`: id and DB, every event (as `single_line` of the stored one), the
+/// checks that it reproduces `flow`: id, DB and the key's `generation`, every event (as `single_line` of the stored one), the
 /// snapshot (as `snapshot_form`), the same label pairs, seq, status and predecessor, and the `state`
 /// it was encoded with. The state was folded from exactly these events (compared one by one here), so
 /// an object that reads back holds the fold of its own events. Call it before `flow.events` is freed.
@@ -334,6 +381,7 @@ pub fn read_back(
     body: &[u8],
     flow: &Captured,
     state: Option<&[u8]>,
+    generation: u32,
     max_bytes: u64,
 ) -> Result<(), String> {
     if body.len() as u64 > max_bytes {
@@ -343,7 +391,12 @@ pub fn read_back(
         ));
     }
     let fail = |what: &str| Err(format!("the object does not read back: {what} differs"));
-    let object = reader::parse(body, &flow.id, flow.db, max_bytes)
+    let whose = Whose {
+        id: &flow.id,
+        db: flow.db,
+        generation,
+    };
+    let object = reader::parse(body, &whose, max_bytes)
         .map_err(|e| format!("the object does not read back: {e}"))?;
     if object.event_count() != flow.events.len() {
         return fail("the event count");

@@ -95,29 +95,30 @@ fn sha_file(id: &str, generation: u32) -> String {
 /// writes the next generation instead of replacing history another server may already index.
 pub const GENERATIONS: u32 = 16;
 
-/// The keys a flow's archives are stored under (`stored_key`), from generation `first` on.
+/// The keys a flow's archives are stored under (`stored_key`), from generation `first` on, each with
+/// its generation.
 pub fn stored_keys_from<'a>(
     prefix: &'a str,
     db: i32,
     id: &'a str,
     first: u32,
     max_name: usize,
-) -> impl Iterator<Item = String> + 'a {
-    (first..GENERATIONS).map(move |g| stored_key(prefix, db, id, g, max_name))
+) -> impl Iterator<Item = (u32, String)> + 'a {
+    (first..GENERATIONS).map(move |g| (g, stored_key(prefix, db, id, g, max_name)))
 }
 
 /// Every key an archive of the flow may have been stored under, whatever the name limit was: each
-/// generation's `object_key` and its `_sha256` form.
+/// generation's `object_key` and its `_sha256` form, each with its generation.
 pub fn readable_keys<'a>(
     prefix: &'a str,
     db: i32,
     id: &'a str,
-) -> impl Iterator<Item = String> + 'a {
+) -> impl Iterator<Item = (u32, String)> + 'a {
     let folder = object_folder(prefix, db);
     (0..GENERATIONS).flat_map(move |g| {
         [
-            object_key(prefix, db, id, g),
-            folder.clone() + &sha_file(id, g),
+            (g, object_key(prefix, db, id, g)),
+            (g, folder.clone() + &sha_file(id, g)),
         ]
     })
 }

@@ -16,7 +16,7 @@ use redis_module::configuration::ConfigurationContext;
 use redis_module::{Context, RedisError, RedisValue};
 
 use crate::digest::{hex, sha256, sha256_of_parts};
-use crate::format::reader::{self, DecodeError, Decoded};
+use crate::format::reader::{self, DecodeError, Decoded, Whose};
 use crate::kinds::{kinds, Tally};
 use crate::layout::{self, StateSource};
 use crate::ops::configs::{parse_roots, Root, Settings};
@@ -63,6 +63,7 @@ kinds! {
         Corrupt => "corrupt",
         OtherFlow => "other_flow",
         OtherKeyspace => "other_keyspace",
+        OtherGeneration => "other_generation",
         UnknownVersion => "unknown_version",
         TooLarge => "too_large",
         Internal => "internal",
@@ -82,6 +83,7 @@ impl FetchError {
                 DecodeError::Checksum(_) => FetchKind::Checksum,
                 DecodeError::OtherFlow(_) => FetchKind::OtherFlow,
                 DecodeError::OtherKeyspace(_) => FetchKind::OtherKeyspace,
+                DecodeError::OtherGeneration(_) => FetchKind::OtherGeneration,
                 DecodeError::UnknownVersion(_) => FetchKind::UnknownVersion,
                 DecodeError::TooLarge(_) => FetchKind::TooLarge,
             },
@@ -289,6 +291,7 @@ fn locate(settings: &Settings, db: i32, id: &str) -> Result<Option<String>, Fetc
         let other = layout::readable_keys(prefix, db, id)
             .skip(2 * generation as usize)
             .take(2)
+            .map(|(_, k)| k)
             .find(|k| *k != stored);
         let mut found = None;
         for key in std::iter::once(stored).chain(other) {
@@ -427,21 +430,32 @@ fn shown(location: &str) -> String {
 /// a DB, so it may name another DB number than the one it is read from now; the object's header must
 /// name that same DB. The entry is compared with the keys this module derives, never parsed into a
 /// request, so `..`, another bucket or another flow's key all fail here and no request is sent.
-fn resolve(
-    location: &str,
-    configured: &Root,
-    allowed: &[Root],
-    id: &str,
-) -> Option<(String, String, i32)> {
+fn resolve(location: &str, configured: &Root, allowed: &[Root], id: &str) -> Option<Place> {
     std::iter::once(configured)
         .filter(|r| !r.bucket.is_empty())
         .chain(allowed)
         .find_map(|root| {
             let key = location.strip_prefix(&format!("s3://{}/", root.bucket))?;
             let db = named_db(key, &root.prefix)?;
-            layout::readable_keys(&root.prefix, db, id).find(|k| k == key)?;
-            Some((root.bucket.clone(), key.to_string(), db))
+            let (generation, _) =
+                layout::readable_keys(&root.prefix, db, id).find(|(_, k)| k == key)?;
+            Some(Place {
+                bucket: root.bucket.clone(),
+                key: key.to_string(),
+                db,
+                generation,
+            })
         })
+}
+
+/// Where a location this module reads lives: its bucket and key, and the DB and generation the key
+/// names.
+#[derive(Debug, PartialEq)]
+struct Place {
+    bucket: String,
+    key: String,
+    db: i32,
+    generation: u32,
 }
 
 /// The DB an object key under `prefix` names: `db<n>/…` is DB n, anything else DB 0 (checked by the
@@ -462,12 +476,12 @@ fn named_db(key: &str, prefix: &str) -> Option<i32> {
 /// (`Rights::check_in`).
 pub fn crossing(settings: &Settings, db: i32, id: &str, location: &str) -> Option<i32> {
     resolved(settings, location, id)
-        .map(|(_, _, named)| named)
+        .map(|place| place.db)
         .filter(|named| *named != db)
 }
 
 /// `resolve` under the configured root and those `read-allow` names.
-fn resolved(settings: &Settings, location: &str, id: &str) -> Option<(String, String, i32)> {
+fn resolved(settings: &Settings, location: &str, id: &str) -> Option<Place> {
     let configured = Root {
         bucket: settings.s3.bucket.clone(),
         prefix: settings.s3.prefix.clone(),
@@ -478,10 +492,10 @@ fn resolved(settings: &Settings, location: &str, id: &str) -> Option<(String, St
 
 fn fetch(settings: &Settings, key: &CacheKey) -> Result<Arc<Decoded>, FetchError> {
     let CacheKey { id, location, .. } = key;
-    let (bucket, key, db) = resolved(settings, location, id).ok_or(FetchError::BadLocation)?;
-    let store = Store::for_bucket(&settings.s3, &bucket).map_err(FetchError::Store)?;
+    let place = resolved(settings, location, id).ok_or(FetchError::BadLocation)?;
+    let store = Store::for_bucket(&settings.s3, &place.bucket).map_err(FetchError::Store)?;
     let max = settings.read_max_bytes;
-    let (body, recorded) = store.get(&key, max).map_err(FetchError::Store)?;
+    let (body, recorded) = store.get(&place.key, max).map_err(FetchError::Store)?;
     let actual = hex(&sha256(&body));
     match recorded {
         Some(r) if r == actual => {}
@@ -496,7 +510,12 @@ fn fetch(settings: &Settings, key: &CacheKey) -> Result<Arc<Decoded>, FetchError
             ))
         }
     }
-    reader::decode(&body, id, db, max, settings.layout.state)
+    let whose = Whose {
+        id,
+        db: place.db,
+        generation: place.generation,
+    };
+    reader::decode(&body, &whose, max, settings.layout.state)
         .map(Arc::new)
         .map_err(FetchError::Decode)
 }
@@ -517,11 +536,12 @@ mod tests {
         let cfg = root("live", "p");
         let old = parse_roots("s3://old s3://older/a/b").unwrap();
         let at = |loc: &str, id| resolve(loc, &cfg, &old, id);
-        for (location, bucket, key, db) in [
+        for (location, bucket, key, db, generation) in [
             (
                 "s3://live/p/flows/a%3Ab.jsonl.gz",
                 "live",
                 "p/flows/a%3Ab.jsonl.gz",
+                0,
                 0,
             ),
             (
@@ -529,19 +549,22 @@ mod tests {
                 "live",
                 "p/db3/flows/x.jsonl.gz",
                 3,
+                0,
             ),
             (
                 "s3://live/p/db3/flows/x.g2.jsonl.gz",
                 "live",
                 "p/db3/flows/x.g2.jsonl.gz",
                 3,
-            ),
-            ("s3://old/flows/x.jsonl.gz", "old", "flows/x.jsonl.gz", 0),
-            (
-                "s3://older/a/b/db2/flows/x.jsonl.gz",
-                "older",
-                "a/b/db2/flows/x.jsonl.gz",
                 2,
+            ),
+            ("s3://old/flows/x.jsonl.gz", "old", "flows/x.jsonl.gz", 0, 0),
+            (
+                "s3://older/a/b/db2/flows/x.g15.jsonl.gz",
+                "older",
+                "a/b/db2/flows/x.g15.jsonl.gz",
+                2,
+                15,
             ),
         ] {
             let id = if location.contains("a%3Ab") {
@@ -549,7 +572,12 @@ mod tests {
             } else {
                 "x"
             };
-            let want = Some((bucket.to_string(), key.to_string(), db));
+            let want = Some(Place {
+                bucket: bucket.to_string(),
+                key: key.to_string(),
+                db,
+                generation,
+            });
             assert_eq!(at(location, id), want, "{location}");
         }
         for bad in [

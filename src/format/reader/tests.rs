@@ -10,11 +10,17 @@ const CAP: u64 = 1 << 20;
 
 /// Most tests here read objects of a layout served from its snapshot; the fold's have their own.
 fn encode(f: &Captured) -> Result<Encoded, crate::format::writer::EncodeError> {
-    crate::format::writer::encode(f, None)
+    crate::format::writer::encode(f, None, 0)
 }
 
+/// An object read from generation 0's key.
 fn decode(object: &[u8], id: &str, db: i32, max: u64) -> Result<Decoded, DecodeError> {
-    super::decode(object, id, db, max, StateSource::Snapshot)
+    let whose = Whose {
+        id,
+        db,
+        generation: 0,
+    };
+    super::decode(object, &whose, max, StateSource::Snapshot)
 }
 
 fn flow(id: &str, db: i32, snapshot: &str, labels: &[(&str, &str)]) -> Captured {
@@ -112,7 +118,12 @@ fn labels_and_snapshot_keys_named_like_trailer_fields_are_data() {
         snap,
         &[("seq", "7"), ("snapshot", "{"), ("status", ",\"seq\":")],
     );
-    let o = parse(&encode(&f).unwrap().body, "abc", 0, CAP).unwrap();
+    let whose = Whose {
+        id: "abc",
+        db: 0,
+        generation: 0,
+    };
+    let o = parse(&encode(&f).unwrap().body, &whose, CAP).unwrap();
     assert_eq!(o.snapshot.as_deref(), Some(snap));
     assert_eq!(o.labels.len(), 3);
     assert_eq!(o.labels[0], ("seq".into(), "7".into()));
