@@ -308,6 +308,94 @@ fn uploads_wait_for_the_one_write_once_probe() {
     assert_eq!(flow_puts(&proxy), 8);
 }
 
+/// A waiting upload waits as long as the probe's own requests may take, by the settings the probe
+/// was sent with: timeouts lowered meanwhile (the same store) do not make it give up on a probe that
+/// then decides. It once gave up after three requests of its own timeout, failing a flow whose
+/// store was proven a moment later.
+#[test]
+fn a_waiting_upload_waits_for_the_probe_by_its_probers_settings() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &["request-timeout-ms", "60000"]);
+    let mut c = srv.conn();
+    for id in ["w-0", "w-1"] {
+        write_flow(&mut c, &FlowSpec::done(id));
+    }
+    proxy.set(vec![Rule {
+        method: "PUT",
+        path: "/_flowarchive/write-once-probe-".into(),
+        fault: Fault::Gate,
+    }]);
+    let mut first = srv.conn();
+    let prober = std::thread::spawn(move || archive(&mut first, "w-0"));
+    wait_for("the probe held", Duration::from_secs(60), || {
+        proxy.gated() == 1
+    });
+    config_set(&mut c, "flowarchive.request-timeout-ms", "1000").unwrap();
+    config_set(&mut c, "flowarchive.retry-max-ms", "0").unwrap();
+    let mut second = srv.conn();
+    let waiter = std::thread::spawn(move || archive(&mut second, "w-1"));
+    // Past three requests by the waiter's own settings (three seconds).
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        !waiter.is_finished(),
+        "the waiting upload gave up: {:?}",
+        waiter.join()
+    );
+    proxy.release();
+    prober.join().unwrap().unwrap();
+    waiter.join().unwrap().unwrap();
+    assert_eq!(info_field(&mut c, "s3_write_once_probes"), 1);
+    assert_eq!(info_field(&mut c, "s3_store_writes_once"), 1);
+}
+
+/// A probe PUT given up on may still reach the store after the probe removed its scratch object (a
+/// proxy that sends a request on once its client has gone), and store it then: the key is removed
+/// again at the first upload once that PUT's URL has expired. It once stayed for good.
+#[test]
+fn a_probe_put_that_lands_late_is_removed_once_it_can_no_longer_land() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(
+        &s3,
+        Some(&proxy),
+        &["request-timeout-ms", "1000", "retry-attempts", "3"],
+    );
+    let mut c = srv.conn();
+    for id in ["late-0", "late-1"] {
+        write_flow(&mut c, &FlowSpec::done(id));
+    }
+    let scratch = |s3: &S3| {
+        let keys = s3.list();
+        keys.into_iter()
+            .filter(|k| k.contains("-probe-"))
+            .collect::<Vec<_>>()
+    };
+    // The first attempt of each probe PUT is held past its timeout; its retry goes through.
+    proxy.set(vec![Rule {
+        method: "PUT",
+        path: "/_flowarchive/write-once-probe-".into(),
+        fault: Fault::EveryOther(Box::new(Fault::Gate)),
+    }]);
+    archive(&mut c, "late-0").unwrap();
+    assert_eq!(info_field(&mut c, "s3_store_writes_once"), 1);
+    assert_eq!(scratch(&s3), Vec::<String>::new());
+    // The held attempts reach the store now: the first stores the scratch object again.
+    let removed = Instant::now();
+    proxy.clear();
+    wait_for("the late PUT stored", Duration::from_secs(10), || {
+        scratch(&s3).len() == 1
+    });
+    // Not removed before its URL expires (60 s and twice the timeout after it was signed).
+    archive(&mut c, "late-1").unwrap();
+    assert_eq!(scratch(&s3).len(), 1);
+    write_flow(&mut c, &FlowSpec::done("late-2"));
+    std::thread::sleep(Duration::from_secs(62).saturating_sub(removed.elapsed()));
+    archive(&mut c, "late-2").unwrap();
+    assert_eq!(scratch(&s3), Vec::<String>::new());
+    assert_eq!(info_field(&mut c, "s3_write_once_probes"), 1);
+}
+
 // ---------------------------------------------------------------- verify put-response
 
 #[test]

@@ -19,7 +19,8 @@
 //!   policy does not allow) is not proven either way, and uploads go on relying on the header, as
 //!   they did before the probe; but a store once found to overwrite stays refused until a probe finds
 //!   it writing once. While one worker probes, the others wait for its verdict (and fail with the
-//!   probe when it decides nothing).
+//!   probe when it decides nothing), as long as the probe's requests may take by the settings it was
+//!   sent with. Verdicts are kept in memory: a restart or a reload probes every store again.
 //! - **The store validates checksums** (`verify auto` under `checksum sha256`). A PUT's echo of
 //!   `x-amz-checksum-sha256` proves an upload only when the store computed the checksum of the bytes it
 //!   received and compared it with ours; a store that records the client's value unchecked (moto does
@@ -33,12 +34,16 @@
 //!
 //! Every probe runs only once the bucket is proven (a PUT would create a missing one), its scratch
 //! object is removed once its verdict is recorded (a removal that fails is said in the log), and its
-//! few bytes are not held to the upload rate cap. A probe whose answer decides nothing (no connection, 5xx after the retries) is
+//! few bytes are not held to the upload rate cap. A probe PUT retried after an attempt was given up
+//! on may still be stored by that attempt after the removal, until its URL expires: its key is
+//! removed again at the store's first upload after that. A probe whose answer decides nothing (no
+//! connection, 5xx after the retries) is
 //! not remembered: that upload fails (write-once) or takes the HEAD (checksums), and the next one
 //! probes again. A verdict stands for an hour, then the store is probed again: the store behind an
 //! endpoint can change without any config changing. Each verdict that differs from the store's last
 //! one is said once in the log, at notice.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -58,6 +63,9 @@ use crate::sync::lock;
 const VERDICT_TTL: Duration = Duration::from_secs(3600);
 /// Stores remembered at most; past it the list starts anew (and each store is proven again).
 const MAX_STORES: usize = 64;
+/// Scratch keys a store keeps to remove again at most (probes are hourly; more is a store that
+/// loses answers all day, whose leftovers the log names).
+const MAX_LINGERING: usize = 8;
 /// The scratch objects' folder under the configured prefix. Flow objects live under `flows/` or
 /// `db<n>/flows/` of the prefix (`layout::object_key`), so no flow's key starts with it.
 const PROBE_FOLDER: &str = "_flowarchive/";
@@ -118,17 +126,18 @@ enum WriteOnce {
     Unproven,
 }
 
-/// One thing proven of a store: its verdict and when it was reached, and whether a worker is
-/// probing for it now.
+/// One thing proven of a store: its verdict and when it was reached, and while a worker is probing
+/// for it, when every request of that probe will have ended (under the prober's own settings, which
+/// a waiter's may not share: a timeout changed since is the same store).
 struct Fact<V> {
     verdict: Option<(V, Instant)>,
-    probing: bool,
+    probing: Option<Instant>,
 }
 
 impl<V: Copy> Fact<V> {
     const UNKNOWN: Fact<V> = Fact {
         verdict: None,
-        probing: false,
+        probing: None,
     };
 
     /// The verdict while it stands (reached less than [`VERDICT_TTL`] ago).
@@ -144,6 +153,9 @@ struct Known {
     store: Identity,
     checksums: Fact<Checksums>,
     write_once: Fact<WriteOnce>,
+    /// Scratch keys removed while an attempt of their PUT that was given up on could still reach the
+    /// store, each with when its URL expires: removed again at the first upload after that.
+    lingering: Vec<(String, Instant)>,
 }
 
 /// A verdict kept per store: where [`Known`] keeps it, and its INFO gauge.
@@ -258,7 +270,7 @@ struct Probing<V: Verdict>(Identity, std::marker::PhantomData<V>);
 impl<V: Verdict> Drop for Probing<V> {
     fn drop(&mut self) {
         if let Some(k) = lock(&KNOWN).iter_mut().find(|k| k.store == self.0) {
-            V::fact(k).probing = false;
+            V::fact(k).probing = None;
         }
         PROBED.notify_all();
     }
@@ -272,7 +284,7 @@ fn entry(known: &mut Vec<Known>, store: Identity) -> &mut Known {
     let at = match known.iter().position(|k| k.store == store) {
         Some(at) => at,
         None => {
-            let idle = |k: &&Known| !k.checksums.probing && !k.write_once.probing;
+            let idle = |k: &&Known| k.checksums.probing.is_none() && k.write_once.probing.is_none();
             let overwrites =
                 |k: &&Known| k.write_once.verdict.map(|v| v.0) == Some(WriteOnce::Ignored);
             if known.len() >= MAX_STORES {
@@ -290,6 +302,7 @@ fn entry(known: &mut Vec<Known>, store: Identity) -> &mut Known {
                 store,
                 checksums: Fact::UNKNOWN,
                 write_once: Fact::UNKNOWN,
+                lingering: Vec::new(),
             });
             known.len() - 1
         }
@@ -309,10 +322,14 @@ enum Answer {
 }
 
 /// A probe's scratch object, removed (best effort) when dropped, however the probe ends; a removal
-/// that fails is said in the log. Its key is cleared where the store stored nothing.
+/// that fails is said in the log. Its key is cleared where the store stored nothing. When an attempt
+/// of its PUT was given up on (`retried`), that attempt may still reach the store after the removal
+/// (a proxy that sends a request on once its client has gone), until its URL expires: the key is
+/// removed again at the first upload after that.
 struct Scratch<'s> {
     store: &'s Store,
     key: String,
+    retried: bool,
 }
 
 impl Drop for Scratch<'_> {
@@ -320,13 +337,16 @@ impl Drop for Scratch<'_> {
         if self.key.is_empty() {
             return;
         }
-        if let Err(e) = self.store.delete(&self.key) {
-            (self.store.notice)(&format!(
-                "flowarchive: S3 store {} bucket {}: a probe's scratch object {} was not removed: {e}",
-                self.store.endpoint.origin().ascii_serialization(),
-                self.store.bucket.name(),
-                self.key
-            ));
+        self.store.remove_scratch(&self.key);
+        if !self.retried {
+            return;
+        }
+        let due = Instant::now() + self.store.expires;
+        let mut known = lock(&KNOWN);
+        if let Some(k) = known.iter_mut().find(|k| k.store == self.store.identity) {
+            if k.lingering.len() < MAX_LINGERING {
+                k.lingering.push((std::mem::take(&mut self.key), due));
+            }
         }
     }
 }
@@ -336,7 +356,21 @@ impl Store {
     /// writes once; under `verify auto`, whether the store validates checksums), and says whether the
     /// PUT's checksum echo may prove the upload; otherwise a HEAD must.
     pub(super) fn prove(&self) -> Result<bool, StoreError> {
-        let bucket_known = lock(&KNOWN).iter().any(|k| k.store == self.identity);
+        let (bucket_known, due) = {
+            let mut known = lock(&KNOWN);
+            match known.iter_mut().find(|k| k.store == self.identity) {
+                Some(k) => {
+                    let now = Instant::now();
+                    let (due, later) = k.lingering.drain(..).partition(|(_, at)| *at <= now);
+                    k.lingering = later;
+                    (true, due)
+                }
+                None => (false, Vec::new()),
+            }
+        };
+        for (key, _) in due {
+            self.remove_scratch(&key);
+        }
         if !bucket_known {
             self.prove_bucket()?;
         }
@@ -406,28 +440,34 @@ impl Store {
         V::gauge().store(V::value(standing), Ordering::Relaxed);
         match (standing, fact.probing) {
             (Some(v), _) => Next::Known(v),
-            (None, true) => Next::Busy,
-            (None, false) => {
-                fact.probing = true;
+            (None, Some(_)) => Next::Busy,
+            (None, None) => {
+                // Two PUTs and a DELETE, each with its retries; an attempt may wait on the
+                // credentials as long as on the store.
+                let longest = 3 * (self.retry.total + 2 * self.timeout);
+                fact.probing = Some(Instant::now() + longest);
                 Next::Probe(Probing(self.identity, std::marker::PhantomData))
             }
         }
     }
 
     /// The `V` another worker's probe reached, once it ends: an error when it decided nothing, or
-    /// when it outlasts every request it may send.
+    /// when it outlasts every request it may send (by its prober's settings). A probe begun by
+    /// another worker meanwhile is waited for too.
     fn awaited<V: Verdict>(&self) -> Result<V, StoreError> {
-        // Two PUTs and a DELETE, each with its retries.
-        let longest = 3 * (self.retry.total + self.timeout);
         fn mine<V: Verdict>(known: &mut [Known], store: Identity) -> Option<&mut Fact<V>> {
             known.iter_mut().find(|k| k.store == store).map(V::fact)
         }
-        let known = lock(&KNOWN);
-        let (mut known, _) = PROBED
-            .wait_timeout_while(known, longest, |known| {
-                mine::<V>(known, self.identity).is_some_and(|fact| fact.probing)
-            })
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut known = lock(&KNOWN);
+        while let Some(until) = mine::<V>(&mut known, self.identity).and_then(|f| f.probing) {
+            let Some(left) = until.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            known = PROBED
+                .wait_timeout(known, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
         let standing = mine::<V>(&mut known, self.identity).and_then(|fact| fact.standing());
         V::gauge().store(V::value(standing), Ordering::Relaxed);
         standing.ok_or_else(|| {
@@ -461,6 +501,17 @@ impl Store {
         verdict
     }
 
+    /// Removes a probe's scratch object (best effort; a removal that fails is said in the log).
+    fn remove_scratch(&self, key: &str) {
+        if let Err(e) = self.delete(key) {
+            (self.notice)(&format!(
+                "flowarchive: S3 store {} bucket {}: a probe's scratch object {key} was not removed: {e}",
+                self.endpoint.origin().ascii_serialization(),
+                self.bucket.name(),
+            ));
+        }
+    }
+
     /// Sends the write-once probe: its finding, the reason said in the log, and its scratch object,
     /// removed when dropped (after the verdict is recorded); or the error of an answer that decides
     /// nothing.
@@ -469,11 +520,15 @@ impl Store {
         let mut scratch = Scratch {
             store: self,
             key: self.probe_key(WriteOnce::PROBE),
+            retried: false,
         };
         let key = scratch.key.clone();
         let digests = Digests::of(WRITE_ONCE_BODY);
+        let (attempts, sent) = (Cell::new(0), Cell::new(0));
         let put = || {
+            sent.set(sent.get() + 1);
             self.request(|agent, creds| {
+                attempts.set(attempts.get() + 1);
                 let put = self.put_request(agent, creds, &key, &digests);
                 match put.send_bytes(WRITE_ONCE_BODY) {
                     Ok(r) => success("PUT", &key, r).map(|_| Answer::Stored),
@@ -498,14 +553,18 @@ impl Store {
         };
         // The first PUT refused as a precondition failure: an attempt of it whose answer was lost
         // stored it (the key is fresh), and the retry was refused as the second PUT must be.
-        match put()? {
+        let first = put();
+        scratch.retried = attempts.get() > sent.get();
+        match first? {
             Answer::Stored | Answer::Refused => {}
             Answer::Forbidden(e) => {
                 scratch.key.clear();
                 return Ok((WriteOnce::Unproven, unproven(e), scratch));
             }
         }
-        let (found, why) = match put()? {
+        let second = put();
+        scratch.retried = attempts.get() > sent.get();
+        let (found, why) = match second? {
             Answer::Refused => (
                 WriteOnce::Honoured,
                 "refused a second PUT of an object under If-None-Match: *: it writes once".into(),
@@ -528,13 +587,16 @@ impl Store {
         let mut scratch = Scratch {
             store: self,
             key: self.probe_key(Checksums::PROBE),
+            retried: false,
         };
         let key = scratch.key.clone();
         let digests = Digests {
             sha_b64: B64.encode(sha256(b"not the probe body")),
             ..Digests::of(CHECKSUM_BODY)
         };
+        let attempts = Cell::new(0);
         let answer = self.request(|agent, creds| {
+            attempts.set(attempts.get() + 1);
             let put = self.put_request(agent, creds, &key, &digests);
             match put.send_bytes(CHECKSUM_BODY) {
                 Ok(r) => success("PUT", &key, r).map(|_| Answer::Stored),
@@ -548,6 +610,7 @@ impl Store {
                 Err(e) => Err(request_error("PUT", &key, e)),
             }
         });
+        scratch.retried = attempts.get() > 1;
         const HEAD: &str = "verify auto proves every upload with a HEAD";
         match answer {
             Ok(Answer::Refused) => {
@@ -656,7 +719,7 @@ mod tests {
         for n in 0..MAX_STORES as u8 {
             entry(&mut known, id(n));
         }
-        entry(&mut known, id(0)).write_once.probing = true;
+        entry(&mut known, id(0)).write_once.probing = Some(Instant::now());
         entry(&mut known, id(1)).write_once.verdict = Some((WriteOnce::Ignored, Instant::now()));
         entry(&mut known, id(200));
         let kept = |known: &Vec<Known>, n| known.iter().any(|k| k.store == id(n));
@@ -672,7 +735,7 @@ mod tests {
             .iter_mut()
             .filter(|k| k.store != id(0) && k.store != id(1))
         {
-            k.checksums.probing = true;
+            k.checksums.probing = Some(Instant::now());
         }
         entry(&mut known, id(101));
         assert!(
