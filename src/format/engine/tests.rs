@@ -137,7 +137,17 @@ fn accepting_data_agrees_with_decoding_it() {
 fn sequences_are_plain_counts() {
     assert_eq!(parse_seq(b"0"), Ok(0));
     assert_eq!(parse_seq(b" 41\n"), Ok(41));
-    for bad in [&b""[..], b"-1", b"4.0", b"0x10", b"1e3", b"four", b"\xff"] {
+    for bad in [
+        &b""[..],
+        b"-1",
+        b"+1",
+        b"4.0",
+        b"1.0",
+        b"0x10",
+        b"1e3",
+        b"four",
+        b"\xff",
+    ] {
         assert!(parse_seq(bad).is_err(), "{bad:?}");
     }
 }

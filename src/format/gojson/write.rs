@@ -67,16 +67,9 @@ pub fn write_str(out: &mut Vec<u8>, s: &str) {
 /// Appends a float64 as Go's encoding/json writes it: the shortest digits that read back as the same
 /// number, without an exponent from 1e-6 up to 1e21, else with one (`1e+21`, `1.5e-7`).
 pub fn write_f64(out: &mut Vec<u8>, f: f64) {
-    // Rust's `{:e}` gives the same shortest digits: `d[.ddd]e<exp>`.
-    let sci = format!("{f:e}");
-    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
-    let exp: i32 = exp.parse().unwrap_or(0);
-    let (sign, mantissa) = match mantissa.strip_prefix('-') {
-        Some(m) => ("-", m),
-        None => ("", mantissa),
-    };
-    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    let sign = if f.is_sign_negative() { "-" } else { "" };
     let abs = f.abs();
+    let (digits, exp) = shortest(abs);
     let mut text = String::from(sign);
     if abs != 0.0 && !(1e-6..1e21).contains(&abs) {
         text.push_str(&digits[..1]);
@@ -108,4 +101,23 @@ pub fn write_f64(out: &mut Vec<u8>, f: f64) {
         }
     }
     out.extend_from_slice(text.as_bytes());
+}
+
+/// The shortest significant digits that read back as `f` (finite, not negative), as Go's `strconv`
+/// picks them, and the decimal exponent of the first: `f == d₁.d₂d₃… × 10^exp`. Zero is `("0", 0)`.
+/// Ryu gives them as Go does, ties to an even last digit; its text (`1.0`, `0.001`, `1.5e-7`, `1e16`)
+/// is read back into digits and exponent here.
+fn shortest(f: f64) -> (String, i32) {
+    let mut buffer = ryu::Buffer::new();
+    let text = buffer.format_finite(f);
+    let (mantissa, exp) = text.split_once('e').unwrap_or((text, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let all: String = [int, frac].concat();
+    let leading = all.bytes().take_while(|&b| b == b'0').count();
+    let digits = all[leading..].trim_end_matches('0');
+    if digits.is_empty() {
+        return ("0".into(), 0);
+    }
+    (digits.into(), int.len() as i32 - 1 - leading as i32 + exp)
 }
