@@ -195,34 +195,83 @@ fn a_long_flow_archived_during_its_live_read_is_not_answered_nil() {
 /// Holds: a new incarnation is stored after its predecessor's generation, so it never takes its
 /// predecessor's key, even once that object is gone (a bucket lifecycle rule, an operator). It once
 /// was written to that very key: its header's `previous` named itself, `GET … PREVIOUS 1` answered it
-/// as its own predecessor, and the read cache, keyed by location, kept answering the earlier one.
+/// as its own predecessor, and the read cache, keyed by location, kept answering the earlier one. An
+/// id long enough that its object takes the `_sha256` name (past `object-name-max`) once still did.
 #[test]
 fn a_new_incarnation_never_takes_its_predecessors_key() {
     let s3 = S3::new_bucket();
     let srv = Server::start(ServerOpts::new(&s3));
     let mut c = srv.conn();
-    let first = FlowSpec::done("reborn");
-    write_flow(&mut c, &first);
-    let loc1 = text(&archive(&mut c, "reborn").unwrap()["location"]);
-    assert_eq!(
-        get(&mut c, "reborn").unwrap(),
-        Some(archived_state(&state_json(&first)))
-    );
-    s3.delete("flows/reborn.jsonl.gz");
+    let long = "r".repeat(250);
+    for id in ["reborn", long.as_str()] {
+        let first = FlowSpec::done(id);
+        write_flow(&mut c, &first);
+        let loc1 = text(&archive(&mut c, id).unwrap()["location"]);
+        assert_eq!(
+            get(&mut c, id).unwrap(),
+            Some(archived_state(&state_json(&first)))
+        );
+        let rel1 = loc1.strip_prefix(&s3.location("")).unwrap();
+        assert_eq!(rel1.contains("_sha256"), id == long, "{rel1}");
+        s3.delete(rel1);
+        let second = FlowSpec {
+            events: 8,
+            ..FlowSpec::done(id)
+        };
+        write_flow(&mut c, &second);
+        let loc2 = text(&archive(&mut c, id).unwrap()["location"]);
+        let now = get(&mut c, id).unwrap();
+        assert!(
+            now == Some(archived_state(&state_json(&second))),
+            "GET answers the earlier incarnation (cached at {loc1}) after the new one was archived at {loc2}"
+        );
+        assert_ne!(loc2, loc1, "the new incarnation took its predecessor's key");
+        // The earlier incarnation, from the read cache: never the new one as its own predecessor.
+        let before = previous(&mut c, id, "1").unwrap();
+        assert_eq!(before, Some(archived_state(&state_json(&first))));
+    }
+}
+
+/// Holds: a predecessor in another folder (SWAPDB moved its entry into another DB, whose objects live
+/// under `db<n>/`) shares none of the new incarnation's keys, which starts at its own generation 0.
+/// It once started after the predecessor's generation: its folder then had no object at generation
+/// 0, so with the index lost the bucket search found nothing, and a predecessor at generation 15 left
+/// the new incarnation no key at all.
+#[test]
+fn a_predecessor_in_another_folder_leaves_the_new_incarnation_its_own_keys() {
+    let s3 = S3::new_bucket();
+    let srv = Server::start(ServerOpts::new(&s3));
+    let mut c = srv.conn();
+    cmd::<()>(&mut c, &["CONFIG", "SET", "flowarchive.cache-bytes", "0"]).unwrap();
+    for g in 0..15 {
+        let rel = match g {
+            0 => "flows/hi.jsonl.gz".to_string(),
+            g => format!("flows/hi.g{g}.jsonl.gz"),
+        };
+        s3.put(&rel, b"other content");
+    }
+    write_flow(&mut c, &FlowSpec::done("hi"));
+    let loc1 = text(&archive(&mut c, "hi").unwrap()["location"]);
+    assert_eq!(loc1, s3.location("flows/hi.g15.jsonl.gz"));
+    run(&mut c, "SWAPDB 0 1");
+    run(&mut c, "SELECT 1");
     let second = FlowSpec {
-        events: 8,
-        ..FlowSpec::done("reborn")
+        events: 9,
+        ..FlowSpec::done("hi")
     };
     write_flow(&mut c, &second);
-    let loc2 = text(&archive(&mut c, "reborn").unwrap()["location"]);
-    let now = get(&mut c, "reborn").unwrap();
-    assert!(
-        now == Some(archived_state(&state_json(&second))),
-        "GET answers the earlier incarnation (cached at {loc1}) after the new one was archived at {loc2}"
+    let loc2 = text(&archive(&mut c, "hi").unwrap()["location"]);
+    assert_eq!(loc2, s3.location("db1/flows/hi.jsonl.gz"));
+    assert_eq!(
+        previous(&mut c, "hi", "1").unwrap(),
+        Some(archived_state(&state_json(&FlowSpec::done("hi"))))
     );
-    assert_ne!(loc2, loc1, "the new incarnation took its predecessor's key");
-    let before = previous(&mut c, "reborn", "1").unwrap();
-    assert!(before != now, "an incarnation is its own predecessor");
+    // With DB 1's index lost, the bucket search finds the new incarnation in its folder.
+    run(&mut c, "DEL archived:flows");
+    assert_eq!(
+        get(&mut c, "hi").unwrap(),
+        Some(archived_state(&state_json(&second)))
+    );
 }
 
 /// Holds: a live GET under `state fold` needs read access to exactly the keys the fold reads (event

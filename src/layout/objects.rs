@@ -129,8 +129,20 @@ pub fn location_folder(head: &str) -> Option<&str> {
     (folder.is_empty() || folder.ends_with('/')).then_some(folder)
 }
 
+/// The head and generation of `location` when it is one of `id`'s object keys in either form a name
+/// may take (`object_file`, or the `_sha256` form a store's name limit chose: `stored_key`); `None`
+/// for anything else.
+pub fn location_generation<'l>(location: &'l str, id: &str) -> Option<(&'l str, u32)> {
+    let (head, file) = location.split_at(location.rfind("flows/")?);
+    let folder = location_folder(head)?;
+    let generation = (0..GENERATIONS)
+        .find(|&g| object_file(folder, id, g) == file || sha_file(id, g) == file)?;
+    Some((head, generation))
+}
+
 /// A location as `(head, generation)` with `location == head + object_file(folder, id, generation)`;
-/// `None` for anything that is not one of the flow's object keys.
+/// `None` for anything that is not one of the flow's object keys in that form (a `_sha256` name the
+/// name limit chose is not: the compact index cannot rebuild it).
 pub fn split_location<'l>(location: &'l str, id: &str) -> Option<(&'l str, u32)> {
     let (head, file) = location.split_at(location.rfind("flows/")?);
     let folder = location_folder(head)?;

@@ -285,3 +285,30 @@ fn later_generations_never_meet_another_key() {
     assert!(key.starts_with("p/flows/_sha256/") && key.ends_with(".g15.jsonl.gz"));
     assert!(key.len() <= 1024);
 }
+
+/// A location in either form a name may take gives its generation; the compact index's split takes
+/// only the form it can rebuild.
+#[test]
+fn locations_give_their_generation_whichever_form_their_name_took() {
+    let long = "r".repeat(250);
+    for (id, g) in [
+        ("abc", 0),
+        ("abc", 7),
+        (long.as_str(), 0),
+        (long.as_str(), 15),
+    ] {
+        let key = stored_key("p", 2, id, g, OBJECT_NAME_MAX);
+        let location = format!("s3://b/{key}");
+        assert_eq!(
+            location_generation(&location, id),
+            Some(("s3://b/p/db2/", g)),
+            "{location}"
+        );
+        assert_eq!(
+            split_location(&location, id).is_some(),
+            id == "abc",
+            "{location}"
+        );
+        assert_eq!(location_generation(&location, "other"), None);
+    }
+}
