@@ -232,45 +232,44 @@ fn a_new_incarnation_never_takes_its_predecessors_key() {
     }
 }
 
-/// Holds: a predecessor in another folder (SWAPDB moved its entry into another DB, whose objects live
-/// under `db<n>/`) shares none of the new incarnation's keys, which starts at its own generation 0.
-/// It once started after the predecessor's generation: its folder then had no object at generation
-/// 0, so with the index lost the bucket search found nothing, and a predecessor at generation 15 left
-/// the new incarnation no key at all.
+/// Holds: generations only grow along a chain of incarnations, even as it moves between folders: an
+/// incarnation archived in DB 1 after SWAPDB brought DB 0's entry there, then one in DB 0 after the
+/// swap back, never takes the first one's key once its object is gone, which the middle one names as
+/// its `previous`. When the count started again at 0 in a folder the predecessor did not lie in, the
+/// third incarnation took that key and `PREVIOUS 2` answered the newest state.
 #[test]
-fn a_predecessor_in_another_folder_leaves_the_new_incarnation_its_own_keys() {
+fn generations_only_grow_along_a_chain_that_moves_between_folders() {
     let s3 = S3::new_bucket();
     let srv = Server::start(ServerOpts::new(&s3));
     let mut c = srv.conn();
     cmd::<()>(&mut c, &["CONFIG", "SET", "flowarchive.cache-bytes", "0"]).unwrap();
-    for g in 0..15 {
-        let rel = match g {
-            0 => "flows/hi.jsonl.gz".to_string(),
-            g => format!("flows/hi.g{g}.jsonl.gz"),
-        };
-        s3.put(&rel, b"other content");
-    }
-    write_flow(&mut c, &FlowSpec::done("hi"));
-    let loc1 = text(&archive(&mut c, "hi").unwrap()["location"]);
-    assert_eq!(loc1, s3.location("flows/hi.g15.jsonl.gz"));
+    let spec = |events| FlowSpec {
+        events,
+        ..FlowSpec::done("swing")
+    };
+    write_flow(&mut c, &spec(3));
+    let loc1 = text(&archive(&mut c, "swing").unwrap()["location"]);
+    assert_eq!(loc1, s3.location("flows/swing.jsonl.gz"));
     run(&mut c, "SWAPDB 0 1");
     run(&mut c, "SELECT 1");
-    let second = FlowSpec {
-        events: 9,
-        ..FlowSpec::done("hi")
-    };
-    write_flow(&mut c, &second);
-    let loc2 = text(&archive(&mut c, "hi").unwrap()["location"]);
-    assert_eq!(loc2, s3.location("db1/flows/hi.jsonl.gz"));
+    write_flow(&mut c, &spec(5));
+    let loc2 = text(&archive(&mut c, "swing").unwrap()["location"]);
+    assert_eq!(loc2, s3.location("db1/flows/swing.g1.jsonl.gz"));
+    run(&mut c, "SWAPDB 0 1");
+    run(&mut c, "SELECT 0");
+    s3.delete("flows/swing.jsonl.gz");
+    write_flow(&mut c, &spec(7));
+    let loc3 = text(&archive(&mut c, "swing").unwrap()["location"]);
+    assert_eq!(loc3, s3.location("flows/swing.g2.jsonl.gz"));
     assert_eq!(
-        previous(&mut c, "hi", "1").unwrap(),
-        Some(archived_state(&state_json(&FlowSpec::done("hi"))))
+        previous(&mut c, "swing", "1").unwrap(),
+        Some(archived_state(&state_json(&spec(5))))
     );
-    // With DB 1's index lost, the bucket search finds the new incarnation in its folder.
-    run(&mut c, "DEL archived:flows");
-    assert_eq!(
-        get(&mut c, "hi").unwrap(),
-        Some(archived_state(&state_json(&second)))
+    // The first incarnation's object is gone: an error, never the newest state.
+    let e = err_text(previous(&mut c, "swing", "2"));
+    assert!(
+        e.contains("NoSuchKey") || e.contains("404") || e.contains("not found"),
+        "{e}"
     );
 }
 

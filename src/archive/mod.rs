@@ -292,7 +292,7 @@ pub fn upload(
 ) -> Result<Uploaded, FlowError> {
     let encoded = {
         let state = served_state(&capture.flow, settings.layout.state)?;
-        let generation = store::first_generation(&capture.flow, &settings.s3);
+        let generation = store::first_generation(&capture.flow);
         let encoded = writer::encode(&capture.flow, state.as_deref(), generation)
             .map_err(|e| FlowError::Unreadable(e.to_string()))?;
         writer::read_back(

@@ -4,12 +4,11 @@
 //! did not commit: a crash, a failover, a pause). A key holding other content is never replaced (it may
 //! be indexed by another server sharing the bucket, or be an uncommitted attempt of a flow that changed
 //! since): the next generation key is tried instead (see `layout::GENERATIONS`). A new incarnation of
-//! an id starts after its predecessor's generation (whichever form its name took), so it never takes
-//! its predecessor's key, even once that object is gone (a lifecycle rule, an operator): the chain of
-//! `previous` locations only moves forward, and a location, once indexed, never names other bytes. A
-//! predecessor in another folder (another DB's, after SWAPDB; an earlier bucket or prefix) shares no
-//! key with it, and the new incarnation starts at its folder's generation 0, where a read with the
-//! index lost looks first.
+//! an id starts after its predecessor's generation (whichever form its name took, in whichever folder
+//! it lies), so it never takes its predecessor's key, even once that object is gone (a lifecycle rule,
+//! an operator): generations only grow along the chain of `previous` locations, even as it moves
+//! between folders (another DB's after SWAPDB, an earlier bucket or prefix and back), so no key the
+//! chain names is ever taken again.
 
 use crate::format::captured::Captured;
 use crate::format::reader::Whose;
@@ -19,17 +18,12 @@ use crate::ops::errors::FlowError;
 use crate::ops::metrics::Buffered;
 use crate::s3::{FailureKind, S3Settings, Store, StoreError};
 
-/// The first generation an archive of `flow` may take in `settings`' bucket and prefix: the one after
-/// its predecessor's when the predecessor lies in the same folder (whichever form its name took),
-/// else 0: a predecessor elsewhere (another DB's folder after SWAPDB, an earlier bucket or prefix)
-/// shares none of its keys.
-pub fn first_generation(flow: &Captured, settings: &S3Settings) -> u32 {
-    let folder = layout::object_folder(&settings.prefix, flow.db);
-    let own = format!("s3://{}/{folder}", settings.bucket);
+/// The first generation an archive of `flow` may take: the one after its predecessor's, whichever form
+/// the predecessor's name took and wherever it lies, else 0.
+pub fn first_generation(flow: &Captured) -> u32 {
     flow.previous
         .as_ref()
         .and_then(|location| layout::location_generation(location, &flow.id))
-        .filter(|(head, _)| *head == own)
         .map_or(0, |(_, generation)| generation + 1)
 }
 
@@ -43,7 +37,7 @@ pub fn store_once(
     mut encoded: Encoded,
     max_bytes: u64,
 ) -> Result<(String, Encoded), FlowError> {
-    let first = first_generation(flow, settings);
+    let first = first_generation(flow);
     let (prefix, max_name) = (&settings.prefix, settings.object_name_max);
     let mut written_for = first;
     for (generation, key) in layout::stored_keys_from(prefix, flow.db, &flow.id, first, max_name) {

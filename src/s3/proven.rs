@@ -34,8 +34,8 @@
 //!
 //! Every probe runs only once the bucket is proven (a PUT would create a missing one), its scratch
 //! object is removed once its verdict is recorded (a removal that fails is said in the log), and its
-//! few bytes are not held to the upload rate cap. A probe PUT retried after an attempt was given up
-//! on may still be stored by that attempt after the removal, until its URL expires: its key is
+//! few bytes are not held to the upload rate cap. A probe PUT attempt that got no answer (a timeout,
+//! a lost connection) may still be stored after the removal, until its URL expires: its key is
 //! removed again at the store's first upload after that. A probe whose answer decides nothing (no
 //! connection, 5xx after the retries) is
 //! not remembered: that upload fails (write-once) or takes the HEAD (checksums), and the next one
@@ -310,6 +310,14 @@ fn entry(known: &mut Vec<Known>, store: Identity) -> &mut Known {
     &mut known[at]
 }
 
+/// Notes in `unanswered` a probe PUT attempt that got no answer: it may still reach the store after
+/// the probe ends ([`Scratch`]).
+fn note_unanswered(sent: &Result<ureq::Response, ureq::Error>, unanswered: &Cell<bool>) {
+    if matches!(sent, Err(ureq::Error::Transport(_))) {
+        unanswered.set(true);
+    }
+}
+
 /// How a probe's PUT was answered.
 enum Answer {
     /// Stored.
@@ -323,13 +331,13 @@ enum Answer {
 
 /// A probe's scratch object, removed (best effort) when dropped, however the probe ends; a removal
 /// that fails is said in the log. Its key is cleared where the store stored nothing. When an attempt
-/// of its PUT was given up on (`retried`), that attempt may still reach the store after the removal
-/// (a proxy that sends a request on once its client has gone), until its URL expires: the key is
-/// removed again at the first upload after that.
+/// of its PUT got no answer (`unanswered`: a timeout, a connection lost), that attempt may still
+/// reach the store after the removal (a proxy that sends a request on once its client has gone),
+/// until its URL expires: the key is removed again at the first upload after that.
 struct Scratch<'s> {
     store: &'s Store,
     key: String,
-    retried: bool,
+    unanswered: bool,
 }
 
 impl Drop for Scratch<'_> {
@@ -338,16 +346,25 @@ impl Drop for Scratch<'_> {
             return;
         }
         self.store.remove_scratch(&self.key);
-        if !self.retried {
+        if !self.unanswered {
             return;
         }
         let due = Instant::now() + self.store.expires;
         let mut known = lock(&KNOWN);
-        if let Some(k) = known.iter_mut().find(|k| k.store == self.store.identity) {
-            if k.lingering.len() < MAX_LINGERING {
-                k.lingering.push((std::mem::take(&mut self.key), due));
-            }
+        let Some(k) = known.iter_mut().find(|k| k.store == self.store.identity) else {
+            return;
+        };
+        if k.lingering.len() < MAX_LINGERING {
+            k.lingering.push((std::mem::take(&mut self.key), due));
+            return;
         }
+        drop(known);
+        (self.store.notice)(&format!(
+            "flowarchive: S3 store {} bucket {}: a probe's scratch object {} may be stored again by a PUT that got no answer, and is not removed again (too many such objects)",
+            self.store.endpoint.origin().ascii_serialization(),
+            self.store.bucket.name(),
+            self.key
+        ));
     }
 }
 
@@ -452,21 +469,23 @@ impl Store {
     }
 
     /// The `V` another worker's probe reached, once it ends: an error when it decided nothing, or
-    /// when it outlasts every request it may send (by its prober's settings). A probe begun by
-    /// another worker meanwhile is waited for too.
+    /// when it outlasts every request it may send (by its prober's settings). A probe another worker
+    /// begins once that one ended is waited for only within that time.
     fn awaited<V: Verdict>(&self) -> Result<V, StoreError> {
         fn mine<V: Verdict>(known: &mut [Known], store: Identity) -> Option<&mut Fact<V>> {
             known.iter_mut().find(|k| k.store == store).map(V::fact)
         }
         let mut known = lock(&KNOWN);
-        while let Some(until) = mine::<V>(&mut known, self.identity).and_then(|f| f.probing) {
-            let Some(left) = until.checked_duration_since(Instant::now()) else {
-                break;
-            };
-            known = PROBED
-                .wait_timeout(known, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+        if let Some(until) = mine::<V>(&mut known, self.identity).and_then(|f| f.probing) {
+            while mine::<V>(&mut known, self.identity).is_some_and(|f| f.probing.is_some()) {
+                let Some(left) = until.checked_duration_since(Instant::now()) else {
+                    break;
+                };
+                known = PROBED
+                    .wait_timeout(known, left)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
         }
         let standing = mine::<V>(&mut known, self.identity).and_then(|fact| fact.standing());
         V::gauge().store(V::value(standing), Ordering::Relaxed);
@@ -520,17 +539,17 @@ impl Store {
         let mut scratch = Scratch {
             store: self,
             key: self.probe_key(WriteOnce::PROBE),
-            retried: false,
+            unanswered: false,
         };
         let key = scratch.key.clone();
         let digests = Digests::of(WRITE_ONCE_BODY);
-        let (attempts, sent) = (Cell::new(0), Cell::new(0));
+        let unanswered = Cell::new(false);
         let put = || {
-            sent.set(sent.get() + 1);
             self.request(|agent, creds| {
-                attempts.set(attempts.get() + 1);
                 let put = self.put_request(agent, creds, &key, &digests);
-                match put.send_bytes(WRITE_ONCE_BODY) {
+                let sent = put.send_bytes(WRITE_ONCE_BODY);
+                note_unanswered(&sent, &unanswered);
+                match sent {
                     Ok(r) => success("PUT", &key, r).map(|_| Answer::Stored),
                     Err(ureq::Error::Status(403, r)) => Ok(Answer::Forbidden(status_error(
                         "PUT",
@@ -554,7 +573,7 @@ impl Store {
         // The first PUT refused as a precondition failure: an attempt of it whose answer was lost
         // stored it (the key is fresh), and the retry was refused as the second PUT must be.
         let first = put();
-        scratch.retried = attempts.get() > sent.get();
+        scratch.unanswered = unanswered.get();
         match first? {
             Answer::Stored | Answer::Refused => {}
             Answer::Forbidden(e) => {
@@ -563,7 +582,7 @@ impl Store {
             }
         }
         let second = put();
-        scratch.retried = attempts.get() > sent.get();
+        scratch.unanswered = unanswered.get();
         let (found, why) = match second? {
             Answer::Refused => (
                 WriteOnce::Honoured,
@@ -587,18 +606,19 @@ impl Store {
         let mut scratch = Scratch {
             store: self,
             key: self.probe_key(Checksums::PROBE),
-            retried: false,
+            unanswered: false,
         };
         let key = scratch.key.clone();
         let digests = Digests {
             sha_b64: B64.encode(sha256(b"not the probe body")),
             ..Digests::of(CHECKSUM_BODY)
         };
-        let attempts = Cell::new(0);
+        let unanswered = Cell::new(false);
         let answer = self.request(|agent, creds| {
-            attempts.set(attempts.get() + 1);
             let put = self.put_request(agent, creds, &key, &digests);
-            match put.send_bytes(CHECKSUM_BODY) {
+            let sent = put.send_bytes(CHECKSUM_BODY);
+            note_unanswered(&sent, &unanswered);
+            match sent {
                 Ok(r) => success("PUT", &key, r).map(|_| Answer::Stored),
                 Err(ureq::Error::Status(400, r)) => {
                     let code = error_code(r);
@@ -610,7 +630,7 @@ impl Store {
                 Err(e) => Err(request_error("PUT", &key, e)),
             }
         });
-        scratch.retried = attempts.get() > 1;
+        scratch.unanswered = unanswered.get();
         const HEAD: &str = "verify auto proves every upload with a HEAD";
         match answer {
             Ok(Answer::Refused) => {
