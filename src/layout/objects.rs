@@ -133,19 +133,22 @@ pub fn location_folder(head: &str) -> Option<&str> {
 /// may take (`object_file`, or the `_sha256` form a store's name limit chose: `stored_key`); `None`
 /// for anything else.
 pub fn location_generation<'l>(location: &'l str, id: &str) -> Option<(&'l str, u32)> {
-    let (head, file) = location.split_at(location.rfind("flows/")?);
-    let folder = location_folder(head)?;
-    let generation = (0..GENERATIONS)
-        .find(|&g| object_file(folder, id, g) == file || sha_file(id, g) == file)?;
-    Some((head, generation))
+    split(location, id, true)
 }
 
 /// A location as `(head, generation)` with `location == head + object_file(folder, id, generation)`;
 /// `None` for anything that is not one of the flow's object keys in that form (a `_sha256` name the
 /// name limit chose is not: the compact index cannot rebuild it).
 pub fn split_location<'l>(location: &'l str, id: &str) -> Option<(&'l str, u32)> {
+    split(location, id, false)
+}
+
+/// `location` as its head and the generation of its object key: the `object_file` form, and the
+/// `_sha256` form too if `any_name`.
+fn split<'l>(location: &'l str, id: &str, any_name: bool) -> Option<(&'l str, u32)> {
     let (head, file) = location.split_at(location.rfind("flows/")?);
     let folder = location_folder(head)?;
-    let generation = (0..GENERATIONS).find(|&g| object_file(folder, id, g) == file)?;
+    let named = |g| object_file(folder, id, g) == file || (any_name && sha_file(id, g) == file);
+    let generation = (0..GENERATIONS).find(|&g| named(g))?;
     Some((head, generation))
 }
