@@ -290,9 +290,9 @@ pub fn upload(
     settings: &Settings,
     s3: &Store,
 ) -> Result<Uploaded, FlowError> {
+    let generation = store::first_generation(&capture.flow);
     let encoded = {
         let state = served_state(&capture.flow, settings.layout.state)?;
-        let generation = store::first_generation(&capture.flow);
         let encoded = writer::encode(&capture.flow, state.as_deref(), generation)
             .map_err(|e| FlowError::Unreadable(e.to_string()))?;
         writer::read_back(
@@ -331,7 +331,7 @@ pub fn upload(
         s3,
         &settings.s3,
         &capture.flow,
-        encoded,
+        (encoded, generation),
         settings.read_max_bytes,
     );
     UPLOADS_IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);

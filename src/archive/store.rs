@@ -27,17 +27,16 @@ pub fn first_generation(flow: &Captured) -> u32 {
         .map_or(0, |(_, generation)| generation + 1)
 }
 
-/// Stores `encoded`, written for `first_generation(flow)`, and returns its key and the object stored
-/// there, once stored and verified. A later generation's key gets the object written for it
-/// (`writer::regenerate`, proven to read back under the read cap `max_bytes`).
+/// Stores `encoded`, written for generation `first` (`first_generation`), and returns its key and the
+/// object stored there, once stored and verified. A later generation's key gets the object written for
+/// it (`writer::regenerate`, proven to read back under the read cap `max_bytes`).
 pub fn store_once(
     s3: &Store,
     settings: &S3Settings,
     flow: &Captured,
-    mut encoded: Encoded,
+    (mut encoded, first): (Encoded, u32),
     max_bytes: u64,
 ) -> Result<(String, Encoded), FlowError> {
-    let first = first_generation(flow);
     let (prefix, max_name) = (&settings.prefix, settings.object_name_max);
     let mut written_for = first;
     for (generation, key) in layout::stored_keys_from(prefix, flow.db, &flow.id, first, max_name) {
