@@ -337,7 +337,7 @@ enum Answer {
 struct Scratch<'s> {
     store: &'s Store,
     key: String,
-    unanswered: bool,
+    unanswered: Cell<bool>,
 }
 
 impl Drop for Scratch<'_> {
@@ -346,7 +346,7 @@ impl Drop for Scratch<'_> {
             return;
         }
         self.store.remove_scratch(&self.key);
-        if !self.unanswered {
+        if !self.unanswered.get() {
             return;
         }
         let due = Instant::now() + self.store.expires;
@@ -359,10 +359,8 @@ impl Drop for Scratch<'_> {
             return;
         }
         drop(known);
-        (self.store.notice)(&format!(
-            "flowarchive: S3 store {} bucket {}: a probe's scratch object {} may be stored again by a PUT that got no answer, and is not removed again (too many such objects)",
-            self.store.endpoint.origin().ascii_serialization(),
-            self.store.bucket.name(),
+        self.store.say(&format!(
+            "a probe's scratch object {} may be stored again by a PUT that got no answer, and is not removed again (too many such objects)",
             self.key
         ));
     }
@@ -511,22 +509,25 @@ impl Store {
         V::gauge().store(V::value(Some(verdict)), Ordering::Relaxed);
         drop(known);
         if before != Some(verdict) {
-            (self.notice)(&format!(
-                "flowarchive: S3 store {} bucket {}: {why}",
-                self.endpoint.origin().ascii_serialization(),
-                self.bucket.name()
-            ));
+            self.say(why);
         }
         verdict
+    }
+
+    /// Says `what` of this store in the server log, at notice.
+    fn say(&self, what: &str) {
+        (self.notice)(&format!(
+            "flowarchive: S3 store {} bucket {}: {what}",
+            self.endpoint.origin().ascii_serialization(),
+            self.bucket.name()
+        ));
     }
 
     /// Removes a probe's scratch object (best effort; a removal that fails is said in the log).
     fn remove_scratch(&self, key: &str) {
         if let Err(e) = self.delete(key) {
-            (self.notice)(&format!(
-                "flowarchive: S3 store {} bucket {}: a probe's scratch object {key} was not removed: {e}",
-                self.endpoint.origin().ascii_serialization(),
-                self.bucket.name(),
+            self.say(&format!(
+                "a probe's scratch object {key} was not removed: {e}"
             ));
         }
     }
@@ -539,16 +540,16 @@ impl Store {
         let mut scratch = Scratch {
             store: self,
             key: self.probe_key(WriteOnce::PROBE),
-            unanswered: false,
+            unanswered: Cell::new(false),
         };
         let key = scratch.key.clone();
         let digests = Digests::of(WRITE_ONCE_BODY);
-        let unanswered = Cell::new(false);
+        let unanswered = &scratch.unanswered;
         let put = || {
             self.request(|agent, creds| {
                 let put = self.put_request(agent, creds, &key, &digests);
                 let sent = put.send_bytes(WRITE_ONCE_BODY);
-                note_unanswered(&sent, &unanswered);
+                note_unanswered(&sent, unanswered);
                 match sent {
                     Ok(r) => success("PUT", &key, r).map(|_| Answer::Stored),
                     Err(ureq::Error::Status(403, r)) => Ok(Answer::Forbidden(status_error(
@@ -572,18 +573,14 @@ impl Store {
         };
         // The first PUT refused as a precondition failure: an attempt of it whose answer was lost
         // stored it (the key is fresh), and the retry was refused as the second PUT must be.
-        let first = put();
-        scratch.unanswered = unanswered.get();
-        match first? {
+        match put()? {
             Answer::Stored | Answer::Refused => {}
             Answer::Forbidden(e) => {
                 scratch.key.clear();
                 return Ok((WriteOnce::Unproven, unproven(e), scratch));
             }
         }
-        let second = put();
-        scratch.unanswered = unanswered.get();
-        let (found, why) = match second? {
+        let (found, why) = match put()? {
             Answer::Refused => (
                 WriteOnce::Honoured,
                 "refused a second PUT of an object under If-None-Match: *: it writes once".into(),
@@ -606,18 +603,18 @@ impl Store {
         let mut scratch = Scratch {
             store: self,
             key: self.probe_key(Checksums::PROBE),
-            unanswered: false,
+            unanswered: Cell::new(false),
         };
         let key = scratch.key.clone();
         let digests = Digests {
             sha_b64: B64.encode(sha256(b"not the probe body")),
             ..Digests::of(CHECKSUM_BODY)
         };
-        let unanswered = Cell::new(false);
+        let unanswered = &scratch.unanswered;
         let answer = self.request(|agent, creds| {
             let put = self.put_request(agent, creds, &key, &digests);
             let sent = put.send_bytes(CHECKSUM_BODY);
-            note_unanswered(&sent, &unanswered);
+            note_unanswered(&sent, unanswered);
             match sent {
                 Ok(r) => success("PUT", &key, r).map(|_| Answer::Stored),
                 Err(ureq::Error::Status(400, r)) => {
@@ -630,7 +627,6 @@ impl Store {
                 Err(e) => Err(request_error("PUT", &key, e)),
             }
         });
-        scratch.unanswered = unanswered.get();
         const HEAD: &str = "verify auto proves every upload with a HEAD";
         match answer {
             Ok(Answer::Refused) => {
