@@ -150,13 +150,7 @@ fn a_write_once_probe_that_decides_nothing_fails_its_upload() {
         write_flow(&mut c, &FlowSpec::done(id));
     }
     let before = dump_all(&mut c);
-    let probe_answers = |status| {
-        proxy.set(vec![Rule {
-            method: "PUT",
-            path: "/_flowarchive/write-once-probe-".into(),
-            fault: Fault::Status(status),
-        }])
-    };
+    let probe_answers = |status| proxy.set(at_write_once_probe("PUT", Fault::Status(status)));
     for status in [500, 400] {
         probe_answers(status);
         let msg = err_text(archive(&mut c, "d1"));
@@ -194,26 +188,15 @@ fn a_write_once_probe_leaves_no_scratch_object() {
     let srv = server_via(&s3, Some(&proxy), &["retry-attempts", "1"]);
     let mut c = srv.conn();
     write_flow(&mut c, &FlowSpec::done("l1"));
-    let scratch = |s3: &S3| {
-        let keys = s3.list();
-        keys.into_iter().filter(|k| k.contains("-probe-")).count()
-    };
-    proxy.set(vec![Rule {
-        method: "PUT",
-        path: "/_flowarchive/write-once-probe-".into(),
-        fault: Fault::LoseAnswer,
-    }]);
+    let scratch = |s3: &S3| scratch_objects(s3).len();
+    proxy.set(at_write_once_probe("PUT", Fault::LoseAnswer));
     for _ in 0..3 {
         err_text(archive(&mut c, "l1"));
     }
     assert_eq!(info_field(&mut c, "s3_write_once_probes"), 3);
     assert_eq!(scratch(&s3), 0, "{:?}", s3.list());
 
-    proxy.set(vec![Rule {
-        method: "DELETE",
-        path: "/_flowarchive/write-once-probe-".into(),
-        fault: Fault::Status(403),
-    }]);
+    proxy.set(at_write_once_probe("DELETE", Fault::Status(403)));
     archive(&mut c, "l1").unwrap();
     assert_eq!(scratch(&s3), 1, "the store refused its removal");
     assert!(
@@ -277,11 +260,7 @@ fn uploads_wait_for_the_one_write_once_probe() {
     for id in &ids {
         write_flow(&mut c, &FlowSpec::done(id));
     }
-    proxy.set(vec![Rule {
-        method: "PUT",
-        path: "/_flowarchive/write-once-probe-".into(),
-        fault: Fault::Gate,
-    }]);
+    proxy.set(at_write_once_probe("PUT", Fault::Gate));
     let mut other = srv.conn();
     other
         .set_read_timeout(Some(Duration::from_secs(300)))
@@ -321,11 +300,7 @@ fn a_waiting_upload_waits_for_the_probe_by_its_probers_settings() {
     for id in ["w-0", "w-1"] {
         write_flow(&mut c, &FlowSpec::done(id));
     }
-    proxy.set(vec![Rule {
-        method: "PUT",
-        path: "/_flowarchive/write-once-probe-".into(),
-        fault: Fault::Gate,
-    }]);
+    proxy.set(at_write_once_probe("PUT", Fault::Gate));
     let mut first = srv.conn();
     let prober = std::thread::spawn(move || archive(&mut first, "w-0"));
     wait_for("the probe held", Duration::from_secs(60), || {
@@ -374,37 +349,27 @@ fn late_probe_put_removed(attempts: &str) {
     for id in ["late-0", "late-1", "late-2"] {
         write_flow(&mut c, &FlowSpec::done(id));
     }
-    let scratch = |s3: &S3| {
-        let keys = s3.list();
-        keys.into_iter()
-            .filter(|k| k.contains("-probe-"))
-            .collect::<Vec<_>>()
-    };
     // The first attempt of a probe PUT is held past its timeout; a retry (every other) goes through.
     let held = match attempts {
         "1" => Fault::Gate,
         _ => Fault::EveryOther(Box::new(Fault::Gate)),
     };
-    proxy.set(vec![Rule {
-        method: "PUT",
-        path: "/_flowarchive/write-once-probe-".into(),
-        fault: held,
-    }]);
+    proxy.set(at_write_once_probe("PUT", held));
     let first = archive(&mut c, "late-0");
     assert_eq!(first.is_ok(), attempts != "1", "{attempts}: {first:?}");
-    assert_eq!(scratch(&s3), Vec::<String>::new());
+    assert_eq!(scratch_objects(&s3), Vec::<String>::new());
     // The held attempts reach the store now: the first stores the scratch object again.
     let removed = Instant::now();
     proxy.clear();
     wait_for("the late PUT stored", Duration::from_secs(10), || {
-        scratch(&s3).len() == 1
+        scratch_objects(&s3).len() == 1
     });
     // Not removed before its URL expires (60 s and twice the timeout after it was signed).
     archive(&mut c, "late-1").unwrap();
-    assert_eq!(scratch(&s3).len(), 1, "{attempts}");
+    assert_eq!(scratch_objects(&s3).len(), 1, "{attempts}");
     std::thread::sleep(Duration::from_secs(62).saturating_sub(removed.elapsed()));
     archive(&mut c, if attempts == "1" { "late-0" } else { "late-2" }).unwrap();
-    assert_eq!(scratch(&s3), Vec::<String>::new(), "{attempts}");
+    assert_eq!(scratch_objects(&s3), Vec::<String>::new(), "{attempts}");
 }
 
 // ---------------------------------------------------------------- verify put-response
@@ -484,6 +449,21 @@ fn a_store_that_echoes_checksums_unchecked_cannot_make_a_delete() {
 // ---------------------------------------------------------------- verify auto
 
 /// The requests the proxy saw from the `from`-th on.
+/// Rules giving `fault` to every `method` request of a write-once probe's scratch object.
+fn at_write_once_probe(method: &'static str, fault: Fault) -> Vec<Rule> {
+    vec![Rule {
+        method,
+        path: "/_flowarchive/write-once-probe-".into(),
+        fault,
+    }]
+}
+
+/// The probes' scratch objects in this test's prefix.
+fn scratch_objects(s3: &S3) -> Vec<String> {
+    let keys = s3.list();
+    keys.into_iter().filter(|k| k.contains("-probe-")).collect()
+}
+
 fn sent_since(proxy: &Proxy, from: usize) -> Vec<String> {
     proxy.requests()[from..].to_vec()
 }
