@@ -285,7 +285,7 @@ pub fn check_all_in<'k>(
 /// only up to where they differ (a label index is named after its value, which may be megabytes long).
 fn unheld<'k>(held: &[Checked], keys: &[(&'k str, Access)]) -> Vec<(&'k str, Access)> {
     const FEW: usize = 16;
-    let mut new: Vec<(&str, Access)> = Vec::new();
+    let mut new: Vec<(&str, Access)> = Vec::with_capacity(keys.len());
     if keys.len() <= FEW {
         for &(key, access) in keys {
             let covers = |k: &str, a: Access| k == key && a.implies(access);
