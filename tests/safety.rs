@@ -573,6 +573,8 @@ fn archives_need_one_selector_for_all_their_keys(flavor: Flavor) {
         assert_same(&before, &dump_all(&mut admin), user);
     }
 
+    every_key_by_a_root_without_commands(&srv, &mut admin);
+
     let mut c = conn_as(&srv, "together");
     assert!(server_allows(
         &mut c,
@@ -607,6 +609,35 @@ fn archives_need_one_selector_for_all_their_keys(flavor: Flavor) {
     if flavor == Flavor::Valkey9 {
         dbs_count_per_selector(&srv, &mut admin);
     }
+}
+
+/// A root that allows every key (`~*`) but grants no command, and a selector that grants the commands
+/// on the flow's keys only: every key is allowed alone, and none of the archive's keys beyond the
+/// flow's own together with the commands. FLOW and SWEEP refuse, as the server would refuse the one
+/// command; nothing changes. (The module takes a user's keys as all allowed only where its root is its
+/// one selector.)
+fn every_key_by_a_root_without_commands(srv: &Server, admin: &mut redis::Connection) {
+    let commands_apart = format!("(+@all {FLOW_KEYS})");
+    set_user(admin, "keys-apart", &["-@all", "~*", &commands_apart]);
+    let before = dump_all(admin);
+    let mut c = conn_as(srv, "keys-apart");
+    let events = "argyll:flow:done-1:events";
+    assert!(server_allows(&mut c, &[events], &[events]));
+    assert!(!server_allows(&mut c, &[], &[events, "archived:flows"]));
+    let e = err_text(
+        redis::cmd("FLOWARCHIVE.FLOW")
+            .arg("done-1")
+            .arg("FORCE")
+            .query::<redis::Value>(&mut c),
+    );
+    assert!(
+        e.starts_with("NOPERM") && e.contains("no single ACL selector"),
+        "{e}"
+    );
+    let summary = sweep(&mut c, &[]).unwrap();
+    assert_eq!(int(&summary["archived"]), 0, "{summary:?}");
+    assert_eq!(int(&summary["skipped_noperm"]), 2, "{summary:?}");
+    assert_same(&before, &dump_all(admin), "keys-apart");
 }
 
 /// Commands granted one by one leave the stand-in out (and Redis 7.0 has no `@flowarchive`): a user
