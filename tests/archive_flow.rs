@@ -902,3 +902,52 @@ fn a_long_log_is_read_in_steps_that_keep_to_the_budget() {
     assert!(steps >= 10, "{steps} steps");
     assert_eq!(get_events(&mut c, "long").unwrap().1, log);
 }
+
+/// Steps that many workers hand over at once run in turns of the step budget, and the event loop
+/// serves its clients between turns: the longest run of steps it holds back to back (INFO
+/// `main_thread_max_turn_us`) stays within the budget and one step. Sixteen uploads of flows of 1,000
+/// events, each commit step longer than a 50 µs budget, are held at the store and let go at once, so
+/// their sixteen commit steps are handed over together; every event is archived. With every step
+/// waiting run in one turn, as the server runs every module timer that is due, one turn held several.
+#[test]
+fn steps_handed_over_together_run_in_turns_of_the_budget() {
+    let s3 = S3::new_bucket();
+    let proxy = Proxy::start(s3_port());
+    let srv = server_via(&s3, Some(&proxy), &[]);
+    let mut c = srv.conn();
+    config_set(&mut c, "flowarchive.step-budget-us", "50").unwrap();
+    config_set(&mut c, "flowarchive.concurrency", "16").unwrap();
+    let ids: Vec<String> = (0..16).map(|i| format!("heavy-{i}")).collect();
+    let mut logs = Vec::new();
+    for id in &ids {
+        write_flow(
+            &mut c,
+            &FlowSpec {
+                events: 1000,
+                ..FlowSpec::done(id)
+            },
+        );
+        let key = format!("argyll:flow:{id}:events");
+        logs.push(cmd::<Vec<String>>(&mut c, &["LRANGE", &key, "0", "-1"]).unwrap());
+    }
+    proxy.hold("PUT");
+    let mut sweeper = srv.conn();
+    let sweeping = std::thread::spawn(move || sweep(&mut sweeper, &[]));
+    wait_for("every upload held", Duration::from_secs(120), || {
+        proxy.gated() == ids.len()
+    });
+    proxy.release();
+    let swept = sweeping.join().unwrap().unwrap();
+    assert_eq!(int(&swept["archived"]), 16, "{swept:?}");
+    let turn = info_field(&mut c, "main_thread_max_turn_us");
+    let step = info_field(&mut c, "main_thread_max_us");
+    assert!(turn >= step, "a turn of {turn} µs, a step of {step} µs");
+    // The steps begun within the budget and the one that passed it, with 200 µs for taking each.
+    assert!(
+        turn <= 50 + step + 200,
+        "a turn of {turn} µs, where the longest step took {step} µs"
+    );
+    for (id, log) in ids.iter().zip(&logs) {
+        assert_eq!(&get_events(&mut c, id).unwrap().1, log, "{id}");
+    }
+}

@@ -19,6 +19,9 @@ pub static MAIN_THREAD_MAX_US: AtomicU64 = AtomicU64::new(0);
 pub static MAIN_THREAD_MAX_CPU_US: AtomicU64 = AtomicU64::new(0);
 /// Steps handed to the event loop by worker threads (each a wake-up of the loop and of the worker).
 pub static MAIN_THREAD_STEPS: AtomicU64 = AtomicU64::new(0);
+/// The longest turn of steps the event loop ran back to back, without serving its clients between
+/// (`runtime::mainthread`), in microseconds.
+pub static MAIN_THREAD_MAX_TURN_US: AtomicU64 = AtomicU64::new(0);
 
 /// Failed archives by kind.
 static FAILURES: Tally = Tally::new();
@@ -159,6 +162,7 @@ fn fields() -> Vec<(String, i64)> {
         ("main_thread_max_us", get(&MAIN_THREAD_MAX_US)),
         ("main_thread_max_cpu_us", get(&MAIN_THREAD_MAX_CPU_US)),
         ("main_thread_steps", get(&MAIN_THREAD_STEPS)),
+        ("main_thread_max_turn_us", get(&MAIN_THREAD_MAX_TURN_US)),
         (
             "main_thread_max_us_select",
             get(&STAGE_MAX_US[Stage::Select as usize]),

@@ -3,10 +3,19 @@
 //! A worker thread that takes the server lock itself can be descheduled while holding it, and then
 //! every client waits for milliseconds on a few microseconds of work. Work run by the event loop holds
 //! the server only for its own CPU time.
+//!
+//! Steps handed over by many workers at once wait together, and the event loop runs them in turns of
+//! at most `step-budget-us` (the last step of a turn may run past it): between two turns it serves
+//! its clients. The server runs every module timer that is due in one go, so a timer per step would
+//! let sixteen workers' steps hold the loop back to back, sixteen budgets long. A turn is asked for
+//! only while a step waits, so while a worker does: none is pending once the pools are idle, when
+//! the module may unload.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::os::raw::c_void;
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::time::{Duration, Instant};
 
@@ -22,6 +31,65 @@ use crate::runtime::server::{list_range_each, select_db, with_string};
 static CONTEXT: AtomicPtr<raw::RedisModuleCtx> = AtomicPtr::new(std::ptr::null_mut());
 
 type Job = Box<dyn FnOnce(&Context) + Send>;
+
+/// A step handed over, in the list of those the event loop has not taken yet.
+struct Handed {
+    job: Job,
+    next: *mut Handed,
+}
+
+/// The steps handed over and not yet taken, newest first. A worker adds one with a compare-and-swap
+/// and the event loop takes them all with one swap, so neither ever waits for the other: a worker (in
+/// the idle scheduling class) descheduled inside a locked push, or halfway through a channel's send,
+/// would hold every client waiting on the loop.
+static HANDED: AtomicPtr<Handed> = AtomicPtr::new(std::ptr::null_mut());
+
+thread_local! {
+    /// On the event loop: steps taken and not yet run, oldest first (a turn stops at the budget).
+    static TAKEN: RefCell<VecDeque<Job>> = const { RefCell::new(VecDeque::new()) };
+}
+
+/// Whether a turn is due for the steps handed over (asked for and not yet ended): only then is none
+/// asked for. Swapped, never just stored, so that whoever turns it off sees every step handed over
+/// before the last turn on (`turn`).
+static TURN_DUE: AtomicBool = AtomicBool::new(false);
+
+/// Adds a step to those handed over.
+fn hand_over(job: Job) {
+    let node = Box::into_raw(Box::new(Handed {
+        job,
+        next: std::ptr::null_mut(),
+    }));
+    let mut head = HANDED.load(Ordering::Relaxed);
+    loop {
+        // SAFETY: `node` is this thread's alone until the exchange below publishes it.
+        unsafe { (*node).next = head };
+        match HANDED.compare_exchange_weak(head, node, Ordering::Release, Ordering::Relaxed) {
+            Ok(_) => return,
+            Err(now) => head = now,
+        }
+    }
+}
+
+/// The next step to run on the event loop: one taken before, else the oldest of those handed over
+/// since (all taken at once).
+fn next_step() -> Option<Job> {
+    TAKEN.with_borrow_mut(|taken| {
+        if taken.is_empty() {
+            let mut node = HANDED.swap(std::ptr::null_mut(), Ordering::Acquire);
+            let mut newest_first = Vec::new();
+            while !node.is_null() {
+                // SAFETY: the swap took the whole list, each node boxed by `hand_over` and reached
+                // once, here.
+                let handed = unsafe { Box::from_raw(node) };
+                node = handed.next;
+                newest_first.push(handed.job);
+            }
+            taken.extend(newest_first.into_iter().rev());
+        }
+        taken.pop_front()
+    })
+}
 
 /// The server's main thread (the one that loaded the module).
 static MAIN: std::sync::OnceLock<std::thread::ThreadId> = std::sync::OnceLock::new();
@@ -320,38 +388,87 @@ fn run<T: Send>(work: impl FnOnce(&Context) -> T + Send) -> Result<T, ServerErro
     // SAFETY: only the lifetime is erased. This thread waits below until the job has run or has been
     // dropped (which drops `done` and ends the wait), so nothing it borrows outlives its use.
     let job: Job = unsafe { std::mem::transmute(job) };
-    let data = Box::into_raw(Box::new(job)) as *mut c_void;
-    // SAFETY: the API is thread-safe; on success the server passes `data` to `schedule_job` once.
-    let queued = unsafe {
-        raw::RedisModule_EventLoopAddOneShot
-            .map_or(raw::REDISMODULE_ERR as i32, |f| f(Some(schedule_job), data))
-    };
-    if queued != raw::REDISMODULE_OK as i32 {
-        // SAFETY: the server refused `data`, so it is still ours.
-        drop(unsafe { Box::from_raw(data as *mut Job) });
-        return Err(ServerError::NoEventLoop);
+    hand_over(job);
+    let refused = !TURN_DUE.swap(true, Ordering::SeqCst) && !ask_for_turn();
+    // A refusal dropped every step waiting, this one too: the wait then ends at once.
+    match result.recv() {
+        Ok(out) => Ok(out),
+        Err(_) if refused => Err(ServerError::NoEventLoop),
+        Err(_) => Err(ServerError::MainThreadPanic),
     }
-    result.recv().map_err(|_| ServerError::MainThreadPanic)
 }
 
-/// On the event loop: starts a timer for the job. A timer's context is one execution unit, so the job's
-/// replicated writes reach replicas and the AOF as one MULTI/EXEC (a detached context would send each
-/// write on its own).
-extern "C" fn schedule_job(data: *mut c_void) {
-    // SAFETY: on the main thread, with the module's context; the timer owns `data` from here on.
-    unsafe {
-        if let Some(create_timer) = raw::RedisModule_CreateTimer {
-            create_timer(CONTEXT.load(Ordering::Acquire), 0, Some(run_job), data);
-        } else {
-            drop(Box::from_raw(data as *mut Job));
+/// Asks the event loop for a turn of the waiting steps (`turn`), through a one-shot that starts a
+/// timer for it. False if the server refused: no turn can come, so every step waiting is dropped,
+/// which ends each one's wait.
+fn ask_for_turn() -> bool {
+    // SAFETY: the API is thread-safe; `start_turn` takes no data.
+    let asked = unsafe {
+        raw::RedisModule_EventLoopAddOneShot.map_or(raw::REDISMODULE_ERR as i32, |f| {
+            f(Some(start_turn), std::ptr::null_mut())
+        })
+    };
+    let asked = asked == raw::REDISMODULE_OK as i32;
+    if !asked {
+        no_turn();
+    }
+    asked
+}
+
+/// No turn is due and none can come: every step waiting is dropped, which ends each one's wait.
+fn no_turn() {
+    TURN_DUE.swap(false, Ordering::SeqCst);
+    while next_step().is_some() {}
+}
+
+/// On the event loop: starts a timer for a turn. A timer's context is one execution unit, so the
+/// turn's replicated writes reach replicas and the AOF as one MULTI/EXEC (a detached context would
+/// send each write on its own). Started from here, not from a turn, where the server would run it
+/// only a millisecond later.
+extern "C" fn start_turn(_: *mut c_void) {
+    // SAFETY: on the main thread, with the module's context; the timer takes no data.
+    let started = unsafe {
+        raw::RedisModule_CreateTimer.map(|create_timer| {
+            create_timer(
+                CONTEXT.load(Ordering::Acquire),
+                0,
+                Some(turn),
+                std::ptr::null_mut(),
+            )
+        })
+    };
+    if started.is_none() {
+        no_turn();
+    }
+}
+
+/// One turn of the event loop's: the waiting steps in order, until the step budget is spent (at least
+/// one step). Steps left ask for the next turn, after the loop has served its clients.
+extern "C" fn turn(ctx: *mut raw::RedisModuleCtx, _: *mut c_void) {
+    let ctx = Context::new(ctx);
+    let (started, budget) = (Instant::now(), step_budget());
+    let mut ran = Duration::ZERO;
+    let mut spent = false;
+    while let Some(job) = next_step() {
+        // A panic is logged; the waiting worker sees its result channel close, and the flow stays
+        // live.
+        let _ = log::contained("a main-thread step", || job(&ctx));
+        ran = started.elapsed();
+        if ran >= budget {
+            spent = true;
+            break;
         }
     }
-}
-
-extern "C" fn run_job(ctx: *mut raw::RedisModuleCtx, data: *mut c_void) {
-    // SAFETY: `data` is the box `run` leaked for this one call.
-    let job = unsafe { Box::from_raw(data as *mut Job) };
-    let ctx = Context::new(ctx);
-    // A panic is logged; the waiting worker sees its result channel close, and the flow stays live.
-    let _ = log::contained("a main-thread step", || job(&ctx));
+    metrics::MAIN_THREAD_MAX_TURN_US.fetch_max(ran.as_micros() as u64, Ordering::Relaxed);
+    if spent && TAKEN.with_borrow(|taken| !taken.is_empty()) {
+        // Still due: the next turn takes the rest.
+        ask_for_turn();
+        return;
+    }
+    // None due now. A step sent before this swap by a worker that found a turn due (and asked for
+    // none) would wait for nobody: the swap reads that worker's, so its step is seen here.
+    TURN_DUE.swap(false, Ordering::SeqCst);
+    if !HANDED.load(Ordering::Acquire).is_null() && !TURN_DUE.swap(true, Ordering::SeqCst) {
+        ask_for_turn();
+    }
 }
