@@ -761,3 +761,374 @@ fn a_large_labels_hash_uploading_through_a_failover_is_archived_by_the_new_prima
     );
     cluster.assert_replicas_equal();
 }
+
+// ------------------------------------------------------------------ several DBs (Valkey 9)
+
+/// A Valkey 9.1 cluster with `cluster-databases 4` (SELECT works on every node), its nodes reaching
+/// S3 through `proxy` when given.
+fn multi_db_bed(proxy: Option<&Proxy>) -> (S3, Cluster) {
+    let s3 = S3::new_bucket();
+    let endpoint = proxy.map(Proxy::endpoint).unwrap_or_else(s3_endpoint);
+    let mut args = s3.module_args(&endpoint);
+    args.extend(layout_args());
+    args.extend(["retention", "1h", "concurrency", "2"].map(String::from));
+    let cluster = Cluster::start_with(Flavor::Valkey9, &args, &["--cluster-databases", "4"]);
+    let databases: Vec<String> = cluster
+        .on(0, &["CONFIG", "GET", "cluster-databases"])
+        .unwrap();
+    assert_eq!(databases[1], "4", "the server takes cluster-databases");
+    (s3, cluster)
+}
+
+/// A connection to node `i` with DB `db` selected.
+fn conn_in(cluster: &Cluster, i: usize, db: u32) -> redis::Connection {
+    let mut c = cluster.conn(i);
+    cmd::<()>(&mut c, &["SELECT", &db.to_string()]).unwrap();
+    c
+}
+
+/// A connection to the primary that owns `id`'s slot, in DB `db`.
+fn owner_in(cluster: &mut Cluster, id: &str, db: u32) -> redis::Connection {
+    let owner = cluster.owner(slot_of(id));
+    conn_in(cluster, owner, db)
+}
+
+/// Writes `flows` into DB `db`, each on its slot's owner, and waits for the replicas.
+fn write_in(cluster: &mut Cluster, db: u32, flows: &[TFlow]) {
+    for f in flows {
+        f.write(&mut owner_in(cluster, &f.id, db));
+    }
+    cluster.wait_replicated();
+}
+
+/// The checker of one DB, on a cluster of several: every flow of `flows` (the flows written in DB
+/// `db`) is either live there with exactly its events and no index entry, or archived (no live key,
+/// an entry in its slot's index hash in DB `db` on its owner, naming an object of DB `db`'s folder)
+/// and answered by GET EVENTS in DB `db` with exactly its state and events. Every index hash of DB
+/// `db` sits on the owner of its slot, is named for it, and holds only flows of that slot written in
+/// that DB. Answers the archived ids.
+fn check_in(cluster: &mut Cluster, s3: &S3, db: u32, flows: &[TFlow]) -> BTreeSet<String> {
+    let folder = if db == 0 {
+        s3.location("flows/")
+    } else {
+        s3.location(&format!("db{db}/flows/"))
+    };
+    let known: BTreeSet<&String> = flows.iter().map(|f| &f.id).collect();
+    let mut indexed = BTreeSet::new();
+    for p in cluster.primaries() {
+        let mut c = conn_in(cluster, p, db);
+        let keys: Vec<String> = cmd(&mut c, &["KEYS", &format!("{INDEX_KEY}*")]).unwrap();
+        for key in keys {
+            let slot = redis::cluster_routing::get_slot(key.as_bytes());
+            assert_eq!(cluster.owner(slot), p, "DB {db}: {key} on node {p}");
+            assert_eq!(key, slot_index_key(slot), "DB {db}: index hash name");
+            let fields: Vec<String> = cmd(&mut c, &["HKEYS", &key]).unwrap();
+            for f in fields {
+                assert_eq!(slot_of(&f), slot, "DB {db}: {f} in {key}");
+                assert!(known.contains(&f), "DB {db}: unknown flow {f} indexed");
+                assert!(indexed.insert(f.clone()), "DB {db}: {f} indexed twice");
+            }
+        }
+    }
+    let mut archived = BTreeSet::new();
+    for f in flows {
+        let mut c = owner_in(cluster, &f.id, db);
+        let live: i64 = cmd(&mut c, &["EXISTS", &tagged_keys(&f.id)[0]]).unwrap();
+        let (state, events) =
+            get_events(&mut c, &f.id).unwrap_or_else(|e| panic!("DB {db}: GET {}: {e}", f.id));
+        assert_eq!(events, f.event_list(), "DB {db}: events of {}", f.id);
+        let entry: Option<String> =
+            cmd(&mut c, &["HGET", &slot_index_key(slot_of(&f.id)), &f.id]).unwrap();
+        if live == 1 {
+            assert_eq!(entry, None, "DB {db}: {} live and indexed", f.id);
+            assert_eq!(state, f.state(), "DB {db}: live state of {}", f.id);
+        } else {
+            let entry = entry.unwrap_or_else(|| panic!("DB {db}: {} gone, not indexed", f.id));
+            assert!(
+                entry.starts_with(&folder),
+                "DB {db}: {} indexed at {entry}, not under {folder}",
+                f.id
+            );
+            assert_eq!(
+                state,
+                archived_state(&f.state()),
+                "DB {db}: state of {}",
+                f.id
+            );
+            for k in tagged_keys(&f.id) {
+                let n: i64 = cmd(&mut c, &["EXISTS", &k]).unwrap();
+                assert_eq!(n, 0, "DB {db}: {k} of archived flow {}", f.id);
+            }
+            archived.insert(f.id.clone());
+        }
+    }
+    assert_eq!(
+        archived, indexed,
+        "DB {db}: archived flows and index entries"
+    );
+    archived
+}
+
+/// The same ids in DB 0 and DB 2, each DB's flow of an id with other events (and, for some ids,
+/// finished in one DB and running in the other), plus ids of DB 2 alone.
+fn two_db_flows(tag: &str, count: usize) -> (Vec<TFlow>, Vec<TFlow>) {
+    let ids: Vec<String> = (0..count).map(|i| format!("{tag}-{i}")).collect();
+    let db0 = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| TFlow {
+            status: if i % 4 == 1 { "active" } else { "completed" },
+            ..TFlow::done(id.clone(), 5 + i % 3)
+        })
+        .collect();
+    let db2 = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| TFlow {
+            status: if i % 4 == 3 { "active" } else { "completed" },
+            ..TFlow::done(id.clone(), 9 + i % 4)
+        })
+        .chain((0..count / 4).map(|i| TFlow::done(format!("{tag}-db2-only-{i}"), 6)))
+        .collect();
+    (db0, db2)
+}
+
+/// Object keys in the bucket under DB `db`'s folder (relative to the test's prefix).
+fn objects_of(s3: &S3, db: u32) -> BTreeSet<String> {
+    s3.list()
+        .into_iter()
+        .filter(|k| {
+            if db == 0 {
+                k.starts_with("flows/")
+            } else {
+                k.starts_with(&format!("db{db}/flows/"))
+            }
+        })
+        .collect()
+}
+
+/// On a cluster of 4 DBs, the same flow ids in DB 0 and DB 2 with other content: FLOWARCHIVE.FLOW in
+/// either DB, sweeps by clients that selected DB 2 and then (the cron script, FLOWARCHIVE_DB) DB 0,
+/// each archive only its own DB's flows, into its own DB's slot index hash on the owner and its own
+/// folder (`db2/flows/`); GET in each DB answers that DB's state and every event, never the other's;
+/// DB 1 and 3 see nothing; each object's header names its DB; the replicas hold each DB as their
+/// primary does.
+#[test]
+fn the_same_ids_in_two_dbs_of_a_cluster_archive_and_read_apart() {
+    let (s3, mut cluster) = multi_db_bed(None);
+    let (db0, db2) = two_db_flows("twin", 16);
+    write_in(&mut cluster, 0, &db0);
+    write_in(&mut cluster, 2, &db2);
+
+    // FLOW in one DB leaves the other DB's flow of that id alone.
+    let (a, b) = (&db0[0].id, &db0[2].id);
+    let reply = archive(&mut owner_in(&mut cluster, a, 2), a).unwrap();
+    assert_eq!(int(&reply["events"]), db2[0].events as i64);
+    let reply = archive(&mut owner_in(&mut cluster, b, 0), b).unwrap();
+    assert_eq!(int(&reply["events"]), db0[2].events as i64);
+    assert_eq!(
+        check_in(&mut cluster, &s3, 2, &db2),
+        BTreeSet::from([a.clone()])
+    );
+    assert_eq!(
+        check_in(&mut cluster, &s3, 0, &db0),
+        BTreeSet::from([b.clone()])
+    );
+
+    // Sweeps of DB 2 on every primary: DB 2's eligible flows only.
+    for p in cluster.primaries() {
+        let summary = sweep(&mut conn_in(&cluster, p, 2), &[]).unwrap();
+        assert_eq!(int(&summary["failed"]), 0, "node {p}: {summary:?}");
+    }
+    assert_eq!(check_in(&mut cluster, &s3, 2, &db2), eligible_ids(&db2));
+    assert_eq!(
+        check_in(&mut cluster, &s3, 0, &db0),
+        BTreeSet::from([b.clone()])
+    );
+
+    // The cron script in DB 0: DB 0's eligible flows only.
+    let node = cluster.any_live();
+    let (code, out, err) = cluster.cron_with(node, &[("FLOWARCHIVE_DB", "0")]);
+    assert_eq!(code, 0, "cron: {out}\n{err}");
+    assert_eq!(check_in(&mut cluster, &s3, 0, &db0), eligible_ids(&db0));
+    assert_eq!(check_in(&mut cluster, &s3, 2, &db2), eligible_ids(&db2));
+
+    // One object per archived flow, in its DB's folder, its header naming that DB.
+    for (db, flows) in [(0u32, &db0), (2, &db2)] {
+        let objects = objects_of(&s3, db);
+        assert_eq!(
+            objects.len(),
+            eligible_ids(flows).len(),
+            "DB {db}: {objects:?}"
+        );
+        for key in objects {
+            let header = gunzip(&s3.get(&key).unwrap());
+            let header: serde_json::Value =
+                serde_json::from_str(header.lines().next().unwrap()).unwrap();
+            assert_eq!(
+                header["db"].as_i64().unwrap_or(0),
+                db as i64,
+                "{key}: {header}"
+            );
+        }
+    }
+    // DB 1 and 3 hold nothing and answer nothing for these ids.
+    for db in [1u32, 3] {
+        for f in db0.iter().chain(&db2) {
+            let mut c = owner_in(&mut cluster, &f.id, db);
+            assert_eq!(get(&mut c, &f.id).unwrap(), None, "DB {db}: {}", f.id);
+        }
+        for p in cluster.primaries() {
+            let n: i64 = cmd(&mut conn_in(&cluster, p, db), &["DBSIZE"]).unwrap();
+            assert_eq!(n, 0, "DB {db} on node {p}");
+        }
+    }
+    replicas_equal_in(&mut cluster, &[0, 1, 2, 3]);
+}
+
+/// Every primary's replicas hold exactly its data in each DB of `dbs`.
+fn replicas_equal_in(cluster: &mut Cluster, dbs: &[u32]) {
+    cluster.wait_replicated();
+    let asker = cluster.any_live();
+    for (_, p, replicas) in cluster.slot_map(asker) {
+        for &db in dbs {
+            let primary = dump_all(&mut conn_in(cluster, p, db));
+            for &r in &replicas {
+                let mut rc = conn_in(cluster, r, db);
+                cmd::<()>(&mut rc, &["READONLY"]).unwrap();
+                wait_for("the replica to catch up", Duration::from_secs(10), || {
+                    dump_all(&mut rc) == primary
+                });
+            }
+        }
+    }
+}
+
+/// On a cluster of 4 DBs, an atomic slot migration (`CLUSTER MIGRATESLOTS`) of the slots of one
+/// primary that hold flows, in DB 2 and under the same ids in DB 0, while every primary sweeps DB 2
+/// with its uploads held at the proxy: no flow is lost or archived twice, the flows archived before
+/// the move are read from their new owner in DB 2, the index entries moved with their slots into DB
+/// 2's hashes there, DB 0's flows are untouched, and later sweeps of DB 2 and DB 0 archive the rest.
+#[test]
+fn an_atomic_slot_migration_mid_sweep_of_db_2_loses_nothing() {
+    let proxy = Proxy::start(s3_port());
+    let (s3, mut cluster) = multi_db_bed(Some(&proxy));
+    assert!(
+        cluster.has_migrateslots(0),
+        "Valkey 9 has CLUSTER MIGRATESLOTS"
+    );
+    let (db0, db2) = two_db_flows("mig", 40);
+    write_in(&mut cluster, 0, &db0);
+    write_in(&mut cluster, 2, &db2);
+    let primaries = cluster.primaries();
+    let (from, to) = (primaries[0], primaries[1]);
+    let slots = cluster.slots_with_flows(from, &db2);
+    assert!(!slots.is_empty());
+    // A first flow of the moving slots archived in DB 2 before the move.
+    let early = db2
+        .iter()
+        .find(|f| f.eligible() && slots.contains(&slot_of(&f.id)))
+        .unwrap();
+    archive(&mut conn_in(&cluster, from, 2), &early.id).unwrap();
+
+    proxy.hold("PUT");
+    for p in cluster.primaries() {
+        let started: String = cmd(
+            &mut conn_in(&cluster, p, 2),
+            &["FLOWARCHIVE.SWEEP", "ASYNC"],
+        )
+        .unwrap();
+        assert_eq!(started, "STARTED");
+    }
+    wait_for("uploads held", Duration::from_secs(60), || {
+        proxy.gated() >= 3
+    });
+    cluster.move_slots(&slots, from, to);
+    proxy.release();
+    cluster.wait_sweeps_done(Duration::from_secs(120));
+    eprintln!(
+        "after the move: failures_slot_moved on {from}: {}",
+        info_field(&mut cluster.conn(from), "failures_slot_moved")
+    );
+    let moved: Vec<&TFlow> = db2
+        .iter()
+        .filter(|f| slots.contains(&slot_of(&f.id)))
+        .collect();
+    for f in &moved {
+        assert_eq!(cluster.owner(slot_of(&f.id)), to);
+    }
+    // Nothing of DB 2's moving slots is left on the old owner, in any DB.
+    for db in 0..4u32 {
+        let mut c = conn_in(&cluster, from, db);
+        for &s in &slots {
+            let n: i64 = cmd(&mut c, &["CLUSTER", "COUNTKEYSINSLOT", &s.to_string()]).unwrap();
+            assert_eq!(n, 0, "DB {db}: slot {s} keys left on the old owner");
+        }
+    }
+    let archived = check_in(&mut cluster, &s3, 2, &db2);
+    assert!(archived.contains(&early.id));
+    assert_eq!(check_in(&mut cluster, &s3, 0, &db0), BTreeSet::new());
+
+    // Later sweeps archive the rest, each DB's own, once.
+    for db in ["2", "0"] {
+        let node = cluster.any_live();
+        let (code, out, err) = cluster.cron_with(node, &[("FLOWARCHIVE_DB", db)]);
+        assert_eq!(code, 0, "cron in DB {db}: {out}\n{err}");
+    }
+    assert_eq!(check_in(&mut cluster, &s3, 2, &db2), eligible_ids(&db2));
+    assert_eq!(check_in(&mut cluster, &s3, 0, &db0), eligible_ids(&db0));
+    for (db, flows) in [(0u32, &db0), (2, &db2)] {
+        assert_eq!(
+            objects_of(&s3, db).len(),
+            eligible_ids(flows).len(),
+            "DB {db}: one object per archived flow"
+        );
+    }
+    let archived_total: i64 = (0..cluster.nodes.len())
+        .map(|i| info_field(&mut cluster.conn(i), "flows_archived"))
+        .sum();
+    assert_eq!(
+        archived_total as usize,
+        eligible_ids(&db0).len() + eligible_ids(&db2).len(),
+        "flows archived across the nodes"
+    );
+    replicas_equal_in(&mut cluster, &[0, 2]);
+}
+
+/// On a cluster of 4 DBs, the internal timer sweeps DB 0 on every primary and no other DB, as
+/// README and docs/OPERATIONS.md say ("sweeps of DB 0"): DB 2's eligible flows stay live after
+/// several timer sweeps, and the cron script with FLOWARCHIVE_DB=2 archives them.
+#[test]
+fn the_timer_of_a_multi_db_cluster_sweeps_db_0_only() {
+    let (s3, mut cluster) = multi_db_bed(None);
+    let (db0, db2) = two_db_flows("tick", 12);
+    write_in(&mut cluster, 0, &db0);
+    write_in(&mut cluster, 2, &db2);
+    for i in 0..cluster.nodes.len() {
+        cluster
+            .on::<()>(i, &["CONFIG", "SET", "flowarchive.sweep-interval", "1s"])
+            .unwrap();
+    }
+    let primaries = cluster.primaries();
+    wait_for(
+        "three timer sweeps on every primary",
+        Duration::from_secs(60),
+        || {
+            primaries
+                .iter()
+                .all(|&p| info_field(&mut cluster.conn(p), "sweeps_run") >= 3)
+        },
+    );
+    for i in 0..cluster.nodes.len() {
+        cluster
+            .on::<()>(i, &["CONFIG", "SET", "flowarchive.sweep-interval", "0s"])
+            .unwrap();
+    }
+    cluster.wait_sweeps_done(Duration::from_secs(60));
+    assert_eq!(check_in(&mut cluster, &s3, 0, &db0), eligible_ids(&db0));
+    assert_eq!(check_in(&mut cluster, &s3, 2, &db2), BTreeSet::new());
+    let node = cluster.any_live();
+    let (code, out, err) = cluster.cron_with(node, &[("FLOWARCHIVE_DB", "2")]);
+    assert_eq!(code, 0, "cron in DB 2: {out}\n{err}");
+    assert_eq!(check_in(&mut cluster, &s3, 2, &db2), eligible_ids(&db2));
+}

@@ -140,9 +140,9 @@ impl TFlow {
 /// enough that a node the test leaves running is not taken for failed on a busy machine (at 1.5 s, a
 /// primary was failed over in the middle of a sweep while two test runs shared the two cores); a
 /// node the test kills is still replaced within seconds.
-fn node_opts(flavor: Flavor, module_args: &[String], bus: u16) -> ServerOpts {
+fn node_opts(flavor: Flavor, module_args: &[String], server_args: &[&str], bus: u16) -> ServerOpts {
     let bus = bus.to_string();
-    let extra = [
+    let mut extra = vec![
         "--cluster-enabled",
         "yes",
         "--cluster-config-file",
@@ -160,6 +160,7 @@ fn node_opts(flavor: Flavor, module_args: &[String], bus: u16) -> ServerOpts {
         "--enable-module-command",
         "yes",
     ];
+    extra.extend_from_slice(server_args);
     ServerOpts {
         flavor,
         module_args: module_args.to_vec(),
@@ -182,10 +183,15 @@ impl Cluster {
     /// Six nodes with `module_args` (S3 and the cluster layout), slots assigned, replicas attached,
     /// `cluster_state:ok` everywhere.
     pub fn start(flavor: Flavor, module_args: &[String]) -> Cluster {
+        Cluster::start_with(flavor, module_args, &[])
+    }
+
+    /// [`Cluster::start`] with more server options on every node (e.g. `--cluster-databases 4`).
+    pub fn start_with(flavor: Flavor, module_args: &[String], server_args: &[&str]) -> Cluster {
         let bus: Vec<u16> = (0..6).map(|_| stable_free_port()).collect();
         let nodes: Vec<Server> = bus
             .iter()
-            .map(|&b| Server::start(node_opts(flavor, module_args, b)))
+            .map(|&b| Server::start(node_opts(flavor, module_args, server_args, b)))
             .collect();
         let ids: Vec<String> = nodes
             .iter()
