@@ -911,8 +911,9 @@ fn objects_of(s3: &S3, db: u32) -> BTreeSet<String> {
 /// either DB, sweeps by clients that selected DB 2 and then (the cron script, FLOWARCHIVE_DB) DB 0,
 /// each archive only its own DB's flows, into its own DB's slot index hash on the owner and its own
 /// folder (`db2/flows/`); GET in each DB answers that DB's state and every event, never the other's;
-/// DB 1 and 3 see nothing; each object's header names its DB; the replicas hold each DB as their
-/// primary does.
+/// DB 1 and 3 see nothing (their reads, finding no index, ask the bucket under `db1/`, `db3/`); each
+/// object's header names its DB; with the slot's index hash deleted in DB 0 and DB 2, each DB's read
+/// finds its own object in the bucket; the replicas hold each DB as their primary does.
 #[test]
 fn the_same_ids_in_two_dbs_of_a_cluster_archive_and_read_apart() {
     let (s3, mut cluster) = multi_db_bed(None);
@@ -983,6 +984,27 @@ fn the_same_ids_in_two_dbs_of_a_cluster_archive_and_read_apart() {
             assert_eq!(n, 0, "DB {db} on node {p}");
         }
     }
+    // With the slot's index hash gone in both DBs, a read asks the bucket in its own DB's folder:
+    // DB 2 answers DB 2's object, DB 0 DB 0's, each with every event.
+    let (x0, x2) = (&db0[0], &db2[0]);
+    let index = slot_index_key(slot_of(&x0.id));
+    let probes = |cluster: &mut Cluster| {
+        let owner = cluster.owner(slot_of(&x0.id));
+        info_field(&mut cluster.conn(owner), "get_index_probes_found")
+    };
+    let found_before = probes(&mut cluster);
+    for (db, f) in [(2u32, x2), (0, x0)] {
+        let mut c = owner_in(&mut cluster, &f.id, db);
+        cmd::<()>(&mut c, &["DEL", &index]).unwrap();
+        let (state, events) = get_events(&mut c, &f.id).unwrap();
+        assert_eq!(state, archived_state(&f.state()), "DB {db} from the bucket");
+        assert_eq!(events, f.event_list(), "DB {db} from the bucket");
+    }
+    assert_eq!(
+        probes(&mut cluster),
+        found_before + 2,
+        "both read by the bucket search"
+    );
     replicas_equal_in(&mut cluster, &[0, 1, 2, 3]);
 }
 
