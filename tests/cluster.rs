@@ -1314,3 +1314,82 @@ fn rebuild_on_a_multi_db_cluster_restores_each_dbs_per_slot_index() {
     assert_eq!(check_in(&mut cluster, &s3, 0, &db0), eligible_ids(&db0));
     assert_eq!(check_in(&mut cluster, &s3, 2, &db2), eligible_ids(&db2));
 }
+
+/// Each flow of `flows` of DB `db` answers GET EVENTS there: archived with exactly its events if
+/// eligible (the sweeps archived them all), else live.
+fn reads_back_in(cluster: &mut Cluster, db: u32, flows: &[TFlow]) {
+    for f in flows {
+        let mut c = owner_in(cluster, &f.id, db);
+        let (state, events) =
+            get_events(&mut c, &f.id).unwrap_or_else(|e| panic!("DB {db}: GET {}: {e}", f.id));
+        assert_eq!(events, f.event_list(), "DB {db}: events of {}", f.id);
+        let want = if f.eligible() {
+            archived_state(&f.state())
+        } else {
+            f.state()
+        };
+        assert_eq!(state, want, "DB {db}: state of {}", f.id);
+    }
+}
+
+/// On a cluster of 4 DBs, `flowarchive-index --to compact` with FLOWARCHIVE_DB=2 converts DB 2's
+/// per-slot indexes on every primary and leaves DB 0's hashes as they were; then DB 0's too; every
+/// flow of both DBs reads back its own history throughout.
+#[test]
+fn index_conversion_on_a_multi_db_cluster_converts_the_selected_db() {
+    let (_s3, mut cluster) = multi_db_bed(None);
+    let (db0, db2) = two_db_flows("conv", 12);
+    write_in(&mut cluster, 0, &db0);
+    write_in(&mut cluster, 2, &db2);
+    for db in [0u32, 2] {
+        for p in cluster.primaries() {
+            sweep(&mut conn_in(&cluster, p, db), &[]).unwrap();
+        }
+    }
+    for i in 0..cluster.nodes.len() {
+        for (name, value) in [("index-format", "compact"), ("cache-bytes", "0")] {
+            cluster
+                .on::<()>(i, &["CONFIG", "SET", &format!("flowarchive.{name}"), value])
+                .unwrap();
+        }
+    }
+    let db0_hashes = index_hashes(&mut cluster, &[0]);
+    assert!(!db0_hashes.is_empty() && !index_hashes(&mut cluster, &[2]).is_empty());
+    let convert = |cluster: &Cluster, db: &str| {
+        let out = std::process::Command::new("python3")
+            .arg(root().join("scripts/flowarchive-index"))
+            .args(["--to", "compact", "--batch", "3"])
+            .env("FLOWARCHIVE_PORT", cluster.nodes[0].port.to_string())
+            .env("FLOWARCHIVE_DB", db)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(0), "DB {db}: {text}");
+        assert!(text.contains("left=0"), "DB {db}: {text}");
+        text
+    };
+    let text = convert(&cluster, "2");
+    let moved: usize = eligible_ids(&db2).len();
+    assert!(
+        text.ends_with(&format!("moved={moved} kept=0 conflicts=0 left=0\n")),
+        "{text}"
+    );
+    // DB 2 has no hash-format entry left; DB 0's hashes are untouched.
+    for ((_, p, key), _) in index_hashes(&mut cluster, &[2]) {
+        let kind: String = cmd(&mut conn_in(&cluster, p, 2), &["TYPE", &key]).unwrap();
+        assert!(
+            key.contains(":u") || key.contains(":s") || key.ends_with(":meta"),
+            "{key} {kind}"
+        );
+    }
+    assert_eq!(index_hashes(&mut cluster, &[0]), db0_hashes);
+    reads_back_in(&mut cluster, 2, &db2);
+    reads_back_in(&mut cluster, 0, &db0);
+    convert(&cluster, "0");
+    reads_back_in(&mut cluster, 0, &db0);
+    reads_back_in(&mut cluster, 2, &db2);
+}
