@@ -913,7 +913,8 @@ fn objects_of(s3: &S3, db: u32) -> BTreeSet<String> {
 /// folder (`db2/flows/`); GET in each DB answers that DB's state and every event, never the other's;
 /// DB 1 and 3 see nothing (their reads, finding no index, ask the bucket under `db1/`, `db3/`); each
 /// object's header names its DB; with the slot's index hash deleted in DB 0 and DB 2, each DB's read
-/// finds its own object in the bucket; the replicas hold each DB as their primary does.
+/// finds its own object in the bucket; a replica answers each DB's archived flow; the replicas hold
+/// each DB as their primary does.
 #[test]
 fn the_same_ids_in_two_dbs_of_a_cluster_archive_and_read_apart() {
     let (s3, mut cluster) = multi_db_bed(None);
@@ -983,6 +984,21 @@ fn the_same_ids_in_two_dbs_of_a_cluster_archive_and_read_apart() {
             let n: i64 = cmd(&mut conn_in(&cluster, p, db), &["DBSIZE"]).unwrap();
             assert_eq!(n, 0, "DB {db} on node {p}");
         }
+    }
+    // A replica (READONLY) answers each DB's archived flow of an id from that DB's index.
+    for (db, f) in [(2u32, &db2[2]), (0, &db0[2])] {
+        let asker = cluster.any_live();
+        let slot = slot_of(&f.id);
+        let (_, _, replicas) = cluster
+            .slot_map(asker)
+            .into_iter()
+            .find(|((a, b), _, _)| (*a..=*b).contains(&slot))
+            .unwrap();
+        let mut c = conn_in(&cluster, replicas[0], db);
+        cmd::<()>(&mut c, &["READONLY"]).unwrap();
+        let (state, events) = get_events(&mut c, &f.id).unwrap();
+        assert_eq!(state, archived_state(&f.state()), "DB {db} on a replica");
+        assert_eq!(events, f.event_list(), "DB {db} on a replica");
     }
     // With the slot's index hash gone in both DBs, a read asks the bucket in its own DB's folder:
     // DB 2 answers DB 2's object, DB 0 DB 0's, each with every event.
