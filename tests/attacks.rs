@@ -640,3 +640,276 @@ fn reused_id_races_keep_every_incarnation() {
     assert!(e.contains("16 object keys"), "{e}");
     assert!(live(&mut c, "full"));
 }
+
+/// Every object under the prefix with its bytes, each checked to be a flow object whose header names
+/// the flow id, DB 0 and generation of its key.
+fn bucket_objects(s3: &S3) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut objects = std::collections::BTreeMap::new();
+    for rel in s3.list() {
+        let name = rel
+            .strip_prefix("flows/")
+            .unwrap_or_else(|| panic!("{rel}"));
+        let name = name.strip_suffix(".jsonl.gz").unwrap();
+        let (id, generation) = match name.rsplit_once(".g") {
+            Some((id, g)) => (id, g.parse::<u64>().unwrap()),
+            None => (name, 0),
+        };
+        let body = s3.get(&rel).unwrap();
+        let text = gunzip(&body);
+        let header: serde_json::Value =
+            serde_json::from_str(text.split_once('\n').unwrap().0).unwrap();
+        assert_eq!(header["flow_id"], id, "{rel}: {header}");
+        assert_eq!(header["db"], 0, "{rel}: {header}");
+        assert_eq!(header["generation"], generation, "{rel}: {header}");
+        objects.insert(rel, body);
+    }
+    objects
+}
+
+/// Every object of `before` is still in `after` with the same bytes, but for `gone`.
+fn none_replaced(
+    before: &std::collections::BTreeMap<String, Vec<u8>>,
+    after: &std::collections::BTreeMap<String, Vec<u8>>,
+    gone: &[String],
+) {
+    for (rel, body) in before {
+        if gone.contains(rel) {
+            assert!(!after.contains_key(rel), "{rel} came back");
+            continue;
+        }
+        assert!(
+            after.get(rel) == Some(body),
+            "{rel} was replaced or removed"
+        );
+    }
+}
+
+/// `spec`'s flow as `c`'s server answers it: archived (its index entry names an object) with exactly
+/// its state and every one of its events, never live; its location.
+fn answers_archived(c: &mut redis::Connection, spec: &FlowSpec, server: &str) -> String {
+    let id = spec.id;
+    assert!(!live(c, id), "{server}: {id} is still live");
+    let (state, events) = get_events(c, id).unwrap();
+    assert_eq!(
+        state,
+        archived_state(&state_json(spec)),
+        "{server} answers another state for {id}"
+    );
+    assert_eq!(
+        events,
+        events_of(spec),
+        "{server} answers other events for {id}"
+    );
+    assert_eq!(
+        get(c, id).unwrap(),
+        Some(archived_state(&state_json(spec))),
+        "{server}: {id}"
+    );
+    cmd::<String>(c, &["HGET", "archived:flows", id]).unwrap()
+}
+
+/// Holds: two servers sharing one bucket and one prefix archive flows of the same ids with other
+/// content, by sweeps running at once and by `FLOW … FORCE` raced id by id, each archive landing at
+/// its own generation: each server answers exactly its own flow (state and every event), never the
+/// other's, deletes nothing live without its own object, and no object is replaced. A second
+/// incarnation archived on one server answers beside its first (`PREVIOUS 1`), the other server's
+/// answers unchanged; with the gen-0 object of one server's flow removed (a lifecycle rule), that
+/// server's next incarnation takes a key of its own, never the removed one nor the other server's.
+/// What a shared prefix does not keep apart is in docs/SAFETY.md's limits (one prefix per
+/// deployment).
+#[test]
+fn two_servers_sharing_a_prefix_answer_only_their_own_flows() {
+    let s3 = S3::new_bucket();
+    let servers = [
+        Server::start(ServerOpts::new(&s3)),
+        Server::start(ServerOpts::new(&s3)),
+    ];
+    let mut conns: Vec<redis::Connection> = servers.iter().map(Server::conn).collect();
+    for c in conns.iter_mut() {
+        // Every archived read goes to the bucket.
+        config_set(c, "flowarchive.cache-bytes", "0").unwrap();
+    }
+    let labels: [&[(&str, &str)]; 3] =
+        [&[("tenant", "a")], &[("tenant", "b")], &[("tenant", "a2")]];
+    let spec = |id: &'static str, who: usize| FlowSpec {
+        events: [5, 7, 9][who],
+        labels: labels[who],
+        ..FlowSpec::done(id)
+    };
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    let swept: Vec<&'static str> = (0..120).map(|i| leak(format!("s{i}"))).collect();
+    let forced: Vec<&'static str> = (0..64).map(|i| leak(format!("f{i}"))).collect();
+    let now = now_ms();
+    let recent = |id: &'static str, who: usize| FlowSpec {
+        last_ms: now,
+        ..spec(id, who)
+    };
+
+    // The generations of the two servers' locations of one id, in order.
+    let gens = |loc: &[String]| {
+        let mut g: Vec<u64> = loc
+            .iter()
+            .map(
+                |l| match l.strip_suffix(".jsonl.gz").unwrap().rsplit_once(".g") {
+                    Some((_, g)) => g.parse().unwrap(),
+                    None => 0,
+                },
+            )
+            .collect();
+        g.sort();
+        g
+    };
+    let mut won = [0; 4];
+
+    // Both sweeps at once, each taking the ids in the other's order (by age), so that they meet.
+    let swept_spec = |id: &'static str, who: usize| {
+        let i: i64 = id[1..].parse().unwrap();
+        FlowSpec {
+            last_ms: LONG_AGO + 1000 * [i, swept.len() as i64 - i][who],
+            ..spec(id, who)
+        }
+    };
+    for (who, c) in conns.iter_mut().enumerate() {
+        for id in &swept {
+            write_flow(c, &swept_spec(id, who));
+        }
+    }
+    let start = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let sweeps: Vec<_> = servers
+        .iter()
+        .map(|srv| {
+            let (mut c, start) = (srv.conn(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                sweep(&mut c, &[]).unwrap()
+            })
+        })
+        .collect();
+    for s in sweeps {
+        let s = s.join().unwrap();
+        assert_eq!(int(&s["archived"]), swept.len() as i64, "{s:?}");
+    }
+    for id in &swept {
+        let loc: Vec<String> = (0..2)
+            .map(|who| answers_archived(&mut conns[who], &swept_spec(id, who), "server"))
+            .collect();
+        won[usize::from(gens(&loc[1..])[0] == 0)] += 1;
+        assert_eq!(gens(&loc), [0, 1], "{id}: {loc:?}");
+    }
+    assert!(won[0] > 0 && won[1] > 0, "the sweeps never met: {won:?}");
+    let after_sweeps = bucket_objects(&s3);
+    assert_eq!(after_sweeps.len(), 2 * swept.len());
+
+    // FLOW … FORCE raced id by id (the flows are too recent for a sweep).
+    for (who, c) in conns.iter_mut().enumerate() {
+        for id in &forced {
+            write_flow(c, &recent(id, who));
+        }
+    }
+    let racers: Vec<_> = servers
+        .iter()
+        .map(|srv| {
+            let (mut c, start, ids) = (srv.conn(), start.clone(), forced.clone());
+            std::thread::spawn(move || {
+                ids.iter()
+                    .map(|id| {
+                        start.wait();
+                        redis::cmd("FLOWARCHIVE.FLOW")
+                            .arg(*id)
+                            .arg("FORCE")
+                            .query::<redis::Value>(&mut c)
+                            .map(reply_map)
+                            .map(|r| text(&r["location"]))
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let answers: Vec<Vec<_>> = racers.into_iter().map(|t| t.join().unwrap()).collect();
+    for (i, id) in forced.iter().enumerate() {
+        let loc: Vec<String> = (0..2)
+            .map(|who| {
+                let said = answers[who][i]
+                    .as_ref()
+                    .unwrap_or_else(|e| panic!("{id}: {e}"));
+                let loc = answers_archived(&mut conns[who], &recent(id, who), "server");
+                assert_eq!(*said, loc, "{id}");
+                loc
+            })
+            .collect();
+        won[2 + usize::from(gens(&loc[1..])[0] == 0)] += 1;
+        assert_eq!(gens(&loc), [0, 1], "{id}: {loc:?}");
+    }
+    assert!(
+        won[2] > 0 && won[3] > 0,
+        "one server won every race: {won:?}"
+    );
+    eprintln!("generation 0 taken by server 0 and 1 (sweeps, then FLOW): {won:?}");
+    let after_force = bucket_objects(&s3);
+    assert_eq!(after_force.len(), 2 * (swept.len() + forced.len()));
+    none_replaced(&after_sweeps, &after_force, &[]);
+
+    // A second incarnation of some ids on server 0; server 1's answers stay its own.
+    let again = &swept[..8];
+    for id in again {
+        write_flow(&mut conns[0], &spec(id, 2));
+        let loc = text(&archive(&mut conns[0], id).unwrap()["location"]);
+        // After its own predecessor's and the other server's generations.
+        assert_eq!(loc, s3.location(&format!("flows/{id}.g2.jsonl.gz")));
+        assert_eq!(
+            answers_archived(&mut conns[0], &spec(id, 2), "server 0"),
+            loc
+        );
+        assert_eq!(
+            previous(&mut conns[0], id, "1").unwrap(),
+            Some(archived_state(&state_json(&swept_spec(id, 0)))),
+            "{id}"
+        );
+        answers_archived(&mut conns[1], &swept_spec(id, 1), "server 1");
+        assert_eq!(previous(&mut conns[1], id, "1").unwrap(), None, "{id}");
+    }
+    let after_again = bucket_objects(&s3);
+    none_replaced(&after_force, &after_again, &[]);
+
+    // The gen-0 object of one server's flow removed; that server archives a new incarnation.
+    let mut gone = Vec::new();
+    for id in swept[8..16].iter().chain(&forced[..8]) {
+        let rel = format!("flows/{id}.jsonl.gz");
+        let at = s3.location(&rel);
+        let owner = (0..2)
+            .find(|&who| {
+                cmd::<String>(&mut conns[who], &["HGET", "archived:flows", id]).unwrap() == at
+            })
+            .unwrap_or_else(|| panic!("no server indexes {at}"));
+        s3.delete(&rel);
+        gone.push(rel);
+        let next = spec(id, 2);
+        write_flow(&mut conns[owner], &next);
+        let loc = text(&archive(&mut conns[owner], id).unwrap()["location"]);
+        // Neither the removed key nor the other server's (generation 1).
+        assert_eq!(loc, s3.location(&format!("flows/{id}.g2.jsonl.gz")));
+        assert_eq!(answers_archived(&mut conns[owner], &next, "owner"), loc);
+        let e = err_text(previous(&mut conns[owner], id, "1"));
+        assert!(
+            e.contains("NoSuchKey") || e.contains("404") || e.contains("not found"),
+            "{e}"
+        );
+        let other = 1 - owner;
+        let first_other = if id.starts_with('f') {
+            recent(id, other)
+        } else {
+            swept_spec(id, other)
+        };
+        let theirs = answers_archived(&mut conns[other], &first_other, "the other server");
+        assert_ne!(theirs, loc, "{id}");
+    }
+    none_replaced(&after_again, &bucket_objects(&s3), &gone);
+    for (who, c) in conns.iter_mut().enumerate() {
+        for id in &swept[16..] {
+            answers_archived(c, &swept_spec(id, who), "at the end, server");
+        }
+        for id in &forced[8..] {
+            answers_archived(c, &recent(id, who), "at the end, server");
+        }
+    }
+}
