@@ -1017,3 +1017,136 @@ fn a_round_commits_and_begins_in_one_step() {
     );
     no_count_errors(&srv, &mut c);
 }
+
+/// Commits of three DBs run in one turn of the event loop (one module timer, so one execution unit and
+/// one MULTI/EXEC): a sweep of DB 0 and FLOWARCHIVE.FLOW archives in DB 1 and DB 3, the same ids in
+/// each DB, all uploads held and let go at once while the main thread is kept busy, so their commits
+/// wait together. The AOF then holds a transaction that writes to several DBs; a replica holds exactly
+/// what the primary holds in every DB; and the primary reloaded from its AOF (DEBUG LOADAOF) holds the
+/// same data, DB for DB.
+#[test]
+fn commits_of_several_dbs_in_one_turn_replicate_and_reload_db_for_db() {
+    let proxy = Proxy::start(s3_port());
+    let s3 = S3::new_bucket();
+    let mut opts = ServerOpts::new(&s3);
+    opts.module_args = s3.module_args(&proxy.endpoint());
+    // A budget no commit reaches, so every commit waiting runs in one turn.
+    opts.module_args.extend(
+        [
+            "concurrency",
+            "16",
+            "step-budget-us",
+            "100000",
+            "request-timeout-ms",
+            "60000",
+        ]
+        .map(String::from),
+    );
+    opts.extra = [
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--enable-debug-command",
+        "yes",
+    ]
+    .map(String::from)
+    .to_vec();
+    let primary = Server::start(opts);
+    let replica = Server::start(ServerOpts::new(&s3));
+    let (mut c, mut r) = (primary.conn(), replica.conn());
+    const DBS: [&str; 3] = ["0", "1", "3"];
+    let ids: Vec<String> = (0..2).map(|i| format!("m{i}")).collect();
+    for db in DBS {
+        cmd::<()>(&mut c, &["SELECT", db]).unwrap();
+        for id in ids.iter().chain([&format!("only-{db}")]) {
+            write_flow(&mut c, &FlowSpec::done(id));
+        }
+        // Stays live: changed during its upload in DB 0, archived by nobody in the others.
+        write_flow(&mut c, &FlowSpec::done(&format!("kept-{db}")));
+    }
+    cmd::<()>(&mut c, &["SELECT", "0"]).unwrap();
+    replicate(&mut r, primary.port, "argyll:flow:m0:events");
+
+    proxy.hold("PUT");
+    sweep_async(&mut c).unwrap();
+    let mut archives = Vec::new();
+    for db in ["1", "3"] {
+        for id in ids.iter().chain([&format!("only-{db}")]) {
+            let mut other = primary.conn();
+            cmd::<()>(&mut other, &["SELECT", db]).unwrap();
+            let id = id.clone();
+            archives.push(std::thread::spawn(move || archive(&mut other, &id)));
+        }
+    }
+    // The sweep of DB 0 uploads all four flows there.
+    wait_for("every upload held", Duration::from_secs(120), || {
+        proxy.gated() == 4 + 3 + 3
+    });
+    let late = ["RPUSH", "argyll:flow:kept-0:events", "{\"late\":1}"];
+    cmd::<()>(&mut c, &late).unwrap();
+    // The main thread busy a few milliseconds at a time: the commits handed over meanwhile wait
+    // together for the next turn.
+    let busy = Busy::start(&primary);
+    proxy.release();
+    for a in archives {
+        a.join().unwrap().unwrap();
+    }
+    wait_for("sweep done", Duration::from_secs(30), || {
+        info_field(&mut c, "sweep_running") == 0
+    });
+    busy.stop();
+    assert_eq!(info_field(&mut c, "last_sweep_archived"), 3);
+    let mut before = Vec::new();
+    for db in DBS {
+        cmd::<()>(&mut c, &["SELECT", db]).unwrap();
+        let expected: BTreeSet<String> =
+            ids.iter().cloned().chain([format!("only-{db}")]).collect();
+        assert_eq!(indexed(&mut c), expected, "DB {db}");
+        let kept = format!("argyll:flow:kept-{db}:events");
+        assert_eq!(
+            cmd::<i64>(&mut c, &["EXISTS", &kept]).unwrap(),
+            1,
+            "DB {db}"
+        );
+        before.push(dump_all(&mut c));
+    }
+
+    // The AOF: some transaction writes to several DBs.
+    let mut most_dbs = 0;
+    let (mut open, mut db) = (None::<BTreeSet<String>>, String::from("0"));
+    for command in aof_commands(&primary.dir) {
+        match command[0].to_uppercase().as_str() {
+            "SELECT" => db = command[1].clone(),
+            "MULTI" => open = Some(BTreeSet::new()),
+            "EXEC" => most_dbs = most_dbs.max(open.take().map_or(0, |dbs| dbs.len())),
+            _ => {
+                if let Some(dbs) = &mut open {
+                    dbs.insert(db.clone());
+                }
+            }
+        }
+    }
+    assert!(most_dbs >= 2, "no transaction wrote to several DBs");
+
+    let acked: i64 = cmd(&mut c, &["WAIT", "1", "10000"]).unwrap();
+    assert_eq!(acked, 1, "the replica acknowledges the primary's writes");
+    for (db, before) in DBS.iter().zip(&before) {
+        cmd::<()>(&mut r, &["SELECT", db]).unwrap();
+        assert_same(before, &dump_all(&mut r), &format!("replica, DB {db}"));
+    }
+    for db in ["2", "4"] {
+        cmd::<()>(&mut r, &["SELECT", db]).unwrap();
+        assert_eq!(
+            cmd::<i64>(&mut r, &["DBSIZE"]).unwrap(),
+            0,
+            "replica, DB {db}"
+        );
+    }
+
+    cmd::<()>(&mut c, &["DEBUG", "LOADAOF"]).unwrap();
+    for (db, before) in DBS.iter().zip(&before) {
+        cmd::<()>(&mut c, &["SELECT", db]).unwrap();
+        assert_same(before, &dump_all(&mut c), &format!("reloaded, DB {db}"));
+    }
+}
