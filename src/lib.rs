@@ -82,7 +82,13 @@ const UNLOAD_SETTLE: Duration = Duration::from_millis(200);
 /// its change watch); otherwise every module thread is joined first, so no module code runs once the
 /// server unmaps the library. The server itself refuses it while a client waits on the module.
 fn deinit(_ctx: &Context) -> Status {
-    if sweep::running() || !pool::settle(UNLOAD_SETTLE) || !pool::shutdown_all() {
+    // A turn still due (a one-shot or a timer of the module's pending, a worker's step taken by an
+    // earlier turn before it asked for one) would call into the unloaded library.
+    if sweep::running()
+        || !pool::settle(UNLOAD_SETTLE)
+        || mainthread::turn_due()
+        || !pool::shutdown_all()
+    {
         log::warning(errors::UNLOAD_BUSY);
         return Status::Err;
     }

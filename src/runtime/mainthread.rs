@@ -8,8 +8,10 @@
 //! at most `step-budget-us` (the last step of a turn may run past it): between two turns it serves
 //! its clients. The server runs every module timer that is due in one go, so a timer per step would
 //! let sixteen workers' steps hold the loop back to back, sixteen budgets long. A turn is asked for
-//! only while a step waits, so while a worker does: none is pending once the pools are idle, when
-//! the module may unload.
+//! when a step is handed over, yet a turn already running may take and run that step before its
+//! worker marks a turn due: the worker then asks for a turn nobody needs, and may end (its pool idle)
+//! before that turn runs. MODULE UNLOAD is refused while a turn is due (`turn_due`), so no one-shot or
+//! timer pointing into the module outlives it.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -53,6 +55,14 @@ thread_local! {
 /// asked for. Swapped, never just stored, so that whoever turns it off sees every step handed over
 /// before the last turn on (`turn`).
 static TURN_DUE: AtomicBool = AtomicBool::new(false);
+
+/// Whether a turn has been asked for and has not ended (a one-shot or its timer may be pending). On the
+/// main thread outside a turn, with every pool idle, false means none is pending: a turn is asked for
+/// only when this turns true, or by a turn while it stays true, and only a turn's end (or `no_turn`)
+/// turns it false.
+pub fn turn_due() -> bool {
+    TURN_DUE.load(Ordering::SeqCst)
+}
 
 /// Adds a step to those handed over.
 fn hand_over(job: Job) {
