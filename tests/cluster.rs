@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::cluster::*;
+use common::index::{convert_index, rebuild_index};
 use common::proxy::{Fault, Proxy, Rule};
 use common::*;
 
@@ -1281,29 +1282,6 @@ fn index_hashes(cluster: &mut Cluster, dbs: &[u32]) -> IndexHashes {
     out
 }
 
-/// `scripts/flowarchive-index --rebuild` pointed at a node of `cluster`: exit code, stdout, stderr.
-fn rebuild_index(cluster: &Cluster, node: usize) -> (i32, String, String) {
-    let out = std::process::Command::new("python3")
-        .arg(root().join("scripts/flowarchive-index"))
-        .arg("--rebuild")
-        .env("FLOWARCHIVE_PORT", cluster.nodes[node].port.to_string())
-        .env_remove("FLOWARCHIVE_DB")
-        .env_remove("FLOWARCHIVE_INDEX_KEY")
-        .env("FLOWARCHIVE_S3_ENDPOINT", s3_endpoint())
-        .env("FLOWARCHIVE_S3_REGION", "us-east-1")
-        .env("FLOWARCHIVE_S3_PATH_STYLE", "1")
-        .env("AWS_ACCESS_KEY_ID", S3_KEY)
-        .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// On a cluster of 4 DBs whose index hashes are lost in DB 0 and DB 2, `flowarchive-index --rebuild`
 /// writes each DB's entries into that DB's per-slot index on the flow's owner, exactly where the
 /// commits had put them (DB 2's under `db2/flows/`, none of them into DB 0), and every flow of both
@@ -1324,7 +1302,7 @@ fn rebuild_on_a_multi_db_cluster_restores_each_dbs_per_slot_index() {
         cmd::<()>(&mut conn_in(&cluster, *p, *db), &["DEL", key]).unwrap();
     }
     let node = cluster.primaries()[1];
-    let (code, out, err) = rebuild_index(&cluster, node);
+    let (code, out, err) = rebuild_index(&cluster.nodes[node], &[]);
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(index_hashes(&mut cluster, &[0, 2]), before, "{out}{err}");
     assert_eq!(check_in(&mut cluster, &s3, 0, &db0), eligible_ids(&db0));
@@ -1372,19 +1350,8 @@ fn index_conversion_on_a_multi_db_cluster_converts_the_selected_db() {
     let db0_hashes = index_hashes(&mut cluster, &[0]);
     assert!(!db0_hashes.is_empty() && !index_hashes(&mut cluster, &[2]).is_empty());
     let convert = |cluster: &Cluster, db: &str| {
-        let out = std::process::Command::new("python3")
-            .arg(root().join("scripts/flowarchive-index"))
-            .args(["--to", "compact", "--batch", "3"])
-            .env("FLOWARCHIVE_PORT", cluster.nodes[0].port.to_string())
-            .env("FLOWARCHIVE_DB", db)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(out.status.code(), Some(0), "DB {db}: {text}");
+        let (code, text) = convert_index(&cluster.nodes[0], "compact", &[("FLOWARCHIVE_DB", db)]);
+        assert_eq!(code, 0, "DB {db}: {text}");
         assert!(text.contains("left=0"), "DB {db}: {text}");
         text
     };

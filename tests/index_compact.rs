@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use common::checker::{check, Expect, Model};
-use common::index::{compact_entries, compact_entry, compact_location, INDEX};
+use common::index::{
+    compact_entries, compact_entry, compact_location, convert_index as convert, INDEX,
+};
 use common::*;
 
 const COMPACT: [&str; 4] = ["index-format", "compact", "index-buckets", "8"];
@@ -188,25 +190,6 @@ fn archives_reads_and_refuses(flavor: Flavor) {
     .unwrap();
     let e = err_text(get(&mut c, &ids[3]));
     assert!(e.contains("not where flowarchive writes"), "{e}");
-}
-
-/// Runs scripts/flowarchive-index against `srv`: its exit code and output.
-fn convert(srv: &Server, to: &str, extra: &[(&str, &str)]) -> (i32, String) {
-    let mut command = Command::new("python3");
-    command
-        .arg(root().join("scripts/flowarchive-index"))
-        .args(["--to", to, "--batch", "3"])
-        .env("FLOWARCHIVE_PORT", srv.port.to_string());
-    for (k, v) in extra {
-        command.env(k, v);
-    }
-    let out = command.output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
 }
 
 #[test]

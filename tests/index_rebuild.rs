@@ -8,32 +8,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::process::Command;
 
-use common::index::{compact_entries, compact_location, location, INDEX};
+use common::index::{compact_entries, compact_location, location, rebuild_index as rebuild, INDEX};
 use common::*;
-
-/// Runs `scripts/flowarchive-index --rebuild` with `args` against `srv`: exit code and stdout, stderr.
-fn rebuild(srv: &Server, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new("python3")
-        .arg(root().join("scripts/flowarchive-index"))
-        .arg("--rebuild")
-        .args(args)
-        .env("FLOWARCHIVE_PORT", srv.port.to_string())
-        .env_remove("FLOWARCHIVE_DB")
-        .env_remove("FLOWARCHIVE_INDEX_KEY")
-        .env("FLOWARCHIVE_S3_ENDPOINT", s3_endpoint())
-        .env("FLOWARCHIVE_S3_REGION", "us-east-1")
-        .env("FLOWARCHIVE_S3_PATH_STYLE", "1")
-        .env("AWS_ACCESS_KEY_ID", S3_KEY)
-        .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn summary(out: &str) -> &str {
     out.lines()

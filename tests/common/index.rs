@@ -1,7 +1,12 @@
 //! The archive index as a test reads it, in either format, written from docs/FORMAT.md rather than the
 //! module's code, so the module and the documented format are held against each other.
 
+use std::process::Command;
+
 use sha2::{Digest, Sha256};
+
+use super::s3::s3_endpoint;
+use super::server::{root, Server, S3_KEY, S3_SECRET};
 
 /// The default `index-key` (standalone).
 pub const INDEX: &str = "archived:flows";
@@ -92,4 +97,47 @@ fn object_file(folder: &str, id: &str, generation: u64) -> String {
         .map(|b| format!("{b:02x}"))
         .collect();
     format!("flows/_sha256/{hex}{suffix}")
+}
+
+/// Runs `scripts/flowarchive-index --rebuild` with `args` against `srv` (a node of a cluster too), with
+/// the test store's endpoint and credentials: exit code, stdout, stderr.
+pub fn rebuild_index(srv: &Server, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new("python3")
+        .arg(root().join("scripts/flowarchive-index"))
+        .arg("--rebuild")
+        .args(args)
+        .env("FLOWARCHIVE_PORT", srv.port.to_string())
+        .env_remove("FLOWARCHIVE_DB")
+        .env_remove("FLOWARCHIVE_INDEX_KEY")
+        .env("FLOWARCHIVE_S3_ENDPOINT", s3_endpoint())
+        .env("FLOWARCHIVE_S3_REGION", "us-east-1")
+        .env("FLOWARCHIVE_S3_PATH_STYLE", "1")
+        .env("AWS_ACCESS_KEY_ID", S3_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs `scripts/flowarchive-index --to <to> --batch 3` against `srv` with the environment `extra`: its
+/// exit code and output (stdout, then stderr).
+pub fn convert_index(srv: &Server, to: &str, extra: &[(&str, &str)]) -> (i32, String) {
+    let out = Command::new("python3")
+        .arg(root().join("scripts/flowarchive-index"))
+        .args(["--to", to, "--batch", "3"])
+        .env("FLOWARCHIVE_PORT", srv.port.to_string())
+        .envs(extra.iter().copied())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
 }
