@@ -545,16 +545,7 @@ fn archives_need_one_selector_for_all_their_keys(flavor: Flavor) {
         assert!(e.starts_with("NOPERM"), "{user}: {e}");
 
         // The module refuses alike: FLOW, SWEEP (and its DRYRUN) and the read of an archived flow.
-        let e = err_text(
-            redis::cmd("FLOWARCHIVE.FLOW")
-                .arg("done-1")
-                .arg("FORCE")
-                .query::<redis::Value>(&mut c),
-        );
-        assert!(
-            e.starts_with("NOPERM") && e.contains("no single ACL selector"),
-            "{user}: {e}"
-        );
+        refused_by_no_single_selector(&mut c, user);
         for args in [&["DRYRUN"][..], &[]] {
             let summary = sweep(&mut c, args).unwrap();
             assert_eq!(int(&summary["archived"]), 0, "{user} {args:?}");
@@ -611,6 +602,20 @@ fn archives_need_one_selector_for_all_their_keys(flavor: Flavor) {
     }
 }
 
+/// `FLOWARCHIVE.FLOW done-1 FORCE` by `user` answers NOPERM: no single selector allows all its keys.
+fn refused_by_no_single_selector(c: &mut redis::Connection, user: &str) {
+    let e = err_text(
+        redis::cmd("FLOWARCHIVE.FLOW")
+            .arg("done-1")
+            .arg("FORCE")
+            .query::<redis::Value>(c),
+    );
+    assert!(
+        e.starts_with("NOPERM") && e.contains("no single ACL selector"),
+        "{user}: {e}"
+    );
+}
+
 /// A root that allows every key (`~*`) but grants no command, and a selector that grants the commands
 /// on the flow's keys only: every key is allowed alone, and none of the archive's keys beyond the
 /// flow's own together with the commands. FLOW and SWEEP refuse, as the server would refuse the one
@@ -624,16 +629,7 @@ fn every_key_by_a_root_without_commands(srv: &Server, admin: &mut redis::Connect
     let events = "argyll:flow:done-1:events";
     assert!(server_allows(&mut c, &[events], &[events]));
     assert!(!server_allows(&mut c, &[], &[events, "archived:flows"]));
-    let e = err_text(
-        redis::cmd("FLOWARCHIVE.FLOW")
-            .arg("done-1")
-            .arg("FORCE")
-            .query::<redis::Value>(&mut c),
-    );
-    assert!(
-        e.starts_with("NOPERM") && e.contains("no single ACL selector"),
-        "{e}"
-    );
+    refused_by_no_single_selector(&mut c, "keys-apart");
     let summary = sweep(&mut c, &[]).unwrap();
     assert_eq!(int(&summary["archived"]), 0, "{summary:?}");
     assert_eq!(int(&summary["skipped_noperm"]), 2, "{summary:?}");
