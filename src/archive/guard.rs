@@ -91,9 +91,9 @@ fn touched<'k>(
     };
     let index =
         |key: &'k str, access, role| entry("index-key", key.into(), KeyType::Hash, access, role);
-    // Room for every key at once: the flow's own four, the index's, an earlier entry's, the status
-    // entries and two per label.
-    let mut out = Vec::with_capacity(8 + 2 * index_keys.len() + 2 * flow.labels.len());
+    // Room for every key at once: the flow's own four, the index's, an earlier entry's two, the two
+    // status entries and two per label.
+    let mut out = Vec::with_capacity(8 + index_keys.len() + 2 * flow.labels.len());
     out.push(own("events-key", &keys.events, KeyType::List));
     out.push(own("snapshot-key", &keys.snapshot, KeyType::String));
     out.extend(keys.seq.iter().map(|k| own("seq-key", k, KeyType::String)));
